@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random models of every family, and the embedded real models."""
+
+from __future__ import annotations
+
+import pytest
+
+from galaxy.checkpoints.random import RandomWeights
+from galaxy.config import preset
+
+TINY = ["tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-opt", "tiny-llama"]
+
+
+@pytest.fixture(scope="session", params=TINY)
+def tiny_source(request):
+    return RandomWeights(preset(request.param), seed=1)
+
+
+def _default(getter):
+    from galaxy.defaults import DefaultModelMissing
+
+    try:
+        return getter()
+    except DefaultModelMissing as e:
+        pytest.skip(f"embedded default model not installed: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from galaxy.defaults import default_causal_lm_path
+
+    return _default(default_causal_lm_path)
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    from galaxy.defaults import default_encoder_path
+
+    return _default(default_encoder_path)
