@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 import numpy as np
 import torch
 
+from . import units
 from .errors import GalaxyError
 
 log = logging.getLogger("galaxy")
@@ -51,13 +53,22 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="galaxy", description="Collaborative transformer inference "
                                  "across edge devices (hybrid model parallelism).")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = ap.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one inference across devices")
     add_model_args(run)
     add_input_args(run)
-    run.add_argument("--local", type=int, default=3, metavar="N", help="N local devices (default 3)")
+    run.add_argument("--local", type=int, default=3, metavar="N",
+                     help="spawn N local workers on loopback (default 3)")
+    run.add_argument("--workers", type=_addresses, metavar="HOST:PORT,...",
+                     help="use running workers at these addresses (ring order) instead of --local")
+    run.add_argument("--transport", choices=["grpc", "inproc"], default="grpc",
+                     help="grpc: worker processes (default); inproc: threads of this process (debugging)")
+    run.add_argument("--threads", type=int, help="intra-op threads per local worker (default: cores / N)")
+    run.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"),
+                     help="shared cluster token (default $GALAXY_TOKEN)")
     run.add_argument("--strategy", choices=["galaxy", "megatron", "pipeline"], default="galaxy")
     run.add_argument("--weights", type=_floats, help="relative device speeds for an uneven split, "
                      "e.g. 0.9,0.6,0.45 (default: even)")
@@ -67,18 +78,87 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-output", metavar="FILE.npy",
                      help="write logits (causal LM) or last hidden states (encoder) as float32 [seq, dim]")
     run.set_defaults(func=cmd_run)
+
+    worker = sub.add_parser("worker", help="serve this device as a Galaxy peer")
+    worker.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT",
+                        help="address to serve on; port 0 picks a free one (default 127.0.0.1:50051)")
+    worker.add_argument("--name", default="", help="device name shown in plans (default: hostname)")
+    worker.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads")
+    worker.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:1, ...")
+    worker.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"),
+                        help="shared cluster token; without one the worker binds loopback only")
+    worker.add_argument("--memory-budget", type=_bytes, default=0, metavar="SIZE",
+                        help="largest shard this device accepts, e.g. 2GB (default: no cap)")
+    worker.add_argument("--link-delay-ms", type=float, default=0.0,
+                        help="emulated one-way link latency added to every received tile (emulated LANs)")
+    worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    worker.set_defaults(func=cmd_worker)
     return ap
+
+
+def _bytes(text: str) -> int:
+    try:
+        return units.parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _addresses(text: str) -> list[str]:
+    out = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in out if ":" not in a]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT[,HOST:PORT...], got {text!r}")
+    return out
+
+
+def progress(msg: str) -> None:
+    print(f"galaxy: {msg} ...", file=sys.stderr, flush=True)
+
+
+def cmd_worker(args) -> int:
+    from .rpc.worker import READY_LINE, WorkerSettings, serve
+
+    if args.exit_with_parent:
+        _exit_with_parent()
+    settings = WorkerSettings(name=args.name, threads=args.threads, device=args.device, token=args.token,
+                              memory_budget=args.memory_budget, link_delay_ms=args.link_delay_ms)
+    serve(args.listen, settings, ready=lambda addr: print(f"{READY_LINE} {addr}", flush=True))
+    return 0
+
+
+def _exit_with_parent() -> None:
+    """Stop this worker when the process that spawned it goes away (even by SIGKILL)."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="galaxy-parent-watch").start()
 
 
 def cmd_run(args) -> int:
     from .model import mean_pool
-    from .run import DTYPES, make_request, open_source, reference_output, run_inprocess_model
+    from .run import (
+        DTYPES,
+        layer_overlap,
+        make_request,
+        open_source,
+        reference_output,
+        run_inprocess_model,
+        run_on_cluster,
+    )
     from .sharding import even_partition, weighted_partition
 
     source = open_source(args.model, args.random_init, args.seed)
     cfg = source.config
     req, how = make_request(source, args.prompt, args.input_ids, args.seq_len, args.seed)
-    n = args.local
+    n = len(args.workers) if args.workers else args.local
     if n < 1:
         raise GalaxyError(f"--local {n}: need at least one device")
     if args.weights is not None:
@@ -90,7 +170,11 @@ def cmd_run(args) -> int:
     else:
         partition = even_partition(cfg, n, args.strategy)
     dtype = DTYPES[args.dtype]
-    res = run_inprocess_model(source, partition, req, tiles=args.tiles, dtype=dtype)
+    if args.transport == "inproc":
+        res = run_inprocess_model(source, partition, req, tiles=args.tiles, dtype=dtype)
+    else:
+        res = run_on_cluster(source, partition, req, addresses=args.workers, local=n, threads=args.threads,
+                             token=args.token, tiles=args.tiles, dtype=args.dtype, progress=progress)
     out = res.output
     report = {
         "model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
@@ -98,7 +182,8 @@ def cmd_run(args) -> int:
         "input_ids": req.ids.tolist()[:64], "output_shape": list(out.shape),
         "partition": _partition_rows(partition, req),
         "seconds": {k: round(v, 4) for k, v in res.seconds.items()},
-        "per_device": res.per_device,
+        "per_device": [{k: v for k, v in d.items() if k != "ops"} for d in res.per_device],
+        "layers": layer_overlap(res.per_device),
     }
     tok = source.tokenizer()
     if cfg.causal:
@@ -166,7 +251,8 @@ def _print_run(rep: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

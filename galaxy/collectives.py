@@ -36,8 +36,9 @@ class Transport(Protocol):
     rank: int
     world: int
 
-    def send(self, dst: int, tensor: torch.Tensor) -> None:
-        """Queue `tensor` for `dst` and return at once; the caller must not modify it afterwards."""
+    def send(self, dst: int, tensor: torch.Tensor, tag: str = "") -> None:
+        """Queue `tensor` for `dst` and return at once; the caller must not modify it afterwards.
+        `tag` names the collective, for the transport's own timing."""
 
     def recv(self, src: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The next tensor from `src`; raises if it is late or not of `shape` and `dtype`."""
@@ -68,12 +69,13 @@ class Collectives:
         self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         self.tiles = max(1, tiles)
         self.stats = CommStats()
+        self._tag = ""  # the collective in progress, passed to the transport with each send
 
     # -- instrumentation -------------------------------------------------------------------
     def _send(self, dst: int, x: torch.Tensor) -> None:
         self.stats.bytes_sent += x.numel() * x.element_size()
         self.stats.messages += 1
-        self.t.send(dst, x)
+        self.t.send(dst, x, self._tag)
 
     def _recv(self, src: int, shape, dtype) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -92,7 +94,8 @@ class Collectives:
         s.ops.append((tag, time.perf_counter() - t0, s.wait_s - before[0], s.compute_s - before[1],
                       s.bytes_sent - before[2]))
 
-    def _mark(self):
+    def _mark(self, tag: str):
+        self._tag = tag
         return time.perf_counter(), (self.stats.wait_s, self.stats.compute_s, self.stats.bytes_sent)
 
     # -- collectives -----------------------------------------------------------------------
@@ -105,7 +108,7 @@ class Collectives:
         n, r = self.world, self.rank
         if local.shape[0] != sizes[r]:
             raise ValueError(f"all_gather: rank {r} holds {local.shape[0]} rows, sizes says {sizes[r]}")
-        t0, before = self._mark()
+        t0, before = self._mark(tag)
         tail = tuple(local.shape[1:])
         out: list[list[torch.Tensor]] = [[] for _ in range(n)]
         own = list(local.split(pieces(sizes[r], self.tiles))) if sizes[r] else []
@@ -132,7 +135,7 @@ class Collectives:
         (end - start, width). Returns the fully reduced rows of this rank, (sizes[rank], width).
         """
         n, r = self.world, self.rank
-        t0, before = self._mark()
+        t0, before = self._mark(tag)
         offsets = [sum(sizes[:i]) for i in range(n)]
 
         def tiles_of(chunk: int) -> list[tuple[int, int]]:
@@ -173,8 +176,9 @@ class Collectives:
         part = self.reduce_scatter(sizes, lambda a, b: flat[a:b], flat.shape[1], flat.dtype, tag + ".rs")
         return self.all_gather(part, sizes, tag=tag + ".ag").reshape(x.shape)
 
-    def send_next(self, x: torch.Tensor) -> None:
+    def send_next(self, x: torch.Tensor, tag: str = "pipe") -> None:
         """Pipeline hand-off to the next stage."""
+        self._tag = tag
         self._send(self.next, x)
 
     def recv_prev(self, shape, dtype=torch.float32) -> torch.Tensor:

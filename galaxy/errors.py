@@ -9,3 +9,27 @@ class GalaxyError(RuntimeError):
 
 class TransportError(GalaxyError):
     """A peer did not deliver in time, or delivered a tensor of the wrong shape, dtype or size."""
+
+
+class PeerUnreachable(GalaxyError):
+    """A device's worker could not be reached (not running, wrong address, network down)."""
+
+
+class ProtocolMismatch(GalaxyError):
+    """A peer speaks another version of the wire protocol."""
+
+
+class AuthError(GalaxyError):
+    """A peer refused our credentials, or we refused theirs."""
+
+
+class PlanMismatch(GalaxyError):
+    """A plan or partition does not fit the model or the cluster."""
+
+
+class DeviceOutOfMemory(GalaxyError):
+    """A device cannot hold its shard or activations within its memory (budget)."""
+
+
+class WorkerError(GalaxyError):
+    """A worker failed while running a request; the message names the device and the cause."""

@@ -34,7 +34,7 @@ class LocalTransport:
     def __init__(self, group: LocalGroup, rank: int):
         self.group, self.rank, self.world = group, rank, group.world
 
-    def send(self, dst: int, tensor: torch.Tensor) -> None:
+    def send(self, dst: int, tensor: torch.Tensor, tag: str = "") -> None:
         self.group.boxes[(self.rank, dst)].put(tensor)
 
     def recv(self, src: int, shape, dtype) -> torch.Tensor:

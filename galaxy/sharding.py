@@ -114,6 +114,18 @@ class Partition:
                  f"seq_weights={list(self.seq_weights)} must be non-negative with a positive sum")
         return self
 
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy, "heads": list(self.heads), "cols": list(self.cols),
+                "vocab": list(self.vocab), "layers": list(self.layers), "seq_weights": list(self.seq_weights)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Partition:
+        try:
+            return cls(str(d["strategy"]), *(tuple(int(x) for x in d[k]) for k in ("heads", "cols", "vocab", "layers")),
+                       tuple(float(x) for x in d.get("seq_weights", ())))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PartitionError(f"malformed partition {d!r}: {e}") from None
+
     def spec(self, rank: int, cfg: ModelConfig) -> ShardSpec:
         if self.strategy == "pipeline":
             lo, hi = ranges(self.layers)[rank]

@@ -1,0 +1,237 @@
+"""The coordinator's side: a `Cluster` of workers driven over gRPC.
+
+The coordinator sends control messages only (load a shard, run a request, abort, release); the
+activations travel between workers directly. Every call has a deadline, and every gRPC failure
+becomes a typed error that names the device and says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from ..config import ModelConfig
+from ..errors import (
+    AuthError,
+    DeviceOutOfMemory,
+    GalaxyError,
+    PeerUnreachable,
+    PlanMismatch,
+    ProtocolMismatch,
+    WorkerError,
+)
+from ..parallel import Request, assemble
+from ..sharding import Partition
+from ..v1 import worker_pb2 as pb
+from ..v1 import worker_pb2_grpc as pb_grpc
+from .wire import channel_options, from_proto, metadata, to_proto
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    address: str
+    name: str
+    cpu_count: int
+    threads: int
+    compute_device: str
+    total_memory: int
+    available_memory: int
+    memory_budget: int
+    state: str
+
+
+@dataclass
+class ForwardResult:
+    output: torch.Tensor  # assembled model output, float32
+    seconds: float  # wall time at the coordinator
+    devices: list[dict] = field(default_factory=list)  # per rank: forward_s, peak_rss, ops
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What the workers load: a path on their disks, or random init of a config."""
+
+    config: ModelConfig
+    path: str = ""
+    random_init: bool = False
+    seed: int = 0
+
+    def to_proto(self) -> pb.ModelRef:
+        return pb.ModelRef(path=self.path, random_init=self.random_init, seed=self.seed,
+                           config_json=json.dumps(self.config.to_dict()))
+
+
+def _error(e: grpc.RpcError, device: str, action: str) -> GalaxyError:
+    """Translate a gRPC failure into the typed error a user can act on."""
+    code, detail = e.code(), e.details() or ""
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "busy" not in detail:
+        return PeerUnreachable(f"{device}: unreachable during {action} ({code.name}: {detail}); is "
+                               "`galaxy worker` running there and the address right?")
+    if code == grpc.StatusCode.FAILED_PRECONDITION and "protocol" in detail:
+        return ProtocolMismatch(f"{device}: {detail}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthError(f"{device}: {detail}; use the cluster's token (--token / GALAXY_TOKEN)")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return DeviceOutOfMemory(f"{device}: {detail}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT and action == "load":
+        return PlanMismatch(f"{device}: {detail}")
+    return WorkerError(f"{device}: {action} failed ({code.name}): {detail}")
+
+
+class Cluster:
+    """Workers at `addresses`, in ring order. Use as a context manager to release them."""
+
+    def __init__(self, addresses: list[str], token: str | None = None, connect_timeout: float = 10.0,
+                 forward_timeout: float = 600.0):
+        if not addresses:
+            raise GalaxyError("a cluster needs at least one worker address")
+        self.addresses = list(addresses)
+        self.token = token
+        self.connect_timeout, self.forward_timeout = connect_timeout, forward_timeout
+        self.channels = [grpc.insecure_channel(a, options=channel_options()) for a in self.addresses]
+        self.stubs = [pb_grpc.WorkerStub(c) for c in self.channels]
+        self.pool = ThreadPoolExecutor(max_workers=max(4, len(addresses)), thread_name_prefix="galaxy-coord")
+        self.session_id = ""
+        self.partition: Partition | None = None
+        self.config: ModelConfig | None = None
+        self.names = [f"device {i} ({a})" for i, a in enumerate(self.addresses)]
+        self._request_id = 0
+
+    @property
+    def world(self) -> int:
+        return len(self.addresses)
+
+    def _md(self):
+        return metadata(self.token, self.session_id or None)
+
+    def _all(self, action: str, call):
+        """Run call(rank, stub) on every worker at once; raise the first failure, typed."""
+        futs = [self.pool.submit(call, r, s) for r, s in enumerate(self.stubs)]
+        results, first = [], None
+        for r, f in enumerate(futs):
+            try:
+                results.append(f.result())
+            except grpc.RpcError as e:
+                results.append(None)
+                first = first or _error(e, self.names[r], action)
+        if first:
+            raise first
+        return results
+
+    def hello(self) -> list[DeviceInfo]:
+        def call(r, stub):
+            rep = stub.Hello(pb.HelloRequest(), timeout=self.connect_timeout, metadata=self._md(),
+                             wait_for_ready=True)
+            return DeviceInfo(self.addresses[r], rep.device_name, rep.cpu_count, rep.threads, rep.compute_device,
+                              rep.total_memory_bytes, rep.available_memory_bytes, rep.memory_budget_bytes, rep.state)
+
+        infos = self._all("hello", call)
+        self.names = [f"device {i} '{d.name}' ({d.address})" for i, d in enumerate(infos)]
+        return infos
+
+    def load(self, model: ModelRef, partition: Partition, dtype: str = "float32", tiles: int = 1,
+             recv_timeout: float = 60.0, load_timeout: float = 600.0) -> list[pb.LoadReply]:
+        """Every worker loads its shard of `model` under `partition` and joins the ring."""
+        if partition.world != self.world:
+            raise PlanMismatch(f"the partition has {partition.world} devices, the cluster {self.world}")
+        partition.validate(model.config)
+        self.release()
+        self.session_id = secrets.token_hex(8)
+        ref, pjson = model.to_proto(), json.dumps(partition.to_dict())
+
+        def call(r, stub):
+            req = pb.LoadRequest(session_id=self.session_id, model=ref, partition_json=pjson, rank=r,
+                                 peers=self.addresses, dtype=dtype, tiles=tiles, recv_timeout_s=recv_timeout)
+            return stub.Load(req, timeout=load_timeout, metadata=self._md())
+
+        replies = self._all("load", call)
+        self.partition, self.config = partition, model.config
+        return replies
+
+    def forward(self, req: Request) -> ForwardResult:
+        """One forward pass across the cluster; on any failure every worker aborts the request."""
+        if self.partition is None:
+            raise GalaxyError("nothing loaded: call load() first")
+        self._request_id += 1
+        rid = self._request_id
+        msg = pb.ForwardRequest(session_id=self.session_id, request_id=rid, input_ids=to_proto(req.ids.cpu()),
+                                start_pos=req.start_pos, last_only=req.last_only)
+        if req.types is not None:
+            msg.token_types.CopyFrom(to_proto(req.types.cpu()))
+        t0 = time.perf_counter()
+        futs = [stub.Forward.future(msg, timeout=self.forward_timeout, metadata=self._md()) for stub in self.stubs]
+        finished: queue.Queue = queue.Queue()
+        for r, f in enumerate(futs):
+            f.add_done_callback(lambda _f, r=r: finished.put(r))
+        replies, errors = [None] * self.world, []
+        for _ in futs:  # in completion order, so the first failure aborts the others at once
+            r = finished.get()
+            try:
+                replies[r] = futs[r].result()
+            except grpc.RpcError as e:
+                errors.append((r, e))
+                if len(errors) == 1:
+                    self._abort(rid, f"{self.names[r]} failed")
+        if errors:
+            raise self._root_cause(errors, "forward")
+        seconds = time.perf_counter() - t0
+        outs = [from_proto(rep.output, f"output of {self.names[r]}") if rep.HasField("output") else None
+                for r, rep in enumerate(replies)]
+        devices = [{"rank": r, "forward_s": rep.forward_s, "peak_rss_bytes": rep.peak_rss_bytes,
+                    "ops": [(o.tag, o.wall_s, o.wait_s, o.compute_s, o.bytes, o.send_s) for o in rep.ops]}
+                   for r, rep in enumerate(replies)]
+        return ForwardResult(assemble(self.config, self.partition, outs), seconds, devices)
+
+    def _abort(self, rid: int, reason: str) -> None:
+        for stub in self.stubs:
+            try:
+                stub.Abort(pb.AbortRequest(session_id=self.session_id, request_id=rid, reason=reason),
+                           timeout=2.0, metadata=self._md())
+            except grpc.RpcError:
+                pass  # a dead worker cannot be aborted; its peers time out or see the abort
+
+    def _root_cause(self, errors, action: str) -> GalaxyError:
+        """The failure that started it: not a rank that merely saw the abort or a broken link."""
+        def secondary(e):
+            d = e.details() or ""
+            return "aborted" in d or "is down" in d
+
+        primary = [(r, e) for r, e in errors if not secondary(e)] or errors
+        r, e = primary[0]
+        err = _error(e, self.names[r], action)
+        others = [self.names[x] for x, _ in errors if x != r]
+        if others:
+            err.args = (f"{err.args[0]} (then aborted on: {', '.join(others)})",)
+        return err
+
+    def release(self) -> None:
+        if not self.session_id:
+            return
+        for stub in self.stubs:
+            try:
+                stub.Release(pb.ReleaseRequest(session_id=self.session_id), timeout=5.0, metadata=self._md())
+            except grpc.RpcError:
+                pass
+        self.session_id, self.partition = "", None
+
+    def close(self) -> None:
+        self.release()
+        for c in self.channels:
+            c.close()
+        self.pool.shutdown(wait=False)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

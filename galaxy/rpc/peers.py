@@ -1,0 +1,174 @@
+"""The peer data plane: a `Transport` over long-lived gRPC streams between workers.
+
+Each worker keeps one client stream (`Exchange`) open to every peer it sends to -- in a ring,
+just its successor -- fed by a sender thread that serialises tensors off the compute thread, so
+a send returns at once and the GEMM of the next tile runs while bytes are on the wire. Frames
+that arrive are decoded by the gRPC server threads into one mailbox per sender.
+
+Frames carry the session id, the request id and a per-pair sequence number: frames of an
+aborted older request are dropped, a gap or reordering is an error, and `recv` checks shape and
+dtype against what the collective expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+
+import grpc
+import torch
+
+from ..errors import TransportError
+from ..v1 import worker_pb2 as pb
+from ..v1 import worker_pb2_grpc as pb_grpc
+from .wire import channel_options, from_proto, metadata, to_proto
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05  # how often a blocked recv looks at the abort flag
+
+
+class _Link:
+    """One outgoing stream to a peer, fed from a queue by its own thread."""
+
+    def __init__(self, owner: PeerTransport, dst: int, address: str):
+        self.owner, self.dst, self.address = owner, dst, address
+        self.q: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.channel = owner.channel_factory(address)
+        self.stub = pb_grpc.WorkerStub(self.channel)
+        self.thread = threading.Thread(target=self._run, name=f"galaxy-send-{dst}", daemon=True)
+        self.thread.start()
+
+    def _frames(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            request_id, seq, tensor, tag = item
+            t0 = time.perf_counter()
+            frame = pb.Frame(session_id=self.owner.session_id, request_id=request_id,
+                             src_rank=self.owner.rank, seq=seq, tensor=to_proto(tensor))
+            yield frame  # returns when gRPC asks for the next one: the previous write completed
+            self.owner.add_send_time(tag, time.perf_counter() - t0)
+
+    def _run(self) -> None:
+        md = metadata(self.owner.token, self.owner.session_id)
+        try:
+            self.stub.Exchange(self._frames(), metadata=md)
+        except grpc.RpcError as e:
+            self.error = e
+            log.warning("link to rank %d (%s) closed: %s", self.dst, self.address, e.details())
+        except BaseException as e:  # noqa: BLE001 - kept and reported by the next send
+            self.error = e
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            detail = self.error.details() if isinstance(self.error, grpc.RpcError) else self.error
+            raise TransportError(f"link to rank {self.dst} ({self.address}) is down: {detail}")
+        self.q.put(item)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join(timeout=5)
+        self.channel.close()
+
+
+class PeerTransport:
+    """Transport for one rank of a loaded session; see collectives.Transport."""
+
+    def __init__(self, rank: int, peers: list[str], session_id: str, token: str | None,
+                 recv_timeout: float, channel_factory=None, link_delay_s: float = 0.0):
+        self.rank, self.world, self.peers = rank, len(peers), list(peers)
+        self.session_id, self.token, self.recv_timeout = session_id, token, recv_timeout
+        self.channel_factory = channel_factory or (lambda a: grpc.insecure_channel(a, options=channel_options()))
+        self.boxes = {src: queue.Queue() for src in range(self.world)}
+        self.links: dict[int, _Link] = {}
+        self.lock = threading.Lock()
+        self.request_id = 0
+        self.aborted: str | None = None
+        self.seq_out: dict[int, int] = defaultdict(int)
+        self.seq_in: dict[int, int] = defaultdict(int)
+        self.send_s: dict[str, float] = defaultdict(float)
+        # Emulated one-way propagation delay: a frame becomes visible link_delay_s after it
+        # arrived. tbf shapes bandwidth but adds no delay, and netem is not available.
+        self.link_delay_s = link_delay_s
+
+    # -- request scope -----------------------------------------------------------------------
+    def begin(self, request_id: int) -> None:
+        """Start a request: fresh sequence numbers, no abort, no send timings."""
+        with self.lock:
+            self.request_id, self.aborted = request_id, None
+            self.seq_out.clear()
+            self.seq_in.clear()
+            self.send_s.clear()
+
+    def abort(self, request_id: int, reason: str) -> None:
+        with self.lock:
+            if request_id in (0, self.request_id):
+                self.aborted = reason or "aborted by the coordinator"
+
+    def add_send_time(self, tag: str, seconds: float) -> None:
+        with self.lock:
+            self.send_s[tag] += seconds
+
+    # -- sending -------------------------------------------------------------------------------
+    def send(self, dst: int, tensor: torch.Tensor, tag: str = "") -> None:
+        with self.lock:
+            link = self.links.get(dst)
+            if link is None:
+                link = self.links[dst] = _Link(self, dst, self.peers[dst])
+            seq = self.seq_out[dst]
+            self.seq_out[dst] = seq + 1
+        link.put((self.request_id, seq, tensor, tag))
+
+    # -- receiving -----------------------------------------------------------------------------
+    def deliver(self, frame: pb.Frame) -> None:
+        """Called by the Exchange handler for every frame from a peer."""
+        src = frame.src_rank
+        if not 0 <= src < self.world or src == self.rank:
+            raise TransportError(f"frame claims sender rank {src}, not a peer of rank {self.rank}")
+        tensor = from_proto(frame.tensor, f"frame {frame.seq} from rank {src}")
+        self.boxes[src].put((frame.request_id, frame.seq, tensor, time.monotonic()))
+
+    def recv(self, src: int, shape, dtype) -> torch.Tensor:
+        box = self.boxes[src]
+        deadline = time.monotonic() + self.recv_timeout
+        while True:
+            if self.aborted:
+                raise TransportError(f"rank {self.rank}: request {self.request_id} aborted: {self.aborted}")
+            try:
+                request_id, seq, x, arrived = box.get(timeout=_POLL_S)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TransportError(
+                        f"rank {self.rank}: nothing from rank {src} ({self.peers[src]}) within "
+                        f"{self.recv_timeout:.0f} s"
+                    ) from None
+                continue
+            if request_id < self.request_id:
+                continue  # left over from an aborted request
+            if request_id > self.request_id:
+                raise TransportError(f"rank {self.rank}: rank {src} is on request {request_id}, "
+                                     f"this rank on {self.request_id}")
+            break
+        if self.link_delay_s:
+            time.sleep(max(0.0, arrived + self.link_delay_s - time.monotonic()))
+        want = self.seq_in[src]
+        if seq != want:
+            raise TransportError(f"rank {self.rank}: frame {seq} from rank {src}, expected frame {want}")
+        self.seq_in[src] = want + 1
+        if tuple(x.shape) != tuple(shape) or x.dtype != dtype:
+            raise TransportError(
+                f"rank {self.rank}: from rank {src} got {tuple(x.shape)} {x.dtype}, expected {tuple(shape)} {dtype}"
+            )
+        return x
+
+    def close(self) -> None:
+        with self.lock:
+            links, self.links = list(self.links.values()), {}
+        for link in links:
+            link.close()

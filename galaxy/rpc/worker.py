@@ -1,0 +1,305 @@
+"""`galaxy worker`: one long-running peer per device.
+
+A worker is idle until a coordinator sends `Load` (model reference, partition, its rank, the
+ring's addresses); it then reads only its own shard of the weights and joins the ring. Each
+`Forward` runs this rank's part of the pass, exchanging tiles directly with its neighbours over
+`Exchange` streams. `Release` (or a new `Load`) returns it to idle. The servicer methods are
+thin: the compute is `galaxy.parallel`, the data plane `peers.PeerTransport`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import psutil
+import torch
+
+from .. import __version__
+from ..checkpoints import CheckpointError, WeightSource, open_checkpoint
+from ..checkpoints.random import RandomWeights
+from ..collectives import Collectives
+from ..config import ConfigError, ModelConfig
+from ..errors import GalaxyError, TransportError
+from ..parallel import Request, rank_forward
+from ..run import DTYPES
+from ..sharding import Partition, PartitionError, load_shard, shard_bytes
+from ..v1 import worker_pb2 as pb
+from ..v1 import worker_pb2_grpc as pb_grpc
+from .peers import PeerTransport
+from .wire import META_PROTOCOL, META_SESSION, META_TOKEN, PROTOCOL_VERSION, channel_options, from_proto, to_proto
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "GALAXY-WORKER-READY"  # printed with the bound address once the worker serves
+
+
+@dataclass
+class WorkerSettings:
+    name: str = ""
+    threads: int = 1  # intra-op threads for torch
+    device: str = "cpu"  # compute device: cpu, cuda, cuda:1 ...
+    token: str | None = None  # shared cluster token; None: loopback only
+    memory_budget: int = 0  # bytes a shard may use on this device (0: no cap)
+    link_delay_ms: float = 0.0  # emulated one-way latency added to every frame this worker receives
+
+
+@dataclass
+class _Session:
+    session_id: str
+    model: torch.nn.Module
+    partition: Partition
+    rank: int
+    transport: PeerTransport
+    tiles: int
+    weight_bytes: int
+    load_s: float
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _open_model(ref: pb.ModelRef) -> WeightSource:
+    if bool(ref.path) == ref.random_init:
+        raise ValueError("model reference needs exactly one of path / random_init")
+    if ref.random_init:
+        if not ref.config_json:
+            raise ValueError("random_init needs the model config (config_json)")
+        return RandomWeights(ModelConfig.from_dict(json.loads(ref.config_json)), seed=ref.seed)
+    return open_checkpoint(ref.path)
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, settings: WorkerSettings):
+        self.s = settings
+        self.lock = threading.Lock()  # one Load/Forward/Release at a time
+        self.session: _Session | None = None
+
+    # -- control -----------------------------------------------------------------------------
+    def Hello(self, request, context):
+        vm = psutil.virtual_memory()
+        sess = self.session
+        return pb.HelloReply(
+            protocol_version=PROTOCOL_VERSION, device_name=self.s.name, galaxy_version=__version__,
+            cpu_count=os.cpu_count() or 1, threads=self.s.threads, compute_device=self.s.device,
+            total_memory_bytes=vm.total, available_memory_bytes=vm.available,
+            memory_budget_bytes=self.s.memory_budget, state="loaded" if sess else "idle",
+            session_id=sess.session_id if sess else "",
+        )
+
+    def Load(self, request, context):
+        with self.lock:
+            self._release()
+            try:
+                sess = self._load(request)
+            except (CheckpointError, ConfigError, PartitionError, ValueError, GalaxyError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: load refused: {e}")
+            except MemoryError:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory loading shard")
+            self.session = sess
+            return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s,
+                                rss_bytes=psutil.Process().memory_info().rss)
+
+    def _load(self, req: pb.LoadRequest) -> _Session:
+        t0 = time.perf_counter()
+        source = _open_model(req.model)
+        if req.model.config_json:
+            want = ModelConfig.from_dict(json.loads(req.model.config_json))
+            if want.replace(name="") != source.config.replace(name=""):
+                raise ValueError(f"the model at {source.path} does not match the coordinator's config")
+        cfg = source.config
+        partition = Partition.from_dict(json.loads(req.partition_json)).validate(cfg)
+        if len(req.peers) != partition.world:
+            raise ValueError(f"{len(req.peers)} peer addresses for a {partition.world}-device partition")
+        if not 0 <= req.rank < partition.world:
+            raise ValueError(f"rank {req.rank} outside 0..{partition.world - 1}")
+        if req.dtype not in DTYPES:
+            raise ValueError(f"dtype {req.dtype!r} is not one of {list(DTYPES)}")
+        spec = partition.spec(req.rank, cfg)
+        need = shard_bytes(cfg, spec, DTYPES[req.dtype])
+        if self.s.memory_budget and need > self.s.memory_budget:
+            raise GalaxyError(f"shard needs {need / 2**20:.0f} MiB, memory budget is "
+                              f"{self.s.memory_budget / 2**20:.0f} MiB")
+        model = load_shard(source, spec, dtype=DTYPES[req.dtype], device=self.s.device)
+        transport = PeerTransport(req.rank, list(req.peers), req.session_id, self.s.token,
+                                  req.recv_timeout_s or 60.0, link_delay_s=self.s.link_delay_ms / 1000)
+        load_s = time.perf_counter() - t0
+        log.info("%s: loaded rank %d/%d of %s (%.0f MiB) in %.2f s", self.s.name, req.rank, partition.world,
+                 source.path, need / 2**20, load_s)
+        return _Session(req.session_id, model, partition, req.rank, transport, max(1, req.tiles), need, load_s)
+
+    def _release(self) -> None:
+        if self.session is not None:
+            self.session.transport.close()
+            self.session = None
+
+    def Release(self, request, context):
+        with self.lock:
+            if self.session and request.session_id in ("", self.session.session_id):
+                self._release()
+        return pb.ReleaseReply()
+
+    def Abort(self, request, context):
+        sess = self.session
+        if sess and request.session_id == sess.session_id:
+            sess.transport.abort(request.request_id, request.reason)
+        return pb.AbortReply()
+
+    # -- compute -------------------------------------------------------------------------------
+    def Forward(self, request, context):
+        sess = self._session_or_abort(request.session_id, context)
+        if not self.lock.acquire(timeout=1.0):
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: busy with another request")
+        try:
+            return self._forward(sess, request, context)
+        finally:
+            self.lock.release()
+
+    def _forward(self, sess: _Session, request, context):
+        ids = from_proto(request.input_ids, "input_ids")
+        types = from_proto(request.token_types, "token_types") if request.HasField("token_types") else None
+        cfg = sess.model.cfg
+        if ids.dim() != 1 or ids.dtype != torch.int64 or ids.numel() == 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input_ids must be a non-empty int64 vector, got "
+                          f"{tuple(ids.shape)} {ids.dtype}")
+        in_vocab = 0 <= int(ids.min()) and int(ids.max()) < cfg.vocab_size
+        if not in_vocab or request.start_pos + ids.numel() > cfg.max_positions:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input ids or positions out of range for the model")
+        sess.transport.begin(request.request_id)
+        comm = Collectives(sess.transport, sess.tiles)
+        req = Request(ids.to(self.s.device), None if types is None else types.to(self.s.device),
+                      int(request.start_pos), bool(request.last_only))
+        t0 = time.perf_counter()
+        try:
+            out = rank_forward(sess.model, comm, sess.partition, req)
+        except TransportError as e:
+            context.abort(grpc.StatusCode.ABORTED, f"{self.s.name} (rank {sess.rank}): {e}")
+        except MemoryError:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory in forward")
+        elapsed = time.perf_counter() - t0
+        send_s = dict(sess.transport.send_s)
+        ops = [pb.OpStat(tag=t, wall_s=w, wait_s=ws, compute_s=c, bytes=b, send_s=send_s.get(t, 0.0))
+               for t, w, ws, c, b in comm.stats.ops]
+        reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss())
+        if out is not None:
+            reply.output.CopyFrom(to_proto(out.float().cpu()))
+        return reply
+
+    def _session_or_abort(self, session_id: str, context) -> _Session:
+        sess = self.session
+        if sess is None or sess.session_id != session_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{self.s.name}: no loaded session {session_id!r} (state: "
+                          f"{'loaded ' + sess.session_id if sess else 'idle'}); send Load first")
+        return sess
+
+    # -- data plane ----------------------------------------------------------------------------
+    def Exchange(self, request_iterator, context):
+        md = dict(context.invocation_metadata())
+        sess = self._session_or_abort(md.get(META_SESSION, ""), context)
+        n = 0
+        try:
+            for frame in request_iterator:
+                if frame.session_id != sess.session_id:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, "frame for another session")
+                sess.transport.deliver(frame)
+                n += 1
+        except TransportError as e:
+            log.warning("%s: rejected a frame: %s", self.s.name, e)
+            sess.transport.abort(0, f"bad frame from a peer: {e}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.ExchangeSummary(frames=n)
+
+
+class _Gate(grpc.ServerInterceptor):
+    """Refuses calls of another protocol version, or without the cluster token when one is set."""
+
+    def __init__(self, token: str | None):
+        self.token = token
+
+    def intercept_service(self, continuation, handler_call_details):
+        md = dict(handler_call_details.invocation_metadata)
+        version = md.get(META_PROTOCOL)
+        handler = continuation(handler_call_details)
+        if version != str(PROTOCOL_VERSION):
+            return _deny(handler, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"protocol version {version or 'missing'} refused: this worker speaks "
+                         f"galaxy protocol {PROTOCOL_VERSION} (upgrade the older side)")
+        if self.token and md.get(META_TOKEN) != self.token:
+            return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "wrong or missing cluster token")
+        return handler
+
+
+def _deny(handler, code, message):
+    """A handler of the same shape as `handler` that refuses the call before reading it."""
+
+    def refuse(request_or_iterator, context):
+        context.abort(code, message)
+
+    if handler is None:
+        return None
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
+
+
+def start_server(listen: str, settings: WorkerSettings):
+    """Bind and start a worker server; returns (server, bound address, service). Non-blocking."""
+    host, _, port = listen.rpartition(":")
+    if not settings.token and not is_loopback(host):
+        log.warning("no cluster token: refusing to listen on %s; binding 127.0.0.1 only "
+                    "(pass --token or set GALAXY_TOKEN to serve the LAN)", host or "all interfaces")
+        host = "127.0.0.1"
+    settings.name = settings.name or socket.gethostname()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="galaxy-rpc"),
+                         options=channel_options(), interceptors=[_Gate(settings.token)])
+    service = WorkerService(settings)
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise GalaxyError(f"could not listen on {host}:{port} (in use, or not an address of this device)")
+    server.start()
+    return server, f"{host}:{bound}", service
+
+
+def serve(listen: str, settings: WorkerSettings, ready=None) -> None:
+    """Serve until SIGTERM/SIGINT. `ready(address)` is called once the port is bound."""
+    torch.set_num_threads(max(1, settings.threads))
+    server, address, service = start_server(listen, settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("worker %s serving on %s (%d threads, %s)", settings.name, address, settings.threads, settings.device)
+    if ready:
+        ready(address)
+    stop.wait()
+    with service.lock:
+        service._release()
+    server.stop(grace=1.0).wait()
