@@ -8,8 +8,9 @@ tokenizer.json, under llama.cpp's names and layouts. This module owns the transl
 - Q/K rows un-permuted from llama.cpp's interleaved RoPE layout to HF's rotate-half layout;
 - a `tokenizers.Tokenizer` rebuilt from the vocabulary and merges (byte-level BPE only).
 
-The file stays memory-mapped: a device slicing its shard by rows reads and dequantizes only those
-rows, since GGUF quantizes every row on its own.
+The header is read by `gguf_header` (gguf.GGUFReader takes seconds on a large vocabulary); only
+dequantization comes from the gguf package. The file stays memory-mapped: a device slicing its
+shard by rows reads and dequantizes only those rows, since GGUF quantizes every row on its own.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from ..config import ConfigError, ModelConfig, make_config
 from ..tokenizer import Tokenizer
 from . import CheckpointError, WeightSource, expected_shapes
+from .gguf_header import read_header
 
 log = logging.getLogger(__name__)
 
@@ -105,38 +107,13 @@ def _round_f32(x: float) -> float:
     return float(np.format_float_positional(np.float32(x), unique=True))
 
 
-def _open_reader(path: Path) -> gguf.GGUFReader:
-    """The memory-mapped reader, or a CheckpointError saying what is wrong with the file."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the file ({e})") from e
-    if magic != b"GGUF":
-        raise CheckpointError(
-            f"{path}: not a GGUF file (starts with {magic!r}, GGUF files start with b'GGUF'); "
-            "pass a .gguf written by llama.cpp's converter or an HF-style directory"
-        )
-    try:
-        return gguf.GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OSError, OverflowError, UnicodeDecodeError) as e:
-        if "GGMLQuantizationType" in str(e):
-            raise CheckpointError(
-                f"{path}: uses a tensor type the installed gguf library does not know ({e}); "
-                "upgrade it with `pip install -U gguf` or re-quantize the file"
-            ) from e
-        raise CheckpointError(
-            f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e}); download or convert it again"
-        ) from e
-
-
 class GGUFCheckpoint(WeightSource):
     """A llama-architecture GGUF file, served as canonical float32 tensors."""
 
     def __init__(self, path: str | Path):
         self.path = str(Path(path).expanduser())
-        self._reader = _open_reader(Path(self.path))
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._header = read_header(self.path)
+        self._tensors = self._header.tensors
         self.arch = self._meta("general.architecture")
         if self.arch not in SUPPORTED_ARCHS:
             raise CheckpointError(
@@ -153,15 +130,14 @@ class GGUFCheckpoint(WeightSource):
 
     def _meta(self, key: str, default=_REQUIRED):
         """A metadata value as a Python object; float32 values rounded to their shortest decimal."""
-        field = self._reader.fields.get(key)
+        field = self._header.fields.get(key)
         if field is None:
             if default is _REQUIRED:
                 raise CheckpointError(f"{self.path}: GGUF metadata has no {key!r}, which Galaxy needs")
             return default
-        value = field.contents()
-        if field.types == [GGUFValueType.FLOAT32]:
-            value = _round_f32(value)
-        return value
+        if field.type == GGUFValueType.FLOAT32:
+            return _round_f32(field.value)
+        return field.value
 
     def _arch_int(self, key: str, default=_REQUIRED) -> int:
         value = self._meta(f"{self.arch}.{key}", default)
@@ -187,8 +163,9 @@ class GGUFCheckpoint(WeightSource):
                 f"{self.path}: partial RoPE ({a}.rope.dimension_count={rope_dim} of head_dim={head_dim}) "
                 "is not supported"
             )
-        tokens = self._reader.fields.get("tokenizer.ggml.tokens")
-        vocab = self._arch_int("vocab_size", len(tokens.data) if tokens is not None else _REQUIRED)
+        tokens = self._header.fields.get("tokenizer.ggml.tokens")
+        n_tokens = len(tokens.value) if tokens is not None and tokens.type == GGUFValueType.ARRAY else _REQUIRED
+        vocab = self._arch_int("vocab_size", n_tokens)
         first = "blk.0."
         try:
             return make_config(
@@ -244,7 +221,7 @@ class GGUFCheckpoint(WeightSource):
         """Compare the header's shapes with the config now, rather than fail later mid-load."""
         for canon, want in expected_shapes(self.config).items():
             t = self._tensors[self._gguf_names[canon]]
-            got = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
+            got = t.shape
             if got != want:
                 raise CheckpointError(
                     f"{self.path}: tensor {t.name} ({canon}) has shape {got}, the metadata implies {want}"
@@ -293,7 +270,7 @@ class GGUFCheckpoint(WeightSource):
 
     def tokenizer(self) -> Tokenizer | None:
         """The tokenizer rebuilt from the metadata (byte-level BPE), or None when the file has none."""
-        if self._tokenizer is None and "tokenizer.ggml.tokens" in self._reader.fields:
+        if self._tokenizer is None and "tokenizer.ggml.tokens" in self._header.fields:
             backend = self._build_backend()
             self._tokenizer = Tokenizer(
                 backend,
@@ -326,7 +303,12 @@ class GGUFCheckpoint(WeightSource):
         tokens = self._meta("tokenizer.ggml.tokens")
         merges = [tuple(m.split(" ", 1)) for m in self._meta("tokenizer.ggml.merges", [])]
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        backend = tokenizers.Tokenizer(models.BPE(vocab, merges))
+        try:
+            backend = tokenizers.Tokenizer(models.BPE(vocab, merges))
+        except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+            raise CheckpointError(
+                f"{self.path}: cannot rebuild the tokenizer from tokenizer.ggml.tokens and merges ({e})"
+            ) from e
         backend.pre_tokenizer = _PRE_TOKENIZERS[pre]()
         backend.decoder = decoders.ByteLevel()
         types = self._meta("tokenizer.ggml.token_type", [])

@@ -139,6 +139,29 @@ class Cluster:
         self.names = [f"device {i} '{d.name}' ({d.address})" for i, d in enumerate(infos)]
         return infos
 
+    def profile(self, config: ModelConfig, seq_lens: list[int], dtype: str = "float32", repeats: int = 3,
+                ranks: list[int] | None = None, timeout: float = 900.0) -> dict[int, pb.ProfileReply]:
+        """Every (or the given) worker times its blocks for this model shape, all at once."""
+        ranks = list(range(self.world)) if ranks is None else ranks
+        msg = pb.ProfileRequest(config_json=json.dumps(config.to_dict()), seq_lens=seq_lens, dtype=dtype,
+                                repeats=repeats)
+        futs = {r: self.pool.submit(self.stubs[r].Profile, msg, timeout=timeout, metadata=self._md()) for r in ranks}
+        out = {}
+        for r, f in futs.items():
+            try:
+                out[r] = f.result()
+            except grpc.RpcError as e:
+                raise _error(e, self.names[r], "profile") from None
+        return out
+
+    def link_test(self, src: int, dst: int, nbytes: int = 0, timeout: float = 300.0) -> pb.LinkTestReply:
+        """Worker `src` measures its link to worker `dst` with real transfers."""
+        try:
+            return self.stubs[src].LinkTest(pb.LinkTestRequest(peer=self.addresses[dst], bytes=nbytes, pings=5),
+                                            timeout=timeout, metadata=self._md())
+        except grpc.RpcError as e:
+            raise _error(e, self.names[src], f"link test to {self.names[dst]}") from None
+
     def load(self, model: ModelRef, partition: Partition, dtype: str = "float32", tiles: int = 1,
              recv_timeout: float = 60.0, load_timeout: float = 600.0) -> list[pb.LoadReply]:
         """Every worker loads its shard of `model` under `partition` and joins the ring."""

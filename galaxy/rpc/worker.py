@@ -204,6 +204,46 @@ class WorkerService(pb_grpc.WorkerServicer):
                           f"{'loaded ' + sess.session_id if sess else 'idle'}); send Load first")
         return sess
 
+    # -- profiling -----------------------------------------------------------------------------
+    def Profile(self, request, context):
+        from ..profiling import time_blocks
+
+        try:
+            cfg = ModelConfig.from_dict(json.loads(request.config_json))
+            dtype = DTYPES[request.dtype or "float32"]
+        except (ValueError, KeyError, TypeError, ConfigError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: bad profile request: {e}")
+        seqs = [int(s) for s in request.seq_lens]
+        if not seqs or min(seqs) < 1 or max(seqs) > 16384:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: seq_lens must be within 1..16384")
+        t0 = time.perf_counter()
+        with self.lock:  # never time while a request runs
+            samples = time_blocks(cfg, seqs, repeats=max(1, min(request.repeats or 3, 20)), dtype=dtype,
+                                  device=self.s.device)
+        return pb.ProfileReply(
+            samples=[pb.BlockSample(kind=x.kind, units=x.units, seq=x.seq, seconds=x.seconds) for x in samples],
+            available_memory_bytes=psutil.virtual_memory().available, memory_budget_bytes=self.s.memory_budget,
+            threads=self.s.threads, elapsed_s=time.perf_counter() - t0)
+
+    def Ping(self, request, context):
+        return pb.PingReply(payload=request.payload[:1024])
+
+    def Sink(self, request_iterator, context):
+        n = 0
+        for blob in request_iterator:
+            n += len(blob.data)
+        return pb.SinkReply(bytes=n)
+
+    def LinkTest(self, request, context):
+        from .linktest import measure_link
+
+        try:
+            bw, lat, nbytes, secs = measure_link(request.peer, self.s.token, request.bytes, request.pings or 5)
+        except grpc.RpcError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: cannot reach peer {request.peer}: "
+                          f"{e.details()}")
+        return pb.LinkTestReply(bandwidth_bps=bw, latency_s=lat, bytes=nbytes, seconds=secs)
+
     # -- data plane ----------------------------------------------------------------------------
     def Exchange(self, request_iterator, context):
         md = dict(context.invocation_metadata())

@@ -199,3 +199,87 @@ class ExchangeSummary(_message.Message):
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     frames: int
     def __init__(self, frames: _Optional[int] = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("config_json", "seq_lens", "dtype", "repeats")
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LENS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    config_json: str
+    seq_lens: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    repeats: int
+    def __init__(self, config_json: _Optional[str] = ..., seq_lens: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., repeats: _Optional[int] = ...) -> None: ...
+
+class BlockSample(_message.Message):
+    __slots__ = ("kind", "units", "seq", "seconds")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    units: int
+    seq: int
+    seconds: float
+    def __init__(self, kind: _Optional[str] = ..., units: _Optional[int] = ..., seq: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ProfileReply(_message.Message):
+    __slots__ = ("samples", "available_memory_bytes", "memory_budget_bytes", "threads", "elapsed_s")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    samples: _containers.RepeatedCompositeFieldContainer[BlockSample]
+    available_memory_bytes: int
+    memory_budget_bytes: int
+    threads: int
+    elapsed_s: float
+    def __init__(self, samples: _Optional[_Iterable[_Union[BlockSample, _Mapping]]] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class PingReply(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class Blob(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class SinkReply(_message.Message):
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...
+
+class LinkTestRequest(_message.Message):
+    __slots__ = ("peer", "bytes", "pings")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINGS_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    bytes: int
+    pings: int
+    def __init__(self, peer: _Optional[str] = ..., bytes: _Optional[int] = ..., pings: _Optional[int] = ...) -> None: ...
+
+class LinkTestReply(_message.Message):
+    __slots__ = ("bandwidth_bps", "latency_s", "bytes", "seconds")
+    BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    bandwidth_bps: float
+    latency_s: float
+    bytes: int
+    seconds: float
+    def __init__(self, bandwidth_bps: _Optional[float] = ..., latency_s: _Optional[float] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -64,6 +64,26 @@ class WorkerStub:
                 request_serializer=galaxy_dot_v1_dot_worker__pb2.Frame.SerializeToString,
                 response_deserializer=galaxy_dot_v1_dot_worker__pb2.ExchangeSummary.FromString,
                 _registered_method=True)
+        self.Profile = channel.unary_unary(
+                '/galaxy.v1.Worker/Profile',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.ProfileReply.FromString,
+                _registered_method=True)
+        self.Ping = channel.unary_unary(
+                '/galaxy.v1.Worker/Ping',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.PingRequest.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.PingReply.FromString,
+                _registered_method=True)
+        self.Sink = channel.stream_unary(
+                '/galaxy.v1.Worker/Sink',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.Blob.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.SinkReply.FromString,
+                _registered_method=True)
+        self.LinkTest = channel.unary_unary(
+                '/galaxy.v1.Worker/LinkTest',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.LinkTestRequest.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.LinkTestReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -108,6 +128,31 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Profile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ping(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sink(self, request_iterator, context):
+        """the far end of a bandwidth test
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LinkTest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +185,26 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Exchange,
                     request_deserializer=galaxy_dot_v1_dot_worker__pb2.Frame.FromString,
                     response_serializer=galaxy_dot_v1_dot_worker__pb2.ExchangeSummary.SerializeToString,
+            ),
+            'Profile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Profile,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.ProfileRequest.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.ProfileReply.SerializeToString,
+            ),
+            'Ping': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ping,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.PingRequest.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.PingReply.SerializeToString,
+            ),
+            'Sink': grpc.stream_unary_rpc_method_handler(
+                    servicer.Sink,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.Blob.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.SinkReply.SerializeToString,
+            ),
+            'LinkTest': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinkTest,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.LinkTestRequest.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.LinkTestReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +369,114 @@ class Worker:
             '/galaxy.v1.Worker/Exchange',
             galaxy_dot_v1_dot_worker__pb2.Frame.SerializeToString,
             galaxy_dot_v1_dot_worker__pb2.ExchangeSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Profile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/galaxy.v1.Worker/Profile',
+            galaxy_dot_v1_dot_worker__pb2.ProfileRequest.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.ProfileReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/galaxy.v1.Worker/Ping',
+            galaxy_dot_v1_dot_worker__pb2.PingRequest.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.PingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sink(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/galaxy.v1.Worker/Sink',
+            galaxy_dot_v1_dot_worker__pb2.Blob.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.SinkReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkTest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/galaxy.v1.Worker/LinkTest',
+            galaxy_dot_v1_dot_worker__pb2.LinkTestRequest.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.LinkTestReply.FromString,
             options,
             channel_credentials,
             insecure,

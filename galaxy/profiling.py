@@ -1,0 +1,78 @@
+"""Timing a device's blocks at several shard sizes: what `galaxy plan` fits its cost model to.
+
+Runs on the device itself (inside its worker): builds attention / MLP / connective blocks of the
+target model's shape with random weights -- timing depends on shapes, not values -- and times
+them at a few shard sizes and sequence lengths. Pure torch; the worker wraps it in an RPC.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoints.random import RandomWeights
+from .config import ModelConfig
+from .model import Block
+from .sharding import ShardSpec, load_shard
+
+
+@dataclass(frozen=True)
+class Sample:
+    kind: str  # "attention" | "mlp" | "connective" | "head"
+    units: int  # heads, columns, tokens or vocabulary rows
+    seq: int  # tokens the block processed (the full sequence for TP blocks)
+    seconds: float  # median of the repeats
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, kernels, caches
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _block(cfg: ModelConfig, heads: int, cols: int, dtype, device) -> Block:
+    one = cfg.replace(n_layers=1)
+    spec = ShardSpec((0, heads), (0, cols), (0, 0), (0, 1), embed=False, head=False)
+    model = load_shard(RandomWeights(one), spec, dtype=dtype, device=device)
+    return model.layers["0"]
+
+
+def shard_sizes(total: int, points: int = 3) -> list[int]:
+    """A few shard sizes spanning what a device may get: about 1/4, 1/2 and all of `total`."""
+    sizes = sorted({max(1, round(total * f)) for f in (0.25, 0.5, 1.0)[-points:]})
+    return sizes
+
+
+@torch.inference_mode()
+def time_blocks(cfg: ModelConfig, seq_lens: list[int], repeats: int = 3, dtype=torch.float32,
+                device: str = "cpu", progress=lambda done, total: None) -> list[Sample]:
+    """Median times of every block kind at several shard sizes, for each sequence length."""
+    head_sizes, col_sizes = shard_sizes(cfg.n_heads), shard_sizes(cfg.ffn)
+    jobs = [(s, "attention", h) for s in seq_lens for h in head_sizes]
+    jobs += [(s, "mlp", c) for s in seq_lens for c in col_sizes]
+    jobs += [(s, "connective", t) for s in seq_lens for t in sorted({max(1, s // 4), s})]
+    samples: list[Sample] = []
+    full = _block(cfg, cfg.n_heads, cfg.ffn, dtype, device)
+    for i, (seq, kind, units) in enumerate(jobs):
+        x = torch.randn(seq, cfg.hidden, dtype=dtype, device=device)
+        if kind == "attention":
+            blk = _block(cfg, units, 1, dtype, device)
+            a = blk.attn
+            fn = lambda a=a, x=x: a.project_out(a.attend(a.project(x)))  # noqa: E731
+        elif kind == "mlp":
+            blk = _block(cfg, 1, units, dtype, device)
+            m = blk.mlp
+            fn = lambda m=m, x=x: m.contract(m.expand(x))  # noqa: E731
+        else:
+            xs = x[:units]
+            fn = lambda xs=xs: full.after_mlp(xs, full.after_attn(xs, xs))  # noqa: E731
+        samples.append(Sample(kind, units, seq, _median_time(fn, repeats)))
+        progress(i + 1, len(jobs))
+    return samples

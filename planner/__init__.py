@@ -1,0 +1,1 @@
+"""Galaxy's planner: device profiling and the heterogeneity- and memory-aware partition solver."""

@@ -1,0 +1,126 @@
+"""What the planner knows about a cluster: per-device compute models, memory, and links.
+
+Profiles are measured (planner/profiler.py runs the timings on each device's worker) and fitted
+to the simplest model that predicts well: a block's time is a fixed overhead plus its floating
+point work divided by the device's rate for that kind of block.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from galaxy.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """Seconds for one block: overhead_s + flops / flops_per_s (fitted from measurements)."""
+
+    flops_per_s: float
+    overhead_s: float = 0.0
+
+    def seconds(self, flops: float) -> float:
+        return 0.0 if flops <= 0 else self.overhead_s + flops / self.flops_per_s
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    address: str
+    attention: ComputeModel  # QKV projection + attention core + output projection of h heads
+    mlp: ComputeModel  # up (+gate) and down projections of c columns
+    connective: ComputeModel  # residual add + norm of s tokens
+    memory_bytes: int  # what a shard may use: min(free memory, the user's budget)
+    head: ComputeModel | None = None  # LM head / embedding GEMMs (defaults to the MLP model)
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth_bps: float  # measured goodput, bits per second
+    latency_s: float  # one-way, per message
+
+
+@dataclass
+class ClusterProfile:
+    """Devices in the order given; links[i][j] is the link from device i to device j."""
+
+    devices: list[DeviceProfile]
+    links: list[list[Link | None]] = field(default_factory=list)
+
+    def link(self, i: int, j: int) -> Link:
+        return self.links[i][j]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> ClusterProfile:
+        d = json.loads(text)
+
+        def cm(x):
+            return None if x is None else ComputeModel(**x)
+
+        devices = [DeviceProfile(x["name"], x["address"], cm(x["attention"]), cm(x["mlp"]), cm(x["connective"]),
+                                 int(x["memory_bytes"]), cm(x.get("head"))) for x in d["devices"]]
+        links = [[None if lk is None else Link(**lk) for lk in row] for row in d.get("links", [])]
+        return cls(devices, links)
+
+
+# --- floating point work of each block (forward, batch 1) -------------------------------------
+
+def kv_heads_touched(cfg: ModelConfig, h0: int, h1: int) -> int:
+    """KV heads a device holding query heads [h0, h1) computes (partial groups replicated)."""
+    return 0 if h1 <= h0 else -(-h1 // cfg.group) - h0 // cfg.group
+
+
+def attention_flops(cfg: ModelConfig, heads: int, seq: int, kv_heads: int | None = None) -> float:
+    """QKV projection, QK^T and AV over `seq` tokens, and the output projection, for `heads` heads."""
+    hd, h = cfg.head_dim, cfg.hidden
+    kv = heads if kv_heads is None else kv_heads
+    return 2.0 * seq * h * hd * (heads + 2 * kv) + 4.0 * seq * seq * hd * heads + 2.0 * seq * hd * heads * h
+
+
+def mlp_flops(cfg: ModelConfig, cols: int, seq: int) -> float:
+    return 2.0 * seq * cfg.hidden * cols * (3 if cfg.gated_mlp else 2)
+
+
+def connective_flops(cfg: ModelConfig, tokens: int) -> float:
+    """Residual add + norm: a handful of element operations per value."""
+    return 8.0 * tokens * cfg.hidden
+
+
+def head_flops(cfg: ModelConfig, vocab_rows: int, seq: int) -> float:
+    return 2.0 * seq * cfg.hidden * vocab_rows
+
+
+# --- memory of a shard ---------------------------------------------------------------------
+
+def bytes_per_head(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
+    """Q and output-projection weights of one query head (its KV share is counted separately)."""
+    return 2 * cfg.hidden * cfg.head_dim * dtype_bytes
+
+
+def bytes_per_kv_head(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
+    return 2 * cfg.hidden * cfg.head_dim * dtype_bytes
+
+
+def bytes_per_col(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
+    return (3 if cfg.gated_mlp else 2) * cfg.hidden * dtype_bytes
+
+
+def bytes_per_vocab_row(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
+    untied_head = cfg.causal and not cfg.tie_embeddings
+    return (2 if untied_head else 1) * cfg.hidden * dtype_bytes
+
+
+def activation_bytes(cfg: ModelConfig, seq: int, heads: int, cols: int, tokens: int, dtype_bytes: int = 4) -> int:
+    """Peak activations of one layer on a device: gathered input, its QKV, scores, MLP inner."""
+    s, h, hd = seq, cfg.hidden, cfg.head_dim
+    gathered = s * h
+    qkv = s * hd * 3 * heads
+    scores = heads * s * s
+    inner = s * cols * (2 if cfg.gated_mlp else 1)
+    partial = s * h
+    own = 4 * tokens * h
+    return dtype_bytes * (gathered + qkv + scores + inner + partial + own)

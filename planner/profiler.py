@@ -1,0 +1,144 @@
+"""Profile a cluster: time each device's blocks on the device, fit them, measure the links.
+
+Compute profiles are cached per device and model shape (~/.cache/galaxy/profiles, or
+$GALAXY_CACHE), so planning again is instant; links are measured every time, because networks
+change. `reprofile=True` ignores the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from galaxy.config import ModelConfig
+from galaxy.profiling import Sample
+
+from .profile import (
+    ClusterProfile,
+    ComputeModel,
+    DeviceProfile,
+    Link,
+    attention_flops,
+    connective_flops,
+    kv_heads_touched,
+    mlp_flops,
+)
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GALAXY_CACHE", Path.home() / ".cache" / "galaxy")) / "profiles"
+
+
+def shape_key(cfg: ModelConfig, seq_lens: list[int], dtype: str) -> dict:
+    """What a block's timing depends on (not the weights, not the vocabulary)."""
+    return {"hidden": cfg.hidden, "heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "ffn": cfg.ffn, "gated": cfg.gated_mlp, "norm": cfg.norm, "activation": cfg.activation,
+            "position": cfg.position, "causal": cfg.causal, "seq_lens": sorted(seq_lens), "dtype": dtype}
+
+
+def _cache_file(info, key: dict) -> Path:
+    ident = {"device": info.name, "cpus": info.cpu_count, "threads": info.threads,
+             "compute": info.compute_device, "shape": key, "v": CACHE_VERSION}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in info.name)
+    return cache_dir() / f"{safe}-{digest}.json"
+
+
+def fit(samples: list[tuple[float, float]]) -> ComputeModel:
+    """Least squares of seconds = overhead + flops / rate; overhead clamped at zero."""
+    flops = np.array([f for f, _ in samples], dtype=float)
+    secs = np.array([t for _, t in samples], dtype=float)
+    if len(samples) >= 2 and np.ptp(flops) > 0:
+        slope, icpt = np.polyfit(flops, secs, 1)
+        if slope > 0 and icpt >= 0:
+            return ComputeModel(float(1.0 / slope), float(icpt))
+    rate = float(flops.sum() / max(secs.sum(), 1e-12))  # through the origin
+    return ComputeModel(rate, 0.0)
+
+
+def fit_samples(cfg: ModelConfig, samples) -> dict[str, ComputeModel]:
+    """Per block kind, (flops, seconds) points fitted to a ComputeModel."""
+    pts: dict[str, list] = {"attention": [], "mlp": [], "connective": []}
+    for s in samples:
+        if s.kind == "attention":
+            f = attention_flops(cfg, s.units, s.seq, kv_heads_touched(cfg, 0, s.units))
+        elif s.kind == "mlp":
+            f = mlp_flops(cfg, s.units, s.seq)
+        else:
+            f = connective_flops(cfg, s.units)
+        pts[s.kind].append((f, s.seconds))
+    return {k: fit(v) for k, v in pts.items()}
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    width = 30
+    filled = width * done // max(1, total)
+    print(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {what}   ", end="", file=sys.stderr,
+          flush=True)
+    if done == total:
+        print(file=sys.stderr)
+
+
+def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str = "float32",
+                    memory_budget: int | None = None, budgets: dict[str, int] | None = None,
+                    reprofile: bool = False, show_progress: bool = True) -> ClusterProfile:
+    """Profiles of every worker of `cluster` (galaxy.rpc.client.Cluster) for this model shape.
+
+    memory_budget caps every device; budgets caps devices by name (cluster file entries).
+    """
+    infos = cluster.hello()
+    key = shape_key(cfg, seq_lens, dtype)
+    cached, todo = {}, []
+    for r, info in enumerate(infos):
+        f = _cache_file(info, key)
+        if f.exists() and not reprofile:
+            cached[r] = json.loads(f.read_text())
+        else:
+            todo.append(r)
+    steps = (1 if todo else 0) + len(infos) * (len(infos) - 1) // 2
+    done = 0
+    if show_progress:
+        print(f"galaxy: profiling {len(todo)} device(s), {len(cached)} cached; measuring links ...",
+              file=sys.stderr)
+    if todo:
+        replies = cluster.profile(cfg, seq_lens, dtype, ranks=todo)
+        for r, rep in replies.items():
+            samples = [(s.kind, s.units, s.seq, s.seconds) for s in rep.samples]
+            cached[r] = {"samples": samples}
+            path = _cache_file(infos[r], key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"device": infos[r].name, "shape": key, "samples": samples}))
+        done += 1
+        if show_progress:
+            _progress(done, steps, "block timings")
+    devices = []
+    for r, info in enumerate(infos):
+        samples = [Sample(*s) for s in cached[r]["samples"]]
+        models = fit_samples(cfg, samples)
+        mem = [info.available_memory]
+        if info.memory_budget:
+            mem.append(info.memory_budget)
+        if memory_budget:
+            mem.append(memory_budget)
+        if budgets and info.name in budgets:
+            mem.append(budgets[info.name])
+        devices.append(DeviceProfile(info.name, info.address, models["attention"], models["mlp"],
+                                     models["connective"], int(min(mem))))
+    n = len(infos)
+    links: list[list[Link | None]] = [[None] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            rep = cluster.link_test(i, j)
+            links[i][j] = links[j][i] = Link(rep.bandwidth_bps, rep.latency_s)  # assumed symmetric
+            done += 1
+            if show_progress:
+                _progress(done, steps, f"link {infos[i].name} -> {infos[j].name}")
+    return ClusterProfile(devices, links)
+

@@ -1,0 +1,60 @@
+"""Profiling: block timings on the device, the fitted cost model, caching, real link tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from galaxy.config import preset
+from galaxy.profiling import time_blocks
+from galaxy.rpc.client import Cluster
+from galaxy.rpc.worker import WorkerSettings, start_server
+from planner import profiler
+from planner.profile import ComputeModel
+
+
+def test_fit_recovers_rate_and_overhead():
+    true = ComputeModel(5e10, 0.002)
+    pts = [(f, true.seconds(f)) for f in (1e8, 5e8, 2e9, 8e9)]
+    m = profiler.fit(pts)
+    assert m.flops_per_s == pytest.approx(5e10, rel=1e-6)
+    assert m.overhead_s == pytest.approx(0.002, rel=1e-6)
+
+
+def test_fit_never_returns_negative_overhead():
+    m = profiler.fit([(1e9, 0.010), (2e9, 0.030)])  # extrapolates to -10 ms at zero work
+    assert m.overhead_s == 0.0 and m.flops_per_s > 0
+
+
+def test_time_blocks_covers_every_kind_and_size():
+    cfg = preset("tiny-llama")
+    samples = time_blocks(cfg, [16, 32], repeats=1)
+    kinds = {(s.kind, s.seq) for s in samples}
+    assert kinds == {(k, q) for k in ("attention", "mlp", "connective") for q in (16, 32)}
+    assert all(s.seconds > 0 for s in samples)
+    assert {s.units for s in samples if s.kind == "attention"} == {2, 3, 6}
+
+
+@pytest.fixture
+def two_workers(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALAXY_CACHE", str(tmp_path))
+    started = [start_server("127.0.0.1:0", WorkerSettings(name=f"p{i}", memory_budget=10**9)) for i in range(2)]
+    yield [addr for _, addr, _ in started]
+    for server, _, _ in started:
+        server.stop(grace=0).wait()
+
+
+def test_profile_cluster_measures_caches_and_caps_memory(two_workers, monkeypatch):
+    cfg = preset("tiny-gpt2")
+    with Cluster(two_workers) as c:
+        prof = profiler.profile_cluster(c, cfg, [16], memory_budget=5 * 10**8, show_progress=False)
+        assert [d.name for d in prof.devices] == ["p0", "p1"]
+        assert all(d.memory_bytes == 5 * 10**8 for d in prof.devices)  # the tighter of worker and user caps
+        assert all(d.attention.flops_per_s > 0 and d.mlp.flops_per_s > 0 for d in prof.devices)
+        link = prof.link(0, 1)
+        assert link.bandwidth_bps > 1e7 and 0 < link.latency_s < 0.1 and prof.link(1, 0) == link
+
+        calls = []
+        monkeypatch.setattr(c, "profile", lambda *a, **k: calls.append(a) or {})
+        again = profiler.profile_cluster(c, cfg, [16], show_progress=False)
+        assert calls == [] and again.devices[0].attention == prof.devices[0].attention  # from the cache
+        assert again.devices[0].memory_bytes == 10**9  # only the worker's own cap this time
