@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -50,6 +51,18 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=int, help="random input of this many tokens")
 
 
+def add_generation_args(p: argparse.ArgumentParser, default_tokens: int | None = None) -> None:
+    g = p.add_argument_group("generation (causal LMs)")
+    g.add_argument("--max-new-tokens", type=int, default=default_tokens,
+                   help="generate up to N tokens, streaming the text" if default_tokens is None else
+                   f"tokens per reply (default {default_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens per prefill step (0: all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="galaxy", description="Collaborative transformer inference "
                                  "across edge devices (hybrid model parallelism).")
@@ -77,7 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--save-output", metavar="FILE.npy",
                      help="write logits (causal LM) or last hidden states (encoder) as float32 [seq, dim]")
+    run.add_argument("--cluster", metavar="FILE.yaml", help="devices from a cluster file (emulated or real)")
+    run.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
+    add_generation_args(run)
     run.set_defaults(func=cmd_run)
+
+    chat = sub.add_parser("chat", help="talk to a causal LM split across devices")
+    add_model_args(chat)
+    chat.add_argument("--local", type=int, default=3, metavar="N", help="spawn N local workers (default 3)")
+    chat.add_argument("--workers", type=_addresses, metavar="HOST:PORT,...", help="use running workers")
+    chat.add_argument("--cluster", metavar="FILE.yaml", help="devices from a cluster file")
+    chat.add_argument("--transport", choices=["grpc", "inproc"], default="grpc")
+    chat.add_argument("--threads", type=int, help="intra-op threads per local worker")
+    chat.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"))
+    chat.add_argument("--strategy", choices=["galaxy", "megatron", "pipeline"], default="galaxy")
+    chat.add_argument("--weights", type=_floats, help="relative device speeds for an uneven split")
+    chat.add_argument("--plan", metavar="PLAN.json")
+    chat.add_argument("--tiles", type=int, default=1)
+    chat.add_argument("--system", help="system prompt (kept on the devices between turns)")
+    add_generation_args(chat, default_tokens=256)
+    chat.set_defaults(func=cmd_chat)
 
     worker = sub.add_parser("worker", help="serve this device as a Galaxy peer")
     worker.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT",
@@ -142,50 +174,91 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="galaxy-parent-watch").start()
 
 
-def cmd_run(args) -> int:
-    from .model import mean_pool
-    from .run import (
-        DTYPES,
-        layer_overlap,
-        make_request,
-        open_source,
-        reference_output,
-        run_inprocess_model,
-        run_on_cluster,
-    )
-    from .sharding import even_partition, weighted_partition
+def _open_session(args, n: int):
+    from .api import connect
 
-    source = open_source(args.model, args.random_init, args.seed)
-    cfg = source.config
-    req, how = make_request(source, args.prompt, args.input_ids, args.seq_len, args.seed)
+    if args.transport == "inproc":
+        return connect(local=n, transport="inproc")
+    if getattr(args, "cluster", None):
+        return connect(cluster_file=args.cluster, token=args.token)
+    if args.workers:
+        return connect(addresses=args.workers, token=args.token)
+    progress(f"starting {n} local workers")
+    return connect(local=n, token=args.token, threads=args.threads)
+
+
+def _device_count(args) -> int:
+    if getattr(args, "cluster", None):
+        from devices.emulate import cluster_endpoints
+
+        return len(cluster_endpoints(args.cluster)[0])
     n = len(args.workers) if args.workers else args.local
     if n < 1:
         raise GalaxyError(f"--local {n}: need at least one device")
+    return n
+
+
+def _partition(args, cfg, n: int):
+    from .api import _plan_partition
+    from .sharding import even_partition, weighted_partition
+
+    if getattr(args, "plan", None):
+        return _plan_partition(args.plan, cfg, n)
     if args.weights is not None:
         if len(args.weights) != n:
             raise GalaxyError(f"--weights has {len(args.weights)} entries for {n} devices")
         if args.strategy != "galaxy":
             raise GalaxyError("--weights shapes an uneven Galaxy split; drop it for megatron/pipeline")
-        partition = weighted_partition(cfg, args.weights)
-    else:
-        partition = even_partition(cfg, n, args.strategy)
-    dtype = DTYPES[args.dtype]
-    if args.transport == "inproc":
-        res = run_inprocess_model(source, partition, req, tiles=args.tiles, dtype=dtype)
-    else:
-        res = run_on_cluster(source, partition, req, addresses=args.workers, local=n, threads=args.threads,
-                             token=args.token, tiles=args.tiles, dtype=args.dtype, progress=progress)
-    out = res.output
-    report = {
-        "model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
-        "dtype": args.dtype, "input": how, "seq_len": int(req.ids.shape[0]),
-        "input_ids": req.ids.tolist()[:64], "output_shape": list(out.shape),
-        "partition": _partition_rows(partition, req),
-        "seconds": {k: round(v, 4) for k, v in res.seconds.items()},
-        "per_device": [{k: v for k, v in d.items() if k != "ops"} for d in res.per_device],
-        "layers": layer_overlap(res.per_device),
-    }
-    tok = source.tokenizer()
+        return weighted_partition(cfg, args.weights)
+    return even_partition(cfg, n, args.strategy)
+
+
+def cmd_run(args) -> int:
+    from .run import make_request, open_source
+
+    source = open_source(args.model, args.random_init, args.seed)
+    cfg = source.config
+    n = _device_count(args)
+    partition = _partition(args, cfg, n)
+    generating = args.max_new_tokens is not None
+    if generating and not cfg.causal:
+        raise GalaxyError(f"--max-new-tokens needs a causal LM; {source.path} is an encoder")
+    req, how = make_request(source, args.prompt, args.input_ids, args.seq_len, args.seed)
+    t0 = time.perf_counter()
+    with _open_session(args, n) as session:
+        spawn_s = time.perf_counter() - t0
+        infos = session.devices()
+        progress("loading shards" + (" on " + ", ".join(i.name for i in infos) if infos else ""))
+        t1 = time.perf_counter()
+        model = session.load(source, partition=partition, dtype=args.dtype, tiles=args.tiles)
+        seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
+        base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
+                "dtype": args.dtype, "input": how, "seq_len": int(req.ids.shape[0]),
+                "partition": _partition_rows(partition, req)}
+        if generating:
+            return _run_generate(args, model, req, base, seconds)
+        return _run_forward(args, model, req, base, seconds, infos)
+
+
+def _run_forward(args, model, req, report: dict, seconds: dict, infos) -> int:
+    from .model import mean_pool
+    from .run import DTYPES, layer_overlap, reference_output
+
+    progress("running the forward pass")
+    res = model.session._ex.forward(req)
+    seconds["forward"] = res.seconds
+    out, cfg, tok = res.output.float(), model.config, model.tokenizer
+    per_device = []
+    for d in res.devices:
+        r = d["rank"]
+        row = {"rank": r, "weight_bytes": model.weight_bytes[r], "forward_s": d["forward_s"],
+               "peak_rss_bytes": d["peak_rss_bytes"]}
+        if infos:
+            row.update(name=infos[r].name, address=infos[r].address)
+        per_device.append(row)
+    report.update(input_ids=req.ids.tolist()[:64], output_shape=list(out.shape),
+                  seconds={k: round(v, 4) for k, v in seconds.items()}, per_device=per_device,
+                  layers=layer_overlap(res.devices))
     if cfg.causal:
         top = torch.topk(out[-1], 5)
         report["next_token_id"] = int(top.indices[0])
@@ -200,7 +273,8 @@ def cmd_run(args) -> int:
         report["output"] = report["embedding_head"]
     ok = True
     if args.check:
-        ref = reference_output(source, req, dtype=dtype).float()
+        dtype = DTYPES[args.dtype]
+        ref = reference_output(model.source, req, dtype=dtype).float()
         err = float((out - ref).abs().max())
         tol = FP32_TOLERANCE if dtype == torch.float32 else 5e-2 * float(ref.abs().max())
         ok = err <= tol
@@ -213,6 +287,86 @@ def cmd_run(args) -> int:
     else:
         _print_run(report)
     return 0 if ok else 1
+
+
+def _run_generate(args, model, req, report: dict, seconds: dict) -> int:
+    from .generate import Generation
+    from .run import reference_generate
+
+    ids = req.ids.tolist()
+    gen = Generation(ids)
+    gc = model._gen_config(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                           args.stop, args.prefill_chunk)
+    progress(f"generating up to {args.max_new_tokens} tokens")
+    for ev in model._generator().stream(ids, gc, gen):
+        if not args.json:
+            print(ev.text, end="", flush=True)
+    if not args.json:
+        print()
+    decode = [s for s in gen.steps if s.phase == "decode"]
+    report.update(
+        text=gen.text, tokens=gen.tokens, finish=gen.finish, prompt_tokens=len(ids),
+        ttft_s=round(gen.ttft_s, 4), per_token_s=round(gen.per_token_s, 4),
+        tokens_per_s=round(1 / gen.per_token_s, 2) if gen.per_token_s else None,
+        decode_collective=decode[0].collective if decode else None,
+        prefill_steps=[{"tokens": s.tokens, "seconds": round(s.seconds, 4), "collective": s.collective}
+                       for s in gen.steps if s.phase == "prefill"],
+        kv_cache_bytes=gen.kv_cache_bytes, seconds={k: round(v, 4) for k, v in seconds.items()})
+    ok = True
+    if args.check:
+        if args.temperature:
+            raise GalaxyError("--check compares greedy tokens; drop --temperature")
+        progress("checking against the single-device reference (greedy, no cache)")
+        ref = reference_generate(model.source, ids, len(gen.tokens) if gen.finish != "eos" else args.max_new_tokens)
+        ok = ref[: len(gen.tokens)] == gen.tokens and (gen.finish != "eos" or len(ref) == len(gen.tokens))
+        report.update(tokens_match=ok, reference_tokens=ref)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"galaxy: {len(gen.tokens)} tokens ({gen.finish}); time to first token {gen.ttft_s:.3f} s, "
+              f"{gen.per_token_s * 1000:.1f} ms/token ({report['decode_collective']}); KV cache per device "
+              + ", ".join(units.fmt_bytes(b) for b in gen.kv_cache_bytes)
+              + ("" if not args.check else f"; tokens match reference: {ok}"), file=sys.stderr)
+    return 0 if ok else 1
+
+
+def cmd_chat(args) -> int:
+    from .run import open_source
+
+    source = open_source(args.model, args.random_init, args.seed)
+    if not source.config.causal or source.tokenizer() is None:
+        raise GalaxyError(f"chat needs a causal LM with a tokenizer; {source.path} is not one")
+    n = _device_count(args)
+    with _open_session(args, n) as session:
+        progress("loading shards")
+        lm = session.load(source, partition=_partition(args, source.config, n), dtype=args.dtype, tiles=args.tiles)
+        history = [{"role": "system", "content": args.system}] if args.system else []
+        print(f"galaxy chat: {source.config.name} on {n} devices. /reset clears the history, /exit quits.",
+              file=sys.stderr)
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if line in ("/exit", "/quit"):
+                return 0
+            if line == "/reset":
+                history = history[:1] if args.system else []
+                continue
+            if not line:
+                continue
+            history.append({"role": "user", "content": line})
+            ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(history))
+            gc = lm._gen_config(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                                args.stop, args.prefill_chunk)
+            print("model> ", end="", flush=True)
+            reply = ""
+            for ev in lm._generator().stream(ids, gc):
+                reply += ev.text
+                print(ev.text, end="", flush=True)
+            print()
+            history.append({"role": "assistant", "content": reply})
 
 
 def _partition_rows(p, req) -> list[dict]:

@@ -63,11 +63,12 @@ def pieces(n: int, tiles: int) -> list[int]:
 class Collectives:
     """Ring collectives for one rank. `tiles` sub-divides each device's chunk for finer overlap."""
 
-    def __init__(self, transport: Transport, tiles: int = 1):
+    def __init__(self, transport: Transport, tiles: int = 1, direct_max_bytes: int = 64 * 1024):
         self.t = transport
         self.rank, self.world = transport.rank, transport.world
         self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         self.tiles = max(1, tiles)
+        self.direct_max_bytes = direct_max_bytes  # all-reduces up to this size skip the ring
         self.stats = CommStats()
         self._tag = ""  # the collective in progress, passed to the transport with each send
 
@@ -167,14 +168,33 @@ class Collectives:
         return res
 
     def all_reduce(self, x: torch.Tensor, tag: str = "ar") -> torch.Tensor:
-        """Sum of x over ranks, on every rank (ring: ReduceScatter then AllGather over rows)."""
+        """Sum of x over ranks, bit-identical on every rank.
+
+        Small payloads (decode steps) go direct: every rank sends x to every other and sums in
+        rank order -- one link latency instead of the ring's 2(N-1). Large ones use the ring
+        (ReduceScatter then AllGather over rows), which moves the fewest bytes.
+        """
         if self.world == 1:
             return x
+        if x.numel() * x.element_size() <= self.direct_max_bytes:
+            return self._all_reduce_direct(x, tag + ".direct")
         rows = x.shape[0]
         flat = x.reshape(rows, -1)
         sizes = split_even(rows, self.world)
         part = self.reduce_scatter(sizes, lambda a, b: flat[a:b], flat.shape[1], flat.dtype, tag + ".rs")
         return self.all_gather(part, sizes, tag=tag + ".ag").reshape(x.shape)
+
+    def _all_reduce_direct(self, x: torch.Tensor, tag: str) -> torch.Tensor:
+        t0, before = self._mark(tag)
+        for dst in range(self.world):
+            if dst != self.rank:
+                self._send(dst, x)
+        acc = None
+        for src in range(self.world):  # same order everywhere: identical sums on every rank
+            part = x if src == self.rank else self._recv(src, x.shape, x.dtype)
+            acc = part.clone() if acc is None else acc.add_(part)
+        self._record(tag, t0, before)
+        return acc
 
     def send_next(self, x: torch.Tensor, tag: str = "pipe") -> None:
         """Pipeline hand-off to the next stage."""

@@ -1,33 +1,30 @@
 """Run every rank of a partition as a thread of this process (no network).
 
-The test bed for the parallel forwards, and `galaxy run --transport inproc`. Ranks exchange
-tensors through `LocalGroup` mailboxes; the first rank to fail aborts the others.
+The test bed for the parallel forwards and `--transport inproc`. `InprocCluster` offers the same
+load/forward interface as the gRPC `Cluster`, so generation and the Python API run on either.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
-from .collectives import Collectives
 from .local_transport import LocalGroup
-from .parallel import Request, assemble, rank_forward
-from .sharding import Partition
+from .parallel import Request, assemble
+from .rank import RankRuntime
+from .sharding import Partition, load_shard
 
 
-def run_inprocess(models: list, partition: Partition, req: Request, tiles: int = 1,
-                  timeout: float = 120.0):
-    """Forward `req` through one model shard per rank; returns (output, per-rank Collectives)."""
-    n = partition.world
-    if len(models) != n:
-        raise ValueError(f"{len(models)} model shards for a {n}-device partition")
+def _run_ranks(runtimes: list[RankRuntime], req: Request, timeout: float):
+    n = len(runtimes)
     group = LocalGroup(n, timeout)
-    comms = [Collectives(group.transport(r), tiles) for r in range(n)]
+    comms = [runtimes[r].new_comm(group.transport(r)) for r in range(n)]
     outputs: list = [None] * n
     errors: list = [None] * n
 
     def work(r: int) -> None:
         try:
-            outputs[r] = rank_forward(models[r], comms[r], partition, req)
+            outputs[r] = runtimes[r].run(comms[r], req)
         except BaseException as e:  # noqa: BLE001 - reported below, after every rank stopped
             errors[r] = e
             group.abort()
@@ -37,12 +34,68 @@ def run_inprocess(models: list, partition: Partition, req: Request, tiles: int =
         t.start()
     for t in threads:
         t.join()
-    first = next((e for e in errors if e is not None and not _is_abort(e)), None)
+    first = next((e for e in errors if e is not None and "group aborted" not in str(e)), None)
     first = first or next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
-    return assemble(models[0].cfg, partition, outputs), comms
+    return outputs, comms
 
 
-def _is_abort(e: BaseException) -> bool:
-    return "group aborted" in str(e)
+def run_inprocess(models: list, partition: Partition, req: Request, tiles: int = 1,
+                  timeout: float = 120.0) -> tuple:
+    """Forward `req` through one model shard per rank; returns (output, per-rank Collectives)."""
+    if len(models) != partition.world:
+        raise ValueError(f"{len(models)} model shards for a {partition.world}-device partition")
+    runtimes = [RankRuntime(m, partition, r, tiles) for r, m in enumerate(models)]
+    outputs, comms = _run_ranks(runtimes, req, timeout)
+    return assemble(models[0].cfg, partition, outputs, req.ids.shape[0]), comms
+
+
+class InprocCluster:
+    """`world` ranks as threads of this process, with the gRPC Cluster's load/forward interface."""
+
+    def __init__(self, world: int, timeout: float = 120.0):
+        self.world, self.timeout = world, timeout
+        self.runtimes: list[RankRuntime] = []
+        self.partition: Partition | None = None
+        self.config = None
+        self.names = [f"thread{r}" for r in range(world)]
+
+    def hello(self) -> list:
+        return []
+
+    def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1) -> list[int]:
+        from .run import DTYPES
+        from .sharding import shard_bytes
+
+        dtype = DTYPES[dtype]
+        cfg = source.config
+        self.runtimes = [RankRuntime(load_shard(source, partition.validate(cfg).spec(r, cfg), dtype=dtype),
+                                     partition, r, tiles) for r in range(self.world)]
+        self.partition, self.config = partition, cfg
+        return [shard_bytes(cfg, partition.spec(r, cfg), dtype) for r in range(self.world)]
+
+    def forward(self, req: Request):
+        from .rpc.client import ForwardResult  # the same result type as over gRPC
+
+        for rt in self.runtimes:
+            rt.validate(req)
+        t0 = time.perf_counter()
+        outputs, comms = _run_ranks(self.runtimes, req, self.timeout)
+        devices = [{"rank": r, "forward_s": time.perf_counter() - t0, "peak_rss_bytes": 0,
+                    "kv_cache_bytes": self.runtimes[r].kv.nbytes,
+                    "ops": [(*op, 0.0) for op in c.stats.ops]} for r, c in enumerate(comms)]
+        out = assemble(self.config, self.partition, outputs, req.ids.shape[0])
+        return ForwardResult(out, time.perf_counter() - t0, devices)
+
+    def release(self) -> None:
+        self.runtimes = []
+
+    def close(self) -> None:
+        self.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

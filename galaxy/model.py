@@ -119,9 +119,14 @@ class Attention(nn.Module):
         ctx = attention_core(q, k, v, self.cfg.causal, q_start)  # (nq, Sq, hd)
         return ctx.transpose(0, 1).reshape(q.shape[1], self.nq * self.cfg.head_dim)
 
-    def attend(self, qkv: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Attention of this device's heads over every token: (S, qkv cols) -> (S, nq hd)."""
+    def attend(self, qkv: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
+        """Attention of this device's heads over every token: (S, qkv cols) -> (S, nq hd).
+
+        With a cache (kvcache.LayerKV) the new K/V are appended and attention reads all
+        positions [0, start_pos + S): chunked prefill and decode."""
         q, k, v = self.split_heads(qkv, start_pos)
+        if cache is not None:
+            k, v = cache.append(k, v, start_pos)
         return self.attend_heads(q, k, v, start_pos)
 
     def project_out(self, ctx: torch.Tensor) -> torch.Tensor:
@@ -181,9 +186,9 @@ class Block(nn.Module):
         y = add_bias(mlp_sum, self.mlp.down_bias)
         return x + y if self.pre_norm else self.norm2(x + y)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Reference (unsharded) layer over all tokens: (S, H) -> (S, H)."""
-        a = self.attn.project_out(self.attn.attend(self.attn.project(self.attn_input(x)), start_pos))
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
+        """Unsharded layer (all heads, all columns) over all tokens: (S, H) -> (S, H)."""
+        a = self.attn.project_out(self.attn.attend(self.attn.project(self.attn_input(x)), start_pos, cache))
         x = self.after_attn(x, a)
         m = self.mlp.contract(self.mlp.expand(self.mlp_input(x)))
         return self.after_mlp(x, m)
@@ -249,8 +254,10 @@ class Transformer(nn.Module):
         return h @ self.lm_head.T
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, types: torch.Tensor | None = None, start_pos: int = 0):
-        """Reference forward of a whole model. Returns logits (S, V) or hidden states (S, H)."""
+    def forward(self, ids: torch.Tensor, types: torch.Tensor | None = None, start_pos: int = 0,
+                last_only: bool = False):
+        """Reference forward of a whole model. Returns logits (S, V) -- (1, V) with last_only --
+        or hidden states (S, H)."""
         if not self.spec.is_full(self.cfg):
             raise RuntimeError("the reference forward needs the whole model (a full ShardSpec)")
         pos = torch.arange(start_pos, start_pos + ids.shape[0])
@@ -259,7 +266,9 @@ class Transformer(nn.Module):
             x = blk(x, start_pos)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return self.head_logits(x) if self.cfg.causal else x
+        if not self.cfg.causal:
+            return x
+        return self.head_logits(x[-1:] if last_only else x)
 
 
 def mean_pool(hidden: torch.Tensor) -> torch.Tensor:

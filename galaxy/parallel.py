@@ -25,12 +25,27 @@ from .sharding import Partition
 
 @dataclass(frozen=True)
 class Request:
-    """One forward pass: token ids and what to return."""
+    """One forward pass: token ids, what to return, and which KV cache to use.
+
+    Caches live on the devices, named by the coordinator: `cache` is read and extended (created
+    when new); `fork_from`/`fork_len` first make it a copy of another cache's first positions (a
+    reused prefix); `drop` names caches to free first.
+    """
 
     ids: torch.Tensor  # (S,) int64
     types: torch.Tensor | None = None  # (S,) segment ids (BERT), default zeros
-    start_pos: int = 0
+    start_pos: int = 0  # position of ids[0]; with a cache, the positions already cached
     last_only: bool = False  # causal LMs: logits of the last token only (generation)
+    cache: str = ""
+    fork_from: str = ""
+    fork_len: int = 0
+    drop: tuple[str, ...] = ()
+
+
+def decodes_tensor_parallel(partition: Partition, seq: int) -> bool:
+    """Too few tokens to split (decode steps): run Galaxy's shards Megatron-style instead, with
+    latency-optimal all-reduces, since sequence parallelism has nothing to share out."""
+    return partition.strategy == "galaxy" and seq < 2 * partition.world
 
 
 def _positions(req: Request, a: int, b: int) -> torch.Tensor:
@@ -41,12 +56,16 @@ def _types(req: Request, a: int, b: int):
     return None if req.types is None else req.types[a:b]
 
 
+def _layer_cache(kv, idx: str):
+    return None if kv is None else kv.layers[idx]
+
+
 def galaxy_layer(blk: Block, comm: Collectives, x: torch.Tensor, sizes: list[int], start_pos: int,
-                 tag: str) -> torch.Tensor:
+                 tag: str, cache=None) -> torch.Tensor:
     """HMP layer on this rank's token rows x: (sizes[rank], H) -> (sizes[rank], H)."""
     attn, mlp, width = blk.attn, blk.mlp, x.shape[1]
     qkv = comm.all_gather(blk.attn_input(x), sizes, attn.project, tag=f"{tag}.attn.ag")  # (S, qkv)
-    ctx = attn.attend(qkv, start_pos)  # (S, nq hd): this rank's heads over every token
+    ctx = attn.attend(qkv, start_pos, cache)  # (S, nq hd): this rank's heads over every token
     a = comm.reduce_scatter(sizes, lambda i, j: attn.project_out(ctx[i:j]), width, x.dtype, f"{tag}.attn.rs")
     x = blk.after_attn(x, a)
     inner = comm.all_gather(blk.mlp_input(x), sizes, mlp.expand, tag=f"{tag}.mlp.ag")  # (S, c)
@@ -54,7 +73,7 @@ def galaxy_layer(blk: Block, comm: Collectives, x: torch.Tensor, sizes: list[int
     return blk.after_mlp(x, m)
 
 
-def galaxy_forward(model: Transformer, comm: Collectives, sizes: list[int], req: Request):
+def galaxy_forward(model: Transformer, comm: Collectives, sizes: list[int], req: Request, kv=None):
     """Returns logits (S or 1, this rank's vocab rows) or this rank's hidden rows (s_r, H)."""
     cfg, r = model.cfg, comm.rank
     a = sum(sizes[:r])
@@ -63,7 +82,7 @@ def galaxy_forward(model: Transformer, comm: Collectives, sizes: list[int], req:
                             "embed.rs")
     x = model.embed.finish(x, _positions(req, a, b), _types(req, a, b))
     for idx, blk in model.layers.items():
-        x = galaxy_layer(blk, comm, x, sizes, req.start_pos, f"L{idx}")
+        x = galaxy_layer(blk, comm, x, sizes, req.start_pos, f"L{idx}", _layer_cache(kv, idx))
     if not cfg.causal:
         return x
     h = model.final_norm(x) if model.final_norm is not None else x
@@ -74,14 +93,17 @@ def galaxy_forward(model: Transformer, comm: Collectives, sizes: list[int], req:
     return comm.all_gather(h, sizes, model.head_logits, tag="head.ag")
 
 
-def megatron_forward(model: Transformer, comm: Collectives, req: Request):
-    """Returns logits (S or 1, this rank's vocab rows) or the full hidden states (S, H)."""
+def megatron_forward(model: Transformer, comm: Collectives, req: Request, kv=None):
+    """Returns logits (S or 1, this rank's vocab rows) or the full hidden states (S, H).
+
+    Also Galaxy's decode path: with one token per step every all-reduce is tiny, and
+    Collectives.all_reduce switches to a one-hop direct exchange."""
     cfg, s = model.cfg, req.ids.shape[0]
     x = comm.all_reduce(model.embed.lookup(req.ids), tag="embed.ar")
     x = model.embed.finish(x, _positions(req, 0, s), req.types)
     for idx, blk in model.layers.items():
         attn, mlp = blk.attn, blk.mlp
-        a = attn.project_out(attn.attend(attn.project(blk.attn_input(x)), req.start_pos))
+        a = attn.project_out(attn.attend(attn.project(blk.attn_input(x)), req.start_pos, _layer_cache(kv, idx)))
         x = blk.after_attn(x, comm.all_reduce(a, tag=f"L{idx}.attn.ar"))
         m = mlp.contract(mlp.expand(blk.mlp_input(x)))
         x = blk.after_mlp(x, comm.all_reduce(m, tag=f"L{idx}.mlp.ar"))
@@ -91,15 +113,15 @@ def megatron_forward(model: Transformer, comm: Collectives, req: Request):
     return model.head_logits(h[-1:] if req.last_only else h)
 
 
-def pipeline_forward(model: Transformer, comm: Collectives, req: Request):
+def pipeline_forward(model: Transformer, comm: Collectives, req: Request, kv=None):
     """Returns the model output on the last stage, None on the others."""
     cfg, spec, s = model.cfg, model.spec, req.ids.shape[0]
     if spec.embed:
         x = model.embed.finish(model.embed.lookup(req.ids), _positions(req, 0, s), req.types)
     else:
         x = comm.recv_prev((s, cfg.hidden), model.dtype)
-    for blk in model.layers.values():
-        x = blk(x, req.start_pos)
+    for idx, blk in model.layers.items():
+        x = blk(x, req.start_pos, _layer_cache(kv, idx))
     if not spec.head:
         comm.send_next(x)
         return None
@@ -110,21 +132,22 @@ def pipeline_forward(model: Transformer, comm: Collectives, req: Request):
 
 
 @torch.inference_mode()
-def rank_forward(model: Transformer, comm: Collectives, partition: Partition, req: Request):
-    """This rank's part of one forward pass under the partition's strategy."""
-    if partition.strategy == "galaxy":
-        return galaxy_forward(model, comm, partition.tokens(req.ids.shape[0]), req)
-    if partition.strategy == "megatron":
-        return megatron_forward(model, comm, req)
-    return pipeline_forward(model, comm, req)
+def rank_forward(model: Transformer, comm: Collectives, partition: Partition, req: Request, kv=None):
+    """This rank's part of one forward pass under the partition's strategy (kv: its KVCache)."""
+    seq = req.ids.shape[0]
+    if partition.strategy == "galaxy" and not decodes_tensor_parallel(partition, seq):
+        return galaxy_forward(model, comm, partition.tokens(seq), req, kv)
+    if partition.strategy in ("galaxy", "megatron"):
+        return megatron_forward(model, comm, req, kv)
+    return pipeline_forward(model, comm, req, kv)
 
 
-def assemble(cfg, partition: Partition, outputs: list) -> torch.Tensor:
+def assemble(cfg, partition: Partition, outputs: list, seq: int) -> torch.Tensor:
     """Join the ranks' pieces into the model output: logits (S, V) or hidden states (S, H)."""
     if partition.strategy == "pipeline":
         return outputs[-1]
     if cfg.causal:
         return torch.cat(outputs, dim=1)  # vocabulary-parallel logits
-    if partition.strategy == "galaxy":
+    if partition.strategy == "galaxy" and not decodes_tensor_parallel(partition, seq):
         return torch.cat(outputs, dim=0)  # each rank's own token rows
     return outputs[0]  # megatron: replicated

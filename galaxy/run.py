@@ -1,12 +1,8 @@
-"""What `galaxy run` does, as functions: pick a model source, build the input, run, check.
-
-The CLI (cli.py) only parses arguments and prints; everything here is callable from code.
-"""
+"""Pieces of `galaxy run` callable from code: pick a model source, build the input, the
+single-device references a run is checked against, and the per-layer overlap report."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,7 +12,7 @@ from .checkpoints.random import RandomWeights
 from .config import preset
 from .defaults import resolve_model
 from .parallel import Request
-from .sharding import Partition, full_spec, load_shard
+from .sharding import full_spec, load_shard
 
 DEFAULT_PROMPT = "The capital of France is"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,12 +56,20 @@ def reference_output(source: WeightSource, req: Request, dtype=torch.float32) ->
     return model(req.ids, req.types, req.start_pos)
 
 
-@dataclass
-class RunResult:
-    output: torch.Tensor  # logits (S, V) or hidden states (S, H), float32
-    partition: Partition
-    seconds: dict = field(default_factory=dict)  # phase -> wall seconds
-    per_device: list = field(default_factory=list)  # per-rank stats dicts
+@torch.inference_mode()
+def reference_generate(source: WeightSource, prompt_ids: list[int], max_new_tokens: int,
+                       stop_at_eos: bool = True) -> list[int]:
+    """Greedy tokens from the single-device model, recomputing the whole sequence every step
+    (no KV cache: independent of the cache code it checks)."""
+    model = load_shard(source, full_spec(source.config))
+    ids, out = list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        tok = int(model(torch.tensor(ids), last_only=True)[-1].argmax())
+        if stop_at_eos and tok == source.config.eos_token_id:
+            break
+        out.append(tok)
+        ids.append(tok)
+    return out
 
 
 def model_ref(source: WeightSource):
@@ -104,57 +108,3 @@ def layer_overlap(devices: list[dict]) -> list[dict]:
         row["hidden_frac"] = row["hidden_s"] / row["comm_s"] if row["comm_s"] > 0 else 0.0
         out.append(row)
     return out
-
-
-def run_on_cluster(source: WeightSource, partition: Partition, req: Request, addresses: list[str] | None = None,
-                   local: int = 0, threads: int | None = None, token: str | None = None, tiles: int = 1,
-                   dtype: str = "float32", progress=lambda msg: None) -> RunResult:
-    """Run on gRPC workers: the given addresses, or `local` freshly spawned loopback workers."""
-    from contextlib import ExitStack
-
-    from .rpc.client import Cluster
-    from .rpc.spawn import LocalWorkers
-
-    seconds = {}
-    with ExitStack() as stack:
-        t0 = time.perf_counter()
-        if addresses is None:
-            progress(f"starting {local} local workers")
-            addresses = stack.enter_context(LocalWorkers(local, threads=threads, token=token))
-            seconds["spawn"] = time.perf_counter() - t0
-        cluster = stack.enter_context(Cluster(addresses, token=token))
-        infos = cluster.hello()
-        progress("loading shards on " + ", ".join(i.name for i in infos))
-        t1 = time.perf_counter()
-        loads = cluster.load(model_ref(source), partition, dtype=dtype, tiles=tiles)
-        seconds["load"] = time.perf_counter() - t1
-        progress("running the forward pass")
-        res = cluster.forward(req)
-        seconds["forward"] = res.seconds
-    per_device = [
-        {"rank": d["rank"], "name": infos[d["rank"]].name, "address": infos[d["rank"]].address,
-         "weight_bytes": loads[d["rank"]].weight_bytes, "forward_s": d["forward_s"],
-         "peak_rss_bytes": d["peak_rss_bytes"], "ops": d["ops"]}
-        for d in res.devices
-    ]
-    return RunResult(res.output.float(), partition, seconds, per_device)
-
-
-def run_inprocess_model(source: WeightSource, partition: Partition, req: Request, tiles: int = 1,
-                        dtype=torch.float32) -> RunResult:
-    """Load one shard per rank in this process and run the forward on threads."""
-    from .inproc import run_inprocess
-
-    cfg = source.config
-    t0 = time.perf_counter()
-    models = [load_shard(source, partition.spec(r, cfg), dtype=dtype) for r in range(partition.world)]
-    t1 = time.perf_counter()
-    out, comms = run_inprocess(models, partition, req, tiles=tiles)
-    t2 = time.perf_counter()
-    stats = [
-        {"rank": r, "name": f"thread{r}", "wait_s": c.stats.wait_s, "compute_s": c.stats.compute_s,
-         "bytes_sent": c.stats.bytes_sent, "messages": c.stats.messages,
-         "ops": [(*op, 0.0) for op in c.stats.ops]}  # no link: nothing to hide
-        for r, c in enumerate(comms)
-    ]
-    return RunResult(out.float(), partition, {"load": t1 - t0, "forward": t2 - t1}, stats)

@@ -181,6 +181,13 @@ class Cluster:
         self.partition, self.config = partition, model.config
         return replies
 
+    def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1):
+        """Load a WeightSource: workers read the same checkpoint path or random-init recipe."""
+        from ..run import model_ref
+
+        replies = self.load(model_ref(source), partition, dtype=dtype, tiles=tiles)
+        return [r.weight_bytes for r in replies]
+
     def forward(self, req: Request) -> ForwardResult:
         """One forward pass across the cluster; on any failure every worker aborts the request."""
         if self.partition is None:
@@ -188,7 +195,8 @@ class Cluster:
         self._request_id += 1
         rid = self._request_id
         msg = pb.ForwardRequest(session_id=self.session_id, request_id=rid, input_ids=to_proto(req.ids.cpu()),
-                                start_pos=req.start_pos, last_only=req.last_only)
+                                start_pos=req.start_pos, last_only=req.last_only, kv_cache=req.cache,
+                                kv_fork_from=req.fork_from, kv_fork_len=req.fork_len, kv_drop=list(req.drop))
         if req.types is not None:
             msg.token_types.CopyFrom(to_proto(req.types.cpu()))
         t0 = time.perf_counter()
@@ -211,9 +219,10 @@ class Cluster:
         outs = [from_proto(rep.output, f"output of {self.names[r]}") if rep.HasField("output") else None
                 for r, rep in enumerate(replies)]
         devices = [{"rank": r, "forward_s": rep.forward_s, "peak_rss_bytes": rep.peak_rss_bytes,
+                    "kv_cache_bytes": rep.kv_cache_bytes,
                     "ops": [(o.tag, o.wall_s, o.wait_s, o.compute_s, o.bytes, o.send_s) for o in rep.ops]}
                    for r, rep in enumerate(replies)]
-        return ForwardResult(assemble(self.config, self.partition, outs), seconds, devices)
+        return ForwardResult(assemble(self.config, self.partition, outs, req.ids.shape[0]), seconds, devices)
 
     def _abort(self, rid: int, reason: str) -> None:
         for stub in self.stubs:

@@ -28,10 +28,10 @@ import torch
 from .. import __version__
 from ..checkpoints import CheckpointError, WeightSource, open_checkpoint
 from ..checkpoints.random import RandomWeights
-from ..collectives import Collectives
 from ..config import ConfigError, ModelConfig
-from ..errors import GalaxyError, TransportError
-from ..parallel import Request, rank_forward
+from ..errors import DeviceOutOfMemory, GalaxyError, TransportError
+from ..parallel import Request
+from ..rank import RankRuntime
 from ..run import DTYPES
 from ..sharding import Partition, PartitionError, load_shard, shard_bytes
 from ..v1 import worker_pb2 as pb
@@ -57,11 +57,8 @@ class WorkerSettings:
 @dataclass
 class _Session:
     session_id: str
-    model: torch.nn.Module
-    partition: Partition
-    rank: int
+    runtime: RankRuntime
     transport: PeerTransport
-    tiles: int
     weight_bytes: int
     load_s: float
 
@@ -137,7 +134,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         load_s = time.perf_counter() - t0
         log.info("%s: loaded rank %d/%d of %s (%.0f MiB) in %.2f s", self.s.name, req.rank, partition.world,
                  source.path, need / 2**20, load_s)
-        return _Session(req.session_id, model, partition, req.rank, transport, max(1, req.tiles), need, load_s)
+        return _Session(req.session_id, RankRuntime(model, partition, req.rank, req.tiles), transport, need, load_s)
 
     def _release(self) -> None:
         if self.session is not None:
@@ -167,31 +164,32 @@ class WorkerService(pb_grpc.WorkerServicer):
             self.lock.release()
 
     def _forward(self, sess: _Session, request, context):
-        ids = from_proto(request.input_ids, "input_ids")
-        types = from_proto(request.token_types, "token_types") if request.HasField("token_types") else None
-        cfg = sess.model.cfg
-        if ids.dim() != 1 or ids.dtype != torch.int64 or ids.numel() == 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input_ids must be a non-empty int64 vector, got "
-                          f"{tuple(ids.shape)} {ids.dtype}")
-        in_vocab = 0 <= int(ids.min()) and int(ids.max()) < cfg.vocab_size
-        if not in_vocab or request.start_pos + ids.numel() > cfg.max_positions:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input ids or positions out of range for the model")
+        rt = sess.runtime
+        try:
+            types = from_proto(request.token_types, "token_types") if request.HasField("token_types") else None
+            req = Request(from_proto(request.input_ids, "input_ids").to(self.s.device),
+                          None if types is None else types.to(self.s.device), int(request.start_pos),
+                          bool(request.last_only), request.kv_cache, request.kv_fork_from, int(request.kv_fork_len),
+                          tuple(request.kv_drop))
+            rt.validate(req)
+        except (TransportError, ValueError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: bad request: {e}")
         sess.transport.begin(request.request_id)
-        comm = Collectives(sess.transport, sess.tiles)
-        req = Request(ids.to(self.s.device), None if types is None else types.to(self.s.device),
-                      int(request.start_pos), bool(request.last_only))
+        comm = rt.new_comm(sess.transport)
         t0 = time.perf_counter()
         try:
-            out = rank_forward(sess.model, comm, sess.partition, req)
+            out = rt.run(comm, req)
         except TransportError as e:
-            context.abort(grpc.StatusCode.ABORTED, f"{self.s.name} (rank {sess.rank}): {e}")
-        except MemoryError:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory in forward")
+            context.abort(grpc.StatusCode.ABORTED, f"{self.s.name} (rank {rt.rank}): {e}")
+        except (MemoryError, DeviceOutOfMemory) as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory: {e}")
+        except (ValueError, GalaxyError) as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.s.name} (rank {rt.rank}): {e}")
         elapsed = time.perf_counter() - t0
         send_s = dict(sess.transport.send_s)
         ops = [pb.OpStat(tag=t, wall_s=w, wait_s=ws, compute_s=c, bytes=b, send_s=send_s.get(t, 0.0))
                for t, w, ws, c, b in comm.stats.ops]
-        reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss())
+        reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv.nbytes)
         if out is not None:
             reply.output.CopyFrom(to_proto(out.float().cpu()))
         return reply

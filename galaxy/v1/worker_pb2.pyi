@@ -113,20 +113,28 @@ class LoadReply(_message.Message):
     def __init__(self, weight_bytes: _Optional[int] = ..., load_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "input_ids", "token_types", "start_pos", "last_only")
+    __slots__ = ("session_id", "request_id", "input_ids", "token_types", "start_pos", "last_only", "kv_cache", "kv_fork_from", "kv_fork_len", "kv_drop")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TYPES_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     LAST_ONLY_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    KV_FORK_FROM_FIELD_NUMBER: _ClassVar[int]
+    KV_FORK_LEN_FIELD_NUMBER: _ClassVar[int]
+    KV_DROP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: int
     input_ids: Tensor
     token_types: Tensor
     start_pos: int
     last_only: bool
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_types: _Optional[_Union[Tensor, _Mapping]] = ..., start_pos: _Optional[int] = ..., last_only: _Optional[bool] = ...) -> None: ...
+    kv_cache: str
+    kv_fork_from: str
+    kv_fork_len: int
+    kv_drop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_types: _Optional[_Union[Tensor, _Mapping]] = ..., start_pos: _Optional[int] = ..., last_only: _Optional[bool] = ..., kv_cache: _Optional[str] = ..., kv_fork_from: _Optional[str] = ..., kv_fork_len: _Optional[int] = ..., kv_drop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OpStat(_message.Message):
     __slots__ = ("tag", "wall_s", "wait_s", "compute_s", "bytes", "send_s")
@@ -145,16 +153,18 @@ class OpStat(_message.Message):
     def __init__(self, tag: _Optional[str] = ..., wall_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., bytes: _Optional[int] = ..., send_s: _Optional[float] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("output", "forward_s", "ops", "peak_rss_bytes")
+    __slots__ = ("output", "forward_s", "ops", "peak_rss_bytes", "kv_cache_bytes")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     forward_s: float
     ops: _containers.RepeatedCompositeFieldContainer[OpStat]
     peak_rss_bytes: int
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_s: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpStat, _Mapping]]] = ..., peak_rss_bytes: _Optional[int] = ...) -> None: ...
+    kv_cache_bytes: int
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_s: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpStat, _Mapping]]] = ..., peak_rss_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "reason")

@@ -1,0 +1,205 @@
+"""The Python API for an app on one of the devices.
+
+    import galaxy
+
+    with galaxy.connect(local=3) as cluster:            # or addresses=[...], cluster_file="lan.yaml"
+        lm = cluster.load("smollm2")                    # path, .gguf, 'minilm', or random_init=PRESET
+        print(lm.generate("The capital of France is", max_new_tokens=16))
+        for piece in lm.stream("Tell me about Jetsons."):
+            print(piece, end="", flush=True)
+
+Errors are typed (galaxy.errors): PeerUnreachable, DeviceOutOfMemory, PlanMismatch, AuthError,
+ProtocolMismatch, WorkerError -- all GalaxyError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoints import WeightSource
+from .errors import GalaxyError, PlanMismatch
+from .generate import Generation, GenerationConfig, PrefixCache, TextGenerator
+from .model import mean_pool
+from .parallel import Request
+from .run import open_source
+from .sampling import SamplingConfig
+from .sharding import Partition, even_partition, weighted_partition
+
+
+class Session:
+    """A connection to a set of devices; `load` puts a model on them. Close it (or use `with`)."""
+
+    def __init__(self, executor, owned=None, token: str | None = None):
+        self._ex = executor
+        self._owned = owned  # LocalWorkers to stop on close
+        self.token = token
+        self.model: Model | None = None
+
+    @property
+    def world(self) -> int:
+        return self._ex.world
+
+    def devices(self):
+        """What each device reports (name, cores, memory), in ring order."""
+        return self._ex.hello()
+
+    def load(self, model: str | Path | WeightSource | None = None, *, random_init: str | None = None, seed: int = 0,
+             strategy: str = "galaxy", weights: list[float] | None = None, partition: Partition | None = None,
+             plan=None, dtype: str = "float32", tiles: int = 1, prefix_cache_entries: int = 4) -> Model:
+        """Load `model` (default: the embedded SmolLM2) split across the devices.
+
+        The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
+        relative device `weights`, or an even split under `strategy`.
+        """
+        if isinstance(model, WeightSource):
+            source = model
+        else:
+            source = open_source(None if model is None else str(model), random_init, seed)
+        cfg = source.config
+        if plan is not None:
+            partition = _plan_partition(plan, cfg, self.world)
+        elif partition is None:
+            if weights is not None and len(weights) != self.world:
+                raise PlanMismatch(f"{len(weights)} weights for {self.world} devices")
+            partition = (weighted_partition(cfg, weights) if weights is not None
+                         else even_partition(cfg, self.world, strategy))
+        if partition.world != self.world:
+            raise PlanMismatch(f"the split has {partition.world} devices, the session {self.world}")
+        if self.model is not None:
+            self._ex.release()
+        weight_bytes = self._ex.load_source(source, partition, dtype=dtype, tiles=tiles)
+        self.model = Model(self, source, partition, PrefixCache(prefix_cache_entries))
+        self.model.weight_bytes = list(weight_bytes)
+        return self.model
+
+    def close(self) -> None:
+        try:
+            self._ex.close()
+        finally:
+            if self._owned is not None:
+                self._owned.stop()
+                self._owned = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _plan_partition(plan, cfg, world: int) -> Partition:
+    from planner.plan import Plan
+
+    if not isinstance(plan, Plan):
+        plan = Plan.from_json(Path(plan).read_text(), cfg=cfg)
+    part = plan.to_partition(cfg)
+    if part.world != world:
+        raise PlanMismatch(f"the plan has {part.world} devices, the session {world}")
+    return part
+
+
+class Model:
+    """A model loaded on a session's devices."""
+
+    def __init__(self, session: Session, source: WeightSource, partition: Partition, prefix: PrefixCache):
+        self.session, self.source, self.partition = session, source, partition
+        self.config = source.config
+        self.tokenizer = source.tokenizer()
+        self._prefix = prefix
+        self.weight_bytes: list[int] = []  # per device, as loaded
+
+    def _tokens(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GalaxyError(f"{self.source.path} has no tokenizer: pass token ids instead of text")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def _gen_config(self, max_new_tokens, temperature, top_k, top_p, seed, stop, prefill_chunk) -> GenerationConfig:
+        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return GenerationConfig(max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), stop,
+                                prefill_chunk=prefill_chunk)
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop=None,
+                 prefill_chunk: int = 0, details: bool = False) -> str | Generation:
+        """The generated text (or, with details=True, the Generation with tokens and timings)."""
+        gen = self._generator().generate(self._tokens(prompt), self._gen_config(
+            max_new_tokens, temperature, top_k, top_p, seed, stop, prefill_chunk))
+        return gen if details else gen.text
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop=None,
+               prefill_chunk: int = 0) -> Iterator[str]:
+        """Text pieces as the tokens are produced."""
+        gc = self._gen_config(max_new_tokens, temperature, top_k, top_p, seed, stop, prefill_chunk)
+        for ev in self._generator().stream(self._tokens(prompt), gc):
+            if ev.text:
+                yield ev.text
+
+    def chat(self, messages: list[dict], **kw) -> str:
+        """Generate a reply to chat messages with the model's chat template."""
+        if self.tokenizer is None:
+            raise GalaxyError("this model has no tokenizer and no chat template")
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(self.tokenizer.encode(prompt), **kw)
+
+    def encode(self, texts: str | list[str], normalize: bool = True) -> np.ndarray:
+        """Sentence embeddings (mean pooling, as sentence-transformers) for an encoder model."""
+        if self.config.causal:
+            raise GalaxyError(f"{self.config.name} is a causal LM; encode() needs an encoder such as 'minilm'")
+        single = isinstance(texts, str)
+        rows = []
+        for text in [texts] if single else texts:
+            hidden = self.forward(self._tokens(text))
+            rows.append((mean_pool(hidden) if normalize else hidden.mean(0)).numpy())
+        out = np.stack(rows).astype(np.float32)
+        return out[0] if single else out
+
+    def forward(self, ids: list[int]) -> torch.Tensor:
+        """One forward pass: logits (S, V) of a causal LM or hidden states (S, H) of an encoder."""
+        return self.session._ex.forward(Request(torch.tensor(ids, dtype=torch.long))).output
+
+    def _generator(self) -> TextGenerator:
+        return TextGenerator(self.session._ex, self.tokenizer, self.config, self._prefix)
+
+
+def connect(addresses: list[str] | None = None, *, local: int | None = None, cluster_file: str | None = None,
+            token: str | None = None, threads: int | None = None, transport: str = "grpc") -> Session:
+    """Open a session on running workers (`addresses` or a `cluster_file`), or on `local` N
+    workers this call starts (and the session stops). transport='inproc' runs local devices
+    as threads of this process (no sockets) -- handy in tests."""
+    from .rpc.client import Cluster
+
+    given = sum(x is not None for x in (addresses, local, cluster_file))
+    if given != 1:
+        raise GalaxyError("connect() needs exactly one of addresses=, local= or cluster_file=")
+    if transport == "inproc":
+        if local is None:
+            raise GalaxyError("transport='inproc' needs local=N")
+        from .inproc import InprocCluster
+
+        return Session(InprocCluster(local))
+    owned = None
+    if cluster_file is not None:
+        from devices.emulate import cluster_endpoints
+
+        addresses, file_token = cluster_endpoints(cluster_file)
+        token = token or file_token
+    elif local is not None:
+        from .rpc.spawn import LocalWorkers
+
+        owned = LocalWorkers(local, threads=threads, token=token)
+        addresses = owned.start()
+    try:
+        ex = Cluster(addresses, token=token)
+        ex.hello()
+    except BaseException:
+        if owned is not None:
+            owned.stop()
+        raise
+    return Session(ex, owned, token)
