@@ -1,0 +1,375 @@
+"""The plan file: what the solver decided, as frozen dataclasses and a validated JSON form.
+
+A `Plan` names the model it was made for (name, family, a fingerprint of the shape), the
+sequence length, the strategy, and the devices in ring (or stage) order with what each holds,
+the memory it will use and the predicted time per layer; plus the predicted latency of every
+strategy the solver compared and why it chose the one it did. `to_partition` turns it into the
+`galaxy.sharding.Partition` the runtime executes. planner/plan.schema.json describes the file.
+
+Every field is checked on construction and when read; a `PlanError` names the field, e.g.
+"devices[1].heads: -2 is negative" or "heads sum to 11, model has 12".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from galaxy.config import FAMILIES, ModelConfig
+from galaxy.sharding import Partition, PartitionError
+
+PLAN_VERSION = 1
+# Strategies a plan may hold. seqpar is predicted and reported but has no runtime yet;
+# local is one device, run as a one-device galaxy partition (every collective a no-op).
+PLAN_STRATEGIES = ("galaxy", "megatron", "pipeline", "local", "seqpar")
+RUNNABLE = ("galaxy", "megatron", "pipeline", "local")
+REPORTED = ("galaxy", "galaxy-no-overlap", "megatron", "seqpar", "pipeline", "local")
+
+# Shape fields the fingerprint covers: everything that changes who holds which bytes.
+_SHAPE_FIELDS = ("family", "vocab_size", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn",
+                 "max_positions", "causal", "norm", "gated_mlp", "position", "position_offset", "type_vocab_size",
+                 "embed_norm", "final_norm", "attn_bias", "out_bias", "mlp_bias", "tie_embeddings")
+
+
+class PlanError(ValueError):
+    """A plan that is malformed, does not fit the model, or cannot be made; names the field."""
+
+
+def fingerprint(cfg: ModelConfig) -> str:
+    """16 hex digits identifying the model's shape (not its name or weights)."""
+    d = {k: getattr(cfg, k) for k in _SHAPE_FIELDS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    family: str
+    fingerprint: str
+    n_layers: int
+    n_heads: int
+    ffn: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> ModelRef:
+        return cls(cfg.name, cfg.family, fingerprint(cfg), cfg.n_layers, cfg.n_heads, cfg.ffn, cfg.vocab_size)
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    weights_bytes: int = 0
+    activation_bytes: int = 0
+    budget_bytes: int = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self.weights_bytes + self.activation_bytes
+
+
+@dataclass(frozen=True)
+class DeviceTiming:
+    """Predicted seconds per layer on this device (pipeline: per layer of its stage)."""
+
+    compute_s: float = 0.0
+    comm_s: float = 0.0  # the rest of the layer: wire time overlap did not hide, waiting at collectives
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    name: str
+    address: str
+    heads: int = 0  # query heads
+    mlp_cols: int = 0  # MLP intermediate columns
+    vocab_rows: int = 0  # embedding / LM-head rows
+    tokens: int = 0  # rows of the planned sequence in the connective blocks
+    layers: int = 0  # layers held (pipeline stages; the whole model otherwise)
+    memory: DeviceMemory = field(default_factory=DeviceMemory)
+    predicted: DeviceTiming = field(default_factory=DeviceTiming)
+
+
+@dataclass(frozen=True)
+class StrategyResult:
+    strategy: str
+    latency_s: float | None  # None: infeasible
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str
+    devices: tuple[DevicePlan, ...]  # in ring / stage order
+    seq_len: int | None = None  # tokens the split was planned for
+    model: ModelRef | None = None
+    dtype_bytes: int = 4
+    latency_s: float | None = None  # predicted for the chosen strategy
+    strategies: tuple[StrategyResult, ...] = ()  # every strategy compared
+    reason: str = ""  # why this strategy
+    unused: tuple[tuple[str, str], ...] = ()  # (device name, why it was left out)
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        _check_plan(self)
+
+    # -- use ----------------------------------------------------------------------------
+    def addresses(self) -> list[str]:
+        """Worker addresses in ring / stage order."""
+        return [d.address for d in self.devices]
+
+    def result(self, strategy: str) -> StrategyResult | None:
+        return next((r for r in self.strategies if r.strategy == strategy), None)
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Raise PlanError if the plan was made for another model shape than cfg."""
+        if self.model is not None and self.model.fingerprint != fingerprint(cfg):
+            raise PlanError(f"model.fingerprint: the plan was made for {self.model.name or self.model.family!r} "
+                            f"({self.model.fingerprint}), this model {cfg.name or cfg.family!r} is "
+                            f"{fingerprint(cfg)}; re-plan for it")
+        _check_shape(self, _Shape(cfg.n_layers, cfg.n_heads, cfg.ffn, cfg.vocab_size))
+
+    def to_partition(self, cfg: ModelConfig) -> Partition:
+        """The runtime's layout. galaxy/local: heads, columns, vocab rows in ring order and the
+        planned token counts as seq_weights (other lengths split proportionally); megatron: its
+        split; pipeline: layers per stage."""
+        self.check_model(cfg)
+        n, d = len(self.devices), self.devices
+        heads, cols, vocab = (tuple(getattr(x, k) for x in d) for k in ("heads", "mlp_cols", "vocab_rows"))
+        full = (cfg.n_layers,) * n
+        if self.strategy == "seqpar":
+            raise PlanError("strategy: seqpar has no runtime yet; plan with strategy galaxy, megatron or pipeline")
+        try:
+            if self.strategy in ("galaxy", "local"):
+                return Partition("galaxy", heads, cols, vocab, full, tuple(float(x.tokens) for x in d)).validate(cfg)
+            if self.strategy == "megatron":
+                return Partition("megatron", heads, cols, vocab, full).validate(cfg)
+            return Partition("pipeline", (cfg.n_heads,) * n, (cfg.ffn,) * n, (cfg.vocab_size,) * n,
+                             tuple(x.layers for x in d)).validate(cfg)
+        except PartitionError as e:
+            raise PlanError(str(e)) from None
+
+    # -- JSON ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        m = self.model
+        out: dict = {"version": self.version}
+        if m is not None:
+            out["model"] = {"name": m.name, "family": m.family, "fingerprint": m.fingerprint,
+                            "n_layers": m.n_layers, "n_heads": m.n_heads, "ffn": m.ffn, "vocab_size": m.vocab_size}
+        if self.seq_len is not None:
+            out["seq_len"] = self.seq_len
+        out.update(strategy=self.strategy, dtype_bytes=self.dtype_bytes, latency_s=self.latency_s,
+                   reason=self.reason)
+        out["devices"] = [{
+            "name": x.name, "address": x.address, "heads": x.heads, "mlp_cols": x.mlp_cols,
+            "vocab_rows": x.vocab_rows, "tokens": x.tokens, "layers": x.layers,
+            "memory": {"weights_bytes": x.memory.weights_bytes, "activation_bytes": x.memory.activation_bytes,
+                       "budget_bytes": x.memory.budget_bytes},
+            "predicted": {"compute_s": x.predicted.compute_s, "comm_s": x.predicted.comm_s},
+        } for x in self.devices]
+        out["strategies"] = {r.strategy: {"latency_s": r.latency_s, "reason": r.reason} for r in self.strategies}
+        out["unused"] = [{"name": nm, "reason": why} for nm, why in self.unused]
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d, cfg: ModelConfig | None = None, addresses: Iterable[str] | None = None) -> Plan:
+        plan = _read_plan(d)
+        if cfg is not None:
+            plan.check_model(cfg)
+        if addresses is not None:
+            known = list(addresses)
+            for i, x in enumerate(plan.devices):
+                if x.address not in known:
+                    raise PlanError(f"devices[{i}].address: {x.address!r} is not one of the cluster's "
+                                    f"addresses {known}")
+        return plan
+
+    @classmethod
+    def from_json(cls, text: str, cfg: ModelConfig | None = None, addresses: Iterable[str] | None = None) -> Plan:
+        """Read and validate a plan file. With cfg, check it was made for that model shape; with
+        addresses, check every device is one of them."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON: {e}") from None
+        return cls.from_dict(d, cfg, addresses)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Shape:
+    n_layers: int
+    n_heads: int
+    ffn: int
+    vocab_size: int
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise PlanError(msg)
+
+
+def _count(path: str, x) -> None:
+    _need(_is_int(x), f"{path}: {x!r} is not an integer")
+    _need(x >= 0, f"{path}: {x} is negative")
+
+
+def _seconds(path: str, x, optional=False) -> None:
+    if optional and x is None:
+        return
+    _need(_is_num(x), f"{path}: {x!r} is not a number")
+    _need(x >= 0, f"{path}: {x} is negative")
+
+
+def _text(path: str, x, empty_ok=False) -> None:
+    _need(isinstance(x, str), f"{path}: {x!r} is not a string")
+    _need(empty_ok or x != "", f"{path}: is empty")
+
+
+# what each strategy needs in each device (the rest may be absent)
+_SPLIT = ("heads", "mlp_cols", "vocab_rows")
+_NEEDS = {"galaxy": (*_SPLIT, "tokens"), "local": (*_SPLIT, "tokens"), "megatron": _SPLIT, "pipeline": ("layers",),
+          "seqpar": ("tokens",)}
+
+
+def _check_plan(p: Plan) -> None:
+    _need(_is_int(p.version) and p.version == PLAN_VERSION,
+          f"version: {p.version!r} is not supported (this planner reads version {PLAN_VERSION})")
+    _need(p.strategy in PLAN_STRATEGIES, f"strategy: {p.strategy!r} is not one of {PLAN_STRATEGIES}")
+    _need(len(p.devices) > 0, "devices: a plan needs at least one device")
+    _need(p.strategy != "local" or len(p.devices) == 1, f"devices: local runs on one device, the plan has "
+          f"{len(p.devices)}")
+    if p.seq_len is not None:
+        _need(_is_int(p.seq_len) and p.seq_len > 0, f"seq_len: {p.seq_len!r} is not a positive integer")
+    _need(_is_int(p.dtype_bytes) and p.dtype_bytes in (1, 2, 4, 8),
+          f"dtype_bytes: {p.dtype_bytes!r} is not 1, 2, 4 or 8")
+    _seconds("latency_s", p.latency_s, optional=True)
+    _text("reason", p.reason, empty_ok=True)
+    names, addrs = {}, {}
+    for i, x in enumerate(p.devices):
+        at = f"devices[{i}]"
+        _text(f"{at}.name", x.name)
+        _text(f"{at}.address", x.address)
+        _need(x.name not in names, f"{at}.name: {x.name!r} is also devices[{names.get(x.name)}]")
+        _need(x.address not in addrs, f"{at}.address: {x.address!r} is also devices[{addrs.get(x.address)}]")
+        names[x.name], addrs[x.address] = i, i
+        for k in ("heads", "mlp_cols", "vocab_rows", "tokens", "layers"):
+            _count(f"{at}.{k}", getattr(x, k))
+        for k in ("weights_bytes", "activation_bytes", "budget_bytes"):
+            _count(f"{at}.memory.{k}", getattr(x.memory, k))
+        for k in ("compute_s", "comm_s"):
+            _seconds(f"{at}.predicted.{k}", getattr(x.predicted, k))
+    if p.strategy in ("galaxy", "seqpar", "local") and p.seq_len is not None:
+        total = sum(x.tokens for x in p.devices)
+        _need(total == p.seq_len, f"tokens sum to {total}, seq_len is {p.seq_len}")
+    for r in p.strategies:
+        _need(r.strategy in REPORTED, f"strategies: {r.strategy!r} is not one of {REPORTED}")
+        _seconds(f"strategies.{r.strategy}.latency_s", r.latency_s, optional=True)
+        _text(f"strategies.{r.strategy}.reason", r.reason, empty_ok=True)
+    for i, (nm, why) in enumerate(p.unused):
+        _text(f"unused[{i}].name", nm)
+        _text(f"unused[{i}].reason", why, empty_ok=True)
+    if p.model is not None:
+        m = p.model
+        _text("model.name", m.name, empty_ok=True)
+        _need(m.family in FAMILIES, f"model.family: {m.family!r} is not one of {FAMILIES}")
+        _text("model.fingerprint", m.fingerprint)
+        for k in ("n_layers", "n_heads", "ffn", "vocab_size"):
+            v = getattr(m, k)
+            _need(_is_int(v) and v > 0, f"model.{k}: {v!r} is not a positive integer")
+        _check_shape(p, _Shape(m.n_layers, m.n_heads, m.ffn, m.vocab_size))
+
+
+def _check_shape(p: Plan, m: _Shape) -> None:
+    """Counts against the model: sums for split fields, whole-model values for replicated ones."""
+    d = p.devices
+    split = {"heads": m.n_heads, "mlp_cols": m.ffn, "vocab_rows": m.vocab_size}
+    label = {"heads": "heads", "mlp_cols": "mlp_cols", "vocab_rows": "vocab_rows"}
+    if p.strategy in ("galaxy", "megatron", "local"):
+        for k, total in split.items():
+            s = sum(getattr(x, k) for x in d)
+            _need(s == total, f"{label[k]} sum to {s}, model has {total}")
+        for i, x in enumerate(d):
+            _need(x.layers in (0, m.n_layers), f"devices[{i}].layers: {x.layers}, but a {p.strategy} device holds "
+                  f"all {m.n_layers} layers")
+    if p.strategy == "pipeline":
+        s = sum(x.layers for x in d)
+        _need(s == m.n_layers, f"layers sum to {s}, model has {m.n_layers}")
+    if p.strategy in ("pipeline", "seqpar"):
+        for i, x in enumerate(d):
+            for k, total in split.items():
+                v = getattr(x, k)
+                _need(v in (0, total), f"devices[{i}].{k}: {v}, but a {p.strategy} device holds all {total}")
+
+
+_TOP = {"version", "model", "seq_len", "strategy", "dtype_bytes", "latency_s", "reason", "devices", "strategies",
+        "unused"}
+_DEVICE = {"name", "address", "heads", "mlp_cols", "vocab_rows", "tokens", "layers", "memory", "predicted"}
+_MODEL = {"name", "family", "fingerprint", "n_layers", "n_heads", "ffn", "vocab_size"}
+_MEMORY = {"weights_bytes", "activation_bytes", "budget_bytes"}
+_PREDICTED = {"compute_s", "comm_s"}
+
+
+def _object(path: str, d, keys: set, required=()) -> dict:
+    where = f"{path}: " if path else "plan: "
+    _need(isinstance(d, dict), f"{where}expected an object, got {type(d).__name__}")
+    for k in d:
+        _need(k in keys, f"unknown {'top-level ' if not path else ''}key {k!r}{' in ' + path if path else ''}; "
+              f"known: {sorted(keys)}")
+    for k in required:
+        _need(k in d, f"{path + '.' if path else ''}{k}: missing (required)")
+    return d
+
+
+def _read_plan(d) -> Plan:
+    d = _object("", d, _TOP, required=("version", "devices"))
+    _need(_is_int(d["version"]) and d["version"] == PLAN_VERSION,
+          f"version: {d['version']!r} is not supported (this planner reads version {PLAN_VERSION})")
+    strategy = d.get("strategy", "galaxy")
+    _need(isinstance(strategy, str) and strategy in PLAN_STRATEGIES,
+          f"strategy: {strategy!r} is not one of {PLAN_STRATEGIES}")
+    model = None
+    if "model" in d:
+        m = _object("model", d["model"], _MODEL, required=tuple(sorted(_MODEL)))
+        model = ModelRef(**m)
+    _need(isinstance(d["devices"], list), f"devices: expected a list, got {type(d['devices']).__name__}")
+    devices = []
+    for i, x in enumerate(d["devices"]):
+        at = f"devices[{i}]"
+        x = _object(at, x, _DEVICE, required=("address", *_NEEDS[strategy]))
+        mem = _object(f"{at}.memory", x.get("memory", {}), _MEMORY)
+        pred = _object(f"{at}.predicted", x.get("predicted", {}), _PREDICTED)
+        for k, v in x.items():  # type errors before the dataclass would compare them
+            if k in ("heads", "mlp_cols", "vocab_rows", "tokens", "layers"):
+                _count(f"{at}.{k}", v)
+        fields = {k: x[k] for k in ("heads", "mlp_cols", "vocab_rows", "tokens", "layers") if k in x}
+        devices.append(DevicePlan(x.get("name", x["address"]), x["address"], **fields,
+                                  memory=DeviceMemory(**mem), predicted=DeviceTiming(**pred)))
+    strategies = []
+    sd = d.get("strategies", {})
+    _need(isinstance(sd, dict), f"strategies: expected an object, got {type(sd).__name__}")
+    for k, v in sd.items():
+        _need(k in REPORTED, f"strategies: {k!r} is not one of {REPORTED}")
+        v = _object(f"strategies.{k}", v, {"latency_s", "reason"}, required=("latency_s",))
+        strategies.append(StrategyResult(k, v["latency_s"], v.get("reason", "")))
+    unused = []
+    ud = d.get("unused", [])
+    _need(isinstance(ud, list), f"unused: expected a list, got {type(ud).__name__}")
+    for i, u in enumerate(ud):
+        u = _object(f"unused[{i}]", u, {"name", "reason"}, required=("name",))
+        unused.append((u["name"], u.get("reason", "")))
+    return Plan(strategy, tuple(devices), d.get("seq_len"), model, d.get("dtype_bytes", 4), d.get("latency_s"),
+                tuple(strategies), d.get("reason", ""), tuple(unused), d["version"])
