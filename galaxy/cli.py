@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_args(run)
     run.set_defaults(func=cmd_run)
 
+    plan = sub.add_parser("plan", help="profile the devices and solve the split")
+    add_model_args(plan)
+    plan.add_argument("--local", type=int, default=3, metavar="N", help="plan for N local workers (default 3)")
+    plan.add_argument("--workers", type=_addresses, metavar="HOST:PORT,...", help="running workers to profile")
+    plan.add_argument("--cluster", metavar="FILE.yaml", help="devices from a cluster file (emulated or real)")
+    plan.add_argument("--threads", type=int, help="intra-op threads per local worker")
+    plan.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"))
+    plan.add_argument("--seq-len", type=int, default=256, help="tokens to plan the prefill for (default 256)")
+    plan.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
+                      help="cap every device's memory for the shard, e.g. 2GB")
+    plan.add_argument("--strategy", choices=["auto", "galaxy", "megatron", "pipeline", "local"], default="auto",
+                      help="force a strategy (default: the fastest predicted)")
+    plan.add_argument("--reprofile", action="store_true", help="ignore cached device profiles")
+    plan.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan file")
+    plan.add_argument("--svg", metavar="FILE.svg", help="draw the plan")
+    plan.add_argument("--png", metavar="FILE.png", help="draw the plan")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan, transport="grpc")
+
     chat = sub.add_parser("chat", help="talk to a causal LM split across devices")
     add_model_args(chat)
     chat.add_argument("--local", type=int, default=3, metavar="N", help="spawn N local workers (default 3)")
@@ -174,25 +194,55 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="galaxy-parent-watch").start()
 
 
+def _read_plan(args):
+    from planner.plan import Plan
+
+    if not getattr(args, "plan", None):
+        return None
+    try:
+        return Plan.from_json(Path(args.plan).read_text())
+    except OSError as e:
+        raise GalaxyError(f"--plan {args.plan}: {e.strerror}") from None
+
+
+def _addresses_for(args) -> tuple[list[str] | None, str | None]:
+    """Worker addresses (None: spawn local ones) and token; a plan picks its own devices."""
+    token = args.token
+    if getattr(args, "cluster", None):
+        from devices.emulate import cluster_endpoints
+
+        addresses, file_token = cluster_endpoints(args.cluster)
+        token = token or file_token
+    else:
+        addresses = args.workers
+    plan = _read_plan(args)
+    if plan is not None and addresses is not None:
+        missing = [a for a in plan.addresses() if a not in addresses]
+        if missing:
+            raise GalaxyError(f"--plan {args.plan} uses devices {missing} that the cluster does not have "
+                              f"({addresses}); re-plan with `galaxy plan`")
+        addresses = plan.addresses()  # the plan may leave slow devices out
+    return addresses, token
+
+
 def _open_session(args, n: int):
     from .api import connect
 
     if args.transport == "inproc":
         return connect(local=n, transport="inproc")
-    if getattr(args, "cluster", None):
-        return connect(cluster_file=args.cluster, token=args.token)
-    if args.workers:
-        return connect(addresses=args.workers, token=args.token)
+    addresses, token = _addresses_for(args)
+    if addresses is not None:
+        return connect(addresses=addresses, token=token)
     progress(f"starting {n} local workers")
-    return connect(local=n, token=args.token, threads=args.threads)
+    return connect(local=n, token=token, threads=args.threads)
 
 
 def _device_count(args) -> int:
-    if getattr(args, "cluster", None):
-        from devices.emulate import cluster_endpoints
-
-        return len(cluster_endpoints(args.cluster)[0])
-    n = len(args.workers) if args.workers else args.local
+    plan = _read_plan(args)
+    if plan is not None:
+        return len(plan.devices)
+    addresses, _ = _addresses_for(args)
+    n = len(addresses) if addresses is not None else args.local
     if n < 1:
         raise GalaxyError(f"--local {n}: need at least one device")
     return n
@@ -328,6 +378,43 @@ def _run_generate(args, model, req, report: dict, seconds: dict) -> int:
               + ", ".join(units.fmt_bytes(b) for b in gen.kv_cache_bytes)
               + ("" if not args.check else f"; tokens match reference: {ok}"), file=sys.stderr)
     return 0 if ok else 1
+
+
+def cmd_plan(args) -> int:
+    from planner import render
+    from planner.profiler import profile_cluster
+    from planner.solver import solve
+
+    from .run import DTYPES, open_source
+
+    source = open_source(args.model, args.random_init, args.seed)
+    cfg = source.config
+    if not 1 <= args.seq_len <= cfg.max_positions:
+        raise GalaxyError(f"--seq-len {args.seq_len} outside 1..{cfg.max_positions}")
+    budgets = {}
+    if args.cluster:
+        from devices.emulate import load_cluster
+
+        budgets = {d.name: d.memory for d in load_cluster(args.cluster).devices if getattr(d, "memory", None)}
+    n = _device_count(args)
+    with _open_session(args, n) as session:
+        prof = profile_cluster(session._ex, cfg, [args.seq_len], args.dtype, memory_budget=args.memory_budget,
+                               budgets=budgets, reprofile=args.reprofile)
+    dtype_bytes = DTYPES[args.dtype].itemsize
+    plan = solve(cfg, args.seq_len, prof, None if args.strategy == "auto" else args.strategy, dtype_bytes)
+    if args.output:
+        Path(args.output).write_text(plan.to_json())
+    for path in (args.svg, args.png):
+        if path:
+            render.draw(plan, path)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+    else:
+        print(render.table(plan))
+        for what, path in (("plan", args.output), ("drawing", args.svg), ("drawing", args.png)):
+            if path:
+                print(f"{what} written to {path}")
+    return 0
 
 
 def cmd_chat(args) -> int:
