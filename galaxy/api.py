@@ -106,11 +106,16 @@ class Model:
     """A model loaded on a session's devices."""
 
     def __init__(self, session: Session, source: WeightSource, partition: Partition, prefix: PrefixCache):
-        self.session, self.source, self.partition = session, source, partition
+        self.session, self.source, self._partition = session, source, partition
         self.config = source.config
         self.tokenizer = source.tokenizer()
         self._prefix = prefix
         self.weight_bytes: list[int] = []  # per device, as loaded
+
+    @property
+    def partition(self) -> Partition:
+        """The current split (recovery may have changed it since load)."""
+        return getattr(self.session._ex, "partition", None) or self._partition
 
     def _tokens(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -169,10 +174,14 @@ class Model:
 
 
 def connect(addresses: list[str] | None = None, *, local: int | None = None, cluster_file: str | None = None,
-            token: str | None = None, threads: int | None = None, transport: str = "grpc") -> Session:
+            token: str | None = None, tls: str | None = None, threads: int | None = None,
+            transport: str = "grpc", recover: bool = False) -> Session:
     """Open a session on running workers (`addresses` or a `cluster_file`), or on `local` N
     workers this call starts (and the session stops). transport='inproc' runs local devices
-    as threads of this process (no sockets) -- handy in tests."""
+    as threads of this process (no sockets) -- handy in tests. tls: a directory from
+    `galaxy keys init` (mutual TLS; with local=N, keys for local0..N-1 are created if missing).
+    recover=True: when a device drops out, re-split over the survivors and retry; re-balance away
+    from a device that turns out much slower than its share (galaxy.recovery)."""
     from .rpc.client import Cluster
 
     given = sum(x is not None for x in (addresses, local, cluster_file))
@@ -193,10 +202,24 @@ def connect(addresses: list[str] | None = None, *, local: int | None = None, clu
     elif local is not None:
         from .rpc.spawn import LocalWorkers
 
-        owned = LocalWorkers(local, threads=threads, token=token)
+        if tls is not None:
+            from .security import init_keys
+
+            init_keys(tls, [f"local{i}" for i in range(local)])
+        owned = LocalWorkers(local, threads=threads, token=token, extra_args=["--tls", tls] if tls else None)
         addresses = owned.start()
+    tls_files = None
+    if tls is not None:
+        from .security import COORDINATOR, TlsFiles
+
+        tls_files = TlsFiles.load(tls, COORDINATOR)
     try:
-        ex = Cluster(addresses, token=token)
+        if recover:
+            from .recovery import ResilientCluster
+
+            ex = ResilientCluster(addresses, token=token, tls=tls_files)
+        else:
+            ex = Cluster(addresses, token=token, tls=tls_files)
         ex.hello()
     except BaseException:
         if owned is not None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="intra-op threads per local worker (default: cores / N)")
     run.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"),
                      help="shared cluster token (default $GALAXY_TOKEN)")
+    run.add_argument("--tls", metavar="DIR", help="mutual TLS: the cluster CA and the coordinator's key pair")
     run.add_argument("--strategy", choices=["galaxy", "megatron", "pipeline"], default="galaxy")
     run.add_argument("--weights", type=_floats, help="relative device speeds for an uneven split, "
                      "e.g. 0.9,0.6,0.45 (default: even)")
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cluster", metavar="FILE.yaml", help="devices from a cluster file (emulated or real)")
     plan.add_argument("--threads", type=int, help="intra-op threads per local worker")
     plan.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"))
+    plan.add_argument("--tls", metavar="DIR", help="mutual TLS: the cluster CA and the coordinator's key pair")
     plan.add_argument("--seq-len", type=int, default=256, help="tokens to plan the prefill for (default 256)")
     plan.add_argument("--memory-budget", type=_bytes, metavar="SIZE",
                       help="cap every device's memory for the shard, e.g. 2GB")
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--transport", choices=["grpc", "inproc"], default="grpc")
     chat.add_argument("--threads", type=int, help="intra-op threads per local worker")
     chat.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"))
+    chat.add_argument("--tls", metavar="DIR", help="mutual TLS: the cluster CA and the coordinator's key pair")
     chat.add_argument("--strategy", choices=["galaxy", "megatron", "pipeline"], default="galaxy")
     chat.add_argument("--weights", type=_floats, help="relative device speeds for an uneven split")
     chat.add_argument("--plan", metavar="PLAN.json")
@@ -130,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="system prompt (kept on the devices between turns)")
     add_generation_args(chat, default_tokens=256)
     chat.set_defaults(func=cmd_chat)
+
+    keys = sub.add_parser("keys", help="the cluster's certificate authority and device keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    kinit = keys_sub.add_parser("init", help="create a CA (once) and a key pair per device")
+    kinit.add_argument("directory")
+    kinit.add_argument("--device", action="append", default=[], metavar="NAME", help="device name (repeatable)")
+    kinit.add_argument("--host", action="append", default=[], metavar="ADDR",
+                       help="extra DNS name or IP for every certificate (repeatable)")
+    kinit.set_defaults(func=cmd_keys_init)
 
     worker = sub.add_parser("worker", help="serve this device as a Galaxy peer")
     worker.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT",
@@ -143,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest shard this device accepts, e.g. 2GB (default: no cap)")
     worker.add_argument("--link-delay-ms", type=float, default=0.0,
                         help="emulated one-way link latency added to every received tile (emulated LANs)")
+    worker.add_argument("--tls", metavar="DIR", help="mutual TLS with the cluster CA from `galaxy keys init DIR`")
+    worker.add_argument("--tls-name", help="which key pair in DIR (default: --name)")
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
     return ap
@@ -167,13 +182,30 @@ def progress(msg: str) -> None:
     print(f"galaxy: {msg} ...", file=sys.stderr, flush=True)
 
 
+def cmd_keys_init(args) -> int:
+    from .security import COORDINATOR, init_keys
+
+    written = init_keys(args.directory, args.device, args.host)
+    for p in written:
+        print(f"wrote {p} (+ .key)")
+    print(f"CA: {Path(args.directory) / 'ca.pem'} (keep ca.key on this machine only). Copy ca.pem, NAME.pem and "
+          f"NAME.key to each device and start it with `galaxy worker --tls DIR --name NAME`; the coordinator "
+          f"uses the '{COORDINATOR}' pair (--tls DIR).")
+    return 0
+
+
 def cmd_worker(args) -> int:
     from .rpc.worker import READY_LINE, WorkerSettings, serve
 
     if args.exit_with_parent:
         _exit_with_parent()
+    tls = None
+    if args.tls:
+        from .security import TlsFiles
+
+        tls = TlsFiles.load(args.tls, args.tls_name or args.name or socket.gethostname())
     settings = WorkerSettings(name=args.name, threads=args.threads, device=args.device, token=args.token,
-                              memory_budget=args.memory_budget, link_delay_ms=args.link_delay_ms)
+                              memory_budget=args.memory_budget, link_delay_ms=args.link_delay_ms, tls=tls)
     serve(args.listen, settings, ready=lambda addr: print(f"{READY_LINE} {addr}", flush=True))
     return 0
 
@@ -232,9 +264,9 @@ def _open_session(args, n: int):
         return connect(local=n, transport="inproc")
     addresses, token = _addresses_for(args)
     if addresses is not None:
-        return connect(addresses=addresses, token=token)
+        return connect(addresses=addresses, token=token, tls=args.tls)
     progress(f"starting {n} local workers")
-    return connect(local=n, token=token, threads=args.threads)
+    return connect(local=n, token=token, threads=args.threads, tls=args.tls)
 
 
 def _device_count(args) -> int:

@@ -54,6 +54,19 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"model config {self.name or self.family!r}: {msg}")
 
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), str(f.type)
+            if kind == "int":
+                need(isinstance(v, int) and not isinstance(v, bool), f"{f.name}={v!r} is not an integer")
+            elif kind == "float":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # v == v: not NaN
+                need(ok, f"{f.name}={v!r} is not a number")
+            elif kind == "bool":
+                need(isinstance(v, bool), f"{f.name}={v!r} is not true/false")
+            elif kind == "str":
+                need(isinstance(v, str), f"{f.name}={v!r} is not a string")
+            elif kind == "int | None":
+                need(v is None or (isinstance(v, int) and not isinstance(v, bool)), f"{f.name}={v!r} is not an integer")
         need(self.family in FAMILIES, f"family={self.family!r} is not one of {FAMILIES}")
         for f in ("vocab_size", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn"):
             need(getattr(self, f) > 0, f"{f}={getattr(self, f)} must be positive")

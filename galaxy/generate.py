@@ -143,8 +143,18 @@ class TextGenerator:
         self.ex, self.tok, self.cfg = executor, tokenizer, config
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache()
 
-    def _forward(self, gen: Generation, phase: str, req: Request) -> torch.Tensor:
-        res = self.ex.forward(req)
+    def _forward(self, gen: Generation, phase: str, req: Request, before: list[int]) -> torch.Tensor:
+        """Run one step; `before` are the tokens already in req.cache (to rebuild it if it was lost)."""
+        from .recovery import CacheLost
+
+        try:
+            res = self.ex.forward(req)
+        except CacheLost:  # the devices were re-planned: rebuild this sequence's cache from scratch
+            self.prefix.entries.clear()
+            self.prefix.pending_drop.clear()
+            ids = torch.tensor(before + req.ids.tolist(), dtype=torch.long)
+            res = self.ex.forward(Request(ids, start_pos=0, last_only=True, cache=req.cache))
+            phase = "refill"
         gen.steps.append(Step(phase, int(req.ids.shape[0]), res.seconds, _collective(res.devices)))
         gen.kv_cache_bytes = [d.get("kv_cache_bytes", 0) for d in res.devices]
         return res.output[-1]
@@ -172,7 +182,7 @@ class TextGenerator:
                 ids = torch.tensor(prompt_ids[pos: pos + chunk], dtype=torch.long)
                 req = Request(ids, start_pos=pos, last_only=True, cache=name, drop=self.prefix.take_drops(),
                               **(fork if pos == start else {}))
-                logits = self._forward(gen, "prefill", req)
+                logits = self._forward(gen, "prefill", req, prompt_ids[:pos])
                 pos += ids.shape[0]
             yield from self._decode(gen, gc, sampler, name, seq, logits)
         except BaseException:
@@ -209,8 +219,8 @@ class TextGenerator:
                 break
             req = Request(torch.tensor([tok]), start_pos=len(seq), last_only=True, cache=name,
                           drop=self.prefix.take_drops())
+            logits = self._forward(gen, "decode", req, list(seq))
             seq.append(tok)
-            logits = self._forward(gen, "decode", req)
 
     def generate(self, prompt_ids: list[int], gc: GenerationConfig) -> Generation:
         gen = Generation(list(prompt_ids))

@@ -77,7 +77,7 @@ def model_ref(source: WeightSource):
     from .rpc.client import ModelRef
 
     if isinstance(source, RandomWeights):
-        return ModelRef(source.config, random_init=True, seed=source.seed)
+        return ModelRef(source.config, random_init=True, seed=source.seed, std=source.std)
     return ModelRef(source.config, path=str(Path(source.path).resolve()))
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import queue
 import secrets
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ from ..parallel import Request, assemble
 from ..sharding import Partition
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
-from .wire import channel_options, from_proto, metadata, to_proto
+from .channels import open_channel
+from .wire import from_proto, metadata, to_proto
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +67,30 @@ class ModelRef:
     path: str = ""
     random_init: bool = False
     seed: int = 0
+    std: float = 0.02
 
     def to_proto(self) -> pb.ModelRef:
-        return pb.ModelRef(path=self.path, random_init=self.random_init, seed=self.seed,
+        return pb.ModelRef(path=self.path, random_init=self.random_init, seed=self.seed, random_std=self.std,
                            config_json=json.dumps(self.config.to_dict()))
 
 
-def _error(e: grpc.RpcError, device: str, action: str) -> GalaxyError:
+def _tcp_open(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _error(e: grpc.RpcError, device: str, action: str, address: str | None = None) -> GalaxyError:
     """Translate a gRPC failure into the typed error a user can act on."""
     code, detail = e.code(), e.details() or ""
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "busy" not in detail:
+        if action == "hello" and address and _tcp_open(address):
+            return AuthError(f"{device}: reachable, but no gRPC session could be set up ({detail}): the TLS "
+                             "handshake failed -- a certificate from another cluster CA, or only one side "
+                             "uses --tls")
         return PeerUnreachable(f"{device}: unreachable during {action} ({code.name}: {detail}); is "
                                "`galaxy worker` running there and the address right?")
     if code == grpc.StatusCode.FAILED_PRECONDITION and "protocol" in detail:
@@ -92,13 +108,14 @@ class Cluster:
     """Workers at `addresses`, in ring order. Use as a context manager to release them."""
 
     def __init__(self, addresses: list[str], token: str | None = None, connect_timeout: float = 10.0,
-                 forward_timeout: float = 600.0):
+                 forward_timeout: float = 600.0, tls=None):
         if not addresses:
             raise GalaxyError("a cluster needs at least one worker address")
         self.addresses = list(addresses)
         self.token = token
         self.connect_timeout, self.forward_timeout = connect_timeout, forward_timeout
-        self.channels = [grpc.insecure_channel(a, options=channel_options()) for a in self.addresses]
+        self.heartbeat_s, self.heartbeat_misses = 1.0, 3  # a silent device is declared gone after ~3-6 s
+        self.channels = [open_channel(a, tls) for a in self.addresses]
         self.stubs = [pb_grpc.WorkerStub(c) for c in self.channels]
         self.pool = ThreadPoolExecutor(max_workers=max(4, len(addresses)), thread_name_prefix="galaxy-coord")
         self.session_id = ""
@@ -123,7 +140,7 @@ class Cluster:
                 results.append(f.result())
             except grpc.RpcError as e:
                 results.append(None)
-                first = first or _error(e, self.names[r], action)
+                first = first or _error(e, self.names[r], action, self.addresses[r])
         if first:
             raise first
         return results
@@ -205,8 +222,22 @@ class Cluster:
         for r, f in enumerate(futs):
             f.add_done_callback(lambda _f, r=r: finished.put(r))
         replies, errors = [None] * self.world, []
-        for _ in futs:  # in completion order, so the first failure aborts the others at once
-            r = finished.get()
+        pending, missed = set(range(self.world)), [0] * self.world
+        while pending:  # in completion order, so the first failure aborts the others at once
+            try:
+                r = finished.get(timeout=self.heartbeat_s)
+            except queue.Empty:
+                dead = self._heartbeat(pending, missed)
+                if dead is not None:
+                    self._abort(rid, f"{self.names[dead]} stopped answering")
+                    for f in futs:
+                        f.cancel()
+                    raise PeerUnreachable(
+                        f"{self.names[dead]}: no heartbeat for {self.heartbeat_s * self.heartbeat_misses:.0f} s "
+                        "during a request; the device dropped out (crashed, powered off, or its link is down)"
+                    ) from None
+                continue
+            pending.discard(r)
             try:
                 replies[r] = futs[r].result()
             except grpc.RpcError as e:
@@ -224,11 +255,26 @@ class Cluster:
                    for r, rep in enumerate(replies)]
         return ForwardResult(assemble(self.config, self.partition, outs, req.ids.shape[0]), seconds, devices)
 
-    def _abort(self, rid: int, reason: str) -> None:
-        for stub in self.stubs:
+    def _heartbeat(self, ranks, missed: list[int]) -> int | None:
+        """Ping the workers still computing; a rank that missed `heartbeat_misses` in a row is dead."""
+        futs = {r: self.stubs[r].Ping.future(pb.PingRequest(), timeout=self.heartbeat_s, metadata=self._md())
+                for r in ranks}
+        for r, f in futs.items():
             try:
-                stub.Abort(pb.AbortRequest(session_id=self.session_id, request_id=rid, reason=reason),
-                           timeout=2.0, metadata=self._md())
+                f.result()
+                missed[r] = 0
+            except grpc.RpcError:
+                missed[r] += 1
+                if missed[r] >= self.heartbeat_misses:
+                    return r
+        return None
+
+    def _abort(self, rid: int, reason: str) -> None:
+        msg = pb.AbortRequest(session_id=self.session_id, request_id=rid, reason=reason)
+        futs = [stub.Abort.future(msg, timeout=2.0, metadata=self._md()) for stub in self.stubs]
+        for f in futs:
+            try:
+                f.result()
             except grpc.RpcError:
                 pass  # a dead worker cannot be aborted; its peers time out or see the abort
 

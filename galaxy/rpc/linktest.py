@@ -5,11 +5,10 @@ from __future__ import annotations
 import statistics
 import time
 
-import grpc
-
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
-from .wire import channel_options, metadata
+from .channels import open_channel
+from .wire import metadata
 
 CHUNK = 256 * 1024
 TARGET_S = 0.5  # a bandwidth test lasts about this long
@@ -29,10 +28,11 @@ def _stream(stub, md, nbytes: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure_link(peer: str, token: str | None, nbytes: int = 0, pings: int = 5) -> tuple[float, float, int, float]:
+def measure_link(peer: str, token: str | None, nbytes: int = 0, pings: int = 5,
+                 tls=None) -> tuple[float, float, int, float]:
     """(goodput bits/s, one-way latency s, bytes sent, seconds) from here to `peer`."""
     md = metadata(token)
-    with grpc.insecure_channel(peer, options=channel_options()) as ch:
+    with open_channel(peer, tls) as ch:
         stub = pb_grpc.WorkerStub(ch)
         stub.Ping(pb.PingRequest(), metadata=md, timeout=10, wait_for_ready=True)  # connect first
         rtts = []

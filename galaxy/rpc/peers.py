@@ -24,7 +24,8 @@ import torch
 from ..errors import TransportError
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
-from .wire import channel_options, from_proto, metadata, to_proto
+from .channels import open_channel
+from .wire import from_proto, metadata, to_proto
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class PeerTransport:
                  recv_timeout: float, channel_factory=None, link_delay_s: float = 0.0):
         self.rank, self.world, self.peers = rank, len(peers), list(peers)
         self.session_id, self.token, self.recv_timeout = session_id, token, recv_timeout
-        self.channel_factory = channel_factory or (lambda a: grpc.insecure_channel(a, options=channel_options()))
+        self.channel_factory = channel_factory or open_channel
         self.boxes = {src: queue.Queue() for src in range(self.world)}
         self.links: dict[int, _Link] = {}
         self.lock = threading.Lock()

@@ -7,9 +7,9 @@ byte length is exactly what the shape needs -- before anything is allocated.
 
 from __future__ import annotations
 
+import math
 import sys
 
-import numpy as np
 import torch
 
 from ..errors import TransportError
@@ -54,9 +54,9 @@ def from_proto(m: pb.Tensor, what: str = "tensor") -> torch.Tensor:
     shape = tuple(int(d) for d in m.shape)
     if any(d < 0 for d in shape):
         raise TransportError(f"{what}: negative dimension in shape {shape}")
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if n > MAX_TENSOR_ELEMENTS:
-        raise TransportError(f"{what}: {n} elements exceeds the limit of {MAX_TENSOR_ELEMENTS}")
+    if len(shape) > 8 or math.prod(max(d, 1) for d in shape) > MAX_TENSOR_ELEMENTS:
+        raise TransportError(f"{what}: shape {shape} exceeds the limit of {MAX_TENSOR_ELEMENTS} elements / 8 dims")
+    n = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(m.data) != n * itemsize:
         raise TransportError(

@@ -33,11 +33,13 @@ from ..errors import DeviceOutOfMemory, GalaxyError, TransportError
 from ..parallel import Request
 from ..rank import RankRuntime
 from ..run import DTYPES
+from ..security import TlsFiles
 from ..sharding import Partition, PartitionError, load_shard, shard_bytes
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
+from .channels import add_port, open_channel, server_options
 from .peers import PeerTransport
-from .wire import META_PROTOCOL, META_SESSION, META_TOKEN, PROTOCOL_VERSION, channel_options, from_proto, to_proto
+from .wire import MAX_MESSAGE_BYTES, META_PROTOCOL, META_SESSION, META_TOKEN, PROTOCOL_VERSION, from_proto, to_proto
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class WorkerSettings:
     token: str | None = None  # shared cluster token; None: loopback only
     memory_budget: int = 0  # bytes a shard may use on this device (0: no cap)
     link_delay_ms: float = 0.0  # emulated one-way latency added to every frame this worker receives
+    tls: TlsFiles | None = None  # mutual TLS with the cluster CA (security.py); None: plaintext
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger gRPC messages are refused before decoding
 
 
 @dataclass
@@ -73,7 +77,8 @@ def _open_model(ref: pb.ModelRef) -> WeightSource:
     if ref.random_init:
         if not ref.config_json:
             raise ValueError("random_init needs the model config (config_json)")
-        return RandomWeights(ModelConfig.from_dict(json.loads(ref.config_json)), seed=ref.seed)
+        return RandomWeights(ModelConfig.from_dict(json.loads(ref.config_json)), seed=ref.seed,
+                             std=ref.random_std or 0.02)
     return open_checkpoint(ref.path)
 
 
@@ -130,7 +135,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                               f"{self.s.memory_budget / 2**20:.0f} MiB")
         model = load_shard(source, spec, dtype=DTYPES[req.dtype], device=self.s.device)
         transport = PeerTransport(req.rank, list(req.peers), req.session_id, self.s.token,
-                                  req.recv_timeout_s or 60.0, link_delay_s=self.s.link_delay_ms / 1000)
+                                  req.recv_timeout_s or 60.0, channel_factory=lambda a: open_channel(a, self.s.tls),
+                                  link_delay_s=self.s.link_delay_ms / 1000)
         load_s = time.perf_counter() - t0
         log.info("%s: loaded rank %d/%d of %s (%.0f MiB) in %.2f s", self.s.name, req.rank, partition.world,
                  source.path, need / 2**20, load_s)
@@ -236,7 +242,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         from .linktest import measure_link
 
         try:
-            bw, lat, nbytes, secs = measure_link(request.peer, self.s.token, request.bytes, request.pings or 5)
+            bw, lat, nbytes, secs = measure_link(request.peer, self.s.token, request.bytes, request.pings or 5,
+                                                 self.s.tls)
         except grpc.RpcError as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: cannot reach peer {request.peer}: "
                           f"{e.details()}")
@@ -308,19 +315,16 @@ def is_loopback(host: str) -> bool:
 def start_server(listen: str, settings: WorkerSettings):
     """Bind and start a worker server; returns (server, bound address, service). Non-blocking."""
     host, _, port = listen.rpartition(":")
-    if not settings.token and not is_loopback(host):
-        log.warning("no cluster token: refusing to listen on %s; binding 127.0.0.1 only "
-                    "(pass --token or set GALAXY_TOKEN to serve the LAN)", host or "all interfaces")
+    if not settings.token and settings.tls is None and not is_loopback(host):
+        log.warning("no credentials: refusing to listen on %s; binding 127.0.0.1 only (pass --tls DIR "
+                    "from `galaxy keys init`, or --token / GALAXY_TOKEN, to serve the LAN)", host or "all interfaces")
         host = "127.0.0.1"
     settings.name = settings.name or socket.gethostname()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="galaxy-rpc"),
-                         options=channel_options(), interceptors=[_Gate(settings.token)])
+                         options=server_options(settings.max_message_bytes), interceptors=[_Gate(settings.token)])
     service = WorkerService(settings)
     pb_grpc.add_WorkerServicer_to_server(service, server)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
+    bound = add_port(server, f"{host}:{port}", settings.tls)
     if not bound:
         raise GalaxyError(f"could not listen on {host}:{port} (in use, or not an address of this device)")
     server.start()

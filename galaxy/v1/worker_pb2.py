@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16galaxy/v1/worker.proto\x12\tgalaxy.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.galaxy.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1f\n\x0cHelloRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\"\x8b\x02\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x16\n\x0egalaxy_version\x18\x03 \x01(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\x05\x12\x0f\n\x07threads\x18\x05 \x01(\x05\x12\x16\n\x0e\x63ompute_device\x18\x06 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x07 \x01(\x03\x12\x1e\n\x16\x61vailable_memory_bytes\x18\x08 \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\t \x01(\x03\x12\r\n\x05state\x18\n \x01(\t\x12\x12\n\nsession_id\x18\x0b \x01(\t\"P\n\x08ModelRef\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0brandom_init\x18\x02 \x01(\x08\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\"\xc4\x01\n\x0bLoadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.galaxy.v1.ModelRef\x12\x16\n\x0epartition_json\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\r\n\x05peers\x18\x05 \x03(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05tiles\x18\x07 \x01(\x05\x12\x16\n\x0erecv_timeout_s\x18\x08 \x01(\x01\x12\x12\n\nwire_dtype\x18\t \x01(\t\"D\n\tLoadReply\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06load_s\x18\x02 \x01(\x01\x12\x11\n\trss_bytes\x18\x03 \x01(\x03\"\xfa\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12$\n\tinput_ids\x18\x03 \x01(\x0b\x32\x11.galaxy.v1.Tensor\x12&\n\x0btoken_types\x18\x04 \x01(\x0b\x32\x11.galaxy.v1.Tensor\x12\x11\n\tstart_pos\x18\x05 \x01(\x03\x12\x11\n\tlast_only\x18\x06 \x01(\x08\x12\x10\n\x08kv_cache\x18\x07 \x01(\t\x12\x14\n\x0ckv_fork_from\x18\x08 \x01(\t\x12\x13\n\x0bkv_fork_len\x18\t \x01(\x03\x12\x0f\n\x07kv_drop\x18\n \x03(\t\"g\n\x06OpStat\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0e\n\x06wall_s\x18\x02 \x01(\x01\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x0e\n\x06send_s\x18\x06 \x01(\x01\"\x94\x01\n\x0c\x46orwardReply\x12!\n\x06output\x18\x01 \x01(\x0b\x32\x11.galaxy.v1.Tensor\x12\x11\n\tforward_s\x18\x02 \x01(\x01\x12\x1e\n\x03ops\x18\x03 \x03(\x0b\x32\x11.galaxy.v1.OpStat\x12\x16\n\x0epeak_rss_bytes\x18\x04 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x03\"F\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0c\n\nAbortReply\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0e\n\x0cReleaseReply\"q\n\x05\x46rame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x10\n\x08src_rank\x18\x03 \x01(\x05\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12!\n\x06tensor\x18\x05 \x01(\x0b\x32\x11.galaxy.v1.Tensor\"!\n\x0f\x45xchangeSummary\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x04\"W\n\x0eProfileRequest\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0f\n\x07repeats\x18\x04 \x01(\x05\"H\n\x0b\x42lockSample\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x98\x01\n\x0cProfileReply\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.galaxy.v1.BlockSample\x12\x1e\n\x16\x61vailable_memory_bytes\x18\x02 \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07threads\x18\x04 \x01(\x05\x12\x11\n\telapsed_s\x18\x05 \x01(\x01\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1c\n\tPingReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x14\n\x04\x42lob\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1a\n\tSinkReply\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"=\n\x0fLinkTestRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\r\n\x05pings\x18\x03 \x01(\x05\"Y\n\rLinkTestReply\x12\x15\n\rbandwidth_bps\x18\x01 \x01(\x01\x12\x11\n\tlatency_s\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01*q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05UINT8\x10\x07\x32\xd2\x04\n\x06Worker\x12\x37\n\x05Hello\x12\x17.galaxy.v1.HelloRequest\x1a\x15.galaxy.v1.HelloReply\x12\x34\n\x04Load\x12\x16.galaxy.v1.LoadRequest\x1a\x14.galaxy.v1.LoadReply\x12=\n\x07\x46orward\x12\x19.galaxy.v1.ForwardRequest\x1a\x17.galaxy.v1.ForwardReply\x12\x37\n\x05\x41\x62ort\x12\x17.galaxy.v1.AbortRequest\x1a\x15.galaxy.v1.AbortReply\x12=\n\x07Release\x12\x19.galaxy.v1.ReleaseRequest\x1a\x17.galaxy.v1.ReleaseReply\x12:\n\x08\x45xchange\x12\x10.galaxy.v1.Frame\x1a\x1a.galaxy.v1.ExchangeSummary(\x01\x12=\n\x07Profile\x12\x19.galaxy.v1.ProfileRequest\x1a\x17.galaxy.v1.ProfileReply\x12\x34\n\x04Ping\x12\x16.galaxy.v1.PingRequest\x1a\x14.galaxy.v1.PingReply\x12/\n\x04Sink\x12\x0f.galaxy.v1.Blob\x1a\x14.galaxy.v1.SinkReply(\x01\x12@\n\x08LinkTest\x12\x1a.galaxy.v1.LinkTestRequest\x1a\x18.galaxy.v1.LinkTestReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16galaxy/v1/worker.proto\x12\tgalaxy.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.galaxy.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1f\n\x0cHelloRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\"\x8b\x02\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x16\n\x0egalaxy_version\x18\x03 \x01(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\x05\x12\x0f\n\x07threads\x18\x05 \x01(\x05\x12\x16\n\x0e\x63ompute_device\x18\x06 \x01(\t\x12\x1a\n\x12total_memory_bytes\x18\x07 \x01(\x03\x12\x1e\n\x16\x61vailable_memory_bytes\x18\x08 \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\t \x01(\x03\x12\r\n\x05state\x18\n \x01(\t\x12\x12\n\nsession_id\x18\x0b \x01(\t\"d\n\x08ModelRef\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0brandom_init\x18\x02 \x01(\x08\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x12\n\nrandom_std\x18\x05 \x01(\x01\"\xc4\x01\n\x0bLoadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\"\n\x05model\x18\x02 \x01(\x0b\x32\x13.galaxy.v1.ModelRef\x12\x16\n\x0epartition_json\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\r\n\x05peers\x18\x05 \x03(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05tiles\x18\x07 \x01(\x05\x12\x16\n\x0erecv_timeout_s\x18\x08 \x01(\x01\x12\x12\n\nwire_dtype\x18\t \x01(\t\"D\n\tLoadReply\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06load_s\x18\x02 \x01(\x01\x12\x11\n\trss_bytes\x18\x03 \x01(\x03\"\xfa\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12$\n\tinput_ids\x18\x03 \x01(\x0b\x32\x11.galaxy.v1.Tensor\x12&\n\x0btoken_types\x18\x04 \x01(\x0b\x32\x11.galaxy.v1.Tensor\x12\x11\n\tstart_pos\x18\x05 \x01(\x03\x12\x11\n\tlast_only\x18\x06 \x01(\x08\x12\x10\n\x08kv_cache\x18\x07 \x01(\t\x12\x14\n\x0ckv_fork_from\x18\x08 \x01(\t\x12\x13\n\x0bkv_fork_len\x18\t \x01(\x03\x12\x0f\n\x07kv_drop\x18\n \x03(\t\"g\n\x06OpStat\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0e\n\x06wall_s\x18\x02 \x01(\x01\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\r\n\x05\x62ytes\x18\x05 \x01(\x03\x12\x0e\n\x06send_s\x18\x06 \x01(\x01\"\x94\x01\n\x0c\x46orwardReply\x12!\n\x06output\x18\x01 \x01(\x0b\x32\x11.galaxy.v1.Tensor\x12\x11\n\tforward_s\x18\x02 \x01(\x01\x12\x1e\n\x03ops\x18\x03 \x03(\x0b\x32\x11.galaxy.v1.OpStat\x12\x16\n\x0epeak_rss_bytes\x18\x04 \x01(\x03\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x03\"F\n\x0c\x41\x62ortRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x0c\n\nAbortReply\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x0e\n\x0cReleaseReply\"q\n\x05\x46rame\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x10\n\x08src_rank\x18\x03 \x01(\x05\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12!\n\x06tensor\x18\x05 \x01(\x0b\x32\x11.galaxy.v1.Tensor\"!\n\x0f\x45xchangeSummary\x12\x0e\n\x06\x66rames\x18\x01 \x01(\x04\"W\n\x0eProfileRequest\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12\x10\n\x08seq_lens\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0f\n\x07repeats\x18\x04 \x01(\x05\"H\n\x0b\x42lockSample\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\x98\x01\n\x0cProfileReply\x12\'\n\x07samples\x18\x01 \x03(\x0b\x32\x16.galaxy.v1.BlockSample\x12\x1e\n\x16\x61vailable_memory_bytes\x18\x02 \x01(\x03\x12\x1b\n\x13memory_budget_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07threads\x18\x04 \x01(\x05\x12\x11\n\telapsed_s\x18\x05 \x01(\x01\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1c\n\tPingReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x14\n\x04\x42lob\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x1a\n\tSinkReply\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"=\n\x0fLinkTestRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\r\n\x05pings\x18\x03 \x01(\x05\"Y\n\rLinkTestReply\x12\x15\n\rbandwidth_bps\x18\x01 \x01(\x01\x12\x11\n\tlatency_s\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01*q\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT64\x10\x04\x12\t\n\x05INT32\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\t\n\x05UINT8\x10\x07\x32\xd2\x04\n\x06Worker\x12\x37\n\x05Hello\x12\x17.galaxy.v1.HelloRequest\x1a\x15.galaxy.v1.HelloReply\x12\x34\n\x04Load\x12\x16.galaxy.v1.LoadRequest\x1a\x14.galaxy.v1.LoadReply\x12=\n\x07\x46orward\x12\x19.galaxy.v1.ForwardRequest\x1a\x17.galaxy.v1.ForwardReply\x12\x37\n\x05\x41\x62ort\x12\x17.galaxy.v1.AbortRequest\x1a\x15.galaxy.v1.AbortReply\x12=\n\x07Release\x12\x19.galaxy.v1.ReleaseRequest\x1a\x17.galaxy.v1.ReleaseReply\x12:\n\x08\x45xchange\x12\x10.galaxy.v1.Frame\x1a\x1a.galaxy.v1.ExchangeSummary(\x01\x12=\n\x07Profile\x12\x19.galaxy.v1.ProfileRequest\x1a\x17.galaxy.v1.ProfileReply\x12\x34\n\x04Ping\x12\x16.galaxy.v1.PingRequest\x1a\x14.galaxy.v1.PingReply\x12/\n\x04Sink\x12\x0f.galaxy.v1.Blob\x1a\x14.galaxy.v1.SinkReply(\x01\x12@\n\x08LinkTest\x12\x1a.galaxy.v1.LinkTestRequest\x1a\x18.galaxy.v1.LinkTestReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'galaxy.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2146
-  _globals['_DTYPE']._serialized_end=2259
+  _globals['_DTYPE']._serialized_start=2166
+  _globals['_DTYPE']._serialized_end=2279
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=107
   _globals['_HELLOREQUEST']._serialized_start=109
@@ -40,47 +40,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLOREPLY']._serialized_start=143
   _globals['_HELLOREPLY']._serialized_end=410
   _globals['_MODELREF']._serialized_start=412
-  _globals['_MODELREF']._serialized_end=492
-  _globals['_LOADREQUEST']._serialized_start=495
-  _globals['_LOADREQUEST']._serialized_end=691
-  _globals['_LOADREPLY']._serialized_start=693
-  _globals['_LOADREPLY']._serialized_end=761
-  _globals['_FORWARDREQUEST']._serialized_start=764
-  _globals['_FORWARDREQUEST']._serialized_end=1014
-  _globals['_OPSTAT']._serialized_start=1016
-  _globals['_OPSTAT']._serialized_end=1119
-  _globals['_FORWARDREPLY']._serialized_start=1122
-  _globals['_FORWARDREPLY']._serialized_end=1270
-  _globals['_ABORTREQUEST']._serialized_start=1272
-  _globals['_ABORTREQUEST']._serialized_end=1342
-  _globals['_ABORTREPLY']._serialized_start=1344
-  _globals['_ABORTREPLY']._serialized_end=1356
-  _globals['_RELEASEREQUEST']._serialized_start=1358
-  _globals['_RELEASEREQUEST']._serialized_end=1394
-  _globals['_RELEASEREPLY']._serialized_start=1396
-  _globals['_RELEASEREPLY']._serialized_end=1410
-  _globals['_FRAME']._serialized_start=1412
-  _globals['_FRAME']._serialized_end=1525
-  _globals['_EXCHANGESUMMARY']._serialized_start=1527
-  _globals['_EXCHANGESUMMARY']._serialized_end=1560
-  _globals['_PROFILEREQUEST']._serialized_start=1562
-  _globals['_PROFILEREQUEST']._serialized_end=1649
-  _globals['_BLOCKSAMPLE']._serialized_start=1651
-  _globals['_BLOCKSAMPLE']._serialized_end=1723
-  _globals['_PROFILEREPLY']._serialized_start=1726
-  _globals['_PROFILEREPLY']._serialized_end=1878
-  _globals['_PINGREQUEST']._serialized_start=1880
-  _globals['_PINGREQUEST']._serialized_end=1910
-  _globals['_PINGREPLY']._serialized_start=1912
-  _globals['_PINGREPLY']._serialized_end=1940
-  _globals['_BLOB']._serialized_start=1942
-  _globals['_BLOB']._serialized_end=1962
-  _globals['_SINKREPLY']._serialized_start=1964
-  _globals['_SINKREPLY']._serialized_end=1990
-  _globals['_LINKTESTREQUEST']._serialized_start=1992
-  _globals['_LINKTESTREQUEST']._serialized_end=2053
-  _globals['_LINKTESTREPLY']._serialized_start=2055
-  _globals['_LINKTESTREPLY']._serialized_end=2144
-  _globals['_WORKER']._serialized_start=2262
-  _globals['_WORKER']._serialized_end=2856
+  _globals['_MODELREF']._serialized_end=512
+  _globals['_LOADREQUEST']._serialized_start=515
+  _globals['_LOADREQUEST']._serialized_end=711
+  _globals['_LOADREPLY']._serialized_start=713
+  _globals['_LOADREPLY']._serialized_end=781
+  _globals['_FORWARDREQUEST']._serialized_start=784
+  _globals['_FORWARDREQUEST']._serialized_end=1034
+  _globals['_OPSTAT']._serialized_start=1036
+  _globals['_OPSTAT']._serialized_end=1139
+  _globals['_FORWARDREPLY']._serialized_start=1142
+  _globals['_FORWARDREPLY']._serialized_end=1290
+  _globals['_ABORTREQUEST']._serialized_start=1292
+  _globals['_ABORTREQUEST']._serialized_end=1362
+  _globals['_ABORTREPLY']._serialized_start=1364
+  _globals['_ABORTREPLY']._serialized_end=1376
+  _globals['_RELEASEREQUEST']._serialized_start=1378
+  _globals['_RELEASEREQUEST']._serialized_end=1414
+  _globals['_RELEASEREPLY']._serialized_start=1416
+  _globals['_RELEASEREPLY']._serialized_end=1430
+  _globals['_FRAME']._serialized_start=1432
+  _globals['_FRAME']._serialized_end=1545
+  _globals['_EXCHANGESUMMARY']._serialized_start=1547
+  _globals['_EXCHANGESUMMARY']._serialized_end=1580
+  _globals['_PROFILEREQUEST']._serialized_start=1582
+  _globals['_PROFILEREQUEST']._serialized_end=1669
+  _globals['_BLOCKSAMPLE']._serialized_start=1671
+  _globals['_BLOCKSAMPLE']._serialized_end=1743
+  _globals['_PROFILEREPLY']._serialized_start=1746
+  _globals['_PROFILEREPLY']._serialized_end=1898
+  _globals['_PINGREQUEST']._serialized_start=1900
+  _globals['_PINGREQUEST']._serialized_end=1930
+  _globals['_PINGREPLY']._serialized_start=1932
+  _globals['_PINGREPLY']._serialized_end=1960
+  _globals['_BLOB']._serialized_start=1962
+  _globals['_BLOB']._serialized_end=1982
+  _globals['_SINKREPLY']._serialized_start=1984
+  _globals['_SINKREPLY']._serialized_end=2010
+  _globals['_LINKTESTREQUEST']._serialized_start=2012
+  _globals['_LINKTESTREQUEST']._serialized_end=2073
+  _globals['_LINKTESTREPLY']._serialized_start=2075
+  _globals['_LINKTESTREPLY']._serialized_end=2164
+  _globals['_WORKER']._serialized_start=2282
+  _globals['_WORKER']._serialized_end=2876
 # @@protoc_insertion_point(module_scope)

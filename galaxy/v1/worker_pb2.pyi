@@ -69,16 +69,18 @@ class HelloReply(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., device_name: _Optional[str] = ..., galaxy_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., threads: _Optional[int] = ..., compute_device: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., state: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ModelRef(_message.Message):
-    __slots__ = ("path", "random_init", "seed", "config_json")
+    __slots__ = ("path", "random_init", "seed", "config_json", "random_std")
     PATH_FIELD_NUMBER: _ClassVar[int]
     RANDOM_INIT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_STD_FIELD_NUMBER: _ClassVar[int]
     path: str
     random_init: bool
     seed: int
     config_json: str
-    def __init__(self, path: _Optional[str] = ..., random_init: _Optional[bool] = ..., seed: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
+    random_std: float
+    def __init__(self, path: _Optional[str] = ..., random_init: _Optional[bool] = ..., seed: _Optional[int] = ..., config_json: _Optional[str] = ..., random_std: _Optional[float] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_dtype")
