@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,9 @@ from .errors import GalaxyError
 log = logging.getLogger("galaxy")
 
 FP32_TOLERANCE = 1e-4  # max abs error of a parallel run against the single-device reference
+# Lossy wire formats: max |error| / max |reference| allowed (measured: fp16 0.2%, bf16 0.9%, int8 8.7% on
+# SmolLM2's logits over 3 devices; 0.05%, 0.4%, 1.4% on a random GPT2-Large shape).
+LOSSY_REL_BOUND = {"fp16": 0.01, "bf16": 0.03, "int8": 0.15}
 
 
 def _ids(text: str) -> list[int]:
@@ -94,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-output", metavar="FILE.npy",
                      help="write logits (causal LM) or last hidden states (encoder) as float32 [seq, dim]")
     run.add_argument("--cluster", metavar="FILE.yaml", help="devices from a cluster file (emulated or real)")
+    run.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8"],
+                     help="lossy activation format on every link (default: the plan's choice, else fp32 exact)")
+    run.add_argument("--weights-from", choices=["auto", "coordinator", "path"], default="auto",
+                     help="coordinator: stream each device its shard (devices need no model file); path: "
+                          "devices read the checkpoint path themselves; auto: path for --local, else stream")
     run.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
     add_generation_args(run)
     run.set_defaults(func=cmd_run)
@@ -112,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--strategy", choices=["auto", "galaxy", "megatron", "pipeline", "local"], default="auto",
                       help="force a strategy (default: the fastest predicted)")
     plan.add_argument("--reprofile", action="store_true", help="ignore cached device profiles")
+    plan.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8", "auto"], default="fp32",
+                      help="activation format on the links: fp32 exact (default), a lossy format everywhere, or "
+                           "auto: per link from its measured bandwidth and the devices' codec speed")
     plan.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan file")
     plan.add_argument("--svg", metavar="FILE.svg", help="draw the plan")
     plan.add_argument("--png", metavar="FILE.png", help="draw the plan")
@@ -135,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_args(chat, default_tokens=256)
     chat.set_defaults(func=cmd_chat)
 
+    from devices.cli import add_devices_parser
+
+    add_devices_parser(sub)
+
     keys = sub.add_parser("keys", help="the cluster's certificate authority and device keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     kinit = keys_sub.add_parser("init", help="create a CA (once) and a key pair per device")
@@ -156,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest shard this device accepts, e.g. 2GB (default: no cap)")
     worker.add_argument("--link-delay-ms", type=float, default=0.0,
                         help="emulated one-way link latency added to every received tile (emulated LANs)")
+    worker.add_argument("--shard-cache", metavar="DIR",
+                        help="keep streamed weight shards here (default $GALAXY_CACHE/shards/NAME; "
+                             "'none': memory only)")
+    worker.add_argument("--shard-cache-bytes", type=_bytes, default=4 << 30, metavar="SIZE",
+                        help="bound on the shard cache (default 4GiB)")
     worker.add_argument("--tls", metavar="DIR", help="mutual TLS with the cluster CA from `galaxy keys init DIR`")
     worker.add_argument("--tls-name", help="which key pair in DIR (default: --name)")
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
@@ -204,8 +225,14 @@ def cmd_worker(args) -> int:
         from .security import TlsFiles
 
         tls = TlsFiles.load(args.tls, args.tls_name or args.name or socket.gethostname())
-    settings = WorkerSettings(name=args.name, threads=args.threads, device=args.device, token=args.token,
-                              memory_budget=args.memory_budget, link_delay_ms=args.link_delay_ms, tls=tls)
+    name = args.name or socket.gethostname()
+    cache = args.shard_cache
+    if cache is None:
+        cache = str(Path(os.environ.get("GALAXY_CACHE", Path.home() / ".cache" / "galaxy")) / "shards" / name)
+    settings = WorkerSettings(name=name, threads=args.threads, device=args.device, token=args.token,
+                              memory_budget=args.memory_budget, link_delay_ms=args.link_delay_ms, tls=tls,
+                              shard_cache=None if cache == "none" else cache,
+                              shard_cache_bytes=args.shard_cache_bytes)
     serve(args.listen, settings, ready=lambda addr: print(f"{READY_LINE} {addr}", flush=True))
     return 0
 
@@ -255,6 +282,18 @@ def _addresses_for(args) -> tuple[list[str] | None, str | None]:
                               f"({addresses}); re-plan with `galaxy plan`")
         addresses = plan.addresses()  # the plan may leave slow devices out
     return addresses, token
+
+
+def _wire(args, n: int) -> list[list[str]] | None:
+    """Per-link activation formats: --wire for every link, else the plan's, else None (fp32)."""
+    if getattr(args, "wire", None):
+        return [[args.wire] * n for _ in range(n)]
+    plan = _read_plan(args)
+    return plan.wire() if plan is not None else None
+
+
+def _stream_flag(args) -> bool | None:
+    return {"auto": None, "coordinator": True, "path": False}[getattr(args, "weights_from", "auto")]
 
 
 def _open_session(args, n: int):
@@ -312,11 +351,13 @@ def cmd_run(args) -> int:
         infos = session.devices()
         progress("loading shards" + (" on " + ", ".join(i.name for i in infos) if infos else ""))
         t1 = time.perf_counter()
-        model = session.load(source, partition=partition, dtype=args.dtype, tiles=args.tiles)
+        wire = _wire(args, n)
+        model = session.load(source, partition=partition, dtype=args.dtype, tiles=args.tiles,
+                             stream_weights=_stream_flag(args), wire=wire)
         seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
                 "dtype": args.dtype, "input": how, "seq_len": int(req.ids.shape[0]),
-                "partition": _partition_rows(partition, req)}
+                "partition": _partition_rows(partition, req), "wire": wire or "fp32"}
         if generating:
             return _run_generate(args, model, req, base, seconds)
         return _run_forward(args, model, req, base, seconds, infos)
@@ -358,9 +399,19 @@ def _run_forward(args, model, req, report: dict, seconds: dict, infos) -> int:
         dtype = DTYPES[args.dtype]
         ref = reference_output(model.source, req, dtype=dtype).float()
         err = float((out - ref).abs().max())
-        tol = FP32_TOLERANCE if dtype == torch.float32 else 5e-2 * float(ref.abs().max())
-        ok = err <= tol
-        report.update(max_abs_err=err, tolerance=tol, check="pass" if ok else "FAIL")
+        rel = err / max(float(ref.abs().max()), 1e-30)
+        lossy = {f for row in (report.get("wire") if isinstance(report.get("wire"), list) else []) for f in row}
+        lossy.discard("fp32")
+        if lossy:  # a lossy wire is checked against its measured bound, relative to the output's scale
+            bound = max(LOSSY_REL_BOUND[f] for f in lossy)
+            ok = rel <= bound
+            report.update(max_abs_err=err, max_rel_err=rel, tolerance_rel=bound, check="pass" if ok else "FAIL")
+        else:
+            tol = FP32_TOLERANCE if dtype == torch.float32 else 5e-2 * float(ref.abs().max())
+            ok = err <= tol
+            report.update(max_abs_err=err, max_rel_err=rel, tolerance=tol, check="pass" if ok else "FAIL")
+        if model.config.causal:
+            report["top1_agreement"] = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
     if args.save_output:
         np.save(args.save_output, out.numpy().astype(np.float32))
         report["saved"] = args.save_output
@@ -414,6 +465,7 @@ def _run_generate(args, model, req, report: dict, seconds: dict) -> int:
 
 def cmd_plan(args) -> int:
     from planner import render
+    from planner import wire as wire_choice
     from planner.profiler import profile_cluster
     from planner.solver import solve
 
@@ -425,7 +477,7 @@ def cmd_plan(args) -> int:
         raise GalaxyError(f"--seq-len {args.seq_len} outside 1..{cfg.max_positions}")
     budgets = {}
     if args.cluster:
-        from devices.emulate import load_cluster
+        from devices.spec import load_cluster
 
         budgets = {d.name: d.memory for d in load_cluster(args.cluster).devices if getattr(d, "memory", None)}
     n = _device_count(args)
@@ -433,7 +485,15 @@ def cmd_plan(args) -> int:
         prof = profile_cluster(session._ex, cfg, [args.seq_len], args.dtype, memory_budget=args.memory_budget,
                                budgets=budgets, reprofile=args.reprofile)
     dtype_bytes = DTYPES[args.dtype].itemsize
-    plan = solve(cfg, args.seq_len, prof, None if args.strategy == "auto" else args.strategy, dtype_bytes)
+    n_prof = len(prof.devices)
+    wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
+    plan = solve(cfg, args.seq_len, wire_choice.effective(prof, wire),
+                 None if args.strategy == "auto" else args.strategy, dtype_bytes)
+    if args.wire != "fp32":
+        index = {d.name: i for i, d in enumerate(prof.devices)}
+        ring = [index[d.name] for d in plan.devices]
+        plan = dataclasses.replace(plan, devices=tuple(
+            dataclasses.replace(d, wire=tuple(wire[ring[k]][m] for m in ring)) for k, d in enumerate(plan.devices)))
     if args.output:
         Path(args.output).write_text(plan.to_json())
     for path in (args.svg, args.png):
@@ -515,7 +575,11 @@ def _print_run(rep: dict) -> None:
         print("next token " + ", ".join(f"{s} ({t['logit']})" for s, t in zip(shown, rep["top5"])))
     else:
         print(f"embedding {rep['embedding_head']} ...")
-    if "max_abs_err" in rep:
+    if "tolerance_rel" in rep:
+        print(f"check     lossy wire: max |parallel - reference| = {rep['max_abs_err']:.3g}, "
+              f"{100 * rep['max_rel_err']:.2f}% of the output's scale (bound {100 * rep['tolerance_rel']:.0f}%); "
+              f"top-1 agreement {100 * rep.get('top1_agreement', 1):.0f}%: {rep['check']}")
+    elif "max_abs_err" in rep:
         print(f"check     max |parallel - reference| = {rep['max_abs_err']:.3g} "
               f"(tolerance {rep['tolerance']:.0e}): {rep['check']}")
     if "saved" in rep:
@@ -537,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"galaxy {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
