@@ -64,7 +64,9 @@ class InprocCluster:
     def hello(self) -> list:
         return []
 
-    def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1) -> list[int]:
+    def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1,
+                    stream: bool = False, wire=None) -> list[int]:
+        """stream and wire are accepted for interface parity: in-process ranks share memory."""
         from .run import DTYPES
         from .sharding import shard_bytes
 

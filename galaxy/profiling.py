@@ -50,24 +50,39 @@ def shard_sizes(total: int, points: int = 3) -> list[int]:
     return sizes
 
 
+# --- backend hook (galaxy/backends, owned by the ONNX backend) ------------------------------------
+def _on_backend(blk: Block, backend: str, part: str) -> Block:
+    """Run the block's `part` steps on `backend` ("torch" leaves them as they are)."""
+    if backend == "onnx":
+        from .backends import default_cache_dir
+        from .backends.onnx import apply_onnx_block
+
+        apply_onnx_block(blk, default_cache_dir(), torch.get_num_threads(), parts=(part,))
+    elif backend != "torch":
+        raise ValueError(f"backend={backend!r} is not torch|onnx")
+    return blk
+# --- end of backend hook ------------------------------------------------------------------------------
+
+
 @torch.inference_mode()
 def time_blocks(cfg: ModelConfig, seq_lens: list[int], repeats: int = 3, dtype=torch.float32,
-                device: str = "cpu", progress=lambda done, total: None) -> list[Sample]:
-    """Median times of every block kind at several shard sizes, for each sequence length."""
+                device: str = "cpu", progress=lambda done, total: None, backend: str = "torch") -> list[Sample]:
+    """Median times of every block kind at several shard sizes, for each sequence length.
+    backend: "torch" or "onnx" (ONNX Runtime with the calling thread's torch thread count)."""
     head_sizes, col_sizes = shard_sizes(cfg.n_heads), shard_sizes(cfg.ffn)
     jobs = [(s, "attention", h) for s in seq_lens for h in head_sizes]
     jobs += [(s, "mlp", c) for s in seq_lens for c in col_sizes]
     jobs += [(s, "connective", t) for s in seq_lens for t in sorted({max(1, s // 4), s})]
     samples: list[Sample] = []
-    full = _block(cfg, cfg.n_heads, cfg.ffn, dtype, device)
+    full = _on_backend(_block(cfg, cfg.n_heads, cfg.ffn, dtype, device), backend, "connective")
     for i, (seq, kind, units) in enumerate(jobs):
         x = torch.randn(seq, cfg.hidden, dtype=dtype, device=device)
         if kind == "attention":
-            blk = _block(cfg, units, 1, dtype, device)
+            blk = _on_backend(_block(cfg, units, 1, dtype, device), backend, "attention")
             a = blk.attn
             fn = lambda a=a, x=x: a.project_out(a.attend(a.project(x)))  # noqa: E731
         elif kind == "mlp":
-            blk = _block(cfg, 1, units, dtype, device)
+            blk = _on_backend(_block(cfg, 1, units, dtype, device), backend, "mlp")
             m = blk.mlp
             fn = lambda m=m, x=x: m.contract(m.expand(x))  # noqa: E731
         else:

@@ -51,6 +51,7 @@ class ResilientCluster:
         self.straggler_ratio, self.straggler_patience = straggler_ratio, straggler_patience
         self.events: list[Event] = []
         self._loaded = None  # (source, partition, dtype, tiles) as last loaded
+        self._stream = False
         self._slow_streak = 0
 
     # the Cluster interface ------------------------------------------------------------------
@@ -65,9 +66,11 @@ class ResilientCluster:
     def hello(self):
         return self.cluster.hello()
 
-    def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1):
-        out = self.cluster.load_source(source, partition, dtype=dtype, tiles=tiles)
+    def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1,
+                    stream: bool = False, wire=None):
+        out = self.cluster.load_source(source, partition, dtype=dtype, tiles=tiles, stream=stream, wire=wire)
         self._loaded = (source, partition, dtype, tiles)
+        self._stream = stream
         return out
 
     def release(self) -> None:
@@ -115,7 +118,7 @@ class ResilientCluster:
         self.cluster.close()
         self.cluster = self._make(survivors)
         self.cluster.hello()
-        self.cluster.load_source(source, partition, dtype=dtype, tiles=tiles)
+        self.cluster.load_source(source, partition, dtype=dtype, tiles=tiles, stream=self._stream)
         self._loaded = (source, partition, dtype, tiles)
         lost = [a for a in self.addresses if a not in survivors]
         self.events.append(Event("recover", f"lost {lost or 'none'}: {why}", time.perf_counter() - t0, survivors))
@@ -149,7 +152,7 @@ class ResilientCluster:
         source, old, dtype, tiles = self._loaded
         weights = [w / r for w, r in zip(old.seq_weights, ratios)]  # a device 2x slower gets half the work
         partition = weighted_partition(source.config, weights)
-        self.cluster.load_source(source, partition, dtype=dtype, tiles=tiles)
+        self.cluster.load_source(source, partition, dtype=dtype, tiles=tiles, stream=self._stream)
         self._loaded = (source, partition, dtype, tiles)
         slow = [self.cluster.names[i] for i, r in enumerate(ratios) if r >= self.straggler_ratio]
         self.events.append(Event("rebalance", f"straggler(s) {slow}: busy-time ratios "

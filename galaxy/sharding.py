@@ -208,35 +208,49 @@ def _read(source, name: str, cut) -> torch.Tensor:
     return source.get(name) if cut is None else source.get(name, *cut)
 
 
-def shard_state(source, spec: ShardSpec, model: Transformer) -> dict[str, torch.Tensor]:
-    """The state dict of `model` (built for `spec`), cut from the source's canonical tensors."""
+def iter_shard_state(source, spec: ShardSpec, model: Transformer):
+    """(key, tensor) for every entry of `model`'s state dict (built for `spec`), one at a time,
+    cut from the source's canonical tensors. A tied LM head yields (key, None): it is the
+    embedding's tensor, held once."""
     cfg = source.config
-    state: dict[str, torch.Tensor] = {}
     top_cuts = _cuts(cfg, spec, None)
+    has_embed = False
     for key in model.state_dict(keep_vars=True):
         if key.startswith("layers."):
             _, idx, rest = key.split(".", 2)
             cuts = _cuts(cfg, spec, model.layers[idx])
             parts = [_read(source, f"layers.{idx}.{name}", cuts[style]) for name, style in _LAYER_STYLE[rest]]
-            state[key] = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+            yield key, parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         elif key == "lm_head":
-            name = "embed.tokens" if cfg.tie_embeddings else "lm_head"
-            if cfg.tie_embeddings and "embed.tokens" in state:
-                state[key] = state["embed.tokens"]  # tied: one tensor, held once
+            if cfg.tie_embeddings and has_embed:
+                yield key, None
             else:
-                state[key] = _read(source, name, top_cuts["vocab"])
+                yield key, _read(source, "embed.tokens" if cfg.tie_embeddings else "lm_head", top_cuts["vocab"])
         else:
             name, style = _TOP_STYLE[key]
-            state[key] = _read(source, name, top_cuts[style])
+            has_embed = has_embed or key == "embed.tokens"
+            yield key, _read(source, name, top_cuts[style])
+
+
+def shard_state(source, spec: ShardSpec, model: Transformer) -> dict[str, torch.Tensor]:
+    """The state dict of `model` (built for `spec`), cut from the source's canonical tensors."""
+    state = dict(iter_shard_state(source, spec, model))
+    if state.get("lm_head", 0) is None:
+        state["lm_head"] = state["embed.tokens"]  # tied: one tensor, held once
     return state
 
 
 def load_shard(source, spec: ShardSpec, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Transformer:
     """Build one device's model for `spec` and load only its slice of the weights."""
-    cfg = source.config
-    model = _meta_model(cfg, spec)
+    model = meta_model(source.config, spec)
+    return build_shard(model, shard_state(source, spec, model), dtype, device)
+
+
+def build_shard(model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                device: str = "cpu") -> Transformer:
+    """Fill a meta-device `model` with `state` (its exact state dict), moved to dtype and device."""
+    cfg = model.cfg
     model.dtype = dtype
-    state = shard_state(source, spec, model)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     if cfg.tie_embeddings and "lm_head" in state and "embed.tokens" in state:
         state["lm_head"] = state["embed.tokens"]  # keep the tie after the dtype/device move
@@ -244,7 +258,7 @@ def load_shard(source, spec: ShardSpec, dtype: torch.dtype = torch.float32, devi
     return model.eval().requires_grad_(False)
 
 
-def _meta_model(cfg: ModelConfig, spec: ShardSpec) -> Transformer:
+def meta_model(cfg: ModelConfig, spec: ShardSpec) -> Transformer:
     """The module tree for `spec` with no storage behind it (zero-size shards allowed)."""
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
@@ -253,7 +267,7 @@ def _meta_model(cfg: ModelConfig, spec: ShardSpec) -> Transformer:
 
 def shard_bytes(cfg: ModelConfig, spec: ShardSpec, dtype: torch.dtype = torch.float32) -> int:
     """Weight bytes a device holds for `spec` (tied head counted once)."""
-    model = _meta_model(cfg, spec)
+    model = meta_model(cfg, spec)
     n = sum(p.numel() for p in model.parameters())
     if model.lm_head is not None and model.embed is not None and cfg.tie_embeddings:
         n -= model.lm_head.numel()

@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from galaxy.codec import FORMATS as WIRE_FORMATS
 from galaxy.config import FAMILIES, ModelConfig
 from galaxy.sharding import Partition, PartitionError
 
@@ -89,6 +90,7 @@ class DevicePlan:
     layers: int = 0  # layers held (pipeline stages; the whole model otherwise)
     memory: DeviceMemory = field(default_factory=DeviceMemory)
     predicted: DeviceTiming = field(default_factory=DeviceTiming)
+    wire: tuple[str, ...] = ()  # format sent to each device, in ring order (empty: fp32 everywhere)
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,13 @@ class Plan:
     def addresses(self) -> list[str]:
         """Worker addresses in ring / stage order."""
         return [d.address for d in self.devices]
+
+    def wire(self) -> list[list[str]] | None:
+        """wire[i][j]: format ring device i sends to j; None when every link carries fp32."""
+        if not any(x.wire for x in self.devices):
+            return None
+        n = len(self.devices)
+        return [list(x.wire) if x.wire else ["fp32"] * n for x in self.devices]
 
     def result(self, strategy: str) -> StrategyResult | None:
         return next((r for r in self.strategies if r.strategy == strategy), None)
@@ -167,6 +176,7 @@ class Plan:
             "memory": {"weights_bytes": x.memory.weights_bytes, "activation_bytes": x.memory.activation_bytes,
                        "budget_bytes": x.memory.budget_bytes},
             "predicted": {"compute_s": x.predicted.compute_s, "comm_s": x.predicted.comm_s},
+            **({"wire": list(x.wire)} if x.wire else {}),
         } for x in self.devices]
         out["strategies"] = {r.strategy: {"latency_s": r.latency_s, "reason": r.reason} for r in self.strategies}
         out["unused"] = [{"name": nm, "reason": why} for nm, why in self.unused]
@@ -317,7 +327,7 @@ def _check_shape(p: Plan, m: _Shape) -> None:
 
 _TOP = {"version", "model", "seq_len", "strategy", "dtype_bytes", "latency_s", "reason", "devices", "strategies",
         "unused"}
-_DEVICE = {"name", "address", "heads", "mlp_cols", "vocab_rows", "tokens", "layers", "memory", "predicted"}
+_DEVICE = {"name", "address", "heads", "mlp_cols", "vocab_rows", "tokens", "layers", "memory", "predicted", "wire"}
 _MODEL = {"name", "family", "fingerprint", "n_layers", "n_heads", "ffn", "vocab_size"}
 _MEMORY = {"weights_bytes", "activation_bytes", "budget_bytes"}
 _PREDICTED = {"compute_s", "comm_s"}
@@ -356,8 +366,11 @@ def _read_plan(d) -> Plan:
             if k in ("heads", "mlp_cols", "vocab_rows", "tokens", "layers"):
                 _count(f"{at}.{k}", v)
         fields = {k: x[k] for k in ("heads", "mlp_cols", "vocab_rows", "tokens", "layers") if k in x}
+        wire = x.get("wire", [])
+        _need(isinstance(wire, list) and all(w in WIRE_FORMATS for w in wire) and len(wire) in (0, len(d["devices"])),
+              f"{at}.wire: expected one of {WIRE_FORMATS} per device, got {wire!r}")
         devices.append(DevicePlan(x.get("name", x["address"]), x["address"], **fields,
-                                  memory=DeviceMemory(**mem), predicted=DeviceTiming(**pred)))
+                                  memory=DeviceMemory(**mem), predicted=DeviceTiming(**pred), wire=tuple(wire)))
     strategies = []
     sd = d.get("strategies", {})
     _need(isinstance(sd, dict), f"strategies: expected an object, got {type(sd).__name__}")

@@ -33,6 +33,7 @@ class DeviceProfile:
     connective: ComputeModel  # residual add + norm of s tokens
     memory_bytes: int  # what a shard may use: min(free memory, the user's budget)
     head: ComputeModel | None = None  # LM head / embedding GEMMs (defaults to the MLP model)
+    codec_s_per_byte: dict = field(default_factory=dict)  # wire format -> encode+decode s per fp32 byte
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class ClusterProfile:
             return None if x is None else ComputeModel(**x)
 
         devices = [DeviceProfile(x["name"], x["address"], cm(x["attention"]), cm(x["mlp"]), cm(x["connective"]),
-                                 int(x["memory_bytes"]), cm(x.get("head"))) for x in d["devices"]]
+                                 int(x["memory_bytes"]), cm(x.get("head")), dict(x.get("codec_s_per_byte", {})))
+                   for x in d["devices"]]
         links = [[None if lk is None else Link(**lk) for lk in row] for row in d.get("links", [])]
         return cls(devices, links)
 

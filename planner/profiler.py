@@ -29,7 +29,7 @@ from .profile import (
     mlp_flops,
 )
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -111,10 +111,10 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
         replies = cluster.profile(cfg, seq_lens, dtype, ranks=todo)
         for r, rep in replies.items():
             samples = [(s.kind, s.units, s.seq, s.seconds) for s in rep.samples]
-            cached[r] = {"samples": samples}
+            cached[r] = {"samples": samples, "codecs": dict(rep.codec_s_per_byte)}
             path = _cache_file(infos[r], key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"device": infos[r].name, "shape": key, "samples": samples}))
+            path.write_text(json.dumps({"device": infos[r].name, "shape": key, **cached[r]}))
         done += 1
         if show_progress:
             _progress(done, steps, "block timings")
@@ -130,7 +130,8 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
         if budgets and info.name in budgets:
             mem.append(budgets[info.name])
         devices.append(DeviceProfile(info.name, info.address, models["attention"], models["mlp"],
-                                     models["connective"], int(min(mem))))
+                                     models["connective"], int(min(mem)),
+                                     codec_s_per_byte=cached[r].get("codecs", {})))
     n = len(infos)
     links: list[list[Link | None]] = [[None] * n for _ in range(n)]
     for i in range(n):

@@ -18,7 +18,6 @@ import galaxy
 from galaxy.checkpoints.random import RandomWeights
 from galaxy.config import preset
 from galaxy.errors import PeerUnreachable
-from galaxy.parallel import Request
 from galaxy.run import reference_generate
 from galaxy.sharding import full_spec, load_shard
 

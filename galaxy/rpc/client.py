@@ -180,7 +180,9 @@ class Cluster:
             raise _error(e, self.names[src], f"link test to {self.names[dst]}") from None
 
     def load(self, model: ModelRef, partition: Partition, dtype: str = "float32", tiles: int = 1,
-             recv_timeout: float = 60.0, load_timeout: float = 600.0) -> list[pb.LoadReply]:
+             recv_timeout: float = 60.0, load_timeout: float = 600.0,
+             shard_hashes: list[str] | None = None, wire: list[list[str]] | None = None) -> list[pb.LoadReply]:
+        """wire[i][j]: the format rank i sends to rank j in ("fp32", "bf16", "fp16", "int8"); None: exact."""
         """Every worker loads its shard of `model` under `partition` and joins the ring."""
         if partition.world != self.world:
             raise PlanMismatch(f"the partition has {partition.world} devices, the cluster {self.world}")
@@ -190,20 +192,49 @@ class Cluster:
         ref, pjson = model.to_proto(), json.dumps(partition.to_dict())
 
         def call(r, stub):
-            req = pb.LoadRequest(session_id=self.session_id, model=ref, partition_json=pjson, rank=r,
-                                 peers=self.addresses, dtype=dtype, tiles=tiles, recv_timeout_s=recv_timeout)
+            mref = ref
+            if shard_hashes is not None:  # pushed shards: no path, just the hash of this rank's shard
+                mref = pb.ModelRef(config_json=ref.config_json, shard_hash=shard_hashes[r])
+            req = pb.LoadRequest(session_id=self.session_id, model=mref, partition_json=pjson, rank=r,
+                                 peers=self.addresses, dtype=dtype, tiles=tiles, recv_timeout_s=recv_timeout,
+                                 wire_formats=wire[r] if wire else [])
             return stub.Load(req, timeout=load_timeout, metadata=self._md())
 
         replies = self._all("load", call)
         self.partition, self.config = partition, model.config
         return replies
 
-    def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1):
-        """Load a WeightSource: workers read the same checkpoint path or random-init recipe."""
+    def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1,
+                    stream: bool = False, wire: list[list[str]] | None = None):
+        """Load a WeightSource. Workers read the same checkpoint path or random-init recipe, or, with
+        stream=True, receive exactly their shards from here (they need no model file)."""
         from ..run import model_ref
 
-        replies = self.load(model_ref(source), partition, dtype=dtype, tiles=tiles)
+        ref = model_ref(source)
+        hashes = self.push_shards(source, partition) if stream else None
+        replies = self.load(ref, partition, dtype=dtype, tiles=tiles, shard_hashes=hashes, wire=wire)
         return [r.weight_bytes for r in replies]
+
+    def push_shards(self, source, partition: Partition) -> list[str]:
+        """Stream each worker its shard unless its cache has it; returns the content hashes."""
+        from ..shardstore import model_hash, spec_json
+
+        mh, cfg = model_hash(source), source.config
+
+        def push(r, stub):
+            sj = spec_json(partition.spec(r, cfg))
+            have = stub.HaveShard(pb.HaveShardRequest(model_hash=mh, spec_json=sj), timeout=30,
+                                  metadata=self._md()).content_hash
+            if have:
+                return have
+            sent = {}
+            receipt = stub.PushShard(_shard_parts(source, partition.spec(r, cfg), mh, sj, sent),
+                                     timeout=3600, metadata=self._md())
+            if receipt.content_hash != sent.get("hash"):
+                raise GalaxyError(f"{self.names[r]}: shard hash mismatch after push")
+            return receipt.content_hash
+
+        return self._all("weight push", push)
 
     def forward(self, req: Request) -> ForwardResult:
         """One forward pass across the cluster; on any failure every worker aborts the request."""
@@ -313,3 +344,21 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _shard_parts(source, spec, mh: str, sj: str, out: dict):
+    """The PushShard stream: header, one tensor per message, then the content hash."""
+    import hashlib
+
+    from ..sharding import meta_model
+    from ..shardstore import digest, iter_shard
+
+    n = len(meta_model(source.config, spec).state_dict(keep_vars=True))
+    yield pb.ShardPart(model_hash=mh, spec_json=sj, config_json=json.dumps(source.config.to_dict()), n_tensors=n)
+    h = hashlib.sha256()
+    for name, t, alias in iter_shard(source, spec):
+        digest(h, name, t, alias)
+        yield pb.ShardPart(name=name, alias_of=alias) if t is None else pb.ShardPart(name=name, tensor=to_proto(t))
+    out["hash"] = h.hexdigest()
+    yield pb.ShardPart(content_hash=out["hash"])
+

@@ -25,7 +25,7 @@ from ..errors import TransportError
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import open_channel
-from .wire import from_proto, metadata, to_proto
+from .wire import compress, decompress, metadata, to_proto_dtype
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ class _Link:
                 return
             request_id, seq, tensor, tag = item
             t0 = time.perf_counter()
-            frame = pb.Frame(session_id=self.owner.session_id, request_id=request_id,
-                             src_rank=self.owner.rank, seq=seq, tensor=to_proto(tensor))
+            data, scales = compress(tensor, self.owner.wire_format(self.dst))
+            frame = pb.Frame(session_id=self.owner.session_id, request_id=request_id, src_rank=self.owner.rank,
+                             seq=seq, tensor=data, decoded_dtype=to_proto_dtype(tensor.dtype), scales=scales)
             yield frame  # returns when gRPC asks for the next one: the previous write completed
             self.owner.add_send_time(tag, time.perf_counter() - t0)
 
@@ -82,7 +83,8 @@ class PeerTransport:
     """Transport for one rank of a loaded session; see collectives.Transport."""
 
     def __init__(self, rank: int, peers: list[str], session_id: str, token: str | None,
-                 recv_timeout: float, channel_factory=None, link_delay_s: float = 0.0):
+                 recv_timeout: float, channel_factory=None, link_delay_s: float = 0.0,
+                 wire_formats: list[str] | None = None):
         self.rank, self.world, self.peers = rank, len(peers), list(peers)
         self.session_id, self.token, self.recv_timeout = session_id, token, recv_timeout
         self.channel_factory = channel_factory or open_channel
@@ -97,6 +99,7 @@ class PeerTransport:
         # Emulated one-way propagation delay: a frame becomes visible link_delay_s after it
         # arrived. tbf shapes bandwidth but adds no delay, and netem is not available.
         self.link_delay_s = link_delay_s
+        self.wire_formats = list(wire_formats or [])  # per destination rank; missing: fp32 (exact)
 
     # -- request scope -----------------------------------------------------------------------
     def begin(self, request_id: int) -> None:
@@ -111,6 +114,9 @@ class PeerTransport:
         with self.lock:
             if request_id in (0, self.request_id):
                 self.aborted = reason or "aborted by the coordinator"
+
+    def wire_format(self, dst: int) -> str:
+        return self.wire_formats[dst] if dst < len(self.wire_formats) and self.wire_formats[dst] else "fp32"
 
     def add_send_time(self, tag: str, seconds: float) -> None:
         with self.lock:
@@ -132,7 +138,8 @@ class PeerTransport:
         src = frame.src_rank
         if not 0 <= src < self.world or src == self.rank:
             raise TransportError(f"frame claims sender rank {src}, not a peer of rank {self.rank}")
-        tensor = from_proto(frame.tensor, f"frame {frame.seq} from rank {src}")
+        tensor = decompress(frame.tensor, frame.decoded_dtype, frame.scales if frame.HasField("scales") else None,
+                            f"frame {frame.seq} from rank {src}")
         self.boxes[src].put((frame.request_id, frame.seq, tensor, time.monotonic()))
 
     def recv(self, src: int, shape, dtype) -> torch.Tensor:

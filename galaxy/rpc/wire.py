@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from .. import codec
 from ..errors import TransportError
 from ..v1 import worker_pb2 as pb
 
@@ -36,6 +37,10 @@ def channel_options() -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ]
+
+
+def to_proto_dtype(dtype: torch.dtype) -> int:
+    return _TO_PB[dtype]
 
 
 def to_proto(t: torch.Tensor) -> pb.Tensor:
@@ -75,3 +80,26 @@ def metadata(token: str | None, session: str | None = None) -> list[tuple[str, s
     if session:
         md.append((META_SESSION, session))
     return md
+
+
+# --- lossy activation compression on the wire (codec.py does the arithmetic) -----------------
+WIRE_FORMATS = codec.FORMATS
+
+
+def compress(t: torch.Tensor, fmt: str) -> tuple[pb.Tensor, pb.Tensor | None]:
+    data, scales = codec.encode(t, fmt)
+    return to_proto(data), None if scales is None else to_proto(scales)
+
+
+def decompress(m: pb.Tensor, decoded: int, scales: pb.Tensor | None, what: str) -> torch.Tensor:
+    """Rebuild the sender's tensor from a frame, checking the scales fit the data."""
+    t = from_proto(m, what)
+    if not decoded or decoded == m.dtype:
+        return t
+    if decoded not in _FROM_PB:
+        raise TransportError(f"{what}: unknown decoded dtype code {decoded}")
+    s = from_proto(scales, f"{what} scales") if scales is not None else None
+    try:
+        return codec.decode(t, s, _FROM_PB[decoded])
+    except ValueError as e:
+        raise TransportError(f"{what}: {e}") from None

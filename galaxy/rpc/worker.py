@@ -28,18 +28,29 @@ import torch
 from .. import __version__
 from ..checkpoints import CheckpointError, WeightSource, open_checkpoint
 from ..checkpoints.random import RandomWeights
+from ..codec import codec_seconds_per_byte
 from ..config import ConfigError, ModelConfig
 from ..errors import DeviceOutOfMemory, GalaxyError, TransportError
 from ..parallel import Request
 from ..rank import RankRuntime
 from ..run import DTYPES
 from ..security import TlsFiles
-from ..sharding import Partition, PartitionError, load_shard, shard_bytes
+from ..sharding import Partition, PartitionError, build_shard, load_shard, meta_model, shard_bytes
+from ..shardstore import ShardStore
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import add_port, open_channel, server_options
 from .peers import PeerTransport
-from .wire import MAX_MESSAGE_BYTES, META_PROTOCOL, META_SESSION, META_TOKEN, PROTOCOL_VERSION, from_proto, to_proto
+from .wire import (
+    MAX_MESSAGE_BYTES,
+    META_PROTOCOL,
+    META_SESSION,
+    META_TOKEN,
+    PROTOCOL_VERSION,
+    WIRE_FORMATS,
+    from_proto,
+    to_proto,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +67,8 @@ class WorkerSettings:
     link_delay_ms: float = 0.0  # emulated one-way latency added to every frame this worker receives
     tls: TlsFiles | None = None  # mutual TLS with the cluster CA (security.py); None: plaintext
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger gRPC messages are refused before decoding
+    shard_cache: str | None = None  # directory for streamed shards (None: keep them in memory only)
+    shard_cache_bytes: int = 4 << 30
 
 
 @dataclass
@@ -87,6 +100,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.s = settings
         self.lock = threading.Lock()  # one Load/Forward/Release at a time
         self.session: _Session | None = None
+        self.shards = ShardStore(settings.shard_cache, settings.shard_cache_bytes)
 
     # -- control -----------------------------------------------------------------------------
     def Hello(self, request, context):
@@ -115,12 +129,16 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def _load(self, req: pb.LoadRequest) -> _Session:
         t0 = time.perf_counter()
-        source = _open_model(req.model)
-        if req.model.config_json:
-            want = ModelConfig.from_dict(json.loads(req.model.config_json))
-            if want.replace(name="") != source.config.replace(name=""):
-                raise ValueError(f"the model at {source.path} does not match the coordinator's config")
-        cfg = source.config
+        source = None
+        if req.model.shard_hash:  # streamed by the coordinator: no checkpoint on this device
+            cfg = ModelConfig.from_dict(json.loads(req.model.config_json))
+        else:
+            source = _open_model(req.model)
+            if req.model.config_json:
+                want = ModelConfig.from_dict(json.loads(req.model.config_json))
+                if want.replace(name="") != source.config.replace(name=""):
+                    raise ValueError(f"the model at {source.path} does not match the coordinator's config")
+            cfg = source.config
         partition = Partition.from_dict(json.loads(req.partition_json)).validate(cfg)
         if len(req.peers) != partition.world:
             raise ValueError(f"{len(req.peers)} peer addresses for a {partition.world}-device partition")
@@ -133,13 +151,20 @@ class WorkerService(pb_grpc.WorkerServicer):
         if self.s.memory_budget and need > self.s.memory_budget:
             raise GalaxyError(f"shard needs {need / 2**20:.0f} MiB, memory budget is "
                               f"{self.s.memory_budget / 2**20:.0f} MiB")
-        model = load_shard(source, spec, dtype=DTYPES[req.dtype], device=self.s.device)
+        if source is None:
+            state = self.shards.take(req.model.shard_hash)
+            model = build_shard(meta_model(cfg, spec), state, DTYPES[req.dtype], self.s.device)
+        else:
+            model = load_shard(source, spec, dtype=DTYPES[req.dtype], device=self.s.device)
+        bad = [f for f in req.wire_formats if f and f not in WIRE_FORMATS]
+        if bad or len(req.wire_formats) not in (0, partition.world):
+            raise ValueError(f"wire_formats {list(req.wire_formats)} must list one of {WIRE_FORMATS} per rank")
         transport = PeerTransport(req.rank, list(req.peers), req.session_id, self.s.token,
                                   req.recv_timeout_s or 60.0, channel_factory=lambda a: open_channel(a, self.s.tls),
-                                  link_delay_s=self.s.link_delay_ms / 1000)
+                                  link_delay_s=self.s.link_delay_ms / 1000, wire_formats=list(req.wire_formats))
         load_s = time.perf_counter() - t0
         log.info("%s: loaded rank %d/%d of %s (%.0f MiB) in %.2f s", self.s.name, req.rank, partition.world,
-                 source.path, need / 2**20, load_s)
+                 source.path if source else "a streamed shard", need / 2**20, load_s)
         return _Session(req.session_id, RankRuntime(model, partition, req.rank, req.tiles), transport, need, load_s)
 
     def _release(self) -> None:
@@ -224,10 +249,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         with self.lock:  # never time while a request runs
             samples = time_blocks(cfg, seqs, repeats=max(1, min(request.repeats or 3, 20)), dtype=dtype,
                                   device=self.s.device)
+            codecs = codec_seconds_per_byte(cols=cfg.hidden)
         return pb.ProfileReply(
             samples=[pb.BlockSample(kind=x.kind, units=x.units, seq=x.seq, seconds=x.seconds) for x in samples],
             available_memory_bytes=psutil.virtual_memory().available, memory_budget_bytes=self.s.memory_budget,
-            threads=self.s.threads, elapsed_s=time.perf_counter() - t0)
+            threads=self.s.threads, elapsed_s=time.perf_counter() - t0, codec_s_per_byte=codecs)
 
     def Ping(self, request, context):
         return pb.PingReply(payload=request.payload[:1024])
@@ -248,6 +274,19 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: cannot reach peer {request.peer}: "
                           f"{e.details()}")
         return pb.LinkTestReply(bandwidth_bps=bw, latency_s=lat, bytes=nbytes, seconds=secs)
+
+    # -- weight streaming --------------------------------------------------------------------
+    def HaveShard(self, request, context):
+        return pb.HaveShardReply(content_hash=self.shards.have(request.model_hash, request.spec_json))
+
+    def PushShard(self, request_iterator, context):
+        try:
+            h, nbytes, cached = self.shards.receive(request_iterator)
+        except (GalaxyError, TransportError) as e:
+            context.abort(grpc.StatusCode.DATA_LOSS, f"{self.s.name}: shard refused: {e}")
+        except MemoryError:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory receiving a shard")
+        return pb.ShardReceipt(content_hash=h, bytes=nbytes, cached=cached)
 
     # -- data plane ----------------------------------------------------------------------------
     def Exchange(self, request_iterator, context):

@@ -69,21 +69,67 @@ class HelloReply(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., device_name: _Optional[str] = ..., galaxy_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., threads: _Optional[int] = ..., compute_device: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., state: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ModelRef(_message.Message):
-    __slots__ = ("path", "random_init", "seed", "config_json", "random_std")
+    __slots__ = ("path", "random_init", "seed", "config_json", "random_std", "shard_hash")
     PATH_FIELD_NUMBER: _ClassVar[int]
     RANDOM_INIT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     RANDOM_STD_FIELD_NUMBER: _ClassVar[int]
+    SHARD_HASH_FIELD_NUMBER: _ClassVar[int]
     path: str
     random_init: bool
     seed: int
     config_json: str
     random_std: float
-    def __init__(self, path: _Optional[str] = ..., random_init: _Optional[bool] = ..., seed: _Optional[int] = ..., config_json: _Optional[str] = ..., random_std: _Optional[float] = ...) -> None: ...
+    shard_hash: str
+    def __init__(self, path: _Optional[str] = ..., random_init: _Optional[bool] = ..., seed: _Optional[int] = ..., config_json: _Optional[str] = ..., random_std: _Optional[float] = ..., shard_hash: _Optional[str] = ...) -> None: ...
+
+class ShardPart(_message.Message):
+    __slots__ = ("model_hash", "spec_json", "config_json", "n_tensors", "name", "tensor", "alias_of", "content_hash")
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    N_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_OF_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    model_hash: str
+    spec_json: str
+    config_json: str
+    n_tensors: int
+    name: str
+    tensor: Tensor
+    alias_of: str
+    content_hash: str
+    def __init__(self, model_hash: _Optional[str] = ..., spec_json: _Optional[str] = ..., config_json: _Optional[str] = ..., n_tensors: _Optional[int] = ..., name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., alias_of: _Optional[str] = ..., content_hash: _Optional[str] = ...) -> None: ...
+
+class ShardReceipt(_message.Message):
+    __slots__ = ("content_hash", "bytes", "cached")
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    content_hash: str
+    bytes: int
+    cached: bool
+    def __init__(self, content_hash: _Optional[str] = ..., bytes: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class HaveShardRequest(_message.Message):
+    __slots__ = ("model_hash", "spec_json")
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    model_hash: str
+    spec_json: str
+    def __init__(self, model_hash: _Optional[str] = ..., spec_json: _Optional[str] = ...) -> None: ...
+
+class HaveShardReply(_message.Message):
+    __slots__ = ("content_hash",)
+    CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    content_hash: str
+    def __init__(self, content_hash: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_dtype")
+    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARTITION_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -92,7 +138,7 @@ class LoadRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     TILES_FIELD_NUMBER: _ClassVar[int]
     RECV_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
-    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WIRE_FORMATS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelRef
     partition_json: str
@@ -101,8 +147,8 @@ class LoadRequest(_message.Message):
     dtype: str
     tiles: int
     recv_timeout_s: float
-    wire_dtype: str
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+    wire_formats: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("weight_bytes", "load_s", "rss_bytes")
@@ -193,18 +239,22 @@ class ReleaseReply(_message.Message):
     def __init__(self) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("session_id", "request_id", "src_rank", "seq", "tensor")
+    __slots__ = ("session_id", "request_id", "src_rank", "seq", "tensor", "decoded_dtype", "scales")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SRC_RANK_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    DECODED_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: int
     src_rank: int
     seq: int
     tensor: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., src_rank: _Optional[int] = ..., seq: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    decoded_dtype: DType
+    scales: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., src_rank: _Optional[int] = ..., seq: _Optional[int] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., decoded_dtype: _Optional[_Union[DType, str]] = ..., scales: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ExchangeSummary(_message.Message):
     __slots__ = ("frames",)
@@ -237,18 +287,27 @@ class BlockSample(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., units: _Optional[int] = ..., seq: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class ProfileReply(_message.Message):
-    __slots__ = ("samples", "available_memory_bytes", "memory_budget_bytes", "threads", "elapsed_s")
+    __slots__ = ("samples", "available_memory_bytes", "memory_budget_bytes", "threads", "elapsed_s", "codec_s_per_byte")
+    class CodecSPerByteEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    CODEC_S_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
     samples: _containers.RepeatedCompositeFieldContainer[BlockSample]
     available_memory_bytes: int
     memory_budget_bytes: int
     threads: int
     elapsed_s: float
-    def __init__(self, samples: _Optional[_Iterable[_Union[BlockSample, _Mapping]]] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    codec_s_per_byte: _containers.ScalarMap[str, float]
+    def __init__(self, samples: _Optional[_Iterable[_Union[BlockSample, _Mapping]]] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., codec_s_per_byte: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("payload",)

@@ -84,6 +84,16 @@ class WorkerStub:
                 request_serializer=galaxy_dot_v1_dot_worker__pb2.LinkTestRequest.SerializeToString,
                 response_deserializer=galaxy_dot_v1_dot_worker__pb2.LinkTestReply.FromString,
                 _registered_method=True)
+        self.HaveShard = channel.unary_unary(
+                '/galaxy.v1.Worker/HaveShard',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.HaveShardRequest.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.HaveShardReply.FromString,
+                _registered_method=True)
+        self.PushShard = channel.stream_unary(
+                '/galaxy.v1.Worker/PushShard',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.ShardPart.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.ShardReceipt.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -153,6 +163,20 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HaveShard(self, request, context):
+        """in the worker's shard cache?
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushShard(self, request_iterator, context):
+        """weight streaming: no file needed
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +229,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.LinkTest,
                     request_deserializer=galaxy_dot_v1_dot_worker__pb2.LinkTestRequest.FromString,
                     response_serializer=galaxy_dot_v1_dot_worker__pb2.LinkTestReply.SerializeToString,
+            ),
+            'HaveShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.HaveShard,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.HaveShardRequest.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.HaveShardReply.SerializeToString,
+            ),
+            'PushShard': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushShard,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.ShardPart.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.ShardReceipt.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +511,60 @@ class Worker:
             '/galaxy.v1.Worker/LinkTest',
             galaxy_dot_v1_dot_worker__pb2.LinkTestRequest.SerializeToString,
             galaxy_dot_v1_dot_worker__pb2.LinkTestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HaveShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/galaxy.v1.Worker/HaveShard',
+            galaxy_dot_v1_dot_worker__pb2.HaveShardRequest.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.HaveShardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushShard(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/galaxy.v1.Worker/PushShard',
+            galaxy_dot_v1_dot_worker__pb2.ShardPart.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.ShardReceipt.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,81 @@
+"""Lossy activation codecs for slow links: bf16/fp16 casts and group-wise int8 (pure torch).
+
+fp32 is exact and the default. int8 keeps one float32 scale per INT8_GROUP consecutive values of
+a row (like GGUF's Q8_0): per-row scales drown in the outlier channels of LLM activations.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+FORMATS = ("fp32", "bf16", "fp16", "int8")
+INT8_GROUP = 64
+BYTES_PER_VALUE = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0 + 4.0 / INT8_GROUP}
+_FP16_MAX = 60000.0  # beyond this fp16 overflows: such tensors go as bf16
+
+
+def _rows_cols(t: torch.Tensor) -> tuple[int, int]:
+    rows = t.shape[0] if t.dim() else 1
+    return rows, t.numel() // max(rows, 1) if rows else 0
+
+
+def _groups(t: torch.Tensor) -> torch.Tensor:
+    """(rows, n_groups, INT8_GROUP) float32 view of t, zero-padded at the end of each row."""
+    rows, _ = _rows_cols(t)
+    flat = t.reshape(rows, -1).float()
+    pad = (-flat.shape[1]) % INT8_GROUP
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.reshape(rows, -1, INT8_GROUP)
+
+
+def encode(t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(data, int8 group scales or None) to send for a float tensor."""
+    if fmt not in FORMATS:
+        raise ValueError(f"wire format {fmt!r} is not one of {FORMATS}")
+    if fmt == "fp32" or not t.is_floating_point() or t.numel() == 0:
+        return t, None
+    if fmt == "fp16" and float(t.abs().max()) > _FP16_MAX:
+        fmt = "bf16"
+    if fmt == "bf16":
+        return t.to(torch.bfloat16), None
+    if fmt == "fp16":
+        return t.to(torch.float16), None
+    g = _groups(t)
+    scale = g.abs().amax(dim=-1).clamp_min(1e-30) / 127.0  # (rows, n_groups)
+    q = torch.round(g / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(q.shape[0], -1)[:, : _rows_cols(t)[1]].reshape(t.shape), scale
+
+
+def decode(data: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The sender's tensor (approximately) from what was sent; raises ValueError on bad scales."""
+    if data.dtype == dtype:
+        return data
+    if data.dtype == torch.int8:
+        rows, cols = _rows_cols(data)
+        want = (rows, -(-cols // INT8_GROUP))
+        if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != want:
+            raise ValueError(f"int8 data of shape {tuple(data.shape)} needs {want} float32 group scales")
+        g = _groups(data) * scales[..., None]
+        return g.reshape(rows, -1)[:, :cols].reshape(data.shape).to(dtype)
+    if data.dtype in (torch.bfloat16, torch.float16):
+        return data.to(dtype)
+    raise ValueError(f"cannot decode {data.dtype} into {dtype}")
+
+
+def codec_seconds_per_byte(rows: int = 128, cols: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Measured encode + decode time per byte of float32 activations, per format, on this device."""
+    x = torch.randn(rows, cols)
+    out = {"fp32": 0.0}
+    for fmt in FORMATS[1:]:
+        decode(*encode(x, fmt), torch.float32)  # warm-up
+    for fmt in FORMATS[1:]:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            decode(*encode(x, fmt), torch.float32)
+            best = min(best, time.perf_counter() - t0)
+        out[fmt] = best / (x.numel() * 4)
+    return out
