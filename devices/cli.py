@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from galaxy.errors import GalaxyError
@@ -52,7 +53,14 @@ def add_devices_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_check)
 
-    ls = sub.add_parser("ls", help="the device catalog, link presets and ready cluster files")
+    cat = sub.add_parser("catalog", help="the device catalog, link presets and ready cluster files")
+    cat.set_defaults(func=cmd_catalog)
+
+    ls = sub.add_parser("ls", help="workers announcing themselves on this machine's subnets (discovery)")
+    ls.add_argument("--cluster-name", help="only this cluster (default: every cluster heard)")
+    ls.add_argument("--timeout", type=float, default=2.0, help="seconds to listen (default 2)")
+    ls.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"),
+                    help="accept only announcements signed with the cluster token (needs --cluster-name)")
     ls.set_defaults(func=cmd_ls)
     return p
 
@@ -143,7 +151,7 @@ def _check(args, spec, ours: bool) -> int:
     return 1 if bad else 0
 
 
-def cmd_ls(args) -> int:
+def cmd_catalog(args) -> int:
     from galaxy.units import fmt_bytes, fmt_rate
 
     from .emulate import format_rows
@@ -167,3 +175,9 @@ def cmd_ls(args) -> int:
                      " + ".join(f"{d.cpu:.2f}" for d in spec.devices if d.cpu is not None) or "real"))
     print(format_rows(rows))
     return 0
+
+
+def cmd_ls(args) -> int:
+    from galaxy.discovery import devices_ls
+
+    return devices_ls(args.cluster_name, args.timeout, token=args.token if args.cluster_name else None)

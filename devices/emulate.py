@@ -262,7 +262,7 @@ def _start_workers(spec, lay: L.Layout, cg: S.Cgroups, state: _State, token: str
     progress(f"starting {len(lay.devices)} workers inside their namespaces and cgroups")
     procs = []
     for d in lay.devices:
-        cmd = L.enter_command(d.netns, S.procs_files(cg, d.cgroup), L.worker_command(d, detached))
+        cmd = L.enter_command(d.netns, S.procs_files(cg, d.cgroup), L.worker_command(d, detached, cluster=spec.name))
         procs.append(_spawn(cmd, logs / f"{d.name}.log", _worker_env(token), detached))
         state.add(S.process_record(procs[-1], f"worker {d.name}"))
     return procs

@@ -179,12 +179,15 @@ def cgroup_values(d: DeviceLayout, version: int) -> list[tuple[str, str, str]]:
     return out
 
 
-def worker_command(d: DeviceLayout, detached: bool, python: str = sys.executable) -> list[str]:
-    """`galaxy worker` for device d; `detached` workers outlive the process that started them."""
+def worker_command(d: DeviceLayout, detached: bool, python: str = sys.executable, cluster: str = "") -> list[str]:
+    """`galaxy worker` for device d; `detached` workers outlive the process that started them.
+    With a cluster name the worker announces itself on its subnet (`galaxy run --discover`)."""
     from galaxy.rpc.spawn import worker_command as base
 
-    cmd = base(d.address, d.name, d.threads, extra=["--memory-budget", str(d.memory_budget),
-                                                    "--link-delay-ms", f"{d.latency_ms:g}"])
+    extra = ["--memory-budget", str(d.memory_budget), "--link-delay-ms", f"{d.latency_ms:g}"]
+    if cluster:
+        extra += ["--announce", "--cluster-name", cluster]
+    cmd = base(d.address, d.name, d.threads, extra=extra)
     if python != sys.executable:
         cmd[0] = python
     if detached:  # base() always asks to die with the parent; `galaxy devices up` exits right after

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-output", metavar="FILE.npy",
                      help="write logits (causal LM) or last hidden states (encoder) as float32 [seq, dim]")
     run.add_argument("--cluster", metavar="FILE.yaml", help="devices from a cluster file (emulated or real)")
+    run.add_argument("--discover", nargs="?", const="galaxy", metavar="CLUSTER_NAME",
+                     help="find the workers announcing themselves on the LAN (cluster name, default 'galaxy')")
+    run.add_argument("--expect", type=int, metavar="N", help="with --discover: wait for exactly N workers")
     run.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8"],
                      help="lossy activation format on every link (default: the plan's choice, else fp32 exact)")
     run.add_argument("--weights-from", choices=["auto", "coordinator", "path"], default="auto",
@@ -179,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bound on the shard cache (default 4GiB)")
     worker.add_argument("--tls", metavar="DIR", help="mutual TLS with the cluster CA from `galaxy keys init DIR`")
     worker.add_argument("--tls-name", help="which key pair in DIR (default: --name)")
+    worker.add_argument("--announce", action="store_true",
+                        help="announce this worker on its subnet so `galaxy run --discover` finds it")
+    worker.add_argument("--cluster-name", default="galaxy", help="cluster to announce in (default 'galaxy')")
+    worker.add_argument("--announce-interface", action="append", metavar="IFACE",
+                        help="announce on this interface only (repeatable; default: the listen address's)")
     worker.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     worker.set_defaults(func=cmd_worker)
     return ap
@@ -233,7 +241,8 @@ def cmd_worker(args) -> int:
                               memory_budget=args.memory_budget, link_delay_ms=args.link_delay_ms, tls=tls,
                               shard_cache=None if cache == "none" else cache,
                               shard_cache_bytes=args.shard_cache_bytes)
-    serve(args.listen, settings, ready=lambda addr: print(f"{READY_LINE} {addr}", flush=True))
+    serve(args.listen, settings, ready=lambda addr: print(f"{READY_LINE} {addr}", flush=True),
+          announce=args.cluster_name if args.announce else None, announce_interfaces=args.announce_interface)
     return 0
 
 
@@ -266,8 +275,19 @@ def _read_plan(args):
 
 def _addresses_for(args) -> tuple[list[str] | None, str | None]:
     """Worker addresses (None: spawn local ones) and token; a plan picks its own devices."""
+    if not hasattr(args, "_endpoints"):  # discovery listens for seconds: do it once
+        args._endpoints = _find_endpoints(args)
+    return args._endpoints
+
+
+def _find_endpoints(args) -> tuple[list[str] | None, str | None]:
     token = args.token
-    if getattr(args, "cluster", None):
+    if getattr(args, "discover", None):
+        from .discovery import discovered_addresses
+
+        progress(f"listening for workers of cluster {args.discover!r}")
+        addresses = discovered_addresses(args.discover, timeout_s=3.0, expect=args.expect, token=token)
+    elif getattr(args, "cluster", None):
         from devices.emulate import cluster_endpoints
 
         addresses, file_token = cluster_endpoints(args.cluster)

@@ -370,10 +370,17 @@ def start_server(listen: str, settings: WorkerSettings):
     return server, f"{host}:{bound}", service
 
 
-def serve(listen: str, settings: WorkerSettings, ready=None) -> None:
-    """Serve until SIGTERM/SIGINT. `ready(address)` is called once the port is bound."""
+def serve(listen: str, settings: WorkerSettings, ready=None, announce: str | None = None,
+          announce_interfaces=None) -> None:
+    """Serve until SIGTERM/SIGINT. `ready(address)` is called once the port is bound; with
+    `announce` (a cluster name) the worker announces itself on its subnet (galaxy.discovery)."""
     torch.set_num_threads(max(1, settings.threads))
     server, address, service = start_server(listen, settings)
+    announcer = None
+    if announce:
+        from ..discovery import start_announcer
+
+        announcer = start_announcer(settings, address, announce, interfaces=announce_interfaces)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -381,6 +388,8 @@ def serve(listen: str, settings: WorkerSettings, ready=None) -> None:
     if ready:
         ready(address)
     stop.wait()
+    if announcer is not None:
+        announcer.stop()
     with service.lock:
         service._release()
     server.stop(grace=1.0).wait()

@@ -175,3 +175,31 @@ def test_loopback_fallback_is_explicit_and_cleans_up(tmp_path):
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
     with pytest.raises(GalaxyError, match="not up"):
         cluster_endpoints(path)
+
+
+@needs_root
+def test_workers_are_discovered_and_receive_their_shards_over_the_lan(tmp_path, monkeypatch, minilm_path):
+    """No addresses typed, no model file read by any worker: `galaxy run --discover` on the LAN."""
+    import torch
+
+    import galaxy
+    from galaxy.checkpoints import open_checkpoint
+    from galaxy.discovery import discovered_addresses
+    from galaxy.sharding import full_spec, load_shard
+
+    monkeypatch.setenv("GALAXY_CACHE", str(tmp_path / "cache"))  # the workers' shard caches
+    path = cluster_file(tmp_path, "gxt-disc", [
+        {"name": n, "cpu": 0.6, "memory": "1GiB", "link": "1gbit"} for n in ("d0", "d1", "d2")])
+    with emulated(load_cluster(path)) as ec:
+        found = discovered_addresses("gxt-disc", timeout_s=5.0, expect=3, token=ec.token)
+        assert found == ec.addresses
+        src = open_checkpoint(minilm_path)
+        ids = src.tokenizer().encode("found on the LAN")
+        with galaxy.connect(found, token=ec.token) as session:
+            enc = session.load(src, weights=[3, 2, 1])  # streamed: remote devices need no file
+            out = enc.forward(ids)
+        want = load_shard(src, full_spec(src.config))(torch.tensor(ids))
+        assert float((out - want).abs().max()) <= TOL
+        shards = sorted((tmp_path / "cache" / "shards").glob("*/*.safetensors"))
+        assert [p.parent.name for p in shards] == ["d0", "d1", "d2"]  # one pushed shard per device
+    assert leftovers("gxt-disc") == []
