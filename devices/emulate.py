@@ -356,7 +356,7 @@ def _row(d_spec, d: L.DeviceLayout, cgroup_version: int, pid: int) -> dict:
     return {"name": d.name, "profile": d_spec.profile, "netns": d.netns, "address": d.address, "cpu": d.cpu,
             "threads": d.threads, "cfs": f"{d.quota_us}/{d.period_us} us", "memory": d.memory,
             "memory_budget": d.memory_budget, "rate_bps": d.rate_bps, "latency_ms": d.latency_ms, "pid": pid,
-            "cgroup": d.cgroup, "cgroup_version": cgroup_version}
+            "cgroup": d.cgroup, "cgroup_version": cgroup_version, "host_link": d.host_link}
 
 
 # -- the fallback without root -------------------------------------------------------------------------
@@ -502,6 +502,23 @@ def status(name_or_spec=None) -> list[dict]:
         out.append({"cluster": s["cluster"], "file": s.get("file"), "mode": s.get("mode"), "state": health,
                      "subnet": s.get("subnet"), "devices": devices, "notes": s.get("notes", [])})
     return out
+
+
+def set_link_rate(name_or_spec, rate_bps: float, progress=_quiet) -> None:
+    """Re-shape every device's link of a running emulated cluster to `rate_bps` (both ends), e.g.
+    for a bandwidth sweep; the workers keep running."""
+    name = _name_of(name_or_spec)
+    state = read_state(name)
+    if state is None or state.get("mode") != "emulated":
+        raise GalaxyError(f"cluster {name!r} is not up as an emulated LAN; `galaxy devices up` it first")
+    for d in state["devices"]:
+        if "host_link" not in d:
+            raise GalaxyError(f"cluster {name!r} was brought up by an older Galaxy; down and up it again")
+        S.run(["tc", "qdisc", "replace", "dev", d["host_link"], *L.tbf_args(rate_bps)])
+        S.run(["tc", "-n", d["netns"], "qdisc", "replace", "dev", L.NS_IFACE, *L.tbf_args(rate_bps)])
+        d["rate_bps"] = rate_bps
+    _State(state).save()
+    progress(f"links of {name} shaped to {rate_bps / 1e6:g} Mbit/s")
 
 
 def cluster_endpoints(path) -> tuple[list[str], str | None]:

@@ -184,7 +184,8 @@ def worker_command(d: DeviceLayout, detached: bool, python: str = sys.executable
     With a cluster name the worker announces itself on its subnet (`galaxy run --discover`)."""
     from galaxy.rpc.spawn import worker_command as base
 
-    extra = ["--memory-budget", str(d.memory_budget), "--link-delay-ms", f"{d.latency_ms:g}"]
+    extra = ["--memory-budget", str(d.memory_budget), "--link-delay-ms", f"{d.latency_ms:g}",
+             "--cache-own-shards"]  # benchmarks reload shards often: keep them on the device's disk
     if cluster:
         extra += ["--announce", "--cluster-name", cluster]
     cmd = base(d.address, d.name, d.threads, extra=extra)

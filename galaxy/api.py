@@ -51,12 +51,15 @@ class Session:
     def load(self, model: str | Path | WeightSource | None = None, *, random_init: str | None = None, seed: int = 0,
              strategy: str = "galaxy", weights: list[float] | None = None, partition: Partition | None = None,
              plan=None, dtype: str = "float32", tiles: int = 1, prefix_cache_entries: int = 4,
-             stream_weights: bool | None = None, wire: list[list[str]] | str | None = None) -> Model:
+             stream_weights: bool | None = None, wire: list[list[str]] | str | None = None,
+             backend: str = "torch") -> Model:
         """Load `model` (default: the embedded SmolLM2) split across the devices.
 
         The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
         relative device `weights`, or an even split under `strategy`. wire: lossy activation format
-        on every link ("bf16", "fp16", "int8") or a per-link matrix (default exact fp32). stream_weights: send each
+        on every link ("bf16", "fp16", "int8") or a per-link matrix (default exact fp32). backend:
+        "torch", "onnx" (ONNX Runtime per shard) or "auto" (each device times both and keeps the
+        faster). stream_weights: send each
         device its shard from here, so devices need no model file (default: yes unless the
         devices are local workers this session started, which read the file directly).
         """
@@ -81,7 +84,7 @@ class Session:
         if stream_weights is None:
             stream_weights = self._owned is None and not isinstance(source, RandomWeights)
         weight_bytes = self._ex.load_source(source, partition, dtype=dtype, tiles=tiles, stream=stream_weights,
-                                            wire=wire)
+                                            wire=wire, backend=backend)
         self.model = Model(self, source, partition, PrefixCache(prefix_cache_entries))
         self.model.weight_bytes = list(weight_bytes)
         return self.model

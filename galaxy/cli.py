@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", type=_floats, help="relative device speeds for an uneven split, "
                      "e.g. 0.9,0.6,0.45 (default: even)")
     run.add_argument("--tiles", type=int, default=1, help="sub-tiles per device chunk in each ring step")
+    run.add_argument("--backend", choices=["torch", "onnx", "auto"], default="torch",
+                     help="compute backend per device: torch, ONNX Runtime, or auto (each device keeps the faster)")
     run.add_argument("--check", action="store_true", help="compare with the single-device reference")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     run.add_argument("--save-output", metavar="FILE.npy",
@@ -133,6 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan, transport="grpc")
 
+    bench = sub.add_parser("bench", help="Galaxy against its baselines and the roofline, side by side")
+    add_model_args(bench)
+    bench.add_argument("--cluster", metavar="FILE.yaml",
+                       help="devices from a cluster file; an emulated one is brought up if it is not running "
+                            "(default as root: devices/clusters/hetero-bench.yaml)")
+    bench.add_argument("--local", type=int, metavar="N", help="N plain loopback workers instead (no emulation)")
+    bench.add_argument("--workers", type=_addresses, metavar="HOST:PORT,...", help="running workers")
+    bench.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"))
+    bench.add_argument("--tls", metavar="DIR")
+    bench.add_argument("--threads", type=int, help="intra-op threads per local worker")
+    bench.add_argument("--seq-len", type=_ints, help="prompt lengths (default 256,512; --quick: 64)")
+    bench.add_argument("--bandwidth", type=_rates, help="link rates to sweep on an emulated LAN, e.g. "
+                       "1gbit,100mbit,50mbit (default that sweep; the first rate gets every --seq-len)")
+    bench.add_argument("--reps", type=int, help="timed repetitions per strategy, interleaved (default 3; quick 2)")
+    bench.add_argument("--strategies", type=lambda t: [x for x in t.split(",") if x],
+                       help="subset of local,megatron,seqpar,pipeline,galaxy,galaxy-no-overlap")
+    bench.add_argument("--quick", action="store_true", help="a small model and one configuration (< 2 minutes)")
+    bench.add_argument("--decode", action="store_true", help="also time generation: TTFT and per-token latency")
+    bench.add_argument("--backends", action="store_true", help="also time torch vs ONNX Runtime per block")
+    bench.add_argument("--plot", metavar="FILE.png|svg", help="speed-up vs bandwidth and a per-layer timeline")
+    bench.add_argument("--json", action="store_true", help="one JSON object on the last line of stdout")
+    bench.set_defaults(func=cmd_bench, transport="grpc")
+
     chat = sub.add_parser("chat", help="talk to a causal LM split across devices")
     add_model_args(chat)
     chat.add_argument("--local", type=int, default=3, metavar="N", help="spawn N local workers (default 3)")
@@ -152,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from devices.cli import add_devices_parser
 
+    from .serve import add_serve_parser
+
     add_devices_parser(sub)
+    add_serve_parser(sub)
 
     keys = sub.add_parser("keys", help="the cluster's certificate authority and device keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -180,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "'none': memory only)")
     worker.add_argument("--shard-cache-bytes", type=_bytes, default=4 << 30, metavar="SIZE",
                         help="bound on the shard cache (default 4GiB)")
+    worker.add_argument("--cache-own-shards", action="store_true",
+                        help="also cache shards read from a file or random init (fast reloads, e.g. for bench)")
     worker.add_argument("--tls", metavar="DIR", help="mutual TLS with the cluster CA from `galaxy keys init DIR`")
     worker.add_argument("--tls-name", help="which key pair in DIR (default: --name)")
     worker.add_argument("--announce", action="store_true",
@@ -240,7 +270,7 @@ def cmd_worker(args) -> int:
     settings = WorkerSettings(name=name, threads=args.threads, device=args.device, token=args.token,
                               memory_budget=args.memory_budget, link_delay_ms=args.link_delay_ms, tls=tls,
                               shard_cache=None if cache == "none" else cache,
-                              shard_cache_bytes=args.shard_cache_bytes)
+                              shard_cache_bytes=args.shard_cache_bytes, cache_own_shards=args.cache_own_shards)
     serve(args.listen, settings, ready=lambda addr: print(f"{READY_LINE} {addr}", flush=True),
           announce=args.cluster_name if args.announce else None, announce_interfaces=args.announce_interface)
     return 0
@@ -373,11 +403,12 @@ def cmd_run(args) -> int:
         t1 = time.perf_counter()
         wire = _wire(args, n)
         model = session.load(source, partition=partition, dtype=args.dtype, tiles=args.tiles,
-                             stream_weights=_stream_flag(args), wire=wire)
+                             stream_weights=_stream_flag(args), wire=wire, backend=args.backend)
         seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
                 "dtype": args.dtype, "input": how, "seq_len": int(req.ids.shape[0]),
-                "partition": _partition_rows(partition, req), "wire": wire or "fp32"}
+                "partition": _partition_rows(partition, req), "wire": wire or "fp32",
+                "backend": getattr(session._ex, "backends", None) or args.backend}
         if generating:
             return _run_generate(args, model, req, base, seconds)
         return _run_forward(args, model, req, base, seconds, infos)
@@ -527,6 +558,118 @@ def cmd_plan(args) -> int:
             if path:
                 print(f"{what} written to {path}")
     return 0
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        return [units.parse_rate(x) for x in text.split(",") if x]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cmd_bench(args) -> int:
+    from contextlib import ExitStack
+
+    from planner.profiler import profile_cluster
+
+    from . import bench
+    from .rpc.client import Cluster
+    from .rpc.spawn import LocalWorkers
+    from .run import open_source
+
+    if args.random_init is None and args.model is None:
+        args.random_init = "gpt2" if args.quick else "gpt2-large"
+    source = open_source(args.model, args.random_init, args.seed)
+    cfg = source.config
+    seqs = args.seq_len or ([64] if args.quick else [256, 512])
+    reps = args.reps or (2 if args.quick else 3)
+    strategies = args.strategies or list(bench.STRATEGIES)
+    bad = [x for x in strategies if x not in bench.STRATEGIES]
+    if bad:
+        raise GalaxyError(f"--strategies: unknown {bad}; choose from {', '.join(bench.STRATEGIES)}")
+    with ExitStack() as stack:
+        emulated, token, tls = None, args.token, None
+        if args.tls:
+            from .security import COORDINATOR, TlsFiles
+
+            tls = TlsFiles.load(args.tls, COORDINATOR)
+        if args.workers:
+            addresses = args.workers
+        elif args.local or (not args.cluster and (args.quick or os.geteuid() != 0)):
+            addresses = stack.enter_context(LocalWorkers(args.local or 3, threads=args.threads, token=token))
+        else:
+            emulated, addresses, token = _bench_cluster(args.cluster, stack)
+        rates = (args.bandwidth or ([] if args.quick else [1e9, 1e8, 5e7])) if emulated else [None]
+        bench._progress(f"profiling {len(addresses)} devices for {cfg.name} (cached per device and shape)")
+        with Cluster(addresses, token=token, tls=tls) as c:
+            prof = profile_cluster(c, cfg, seqs, show_progress=False)
+        report = {"model": cfg.name, "family": cfg.family, "devices": [d.name for d in prof.devices],
+                  "machine": _machine(), "strategies": strategies, "reps": reps, "runs": []}
+        for i, rate in enumerate(rates or [None]):
+            if rate is not None:
+                from devices.emulate import set_link_rate
+
+                set_link_rate(emulated, rate, progress=bench._progress)
+                with Cluster(addresses, token=token, tls=tls) as c:
+                    prof = profile_cluster(c, cfg, seqs, show_progress=False)  # links re-measured
+            for seq in (seqs if i == 0 else seqs[:1]):
+                run = bench.run_config(cfg, source, seq, prof, addresses, token, tls, strategies, reps, seed=args.seed)
+                run["bandwidth_bps"] = rate
+                links = [lk.bandwidth_bps for row in prof.links for lk in row if lk]
+                run["measured_link_bps"] = min(links) if links else None
+                run["auto"] = bench.auto_choice(cfg, seq, prof)
+                report["runs"].append(run)
+        if args.decode and cfg.causal:
+            bench._progress("timing generation (TTFT and per-token latency)")
+            report["decode"] = bench.decode_bench(lambda: (addresses, token, tls), source, prof)
+        if args.backends:
+            from .backends.bench import compare
+
+            bench._progress("timing torch vs ONNX Runtime per block (this machine, 1 thread)")
+            torch.set_num_threads(1)
+            report["backends"] = [dict(r, onnx_over_torch=r["onnx_s"] / r["torch_s"])
+                                  for r in compare(cfg, seqs, repeats=3, rounds=2)]
+    if args.plot:
+        bench.plot(report, args.plot)
+    if args.json:
+        print(bench.dumps(report))
+    else:
+        print(bench.table(report))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def _bench_cluster(path: str | None, stack):
+    """The emulated cluster to bench on: up already, or brought up now (and down at the end)."""
+    from devices.emulate import cluster_endpoints, down, read_state, up
+    from devices.spec import load_cluster
+
+    spec = load_cluster(path or str(Path(__file__).resolve().parent.parent / "devices" / "clusters" /
+                                    "hetero-bench.yaml"))
+    if spec.emulated and read_state(spec.name) is None:
+        up(spec, progress=lambda m: print(f"galaxy devices: {m}", file=sys.stderr))
+        stack.callback(down, spec.name)
+    addresses, token = cluster_endpoints(spec.path)
+    return (spec.name if spec.emulated else None), addresses, token
+
+
+def _machine() -> str:
+    import platform
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu or platform.processor()} x{os.cpu_count()}, {platform.system()} {platform.release()}"
 
 
 def cmd_chat(args) -> int:

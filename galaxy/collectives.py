@@ -63,12 +63,16 @@ def pieces(n: int, tiles: int) -> list[int]:
 class Collectives:
     """Ring collectives for one rank. `tiles` sub-divides each device's chunk for finer overlap."""
 
-    def __init__(self, transport: Transport, tiles: int = 1, direct_max_bytes: int = 64 * 1024):
+    def __init__(self, transport: Transport, tiles: int = 1, direct_max_bytes: int = 64 * 1024,
+                 overlap: bool = True):
         self.t = transport
         self.rank, self.world = transport.rank, transport.world
         self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         self.tiles = max(1, tiles)
         self.direct_max_bytes = direct_max_bytes  # all-reduces up to this size skip the ring
+        # overlap=False runs each fused collective as "all communication, then one GEMM" (or the
+        # reverse): the no-overlap baseline that shows what tile overlap buys.
+        self.overlap = overlap
         self.stats = CommStats()
         self._tag = ""  # the collective in progress, passed to the transport with each send
 
@@ -105,6 +109,8 @@ class Collectives:
 
         Returns cat_r fn(rows of rank r) along dim 0, in rank order.
         """
+        if fn is not None and not self.overlap:
+            return self._compute(fn, self.all_gather(local, sizes, None, tag))
         fn = fn or (lambda x: x)
         n, r = self.world, self.rank
         if local.shape[0] != sizes[r]:
@@ -135,6 +141,12 @@ class Collectives:
         fn(start, end) returns this rank's partial result for global rows [start, end), shape
         (end - start, width). Returns the fully reduced rows of this rank, (sizes[rank], width).
         """
+        if not self.overlap and self.world > 1:
+            full = self._compute(fn, 0, sum(sizes))  # the whole partial first, then the ring
+            return self._ring_reduce_scatter(sizes, lambda a, b: full[a:b], width, dtype, tag)
+        return self._ring_reduce_scatter(sizes, fn, width, dtype, tag)
+
+    def _ring_reduce_scatter(self, sizes, fn, width, dtype, tag):
         n, r = self.world, self.rank
         t0, before = self._mark(tag)
         offsets = [sum(sizes[:i]) for i in range(n)]

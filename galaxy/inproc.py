@@ -42,11 +42,11 @@ def _run_ranks(runtimes: list[RankRuntime], req: Request, timeout: float):
 
 
 def run_inprocess(models: list, partition: Partition, req: Request, tiles: int = 1,
-                  timeout: float = 120.0) -> tuple:
+                  timeout: float = 120.0, overlap: bool = True) -> tuple:
     """Forward `req` through one model shard per rank; returns (output, per-rank Collectives)."""
     if len(models) != partition.world:
         raise ValueError(f"{len(models)} model shards for a {partition.world}-device partition")
-    runtimes = [RankRuntime(m, partition, r, tiles) for r, m in enumerate(models)]
+    runtimes = [RankRuntime(m, partition, r, tiles, overlap=overlap) for r, m in enumerate(models)]
     outputs, comms = _run_ranks(runtimes, req, timeout)
     return assemble(models[0].cfg, partition, outputs, req.ids.shape[0]), comms
 
@@ -65,7 +65,7 @@ class InprocCluster:
         return []
 
     def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1,
-                    stream: bool = False, wire=None) -> list[int]:
+                    stream: bool = False, wire=None, overlap: bool = True, backend: str = "torch") -> list[int]:
         """stream and wire are accepted for interface parity: in-process ranks share memory."""
         from .run import DTYPES
         from .sharding import shard_bytes
@@ -73,7 +73,13 @@ class InprocCluster:
         dtype = DTYPES[dtype]
         cfg = source.config
         self.runtimes = [RankRuntime(load_shard(source, partition.validate(cfg).spec(r, cfg), dtype=dtype),
-                                     partition, r, tiles) for r in range(self.world)]
+                                     partition, r, tiles, overlap=overlap) for r in range(self.world)]
+        if backend != "torch":
+            import torch
+
+            from .backends import use_backend
+
+            self.backends = [use_backend(rt.model, backend, torch.get_num_threads()) for rt in self.runtimes]
         self.partition, self.config = partition, cfg
         return [shard_bytes(cfg, partition.spec(r, cfg), dtype) for r in range(self.world)]
 

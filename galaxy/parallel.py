@@ -7,6 +7,7 @@
 - megatron: the same tensor-parallel blocks, every token on every device, AllReduce after each
   row-parallel GEMM, no overlap -- the baseline Galaxy improves on.
 - pipeline: contiguous layers per device, hidden states handed down the ring (exo/PipeEdge).
+- seqpar: the whole model everywhere, tokens split, K/V all-gathered (a baseline for the bench).
 
 Everything here is pure compute plus `Collectives` calls: the same code runs over in-process
 queues and over gRPC between devices.
@@ -131,6 +132,30 @@ def pipeline_forward(model: Transformer, comm: Collectives, req: Request, kv=Non
     return model.head_logits(h[-1:] if req.last_only else h)
 
 
+def seqpar_forward(model: Transformer, comm: Collectives, sizes: list[int], req: Request):
+    """Sequence parallelism only: every device holds the whole model and runs every block on its
+    own tokens; attention all-gathers K and V so each device's queries see every key."""
+    cfg, r = model.cfg, comm.rank
+    a = sum(sizes[:r])
+    b = a + sizes[r]
+    x = model.embed.finish(model.embed.lookup(req.ids[a:b]), _positions(req, a, b), _types(req, a, b))
+    for idx, blk in model.layers.items():
+        attn = blk.attn
+        q, k, v = attn.split_heads(attn.project(blk.attn_input(x)), req.start_pos + a)  # own tokens, all heads
+        kv = torch.cat((k, v), 0).transpose(0, 1).reshape(b - a, 2 * attn.nkv * cfg.head_dim)  # (s_r, 2 nkv hd)
+        kv = comm.all_gather(kv, sizes, tag=f"L{idx}.kv.ag").reshape(sum(sizes), 2 * attn.nkv, cfg.head_dim)
+        k_all, v_all = kv.transpose(0, 1).split(attn.nkv, 0)
+        x = blk.after_attn(x, attn.project_out(attn.attend_heads(q, k_all, v_all, req.start_pos + a)))
+        x = blk.after_mlp(x, blk.mlp.contract(blk.mlp.expand(blk.mlp_input(x))))
+    if not cfg.causal:
+        return x
+    h = model.final_norm(x) if model.final_norm is not None else x
+    if req.last_only:  # only the owner of the last token returns a row
+        owner = max(i for i, s in enumerate(sizes) if s > 0)
+        h = h[-1:] if r == owner else h[:0]
+    return model.head_logits(h)
+
+
 @torch.inference_mode()
 def rank_forward(model: Transformer, comm: Collectives, partition: Partition, req: Request, kv=None):
     """This rank's part of one forward pass under the partition's strategy (kv: its KVCache)."""
@@ -139,6 +164,10 @@ def rank_forward(model: Transformer, comm: Collectives, partition: Partition, re
         return galaxy_forward(model, comm, partition.tokens(seq), req, kv)
     if partition.strategy in ("galaxy", "megatron"):
         return megatron_forward(model, comm, req, kv)
+    if partition.strategy == "seqpar":
+        if kv is not None:
+            raise ValueError("the seqpar strategy has no KV cache; generate with galaxy, megatron or pipeline")
+        return seqpar_forward(model, comm, partition.tokens(seq), req)
     return pipeline_forward(model, comm, req, kv)
 
 
@@ -146,6 +175,8 @@ def assemble(cfg, partition: Partition, outputs: list, seq: int) -> torch.Tensor
     """Join the ranks' pieces into the model output: logits (S, V) or hidden states (S, H)."""
     if partition.strategy == "pipeline":
         return outputs[-1]
+    if partition.strategy == "seqpar":
+        return torch.cat(outputs, dim=0)  # each device's own token rows (logits or hidden states)
     if cfg.causal:
         return torch.cat(outputs, dim=1)  # vocabulary-parallel logits
     if partition.strategy == "galaxy" and not decodes_tensor_parallel(partition, seq):

@@ -19,8 +19,9 @@ DEFAULT_KV_BYTES = 1 << 30  # per device; the coordinator evicts prefixes before
 
 class RankRuntime:
     def __init__(self, model: Transformer, partition: Partition, rank: int, tiles: int = 1,
-                 kv_max_bytes: int = DEFAULT_KV_BYTES):
+                 kv_max_bytes: int = DEFAULT_KV_BYTES, overlap: bool = True):
         self.model, self.partition, self.rank, self.tiles = model, partition, rank, max(1, tiles)
+        self.overlap = overlap
         self.kv = KVStore(kv_max_bytes)
 
     def validate(self, req: Request) -> None:
@@ -54,5 +55,5 @@ class RankRuntime:
         self.kv.check_bound()
         return out
 
-    def new_comm(self, transport) -> Collectives:
-        return Collectives(transport, self.tiles)
+    def new_comm(self, transport, overlap: bool | None = None) -> Collectives:
+        return Collectives(transport, self.tiles, overlap=self.overlap if overlap is None else overlap)

@@ -67,8 +67,9 @@ class ResilientCluster:
         return self.cluster.hello()
 
     def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1,
-                    stream: bool = False, wire=None):
-        out = self.cluster.load_source(source, partition, dtype=dtype, tiles=tiles, stream=stream, wire=wire)
+                    stream: bool = False, wire=None, overlap: bool = True, backend: str = "torch"):
+        out = self.cluster.load_source(source, partition, dtype=dtype, tiles=tiles, stream=stream, wire=wire,
+                                       overlap=overlap, backend=backend)
         self._loaded = (source, partition, dtype, tiles)
         self._stream = stream
         return out

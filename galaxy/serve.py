@@ -45,6 +45,7 @@ from .sampling import SamplingConfig
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string: the stream's hold-back check costs its length squared per token
 MAX_EMBEDDING_INPUTS = 2048  # as OpenAI
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # Galaxy's finish -> OpenAI finish_reason
@@ -208,9 +209,9 @@ def _stops(body: dict) -> tuple[str, ...]:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
     if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stops)):
-        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
-                       "stop", "invalid_value")
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise ApiError(400, f"stop must be a string of 1 to {MAX_STOP_CHARS} characters or a list of at most "
+                       f"{MAX_STOP_STRINGS} of them", "stop", "invalid_value")
     return tuple(stops)
 
 
@@ -666,7 +667,8 @@ def _refuse(sock: socket.socket) -> None:
         pass
 
 
-ROUTES = {"/v1/chat/completions": {"POST"}, "/v1/embeddings": {"POST"}, "/v1/models": {"GET"}, "/health": {"GET"}}
+ROUTES = {"/v1/chat/completions": {"POST"}, "/v1/embeddings": {"POST"}, "/v1/models": {"GET", "HEAD"},
+          "/health": {"GET", "HEAD"}}  # HEAD: the GET answer without its body
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -761,10 +763,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if not app.authorized(self.headers.get("Authorization")):
                 raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                               code="invalid_api_key")
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
             path = self.path.split("?", 1)[0].rstrip("/") or "/"
             model_path = path.startswith("/v1/models/")
-            methods = {"GET"} if model_path else ROUTES.get(path)
+            methods = {"GET", "HEAD"} if model_path else ROUTES.get(path)
             if methods is None:
                 raise ApiError(404, f"no endpoint {path}; see /v1/chat/completions, /v1/embeddings, /v1/models, "
                                "/health", code="unknown_url")
@@ -799,22 +801,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _chat(self, app: Server, req: ChatRequest) -> None:
         ids, gc = app.chat(req)
-        with app.gate.hold():
+        with app.gate.hold():  # only while the cluster works: the last bytes go out after it is free
             chat = app.start_chat(ids, gc, req.include_usage)
             try:
                 with _cluster_errors():  # the prefill: a failing cluster still gets a proper 503
                     first = next(chat.pieces, None)
-                if not req.stream:
+                if req.stream:
+                    ok = self._stream_tokens(app, chat, first)
+                else:
                     with _cluster_errors():
                         text = (first or "") + "".join(chat.pieces)
-                    self._send_json(200, app.completion(chat, text))
-                else:
-                    self._stream(app, chat, first)
             finally:
                 chat.pieces.close()
+        if not req.stream:
+            self._send_json(200, app.completion(chat, text))
+        elif ok:
+            self._event(app.chunk(chat, {}, chat.finish_reason()))
+            if chat.include_usage:
+                self._event({**app.chunk(chat, {}), "choices": [], "usage": chat.usage()})
+            self._write_chunk(b"data: [DONE]\n\n")
+            self._write_chunk(b"")
 
-    def _stream(self, app: Server, chat: _Chat, first: str | None) -> None:
-        """Server-Sent Events in OpenAI's chunk format, over chunked transfer encoding."""
+    def _stream_tokens(self, app: Server, chat: _Chat, first: str | None) -> bool:
+        """Server-Sent Events in OpenAI's chunk format, over chunked transfer encoding: the head and a
+        chunk per piece of text. False if the cluster failed (the stream then ends with an error event)."""
         self._streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -828,18 +838,14 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             for piece in chat.pieces:
                 self._event(app.chunk(chat, {"content": piece}))
-        except GalaxyError as e:  # mid-stream the status is sent: report it as an error event, as OpenAI does
+        except GalaxyError as e:  # the status line is out: report it as an error event, as OpenAI does
             log.warning("cluster failure mid-stream: %s", e)
             err = ApiError(503, f"the Galaxy cluster failed during the stream ({type(e).__name__}): {e}",
                            code="cluster_unavailable")
             self._event(err.body())
             self._write_chunk(b"")
-            return
-        self._event(app.chunk(chat, {}, chat.finish_reason()))
-        if chat.include_usage:
-            self._event({**app.chunk(chat, {}), "choices": [], "usage": chat.usage()})
-        self._write_chunk(b"data: [DONE]\n\n")
-        self._write_chunk(b"")
+            return False
+        return True
 
     def _event(self, obj: dict) -> None:
         self._write_chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")

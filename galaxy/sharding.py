@@ -16,7 +16,7 @@ import torch
 from .config import ModelConfig
 from .model import Transformer
 
-STRATEGIES = ("galaxy", "megatron", "pipeline")
+STRATEGIES = ("galaxy", "megatron", "pipeline", "seqpar")
 
 
 class PartitionError(ValueError):
@@ -76,6 +76,7 @@ class Partition:
     galaxy:   heads/cols/vocab split (unevenly), tokens split by seq_weights, all layers everywhere.
     megatron: heads/cols/vocab split, every device sees every token (AllReduce joins).
     pipeline: whole layers per device (layers counts); device 0 embeds, the last one decodes.
+    seqpar:   the whole model on every device, tokens split by seq_weights (K/V all-gathered).
     """
 
     strategy: str
@@ -105,6 +106,10 @@ class Partition:
         if self.strategy == "pipeline":
             need(sum(self.layers) == cfg.n_layers, f"layers sum to {sum(self.layers)}, model has {cfg.n_layers}")
             return self
+        if self.strategy == "seqpar":
+            need(len(self.seq_weights) == n and min(self.seq_weights) >= 0 and sum(self.seq_weights) > 0,
+                 f"seq_weights={list(self.seq_weights)} needs one non-negative weight per device, positive sum")
+            return self
         need(sum(self.heads) == cfg.n_heads, f"heads sum to {sum(self.heads)}, model has {cfg.n_heads}")
         need(sum(self.cols) == cfg.ffn, f"cols sum to {sum(self.cols)}, model has ffn={cfg.ffn}")
         need(sum(self.vocab) == cfg.vocab_size, f"vocab sums to {sum(self.vocab)}, model has {cfg.vocab_size}")
@@ -127,6 +132,8 @@ class Partition:
             raise PartitionError(f"malformed partition {d!r}: {e}") from None
 
     def spec(self, rank: int, cfg: ModelConfig) -> ShardSpec:
+        if self.strategy == "seqpar":
+            return full_spec(cfg)
         if self.strategy == "pipeline":
             lo, hi = ranges(self.layers)[rank]
             return ShardSpec((0, cfg.n_heads), (0, cfg.ffn), (0, cfg.vocab_size), (lo, hi),
@@ -136,13 +143,22 @@ class Partition:
 
     def tokens(self, seq_len: int) -> list[int]:
         """Rows of a seq_len sequence owned by each device in the connective blocks."""
-        if self.strategy != "galaxy":
+        if self.strategy not in ("galaxy", "seqpar"):
             raise PartitionError(f"{self.strategy} does not split the sequence")
         return split_weighted(seq_len, self.seq_weights)
 
 
+def seqpar_partition(cfg: ModelConfig, weights) -> Partition:
+    """The whole model on every device; tokens in proportion to the weights."""
+    n = len(weights)
+    return Partition("seqpar", (cfg.n_heads,) * n, (cfg.ffn,) * n, (cfg.vocab_size,) * n, (cfg.n_layers,) * n,
+                     tuple(float(w) for w in weights)).validate(cfg)
+
+
 def even_partition(cfg: ModelConfig, n: int, strategy: str = "galaxy") -> Partition:
     """The trivial plan: everything split as evenly as integers allow."""
+    if strategy == "seqpar":
+        return seqpar_partition(cfg, [1.0] * n)
     if strategy == "pipeline":
         return Partition("pipeline", (cfg.n_heads,) * n, (cfg.ffn,) * n, (cfg.vocab_size,) * n,
                          tuple(split_even(cfg.n_layers, n))).validate(cfg)

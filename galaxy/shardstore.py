@@ -134,6 +134,19 @@ class ShardStore:
         cached = self._save(mine, head.model_hash, head.spec_json, state, total)
         return mine, total, cached
 
+    def put(self, model_hash: str, spec: str, state: dict[str, torch.Tensor]) -> str:
+        """Keep a shard this device built itself (from a file or random init) for fast reloads."""
+        h, total = hashlib.sha256(), 0
+        aliases = _aliases(state)
+        for name, t in state.items():
+            digest(h, name, None if name in aliases else t, aliases.get(name, ""))
+            total += 0 if name in aliases else t.numel() * t.element_size()
+        key = h.hexdigest()
+        self.index[(model_hash, spec)] = key
+        if not self._save(key, model_hash, spec, state, total):
+            self.index.pop((model_hash, spec), None)
+        return key
+
     def take(self, content_hash: str) -> dict[str, torch.Tensor]:
         """The shard's state dict: just pushed, or read back (and re-verified) from the disk cache."""
         if content_hash in self.pending:

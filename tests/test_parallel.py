@@ -13,15 +13,15 @@ from galaxy.checkpoints.random import RandomWeights
 from galaxy.config import preset
 from galaxy.inproc import run_inprocess
 from galaxy.parallel import Request
-from galaxy.sharding import Partition, even_partition, full_spec, load_shard, weighted_partition
+from galaxy.sharding import Partition, even_partition, full_spec, load_shard, seqpar_partition, weighted_partition
 
 TOL = 1e-4  # fp32 max abs error on final logits / hidden states
 
 
-def run(source, partition, ids, tiles=1, last_only=False):
+def run(source, partition, ids, tiles=1, last_only=False, overlap=True):
     cfg = source.config
     models = [load_shard(source, partition.spec(r, cfg)) for r in range(partition.world)]
-    out, _ = run_inprocess(models, partition, Request(ids, last_only=last_only), tiles=tiles)
+    out, _ = run_inprocess(models, partition, Request(ids, last_only=last_only), tiles=tiles, overlap=overlap)
     return out
 
 
@@ -30,6 +30,7 @@ def layouts(cfg, n):
     yield "galaxy-uneven", weighted_partition(cfg, [1.0, 0.35, 2.2, 0.7][:n])
     yield "megatron", even_partition(cfg, n, "megatron")
     yield "pipeline", even_partition(cfg, n, "pipeline")
+    yield "seqpar-uneven", seqpar_partition(cfg, [1.0, 0.35, 2.2, 0.7][:n])
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
@@ -40,9 +41,9 @@ def test_every_strategy_matches_reference_on_every_family(tiny_source, n):
         ids = torch.randint(0, cfg.vocab_size, (seq,), generator=torch.Generator().manual_seed(seq))
         want = ref(ids)
         for name, p in layouts(cfg, n):
-            for tiles in (1, 3):
-                err = (run(tiny_source, p, ids, tiles) - want).abs().max().item()
-                assert err <= TOL, f"{cfg.name} {name} n={n} seq={seq} tiles={tiles}: {err}"
+            for tiles, overlap in ((1, True), (3, True), (1, False)):
+                err = (run(tiny_source, p, ids, tiles, overlap=overlap) - want).abs().max().item()
+                assert err <= TOL, f"{cfg.name} {name} n={n} seq={seq} tiles={tiles} overlap={overlap}: {err}"
 
 
 def test_device_with_zero_heads_columns_tokens_or_vocab_still_exact(tiny_source):
@@ -59,7 +60,7 @@ def test_last_token_logits_equal_last_row_of_full_logits():
     ids = torch.randint(0, src.config.vocab_size, (11,))
     want = load_shard(src, full_spec(src.config))(ids)[-1:]
     for p in (weighted_partition(src.config, [1, 3, 0.5]), even_partition(src.config, 3, "megatron"),
-              even_partition(src.config, 3, "pipeline")):
+              even_partition(src.config, 3, "pipeline"), seqpar_partition(src.config, [1, 3, 0.5])):
         out = run(src, p, ids, last_only=True)
         assert out.shape == want.shape and (out - want).abs().max().item() <= TOL
 

@@ -170,7 +170,7 @@ def test_max_tokens_stop_strings_and_seeded_sampling(lm):
         chunks = client.chat.completions.create(model=server.name, messages=QUESTION, temperature=0,
                                                 max_tokens=24, stop=stop, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole == "The capital of "
-        a, b = (chat(temperature=1.0, top_p=0.9, seed=7, max_tokens=12).message.content for _ in range(2))
+        a, b = (chat(temperature=1.0, top_p=0.9, seed=7, max_tokens=6).message.content for _ in range(2))
         assert a == b  # the same seed, the same sample
 
 
@@ -232,6 +232,12 @@ def test_embeddings_match_model_encode(encoder):
         np.testing.assert_allclose(v, e[0], atol=1e-6)
 
 
+def test_a_session_serves_its_loaded_model(encoder):
+    assert Server(encoder.session).model is encoder
+    with galaxy.connect(local=1, transport="inproc") as empty, pytest.raises(ValueError, match="load"):
+        Server(empty)
+
+
 def test_models_list_and_health(encoder):
     with serving(encoder, served_model_name="minilm", max_queue=3) as (server, client):
         assert [m.id for m in client.models.list().data] == ["minilm"]
@@ -239,6 +245,8 @@ def test_models_list_and_health(encoder):
         status, _, body = request(server.address, "GET", "/health")
         assert status == 200 and body["status"] == "ok" and body["devices"] == 2
         assert body["busy"] is False and body["waiting"] == 0 and body["max_queue"] == 3
+        status, headers, body = request(server.address, "HEAD", "/health")  # for load balancers
+        assert status == 200 and body is None and int(headers["Content-Length"]) > 0
 
 
 # --- errors ------------------------------------------------------------------------------------------

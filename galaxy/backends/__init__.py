@@ -34,3 +34,26 @@ def choose_backend(samples_torch: Iterable, samples_onnx: Iterable, margin: floa
         raise ValueError(f"no block timed under both backends ({len(t)} torch samples, {len(o)} onnx samples)")
     total_t, total_o = sum(t[k] for k in common), sum(o[k] for k in common)
     return "onnx" if total_o < (1.0 - margin) * total_t else "torch"
+
+
+def use_backend(model, backend: str, threads: int, cache_dir: Path | None = None) -> str:
+    """Put a loaded shard on `backend` ("torch", "onnx", or "auto": time one layer's blocks of this
+    shape under both, here on this device, and keep the faster). Returns the backend in use."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        backend = _faster_here(model.cfg, threads, cache_dir)
+    if backend == "onnx" and len(model.layers):
+        from .onnx import apply_onnx
+
+        apply_onnx(model, cache_dir or default_cache_dir(), threads)
+    return backend
+
+
+def _faster_here(cfg, threads: int, cache_dir: Path | None) -> str:
+    from ..profiling import time_blocks
+
+    seq = [min(128, cfg.max_positions)]
+    torch_s = time_blocks(cfg, seq, repeats=2, backend="torch")
+    onnx_s = time_blocks(cfg, seq, repeats=2, backend="onnx")
+    return choose_backend(torch_s, onnx_s)

@@ -24,6 +24,7 @@ on it) while the graph must take it as a tensor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -43,7 +44,6 @@ from ..model import Attention, Block, rope
 log = logging.getLogger(__name__)
 
 OPSET = 18
-FORMAT = 1  # bump when the graphs' inputs or outputs change meaning
 
 # Config fields each owner's code in model.py reads (attention, MLP, the block and its norms),
 # sizes aside; with a step's parameters and, for attend, the shard's head layout they fix its
@@ -114,10 +114,17 @@ def present_params(blk: Block, step: Step) -> list[str]:
     return [p for p, _ in step.params if p in names]
 
 
+@functools.cache
 def _versions() -> dict:
-    import onnxscript
+    """What else shapes an exported graph: the code it traces (model.py, this file: an edit there
+    re-exports rather than reuse a stale graph) and the exporter (versions read from package
+    metadata: importing the exporter would cost a warm start most of its time)."""
+    from importlib.metadata import version
 
-    return {"torch": torch.__version__, "onnxscript": onnxscript.__version__, "opset": OPSET, "format": FORMAT}
+    from .. import model
+
+    code = hashlib.sha256(Path(model.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    return {"torch": torch.__version__, "onnxscript": version("onnxscript"), "opset": OPSET, "code": code}
 
 
 def _key(obj: dict) -> str:

@@ -8,9 +8,9 @@ tiles stay separate calls and the overlap in collectives.py is unchanged. Collec
 embedding, the final norm and the LM head stay in torch.
 
 Kept in torch: steps of an empty shard (zero heads or columns), calls on zero rows, and steps
-that compute nothing (post-norm layers' attn_input / mlp_input). Decode is in ONNX too: the
-attention graph takes the cached K/V as inputs and returns the new positions' K/V, which are
-appended to the torch KV cache (kvcache.LayerKV) as before.
+that compute nothing (post-norm layers' attn_input / mlp_input), and attention in one-token
+decode steps (see OnnxAttend). The KV cache stays torch's (kvcache.LayerKV): for prompt chunks
+the attention graph takes the cached K/V as inputs and returns the new positions' K/V to append.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ PARTS = {  # what the profiler times separately
     "mlp": ("mlp.expand", "mlp.contract"),
     "connective": ("attn_input", "after_attn", "mlp_input", "after_mlp"),
 }
+
+
+DECODE_ROWS = 1  # cached attention over this many new tokens or fewer runs in torch (OnnxAttend)
 
 
 class BackendError(ValueError):
@@ -79,14 +82,19 @@ class OnnxStep:
 
 
 class OnnxAttend:
-    """Attention.attend(qkv, start_pos, cache) run by an ONNX Runtime session."""
+    """Attention.attend(qkv, start_pos, cache) run by an ONNX Runtime session.
+
+    One-token steps with a KV cache (decode) run torch's attend instead: the graph would need the
+    cached K and V copied into it on every step, and measured 1.2-1.4x slower than torch, which reads
+    them in place. Prompts and prompt chunks with a cache go through the graph, past K/V included.
+    """
 
     def __init__(self, session, inputs: list[str], nkv: int, hd: int, fallback):
         self.session, self.inputs, self.fallback = session, inputs, fallback
         self.no_past = np.zeros((nkv, 0, hd), dtype=np.float32)
 
     def __call__(self, qkv: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
-        if qkv.shape[0] == 0:
+        if qkv.shape[0] == 0 or (cache is not None and qkv.shape[0] <= DECODE_ROWS):
             return self.fallback(qkv, start_pos, cache)
         past_k = past_v = self.no_past
         if cache is not None:
@@ -173,10 +181,14 @@ def _bind_block(blk: Block, sessions: _Sessions, steps: list[str], summary: Onnx
         summary.steps += 1
 
 
-def _apply(blocks, dtype: torch.dtype, cache_dir: Path, threads: int, steps: list[str]) -> OnnxSummary:
+def _check_dtype(dtype: torch.dtype) -> None:
     if dtype != torch.float32:
         raise BackendError(f"the ONNX backend runs float32 shards only, this one is {dtype}; "
                            "use --backend torch for other dtypes")
+
+
+def _apply(blocks, dtype: torch.dtype, cache_dir: Path, threads: int, steps: list[str]) -> OnnxSummary:
+    _check_dtype(dtype)
     t0 = time.perf_counter()
     sessions, summary = _Sessions(Path(cache_dir), threads), OnnxSummary()
     for blk in blocks:
@@ -198,8 +210,15 @@ def apply_onnx_all(models: list[Transformer], cache_dir: Path, threads: int) -> 
     """apply_onnx on every shard held by this process (in-process ranks), exporting all their
     missing graphs in a single exporter call: each call costs ~1 s of fixed overhead."""
     steps = [s for part in PARTS.values() for s in part]
-    GraphCache(Path(cache_dir)).prefetch([(blk, _wanted(blk, steps)) for m in models for blk in m.layers.values()])
-    return [apply_onnx(m, cache_dir, threads) for m in models]
+    for m in models:
+        _check_dtype(m.dtype)
+    graphs = GraphCache(Path(cache_dir))
+    graphs.prefetch([(blk, _wanted(blk, steps)) for m in models for blk in m.layers.values()])
+    out = [apply_onnx(m, cache_dir, threads) for m in models]
+    if out:  # the shared export, counted once
+        out[0].exported, out[0].export_seconds = graphs.exported, graphs.export_seconds
+        out[0].reused -= graphs.exported
+    return out
 
 
 def apply_onnx_block(blk: Block, cache_dir: Path, threads: int, parts=tuple(PARTS)) -> OnnxSummary:

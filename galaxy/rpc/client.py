@@ -181,7 +181,8 @@ class Cluster:
 
     def load(self, model: ModelRef, partition: Partition, dtype: str = "float32", tiles: int = 1,
              recv_timeout: float = 60.0, load_timeout: float = 600.0,
-             shard_hashes: list[str] | None = None, wire: list[list[str]] | None = None) -> list[pb.LoadReply]:
+             shard_hashes: list[str] | None = None, wire: list[list[str]] | None = None,
+             overlap: bool = True, backend: str = "torch") -> list[pb.LoadReply]:
         """wire[i][j]: the format rank i sends to rank j in ("fp32", "bf16", "fp16", "int8"); None: exact."""
         """Every worker loads its shard of `model` under `partition` and joins the ring."""
         if partition.world != self.world:
@@ -197,7 +198,7 @@ class Cluster:
                 mref = pb.ModelRef(config_json=ref.config_json, shard_hash=shard_hashes[r])
             req = pb.LoadRequest(session_id=self.session_id, model=mref, partition_json=pjson, rank=r,
                                  peers=self.addresses, dtype=dtype, tiles=tiles, recv_timeout_s=recv_timeout,
-                                 wire_formats=wire[r] if wire else [])
+                                 wire_formats=wire[r] if wire else [], no_overlap=not overlap, backend=backend)
             return stub.Load(req, timeout=load_timeout, metadata=self._md())
 
         replies = self._all("load", call)
@@ -205,14 +206,17 @@ class Cluster:
         return replies
 
     def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1,
-                    stream: bool = False, wire: list[list[str]] | None = None):
+                    stream: bool = False, wire: list[list[str]] | None = None, overlap: bool = True,
+                    backend: str = "torch"):
         """Load a WeightSource. Workers read the same checkpoint path or random-init recipe, or, with
         stream=True, receive exactly their shards from here (they need no model file)."""
         from ..run import model_ref
 
         ref = model_ref(source)
         hashes = self.push_shards(source, partition) if stream else None
-        replies = self.load(ref, partition, dtype=dtype, tiles=tiles, shard_hashes=hashes, wire=wire)
+        replies = self.load(ref, partition, dtype=dtype, tiles=tiles, shard_hashes=hashes, wire=wire,
+                            overlap=overlap, backend=backend)
+        self.backends = [r.backend for r in replies]
         return [r.weight_bytes for r in replies]
 
     def push_shards(self, source, partition: Partition) -> list[str]:
@@ -236,15 +240,17 @@ class Cluster:
 
         return self._all("weight push", push)
 
-    def forward(self, req: Request) -> ForwardResult:
-        """One forward pass across the cluster; on any failure every worker aborts the request."""
+    def forward(self, req: Request, overlap: bool = True, measure_memory: bool = False) -> ForwardResult:
+        """One forward pass across the cluster; on any failure every worker aborts the request.
+        overlap=False runs this request without tile overlap (a benchmark baseline)."""
         if self.partition is None:
             raise GalaxyError("nothing loaded: call load() first")
         self._request_id += 1
         rid = self._request_id
         msg = pb.ForwardRequest(session_id=self.session_id, request_id=rid, input_ids=to_proto(req.ids.cpu()),
                                 start_pos=req.start_pos, last_only=req.last_only, kv_cache=req.cache,
-                                kv_fork_from=req.fork_from, kv_fork_len=req.fork_len, kv_drop=list(req.drop))
+                                kv_fork_from=req.fork_from, kv_fork_len=req.fork_len, kv_drop=list(req.drop),
+                                no_overlap=not overlap, measure_memory=measure_memory)
         if req.types is not None:
             msg.token_types.CopyFrom(to_proto(req.types.cpu()))
         t0 = time.perf_counter()
@@ -281,7 +287,7 @@ class Cluster:
         outs = [from_proto(rep.output, f"output of {self.names[r]}") if rep.HasField("output") else None
                 for r, rep in enumerate(replies)]
         devices = [{"rank": r, "forward_s": rep.forward_s, "peak_rss_bytes": rep.peak_rss_bytes,
-                    "kv_cache_bytes": rep.kv_cache_bytes,
+                    "rss_before_bytes": rep.rss_before_bytes, "kv_cache_bytes": rep.kv_cache_bytes,
                     "ops": [(o.tag, o.wall_s, o.wait_s, o.compute_s, o.bytes, o.send_s) for o in rep.ops]}
                    for r, rep in enumerate(replies)]
         return ForwardResult(assemble(self.config, self.partition, outs, req.ids.shape[0]), seconds, devices)

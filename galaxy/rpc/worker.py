@@ -9,6 +9,8 @@ thin: the compute is `galaxy.parallel`, the data plane `peers.PeerTransport`.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import ipaddress
 import json
 import logging
@@ -18,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -26,6 +29,7 @@ import psutil
 import torch
 
 from .. import __version__
+from ..backends import use_backend
 from ..checkpoints import CheckpointError, WeightSource, open_checkpoint
 from ..checkpoints.random import RandomWeights
 from ..codec import codec_seconds_per_byte
@@ -35,8 +39,8 @@ from ..parallel import Request
 from ..rank import RankRuntime
 from ..run import DTYPES
 from ..security import TlsFiles
-from ..sharding import Partition, PartitionError, build_shard, load_shard, meta_model, shard_bytes
-from ..shardstore import ShardStore
+from ..sharding import Partition, PartitionError, build_shard, meta_model, shard_bytes, shard_state
+from ..shardstore import ShardStore, model_hash, spec_json
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import add_port, open_channel, server_options
@@ -55,6 +59,7 @@ from .wire import (
 log = logging.getLogger(__name__)
 
 READY_LINE = "GALAXY-WORKER-READY"  # printed with the bound address once the worker serves
+MAX_SESSIONS = 8
 
 
 @dataclass
@@ -69,6 +74,7 @@ class WorkerSettings:
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger gRPC messages are refused before decoding
     shard_cache: str | None = None  # directory for streamed shards (None: keep them in memory only)
     shard_cache_bytes: int = 4 << 30
+    cache_own_shards: bool = False  # also cache shards read from a file / random init (fast reloads)
 
 
 @dataclass
@@ -78,10 +84,36 @@ class _Session:
     transport: PeerTransport
     weight_bytes: int
     load_s: float
+    backend: str = "torch"
 
 
 def _peak_rss() -> int:
+    """Peak resident memory since the session was loaded (VmHWM, reset at load), in bytes."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Linux resets VmHWM to the current RSS when 5 is written to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _trim_heap() -> None:
+    """Give freed memory back to the OS (glibc keeps it otherwise), so the next session's peak
+    memory is its own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _open_model(ref: pb.ModelRef) -> WeightSource:
@@ -99,13 +131,15 @@ class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, settings: WorkerSettings):
         self.s = settings
         self.lock = threading.Lock()  # one Load/Forward/Release at a time
-        self.session: _Session | None = None
+        # Loaded sessions, least recently used first. Several coordinators (or a benchmark comparing
+        # strategies) may each keep a shard here; the oldest goes when memory or the count runs out.
+        self.sessions: OrderedDict[str, _Session] = OrderedDict()
         self.shards = ShardStore(settings.shard_cache, settings.shard_cache_bytes)
 
     # -- control -----------------------------------------------------------------------------
     def Hello(self, request, context):
         vm = psutil.virtual_memory()
-        sess = self.session
+        sess = next(reversed(self.sessions.values()), None)
         return pb.HelloReply(
             protocol_version=PROTOCOL_VERSION, device_name=self.s.name, galaxy_version=__version__,
             cpu_count=os.cpu_count() or 1, threads=self.s.threads, compute_device=self.s.device,
@@ -116,16 +150,16 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def Load(self, request, context):
         with self.lock:
-            self._release()
+            self._release(request.session_id)
             try:
                 sess = self._load(request)
             except (CheckpointError, ConfigError, PartitionError, ValueError, GalaxyError) as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: load refused: {e}")
             except MemoryError:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory loading shard")
-            self.session = sess
+            self.sessions[sess.session_id] = sess
             return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s,
-                                rss_bytes=psutil.Process().memory_info().rss)
+                                rss_bytes=psutil.Process().memory_info().rss, backend=sess.backend)
 
     def _load(self, req: pb.LoadRequest) -> _Session:
         t0 = time.perf_counter()
@@ -151,11 +185,15 @@ class WorkerService(pb_grpc.WorkerServicer):
         if self.s.memory_budget and need > self.s.memory_budget:
             raise GalaxyError(f"shard needs {need / 2**20:.0f} MiB, memory budget is "
                               f"{self.s.memory_budget / 2**20:.0f} MiB")
+        self._make_room(need)
         if source is None:
             state = self.shards.take(req.model.shard_hash)
-            model = build_shard(meta_model(cfg, spec), state, DTYPES[req.dtype], self.s.device)
         else:
-            model = load_shard(source, spec, dtype=DTYPES[req.dtype], device=self.s.device)
+            state = self._own_shard(source, spec)
+        model = build_shard(meta_model(cfg, spec), state, DTYPES[req.dtype], self.s.device)
+        del state
+        backend = use_backend(model, req.backend or "torch", self.s.threads)
+        _reset_peak_rss()  # from here on, the peak belongs to this session
         bad = [f for f in req.wire_formats if f and f not in WIRE_FORMATS]
         if bad or len(req.wire_formats) not in (0, partition.world):
             raise ValueError(f"wire_formats {list(req.wire_formats)} must list one of {WIRE_FORMATS} per rank")
@@ -165,22 +203,51 @@ class WorkerService(pb_grpc.WorkerServicer):
         load_s = time.perf_counter() - t0
         log.info("%s: loaded rank %d/%d of %s (%.0f MiB) in %.2f s", self.s.name, req.rank, partition.world,
                  source.path if source else "a streamed shard", need / 2**20, load_s)
-        return _Session(req.session_id, RankRuntime(model, partition, req.rank, req.tiles), transport, need, load_s)
+        runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap)
+        return _Session(req.session_id, runtime, transport, need, load_s, backend)
 
-    def _release(self) -> None:
-        if self.session is not None:
-            self.session.transport.close()
-            self.session = None
+    def _own_shard(self, source, spec) -> dict:
+        """The shard read from the source -- or from this device's shard cache, when a reload of
+        the same model and split can skip reading and re-generating it (random init is slow)."""
+        if self.s.shard_cache is None or not self.s.cache_own_shards:
+            return shard_state(source, spec, meta_model(source.config, spec))
+        mh, sj = model_hash(source), spec_json(spec)
+        have = self.shards.have(mh, sj)
+        if have:
+            return self.shards.take(have)
+        state = shard_state(source, spec, meta_model(source.config, spec))
+        self.shards.put(mh, sj, state)
+        return state
+
+    def _make_room(self, need: int) -> None:
+        """Drop the least recently used sessions while the new shard would not fit."""
+        def over() -> bool:
+            held = sum(x.weight_bytes for x in self.sessions.values())
+            return (len(self.sessions) >= MAX_SESSIONS
+                    or bool(self.s.memory_budget and held + need > self.s.memory_budget))
+
+        while self.sessions and over():
+            old = next(iter(self.sessions))
+            log.info("%s: dropping session %s to make room", self.s.name, old)
+            self._release(old)
+
+    def _release(self, session_id: str = "") -> None:
+        """Drop one session ("" = all of them) and give its memory back."""
+        gone = list(self.sessions) if not session_id else [session_id] if session_id in self.sessions else []
+        for sid in gone:
+            self.sessions.pop(sid).transport.close()
+        if gone:
+            gc.collect()
+            _trim_heap()
 
     def Release(self, request, context):
         with self.lock:
-            if self.session and request.session_id in ("", self.session.session_id):
-                self._release()
+            self._release(request.session_id)
         return pb.ReleaseReply()
 
     def Abort(self, request, context):
-        sess = self.session
-        if sess and request.session_id == sess.session_id:
+        sess = self.sessions.get(request.session_id)
+        if sess is not None:
             sess.transport.abort(request.request_id, request.reason)
         return pb.AbortReply()
 
@@ -206,7 +273,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         except (TransportError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: bad request: {e}")
         sess.transport.begin(request.request_id)
-        comm = rt.new_comm(sess.transport)
+        comm = rt.new_comm(sess.transport, overlap=rt.overlap and not request.no_overlap)
+        if request.measure_memory:
+            _trim_heap()  # otherwise activations reuse freed pages and the peak does not move
+        _reset_peak_rss()
+        rss_before = psutil.Process().memory_info().rss
         t0 = time.perf_counter()
         try:
             out = rt.run(comm, req)
@@ -220,17 +291,19 @@ class WorkerService(pb_grpc.WorkerServicer):
         send_s = dict(sess.transport.send_s)
         ops = [pb.OpStat(tag=t, wall_s=w, wait_s=ws, compute_s=c, bytes=b, send_s=send_s.get(t, 0.0))
                for t, w, ws, c, b in comm.stats.ops]
-        reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv.nbytes)
+        reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv.nbytes,
+                                rss_before_bytes=rss_before)
         if out is not None:
             reply.output.CopyFrom(to_proto(out.float().cpu()))
         return reply
 
     def _session_or_abort(self, session_id: str, context) -> _Session:
-        sess = self.session
-        if sess is None or sess.session_id != session_id:
+        sess = self.sessions.get(session_id)
+        if sess is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{self.s.name}: no loaded session {session_id!r} (state: "
-                          f"{'loaded ' + sess.session_id if sess else 'idle'}); send Load first")
+                          f"{self.s.name}: no loaded session {session_id!r} ({len(self.sessions)} loaded; "
+                          "dropped for room, or never loaded); send Load first")
+        self.sessions.move_to_end(session_id)
         return sess
 
     # -- profiling -----------------------------------------------------------------------------

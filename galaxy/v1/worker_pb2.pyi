@@ -129,7 +129,7 @@ class HaveShardReply(_message.Message):
     def __init__(self, content_hash: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats")
+    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARTITION_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,8 @@ class LoadRequest(_message.Message):
     TILES_FIELD_NUMBER: _ClassVar[int]
     RECV_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     WIRE_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    NO_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelRef
     partition_json: str
@@ -148,20 +150,24 @@ class LoadRequest(_message.Message):
     tiles: int
     recv_timeout_s: float
     wire_formats: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ...) -> None: ...
+    no_overlap: bool
+    backend: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("weight_bytes", "load_s", "rss_bytes")
+    __slots__ = ("weight_bytes", "load_s", "rss_bytes", "backend")
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     weight_bytes: int
     load_s: float
     rss_bytes: int
-    def __init__(self, weight_bytes: _Optional[int] = ..., load_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+    backend: str
+    def __init__(self, weight_bytes: _Optional[int] = ..., load_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "input_ids", "token_types", "start_pos", "last_only", "kv_cache", "kv_fork_from", "kv_fork_len", "kv_drop")
+    __slots__ = ("session_id", "request_id", "input_ids", "token_types", "start_pos", "last_only", "kv_cache", "kv_fork_from", "kv_fork_len", "kv_drop", "no_overlap", "measure_memory")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +178,8 @@ class ForwardRequest(_message.Message):
     KV_FORK_FROM_FIELD_NUMBER: _ClassVar[int]
     KV_FORK_LEN_FIELD_NUMBER: _ClassVar[int]
     KV_DROP_FIELD_NUMBER: _ClassVar[int]
+    NO_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: int
     input_ids: Tensor
@@ -182,7 +190,9 @@ class ForwardRequest(_message.Message):
     kv_fork_from: str
     kv_fork_len: int
     kv_drop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_types: _Optional[_Union[Tensor, _Mapping]] = ..., start_pos: _Optional[int] = ..., last_only: _Optional[bool] = ..., kv_cache: _Optional[str] = ..., kv_fork_from: _Optional[str] = ..., kv_fork_len: _Optional[int] = ..., kv_drop: _Optional[_Iterable[str]] = ...) -> None: ...
+    no_overlap: bool
+    measure_memory: bool
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_types: _Optional[_Union[Tensor, _Mapping]] = ..., start_pos: _Optional[int] = ..., last_only: _Optional[bool] = ..., kv_cache: _Optional[str] = ..., kv_fork_from: _Optional[str] = ..., kv_fork_len: _Optional[int] = ..., kv_drop: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., measure_memory: _Optional[bool] = ...) -> None: ...
 
 class OpStat(_message.Message):
     __slots__ = ("tag", "wall_s", "wait_s", "compute_s", "bytes", "send_s")
@@ -201,18 +211,20 @@ class OpStat(_message.Message):
     def __init__(self, tag: _Optional[str] = ..., wall_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., bytes: _Optional[int] = ..., send_s: _Optional[float] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("output", "forward_s", "ops", "peak_rss_bytes", "kv_cache_bytes")
+    __slots__ = ("output", "forward_s", "ops", "peak_rss_bytes", "kv_cache_bytes", "rss_before_bytes")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BEFORE_BYTES_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     forward_s: float
     ops: _containers.RepeatedCompositeFieldContainer[OpStat]
     peak_rss_bytes: int
     kv_cache_bytes: int
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_s: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpStat, _Mapping]]] = ..., peak_rss_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    rss_before_bytes: int
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_s: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpStat, _Mapping]]] = ..., peak_rss_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_before_bytes: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "reason")

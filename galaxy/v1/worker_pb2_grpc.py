@@ -125,7 +125,7 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """drop the shard, back to idle
+        """drop a session's shard ("" = every session)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

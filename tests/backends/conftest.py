@@ -7,4 +7,12 @@ import pytest
 
 @pytest.fixture(scope="session")
 def onnx_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("onnx-graphs")
+    """$XDG_CACHE_HOME/galaxy/onnx under a temporary XDG_CACHE_HOME (see xdg_cache)."""
+    return tmp_path_factory.mktemp("xdg") / "galaxy" / "onnx"
+
+
+@pytest.fixture
+def xdg_cache(onnx_cache, monkeypatch):
+    """Point default_cache_dir() (the profiler's cache) at the session's cache, not ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(onnx_cache.parent.parent))
+    return onnx_cache

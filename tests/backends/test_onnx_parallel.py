@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from galaxy.backends.onnx import apply_onnx_all, onnx_steps
+from galaxy.backends.onnx import apply_onnx_all, apply_onnx_block, onnx_steps
 from galaxy.checkpoints import open_checkpoint
 from galaxy.checkpoints.random import RandomWeights
 from galaxy.config import preset
 from galaxy.inproc import InprocCluster, run_inprocess
 from galaxy.parallel import Request
-from galaxy.sharding import Partition, even_partition, full_spec, load_shard, weighted_partition
+from galaxy.sharding import Partition, ShardSpec, even_partition, full_spec, load_shard, weighted_partition
 
 TOL = 1e-4
 UNEVEN = [0.9, 0.6, 0.45]
@@ -28,21 +28,29 @@ def onnx_shards(src, partition, cache):
     return models
 
 
-def error(src, partition, ids, cache, tiles=2):
+def error(src, partition, ids, cache, tilings=(2,)):
+    """Largest error over the tilings (the same ONNX-backed shards run each)."""
     want = load_shard(src, full_spec(src.config))(ids)
-    out, _ = run_inprocess(onnx_shards(src, partition, cache), partition, Request(ids), tiles=tiles)
-    return (out - want).abs().max().item()
+    models = onnx_shards(src, partition, cache)
+    outs = [run_inprocess(models, partition, Request(ids), tiles=t)[0] for t in tilings]
+    return max((out - want).abs().max().item() for out in outs)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
-def test_every_strategy_and_tiling(name, onnx_cache):
-    src = RandomWeights(preset(name), seed=1)
+def test_every_strategy_and_tiling(onnx_cache):
+    """Llama-style (pre-norm, RMSNorm, RoPE, GQA, SwiGLU) under every strategy and tiling."""
+    src = RandomWeights(preset("tiny-llama"), seed=1)
     cfg = src.config
     ids = torch.randint(0, cfg.vocab_size, (13,), generator=torch.Generator().manual_seed(0))
     for p in (weighted_partition(cfg, UNEVEN), even_partition(cfg, 3, "megatron"), even_partition(cfg, 3, "pipeline")):
-        for tiles in (1, 3):
-            err = error(src, p, ids, onnx_cache, tiles)
-            assert err <= TOL, f"{name} {p.strategy} tiles={tiles}: {err}"
+        err = error(src, p, ids, onnx_cache, tilings=(1, 3))
+        assert err <= TOL, f"{p.strategy}: {err}"
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+def test_post_and_pre_norm_layernorm_families(name, onnx_cache):
+    src = RandomWeights(preset(name), seed=1)
+    ids = torch.randint(0, src.config.vocab_size, (13,), generator=torch.Generator().manual_seed(0))
+    assert error(src, weighted_partition(src.config, UNEVEN), ids, onnx_cache, tilings=(1, 3)) <= TOL
 
 
 def test_every_step_runs_in_onnx_and_empty_pieces_stay_torch(onnx_cache):
@@ -85,22 +93,6 @@ def test_decode_with_kv_cache_matches_torch(onnx_cache):
     assert (got - ref).abs().max().item() <= TOL
 
 
-def test_rope_far_from_the_start(onnx_cache):
-    """Positions near SmolLM2's 8192 limit: RoPE angles of thousands of radians in both backends."""
-    from galaxy.backends.onnx import apply_onnx_block
-
-    cfg = preset("smollm2-135m").replace(n_layers=1)
-    src = RandomWeights(cfg, seed=4)
-    spec = full_spec(cfg).__class__((0, 4), (0, 1), (0, 0), (0, 1), embed=False, head=False)
-    blk = load_shard(src, spec).layers["0"]
-    apply_onnx_block(blk, onnx_cache, 1, parts=("attention",))
-    qkv = torch.randn(5, blk.attn.qkv.weight.shape[0])
-    with torch.inference_mode():
-        for start in (0, 4000, 8187):
-            err = (blk.attn.attend(qkv, start) - type(blk.attn).attend(blk.attn, qkv, start)).abs().max().item()
-            assert err <= 1e-5, f"start {start}: {err}"
-
-
 @pytest.mark.parametrize("name", ["bert-large", "gpt2-large"])
 def test_paper_shapes_uneven(name, onnx_cache):
     cfg = preset(name).replace(n_layers=2, vocab_size=4099)
@@ -125,3 +117,17 @@ def test_minilm_uneven(minilm_path, onnx_cache):
     src = open_checkpoint(minilm_path)
     ids = torch.tensor(src.tokenizer().encode("Edge devices cooperate on one sentence embedding."))
     assert error(src, weighted_partition(src.config, UNEVEN), ids, onnx_cache) <= TOL
+
+
+def test_rope_far_from_the_start(onnx_cache):
+    """Positions near SmolLM2's 8192 limit: RoPE angles of thousands of radians in both backends."""
+    cfg = preset("smollm2-135m").replace(n_layers=1)
+    src = RandomWeights(cfg, seed=4)
+    spec = ShardSpec((0, 4), (0, 1), (0, 0), (0, 1), embed=False, head=False)
+    blk = load_shard(src, spec).layers["0"]
+    apply_onnx_block(blk, onnx_cache, 1, parts=("attention",))
+    qkv = torch.randn(5, blk.attn.qkv.weight.shape[0])
+    with torch.inference_mode():
+        for start in (0, 4000, 8187):
+            err = (blk.attn.attend(qkv, start) - type(blk.attn).attend(blk.attn, qkv, start)).abs().max().item()
+            assert err <= 1e-5, f"start {start}: {err}"

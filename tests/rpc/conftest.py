@@ -24,7 +24,7 @@ class Servers:
             if index is None or i == index:
                 with service.lock:
                     service._release()
-                server.stop(grace=0).wait()
+                server.stop(grace=0).wait(timeout=10)
 
 
 @pytest.fixture
