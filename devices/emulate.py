@@ -13,6 +13,7 @@ Without root there is no emulation: `up` starts plain loopback workers and says 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -502,6 +503,66 @@ def status(name_or_spec=None) -> list[dict]:
         out.append({"cluster": s["cluster"], "file": s.get("file"), "mode": s.get("mode"), "state": health,
                      "subnet": s.get("subnet"), "devices": devices, "notes": s.get("notes", [])})
     return out
+
+
+def _layout_of(state: dict) -> tuple[ClusterSpec, L.Layout]:
+    from .spec import load_cluster
+
+    spec = load_cluster(state["file"])
+    return spec, L.make_layout(spec, state["subnet"])
+
+
+def restart_worker(name_or_spec, device: str, progress=_quiet, timeout: float = STARTUP_TIMEOUT) -> str:
+    """Start device `device`'s worker again (after it crashed or was killed) in its namespace and
+    cgroups, as `up` did; returns its address. Fault-injection tests use it."""
+    name = _name_of(name_or_spec)
+    state = read_state(name)
+    if state is None or state.get("mode") != "emulated":
+        raise GalaxyError(f"cluster {name!r} is not up as an emulated LAN")
+    spec, lay = _layout_of(state)
+    d = next((x for x in lay.devices if x.name == device), None)
+    if d is None:
+        raise GalaxyError(f"cluster {name!r} has no device {device!r}")
+    cg = S.detect_cgroups()
+    cmd = L.enter_command(d.netns, S.procs_files(cg, d.cgroup), L.worker_command(d, True, cluster=spec.name))
+    proc = _spawn(cmd, _log_dir(name) / f"{d.name}.log", _worker_env(state["token"]), True)
+    st = _State(state)
+    st.add(S.process_record(proc, f"worker {d.name}"))
+    for row in state["devices"]:
+        if row["name"] == device:
+            row["pid"] = proc.pid
+    _wait_ready([proc], [d.name], st, timeout, progress)
+    st.save()
+    return d.address
+
+
+def set_link_up(name_or_spec, device: str, up_: bool) -> None:
+    """Take a device's link down (or up again): its veth on the bridge side, as if unplugged."""
+    name = _name_of(name_or_spec)
+    state = read_state(name)
+    row = next((r for r in (state or {}).get("devices", []) if r["name"] == device), None)
+    if row is None or "host_link" not in row:
+        raise GalaxyError(f"cluster {name!r} has no running emulated device {device!r}")
+    S.run(["ip", "link", "set", row["host_link"], "up" if up_ else "down"])
+
+
+def set_cpu_share(name_or_spec, device: str, cores: float) -> None:
+    """Change a running device's CPU share (cgroup quota), e.g. to make it a straggler."""
+    name = _name_of(name_or_spec)
+    state = read_state(name)
+    if state is None or state.get("mode") != "emulated":
+        raise GalaxyError(f"cluster {name!r} is not up as an emulated LAN")
+    spec, lay = _layout_of(state)
+    d = next((x for x in lay.devices if x.name == device), None)
+    if d is None:
+        raise GalaxyError(f"cluster {name!r} has no device {device!r}")
+    cg = S.detect_cgroups()
+    period, quota = L.cfs_values(cores, d.period_us)
+    values = [v for v in L.cgroup_values(dataclasses.replace(d, cpu=cores, period_us=period, quota_us=quota),
+                                         cg.version) if v[0] == "cpu"]
+    for controller, fname, value in values:
+        with open(os.path.join(cg.dirs(d.cgroup)[controller], fname), "w") as f:
+            f.write(value)
 
 
 def set_link_rate(name_or_spec, rate_bps: float, progress=_quiet) -> None:

@@ -131,6 +131,17 @@ def _collective(devices: list[dict]) -> str:
     return "none (1 device)"
 
 
+def _pending_stop(text: str, stops) -> int:
+    """Length of the longest tail of `text` that is the beginning of a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
 class TextGenerator:
     """Generation on a loaded executor (gRPC `Cluster` or `InprocCluster`)."""
 
@@ -210,7 +221,8 @@ class TextGenerator:
                 if len(gen.text) > len(shown):
                     yield Event(tok, gen.text[len(shown):])
                 break
-            delta = full[len(shown):] if not full.endswith("\ufffd") else ""  # wait for whole characters
+            safe = len(full) - _pending_stop(full, gc.stop)  # hold back what may start a stop string
+            delta = full[len(shown):safe] if not full[:safe].endswith("\ufffd") else ""  # whole characters only
             shown += delta
             gen.text = full
             yield Event(tok, delta)
@@ -221,6 +233,8 @@ class TextGenerator:
                           drop=self.prefix.take_drops())
             logits = self._forward(gen, "decode", req, list(seq))
             seq.append(tok)
+        if gen.finish != "stop" and len(gen.text) > len(shown):  # a held-back tail that stopped nothing
+            yield Event(gen.tokens[-1], gen.text[len(shown):])
 
     def generate(self, prompt_ids: list[int], gc: GenerationConfig) -> Generation:
         gen = Generation(list(prompt_ids))

@@ -64,7 +64,17 @@ class ResilientCluster:
         return self._loaded[1] if self._loaded else None
 
     def hello(self):
-        return self.cluster.hello()
+        try:
+            return self.cluster.hello()
+        except (PeerUnreachable, WorkerError) as e:  # start (or go on) with the devices that answer
+            alive = self._alive()
+            if not alive:
+                raise
+            log.warning("%s; going on with %d of %d devices", e, len(alive), len(self.addresses))
+            self.cluster.close()
+            self.cluster = self._make(alive)
+            self.events.append(Event("recover", f"unreachable at start: {e}", 0.0, alive))
+            return self.cluster.hello()
 
     def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1,
                     stream: bool = False, wire=None, overlap: bool = True, backend: str = "torch"):

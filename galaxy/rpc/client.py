@@ -123,6 +123,7 @@ class Cluster:
         self.config: ModelConfig | None = None
         self.names = [f"device {i} ({a})" for i, a in enumerate(self.addresses)]
         self._request_id = 0
+        self._greeted = False
 
     @property
     def world(self) -> int:
@@ -154,6 +155,7 @@ class Cluster:
 
         infos = self._all("hello", call)
         self.names = [f"device {i} '{d.name}' ({d.address})" for i, d in enumerate(infos)]
+        self._greeted = True
         return infos
 
     def profile(self, config: ModelConfig, seq_lens: list[int], dtype: str = "float32", repeats: int = 3,
@@ -188,6 +190,8 @@ class Cluster:
         if partition.world != self.world:
             raise PlanMismatch(f"the partition has {partition.world} devices, the cluster {self.world}")
         partition.validate(model.config)
+        if not self._greeted:
+            self.hello()  # learn the devices' names, so every later error can name them
         self.release()
         self.session_id = secrets.token_hex(8)
         ref, pjson = model.to_proto(), json.dumps(partition.to_dict())
