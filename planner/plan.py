@@ -23,10 +23,10 @@ from galaxy.config import FAMILIES, ModelConfig
 from galaxy.sharding import Partition, PartitionError
 
 PLAN_VERSION = 1
-# Strategies a plan may hold. seqpar is predicted and reported but has no runtime yet;
-# local is one device, run as a one-device galaxy partition (every collective a no-op).
+# Strategies a plan may hold; local is one device, run as a one-device galaxy partition (every
+# collective a no-op).
 PLAN_STRATEGIES = ("galaxy", "megatron", "pipeline", "local", "seqpar")
-RUNNABLE = ("galaxy", "megatron", "pipeline", "local")
+RUNNABLE = ("galaxy", "megatron", "pipeline", "local", "seqpar")
 REPORTED = ("galaxy", "galaxy-no-overlap", "megatron", "seqpar", "pipeline", "local")
 
 # Shape fields the fingerprint covers: everything that changes who holds which bytes.
@@ -147,8 +147,12 @@ class Plan:
         n, d = len(self.devices), self.devices
         heads, cols, vocab = (tuple(getattr(x, k) for x in d) for k in ("heads", "mlp_cols", "vocab_rows"))
         full = (cfg.n_layers,) * n
-        if self.strategy == "seqpar":
-            raise PlanError("strategy: seqpar has no runtime yet; plan with strategy galaxy, megatron or pipeline")
+        if self.strategy == "seqpar":  # the whole model on each device, tokens by the planned split
+            try:
+                return Partition("seqpar", (cfg.n_heads,) * n, (cfg.ffn,) * n, (cfg.vocab_size,) * n, full,
+                                 tuple(float(x.tokens) for x in d)).validate(cfg)
+            except PartitionError as e:
+                raise PlanError(str(e)) from None
         try:
             if self.strategy in ("galaxy", "local"):
                 return Partition("galaxy", heads, cols, vocab, full, tuple(float(x.tokens) for x in d)).validate(cfg)

@@ -22,7 +22,7 @@ whose shards fit every device's memory.
   latency is the sum of stage compute plus the hand-offs.
 - local: the fastest device that can hold the whole model.
 
-The automatic choice takes the fastest of RUNNABLE (seqpar has no runtime yet). docs/planner.md
+The automatic choice takes the fastest of RUNNABLE. docs/planner.md
 gives the complexity and the measured gap to brute force.
 """
 
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 MAX_SUBSET_DEVICES = 8  # all subsets up to this many devices; backward elimination beyond
 MAX_ORDER_DEVICES = 6  # all ring orders up to this many devices; nearest-fast-link order beyond
 LOCAL_SEARCH_CANDIDATES = 3  # (subset, order) pairs refined by local search (1 beyond 4 devices)
-PREFERENCE = ("local", "pipeline", "galaxy", "megatron")  # tie-break: the simplest runnable strategy
+PREFERENCE = ("local", "pipeline", "galaxy", "megatron", "seqpar")  # tie-break: the simplest runnable first
 KINDS = ("heads", "cols", "vocab", "tokens")
 HEAD_SPLITS_ENUMERATED = 300  # enumerate every head split of a candidate when there are at most this many
 
@@ -677,9 +677,6 @@ def _choice_reason(cm: CostModel, win: Outcome, outcomes: dict[str, Outcome], fo
             elif other.strategy == "local":
                 head += ", local sends nothing"
     head += f": {win.strategy} wins" if not forced else ""
-    sp = outcomes.get("seqpar")
-    if sp is not None and sp.estimate is not None and sp.latency_s < lat * (1 - 1e-9):
-        head += f"; seqpar would be faster ({sp.latency_s:.3g} s) but has no runtime yet"
     return head
 
 

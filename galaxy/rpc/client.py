@@ -244,7 +244,8 @@ class Cluster:
 
         return self._all("weight push", push)
 
-    def forward(self, req: Request, overlap: bool = True, measure_memory: bool = False) -> ForwardResult:
+    def forward(self, req: Request, overlap: bool = True, measure_memory: bool = False,
+                wire: list[list[str]] | None = None) -> ForwardResult:
         """One forward pass across the cluster; on any failure every worker aborts the request.
         overlap=False runs this request without tile overlap (a benchmark baseline)."""
         if self.partition is None:
@@ -257,8 +258,15 @@ class Cluster:
                                 no_overlap=not overlap, measure_memory=measure_memory)
         if req.types is not None:
             msg.token_types.CopyFrom(to_proto(req.types.cpu()))
+        msgs = [msg] * self.world
+        if wire is not None:  # per-rank messages: each carries the formats that rank sends with
+            msgs = [pb.ForwardRequest() for _ in range(self.world)]
+            for r, m in enumerate(msgs):
+                m.CopyFrom(msg)
+                m.wire_formats.extend(wire[r])
         t0 = time.perf_counter()
-        futs = [stub.Forward.future(msg, timeout=self.forward_timeout, metadata=self._md()) for stub in self.stubs]
+        futs = [stub.Forward.future(m, timeout=self.forward_timeout, metadata=self._md())
+                for stub, m in zip(self.stubs, msgs)]
         finished: queue.Queue = queue.Queue()
         for r, f in enumerate(futs):
             f.add_done_callback(lambda _f, r=r: finished.put(r))

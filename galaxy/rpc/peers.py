@@ -100,12 +100,15 @@ class PeerTransport:
         # arrived. tbf shapes bandwidth but adds no delay, and netem is not available.
         self.link_delay_s = link_delay_s
         self.wire_formats = list(wire_formats or [])  # per destination rank; missing: fp32 (exact)
+        self.request_wire: list[str] | None = None  # the current request's override
 
     # -- request scope -----------------------------------------------------------------------
-    def begin(self, request_id: int) -> None:
-        """Start a request: fresh sequence numbers, no abort, no send timings."""
+    def begin(self, request_id: int, wire_formats: list[str] | None = None) -> None:
+        """Start a request: fresh sequence numbers, no abort, no send timings; `wire_formats`
+        overrides the session's formats for this request only."""
         with self.lock:
             self.request_id, self.aborted = request_id, None
+            self.request_wire = list(wire_formats) if wire_formats else None
             self.seq_out.clear()
             self.seq_in.clear()
             self.send_s.clear()
@@ -116,7 +119,8 @@ class PeerTransport:
                 self.aborted = reason or "aborted by the coordinator"
 
     def wire_format(self, dst: int) -> str:
-        return self.wire_formats[dst] if dst < len(self.wire_formats) and self.wire_formats[dst] else "fp32"
+        formats = self.request_wire or self.wire_formats
+        return formats[dst] if dst < len(formats) and formats[dst] else "fp32"
 
     def add_send_time(self, tag: str, seconds: float) -> None:
         with self.lock:

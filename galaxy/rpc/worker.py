@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 READY_LINE = "GALAXY-WORKER-READY"  # printed with the bound address once the worker serves
 MAX_SESSIONS = 8
+LOAD_OVERHEAD = 1.15  # a shard's bytes plus transient copies while it is read and built
 
 
 @dataclass
@@ -155,8 +156,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                 sess = self._load(request)
             except (CheckpointError, ConfigError, PartitionError, ValueError, GalaxyError) as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: load refused: {e}")
-            except MemoryError:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory loading shard")
+            except (MemoryError, DeviceOutOfMemory) as e:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory loading shard: {e}")
             self.sessions[sess.session_id] = sess
             return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s,
                                 rss_bytes=psutil.Process().memory_info().rss, backend=sess.backend)
@@ -186,6 +187,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             raise GalaxyError(f"shard needs {need / 2**20:.0f} MiB, memory budget is "
                               f"{self.s.memory_budget / 2**20:.0f} MiB")
         self._make_room(need)
+        if self.s.memory_budget:  # refuse rather than be killed by the OOM killer half way through
+            rss = psutil.Process().memory_info().rss
+            if rss + need * LOAD_OVERHEAD > self.s.memory_budget:
+                raise DeviceOutOfMemory(
+                    f"loading a {need / 2**20:.0f} MiB shard needs about {need * LOAD_OVERHEAD / 2**20:.0f} MiB "
+                    f"on top of the {rss / 2**20:.0f} MiB in use; the budget is {self.s.memory_budget / 2**20:.0f} MiB")
         if source is None:
             state = self.shards.take(req.model.shard_hash)
         else:
@@ -220,11 +227,12 @@ class WorkerService(pb_grpc.WorkerServicer):
         return state
 
     def _make_room(self, need: int) -> None:
-        """Drop the least recently used sessions while the new shard would not fit."""
+        """Drop the least recently used sessions while the new shard would not fit next to what this
+        process holds (its resident memory, measured again after each drop)."""
         def over() -> bool:
-            held = sum(x.weight_bytes for x in self.sessions.values())
+            rss = psutil.Process().memory_info().rss
             return (len(self.sessions) >= MAX_SESSIONS
-                    or bool(self.s.memory_budget and held + need > self.s.memory_budget))
+                    or bool(self.s.memory_budget and rss + need * LOAD_OVERHEAD > self.s.memory_budget))
 
         while self.sessions and over():
             old = next(iter(self.sessions))
@@ -272,7 +280,11 @@ class WorkerService(pb_grpc.WorkerServicer):
             rt.validate(req)
         except (TransportError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: bad request: {e}")
-        sess.transport.begin(request.request_id)
+        bad = [f for f in request.wire_formats if f and f not in WIRE_FORMATS]
+        if bad or len(request.wire_formats) not in (0, rt.partition.world):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: wire_formats "
+                          f"{list(request.wire_formats)} must list one of {WIRE_FORMATS} per rank")
+        sess.transport.begin(request.request_id, list(request.wire_formats))
         comm = rt.new_comm(sess.transport, overlap=rt.overlap and not request.no_overlap)
         if request.measure_memory:
             _trim_heap()  # otherwise activations reuse freed pages and the peak does not move

@@ -167,7 +167,7 @@ class LoadReply(_message.Message):
     def __init__(self, weight_bytes: _Optional[int] = ..., load_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "input_ids", "token_types", "start_pos", "last_only", "kv_cache", "kv_fork_from", "kv_fork_len", "kv_drop", "no_overlap", "measure_memory")
+    __slots__ = ("session_id", "request_id", "input_ids", "token_types", "start_pos", "last_only", "kv_cache", "kv_fork_from", "kv_fork_len", "kv_drop", "no_overlap", "measure_memory", "wire_formats")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,7 @@ class ForwardRequest(_message.Message):
     KV_DROP_FIELD_NUMBER: _ClassVar[int]
     NO_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     MEASURE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    WIRE_FORMATS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: int
     input_ids: Tensor
@@ -192,7 +193,8 @@ class ForwardRequest(_message.Message):
     kv_drop: _containers.RepeatedScalarFieldContainer[str]
     no_overlap: bool
     measure_memory: bool
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_types: _Optional[_Union[Tensor, _Mapping]] = ..., start_pos: _Optional[int] = ..., last_only: _Optional[bool] = ..., kv_cache: _Optional[str] = ..., kv_fork_from: _Optional[str] = ..., kv_fork_len: _Optional[int] = ..., kv_drop: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., measure_memory: _Optional[bool] = ...) -> None: ...
+    wire_formats: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_types: _Optional[_Union[Tensor, _Mapping]] = ..., start_pos: _Optional[int] = ..., last_only: _Optional[bool] = ..., kv_cache: _Optional[str] = ..., kv_fork_from: _Optional[str] = ..., kv_fork_len: _Optional[int] = ..., kv_drop: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., measure_memory: _Optional[bool] = ..., wire_formats: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OpStat(_message.Message):
     __slots__ = ("tag", "wall_s", "wait_s", "compute_s", "bytes", "send_s")

@@ -30,6 +30,7 @@ TOL = 1e-4
 def state_dir(tmp_path, monkeypatch):
     d = tmp_path / "state"
     monkeypatch.setenv("GALAXY_STATE_DIR", str(d))
+    monkeypatch.setenv("GALAXY_CACHE", str(tmp_path / "cache"))  # the workers' shard caches, not $HOME
     return d
 
 

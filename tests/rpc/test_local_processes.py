@@ -120,3 +120,13 @@ def test_cli_generation_tokens_match_reference(smollm2_path):
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert rep["tokens_match"] is True and "Paris" in rep["text"] and len(rep["tokens"]) == 16
     assert rep["decode_collective"] == "direct all-reduce (1 hop)" and len(rep["kv_cache_bytes"]) == 3
+
+
+@pytest.mark.parametrize("model", ["smollm2", "minilm"])
+def test_cli_onnx_backend_matches_torch_reference(model, smollm2_path, minilm_path, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "galaxy.cli", "run", "--local", "3", "--backend", "onnx",
+                        "--model", model, "--check", "--json"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["backend"] == ["onnx"] * 3 and rep["check"] == "pass" and rep["max_abs_err"] <= TOL

@@ -1,0 +1,54 @@
+"""`galaxy bench --quick`: the report's structure, exactness of every strategy, the plot. Never a
+timing assertion: the numbers are measured side by side, and a shared CI machine is noisy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from galaxy import bench
+from galaxy.config import preset
+from planner.profile import ClusterProfile, ComputeModel, DeviceProfile, Link
+
+
+def test_quick_bench_reports_every_strategy_exactly(tmp_path):
+    png = tmp_path / "bench.png"
+    r = subprocess.run([sys.executable, "-m", "galaxy.cli", "-q", "bench", "--quick", "--local", "2",
+                        "--random-init", "tiny-llama", "--seq-len", "16", "--reps", "2", "--decode",
+                        "--plot", str(png), "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["model"] == "tiny-llama" and len(rep["devices"]) == 2 and rep["machine"]
+    run = rep["runs"][0]
+    rows = {row["strategy"]: row for row in run["strategies"]}
+    assert set(rows) == {"local", "megatron", "seqpar", "pipeline", "galaxy", "galaxy-no-overlap"}
+    for row in rows.values():
+        assert row["reps"] == 2 and row["median_s"] > 0 and row["spread_s"] >= 0
+        assert row["exact"] is True and row["max_abs_err"] <= 1e-4, row
+        assert 0 < row["roofline_fraction"] and len(row["weights_bytes"]) == len(row["devices"])
+        assert all(b >= 0 for b in row["peak_activation_bytes"])
+    assert rows["local"]["roofline_fraction"] <= 1.0 + 1e-9  # a lower bound: nothing beats it
+    assert rows["local"]["speedup_vs_local"] == pytest.approx(1.0)
+    assert run["roofline"]["seconds"] > 0
+    assert run["roofline"]["bound_by"] in ("local", "local (measured)", "compute", "network")
+    assert run["auto"]["strategy"] and run["auto"]["reason"]
+    assert any(t["layer"] == "L0" for t in run["timeline"])
+    assert [d["strategy"] for d in rep["decode"]] == ["local", "galaxy"] and rep["decode"][0]["tokens_match"]
+    assert png.stat().st_size > 10_000
+
+
+def _cluster(bw: float) -> ClusterProfile:
+    devs = [DeviceProfile(f"d{i}", f"a{i}", ComputeModel(r), ComputeModel(r), ComputeModel(r), 10**10)
+            for i, r in enumerate((4e10, 2e10))]
+    return ClusterProfile(devs, [[None, Link(bw, 1e-4)], [Link(bw, 1e-4), None]])
+
+
+def test_roofline_is_the_tighter_of_perfect_parallelism_and_the_fastest_device_alone():
+    cfg = preset("gpt2-large")
+    fast = bench.roofline(cfg, 256, _cluster(1e12))
+    assert fast["bound_by"] == "compute" and fast["seconds"] == pytest.approx(fast["local_s"] * 4 / 6, rel=1e-6)
+    slow = bench.roofline(cfg, 256, _cluster(1e6))  # a link so slow that one device alone is best
+    assert slow["bound_by"] == "local" and slow["seconds"] == pytest.approx(slow["local_s"])
