@@ -181,6 +181,7 @@ class ShardStore:
     def _save(self, content_hash: str, mh: str, spec: str, state: dict, total: int) -> bool:
         if not self.dir or total > self.max_bytes:
             return False
+        self.dir.mkdir(parents=True, exist_ok=True)  # it may have been cleaned away since start
         from safetensors.torch import save_file
 
         aliases = _aliases(state)

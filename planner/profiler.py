@@ -30,6 +30,7 @@ from .profile import (
 )
 
 CACHE_VERSION = 2
+LOAD_OVERHEAD = 1.15  # as the worker's own check: a shard's bytes plus transient copies while loading
 
 
 def cache_dir() -> Path:
@@ -123,8 +124,9 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
         samples = [Sample(*s) for s in cached[r]["samples"]]
         models = fit_samples(cfg, samples)
         mem = [info.available_memory]
-        if info.memory_budget:
-            mem.append(info.memory_budget)
+        if info.memory_budget:  # the budget caps the whole worker process: its own memory counts, and
+            # loading needs transient copies on top of the shard (galaxy.rpc.worker.LOAD_OVERHEAD)
+            mem.append(max(0, int((info.memory_budget - info.rss) / LOAD_OVERHEAD)))
         if memory_budget:
             mem.append(memory_budget)
         if budgets and info.name in budgets:

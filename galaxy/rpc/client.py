@@ -50,6 +50,7 @@ class DeviceInfo:
     available_memory: int
     memory_budget: int
     state: str
+    rss: int = 0  # the worker process's own resident memory
 
 
 @dataclass
@@ -151,7 +152,8 @@ class Cluster:
             rep = stub.Hello(pb.HelloRequest(), timeout=self.connect_timeout, metadata=self._md(),
                              wait_for_ready=True)
             return DeviceInfo(self.addresses[r], rep.device_name, rep.cpu_count, rep.threads, rep.compute_device,
-                              rep.total_memory_bytes, rep.available_memory_bytes, rep.memory_budget_bytes, rep.state)
+                              rep.total_memory_bytes, rep.available_memory_bytes, rep.memory_budget_bytes, rep.state,
+                              rep.rss_bytes)
 
         infos = self._all("hello", call)
         self.names = [f"device {i} '{d.name}' ({d.address})" for i, d in enumerate(infos)]

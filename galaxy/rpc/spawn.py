@@ -35,12 +35,14 @@ class LocalWorkers:
     """N workers on 127.0.0.1 with free ports; a context manager that always cleans up."""
 
     def __init__(self, n: int, threads: int | None = None, token: str | None = None,
-                 startup_timeout: float = 60.0, extra_args: list[str] | None = None):
+                 startup_timeout: float = 60.0, extra_args: list[str] | None = None,
+                 per_worker_args: list[list[str]] | None = None):
         if n < 1:
             raise GalaxyError(f"need at least one local worker, got {n}")
         self.n = n
         self.threads = threads or max(1, (os.cpu_count() or 1) // n)
         self.token, self.startup_timeout, self.extra_args = token, startup_timeout, extra_args
+        self.per_worker_args = per_worker_args or [[] for _ in range(n)]
         self.procs: list[subprocess.Popen] = []
         self.addresses: list[str] = []
 
@@ -50,7 +52,8 @@ class LocalWorkers:
             env["GALAXY_TOKEN"] = self.token
         try:
             for i in range(self.n):
-                cmd = worker_command("127.0.0.1:0", f"local{i}", self.threads, extra=self.extra_args)
+                cmd = worker_command("127.0.0.1:0", f"local{i}", self.threads,
+                                     extra=(self.extra_args or []) + self.per_worker_args[i])
                 self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, env=env,
                                                    start_new_session=True, text=True))
             self.addresses = [self._wait_ready(i, p) for i, p in enumerate(self.procs)]

@@ -146,7 +146,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             cpu_count=os.cpu_count() or 1, threads=self.s.threads, compute_device=self.s.device,
             total_memory_bytes=vm.total, available_memory_bytes=vm.available,
             memory_budget_bytes=self.s.memory_budget, state="loaded" if sess else "idle",
-            session_id=sess.session_id if sess else "",
+            session_id=sess.session_id if sess else "", rss_bytes=psutil.Process().memory_info().rss,
         )
 
     def Load(self, request, context):
@@ -154,10 +154,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             self._release(request.session_id)
             try:
                 sess = self._load(request)
-            except (CheckpointError, ConfigError, PartitionError, ValueError, GalaxyError) as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: load refused: {e}")
             except (MemoryError, DeviceOutOfMemory) as e:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory loading shard: {e}")
+            except (CheckpointError, ConfigError, PartitionError, ValueError, GalaxyError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: load refused: {e}")
             self.sessions[sess.session_id] = sess
             return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s,
                                 rss_bytes=psutil.Process().memory_info().rss, backend=sess.backend)

@@ -43,7 +43,7 @@ class HelloRequest(_message.Message):
     def __init__(self, cluster: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol_version", "device_name", "galaxy_version", "cpu_count", "threads", "compute_device", "total_memory_bytes", "available_memory_bytes", "memory_budget_bytes", "state", "session_id")
+    __slots__ = ("protocol_version", "device_name", "galaxy_version", "cpu_count", "threads", "compute_device", "total_memory_bytes", "available_memory_bytes", "memory_budget_bytes", "state", "session_id", "rss_bytes")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     GALAXY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class HelloReply(_message.Message):
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     device_name: str
     galaxy_version: str
@@ -66,7 +67,8 @@ class HelloReply(_message.Message):
     memory_budget_bytes: int
     state: str
     session_id: str
-    def __init__(self, protocol_version: _Optional[int] = ..., device_name: _Optional[str] = ..., galaxy_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., threads: _Optional[int] = ..., compute_device: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., state: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    rss_bytes: int
+    def __init__(self, protocol_version: _Optional[int] = ..., device_name: _Optional[str] = ..., galaxy_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., threads: _Optional[int] = ..., compute_device: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., state: _Optional[str] = ..., session_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("path", "random_init", "seed", "config_json", "random_std", "shard_hash")
