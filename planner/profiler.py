@@ -119,6 +119,7 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
         done += 1
         if show_progress:
             _progress(done, steps, "block timings")
+    infos = cluster.hello()  # memory as it is after profiling, which may have grown a worker
     devices = []
     for r, info in enumerate(infos):
         samples = [Sample(*s) for s in cached[r]["samples"]]

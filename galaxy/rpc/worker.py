@@ -335,6 +335,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             samples = time_blocks(cfg, seqs, repeats=max(1, min(request.repeats or 3, 20)), dtype=dtype,
                                   device=self.s.device)
             codecs = codec_seconds_per_byte(cols=cfg.hidden)
+            gc.collect()
+            _trim_heap()  # the timing blocks are gone: give their memory back before anyone plans with it
         return pb.ProfileReply(
             samples=[pb.BlockSample(kind=x.kind, units=x.units, seq=x.seq, seconds=x.seconds) for x in samples],
             available_memory_bytes=psutil.virtual_memory().available, memory_budget_bytes=self.s.memory_budget,
