@@ -37,6 +37,7 @@ DEFAULT_PERIOD_US = 10_000  # CFS period; see devices/README.md for why 10 ms an
 DEFAULT_PORT = 50051  # every emulated worker listens on this port inside its own namespace
 WORKER_OVERHEAD = 256 * 2**20  # bytes an idle `galaxy worker` holds before any weights (measured 234 MiB)
 MIN_HEADROOM = 64 * 2**20  # a memory limit must leave at least this much for weights
+CGROUP_SLACK = 32 * 2**20  # kept below the cgroup limit: kernel and page-cache charges the worker cannot see
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _CLUSTER_FIELDS = {"name", "description", "devices", "cpu_budget", "oversubscribe", "cfs_period_us", "subnet",
@@ -90,8 +91,9 @@ class DeviceSpec:
 
     @property
     def memory_budget(self) -> int:
-        """Largest shard the worker should accept: the limit less what the worker process itself holds."""
-        return 0 if self.memory is None else max(0, self.memory - WORKER_OVERHEAD)
+        """The worker's `--memory-budget`: a cap on its whole process (it counts its own resident memory
+        and a load's transient copies against it), so the cgroup limit less a little slack."""
+        return 0 if self.memory is None else max(0, self.memory - CGROUP_SLACK)
 
 
 @dataclass(frozen=True)

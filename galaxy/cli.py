@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"),
                         help="shared cluster token; without one the worker binds loopback only")
     worker.add_argument("--memory-budget", type=_bytes, default=0, metavar="SIZE",
-                        help="largest shard this device accepts, e.g. 2GB (default: no cap)")
+                        help="cap on this worker process's memory, e.g. 2GB: a load that would take the process "
+                             "past it (resident memory + shard + transient copies) is refused (default: no cap)")
     worker.add_argument("--link-delay-ms", type=float, default=0.0,
                         help="emulated one-way link latency added to every received tile (emulated LANs)")
     worker.add_argument("--shard-cache", metavar="DIR",

@@ -31,6 +31,7 @@ from .profile import (
 
 CACHE_VERSION = 2
 LOAD_OVERHEAD = 1.15  # as the worker's own check: a shard's bytes plus transient copies while loading
+LOAD_SLACK = 32 * 2**20  # what opening a checkpoint adds before the worker's check (measured 7 MiB for SmolLM2)
 
 
 def cache_dir() -> Path:
@@ -119,22 +120,6 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
         done += 1
         if show_progress:
             _progress(done, steps, "block timings")
-    infos = cluster.hello()  # memory as it is after profiling, which may have grown a worker
-    devices = []
-    for r, info in enumerate(infos):
-        samples = [Sample(*s) for s in cached[r]["samples"]]
-        models = fit_samples(cfg, samples)
-        mem = [info.available_memory]
-        if info.memory_budget:  # the budget caps the whole worker process: its own memory counts, and
-            # loading needs transient copies on top of the shard (galaxy.rpc.worker.LOAD_OVERHEAD)
-            mem.append(max(0, int((info.memory_budget - info.rss) / LOAD_OVERHEAD)))
-        if memory_budget:
-            mem.append(memory_budget)
-        if budgets and info.name in budgets:
-            mem.append(budgets[info.name])
-        devices.append(DeviceProfile(info.name, info.address, models["attention"], models["mlp"],
-                                     models["connective"], int(min(mem)),
-                                     codec_s_per_byte=cached[r].get("codecs", {})))
     n = len(infos)
     links: list[list[Link | None]] = [[None] * n for _ in range(n)]
     for i in range(n):
@@ -144,5 +129,21 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
             done += 1
             if show_progress:
                 _progress(done, steps, f"link {infos[i].name} -> {infos[j].name}")
+    infos = cluster.hello()  # memory as it is after timing and link tests, which may have grown a worker
+    devices = []
+    for r, info in enumerate(infos):
+        samples = [Sample(*s) for s in cached[r]["samples"]]
+        models = fit_samples(cfg, samples)
+        mem = [info.available_memory]
+        if info.memory_budget:  # the budget caps the whole worker process: its own memory counts, and
+            # loading needs transient copies on top of the shard (galaxy.rpc.worker.LOAD_OVERHEAD)
+            mem.append(max(0, int((info.memory_budget - info.rss - LOAD_SLACK) / LOAD_OVERHEAD)))
+        if memory_budget:
+            mem.append(memory_budget)
+        if budgets and info.name in budgets:
+            mem.append(budgets[info.name])
+        devices.append(DeviceProfile(info.name, info.address, models["attention"], models["mlp"],
+                                     models["connective"], int(min(mem)),
+                                     codec_s_per_byte=cached[r].get("codecs", {})))
     return ClusterProfile(devices, links)
 

@@ -45,3 +45,13 @@ def test_minilm_uneven_split(minilm_path):
     src = open_checkpoint(minilm_path)
     ids = torch.tensor(src.tokenizer().encode("Edge devices cooperate on one sentence embedding."))
     assert _check(src, weighted_partition(src.config, [0.9, 0.6, 0.45]), ids) <= TOL
+
+
+def test_smollm2_gguf_device_with_no_heads_no_columns_or_no_vocab_still_exact(smollm2_src):
+    """A plan may leave a memory-starved device without heads, columns or vocabulary rows: its
+    empty slices of the quantized GGUF tensors must load (gguf cannot dequantize zero blocks)."""
+    cfg = smollm2_src.config
+    p = Partition("galaxy", (0, 5, 4), (800, 0, 736), (25000, 24152, 0), (cfg.n_layers,) * 3,
+                  (0.4, 0.3, 0.3)).validate(cfg)
+    # 2e-4: logits reach ~28 here and the reductions regroup over 30 layers (~7e-6 relative)
+    assert _check(smollm2_src, p, torch.arange(200, 213)) <= 2e-4

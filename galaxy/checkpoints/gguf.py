@@ -237,6 +237,8 @@ class GGUFCheckpoint(WeightSource):
         t = self._tensors[gguf_name]
         matrix = len(t.shape) > 1
         data = t.data[start:end] if matrix else t.data
+        if matrix and end <= start:  # a device given none of these rows: gguf cannot dequantize zero blocks
+            data = t.data[0:1]
         try:
             a = gguf.quants.dequantize(data, t.tensor_type)
         except NotImplementedError as e:
@@ -247,6 +249,8 @@ class GGUFCheckpoint(WeightSource):
         a = np.asarray(a, dtype=np.float32)
         if not matrix:
             a = a.reshape(-1)[start:end]
+        elif end <= start:
+            a = a[:0]
         if not a.flags.writeable:  # F32 data is a view of the read-only map
             a = a.copy()
         return torch.from_numpy(a)

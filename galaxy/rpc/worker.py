@@ -69,7 +69,7 @@ class WorkerSettings:
     threads: int = 1  # intra-op threads for torch
     device: str = "cpu"  # compute device: cpu, cuda, cuda:1 ...
     token: str | None = None  # shared cluster token; None: loopback only
-    memory_budget: int = 0  # bytes a shard may use on this device (0: no cap)
+    memory_budget: int = 0  # bytes this whole worker process may hold, weights included (0: no cap)
     link_delay_ms: float = 0.0  # emulated one-way latency added to every frame this worker receives
     tls: TlsFiles | None = None  # mutual TLS with the cluster CA (security.py); None: plaintext
     max_message_bytes: int = MAX_MESSAGE_BYTES  # larger gRPC messages are refused before decoding
@@ -139,6 +139,8 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     # -- control -----------------------------------------------------------------------------
     def Hello(self, request, context):
+        if self.s.memory_budget:  # report live memory, as Load will count it
+            _trim_heap()
         vm = psutil.virtual_memory()
         sess = next(reversed(self.sessions.values()), None)
         return pb.HelloReply(
@@ -188,11 +190,14 @@ class WorkerService(pb_grpc.WorkerServicer):
                               f"{self.s.memory_budget / 2**20:.0f} MiB")
         self._make_room(need)
         if self.s.memory_budget:  # refuse rather than be killed by the OOM killer half way through
+            gc.collect()
+            _trim_heap()
             rss = psutil.Process().memory_info().rss
             if rss + need * LOAD_OVERHEAD > self.s.memory_budget:
                 raise DeviceOutOfMemory(
                     f"loading a {need / 2**20:.0f} MiB shard needs about {need * LOAD_OVERHEAD / 2**20:.0f} MiB "
-                    f"on top of the {rss / 2**20:.0f} MiB in use; the budget is {self.s.memory_budget / 2**20:.0f} MiB")
+                    f"on top of the {rss / 2**20:.0f} MiB in use; the memory budget is "
+                    f"{self.s.memory_budget / 2**20:.0f} MiB")
         if source is None:
             state = self.shards.take(req.model.shard_hash)
         else:
@@ -230,6 +235,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         """Drop the least recently used sessions while the new shard would not fit next to what this
         process holds (its resident memory, measured again after each drop)."""
         def over() -> bool:
+            if self.s.memory_budget:  # count live memory, not what glibc kept after the last request
+                gc.collect()
+                _trim_heap()
             rss = psutil.Process().memory_info().rss
             return (len(self.sessions) >= MAX_SESSIONS
                     or bool(self.s.memory_budget and rss + need * LOAD_OVERHEAD > self.s.memory_budget))

@@ -110,6 +110,9 @@ def test_smol_tensors_match_transformers(smol, hf_state):
         ("layers.7.mlp.w_gate", 1, 32, 96),
         ("layers.7.norm2.weight", 0, 100, 200),
         ("layers.7.attn.wq", 0, 70, 70),  # empty
+        ("layers.7.attn.wv", 0, 64, 64),  # empty rows of a quantized matrix
+        ("layers.7.mlp.w_up", 0, 0, 0),
+        ("embed.tokens", 0, 49152, 49152),
     ],
 )
 def test_smol_slices(smol, name, dim, start, end):
