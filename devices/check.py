@@ -31,10 +31,11 @@ PROBE_TIMEOUT = 180.0
 QUIET_CORES = 0.15  # other work above this many cores makes CPU measurements unreliable
 
 
-def _probe(args: list[str], netns: str | None = None, procs: list[str] | None = None) -> subprocess.Popen:
+def _probe(args: list[str], netns: str | None = None, procs: list[str] | None = None,
+           cpus: list[int] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "devices.probe", *args]
-    if netns or procs:
-        cmd = L.enter_command(netns, procs or [], cmd)
+    if netns or procs or cpus:
+        cmd = L.enter_command(netns, procs or [], cmd, cpus=cpus or ())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             text=True, env=env, cwd="/")
@@ -126,7 +127,7 @@ def measure_cpu(rows: list[dict], seconds: float, cg: S.Cgroups | None, cluster:
     runs, foreign = [], []
     for _ in range(repeats):
         procs = [_probe(["cpu", "--work", str(max(10, int(seconds / per_gemm * d["cpu"]))),  # each busy ~`seconds`
-                         "--threads", str(d["threads"])], d.get("netns"), procs_of(d)) for d in rows]
+                         "--threads", str(d["threads"])], d.get("netns"), procs_of(d), d.get("cpus")) for d in rows]
         results = [_result(p, f"cpu {d['name']}") for p, d in zip(procs, rows)]
         runs.append([r["gflops"] / ref["gflops"] for r in results])
         # other work on the machine meanwhile: what the longest probe saw busy, less our probes' own use

@@ -263,7 +263,8 @@ def _start_workers(spec, lay: L.Layout, cg: S.Cgroups, state: _State, token: str
     progress(f"starting {len(lay.devices)} workers inside their namespaces and cgroups")
     procs = []
     for d in lay.devices:
-        cmd = L.enter_command(d.netns, S.procs_files(cg, d.cgroup), L.worker_command(d, detached, cluster=spec.name))
+        cmd = L.enter_command(d.netns, S.procs_files(cg, d.cgroup), L.worker_command(d, detached, cluster=spec.name),
+                              cpus=d.cpus)
         procs.append(_spawn(cmd, logs / f"{d.name}.log", _worker_env(token), detached))
         state.add(S.process_record(procs[-1], f"worker {d.name}"))
     return procs
@@ -357,7 +358,7 @@ def _row(d_spec, d: L.DeviceLayout, cgroup_version: int, pid: int) -> dict:
     return {"name": d.name, "profile": d_spec.profile, "netns": d.netns, "address": d.address, "cpu": d.cpu,
             "threads": d.threads, "cfs": f"{d.quota_us}/{d.period_us} us", "memory": d.memory,
             "memory_budget": d.memory_budget, "rate_bps": d.rate_bps, "latency_ms": d.latency_ms, "pid": pid,
-            "cgroup": d.cgroup, "cgroup_version": cgroup_version, "host_link": d.host_link}
+            "cgroup": d.cgroup, "cgroup_version": cgroup_version, "host_link": d.host_link, "cpus": list(d.cpus)}
 
 
 # -- the fallback without root -------------------------------------------------------------------------
@@ -524,7 +525,8 @@ def restart_worker(name_or_spec, device: str, progress=_quiet, timeout: float = 
     if d is None:
         raise GalaxyError(f"cluster {name!r} has no device {device!r}")
     cg = S.detect_cgroups()
-    cmd = L.enter_command(d.netns, S.procs_files(cg, d.cgroup), L.worker_command(d, True, cluster=spec.name))
+    cmd = L.enter_command(d.netns, S.procs_files(cg, d.cgroup), L.worker_command(d, True, cluster=spec.name),
+                          cpus=d.cpus)
     proc = _spawn(cmd, _log_dir(name) / f"{d.name}.log", _worker_env(state["token"]), True)
     st = _State(state)
     st.add(S.process_record(proc, f"worker {d.name}"))

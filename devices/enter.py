@@ -1,8 +1,9 @@
-"""`python -m devices.enter [--netns NS] [--cgroup-procs FILE ...] -- CMD ...`
+"""`python -m devices.enter [--netns NS] [--cgroup-procs FILE ...] [--cpus 0,1] -- CMD ...`
 
 Joins the given cgroups (by writing its own pid to each cgroup.procs) and network namespace,
-then execs CMD, which so starts inside both and cannot escape them. A separate process rather
-than a `preexec_fn`, which is unsafe in a parent that already runs threads (gRPC, pytest).
+pins itself to the given CPUs, then execs CMD, which so starts inside both and cannot escape
+them. A separate process rather than a `preexec_fn`, which is unsafe in a parent that already
+runs threads (gRPC, pytest).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m devices.enter")
     ap.add_argument("--netns")
     ap.add_argument("--cgroup-procs", action="append", default=[])
+    ap.add_argument("--cpus", help="comma-separated CPU numbers to pin to (inherited by every thread)")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         join_cgroup(p)
     if args.netns:
         join_netns(args.netns)
+    if args.cpus:
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     os.execvp(cmd[0], cmd)
     return 127  # not reached
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ class DeviceLayout:
     memory_budget: int
     rate_bps: float
     latency_ms: float
+    cpus: tuple[int, ...] = ()  # CPUs the worker is pinned to (pack_cpus); empty: any
 
 
 @dataclass(frozen=True)
@@ -106,22 +108,62 @@ def cfs_values(share: float, period_us: int) -> tuple[int, int]:
     return period, max(1000, round(share * period))
 
 
+SPILL_TOLERANCE = 0.1  # a CPU may be oversubscribed by this much before a device spills over two CPUs
+
+
+def pack_cpus(shares: list[float], cpus: list[int]) -> list[tuple[int, ...]]:
+    """The CPUs each device is pinned to: largest share first, each on the least-loaded CPU.
+
+    Without pinning, the scheduler often runs two capped devices on one CPU while the other idles
+    through their throttled time: measured here with shares 0.9 + 0.6 + 0.45 running GEMMs at once,
+    the 0.9-core device got 55-80% of the speed it has alone; pinned to a CPU of its own it got
+    99-104%. A device that fits no single CPU (load above 1 + SPILL_TOLERANCE) spills over the CPUs
+    with room left; one of more than a core gets that many CPUs; with too few CPUs, all of them.
+    """
+    load = {c: 0.0 for c in cpus}
+    out: list[tuple[int, ...]] = [()] * len(shares)
+    for i in sorted(range(len(shares)), key=lambda i: (-shares[i], i)):
+        share, k = shares[i], max(1, math.ceil(shares[i] - 1e-9))
+        by_load = sorted(cpus, key=lambda c: (load[c], c))
+        if k > len(cpus):
+            pick = list(cpus)
+        elif k == 1 and load[by_load[0]] + share > 1 + SPILL_TOLERANCE:
+            pick, room = [], 0.0  # spill: the emptiest CPUs until their free time covers the share
+            for c in by_load:
+                pick.append(c)
+                room += max(0.0, 1 - load[c])
+                if room >= share:
+                    break
+        else:
+            pick = by_load[:k]
+        for c in pick:
+            load[c] += share / len(pick)
+        out[i] = tuple(sorted(pick))
+    return out
+
+
+def machine_cpus() -> list[int]:
+    """The CPUs this process may run on (a container may see fewer than the machine has)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def tbf_burst(rate_bps: float) -> int:
     """Bucket size: at least TBF_MIN_BURST and 1 ms worth of traffic."""
     return max(TBF_MIN_BURST, int(rate_bps / 8 / 1000))
 
 
-def make_layout(spec: ClusterSpec, subnet: str) -> Layout:
+def make_layout(spec: ClusterSpec, subnet: str, cpus: list[int] | None = None) -> Layout:
     if not spec.emulated:
         raise ValueError(f"cluster {spec.name} lists real worker addresses; there is nothing to emulate")
     bridge_ip, ips = assign_addresses(subnet, len(spec.devices))
     tag = cluster_tag(spec.name)
+    pins = pack_cpus([d.cpu for d in spec.devices], machine_cpus() if cpus is None else cpus)
     devs = []
     for i, (d, ip) in enumerate(zip(spec.devices, ips)):
         period, quota = cfs_values(d.cpu, spec.cfs_period_us)
         devs.append(DeviceLayout(i, d.name, f"{netns_prefix(spec.name)}{d.name}", f"{netns_prefix(spec.name)}{d.name}",
                                  f"{tag}d{i}", ip, f"{ip}:{spec.port}", d.cpu, d.threads, period, quota, d.memory,
-                                 d.memory_budget, d.link_bps, d.latency_ms))
+                                 d.memory_budget, d.link_bps, d.latency_ms, pins[i]))
     return Layout(spec.name, tag, subnet, f"{tag}br", bridge_ip, ipaddress.ip_network(subnet).prefixlen, tuple(devs))
 
 
@@ -196,11 +238,15 @@ def worker_command(d: DeviceLayout, detached: bool, python: str = sys.executable
     return cmd
 
 
-def enter_command(netns: str | None, procs_files: list[str], cmd: list[str], python: str = sys.executable) -> list[str]:
-    """Run cmd inside a network namespace and cgroups (devices/enter.py joins them, then execs)."""
+def enter_command(netns: str | None, procs_files: list[str], cmd: list[str], python: str = sys.executable,
+                  cpus: tuple[int, ...] | list[int] = ()) -> list[str]:
+    """Run cmd inside a network namespace and cgroups, pinned to cpus (devices/enter.py joins them,
+    then execs)."""
     out = [python, "-m", "devices.enter"]
     if netns:
         out += ["--netns", netns]
+    if cpus:
+        out += ["--cpus", ",".join(map(str, cpus))]
     for p in procs_files:
         out += ["--cgroup-procs", p]
     return out + ["--", *cmd]

@@ -99,6 +99,35 @@ def test_worker_command_carries_budget_delay_and_threads(hetero):
     assert wrapped[1:3] == ["-m", "devices.enter"] and wrapped[wrapped.index("--") + 1:] == cmd
 
 
+@pytest.mark.parametrize("shares, cpus, want", [
+    ([0.9, 0.6, 0.45], [0, 1], [(0,), (1,), (1,)]),  # the largest alone; 1.05 on the other CPU is tolerated
+    ([0.63, 0.63, 0.63], [0, 1], [(0,), (1,), (0, 1)]),  # the third fits no CPU: it spills over both
+    ([0.3, 0.3, 0.3, 0.3], [2, 5], [(2,), (5,), (2,), (5,)]),  # CPU numbers as the machine names them
+    ([1.5, 0.4], [0, 1], [(0, 1), (0, 1)]),  # more than a core: that many CPUs
+    ([2.5], [0, 1], [(0, 1)]),  # more than the machine: all of it
+])
+def test_pack_cpus_keeps_each_device_on_cpus_with_room_for_its_share(shares, cpus, want):
+    assert L.pack_cpus(shares, cpus) == want
+
+
+def test_layout_pins_devices_and_enter_command_passes_the_cpus(hetero):
+    lay = L.make_layout(hetero, "10.77.5.0/24", cpus=[0, 1])
+    assert [d.cpus for d in lay.devices] == L.pack_cpus([d.cpu for d in hetero.devices], [0, 1])
+    d = lay.devices[0]
+    wrapped = L.enter_command(d.netns, [], ["true"], cpus=d.cpus)
+    assert wrapped[wrapped.index("--cpus") + 1] == ",".join(map(str, d.cpus))
+
+
+def test_enter_pins_the_command_it_execs():
+    import subprocess
+    import sys
+
+    cpu = sorted(L.machine_cpus())[-1]
+    out = subprocess.run(L.enter_command(None, [], [sys.executable, "-c", "import os; print(os.sched_getaffinity(0))"],
+                                         cpus=(cpu,)), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == str({cpu}), out.stderr
+
+
 def test_real_clusters_have_no_layout(tmp_path):
     p = tmp_path / "real.yaml"
     p.write_text("devices:\n  - {name: a, address: 'h:1'}\n")
