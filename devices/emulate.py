@@ -513,9 +513,8 @@ def _layout_of(state: dict) -> tuple[ClusterSpec, L.Layout]:
     return spec, L.make_layout(spec, state["subnet"])
 
 
-def restart_worker(name_or_spec, device: str, progress=_quiet, timeout: float = STARTUP_TIMEOUT) -> str:
-    """Start device `device`'s worker again (after it crashed or was killed) in its namespace and
-    cgroups, as `up` did; returns its address. Fault-injection tests use it."""
+def _running_device(name_or_spec, device: str) -> tuple[str, dict, ClusterSpec, L.DeviceLayout]:
+    """(cluster name, its state, its spec, the device's layout) of a device of a running emulated cluster."""
     name = _name_of(name_or_spec)
     state = read_state(name)
     if state is None or state.get("mode") != "emulated":
@@ -524,6 +523,13 @@ def restart_worker(name_or_spec, device: str, progress=_quiet, timeout: float = 
     d = next((x for x in lay.devices if x.name == device), None)
     if d is None:
         raise GalaxyError(f"cluster {name!r} has no device {device!r}")
+    return name, state, spec, d
+
+
+def restart_worker(name_or_spec, device: str, progress=_quiet, timeout: float = STARTUP_TIMEOUT) -> str:
+    """Start device `device`'s worker again (after it crashed or was killed) in its namespace and
+    cgroups, as `up` did; returns its address. Fault-injection tests use it."""
+    name, state, spec, d = _running_device(name_or_spec, device)
     cg = S.detect_cgroups()
     cmd = L.enter_command(d.netns, S.procs_files(cg, d.cgroup), L.worker_command(d, True, cluster=spec.name),
                           cpus=d.cpus)
@@ -550,14 +556,7 @@ def set_link_up(name_or_spec, device: str, up_: bool) -> None:
 
 def set_cpu_share(name_or_spec, device: str, cores: float) -> None:
     """Change a running device's CPU share (cgroup quota), e.g. to make it a straggler."""
-    name = _name_of(name_or_spec)
-    state = read_state(name)
-    if state is None or state.get("mode") != "emulated":
-        raise GalaxyError(f"cluster {name!r} is not up as an emulated LAN")
-    spec, lay = _layout_of(state)
-    d = next((x for x in lay.devices if x.name == device), None)
-    if d is None:
-        raise GalaxyError(f"cluster {name!r} has no device {device!r}")
+    *_, d = _running_device(name_or_spec, device)
     cg = S.detect_cgroups()
     period, quota = L.cfs_values(cores, d.period_us)
     values = [v for v in L.cgroup_values(dataclasses.replace(d, cpu=cores, period_us=period, quota_us=quota),

@@ -131,8 +131,9 @@ def _collective(devices: list[dict]) -> str:
     return "none (1 device)"
 
 
-def _pending_stop(text: str, stops) -> int:
-    """Length of the longest tail of `text` that is the beginning of a stop string."""
+def pending_stop(text: str, stops) -> int:
+    """Length of the longest tail of `text` that is the beginning of a stop string (held back
+    while streaming, until it is clear either way)."""
     best = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), best, -1):
@@ -221,7 +222,7 @@ class TextGenerator:
                 if len(gen.text) > len(shown):
                     yield Event(tok, gen.text[len(shown):])
                 break
-            safe = len(full) - _pending_stop(full, gc.stop)  # hold back what may start a stop string
+            safe = len(full) - pending_stop(full, gc.stop)  # hold back what may start a stop string
             delta = full[len(shown):safe] if not full[:safe].endswith("\ufffd") else ""  # whole characters only
             shown += delta
             gen.text = full

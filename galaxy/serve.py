@@ -39,7 +39,7 @@ import numpy as np
 
 from . import __version__
 from .errors import GalaxyError
-from .generate import Generation, GenerationConfig
+from .generate import Generation, GenerationConfig, pending_stop
 from .sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -327,17 +327,6 @@ def _cluster_errors():
                        code="cluster_unavailable", headers={"Retry-After": "5"}) from e
 
 
-def _stop_overlap(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is the start of a stop string (held back while streaming)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
 def _pieces(events: Iterator, gen: Generation, stops: tuple[str, ...]) -> Iterator[str]:
     """Text pieces of a generation such that their sum is exactly the final `gen.text`.
 
@@ -347,7 +336,7 @@ def _pieces(events: Iterator, gen: Generation, stops: tuple[str, ...]) -> Iterat
     try:
         for ev in events:
             shown += ev.text
-            safe = len(shown) - _stop_overlap(shown, stops)
+            safe = len(shown) - pending_stop(shown, stops)
             if safe > sent:
                 yield shown[sent:safe]
                 sent = safe

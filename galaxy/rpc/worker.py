@@ -188,11 +188,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         if self.s.memory_budget and need > self.s.memory_budget:
             raise GalaxyError(f"shard needs {need / 2**20:.0f} MiB, memory budget is "
                               f"{self.s.memory_budget / 2**20:.0f} MiB")
-        self._make_room(need)
+        rss = self._make_room(need)
         if self.s.memory_budget:  # refuse rather than be killed by the OOM killer half way through
-            gc.collect()
-            _trim_heap()
-            rss = psutil.Process().memory_info().rss
             if rss + need * LOAD_OVERHEAD > self.s.memory_budget:
                 raise DeviceOutOfMemory(
                     f"loading a {need / 2**20:.0f} MiB shard needs about {need * LOAD_OVERHEAD / 2**20:.0f} MiB "
@@ -231,18 +228,18 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.shards.put(mh, sj, state)
         return state
 
-    def _make_room(self, need: int) -> None:
+    def _make_room(self, need: int) -> int:
         """Drop the least recently used sessions while the new shard would not fit next to what this
-        process holds (its resident memory, measured again after each drop)."""
-        def over() -> bool:
+        process holds; returns its resident memory, measured again after each drop."""
+        while True:
             if self.s.memory_budget:  # count live memory, not what glibc kept after the last request
                 gc.collect()
                 _trim_heap()
             rss = psutil.Process().memory_info().rss
-            return (len(self.sessions) >= MAX_SESSIONS
+            over = (len(self.sessions) >= MAX_SESSIONS
                     or bool(self.s.memory_budget and rss + need * LOAD_OVERHEAD > self.s.memory_budget))
-
-        while self.sessions and over():
+            if not (self.sessions and over):
+                return rss
             old = next(iter(self.sessions))
             log.info("%s: dropping session %s to make room", self.s.name, old)
             self._release(old)
