@@ -30,9 +30,13 @@ from .sharding import Partition, even_partition, seqpar_partition, shard_bytes
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("local", "megatron", "seqpar", "pipeline", "galaxy", "galaxy-no-overlap", "galaxy-fp16", "galaxy-int8")
+STRATEGIES = ("local", "megatron", "seqpar", "pipeline", "galaxy", "galaxy-no-overlap", "galaxy-grpc", "galaxy-fp16",
+              "galaxy-int8")
 RIDERS = {"galaxy-no-overlap": {"overlap": False}, "galaxy-fp16": {"wire": "fp16"},
           "galaxy-int8": {"wire": "int8"}}  # run on galaxy's shards, differing per request
+# Galaxy with tiles sent over gRPC streams instead of the workers' TCP data ports: what the raw data
+# plane buys. A session of its own (the data plane is chosen at load).
+DATA_PLANES = {"galaxy-grpc": "grpc"}
 EXACT_TOL = 1e-4  # fp32 max abs error of every strategy's output against local's
 LOAD_MARGIN = 1.25  # a shard's weights plus transient copies while loading and activations
 WORKER_BYTES = 400 << 20  # a worker's own memory: interpreter, torch, gRPC
@@ -125,7 +129,7 @@ def roofline(cfg, seq: int, prof) -> dict:
         "attention": L * attention_flops(cfg, cfg.n_heads, seq),
         "mlp": L * mlp_flops(cfg, cfg.ffn, seq),
         "connective": L * connective_flops(cfg, seq) + connective_flops(cfg, seq),
-        "head": head_flops(cfg, cfg.vocab_size, seq) if cfg.causal else 0.0,
+        "head": head_flops(cfg, cfg.vocab_size, 1) if cfg.causal else 0.0,  # last token's logits only
     }
 
     def rate(d, kind):
@@ -159,7 +163,8 @@ class _Loaded:
 
     def load(self) -> None:
         t0 = time.perf_counter()
-        self.weights = self.cluster.load_source(self.source, self.layout.partition)
+        self.weights = self.cluster.load_source(self.source, self.layout.partition,
+                                                data_plane=DATA_PLANES.get(self.layout.strategy, "tcp"))
         self.reload_s += time.perf_counter() - t0
 
     def forward(self, req: Request, overlap: bool = True, wire: str | None = None):

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "1gbit,100mbit,50mbit (default that sweep; the first rate gets every --seq-len)")
     bench.add_argument("--reps", type=int, help="timed repetitions per strategy, interleaved (default 3; quick 2)")
     bench.add_argument("--strategies", type=lambda t: [x for x in t.split(",") if x],
-                       help="subset of local,megatron,seqpar,pipeline,galaxy,galaxy-no-overlap")
+                       help="subset of local,megatron,seqpar,pipeline,galaxy,galaxy-no-overlap,galaxy-grpc,"
+                            "galaxy-fp16,galaxy-int8")
     bench.add_argument("--quick", action="store_true", help="a small model and one configuration (< 2 minutes)")
     bench.add_argument("--layers", type=int, help="keep the first N layers of the model (default: 12 of "
                        "gpt2-large's 36 identical ones, to keep the default suite under 10 minutes)")
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--memory-budget", type=_bytes, default=0, metavar="SIZE",
                         help="cap on this worker process's memory, e.g. 2GB: a load that would take the process "
                              "past it (resident memory + shard + transient copies) is refused (default: no cap)")
+    worker.add_argument("--data-port", type=int, default=0, metavar="PORT",
+                        help="TCP port for tensors from peers, on the --listen host (default 0: any free port, "
+                             "announced to the coordinator; -1: none, peers send tensors over gRPC)")
     worker.add_argument("--link-delay-ms", type=float, default=0.0,
                         help="emulated one-way link latency added to every received tile (emulated LANs)")
     worker.add_argument("--shard-cache", metavar="DIR",
@@ -274,7 +278,8 @@ def cmd_worker(args) -> int:
     settings = WorkerSettings(name=name, threads=args.threads, device=args.device, token=args.token,
                               memory_budget=args.memory_budget, link_delay_ms=args.link_delay_ms, tls=tls,
                               shard_cache=None if cache == "none" else cache,
-                              shard_cache_bytes=args.shard_cache_bytes, cache_own_shards=args.cache_own_shards)
+                              shard_cache_bytes=args.shard_cache_bytes, cache_own_shards=args.cache_own_shards,
+                              data_port=args.data_port)
     serve(args.listen, settings, ready=lambda addr: print(f"{READY_LINE} {addr}", flush=True),
           announce=args.cluster_name if args.announce else None, announce_interfaces=args.announce_interface)
     return 0
@@ -638,7 +643,7 @@ def cmd_bench(args) -> int:
             here = strategies if args.strategies else [  # the default suite, kept under 10 minutes:
                 x for x in strategies
                 if (lossy_here or x not in ("galaxy-fp16", "galaxy-int8"))  # lossy wires on slow links only
-                and (not lossy_here or x not in ("seqpar", "galaxy-no-overlap"))]  # and there, no also-rans
+                and (not lossy_here or x not in ("seqpar", "galaxy-no-overlap", "galaxy-grpc"))]  # no also-rans
             for seq in (seqs if i == 0 else seqs[:1]):
                 run = bench.run_config(cfg, source, seq, prof, addresses, token, tls, here, reps, seed=args.seed,
                                        calibrate_split=args.calibrate)

@@ -13,7 +13,8 @@ The model (docs/planner.md has the derivation):
 - **Phases synchronise.** A layer is a sequence of phases; each phase starts on every device at
   once and ends when the slowest device ends (the next collective needs everyone). Layer time
   is the sum of the phase times; every layer has the same shape, so a pass is
-  embedding + n_layers x layer + LM head.
+  embedding + n_layers x layer + LM head. A causal LM's prefill computes the logits of its last
+  token only (what generation samples from), so the head costs one row, not S.
 - **Ring collectives, event by event.** Device r sends to r+1 in the ring order; a message of m
   bytes leaves when the link is free and arrives m / bandwidth + latency later (links are FIFO,
   the latency is pipelined); an empty chunk sends nothing. Chunk j is device j's token rows, so
@@ -293,6 +294,12 @@ def ring_bytes_sent(rows, row_bytes) -> list[int]:
     return [0 if n == 1 else (sum(rows) - rows[(r + 1) % n]) * row_bytes for r in range(n)]
 
 
+def last_token_owner(rows) -> tuple[int, ...]:
+    """The chunks of the LM head's all-gather: one row, from the device holding the last token."""
+    owner = max((r for r, x in enumerate(rows) if x > 0), default=len(rows) - 1)
+    return tuple(1 if r == owner else 0 for r in range(len(rows)))
+
+
 def _split_time(cm: ComputeModel, parts: list[float]) -> list[float]:
     """A block's time (one ComputeModel call) shared among its parts in proportion to flops."""
     total = sum(parts)
@@ -428,15 +435,15 @@ class CostModel:
             tu, td = _split_time(d.mlp, [up_f, 2.0 * S * hid * c[r]])
             g_up.append(tu / S)
             g_down.append(td / S)
-            g_head.append(self.head_model(i).seconds(head_flops(cfg, v[r], S)) / S if cfg.causal else 0.0)
+            g_head.append(self.head_model(i).seconds(head_flops(cfg, v[r], 1)) if cfg.causal else 0.0)
             spec = ShardSpec(hr[r], cr[r], vr[r], (0, cfg.n_layers))
             mem.append(self.memory(i, spec, self.activations(h[r], c[r], s[r], v[r])))
         row = hid * b
         con = tuple(self.con_s(i, s[r]) for r, i in enumerate(order))
 
-        def coll(name, fn, per_row):
-            key = (fn.__name__, s, row, order)
-            t, w, comp = fn(s, row, per_row, links, overlap, self._wire.get(key))
+        def coll(name, fn, per_row, chunks=s):
+            key = (fn.__name__, chunks, row, order)
+            t, w, comp = fn(chunks, row, per_row, links, overlap, self._wire.get(key))
             self._wire[key] = w
             return Phase(name, tuple(comp), w, t)
 
@@ -454,9 +461,10 @@ class CostModel:
         )
         once = [coll("embed.reducescatter", reduce_scatter_time, [0.0] * n), local("embed.con", con)]
         sent = [4 * cfg.n_layers * x + x for x in ring_bytes_sent(s, row)]
-        if cfg.causal:
-            once += [local("head.con", con), coll("head.allgather+vocab", all_gather_time, g_head)]
-            sent = [x + y for x, y in zip(sent, ring_bytes_sent(s, row))]
+        if cfg.causal:  # the last token's row goes round the ring; every device multiplies its vocab rows
+            last = last_token_owner(s)
+            once += [local("head.con", con), coll("head.allgather+vocab", all_gather_time, g_head, last)]
+            sent = [x + y for x, y in zip(sent, ring_bytes_sent(last, row))]
         return self._finish(lay, phases, tuple(once), mem, max(sent))
 
     def _megatron(self, lay: Layout) -> Estimate:
@@ -473,7 +481,7 @@ class CostModel:
             kv = kv_heads_touched(cfg, *hr[r])
             att.append(d.attention.seconds(sum(self._attn_parts(h[r], kv, S, S))))
             mlp.append(d.mlp.seconds(mlp_flops(cfg, c[r], S)))
-            head.append(self.head_model(i).seconds(head_flops(cfg, v[r], S)) if cfg.causal else 0.0)
+            head.append(self.head_model(i).seconds(head_flops(cfg, v[r], 1)) if cfg.causal else 0.0)
             spec = ShardSpec(hr[r], cr[r], vr[r], (0, cfg.n_layers))
             mem.append(self.memory(i, spec, self.activations(h[r], c[r], S, v[r])))
         con = tuple(self.con_s(i, S) for i in order)
@@ -512,7 +520,9 @@ class CostModel:
             qkv.append(tq)
             rest.append(tr)
             mlp.append(d.mlp.seconds(mlp_flops(cfg, cfg.ffn, s[r])))
-            head.append(self.head_model(i).seconds(head_flops(cfg, cfg.vocab_size, s[r])) if cfg.causal else 0.0)
+            owns_last = r == max(k for k, x in enumerate(s) if x > 0)
+            head.append(self.head_model(i).seconds(head_flops(cfg, cfg.vocab_size, 1))
+                        if cfg.causal and owns_last else 0.0)
             act = seqpar_activation_bytes(cfg, S, s[r], b)
             if cfg.causal and s[r]:
                 act = max(act, b * s[r] * (cfg.hidden + cfg.vocab_size))
@@ -562,7 +572,7 @@ class CostModel:
             if r == first:
                 t += self.con_s(i, S)
             if r == last and cfg.causal:
-                t += self.con_s(i, S) + self.head_model(i).seconds(head_flops(cfg, cfg.vocab_size, S))
+                t += self.con_s(i, S) + self.head_model(i).seconds(head_flops(cfg, cfg.vocab_size, 1))
             comp = [0.0] * n
             comp[r] = t
             if layers[r] > 0:

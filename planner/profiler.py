@@ -29,7 +29,7 @@ from .profile import (
     mlp_flops,
 )
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 LOAD_OVERHEAD = 1.15  # as the worker's own check: a shard's bytes plus transient copies while loading
 LOAD_SLACK = 32 * 2**20  # what opening a checkpoint adds before the worker's check (measured 7 MiB for SmolLM2)
 
@@ -46,8 +46,9 @@ def shape_key(cfg: ModelConfig, seq_lens: list[int], dtype: str) -> dict:
 
 
 def _cache_file(info, key: dict) -> Path:
-    ident = {"device": info.name, "cpus": info.cpu_count, "threads": info.threads,
-             "compute": info.compute_device, "shape": key, "v": CACHE_VERSION}
+    # what the device may use is part of what it is: a new CPU quota or pinning means new timings
+    ident = {"device": info.name, "cpus": info.cpu_count, "cpu_limit": round(info.cpu_limit, 2),
+             "threads": info.threads, "compute": info.compute_device, "shape": key, "v": CACHE_VERSION}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in info.name)
     return cache_dir() / f"{safe}-{digest}.json"

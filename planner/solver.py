@@ -162,7 +162,7 @@ class _Galaxy:
             att, mlp, hm = d.attention, d.mlp, d.head or d.mlp
             self.lines["heads"].append((L * att.overhead_s, L * f_head / att.flops_per_s))
             self.lines["cols"].append((L * mlp.overhead_s, L * mlp_flops(cfg, 1, S) / mlp.flops_per_s))
-            self.lines["vocab"].append((hm.overhead_s, head_flops(cfg, 1, S) / hm.flops_per_s) if cfg.causal
+            self.lines["vocab"].append((hm.overhead_s, head_flops(cfg, 1, 1) / hm.flops_per_s) if cfg.causal
                                        else (0.0, 0.0))
             con = d.connective
             self.lines["tokens"].append((2 * L * con.overhead_s, 2 * L * 8.0 * H / con.flops_per_s))
@@ -569,7 +569,7 @@ def solve_pipeline(cm: CostModel) -> Outcome:
     act_last = max(act, cm.head_activation(cfg.vocab_size))
     t_layer = [cm.full_layer_s(i) for i in range(cm.n)]
     t_first = [cm.con_s(i, S) for i in range(cm.n)]
-    t_last = [(cm.con_s(i, S) + cm.head_model(i).seconds(head_flops(cfg, cfg.vocab_size, S))) if cfg.causal else 0.0
+    t_last = [(cm.con_s(i, S) + cm.head_model(i).seconds(head_flops(cfg, cfg.vocab_size, 1))) if cfg.causal else 0.0
               for i in range(cm.n)]
     hand = S * cfg.hidden * b
 

@@ -24,7 +24,7 @@ def test_quick_bench_reports_every_strategy_exactly(tmp_path):
     assert rep["model"] == "tiny-llama" and len(rep["devices"]) == 2 and rep["machine"]
     run = rep["runs"][0]
     rows = {row["strategy"]: row for row in run["strategies"]}
-    assert set(rows) == {"local", "megatron", "seqpar", "pipeline", "galaxy", "galaxy-no-overlap"}
+    assert set(rows) == {"local", "megatron", "seqpar", "pipeline", "galaxy", "galaxy-no-overlap", "galaxy-grpc"}
     for row in rows.values():
         assert row["reps"] == 2 and row["median_s"] > 0 and row["spread_s"] >= 0
         assert row["exact"] is True and row["max_abs_err"] <= 1e-4, row

@@ -51,6 +51,8 @@ class DeviceInfo:
     memory_budget: int
     state: str
     rss: int = 0  # the worker process's own resident memory
+    data_port: int = 0  # its TCP tensor data port (0: none, peers send over gRPC)
+    cpu_limit: float = 0.0  # cores it may use (cgroup quota or CPU count); 0: not reported
 
 
 @dataclass
@@ -124,7 +126,6 @@ class Cluster:
         self.config: ModelConfig | None = None
         self.names = [f"device {i} ({a})" for i, a in enumerate(self.addresses)]
         self._request_id = 0
-        self._greeted = False
 
     @property
     def world(self) -> int:
@@ -153,11 +154,10 @@ class Cluster:
                              wait_for_ready=True)
             return DeviceInfo(self.addresses[r], rep.device_name, rep.cpu_count, rep.threads, rep.compute_device,
                               rep.total_memory_bytes, rep.available_memory_bytes, rep.memory_budget_bytes, rep.state,
-                              rep.rss_bytes)
+                              rep.rss_bytes, rep.data_port, rep.cpu_limit)
 
         infos = self._all("hello", call)
         self.names = [f"device {i} '{d.name}' ({d.address})" for i, d in enumerate(infos)]
-        self._greeted = True
         return infos
 
     def profile(self, config: ModelConfig, seq_lens: list[int], dtype: str = "float32", repeats: int = 3,
@@ -186,14 +186,19 @@ class Cluster:
     def load(self, model: ModelRef, partition: Partition, dtype: str = "float32", tiles: int = 1,
              recv_timeout: float = 60.0, load_timeout: float = 600.0,
              shard_hashes: list[str] | None = None, wire: list[list[str]] | None = None,
-             overlap: bool = True, backend: str = "torch") -> list[pb.LoadReply]:
-        """wire[i][j]: the format rank i sends to rank j in ("fp32", "bf16", "fp16", "int8"); None: exact."""
-        """Every worker loads its shard of `model` under `partition` and joins the ring."""
+             overlap: bool = True, backend: str = "torch", data_plane: str = "tcp") -> list[pb.LoadReply]:
+        """Every worker loads its shard of `model` under `partition` and joins the ring.
+        wire[i][j]: the format rank i sends to rank j in ("fp32", "bf16", "fp16", "int8"); None: exact.
+        data_plane: "tcp" (the workers' data ports, where they offer one) or "grpc" (Exchange streams)."""
+        if data_plane not in ("tcp", "grpc"):
+            raise GalaxyError(f"data_plane={data_plane!r}: choose tcp or grpc")
         if partition.world != self.world:
             raise PlanMismatch(f"the partition has {partition.world} devices, the cluster {self.world}")
         partition.validate(model.config)
-        if not self._greeted:
-            self.hello()  # learn the devices' names, so every later error can name them
+        # names, so every later error can name them, and data ports (a restarted worker has a new one)
+        infos = self.hello()
+        data_peers = [f"{a.rpartition(':')[0]}:{d.data_port}" if d.data_port and data_plane == "tcp" else ""
+                      for a, d in zip(self.addresses, infos)]
         self.release()
         self.session_id = secrets.token_hex(8)
         ref, pjson = model.to_proto(), json.dumps(partition.to_dict())
@@ -204,7 +209,8 @@ class Cluster:
                 mref = pb.ModelRef(config_json=ref.config_json, shard_hash=shard_hashes[r])
             req = pb.LoadRequest(session_id=self.session_id, model=mref, partition_json=pjson, rank=r,
                                  peers=self.addresses, dtype=dtype, tiles=tiles, recv_timeout_s=recv_timeout,
-                                 wire_formats=wire[r] if wire else [], no_overlap=not overlap, backend=backend)
+                                 wire_formats=wire[r] if wire else [], no_overlap=not overlap, backend=backend,
+                                 data_peers=data_peers)
             return stub.Load(req, timeout=load_timeout, metadata=self._md())
 
         replies = self._all("load", call)
@@ -213,7 +219,7 @@ class Cluster:
 
     def load_source(self, source, partition: Partition, dtype: str = "float32", tiles: int = 1,
                     stream: bool = False, wire: list[list[str]] | None = None, overlap: bool = True,
-                    backend: str = "torch"):
+                    backend: str = "torch", data_plane: str = "tcp"):
         """Load a WeightSource. Workers read the same checkpoint path or random-init recipe, or, with
         stream=True, receive exactly their shards from here (they need no model file)."""
         from ..run import model_ref
@@ -221,7 +227,7 @@ class Cluster:
         ref = model_ref(source)
         hashes = self.push_shards(source, partition) if stream else None
         replies = self.load(ref, partition, dtype=dtype, tiles=tiles, shard_hashes=hashes, wire=wire,
-                            overlap=overlap, backend=backend)
+                            overlap=overlap, backend=backend, data_plane=data_plane)
         self.backends = [r.backend for r in replies]
         return [r.weight_bytes for r in replies]
 

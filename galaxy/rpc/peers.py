@@ -1,9 +1,10 @@
-"""The peer data plane: a `Transport` over long-lived gRPC streams between workers.
+"""The peer data plane: a `Transport` over long-lived links between workers.
 
-Each worker keeps one client stream (`Exchange`) open to every peer it sends to -- in a ring,
-just its successor -- fed by a sender thread that serialises tensors off the compute thread, so
-a send returns at once and the GEMM of the next tile runs while bytes are on the wire. Frames
-that arrive are decoded by the gRPC server threads into one mailbox per sender.
+Each worker keeps one link open to every peer it sends to -- in a ring, just its successor --
+fed by a sender thread that encodes tensors off the compute thread, so a send returns at once
+and the GEMM of the next tile runs while bytes are on the wire. A link is a TCP connection to
+the peer's data port (datalink.py: raw bytes, a fraction of gRPC's CPU) or, for a peer that
+offers none, a gRPC `Exchange` stream. Frames that arrive are decoded into one mailbox per sender.
 
 Frames carry the session id, the request id and a per-pair sequence number: frames of an
 aborted older request are dropped, a gap or reordering is an error, and `recv` checks shape and
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
+import ssl
 import threading
 import time
 from collections import defaultdict
@@ -25,6 +28,7 @@ from ..errors import TransportError
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import open_channel
+from .datalink import connect, encode_frame
 from .wire import compress, decompress, metadata, to_proto_dtype
 
 log = logging.getLogger(__name__)
@@ -33,29 +37,80 @@ _POLL_S = 0.05  # how often a blocked recv looks at the abort flag
 
 
 class _Link:
-    """One outgoing stream to a peer, fed from a queue by its own thread."""
+    """One outgoing link to a peer, fed from a queue by its own thread: a send returns at once."""
 
     def __init__(self, owner: PeerTransport, dst: int, address: str):
         self.owner, self.dst, self.address = owner, dst, address
         self.q: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.channel = owner.channel_factory(address)
-        self.stub = pb_grpc.WorkerStub(self.channel)
-        self.thread = threading.Thread(target=self._run, name=f"galaxy-send-{dst}", daemon=True)
+
+    def _start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=f"galaxy-send-{self.dst}", daemon=True)
         self.thread.start()
 
-    def _frames(self):
+    def _items(self):
+        """(request id, seq, tensor, wire format) to send, until close(); times each send."""
         while True:
             item = self.q.get()
             if item is None:
                 return
             request_id, seq, tensor, tag = item
             t0 = time.perf_counter()
-            data, scales = compress(tensor, self.owner.wire_format(self.dst))
-            frame = pb.Frame(session_id=self.owner.session_id, request_id=request_id, src_rank=self.owner.rank,
-                             seq=seq, tensor=data, decoded_dtype=to_proto_dtype(tensor.dtype), scales=scales)
-            yield frame  # returns when gRPC asks for the next one: the previous write completed
+            yield request_id, seq, tensor, self.owner.wire_format(self.dst)
             self.owner.add_send_time(tag, time.perf_counter() - t0)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _detail(self) -> str:
+        return str(self.error)
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise TransportError(f"link to rank {self.dst} ({self.address}) is down: {self._detail()}")
+        self.q.put(item)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join(timeout=5)
+
+
+class _TcpLink(_Link):
+    """To the peer's data port (datalink.py): raw frames, a fraction of gRPC's CPU per byte."""
+
+    def __init__(self, owner: PeerTransport, dst: int, address: str):
+        super().__init__(owner, dst, address)
+        self.sock = connect(address, owner.session_id, owner.rank, owner.token, owner.tls)
+        self.sock.settimeout(owner.recv_timeout)  # a peer that stops reading fails the link, not a hang
+        self._start()
+
+    def _run(self) -> None:
+        try:
+            for request_id, seq, tensor, fmt in self._items():
+                for part in encode_frame(request_id, seq, tensor, fmt):
+                    self.sock.sendall(part)
+        except (OSError, ssl.SSLError, ValueError, TypeError) as e:
+            self.error = e
+            log.warning("data link to rank %d (%s) closed: %s", self.dst, self.address, e)
+        finally:
+            self.sock.close()
+
+
+class _GrpcLink(_Link):
+    """An `Exchange` stream, for a peer that offers no data port."""
+
+    def __init__(self, owner: PeerTransport, dst: int, address: str):
+        super().__init__(owner, dst, address)
+        self.channel = owner.channel_factory(address)
+        self.stub = pb_grpc.WorkerStub(self.channel)
+        self._start()
+
+    def _frames(self):
+        for request_id, seq, tensor, fmt in self._items():
+            data, scales = compress(tensor, fmt)
+            # the yield returns when gRPC asks for the next frame: the previous write completed
+            yield pb.Frame(session_id=self.owner.session_id, request_id=request_id, src_rank=self.owner.rank,
+                           seq=seq, tensor=data, decoded_dtype=to_proto_dtype(tensor.dtype), scales=scales)
 
     def _run(self) -> None:
         md = metadata(self.owner.token, self.owner.session_id)
@@ -67,15 +122,11 @@ class _Link:
         except BaseException as e:  # noqa: BLE001 - kept and reported by the next send
             self.error = e
 
-    def put(self, item) -> None:
-        if self.error is not None:
-            detail = self.error.details() if isinstance(self.error, grpc.RpcError) else self.error
-            raise TransportError(f"link to rank {self.dst} ({self.address}) is down: {detail}")
-        self.q.put(item)
+    def _detail(self) -> str:
+        return self.error.details() if isinstance(self.error, grpc.RpcError) else str(self.error)
 
     def close(self) -> None:
-        self.q.put(None)
-        self.thread.join(timeout=5)
+        super().close()
         self.channel.close()
 
 
@@ -84,12 +135,16 @@ class PeerTransport:
 
     def __init__(self, rank: int, peers: list[str], session_id: str, token: str | None,
                  recv_timeout: float, channel_factory=None, link_delay_s: float = 0.0,
-                 wire_formats: list[str] | None = None):
+                 wire_formats: list[str] | None = None, data_peers: list[str] | None = None, tls=None):
         self.rank, self.world, self.peers = rank, len(peers), list(peers)
+        self.data_peers = list(data_peers or [])  # per rank: host:port of its data port, "" = use gRPC
+        self.tls = tls
         self.session_id, self.token, self.recv_timeout = session_id, token, recv_timeout
         self.channel_factory = channel_factory or open_channel
         self.boxes = {src: queue.Queue() for src in range(self.world)}
         self.links: dict[int, _Link] = {}
+        self.incoming_socks: list = []  # accepted data connections, closed with the session
+        self.closed = False
         self.lock = threading.Lock()
         self.request_id = 0
         self.aborted: str | None = None
@@ -131,10 +186,16 @@ class PeerTransport:
         with self.lock:
             link = self.links.get(dst)
             if link is None:
-                link = self.links[dst] = _Link(self, dst, self.peers[dst])
+                link = self.links[dst] = self._open_link(dst)
             seq = self.seq_out[dst]
             self.seq_out[dst] = seq + 1
         link.put((self.request_id, seq, tensor, tag))
+
+    def _open_link(self, dst: int):
+        address = self.data_peers[dst] if dst < len(self.data_peers) else ""
+        if address:
+            return _TcpLink(self, dst, address)
+        return _GrpcLink(self, dst, self.peers[dst])
 
     # -- receiving -----------------------------------------------------------------------------
     def deliver(self, frame: pb.Frame) -> None:
@@ -144,7 +205,16 @@ class PeerTransport:
             raise TransportError(f"frame claims sender rank {src}, not a peer of rank {self.rank}")
         tensor = decompress(frame.tensor, frame.decoded_dtype, frame.scales if frame.HasField("scales") else None,
                             f"frame {frame.seq} from rank {src}")
-        self.boxes[src].put((frame.request_id, frame.seq, tensor, time.monotonic()))
+        self.deliver_tensor(src, frame.request_id, frame.seq, tensor)
+
+    def deliver_tensor(self, src: int, request_id: int, seq: int, tensor: torch.Tensor) -> None:
+        """A decoded frame from rank `src` (authenticated by its link) into its mailbox."""
+        self.boxes[src].put((request_id, seq, tensor, time.monotonic()))
+
+    def incoming(self, sock) -> None:
+        """An accepted data connection of this session: closed with it."""
+        with self.lock:
+            self.incoming_socks.append(sock)
 
     def recv(self, src: int, shape, dtype) -> torch.Tensor:
         box = self.boxes[src]
@@ -181,6 +251,13 @@ class PeerTransport:
 
     def close(self) -> None:
         with self.lock:
+            self.closed = True
             links, self.links = list(self.links.values()), {}
+            socks, self.incoming_socks = self.incoming_socks, []
         for link in links:
             link.close()
+        for sock in socks:  # wakes their reader threads
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -14,7 +14,6 @@ import gc
 import ipaddress
 import json
 import logging
-import os
 import resource
 import signal
 import socket
@@ -28,7 +27,7 @@ import grpc
 import psutil
 import torch
 
-from .. import __version__
+from .. import __version__, resources
 from ..backends import use_backend
 from ..checkpoints import CheckpointError, WeightSource, open_checkpoint
 from ..checkpoints.random import RandomWeights
@@ -44,6 +43,7 @@ from ..shardstore import ShardStore, model_hash, spec_json
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import add_port, open_channel, server_options
+from .datalink import DataServer
 from .peers import PeerTransport
 from .wire import (
     MAX_MESSAGE_BYTES,
@@ -76,6 +76,7 @@ class WorkerSettings:
     shard_cache: str | None = None  # directory for streamed shards (None: keep them in memory only)
     shard_cache_bytes: int = 4 << 30
     cache_own_shards: bool = False  # also cache shards read from a file / random init (fast reloads)
+    data_port: int = 0  # TCP port of the tensor data plane (0: any free one; -1: none, peers use gRPC)
 
 
 @dataclass
@@ -136,6 +137,23 @@ class WorkerService(pb_grpc.WorkerServicer):
         # strategies) may each keep a shard here; the oldest goes when memory or the count runs out.
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
         self.shards = ShardStore(settings.shard_cache, settings.shard_cache_bytes)
+        self.data: DataServer | None = None  # the tensor data port, started with the server
+
+    def start_data_plane(self, host: str) -> None:
+        if self.s.data_port >= 0:
+            self.data = DataServer(host, self.s.data_port, self._transport_of, self.s.token, self.s.tls,
+                                   self.s.max_message_bytes)
+
+    def close(self) -> None:
+        """Drop every session and stop the data port (the gRPC server is the caller's)."""
+        with self.lock:
+            self._release()
+        if self.data is not None:
+            self.data.close()
+
+    def _transport_of(self, session_id: str) -> PeerTransport | None:
+        sess = self.sessions.get(session_id)
+        return None if sess is None else sess.transport
 
     # -- control -----------------------------------------------------------------------------
     def Hello(self, request, context):
@@ -145,10 +163,12 @@ class WorkerService(pb_grpc.WorkerServicer):
         sess = next(reversed(self.sessions.values()), None)
         return pb.HelloReply(
             protocol_version=PROTOCOL_VERSION, device_name=self.s.name, galaxy_version=__version__,
-            cpu_count=os.cpu_count() or 1, threads=self.s.threads, compute_device=self.s.device,
+            cpu_count=resources.cpus(), cpu_limit=resources.cpu_limit(), threads=self.s.threads,
+            compute_device=self.s.device,
             total_memory_bytes=vm.total, available_memory_bytes=vm.available,
             memory_budget_bytes=self.s.memory_budget, state="loaded" if sess else "idle",
             session_id=sess.session_id if sess else "", rss_bytes=psutil.Process().memory_info().rss,
+            data_port=self.data.port if self.data else 0,
         )
 
     def Load(self, request, context):
@@ -208,7 +228,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             raise ValueError(f"wire_formats {list(req.wire_formats)} must list one of {WIRE_FORMATS} per rank")
         transport = PeerTransport(req.rank, list(req.peers), req.session_id, self.s.token,
                                   req.recv_timeout_s or 60.0, channel_factory=lambda a: open_channel(a, self.s.tls),
-                                  link_delay_s=self.s.link_delay_ms / 1000, wire_formats=list(req.wire_formats))
+                                  link_delay_s=self.s.link_delay_ms / 1000, wire_formats=list(req.wire_formats),
+                                  data_peers=list(req.data_peers), tls=self.s.tls)
         load_s = time.perf_counter() - t0
         log.info("%s: loaded rank %d/%d of %s (%.0f MiB) in %.2f s", self.s.name, req.rank, partition.world,
                  source.path if source else "a streamed shard", need / 2**20, load_s)
@@ -458,6 +479,11 @@ def start_server(listen: str, settings: WorkerSettings):
     bound = add_port(server, f"{host}:{port}", settings.tls)
     if not bound:
         raise GalaxyError(f"could not listen on {host}:{port} (in use, or not an address of this device)")
+    try:
+        service.start_data_plane(host)
+    except TransportError as e:
+        server.stop(0)
+        raise GalaxyError(f"{e} (choose another --data-port, or -1 to send tensors over gRPC)") from None
     server.start()
     return server, f"{host}:{bound}", service
 
@@ -482,6 +508,5 @@ def serve(listen: str, settings: WorkerSettings, ready=None, announce: str | Non
     stop.wait()
     if announcer is not None:
         announcer.stop()
-    with service.lock:
-        service._release()
+    service.close()
     server.stop(grace=1.0).wait()

@@ -43,7 +43,7 @@ class HelloRequest(_message.Message):
     def __init__(self, cluster: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol_version", "device_name", "galaxy_version", "cpu_count", "threads", "compute_device", "total_memory_bytes", "available_memory_bytes", "memory_budget_bytes", "state", "session_id", "rss_bytes")
+    __slots__ = ("protocol_version", "device_name", "galaxy_version", "cpu_count", "threads", "compute_device", "total_memory_bytes", "available_memory_bytes", "memory_budget_bytes", "state", "session_id", "rss_bytes", "data_port", "cpu_limit")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     GALAXY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,8 @@ class HelloReply(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    CPU_LIMIT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     device_name: str
     galaxy_version: str
@@ -68,7 +70,9 @@ class HelloReply(_message.Message):
     state: str
     session_id: str
     rss_bytes: int
-    def __init__(self, protocol_version: _Optional[int] = ..., device_name: _Optional[str] = ..., galaxy_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., threads: _Optional[int] = ..., compute_device: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., state: _Optional[str] = ..., session_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+    data_port: int
+    cpu_limit: float
+    def __init__(self, protocol_version: _Optional[int] = ..., device_name: _Optional[str] = ..., galaxy_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., threads: _Optional[int] = ..., compute_device: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., state: _Optional[str] = ..., session_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., data_port: _Optional[int] = ..., cpu_limit: _Optional[float] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("path", "random_init", "seed", "config_json", "random_std", "shard_hash")
@@ -131,7 +135,7 @@ class HaveShardReply(_message.Message):
     def __init__(self, content_hash: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend")
+    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend", "data_peers")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARTITION_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +147,7 @@ class LoadRequest(_message.Message):
     WIRE_FORMATS_FIELD_NUMBER: _ClassVar[int]
     NO_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DATA_PEERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelRef
     partition_json: str
@@ -154,7 +159,8 @@ class LoadRequest(_message.Message):
     wire_formats: _containers.RepeatedScalarFieldContainer[str]
     no_overlap: bool
     backend: str
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ...) -> None: ...
+    data_peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ..., data_peers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("weight_bytes", "load_s", "rss_bytes", "backend")

@@ -132,7 +132,7 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Exchange(self, request_iterator, context):
-        """peer data plane, one stream per sender
+        """peer data plane for peers without a data port (datalink.py)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -33,7 +33,8 @@ def test_one_device_predicts_the_profiled_block_times():
     e = cm.estimate(Layout("local", (0,), (12,), (3072,), (cfg.vocab_size,), (S,)))
     layer = d.attention.seconds(attention_flops(cfg, 12, S)) + d.mlp.seconds(mlp_flops(cfg, 3072, S)) \
         + 2 * d.connective.seconds(connective_flops(cfg, S))
-    once = 2 * d.connective.seconds(connective_flops(cfg, S)) + d.head.seconds(head_flops(cfg, cfg.vocab_size, S))
+    # prefill computes the last token's logits only (what generation samples from)
+    once = 2 * d.connective.seconds(connective_flops(cfg, S)) + d.head.seconds(head_flops(cfg, cfg.vocab_size, 1))
     assert e.latency_s == pytest.approx(cfg.n_layers * layer + once)
     assert e.layer_s == pytest.approx(layer)
     assert e.exposed_comm_s == 0
@@ -83,7 +84,7 @@ def test_strategies_and_memory():
     assert not g.feasible and g.overfull() == [2]  # c's 100 MB cannot hold a quarter of GPT-2
     pipe = cm.estimate(Layout("pipeline", (0, 1), layers=(6, 6)))
     hand = S * cfg.hidden * 4 * 8 / 1e8 + 1e-3
-    head = cm.head_model(1).seconds(head_flops(cfg, cfg.vocab_size, S))
+    head = cm.head_model(1).seconds(head_flops(cfg, cfg.vocab_size, 1))  # the last token's logits
     want = 6 * cm.full_layer_s(0) + 6 * cm.full_layer_s(1) + cm.con_s(0, S) + cm.con_s(1, S) + head + hand
     assert pipe.latency_s == pytest.approx(want)
     assert pipe.memory[0].weights_bytes == weight_bytes(cfg, ShardSpec((0, 12), (0, 3072), (0, cfg.vocab_size), (0, 6),

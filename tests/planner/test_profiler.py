@@ -39,7 +39,8 @@ def two_workers(tmp_path, monkeypatch):
     monkeypatch.setenv("GALAXY_CACHE", str(tmp_path))
     started = [start_server("127.0.0.1:0", WorkerSettings(name=f"p{i}", memory_budget=10**10)) for i in range(2)]
     yield [addr for _, addr, _ in started]
-    for server, _, _ in started:
+    for server, _, service in started:
+        service.close()
         server.stop(grace=0).wait()
 
 

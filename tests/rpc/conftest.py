@@ -22,8 +22,7 @@ class Servers:
     def stop(self, index: int | None = None) -> None:
         for i, (server, service) in enumerate(list(self.running)):
             if index is None or i == index:
-                with service.lock:
-                    service._release()
+                service.close()
                 server.stop(grace=0).wait(timeout=10)
 
 

@@ -51,10 +51,12 @@ def test_missing_tls_files_name_the_command_that_makes_them(tmp_path):
 
 
 def test_worker_without_credentials_binds_loopback_only():
-    server, address, _ = start_server("0.0.0.0:0", WorkerSettings(name="open"))
+    server, address, service = start_server("0.0.0.0:0", WorkerSettings(name="open"))
     try:
         assert address.startswith("127.0.0.1:")
+        assert service.data.sock.getsockname()[0] == "127.0.0.1"  # the tensor data port too
     finally:
+        service.close()
         server.stop(grace=0)
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
 
