@@ -395,8 +395,10 @@ def table(report: dict) -> str:
                            f"within spread: {'yes' if a['within_spread'] else 'NO'}]")
             lines.append(f"  planner's choice: {a['strategy']}{verdict} -- {a['reason']}")
         lines.append("")
+    bw = report.get("decode_bandwidth_bps")
     for row in report.get("decode", []):
-        lines.append(f"decode {row['strategy']:<7} on {', '.join(row['devices'])}: time to first token "
+        lines.append(f"decode {row['strategy']:<7}" + (f" at {bw / 1e6:g} Mbit/s" if bw else "") +
+                     f" on {', '.join(row['devices'])}: time to first token "
                      f"{row['ttft_s']:.3f} s, {1000 * row['per_token_s']:.1f} ms/token ({row['decode_collective']}); "
                      f"KV cache per device {', '.join(f'{b / 2**20:.1f} MiB' for b in row['kv_cache_bytes'])}; "
                      f"tokens match: {row['tokens_match']}")

@@ -653,9 +653,11 @@ def cmd_bench(args) -> int:
                 run["auto"] = bench.auto_choice(cfg, seq, prof, lossy=lossy_here)
                 bench.judge_auto(run)
                 report["runs"].append(run)
-        if args.decode and cfg.causal:
-            bench._progress("timing generation (TTFT and per-token latency)")
-            report["decode"] = bench.decode_bench(lambda: (addresses, token, tls), source, prof)
+            if i == 0 and args.decode and cfg.causal:  # generation on the first (fastest) links
+                bench._progress("timing generation (TTFT and per-token latency)")
+                report["decode"] = bench.decode_bench(lambda: (addresses, token, tls), source, prof)
+                if rate is not None:
+                    report["decode_bandwidth_bps"] = rate
         if args.backends:
             from .backends.bench import compare
 

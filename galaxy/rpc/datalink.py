@@ -119,7 +119,7 @@ def read_frame(sock, max_bytes: int) -> tuple[int, int, torch.Tensor] | None:
         if not _recv_exact(sock, _raw(scales)):
             raise TransportError("connection closed before the frame's scales")
         rows = shape[0] if shape else 1
-        if scales.numel() % max(rows, 1):
+        if rows == 0 or scales.numel() % rows:
             raise TransportError(f"{scales.numel()} scales for {rows} rows")
         scales = scales.reshape(rows, -1)
     try:

@@ -6,9 +6,10 @@ and the GEMM of the next tile runs while bytes are on the wire. A link is a TCP 
 the peer's data port (datalink.py: raw bytes, a fraction of gRPC's CPU) or, for a peer that
 offers none, a gRPC `Exchange` stream. Frames that arrive are decoded into one mailbox per sender.
 
-Frames carry the session id, the request id and a per-pair sequence number: frames of an
-aborted older request are dropped, a gap or reordering is an error, and `recv` checks shape and
-dtype against what the collective expects.
+A link belongs to one session (bound by its TCP handshake or stream metadata); frames carry the
+request id and a per-pair sequence number: frames of an aborted older request are dropped, a
+gap or reordering is an error, and `recv` checks shape and dtype against what the collective
+expects.
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ def _header(**kw):
     (dict(nbytes=25), "expected 24"),
     (dict(shape=(1 << 30, 1 << 10), nbytes=1 << 42), "exceeds the limit"),  # 4 TiB: refused, not allocated
     (dict(scales=8), "scales for"),
+    (dict(code=6, decoded=1, shape=(0, 3), nbytes=0, scales=8), "8 bytes of float32 scales|2 scales for 0 rows"),
 ])
 def test_malformed_frame_headers_are_refused_naming_the_problem(fields, match):
     a, b = socket.socketpair()
