@@ -256,8 +256,9 @@ def run_config(cfg, source, seq: int, prof, addresses, token=None, tls=None, str
 def calibrate(ld: _Loaded, req: Request, rounds: int = 2) -> str:
     """Refine the planner's split on the devices themselves: run it, measure each device's busy
     time (its forward minus the time it waited for peers), and give each device work in proportion
-    to the speed it showed. What profiles cannot see -- the CPU that communication itself costs a
-    small device, contention between devices -- shows up here (the Galaxy+ idea, done before timing)."""
+    to the speed it showed (its share of the work / its busy time). What profiles cannot see -- the
+    CPU that communication itself costs a small device, contention between devices -- shows up
+    here (the Galaxy+ idea, done before timing)."""
     from .sharding import weighted_partition
 
     cfg, notes = ld.source.config, []
@@ -265,9 +266,9 @@ def calibrate(ld: _Loaded, req: Request, rounds: int = 2) -> str:
         res = ld.forward(req)
         busy = [max(1e-6, d["forward_s"] - sum(op[2] for op in d["ops"])) for d in res.devices]
         old = ld.layout.partition
-        weights = [w / b for w, b in zip(old.seq_weights, busy)]
         if max(busy) / min(busy) < 1.05:
             break
+        weights = [w / b for w, b in zip(old.work_shares(cfg), busy)]
         ld.layout = Layout(ld.layout.strategy, ld.layout.ranks, weighted_partition(cfg, weights))
         ld.load()
         notes.append("/".join(f"{b:.2f}" for b in busy))

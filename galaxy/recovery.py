@@ -161,7 +161,8 @@ class ResilientCluster:
         self._slow_streak = 0
         t0 = time.perf_counter()
         source, old, dtype, tiles = self._loaded
-        weights = [w / r for w, r in zip(old.seq_weights, ratios)]  # a device 2x slower gets half the work
+        # a device 2x slower than its share says gets half the work
+        weights = [w / r for w, r in zip(old.work_shares(source.config), ratios)]
         partition = weighted_partition(source.config, weights)
         self.cluster.load_source(source, partition, dtype=dtype, tiles=tiles, stream=self._stream)
         self._loaded = (source, partition, dtype, tiles)
@@ -174,8 +175,9 @@ class ResilientCluster:
 
 def _survivor_partition(cfg, old: Partition, keep: list[int], n: int) -> Partition:
     """The old layout's kind over the surviving ranks: Galaxy keeps their relative weights."""
-    if old.strategy == "galaxy" and len(keep) == n and old.seq_weights:
-        weights = [old.seq_weights[i] for i in keep]
+    if old.strategy == "galaxy" and len(keep) == n:
+        shares = old.work_shares(cfg)
+        weights = [shares[i] for i in keep]
         if sum(weights) > 0:
             return weighted_partition(cfg, weights)
     return even_partition(cfg, n, old.strategy)

@@ -141,6 +141,19 @@ class Partition:
         return ShardSpec(ranges(self.heads)[rank], ranges(self.cols)[rank], ranges(self.vocab)[rank],
                          (0, cfg.n_layers))
 
+    def work_shares(self, cfg: ModelConfig) -> list[float]:
+        """Each device's fraction of a layer's GEMM work, what its measured time is compared with
+        when the split is re-balanced: heads and MLP columns weighted by their flops (layers for a
+        pipeline, tokens for seqpar). seq_weights alone would not do: the planner's are token counts."""
+        if self.strategy == "pipeline":
+            return [x / cfg.n_layers for x in self.layers]
+        if self.strategy == "seqpar":
+            return [w / sum(self.seq_weights) for w in self.seq_weights]
+        per_head = (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * cfg.hidden / cfg.n_heads  # q,k,v,out
+        per_col = (3 if cfg.gated_mlp else 2) * cfg.hidden
+        total = per_head * cfg.n_heads + per_col * cfg.ffn
+        return [(per_head * h + per_col * c) / total for h, c in zip(self.heads, self.cols)]
+
     def tokens(self, seq_len: int) -> list[int]:
         """Rows of a seq_len sequence owned by each device in the connective blocks."""
         if self.strategy not in ("galaxy", "seqpar"):

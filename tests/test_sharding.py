@@ -92,3 +92,16 @@ def test_pipeline_stages_embed_first_and_decode_last():
     assert [s.layers for s in specs] == [(0, 1), (1, 2), (2, 2)]
     assert [s.embed for s in specs] == [True, False, False]
     assert [s.head for s in specs] == [False, False, True]
+
+
+def test_work_shares_follow_heads_and_columns_not_the_planners_token_counts():
+    cfg = preset("gpt2-large")
+    planned = Partition("galaxy", (10, 4, 6), (2482, 1226, 1412), (21938, 28319, 0), (36,) * 3, (85.0, 85.0, 86.0))
+    shares = planned.validate(cfg).work_shares(cfg)
+    assert sum(shares) == pytest.approx(1.0)
+    # attention is 1/3 of a GPT-2 layer's GEMM flops (4 H^2 of 12 H^2), the MLP 2/3
+    want = [h / 20 / 3 + c / 5120 * 2 / 3 for h, c in zip(planned.heads, planned.cols)]
+    assert shares == pytest.approx(want)
+    assert shares[0] > 0.45 > shares[2] > shares[1]  # not 1/3 each, as the token counts would say
+    assert weighted_partition(cfg, [3, 2, 1]).work_shares(cfg) == pytest.approx([1 / 2, 1 / 3, 1 / 6], abs=0.01)
+    assert even_partition(cfg, 3, "pipeline").work_shares(cfg) == [1 / 3] * 3
