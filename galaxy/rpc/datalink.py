@@ -238,7 +238,7 @@ class DataServer:
             threading.Thread(target=self._serve, args=(conn, peer), name="galaxy-data-recv", daemon=True).start()
 
     def _handshake(self, conn):
-        """(transport, source rank) of an authenticated connection, or raises TransportError."""
+        """(socket, transport, source rank) of an authenticated connection, or raises TransportError."""
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         _tune(conn)
         if self.tls is not None:
