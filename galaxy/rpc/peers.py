@@ -149,6 +149,7 @@ class PeerTransport:
         self.lock = threading.Lock()
         self.request_id = 0
         self.aborted: str | None = None
+        self.early_abort: tuple[int, str] | None = None  # an abort that came before its request began
         self.seq_out: dict[int, int] = defaultdict(int)
         self.seq_in: dict[int, int] = defaultdict(int)
         self.send_s: dict[str, float] = defaultdict(float)
@@ -163,16 +164,21 @@ class PeerTransport:
         """Start a request: fresh sequence numbers, no abort, no send timings; `wire_formats`
         overrides the session's formats for this request only."""
         with self.lock:
-            self.request_id, self.aborted = request_id, None
+            early = self.early_abort
+            self.request_id, self.aborted = request_id, early[1] if early and early[0] == request_id else None
+            self.early_abort = None
             self.request_wire = list(wire_formats) if wire_formats else None
             self.seq_out.clear()
             self.seq_in.clear()
             self.send_s.clear()
 
     def abort(self, request_id: int, reason: str) -> None:
+        reason = reason or "aborted by the coordinator"
         with self.lock:
             if request_id in (0, self.request_id):
-                self.aborted = reason or "aborted by the coordinator"
+                self.aborted = reason
+            elif request_id > self.request_id:  # arrived before this rank began the request
+                self.early_abort = (request_id, reason)
 
     def wire_format(self, dst: int) -> str:
         formats = self.request_wire or self.wire_formats
@@ -195,7 +201,10 @@ class PeerTransport:
     def _open_link(self, dst: int):
         address = self.data_peers[dst] if dst < len(self.data_peers) else ""
         if address:
-            return _TcpLink(self, dst, address)
+            try:
+                return _TcpLink(self, dst, address)
+            except TransportError as e:  # worded like a broken link: the coordinator looks for the cause
+                raise TransportError(f"link to rank {dst} ({address}) is down: {e}") from None
         return _GrpcLink(self, dst, self.peers[dst])
 
     # -- receiving -----------------------------------------------------------------------------

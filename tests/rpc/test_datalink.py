@@ -192,3 +192,28 @@ def test_tls_cluster_sends_tensors_over_mutually_authenticated_tls(servers, tmp_
         port = servers.running[0][1].data.port
         with pytest.raises(TransportError, match="handshake"):  # plaintext, no client certificate
             connect(f"127.0.0.1:{port}", c.session_id, 1, None, None, timeout=3)
+
+
+def test_a_peer_whose_data_port_is_gone_fails_the_request_cleanly_naming_it(servers):
+    addrs = servers.start(3)
+    with Cluster(addrs, forward_timeout=30) as c:
+        c.load(ModelRef(SRC.config, random_init=True, seed=9), even_partition(SRC.config, 3), recv_timeout=20)
+        servers.running[1][1].data.close()  # its gRPC port still answers, its data port does not
+        port = addrs[1].rpartition(":")[0]
+        with pytest.raises(GalaxyError, match=rf"link to rank 1 \({port}:\d+\) is down: cannot reach the data port"):
+            c.forward(Request(torch.arange(7)))
+
+
+def test_an_abort_that_arrives_before_its_request_begins_still_stops_it():
+    """A fast failure elsewhere can reach a rank before its Forward starts; it must not wait out
+    the receive timeout for tiles that will never come."""
+    from galaxy.rpc.peers import PeerTransport
+
+    t = PeerTransport(0, ["127.0.0.1:1", "127.0.0.1:2"], "s", None, recv_timeout=30)
+    t.begin(4)
+    t.abort(5, "device 1 failed")
+    t.begin(5)
+    with pytest.raises(TransportError, match="request 5 aborted: device 1 failed"):
+        t.recv(1, (2,), torch.float32)
+    t.begin(6)  # the next request starts clean
+    assert t.aborted is None
