@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import os
 import secrets
 import socket
@@ -32,16 +31,14 @@ import torch
 from .. import codec
 from ..errors import TransportError
 from ..security import CLUSTER_NAME, TlsFiles
+from .wire import MAX_DIMS, checked_layout, from_proto_dtype, to_proto_dtype
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"GXD1"  # handshake: galaxy data plane, version 1
 FRAME_MAGIC = b"GXF1"
-MAX_DIMS = 8
-_HEADER = struct.Struct(f"<4sQQBBBx{MAX_DIMS}qQQ")  # magic, request, seq, dtype, decoded, ndim, shape, bytes
-_DTYPES = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16, 4: torch.int64, 5: torch.int32,
-           6: torch.int8, 7: torch.uint8}
-_CODES = {v: k for k, v in _DTYPES.items()}
+# magic, request, seq, dtype, decoded dtype (wire.py's codes), ndim, shape, data bytes, scale bytes
+_HEADER = struct.Struct(f"<4sQQBBBx{MAX_DIMS}qQQ")
 _NONCE = 16
 HANDSHAKE_TIMEOUT_S = 10.0
 
@@ -55,8 +52,7 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 def encode_frame(request_id: int, seq: int, tensor: torch.Tensor, fmt: str = "fp32") -> list:
     """Header + buffers to write for one tile: `tensor` encoded in the wire format `fmt`."""
-    if tensor.dtype not in _CODES:
-        raise TypeError(f"dtype {tensor.dtype} cannot travel on the wire")
+    decoded = to_proto_dtype(tensor.dtype)
     if tensor.dim() > MAX_DIMS:
         raise TypeError(f"a {tensor.dim()}-dimensional tensor cannot travel (at most {MAX_DIMS})")
     data, scales = codec.encode(tensor.detach().cpu(), fmt)
@@ -68,7 +64,7 @@ def encode_frame(request_id: int, seq: int, tensor: torch.Tensor, fmt: str = "fp
         scales = scales.contiguous()
         parts.append(_raw(scales))
         scale_bytes = scales.numel() * 4
-    header = _HEADER.pack(FRAME_MAGIC, request_id, seq, _CODES[data.dtype], _CODES[tensor.dtype], data.dim(),
+    header = _HEADER.pack(FRAME_MAGIC, request_id, seq, to_proto_dtype(data.dtype), decoded, data.dim(),
                           *shape, data.numel() * data.element_size(), scale_bytes)
     return [header, *parts]
 
@@ -96,14 +92,10 @@ def read_frame(sock, max_bytes: int) -> tuple[int, int, torch.Tensor] | None:
     shape, nbytes, scale_bytes = tuple(rest[:ndim]), rest[MAX_DIMS], rest[MAX_DIMS + 1]
     if magic != FRAME_MAGIC:
         raise TransportError(f"not a galaxy frame (starts with {bytes(magic)!r})")
-    if code not in _DTYPES or decoded not in _DTYPES:
-        raise TransportError(f"unknown dtype code {code if code not in _DTYPES else decoded}")
+    want = from_proto_dtype(decoded, "frame", "decoded dtype")
     if ndim > MAX_DIMS or any(d < 0 for d in shape) or any(rest[ndim:MAX_DIMS]):
         raise TransportError(f"malformed shape: {ndim} dims, {rest[:MAX_DIMS]}")
-    dtype, want = _DTYPES[code], _DTYPES[decoded]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if nbytes != math.prod(shape) * itemsize:
-        raise TransportError(f"{nbytes} bytes for shape {shape} {dtype}, expected {math.prod(shape) * itemsize}")
+    dtype = checked_layout(code, shape, nbytes, "frame")
     if nbytes + scale_bytes > max_bytes:
         raise TransportError(f"a {nbytes + scale_bytes}-byte frame exceeds the limit of {max_bytes} bytes")
     if (dtype == torch.int8 and want != torch.int8) != (scale_bytes > 0):

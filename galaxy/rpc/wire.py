@@ -22,6 +22,7 @@ META_TOKEN = "galaxy-token"
 META_SESSION = "galaxy-session"
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # hard cap on any gRPC message, both directions
 MAX_TENSOR_ELEMENTS = MAX_MESSAGE_BYTES // 2
+MAX_DIMS = 8
 
 _TO_PB = {
     torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16,
@@ -40,33 +41,45 @@ def channel_options() -> list[tuple[str, int]]:
 
 
 def to_proto_dtype(dtype: torch.dtype) -> int:
+    """The wire's code for a dtype (the protobuf DType, also the TCP frames' dtype byte)."""
+    if dtype not in _TO_PB:
+        raise TypeError(f"dtype {dtype} cannot travel on the wire")
     return _TO_PB[dtype]
 
 
+def from_proto_dtype(code: int, what: str, label: str = "dtype") -> torch.dtype:
+    if code not in _FROM_PB:
+        raise TransportError(f"{what}: unknown {label} code {code}")
+    return _FROM_PB[code]
+
+
+def checked_layout(code: int, shape: tuple[int, ...], nbytes: int, what: str) -> torch.dtype:
+    """The dtype of a tensor announced as (dtype code, shape, byte count), once the three agree and
+    are within limits: every transport checks this before it allocates for the tensor."""
+    dtype = from_proto_dtype(code, what)
+    if any(d < 0 for d in shape):
+        raise TransportError(f"{what}: negative dimension in shape {shape}")
+    if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) > MAX_TENSOR_ELEMENTS:
+        raise TransportError(f"{what}: shape {shape} exceeds the limit of {MAX_TENSOR_ELEMENTS} elements / "
+                             f"{MAX_DIMS} dims")
+    want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes != want:
+        raise TransportError(f"{what}: {nbytes} bytes for shape {shape} {dtype}, expected {want}")
+    return dtype
+
+
 def to_proto(t: torch.Tensor) -> pb.Tensor:
-    if t.dtype not in _TO_PB:
-        raise TypeError(f"dtype {t.dtype} cannot travel on the wire")
+    code = to_proto_dtype(t.dtype)
     t = t.detach().contiguous().cpu()
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # raw bytes, any dtype incl. bf16
-    return pb.Tensor(dtype=_TO_PB[t.dtype], shape=list(t.shape), data=data)
+    return pb.Tensor(dtype=code, shape=list(t.shape), data=data)
 
 
 def from_proto(m: pb.Tensor, what: str = "tensor") -> torch.Tensor:
     """Decode and validate; raises TransportError naming `what` on any inconsistency."""
-    if m.dtype not in _FROM_PB:
-        raise TransportError(f"{what}: unknown dtype code {m.dtype}")
-    dtype = _FROM_PB[m.dtype]
     shape = tuple(int(d) for d in m.shape)
-    if any(d < 0 for d in shape):
-        raise TransportError(f"{what}: negative dimension in shape {shape}")
-    if len(shape) > 8 or math.prod(max(d, 1) for d in shape) > MAX_TENSOR_ELEMENTS:
-        raise TransportError(f"{what}: shape {shape} exceeds the limit of {MAX_TENSOR_ELEMENTS} elements / 8 dims")
+    dtype = checked_layout(m.dtype, shape, len(m.data), what)
     n = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(m.data) != n * itemsize:
-        raise TransportError(
-            f"{what}: {len(m.data)} bytes for shape {shape} {dtype}, expected {n * itemsize}"
-        )
     if n == 0:
         return torch.empty(shape, dtype=dtype)
     buf = torch.frombuffer(bytearray(m.data), dtype=torch.uint8)
@@ -96,10 +109,9 @@ def decompress(m: pb.Tensor, decoded: int, scales: pb.Tensor | None, what: str) 
     t = from_proto(m, what)
     if not decoded or decoded == m.dtype:
         return t
-    if decoded not in _FROM_PB:
-        raise TransportError(f"{what}: unknown decoded dtype code {decoded}")
+    want = from_proto_dtype(decoded, what, "decoded dtype")
     s = from_proto(scales, f"{what} scales") if scales is not None else None
     try:
-        return codec.decode(t, s, _FROM_PB[decoded])
+        return codec.decode(t, s, want)
     except ValueError as e:
         raise TransportError(f"{what}: {e}") from None
