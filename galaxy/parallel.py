@@ -21,7 +21,7 @@ import torch
 
 from .collectives import Collectives
 from .model import Block, Transformer
-from .sharding import Partition
+from .sharding import Partition, last_token_rank
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def galaxy_forward(model: Transformer, comm: Collectives, sizes: list[int], req:
         return x
     h = model.final_norm(x) if model.final_norm is not None else x
     if req.last_only:  # only the owner of the last token contributes a row
-        owner = max(i for i, s in enumerate(sizes) if s > 0)
+        owner = last_token_rank(sizes)
         sizes = [1 if i == owner else 0 for i in range(len(sizes))]
         h = h[-1:] if r == owner else h[:0]
     return comm.all_gather(h, sizes, model.head_logits, tag="head.ag")
@@ -151,7 +151,7 @@ def seqpar_forward(model: Transformer, comm: Collectives, sizes: list[int], req:
         return x
     h = model.final_norm(x) if model.final_norm is not None else x
     if req.last_only:  # only the owner of the last token returns a row
-        owner = max(i for i, s in enumerate(sizes) if s > 0)
+        owner = last_token_rank(sizes)
         h = h[-1:] if r == owner else h[:0]
     return model.head_logits(h)
 

@@ -42,6 +42,12 @@ def full_spec(cfg: ModelConfig) -> ShardSpec:
     return ShardSpec((0, cfg.n_heads), (0, cfg.ffn), (0, cfg.vocab_size), (0, cfg.n_layers))
 
 
+def last_token_rank(tokens) -> int:
+    """The device whose token rows end the sequence (the last with any): it alone computes the
+    prefill's last-token logits."""
+    return max((r for r, x in enumerate(tokens) if x > 0), default=len(tokens) - 1)
+
+
 def split_even(total: int, n: int) -> list[int]:
     """total split into n integers differing by at most one, larger ones first."""
     return [total // n + (1 if i < total % n else 0) for i in range(n)]

@@ -52,7 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from galaxy.config import ModelConfig
-from galaxy.sharding import ShardSpec, ranges
+from galaxy.sharding import ShardSpec, last_token_rank, ranges
 
 from .plan import PlanError
 from .profile import (
@@ -296,7 +296,7 @@ def ring_bytes_sent(rows, row_bytes) -> list[int]:
 
 def last_token_owner(rows) -> tuple[int, ...]:
     """The chunks of the LM head's all-gather: one row, from the device holding the last token."""
-    owner = max((r for r, x in enumerate(rows) if x > 0), default=len(rows) - 1)
+    owner = last_token_rank(rows)
     return tuple(1 if r == owner else 0 for r in range(len(rows)))
 
 
@@ -520,9 +520,8 @@ class CostModel:
             qkv.append(tq)
             rest.append(tr)
             mlp.append(d.mlp.seconds(mlp_flops(cfg, cfg.ffn, s[r])))
-            owns_last = r == max(k for k, x in enumerate(s) if x > 0)
             head.append(self.head_model(i).seconds(head_flops(cfg, cfg.vocab_size, 1))
-                        if cfg.causal and owns_last else 0.0)
+                        if cfg.causal and r == last_token_rank(s) else 0.0)
             act = seqpar_activation_bytes(cfg, S, s[r], b)
             if cfg.causal and s[r]:
                 act = max(act, b * s[r] * (cfg.hidden + cfg.vocab_size))
