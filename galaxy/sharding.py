@@ -18,6 +18,11 @@ from .model import Transformer
 
 STRATEGIES = ("galaxy", "megatron", "pipeline", "seqpar")
 
+# A device with no heads or columns builds zero-size weights, and torch's initialisers warn about
+# each. The filter is installed once, here, because `warnings.catch_warnings` is not thread-safe:
+# around every build it raced with the in-process workers' threads and let the warning through.
+warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+
 
 class PartitionError(ValueError):
     """A layout that does not fit the model; the message names the field and both numbers."""
@@ -295,8 +300,7 @@ def build_shard(model: Transformer, state: dict[str, torch.Tensor], dtype: torch
 
 def meta_model(cfg: ModelConfig, spec: ShardSpec) -> Transformer:
     """The module tree for `spec` with no storage behind it (zero-size shards allowed)."""
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+    with torch.device("meta"):
         return Transformer(cfg, spec)
 
 
