@@ -62,7 +62,7 @@ class Result:
     peak_rss_bytes: list[int] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     note: str = ""
-    layers: list = field(default_factory=list)  # per-layer timeline of the last run (galaxy only)
+    devices_ops: list = field(default_factory=list)  # per-device op timings of the last run (galaxy only)
 
     @property
     def median(self) -> float | None:
@@ -249,7 +249,14 @@ def run_config(cfg, source, seq: int, prof, addresses, token=None, tls=None, str
             "devices": r.devices, "weights_bytes": r.weights_bytes, "peak_activation_bytes": r.peak_activation_bytes,
             "peak_rss_bytes": r.peak_rss_bytes, "note": r.note,
         })
-    timeline = results["galaxy"].layers if "galaxy" in results else []
+    timeline = []
+    if "galaxy" in results and results["galaxy"].devices_ops:
+        from .run import layer_overlap
+
+        ring = lays["galaxy"].ranks  # galaxy sends only to the next device of its ring
+        send_bps = [prof.links[a][ring[(k + 1) % len(ring)]].bandwidth_bps if len(ring) > 1 else 0.0
+                    for k, a in enumerate(ring)]
+        timeline = layer_overlap(results["galaxy"].devices_ops, send_bps)
     return {"seq_len": seq, "roofline": roof, "strategies": rows, "timeline": timeline}
 
 
@@ -305,9 +312,7 @@ def _run_group(group, lays, results, req, seq, addresses, token, tls, source, ti
                 r.peak_activation_bytes = [max(0, d["peak_rss_bytes"] - d.get("rss_before_bytes", 0))
                                            for d in res.devices]
                 if s == "galaxy":
-                    from .run import layer_overlap
-
-                    r.layers = layer_overlap(res.devices)
+                    r.devices_ops = res.devices
             if rep:
                 _progress(f"seq {seq}: {', '.join(group)}: round {rep}/{reps} done")
     finally:

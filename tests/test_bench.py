@@ -52,3 +52,16 @@ def test_roofline_is_the_tighter_of_perfect_parallelism_and_the_fastest_device_a
     assert fast["bound_by"] == "compute" and fast["seconds"] == pytest.approx(fast["local_s"] * 4 / 6, rel=1e-6)
     slow = bench.roofline(cfg, 256, _cluster(1e6))  # a link so slow that one device alone is best
     assert slow["bound_by"] == "local" and slow["seconds"] == pytest.approx(slow["local_s"])
+
+
+def test_timeline_prices_communication_as_bytes_at_the_link_rate_not_socket_hand_off():
+    from galaxy.run import layer_overlap
+
+    # one layer on two devices: each sent 1 MB, handed to its socket in 1 ms, waited 2 ms
+    ops = [("L0.mlp.rs", 0.05, 0.002, 0.04, 1_000_000, 0.001)]
+    devices = [{"ops": ops}, {"ops": ops}]
+    [row] = layer_overlap(devices, send_bps=[1e9, 1e9])  # 1 MB at 1 Gbit/s: 8 ms on the wire
+    assert row["comm_s"] == pytest.approx(0.008) and row["exposed_s"] == pytest.approx(0.002)
+    assert row["hidden_s"] == pytest.approx(0.006) and row["hidden_frac"] == pytest.approx(0.75)
+    [bare] = layer_overlap(devices)  # no link rates: the hand-off time, a lower bound
+    assert bare["comm_s"] == pytest.approx(0.001) and bare["hidden_s"] == 0.0
