@@ -566,21 +566,26 @@ def set_cpu_share(name_or_spec, device: str, cores: float) -> None:
             f.write(value)
 
 
-def set_link_rate(name_or_spec, rate_bps: float, progress=_quiet) -> None:
-    """Re-shape every device's link of a running emulated cluster to `rate_bps` (both ends), e.g.
-    for a bandwidth sweep; the workers keep running."""
+def set_link_rate(name_or_spec, rate_bps: float | dict[str, float], progress=_quiet) -> dict[str, float]:
+    """Re-shape every device's link of a running emulated cluster (both ends), e.g. for a
+    bandwidth sweep; the workers keep running. rate_bps: one rate for all, or per device name.
+    Returns the rates the links had before, to put them back with."""
     name = _name_of(name_or_spec)
     state = read_state(name)
     if state is None or state.get("mode") != "emulated":
         raise GalaxyError(f"cluster {name!r} is not up as an emulated LAN; `galaxy devices up` it first")
+    before = {}
     for d in state["devices"]:
         if "host_link" not in d:
             raise GalaxyError(f"cluster {name!r} was brought up by an older Galaxy; down and up it again")
-        S.run(["tc", "qdisc", "replace", "dev", d["host_link"], *L.tbf_args(rate_bps)])
-        S.run(["tc", "-n", d["netns"], "qdisc", "replace", "dev", L.NS_IFACE, *L.tbf_args(rate_bps)])
-        d["rate_bps"] = rate_bps
+        rate = rate_bps.get(d["name"], d["rate_bps"]) if isinstance(rate_bps, dict) else rate_bps
+        S.run(["tc", "qdisc", "replace", "dev", d["host_link"], *L.tbf_args(rate)])
+        S.run(["tc", "-n", d["netns"], "qdisc", "replace", "dev", L.NS_IFACE, *L.tbf_args(rate)])
+        before[d["name"]], d["rate_bps"] = d["rate_bps"], rate
     _State(state).save()
-    progress(f"links of {name} shaped to {rate_bps / 1e6:g} Mbit/s")
+    rates = sorted({d["rate_bps"] for d in state["devices"]})
+    progress(f"links of {name} shaped to {' / '.join(f'{r / 1e6:g}' for r in rates)} Mbit/s")
+    return before
 
 
 def cluster_endpoints(path) -> tuple[list[str], str | None]:

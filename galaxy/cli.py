@@ -636,7 +636,9 @@ def cmd_bench(args) -> int:
             if rate is not None:
                 from devices.emulate import set_link_rate
 
-                set_link_rate(emulated, rate, progress=bench._progress)
+                before = set_link_rate(emulated, rate, progress=bench._progress)
+                if i == 0:  # a cluster that stays up is left with the links it had
+                    stack.callback(set_link_rate, emulated, before, progress=bench._progress)
                 with Cluster(addresses, token=token, tls=tls) as c:
                     prof = profile_cluster(c, cfg, seqs, show_progress=False)  # links re-measured
             lossy_here = rate is not None and rate < 5e8  # compressed activations pay off on slow links

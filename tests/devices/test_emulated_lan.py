@@ -16,7 +16,7 @@ import yaml
 from devices import layout as L
 from devices import system as S
 from devices.check import check_running
-from devices.emulate import cluster_endpoints, down, emulated, find_stale, read_state, status, up
+from devices.emulate import cluster_endpoints, down, emulated, find_stale, read_state, set_link_rate, status, up
 from devices.spec import load_cluster
 from galaxy.errors import GalaxyError
 from galaxy.rpc.client import Cluster
@@ -103,6 +103,16 @@ def test_three_device_lan_runs_real_inference_and_leaves_nothing(tmp_path):
         if src.tokenizer() is not None:  # the real 513 MiB model: no single 640 MiB device can take it
             with Cluster(addrs[:1], token=token) as c, pytest.raises(GalaxyError, match="memory budget"):
                 c.load(model_ref(src), even_partition(src.config, 1))
+
+        def shaped() -> list[str]:  # each device's rate, as tc reports it on both ends of its link
+            return [" ".join(w for line in (S.run(["tc", "qdisc", "show", "dev", d["host_link"]]).stdout,
+                                            S.run(["tc", "-n", d["netns"], "qdisc", "show", "dev", L.NS_IFACE]).stdout)
+                             for w in line.split() if w.endswith("bit")) for d in ec.devices]
+
+        before = set_link_rate(spec.name, 5e7)  # a bandwidth sweep re-shapes the running links ...
+        assert shaped() == ["50Mbit 50Mbit"] * 3
+        set_link_rate(spec.name, before)  # ... and puts back what each device had
+        assert shaped() == ["100Mbit 100Mbit", "1Gbit 1Gbit", "1Gbit 1Gbit"]
     assert leftovers("gxt-e2e", pids) == []
     assert read_state("gxt-e2e") is None
 
