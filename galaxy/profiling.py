@@ -1,8 +1,9 @@
 """Timing a device's blocks at several shard sizes: what `galaxy plan` fits its cost model to.
 
-Runs on the device itself (inside its worker): builds attention / MLP / connective blocks of the
-target model's shape with random weights -- timing depends on shapes, not values -- and times
-them at a few shard sizes and sequence lengths. Pure torch; the worker wraps it in an RPC.
+Runs on the device itself (inside its worker): builds attention / MLP / connective blocks (and,
+for a causal LM, the head's one-token product) of the target model's shape with random weights --
+timing depends on shapes, not values -- and times them at a few shard sizes and sequence lengths.
+Pure torch; the worker wraps it in an RPC.
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ def _block(cfg: ModelConfig, heads: int, cols: int, dtype, device) -> Block:
     return model.layers["0"]
 
 
+HEAD_SAMPLE_BYTES = (24 * 2**20, 48 * 2**20, 96 * 2**20)  # past the caches, within a small device's memory
+
+
+def head_rows(cfg: ModelConfig, dtype_bytes: int = 4) -> list[int]:
+    """Vocabulary-row counts to time the LM head at: weights of ~24 / 48 / 96 MiB (or the whole
+    vocabulary if smaller). The head multiplies one token's row in prefill and in every decode
+    step, so it streams its weights once per token: memory-bound, at a fraction of the GEMM rate
+    the MLP samples measure, and linear in rows, so a line through these extends to any share."""
+    per_row = cfg.hidden * dtype_bytes
+    return sorted({max(1, min(cfg.vocab_size, b // per_row)) for b in HEAD_SAMPLE_BYTES})
+
+
 def shard_sizes(total: int, points: int = 3) -> list[int]:
     """A few shard sizes spanning what a device may get: about 1/4, 1/2 and all of `total`."""
     sizes = sorted({max(1, round(total * f)) for f in (0.25, 0.5, 1.0)[-points:]})
@@ -73,6 +86,8 @@ def time_blocks(cfg: ModelConfig, seq_lens: list[int], repeats: int = 3, dtype=t
     jobs = [(s, "attention", h) for s in seq_lens for h in head_sizes]
     jobs += [(s, "mlp", c) for s in seq_lens for c in col_sizes]
     jobs += [(s, "connective", t) for s in seq_lens for t in sorted({max(1, s // 4), s})]
+    if cfg.causal:
+        jobs += [(1, "head", v) for v in head_rows(cfg, torch.empty((), dtype=dtype).element_size())]
     samples: list[Sample] = []
     full = _on_backend(_block(cfg, cfg.n_heads, cfg.ffn, dtype, device), backend, "connective")
     for i, (seq, kind, units) in enumerate(jobs):
@@ -85,6 +100,9 @@ def time_blocks(cfg: ModelConfig, seq_lens: list[int], repeats: int = 3, dtype=t
             blk = _on_backend(_block(cfg, 1, units, dtype, device), backend, "mlp")
             m = blk.mlp
             fn = lambda m=m, x=x: m.contract(m.expand(x))  # noqa: E731
+        elif kind == "head":  # the last token's logits over `units` vocabulary rows
+            w = torch.full((units, cfg.hidden), 0.01, dtype=dtype, device=device)
+            fn = lambda w=w, x=x: x @ w.T  # noqa: E731  (as Transformer.head_logits)
         else:
             xs = x[:units]
             fn = lambda xs=xs: full.after_mlp(xs, full.after_attn(xs, xs))  # noqa: E731

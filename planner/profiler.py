@@ -25,11 +25,12 @@ from .profile import (
     Link,
     attention_flops,
     connective_flops,
+    head_flops,
     kv_heads_touched,
     mlp_flops,
 )
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 LOAD_OVERHEAD = 1.15  # as the worker's own check: a shard's bytes plus transient copies while loading
 LOAD_SLACK = 32 * 2**20  # what opening a checkpoint adds before the worker's check (measured 7 MiB for SmolLM2)
 
@@ -74,10 +75,12 @@ def fit_samples(cfg: ModelConfig, samples) -> dict[str, ComputeModel]:
             f = attention_flops(cfg, s.units, s.seq, kv_heads_touched(cfg, 0, s.units))
         elif s.kind == "mlp":
             f = mlp_flops(cfg, s.units, s.seq)
+        elif s.kind == "head":
+            f = head_flops(cfg, s.units, s.seq)
         else:
             f = connective_flops(cfg, s.units)
-        pts[s.kind].append((f, s.seconds))
-    return {k: fit(v) for k, v in pts.items()}
+        pts.setdefault(s.kind, []).append((f, s.seconds))
+    return {k: fit(v) for k, v in pts.items() if v}
 
 
 def _progress(done: int, total: int, what: str) -> None:
@@ -144,7 +147,7 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
         if budgets and info.name in budgets:
             mem.append(budgets[info.name])
         devices.append(DeviceProfile(info.name, info.address, models["attention"], models["mlp"],
-                                     models["connective"], int(min(mem)),
+                                     models["connective"], int(min(mem)), head=models.get("head"),
                                      codec_s_per_byte=cached[r].get("codecs", {})))
     return ClusterProfile(devices, links)
 

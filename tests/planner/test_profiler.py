@@ -29,9 +29,34 @@ def test_time_blocks_covers_every_kind_and_size():
     cfg = preset("tiny-llama")
     samples = time_blocks(cfg, [16, 32], repeats=1)
     kinds = {(s.kind, s.seq) for s in samples}
-    assert kinds == {(k, q) for k in ("attention", "mlp", "connective") for q in (16, 32)}
+    # the LM head multiplies one token's row (the last in prefill, each decode step's)
+    assert kinds == {(k, q) for k in ("attention", "mlp", "connective") for q in (16, 32)} | {("head", 1)}
     assert all(s.seconds > 0 for s in samples)
     assert {s.units for s in samples if s.kind == "attention"} == {2, 3, 6}
+    assert {s.units for s in samples if s.kind == "head"} == {cfg.vocab_size}  # a small vocabulary: all of it
+    assert not any(s.kind == "head" for s in time_blocks(preset("tiny-bert"), [16], repeats=1))
+
+
+def test_head_is_timed_past_the_caches_on_a_real_vocabulary():
+    from galaxy.profiling import head_rows
+
+    cfg = preset("gpt2-large")  # 50257 rows of 1280 floats: 245 MiB in all
+    assert [r * cfg.hidden * 4 // 2**20 for r in head_rows(cfg)] == [23, 47, 95]
+    assert head_rows(cfg, 2) == [9830, 19660, 39321]  # half the bytes per row: twice the rows
+
+
+def test_head_model_prices_the_one_token_product_slower_than_the_mlp_gemm():
+    """What the planner sees: a head fitted from its own samples, not the MLP's GEMM rate."""
+    cfg = preset("gpt2")
+    from galaxy.profiling import Sample
+
+    samples = [Sample("attention", 12, 64, 0.01), Sample("attention", 6, 64, 0.005),
+               Sample("mlp", 3072, 64, 0.008), Sample("mlp", 1536, 64, 0.004),
+               Sample("connective", 64, 64, 1e-4), Sample("connective", 16, 64, 3e-5),
+               Sample("head", 8192, 1, 0.004), Sample("head", 16384, 1, 0.008)]  # ~4 GFLOP/s: memory-bound
+    models = profiler.fit_samples(cfg, samples)
+    assert models["head"].flops_per_s == pytest.approx(2 * 768 * 8192 / 0.004, rel=1e-6)
+    assert models["head"].flops_per_s < models["mlp"].flops_per_s / 10
 
 
 @pytest.fixture
