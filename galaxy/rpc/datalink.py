@@ -132,13 +132,7 @@ def _send_str(sock, s: str) -> None:
 
 
 def _recv_str(sock) -> str:
-    n = bytearray(2)
-    if not _recv_exact(sock, memoryview(n)):
-        raise TransportError("connection closed during the handshake")
-    b = bytearray(int.from_bytes(n, "little"))
-    if b and not _recv_exact(sock, memoryview(b)):
-        raise TransportError("connection closed during the handshake")
-    return b.decode(errors="replace")
+    return _recv_bytes(sock, int.from_bytes(_recv_bytes(sock, 2), "little")).decode(errors="replace")
 
 
 def _recv_bytes(sock, n: int) -> bytes:
