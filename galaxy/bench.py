@@ -251,12 +251,13 @@ def run_config(cfg, source, seq: int, prof, addresses, token=None, tls=None, str
         })
     timeline = []
     if "galaxy" in results and results["galaxy"].devices_ops:
+        from planner.cost import CostModel
+
         from .run import layer_overlap
 
-        ring = lays["galaxy"].ranks  # galaxy sends only to the next device of its ring
-        send_bps = [prof.links[a][ring[(k + 1) % len(ring)]].bandwidth_bps if len(ring) > 1 else 0.0
-                    for k, a in enumerate(ring)]
-        timeline = layer_overlap(results["galaxy"].devices_ops, send_bps)
+        # galaxy sends only to the next device of its ring
+        links = CostModel(cfg, seq, prof).ring_links(lays["galaxy"].ranks)
+        timeline = layer_overlap(results["galaxy"].devices_ops, [spb for spb, _ in links])
     return {"seq_len": seq, "roofline": roof, "strategies": rows, "timeline": timeline}
 
 

@@ -81,11 +81,11 @@ def model_ref(source: WeightSource):
     return ModelRef(source.config, path=str(Path(source.path).resolve()))
 
 
-def layer_overlap(devices: list[dict], send_bps: list[float] | None = None) -> list[dict]:
+def layer_overlap(devices: list[dict], s_per_byte: list[float] | None = None) -> list[dict]:
     """Per layer, averaged over devices: communication time, the part compute did not hide.
 
     comm_s is the wire time of the bytes each device sent: bytes at the measured rate of the link
-    it sends on (send_bps, per device in rank order), or, without rates, its time handing them to
+    it sends on (s_per_byte, per device in rank order), or, without rates, its time handing them to
     the transport -- over TCP that returns once the socket buffer holds them, so it is a lower
     bound. exposed_s is the time ranks sat blocked waiting for a peer; hidden_s = comm_s -
     exposed_s (at least 0) is what tile overlap hid behind the GEMMs. Waiting also absorbs load
@@ -93,14 +93,14 @@ def layer_overlap(devices: list[dict], send_bps: list[float] | None = None) -> l
     """
     layers: dict[str, dict] = {}
     for r, dev in enumerate(devices):
-        rate = send_bps[r] if send_bps and r < len(send_bps) and send_bps[r] > 0 else None
+        spb = s_per_byte[r] if s_per_byte and r < len(s_per_byte) else 0.0
         for tag, wall, wait, compute, nbytes, send in dev["ops"]:
             name = tag.split(".")[0]
             row = layers.setdefault(name, {"layer": name, "wall_s": 0.0, "compute_s": 0.0, "comm_s": 0.0,
                                            "exposed_s": 0.0, "bytes": 0})
             row["wall_s"] += wall
             row["compute_s"] += compute
-            row["comm_s"] += max(send, 8 * nbytes / rate) if rate else send
+            row["comm_s"] += max(send, nbytes * spb) if spb else send
             row["exposed_s"] += wait
             row["bytes"] += nbytes
     n = max(1, len(devices))

@@ -642,8 +642,7 @@ def solve_local(cm: CostModel) -> Outcome:
 # --- reasons ---------------------------------------------------------------------------------
 
 def _slowest_link(cm: CostModel, order) -> float:
-    n = len(order)
-    return min(cm.cluster.links[order[r]][order[(r + 1) % n]].bandwidth_bps for r in range(n))
+    return 8.0 / max(spb for spb, _ in cm.ring_links(order))
 
 
 def _comm_phrase(cm: CostModel, e: Estimate) -> str:

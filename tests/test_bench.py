@@ -60,7 +60,7 @@ def test_timeline_prices_communication_as_bytes_at_the_link_rate_not_socket_hand
     # one layer on two devices: each sent 1 MB, handed to its socket in 1 ms, waited 2 ms
     ops = [("L0.mlp.rs", 0.05, 0.002, 0.04, 1_000_000, 0.001)]
     devices = [{"ops": ops}, {"ops": ops}]
-    [row] = layer_overlap(devices, send_bps=[1e9, 1e9])  # 1 MB at 1 Gbit/s: 8 ms on the wire
+    [row] = layer_overlap(devices, s_per_byte=[8e-9, 8e-9])  # 1 MB at 1 Gbit/s: 8 ms on the wire
     assert row["comm_s"] == pytest.approx(0.008) and row["exposed_s"] == pytest.approx(0.002)
     assert row["hidden_s"] == pytest.approx(0.006) and row["hidden_frac"] == pytest.approx(0.75)
     [bare] = layer_overlap(devices)  # no link rates: the hand-off time, a lower bound
