@@ -258,7 +258,21 @@ def run_config(cfg, source, seq: int, prof, addresses, token=None, tls=None, str
         # galaxy sends only to the next device of its ring
         links = CostModel(cfg, seq, prof).ring_links(lays["galaxy"].ranks)
         timeline = layer_overlap(results["galaxy"].devices_ops, [spb for spb, _ in links])
-    return {"seq_len": seq, "roofline": roof, "strategies": rows, "timeline": timeline}
+    out = {"seq_len": seq, "roofline": roof, "strategies": rows, "timeline": timeline}
+    if "galaxy" in results and results["galaxy"].devices_ops:
+        out["galaxy_devices"] = busy_and_waiting(results["galaxy"].devices_ops, results["galaxy"].devices,
+                                                 local.median if local is not None else None)
+    return out
+
+
+def busy_and_waiting(devices: list[dict], names: list[str] = (), local_s: float | None = None) -> dict:
+    """Where a parallel pass's time went, per device: busy (its forward minus the time it sat
+    waiting for a peer) and waiting. A balanced split has equal busy times; the busiest device
+    bounds the speed-up even if waiting were removed entirely (`no_wait_speedup`)."""
+    busy = [max(1e-9, d["forward_s"] - sum(op[2] for op in d["ops"])) for d in devices]
+    wait = [d["forward_s"] - b for d, b in zip(devices, busy)]
+    return {"devices": list(names), "busy_s": busy, "waiting_s": wait,
+            "no_wait_speedup": (local_s / max(busy)) if local_s else None}
 
 
 def calibrate(ld: _Loaded, req: Request, rounds: int = 2) -> str:
@@ -272,7 +286,7 @@ def calibrate(ld: _Loaded, req: Request, rounds: int = 2) -> str:
     cfg, notes = ld.source.config, []
     for _ in range(rounds):
         res = ld.forward(req)
-        busy = [max(1e-6, d["forward_s"] - sum(op[2] for op in d["ops"])) for d in res.devices]
+        busy = busy_and_waiting(res.devices)["busy_s"]
         old = ld.layout.partition
         if max(busy) / min(busy) < 1.05:
             break
@@ -401,6 +415,11 @@ def table(report: dict) -> str:
                 verdict = (f" [measured {a['measured_s']:.3f} s; best measured {a['best']} {a['best_s']:.3f} s; "
                            f"within spread: {'yes' if a['within_spread'] else 'NO'}]")
             lines.append(f"  planner's choice: {a['strategy']}{verdict} -- {a['reason']}")
+        g = run.get("galaxy_devices")
+        if g:
+            per = ", ".join(f"{n} {b:.3f} + {w:.3f}" for n, b, w in zip(g["devices"], g["busy_s"], g["waiting_s"]))
+            bound = f"; with no waiting at all at most {_x(g['no_wait_speedup'])} local" if g["no_wait_speedup"] else ""
+            lines.append(f"  galaxy per device, busy + waiting for peers (s): {per}{bound}")
         lines.append("")
     bw = report.get("decode_bandwidth_bps")
     for row in report.get("decode", []):

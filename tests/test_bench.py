@@ -36,6 +36,9 @@ def test_quick_bench_reports_every_strategy_exactly(tmp_path):
     assert run["roofline"]["bound_by"] in ("local", "local (measured)", "compute", "network")
     assert run["auto"]["strategy"] and run["auto"]["reason"]
     assert any(t["layer"] == "L0" for t in run["timeline"])
+    g = run["galaxy_devices"]
+    assert g["devices"] == rows["galaxy"]["devices"] and len(g["busy_s"]) == len(g["waiting_s"]) == 2
+    assert all(b > 0 for b in g["busy_s"]) and all(w >= 0 for w in g["waiting_s"]) and g["no_wait_speedup"] > 0
     assert [d["strategy"] for d in rep["decode"]] == ["local", "galaxy"] and rep["decode"][0]["tokens_match"]
     assert png.stat().st_size > 10_000
 
@@ -52,6 +55,16 @@ def test_roofline_is_the_tighter_of_perfect_parallelism_and_the_fastest_device_a
     assert fast["bound_by"] == "compute" and fast["seconds"] == pytest.approx(fast["local_s"] * 4 / 6, rel=1e-6)
     slow = bench.roofline(cfg, 256, _cluster(1e6))  # a link so slow that one device alone is best
     assert slow["bound_by"] == "local" and slow["seconds"] == pytest.approx(slow["local_s"])
+
+
+def test_busy_time_is_each_devices_forward_minus_its_waiting_and_the_busiest_bounds_the_speedup():
+    devices = [{"forward_s": 1.0, "ops": [("L0.attn.ag", 0.5, 0.2, 0.3, 0, 0.0), ("L0.mlp.rs", 0.4, 0.1, 0.3, 0, 0.0)]},
+               {"forward_s": 1.0, "ops": [("L0.attn.ag", 0.5, 0.0, 0.5, 0, 0.0)]}]
+    g = bench.busy_and_waiting(devices, ["fast", "slow"], local_s=1.6)
+    assert g["devices"] == ["fast", "slow"]
+    assert g["busy_s"] == pytest.approx([0.7, 1.0]) and g["waiting_s"] == pytest.approx([0.3, 0.0])
+    assert g["no_wait_speedup"] == pytest.approx(1.6)  # the slow device never waited: it is the bound
+    assert bench.busy_and_waiting(devices)["no_wait_speedup"] is None  # no local run to compare with
 
 
 def test_timeline_prices_communication_as_bytes_at_the_link_rate_not_socket_hand_off():
