@@ -62,3 +62,12 @@ def cpu_limit() -> float:
     elif "" in paths:
         quota = _v2_quota(paths[""])
     return min(float(cpus()), quota) if quota else float(cpus())
+
+
+def host_id() -> str:
+    """The running kernel's boot id: the same for every worker on one machine (network namespaces and
+    containers included), so a planner can tell which workers share its cores and memory bus."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""

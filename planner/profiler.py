@@ -2,7 +2,9 @@
 
 Compute profiles are cached per device and model shape (~/.cache/galaxy/profiles, or
 $GALAXY_CACHE), so planning again is instant; links are measured every time, because networks
-change. `reprofile=True` ignores the cache.
+change. `reprofile=True` ignores the cache. Workers on one machine (same host id: loopback workers,
+emulated devices) are timed side by side and cached per set of such co-tenants: three workers
+sharing two cores each run slower than two do, and a profile taken beside others is wrong alone.
 """
 
 from __future__ import annotations
@@ -46,10 +48,21 @@ def shape_key(cfg: ModelConfig, seq_lens: list[int], dtype: str) -> dict:
             "position": cfg.position, "causal": cfg.causal, "seq_lens": sorted(seq_lens), "dtype": dtype}
 
 
-def _cache_file(info, key: dict) -> Path:
-    # what the device may use is part of what it is: a new CPU quota or pinning means new timings
+def co_tenants(infos) -> list[list[str]]:
+    """Per worker, the names of the other workers of this cluster on the same machine (same host
+    id). Their timings are taken together, so each depends on the others: workers that share cores
+    and a memory bus run slower side by side than alone or beside fewer."""
+    return [sorted(o.name for j, o in enumerate(infos) if j != i and info.host_id and o.host_id == info.host_id)
+            for i, info in enumerate(infos)]
+
+
+def _cache_file(info, key: dict, tenants: list[str] = ()) -> Path:
+    # what the device may use is part of what it is: a new CPU quota or pinning, or other workers
+    # sharing its machine, means new timings
     ident = {"device": info.name, "cpus": info.cpu_count, "cpu_limit": round(info.cpu_limit, 2),
              "threads": info.threads, "compute": info.compute_device, "shape": key, "v": CACHE_VERSION}
+    if tenants:
+        ident["co_tenants"] = list(tenants)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in info.name)
     return cache_dir() / f"{safe}-{digest}.json"
@@ -101,13 +114,19 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
     """
     infos = cluster.hello()
     key = shape_key(cfg, seq_lens, dtype)
+    tenants = co_tenants(infos)
     cached, todo = {}, []
     for r, info in enumerate(infos):
-        f = _cache_file(info, key)
+        f = _cache_file(info, key, tenants[r])
         if f.exists() and not reprofile:
             cached[r] = json.loads(f.read_text())
         else:
             todo.append(r)
+    # timings of workers sharing a machine are only valid together: when one of them is timed, all are
+    timed_hosts = {infos[r].host_id for r in todo if infos[r].host_id}
+    todo = [r for r, info in enumerate(infos) if r in todo or info.host_id in timed_hosts]
+    for r in todo:
+        cached.pop(r, None)
     steps = (1 if todo else 0) + len(infos) * (len(infos) - 1) // 2
     done = 0
     if show_progress:
@@ -118,7 +137,7 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
         for r, rep in replies.items():
             samples = [(s.kind, s.units, s.seq, s.seconds) for s in rep.samples]
             cached[r] = {"samples": samples, "codecs": dict(rep.codec_s_per_byte)}
-            path = _cache_file(infos[r], key)
+            path = _cache_file(infos[r], key, tenants[r])
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"device": infos[r].name, "shape": key, **cached[r]}))
         done += 1

@@ -53,6 +53,7 @@ class DeviceInfo:
     rss: int = 0  # the worker process's own resident memory
     data_port: int = 0  # its TCP tensor data port (0: none, peers send over gRPC)
     cpu_limit: float = 0.0  # cores it may use (cgroup quota or CPU count); 0: not reported
+    host_id: str = ""  # its machine's boot id: equal ids share cores and memory; "": not reported
 
 
 @dataclass
@@ -154,7 +155,7 @@ class Cluster:
                              wait_for_ready=True)
             return DeviceInfo(self.addresses[r], rep.device_name, rep.cpu_count, rep.threads, rep.compute_device,
                               rep.total_memory_bytes, rep.available_memory_bytes, rep.memory_budget_bytes, rep.state,
-                              rep.rss_bytes, rep.data_port, rep.cpu_limit)
+                              rep.rss_bytes, rep.data_port, rep.cpu_limit, rep.host_id)
 
         infos = self._all("hello", call)
         self.names = [f"device {i} '{d.name}' ({d.address})" for i, d in enumerate(infos)]

@@ -163,7 +163,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         sess = next(reversed(self.sessions.values()), None)
         return pb.HelloReply(
             protocol_version=PROTOCOL_VERSION, device_name=self.s.name, galaxy_version=__version__,
-            cpu_count=resources.cpus(), cpu_limit=resources.cpu_limit(), threads=self.s.threads,
+            cpu_count=resources.cpus(), cpu_limit=resources.cpu_limit(), host_id=resources.host_id(),
+            threads=self.s.threads,
             compute_device=self.s.device,
             total_memory_bytes=vm.total, available_memory_bytes=vm.available,
             memory_budget_bytes=self.s.memory_budget, state="loaded" if sess else "idle",

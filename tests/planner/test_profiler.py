@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from galaxy.config import preset
@@ -85,6 +87,42 @@ def test_profile_cluster_measures_caches_and_caps_memory(two_workers, monkeypatc
         assert calls == [] and again.devices[0].attention == prof.devices[0].attention  # from the cache
         # only the worker's cap this time, less its own memory and the transient copies of a load
         assert 1e10 / 1.15 - 3e9 < again.devices[0].memory_bytes < (1e10 - profiler.LOAD_SLACK) / 1.15
+
+
+def test_co_tenants_are_the_other_workers_reporting_the_same_host():
+    infos = [SimpleNamespace(name=n, host_id=h) for n, h in (("a", "H1"), ("b", "H1"), ("c", "H2"), ("d", ""),
+                                                             ("e", ""))]
+    assert profiler.co_tenants(infos) == [["b"], ["a"], [], [], []]  # an unknown host shares with nobody
+
+
+def test_workers_sharing_a_machine_are_timed_together_and_cached_per_set_of_co_tenants(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALAXY_CACHE", str(tmp_path))
+    started = [start_server("127.0.0.1:0", WorkerSettings(name=f"s{i}")) for i in range(3)]
+    addrs = [addr for _, addr, _ in started]
+    cfg = preset("tiny-gpt2")
+
+    def profile(addresses):
+        with Cluster(addresses) as c:
+            timed, real = [], c.profile
+
+            def spy(*a, ranks=None, **k):
+                timed.append(ranks)
+                return real(*a, ranks=ranks, **k)
+
+            monkeypatch.setattr(c, "profile", spy)
+            profiler.profile_cluster(c, cfg, [16], show_progress=False)
+            return c.hello()[0].host_id, timed
+
+    try:
+        host, timed = profile(addrs[:2])
+        assert host and timed == [[0, 1]]
+        assert profile(addrs)[1] == [[0, 1, 2]]  # s2 joined their machine: the pair's timings no longer hold
+        assert profile(addrs[:2])[1] == []  # the pair alone again: its own timings are cached
+        assert profile(addrs[1:])[1] == [[0, 1]]  # a pair never timed together
+    finally:
+        for server, _, service in started:
+            service.close()
+            server.stop(grace=0).wait()
 
 
 def test_memory_aware_plan_moves_work_off_a_small_device_where_the_even_split_fails(smollm2_path, tmp_path,
