@@ -27,15 +27,26 @@ class Sample:
     seconds: float  # median of the repeats
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, caches
-    times = []
+def median_times(jobs, repeats: int, progress=lambda done, total: None) -> list[float]:
+    """Median seconds of each job, timed in rounds: every job once per round, `repeats` rounds.
+
+    A job is a callable that builds what to time and returns it as a function (rebuilt each round:
+    holding every block at once would cost a small device the memory it is being profiled for).
+    Rounds spread a job's repeats over the whole profile, so a passing slowdown of the device
+    (another process, a co-tenant starting up) touches one sample of many jobs -- which the median
+    drops -- instead of every sample of the few jobs it coincides with; a profile cached with
+    the MLP measured 20% slow gave the fastest device too little work and it waited 28% of a pass.
+    """
+    times: list[list[float]] = [[] for _ in jobs]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+        for i, build in enumerate(jobs):
+            fn = build()
+            fn()  # warm-up: allocator, kernels, caches
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+            progress(sum(map(len, times)), len(jobs) * repeats)
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def _block(cfg: ModelConfig, heads: int, cols: int, dtype, device) -> Block:
@@ -88,24 +99,21 @@ def time_blocks(cfg: ModelConfig, seq_lens: list[int], repeats: int = 3, dtype=t
     jobs += [(s, "connective", t) for s in seq_lens for t in sorted({max(1, s // 4), s})]
     if cfg.causal:
         jobs += [(1, "head", v) for v in head_rows(cfg, torch.empty((), dtype=dtype).element_size())]
-    samples: list[Sample] = []
     full = _on_backend(_block(cfg, cfg.n_heads, cfg.ffn, dtype, device), backend, "connective")
-    for i, (seq, kind, units) in enumerate(jobs):
+
+    def build(seq: int, kind: str, units: int):
         x = torch.randn(seq, cfg.hidden, dtype=dtype, device=device)
         if kind == "attention":
-            blk = _on_backend(_block(cfg, units, 1, dtype, device), backend, "attention")
-            a = blk.attn
-            fn = lambda a=a, x=x: a.project_out(a.attend(a.project(x)))  # noqa: E731
-        elif kind == "mlp":
-            blk = _on_backend(_block(cfg, 1, units, dtype, device), backend, "mlp")
-            m = blk.mlp
-            fn = lambda m=m, x=x: m.contract(m.expand(x))  # noqa: E731
-        elif kind == "head":  # the last token's logits over `units` vocabulary rows
+            a = _on_backend(_block(cfg, units, 1, dtype, device), backend, "attention").attn
+            return lambda: a.project_out(a.attend(a.project(x)))
+        if kind == "mlp":
+            m = _on_backend(_block(cfg, 1, units, dtype, device), backend, "mlp").mlp
+            return lambda: m.contract(m.expand(x))
+        if kind == "head":  # the last token's logits over `units` vocabulary rows
             w = torch.full((units, cfg.hidden), 0.01, dtype=dtype, device=device)
-            fn = lambda w=w, x=x: x @ w.T  # noqa: E731  (as Transformer.head_logits)
-        else:
-            xs = x[:units]
-            fn = lambda xs=xs: full.after_mlp(xs, full.after_attn(xs, xs))  # noqa: E731
-        samples.append(Sample(kind, units, seq, _median_time(fn, repeats)))
-        progress(i + 1, len(jobs))
-    return samples
+            return lambda: x @ w.T  # as Transformer.head_logits
+        xs = x[:units]
+        return lambda: full.after_mlp(xs, full.after_attn(xs, xs))
+
+    seconds = median_times([lambda job=job: build(*job) for job in jobs], repeats, progress)
+    return [Sample(kind, units, seq, t) for (seq, kind, units), t in zip(jobs, seconds)]

@@ -32,7 +32,7 @@ from .profile import (
     mlp_flops,
 )
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 LOAD_OVERHEAD = 1.15  # as the worker's own check: a shard's bytes plus transient copies while loading
 LOAD_SLACK = 32 * 2**20  # what opening a checkpoint adds before the worker's check (measured 7 MiB for SmolLM2)
 

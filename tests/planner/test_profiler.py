@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from galaxy.config import preset
-from galaxy.profiling import time_blocks
+from galaxy.profiling import median_times, time_blocks
 from galaxy.rpc.client import Cluster
 from galaxy.rpc.worker import WorkerSettings, start_server
 from planner import profiler
@@ -37,6 +37,23 @@ def test_time_blocks_covers_every_kind_and_size():
     assert {s.units for s in samples if s.kind == "attention"} == {2, 3, 6}
     assert {s.units for s in samples if s.kind == "head"} == {cfg.vocab_size}  # a small vocabulary: all of it
     assert not any(s.kind == "head" for s in time_blocks(preset("tiny-bert"), [16], repeats=1))
+
+
+def test_a_passing_slowdown_costs_each_job_one_sample_which_the_median_drops(monkeypatch):
+    clock = {"now": 0.0, "calls": 0}
+
+    def job(cost):  # a job whose every call costs `cost`, or 50x that while the device is disturbed
+        def run():
+            clock["calls"] += 1
+            slow = 4 <= clock["calls"] <= 9  # a slowdown spanning three consecutive timed calls
+            clock["now"] += cost * (50 if slow else 1)
+        return lambda: run
+
+    monkeypatch.setattr("galaxy.profiling.time.perf_counter", lambda: clock["now"])
+    seen = []
+    got = median_times([job(1.0), job(2.0), job(3.0)], repeats=3, progress=lambda d, t: seen.append((d, t)))
+    assert got == [1.0, 2.0, 3.0]  # back-to-back repeats would have reported the second job 50x slow
+    assert seen[-1] == (9, 9) and len(seen) == 9
 
 
 def test_head_is_timed_past_the_caches_on_a_real_vocabulary():
