@@ -269,7 +269,9 @@ def busy_and_waiting(devices: list[dict], names: list[str] = (), local_s: float 
     """Where a parallel pass's time went, per device: busy (its forward minus the time it sat
     waiting for a peer) and waiting. A balanced split has equal busy times; the busiest device
     bounds the speed-up even if waiting were removed entirely (`no_wait_speedup`)."""
-    busy = [max(1e-9, d["forward_s"] - sum(op[2] for op in d["ops"])) for d in devices]
+    from .run import busy_seconds
+
+    busy = [max(1e-9, b) for b in busy_seconds(devices)]
     wait = [d["forward_s"] - b for d, b in zip(devices, busy)]
     return {"devices": list(names), "busy_s": busy, "waiting_s": wait,
             "no_wait_speedup": (local_s / max(busy)) if local_s else None}

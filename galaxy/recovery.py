@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import DeviceOutOfMemory, GalaxyError, PeerUnreachable, WorkerError
-from .run import DTYPES
+from .run import DTYPES, busy_seconds
 from .sharding import Partition, even_partition, shard_bytes, weighted_partition
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class ResilientCluster:
         part = self.partition
         if part is None or part.strategy != "galaxy" or part.world < 2:
             return
-        busy = [d["forward_s"] - sum(op[2] for op in d["ops"]) for d in res.devices]
+        busy = busy_seconds(res.devices)
         fastest = min(busy)
         ratios = [b / fastest if fastest > 0 else 1.0 for b in busy]  # 1.0 = as fast as the fastest
         if max(ratios) < self.straggler_ratio:

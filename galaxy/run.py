@@ -81,6 +81,12 @@ def model_ref(source: WeightSource):
     return ModelRef(source.config, path=str(Path(source.path).resolve()))
 
 
+def busy_seconds(devices: list[dict]) -> list[float]:
+    """Per device of a parallel pass (ForwardResult.devices), its own work: its forward minus the
+    time it sat blocked waiting for a peer. Equal on every device when the split is balanced."""
+    return [d["forward_s"] - sum(op[2] for op in d["ops"]) for d in devices]
+
+
 def layer_overlap(devices: list[dict], s_per_byte: list[float] | None = None) -> list[dict]:
     """Per layer, averaged over devices: communication time, the part compute did not hide.
 
