@@ -5,7 +5,8 @@ token's logits, an encoder its hidden states). Repetitions are interleaved
 (A B C A B C ...) so that drift on a shared machine hits all strategies alike, and each
 strategy's first output is checked against the single-device one. Reported per strategy:
 median latency and spread, speed-up over the fastest device alone ("local"), the fraction of
-the roofline achieved, and per-device memory (weights held + peak activations of a pass).
+the roofline achieved, per-device memory (weights held + peak activations of a pass) and CPU
+seconds (every thread of each worker: the work a layout really costs, beside what it saves).
 
 The roofline is a lower bound from the profiled compute rates and the measured links: the whole
 pass's floating point work spread perfectly over all devices, or the communication Galaxy's
@@ -63,6 +64,7 @@ class Result:
     devices: list[str] = field(default_factory=list)
     note: str = ""
     devices_ops: list = field(default_factory=list)  # per-device op timings of the last run (galaxy only)
+    cpu_s: list[list[float]] = field(default_factory=list)  # per repetition, each device's worker CPU time
 
     @property
     def median(self) -> float | None:
@@ -247,7 +249,7 @@ def run_config(cfg, source, seq: int, prof, addresses, token=None, tls=None, str
             "max_abs_err": r.max_abs_err, "max_rel_err": _rel(r.max_abs_err, ref_scale),
             "exact": _within(s, r.max_abs_err, ref_scale),
             "devices": r.devices, "weights_bytes": r.weights_bytes, "peak_activation_bytes": r.peak_activation_bytes,
-            "peak_rss_bytes": r.peak_rss_bytes, "note": r.note,
+            "peak_rss_bytes": r.peak_rss_bytes, "cpu_s": worker_cpu(r.cpu_s), "note": r.note,
         })
     timeline = []
     if "galaxy" in results and results["galaxy"].devices_ops:
@@ -263,6 +265,16 @@ def run_config(cfg, source, seq: int, prof, addresses, token=None, tls=None, str
         out["galaxy_devices"] = busy_and_waiting(results["galaxy"].devices_ops, results["galaxy"].devices,
                                                  local.median if local is not None else None)
     return out
+
+
+def worker_cpu(per_rep: list[list[float]]) -> list[float] | None:
+    """Each device's CPU seconds in a pass (median over repetitions), every thread of its worker:
+    compute, the data plane, gRPC. Summed over devices it is the work a strategy costs, to set
+    against local's: parallel work done at a higher total cost cannot reach the ideal speed-up.
+    None when a worker did not report it (in-process runs, workers older than the field)."""
+    if not per_rep or any(c <= 0 for rep in per_rep for c in rep):
+        return None
+    return [statistics.median(col) for col in zip(*per_rep)]
 
 
 def busy_and_waiting(devices: list[dict], names: list[str] = (), local_s: float | None = None) -> dict:
@@ -328,6 +340,7 @@ def _run_group(group, lays, results, req, seq, addresses, token, tls, source, ti
                 r.peak_rss_bytes = [d["peak_rss_bytes"] for d in res.devices]
                 r.peak_activation_bytes = [max(0, d["peak_rss_bytes"] - d.get("rss_before_bytes", 0))
                                            for d in res.devices]
+                r.cpu_s.append([d.get("cpu_s") or 0.0 for d in res.devices])
                 if s == "galaxy":
                     r.devices_ops = res.devices
             if rep:
@@ -390,6 +403,15 @@ def judge_auto(run: dict) -> None:
                                                                                  best["spread_s"]))
 
 
+def cpu_work(run: dict) -> dict | None:
+    """Galaxy's CPU seconds per pass against local's, from the rows (None if either is missing)."""
+    rows = {r["strategy"]: r for r in run["strategies"]}
+    g, loc = rows.get("galaxy", {}).get("cpu_s"), rows.get("local", {}).get("cpu_s")
+    if not g or not loc:
+        return None
+    return {"galaxy_s": g, "local_s": sum(loc), "ratio": sum(g) / sum(loc)}
+
+
 def table(report: dict) -> str:
     """The terminal view: one block per (bandwidth, sequence length)."""
     lines = []
@@ -399,7 +421,7 @@ def table(report: dict) -> str:
         roof = run["roofline"]
         lines.append(head + f"  roofline {roof['seconds']:.3f} s (bound by {roof['bound_by']})")
         lines.append(f"  {'strategy':<19}{'median':>9}{'spread':>9}{'vs local':>10}{'roofline':>10}"
-                     f"{'exact':>7}  weights / peak activations per device")
+                     f"{'exact':>7}{'CPU s':>7}  weights / peak activations per device")
         for row in run["strategies"]:
             if row["median_s"] is None:
                 lines.append(f"  {row['strategy']:<19}{'-':>9}  {row['note']}")
@@ -407,8 +429,9 @@ def table(report: dict) -> str:
             mem = ", ".join(f"{w / 2**20:.0f}/{a / 2**20:.0f}" for w, a in zip(row["weights_bytes"],
                                                                              row["peak_activation_bytes"]))
             exact = "-" if row["exact"] is None else ("yes" if row["exact"] else "NO")
+            cpu = f"{sum(row['cpu_s']):.2f}" if row.get("cpu_s") else "-"
             lines.append(f"  {row['strategy']:<19}{row['median_s']:>8.3f}s{row['spread_s']:>8.3f}s"
-                         f"{_x(row['speedup_vs_local']):>10}{_pct(row['roofline_fraction']):>10}{exact:>7}  "
+                         f"{_x(row['speedup_vs_local']):>10}{_pct(row['roofline_fraction']):>10}{exact:>7}{cpu:>7}  "
                          f"{mem} MiB")
         a = run.get("auto")
         if a:
@@ -422,6 +445,11 @@ def table(report: dict) -> str:
             per = ", ".join(f"{n} {b:.3f} + {w:.3f}" for n, b, w in zip(g["devices"], g["busy_s"], g["waiting_s"]))
             bound = f"; with no waiting at all at most {_x(g['no_wait_speedup'])} local" if g["no_wait_speedup"] else ""
             lines.append(f"  galaxy per device, busy + waiting for peers (s): {per}{bound}")
+        work = cpu_work(run)
+        if work:
+            lines.append(f"  CPU per pass, every thread of each worker (s): galaxy "
+                         f"{' + '.join(f'{c:.3f}' for c in work['galaxy_s'])} = {sum(work['galaxy_s']):.3f}, "
+                         f"local {work['local_s']:.3f}: the split costs {_x(work['ratio'])} local's work")
         lines.append("")
     bw = report.get("decode_bandwidth_bps")
     for row in report.get("decode", []):

@@ -64,6 +64,11 @@ def cpu_limit() -> float:
     return min(float(cpus()), quota) if quota else float(cpus())
 
 
+def host_cpus() -> int:
+    """CPUs of the whole machine (not this process's affinity): what workers sharing it divide."""
+    return os.cpu_count() or 0
+
+
 def host_id() -> str:
     """The running kernel's boot id: the same for every worker on one machine (network namespaces and
     containers included), so a planner can tell which workers share its cores and memory bus."""

@@ -30,6 +30,7 @@ def test_quick_bench_reports_every_strategy_exactly(tmp_path):
         assert row["exact"] is True and row["max_abs_err"] <= 1e-4, row
         assert 0 < row["roofline_fraction"] and len(row["weights_bytes"]) == len(row["devices"])
         assert all(b >= 0 for b in row["peak_activation_bytes"])
+        assert len(row["cpu_s"]) == len(row["devices"]) and all(c > 0 for c in row["cpu_s"]), row
     assert rows["local"]["roofline_fraction"] <= 1.0 + 1e-9  # a lower bound: nothing beats it
     assert rows["local"]["speedup_vs_local"] == pytest.approx(1.0)
     assert run["roofline"]["seconds"] > 0
@@ -65,6 +66,28 @@ def test_busy_time_is_each_devices_forward_minus_its_waiting_and_the_busiest_bou
     assert g["busy_s"] == pytest.approx([0.7, 1.0]) and g["waiting_s"] == pytest.approx([0.3, 0.0])
     assert g["no_wait_speedup"] == pytest.approx(1.6)  # the slow device never waited: it is the bound
     assert bench.busy_and_waiting(devices)["no_wait_speedup"] is None  # no local run to compare with
+
+
+def test_worker_cpu_is_the_median_per_device_and_absent_when_any_worker_did_not_report_it():
+    assert bench.worker_cpu([[0.5, 0.3], [0.7, 0.2], [0.6, 0.4]]) == pytest.approx([0.6, 0.3])
+    assert bench.worker_cpu([[0.5, 0.0]]) is None  # a worker older than the field reports 0
+    assert bench.worker_cpu([]) is None
+
+
+def test_table_sets_galaxys_cpu_seconds_against_locals():
+    def row(name, cpu):
+        return {"strategy": name, "median_s": 1.0, "spread_s": 0.0, "speedup_vs_local": 1.0, "roofline_fraction": 0.5,
+                "exact": True, "weights_bytes": [2**20] * len(cpu), "peak_activation_bytes": [0] * len(cpu),
+                "cpu_s": cpu, "note": ""}
+
+    run = {"seq_len": 8, "roofline": {"seconds": 0.5, "bound_by": "compute"},
+           "strategies": [row("local", [1.0]), row("galaxy", [0.6, 0.3, 0.3])]}
+    work = bench.cpu_work(run)
+    assert work["local_s"] == 1.0 and work["ratio"] == pytest.approx(1.2)
+    text = bench.table({"model": "m", "runs": [run]})
+    assert "0.600 + 0.300 + 0.300 = 1.200, local 1.000: the split costs 1.20x local's work" in text
+    run["strategies"][1]["cpu_s"] = None  # a worker that did not report it: no line, a dash in the column
+    assert "CPU per pass" not in bench.table({"model": "m", "runs": [run]})
 
 
 def test_timeline_prices_communication_as_bytes_at_the_link_rate_not_socket_hand_off():

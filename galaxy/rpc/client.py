@@ -54,13 +54,14 @@ class DeviceInfo:
     data_port: int = 0  # its TCP tensor data port (0: none, peers send over gRPC)
     cpu_limit: float = 0.0  # cores it may use (cgroup quota or CPU count); 0: not reported
     host_id: str = ""  # its machine's boot id: equal ids share cores and memory; "": not reported
+    host_cpus: int = 0  # CPUs of that whole machine; 0: not reported
 
 
 @dataclass
 class ForwardResult:
     output: torch.Tensor  # assembled model output, float32
     seconds: float  # wall time at the coordinator
-    devices: list[dict] = field(default_factory=list)  # per rank: forward_s, peak_rss, ops
+    devices: list[dict] = field(default_factory=list)  # per rank: forward_s, cpu_s, peak_rss, ops
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ class Cluster:
                              wait_for_ready=True)
             return DeviceInfo(self.addresses[r], rep.device_name, rep.cpu_count, rep.threads, rep.compute_device,
                               rep.total_memory_bytes, rep.available_memory_bytes, rep.memory_budget_bytes, rep.state,
-                              rep.rss_bytes, rep.data_port, rep.cpu_limit, rep.host_id)
+                              rep.rss_bytes, rep.data_port, rep.cpu_limit, rep.host_id, rep.host_cpus)
 
         infos = self._all("hello", call)
         self.names = [f"device {i} '{d.name}' ({d.address})" for i, d in enumerate(infos)]
@@ -309,6 +310,7 @@ class Cluster:
                 for r, rep in enumerate(replies)]
         devices = [{"rank": r, "forward_s": rep.forward_s, "peak_rss_bytes": rep.peak_rss_bytes,
                     "rss_before_bytes": rep.rss_before_bytes, "kv_cache_bytes": rep.kv_cache_bytes,
+                    "cpu_s": rep.cpu_s,  # 0.0 from a worker that predates the field
                     "ops": [(o.tag, o.wall_s, o.wait_s, o.compute_s, o.bytes, o.send_s) for o in rep.ops]}
                    for r, rep in enumerate(replies)]
         return ForwardResult(assemble(self.config, self.partition, outs, req.ids.shape[0]), seconds, devices)

@@ -164,6 +164,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.HelloReply(
             protocol_version=PROTOCOL_VERSION, device_name=self.s.name, galaxy_version=__version__,
             cpu_count=resources.cpus(), cpu_limit=resources.cpu_limit(), host_id=resources.host_id(),
+            host_cpus=resources.host_cpus(),
             threads=self.s.threads,
             compute_device=self.s.device,
             total_memory_bytes=vm.total, available_memory_bytes=vm.available,
@@ -317,7 +318,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             _trim_heap()  # otherwise activations reuse freed pages and the peak does not move
         _reset_peak_rss()
         rss_before = psutil.Process().memory_info().rss
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             out = rt.run(comm, req)
         except TransportError as e:
@@ -326,12 +327,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory: {e}")
         except (ValueError, GalaxyError) as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.s.name} (rank {rt.rank}): {e}")
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         send_s = dict(sess.transport.send_s)
         ops = [pb.OpStat(tag=t, wall_s=w, wait_s=ws, compute_s=c, bytes=b, send_s=send_s.get(t, 0.0))
                for t, w, ws, c, b in comm.stats.ops]
         reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv.nbytes,
-                                rss_before_bytes=rss_before)
+                                rss_before_bytes=rss_before, cpu_s=cpu_s)
         if out is not None:
             reply.output.CopyFrom(to_proto(out.float().cpu()))
         return reply

@@ -43,7 +43,7 @@ class HelloRequest(_message.Message):
     def __init__(self, cluster: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol_version", "device_name", "galaxy_version", "cpu_count", "threads", "compute_device", "total_memory_bytes", "available_memory_bytes", "memory_budget_bytes", "state", "session_id", "rss_bytes", "data_port", "cpu_limit", "host_id")
+    __slots__ = ("protocol_version", "device_name", "galaxy_version", "cpu_count", "threads", "compute_device", "total_memory_bytes", "available_memory_bytes", "memory_budget_bytes", "state", "session_id", "rss_bytes", "data_port", "cpu_limit", "host_id", "host_cpus")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     GALAXY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class HelloReply(_message.Message):
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     CPU_LIMIT_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_CPUS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     device_name: str
     galaxy_version: str
@@ -74,7 +75,8 @@ class HelloReply(_message.Message):
     data_port: int
     cpu_limit: float
     host_id: str
-    def __init__(self, protocol_version: _Optional[int] = ..., device_name: _Optional[str] = ..., galaxy_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., threads: _Optional[int] = ..., compute_device: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., state: _Optional[str] = ..., session_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., data_port: _Optional[int] = ..., cpu_limit: _Optional[float] = ..., host_id: _Optional[str] = ...) -> None: ...
+    host_cpus: int
+    def __init__(self, protocol_version: _Optional[int] = ..., device_name: _Optional[str] = ..., galaxy_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., threads: _Optional[int] = ..., compute_device: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., state: _Optional[str] = ..., session_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., data_port: _Optional[int] = ..., cpu_limit: _Optional[float] = ..., host_id: _Optional[str] = ..., host_cpus: _Optional[int] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("path", "random_init", "seed", "config_json", "random_std", "shard_hash")
@@ -223,20 +225,22 @@ class OpStat(_message.Message):
     def __init__(self, tag: _Optional[str] = ..., wall_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., bytes: _Optional[int] = ..., send_s: _Optional[float] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("output", "forward_s", "ops", "peak_rss_bytes", "kv_cache_bytes", "rss_before_bytes")
+    __slots__ = ("output", "forward_s", "ops", "peak_rss_bytes", "kv_cache_bytes", "rss_before_bytes", "cpu_s")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RSS_BEFORE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_S_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     forward_s: float
     ops: _containers.RepeatedCompositeFieldContainer[OpStat]
     peak_rss_bytes: int
     kv_cache_bytes: int
     rss_before_bytes: int
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_s: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpStat, _Mapping]]] = ..., peak_rss_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_before_bytes: _Optional[int] = ...) -> None: ...
+    cpu_s: float
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_s: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpStat, _Mapping]]] = ..., peak_rss_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_before_bytes: _Optional[int] = ..., cpu_s: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "reason")
