@@ -124,7 +124,7 @@ def _fastest(cfg, seq: int, prof) -> int:
 
 def roofline(cfg, seq: int, prof) -> dict:
     """Lower bound on the prefill latency with these devices and links (seconds), and its parts."""
-    from planner.profile import attention_flops, connective_flops, head_flops, mlp_flops
+    from planner.profile import attention_flops, co_tenant_speedup, connective_flops, head_flops, mlp_flops
 
     L, n = cfg.n_layers, len(prof.devices)
     work = {
@@ -139,7 +139,9 @@ def roofline(cfg, seq: int, prof) -> dict:
         return m.flops_per_s
 
     compute_all = sum(w / sum(rate(d, k) for d in prof.devices) for k, w in work.items())
-    local = min(sum(w / rate(d, k) for k, w in work.items()) for d in prof.devices)
+    # alone, a device that shares its machine may compute faster than profiled (beside the others)
+    alone = [co_tenant_speedup(prof.devices, [i])[0] for i in range(n)]
+    local = min(sum(w / rate(d, k) for k, w in work.items()) / f for d, f in zip(prof.devices, alone))
     act = seq * cfg.hidden * 4  # one activation, fp32
     # HMP moves 4 (N-1)/N activations per layer per device (+2 once), at best over the slowest link
     comm_bytes = (4 * L + 2) * (n - 1) / n * act

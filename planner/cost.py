@@ -59,6 +59,7 @@ from .profile import (
     ClusterProfile,
     ComputeModel,
     activation_bytes,
+    co_tenant_speedup,
     connective_flops,
     head_flops,
     kv_heads_touched,
@@ -326,6 +327,7 @@ class CostModel:
         self.n = len(cluster.devices)
         self._links: dict[tuple[int, int], tuple[float, float]] = {}
         self._wire: dict[tuple, float] = {}  # ring wire time by (collective, chunks, row bytes, links)
+        self._speedup: dict[frozenset, dict[int, float]] = {}
         for i in range(self.n):
             for j in range(self.n):
                 lk = cluster.links[i][j] if i < len(cluster.links) and j < len(cluster.links[i]) else None
@@ -348,6 +350,15 @@ class CostModel:
         return [self.link(order[r], order[(r + 1) % n]) for r in range(n)] if n > 1 else [(0.0, 0.0)]
 
     # per-device compute -------------------------------------------------------------------
+    def speedup(self, order) -> dict[int, float]:
+        """Device -> how much faster than profiled it computes when only `order` is busy: workers that
+        share a machine were profiled all busy at once (profile.co_tenant_speedup)."""
+        key = frozenset(order)
+        if key not in self._speedup:
+            ids = sorted(key)
+            self._speedup[key] = dict(zip(ids, co_tenant_speedup(self.cluster.devices, ids)))
+        return self._speedup[key]
+
     def head_model(self, i: int) -> ComputeModel:
         d = self.devices[i]
         return d.head or d.mlp
@@ -386,14 +397,20 @@ class CostModel:
     # estimate -----------------------------------------------------------------------------
     def estimate(self, layout: Layout) -> Estimate:
         self._check(layout)
-        s = layout.strategy
-        if s in ("galaxy", "galaxy-no-overlap", "local"):
-            return self._galaxy(layout, overlap=s != "galaxy-no-overlap")
-        if s == "megatron":
-            return self._megatron(layout)
-        if s == "seqpar":
-            return self._seqpar(layout)
-        return self._pipeline(layout)
+        fast = self.speedup(layout.order)
+        # the devices as fast as they are beside only this layout's co-tenants
+        self.devices = [d.faster(fast.get(i, 1.0)) for i, d in enumerate(self.cluster.devices)]
+        try:
+            s = layout.strategy
+            if s in ("galaxy", "galaxy-no-overlap", "local"):
+                return self._galaxy(layout, overlap=s != "galaxy-no-overlap")
+            if s == "megatron":
+                return self._megatron(layout)
+            if s == "seqpar":
+                return self._seqpar(layout)
+            return self._pipeline(layout)
+        finally:
+            self.devices = self.cluster.devices
 
     def _check(self, lay: Layout) -> None:
         cfg, n = self.cfg, len(lay.order)

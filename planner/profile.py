@@ -8,7 +8,7 @@ point work divided by the device's rate for that kind of block.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from galaxy.config import ModelConfig
 
@@ -23,6 +23,23 @@ class ComputeModel:
     def seconds(self, flops: float) -> float:
         return 0.0 if flops <= 0 else self.overhead_s + flops / self.flops_per_s
 
+    def faster(self, factor: float) -> ComputeModel:
+        return ComputeModel(self.flops_per_s * factor, self.overhead_s / factor)
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """A worker that shares its machine with other workers (loopback or emulated devices).
+
+    Co-tenants are profiled all at once (planner/profiler.py), so each profile is the speed it
+    has while all of them compute. A layout that leaves some of them out leaves the others more
+    of the machine when they asked for more than it has: three one-thread workers on two cores
+    get 2/3 of a core each when all are busy, a whole core when two are."""
+
+    host: str  # the machine's boot id (galaxy.resources.host_id)
+    cores: float  # cores the worker can use alone: its threads, capped by its CPU quota or affinity
+    host_cpus: int  # CPUs of the whole machine
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -34,6 +51,35 @@ class DeviceProfile:
     memory_bytes: int  # what a shard may use: min(free memory, the user's budget)
     head: ComputeModel | None = None  # LM head / embedding GEMMs (defaults to the MLP model)
     codec_s_per_byte: dict = field(default_factory=dict)  # wire format -> encode+decode s per fp32 byte
+    tenancy: Tenancy | None = None  # None: a machine of its own (or not reported)
+
+    def faster(self, factor: float) -> DeviceProfile:
+        """This device computing `factor` times as fast (memory and codecs unchanged)."""
+        if factor == 1.0:
+            return self
+        head = self.head.faster(factor) if self.head is not None else None
+        return replace(self, attention=self.attention.faster(factor), mlp=self.mlp.faster(factor),
+                       connective=self.connective.faster(factor), head=head)
+
+
+def co_tenant_speedup(devices: list[DeviceProfile], order) -> list[float]:
+    """Per device of `order`, how much faster than profiled it computes when only the devices of
+    `order` are busy (Tenancy): 1 for a device with a machine of its own, or whose co-tenants
+    never asked for more cores than the machine has (the emulated trio: 0.9 + 0.6 + 0.45 of 2)."""
+    def share(ts: list[Tenancy]) -> float:
+        demand = sum(t.cores for t in ts)
+        return min(1.0, ts[0].host_cpus / demand) if demand > 0 else 1.0
+
+    out = []
+    for i in order:
+        t = devices[i].tenancy
+        if t is None or not t.host or t.host_cpus <= 0 or t.cores <= 0:
+            out.append(1.0)
+            continue
+        on_host = [j for j, d in enumerate(devices) if d.tenancy is not None and d.tenancy.host == t.host]
+        busy = [devices[j].tenancy for j in on_host if j in order]
+        out.append(share(busy) / share([devices[j].tenancy for j in on_host]))
+    return out
 
 
 @dataclass(frozen=True)
@@ -63,7 +109,8 @@ class ClusterProfile:
             return None if x is None else ComputeModel(**x)
 
         devices = [DeviceProfile(x["name"], x["address"], cm(x["attention"]), cm(x["mlp"]), cm(x["connective"]),
-                                 int(x["memory_bytes"]), cm(x.get("head")), dict(x.get("codec_s_per_byte", {})))
+                                 int(x["memory_bytes"]), cm(x.get("head")), dict(x.get("codec_s_per_byte", {})),
+                                 Tenancy(**x["tenancy"]) if x.get("tenancy") else None)
                    for x in d["devices"]]
         links = [[None if lk is None else Link(**lk) for lk in row] for row in d.get("links", [])]
         return cls(devices, links)

@@ -25,6 +25,7 @@ from .profile import (
     ComputeModel,
     DeviceProfile,
     Link,
+    Tenancy,
     attention_flops,
     connective_flops,
     head_flops,
@@ -105,6 +106,14 @@ def _progress(done: int, total: int, what: str) -> None:
         print(file=sys.stderr)
 
 
+def tenancy(info) -> Tenancy | None:
+    """How a CPU worker shares its machine (None for accelerators and workers that do not say)."""
+    if not info.host_id or not info.host_cpus or info.compute_device != "cpu":
+        return None
+    cores = min(float(info.threads or info.cpu_count), info.cpu_limit or float(info.cpu_count))
+    return Tenancy(info.host_id, cores, info.host_cpus)
+
+
 def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str = "float32",
                     memory_budget: int | None = None, budgets: dict[str, int] | None = None,
                     reprofile: bool = False, show_progress: bool = True) -> ClusterProfile:
@@ -167,6 +176,6 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
             mem.append(budgets[info.name])
         devices.append(DeviceProfile(info.name, info.address, models["attention"], models["mlp"],
                                      models["connective"], int(min(mem)), head=models.get("head"),
-                                     codec_s_per_byte=cached[r].get("codecs", {})))
+                                     codec_s_per_byte=cached[r].get("codecs", {}), tenancy=tenancy(info)))
     return ClusterProfile(devices, links)
 

@@ -198,19 +198,24 @@ class _Galaxy:
         x = {"tokens": split_even(self.total["tokens"], len(sub))}
         big = [10**18] * len(sub)
         for k in ("heads", "cols"):
-            x[k] = water_fill(self.total[k], [self.lines[k][i] for i in sub], big)
+            x[k] = water_fill(self.total[k], self.lines_of(k, sub), big)
         if heads is not None:
             x["heads"] = list(heads)
         if self.cm.cfg.causal:
-            x["vocab"] = water_fill(self.total["vocab"], [self.lines["vocab"][i] for i in sub], big)
+            x["vocab"] = water_fill(self.total["vocab"], self.lines_of("vocab", sub), big)
         else:
             free = [room[i] - sum(ub[k] * x[k][r] for k in ("heads", "cols", "tokens")) for r, i in enumerate(sub)]
             x["vocab"] = fill_by_room(self.total["vocab"], free, big)
         movable = ("vocab", "cols", "tokens") if heads is not None else KINDS
         return self.repair(sub, x, room, ub, movable)
 
+    def lines_of(self, k, sub) -> list[tuple[float, float]]:
+        """(overhead, seconds per unit) of kind k on each device of `sub`, as fast as it is there."""
+        fast = self.cm.speedup(sub)
+        return [(a / fast[i], b / fast[i]) for i, (a, b) in ((i, self.lines[k][i]) for i in sub)]
+
     def level(self, sub, k, xs) -> float:
-        return max((0.0 if v == 0 else self.lines[k][i][0] + self.lines[k][i][1] * v) for i, v in zip(sub, xs))
+        return max((0.0 if v == 0 else a + b * v) for (a, b), v in zip(self.lines_of(k, sub), xs))
 
     def repair(self, sub, x, room, ub, movable=KINDS):
         """Move units off devices over budget, cheapest time per freed byte first."""
@@ -244,7 +249,7 @@ class _Galaxy:
             return fill_by_room(self.total[k], [1.0] * len(sub), caps)
         if k == "vocab" and not self.cm.cfg.causal:
             return fill_by_room(self.total[k], free, caps)
-        return water_fill(self.total[k], [self.lines[k][i] for i in sub], caps)
+        return water_fill(self.total[k], self.lines_of(k, sub), caps)
 
     # (3): ring orders ------------------------------------------------------------------------
     def orders(self, sub: tuple[int, ...]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from planner_cases import cluster, device
 
@@ -9,7 +11,16 @@ from galaxy.config import PRESETS, preset
 from galaxy.sharding import ShardSpec, even_partition, full_spec, shard_bytes, weighted_partition
 from planner.cost import CostModel, Layout, all_gather_time, reduce_scatter_time, weight_bytes
 from planner.plan import PlanError
-from planner.profile import Link, attention_flops, connective_flops, head_flops, mlp_flops
+from planner.profile import (
+    ClusterProfile,
+    Link,
+    Tenancy,
+    attention_flops,
+    co_tenant_speedup,
+    connective_flops,
+    head_flops,
+    mlp_flops,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -38,6 +49,30 @@ def test_one_device_predicts_the_profiled_block_times():
     assert e.latency_s == pytest.approx(cfg.n_layers * layer + once)
     assert e.layer_s == pytest.approx(layer)
     assert e.exposed_comm_s == 0
+
+
+def test_co_tenants_compute_faster_when_fewer_of_them_are_busy():
+    def on(tenancy):
+        return replace(device("w", 1e9, 1e12), tenancy=tenancy)
+
+    three = [on(Tenancy("boot-a", 1.0, 2))] * 3  # three one-thread workers on two cores: 2/3 core each
+    assert co_tenant_speedup(three, [0, 1, 2]) == [1.0, 1.0, 1.0]
+    assert co_tenant_speedup(three, [0, 2]) == pytest.approx([1.5, 1.5])  # a core each
+    assert co_tenant_speedup(three, [1]) == pytest.approx([1.5])
+    trio = [on(Tenancy("boot-a", c, 2)) for c in (0.9, 0.6, 0.45)]  # CPU quotas within the machine
+    assert co_tenant_speedup(trio, [0]) == [1.0]
+    apart = [on(Tenancy("boot-a", 1.0, 1)), on(Tenancy("boot-b", 1.0, 1)), on(None)]
+    assert co_tenant_speedup(apart, [0]) == [1.0] and co_tenant_speedup(apart, [2]) == [1.0]
+
+
+def test_a_layout_of_fewer_co_tenants_is_predicted_at_their_speed_alone():
+    cfg, S = preset("gpt2"), 32
+    shared = [replace(device(f"w{i}", 1e9, 1e12), tenancy=Tenancy("boot-a", 1.0, 2)) for i in range(3)]
+    full = (12,), (3072,), (cfg.vocab_size,), (S,)
+    alone = CostModel(cfg, S, cluster(shared)).estimate(Layout("local", (1,), *full)).latency_s
+    profiled = CostModel(cfg, S, cluster([device("w", 1e9, 1e12)])).estimate(Layout("local", (0,), *full)).latency_s
+    assert alone == pytest.approx(profiled / 1.5)
+    assert ClusterProfile.from_json(cluster(shared).to_json()).devices[2].tenancy == Tenancy("boot-a", 1.0, 2)
 
 
 def test_ring_with_even_chunks_is_n_minus_1_steps():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,7 @@ from galaxy.profiling import median_times, time_blocks
 from galaxy.rpc.client import Cluster
 from galaxy.rpc.worker import WorkerSettings, start_server
 from planner import profiler
-from planner.profile import ComputeModel
+from planner.profile import ComputeModel, Tenancy
 
 
 def test_fit_recovers_rate_and_overhead():
@@ -95,6 +96,8 @@ def test_profile_cluster_measures_caches_and_caps_memory(two_workers, monkeypatc
         assert [d.name for d in prof.devices] == ["p0", "p1"]
         assert all(d.memory_bytes == 5 * 10**8 for d in prof.devices)  # the tighter of worker and user caps
         assert all(d.attention.flops_per_s > 0 and d.mlp.flops_per_s > 0 for d in prof.devices)
+        t0, t1 = (d.tenancy for d in prof.devices)  # both on this machine: co-tenants
+        assert t0.host == t1.host and t0.host_cpus == os.cpu_count() and 0 < t0.cores <= os.cpu_count()
         link = prof.link(0, 1)
         assert link.bandwidth_bps > 1e7 and 0 < link.latency_s < 0.1 and prof.link(1, 0) == link
 
@@ -110,6 +113,17 @@ def test_co_tenants_are_the_other_workers_reporting_the_same_host():
     infos = [SimpleNamespace(name=n, host_id=h) for n, h in (("a", "H1"), ("b", "H1"), ("c", "H2"), ("d", ""),
                                                              ("e", ""))]
     assert profiler.co_tenants(infos) == [["b"], ["a"], [], [], []]  # an unknown host shares with nobody
+
+
+def test_tenancy_is_a_cpu_workers_threads_capped_by_its_quota_on_its_machine():
+    def info(**kw):
+        base = dict(host_id="H1", host_cpus=2, compute_device="cpu", threads=1, cpu_count=2, cpu_limit=2.0)
+        return SimpleNamespace(**{**base, **kw})
+
+    assert profiler.tenancy(info()) == Tenancy("H1", 1.0, 2)
+    assert profiler.tenancy(info(threads=2, cpu_limit=0.45)).cores == 0.45  # an emulated device's CPU quota
+    assert profiler.tenancy(info(compute_device="cuda")) is None  # a GPU does not share the host's cores
+    assert profiler.tenancy(info(host_cpus=0)) is None and profiler.tenancy(info(host_id="")) is None  # not reported
 
 
 def test_workers_sharing_a_machine_are_timed_together_and_cached_per_set_of_co_tenants(tmp_path, monkeypatch):
