@@ -328,6 +328,7 @@ class CostModel:
         self._links: dict[tuple[int, int], tuple[float, float]] = {}
         self._wire: dict[tuple, float] = {}  # ring wire time by (collective, chunks, row bytes, links)
         self._speedup: dict[frozenset, dict[int, float]] = {}
+        self._busy_devices: dict[frozenset, list] = {}  # the devices as fast as they are beside a subset
         for i in range(self.n):
             for j in range(self.n):
                 lk = cluster.links[i][j] if i < len(cluster.links) and j < len(cluster.links[i]) else None
@@ -397,9 +398,11 @@ class CostModel:
     # estimate -----------------------------------------------------------------------------
     def estimate(self, layout: Layout) -> Estimate:
         self._check(layout)
-        fast = self.speedup(layout.order)
-        # the devices as fast as they are beside only this layout's co-tenants
-        self.devices = [d.faster(fast.get(i, 1.0)) for i, d in enumerate(self.cluster.devices)]
+        key = frozenset(layout.order)
+        if key not in self._busy_devices:  # the solver estimates many layouts of each subset
+            fast = self.speedup(key)
+            self._busy_devices[key] = [d.faster(fast.get(i, 1.0)) for i, d in enumerate(self.cluster.devices)]
+        self.devices = self._busy_devices[key]  # as fast as they are beside only this layout's co-tenants
         try:
             s = layout.strategy
             if s in ("galaxy", "galaxy-no-overlap", "local"):
