@@ -19,7 +19,7 @@ import sys
 import time
 
 from galaxy.errors import GalaxyError
-from galaxy.units import fmt_rate
+from galaxy.units import fmt_rate, format_rows
 
 from . import layout as L
 from . import system as S
@@ -200,8 +200,6 @@ def check_running(state_rows: list[dict], seconds: float = 3.0, links: bool = Tr
 
 
 def format_report(rep: dict) -> str:
-    from .emulate import format_rows
-
     out = [f"before measuring: {rep['busy_cores_before']:.2f} of {rep['cores']} cores busy with other work "
            f"(load average {rep['load_average_1min']:.2f})"]
     if rep["links"]:

@@ -1,6 +1,6 @@
 """`galaxy devices up|down|status|check|ls`: argparse wiring and printing only.
 
-galaxy/cli.py calls `add_devices_parser(sub)`; `python -m devices ...` runs the same commands
+galaxy/cli/__init__.py calls `add_devices_parser(sub)`; `python -m devices ...` runs the same commands
 stand-alone. Progress goes to stderr, tables to stdout.
 """
 
@@ -12,6 +12,12 @@ import os
 import sys
 
 from galaxy.errors import GalaxyError
+from galaxy.transport.discovery import devices_ls
+from galaxy.units import fmt_bytes, fmt_rate, format_rows
+
+from .check import check_running, format_report
+from .emulate import cleanup_on_interrupt, device_table, down, down_all, read_state, status, up
+from .spec import CLUSTERS_DIR, load_catalog, load_cluster, load_links
 
 
 def _progress(msg: str) -> None:
@@ -66,9 +72,6 @@ def add_devices_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_up(args) -> int:
-    from .emulate import device_table, up
-    from .spec import load_cluster
-
     spec = load_cluster(args.cluster)
     for note in spec.notes:
         _progress(note)
@@ -87,8 +90,6 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from .emulate import down, down_all
-
     removed = down_all(progress=_progress) if args.all else down(args.cluster, progress=_progress)
     for r in removed:
         print(f"removed {r}")
@@ -96,8 +97,6 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .emulate import device_table, status
-
     clusters = status(args.cluster)
     if args.json:
         print(json.dumps(clusters))
@@ -115,9 +114,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .emulate import cleanup_on_interrupt, status, up
-    from .spec import load_cluster
-
     spec = load_cluster(args.cluster)
     if not spec.emulated:
         raise GalaxyError(f"{args.cluster} lists real workers: `check` measures emulated clusters only")
@@ -131,9 +127,6 @@ def cmd_check(args) -> int:
 
 
 def _check(args, spec, ours: bool) -> int:
-    from .check import check_running, format_report
-    from .emulate import device_table, down, read_state
-
     try:
         state = read_state(spec.name)
         if state["mode"] != "emulated":
@@ -152,11 +145,6 @@ def _check(args, spec, ours: bool) -> int:
 
 
 def cmd_catalog(args) -> int:
-    from galaxy.units import fmt_bytes, fmt_rate
-
-    from .emulate import format_rows
-    from .spec import CLUSTERS_DIR, load_catalog, load_cluster, load_links
-
     links = load_links()
     rows = [("profile", "device", "relative compute", "memory", "typical link")]
     for p in load_catalog().values():
@@ -178,6 +166,4 @@ def cmd_catalog(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    from galaxy.discovery import devices_ls
-
     return devices_ls(args.cluster_name, args.timeout, token=args.token if args.cluster_name else None)

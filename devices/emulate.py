@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from galaxy.errors import GalaxyError
-from galaxy.units import fmt_bytes, fmt_rate
+from galaxy.units import fmt_bytes, fmt_rate, format_rows
 
 from . import layout as L
 from . import system as S
@@ -178,7 +178,7 @@ def up(spec: ClusterSpec, progress=_quiet, detached: bool = True, reuse: bool = 
     return _from_state(spec, state.data)
 
 
-def _build(spec: ClusterSpec, state: _State, progress) -> tuple[L.Layout, S.Cgroups]:
+def _build(spec: ClusterSpec, state: _State, progress) -> tuple[L.NetLayout, S.Cgroups]:
     cg = S.detect_cgroups()
     if cg is None:
         raise GalaxyError("no cgroup hierarchy with the cpu and memory controllers")
@@ -249,13 +249,13 @@ def _log_dir(name: str) -> Path:
 
 
 def _worker_env(token: str) -> dict:
-    from galaxy.rpc.spawn import MALLOC_ENV
+    from galaxy.transport.spawn import MALLOC_ENV
 
     return {**os.environ, **MALLOC_ENV, "PYTHONUNBUFFERED": "1", "GALAXY_TOKEN": token,
             "OMP_NUM_THREADS": "1"}
 
 
-def _start_workers(spec, lay: L.Layout, cg: S.Cgroups, state: _State, token: str, progress,
+def _start_workers(spec, lay: L.NetLayout, cg: S.Cgroups, state: _State, token: str, progress,
                    detached: bool) -> list[subprocess.Popen]:
     logs = _log_dir(spec.name)
     state.add({"kind": "dir", "path": str(logs)})
@@ -279,7 +279,7 @@ def _spawn(cmd: list[str], log_path: Path, env: dict, detached: bool) -> subproc
 def _wait_ready(procs: list[subprocess.Popen], names: list[str], state: _State, timeout: float,
                 progress) -> list[str]:
     """Each worker's bound address, read from the ready line in its log."""
-    from galaxy.rpc.worker import READY_LINE
+    from galaxy.transport.worker import READY_LINE
 
     logs = _log_dir(state.data["cluster"])
     deadline = time.monotonic() + timeout
@@ -316,7 +316,7 @@ def _tail(text: str, n: int = 15) -> str:
 
 def _check_reachable(addresses: list[str], token: str, progress, timeout: float = 20.0) -> None:
     """Hello every worker from here (the root namespace), through the bridge and the shaped links."""
-    from galaxy.rpc.client import Cluster
+    from galaxy.transport.client import Cluster
 
     with Cluster(addresses, token=token, connect_timeout=timeout) as c:
         infos = c.hello()
@@ -365,7 +365,7 @@ def _row(d_spec, d: L.DeviceLayout, cgroup_version: int, pid: int) -> dict:
 
 
 def _up_loopback(spec: ClusterSpec, reason: str, progress, detached: bool, timeout: float) -> EmulatedCluster:
-    from galaxy.rpc.spawn import worker_command
+    from galaxy.transport.spawn import worker_command
 
     warning = (f"NOT EMULATED ({reason}): starting plain loopback workers with no bandwidth shaping and no "
                "CPU or memory caps (memory budgets and link delays are still passed to the workers)")
@@ -506,9 +506,7 @@ def status(name_or_spec=None) -> list[dict]:
     return out
 
 
-def _layout_of(state: dict) -> tuple[ClusterSpec, L.Layout]:
-    from .spec import load_cluster
-
+def _layout_of(state: dict) -> tuple[ClusterSpec, L.NetLayout]:
     spec = load_cluster(state["file"])
     return spec, L.make_layout(spec, state["subnet"])
 
@@ -638,15 +636,3 @@ def _link(d: dict) -> str:
     if d.get("netns") in (None, "-"):
         return "loopback (not shaped)"
     return fmt_rate(d["rate_bps"]) if d.get("rate_bps") else "-"
-
-
-def format_rows(lines: list[tuple]) -> str:
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
-
-
-def add_devices_parser(subparsers):
-    """Register `devices up|down|status|check|ls` on an argparse subparsers object (see devices/cli.py)."""
-    from .cli import add_devices_parser as add
-
-    return add(subparsers)

@@ -57,7 +57,7 @@ class DeviceLayout:
 
 
 @dataclass(frozen=True)
-class Layout:
+class NetLayout:
     cluster: str
     tag: str  # gxHHHHH: prefix of every link of this cluster
     subnet: str
@@ -152,7 +152,7 @@ def tbf_burst(rate_bps: float) -> int:
     return max(TBF_MIN_BURST, int(rate_bps / 8 / 1000))
 
 
-def make_layout(spec: ClusterSpec, subnet: str, cpus: list[int] | None = None) -> Layout:
+def make_layout(spec: ClusterSpec, subnet: str, cpus: list[int] | None = None) -> NetLayout:
     if not spec.emulated:
         raise ValueError(f"cluster {spec.name} lists real worker addresses; there is nothing to emulate")
     bridge_ip, ips = assign_addresses(subnet, len(spec.devices))
@@ -164,13 +164,13 @@ def make_layout(spec: ClusterSpec, subnet: str, cpus: list[int] | None = None) -
         devs.append(DeviceLayout(i, d.name, f"{netns_prefix(spec.name)}{d.name}", f"{netns_prefix(spec.name)}{d.name}",
                                  f"{tag}d{i}", ip, f"{ip}:{spec.port}", d.cpu, d.threads, period, quota, d.memory,
                                  d.memory_budget, d.link_bps, d.latency_ms, pins[i]))
-    return Layout(spec.name, tag, subnet, f"{tag}br", bridge_ip, ipaddress.ip_network(subnet).prefixlen, tuple(devs))
+    return NetLayout(spec.name, tag, subnet, f"{tag}br", bridge_ip, ipaddress.ip_network(subnet).prefixlen, tuple(devs))
 
 
 # -- commands ----------------------------------------------------------------------------------
 
 
-def bridge_commands(lay: Layout) -> list[list[str]]:
+def bridge_commands(lay: NetLayout) -> list[list[str]]:
     return [
         ["ip", "link", "add", lay.bridge, "type", "bridge"],
         ["ip", "link", "set", "dev", lay.bridge, "alias", f"galaxy:{lay.cluster}"],
@@ -183,7 +183,7 @@ def netns_commands(d: DeviceLayout) -> list[list[str]]:
     return [["ip", "netns", "add", d.netns], ["ip", "-n", d.netns, "link", "set", "dev", "lo", "up"]]
 
 
-def veth_commands(lay: Layout, d: DeviceLayout) -> list[list[str]]:
+def veth_commands(lay: NetLayout, d: DeviceLayout) -> list[list[str]]:
     """The pair, created with its far end already inside the namespace, then wired and addressed."""
     return [
         ["ip", "link", "add", d.host_link, "type", "veth", "peer", "name", NS_IFACE, "netns", d.netns],
@@ -224,7 +224,7 @@ def cgroup_values(d: DeviceLayout, version: int) -> list[tuple[str, str, str]]:
 def worker_command(d: DeviceLayout, detached: bool, python: str = sys.executable, cluster: str = "") -> list[str]:
     """`galaxy worker` for device d; `detached` workers outlive the process that started them.
     With a cluster name the worker announces itself on its subnet (`galaxy run --discover`)."""
-    from galaxy.rpc.spawn import worker_command as base
+    from galaxy.transport.spawn import worker_command as base
 
     extra = ["--memory-budget", str(d.memory_budget), "--link-delay-ms", f"{d.latency_ms:g}",
              "--cache-own-shards"]  # benchmarks reload shards often: keep them on the device's disk

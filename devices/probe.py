@@ -20,6 +20,8 @@ import statistics
 import sys
 import time
 
+from galaxy.addresses import split_address
+
 GEMM = (256, 1024, 1024)  # (M, K, N): one fp32 GEMM = 2*M*K*N = 0.54 GFLOP
 CHUNK = 1 << 20  # bytes per send
 
@@ -68,8 +70,7 @@ def burst(task: int, gap_s: float, reps: int, threads: int) -> dict:
 
 
 def sink(listen: str, timeout: float) -> dict:
-    host, _, port = listen.rpartition(":")
-    srv = socket.create_server((host, int(port)))
+    srv = socket.create_server(split_address(listen, allow_port_zero=True))
     srv.settimeout(timeout)
     print("PROBE-READY", flush=True)
     conn, _ = srv.accept()
@@ -91,7 +92,7 @@ def sink(listen: str, timeout: float) -> dict:
 
 
 def source(connect: str, seconds: float) -> dict:
-    host, _, port = connect.rpartition(":")
+    host, port = split_address(connect)
     payload = b"\0" * CHUNK
     sent = 0
     with socket.create_connection((host, int(port)), timeout=10) as s:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from galaxy.addresses import AddressError, split_address
 from galaxy.errors import GalaxyError
 from galaxy.units import fmt_bytes, fmt_rate, parse_bytes, parse_rate
 
@@ -260,9 +261,11 @@ def _parse_device(d, i: int, path: str, catalog: dict[str, Profile], links: dict
                                                                          low=0.0)
     if d.get("address") is not None:
         addr = str(d["address"])
-        host, _, port = addr.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ClusterFileError(f"{where}: field 'address' {addr!r}: expected host:port of a running worker")
+        try:
+            split_address(addr)
+        except AddressError:
+            raise ClusterFileError(
+                f"{where}: field 'address' {addr!r}: expected host:port of a running worker") from None
         out["address"] = addr
         return out
     out["cpu"] = None if d.get("cpu") is None else _number(d["cpu"], where, "cpu", low=0.0, strict=True)

@@ -2,28 +2,38 @@
 
     import galaxy
     with galaxy.connect(local=3) as cluster:
-        print(cluster.load("smollm2").generate("The capital of France is", max_new_tokens=8))
+        print(cluster.load().generate("The capital of France is", max_new_tokens=8))
+
+The names below are loaded on first use (PEP 562): `import galaxy.parallel.sharding` does not
+pull in the API, gRPC or the planner, and importing the package changes nothing in the process.
+The layers, and where to find what: docs/architecture.md.
 """
 
-import os as _os
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
 
-# gRPC's C core logs every failed TLS handshake and reconnect at INFO on stderr; Galaxy reports
-# failures itself, naming the device. GRPC_VERBOSITY=INFO in the environment brings them back.
-_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+from .version import __version__
 
-from .api import Model, Session, connect  # noqa: E402
-from .errors import (  # noqa: E402
-    AuthError,
-    DeviceOutOfMemory,
-    GalaxyError,
-    PeerUnreachable,
-    PlanMismatch,
-    ProtocolMismatch,
-    TransportError,
-    WorkerError,
-)
+_LAZY = {
+    "connect": "galaxy.runtime.api",
+    "Session": "galaxy.runtime.api",
+    "Model": "galaxy.runtime.api",
+    **{name: "galaxy.errors" for name in (
+        "GalaxyError", "PeerUnreachable", "DeviceOutOfMemory", "PlanMismatch", "AuthError", "ProtocolMismatch",
+        "TransportError", "WorkerError")},
+}
 
-__all__ = ["connect", "Session", "Model", "GalaxyError", "PeerUnreachable", "DeviceOutOfMemory", "PlanMismatch",
-           "AuthError", "ProtocolMismatch", "TransportError", "WorkerError", "__version__"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'galaxy' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -33,3 +33,7 @@ class DeviceOutOfMemory(GalaxyError):
 
 class WorkerError(GalaxyError):
     """A worker failed while running a request; the message names the device and the cause."""
+
+
+class CacheLost(GalaxyError):
+    """The devices were re-planned mid-sequence (a fail-over): KV caches must be rebuilt by the caller."""

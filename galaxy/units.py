@@ -49,3 +49,9 @@ def fmt_rate(bps: float) -> str:
         if bps >= size:
             return f"{bps / size:.3g} {unit}"
     return f"{bps:.0f} bit/s"
+
+
+def format_rows(lines: list[tuple]) -> str:
+    """Rows of cells as a plain text table, each column as wide as its widest cell."""
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)

@@ -39,7 +39,7 @@ The model (docs/planner.md has the derivation):
   pipeline: contiguous layers per stage, latency = sum of stage compute + hand-offs of S x H.
   local: one device, no communication.
 - **Memory.** Exact weight bytes of the ShardSpec the layout implies (`weight_bytes`, equal to
-  galaxy.sharding.shard_bytes and checked against it in the tests) plus activations:
+  galaxy.parallel.sharding.shard_bytes and checked against it in the tests) plus activations:
   max(profile.activation_bytes(...), the LM head's gathered input + logits). seqpar has its
   own activation estimate (queries of its slice, keys/values of all tokens).
 
@@ -51,8 +51,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from galaxy.config import ModelConfig
-from galaxy.sharding import ShardSpec, last_token_rank, ranges
+from galaxy.model.config import ModelConfig
+from galaxy.parallel.sharding import ShardSpec, last_token_rank, ranges
 
 from .plan import PlanError
 from .profile import (
@@ -67,7 +67,7 @@ from .profile import (
 )
 
 STRATEGIES = ("galaxy", "galaxy-no-overlap", "megatron", "seqpar", "pipeline", "local")
-DIRECT_ALLREDUCE_BYTES = 64 * 1024  # galaxy.collectives.Collectives(direct_max_bytes=...): no ring below this
+DIRECT_ALLREDUCE_BYTES = 64 * 1024  # galaxy.parallel.collectives.Collectives(direct_max_bytes=...): no ring below this
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ class Estimate:
 def weight_params(cfg: ModelConfig, spec: ShardSpec) -> int:
     """Parameters a device holds for `spec` (tied head counted once); = shard_bytes / dtype size.
 
-    Closed form of galaxy.sharding.shard_bytes (which builds the module tree and is ~50 ms for a
+    Closed form of galaxy.parallel.sharding.shard_bytes (which builds the module tree and is ~50 ms for a
     large model): replicated norms, biases, position and segment tables included.
     """
     hid, hd = cfg.hidden, cfg.head_dim

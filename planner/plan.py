@@ -4,7 +4,7 @@ A `Plan` names the model it was made for (name, family, a fingerprint of the sha
 sequence length, the strategy, and the devices in ring (or stage) order with what each holds,
 the memory it will use and the predicted time per layer; plus the predicted latency of every
 strategy the solver compared and why it chose the one it did. `to_partition` turns it into the
-`galaxy.sharding.Partition` the runtime executes. planner/plan.schema.json describes the file.
+`galaxy.parallel.sharding.Partition` the runtime executes. planner/plan.schema.json describes the file.
 
 Every field is checked on construction and when read; a `PlanError` names the field, e.g.
 "devices[1].heads: -2 is negative" or "heads sum to 11, model has 12".
@@ -12,15 +12,17 @@ Every field is checked on construction and when read; a `PlanError` names the fi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from galaxy.codec import FORMATS as WIRE_FORMATS
-from galaxy.config import FAMILIES, ModelConfig
-from galaxy.sharding import Partition, PartitionError
+from galaxy.errors import GalaxyError
+from galaxy.model.config import FAMILIES, ModelConfig
+from galaxy.parallel.codec import FORMATS as WIRE_FORMATS
+from galaxy.parallel.sharding import Partition, PartitionError
 
 PLAN_VERSION = 1
 # Strategies a plan may hold; local is one device, run as a one-device galaxy partition (every
@@ -35,7 +37,7 @@ _SHAPE_FIELDS = ("family", "vocab_size", "hidden", "n_layers", "n_heads", "n_kv_
                  "embed_norm", "final_norm", "attn_bias", "out_bias", "mlp_bias", "tie_embeddings")
 
 
-class PlanError(ValueError):
+class PlanError(GalaxyError, ValueError):
     """A plan that is malformed, does not fit the model, or cannot be made; names the field."""
 
 
@@ -127,6 +129,14 @@ class Plan:
             return None
         n = len(self.devices)
         return [list(x.wire) if x.wire else ["fp32"] * n for x in self.devices]
+
+    def with_wire(self, wire: list[list[str]], names: list[str]) -> Plan:
+        """This plan carrying per-link activation formats. wire[i][j] is the format the device named
+        names[i] sends to names[j] (the profile's order); each planned device keeps its row, in ring order."""
+        index = {name: i for i, name in enumerate(names)}
+        ring = [index[d.name] for d in self.devices]
+        return dataclasses.replace(self, devices=tuple(
+            dataclasses.replace(d, wire=tuple(wire[ring[k]][m] for m in ring)) for k, d in enumerate(self.devices)))
 
     def result(self, strategy: str) -> StrategyResult | None:
         return next((r for r in self.strategies if r.strategy == strategy), None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 
-from galaxy.config import ModelConfig
+from galaxy.model.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Profile a cluster: time each device's blocks on the device, fit them, measure the links.
 
-Compute profiles are cached per device and model shape (~/.cache/galaxy/profiles, or
-$GALAXY_CACHE), so planning again is instant; links are measured every time, because networks
+Compute profiles are cached per device and model shape (galaxy.paths: ~/.cache/galaxy/profiles, or
+$GALAXY_CACHE/profiles), so planning again is instant; links are measured every time, because networks
 change. `reprofile=True` ignores the cache. Workers on one machine (same host id: loopback workers,
 emulated devices) are timed side by side and cached per set of such co-tenants: three workers
 sharing two cores each run slower than two do, and a profile taken beside others is wrong alone.
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from galaxy.config import ModelConfig
-from galaxy.profiling import Sample
+from galaxy.backends.profiling import Sample
+from galaxy.model.config import ModelConfig
+from galaxy.paths import cache_dir as _cache_dir
 
 from .profile import (
     ClusterProfile,
@@ -39,7 +39,7 @@ LOAD_SLACK = 32 * 2**20  # what opening a checkpoint adds before the worker's ch
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("GALAXY_CACHE", Path.home() / ".cache" / "galaxy")) / "profiles"
+    return _cache_dir("profiles")
 
 
 def shape_key(cfg: ModelConfig, seq_lens: list[int], dtype: str) -> dict:
@@ -117,7 +117,7 @@ def tenancy(info) -> Tenancy | None:
 def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str = "float32",
                     memory_budget: int | None = None, budgets: dict[str, int] | None = None,
                     reprofile: bool = False, show_progress: bool = True) -> ClusterProfile:
-    """Profiles of every worker of `cluster` (galaxy.rpc.client.Cluster) for this model shape.
+    """Profiles of every worker of `cluster` (galaxy.transport.client.Cluster) for this model shape.
 
     memory_budget caps every device; budgets caps devices by name (cluster file entries).
     """
@@ -168,7 +168,7 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
         models = fit_samples(cfg, samples)
         mem = [info.available_memory]
         if info.memory_budget:  # the budget caps the whole worker process: its own memory counts, and
-            # loading needs transient copies on top of the shard (galaxy.rpc.worker.LOAD_OVERHEAD)
+            # loading needs transient copies on top of the shard (galaxy.transport.worker.LOAD_OVERHEAD)
             mem.append(max(0, int((info.memory_budget - info.rss - LOAD_SLACK) / LOAD_OVERHEAD)))
         if memory_budget:
             mem.append(memory_budget)

@@ -33,8 +33,8 @@ import logging
 import math
 from dataclasses import dataclass
 
-from galaxy.config import ModelConfig
-from galaxy.sharding import ShardSpec, split_even
+from galaxy.model.config import ModelConfig
+from galaxy.parallel.sharding import ShardSpec, split_even
 from galaxy.units import fmt_bytes, fmt_rate
 
 from .cost import CostModel, Estimate, Layout, seqpar_activation_bytes, weight_bytes

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from galaxy.codec import BYTES_PER_VALUE, FORMATS
+from galaxy.parallel.codec import BYTES_PER_VALUE, FORMATS
 
 from .profile import ClusterProfile, Link
 

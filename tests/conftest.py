@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from galaxy.checkpoints.random import RandomWeights
-from galaxy.config import preset
+from galaxy.model.checkpoints.random import RandomWeights
+from galaxy.model.config import preset
 
 TINY = ["tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-opt", "tiny-llama"]
 
@@ -16,7 +16,7 @@ def tiny_source(request):
 
 
 def _default(getter):
-    from galaxy.defaults import DefaultModelMissing
+    from galaxy.model.defaults import DefaultModelMissing
 
     try:
         return getter()
@@ -26,13 +26,13 @@ def _default(getter):
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from galaxy.defaults import default_causal_lm_path
+    from galaxy.model.defaults import default_causal_lm_path
 
     return _default(default_causal_lm_path)
 
 
 @pytest.fixture(scope="session")
 def minilm_path():
-    from galaxy.defaults import default_encoder_path
+    from galaxy.model.defaults import default_encoder_path
 
     return _default(default_encoder_path)

@@ -11,11 +11,11 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from galaxy.config import ConfigError, ModelConfig, preset
 from galaxy.errors import TransportError
-from galaxy.rpc.peers import PeerTransport
-from galaxy.rpc.wire import from_proto
-from galaxy.sharding import Partition, PartitionError
+from galaxy.model.config import ConfigError, ModelConfig, preset
+from galaxy.parallel.sharding import Partition, PartitionError
+from galaxy.transport.peers import PeerTransport
+from galaxy.transport.protocol import from_proto
 from galaxy.v1 import worker_pb2 as pb
 from planner.plan import Plan, PlanError
 

@@ -15,9 +15,9 @@ key is the step plus the config fields that reach layer graphs. `attend` bakes i
 A block's missing graphs are exported in one exporter call and then cut apart: the exporter
 rebuilds its op registry on every call, which made one call per step ~5x slower.
 
-The math is model.py's own: each step graph traces the block's method through
+The math is model/transformer.py's own: each step graph traces the block's method through
 `torch.func.functional_call` with the parameters swapped for graph inputs. Only attention is
-re-expressed here, because model.py's takes the start position as a Python int (and branches
+re-expressed here, because transformer.py's takes the start position as a Python int (and branches
 on it) while the graph must take it as a tensor.
 """
 
@@ -32,23 +32,25 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from ..model import Attention, Block, rope
+from ..model import transformer as model_py
+from ..model.config import ModelConfig
+from ..model.transformer import Attention, Block, rope
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 
-# Config fields each owner's code in model.py reads (attention, MLP, the block and its norms),
+# Config fields each owner's code in model/transformer.py reads (attention, MLP, the block and its norms),
 # sizes aside; with a step's parameters and, for attend, the shard's head layout they fix its
 # graph. Keys hold nothing else, so same-architecture models share graphs. tests/backends checks
-# this table against model.py, so a new field read there cannot be left out of the keys.
+# this table against model/transformer.py, so a new field read there cannot be left out of the keys.
 FIELDS = {
     "attn": ("causal", "position", "rope_theta", "attn_bias", "out_bias"),
     "mlp": ("activation", "gated_mlp", "mlp_bias"),
@@ -116,14 +118,10 @@ def present_params(blk: Block, step: Step) -> list[str]:
 
 @functools.cache
 def _versions() -> dict:
-    """What else shapes an exported graph: the code it traces (model.py, this file: an edit there
+    """What else shapes an exported graph: the code it traces (model/transformer.py, this file: an edit there
     re-exports rather than reuse a stale graph) and the exporter (versions read from package
     metadata: importing the exporter would cost a warm start most of its time)."""
-    from importlib.metadata import version
-
-    from .. import model
-
-    code = hashlib.sha256(Path(model.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    code = hashlib.sha256(Path(model_py.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
     return {"torch": torch.__version__, "onnxscript": version("onnxscript"), "opset": OPSET, "code": code}
 
 

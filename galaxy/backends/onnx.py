@@ -24,8 +24,15 @@ import numpy as np
 import torch
 
 from ..errors import GalaxyError
-from ..model import Block, Transformer
+from ..model.transformer import Block, Transformer
+from ..paths import cache_dir
 from .export import ATTEND, STEPS, GraphCache, input_names, owner_of, present_params
+
+
+def default_cache_dir() -> Path:
+    """Where exported graphs are kept between starts: galaxy.paths' onnx/ (~/.cache/galaxy/onnx)."""
+    return cache_dir("onnx")
+
 
 PARTS = {  # what the profiler times separately
     "attention": ("attn.project", ATTEND, "attn.project_out"),
@@ -37,7 +44,7 @@ PARTS = {  # what the profiler times separately
 DECODE_ROWS = 1  # cached attention over this many new tokens or fewer runs in torch (OnnxAttend)
 
 
-class BackendError(ValueError):
+class BackendError(GalaxyError, ValueError):
     """A model the ONNX backend cannot run; the message says what to change."""
 
 

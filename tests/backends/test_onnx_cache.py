@@ -10,12 +10,12 @@ import re
 import pytest
 import torch
 
-from galaxy import model as model_py
 from galaxy.backends.export import ATTEND, FIELDS, SHAPE_FIELDS, graph_key
 from galaxy.backends.onnx import BackendError, OnnxStep, apply_onnx, onnx_steps, remove_onnx
-from galaxy.checkpoints.random import RandomWeights
-from galaxy.config import ModelConfig, preset
-from galaxy.sharding import ShardSpec, full_spec, load_shard, weighted_partition
+from galaxy.model import transformer as model_py
+from galaxy.model.checkpoints.random import RandomWeights
+from galaxy.model.config import ModelConfig, preset
+from galaxy.parallel.sharding import ShardSpec, full_spec, load_shard, weighted_partition
 
 
 def shard(name, rank=0, n_layers=2, **changes):

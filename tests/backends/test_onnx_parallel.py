@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from galaxy.backends.onnx import apply_onnx_all, apply_onnx_block, onnx_steps
-from galaxy.checkpoints import open_checkpoint
-from galaxy.checkpoints.random import RandomWeights
-from galaxy.config import preset
-from galaxy.inproc import InprocCluster, run_inprocess
-from galaxy.parallel import Request
-from galaxy.sharding import Partition, ShardSpec, even_partition, full_spec, load_shard, weighted_partition
+from galaxy.model.checkpoints import open_checkpoint
+from galaxy.model.checkpoints.random import RandomWeights
+from galaxy.model.config import preset
+from galaxy.parallel.executor import LoadOptions
+from galaxy.parallel.forward import Request
+from galaxy.parallel.sharding import Partition, ShardSpec, even_partition, full_spec, load_shard, weighted_partition
+from galaxy.runtime.inproc import InprocCluster, run_inprocess
 
 TOL = 1e-4
 UNEVEN = [0.9, 0.6, 0.45]
@@ -81,7 +82,7 @@ def test_decode_with_kv_cache_matches_torch(onnx_cache):
     clusters = []
     for backend in ("torch", "onnx"):
         c = InprocCluster(3)
-        c.load_source(src, p, tiles=2)
+        c.load(src, p, LoadOptions(tiles=2))
         if backend == "onnx":
             apply_onnx_all([rt.model for rt in c.runtimes], onnx_cache, threads=1)
         clusters.append(c)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from galaxy.backends import choose_backend
-from galaxy.config import preset
-from galaxy.profiling import Sample, time_blocks
+from galaxy.backends.profiling import Sample, time_blocks
+from galaxy.backends.select import choose_backend
+from galaxy.model.config import preset
 
 
 def samples(seconds):

@@ -16,7 +16,7 @@ from devices.spec import (
     load_links,
     plan_shares,
 )
-from galaxy.rpc.worker import LOAD_OVERHEAD
+from galaxy.transport.worker import LOAD_OVERHEAD
 
 NANO_GFLOPS = 235.9
 

@@ -19,7 +19,7 @@ from devices.check import check_running
 from devices.emulate import cluster_endpoints, down, emulated, find_stale, read_state, set_link_rate, status, up
 from devices.spec import load_cluster
 from galaxy.errors import GalaxyError
-from galaxy.rpc.client import Cluster
+from galaxy.transport.client import Cluster
 
 NOT_ROOT = S.why_not_root()
 needs_root = pytest.mark.skipif(NOT_ROOT is not None, reason=f"emulated LAN needs root: {NOT_ROOT}")
@@ -50,10 +50,10 @@ def leftovers(name: str, pids=()) -> list[str]:
 
 
 def source_and_request():
-    from galaxy.checkpoints.random import RandomWeights
-    from galaxy.config import preset
-    from galaxy.defaults import DefaultModelMissing
-    from galaxy.run import make_request, open_source
+    from galaxy.model.checkpoints.random import RandomWeights
+    from galaxy.model.config import preset
+    from galaxy.model.defaults import DefaultModelMissing
+    from galaxy.runtime.sources import make_request, open_source
 
     try:
         src = open_source(None)
@@ -74,8 +74,9 @@ def wait_for(pred, timeout: float, what: str):
 
 @needs_root
 def test_three_device_lan_runs_real_inference_and_leaves_nothing(tmp_path):
-    from galaxy.run import model_ref, reference_output
-    from galaxy.sharding import even_partition, weighted_partition
+    from galaxy.parallel.sharding import even_partition, weighted_partition
+    from galaxy.runtime.sources import reference_output
+    from galaxy.transport.client import model_ref
 
     path = cluster_file(tmp_path, "gxt-e2e", [
         {"name": "fast", "cpu": 0.9, "memory": "640MiB", "link": "100mbit", "latency_ms": 1},
@@ -94,7 +95,7 @@ def test_three_device_lan_runs_real_inference_and_leaves_nothing(tmp_path):
         assert addrs == ec.addresses and token == ec.token
         with Cluster(addrs, token=token) as c:
             assert [i.name for i in c.hello()] == ["fast", "mid", "slow"]
-            c.load(model_ref(src), weighted_partition(src.config, spec.weights()))
+            c.load_ref(model_ref(src), weighted_partition(src.config, spec.weights()))
             out = c.forward(req).output
         err = float((out.float() - reference_output(src, req)).abs().max())
         assert err <= TOL
@@ -102,7 +103,7 @@ def test_three_device_lan_runs_real_inference_and_leaves_nothing(tmp_path):
             Cluster(addrs[:1], token="wrong").hello()
         if src.tokenizer() is not None:  # the real 513 MiB model: no single 640 MiB device can take it
             with Cluster(addrs[:1], token=token) as c, pytest.raises(GalaxyError, match="memory budget"):
-                c.load(model_ref(src), even_partition(src.config, 1))
+                c.load_ref(model_ref(src), even_partition(src.config, 1))
 
         def shaped() -> list[str]:  # each device's rate, as tc reports it on both ends of its link
             return [" ".join(w for line in (S.run(["tc", "qdisc", "show", "dev", d["host_link"]]).stdout,
@@ -194,9 +195,9 @@ def test_workers_are_discovered_and_receive_their_shards_over_the_lan(tmp_path, 
     import torch
 
     import galaxy
-    from galaxy.checkpoints import open_checkpoint
-    from galaxy.discovery import discovered_addresses
-    from galaxy.sharding import full_spec, load_shard
+    from galaxy.model.checkpoints import open_checkpoint
+    from galaxy.parallel.sharding import full_spec, load_shard
+    from galaxy.transport.discovery import discovered_addresses
 
     monkeypatch.setenv("GALAXY_CACHE", str(tmp_path / "cache"))  # the workers' shard caches
     path = cluster_file(tmp_path, "gxt-disc", [

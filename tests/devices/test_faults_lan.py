@@ -18,12 +18,12 @@ import galaxy
 from devices import system as S
 from devices.emulate import emulated, restart_worker, set_cpu_share, set_link_up
 from devices.spec import load_cluster
-from galaxy.checkpoints.random import RandomWeights
-from galaxy.config import preset
 from galaxy.errors import GalaxyError, PeerUnreachable
-from galaxy.parallel import Request
-from galaxy.rpc.client import Cluster
-from galaxy.sharding import even_partition, full_spec, load_shard
+from galaxy.model.checkpoints.random import RandomWeights
+from galaxy.model.config import preset
+from galaxy.parallel.forward import Request
+from galaxy.parallel.sharding import even_partition, full_spec, load_shard
+from galaxy.transport.client import Cluster
 
 NOT_ROOT = S.why_not_root()
 pytestmark = pytest.mark.skipif(NOT_ROOT is not None, reason=f"emulated LAN needs root: {NOT_ROOT}")
@@ -50,7 +50,7 @@ def test_unplugged_link_is_detected_and_named_then_recovery_completes(tmp_path):
     want = load_shard(src, full_spec(src.config))(ids)
     with emulated(_lan(tmp_path, "gxf-link")) as ec:
         with Cluster(ec.addresses, token=ec.token, forward_timeout=DEADLINE_S) as c:
-            c.load_source(src, even_partition(src.config, 3))
+            c.load(src, even_partition(src.config, 3))
             set_link_up(ec.spec, "d1", False)
             try:
                 t0 = time.monotonic()
@@ -99,7 +99,7 @@ def test_100_requests_with_a_worker_killed_and_restarted_at_random_points(tmp_pa
     with emulated(_lan(tmp_path, "gxf-soak")) as ec:
         c = Cluster(ec.addresses, token=ec.token, forward_timeout=DEADLINE_S)
         partition = even_partition(src.config, 3)
-        c.load_source(src, partition)
+        c.load(src, partition)
         down = None
         for i, ids in enumerate(inputs):
             if i in kill_at and down is None:
@@ -120,7 +120,7 @@ def test_100_requests_with_a_worker_killed_and_restarted_at_random_points(tmp_pa
                     try:  # the device is back but has no session: load it again
                         c.close()
                         c = Cluster(ec.addresses, token=ec.token, forward_timeout=DEADLINE_S)
-                        c.load_source(src, partition)
+                        c.load(src, partition)
                     except GalaxyError:
                         pass
         c.close()

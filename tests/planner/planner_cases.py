@@ -6,7 +6,7 @@ import itertools
 import math
 import random
 
-from galaxy.config import make_config
+from galaxy.model.config import make_config
 from planner.cost import CostModel, Layout
 from planner.profile import ClusterProfile, ComputeModel, DeviceProfile, Link
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 from planner_cases import cluster, device
 
-from galaxy.config import PRESETS, preset
-from galaxy.sharding import ShardSpec, even_partition, full_spec, shard_bytes, weighted_partition
+from galaxy.model.config import PRESETS, preset
+from galaxy.parallel.sharding import ShardSpec, even_partition, full_spec, shard_bytes, weighted_partition
 from planner.cost import CostModel, Layout, all_gather_time, reduce_scatter_time, weight_bytes
 from planner.plan import PlanError
 from planner.profile import (

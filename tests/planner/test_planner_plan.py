@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from planner_cases import edge_cluster
 
-from galaxy.config import preset
+from galaxy.model.config import preset
 from planner.plan import Plan, PlanError
 from planner.render import draw, table
 from planner.solver import solve

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from planner_cases import TINY, TINY_3DEV, brute_force_galaxy, cluster, device, edge_cluster, random_cluster
 
-from galaxy.config import preset
+from galaxy.model.config import preset
 from planner.cost import CostModel
 from planner.plan import RUNNABLE, PlanError
 from planner.profile import Tenancy

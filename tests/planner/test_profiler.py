@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from galaxy.config import preset
-from galaxy.profiling import median_times, time_blocks
-from galaxy.rpc.client import Cluster
-from galaxy.rpc.worker import WorkerSettings, start_server
+from galaxy.backends.profiling import median_times, time_blocks
+from galaxy.model.config import preset
+from galaxy.transport.client import Cluster
+from galaxy.transport.worker import WorkerSettings, start_server
 from planner import profiler
 from planner.profile import ComputeModel, Tenancy
 
@@ -50,7 +50,7 @@ def test_a_passing_slowdown_costs_each_job_one_sample_which_the_median_drops(mon
             clock["now"] += cost * (50 if slow else 1)
         return lambda: run
 
-    monkeypatch.setattr("galaxy.profiling.time.perf_counter", lambda: clock["now"])
+    monkeypatch.setattr("galaxy.backends.profiling.time.perf_counter", lambda: clock["now"])
     seen = []
     got = median_times([job(1.0), job(2.0), job(3.0)], repeats=3, progress=lambda d, t: seen.append((d, t)))
     assert got == [1.0, 2.0, 3.0]  # back-to-back repeats would have reported the second job 50x slow
@@ -58,7 +58,7 @@ def test_a_passing_slowdown_costs_each_job_one_sample_which_the_median_drops(mon
 
 
 def test_head_is_timed_past_the_caches_on_a_real_vocabulary():
-    from galaxy.profiling import head_rows
+    from galaxy.backends.profiling import head_rows
 
     cfg = preset("gpt2-large")  # 50257 rows of 1280 floats: 245 MiB in all
     assert [r * cfg.hidden * 4 // 2**20 for r in head_rows(cfg)] == [23, 47, 95]
@@ -68,7 +68,7 @@ def test_head_is_timed_past_the_caches_on_a_real_vocabulary():
 def test_head_model_prices_the_one_token_product_slower_than_the_mlp_gemm():
     """What the planner sees: a head fitted from its own samples, not the MLP's GEMM rate."""
     cfg = preset("gpt2")
-    from galaxy.profiling import Sample
+    from galaxy.backends.profiling import Sample
 
     samples = [Sample("attention", 12, 64, 0.01), Sample("attention", 6, 64, 0.005),
                Sample("mlp", 3072, 64, 0.008), Sample("mlp", 1536, 64, 0.004),
@@ -162,11 +162,11 @@ def test_memory_aware_plan_moves_work_off_a_small_device_where_the_even_split_fa
     to the others and the run succeeds (worker processes, real budgets, the real SmolLM2)."""
     import torch
 
-    from galaxy.checkpoints import open_checkpoint
     from galaxy.errors import DeviceOutOfMemory
-    from galaxy.parallel import Request
-    from galaxy.rpc.spawn import LocalWorkers
-    from galaxy.sharding import even_partition, full_spec, load_shard
+    from galaxy.model.checkpoints import open_checkpoint
+    from galaxy.parallel.forward import Request
+    from galaxy.parallel.sharding import even_partition, full_spec, load_shard
+    from galaxy.transport.spawn import LocalWorkers
     from planner.solver import solve
 
     monkeypatch.setenv("GALAXY_CACHE", str(tmp_path))
@@ -175,7 +175,7 @@ def test_memory_aware_plan_moves_work_off_a_small_device_where_the_even_split_fa
     budgets = [["--memory-budget", "3GB"], ["--memory-budget", "3GB"], ["--memory-budget", "440MB"]]
     with LocalWorkers(3, threads=1, per_worker_args=budgets) as addrs, Cluster(addrs) as c:
         with pytest.raises(DeviceOutOfMemory, match="local2"):
-            c.load_source(src, even_partition(cfg, 3))
+            c.load(src, even_partition(cfg, 3))
         prof = profiler.profile_cluster(c, cfg, [16], show_progress=False)
         plan = solve(cfg, 16, prof, "galaxy")
         small = next((d for d in plan.devices if d.name == "local2"), None)  # left out, or given less
@@ -184,7 +184,7 @@ def test_memory_aware_plan_moves_work_off_a_small_device_where_the_even_split_fa
             assert small.memory.weights_bytes <= small.memory.budget_bytes
             assert small.memory.weights_bytes < 0.9 * even_share
         with Cluster(plan.addresses()) as run:
-            run.load_source(src, plan.to_partition(cfg))
+            run.load(src, plan.to_partition(cfg))
             ids = torch.tensor(src.tokenizer().encode("Memory-aware plans keep small devices alive."))
             out = run.forward(Request(ids)).output
     assert float((out - load_shard(src, full_spec(cfg))(ids)).abs().max()) <= 1e-4

@@ -1,0 +1,115 @@
+"""Timing a device's blocks at several shard sizes: what `galaxy plan` fits its cost model to.
+
+Runs on the device itself (inside its worker): builds attention / MLP / connective blocks (and,
+for a causal LM, the head's one-token product) of the target model's shape with random weights --
+timing depends on shapes, not values -- and times them at a few shard sizes and sequence lengths.
+Pure torch; the worker wraps it in an RPC.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..model.checkpoints.random import RandomWeights
+from ..model.config import ModelConfig
+from ..model.transformer import Block
+from ..parallel.sharding import ShardSpec, load_shard
+from .onnx import apply_onnx_block, default_cache_dir
+
+
+@dataclass(frozen=True)
+class Sample:
+    kind: str  # "attention" | "mlp" | "connective" | "head"
+    units: int  # heads, columns, tokens or vocabulary rows
+    seq: int  # tokens the block processed (the full sequence for TP blocks)
+    seconds: float  # median of the repeats
+
+
+def median_times(jobs, repeats: int, progress=lambda done, total: None) -> list[float]:
+    """Median seconds of each job, timed in rounds: every job once per round, `repeats` rounds.
+
+    A job is a callable that builds what to time and returns it as a function (rebuilt each round:
+    holding every block at once would cost a small device the memory it is being profiled for).
+    Rounds spread a job's repeats over the whole profile, so a passing slowdown of the device
+    (another process, a co-tenant starting up) touches one sample of many jobs -- which the median
+    drops -- instead of every sample of the few jobs it coincides with; a profile cached with
+    the MLP measured 20% slow gave the fastest device too little work and it waited 28% of a pass.
+    """
+    times: list[list[float]] = [[] for _ in jobs]
+    for _ in range(repeats):
+        for i, build in enumerate(jobs):
+            fn = build()
+            fn()  # warm-up: allocator, kernels, caches
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+            progress(sum(map(len, times)), len(jobs) * repeats)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def _block(cfg: ModelConfig, heads: int, cols: int, dtype, device) -> Block:
+    one = cfg.replace(n_layers=1)
+    spec = ShardSpec((0, heads), (0, cols), (0, 0), (0, 1), embed=False, head=False)
+    model = load_shard(RandomWeights(one), spec, dtype=dtype, device=device)
+    return model.layers["0"]
+
+
+HEAD_SAMPLE_BYTES = (24 * 2**20, 48 * 2**20, 96 * 2**20)  # past the caches, within a small device's memory
+
+
+def head_rows(cfg: ModelConfig, dtype_bytes: int = 4) -> list[int]:
+    """Vocabulary-row counts to time the LM head at: weights of ~24 / 48 / 96 MiB (or the whole
+    vocabulary if smaller). The head multiplies one token's row in prefill and in every decode
+    step, so it streams its weights once per token: memory-bound, at a fraction of the GEMM rate
+    the MLP samples measure, and linear in rows, so a line through these extends to any share."""
+    per_row = cfg.hidden * dtype_bytes
+    return sorted({max(1, min(cfg.vocab_size, b // per_row)) for b in HEAD_SAMPLE_BYTES})
+
+
+def shard_sizes(total: int, points: int = 3) -> list[int]:
+    """A few shard sizes spanning what a device may get: about 1/4, 1/2 and all of `total`."""
+    sizes = sorted({max(1, round(total * f)) for f in (0.25, 0.5, 1.0)[-points:]})
+    return sizes
+
+
+def _on_backend(blk: Block, backend: str, part: str) -> Block:
+    """Run the block's `part` steps on `backend` ("torch" leaves them as they are)."""
+    if backend == "onnx":
+        apply_onnx_block(blk, default_cache_dir(), torch.get_num_threads(), parts=(part,))
+    elif backend != "torch":
+        raise ValueError(f"backend={backend!r} is not torch|onnx")
+    return blk
+
+
+@torch.inference_mode()
+def time_blocks(cfg: ModelConfig, seq_lens: list[int], repeats: int = 3, dtype=torch.float32,
+                device: str = "cpu", progress=lambda done, total: None, backend: str = "torch") -> list[Sample]:
+    """Median times of every block kind at several shard sizes, for each sequence length.
+    backend: "torch" or "onnx" (ONNX Runtime with the calling thread's torch thread count)."""
+    head_sizes, col_sizes = shard_sizes(cfg.n_heads), shard_sizes(cfg.ffn)
+    jobs = [(s, "attention", h) for s in seq_lens for h in head_sizes]
+    jobs += [(s, "mlp", c) for s in seq_lens for c in col_sizes]
+    jobs += [(s, "connective", t) for s in seq_lens for t in sorted({max(1, s // 4), s})]
+    if cfg.causal:
+        jobs += [(1, "head", v) for v in head_rows(cfg, torch.empty((), dtype=dtype).element_size())]
+    full = _on_backend(_block(cfg, cfg.n_heads, cfg.ffn, dtype, device), backend, "connective")
+
+    def build(seq: int, kind: str, units: int):
+        x = torch.randn(seq, cfg.hidden, dtype=dtype, device=device)
+        if kind == "attention":
+            a = _on_backend(_block(cfg, units, 1, dtype, device), backend, "attention").attn
+            return lambda: a.project_out(a.attend(a.project(x)))
+        if kind == "mlp":
+            m = _on_backend(_block(cfg, 1, units, dtype, device), backend, "mlp").mlp
+            return lambda: m.contract(m.expand(x))
+        if kind == "head":  # the last token's logits over `units` vocabulary rows
+            w = torch.full((units, cfg.hidden), 0.01, dtype=dtype, device=device)
+            return lambda: x @ w.T  # as Transformer.head_logits
+        xs = x[:units]
+        return lambda: full.after_mlp(xs, full.after_attn(xs, xs))
+
+    seconds = median_times([lambda job=job: build(*job) for job in jobs], repeats, progress)
+    return [Sample(kind, units, seq, t) for (seq, kind, units), t in zip(jobs, seconds)]

@@ -1,0 +1,1 @@
+"""`galaxy bench`: measurements side by side in one run (strategies, backends, decode)."""

@@ -1,0 +1,122 @@
+"""Arguments the subcommands share, declared once: value types, the model, the input, generation and
+which devices to use. Each subcommand module adds its own options beside these."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .. import units
+from ..addresses import AddressError, split_address
+
+
+def progress(msg: str) -> None:
+    """A line of progress on stderr (stdout stays for results and --json)."""
+    print(f"galaxy: {msg} ...", file=sys.stderr, flush=True)
+
+
+# --- value types ---------------------------------------------------------------------------------
+
+def ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-ids wants comma-separated integers, got {text!r}") from None
+
+
+def floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def rates(text: str) -> list[float]:
+    try:
+        return [units.parse_rate(x) for x in text.split(",") if x]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def size(text: str) -> int:
+    try:
+        return units.parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def addresses(text: str) -> list[str]:
+    out = [a.strip() for a in text.split(",") if a.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT[,HOST:PORT...], got {text!r}")
+    for a in out:
+        try:
+            split_address(a)
+        except AddressError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return out
+
+
+# --- argument groups -----------------------------------------------------------------------------
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", help="HF-style directory, .gguf file, or an embedded default: "
+                   "'smollm2' (causal LM, the default) or 'minilm' (encoder)")
+    g.add_argument("--random-init", metavar="PRESET",
+                   help="random weights of a preset shape (e.g. gpt2-large, bert-large, opt-xl)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights / random input ids")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", help="text to encode with the model's tokenizer")
+    g.add_argument("--input-ids", type=ids, help="token ids, e.g. 1,2,3")
+    g.add_argument("--seq-len", type=int, help="random input of this many tokens")
+
+
+def add_generation_args(p: argparse.ArgumentParser, default_tokens: int | None = None) -> None:
+    g = p.add_argument_group("generation (causal LMs)")
+    g.add_argument("--max-new-tokens", type=int, default=default_tokens,
+                   help="generate up to N tokens, streaming the text" if default_tokens is None else
+                   f"tokens per reply (default {default_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens per prefill step (0: all)")
+
+
+def add_cluster_args(p: argparse.ArgumentParser, *, local_help: str = "spawn N local workers on loopback "
+                     "(default 3)", discover: bool = True, transport: bool = True, recover: bool = False) -> None:
+    """Which devices: local workers, running workers, a cluster file or discovery -- one of them."""
+    g = p.add_argument_group("devices (one of --local, --workers, --cluster" + (", --discover)" if discover else ")"))
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--local", type=int, metavar="N", help=local_help)
+    where.add_argument("--workers", type=addresses, metavar="HOST:PORT,...",
+                       help="use running workers at these addresses (ring order)")
+    where.add_argument("--cluster", metavar="FILE.yaml", help="devices from a cluster file (emulated or real)")
+    if discover:
+        where.add_argument("--discover", nargs="?", const="galaxy", metavar="CLUSTER_NAME",
+                           help="find the workers announcing themselves on the LAN (cluster name, default 'galaxy')")
+        g.add_argument("--expect", type=int, metavar="N", help="with --discover: wait for exactly N workers")
+    if transport:
+        g.add_argument("--transport", choices=["grpc", "inproc"], default="grpc",
+                       help="grpc: worker processes (default); inproc: threads of this process (debugging)")
+    g.add_argument("--threads", type=int, help="intra-op threads per local worker (default: cores / N)")
+    g.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"),
+                   help="shared cluster token (default $GALAXY_TOKEN)")
+    g.add_argument("--tls", metavar="DIR", help="mutual TLS: the cluster CA and the coordinator's key pair "
+                   "(from `galaxy keys init DIR`)")
+    if recover:
+        g.add_argument("--recover", action="store_true",
+                       help="re-split over the surviving devices when one drops out, and away from stragglers")

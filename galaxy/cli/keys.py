@@ -1,0 +1,36 @@
+"""`galaxy keys init`: the cluster's certificate authority and a key pair per device (mutual TLS)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..transport.security import COORDINATOR, init_keys
+
+EXAMPLES = """examples:
+  galaxy keys init keys --device jetson --device pi5 --device laptop
+  galaxy keys init keys --device jetson --host 192.168.1.20      an extra address in every certificate
+"""
+
+
+def add_parser(sub) -> None:
+    keys = sub.add_parser("keys", help="the cluster's certificate authority and device keys", epilog=EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    kinit = keys_sub.add_parser("init", help="create a CA (once) and a key pair per device", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinit.add_argument("directory", help="where to write ca.pem/ca.key and NAME.pem/NAME.key (created if missing)")
+    kinit.add_argument("--device", action="append", default=[], metavar="NAME", help="device name (repeatable)")
+    kinit.add_argument("--host", action="append", default=[], metavar="ADDR",
+                       help="extra DNS name or IP for every certificate (repeatable)")
+    kinit.set_defaults(func=cmd_keys_init)
+
+
+def cmd_keys_init(args) -> int:
+    written = init_keys(args.directory, args.device, args.host)
+    for p in written:
+        print(f"wrote {p} (+ .key)")
+    print(f"CA: {Path(args.directory) / 'ca.pem'} (keep ca.key on this machine only). Copy ca.pem, NAME.pem and "
+          f"NAME.key to each device and start it with `galaxy worker --tls DIR --name NAME`; the coordinator "
+          f"uses the '{COORDINATOR}' pair (--tls DIR).")
+    return 0

@@ -1,0 +1,79 @@
+"""`galaxy plan`: profile the devices and solve the split (planner/ does the work; this prints it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from devices.spec import load_cluster
+from planner import render
+from planner import wire as wire_choice
+from planner.profiler import profile_cluster
+from planner.solver import solve
+
+from ..errors import GalaxyError
+from ..model.transformer import DTYPES
+from ..runtime.sources import open_source
+from .args import add_cluster_args, add_model_args, size
+from .session import device_count, open_session
+
+EXAMPLES = """examples:
+  galaxy plan --local 3 --random-init gpt2-large --seq-len 256 -o plan.json --png plan.png
+  galaxy plan --cluster devices/clusters/hetero-trio.yaml --wire auto -o plan.json
+  galaxy run --random-init gpt2-large --seq-len 256 --plan plan.json --check
+"""
+
+
+def add_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="profile the devices and solve the split", epilog=EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(plan)
+    add_cluster_args(plan, local_help="plan for N local workers (default 3)", transport=False)
+    plan.add_argument("--seq-len", type=int, default=256, help="tokens to plan the prefill for (default 256)")
+    plan.add_argument("--memory-budget", type=size, metavar="SIZE",
+                      help="cap every device's memory for the shard, e.g. 2GB")
+    plan.add_argument("--strategy", choices=["auto", "galaxy", "megatron", "pipeline", "local"], default="auto",
+                      help="force a strategy (default: the fastest predicted)")
+    plan.add_argument("--reprofile", action="store_true", help="ignore cached device profiles")
+    plan.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8", "auto"], default="fp32",
+                      help="activation format on the links: fp32 exact (default), a lossy format everywhere, or "
+                           "auto: per link from its measured bandwidth and the devices' codec speed")
+    plan.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan file")
+    plan.add_argument("--svg", metavar="FILE.svg", help="draw the plan")
+    plan.add_argument("--png", metavar="FILE.png", help="draw the plan")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan, transport="grpc")
+
+
+def cmd_plan(args) -> int:
+    source = open_source(args.model, args.random_init, args.seed)
+    cfg = source.config
+    if not 1 <= args.seq_len <= cfg.max_positions:
+        raise GalaxyError(f"--seq-len {args.seq_len} outside 1..{cfg.max_positions}")
+    budgets = {}
+    if args.cluster:
+        budgets = {d.name: d.memory for d in load_cluster(args.cluster).devices if getattr(d, "memory", None)}
+    n = device_count(args)
+    with open_session(args, n) as session:
+        prof = profile_cluster(session.executor, cfg, [args.seq_len], args.dtype, memory_budget=args.memory_budget,
+                               budgets=budgets, reprofile=args.reprofile)
+    n_prof = len(prof.devices)
+    wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
+    plan = solve(cfg, args.seq_len, wire_choice.effective(prof, wire),
+                 None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize)
+    if args.wire != "fp32":
+        plan = plan.with_wire(wire, [d.name for d in prof.devices])
+    if args.output:
+        Path(args.output).write_text(plan.to_json())
+    for path in (args.svg, args.png):
+        if path:
+            render.draw(plan, path)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+    else:
+        print(render.table(plan))
+        for what, path in (("plan", args.output), ("drawing", args.svg), ("drawing", args.png)):
+            if path:
+                print(f"{what} written to {path}")
+    return 0

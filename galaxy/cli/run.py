@@ -1,0 +1,206 @@
+"""`galaxy run`: one inference (a forward pass, or generation) across devices, checked on request."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from .. import units
+from ..errors import GalaxyError
+from ..model.transformer import DTYPES, mean_pool
+from ..parallel.sharding import Strategy
+from ..runtime.check import check_output
+from ..runtime.generate import Generation
+from ..runtime.report import layer_overlap
+from ..runtime.sources import make_request, open_source, reference_generate, reference_output
+from .args import add_cluster_args, add_generation_args, add_input_args, add_model_args, floats, progress
+from .session import device_count, open_session, partition_from_args, stream_flag, wire_formats
+
+EXAMPLES = """examples:
+  galaxy run --local 3 --check                                   the embedded SmolLM2 on 3 local workers
+  galaxy run --prompt "The capital of France is" --max-new-tokens 16 --check
+  galaxy run --model minilm --prompt "hello world" --weights 0.9,0.6,0.45
+  galaxy run --random-init gpt2-large --seq-len 256 --plan plan.json --check
+"""
+
+
+def add_parser(sub) -> None:
+    run = sub.add_parser("run", help="run one inference across devices", epilog=EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(run)
+    add_input_args(run)
+    add_cluster_args(run)
+    run.add_argument("--strategy", choices=[s.value for s in (Strategy.GALAXY, Strategy.MEGATRON, Strategy.PIPELINE)],
+                     default="galaxy",
+                     help="how to split: galaxy (HMP, default), megatron (tensor parallel) or pipeline (layers)")
+    run.add_argument("--weights", type=floats, help="relative device speeds for an uneven split, "
+                     "e.g. 0.9,0.6,0.45 (default: even)")
+    run.add_argument("--tiles", type=int, default=1, help="sub-tiles per device chunk in each ring step")
+    run.add_argument("--backend", choices=["torch", "onnx", "auto"], default="torch",
+                     help="compute backend per device: torch, ONNX Runtime, or auto (each device keeps the faster)")
+    run.add_argument("--check", action="store_true", help="compare with the single-device reference")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.add_argument("--save-output", metavar="FILE.npy",
+                     help="write logits (causal LM) or last hidden states (encoder) as float32 [seq, dim]")
+    run.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8"],
+                     help="lossy activation format on every link (default: the plan's choice, else fp32 exact)")
+    run.add_argument("--weights-from", choices=["auto", "coordinator", "path"], default="auto",
+                     help="coordinator: stream each device its shard (devices need no model file); path: "
+                          "devices read the checkpoint path themselves; auto: path for --local, else stream")
+    run.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
+    add_generation_args(run)
+    run.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    source = open_source(args.model, args.random_init, args.seed)
+    cfg = source.config
+    n = device_count(args)
+    partition = partition_from_args(args, cfg, n)
+    generating = args.max_new_tokens is not None
+    if generating and not cfg.causal:
+        raise GalaxyError(f"--max-new-tokens needs a causal LM; {source.path} is an encoder")
+    req, how = make_request(source, args.prompt, args.input_ids, args.seq_len, args.seed)
+    t0 = time.perf_counter()
+    with open_session(args, n) as session:
+        spawn_s = time.perf_counter() - t0
+        infos = session.devices()
+        progress("loading shards" + (" on " + ", ".join(i.name for i in infos) if infos else ""))
+        t1 = time.perf_counter()
+        wire = wire_formats(args, n)
+        model = session.load(source, partition=partition, dtype=args.dtype, tiles=args.tiles,
+                             stream_weights=stream_flag(args), wire=wire, backend=args.backend)
+        seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
+        base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
+                "dtype": args.dtype, "input": how, "seq_len": int(req.ids.shape[0]),
+                "partition": partition_rows(partition, req), "wire": wire or "fp32",
+                "backend": session.executor.backends or args.backend}
+        if generating:
+            return _run_generate(args, model, req, base, seconds)
+        return _run_forward(args, model, req, base, seconds, infos)
+
+
+def _run_forward(args, model, req, report: dict, seconds: dict, infos) -> int:
+    progress("running the forward pass")
+    res = model.execute(req)
+    seconds["forward"] = res.seconds
+    out, cfg, tok = res.output.float(), model.config, model.tokenizer
+    per_device = []
+    for d in res.devices:
+        row = {"rank": d.rank, "weight_bytes": model.weight_bytes[d.rank], "forward_s": d.forward_s,
+               "peak_rss_bytes": d.peak_rss_bytes}
+        if infos:
+            row.update(name=infos[d.rank].name, address=infos[d.rank].address)
+        per_device.append(row)
+    report.update(input_ids=req.ids.tolist()[:64], output_shape=list(out.shape),
+                  seconds={k: round(v, 4) for k, v in seconds.items()}, per_device=per_device,
+                  layers=layer_overlap(res.devices))
+    if cfg.causal:
+        top = torch.topk(out[-1], 5)
+        report["next_token_id"] = int(top.indices[0])
+        report["top5"] = [
+            {"id": int(i), "logit": round(float(v), 4), "text": tok.decode([int(i)]) if tok else None}
+            for v, i in zip(top.values, top.indices)
+        ]
+        report["output"] = report["top5"][0]["text"] if tok else int(top.indices[0])
+    else:
+        emb = mean_pool(out)
+        report["embedding_head"] = [round(float(x), 5) for x in emb[:8]]
+        report["output"] = report["embedding_head"]
+    ok = True
+    if args.check:
+        dtype = DTYPES[args.dtype]
+        ref = reference_output(model.source, req, dtype=dtype)
+        wire = report.get("wire") if isinstance(report.get("wire"), list) else None
+        check = check_output(out, ref, dtype, wire, logits=cfg.causal)
+        ok = check.ok
+        report.update(check.to_dict())
+    if args.save_output:
+        np.save(args.save_output, out.numpy().astype(np.float32))
+        report["saved"] = args.save_output
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_run(report)
+    return 0 if ok else 1
+
+
+def _run_generate(args, model, req, report: dict, seconds: dict) -> int:
+    ids = req.ids.tolist()
+    gen = Generation(ids)
+    gc = model.generation_config(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                                 args.stop, args.prefill_chunk)
+    progress(f"generating up to {args.max_new_tokens} tokens")
+    for ev in model.generator().stream(ids, gc, gen):
+        if not args.json:
+            print(ev.text, end="", flush=True)
+    if not args.json:
+        print()
+    decode = [s for s in gen.steps if s.phase == "decode"]
+    report.update(
+        text=gen.text, tokens=gen.tokens, finish=gen.finish, prompt_tokens=len(ids),
+        ttft_s=round(gen.ttft_s, 4), per_token_s=round(gen.per_token_s, 4),
+        tokens_per_s=round(1 / gen.per_token_s, 2) if gen.per_token_s else None,
+        decode_collective=decode[0].collective if decode else None,
+        prefill_steps=[{"tokens": s.tokens, "seconds": round(s.seconds, 4), "collective": s.collective}
+                       for s in gen.steps if s.phase == "prefill"],
+        kv_cache_bytes=gen.kv_cache_bytes, seconds={k: round(v, 4) for k, v in seconds.items()})
+    ok = True
+    if args.check:
+        if args.temperature:
+            raise GalaxyError("--check compares greedy tokens; drop --temperature")
+        progress("checking against the single-device reference (greedy, no cache)")
+        ref = reference_generate(model.source, ids, len(gen.tokens) if gen.finish != "eos" else args.max_new_tokens)
+        ok = ref[: len(gen.tokens)] == gen.tokens and (gen.finish != "eos" or len(ref) == len(gen.tokens))
+        report.update(tokens_match=ok, reference_tokens=ref)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"galaxy: {len(gen.tokens)} tokens ({gen.finish}); time to first token {gen.ttft_s:.3f} s, "
+              f"{gen.per_token_s * 1000:.1f} ms/token ({report['decode_collective']}); KV cache per device "
+              + ", ".join(units.fmt_bytes(b) for b in gen.kv_cache_bytes)
+              + ("" if not args.check else f"; tokens match reference: {ok}"), file=sys.stderr)
+    return 0 if ok else 1
+
+
+def partition_rows(p, req) -> list[dict]:
+    rows = []
+    tokens = p.tokens(int(req.ids.shape[0])) if p.strategy == Strategy.GALAXY else None
+    for r in range(p.world):
+        row = {"device": r, "heads": p.heads[r], "mlp_cols": p.cols[r], "vocab_rows": p.vocab[r]}
+        if p.strategy == Strategy.PIPELINE:
+            row = {"device": r, "layers": p.layers[r]}
+        if tokens is not None:
+            row["tokens"] = tokens[r]
+        rows.append(row)
+    return rows
+
+
+def _print_run(rep: dict) -> None:
+    print(f"model     {rep['model']}  ({rep['family']}, {rep['dtype']})")
+    print(f"strategy  {rep['strategy']} on {rep['devices']} devices; input {rep['seq_len']} tokens "
+          f"({rep['input']})")
+    cols = list(rep["partition"][0])
+    print("  " + "  ".join(f"{c:>10}" for c in cols))
+    for row in rep["partition"]:
+        print("  " + "  ".join(f"{row[c]:>10}" for c in cols))
+    print("time      " + ", ".join(f"{k} {v:.3f} s" for k, v in rep["seconds"].items()))
+    if "top5" in rep:
+        shown = [repr(t["text"]) if t["text"] is not None else f"#{t['id']}" for t in rep["top5"]]
+        print("next token " + ", ".join(f"{s} ({t['logit']})" for s, t in zip(shown, rep["top5"])))
+    else:
+        print(f"embedding {rep['embedding_head']} ...")
+    if "tolerance_rel" in rep:
+        print(f"check     lossy wire: max |parallel - reference| = {rep['max_abs_err']:.3g}, "
+              f"{100 * rep['max_rel_err']:.2f}% of the output's scale (bound {100 * rep['tolerance_rel']:.0f}%); "
+              f"top-1 agreement {100 * rep.get('top1_agreement', 1):.0f}%: {rep['check']}")
+    elif "max_abs_err" in rep:
+        print(f"check     max |parallel - reference| = {rep['max_abs_err']:.3g} "
+              f"(tolerance {rep['tolerance']:.0e}): {rep['check']}")
+    if "saved" in rep:
+        print(f"saved     {rep['saved']}")

@@ -1,0 +1,88 @@
+"""`galaxy serve`: an OpenAI-compatible HTTP endpoint for a model split across devices."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..serving.server import Server
+from .args import add_cluster_args, add_model_args, size
+from .session import device_count, open_session
+
+EXAMPLES = """examples:
+  galaxy serve --local 3                                  http://127.0.0.1:8000/v1, the embedded SmolLM2
+  galaxy serve --cluster lan.yaml --host 0.0.0.0 --api-key $KEY --recover
+  galaxy serve --model minilm --port 8001                 /v1/embeddings
+"""
+
+
+def add_parser(subparsers):
+    """Register `galaxy serve` on the CLI's subparsers; returns the parser."""
+    p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP endpoint for a model split across devices",
+                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="Serve /v1/chat/completions (causal LMs), /v1/embeddings (encoders), "
+                              "/v1/models and /health. One request runs at a time; others wait in a short queue.")
+    add_model_args(p)
+    add_cluster_args(p, recover=True)
+    p.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
+    h = p.add_argument_group("HTTP")
+    h.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for the LAN)")
+    h.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    h.add_argument("--api-key", default=os.environ.get("GALAXY_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every request (default $GALAXY_API_KEY)")
+    h.add_argument("--served-model-name", help="the model id clients use (default: the --model name)")
+    h.add_argument("--max-queue", type=int, default=8, help="requests waiting behind the running one; more get "
+                   "429 (default 8)")
+    h.add_argument("--queue-timeout", type=float, default=120.0, help="seconds a request may wait (default 120)")
+    h.add_argument("--default-max-tokens", type=int, default=256,
+                   help="completion tokens when a request sets no max_tokens (default 256)")
+    h.add_argument("--default-temperature", type=float, default=1.0,
+                   help="temperature when a request sets none (default 1.0, as OpenAI; 0 = greedy)")
+    h.add_argument("--max-body", type=size, default=1 << 20, metavar="SIZE",
+                   help="largest request body (default 1MiB)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def cmd_serve(args) -> int:
+    name = args.served_model_name or args.model or args.random_init or "smollm2"
+    name = Path(name).stem if ("/" in name or name.endswith(".gguf")) else name
+    with open_session(args, device_count(args)) as session:
+        print("galaxy: loading shards ...", file=sys.stderr, flush=True)
+        model = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
+                             plan=args.plan)
+        server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
+                        max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
+                        default_max_tokens=args.default_max_tokens, default_temperature=args.default_temperature)
+        server._bind()
+        kind = "chat completions" if model.config.causal else "embeddings"
+        print(f"galaxy serve: {name} ({kind}) on {session.world} devices at http://{server.address}/v1 "
+              "(Ctrl-C stops)", file=sys.stderr, flush=True)
+        with _sigterm_as_interrupt():
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                print("galaxy serve: stopped", file=sys.stderr)
+    return 0
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """`kill`, systemd and docker stop with SIGTERM: leave serve_forever the way Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -1,0 +1,10 @@
+"""The model, on one device: its shape, its blocks, its KV cache, its tokenizer and its weights.
+
+Pure torch (no grpc, psutil or argparse), built for a *range* of heads, MLP columns, vocabulary
+rows and layers so that the same blocks serve the whole model and any device's shard of it.
+
+- `config`: `ModelConfig` (five families by architecture switches) and the preset shapes;
+- `transformer`: `Transformer`, `Block`, `Attention`, `MLP`, `Embeddings`, the reference forward;
+- `kvcache`: a device's KV caches (its own heads only);
+- `tokenizer`, `checkpoints` (HF directories, GGUF, random init), `defaults` (the embedded models).
+"""

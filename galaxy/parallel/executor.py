@@ -1,0 +1,146 @@
+"""The interface every way of running a partition's ranks offers: load a model, run passes on it.
+
+Three executors implement it, and everything above them -- generation, the Python API, the OpenAI
+server, the bench -- speaks only this interface:
+
+- `transport.client.Cluster`: one worker process per device, driven over gRPC;
+- `runtime.inproc.InprocCluster`: the ranks as threads of this process (tests, `--transport inproc`);
+- `runtime.recovery.ResilientCluster`: a `Cluster` that re-plans around devices that drop out.
+
+How a model is loaded is one frozen, validated `LoadOptions` rather than a dozen keyword arguments,
+so a wrapper that reloads (after a fail-over or a re-balance) reloads exactly what was asked for.
+What a pass reports is typed: a `DeviceStats` per rank with its `OpStat`s, never positional tuples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..errors import PlanMismatch
+from ..model.checkpoints import WeightSource
+from ..model.transformer import DTYPES
+from .codec import FORMATS as WIRE_FORMATS
+from .collectives import OpStat
+from .forward import Request
+from .sharding import Partition
+
+BACKENDS = ("torch", "onnx", "auto")  # auto: each device times both and keeps the faster
+DATA_PLANES = ("tcp", "grpc")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is put on the devices, besides which model and which split."""
+
+    dtype: str = "float32"  # compute dtype, a key of model.transformer.DTYPES
+    tiles: int = 1  # sub-tiles per device chunk in each ring step (finer overlap, more messages)
+    stream: bool = False  # push each device its shard from the coordinator: devices need no model file
+    wire: tuple[tuple[str, ...], ...] | None = None  # wire[i][j]: format rank i sends to rank j; None: fp32
+    overlap: bool = True  # tile overlap of communication with computation (False: the no-overlap baseline)
+    backend: str = "torch"  # one of BACKENDS
+    data_plane: str = "tcp"  # tiles over the workers' TCP data ports, or over gRPC Exchange streams
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise PlanMismatch(f"load options: {msg}")
+
+        need(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
+        need(isinstance(self.tiles, int) and self.tiles >= 1, f"tiles={self.tiles!r} must be an integer >= 1")
+        need(self.backend in BACKENDS, f"backend={self.backend!r} is not one of {BACKENDS}")
+        need(self.data_plane in DATA_PLANES, f"data_plane={self.data_plane!r} is not one of {DATA_PLANES}")
+        if self.wire is not None:
+            wire = tuple(tuple(row) for row in self.wire)
+            object.__setattr__(self, "wire", wire)  # lists in, tuples kept: the options stay hashable
+            need(all(len(row) == len(wire) for row in wire), f"wire is not a square matrix: {list(map(len, wire))}")
+            bad = sorted({f for row in wire for f in row if f not in WIRE_FORMATS})
+            need(not bad, f"wire formats {bad} are not among {WIRE_FORMATS}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def check_world(self, world: int) -> None:
+        """Refuse a wire matrix made for another number of devices."""
+        if self.wire is not None and len(self.wire) != world:
+            raise PlanMismatch(f"the wire formats are for {len(self.wire)} devices, the cluster has {world}")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a device reports of itself (Hello): the coordinator's view of it."""
+
+    address: str
+    name: str
+    cpu_count: int
+    threads: int
+    compute_device: str
+    total_memory: int
+    available_memory: int
+    memory_budget: int
+    state: str
+    rss: int = 0  # the worker process's own resident memory
+    data_port: int = 0  # its TCP tensor data port (0: none, peers send over gRPC)
+    cpu_limit: float = 0.0  # cores it may use (cgroup quota or CPU count); 0: not reported
+    host_id: str = ""  # its machine's boot id: equal ids share cores and memory; "": not reported
+    host_cpus: int = 0  # CPUs of that whole machine; 0: not reported
+
+
+@dataclass(frozen=True)
+class DeviceStats:
+    """One rank's part of one pass."""
+
+    rank: int
+    forward_s: float  # its whole forward, waiting included
+    ops: tuple[OpStat, ...] = ()  # one per collective, in order
+    peak_rss_bytes: int = 0  # resident-memory peak during the pass (0: not measured)
+    rss_before_bytes: int = 0  # resident memory when the pass began (peak - this: activations)
+    kv_cache_bytes: int = 0  # KV caches the device holds after the pass
+    cpu_s: float = 0.0  # CPU time of the whole worker process (every thread) in the pass; 0: not reported
+
+    @property
+    def busy_s(self) -> float:
+        """Its own work: the forward minus the time it sat blocked waiting for a peer. Equal on
+        every device when the split is balanced."""
+        return self.forward_s - sum(op.wait_s for op in self.ops)
+
+
+@dataclass
+class ForwardResult:
+    output: torch.Tensor  # the assembled model output, float32
+    seconds: float  # wall time at the coordinator
+    devices: list[DeviceStats] = field(default_factory=list)  # per rank
+
+
+class Executor(Protocol):
+    """A set of ranks in ring order that hold a model's shards and run passes over them."""
+
+    names: list[str]  # how errors and reports name each device, in ring order
+    backends: list[str]  # the backend each rank runs, "auto" resolved (after load)
+
+    @property
+    def world(self) -> int: ...
+
+    @property
+    def partition(self) -> Partition | None:
+        """The split loaded now (None before load); a re-planning executor may change it."""
+
+    def hello(self) -> list[DeviceInfo]:
+        """What each device reports of itself, in ring order ([] where there is nothing to ask)."""
+
+    def load(self, source: WeightSource, partition: Partition, options: LoadOptions = LoadOptions()) -> list[int]:
+        """Put `source` on the devices split by `partition`; returns each rank's weight bytes."""
+
+    def forward(self, req: Request, *, overlap: bool = True, measure_memory: bool = False,
+                wire: list[list[str]] | None = None) -> ForwardResult:
+        """One pass. overlap=False and `wire` override the loaded options for this pass only (the bench's
+        side-by-side variants); measure_memory returns free heap to the OS first so the peak is this pass's."""
+
+    def release(self) -> None:
+        """Drop the loaded model on every device (the executor stays usable)."""
+
+    def close(self) -> None:
+        """Release, and free the executor's own resources (connections, threads)."""

@@ -1,0 +1,111 @@
+"""Run every rank of a partition as a thread of this process (no network).
+
+The test bed for the parallel forwards and `--transport inproc`. `InprocCluster` is an Executor
+like the gRPC `Cluster`, so generation, the Python API and the serving engine run on either.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from ..backends.select import use_backend
+from ..errors import GalaxyError, PlanMismatch
+from ..parallel.executor import DeviceStats, ForwardResult, LoadOptions
+from ..parallel.forward import Request, assemble
+from ..parallel.local_transport import LocalGroup
+from ..parallel.rank import RankRuntime
+from ..parallel.sharding import Partition, load_shard, shard_bytes
+
+
+def _run_ranks(runtimes: list[RankRuntime], req: Request, timeout: float, overlap: bool = True):
+    n = len(runtimes)
+    group = LocalGroup(n, timeout)
+    comms = [runtimes[r].new_comm(group.transport(r), overlap=runtimes[r].overlap and overlap) for r in range(n)]
+    outputs: list = [None] * n
+    errors: list = [None] * n
+
+    def work(r: int) -> None:
+        try:
+            outputs[r] = runtimes[r].run(comms[r], req)
+        except BaseException as e:  # noqa: BLE001 - reported below, after every rank stopped
+            errors[r] = e
+            group.abort()
+
+    threads = [threading.Thread(target=work, args=(r,), name=f"galaxy-rank{r}") for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = next((e for e in errors if e is not None and "group aborted" not in str(e)), None)
+    first = first or next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return outputs, comms
+
+
+def run_inprocess(models: list, partition: Partition, req: Request, tiles: int = 1,
+                  timeout: float = 120.0, overlap: bool = True) -> tuple:
+    """Forward `req` through one model shard per rank; returns (output, per-rank Collectives)."""
+    if len(models) != partition.world:
+        raise ValueError(f"{len(models)} model shards for a {partition.world}-device partition")
+    runtimes = [RankRuntime(m, partition, r, tiles, overlap=overlap) for r, m in enumerate(models)]
+    outputs, comms = _run_ranks(runtimes, req, timeout)
+    return assemble(models[0].cfg, partition, outputs, req.ids.shape[0]), comms
+
+
+class InprocCluster:
+    """`world` ranks as threads of this process: an Executor with no sockets (tests, `--transport inproc`)."""
+
+    def __init__(self, world: int, timeout: float = 120.0):
+        self.world, self.timeout = world, timeout
+        self.runtimes: list[RankRuntime] = []
+        self.partition: Partition | None = None
+        self.config = None
+        self.names = [f"thread{r}" for r in range(world)]
+        self.backends: list[str] = []
+
+    def hello(self) -> list:
+        return []
+
+    def load(self, source, partition: Partition, options: LoadOptions = LoadOptions()) -> list[int]:
+        """options.stream and options.data_plane change nothing here: in-process ranks share memory."""
+        if partition.world != self.world:
+            raise PlanMismatch(f"the partition has {partition.world} devices, the executor {self.world}")
+        options.check_world(self.world)
+        cfg = source.config
+        partition.validate(cfg)
+        self.runtimes = [RankRuntime(load_shard(source, partition.spec(r, cfg), dtype=options.torch_dtype),
+                                     partition, r, options.tiles, overlap=options.overlap) for r in range(self.world)]
+        self.backends = [use_backend(rt.model, options.backend, torch.get_num_threads()) for rt in self.runtimes]
+        self.partition, self.config = partition, cfg
+        return [shard_bytes(cfg, partition.spec(r, cfg), options.torch_dtype) for r in range(self.world)]
+
+    def forward(self, req: Request, *, overlap: bool = True, measure_memory: bool = False,
+                wire: list[list[str]] | None = None) -> ForwardResult:
+        """`wire` and `measure_memory` change nothing here (no wire, one process's memory)."""
+        if self.partition is None:
+            raise GalaxyError("nothing loaded: call load() first")
+        for rt in self.runtimes:
+            rt.validate(req)
+        t0 = time.perf_counter()
+        outputs, comms = _run_ranks(self.runtimes, req, self.timeout, overlap)
+        seconds = time.perf_counter() - t0
+        devices = [DeviceStats(r, seconds, tuple(c.stats.ops), kv_cache_bytes=self.runtimes[r].kv.nbytes)
+                   for r, c in enumerate(comms)]
+        out = assemble(self.config, self.partition, outputs, req.ids.shape[0])
+        return ForwardResult(out, seconds, devices)
+
+    def release(self) -> None:
+        self.runtimes, self.partition = [], None
+
+    def close(self) -> None:
+        self.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,206 @@
+"""Keeping a cluster working when devices drop out or slow down (`--recover`).
+
+`ResilientCluster` wraps the gRPC `Cluster`. When a request fails because a device is gone, it
+asks every device who is still alive, re-splits the model over the survivors (if their memory
+allows), reloads the shards and retries the request once. A request that used a KV cache cannot
+be retried as is -- the caches died with the old layout -- so it raises `CacheLost` and the
+generator re-prefills the sequence so far.
+
+Straggler detection (the Galaxy+ idea): after each plain forward with the HMP split, each
+device's busy time (its forward time minus the time it waited for peers) is compared with the
+fastest device's. Under a good split they are equal; a device that stays `straggler_ratio`
+times slower for `straggler_patience` requests gets a share in proportion to its measured
+speed, and the shards are reloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+from ..errors import CacheLost, DeviceOutOfMemory, GalaxyError, PeerUnreachable, WorkerError
+from ..model.checkpoints import WeightSource
+from ..parallel.executor import LoadOptions
+from ..parallel.sharding import Partition, Strategy, even_partition, shard_bytes, weighted_partition
+from ..transport.client import Cluster
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryEvent:
+    kind: str  # "recover" | "rebalance"
+    detail: str
+    seconds: float
+    devices: list[str] = field(default_factory=list)  # the layout after the event
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """What was loaded, all of it: a reload after a fail-over or re-balance keeps every option."""
+
+    source: WeightSource
+    partition: Partition
+    options: LoadOptions
+
+
+class ResilientCluster:
+    """A Cluster that re-plans over the surviving devices: an Executor like the Cluster it wraps."""
+
+    def __init__(self, addresses: list[str], token=None, tls=None, straggler_ratio: float = 1.6,
+                 straggler_patience: int = 3):
+        self._make = lambda addrs, timeout=10.0: Cluster(addrs, token=token, tls=tls, connect_timeout=timeout)
+        self.addresses = list(addresses)
+        self.cluster = self._make(self.addresses)
+        self.straggler_ratio, self.straggler_patience = straggler_ratio, straggler_patience
+        self.events: list[RecoveryEvent] = []
+        self._loaded: _Loaded | None = None
+        self._slow_streak = 0
+
+    # the Executor interface -------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return self.cluster.world
+
+    @property
+    def partition(self) -> Partition | None:
+        return self._loaded.partition if self._loaded else None
+
+    @property
+    def names(self) -> list[str]:
+        return self.cluster.names
+
+    @property
+    def backends(self) -> list[str]:
+        return self.cluster.backends
+
+    @property
+    def options(self) -> LoadOptions | None:
+        """The options the model is loaded with now (kept across fail-overs and re-balances)."""
+        return self._loaded.options if self._loaded else None
+
+    def hello(self):
+        try:
+            return self.cluster.hello()
+        except (PeerUnreachable, WorkerError) as e:  # start (or go on) with the devices that answer
+            alive = self._alive()
+            if not alive:
+                raise
+            log.warning("%s; going on with %d of %d devices", e, len(alive), len(self.addresses))
+            self.cluster.close()
+            self.cluster = self._make(alive)
+            self.events.append(RecoveryEvent("recover", f"unreachable at start: {e}", 0.0, alive))
+            return self.cluster.hello()
+
+    def load(self, source, partition: Partition, options: LoadOptions = LoadOptions()) -> list[int]:
+        out = self.cluster.load(source, partition, options)
+        self._loaded = _Loaded(source, partition, options)
+        return out
+
+    def release(self) -> None:
+        self.cluster.release()
+
+    def close(self) -> None:
+        self.cluster.close()
+
+    def forward(self, req, *, overlap: bool = True, measure_memory: bool = False, wire=None):
+        try:
+            res = self.cluster.forward(req, overlap=overlap, measure_memory=measure_memory, wire=wire)
+        except (PeerUnreachable, WorkerError) as e:
+            if self._loaded is None:
+                raise
+            log.warning("request failed (%s); re-planning over the surviving devices", e)
+            self._recover(str(e))
+            if req.cache:
+                raise CacheLost(f"re-planned after a failure ({e}); the KV caches are gone") from e
+            if wire is not None:  # a per-pass matrix was for the old ring: the survivors run with the loaded one
+                wire = None
+            res = self.cluster.forward(req, overlap=overlap, measure_memory=measure_memory, wire=wire)
+        if not req.cache:
+            self._watch_stragglers(res)
+        return res
+
+    # recovery -----------------------------------------------------------------------------
+    def _alive(self) -> list[str]:
+        alive = []
+        for a in self.addresses:
+            try:
+                with self._make([a], 2.0) as probe:
+                    probe.hello()
+                alive.append(a)
+            except GalaxyError:
+                pass
+        return alive
+
+    def _recover(self, why: str) -> None:
+        t0 = time.perf_counter()
+        loaded = self._loaded
+        survivors = self._alive()
+        if not survivors:
+            raise PeerUnreachable(f"no device answers any more ({why}); nothing to recover with")
+        keep = [self.cluster.addresses.index(a) for a in survivors if a in self.cluster.addresses]
+        partition = _survivor_partition(loaded.source.config, loaded.partition, keep, len(survivors))
+        options = loaded.options
+        if options.wire is not None:  # the formats between the devices that are left, as they were;
+            # a device that was not in the ring before has none: exact fp32 until re-planned
+            wire = tuple(tuple(options.wire[i][j] for j in keep) for i in keep) if len(keep) == len(survivors) else None
+            options = dataclasses.replace(options, wire=wire)
+        self._check_memory(loaded.source.config, partition, survivors, options.torch_dtype)
+        self.cluster.close()
+        self.cluster = self._make(survivors)
+        self.cluster.hello()
+        self.cluster.load(loaded.source, partition, options)
+        self._loaded = _Loaded(loaded.source, partition, options)
+        lost = [a for a in self.addresses if a not in survivors]
+        self.events.append(RecoveryEvent("recover", f"lost {lost or 'none'}: {why}", time.perf_counter() - t0,
+                                         survivors))
+
+    def _check_memory(self, cfg, partition: Partition, addresses: list[str], dtype) -> None:
+        with self._make(addresses, 2.0) as c:
+            infos = c.hello()
+        for r, info in enumerate(infos):
+            need = shard_bytes(cfg, partition.spec(r, cfg), dtype)
+            cap = min(info.available_memory, info.memory_budget) if info.memory_budget else info.available_memory
+            if need > cap:
+                raise DeviceOutOfMemory(f"cannot recover: {info.name} would need {need / 2**20:.0f} MiB for its "
+                                        f"shard, it has {cap / 2**20:.0f} MiB; add a device")
+
+    # stragglers ---------------------------------------------------------------------------
+    def _watch_stragglers(self, res) -> None:
+        part = self.partition
+        if part is None or part.strategy != Strategy.GALAXY or part.world < 2:
+            return
+        busy = [d.busy_s for d in res.devices]
+        fastest = min(busy)
+        ratios = [b / fastest if fastest > 0 else 1.0 for b in busy]  # 1.0 = as fast as the fastest
+        if max(ratios) < self.straggler_ratio:
+            self._slow_streak = 0
+            return
+        self._slow_streak += 1
+        if self._slow_streak < self.straggler_patience:
+            return
+        self._slow_streak = 0
+        t0 = time.perf_counter()
+        loaded = self._loaded
+        # a device 2x slower than its share says gets half the work
+        weights = [w / r for w, r in zip(part.work_shares(loaded.source.config), ratios)]
+        partition = weighted_partition(loaded.source.config, weights)
+        self.cluster.load(loaded.source, partition, loaded.options)
+        self._loaded = _Loaded(loaded.source, partition, loaded.options)
+        slow = [self.cluster.names[i] for i, r in enumerate(ratios) if r >= self.straggler_ratio]
+        self.events.append(RecoveryEvent("rebalance", f"straggler(s) {slow}: busy-time ratios "
+                                 f"{[round(r, 2) for r in ratios]}, new weights {[round(w, 3) for w in weights]}",
+                                 time.perf_counter() - t0, list(self.cluster.addresses)))
+        log.warning("re-balanced the split away from %s", slow)
+
+
+def _survivor_partition(cfg, old: Partition, keep: list[int], n: int) -> Partition:
+    """The old layout's kind over the surviving ranks: Galaxy keeps their relative weights."""
+    if old.strategy == "galaxy" and len(keep) == n:
+        shares = old.work_shares(cfg)
+        weights = [shares[i] for i in keep]
+        if sum(weights) > 0:
+            return weighted_partition(cfg, weights)
+    return even_partition(cfg, n, old.strategy)

@@ -1,0 +1,69 @@
+"""Pieces of `galaxy run` callable from code: pick a model source, build the input, the
+single-device references a run is checked against, and the per-layer overlap report."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.checkpoints import WeightSource, open_checkpoint
+from ..model.checkpoints.random import RandomWeights
+from ..model.config import preset
+from ..model.defaults import resolve_model
+from ..parallel.forward import Request
+from ..parallel.sharding import full_spec, load_shard
+
+DEFAULT_PROMPT = "The capital of France is"
+
+
+def open_source(model: str | None = None, random_init: str | None = None, seed: int = 0) -> WeightSource:
+    """A weight source: a random-init preset, a path, or an embedded default ('smollm2', 'minilm')."""
+    if random_init is not None:
+        return RandomWeights(preset(random_init), seed=seed)
+    return open_checkpoint(resolve_model(model))
+
+
+def make_request(source: WeightSource, prompt: str | None = None, input_ids: list[int] | None = None,
+                 seq_len: int | None = None, seed: int = 0) -> tuple[Request, str]:
+    """Token ids from explicit ids, a prompt (through the model's tokenizer) or random ids."""
+    cfg = source.config
+    if input_ids is not None:
+        ids, how = list(input_ids), "input-ids"
+    elif prompt is not None or (seq_len is None and source.tokenizer() is not None):
+        tok = source.tokenizer()
+        if tok is None:
+            raise ValueError(f"{source.path} has no tokenizer; pass --input-ids or --seq-len instead")
+        ids, how = tok.encode(prompt if prompt is not None else DEFAULT_PROMPT), "prompt"
+    else:
+        g = torch.Generator().manual_seed(seed)
+        ids, how = torch.randint(0, cfg.vocab_size, (seq_len or 128,), generator=g).tolist(), "random"
+    if not ids:
+        raise ValueError("the input is empty: give a non-empty prompt or --input-ids")
+    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"input ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+    limit = cfg.max_positions
+    if len(ids) > limit:
+        raise ValueError(f"input has {len(ids)} tokens; the model allows at most {limit}")
+    return Request(torch.tensor(ids, dtype=torch.long)), how
+
+
+def reference_output(source: WeightSource, req: Request, dtype=torch.float32) -> torch.Tensor:
+    """The single-device forward, the yardstick for every parallel run."""
+    model = load_shard(source, full_spec(source.config), dtype=dtype)
+    return model(req.ids, req.types, req.start_pos)
+
+
+@torch.inference_mode()
+def reference_generate(source: WeightSource, prompt_ids: list[int], max_new_tokens: int,
+                       stop_at_eos: bool = True) -> list[int]:
+    """Greedy tokens from the single-device model, recomputing the whole sequence every step
+    (no KV cache: independent of the cache code it checks)."""
+    model = load_shard(source, full_spec(source.config))
+    ids, out = list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        tok = int(model(torch.tensor(ids), last_only=True)[-1].argmax())
+        if stop_at_eos and tok == source.config.eos_token_id:
+            break
+        out.append(tok)
+        ids.append(tok)
+    return out

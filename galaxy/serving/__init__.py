@@ -1,0 +1,1 @@
+"""Serving many requests: the OpenAI-compatible HTTP endpoint and what schedules its requests."""

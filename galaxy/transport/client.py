@@ -1,0 +1,365 @@
+"""The coordinator's side: a `Cluster` of workers driven over gRPC.
+
+The coordinator sends control messages only (load a shard, run a request, abort, release); the
+activations travel between workers directly. Every call has a deadline, and every gRPC failure
+becomes a typed error that names the device and says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import secrets
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from ..addresses import join_address, split_address
+from ..errors import (
+    AuthError,
+    DeviceOutOfMemory,
+    GalaxyError,
+    PeerUnreachable,
+    PlanMismatch,
+    ProtocolMismatch,
+    WorkerError,
+)
+from ..model.checkpoints.random import RandomWeights
+from ..model.config import ModelConfig
+from ..parallel.collectives import OpStat
+from ..parallel.executor import DeviceInfo, DeviceStats, ForwardResult, LoadOptions
+from ..parallel.forward import Request, assemble
+from ..parallel.sharding import Partition, meta_model
+from ..v1 import worker_pb2 as pb
+from ..v1 import worker_pb2_grpc as pb_grpc
+from .channels import open_channel
+from .protocol import from_proto, metadata, to_proto
+from .shardstore import digest, iter_shard, model_hash, spec_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What the workers load: a path on their disks, or random init of a config."""
+
+    config: ModelConfig
+    path: str = ""
+    random_init: bool = False
+    seed: int = 0
+    std: float = 0.02
+
+    def to_proto(self) -> pb.ModelRef:
+        return pb.ModelRef(path=self.path, random_init=self.random_init, seed=self.seed, random_std=self.std,
+                           config_json=json.dumps(self.config.to_dict()))
+
+
+def model_ref(source) -> ModelRef:
+    """How workers find the same weights as `source`: the checkpoint path, or the random-init recipe."""
+    if isinstance(source, RandomWeights):
+        return ModelRef(source.config, random_init=True, seed=source.seed, std=source.std)
+    return ModelRef(source.config, path=str(Path(source.path).resolve()))
+
+def _tcp_open(address: str, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection(split_address(address), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _error(e: grpc.RpcError, device: str, action: str, address: str | None = None) -> GalaxyError:
+    """Translate a gRPC failure into the typed error a user can act on."""
+    code, detail = e.code(), e.details() or ""
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "busy" not in detail:
+        if action == "hello" and address and _tcp_open(address):
+            return AuthError(f"{device}: reachable, but no gRPC session could be set up ({detail}): the TLS "
+                             "handshake failed -- a certificate from another cluster CA, or only one side "
+                             "uses --tls")
+        return PeerUnreachable(f"{device}: unreachable during {action} ({code.name}: {detail}); is "
+                               "`galaxy worker` running there and the address right?")
+    if code == grpc.StatusCode.FAILED_PRECONDITION and "protocol" in detail:
+        return ProtocolMismatch(f"{device}: {detail}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthError(f"{device}: {detail}; use the cluster's token (--token / GALAXY_TOKEN)")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return DeviceOutOfMemory(f"{device}: {detail}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT and action == "load":
+        return PlanMismatch(f"{device}: {detail}")
+    return WorkerError(f"{device}: {action} failed ({code.name}): {detail}")
+
+
+class Cluster:
+    """Workers at `addresses`, in ring order. Use as a context manager to release them."""
+
+    def __init__(self, addresses: list[str], token: str | None = None, connect_timeout: float = 10.0,
+                 forward_timeout: float = 600.0, tls=None):
+        if not addresses:
+            raise GalaxyError("a cluster needs at least one worker address")
+        self.addresses = list(addresses)
+        self.token = token
+        self.connect_timeout, self.forward_timeout = connect_timeout, forward_timeout
+        self.heartbeat_s, self.heartbeat_misses = 1.0, 3  # a silent device is declared gone after ~3-6 s
+        self.channels = [open_channel(a, tls) for a in self.addresses]
+        self.stubs = [pb_grpc.WorkerStub(c) for c in self.channels]
+        self.pool = ThreadPoolExecutor(max_workers=max(4, len(addresses)), thread_name_prefix="galaxy-coord")
+        self.session_id = ""
+        self.partition: Partition | None = None
+        self.config: ModelConfig | None = None
+        self.names = [f"device {i} ({a})" for i, a in enumerate(self.addresses)]
+        self._request_id = 0
+
+    @property
+    def world(self) -> int:
+        return len(self.addresses)
+
+    def _md(self):
+        return metadata(self.token, self.session_id or None)
+
+    def _all(self, action: str, call):
+        """Run call(rank, stub) on every worker at once; raise the first failure, typed."""
+        futs = [self.pool.submit(call, r, s) for r, s in enumerate(self.stubs)]
+        results, first = [], None
+        for r, f in enumerate(futs):
+            try:
+                results.append(f.result())
+            except grpc.RpcError as e:
+                results.append(None)
+                first = first or _error(e, self.names[r], action, self.addresses[r])
+        if first:
+            raise first
+        return results
+
+    def hello(self) -> list[DeviceInfo]:
+        def call(r, stub):
+            rep = stub.Hello(pb.HelloRequest(), timeout=self.connect_timeout, metadata=self._md(),
+                             wait_for_ready=True)
+            return DeviceInfo(self.addresses[r], rep.device_name, rep.cpu_count, rep.threads, rep.compute_device,
+                              rep.total_memory_bytes, rep.available_memory_bytes, rep.memory_budget_bytes, rep.state,
+                              rep.rss_bytes, rep.data_port, rep.cpu_limit, rep.host_id, rep.host_cpus)
+
+        infos = self._all("hello", call)
+        self.names = [f"device {i} '{d.name}' ({d.address})" for i, d in enumerate(infos)]
+        return infos
+
+    def profile(self, config: ModelConfig, seq_lens: list[int], dtype: str = "float32", repeats: int = 3,
+                ranks: list[int] | None = None, timeout: float = 900.0) -> dict[int, pb.ProfileReply]:
+        """Every (or the given) worker times its blocks for this model shape, all at once."""
+        ranks = list(range(self.world)) if ranks is None else ranks
+        msg = pb.ProfileRequest(config_json=json.dumps(config.to_dict()), seq_lens=seq_lens, dtype=dtype,
+                                repeats=repeats)
+        futs = {r: self.pool.submit(self.stubs[r].Profile, msg, timeout=timeout, metadata=self._md()) for r in ranks}
+        out = {}
+        for r, f in futs.items():
+            try:
+                out[r] = f.result()
+            except grpc.RpcError as e:
+                raise _error(e, self.names[r], "profile") from None
+        return out
+
+    def link_test(self, src: int, dst: int, nbytes: int = 0, timeout: float = 300.0) -> pb.LinkTestReply:
+        """Worker `src` measures its link to worker `dst` with real transfers."""
+        try:
+            return self.stubs[src].LinkTest(pb.LinkTestRequest(peer=self.addresses[dst], bytes=nbytes, pings=5),
+                                            timeout=timeout, metadata=self._md())
+        except grpc.RpcError as e:
+            raise _error(e, self.names[src], f"link test to {self.names[dst]}") from None
+
+    def load(self, source, partition: Partition, options: LoadOptions = LoadOptions()) -> list[int]:
+        """Load a WeightSource (the Executor interface). Workers read the same checkpoint path or
+        random-init recipe, or, with options.stream, receive exactly their shards from here (they
+        need no model file). Returns each rank's weight bytes."""
+        hashes = self.push_shards(source, partition) if options.stream else None
+        replies = self.load_ref(model_ref(source), partition, options, shard_hashes=hashes)
+        return [r.weight_bytes for r in replies]
+
+    def load_ref(self, model: ModelRef, partition: Partition, options: LoadOptions = LoadOptions(),
+                 shard_hashes: list[str] | None = None, recv_timeout: float = 60.0,
+                 load_timeout: float = 600.0) -> list[pb.LoadReply]:
+        """Every worker loads its shard of `model` under `partition` and joins the ring: from the
+        path or random-init recipe in `model`, or from the shards pushed with these content hashes."""
+        if partition.world != self.world:
+            raise PlanMismatch(f"the partition has {partition.world} devices, the cluster {self.world}")
+        options.check_world(self.world)
+        partition.validate(model.config)
+        # names, so every later error can name them, and data ports (a restarted worker has a new one)
+        infos = self.hello()
+        tcp = options.data_plane == "tcp"
+        data_peers = [join_address(split_address(a)[0], d.data_port) if d.data_port and tcp else ""
+                      for a, d in zip(self.addresses, infos)]
+        self.release()
+        self.session_id = secrets.token_hex(8)
+        ref, pjson = model.to_proto(), json.dumps(partition.to_dict())
+
+        def call(r, stub):
+            mref = ref
+            if shard_hashes is not None:  # pushed shards: no path, just the hash of this rank's shard
+                mref = pb.ModelRef(config_json=ref.config_json, shard_hash=shard_hashes[r])
+            req = pb.LoadRequest(session_id=self.session_id, model=mref, partition_json=pjson, rank=r,
+                                 peers=self.addresses, dtype=options.dtype, tiles=options.tiles,
+                                 recv_timeout_s=recv_timeout, wire_formats=options.wire[r] if options.wire else [],
+                                 no_overlap=not options.overlap, backend=options.backend, data_peers=data_peers)
+            return stub.Load(req, timeout=load_timeout, metadata=self._md())
+
+        replies = self._all("load", call)
+        self.partition, self.config = partition, model.config
+        self.backends = [r.backend for r in replies]
+        return replies
+
+    def push_shards(self, source, partition: Partition) -> list[str]:
+        """Stream each worker its shard unless its cache has it; returns the content hashes."""
+        mh, cfg = model_hash(source), source.config
+
+        def push(r, stub):
+            sj = spec_json(partition.spec(r, cfg))
+            have = stub.HaveShard(pb.HaveShardRequest(model_hash=mh, spec_json=sj), timeout=30,
+                                  metadata=self._md()).content_hash
+            if have:
+                return have
+            sent = {}
+            receipt = stub.PushShard(_shard_parts(source, partition.spec(r, cfg), mh, sj, sent),
+                                     timeout=3600, metadata=self._md())
+            if receipt.content_hash != sent.get("hash"):
+                raise GalaxyError(f"{self.names[r]}: shard hash mismatch after push")
+            return receipt.content_hash
+
+        return self._all("weight push", push)
+
+    def forward(self, req: Request, overlap: bool = True, measure_memory: bool = False,
+                wire: list[list[str]] | None = None) -> ForwardResult:
+        """One forward pass across the cluster; on any failure every worker aborts the request.
+        overlap=False runs this request without tile overlap (a benchmark baseline)."""
+        if self.partition is None:
+            raise GalaxyError("nothing loaded: call load() first")
+        self._request_id += 1
+        rid = self._request_id
+        msg = pb.ForwardRequest(session_id=self.session_id, request_id=rid, input_ids=to_proto(req.ids.cpu()),
+                                start_pos=req.start_pos, last_only=req.last_only, kv_cache=req.cache,
+                                kv_fork_from=req.fork_from, kv_fork_len=req.fork_len, kv_drop=list(req.drop),
+                                no_overlap=not overlap, measure_memory=measure_memory)
+        if req.types is not None:
+            msg.token_types.CopyFrom(to_proto(req.types.cpu()))
+        msgs = [msg] * self.world
+        if wire is not None:  # per-rank messages: each carries the formats that rank sends with
+            msgs = [pb.ForwardRequest() for _ in range(self.world)]
+            for r, m in enumerate(msgs):
+                m.CopyFrom(msg)
+                m.wire_formats.extend(wire[r])
+        t0 = time.perf_counter()
+        futs = [stub.Forward.future(m, timeout=self.forward_timeout, metadata=self._md())
+                for stub, m in zip(self.stubs, msgs)]
+        finished: queue.Queue = queue.Queue()
+        for r, f in enumerate(futs):
+            f.add_done_callback(lambda _f, r=r: finished.put(r))
+        replies, errors = [None] * self.world, []
+        pending, missed = set(range(self.world)), [0] * self.world
+        while pending:  # in completion order, so the first failure aborts the others at once
+            try:
+                r = finished.get(timeout=self.heartbeat_s)
+            except queue.Empty:
+                dead = self._heartbeat(pending, missed)
+                if dead is not None:
+                    self._abort(rid, f"{self.names[dead]} stopped answering")
+                    for f in futs:
+                        f.cancel()
+                    raise PeerUnreachable(
+                        f"{self.names[dead]}: no heartbeat for {self.heartbeat_s * self.heartbeat_misses:.0f} s "
+                        "during a request; the device dropped out (crashed, powered off, or its link is down)"
+                    ) from None
+                continue
+            pending.discard(r)
+            try:
+                replies[r] = futs[r].result()
+            except grpc.RpcError as e:
+                errors.append((r, e))
+                if len(errors) == 1:
+                    self._abort(rid, f"{self.names[r]} failed")
+        if errors:
+            raise self._root_cause(errors, "forward")
+        seconds = time.perf_counter() - t0
+        outs = [from_proto(rep.output, f"output of {self.names[r]}") if rep.HasField("output") else None
+                for r, rep in enumerate(replies)]
+        devices = [DeviceStats(r, rep.forward_s, tuple(OpStat(o.tag, o.wall_s, o.wait_s, o.compute_s, o.bytes, o.send_s)
+                                                       for o in rep.ops),
+                               peak_rss_bytes=rep.peak_rss_bytes, rss_before_bytes=rep.rss_before_bytes,
+                               kv_cache_bytes=rep.kv_cache_bytes, cpu_s=rep.cpu_s)  # cpu_s: 0.0 from older workers
+                   for r, rep in enumerate(replies)]
+        return ForwardResult(assemble(self.config, self.partition, outs, req.ids.shape[0]), seconds, devices)
+
+    def _heartbeat(self, ranks, missed: list[int]) -> int | None:
+        """Ping the workers still computing; a rank that missed `heartbeat_misses` in a row is dead."""
+        futs = {r: self.stubs[r].Ping.future(pb.PingRequest(), timeout=self.heartbeat_s, metadata=self._md())
+                for r in ranks}
+        for r, f in futs.items():
+            try:
+                f.result()
+                missed[r] = 0
+            except grpc.RpcError:
+                missed[r] += 1
+                if missed[r] >= self.heartbeat_misses:
+                    return r
+        return None
+
+    def _abort(self, rid: int, reason: str) -> None:
+        msg = pb.AbortRequest(session_id=self.session_id, request_id=rid, reason=reason)
+        futs = [stub.Abort.future(msg, timeout=2.0, metadata=self._md()) for stub in self.stubs]
+        for f in futs:
+            try:
+                f.result()
+            except grpc.RpcError:
+                pass  # a dead worker cannot be aborted; its peers time out or see the abort
+
+    def _root_cause(self, errors, action: str) -> GalaxyError:
+        """The failure that started it: not a rank that merely saw the abort or a broken link."""
+        def secondary(e):
+            d = e.details() or ""
+            return "aborted" in d or "is down" in d
+
+        primary = [(r, e) for r, e in errors if not secondary(e)] or errors
+        r, e = primary[0]
+        err = _error(e, self.names[r], action)
+        others = [self.names[x] for x, _ in errors if x != r]
+        if others:
+            err.args = (f"{err.args[0]} (then aborted on: {', '.join(others)})",)
+        return err
+
+    def release(self) -> None:
+        if not self.session_id:
+            return
+        for stub in self.stubs:
+            try:
+                stub.Release(pb.ReleaseRequest(session_id=self.session_id), timeout=5.0, metadata=self._md())
+            except grpc.RpcError:
+                pass
+        self.session_id, self.partition = "", None
+
+    def close(self) -> None:
+        self.release()
+        for c in self.channels:
+            c.close()
+        self.pool.shutdown(wait=False)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _shard_parts(source, spec, mh: str, sj: str, out: dict):
+    """The PushShard stream: header, one tensor per message, then the content hash."""
+    n = len(meta_model(source.config, spec).state_dict(keep_vars=True))
+    yield pb.ShardPart(model_hash=mh, spec_json=sj, config_json=json.dumps(source.config.to_dict()), n_tensors=n)
+    h = hashlib.sha256()
+    for name, t, alias in iter_shard(source, spec):
+        digest(h, name, t, alias)
+        yield pb.ShardPart(name=name, alias_of=alias) if t is None else pb.ShardPart(name=name, tensor=to_proto(t))
+    out["hash"] = h.hexdigest()
+    yield pb.ShardPart(content_hash=out["hash"])
+

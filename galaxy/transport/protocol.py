@@ -1,0 +1,117 @@
+"""Tensor <-> protobuf conversion and protocol constants: the one place bytes become tensors.
+
+Tensors travel as raw little-endian bytes with an explicit dtype and shape. Decoding checks the
+dtype is known, every dimension is non-negative, the element count is within limits and the
+byte length is exactly what the shape needs -- before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from ..errors import TransportError
+from ..parallel import codec
+from ..v1 import worker_pb2 as pb
+
+PROTOCOL_VERSION = 1
+META_PROTOCOL = "galaxy-protocol"
+META_TOKEN = "galaxy-token"
+META_SESSION = "galaxy-session"
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # hard cap on any gRPC message, both directions
+MAX_TENSOR_ELEMENTS = MAX_MESSAGE_BYTES // 2
+MAX_DIMS = 8
+
+_TO_PB = {
+    torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16,
+    torch.int64: pb.INT64, torch.int32: pb.INT32, torch.int8: pb.INT8, torch.uint8: pb.UINT8,
+}
+_FROM_PB = {v: k for k, v in _TO_PB.items()}
+
+assert sys.byteorder == "little", "Galaxy's wire format is little-endian; big-endian hosts are unsupported"
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def to_proto_dtype(dtype: torch.dtype) -> int:
+    """The wire's code for a dtype (the protobuf DType, also the TCP frames' dtype byte)."""
+    if dtype not in _TO_PB:
+        raise TypeError(f"dtype {dtype} cannot travel on the wire")
+    return _TO_PB[dtype]
+
+
+def from_proto_dtype(code: int, what: str, label: str = "dtype") -> torch.dtype:
+    if code not in _FROM_PB:
+        raise TransportError(f"{what}: unknown {label} code {code}")
+    return _FROM_PB[code]
+
+
+def checked_layout(code: int, shape: tuple[int, ...], nbytes: int, what: str) -> torch.dtype:
+    """The dtype of a tensor announced as (dtype code, shape, byte count), once the three agree and
+    are within limits: every transport checks this before it allocates for the tensor."""
+    dtype = from_proto_dtype(code, what)
+    if any(d < 0 for d in shape):
+        raise TransportError(f"{what}: negative dimension in shape {shape}")
+    if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) > MAX_TENSOR_ELEMENTS:
+        raise TransportError(f"{what}: shape {shape} exceeds the limit of {MAX_TENSOR_ELEMENTS} elements / "
+                             f"{MAX_DIMS} dims")
+    want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes != want:
+        raise TransportError(f"{what}: {nbytes} bytes for shape {shape} {dtype}, expected {want}")
+    return dtype
+
+
+def to_proto(t: torch.Tensor) -> pb.Tensor:
+    code = to_proto_dtype(t.dtype)
+    t = t.detach().contiguous().cpu()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # raw bytes, any dtype incl. bf16
+    return pb.Tensor(dtype=code, shape=list(t.shape), data=data)
+
+
+def from_proto(m: pb.Tensor, what: str = "tensor") -> torch.Tensor:
+    """Decode and validate; raises TransportError naming `what` on any inconsistency."""
+    shape = tuple(int(d) for d in m.shape)
+    dtype = checked_layout(m.dtype, shape, len(m.data), what)
+    n = math.prod(shape)
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    buf = torch.frombuffer(bytearray(m.data), dtype=torch.uint8)
+    return buf.view(dtype).reshape(shape)
+
+
+def metadata(token: str | None, session: str | None = None) -> list[tuple[str, str]]:
+    md = [(META_PROTOCOL, str(PROTOCOL_VERSION))]
+    if token:
+        md.append((META_TOKEN, token))
+    if session:
+        md.append((META_SESSION, session))
+    return md
+
+
+# --- lossy activation compression on the wire (codec.py does the arithmetic) -----------------
+WIRE_FORMATS = codec.FORMATS
+
+
+def compress(t: torch.Tensor, fmt: str) -> tuple[pb.Tensor, pb.Tensor | None]:
+    data, scales = codec.encode(t, fmt)
+    return to_proto(data), None if scales is None else to_proto(scales)
+
+
+def decompress(m: pb.Tensor, decoded: int, scales: pb.Tensor | None, what: str) -> torch.Tensor:
+    """Rebuild the sender's tensor from a frame, checking the scales fit the data."""
+    t = from_proto(m, what)
+    if not decoded or decoded == m.dtype:
+        return t
+    want = from_proto_dtype(decoded, what, "decoded dtype")
+    s = from_proto(scales, f"{what} scales") if scales is not None else None
+    try:
+        return codec.decode(t, s, want)
+    except ValueError as e:
+        raise TransportError(f"{what}: {e}") from None

@@ -1,0 +1,518 @@
+"""`galaxy worker`: one long-running peer per device.
+
+A worker is idle until a coordinator sends `Load` (model reference, partition, its rank, the
+ring's addresses); it then reads only its own shard of the weights and joins the ring. Each
+`Forward` runs this rank's part of the pass, exchanging tiles directly with its neighbours over
+`Exchange` streams. `Release` (or a new `Load`) returns it to idle. The servicer methods are
+thin: the compute is `galaxy.parallel`, the data plane `peers.PeerTransport`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import ipaddress
+import json
+import logging
+import resource
+import signal
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import psutil
+import torch
+
+from ..addresses import AddressError, join_address, split_address
+from ..backends.profiling import time_blocks
+from ..backends.select import use_backend
+from ..errors import DeviceOutOfMemory, GalaxyError, TransportError
+from ..model.checkpoints import CheckpointError, WeightSource, open_checkpoint
+from ..model.checkpoints.random import RandomWeights
+from ..model.config import ConfigError, ModelConfig
+from ..model.transformer import DTYPES
+from ..parallel.codec import codec_seconds_per_byte
+from ..parallel.forward import Request
+from ..parallel.rank import RankRuntime
+from ..parallel.sharding import Partition, PartitionError, build_shard, meta_model, shard_bytes, shard_state
+from ..v1 import worker_pb2 as pb
+from ..v1 import worker_pb2_grpc as pb_grpc
+from ..version import __version__
+from . import resources
+from .channels import add_port, open_channel, server_options
+from .datalink import DataServer
+from .discovery import start_announcer
+from .linktest import measure_link
+from .peers import PeerTransport
+from .protocol import (
+    MAX_MESSAGE_BYTES,
+    META_PROTOCOL,
+    META_SESSION,
+    META_TOKEN,
+    PROTOCOL_VERSION,
+    WIRE_FORMATS,
+    from_proto,
+    to_proto,
+)
+from .security import TlsFiles
+from .shardstore import ShardStore, model_hash, spec_json
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "GALAXY-WORKER-READY"  # printed with the bound address once the worker serves
+MAX_SESSIONS = 8
+LOAD_OVERHEAD = 1.15  # a shard's bytes plus transient copies while it is read and built
+
+
+@dataclass
+class WorkerSettings:
+    name: str = ""
+    threads: int = 1  # intra-op threads for torch
+    device: str = "cpu"  # compute device: cpu, cuda, cuda:1 ...
+    token: str | None = None  # shared cluster token; None: loopback only
+    memory_budget: int = 0  # bytes this whole worker process may hold, weights included (0: no cap)
+    link_delay_ms: float = 0.0  # emulated one-way latency added to every frame this worker receives
+    tls: TlsFiles | None = None  # mutual TLS with the cluster CA (security.py); None: plaintext
+    max_message_bytes: int = MAX_MESSAGE_BYTES  # larger gRPC messages are refused before decoding
+    shard_cache: str | None = None  # directory for streamed shards (None: keep them in memory only)
+    shard_cache_bytes: int = 4 << 30
+    cache_own_shards: bool = False  # also cache shards read from a file / random init (fast reloads)
+    data_port: int = 0  # TCP port of the tensor data plane (0: any free one; -1: none, peers use gRPC)
+
+
+@dataclass
+class _Session:
+    session_id: str
+    runtime: RankRuntime
+    transport: PeerTransport
+    weight_bytes: int
+    load_s: float
+    backend: str = "torch"
+
+
+def _peak_rss() -> int:
+    """Peak resident memory since the session was loaded (VmHWM, reset at load), in bytes."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Linux resets VmHWM to the current RSS when 5 is written to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _trim_heap() -> None:
+    """Give freed memory back to the OS (glibc keeps it otherwise), so the next session's peak
+    memory is its own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _open_model(ref: pb.ModelRef) -> WeightSource:
+    if bool(ref.path) == ref.random_init:
+        raise ValueError("model reference needs exactly one of path / random_init")
+    if ref.random_init:
+        if not ref.config_json:
+            raise ValueError("random_init needs the model config (config_json)")
+        return RandomWeights(ModelConfig.from_dict(json.loads(ref.config_json)), seed=ref.seed,
+                             std=ref.random_std or 0.02)
+    return open_checkpoint(ref.path)
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, settings: WorkerSettings):
+        self.s = settings
+        self.lock = threading.Lock()  # one Load/Forward/Release at a time
+        # Loaded sessions, least recently used first. Several coordinators (or a benchmark comparing
+        # strategies) may each keep a shard here; the oldest goes when memory or the count runs out.
+        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        self.shards = ShardStore(settings.shard_cache, settings.shard_cache_bytes)
+        self.data: DataServer | None = None  # the tensor data port, started with the server
+
+    def start_data_plane(self, host: str) -> None:
+        if self.s.data_port >= 0:
+            self.data = DataServer(host, self.s.data_port, self._transport_of, self.s.token, self.s.tls,
+                                   self.s.max_message_bytes)
+
+    def close(self) -> None:
+        """Drop every session and stop the data port (the gRPC server is the caller's)."""
+        with self.lock:
+            self._release()
+        if self.data is not None:
+            self.data.close()
+
+    def _transport_of(self, session_id: str) -> PeerTransport | None:
+        sess = self.sessions.get(session_id)
+        return None if sess is None else sess.transport
+
+    # -- control -----------------------------------------------------------------------------
+    def Hello(self, request, context):
+        if self.s.memory_budget:  # report live memory, as Load will count it
+            _trim_heap()
+        vm = psutil.virtual_memory()
+        sess = next(reversed(self.sessions.values()), None)
+        return pb.HelloReply(
+            protocol_version=PROTOCOL_VERSION, device_name=self.s.name, galaxy_version=__version__,
+            cpu_count=resources.cpus(), cpu_limit=resources.cpu_limit(), host_id=resources.host_id(),
+            host_cpus=resources.host_cpus(),
+            threads=self.s.threads,
+            compute_device=self.s.device,
+            total_memory_bytes=vm.total, available_memory_bytes=vm.available,
+            memory_budget_bytes=self.s.memory_budget, state="loaded" if sess else "idle",
+            session_id=sess.session_id if sess else "", rss_bytes=psutil.Process().memory_info().rss,
+            data_port=self.data.port if self.data else 0,
+        )
+
+    def Load(self, request, context):
+        with self.lock:
+            self._release(request.session_id)
+            try:
+                sess = self._load(request)
+            except (MemoryError, DeviceOutOfMemory) as e:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory loading shard: {e}")
+            except (CheckpointError, ConfigError, PartitionError, ValueError, GalaxyError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: load refused: {e}")
+            self.sessions[sess.session_id] = sess
+            return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s,
+                                rss_bytes=psutil.Process().memory_info().rss, backend=sess.backend)
+
+    def _load(self, req: pb.LoadRequest) -> _Session:
+        t0 = time.perf_counter()
+        source = None
+        if req.model.shard_hash:  # streamed by the coordinator: no checkpoint on this device
+            cfg = ModelConfig.from_dict(json.loads(req.model.config_json))
+        else:
+            source = _open_model(req.model)
+            if req.model.config_json:
+                want = ModelConfig.from_dict(json.loads(req.model.config_json))
+                if want.replace(name="") != source.config.replace(name=""):
+                    raise ValueError(f"the model at {source.path} does not match the coordinator's config")
+            cfg = source.config
+        partition = Partition.from_dict(json.loads(req.partition_json)).validate(cfg)
+        if len(req.peers) != partition.world:
+            raise ValueError(f"{len(req.peers)} peer addresses for a {partition.world}-device partition")
+        if not 0 <= req.rank < partition.world:
+            raise ValueError(f"rank {req.rank} outside 0..{partition.world - 1}")
+        if req.dtype not in DTYPES:
+            raise ValueError(f"dtype {req.dtype!r} is not one of {list(DTYPES)}")
+        spec = partition.spec(req.rank, cfg)
+        need = shard_bytes(cfg, spec, DTYPES[req.dtype])
+        if self.s.memory_budget and need > self.s.memory_budget:
+            raise GalaxyError(f"shard needs {need / 2**20:.0f} MiB, memory budget is "
+                              f"{self.s.memory_budget / 2**20:.0f} MiB")
+        rss = self._make_room(need)
+        if self.s.memory_budget:  # refuse rather than be killed by the OOM killer half way through
+            if rss + need * LOAD_OVERHEAD > self.s.memory_budget:
+                raise DeviceOutOfMemory(
+                    f"loading a {need / 2**20:.0f} MiB shard needs about {need * LOAD_OVERHEAD / 2**20:.0f} MiB "
+                    f"on top of the {rss / 2**20:.0f} MiB in use; the memory budget is "
+                    f"{self.s.memory_budget / 2**20:.0f} MiB")
+        if source is None:
+            state = self.shards.take(req.model.shard_hash)
+        else:
+            state = self._own_shard(source, spec)
+        model = build_shard(meta_model(cfg, spec), state, DTYPES[req.dtype], self.s.device)
+        del state
+        backend = use_backend(model, req.backend or "torch", self.s.threads)
+        _reset_peak_rss()  # from here on, the peak belongs to this session
+        bad = [f for f in req.wire_formats if f and f not in WIRE_FORMATS]
+        if bad or len(req.wire_formats) not in (0, partition.world):
+            raise ValueError(f"wire_formats {list(req.wire_formats)} must list one of {WIRE_FORMATS} per rank")
+        transport = PeerTransport(req.rank, list(req.peers), req.session_id, self.s.token,
+                                  req.recv_timeout_s or 60.0, channel_factory=lambda a: open_channel(a, self.s.tls),
+                                  link_delay_s=self.s.link_delay_ms / 1000, wire_formats=list(req.wire_formats),
+                                  data_peers=list(req.data_peers), tls=self.s.tls)
+        load_s = time.perf_counter() - t0
+        log.info("%s: loaded rank %d/%d of %s (%.0f MiB) in %.2f s", self.s.name, req.rank, partition.world,
+                 source.path if source else "a streamed shard", need / 2**20, load_s)
+        runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap)
+        return _Session(req.session_id, runtime, transport, need, load_s, backend)
+
+    def _own_shard(self, source, spec) -> dict:
+        """The shard read from the source -- or from this device's shard cache, when a reload of
+        the same model and split can skip reading and re-generating it (random init is slow)."""
+        if self.s.shard_cache is None or not self.s.cache_own_shards:
+            return shard_state(source, spec, meta_model(source.config, spec))
+        mh, sj = model_hash(source), spec_json(spec)
+        have = self.shards.have(mh, sj)
+        if have:
+            return self.shards.take(have)
+        state = shard_state(source, spec, meta_model(source.config, spec))
+        self.shards.put(mh, sj, state)
+        return state
+
+    def _make_room(self, need: int) -> int:
+        """Drop the least recently used sessions while the new shard would not fit next to what this
+        process holds; returns its resident memory, measured again after each drop."""
+        while True:
+            if self.s.memory_budget:  # count live memory, not what glibc kept after the last request
+                gc.collect()
+                _trim_heap()
+            rss = psutil.Process().memory_info().rss
+            over = (len(self.sessions) >= MAX_SESSIONS
+                    or bool(self.s.memory_budget and rss + need * LOAD_OVERHEAD > self.s.memory_budget))
+            if not (self.sessions and over):
+                return rss
+            old = next(iter(self.sessions))
+            log.info("%s: dropping session %s to make room", self.s.name, old)
+            self._release(old)
+
+    def _release(self, session_id: str = "") -> None:
+        """Drop one session ("" = all of them) and give its memory back."""
+        gone = list(self.sessions) if not session_id else [session_id] if session_id in self.sessions else []
+        for sid in gone:
+            self.sessions.pop(sid).transport.close()
+        if gone:
+            gc.collect()
+            _trim_heap()
+
+    def Release(self, request, context):
+        with self.lock:
+            self._release(request.session_id)
+        return pb.ReleaseReply()
+
+    def Abort(self, request, context):
+        sess = self.sessions.get(request.session_id)
+        if sess is not None:
+            sess.transport.abort(request.request_id, request.reason)
+        return pb.AbortReply()
+
+    # -- compute -------------------------------------------------------------------------------
+    def Forward(self, request, context):
+        sess = self._session_or_abort(request.session_id, context)
+        if not self.lock.acquire(timeout=1.0):
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: busy with another request")
+        try:
+            return self._forward(sess, request, context)
+        finally:
+            self.lock.release()
+
+    def _forward(self, sess: _Session, request, context):
+        rt = sess.runtime
+        try:
+            types = from_proto(request.token_types, "token_types") if request.HasField("token_types") else None
+            req = Request(from_proto(request.input_ids, "input_ids").to(self.s.device),
+                          None if types is None else types.to(self.s.device), int(request.start_pos),
+                          bool(request.last_only), request.kv_cache, request.kv_fork_from, int(request.kv_fork_len),
+                          tuple(request.kv_drop))
+            rt.validate(req)
+        except (TransportError, ValueError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: bad request: {e}")
+        bad = [f for f in request.wire_formats if f and f not in WIRE_FORMATS]
+        if bad or len(request.wire_formats) not in (0, rt.partition.world):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: wire_formats "
+                          f"{list(request.wire_formats)} must list one of {WIRE_FORMATS} per rank")
+        sess.transport.begin(request.request_id, list(request.wire_formats))
+        comm = rt.new_comm(sess.transport, overlap=rt.overlap and not request.no_overlap)
+        if request.measure_memory:
+            _trim_heap()  # otherwise activations reuse freed pages and the peak does not move
+        _reset_peak_rss()
+        rss_before = psutil.Process().memory_info().rss
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            out = rt.run(comm, req)
+        except TransportError as e:
+            context.abort(grpc.StatusCode.ABORTED, f"{self.s.name} (rank {rt.rank}): {e}")
+        except (MemoryError, DeviceOutOfMemory) as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory: {e}")
+        except (ValueError, GalaxyError) as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.s.name} (rank {rt.rank}): {e}")
+        elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        send_s = dict(sess.transport.send_s)
+        ops = [pb.OpStat(tag=o.tag, wall_s=o.wall_s, wait_s=o.wait_s, compute_s=o.compute_s, bytes=o.bytes,
+                         send_s=send_s.get(o.tag, 0.0)) for o in comm.stats.ops]
+        reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv.nbytes,
+                                rss_before_bytes=rss_before, cpu_s=cpu_s)
+        if out is not None:
+            reply.output.CopyFrom(to_proto(out.float().cpu()))
+        return reply
+
+    def _session_or_abort(self, session_id: str, context) -> _Session:
+        sess = self.sessions.get(session_id)
+        if sess is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{self.s.name}: no loaded session {session_id!r} ({len(self.sessions)} loaded; "
+                          "dropped for room, or never loaded); send Load first")
+        self.sessions.move_to_end(session_id)
+        return sess
+
+    # -- profiling -----------------------------------------------------------------------------
+    def Profile(self, request, context):
+        try:
+            cfg = ModelConfig.from_dict(json.loads(request.config_json))
+            dtype = DTYPES[request.dtype or "float32"]
+        except (ValueError, KeyError, TypeError, ConfigError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: bad profile request: {e}")
+        seqs = [int(s) for s in request.seq_lens]
+        if not seqs or min(seqs) < 1 or max(seqs) > 16384:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: seq_lens must be within 1..16384")
+        t0 = time.perf_counter()
+        with self.lock:  # never time while a request runs
+            samples = time_blocks(cfg, seqs, repeats=max(1, min(request.repeats or 3, 20)), dtype=dtype,
+                                  device=self.s.device)
+            codecs = codec_seconds_per_byte(cols=cfg.hidden)
+            gc.collect()
+            _trim_heap()  # the timing blocks are gone: give their memory back before anyone plans with it
+        return pb.ProfileReply(
+            samples=[pb.BlockSample(kind=x.kind, units=x.units, seq=x.seq, seconds=x.seconds) for x in samples],
+            available_memory_bytes=psutil.virtual_memory().available, memory_budget_bytes=self.s.memory_budget,
+            threads=self.s.threads, elapsed_s=time.perf_counter() - t0, codec_s_per_byte=codecs)
+
+    def Ping(self, request, context):
+        return pb.PingReply(payload=request.payload[:1024])
+
+    def Sink(self, request_iterator, context):
+        n = 0
+        for blob in request_iterator:
+            n += len(blob.data)
+        return pb.SinkReply(bytes=n)
+
+    def LinkTest(self, request, context):
+        try:
+            bw, lat, nbytes, secs = measure_link(request.peer, self.s.token, request.bytes, request.pings or 5,
+                                                 self.s.tls)
+        except grpc.RpcError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: cannot reach peer {request.peer}: "
+                          f"{e.details()}")
+        return pb.LinkTestReply(bandwidth_bps=bw, latency_s=lat, bytes=nbytes, seconds=secs)
+
+    # -- weight streaming --------------------------------------------------------------------
+    def HaveShard(self, request, context):
+        return pb.HaveShardReply(content_hash=self.shards.have(request.model_hash, request.spec_json))
+
+    def PushShard(self, request_iterator, context):
+        try:
+            h, nbytes, cached = self.shards.receive(request_iterator)
+        except (GalaxyError, TransportError) as e:
+            context.abort(grpc.StatusCode.DATA_LOSS, f"{self.s.name}: shard refused: {e}")
+        except MemoryError:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory receiving a shard")
+        return pb.ShardReceipt(content_hash=h, bytes=nbytes, cached=cached)
+
+    # -- data plane ----------------------------------------------------------------------------
+    def Exchange(self, request_iterator, context):
+        md = dict(context.invocation_metadata())
+        sess = self._session_or_abort(md.get(META_SESSION, ""), context)
+        n = 0
+        try:
+            for frame in request_iterator:
+                if frame.session_id != sess.session_id:
+                    context.abort(grpc.StatusCode.PERMISSION_DENIED, "frame for another session")
+                sess.transport.deliver(frame)
+                n += 1
+        except TransportError as e:
+            log.warning("%s: rejected a frame: %s", self.s.name, e)
+            sess.transport.abort(0, f"bad frame from a peer: {e}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.ExchangeSummary(frames=n)
+
+
+class _Authenticate(grpc.ServerInterceptor):
+    """Refuses calls of another protocol version, or without the cluster token when one is set."""
+
+    def __init__(self, token: str | None):
+        self.token = token
+
+    def intercept_service(self, continuation, handler_call_details):
+        md = dict(handler_call_details.invocation_metadata)
+        version = md.get(META_PROTOCOL)
+        handler = continuation(handler_call_details)
+        if version != str(PROTOCOL_VERSION):
+            return _deny(handler, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"protocol version {version or 'missing'} refused: this worker speaks "
+                         f"galaxy protocol {PROTOCOL_VERSION} (upgrade the older side)")
+        if self.token and md.get(META_TOKEN) != self.token:
+            return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "wrong or missing cluster token")
+        return handler
+
+
+def _deny(handler, code, message):
+    """A handler of the same shape as `handler` that refuses the call before reading it."""
+
+    def refuse(request_or_iterator, context):
+        context.abort(code, message)
+
+    if handler is None:
+        return None
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
+
+
+def start_server(listen: str, settings: WorkerSettings):
+    """Bind and start a worker server; returns (server, bound address, service). Non-blocking."""
+    try:  # ":PORT" listens on every interface, as gRPC reads it
+        host, port = split_address("0.0.0.0" + listen if listen.startswith(":") else listen, "--listen",
+                                   allow_port_zero=True)
+    except AddressError as e:
+        raise GalaxyError(str(e)) from None
+    if not settings.token and settings.tls is None and not is_loopback(host):
+        log.warning("no credentials: refusing to listen on %s; binding 127.0.0.1 only (pass --tls DIR "
+                    "from `galaxy keys init`, or --token / GALAXY_TOKEN, to serve the LAN)", host or "all interfaces")
+        host = "127.0.0.1"
+    settings.name = settings.name or socket.gethostname()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="galaxy-rpc"),
+                         options=server_options(settings.max_message_bytes),
+                         interceptors=[_Authenticate(settings.token)])
+    service = WorkerService(settings)
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    bound = add_port(server, join_address(host, port), settings.tls)
+    if not bound:
+        raise GalaxyError(f"could not listen on {host}:{port} (in use, or not an address of this device)")
+    try:
+        service.start_data_plane(host)
+    except TransportError as e:
+        server.stop(0)
+        raise GalaxyError(f"{e} (choose another --data-port, or -1 to send tensors over gRPC)") from None
+    server.start()
+    return server, join_address(host, bound), service
+
+
+def serve(listen: str, settings: WorkerSettings, ready=None, announce: str | None = None,
+          announce_interfaces=None) -> None:
+    """Serve until SIGTERM/SIGINT. `ready(address)` is called once the port is bound; with
+    `announce` (a cluster name) the worker announces itself on its subnet (galaxy.transport.discovery)."""
+    torch.set_num_threads(max(1, settings.threads))
+    server, address, service = start_server(listen, settings)
+    announcer = None
+    if announce:
+        announcer = start_announcer(settings, address, announce, interfaces=announce_interfaces)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("worker %s serving on %s (%d threads, %s)", settings.name, address, settings.threads, settings.device)
+    if ready:
+        ready(address)
+    stop.wait()
+    if announcer is not None:
+        announcer.stop()
+    service.close()
+    server.stop(grace=1.0).wait()

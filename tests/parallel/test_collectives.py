@@ -1,0 +1,122 @@
+"""Ring collectives over in-process transport: uneven splits, tiles, N = 1..8, bad messages."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from galaxy.errors import TransportError
+from galaxy.parallel.collectives import Collectives, pieces
+from galaxy.parallel.local_transport import LocalGroup
+
+
+def run_ranks(n, body, tiles=1, timeout=10.0):
+    group = LocalGroup(n, timeout)
+    comms = [Collectives(group.transport(r), tiles) for r in range(n)]
+    out, err = [None] * n, [None] * n
+
+    def work(r):
+        try:
+            out[r] = body(comms[r])
+        except BaseException as e:  # noqa: BLE001
+            err[r] = e
+            group.abort()
+
+    ts = [threading.Thread(target=work, args=(r,)) for r in range(n)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    return out, err, comms
+
+
+def uneven(n, total, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randint(0, total + 1, (n - 1,), generator=g).tolist())
+    edges = [0, *cuts, total]
+    return [edges[i + 1] - edges[i] for i in range(n)]
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+@pytest.mark.parametrize("tiles", [1, 3])
+def test_all_gather_applies_fn_to_every_rank_rows_in_order(n, tiles):
+    sizes = uneven(n, 23, seed=n)
+    full = torch.randn(23, 5)
+    w = torch.randn(5, 4)
+    offs = [sum(sizes[:r]) for r in range(n)]
+
+    out, err, _ = run_ranks(n, lambda c: c.all_gather(full[offs[c.rank]: offs[c.rank] + sizes[c.rank]],
+                                                      sizes, lambda x: x @ w), tiles)
+    assert err == [None] * n
+    for o in out:
+        torch.testing.assert_close(o, full @ w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_reduce_scatter_sums_partials_and_keeps_own_rows(n, tiles):
+    sizes = uneven(n, 19, seed=10 + n)
+    partials = [torch.randn(19, 6) for _ in range(n)]
+    total = sum(partials)
+    offs = [sum(sizes[:r]) for r in range(n)]
+
+    out, err, _ = run_ranks(n, lambda c: c.reduce_scatter(sizes, lambda a, b: partials[c.rank][a:b], 6),
+                            tiles)
+    assert err == [None] * n
+    for r in range(n):
+        torch.testing.assert_close(out[r], total[offs[r]: offs[r] + sizes[r]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_all_reduce_matches_sum_even_when_rows_fewer_than_ranks(n):
+    xs = [torch.randn(3, 2, 4) for _ in range(n)]
+    out, err, _ = run_ranks(n, lambda c: c.all_reduce(xs[c.rank]))
+    assert err == [None] * n
+    for o in out:
+        torch.testing.assert_close(o, sum(xs), atol=1e-5, rtol=0)
+
+
+def test_zero_row_ranks_take_part_without_messages_for_empty_chunks():
+    sizes = [0, 5, 0, 2]
+    full = torch.randn(7, 3)
+    offs = [0, 0, 5, 5]
+    out, err, comms = run_ranks(4, lambda c: c.all_gather(full[offs[c.rank]: offs[c.rank] + sizes[c.rank]],
+                                                          sizes))
+    assert err == [None] * 4
+    assert all(torch.equal(o, full) for o in out)
+    # every non-empty chunk travels N-1 hops, empty chunks not at all
+    assert sum(c.stats.messages for c in comms) == 2 * 3
+
+
+def test_pieces_never_yields_empty_subtiles():
+    assert pieces(0, 4) == []
+    assert pieces(3, 8) == [1, 1, 1]
+    assert pieces(10, 3) == [4, 3, 3]
+
+
+def test_recv_rejects_tensor_of_wrong_shape_or_dtype():
+    group = LocalGroup(2, timeout=5)
+    a, b = group.transport(0), group.transport(1)
+    a.send(1, torch.zeros(2, 3))
+    with pytest.raises(TransportError, match=r"got \(2, 3\).*expected \(2, 4\)"):
+        b.recv(0, (2, 4), torch.float32)
+    a.send(1, torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(TransportError, match="float64"):
+        b.recv(0, (2, 3), torch.float32)
+
+
+def test_recv_times_out_naming_the_silent_peer():
+    group = LocalGroup(2, timeout=0.2)
+    with pytest.raises(TransportError, match="nothing from rank 0 within"):
+        group.transport(1).recv(0, (1,), torch.float32)
+
+
+def test_failure_on_one_rank_aborts_the_others_promptly():
+    def body(c):
+        if c.rank == 0:
+            raise RuntimeError("boom")
+        return c.all_reduce(torch.ones(4, 4))
+
+    out, err, _ = run_ranks(3, body, timeout=60)
+    assert isinstance(err[0], RuntimeError)
+    assert all(isinstance(e, TransportError) and "aborted" in str(e) for e in err[1:])
