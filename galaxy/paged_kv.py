@@ -5,22 +5,28 @@ device keeps, in the block with that id, the K/V of its *own* KV heads. A block 
 `block_size` positions; slot `b * block_size + o` is offset o of block b. Per layer, K and V
 are each (nkv, num_blocks * block_size, hd): head-major, positions in slot order. Then one
 head's block is a contiguous (block_size, hd) run, a token's K/V is written by its slot, and a
-sequence's context is gathered with one indexing op straight into the (heads, L, hd) shape
-SDPA reads (a block-major (num_blocks, nkv, block_size, hd) layout would need a permute copy
-after the gather).
+sequence's context is gathered with one index_select straight into the (heads, L, hd) shape
+SDPA reads. A block-major (num_blocks, nkv, block_size, hd) layout needs a permute copy after
+its gather (1.4-2.7x slower at 3 KV heads, no faster at 20), and indexing heads and slots at
+once is 2-18x slower than index_select. The gather is a copy of the context per layer, and it is what
+paging costs on CPU: decodes take 1.6-2.5x contiguous attention at SmolLM2's shapes and 2-7x at
+GPT-2 Large's 20 KV heads, where the copy costs 2.5x the attention itself.
 
 A step's batch packs the tokens of several sequences, decodes (1 token) and prefill chunks
 (n tokens at any start position), in plan order: q, k, v are (heads, T, hd) with T the total.
 `PagedBatch` says where each sequence sits; it is built once per step and shared by all layers.
-Two ways to attend are kept, because which is faster depends on the batch (measured by
-galaxy/bench_paged_kv.py, see `paged_attention`):
+Two ways to attend are kept, measured by galaxy/bench_paged_kv.py (docs/paged_attention_cpu.md):
 
-- gather: per sequence, gather its context K/V and run one SDPA with its causal offset;
-- padded: gather every context padded to the longest, and run one masked SDPA for the batch.
+- gather (the default): per sequence, gather its context K/V and run one SDPA with its causal
+  offset. Never far from the best: where padded wins, padded takes 0.57-0.95 of its time; on
+  every batch holding a prefill chunk, padded takes 1.7-8.3x its time;
+- padded: gather every context padded to the longest and run one masked SDPA for the batch.
+  It saves the per-sequence calls, so it wins only on decode-only batches of several short
+  contexts (64-256 positions), and pays for the padding everywhere else.
 
 GQA: query head j reads local KV head kv_map[j] (model.Attention.kv_map; None: the identity).
-The gather indexes heads and slots at once, so a shard holding part of a KV group costs no
-extra copy.
+When the local heads form whole groups, each group's query heads attend as extra query rows
+of their one KV head (`group_size`), so K/V are gathered once per KV head, never per query head.
 
 Contract for the integrating code, per step: `copy_blocks(plan.copies)` first; then, per layer,
 `write(layer, k, v, batch.slot_mapping)` with the new tokens' K/V (RoPE applied at
@@ -109,15 +115,34 @@ class PagedBatch:
         return slots, mask, torch.cat(rows)
 
 
-def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """q (h, n, hd) at positions [start, start + n) over k, v (h, start + n, hd) -> (h, n, hd)."""
-    n = q.shape[1]
+def group_size(kv_map, nq: int, nkv: int) -> int | None:
+    """g when query head j reads KV head j // g (whole groups, in order), else None.
+
+    The g query heads of a group then attend as g x more query rows of their KV head, so K/V
+    are never copied per query head: 1.6-1.7x faster than that copy for SmolLM2's decodes at 2048
+    positions, and as fast as SDPA's enable_gqa with 4-D inputs (bench_paged_kv --kernels),
+    which a partial group could not use either. A shard holding part of a group falls back to
+    copying K/V per query head."""
+    if kv_map is None:
+        return 1
+    g = nq // nkv
+    return g if g * nkv == nq and list(kv_map) == [j // g for j in range(nq)] else None
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, g: int = 1) -> torch.Tensor:
+    """q (h, g*n, hd): g query heads per KV head, each n tokens at positions [start, start + n),
+    over k, v (h, start + n, hd) -> (h, g*n, hd).
+
+    SDPA gets a leading batch dimension: on CPU, 4-D inputs take the flash kernel and 3-D ones
+    the math kernel, 1.5-2.7x slower for the same work (bench_paged_kv --kernels)."""
+    n = q.shape[1] // g
+    q, k, v = q[None], k[None], v[None]
     if n == 1:  # a decode sees every cached position: no mask
-        return F.scaled_dot_product_attention(q, k, v)
-    if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v)[0]
+    if start == 0 and g == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)[0]
     mask = torch.arange(start + n)[None, :] <= torch.arange(start, start + n)[:, None]  # (n, start + n)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(g, 1))[0]
 
 
 class PagedKVCache:
@@ -174,36 +199,47 @@ class PagedKVCache:
         """Causal attention of packed queries q (nq, T, hd) over their sequences' cached K/V
         (written already for this step's tokens) -> (nq, T, hd)."""
         kc, vc = self.k[layer], self.v[layer]
-        heads = None if kv_map is None else torch.as_tensor(kv_map, dtype=torch.long)
+        g = group_size(kv_map, q.shape[0], kc.shape[0])
+        heads = None if g is not None else torch.as_tensor(kv_map, dtype=torch.long)
         if method == "gather":
-            return self._gather(q, kc, vc, batch, heads)
+            return self._gather(q, kc, vc, batch, g, heads)
         if method == "padded":
-            return self._padded(q, kc, vc, batch, heads)
+            return self._padded(q, kc, vc, batch, g, heads)
         raise GalaxyError(f"paged attention method={method!r} is not one of {METHODS}")
 
     @staticmethod
-    def _gather(q, kc, vc, batch: PagedBatch, heads) -> torch.Tensor:
+    def _gather(q, kc, vc, batch: PagedBatch, g, heads) -> torch.Tensor:
+        nq, _, hd = q.shape
         out = torch.empty_like(q)
         a = 0
         for slots, start, n in zip(batch.context_slots, batch.starts, batch.query_lens):
-            if heads is None:
-                k, v = kc.index_select(1, slots), vc.index_select(1, slots)  # (nkv, L, hd)
+            k, v = kc.index_select(1, slots), vc.index_select(1, slots)  # (nkv, L, hd)
+            if g is None:  # part of a group: K/V per query head
+                k, v = k.index_select(0, heads), v.index_select(0, heads)  # (nq, L, hd)
+                out[:, a : a + n] = causal_sdpa(q[:, a : a + n], k, v, start)
             else:
-                k, v = kc[heads[:, None], slots[None, :]], vc[heads[:, None], slots[None, :]]  # (nq, L, hd)
-            out[:, a : a + n] = causal_sdpa(q[:, a : a + n], k, v, start)
+                qg = q[:, a : a + n].reshape(nq // g, g * n, hd)  # a group's heads as extra rows
+                out[:, a : a + n] = causal_sdpa(qg, k, v, start, g).view(nq, n, hd)
             a += n
         return out
 
     @staticmethod
-    def _padded(q, kc, vc, batch: PagedBatch, heads) -> torch.Tensor:
+    def _padded(q, kc, vc, batch: PagedBatch, g, heads) -> torch.Tensor:
         slots, mask, rows = batch.padded  # (B, Lmax), (B, 1, Nmax, Lmax), (T,)
-        b, nmax = mask.shape[0], mask.shape[2]
-        nq, hd = q.shape[0], q.shape[2]
-        h = torch.arange(kc.shape[0]) if heads is None else heads
-        k = kc[h[None, :, None], slots[:, None, :]]  # (B, nq, Lmax, hd)
-        v = vc[h[None, :, None], slots[:, None, :]]
+        b, nmax, lmax = mask.shape[0], mask.shape[2], mask.shape[3]
+        nq, _, hd = q.shape
+        nkv = kc.shape[0]
+        k = kc.index_select(1, slots.flatten()).view(nkv, b, lmax, hd).transpose(0, 1)  # (B, nkv, Lmax, hd)
+        v = vc.index_select(1, slots.flatten()).view(nkv, b, lmax, hd).transpose(0, 1)
+        if g is None:
+            k, v, h, g = k.index_select(1, heads), v.index_select(1, heads), nq, 1  # (B, nq, Lmax, hd)
+        else:
+            h = nkv
         qp = q.new_zeros(b * nmax, nq, hd)
         qp[rows] = q.transpose(0, 1)
-        qp = qp.view(b, nmax, nq, hd).transpose(1, 2)  # (B, nq, Nmax, hd)
-        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask)  # (B, nq, Nmax, hd)
-        return out.transpose(1, 2).reshape(b * nmax, nq, hd)[rows].transpose(0, 1)  # (nq, T, hd)
+        qp = qp.view(b, nmax, h, g, hd).permute(0, 2, 3, 1, 4).reshape(b, h, g * nmax, hd)  # group rows
+        if g > 1:
+            mask = mask.repeat(1, 1, g, 1)  # (B, 1, g Nmax, Lmax)
+        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask)  # (B, h, g Nmax, hd)
+        out = out.view(b, h, g, nmax, hd).permute(0, 3, 1, 2, 4).reshape(b * nmax, nq, hd)
+        return out[rows].transpose(0, 1)  # (nq, T, hd)

@@ -7,7 +7,7 @@ import torch
 
 from galaxy.errors import GalaxyError
 from galaxy.model import attention_core
-from galaxy.paged_kv import METHODS, PagedBatch, PagedKVCache
+from galaxy.paged_kv import METHODS, PagedBatch, PagedKVCache, group_size
 
 BS, HD = 4, 16
 
@@ -119,3 +119,10 @@ def test_unknown_method_is_refused():
     cache = PagedKVCache(["0"], 1, 2, 2, 2)
     with pytest.raises(GalaxyError, match="method"):
         cache.paged_attention(torch.zeros(1, 1, 2), "0", PagedBatch(2, (1,), (0,), ((0,),)), method="flash")
+
+
+def test_whole_kv_groups_are_folded_into_query_rows_and_partial_ones_are_not():
+    assert group_size(None, 4, 4) == 1
+    assert group_size([0, 0, 0, 1, 1, 1, 2, 2, 2], 9, 3) == 3
+    assert group_size([0, 1, 1, 1], 4, 2) is None  # the tail of one group, then a whole one
+    assert group_size([0, 1, 0, 1], 4, 2) is None  # heads not in group order
