@@ -58,6 +58,8 @@ class PagedBatch:
 
     def __post_init__(self):
         n = len(self.query_lens)
+        if n == 0:
+            raise GalaxyError("paged batch: no sequences; a plan without items runs nothing")
         if len(self.starts) != n or len(self.block_tables) != n:
             raise GalaxyError(f"paged batch: {n} query lengths, {len(self.starts)} starts, "
                               f"{len(self.block_tables)} block tables")

@@ -105,6 +105,8 @@ def test_copy_blocks_copies_every_layer_and_leaves_the_source():
 def test_a_block_table_too_short_for_the_positions_is_refused():
     with pytest.raises(GalaxyError, match="needs 9 positions"):
         PagedBatch(4, (2,), (7,), ((0, 1),))
+    with pytest.raises(GalaxyError, match="no sequences"):
+        PagedBatch(4, (), (), ())
 
 
 def test_budget_gives_whole_blocks_of_every_layer():

@@ -8,8 +8,9 @@ than one chunk's worth of compute.
 
 Memory: a prompt is admitted only if blocks for all its tokens are free (after reusing its
 cached prefix); a decode that needs a block nobody has preempts the youngest running sequence
-(by arrival), which gives its blocks back and later runs all its tokens again (recompute,
-which costs no transfer and is cheap for the short contexts of edge models). The oldest
+(by arrival), which gives its blocks back and later runs all its tokens again: recompute
+rather than swap, so no device moves K/V anywhere, and its full blocks stay in the prefix cache
+until evicted, so resuming often reuses most of them. The oldest
 sequence is never preempted for a younger one, and every request that was accepted fits the
 pool alone, so every request finishes.
 
@@ -23,7 +24,8 @@ Contract for the engine loop, which is single-threaded around this object:
     copy the blocks in plan.copies on every device, then run plan.items through the model
     scheduler.update(plan, {seq_id: sampled token for each item with logits})
 
-`schedule` and `update` alternate strictly. `add` and `abort` may be called between any two
+`schedule` and `update` alternate strictly, for every plan, even one with no items (nothing
+admissible yet: the loop waits for `add`). `add` and `abort` may be called between any two
 calls; a sequence aborted while its plan runs is simply skipped by `update`. The blocks of an
 aborted sequence may be written by the step in flight, which is harmless because no other
 sequence gets them before the next `schedule`.
@@ -70,8 +72,9 @@ class SchedulerConfig:
         for f in ("num_blocks", "block_size", "max_batched_tokens", "max_running", "max_waiting", "max_model_len"):
             v = getattr(self, f)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{f}={v!r} must be an integer >= 1")
-        need(self.chunk_size is None or 1 <= self.chunk_size <= self.max_batched_tokens,
-             f"chunk_size={self.chunk_size} must be in [1, max_batched_tokens={self.max_batched_tokens}]")
+        c = self.chunk_size
+        need(c is None or (isinstance(c, int) and 1 <= c <= self.max_batched_tokens),
+             f"chunk_size={c!r} must be an integer in [1, max_batched_tokens={self.max_batched_tokens}]")
         # every running sequence decodes in every step, so their tokens must fit the budget
         need(self.max_batched_tokens >= self.max_running,
              f"max_batched_tokens={self.max_batched_tokens} is below max_running={self.max_running}: "
@@ -103,8 +106,9 @@ class ScheduledSeq:
 class BatchPlan:
     """What every device runs in one step, identical on every rank and in this order.
 
-    Tokens are packed in item order (decodes first, then prefill chunks); `slot_mapping()`,
-    `positions()` and `logit_rows()` give the per-token views the model runner needs."""
+    Tokens are packed in item order (decodes first, then prefill chunks). The model runner
+    takes `token_ids()` and `logit_rows()` from here, and per-token positions and cache slots
+    from paged_kv.PagedBatch(block_size, query lengths, starts, block tables of the items)."""
 
     step: int
     block_size: int
@@ -119,15 +123,6 @@ class BatchPlan:
 
     def token_ids(self) -> list[int]:
         return [t for it in self.items for t in it.token_ids]
-
-    def positions(self) -> list[int]:
-        return [it.start + i for it in self.items for i in range(len(it.token_ids))]
-
-    def slot_mapping(self) -> list[int]:
-        """Cache slot (block id * block_size + offset) of every packed token's K/V."""
-        bs = self.block_size
-        return [it.block_table[p // bs] * bs + p % bs
-                for it in self.items for p in range(it.start, it.start + len(it.token_ids))]
 
     def logit_rows(self) -> list[int]:
         """Packed rows whose logits are sampled: the last token of each item with `logits`."""
