@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..bench import paged_kv
 from ..bench import strategies as bench
 from ..bench.suite import SuiteConfig, run_suite
 from .args import add_cluster_args, add_model_args, ints, rates
@@ -36,10 +37,19 @@ def add_parser(sub) -> None:
     p.add_argument("--backends", action="store_true", help="also time torch vs ONNX Runtime per block")
     p.add_argument("--plot", metavar="FILE.png|svg", help="speed-up vs bandwidth and a per-layer timeline")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line of stdout")
+    micro = p.add_argument_group("micro-benchmarks on this machine (instead of the suite)")
+    micro.add_argument("--paged-attention", action="store_true",
+                       help="paged attention on CPU: gather vs padded vs contiguous K/V (docs/paged_attention_cpu.md)")
+    micro.add_argument("--attention-kernels", action="store_true",
+                       help="the kernel choices inside the paged KV cache against their alternatives")
     p.set_defaults(func=cmd_bench, transport="grpc")
 
 
 def cmd_bench(args) -> int:
+    if args.paged_attention or args.attention_kernels:
+        paged_kv.report(threads=args.threads or 1, reps=args.reps or 21, quick=args.quick,
+                        kernel_choices=args.attention_kernels)
+        return 0
     report = run_suite(SuiteConfig(
         model=args.model, random_init=args.random_init, seed=args.seed, layers=args.layers, cluster=args.cluster,
         local=args.local, workers=tuple(args.workers) if args.workers else None, token=args.token, tls=args.tls,

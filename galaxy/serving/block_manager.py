@@ -1,0 +1,238 @@
+"""KV block ids: a free pool, reference counts, and the prefix cache that shares blocks.
+
+The KV cache of every device is cut into `num_blocks` blocks of `block_size` positions. This
+module only hands out block *ids*; each device keeps, in the block with that id, the K/V of its
+own heads (galaxy/model/paged_kv.py). One manager on the coordinator therefore serves the whole
+cluster, and `num_blocks` is the smallest count any device's KV budget allows.
+
+Prefix caching (vLLM's automatic prefix caching): a *full* block whose K/V are computed is
+named by a hash of its parent's name and its own token ids, so the name stands for the whole
+prefix up to the block's end. A new sequence takes the blocks named by its leading full token
+blocks instead of computing them, and shares them (reference counts). A freed block keeps its
+name and stays reusable until the pool runs short; then the least recently released is
+evicted. Free blocks holding nothing reusable are always handed out first.
+
+Divergence: only full, computed blocks are ever shared. A sequence writes only at positions
+>= num_computed, and the block holding such a position is not full-and-computed, so it is the
+sequence's own: two sequences that diverge inside a block each fill their own copy of it.
+The one exception is a prompt whose every token is cached: its last token must run again to
+give logits, and its K/V would land in a shared block. That block is copied (copy on write):
+the sequence gets a fresh block, the plan asks every device to copy the K/V over before the
+step, and only the last token is recomputed -- one block copy instead of a block_size-token
+forward (vLLM recomputes the whole block). Partial blocks are never named: sharing them would
+need a copy on every divergence and the name of a partial block changes with every token.
+
+Hit accounting counts only tokens whose K/V were reused: the recomputed last token of a full
+hit is not a hit, and the blocks a preempted sequence gets back on resuming are counted apart
+(`resumed_tokens`), not as prefix hits (vLLM #25780: preemption inflated the hit rate).
+
+Contract for the integrating code: the manager is single-threaded (the scheduler's thread);
+block ids in a block table are valid until the sequence is freed; a copy (src, dst) returned
+by `allocate` must be done on every device before any K/V of the step is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from ..errors import GalaxyError
+from .sequence import Sequence
+
+ROOT = b""  # the parent name of a sequence's first block
+
+
+def block_hash(parent: bytes, token_ids) -> bytes:
+    """Name of a full block: 128-bit BLAKE2b of its parent's name and its token ids. Collisions
+    are out of reach, so a name can be trusted across requests (and tenants) without comparing
+    the tokens of every ancestor."""
+    return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
+
+
+class OutOfBlocks(GalaxyError):
+    """The pool has no free block; callers check `can_allocate` / `can_append` first."""
+
+
+@dataclass
+class CacheStats:
+    queried_tokens: int = 0  # prompt tokens of first admissions, looked up in the prefix cache
+    hit_tokens: int = 0  # of those, tokens whose K/V were reused rather than computed
+    resumed_tokens: int = 0  # tokens a preempted sequence got back from the cache on resuming
+    copied_blocks: int = 0  # copy-on-write copies asked of the devices
+    evicted_blocks: int = 0  # named blocks whose name was dropped to reuse them
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must both be >= 1")
+        self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.ref = [0] * num_blocks  # sequences holding each block
+        self.name: list[bytes | None] = [None] * num_blocks  # its prefix-cache name, if any
+        self._empty: deque[int] = deque(range(num_blocks))  # free, nothing reusable: handed out first
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # free but named: least recently released first
+        self._cached: dict[bytes, int] = {}  # name -> block
+        self.stats = CacheStats()
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now, counting named ones that would be evicted."""
+        return len(self._empty) + len(self._evictable)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    # -- admission -------------------------------------------------------------------------
+    def can_allocate(self, seq: Sequence) -> bool:
+        """Whether `seq` (holding no blocks) can get blocks for all its tokens now."""
+        hits = self._prefix_hits(seq)
+        fresh = self.blocks_for(seq.num_tokens) - len(hits) + self._full_hit(seq, hits)
+        taken_from_pool = sum(self.ref[b] == 0 for b in hits)  # reused free blocks leave the pool
+        return self.num_free - taken_from_pool >= fresh
+
+    def allocate(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Give `seq` its cached prefix and fresh blocks for the rest of its tokens; set
+        `num_computed` to the reused tokens. Returns the (src, dst) block copies to make first.
+
+        Blocks for every token are reserved at admission, so an admitted prompt never waits
+        for blocks between its chunks; only decodes ask for more."""
+        if seq.block_table:
+            raise GalaxyError(f"sequence {seq.seq_id} already holds blocks {seq.block_table}")
+        if not self.can_allocate(seq):
+            raise OutOfBlocks(f"sequence {seq.seq_id} needs more than the {self.num_free} free blocks")
+        hits = self._prefix_hits(seq)
+        copies = []
+        for b in hits:
+            self._take(b)
+        seq.block_table, seq.num_named = list(hits), len(hits)
+        seq.num_computed = len(hits) * self.block_size
+        if self._full_hit(seq, hits):  # the last token runs again for its logits: copy its block
+            src, dst = hits[-1], self._pop_free()
+            seq.block_table[-1] = dst
+            self._release(src)
+            seq.num_named -= 1
+            seq.num_computed -= 1
+            copies.append((src, dst))
+            self.stats.copied_blocks += 1
+        if seq.num_preemptions:
+            self.stats.resumed_tokens += seq.num_computed
+        else:
+            self.stats.queried_tokens += seq.num_tokens
+            self.stats.hit_tokens += seq.num_computed
+        self.append(seq, seq.num_uncomputed)
+        return copies
+
+    # -- growth and release ----------------------------------------------------------------
+    def can_append(self, seq: Sequence, n: int) -> bool:
+        """Whether the blocks of `seq` can be made to cover its next n tokens."""
+        return self.num_free >= self._missing(seq, n)
+
+    def append(self, seq: Sequence, n: int) -> None:
+        """Extend the block table of `seq` to cover positions [0, num_computed + n)."""
+        for _ in range(self._missing(seq, n)):
+            seq.block_table.append(self._pop_free())
+
+    def commit(self, seq: Sequence) -> None:
+        """Name the blocks that a step has just filled, so later requests can share them.
+
+        Called after the K/V of `seq.num_computed` tokens are written: a block is named only
+        once its K/V exist. If another block already has the name (two requests computed the
+        same prefix at once), this one stays unnamed and is freed as a plain block."""
+        if not self.prefix_caching:
+            return
+        names = self._names(seq)
+        for i in range(seq.num_named, seq.num_computed // self.block_size):
+            b, h = seq.block_table[i], names[i]
+            if h not in self._cached:
+                self._cached[h], self.name[b] = b, h
+        seq.num_named = max(seq.num_named, seq.num_computed // self.block_size)
+
+    def free(self, seq: Sequence) -> None:
+        """Release the blocks of `seq`, last first: a prefix's tail is worth less than its head,
+        so the tail is evicted first."""
+        for b in reversed(seq.block_table):
+            self._release(b)
+        seq.block_table, seq.num_named, seq.num_computed = [], 0, 0
+
+    # -- checks ----------------------------------------------------------------------------
+    def audit(self, seqs) -> None:
+        """Raise unless the pool is consistent with the block tables of the live `seqs`:
+        reference counts equal holders, free blocks are exactly those held by none (each once),
+        and every name points at the block that carries it."""
+        holders = [0] * self.num_blocks
+        for s in seqs:
+            for b in s.block_table:
+                holders[b] += 1
+        free = list(self._empty) + list(self._evictable)
+        problems = []
+        if holders != self.ref:
+            problems.append(f"reference counts {self.ref} != holders {holders}")
+        if sorted(free) != [b for b in range(self.num_blocks) if holders[b] == 0]:
+            problems.append(f"free blocks {sorted(free)} are not the unheld ones")
+        if any(self.name[b] is not None for b in self._empty):
+            problems.append("a named block sits among the empty ones")
+        if any(self.name[b] is None for b in self._evictable):
+            problems.append("an unnamed block sits among the evictable ones")
+        if {b: h for h, b in self._cached.items()} != {b: h for b, h in enumerate(self.name) if h is not None}:
+            problems.append("the name index and the block names disagree")
+        if problems:
+            raise GalaxyError("block manager inconsistent: " + "; ".join(problems))
+
+    # -- internals -------------------------------------------------------------------------
+    def _names(self, seq: Sequence) -> list[bytes]:
+        """The hash chain over the full token blocks of `seq`, extended as tokens arrive."""
+        bs, names = self.block_size, seq.block_hashes
+        for i in range(len(names), seq.num_tokens // bs):
+            names.append(block_hash(names[-1] if names else ROOT, seq.token_ids[i * bs : (i + 1) * bs]))
+        return names
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        if not self.prefix_caching:
+            return []
+        hits = []
+        for h in self._names(seq):
+            b = self._cached.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def _full_hit(self, seq: Sequence, hits: list[int]) -> bool:
+        return bool(hits) and len(hits) * self.block_size == seq.num_tokens
+
+    def _missing(self, seq: Sequence, n: int) -> int:
+        return max(0, self.blocks_for(seq.num_computed + n) - len(seq.block_table))
+
+    def _take(self, b: int) -> None:
+        if self.ref[b] == 0:
+            del self._evictable[b]
+        self.ref[b] += 1
+
+    def _release(self, b: int) -> None:
+        if self.ref[b] <= 0:
+            raise GalaxyError(f"block {b} released more often than taken")
+        self.ref[b] -= 1
+        if self.ref[b] == 0:
+            if self.name[b] is None:
+                self._empty.append(b)
+            else:
+                self._evictable[b] = None
+
+    def _pop_free(self) -> int:
+        if self._empty:
+            b = self._empty.popleft()
+        elif self._evictable:
+            b, _ = self._evictable.popitem(last=False)
+            del self._cached[self.name[b]]
+            self.name[b] = None
+            self.stats.evicted_blocks += 1
+        else:
+            raise OutOfBlocks(f"all {self.num_blocks} KV blocks are in use")
+        self.ref[b] = 1
+        return b

@@ -1,0 +1,130 @@
+"""Paged attention against plain contiguous attention (model.attention_core), in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from galaxy.errors import GalaxyError
+from galaxy.model.paged_kv import METHODS, PagedBatch, PagedKVCache, group_size
+from galaxy.model.transformer import attention_core
+
+BS, HD = 4, 16
+
+
+def scattered_tables(lengths, shared_prefix_blocks, num_blocks, seed):
+    """Block tables in a shuffled pool; sequences 0 and 1 share their first blocks."""
+    ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables = []
+    for i, n in enumerate(lengths):
+        need = -(-n // BS)
+        if i == 1:
+            shared = tables[0][:shared_prefix_blocks]
+            tables.append(shared + [ids.pop() for _ in range(need - len(shared))])
+        else:
+            tables.append([ids.pop() for _ in range(need)])
+    return tables
+
+
+def run_step(kv_map, nkv, method, seed=0):
+    """A mixed step: two decodes (one sharing a prefix with a prefill chunk), chunks at
+    arbitrary starts and a prompt from position 0. Returns paged and reference outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    nq = len(kv_map) if kv_map is not None else nkv
+    # (context length, tokens run this step): decode, chunk over a shared prefix, fresh prompt,
+    # chunk from a block boundary, decode on a one-position context
+    plan = [(23, 1), (19, 6), (9, 9), (16, 8), (1, 1)]
+    lengths = [c for c, _ in plan]
+    shared_blocks = 3  # sequences 0 and 1 share positions [0, 12)
+    tables = scattered_tables(lengths, shared_blocks, 40, seed)
+    # ground truth per sequence: K/V at every position; the shared prefix is the same tensor
+    ks = [torch.randn(nkv, n, HD, generator=gen) for n in lengths]
+    vs = [torch.randn(nkv, n, HD, generator=gen) for n in lengths]
+    shared = shared_blocks * BS
+    ks[1][:, :shared], vs[1][:, :shared] = ks[0][:, :shared], vs[0][:, :shared]
+    batch = PagedBatch(BS, tuple(n for _, n in plan), tuple(c - n for c, n in plan), tuple(map(tuple, tables)))
+    cache = PagedKVCache(["3"], nkv, HD, 40, BS)
+    for i, (c, n) in enumerate(plan):  # earlier steps wrote the cached positions
+        if c - n:
+            old = PagedBatch(BS, (c - n,), (0,), (tuple(tables[i]),))
+            cache.write("3", ks[i][:, : c - n], vs[i][:, : c - n], old.slot_mapping)
+    new_k = torch.cat([ks[i][:, c - n : c] for i, (c, n) in enumerate(plan)], dim=1)  # (nkv, T, hd)
+    new_v = torch.cat([vs[i][:, c - n : c] for i, (c, n) in enumerate(plan)], dim=1)
+    cache.write("3", new_k, new_v, batch.slot_mapping)
+    q = torch.randn(nq, batch.num_tokens, HD, generator=gen)
+    out = cache.paged_attention(q, "3", batch, kv_map, method)
+    ref, a = [], 0
+    idx = torch.tensor(kv_map) if kv_map is not None else torch.arange(nkv)
+    for i, (c, n) in enumerate(plan):
+        ref.append(attention_core(q[:, a : a + n], ks[i][idx], vs[i][idx], causal=True, q_start=c - n))
+        a += n
+    return out, torch.cat(ref, dim=1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kv_map,nkv", [
+    (None, 3),  # multi-head attention
+    ([0, 0, 0, 1, 1, 1, 2, 2, 2], 3),  # SmolLM2's whole-model grouping
+    ([0, 1, 1, 1], 2),  # a shard holding the tail of one KV group and a whole other one
+])
+def test_mixed_batch_matches_contiguous_attention(method, kv_map, nkv):
+    out, ref = run_step(kv_map, nkv, method)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_gather_and_padded_agree_on_random_batches():
+    for seed in range(5):
+        g, _ = run_step([0, 0, 1, 1], 2, "gather", seed)
+        p, _ = run_step([0, 0, 1, 1], 2, "padded", seed)
+        torch.testing.assert_close(g, p, rtol=0, atol=1e-5)
+
+
+def test_write_lands_in_the_slots_of_the_block_table():
+    cache = PagedKVCache([0], 1, 2, num_blocks=3, block_size=2)
+    batch = PagedBatch(2, (3,), (0,), ((2, 0),))  # positions 0,1 in block 2; position 2 in block 0
+    k = torch.arange(6.0).view(1, 3, 2)
+    cache.write("0", k, -k, batch.slot_mapping)
+    assert batch.slot_mapping.tolist() == [4, 5, 0]
+    assert cache.k["0"][0, 4:6].tolist() == [[0, 1], [2, 3]] and cache.k["0"][0, 0].tolist() == [4, 5]
+    assert cache.v["0"][0, 0].tolist() == [-4, -5]
+
+
+def test_copy_blocks_copies_every_layer_and_leaves_the_source():
+    cache = PagedKVCache(["0", "1"], 2, 3, num_blocks=4, block_size=2)
+    for t in (*cache.k.values(), *cache.v.values()):
+        t.copy_(torch.randn_like(t))
+    before = {n: t.clone() for n, t in cache.k.items()}
+    cache.copy_blocks([(1, 3)])
+    for n, t in cache.k.items():
+        assert torch.equal(t[:, 6:8], before[n][:, 2:4]) and torch.equal(t[:, 2:4], before[n][:, 2:4])
+        assert torch.equal(t[:, :6], before[n][:, :6])
+    assert torch.equal(cache.v["1"][:, 6:8], cache.v["1"][:, 2:4])
+
+
+def test_a_block_table_too_short_for_the_positions_is_refused():
+    with pytest.raises(GalaxyError, match="needs 9 positions"):
+        PagedBatch(4, (2,), (7,), ((0, 1),))
+    with pytest.raises(GalaxyError, match="no sequences"):
+        PagedBatch(4, (), (), ())
+
+
+def test_budget_gives_whole_blocks_of_every_layer():
+    per_block = PagedKVCache.bytes_per_block(n_layers=30, n_kv_heads=1, head_dim=64, block_size=16)
+    assert per_block == 2 * 30 * 16 * 64 * 4
+    assert PagedKVCache.blocks_for_budget(10 * per_block + per_block - 1, 30, 1, 64, 16) == 10
+    cache = PagedKVCache(range(30), 1, 64, 10, 16)
+    assert cache.nbytes == 10 * per_block
+
+
+def test_unknown_method_is_refused():
+    cache = PagedKVCache(["0"], 1, 2, 2, 2)
+    with pytest.raises(GalaxyError, match="method"):
+        cache.paged_attention(torch.zeros(1, 1, 2), "0", PagedBatch(2, (1,), (0,), ((0,),)), method="flash")
+
+
+def test_whole_kv_groups_are_folded_into_query_rows_and_partial_ones_are_not():
+    assert group_size(None, 4, 4) == 1
+    assert group_size([0, 0, 0, 1, 1, 1, 2, 2, 2], 9, 3) == 3
+    assert group_size([0, 1, 1, 1], 4, 2) is None  # the tail of one group, then a whole one
+    assert group_size([0, 1, 0, 1], 4, 2) is None  # heads not in group order
