@@ -15,6 +15,11 @@ class PeerUnreachable(GalaxyError):
     """A device's worker could not be reached (not running, wrong address, network down)."""
 
 
+class NotAWorker(PeerUnreachable):
+    """Something answered at a device's address, but not a Galaxy worker (a web server, another
+    service, a process that accepts connections and says nothing); the message says what answered."""
+
+
 class ProtocolMismatch(GalaxyError):
     """A peer speaks another version of the wire protocol."""
 
@@ -37,3 +42,14 @@ class WorkerError(GalaxyError):
 
 class CacheLost(GalaxyError):
     """The devices were re-planned mid-sequence (a fail-over): KV caches must be rebuilt by the caller."""
+
+
+class InvalidRequest(GalaxyError, ValueError):
+    """A call's argument is out of range or of the wrong type (an empty prompt, max_new_tokens=-1,
+    top_p=0, ...). The message names the argument, the value given and what is allowed. Also a
+    ValueError, so code written against the plain Python convention catches it too."""
+
+
+class ModelUnloaded(GalaxyError):
+    """A `Model` was used after its session loaded another model (or was closed): the devices now
+    hold something else, so the handle refuses to run instead of returning the other model's output."""

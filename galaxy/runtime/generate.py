@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import CacheLost, GalaxyError
+from ..errors import CacheLost, InvalidRequest
 from ..parallel.executor import DeviceStats
 from ..parallel.forward import Request
+from .arguments import need_int, stop_strings
 from .sampling import Sampler, SamplingConfig
 
 
@@ -35,11 +36,12 @@ class GenerationConfig:
     stop_at_eos: bool = True
     prefill_chunk: int = 0  # prompt tokens per prefill step (0: the whole prompt at once)
 
-    def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
-        if self.prefill_chunk < 0:
-            raise ValueError(f"prefill_chunk={self.prefill_chunk} must be >= 0")
+    def __post_init__(self):  # InvalidRequest (a GalaxyError and a ValueError) naming the field
+        need_int("max_new_tokens", self.max_new_tokens, 0)
+        need_int("prefill_chunk", self.prefill_chunk, 0)
+        if not isinstance(self.sampling, SamplingConfig):
+            raise InvalidRequest(f"sampling={self.sampling!r}: must be a SamplingConfig")
+        object.__setattr__(self, "stop", stop_strings(self.stop))
 
 
 @dataclass
@@ -149,15 +151,21 @@ class TextGenerator:
 
     _names = itertools.count()
 
-    def __init__(self, executor, tokenizer, config, prefix_cache: PrefixCache | None = None):
+    def __init__(self, executor, tokenizer, config, prefix_cache: PrefixCache | None = None,
+                 check: Callable[[], None] | None = None):
+        """check: called before every step; raises if the executor no longer holds this model
+        (api.Model passes one: a session that loaded another model must not run this one's steps)."""
         if not config.causal:
-            raise GalaxyError(f"{config.name or config.family} is an encoder: it embeds text (encode()), "
-                              "it does not generate")
+            raise InvalidRequest(f"{config.name or config.family} is an encoder: it embeds text (encode()), "
+                                 "it does not generate")
         self.ex, self.tok, self.cfg = executor, tokenizer, config
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache()
+        self.check = check
 
     def _forward(self, gen: Generation, phase: str, req: Request, before: list[int]) -> torch.Tensor:
         """Run one step; `before` are the tokens already in req.cache (to rebuild it if it was lost)."""
+        if self.check is not None:
+            self.check()
         try:
             res = self.ex.forward(req)
         except CacheLost:  # the devices were re-planned: rebuild this sequence's cache from scratch
@@ -175,11 +183,12 @@ class TextGenerator:
         """Yield tokens as they are produced; `gen` (if given) is filled in as it goes."""
         gen = gen if gen is not None else Generation(list(prompt_ids))
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("prompt: no tokens; give at least one")
         limit = self.cfg.max_positions
         if len(prompt_ids) + gc.max_new_tokens > limit:
-            raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({gc.max_new_tokens}) exceeds the "
-                             f"model's {limit} positions")
+            raise InvalidRequest(f"max_new_tokens={gc.max_new_tokens}: the prompt's {len(prompt_ids)} tokens + "
+                                 f"{gc.max_new_tokens} new ones exceed the model's {limit} positions; ask for at "
+                                 f"most {max(0, limit - len(prompt_ids))}")
         name = f"seq{next(self._names)}"
         hit, n = self.prefix.lookup(prompt_ids)
         start = min(n, len(prompt_ids) - 1)  # at least one prompt token must run to get logits

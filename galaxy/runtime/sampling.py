@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .arguments import need_int, need_number, need_seed
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -14,13 +16,11 @@ class SamplingConfig:
     top_p: float = 1.0  # keep the smallest set with this much probability mass
     seed: int | None = None
 
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    def __post_init__(self):  # InvalidRequest (a GalaxyError and a ValueError) naming the field
+        need_number("temperature", self.temperature, 0.0)
+        need_int("top_k", self.top_k, 0)
+        need_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        need_seed("seed", self.seed)
 
 
 class Sampler:

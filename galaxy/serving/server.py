@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GalaxyError
+from ..errors import GalaxyError, InvalidRequest
 from ..runtime.generate import Generation, GenerationConfig, pending_stop
 from ..version import __version__
 from .openai import FINISH, ApiError, ChatRequest, EmbeddingRequest, Limits, parse_chat, parse_embeddings
@@ -90,6 +90,8 @@ def _cluster_errors():
     """A GalaxyError while running a request means the cluster cannot serve it now: 503, and we keep serving."""
     try:
         yield
+    except InvalidRequest as e:  # the request, not the cluster: the caller can fix it
+        raise ApiError(400, str(e), code="invalid_value") from e
     except GalaxyError as e:
         log.warning("cluster failure: %s", e)
         raise ApiError(503, f"the Galaxy cluster could not serve the request ({type(e).__name__}): {e}",
