@@ -12,7 +12,6 @@ import json
 import logging
 import queue
 import secrets
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from ..parallel.sharding import Partition, meta_model
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import open_channel
+from .probe import REFUSED, UNREACHABLE, explain, probe, reach
 from .protocol import from_proto, metadata, to_proto
 from .shardstore import digest, iter_shard, model_hash, spec_json
 
@@ -66,22 +66,15 @@ def model_ref(source) -> ModelRef:
         return ModelRef(source.config, random_init=True, seed=source.seed, std=source.std)
     return ModelRef(source.config, path=str(Path(source.path).resolve()))
 
-def _tcp_open(address: str, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection(split_address(address), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def _error(e: grpc.RpcError, device: str, action: str, address: str | None = None) -> GalaxyError:
-    """Translate a gRPC failure into the typed error a user can act on."""
+def _error(e: grpc.RpcError, device: str, action: str, address: str | None = None, tls=None) -> GalaxyError:
+    """Translate a gRPC failure into the typed error a user can act on. A Hello that found nobody is
+    diagnosed by looking at what is at the address (probe.py): refused, silent, a web server, TLS on
+    one side only, another CA."""
     code, detail = e.code(), e.details() or ""
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "busy" not in detail:
-        if action == "hello" and address and _tcp_open(address):
-            return AuthError(f"{device}: reachable, but no gRPC session could be set up ({detail}): the TLS "
-                             "handshake failed -- a certificate from another cluster CA, or only one side "
-                             "uses --tls")
+        if action == "hello" and address:
+            finding = probe(address, ca=tls.ca if tls is not None else None)
+            return explain(finding, device, address, tls is not None, f"{code.name}: {detail}")
         return PeerUnreachable(f"{device}: unreachable during {action} ({code.name}: {detail}); is "
                                "`galaxy worker` running there and the address right?")
     if code == grpc.StatusCode.FAILED_PRECONDITION and "protocol" in detail:
@@ -106,6 +99,7 @@ class Cluster:
         self.token = token
         self.connect_timeout, self.forward_timeout = connect_timeout, forward_timeout
         self.heartbeat_s, self.heartbeat_misses = 1.0, 3  # a silent device is declared gone after ~3-6 s
+        self.tls = tls
         self.channels = [open_channel(a, tls) for a in self.addresses]
         self.stubs = [pb_grpc.WorkerStub(c) for c in self.channels]
         self.pool = ThreadPoolExecutor(max_workers=max(4, len(addresses)), thread_name_prefix="galaxy-coord")
@@ -131,12 +125,19 @@ class Cluster:
                 results.append(f.result())
             except grpc.RpcError as e:
                 results.append(None)
-                first = first or _error(e, self.names[r], action, self.addresses[r])
+                first = first or _error(e, self.names[r], action, self.addresses[r], self.tls)
         if first:
             raise first
         return results
 
     def hello(self) -> list[DeviceInfo]:
+        # a refused connection is final: say so now, not after wait_for_ready's deadline (a port where
+        # nothing answers yet is left to that deadline: a device may be slow to come up)
+        found = list(self.pool.map(lambda a: reach(a, min(1.0, self.connect_timeout)), self.addresses))
+        for r, f in enumerate(found):
+            if f is not None and f.kind in (REFUSED, UNREACHABLE):
+                raise explain(f, self.names[r], self.addresses[r], self.tls is not None, "")
+
         def call(r, stub):
             rep = stub.Hello(pb.HelloRequest(), timeout=self.connect_timeout, metadata=self._md(),
                              wait_for_ready=True)
