@@ -74,7 +74,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-init", metavar="PRESET",
                    help="random weights of a preset shape (e.g. gpt2-large, bert-large, opt-xl)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights / random input ids")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations on the devices: float32 (default, exact) or bfloat16 (half "
+                   "the memory, checked with a looser tolerance)")
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
@@ -90,8 +92,9 @@ def add_generation_args(p: argparse.ArgumentParser, default_tokens: int | None =
                    help="generate up to N tokens, streaming the text" if default_tokens is None else
                    f"tokens per reply (default {default_tokens})")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = all, default)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the most likely tokens holding this much probability (default 1.0 = all)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens per prefill step (0: all)")
 
