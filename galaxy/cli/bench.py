@@ -6,7 +6,7 @@ import argparse
 
 from ..bench import strategies as bench
 from ..bench.suite import SuiteConfig, run_suite
-from .args import add_cluster_args, add_model_args, ints, rates
+from .args import add_cluster_args, add_model_args, ints, output_file, rates
 
 EXAMPLES = """examples:
   galaxy bench --quick                                        < 2 minutes, 3 loopback workers, GPT-2 small
@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
                    help="refine Galaxy's split from the devices' measured busy times before timing")
     p.add_argument("--decode", action="store_true", help="also time generation: TTFT and per-token latency")
     p.add_argument("--backends", action="store_true", help="also time torch vs ONNX Runtime per block")
-    p.add_argument("--plot", metavar="FILE.png|svg", help="speed-up vs bandwidth and a per-layer timeline")
+    p.add_argument("--plot", metavar="FILE.png|svg", type=output_file,
+                   help="speed-up vs bandwidth and a per-layer timeline")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line of stdout")
     p.set_defaults(func=cmd_bench, transport="grpc")
 

@@ -258,9 +258,31 @@ class Cluster:
         finished: queue.Queue = queue.Queue()
         for r, f in enumerate(futs):
             f.add_done_callback(lambda _f, r=r: finished.put(r))
+        try:
+            replies, errors = self._gather(rid, futs, finished)
+        except KeyboardInterrupt:  # Ctrl-C (a chat reply stopped): the devices drop this request, too
+            self._abort(rid, "interrupted by the user")
+            for f in futs:
+                f.cancel()
+            raise
+        if errors:
+            raise self._root_cause(errors, "forward")
+        seconds = time.perf_counter() - t0
+        outs = [from_proto(rep.output, f"output of {self.names[r]}") if rep.HasField("output") else None
+                for r, rep in enumerate(replies)]
+        devices = [DeviceStats(r, rep.forward_s, tuple(OpStat(o.tag, o.wall_s, o.wait_s, o.compute_s, o.bytes, o.send_s)
+                                                       for o in rep.ops),
+                               peak_rss_bytes=rep.peak_rss_bytes, rss_before_bytes=rep.rss_before_bytes,
+                               kv_cache_bytes=rep.kv_cache_bytes, cpu_s=rep.cpu_s)  # cpu_s: 0.0 from older workers
+                   for r, rep in enumerate(replies)]
+        return ForwardResult(assemble(self.config, self.partition, outs, req.ids.shape[0]), seconds, devices)
+
+    def _gather(self, rid: int, futs, finished: queue.Queue):
+        """Every rank's reply in completion order (the first failure aborts the others at once);
+        a rank silent for `heartbeat_misses` pings is declared gone."""
         replies, errors = [None] * self.world, []
         pending, missed = set(range(self.world)), [0] * self.world
-        while pending:  # in completion order, so the first failure aborts the others at once
+        while pending:
             try:
                 r = finished.get(timeout=self.heartbeat_s)
             except queue.Empty:
@@ -281,17 +303,7 @@ class Cluster:
                 errors.append((r, e))
                 if len(errors) == 1:
                     self._abort(rid, f"{self.names[r]} failed")
-        if errors:
-            raise self._root_cause(errors, "forward")
-        seconds = time.perf_counter() - t0
-        outs = [from_proto(rep.output, f"output of {self.names[r]}") if rep.HasField("output") else None
-                for r, rep in enumerate(replies)]
-        devices = [DeviceStats(r, rep.forward_s, tuple(OpStat(o.tag, o.wall_s, o.wait_s, o.compute_s, o.bytes, o.send_s)
-                                                       for o in rep.ops),
-                               peak_rss_bytes=rep.peak_rss_bytes, rss_before_bytes=rep.rss_before_bytes,
-                               kv_cache_bytes=rep.kv_cache_bytes, cpu_s=rep.cpu_s)  # cpu_s: 0.0 from older workers
-                   for r, rep in enumerate(replies)]
-        return ForwardResult(assemble(self.config, self.partition, outs, req.ids.shape[0]), seconds, devices)
+        return replies, errors
 
     def _heartbeat(self, ranks, missed: list[int]) -> int | None:
         """Ping the workers still computing; a rank that missed `heartbeat_misses` in a row is dead."""
