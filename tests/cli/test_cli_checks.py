@@ -132,3 +132,12 @@ def test_run_sends_a_chat_models_prompt_through_its_template_when_generating(ext
     with pytest.raises(_NoWorkers):
         main(["run", "--prompt", "Hello", *extra])
     assert ("the prompt goes in as a user message, through its chat template" in capsys.readouterr().err) == templated
+
+
+def test_a_one_token_run_prints_no_decode_figures(capsys):
+    argv = ["run", "--transport", "inproc", "--local", "1", "--random-init", "tiny-gpt2", "--input-ids", "1,2,3",
+            "--max-new-tokens", "1"]
+    assert main(argv) == 0
+    summary = capsys.readouterr().err.splitlines()[-1]
+    assert summary.startswith("galaxy: 1 tokens (length); time to first token") and "None" not in summary
+    assert "ms/token" not in summary
