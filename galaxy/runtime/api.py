@@ -186,6 +186,11 @@ class Model:
         self.weight_bytes: list[int] = []  # per device, as loaded
 
     @property
+    def partition(self) -> Partition:
+        """The current split (recovery may have changed it since load)."""
+        return getattr(self.session._ex, "partition", None) or self._partition
+
+    @property
     def loaded(self) -> bool:
         """Whether the devices still hold this model (False once the session loaded another or closed)."""
         return self.session.model is self and not self.session.closed

@@ -62,6 +62,7 @@ def test_connect_needs_exactly_one_way_to_find_devices():
 def test_model_used_after_the_session_loaded_another_raises_model_unloaded():
     with galaxy.connect(local=2, transport="inproc") as cluster:
         lm = cluster.load(random_init="tiny-llama")
+        assert lm.partition.world == 2 and lm.loaded
         prompt = [5, 6, 7, 8]
         first = lm.generate(prompt, max_new_tokens=3, details=True).tokens  # now in lm's prefix cache
         encoder = cluster.load(random_init="tiny-bert")
