@@ -90,15 +90,7 @@ def cmd_bench(args) -> int:
         bandwidths=tuple(args.bandwidth) if args.bandwidth else None, reps=args.reps,
         strategies=tuple(args.strategies) if args.strategies else None, quick=args.quick, calibrate=args.calibrate,
         decode=args.decode, backends=args.backends))
-    if args.plot:
-        bench.plot(report, args.plot)
-    if args.json:
-        print(bench.dumps(report))
-    else:
-        print(bench.table(report))
-        if args.plot:
-            print(f"plot written to {args.plot}")
-    return 0
+    return _emit(args, report, bench.table, bench.plot)
 
 
 def cmd_bench_serve(args) -> int:
@@ -116,12 +108,17 @@ def cmd_bench_serve(args) -> int:
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype)
         report = run_serve_bench(session.executor, lm.config, lm.tokenizer, sb, progress=progress)
         report["devices"] = [d.name for d in session.devices()]
+    return _emit(args, report, serve_bench.table, serve_bench.plot)
+
+
+def _emit(args, report: dict, table, plot) -> int:
+    """The report as a table (or one JSON line with --json), and the plot if one was asked for."""
     if args.plot:
-        serve_bench.plot(report, args.plot)
+        plot(report, args.plot)
     if args.json:
         print(bench.dumps(report))
     else:
-        print(serve_bench.table(report))
+        print(table(report))
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0

@@ -90,30 +90,22 @@ class GenerationStream:
         self.shown = ""  # text already yielded (what may start a stop string is held back)
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        try:
-            while True:
-                ev = self.events.get()
-                if ev is None:
-                    break
-                yield ev
-            if self.error is not None:
-                raise self.error
-        finally:
-            if not self.done.is_set():
-                self.cancel()
+        return self.events_while(None)
 
-    def events_while(self, alive: Callable[[], bool], poll_s: float = 0.25) -> Iterator[TokenEvent]:
-        """Like iterating the stream, but every `poll_s` asks alive() -- is the client still there? --
-        and cancels the request at once if not (then raises ClientGone). The clock, not a quiet spell,
-        sets when to ask: tokens arriving faster than `poll_s` must not keep a deserted request going."""
+    def events_while(self, alive: Callable[[], bool] | None, poll_s: float = 0.25) -> Iterator[TokenEvent]:
+        """The TokenEvents as they come; with `alive`, every `poll_s` asks it -- is the client still
+        there? -- and cancels the request at once if not (then raises ClientGone). The clock, not a
+        quiet spell, sets when to ask: tokens arriving faster than `poll_s` must not keep a deserted
+        request going. Breaking off the iteration cancels the request too."""
         try:
             next_check = time.monotonic() + poll_s
             while True:
                 try:
-                    ev = self.events.get(timeout=max(0.0, next_check - time.monotonic()))
+                    wait = max(0.0, next_check - time.monotonic()) if alive is not None else None
+                    ev = self.events.get(timeout=wait)
                 except Empty:
                     ev = _NOTHING
-                if time.monotonic() >= next_check:
+                if alive is not None and time.monotonic() >= next_check:
                     if not alive():
                         self.cancel()
                         raise ClientGone("the client went away; its request was cancelled") from None

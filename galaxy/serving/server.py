@@ -115,7 +115,7 @@ def _pieces(stream: GenerationStream, stops: tuple[str, ...], alive=None) -> Ite
     a client gone while no piece comes (queued, or a slow prefill) cancels the request (ClientGone)."""
     shown, sent, gen = "", 0, stream.generation
     try:
-        for ev in (stream.events_while(alive) if alive is not None else stream):
+        for ev in stream.events_while(alive):
             shown += ev.text
             safe = len(shown) - pending_stop(shown, stops)
             if safe > sent:
