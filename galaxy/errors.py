@@ -37,3 +37,13 @@ class WorkerError(GalaxyError):
 
 class CacheLost(GalaxyError):
     """The devices were re-planned mid-sequence (a fail-over): KV caches must be rebuilt by the caller."""
+
+
+class InvalidRequest(GalaxyError, ValueError):
+    """Input that cannot be served as given (an empty prompt, a token id outside the vocabulary, a
+    limit out of range); the message names the field, the value and what is allowed. Nothing was
+    queued and no other request is affected."""
+
+
+class ModelUnloaded(GalaxyError):
+    """A model handle used after its session loaded another model in its place (or closed)."""

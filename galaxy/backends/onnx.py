@@ -8,9 +8,10 @@ tiles stay separate calls and the overlap in collectives.py is unchanged. Collec
 embedding, the final norm and the LM head stay in torch.
 
 Kept in torch: steps of an empty shard (zero heads or columns), calls on zero rows, and steps
-that compute nothing (post-norm layers' attn_input / mlp_input), and attention in one-token
-decode steps (see OnnxAttend). The KV cache stays torch's (kvcache.LayerKV): for prompt chunks
-the attention graph takes the cached K/V as inputs and returns the new positions' K/V to append.
+that compute nothing (post-norm layers' attn_input / mlp_input). Generation's steps attend over
+the paged KV cache in torch (Attention.attend_paged, which is not replaced): the graph would need
+the cached K and V copied into it on every step, and measured 1.2-1.4x slower than torch for
+one-token decodes, which reads them in place.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ PARTS = {  # what the profiler times separately
 }
 
 
-DECODE_ROWS = 1  # cached attention over this many new tokens or fewer runs in torch (OnnxAttend)
 
 
 class BackendError(GalaxyError, ValueError):
@@ -89,29 +89,18 @@ class OnnxStep:
 
 
 class OnnxAttend:
-    """Attention.attend(qkv, start_pos, cache) run by an ONNX Runtime session.
-
-    One-token steps with a KV cache (decode) run torch's attend instead: the graph would need the
-    cached K and V copied into it on every step, and measured 1.2-1.4x slower than torch, which reads
-    them in place. Prompts and prompt chunks with a cache go through the graph, past K/V included.
-    """
+    """Attention.attend(qkv, start_pos) of a whole prompt run by an ONNX Runtime session (the graph
+    takes past K/V as inputs too; a pass without a cache gives it none)."""
 
     def __init__(self, session, inputs: list[str], nkv: int, hd: int, fallback):
         self.session, self.inputs, self.fallback = session, inputs, fallback
         self.no_past = np.zeros((nkv, 0, hd), dtype=np.float32)
 
-    def __call__(self, qkv: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
-        if qkv.shape[0] == 0 or (cache is not None and qkv.shape[0] <= DECODE_ROWS):
-            return self.fallback(qkv, start_pos, cache)
-        past_k = past_v = self.no_past
-        if cache is not None:
-            if cache.length != start_pos:  # as LayerKV.append would say, before reading a wrong past
-                raise GalaxyError(f"KV cache holds {cache.length} positions, the request starts at {start_pos}")
-            past_k, past_v = _np(cache.k[:, :start_pos]), _np(cache.v[:, :start_pos])  # copies: (nkv, P, hd)
-        feed = dict(zip(self.inputs, (_np(qkv), np.array(start_pos, dtype=np.int64), past_k, past_v)))
-        ctx, k, v = self.session.run(None, feed)
-        if cache is not None:
-            cache.append(torch.from_numpy(k), torch.from_numpy(v), start_pos)
+    def __call__(self, qkv: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        if qkv.shape[0] == 0:
+            return self.fallback(qkv, start_pos)
+        feed = dict(zip(self.inputs, (_np(qkv), np.array(start_pos, dtype=np.int64), self.no_past, self.no_past)))
+        ctx, _, _ = self.session.run(None, feed)
         return torch.from_numpy(ctx)
 
     def __repr__(self) -> str:

@@ -10,16 +10,10 @@ comes and goes then hits both backends alike instead of whichever ran second.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ..backends.onnx import apply_onnx_block, default_cache_dir
 from ..backends.profiling import time_blocks
-from ..model.checkpoints.random import RandomWeights
 from ..model.config import ModelConfig, preset
-from ..model.kvcache import LayerKV
-from ..parallel.sharding import ShardSpec, load_shard
 
 
 def compare(cfg: ModelConfig, seq_lens: list[int], repeats: int = 3, rounds: int = 2) -> list[dict]:
@@ -34,32 +28,7 @@ def compare(cfg: ModelConfig, seq_lens: list[int], repeats: int = 3, rounds: int
             for (k, u, q) in best["torch"]]
 
 
-def decode_attention(cfg: ModelConfig, context: int, repeats: int = 20) -> dict:
-    """One decode step's attention (project, attend over a KV cache of `context` positions,
-    project_out) with all heads: torch and ONNX Runtime seconds (median)."""
-    one = cfg.replace(n_layers=1)
-    spec = ShardSpec((0, cfg.n_heads), (0, 1), (0, 0), (0, 1), embed=False, head=False)
-    out = {}
-    for backend in ("torch", "onnx"):
-        blk = load_shard(RandomWeights(one), spec).layers["0"]
-        if backend == "onnx":
-            apply_onnx_block(blk, default_cache_dir(), torch.get_num_threads(), parts=("attention",))
-        a = blk.attn
-        times = []
-        with torch.inference_mode():
-            cache = LayerKV(a.nkv, cfg.head_dim, torch.float32, "cpu", capacity=context + repeats + 1)
-            a.attend(a.project(torch.randn(context, cfg.hidden)), 0, cache)  # fill the cache
-            for i in range(repeats):
-                x = torch.randn(1, cfg.hidden)
-                t0 = time.perf_counter()
-                a.project_out(a.attend(a.project(x), context + i, cache))
-                times.append(time.perf_counter() - t0)
-        out[f"{backend}_s"] = sorted(times)[len(times) // 2]
-    return out
-
-
-def report(models: list[str], seq_lens=(128, 512), threads: int = 1, repeats: int = 3, rounds: int = 2,
-           decode_context: int = 512) -> str:
+def report(models: list[str], seq_lens=(128, 512), threads: int = 1, repeats: int = 3, rounds: int = 2) -> str:
     """A markdown table of onnx/torch time ratios per block for preset models (< 1: ONNX faster)."""
     torch.set_num_threads(threads)
     lines = [f"threads={threads}, best of {rounds} alternating rounds of median-of-{repeats}", "",
@@ -69,8 +38,4 @@ def report(models: list[str], seq_lens=(128, 512), threads: int = 1, repeats: in
         for r in compare(cfg, list(seq_lens), repeats, rounds):
             lines.append(f"| {name} | {r['kind']} | {r['units']} | {r['seq']} | {r['torch_s'] * 1e3:.2f} | "
                          f"{r['onnx_s'] * 1e3:.2f} | {r['onnx_s'] / r['torch_s']:.2f} |")
-        if cfg.causal and decode_context:
-            d = decode_attention(cfg, decode_context)
-            lines.append(f"| {name} | decode attention, {decode_context} cached | {cfg.n_heads} | 1 | "
-                         f"{d['torch_s'] * 1e3:.2f} | {d['onnx_s'] * 1e3:.2f} | {d['onnx_s'] / d['torch_s']:.2f} |")
     return "\n".join(lines)

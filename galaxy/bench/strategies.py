@@ -30,12 +30,13 @@ from planner.cost import CostModel
 from planner.profile import attention_flops, co_tenant_speedup, connective_flops, head_flops, mlp_flops
 from planner.solver import solve
 
+from ..engine.engine import Engine
+from ..engine.generation import GenerationConfig
 from ..errors import WorkerError
 from ..parallel.codec import LOSSY_REL_BOUND
 from ..parallel.executor import DeviceStats, LoadOptions
 from ..parallel.forward import Request
 from ..parallel.sharding import Partition, even_partition, seqpar_partition, shard_bytes, weighted_partition
-from ..runtime.generate import GenerationConfig, PrefixCache, TextGenerator
 from ..runtime.report import layer_overlap
 from ..transport.client import Cluster
 
@@ -530,8 +531,11 @@ def decode_bench(session_factory, source, prof, prompt_len: int = 64, new_tokens
             ranks, partition = [index[d.name] for d in plan.devices], plan.to_partition(cfg)
         with Cluster([addrs[i] for i in ranks], token=token, tls=tls) as c:
             c.load(source, partition)
-            gen = TextGenerator(c, None, cfg, PrefixCache(0))
-            g = gen.generate(prompt, GenerationConfig(new_tokens, stop_at_eos=False))
+            engine = Engine(c, cfg)
+            try:
+                g = engine.generate(prompt, GenerationConfig(new_tokens, stop_at_eos=False))
+            finally:
+                engine.close()
         rows.append({"strategy": label, "devices": [prof.devices[i].name for i in ranks],
                      "ttft_s": g.ttft_s, "per_token_s": g.per_token_s,
                      "decode_collective": next((x.collective for x in g.steps if x.phase == "decode"), None),

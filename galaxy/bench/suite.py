@@ -85,14 +85,9 @@ def run_suite(sc: SuiteConfig) -> dict:
     if bad:
         raise GalaxyError(f"--strategies: unknown {bad}; choose from {', '.join(bench.STRATEGIES)}")
     with ExitStack() as stack:
-        emulated, token = None, sc.token
+        emulated, addresses, token = bench_devices(stack, sc.local, sc.workers, sc.cluster, sc.token, sc.threads,
+                                                   sc.quick)
         tls = TlsFiles.load(sc.tls, COORDINATOR) if sc.tls else None
-        if sc.workers:
-            addresses = list(sc.workers)
-        elif sc.local or (not sc.cluster and (sc.quick or os.geteuid() != 0)):
-            addresses = stack.enter_context(LocalWorkers(sc.local or 3, threads=sc.threads, token=token))
-        else:
-            emulated, addresses, token = _bench_cluster(sc.cluster, stack)
         rates = list(sc.bandwidths or ([] if sc.quick else DEFAULT_RATES)) if emulated else [None]
         bench._progress(f"profiling {len(addresses)} devices for {cfg.name} (cached per device and shape)")
         with Cluster(addresses, token=token, tls=tls) as c:
@@ -130,6 +125,19 @@ def run_suite(sc: SuiteConfig) -> dict:
             report["backends"] = [dict(r, onnx_over_torch=r["onnx_s"] / r["torch_s"])
                                   for r in compare(cfg, seqs, repeats=3, rounds=2)]
     return report
+
+
+def bench_devices(stack: ExitStack, local: int | None = None, workers=None, cluster: str | None = None,
+                  token: str | None = None, threads: int | None = None, quick: bool = False):
+    """The devices a benchmark runs on: running workers, N loopback workers, or (the default as root,
+    unless quick) an emulated cluster -- up already, or brought up now and down at the end of
+    `stack`. Returns (the emulated cluster's name or None, worker addresses, token)."""
+    if workers:
+        return None, list(workers), token
+    if local or (not cluster and (quick or os.geteuid() != 0)):
+        return None, stack.enter_context(LocalWorkers(local or 3, threads=threads, token=token)), token
+    emulated, addresses, file_token = _bench_cluster(cluster, stack)
+    return emulated, addresses, token or file_token
 
 
 def _bench_cluster(path: str | None, stack: ExitStack):

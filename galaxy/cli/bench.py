@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 
 from ..bench import paged_kv
+from ..bench import serve as serve_bench
 from ..bench import strategies as bench
-from ..bench.suite import SuiteConfig, run_suite
-from .args import add_cluster_args, add_model_args, ints, rates
+from ..bench.serve import ServeBench, Workload, run_serve_bench
+from ..bench.suite import SuiteConfig, bench_devices, run_suite
+from ..engine.engine import EngineConfig
+from ..runtime.api import connect
+from .args import add_cluster_args, add_model_args, floats, ints, progress, rates
 
 EXAMPLES = """examples:
   galaxy bench --quick                                        < 2 minutes, 3 loopback workers, GPT-2 small
   galaxy bench --decode --plot docs/bench/hetero-bench.png    as root: the emulated heterogeneous trio
   galaxy bench --local 2 --strategies local,galaxy --seq-len 128,256 --json
+  galaxy bench serve --rates 0.5,1,2,4 --plot docs/bench/serve.png   the serving engine against fifo
+  galaxy bench serve --concurrency 8 --num-requests 32 --output-len 32
+  galaxy bench serve --shared-prefix 512 --input-len 64 --compare-prefix-cache
 """
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="Galaxy against its baselines and the roofline, side by side", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", choices=["strategies", "serve"], default="strategies",
+                   help="strategies (default): prefill across strategies; serve: the serving engine under load")
     add_model_args(p)
     add_cluster_args(p, local_help="N plain loopback workers instead of an emulated LAN (no root needed)",
                      discover=False, transport=False)
@@ -37,6 +47,26 @@ def add_parser(sub) -> None:
     p.add_argument("--backends", action="store_true", help="also time torch vs ONNX Runtime per block")
     p.add_argument("--plot", metavar="FILE.png|svg", help="speed-up vs bandwidth and a per-layer timeline")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line of stdout")
+    sv = p.add_argument_group("galaxy bench serve: the workload and what is compared")
+    sv.add_argument("--rates", type=floats, help="request rates to sweep (req/s), e.g. 0.5,1,2,4 (default: all at "
+                    "once)")
+    sv.add_argument("--concurrency", type=int, default=0,
+                    help="a closed loop of N clients, each sending its next request when the last ends")
+    sv.add_argument("--num-requests", type=int, default=32, help="requests per run (default 32)")
+    sv.add_argument("--input-len", type=int, default=128, help="prompt tokens (default 128)")
+    sv.add_argument("--output-len", type=int, default=32, help="tokens generated per request (default 32)")
+    sv.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in [L(1-r), L(1+r)] (default 0)")
+    sv.add_argument("--lengths", choices=["uniform", "lognormal"], default="uniform",
+                    help="lognormal: Splitwise's conversation fits, clipped to the context")
+    sv.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (default 0)")
+    sv.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals: 1 Poisson, < 1 bursty")
+    sv.add_argument("--schedulers", type=lambda t: tuple(x for x in t.split(",") if x), default=("batch", "fifo"),
+                    help="batch (continuous batching) and/or fifo (one request at a time) (default both)")
+    sv.add_argument("--compare-prefix-cache", action="store_true", help="also run batch with the prefix cache off")
+    sv.add_argument("--max-batched-tokens", type=int, default=256, help="the engine's token budget per step")
+    sv.add_argument("--chunk-size", type=int, help="most prompt tokens a request runs per step (default: the budget)")
+    sv.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT objective, x the unloaded TTFT (default 3)")
+    sv.add_argument("--slo-tpot", type=float, default=1.5, help="TPOT objective, x the unloaded TPOT (default 1.5)")
     micro = p.add_argument_group("micro-benchmarks on this machine (instead of the suite)")
     micro.add_argument("--paged-attention", action="store_true",
                        help="paged attention on CPU: gather vs padded vs contiguous K/V (docs/paged_attention_cpu.md)")
@@ -46,6 +76,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
+    if args.what == "serve":
+        return cmd_bench_serve(args)
     if args.paged_attention or args.attention_kernels:
         paged_kv.report(threads=args.threads or 1, reps=args.reps or 21, quick=args.quick,
                         kernel_choices=args.attention_kernels)
@@ -63,6 +95,32 @@ def cmd_bench(args) -> int:
         print(bench.dumps(report))
     else:
         print(bench.table(report))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    sb = ServeBench(
+        Workload(num_requests=args.num_requests, concurrency=args.concurrency, burstiness=args.burstiness,
+                 input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
+                 lengths=args.lengths, shared_prefix=args.shared_prefix, seed=args.seed),
+        rates=tuple(args.rates or ()), schedulers=args.schedulers,
+        engine=EngineConfig(max_batched_tokens=args.max_batched_tokens, chunk_size=args.chunk_size),
+        slo_ttft_x=args.slo_ttft, slo_tpot_x=args.slo_tpot, compare_prefix_cache=args.compare_prefix_cache)
+    with ExitStack() as stack:
+        _, addresses, token = bench_devices(stack, args.local, args.workers, args.cluster, args.token, args.threads)
+        session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
+        progress(f"loading the model on {len(addresses)} devices")
+        lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype)
+        report = run_serve_bench(session.executor, lm.config, lm.tokenizer, sb, progress=progress)
+        report["devices"] = [d.name for d in session.devices()]
+    if args.plot:
+        serve_bench.plot(report, args.plot)
+    if args.json:
+        print(bench.dumps(report))
+    else:
+        print(serve_bench.table(report))
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0

@@ -63,7 +63,7 @@ def cmd_chat(args) -> int:
                                       args.stop, args.prefill_chunk)
             print("model> ", end="", flush=True)
             reply = ""
-            for ev in lm.generator().stream(ids, gc):
+            for ev in lm.engine.submit(ids, gc):
                 reply += ev.text
                 print(ev.text, end="", flush=True)
             print()

@@ -15,7 +15,6 @@ from ..errors import GalaxyError
 from ..model.transformer import DTYPES, mean_pool
 from ..parallel.sharding import Strategy
 from ..runtime.check import check_output
-from ..runtime.generate import Generation
 from ..runtime.report import layer_overlap
 from ..runtime.sources import make_request, open_source, reference_generate, reference_output
 from .args import add_cluster_args, add_generation_args, add_input_args, add_model_args, floats, progress
@@ -132,15 +131,16 @@ def _run_forward(args, model, req, report: dict, seconds: dict, infos) -> int:
 
 def _run_generate(args, model, req, report: dict, seconds: dict) -> int:
     ids = req.ids.tolist()
-    gen = Generation(ids)
     gc = model.generation_config(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                                  args.stop, args.prefill_chunk)
     progress(f"generating up to {args.max_new_tokens} tokens")
-    for ev in model.generator().stream(ids, gc, gen):
+    stream = model.engine.submit(ids, gc)
+    for ev in stream:
         if not args.json:
             print(ev.text, end="", flush=True)
     if not args.json:
         print()
+    gen = stream.generation
     decode = [s for s in gen.steps if s.phase == "decode"]
     report.update(
         text=gen.text, tokens=gen.tokens, finish=gen.finish, prompt_tokens=len(ids),

@@ -26,7 +26,8 @@ def add_parser(subparsers):
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP endpoint for a model split across devices",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                               description="Serve /v1/chat/completions (causal LMs), /v1/embeddings (encoders), "
-                              "/v1/models and /health. One request runs at a time; others wait in a short queue.")
+                              "/v1/models, /health and /metrics (Prometheus). Chat requests are batched on the "
+                              "devices (continuous batching); embeddings run one at a time.")
     add_model_args(p)
     add_cluster_args(p, recover=True)
     p.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
@@ -36,9 +37,12 @@ def add_parser(subparsers):
     h.add_argument("--api-key", default=os.environ.get("GALAXY_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every request (default $GALAXY_API_KEY)")
     h.add_argument("--served-model-name", help="the model id clients use (default: the --model name)")
-    h.add_argument("--max-queue", type=int, default=8, help="requests waiting behind the running one; more get "
-                   "429 (default 8)")
-    h.add_argument("--queue-timeout", type=float, default=120.0, help="seconds a request may wait (default 120)")
+    h.add_argument("--max-queue", type=int, default=64, help="generation requests waiting for a place in the "
+                   "batch; more get 429 (default 64)")
+    h.add_argument("--queue-timeout", type=float, default=120.0,
+                   help="seconds an embedding request may wait for the one before it (default 120)")
+    h.add_argument("--request-timeout", type=float, default=600.0,
+                   help="a generation's deadline in seconds: then it ends, truncated (default 600)")
     h.add_argument("--default-max-tokens", type=int, default=256,
                    help="completion tokens when a request sets no max_tokens (default 256)")
     h.add_argument("--default-temperature", type=float, default=1.0,
@@ -58,6 +62,7 @@ def cmd_serve(args) -> int:
                              plan=args.plan)
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
+                        request_timeout=args.request_timeout,
                         default_max_tokens=args.default_max_tokens, default_temperature=args.default_temperature)
         server._bind()
         kind = "chat completions" if model.config.causal else "embeddings"

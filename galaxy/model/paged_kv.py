@@ -1,6 +1,6 @@
 """Paged K/V of one device's shard, and causal attention over it for a packed batch of sequences.
 
-The coordinator's block manager (galaxy/serving/block_manager.py) hands out block ids; every
+The coordinator's block manager (galaxy/engine/block_manager.py) hands out block ids; every
 device keeps, in the block with that id, the K/V of its *own* KV heads. A block is
 `block_size` positions; slot `b * block_size + o` is offset o of block b. Per layer, K and V
 are each (nkv, num_blocks * block_size, hd): head-major, positions in slot order. Then one
@@ -159,8 +159,11 @@ class PagedKVCache:
 
     @classmethod
     def for_model(cls, model, num_blocks: int, block_size: int) -> PagedKVCache:
-        """The pool for a shard (model.Transformer): its layers, its KV heads, its dtype."""
-        blk = next(iter(model.layers.values()))
+        """The pool for a shard (model.Transformer): its layers, its KV heads, its dtype. A pipeline
+        stage without layers holds none."""
+        blk = next(iter(model.layers.values()), None)
+        if blk is None:
+            return cls((), 0, model.cfg.head_dim, num_blocks, block_size, model.dtype)
         return cls(model.layers.keys(), blk.attn.nkv, model.cfg.head_dim, num_blocks, block_size,
                    model.dtype, blk.attn.qkv.weight.device)
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .paged_kv import PagedBatch, PagedKVCache
 
 # Compute dtypes by the names configs, plans and the wire use.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,15 +102,16 @@ class Attention(nn.Module):
         """Column-parallel Q|K|V projection of a tile: (t, H) -> (t, (nq + 2 nkv) hd)."""
         return self.qkv(x)
 
-    def split_heads(self, qkv: torch.Tensor, start_pos: int = 0):
-        """(S, (nq+2nkv) hd) -> q (nq, S, hd), k and v (nkv, S, hd), RoPE applied."""
+    def split_heads(self, qkv: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None):
+        """(S, (nq+2nkv) hd) -> q (nq, S, hd), k and v (nkv, S, hd), RoPE applied at `positions`
+        (S,) -- tokens of several sequences packed in one batch -- or at start_pos, start_pos + 1, ..."""
         hd, s = self.cfg.head_dim, qkv.shape[0]
         q, k, v = qkv.split([self.nq * hd, self.nkv * hd, self.nkv * hd], dim=-1)
         q = q.view(s, self.nq, hd).transpose(0, 1)
         k = k.view(s, self.nkv, hd).transpose(0, 1)
         v = v.view(s, self.nkv, hd).transpose(0, 1)
         if self.cfg.position == "rope":
-            pos = torch.arange(start_pos, start_pos + s)
+            pos = positions if positions is not None else torch.arange(start_pos, start_pos + s)
             q, k = rope(q, pos, self.cfg.rope_theta), rope(k, pos, self.cfg.rope_theta)
         return q, k, v
 
@@ -121,15 +123,20 @@ class Attention(nn.Module):
         ctx = attention_core(q, k, v, self.cfg.causal, q_start)  # (nq, Sq, hd)
         return ctx.transpose(0, 1).reshape(q.shape[1], self.nq * self.cfg.head_dim)
 
-    def attend(self, qkv: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
-        """Attention of this device's heads over every token: (S, qkv cols) -> (S, nq hd).
-
-        With a cache (kvcache.LayerKV) the new K/V are appended and attention reads all
-        positions [0, start_pos + S): chunked prefill and decode."""
+    def attend(self, qkv: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Attention of this device's heads over the pass's own tokens (a whole prompt, no cache):
+        (S, qkv cols) -> (S, nq hd). Generation attends over the paged cache (attend_paged)."""
         q, k, v = self.split_heads(qkv, start_pos)
-        if cache is not None:
-            k, v = cache.append(k, v, start_pos)
         return self.attend_heads(q, k, v, start_pos)
+
+    def attend_paged(self, qkv: torch.Tensor, kv: PagedKVCache, layer: str, batch: PagedBatch) -> torch.Tensor:
+        """The same for a packed batch of several sequences over a paged KV cache (the serving
+        engine's step): the new K/V are written at their slots first, so a prefill chunk attends to
+        itself, then each token attends to its own sequence's positions. (T, qkv cols) -> (T, nq hd)."""
+        q, k, v = self.split_heads(qkv, positions=batch.positions)
+        kv.write(layer, k, v, batch.slot_mapping)
+        ctx = kv.paged_attention(q, layer, batch, self.kv_map)  # (nq, T, hd)
+        return ctx.transpose(0, 1).reshape(qkv.shape[0], self.nq * self.cfg.head_dim)
 
     def project_out(self, ctx: torch.Tensor) -> torch.Tensor:
         """Row-parallel output projection of a tile: (t, nq hd) -> partial sum (t, H), no bias."""
@@ -188,9 +195,9 @@ class Block(nn.Module):
         y = add_bias(mlp_sum, self.mlp.down_bias)
         return x + y if self.pre_norm else self.norm2(x + y)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Unsharded layer (all heads, all columns) over all tokens: (S, H) -> (S, H)."""
-        a = self.attn.project_out(self.attn.attend(self.attn.project(self.attn_input(x)), start_pos, cache))
+        a = self.attn.project_out(self.attn.attend(self.attn.project(self.attn_input(x)), start_pos))
         x = self.after_attn(x, a)
         m = self.mlp.contract(self.mlp.expand(self.mlp_input(x)))
         return self.after_mlp(x, m)

@@ -1,7 +1,7 @@
 """The interface every way of running a partition's ranks offers: load a model, run passes on it.
 
-Three executors implement it, and everything above them -- generation, the Python API, the OpenAI
-server, the bench -- speaks only this interface:
+Three executors implement it, and everything above them -- generation, the serving engine, the
+Python API, the OpenAI server, the bench -- speaks only this interface:
 
 - `transport.client.Cluster`: one worker process per device, driven over gRPC;
 - `runtime.inproc.InprocCluster`: the ranks as threads of this process (tests, `--transport inproc`);
@@ -24,7 +24,8 @@ from ..model.checkpoints import WeightSource
 from ..model.transformer import DTYPES
 from .codec import FORMATS as WIRE_FORMATS
 from .collectives import OpStat
-from .forward import Request
+from .forward import Request, Step
+from .rank import KVPool
 from .sharding import Partition
 
 BACKENDS = ("torch", "onnx", "auto")  # auto: each device times both and keeps the faster
@@ -139,8 +140,23 @@ class Executor(Protocol):
         """One pass. overlap=False and `wire` override the loaded options for this pass only (the bench's
         side-by-side variants); measure_memory returns free heap to the OS first so the peak is this pass's."""
 
+    def kv_blocks(self, block_size: int) -> int:
+        """KV blocks of `block_size` positions that every device can hold within its KV budget: the
+        serving engine's pool (the smallest count over devices that hold KV heads)."""
+
+    def step(self, step: Step, pool: KVPool) -> ForwardResult:
+        """One iteration of the serving engine on every device: output is the logits (logit rows, V).
+        The pool is allocated on each device at the first step that names it."""
+
     def release(self) -> None:
         """Drop the loaded model on every device (the executor stays usable)."""
 
     def close(self) -> None:
         """Release, and free the executor's own resources (connections, threads)."""
+
+
+def pool_blocks(per_rank: list[tuple[int, int]], block_size: int) -> int:
+    """The engine's pool size from each rank's (KV bytes per token, KV budget bytes): the smallest
+    count of `block_size`-position blocks any rank holding KV heads can keep. 0: none can hold one."""
+    counts = [budget // (per_token * block_size) for per_token, budget in per_rank if per_token > 0]
+    return min(counts) if counts else 0

@@ -9,38 +9,88 @@
 - pipeline: contiguous layers per device, hidden states handed down the ring (exo/PipeEdge).
 - seqpar: the whole model everywhere, tokens split, K/V all-gathered (a baseline for the bench).
 
+Two things ask for a pass: a `Request` (one sequence, no KV cache: a prompt's logits, an
+encoder's hidden states) and a `Step` of the serving engine (the packed tokens of several sequences over the paged
+KV cache, galaxy/model/paged_kv.py). Both become a `Pass` -- token ids, their positions, how
+attention reaches K/V, and which rows' logits come back -- and the strategies below run a Pass.
+The connective blocks work per token, so sequence parallelism splits a packed batch as it
+splits one sequence; only attention needs to know which tokens belong together.
+
 Everything here is pure compute plus `Collectives` calls: the same code runs over in-process
 queues and over gRPC between devices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..model.transformer import Block, Transformer
+from ..model.paged_kv import PagedBatch, PagedKVCache
+from ..model.transformer import Attention, Block, Transformer
 from .collectives import Collectives
-from .sharding import Partition, Strategy, last_token_rank
+from .sharding import Partition, Strategy
 
 
 @dataclass(frozen=True)
 class Request:
-    """One forward pass: token ids, what to return, and which KV cache to use.
-
-    Caches live on the devices, named by the coordinator: `cache` is read and extended (created
-    when new); `fork_from`/`fork_len` first make it a copy of another cache's first positions (a
-    reused prefix); `drop` names caches to free first.
-    """
+    """One forward pass of one sequence, with no KV cache: a prompt's logits or an encoder's hidden
+    states (generation runs engine Steps over the paged cache instead)."""
 
     ids: torch.Tensor  # (S,) int64
     types: torch.Tensor | None = None  # (S,) segment ids (BERT), default zeros
-    start_pos: int = 0  # position of ids[0]; with a cache, the positions already cached
-    last_only: bool = False  # causal LMs: logits of the last token only (generation)
-    cache: str = ""
-    fork_from: str = ""
-    fork_len: int = 0
-    drop: tuple[str, ...] = ()
+    start_pos: int = 0  # position of ids[0]
+    last_only: bool = False  # causal LMs: logits of the last token only
+
+
+@dataclass(frozen=True)
+class Step:
+    """One iteration of the serving engine, identical on every rank: the tokens of several
+    sequences packed in plan order (decodes first, then prefill chunks), over the paged KV cache.
+
+    Before it runs, each rank copies the blocks in `copies` (copy on write) in its own cache."""
+
+    ids: torch.Tensor  # (T,) int64, packed
+    batch: PagedBatch  # where each sequence sits: query lengths, start positions, block tables
+    logit_rows: tuple[int, ...]  # packed rows whose logits come back (the last token of a finished chunk)
+    copies: tuple[tuple[int, int], ...] = ()  # (src, dst) blocks
+
+
+# (layer index, attention block, Q|K|V of every token (S, cols)) -> context (S, nq hd)
+Attend = Callable[[str, Attention, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What every rank computes, whoever asked: the common form of a Request and a Step."""
+
+    ids: torch.Tensor  # (S,) int64
+    positions: torch.Tensor  # (S,) position of every token in its sequence
+    types: torch.Tensor | None  # (S,) segment ids (BERT), or None
+    attend: Attend
+    logit_rows: tuple[int, ...] | None  # causal LMs: rows whose logits come back (None: every row)
+    contiguous_from: int | None = None  # one sequence at positions start.. (seqpar needs it), else None
+
+
+def request_pass(req: Request) -> Pass:
+    """A Request as a Pass: attention over its own tokens."""
+    s = req.ids.shape[0]
+
+    def attend(idx: str, attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
+        return attn.attend(qkv, req.start_pos)
+
+    return Pass(req.ids, torch.arange(req.start_pos, req.start_pos + s), req.types, attend,
+                (s - 1,) if req.last_only else None, req.start_pos)
+
+
+def step_pass(step: Step, kv: PagedKVCache) -> Pass:
+    """An engine Step as a Pass over this rank's paged KV cache."""
+
+    def attend(idx: str, attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
+        return attn.attend_paged(qkv, kv, idx, step.batch)
+
+    return Pass(step.ids, step.batch.positions, None, attend, step.logit_rows)
 
 
 def decodes_tensor_parallel(partition: Partition, seq: int) -> bool:
@@ -49,24 +99,26 @@ def decodes_tensor_parallel(partition: Partition, seq: int) -> bool:
     return partition.strategy == Strategy.GALAXY and seq < 2 * partition.world
 
 
-def _positions(req: Request, a: int, b: int) -> torch.Tensor:
-    return torch.arange(req.start_pos + a, req.start_pos + b)
+def _types(p: Pass, a: int, b: int):
+    return None if p.types is None else p.types[a:b]
 
 
-def _types(req: Request, a: int, b: int):
-    return None if req.types is None else req.types[a:b]
+def _final(model: Transformer, h: torch.Tensor) -> torch.Tensor:
+    return model.final_norm(h) if model.final_norm is not None else h
 
 
-def _layer_cache(kv, idx: str):
-    return None if kv is None else kv.layers[idx]
+def _logit_rows(p: Pass, a: int, b: int) -> torch.Tensor:
+    """Of rows [a, b) held here, the ones whose logits come back, as indices into them."""
+    rows = range(a, b) if p.logit_rows is None else [r for r in p.logit_rows if a <= r < b]
+    return torch.tensor([r - a for r in rows], dtype=torch.long)
 
 
-def galaxy_layer(blk: Block, comm: Collectives, x: torch.Tensor, sizes: list[int], start_pos: int,
-                 tag: str, cache=None) -> torch.Tensor:
+def galaxy_layer(blk: Block, comm: Collectives, x: torch.Tensor, sizes: list[int], tag: str,
+                 attend: Callable[[Attention, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """HMP layer on this rank's token rows x: (sizes[rank], H) -> (sizes[rank], H)."""
     attn, mlp, width = blk.attn, blk.mlp, x.shape[1]
     qkv = comm.all_gather(blk.attn_input(x), sizes, attn.project, tag=f"{tag}.attn.ag")  # (S, qkv)
-    ctx = attn.attend(qkv, start_pos, cache)  # (S, nq hd): this rank's heads over every token
+    ctx = attend(attn, qkv)  # (S, nq hd): this rank's heads over every token
     a = comm.reduce_scatter(sizes, lambda i, j: attn.project_out(ctx[i:j]), width, x.dtype, f"{tag}.attn.rs")
     x = blk.after_attn(x, a)
     inner = comm.all_gather(blk.mlp_input(x), sizes, mlp.expand, tag=f"{tag}.mlp.ag")  # (S, c)
@@ -74,105 +126,103 @@ def galaxy_layer(blk: Block, comm: Collectives, x: torch.Tensor, sizes: list[int
     return blk.after_mlp(x, m)
 
 
-def galaxy_forward(model: Transformer, comm: Collectives, sizes: list[int], req: Request, kv=None):
-    """Returns logits (S or 1, this rank's vocab rows) or this rank's hidden rows (s_r, H)."""
+def galaxy_forward(model: Transformer, comm: Collectives, sizes: list[int], p: Pass):
+    """Returns the logits of every logit row over this rank's vocabulary rows, or this rank's
+    hidden rows (s_r, H) of an encoder."""
     cfg, r = model.cfg, comm.rank
     a = sum(sizes[:r])
     b = a + sizes[r]
-    x = comm.reduce_scatter(sizes, lambda i, j: model.embed.lookup(req.ids[i:j]), cfg.hidden, model.dtype,
+    x = comm.reduce_scatter(sizes, lambda i, j: model.embed.lookup(p.ids[i:j]), cfg.hidden, model.dtype,
                             "embed.rs")
-    x = model.embed.finish(x, _positions(req, a, b), _types(req, a, b))
+    x = model.embed.finish(x, p.positions[a:b], _types(p, a, b))
     for idx, blk in model.layers.items():
-        x = galaxy_layer(blk, comm, x, sizes, req.start_pos, f"L{idx}", _layer_cache(kv, idx))
+        x = galaxy_layer(blk, comm, x, sizes, f"L{idx}", lambda attn, qkv, idx=idx: p.attend(idx, attn, qkv))
     if not cfg.causal:
         return x
-    h = model.final_norm(x) if model.final_norm is not None else x
-    if req.last_only:  # only the owner of the last token contributes a row
-        owner = last_token_rank(sizes)
-        sizes = [1 if i == owner else 0 for i in range(len(sizes))]
-        h = h[-1:] if r == owner else h[:0]
-    return comm.all_gather(h, sizes, model.head_logits, tag="head.ag")
+    # each rank holds the logit rows among its own tokens; every rank gets all of them, its vocab rows
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    counts = [len(_logit_rows(p, e - n, e)) for e, n in zip(ends, sizes)]
+    h = _final(model, x)[_logit_rows(p, a, b)]
+    return comm.all_gather(h, counts, model.head_logits, tag="head.ag")
 
 
-def megatron_forward(model: Transformer, comm: Collectives, req: Request, kv=None):
-    """Returns logits (S or 1, this rank's vocab rows) or the full hidden states (S, H).
+def megatron_forward(model: Transformer, comm: Collectives, p: Pass):
+    """Returns logits (logit rows, this rank's vocab rows) or the full hidden states (S, H).
 
-    Also Galaxy's decode path: with one token per step every all-reduce is tiny, and
+    Also Galaxy's decode path: with a few tokens per step every all-reduce is tiny, and
     Collectives.all_reduce switches to a one-hop direct exchange."""
-    cfg, s = model.cfg, req.ids.shape[0]
-    x = comm.all_reduce(model.embed.lookup(req.ids), tag="embed.ar")
-    x = model.embed.finish(x, _positions(req, 0, s), req.types)
+    cfg = model.cfg
+    x = comm.all_reduce(model.embed.lookup(p.ids), tag="embed.ar")
+    x = model.embed.finish(x, p.positions, p.types)
     for idx, blk in model.layers.items():
         attn, mlp = blk.attn, blk.mlp
-        a = attn.project_out(attn.attend(attn.project(blk.attn_input(x)), req.start_pos, _layer_cache(kv, idx)))
+        a = attn.project_out(p.attend(idx, attn, attn.project(blk.attn_input(x))))
         x = blk.after_attn(x, comm.all_reduce(a, tag=f"L{idx}.attn.ar"))
         m = mlp.contract(mlp.expand(blk.mlp_input(x)))
         x = blk.after_mlp(x, comm.all_reduce(m, tag=f"L{idx}.mlp.ar"))
     if not cfg.causal:
         return x
-    h = model.final_norm(x) if model.final_norm is not None else x
-    return model.head_logits(h[-1:] if req.last_only else h)
+    return model.head_logits(_final(model, x)[_logit_rows(p, 0, x.shape[0])])
 
 
-def pipeline_forward(model: Transformer, comm: Collectives, req: Request, kv=None):
+def pipeline_forward(model: Transformer, comm: Collectives, p: Pass):
     """Returns the model output on the last stage, None on the others."""
-    cfg, spec, s = model.cfg, model.spec, req.ids.shape[0]
+    cfg, spec, s = model.cfg, model.spec, p.ids.shape[0]
     if spec.embed:
-        x = model.embed.finish(model.embed.lookup(req.ids), _positions(req, 0, s), req.types)
+        x = model.embed.finish(model.embed.lookup(p.ids), p.positions, p.types)
     else:
         x = comm.recv_prev((s, cfg.hidden), model.dtype)
     for idx, blk in model.layers.items():
-        x = blk(x, req.start_pos, _layer_cache(kv, idx))
+        attn = blk.attn
+        x = blk.after_attn(x, attn.project_out(p.attend(idx, attn, attn.project(blk.attn_input(x)))))
+        x = blk.after_mlp(x, blk.mlp.contract(blk.mlp.expand(blk.mlp_input(x))))
     if not spec.head:
         comm.send_next(x)
         return None
     if not cfg.causal:
         return x
-    h = model.final_norm(x) if model.final_norm is not None else x
-    return model.head_logits(h[-1:] if req.last_only else h)
+    return model.head_logits(_final(model, x)[_logit_rows(p, 0, s)])
 
 
-def seqpar_forward(model: Transformer, comm: Collectives, sizes: list[int], req: Request):
+def seqpar_forward(model: Transformer, comm: Collectives, sizes: list[int], p: Pass):
     """Sequence parallelism only: every device holds the whole model and runs every block on its
-    own tokens; attention all-gathers K and V so each device's queries see every key."""
+    own tokens; attention all-gathers K and V so each device's queries see every key. One sequence,
+    no KV cache (a benchmark baseline)."""
     cfg, r = model.cfg, comm.rank
     a = sum(sizes[:r])
     b = a + sizes[r]
-    x = model.embed.finish(model.embed.lookup(req.ids[a:b]), _positions(req, a, b), _types(req, a, b))
+    start = p.contiguous_from
+    x = model.embed.finish(model.embed.lookup(p.ids[a:b]), p.positions[a:b], _types(p, a, b))
     for idx, blk in model.layers.items():
         attn = blk.attn
-        q, k, v = attn.split_heads(attn.project(blk.attn_input(x)), req.start_pos + a)  # own tokens, all heads
+        q, k, v = attn.split_heads(attn.project(blk.attn_input(x)), start + a)  # own tokens, all heads
         kv = torch.cat((k, v), 0).transpose(0, 1).reshape(b - a, 2 * attn.nkv * cfg.head_dim)  # (s_r, 2 nkv hd)
         kv = comm.all_gather(kv, sizes, tag=f"L{idx}.kv.ag").reshape(sum(sizes), 2 * attn.nkv, cfg.head_dim)
         k_all, v_all = kv.transpose(0, 1).split(attn.nkv, 0)
-        x = blk.after_attn(x, attn.project_out(attn.attend_heads(q, k_all, v_all, req.start_pos + a)))
+        x = blk.after_attn(x, attn.project_out(attn.attend_heads(q, k_all, v_all, start + a)))
         x = blk.after_mlp(x, blk.mlp.contract(blk.mlp.expand(blk.mlp_input(x))))
     if not cfg.causal:
         return x
-    h = model.final_norm(x) if model.final_norm is not None else x
-    if req.last_only:  # only the owner of the last token returns a row
-        owner = last_token_rank(sizes)
-        h = h[-1:] if r == owner else h[:0]
-    return model.head_logits(h)
+    return model.head_logits(_final(model, x)[_logit_rows(p, a, b)])
 
 
 @torch.inference_mode()
-def rank_forward(model: Transformer, comm: Collectives, partition: Partition, req: Request, kv=None):
-    """This rank's part of one forward pass under the partition's strategy (kv: its KVCache)."""
-    seq = req.ids.shape[0]
+def rank_forward(model: Transformer, comm: Collectives, partition: Partition, p: Pass):
+    """This rank's part of one pass under the partition's strategy."""
+    seq = p.ids.shape[0]
     if partition.strategy == Strategy.GALAXY and not decodes_tensor_parallel(partition, seq):
-        return galaxy_forward(model, comm, partition.tokens(seq), req, kv)
+        return galaxy_forward(model, comm, partition.tokens(seq), p)
     if partition.strategy in (Strategy.GALAXY, Strategy.MEGATRON):
-        return megatron_forward(model, comm, req, kv)
+        return megatron_forward(model, comm, p)
     if partition.strategy == Strategy.SEQPAR:
-        if kv is not None:
-            raise ValueError("the seqpar strategy has no KV cache; generate with galaxy, megatron or pipeline")
-        return seqpar_forward(model, comm, partition.tokens(seq), req)
-    return pipeline_forward(model, comm, req, kv)
+        if p.contiguous_from is None:
+            raise ValueError("the seqpar strategy has no KV cache; serve with galaxy, megatron or pipeline")
+        return seqpar_forward(model, comm, partition.tokens(seq), p)
+    return pipeline_forward(model, comm, p)
 
 
 def assemble(cfg, partition: Partition, outputs: list, seq: int) -> torch.Tensor:
-    """Join the ranks' pieces into the model output: logits (S, V) or hidden states (S, H)."""
+    """Join the ranks' pieces into the model output: logits (rows, V) or hidden states (S, H)."""
     if partition.strategy == Strategy.PIPELINE:
         return outputs[-1]
     if partition.strategy == Strategy.SEQPAR:

@@ -1,20 +1,37 @@
 """One device's side of a loaded model: its shard, its KV caches, and running its part of a request.
 
 Transport-agnostic: the gRPC worker and the in-process executor both hold a `RankRuntime` and hand
-it the `Collectives` of their transport.
+it the `Collectives` of their transport. It checks everything it is asked to run against the
+model and its cache before any peer waits on it: a bad request fails here, by name, on every rank.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..model.kvcache import KVStore
+from ..errors import DeviceOutOfMemory
+from ..model.paged_kv import PagedKVCache
 from ..model.transformer import Transformer
 from .collectives import Collectives
-from .forward import Request, rank_forward
+from .forward import Request, Step, rank_forward, request_pass, step_pass
 from .sharding import Partition
 
-DEFAULT_KV_BYTES = 1 << 30  # per device; the coordinator evicts prefixes before this is reached
+DEFAULT_KV_BYTES = 256 << 20  # per device: the paged pool is allocated whole at the engine's first step
+
+
+@dataclass(frozen=True)
+class KVPool:
+    """The serving engine's paged KV pool: the same block ids on every device (each holding its own
+    heads and layers in them), sized by the coordinator to what the smallest device can hold."""
+
+    num_blocks: int
+    block_size: int
+
+    def __post_init__(self):
+        if self.num_blocks < 1 or self.block_size < 1:
+            raise ValueError(f"KV pool of {self.num_blocks} blocks of {self.block_size} positions")
 
 
 class RankRuntime:
@@ -22,7 +39,17 @@ class RankRuntime:
                  kv_max_bytes: int = DEFAULT_KV_BYTES, overlap: bool = True):
         self.model, self.partition, self.rank, self.tiles = model, partition, rank, max(1, tiles)
         self.overlap = overlap
-        self.kv = KVStore(kv_max_bytes)
+        self.kv_max_bytes = kv_max_bytes
+        self.paged: PagedKVCache | None = None  # allocated by the engine's first step
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one position, for this shard's KV heads and layers: what a block costs / its size."""
+        if not len(self.model.layers):
+            return 0
+        blk = next(iter(self.model.layers.values()))
+        return PagedKVCache.bytes_per_block(len(self.model.layers), blk.attn.nkv, self.model.cfg.head_dim, 1,
+                                            self.model.dtype)
 
     def validate(self, req: Request) -> None:
         """Refuse a request the model cannot take, before any peer waits on this rank."""
@@ -40,20 +67,57 @@ class RankRuntime:
         if not types_ok:
             raise ValueError("token types must match the ids and the model's segment vocabulary")
 
+    @property
+    def kv_bytes(self) -> int:
+        """Memory the KV pool holds on this device (0 until the engine's first step)."""
+        return self.paged.nbytes if self.paged is not None else 0
+
     def run(self, comm: Collectives, req: Request):
         """This rank's output piece for `req` (None on non-final pipeline stages)."""
-        kv = self.kv.prepare(self.model, req.cache, req.fork_from, req.fork_len, req.drop)
-        if kv is not None and kv.length != req.start_pos:
-            raise ValueError(f"KV cache {req.cache!r} holds {kv.length} positions, the request starts at "
-                             f"{req.start_pos}")
-        try:
-            out = rank_forward(self.model, comm, self.partition, req, kv)
-        except BaseException:
-            if req.cache:
-                self.kv.caches.pop(req.cache, None)  # half-written: never reuse it
-            raise
-        self.kv.check_bound()
-        return out
+        return rank_forward(self.model, comm, self.partition, request_pass(req))
+
+    def validate_step(self, step: Step, pool: KVPool) -> None:
+        """Refuse a step this rank cannot run, before any peer waits on it: every rank checks the
+        same plan, so every rank refuses it alike."""
+        cfg, ids, b = self.model.cfg, step.ids, step.batch
+        if ids.dim() != 1 or ids.dtype != torch.int64 or ids.numel() != b.num_tokens:
+            raise ValueError(f"step ids must be an int64 vector of the batch's {b.num_tokens} tokens, got "
+                             f"{tuple(ids.shape)} {ids.dtype}")
+        if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+            raise ValueError(f"step ids outside the vocabulary [0, {cfg.vocab_size})")
+        if b.block_size != pool.block_size:
+            raise ValueError(f"the batch's blocks hold {b.block_size} positions, the pool's {pool.block_size}")
+        if max(b.context_lens) > cfg.max_positions:
+            raise ValueError(f"a sequence reaches position {max(b.context_lens)}, beyond the model's "
+                             f"{cfg.max_positions}")
+        used = [x for table in b.block_tables for x in table] + [x for pair in step.copies for x in pair]
+        if used and not 0 <= min(used) <= max(used) < pool.num_blocks:
+            raise ValueError(f"block ids {min(used)}..{max(used)} outside the pool of {pool.num_blocks}")
+        rows = step.logit_rows
+        if list(rows) != sorted(set(rows)) or (rows and not 0 <= rows[0] <= rows[-1] < ids.numel()):
+            raise ValueError(f"logit rows {list(rows)[:8]} are not ascending rows of the {ids.numel()} tokens")
+
+    def paged_cache(self, pool: KVPool) -> PagedKVCache:
+        """The engine's KV pool on this device, allocated at the first step that names it (and
+        again if the coordinator re-sizes it), or refused before allocating if over this device's
+        KV budget."""
+        have = self.paged
+        if have is None or (have.num_blocks, have.block_size) != (pool.num_blocks, pool.block_size):
+            need = pool.num_blocks * pool.block_size * self.kv_bytes_per_token
+            if need > self.kv_max_bytes:
+                raise DeviceOutOfMemory(f"a KV pool of {pool.num_blocks} blocks x {pool.block_size} positions needs "
+                                        f"{need / 2**20:.1f} MiB here, over this device's KV budget of "
+                                        f"{self.kv_max_bytes / 2**20:.1f} MiB; serve with fewer blocks")
+            self.paged = None  # the old pool goes before the new one is allocated
+            self.paged = PagedKVCache.for_model(self.model, pool.num_blocks, pool.block_size)
+        return self.paged
+
+    def run_step(self, comm: Collectives, step: Step, pool: KVPool):
+        """This rank's output piece for one engine step: the logit rows' logits over its vocabulary
+        rows (None on non-final pipeline stages)."""
+        kv = self.paged_cache(pool)
+        kv.copy_blocks(step.copies)
+        return rank_forward(self.model, comm, self.partition, step_pass(step, kv))
 
     def new_comm(self, transport, overlap: bool | None = None) -> Collectives:
         return Collectives(transport, self.tiles, overlap=self.overlap if overlap is None else overlap)

@@ -13,14 +13,15 @@ import torch
 
 from ..backends.select import use_backend
 from ..errors import GalaxyError, PlanMismatch
-from ..parallel.executor import DeviceStats, ForwardResult, LoadOptions
-from ..parallel.forward import Request, assemble
+from ..parallel.executor import DeviceStats, ForwardResult, LoadOptions, pool_blocks
+from ..parallel.forward import Request, Step, assemble
 from ..parallel.local_transport import LocalGroup
-from ..parallel.rank import RankRuntime
+from ..parallel.rank import KVPool, RankRuntime
 from ..parallel.sharding import Partition, load_shard, shard_bytes
 
 
-def _run_ranks(runtimes: list[RankRuntime], req: Request, timeout: float, overlap: bool = True):
+def _run_ranks(runtimes: list[RankRuntime], run, timeout: float, overlap: bool = True):
+    """run(runtime, comm) on every rank at once, each in a thread; the first failure aborts the others."""
     n = len(runtimes)
     group = LocalGroup(n, timeout)
     comms = [runtimes[r].new_comm(group.transport(r), overlap=runtimes[r].overlap and overlap) for r in range(n)]
@@ -29,7 +30,7 @@ def _run_ranks(runtimes: list[RankRuntime], req: Request, timeout: float, overla
 
     def work(r: int) -> None:
         try:
-            outputs[r] = runtimes[r].run(comms[r], req)
+            outputs[r] = run(runtimes[r], comms[r])
         except BaseException as e:  # noqa: BLE001 - reported below, after every rank stopped
             errors[r] = e
             group.abort()
@@ -52,15 +53,18 @@ def run_inprocess(models: list, partition: Partition, req: Request, tiles: int =
     if len(models) != partition.world:
         raise ValueError(f"{len(models)} model shards for a {partition.world}-device partition")
     runtimes = [RankRuntime(m, partition, r, tiles, overlap=overlap) for r, m in enumerate(models)]
-    outputs, comms = _run_ranks(runtimes, req, timeout)
+    outputs, comms = _run_ranks(runtimes, lambda rt, comm: rt.run(comm, req), timeout)
     return assemble(models[0].cfg, partition, outputs, req.ids.shape[0]), comms
+
+
+INPROC_KV_BYTES = 64 << 20  # each rank's KV budget: every rank's pool shares this one process's memory
 
 
 class InprocCluster:
     """`world` ranks as threads of this process: an Executor with no sockets (tests, `--transport inproc`)."""
 
-    def __init__(self, world: int, timeout: float = 120.0):
-        self.world, self.timeout = world, timeout
+    def __init__(self, world: int, timeout: float = 120.0, kv_bytes: int = INPROC_KV_BYTES):
+        self.world, self.timeout, self.kv_bytes = world, timeout, kv_bytes
         self.runtimes: list[RankRuntime] = []
         self.partition: Partition | None = None
         self.config = None
@@ -78,7 +82,8 @@ class InprocCluster:
         cfg = source.config
         partition.validate(cfg)
         self.runtimes = [RankRuntime(load_shard(source, partition.spec(r, cfg), dtype=options.torch_dtype),
-                                     partition, r, options.tiles, overlap=options.overlap) for r in range(self.world)]
+                                     partition, r, options.tiles, kv_max_bytes=self.kv_bytes, overlap=options.overlap)
+                         for r in range(self.world)]
         self.backends = [use_backend(rt.model, options.backend, torch.get_num_threads()) for rt in self.runtimes]
         self.partition, self.config = partition, cfg
         return [shard_bytes(cfg, partition.spec(r, cfg), options.torch_dtype) for r in range(self.world)]
@@ -90,13 +95,25 @@ class InprocCluster:
             raise GalaxyError("nothing loaded: call load() first")
         for rt in self.runtimes:
             rt.validate(req)
+        return self._run(lambda rt, comm: rt.run(comm, req), req.ids.shape[0], overlap)
+
+    def kv_blocks(self, block_size: int) -> int:
+        return pool_blocks([(rt.kv_bytes_per_token, rt.kv_max_bytes) for rt in self.runtimes], block_size)
+
+    def step(self, step: Step, pool: KVPool) -> ForwardResult:
+        if self.partition is None:
+            raise GalaxyError("nothing loaded: call load() first")
+        for rt in self.runtimes:
+            rt.validate_step(step, pool)
+        return self._run(lambda rt, comm: rt.run_step(comm, step, pool), step.ids.shape[0])
+
+    def _run(self, run, seq: int, overlap: bool = True) -> ForwardResult:
         t0 = time.perf_counter()
-        outputs, comms = _run_ranks(self.runtimes, req, self.timeout, overlap)
+        outputs, comms = _run_ranks(self.runtimes, run, self.timeout, overlap)
         seconds = time.perf_counter() - t0
-        devices = [DeviceStats(r, seconds, tuple(c.stats.ops), kv_cache_bytes=self.runtimes[r].kv.nbytes)
+        devices = [DeviceStats(r, seconds, tuple(c.stats.ops), kv_cache_bytes=self.runtimes[r].kv_bytes)
                    for r, c in enumerate(comms)]
-        out = assemble(self.config, self.partition, outputs, req.ids.shape[0])
-        return ForwardResult(out, seconds, devices)
+        return ForwardResult(assemble(self.config, self.partition, outputs, seq), seconds, devices)
 
     def release(self) -> None:
         self.runtimes, self.partition = [], None

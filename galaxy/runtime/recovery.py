@@ -113,14 +113,26 @@ class ResilientCluster:
                 raise
             log.warning("request failed (%s); re-planning over the surviving devices", e)
             self._recover(str(e))
-            if req.cache:
-                raise CacheLost(f"re-planned after a failure ({e}); the KV caches are gone") from e
             if wire is not None:  # a per-pass matrix was for the old ring: the survivors run with the loaded one
                 wire = None
             res = self.cluster.forward(req, overlap=overlap, measure_memory=measure_memory, wire=wire)
-        if not req.cache:
-            self._watch_stragglers(res)
+        self._watch_stragglers(res)
         return res
+
+    def kv_blocks(self, block_size: int) -> int:
+        return self.cluster.kv_blocks(block_size)
+
+    def step(self, step, pool):
+        """An engine step; after a fail-over the KV pool died with the old layout, so the engine
+        is told (CacheLost) to run its sequences' tokens again on the survivors."""
+        try:
+            return self.cluster.step(step, pool)
+        except (PeerUnreachable, WorkerError) as e:
+            if self._loaded is None:
+                raise
+            log.warning("step failed (%s); re-planning over the surviving devices", e)
+            self._recover(str(e))
+            raise CacheLost(f"re-planned after a failure ({e}); the KV cache is gone") from e
 
     # recovery -----------------------------------------------------------------------------
     def _alive(self) -> list[str]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..runtime.sampling import SamplingConfig
+from ..engine.sampling import SamplingConfig
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string: the stream's hold-back check costs its length squared per token
 MAX_EMBEDDING_INPUTS = 2048  # as OpenAI
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # Galaxy's finish -> OpenAI finish_reason
+# Galaxy's finish -> OpenAI finish_reason: a request cut by its deadline was truncated, as by a length limit
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "deadline": "length"}
 
 
 class ApiError(Exception):
@@ -37,8 +38,9 @@ class ApiError(Exception):
 class Limits:
     """How much the server accepts and how long anything waits."""
 
-    max_queue: int = 8  # requests waiting for the cluster behind the running one; more get 429
-    queue_timeout_s: float = 120.0  # longest wait in that queue before a 503
+    max_queue: int = 64  # generation requests waiting for a place in the batch; more get 429
+    queue_timeout_s: float = 120.0  # longest wait for the embedding queue (one at a time) before a 503
+    request_timeout_s: float = 600.0  # a generation's deadline: then it ends (504, or finish_reason "length")
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     default_max_tokens: int = 256  # completion budget of a request that sets no max_tokens
     default_temperature: float = 1.0  # of a request that sets none (OpenAI's default)
@@ -52,7 +54,7 @@ class Limits:
         for name in ("max_body_bytes", "default_max_tokens", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("queue_timeout_s", "io_timeout_s"):
+        for name in ("queue_timeout_s", "io_timeout_s", "request_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 <= self.default_temperature <= 2:

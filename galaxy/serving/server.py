@@ -5,12 +5,15 @@
     with galaxy.connect(local=3) as cluster, Server(cluster.load(), port=8000) as server:
         ...  # OpenAI(base_url=f"http://{server.address}/v1", api_key="x")
 
-This file owns the HTTP side: running requests one at a time on the cluster behind a small bounded
-queue (`RequestQueue`), the responses and Server-Sent Events. Requests are parsed by openai.py. It
-speaks to the cluster only through the Python API (galaxy.runtime.api).
+This file owns the HTTP side: the responses and Server-Sent Events of many requests at once. Chat
+completions go to the model's serving engine (galaxy.engine), which batches them on the devices;
+a client that disconnects, streaming or not, has its request cancelled and its KV blocks freed at
+once. Embeddings (one forward pass each) run one at a time behind a small bounded queue
+(`RequestQueue`). Requests are parsed by openai.py; `/metrics` is metrics.py's. It speaks to the
+cluster only through the Python API (galaxy.runtime.api).
 
-Standard library only (http.server): the endpoint serves one request at a time, so a threaded
-HTTP/1.1 server is enough and the runtime gains no dependency.
+Standard library HTTP (http.server, a thread per connection): the devices, not HTTP, bound the
+rate (an engine step takes tens of milliseconds; a request costs the server well under one).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import select
 import socket
 import socketserver
 import threading
@@ -34,9 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GalaxyError
-from ..runtime.generate import Generation, GenerationConfig, pending_stop
+from ..engine.engine import ClientGone, GenerationStream
+from ..engine.generation import Generation, GenerationConfig, pending_stop
+from ..engine.scheduler import QueueFull
+from ..errors import GalaxyError, InvalidRequest
 from ..version import __version__
+from .metrics import ServerMetrics
 from .openai import FINISH, ApiError, ChatRequest, EmbeddingRequest, Limits, parse_chat, parse_embeddings
 
 log = logging.getLogger(__name__)
@@ -90,20 +97,23 @@ def _cluster_errors():
     """A GalaxyError while running a request means the cluster cannot serve it now: 503, and we keep serving."""
     try:
         yield
+    except ClientGone:
+        raise  # nobody to answer: not the cluster's failure
     except GalaxyError as e:
         log.warning("cluster failure: %s", e)
         raise ApiError(503, f"the Galaxy cluster could not serve the request ({type(e).__name__}): {e}",
                        code="cluster_unavailable", headers={"Retry-After": "5"}) from e
 
 
-def _pieces(events: Iterator, gen: Generation, stops: tuple[str, ...]) -> Iterator[str]:
+def _pieces(stream: GenerationStream, stops: tuple[str, ...], alive=None) -> Iterator[str]:
     """Text pieces of a generation such that their sum is exactly the final `gen.text`.
 
-    The generator shows text token by token and only notices a stop string once it is complete, so
-    a tail that could begin a stop string is held back until it is clear either way."""
-    shown, sent = "", 0
+    The engine shows text token by token and only notices a stop string once it is complete, so
+    a tail that could begin a stop string is held back until it is clear either way. With alive(),
+    a client gone while no piece comes (queued, or a slow prefill) cancels the request (ClientGone)."""
+    shown, sent, gen = "", 0, stream.generation
     try:
-        for ev in events:
+        for ev in (stream.events_while(alive) if alive is not None else stream):
             shown += ev.text
             safe = len(shown) - pending_stop(shown, stops)
             if safe > sent:
@@ -112,7 +122,7 @@ def _pieces(events: Iterator, gen: Generation, stops: tuple[str, ...]) -> Iterat
         if len(gen.text) > sent:  # finished: gen.text is final (cut before a stop string)
             yield gen.text[sent:]
     finally:
-        events.close()  # a client that went away: the generator frees its KV cache on the devices
+        stream.cancel()  # a client that went away: its KV blocks are freed at once (no-op when finished)
 
 
 def _new_id(prefix: str) -> str:
@@ -153,9 +163,9 @@ class Server:
     session stays the caller's: the server never closes it."""
 
     def __init__(self, target, host: str = "127.0.0.1", port: int = 0, *, served_model_name: str | None = None,
-                 api_key: str | None = None, max_queue: int = 8, queue_timeout: float = 120.0,
+                 api_key: str | None = None, max_queue: int = 64, queue_timeout: float = 120.0,
                  max_body_bytes: int = 1 << 20, default_max_tokens: int = 256, default_temperature: float = 1.0,
-                 io_timeout: float = 60.0, max_connections: int = 64):
+                 io_timeout: float = 60.0, max_connections: int = 64, request_timeout: float = 600.0):
         model = target.model if hasattr(target, "load") and hasattr(target, "model") else target
         if model is None:
             raise ValueError("the session has no model: call session.load(...) before serving it")
@@ -165,8 +175,11 @@ class Server:
         self.host, self.port, self.api_key = host, port, api_key or None
         self.limits = Limits(max_queue=max_queue, queue_timeout_s=queue_timeout, max_body_bytes=max_body_bytes,
                              default_max_tokens=default_max_tokens, default_temperature=default_temperature,
-                             io_timeout_s=io_timeout, max_connections=max_connections)
-        self.gate = RequestQueue(max_queue, queue_timeout)
+                             io_timeout_s=io_timeout, max_connections=max_connections,
+                             request_timeout_s=request_timeout)
+        self.gate = RequestQueue(max_queue, queue_timeout)  # embeddings: one forward pass at a time
+        self.engine = model.engine if model.config.causal else None  # started now: a KV pool that cannot fit fails here
+        self.metrics = ServerMetrics(lambda: self.engine.load if self.engine is not None else None)
         self.created = int(time.time())
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -251,7 +264,9 @@ class Server:
 
     def health(self) -> tuple[int, dict]:
         """200 when every device answers (a hello round trip), 503 with the reason otherwise."""
-        base = {"model": self.name, "busy": self.gate.busy, "waiting": self.gate.waiting,
+        load = self.engine.load if self.engine is not None else {"running": int(self.gate.busy),
+                                                                    "waiting": self.gate.waiting}
+        base = {"model": self.name, "running": load["running"], "waiting": load["waiting"],
                 "max_queue": self.limits.max_queue}
         try:
             devices = self.session.devices()
@@ -290,11 +305,21 @@ class Server:
                            req.max_tokens_field, "context_length_exceeded")
         return ids, GenerationConfig(budget, req.sampling, req.stop)
 
-    def start_chat(self, ids: list[int], gc: GenerationConfig, include_usage: bool) -> _Chat:
-        """Begin generating (call while holding the gate); the first next() on the pieces runs the prefill."""
-        gen = Generation(list(ids))
-        events = self.model.generator().stream(ids, gc, gen)  # the Generation fills in finish and tokens
-        return _Chat(_new_id("chatcmpl"), int(time.time()), gen, _pieces(events, gen, gc.stop), include_usage)
+    def start_chat(self, ids: list[int], gc: GenerationConfig, include_usage: bool, alive=None) -> _Chat:
+        """Queue the generation in the engine; the pieces come as it produces them. alive(): is the
+        client still there (asked while no piece comes; a gone client's request is cancelled)."""
+        if self.engine.load["waiting"] >= self.limits.max_queue:
+            raise ApiError(429, f"the server is busy: {self.limits.max_queue} requests are waiting for a place in "
+                           "the batch; retry later", code="queue_full", headers={"Retry-After": "1"})
+        try:
+            stream = self.engine.submit(ids, gc, timeout=self.limits.request_timeout_s)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}; retry later", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        except InvalidRequest as e:
+            raise ApiError(400, str(e), "messages", "invalid_value") from None
+        return _Chat(_new_id("chatcmpl"), int(time.time()), stream.generation, _pieces(stream, gc.stop, alive),
+                     include_usage)
 
     def completion(self, chat: _Chat, text: str) -> dict:
         return {"id": chat.id, "object": "chat.completion", "created": chat.created, "model": self.name,
@@ -426,7 +451,7 @@ def _refuse(sock: socket.socket) -> None:
 
 
 ROUTES = {"/v1/chat/completions": {"POST"}, "/v1/embeddings": {"POST"}, "/v1/models": {"GET", "HEAD"},
-          "/health": {"GET", "HEAD"}}  # HEAD: the GET answer without its body
+          "/health": {"GET", "HEAD"}, "/metrics": {"GET", "HEAD"}}  # HEAD: the GET answer without its body
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -477,9 +502,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     # plumbing -----------------------------------------------------------------------------------------
     def _send_json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(obj, ensure_ascii=False).encode()
+        self._send_bytes(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json", headers)
+
+    def _send_bytes(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -527,7 +554,7 @@ class _Handler(BaseHTTPRequestHandler):
             methods = {"GET", "HEAD"} if model_path else ROUTES.get(path)
             if methods is None:
                 raise ApiError(404, f"no endpoint {path}; see /v1/chat/completions, /v1/embeddings, /v1/models, "
-                               "/health", code="unknown_url")
+                               "/health, /metrics", code="unknown_url")
             if self.command not in methods:
                 raise ApiError(405, f"{path} accepts {', '.join(sorted(methods))}, not {self.command}",
                                code="method_not_allowed", headers={"Allow": ", ".join(sorted(methods))})
@@ -539,6 +566,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/health":
                 status, body = app.health()
                 self._send_json(status, body)
+            elif path == "/metrics":
+                self._send_bytes(200, *app.metrics.render())
             elif path == "/v1/embeddings":
                 self._send_json(200, app.embeddings(parse_embeddings(self._read_json())))
             else:
@@ -557,21 +586,35 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(500, ApiError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
                             .body())
 
+    def _client_alive(self) -> bool:
+        """Is the client still connected? Readable with nothing to read means it closed its end."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return not readable or self.connection.recv(1, socket.MSG_PEEK) != b""
+        except (OSError, ValueError):
+            return False
+
     def _chat(self, app: Server, req: ChatRequest) -> None:
         ids, gc = app.chat(req)
-        with app.gate.hold():  # only while the cluster works: the last bytes go out after it is free
-            chat = app.start_chat(ids, gc, req.include_usage)
-            try:
-                with _cluster_errors():  # the prefill: a failing cluster still gets a proper 503
-                    first = next(chat.pieces, None)
-                if req.stream:
-                    ok = self._stream_tokens(app, chat, first)
-                else:
-                    with _cluster_errors():
-                        text = (first or "") + "".join(chat.pieces)
-            finally:
-                chat.pieces.close()
+        chat = app.start_chat(ids, gc, req.include_usage, alive=self._client_alive)
+        try:
+            with _cluster_errors():  # the prefill: a failing cluster still gets a proper 503
+                first = next(chat.pieces, None)
+            if req.stream:
+                ok = self._stream_tokens(app, chat, first)
+            else:
+                with _cluster_errors():
+                    text = (first or "") + "".join(chat.pieces)
+        except ClientGone:
+            self.close_connection = True  # nobody to answer
+            return
+        finally:
+            chat.pieces.close()
+            app.metrics.generation(chat.gen)
         if not req.stream:
+            if chat.gen.finish == "deadline" and not chat.gen.tokens:
+                raise ApiError(504, f"no token within the request timeout of {app.limits.request_timeout_s:g} s; "
+                               "the devices are busy: retry later", code="timeout")
             self._send_json(200, app.completion(chat, text))
         elif ok:
             self._event(app.chunk(chat, {}, chat.finish_reason()))

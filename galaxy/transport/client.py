@@ -33,13 +33,14 @@ from ..errors import (
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import ModelConfig
 from ..parallel.collectives import OpStat
-from ..parallel.executor import DeviceInfo, DeviceStats, ForwardResult, LoadOptions
-from ..parallel.forward import Request, assemble
+from ..parallel.executor import DeviceInfo, DeviceStats, ForwardResult, LoadOptions, pool_blocks
+from ..parallel.forward import Request, Step, assemble
+from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition, meta_model
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import open_channel
-from .protocol import from_proto, metadata, to_proto
+from .protocol import from_proto, metadata, step_to_proto, to_proto
 from .shardstore import digest, iter_shard, model_hash, spec_json
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ class Cluster:
         self.partition: Partition | None = None
         self.config: ModelConfig | None = None
         self.names = [f"device {i} ({a})" for i, a in enumerate(self.addresses)]
+        self.backends: list[str] = []
+        self.kv_capacity: list[tuple[int, int]] = []  # per rank, from its load: (KV bytes per token, KV budget)
         self._request_id = 0
 
     @property
@@ -210,6 +213,7 @@ class Cluster:
         replies = self._all("load", call)
         self.partition, self.config = partition, model.config
         self.backends = [r.backend for r in replies]
+        self.kv_capacity = [(r.kv_bytes_per_token, r.kv_budget_bytes) for r in replies]
         return replies
 
     def push_shards(self, source, partition: Partition) -> list[str]:
@@ -237,12 +241,10 @@ class Cluster:
         overlap=False runs this request without tile overlap (a benchmark baseline)."""
         if self.partition is None:
             raise GalaxyError("nothing loaded: call load() first")
-        self._request_id += 1
-        rid = self._request_id
+        rid = self._next_request()
         msg = pb.ForwardRequest(session_id=self.session_id, request_id=rid, input_ids=to_proto(req.ids.cpu()),
-                                start_pos=req.start_pos, last_only=req.last_only, kv_cache=req.cache,
-                                kv_fork_from=req.fork_from, kv_fork_len=req.fork_len, kv_drop=list(req.drop),
-                                no_overlap=not overlap, measure_memory=measure_memory)
+                                start_pos=req.start_pos, last_only=req.last_only, no_overlap=not overlap,
+                                measure_memory=measure_memory)
         if req.types is not None:
             msg.token_types.CopyFrom(to_proto(req.types.cpu()))
         msgs = [msg] * self.world
@@ -251,15 +253,36 @@ class Cluster:
             for r, m in enumerate(msgs):
                 m.CopyFrom(msg)
                 m.wire_formats.extend(wire[r])
+        return self._on_every_worker("Forward", "forward", rid, msgs, req.ids.shape[0])
+
+    def kv_blocks(self, block_size: int) -> int:
+        return pool_blocks(self.kv_capacity, block_size)
+
+    def step(self, step: Step, pool: KVPool) -> ForwardResult:
+        """One serving-engine iteration on every worker (the Executor interface)."""
+        if self.partition is None:
+            raise GalaxyError("nothing loaded: call load() first")
+        rid = self._next_request()
+        msg = step_to_proto(step, pool, self.session_id, rid)
+        return self._on_every_worker("Step", "step", rid, [msg] * self.world, step.ids.shape[0])
+
+    def _next_request(self) -> int:
+        self._request_id += 1
+        return self._request_id
+
+    def _on_every_worker(self, rpc: str, action: str, rid: int, msgs: list, seq: int) -> ForwardResult:
+        """Send each worker its message at once and collect the pieces. Replies are taken in
+        completion order, so the first failure aborts the others at once; a worker that stops
+        answering heartbeats is declared gone."""
         t0 = time.perf_counter()
-        futs = [stub.Forward.future(m, timeout=self.forward_timeout, metadata=self._md())
+        futs = [getattr(stub, rpc).future(m, timeout=self.forward_timeout, metadata=self._md())
                 for stub, m in zip(self.stubs, msgs)]
         finished: queue.Queue = queue.Queue()
         for r, f in enumerate(futs):
             f.add_done_callback(lambda _f, r=r: finished.put(r))
         replies, errors = [None] * self.world, []
         pending, missed = set(range(self.world)), [0] * self.world
-        while pending:  # in completion order, so the first failure aborts the others at once
+        while pending:
             try:
                 r = finished.get(timeout=self.heartbeat_s)
             except queue.Empty:
@@ -281,7 +304,7 @@ class Cluster:
                 if len(errors) == 1:
                     self._abort(rid, f"{self.names[r]} failed")
         if errors:
-            raise self._root_cause(errors, "forward")
+            raise self._root_cause(errors, action)
         seconds = time.perf_counter() - t0
         outs = [from_proto(rep.output, f"output of {self.names[r]}") if rep.HasField("output") else None
                 for r, rep in enumerate(replies)]
@@ -290,7 +313,7 @@ class Cluster:
                                peak_rss_bytes=rep.peak_rss_bytes, rss_before_bytes=rep.rss_before_bytes,
                                kv_cache_bytes=rep.kv_cache_bytes, cpu_s=rep.cpu_s)  # cpu_s: 0.0 from older workers
                    for r, rep in enumerate(replies)]
-        return ForwardResult(assemble(self.config, self.partition, outs, req.ids.shape[0]), seconds, devices)
+        return ForwardResult(assemble(self.config, self.partition, outs, seq), seconds, devices)
 
     def _heartbeat(self, ranks, missed: list[int]) -> int | None:
         """Ping the workers still computing; a rank that missed `heartbeat_misses` in a row is dead."""

@@ -12,11 +12,14 @@ import sys
 
 import torch
 
-from ..errors import TransportError
+from ..errors import GalaxyError, TransportError
+from ..model.paged_kv import PagedBatch
 from ..parallel import codec
+from ..parallel.forward import Step
+from ..parallel.rank import KVPool
 from ..v1 import worker_pb2 as pb
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: engine Steps over a paged KV cache replace named caches
 META_PROTOCOL = "galaxy-protocol"
 META_TOKEN = "galaxy-token"
 META_SESSION = "galaxy-session"
@@ -84,6 +87,46 @@ def from_proto(m: pb.Tensor, what: str = "tensor") -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     buf = torch.frombuffer(bytearray(m.data), dtype=torch.uint8)
     return buf.view(dtype).reshape(shape)
+
+
+MAX_STEP_SEQUENCES = 4096  # sequences one engine step may pack
+MAX_POOL_BLOCKS = 1 << 24  # block ids a pool may hold (its bytes are bounded by each worker's KV budget)
+
+
+def step_to_proto(step: Step, pool: KVPool, session_id: str, request_id: int) -> pb.StepRequest:
+    b = step.batch
+    return pb.StepRequest(
+        session_id=session_id, request_id=request_id, input_ids=to_proto(step.ids.cpu()),
+        query_lens=list(b.query_lens), starts=list(b.starts), block_table_lens=[len(t) for t in b.block_tables],
+        block_tables=[x for t in b.block_tables for x in t], logit_rows=list(step.logit_rows),
+        copies=[x for pair in step.copies for x in pair], num_blocks=pool.num_blocks, block_size=pool.block_size)
+
+
+def step_from_proto(m: pb.StepRequest, device: str = "cpu") -> tuple[Step, KVPool]:
+    """An engine step from the wire, every count and index checked before anything is allocated
+    for it (PagedBatch and RankRuntime.validate_step check the rest against the model and pool)."""
+    n = len(m.query_lens)
+    if not 1 <= n <= MAX_STEP_SEQUENCES:
+        raise TransportError(f"step: {n} sequences (1..{MAX_STEP_SEQUENCES})")
+    if len(m.starts) != n or len(m.block_table_lens) != n:
+        raise TransportError(f"step: {n} query lengths, {len(m.starts)} starts, {len(m.block_table_lens)} block tables")
+    if min(m.block_table_lens) < 0 or sum(m.block_table_lens) != len(m.block_tables) or len(m.copies) % 2:
+        raise TransportError(f"step: block tables of {list(m.block_table_lens)[:8]}... do not cover the "
+                             f"{len(m.block_tables)} block ids, or {len(m.copies)} copy ids are not pairs")
+    if not 1 <= m.num_blocks <= MAX_POOL_BLOCKS or not 1 <= m.block_size <= 1 << 16:
+        raise TransportError(f"step: a pool of {m.num_blocks} blocks of {m.block_size} positions")
+    ids = from_proto(m.input_ids, "step input_ids")
+    tables, at = [], 0
+    for k in m.block_table_lens:
+        tables.append(tuple(m.block_tables[at: at + k]))
+        at += k
+    try:
+        batch = PagedBatch(m.block_size, tuple(m.query_lens), tuple(m.starts), tuple(tables))
+        pool = KVPool(m.num_blocks, m.block_size)
+    except (GalaxyError, ValueError) as e:
+        raise TransportError(f"step: {e}") from None
+    copies = tuple((m.copies[i], m.copies[i + 1]) for i in range(0, len(m.copies), 2))
+    return Step(ids.to(device), batch, tuple(m.logit_rows), copies), pool
 
 
 def metadata(token: str | None, session: str | None = None) -> list[tuple[str, str]]:

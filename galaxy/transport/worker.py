@@ -37,7 +37,7 @@ from ..model.config import ConfigError, ModelConfig
 from ..model.transformer import DTYPES
 from ..parallel.codec import codec_seconds_per_byte
 from ..parallel.forward import Request
-from ..parallel.rank import RankRuntime
+from ..parallel.rank import DEFAULT_KV_BYTES, RankRuntime
 from ..parallel.sharding import Partition, PartitionError, build_shard, meta_model, shard_bytes, shard_state
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
@@ -56,6 +56,7 @@ from .protocol import (
     PROTOCOL_VERSION,
     WIRE_FORMATS,
     from_proto,
+    step_from_proto,
     to_proto,
 )
 from .security import TlsFiles
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 READY_LINE = "GALAXY-WORKER-READY"  # printed with the bound address once the worker serves
 MAX_SESSIONS = 8
 LOAD_OVERHEAD = 1.15  # a shard's bytes plus transient copies while it is read and built
+KV_ACTIVATION_RESERVE = 64 << 20  # kept beside the KV cache for a step's activations
 
 
 @dataclass
@@ -188,8 +190,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             except (CheckpointError, ConfigError, PartitionError, ValueError, GalaxyError) as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: load refused: {e}")
             self.sessions[sess.session_id] = sess
+            rt = sess.runtime
             return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s,
-                                rss_bytes=psutil.Process().memory_info().rss, backend=sess.backend)
+                                rss_bytes=psutil.Process().memory_info().rss, backend=sess.backend,
+                                kv_bytes_per_token=rt.kv_bytes_per_token, kv_budget_bytes=rt.kv_max_bytes)
 
     def _load(self, req: pb.LoadRequest) -> _Session:
         t0 = time.perf_counter()
@@ -240,8 +244,16 @@ class WorkerService(pb_grpc.WorkerServicer):
         load_s = time.perf_counter() - t0
         log.info("%s: loaded rank %d/%d of %s (%.0f MiB) in %.2f s", self.s.name, req.rank, partition.world,
                  source.path if source else "a streamed shard", need / 2**20, load_s)
-        runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap)
+        runtime = RankRuntime(model, partition, req.rank, req.tiles, kv_max_bytes=self._kv_budget(),
+                              overlap=not req.no_overlap)
         return _Session(req.session_id, runtime, transport, need, load_s, backend)
+
+    def _kv_budget(self) -> int:
+        """Memory the paged KV cache of the serving engine may take here: what the memory budget (or,
+        without one, half the free memory) leaves beside this process and a step's activations."""
+        rss = psutil.Process().memory_info().rss
+        room = self.s.memory_budget - rss if self.s.memory_budget else psutil.virtual_memory().available // 2
+        return max(0, min(DEFAULT_KV_BYTES, room - KV_ACTIVATION_RESERVE))
 
     def _own_shard(self, source, spec) -> dict:
         """The shard read from the source -- or from this device's shard cache, when a reload of
@@ -294,11 +306,17 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     # -- compute -------------------------------------------------------------------------------
     def Forward(self, request, context):
-        sess = self._session_or_abort(request.session_id, context)
+        return self._one_at_a_time(request.session_id, context, self._forward, request)
+
+    def Step(self, request, context):
+        return self._one_at_a_time(request.session_id, context, self._step, request)
+
+    def _one_at_a_time(self, session_id: str, context, handler, request):
+        sess = self._session_or_abort(session_id, context)
         if not self.lock.acquire(timeout=1.0):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: busy with another request")
         try:
-            return self._forward(sess, request, context)
+            return handler(sess, request, context)
         finally:
             self.lock.release()
 
@@ -308,8 +326,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             types = from_proto(request.token_types, "token_types") if request.HasField("token_types") else None
             req = Request(from_proto(request.input_ids, "input_ids").to(self.s.device),
                           None if types is None else types.to(self.s.device), int(request.start_pos),
-                          bool(request.last_only), request.kv_cache, request.kv_fork_from, int(request.kv_fork_len),
-                          tuple(request.kv_drop))
+                          bool(request.last_only))
             rt.validate(req)
         except (TransportError, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: bad request: {e}")
@@ -317,15 +334,33 @@ class WorkerService(pb_grpc.WorkerServicer):
         if bad or len(request.wire_formats) not in (0, rt.partition.world):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: wire_formats "
                           f"{list(request.wire_formats)} must list one of {WIRE_FORMATS} per rank")
-        sess.transport.begin(request.request_id, list(request.wire_formats))
-        comm = rt.new_comm(sess.transport, overlap=rt.overlap and not request.no_overlap)
-        if request.measure_memory:
+        return self._run(sess, context, request.request_id, lambda comm: rt.run(comm, req),
+                         list(request.wire_formats), overlap=not request.no_overlap,
+                         measure_memory=request.measure_memory)
+
+    def _step(self, sess: _Session, request, context):
+        rt = sess.runtime
+        try:
+            step, pool = step_from_proto(request, self.s.device)
+            rt.validate_step(step, pool)
+        except (TransportError, ValueError, GalaxyError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: bad step: {e}")
+        return self._run(sess, context, request.request_id, lambda comm: rt.run_step(comm, step, pool))
+
+    def _run(self, sess: _Session, context, request_id: int, run, wire_formats=(), overlap: bool = True,
+             measure_memory: bool = False):
+        """Run this rank's part of a request on the session's transport; the reply carries its output
+        piece and where its time went."""
+        rt = sess.runtime
+        sess.transport.begin(request_id, list(wire_formats))
+        comm = rt.new_comm(sess.transport, overlap=rt.overlap and overlap)
+        if measure_memory:
             _trim_heap()  # otherwise activations reuse freed pages and the peak does not move
         _reset_peak_rss()
         rss_before = psutil.Process().memory_info().rss
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            out = rt.run(comm, req)
+            out = run(comm)
         except TransportError as e:
             context.abort(grpc.StatusCode.ABORTED, f"{self.s.name} (rank {rt.rank}): {e}")
         except (MemoryError, DeviceOutOfMemory) as e:
@@ -336,7 +371,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         send_s = dict(sess.transport.send_s)
         ops = [pb.OpStat(tag=o.tag, wall_s=o.wall_s, wait_s=o.wait_s, compute_s=o.compute_s, bytes=o.bytes,
                          send_s=send_s.get(o.tag, 0.0)) for o in comm.stats.ops]
-        reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv.nbytes,
+        reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv_bytes,
                                 rss_before_bytes=rss_before, cpu_s=cpu_s)
         if out is not None:
             reply.output.CopyFrom(to_proto(out.float().cpu()))

@@ -167,29 +167,29 @@ class LoadRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ..., data_peers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("weight_bytes", "load_s", "rss_bytes", "backend")
+    __slots__ = ("weight_bytes", "load_s", "rss_bytes", "backend", "kv_bytes_per_token", "kv_budget_bytes")
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     weight_bytes: int
     load_s: float
     rss_bytes: int
     backend: str
-    def __init__(self, weight_bytes: _Optional[int] = ..., load_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    kv_bytes_per_token: int
+    kv_budget_bytes: int
+    def __init__(self, weight_bytes: _Optional[int] = ..., load_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "input_ids", "token_types", "start_pos", "last_only", "kv_cache", "kv_fork_from", "kv_fork_len", "kv_drop", "no_overlap", "measure_memory", "wire_formats")
+    __slots__ = ("session_id", "request_id", "input_ids", "token_types", "start_pos", "last_only", "no_overlap", "measure_memory", "wire_formats")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TYPES_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     LAST_ONLY_FIELD_NUMBER: _ClassVar[int]
-    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
-    KV_FORK_FROM_FIELD_NUMBER: _ClassVar[int]
-    KV_FORK_LEN_FIELD_NUMBER: _ClassVar[int]
-    KV_DROP_FIELD_NUMBER: _ClassVar[int]
     NO_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     MEASURE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     WIRE_FORMATS_FIELD_NUMBER: _ClassVar[int]
@@ -199,14 +199,36 @@ class ForwardRequest(_message.Message):
     token_types: Tensor
     start_pos: int
     last_only: bool
-    kv_cache: str
-    kv_fork_from: str
-    kv_fork_len: int
-    kv_drop: _containers.RepeatedScalarFieldContainer[str]
     no_overlap: bool
     measure_memory: bool
     wire_formats: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_types: _Optional[_Union[Tensor, _Mapping]] = ..., start_pos: _Optional[int] = ..., last_only: _Optional[bool] = ..., kv_cache: _Optional[str] = ..., kv_fork_from: _Optional[str] = ..., kv_fork_len: _Optional[int] = ..., kv_drop: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., measure_memory: _Optional[bool] = ..., wire_formats: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_types: _Optional[_Union[Tensor, _Mapping]] = ..., start_pos: _Optional[int] = ..., last_only: _Optional[bool] = ..., no_overlap: _Optional[bool] = ..., measure_memory: _Optional[bool] = ..., wire_formats: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session_id", "request_id", "input_ids", "query_lens", "starts", "block_table_lens", "block_tables", "logit_rows", "copies", "num_blocks", "block_size")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_LENS_FIELD_NUMBER: _ClassVar[int]
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TABLE_LENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TABLES_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    request_id: int
+    input_ids: Tensor
+    query_lens: _containers.RepeatedScalarFieldContainer[int]
+    starts: _containers.RepeatedScalarFieldContainer[int]
+    block_table_lens: _containers.RepeatedScalarFieldContainer[int]
+    block_tables: _containers.RepeatedScalarFieldContainer[int]
+    logit_rows: _containers.RepeatedScalarFieldContainer[int]
+    copies: _containers.RepeatedScalarFieldContainer[int]
+    num_blocks: int
+    block_size: int
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., query_lens: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., block_table_lens: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., logit_rows: _Optional[_Iterable[int]] = ..., copies: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class OpStat(_message.Message):
     __slots__ = ("tag", "wall_s", "wait_s", "compute_s", "bytes", "send_s")

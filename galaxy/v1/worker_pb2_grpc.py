@@ -49,6 +49,11 @@ class WorkerStub:
                 request_serializer=galaxy_dot_v1_dot_worker__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=galaxy_dot_v1_dot_worker__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/galaxy.v1.Worker/Step',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.ForwardReply.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/galaxy.v1.Worker/Abort',
                 request_serializer=galaxy_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -113,6 +118,13 @@ class WorkerServicer:
 
     def Forward(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request, context):
+        """one serving-engine iteration over the paged KV cache
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -193,6 +205,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
                     request_deserializer=galaxy_dot_v1_dot_worker__pb2.ForwardRequest.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.ForwardReply.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.StepRequest.FromString,
                     response_serializer=galaxy_dot_v1_dot_worker__pb2.ForwardReply.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
@@ -321,6 +338,33 @@ class Worker:
             target,
             '/galaxy.v1.Worker/Forward',
             galaxy_dot_v1_dot_worker__pb2.ForwardRequest.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/galaxy.v1.Worker/Step',
+            galaxy_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
             galaxy_dot_v1_dot_worker__pb2.ForwardReply.FromString,
             options,
             channel_credentials,

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,8 +24,8 @@ import pytest
 
 import galaxy
 from galaxy.cli.serve import add_parser as add_serve_parser
+from galaxy.engine.generation import Generation, TokenEvent
 from galaxy.errors import PeerUnreachable
-from galaxy.runtime.generate import Generation, TokenEvent
 from galaxy.serving.openai import ApiError, parse_chat, parse_embeddings
 from galaxy.serving.server import Server, _pieces
 
@@ -101,6 +102,10 @@ class FlakyExecutor:
         self._check()
         return self.inner.forward(req)
 
+    def step(self, step, pool):
+        self._check()
+        return self.inner.step(step, pool)
+
     def hello(self):
         if self.broken:
             raise PeerUnreachable("device 1 'jetson' (10.0.0.7:50051): unreachable during hello")
@@ -176,23 +181,35 @@ def test_max_tokens_stop_strings_and_seeded_sampling(lm):
         assert a == b  # the same seed, the same sample
 
 
-def test_pieces_hold_back_a_partial_stop_string():
-    """The generator shows 'Par' before it sees the stop string 'Paris.'; the stream must not."""
-    gen = Generation([1])
+class _Stream:
+    """What _pieces reads of a GenerationStream: its events, its Generation, cancel()."""
 
-    def events():
+    def __init__(self, events):
+        self.events, self.generation, self.cancelled = events, Generation([1]), False
+
+    def __iter__(self):
+        return self.events(self.generation)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_pieces_hold_back_a_partial_stop_string():
+    """The engine shows 'Par' before it sees the stop string 'Paris.'; the stream must not."""
+
+    def events(gen):
         for piece in ["The", " capital", " is", " Par", "is"]:  # then '.' completes the stop string: no event
             yield TokenEvent(0, piece)
         gen.text, gen.finish = "The capital is ", "stop"
 
-    assert "".join(_pieces(events(), gen, ("Paris.",))) == "The capital is "
-    gen2 = Generation([1])
+    assert "".join(_pieces(_Stream(events), ("Paris.",))) == "The capital is "
 
-    def no_stop():
+    def no_stop(gen):
         yield from (TokenEvent(0, p) for p in ["a P", "ar", "k"])
-        gen2.text = "a Park"
+        gen.text = "a Park"
 
-    assert list(_pieces(no_stop(), gen2, ("Paris.",))) == ["a ", "Park"]
+    stream = _Stream(no_stop)
+    assert list(_pieces(stream, ("Paris.",))) == ["a ", "Park"] and stream.cancelled
 
 
 def test_client_that_disconnects_mid_stream_frees_the_cluster(lm):
@@ -207,9 +224,64 @@ def test_client_that_disconnects_mid_stream_frees_the_cluster(lm):
         assert resp.fp.readline()  # the first chunk arrived
         conn.sock.shutdown(2)
         conn.close()
-        wait_until(lambda: not server.gate.busy, timeout=30)
+        wait_until(lambda: server.engine.load["running"] == 0, timeout=30)
         r = client.chat.completions.create(model=server.name, messages=QUESTION, temperature=0, max_tokens=3)
         assert r.choices[0].message.content == "The capital of"
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(lm):
+    questions = [[{"role": "user", "content": q}] for q in
+                 ("What is the capital of France?", "Name a colour.", "Count to five.", "What is 2 + 2?")]
+    with serving(lm) as (server, client):
+        def ask(messages, stream=False):
+            r = client.chat.completions.create(model=server.name, messages=messages, temperature=0, max_tokens=12,
+                                               stream=stream)
+            return "".join(c.choices[0].delta.content or "" for c in r) if stream else r.choices[0].message.content
+
+        alone = [ask(q) for q in questions]
+        steps_alone = server.engine.steps
+        together: list = [None] * len(questions)
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(questions[i], stream=bool(i % 2))))
+                   for i in range(len(questions))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert together == alone
+        assert server.engine.steps - steps_alone < steps_alone  # they shared steps
+
+
+def test_client_that_gives_up_on_a_non_streaming_request_frees_its_blocks_at_once(lm):
+    """Before the engine, a non-streaming client that went away kept the cluster generating for nobody."""
+    with serving(lm) as (server, client):
+        host, port = server.address.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"model": server.name, "messages": [{"role": "user", "content": "Tell me a very long story."}],
+             "max_tokens": 400, "temperature": 0}), headers={"Content-Type": "application/json"})
+        wait_until(lambda: server.engine.load["running"] == 1, timeout=30)
+        t0 = time.monotonic()
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        wait_until(lambda: server.engine.load["running"] == 0, timeout=30)
+        assert time.monotonic() - t0 < 5  # 400 tokens would take far longer: it was cancelled, not finished
+        assert server.engine.load["kv_blocks_used"] == 0
+
+
+def test_metrics_are_prometheus_text_with_latencies_and_the_engine_state(lm):
+    with serving(lm) as (server, client):
+        client.chat.completions.create(model=server.name, messages=QUESTION, temperature=0, max_tokens=4)
+        host, port = server.address.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain")
+    for name in ("galaxy_time_to_first_token_seconds_count 1.0", "galaxy_generations_total{finish=\"length\"} 1.0",
+                 "galaxy_generation_tokens_total 4.0", "galaxy_requests_running 0.0", "galaxy_kv_blocks_used 0.0",
+                 "galaxy_prefix_cache_hit_rate", "galaxy_device_kv_bytes{device="):
+        assert name in text, name
 
 
 # --- embeddings, models, health ----------------------------------------------------------------------
@@ -246,7 +318,7 @@ def test_models_list_and_health(encoder):
         assert client.models.retrieve("minilm").owned_by == "galaxy"
         status, _, body = request(server.address, "GET", "/health")
         assert status == 200 and body["status"] == "ok" and body["devices"] == 2
-        assert body["busy"] is False and body["waiting"] == 0 and body["max_queue"] == 3
+        assert body["running"] == 0 and body["waiting"] == 0 and body["max_queue"] == 3
         status, headers, body = request(server.address, "HEAD", "/health")  # for load balancers
         assert status == 200 and body is None and int(headers["Content-Length"]) > 0
 
@@ -308,9 +380,17 @@ def test_http_errors_unknown_path_method_and_oversize_body(encoder):
         assert len(client.embeddings.create(model=server.name, input="still serving").data) == 1
 
 
+def _restart_engine(lm) -> None:
+    """The engine keeps the executor it started with: a test that swaps the executor restarts it."""
+    if lm._engine is not None:
+        lm._engine.close()
+        lm._engine = None
+
+
 def test_cluster_failure_is_503_and_the_server_recovers(lm, monkeypatch):
     flaky = FlakyExecutor(lm.session._ex)
     monkeypatch.setattr(lm.session, "_ex", flaky)
+    _restart_engine(lm)
     with serving(lm) as (server, client):
         def ask(**kw):
             return client.chat.completions.create(model=server.name, messages=QUESTION, temperature=0,
@@ -334,7 +414,8 @@ def test_cluster_failure_is_503_and_the_server_recovers(lm, monkeypatch):
         flaky.broken, flaky.fail_after = False, None
         assert request(server.address, "GET", "/health")[0] == 200
         assert ask().choices[0].message.content == before
-        assert not server.gate.busy
+        assert server.engine.load["running"] == 0
+    _restart_engine(lm)
 
 
 def test_full_queue_is_429_at_once_and_waiting_times_out(encoder, monkeypatch):

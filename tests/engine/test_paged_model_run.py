@@ -13,13 +13,13 @@ import random
 import pytest
 import torch
 
+from galaxy.engine.scheduler import BatchPlan, Scheduler, SchedulerConfig
+from galaxy.engine.sequence import FinishReason, SamplingParams
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
 from galaxy.model.paged_kv import PagedBatch, PagedKVCache
 from galaxy.model.transformer import rope
 from galaxy.parallel.sharding import full_spec, load_shard
-from galaxy.serving.scheduler import BatchPlan, Scheduler, SchedulerConfig
-from galaxy.serving.sequence import FinishReason, SamplingParams
 
 
 @pytest.fixture(autouse=True)

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from galaxy.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, SchedulerConfigError
+from galaxy.engine.sequence import FinishReason, InvalidRequest, SamplingParams, SequenceStatus
 from galaxy.errors import GalaxyError
-from galaxy.serving.scheduler import QueueFull, Scheduler, SchedulerConfig, SchedulerConfigError
-from galaxy.serving.sequence import FinishReason, InvalidRequest, SamplingParams, SequenceStatus
 
 VOCAB = 7
 

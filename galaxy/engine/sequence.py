@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from ..errors import GalaxyError
+from ..errors import InvalidRequest
 
 
 class SequenceStatus(enum.Enum):
@@ -33,11 +33,6 @@ class FinishReason(enum.Enum):
     DEADLINE = "deadline"  # its deadline passed before it finished
 
 
-class InvalidRequest(GalaxyError):
-    """A request that cannot be served as given (empty prompt, bad token id or limit); nothing
-    was queued and no other request is affected."""
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """When a sequence stops, plus the per-request sampler settings the model runner reads.
@@ -48,10 +43,13 @@ class SamplingParams:
     max_new_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
     sampler: object = None
+    chunk_size: int | None = None  # most prompt tokens this sequence runs in one step (None: the scheduler's)
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidRequest(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise InvalidRequest(f"chunk_size={self.chunk_size!r} must be an integer >= 1 or None")
         bad = [t for t in self.stop_token_ids if not isinstance(t, int) or t < 0]
         if bad:
             raise InvalidRequest(f"stop_token_ids has {bad}, which are not token ids (integers >= 0)")

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
+from galaxy.engine.block_manager import BlockManager, OutOfBlocks
+from galaxy.engine.sequence import SamplingParams, Sequence
 from galaxy.errors import GalaxyError
-from galaxy.serving.block_manager import BlockManager, OutOfBlocks
-from galaxy.serving.sequence import SamplingParams, Sequence
 
 _ids = itertools.count()
 

@@ -34,6 +34,7 @@ sequence gets them before the next `schedule`.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Mapping
@@ -162,13 +163,27 @@ class Scheduler:
         self.waiting.append(seq)
         return seq
 
-    def abort(self, seq_id: int) -> bool:
-        """End a sequence now (client gone, cancelled) and free its blocks; False if not live."""
+    def abort(self, seq_id: int, reason: FinishReason = FinishReason.ABORT) -> bool:
+        """End a sequence now (client gone, cancelled, or a stop string the engine saw in its text)
+        and free its blocks; False if not live."""
         seq = self.live.get(seq_id)
         if seq is None:
             return False
-        self._finish(seq, FinishReason.ABORT)
+        self._finish(seq, reason)
         return True
+
+    def lose_kv(self, num_blocks: int) -> None:
+        """The devices lost every K/V (a fail-over re-planned them): the step in flight did not run,
+        every running sequence goes back to the queue to run all its tokens again, and the pool
+        starts anew with `num_blocks` blocks (the survivors' budgets) and an empty prefix cache."""
+        self._pending = None
+        for seq in list(self.running):
+            self._preempt(seq)
+        max_len = min(self.cfg.max_model_len, num_blocks * self.cfg.block_size)
+        self.cfg = dataclasses.replace(self.cfg, num_blocks=num_blocks, max_model_len=max_len)
+        self.blocks = BlockManager(num_blocks, self.cfg.block_size, self.cfg.prefix_caching)
+        for seq in [s for s in self.waiting if s.num_tokens >= max_len]:  # no longer fits the smaller pool
+            self._finish(seq, FinishReason.LENGTH)
 
     def has_unfinished(self) -> bool:
         return bool(self.live)
@@ -203,7 +218,7 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.seq_id not in scheduled and seq.num_uncomputed > 1:
-                n = min(seq.num_uncomputed, budget, chunk)
+                n = min(seq.num_uncomputed, budget, seq.params.chunk_size or chunk)
                 items.append(self._item(seq, n))
                 budget -= n
 
@@ -217,7 +232,7 @@ class Scheduler:
             copies += self.blocks.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.seq_id)
-            n = min(seq.num_uncomputed, budget, chunk)
+            n = min(seq.num_uncomputed, budget, seq.params.chunk_size or chunk)
             items.append(self._item(seq, n))
             budget -= n
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidRequest
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -15,12 +17,17 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        def number(x) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and x == x
+
+        if not number(self.temperature) or self.temperature < 0:
+            raise InvalidRequest(f"temperature={self.temperature!r} must be a number >= 0 (0: greedy)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise InvalidRequest(f"top_k={self.top_k!r} must be an integer >= 0 (0: off)")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p={self.top_p!r} must be a number in (0, 1]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise InvalidRequest(f"seed={self.seed!r} must be an integer or None")
 
 
 class Sampler:

@@ -1,0 +1,340 @@
+"""The serving engine: one loop on the coordinator that runs the scheduler's steps on the devices.
+
+Requests come from any thread (`submit`); the loop, in a thread of its own, asks the scheduler for
+the next step's batch -- decodes of every running sequence first, then prompt chunks within the
+token budget -- sends that one plan to every rank through the executor (`Executor.step`: one
+collective per layer carries the whole batch), samples each sequence's next token from the logit
+rows that come back, and hands the tokens to the requests' streams. Iterations are scheduled,
+not requests (Orca); a long prompt is cut into chunks so it never freezes the running streams
+(Sarathi-Serve); the K/V of every sequence lives in a paged pool whose block ids are the same on
+every device, shared between requests with a common prefix (scheduler.py, block_manager.py).
+
+Failures: a device that drops out under a re-planning executor (runtime.recovery) loses every
+K/V; the engine is told (CacheLost), every running sequence goes back to the queue and runs its
+tokens again on the survivors, so each still gets the tokens it would have got. Under a plain
+executor the step's error ends every request in flight with that error (naming the device), their
+blocks freed, and the engine serves the next requests.
+
+Threads: the scheduler is touched only under `_lock`, which the loop does not hold while the
+devices compute, so `submit` and `cancel` answer at once and refuse a bad request synchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from queue import Empty, SimpleQueue
+
+import torch
+
+from ..errors import CacheLost, DeviceOutOfMemory, GalaxyError, InvalidRequest
+from ..model.config import ModelConfig
+from ..model.paged_kv import PagedBatch
+from ..parallel.executor import Executor
+from ..parallel.forward import Step
+from ..parallel.rank import KVPool
+from .generation import Generation, GenerationConfig, StepTiming, TokenEvent, collective_of, pending_stop
+from .sampling import Sampler
+from .scheduler import BatchPlan, Scheduler, SchedulerConfig
+from .sequence import FinishReason, SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.05  # how often an idle loop with waiting requests looks again (deadlines, freed blocks)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches. max_batched_tokens is the per-step token budget (Sarathi-Serve's):
+    larger steps amortise the per-layer collectives over more tokens, smaller ones keep the time
+    between a running stream's tokens short while prompts arrive."""
+
+    block_size: int = 16  # positions per KV block
+    max_batched_tokens: int = 256  # tokens in one step: decodes first, then prompt chunks
+    chunk_size: int | None = None  # most prompt tokens one request runs in a step (None: the budget)
+    max_running: int = 32  # sequences holding KV blocks at once
+    max_waiting: int = 256  # queued requests beyond which new ones are refused (QueueFull)
+    kv_blocks: int | None = None  # the pool (None: as many as the smallest device's KV budget holds)
+    prefix_caching: bool = True
+
+    def scheduler_config(self, num_blocks: int, model: ModelConfig) -> SchedulerConfig:
+        return SchedulerConfig(num_blocks=num_blocks, block_size=self.block_size,
+                               max_batched_tokens=self.max_batched_tokens, chunk_size=self.chunk_size,
+                               max_running=min(self.max_running, self.max_batched_tokens),
+                               max_waiting=self.max_waiting,
+                               max_model_len=min(model.max_positions, num_blocks * self.block_size),
+                               vocab_size=model.vocab_size, prefix_caching=self.prefix_caching)
+
+
+class ClientGone(GalaxyError):
+    """The client of a request disconnected; the request was cancelled and its blocks freed."""
+
+
+class GenerationStream:
+    """One request in the engine: iterate it for TokenEvents as they come; `generation` is filled in
+    as it goes. Breaking off the iteration (or `cancel`) frees its blocks at once."""
+
+    def __init__(self, engine: Engine, gc: GenerationConfig, gen: Generation):
+        self.engine, self.gc, self.generation = engine, gc, gen
+        self.seq: Sequence | None = None
+        self.sampler = Sampler(gc.sampling)
+        self.events: SimpleQueue = SimpleQueue()  # TokenEvent, then None when done
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.submitted = time.perf_counter()
+        self.shown = ""  # text already yielded (what may start a stop string is held back)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        try:
+            while True:
+                ev = self.events.get()
+                if ev is None:
+                    break
+                yield ev
+            if self.error is not None:
+                raise self.error
+        finally:
+            if not self.done.is_set():
+                self.cancel()
+
+    def events_while(self, alive: Callable[[], bool], poll_s: float = 0.25) -> Iterator[TokenEvent]:
+        """Like iterating the stream, but every `poll_s` without an event asks alive() -- is the
+        client still there? -- and cancels the request at once if not (then raises ClientGone)."""
+        try:
+            while True:
+                try:
+                    ev = self.events.get(timeout=poll_s)
+                except Empty:
+                    if not alive():
+                        self.cancel()
+                        raise ClientGone("the client went away; its request was cancelled") from None
+                    continue
+                if ev is None:
+                    break
+                yield ev
+            if self.error is not None:
+                raise self.error
+        finally:
+            if not self.done.is_set():
+                self.cancel()
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """Wait for the end; the Generation, or the error that ended it."""
+        if not self.done.wait(timeout):
+            raise GalaxyError(f"the generation did not finish within {timeout:g} s")
+        if self.error is not None:
+            raise self.error
+        return self.generation
+
+    def cancel(self) -> None:
+        """Stop generating for this request now (its client went away)."""
+        self.engine._cancel(self)
+
+    # -- called by the engine loop ---------------------------------------------------------
+    def _end(self, finish: str, error: BaseException | None = None) -> None:
+        gen = self.generation
+        if error is None and gen.finish != "stop" and len(gen.text) > len(self.shown):
+            self.events.put(TokenEvent(gen.tokens[-1] if gen.tokens else -1, gen.text[len(self.shown):]))
+        gen.finish = gen.finish or finish
+        self.error = error
+        self.done.set()
+        self.events.put(None)
+
+
+class Engine:
+    """Continuous batching of a causal LM's requests on a loaded executor."""
+
+    def __init__(self, executor: Executor, model: ModelConfig, tokenizer=None,
+                 config: EngineConfig = EngineConfig()):
+        if not model.causal:
+            raise GalaxyError(f"{model.name or model.family} is an encoder: it embeds text (encode()), "
+                              "it does not generate")
+        self.ex, self.model, self.tok, self.config = executor, model, tokenizer, config
+        self.pool = self._pool()
+        self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))
+        self.streams: dict[int, GenerationStream] = {}
+        self.steps = 0
+        self.kv_bytes: list[int] = []  # each device's KV memory after the last step
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="galaxy-engine", daemon=True)
+        self._thread.start()
+
+    def _pool(self) -> KVPool:
+        bs = self.config.block_size
+        n = self.config.kv_blocks or self.ex.kv_blocks(bs)
+        if n < 1:
+            raise DeviceOutOfMemory(f"no device has room for one KV block of {bs} positions beside its weights; "
+                                    "free memory, raise the devices' memory budgets, or add a device")
+        return KVPool(n, bs)
+
+    # -- requests ----------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
+               timeout: float | None = None) -> GenerationStream:
+        """Queue a generation; raises InvalidRequest or QueueFull at once, touching nothing else."""
+        gc = gc or GenerationConfig()
+        if self._closed:
+            raise GalaxyError("the engine is closed: load the model again")
+        gen = Generation(list(prompt_ids))
+        stream = GenerationStream(self, gc, gen)
+        if gc.max_new_tokens == 0:  # nothing to generate: no step needed
+            stream._end("length")
+            return stream
+        eos = self.model.eos_token_id
+        params = SamplingParams(gc.max_new_tokens, (eos,) if gc.stop_at_eos and eos is not None else (),
+                                gc.sampling, gc.prefill_chunk or None)
+        with self._lock:
+            stream.seq = self.sched.add(list(prompt_ids), params, timeout)
+            self.streams[stream.seq.seq_id] = stream
+        self._wake.set()
+        return stream
+
+    def generate(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
+                 timeout: float | None = None) -> Generation:
+        return self.submit(prompt_ids, gc, timeout).result()
+
+    def _cancel(self, stream: GenerationStream) -> None:
+        with self._lock:
+            if stream.seq is not None and self.sched.abort(stream.seq.seq_id):
+                self.streams.pop(stream.seq.seq_id, None)
+                stream._end("abort")
+        self._wake.set()
+
+    @property
+    def load(self) -> dict:
+        """What the engine holds now: requests running and waiting, KV blocks in use, the prefix
+        cache's hit rate, preemptions and steps so far, each device's KV memory at the last step."""
+        with self._lock:
+            blocks = self.sched.blocks
+            return {"running": len(self.sched.running), "waiting": len(self.sched.waiting),
+                    "kv_blocks": self.pool.num_blocks, "kv_blocks_used": blocks.num_blocks - blocks.num_free,
+                    "prefix_hit_rate": blocks.stats.hit_rate, "preemptions": self.sched.num_preemptions,
+                    "steps": self.steps, "kv_bytes": dict(zip(self.ex.names, self.kv_bytes))}
+
+    def close(self) -> None:
+        """Stop the loop; requests still in it end with an error."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=60)
+        with self._lock:
+            for sid, stream in list(self.streams.items()):
+                self.sched.abort(sid)
+                stream._end("abort", GalaxyError("the engine was closed (another model was loaded, or the "
+                                                 "session ended) before this request finished"))
+            self.streams.clear()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._closed:
+            with self._lock:
+                busy = self.sched.has_unfinished()
+                plan = self.sched.schedule() if busy else None
+                if plan is not None:
+                    for sid in plan.finished:  # deadlines that passed
+                        self._finish(sid, "deadline")
+                    if not plan.items:
+                        self.sched.update(plan, {})
+            if plan is None or not plan.items:  # idle, or nothing admissible until blocks free up
+                self._wake.wait(None if plan is None else IDLE_POLL_S)
+                self._wake.clear()
+                continue
+            self._run(plan)
+
+    def _run(self, plan: BatchPlan) -> None:
+        step = Step(torch.tensor(plan.token_ids(), dtype=torch.long),
+                    PagedBatch(plan.block_size, tuple(len(it.token_ids) for it in plan.items),
+                               tuple(it.start for it in plan.items), tuple(it.block_table for it in plan.items)),
+                    tuple(plan.logit_rows()), plan.copies)
+        try:
+            res = self.ex.step(step, self.pool)
+        except CacheLost as e:  # a fail-over: the K/V are gone, every sequence runs its tokens again
+            log.warning("%s; running every sequence's tokens again on the surviving devices", e)
+            with self._lock:
+                self.pool = self._pool()
+                self.sched.lose_kv(self.pool.num_blocks)
+            return
+        except GalaxyError as e:
+            log.warning("step %d failed: %s", plan.step, e)
+            with self._lock:
+                for sid in list(self.streams):
+                    self.sched.abort(sid)
+                    self._finish(sid, "abort", e)
+                self.sched.update(plan, {})
+            return
+        self.steps += 1
+        rows = [it for it in plan.items if it.logits]
+        collective, kv_bytes = collective_of(res.devices), [d.kv_cache_bytes for d in res.devices]
+        self.kv_bytes = kv_bytes
+        with self._lock:
+            sampled = {}
+            for it, row in zip(rows, res.output):
+                stream = self.streams.get(it.seq_id)
+                if stream is not None:  # else cancelled while the step ran
+                    sampled[it.seq_id] = stream.sampler(row)
+            for it in plan.items:
+                stream = self.streams.get(it.seq_id)
+                if stream is None:
+                    continue
+                gen = stream.generation
+                decode = len(it.token_ids) == 1 and it.start >= len(gen.prompt_tokens)
+                if not gen.steps:
+                    gen.queued_s = time.perf_counter() - stream.submitted - res.seconds
+                    gen.reused_prefix = it.start
+                gen.steps.append(StepTiming("decode" if decode else "prefill", len(it.token_ids), res.seconds,
+                                            collective, plan.num_tokens))
+                gen.kv_cache_bytes = kv_bytes
+            for seq in self.sched.update(plan, sampled):
+                self._token(self.streams[seq.seq_id], seq)
+
+    def _token(self, stream: GenerationStream, seq: Sequence) -> None:
+        """A token came out for `seq`: its text, stop strings, and whether it ended the request."""
+        gen, gc = stream.generation, stream.gc
+        now = time.perf_counter() - stream.submitted
+        if gen.first_token_s is None:
+            gen.first_token_s = now
+        tok = seq.token_ids[-1]
+        if seq.finish_reason is FinishReason.STOP:  # the end-of-sequence token: not part of the text
+            self._finish(seq.seq_id, "eos")
+            return
+        gen.tokens.append(tok)
+        gen.token_times.append(now)
+        full = self.tok.decode(gen.tokens) if self.tok else ""
+        cut = min((full.find(s) for s in gc.stop if s in full), default=-1)
+        if cut >= 0:  # a stop string completed: the text ends before it
+            gen.text, gen.finish = full[:cut], "stop"
+            if len(gen.text) > len(stream.shown):
+                stream.events.put(TokenEvent(tok, gen.text[len(stream.shown):]))
+                stream.shown = gen.text
+            self.sched.abort(seq.seq_id, FinishReason.STOP)
+            self._finish(seq.seq_id, "stop")
+            return
+        gen.text = full
+        safe = len(full) - pending_stop(full, gc.stop)  # hold back what may start a stop string
+        delta = full[len(stream.shown):safe] if not full[:safe].endswith("\ufffd") else ""  # whole characters
+        stream.shown += delta
+        stream.events.put(TokenEvent(tok, delta))
+        if seq.is_finished:
+            self._finish(seq.seq_id, {FinishReason.LENGTH: "length", FinishReason.DEADLINE: "deadline"}.get(
+                seq.finish_reason, "abort"))
+
+    def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
+        stream = self.streams.pop(seq_id, None)
+        if stream is not None:
+            stream._end(finish, error)
+
+
+def check_prompt(prompt, vocab_size: int) -> list[int]:
+    """A prompt of token ids, checked: a list of integers in [0, vocab_size), not empty."""
+    if isinstance(prompt, str | bytes) or not hasattr(prompt, "__iter__"):
+        raise InvalidRequest(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}")
+    ids = list(prompt)
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"token ids {bad[:5]} are not integers in [0, {vocab_size})")
+    if not ids:
+        raise InvalidRequest("the prompt is empty: give at least one token")
+    return ids

@@ -1,0 +1,107 @@
+"""What a generation request asks for and what it gets back: the records the engine fills in.
+
+`GenerationConfig` is a request's settings; `Generation` is its result as it grows (tokens, text,
+finish reason, and per engine step the tokens it ran and how long the step took, from which TTFT
+and time per output token follow); `TokenEvent` is what a stream yields. Stop strings are held
+back while streaming until it is clear whether they complete (`pending_stop`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import InvalidRequest
+from ..parallel.executor import DeviceStats
+from .sampling import SamplingConfig
+
+FINISH_REASONS = ("length", "eos", "stop", "abort", "deadline")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    sampling: SamplingConfig = SamplingConfig()
+    stop: tuple[str, ...] = ()  # stop strings (not included in the text)
+    stop_at_eos: bool = True
+    prefill_chunk: int = 0  # most prompt tokens per step for this request (0: the engine's budget)
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 0:
+            raise InvalidRequest(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 0")
+        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
+            raise InvalidRequest(f"prefill_chunk={self.prefill_chunk!r} must be an integer >= 0")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequest(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+
+
+@dataclass
+class StepTiming:
+    """One engine step as one request saw it."""
+
+    phase: str  # "prefill" (a chunk of its prompt, or of its tokens again after a preemption) | "decode"
+    tokens: int  # this request's tokens in the step
+    seconds: float  # the whole step's wall time (it ran beside the other requests of the batch)
+    collective: str  # how the joins ran: "ring ReduceScatter/AllGather (HMP)", "direct all-reduce", ...
+    batch_tokens: int = 0  # every request's tokens in the step
+
+
+@dataclass
+class TokenEvent:
+    """What the stream yields: a token and the text it added (may be '' mid-character)."""
+
+    token: int
+    text: str
+
+
+@dataclass
+class Generation:
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish: str = ""  # one of FINISH_REASONS
+    steps: list[StepTiming] = field(default_factory=list)
+    reused_prefix: int = 0  # prompt tokens whose K/V came from the prefix cache
+    kv_cache_bytes: list[int] = field(default_factory=list)  # per device, after the last step
+    queued_s: float = 0.0  # from submission to its first step
+    first_token_s: float | None = None  # from submission to the first token (TTFT, queueing included)
+    token_times: list[float] = field(default_factory=list)  # seconds since submission of every token
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token: waiting for a place in the batch, then every step until it comes out."""
+        if self.first_token_s is not None:
+            return self.first_token_s
+        return self.queued_s + sum(s.seconds for s in self.steps if s.phase == "prefill")
+
+    @property
+    def per_token_s(self) -> float:
+        """Time per output token after the first (TPOT)."""
+        t = self.token_times
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else 0.0
+
+
+def collective_of(devices: list[DeviceStats]) -> str:
+    """How a pass's joins ran, from the collectives' tags on the first device."""
+    tags = {op.tag for op in devices[0].ops} if devices else set()
+    if any(t.endswith(".direct") for t in tags):
+        return "direct all-reduce (1 hop)"
+    if any(".ar." in t for t in tags):
+        return "ring all-reduce"
+    if any(t.endswith(".rs") for t in tags):
+        return "ring ReduceScatter/AllGather (HMP)"
+    if any(t.startswith("pipe") for t in tags):
+        return "pipeline hand-off"
+    return "none (1 device)"
+
+
+def pending_stop(text: str, stops) -> int:
+    """Length of the longest tail of `text` that is the beginning of a stop string (held back
+    while streaming, until it is clear either way)."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
