@@ -24,45 +24,71 @@ def _progress(msg: str) -> None:
     print(f"galaxy devices: {msg}", file=sys.stderr, flush=True)
 
 
+EXAMPLES = """examples:
+  galaxy devices catalog                                     devices, link presets, ready cluster files
+  galaxy devices up devices/clusters/hetero-trio.yaml        root; falls back to loopback without it
+  galaxy devices status
+  galaxy devices down devices/clusters/hetero-trio.yaml
+"""
+
+
+def _examples(*lines: str) -> dict:
+    """The epilog of a subcommand: its examples, shown as written."""
+    return {"epilog": "examples:\n" + "".join(f"  {line}\n" for line in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def add_devices_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("devices", help="emulated edge devices: a LAN of namespaces, tbf links and cgroups",
                               description="Bring an emulated LAN of edge devices up and down on this machine "
-                              "(needs root; without it, plain loopback workers).")
+                              "(needs root; without it, plain loopback workers).", epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="devices_command", required=True)
 
-    u = sub.add_parser("up", help="start the cluster a file describes")
-    u.add_argument("cluster", metavar="CLUSTER.yaml")
+    u = sub.add_parser("up", help="start the cluster a file describes", **_examples(
+        "galaxy devices up devices/clusters/hetero-trio.yaml      as root: namespaces, shaped links, cgroups",
+        "galaxy devices up devices/clusters/homo-trio.yaml --loopback --json"))
+    u.add_argument("cluster", metavar="CLUSTER.yaml", help="the cluster file (devices, links, budgets; see "
+                   "devices/README.md)")
     u.add_argument("--loopback", action="store_true", help="plain loopback workers, no emulation (even as root)")
     u.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the workers (default 120)")
     u.add_argument("--json", action="store_true", help="print the devices as JSON")
     u.set_defaults(func=cmd_up)
 
-    d = sub.add_parser("down", help="remove everything the cluster made")
+    d = sub.add_parser("down", help="remove everything the cluster made", **_examples(
+        "galaxy devices down devices/clusters/hetero-trio.yaml",
+        "galaxy devices down --all                                  every Galaxy cluster on this machine"))
     g = d.add_mutually_exclusive_group(required=True)
-    g.add_argument("cluster", nargs="?", metavar="CLUSTER.yaml|NAME")
+    g.add_argument("cluster", nargs="?", metavar="CLUSTER.yaml|NAME", help="the cluster file, or its name")
     g.add_argument("--all", action="store_true", help="every Galaxy cluster and every gx- object on this machine")
     d.set_defaults(func=cmd_down)
 
-    s = sub.add_parser("status", help="running clusters and their devices")
-    s.add_argument("cluster", nargs="?", metavar="CLUSTER.yaml|NAME")
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("status", help="running clusters and their devices", **_examples(
+        "galaxy devices status", "galaxy devices status hetero-trio --json"))
+    s.add_argument("cluster", nargs="?", metavar="CLUSTER.yaml|NAME", help="only this cluster (default: every one)")
+    s.add_argument("--json", action="store_true", help="print the clusters as JSON")
     s.set_defaults(func=cmd_status)
 
-    c = sub.add_parser("check", help="measure link throughput and CPU speed against the configuration")
-    c.add_argument("cluster", metavar="CLUSTER.yaml")
+    c = sub.add_parser("check", help="measure link throughput and CPU speed against the configuration", **_examples(
+        "galaxy devices check devices/clusters/hetero-trio.yaml",
+        "galaxy devices check devices/clusters/hetero-trio.yaml --no-cpu --seconds 5 --json"))
+    c.add_argument("cluster", metavar="CLUSTER.yaml", help="the cluster file (brought up for the check if it is "
+                   "not up, and down again after)")
     c.add_argument("--seconds", type=float, default=3.0, help="length of each measurement (default 3)")
-    c.add_argument("--no-links", action="store_true")
-    c.add_argument("--no-cpu", action="store_true")
+    c.add_argument("--no-links", action="store_true", help="skip the link throughput measurements")
+    c.add_argument("--no-cpu", action="store_true", help="skip the CPU speed measurements")
     c.add_argument("--keep", action="store_true", help="leave the cluster up if check brought it up")
     c.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to this long for other work on the machine to stop (CPU figures need it)")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.set_defaults(func=cmd_check)
 
-    cat = sub.add_parser("catalog", help="the device catalog, link presets and ready cluster files")
+    cat = sub.add_parser("catalog", help="the device catalog, link presets and ready cluster files",
+                         **_examples("galaxy devices catalog"))
     cat.set_defaults(func=cmd_catalog)
 
-    ls = sub.add_parser("ls", help="workers announcing themselves on this machine's subnets (discovery)")
+    ls = sub.add_parser("ls", help="workers announcing themselves on this machine's subnets (discovery)",
+                        **_examples("galaxy devices ls", "galaxy devices ls --cluster-name home --token $GALAXY_TOKEN"))
     ls.add_argument("--cluster-name", help="only this cluster (default: every cluster heard)")
     ls.add_argument("--timeout", type=float, default=2.0, help="seconds to listen (default 2)")
     ls.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"),

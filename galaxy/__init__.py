@@ -21,7 +21,8 @@ _LAZY = {
     "Model": "galaxy.runtime.api",
     **{name: "galaxy.errors" for name in (
         "GalaxyError", "PeerUnreachable", "DeviceOutOfMemory", "PlanMismatch", "AuthError", "ProtocolMismatch",
-        "TransportError", "WorkerError")},
+        "TransportError", "WorkerError", "NotAWorker", "InvalidRequest", "ModelUnloaded", "CacheLost")},
+    "CheckpointError": "galaxy.model.checkpoints.source",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -15,6 +15,11 @@ class PeerUnreachable(GalaxyError):
     """A device's worker could not be reached (not running, wrong address, network down)."""
 
 
+class NotAWorker(PeerUnreachable):
+    """Something answered at a device's address, but not a Galaxy worker (a web server, another
+    service, a process that accepts connections and says nothing); the message says what answered."""
+
+
 class ProtocolMismatch(GalaxyError):
     """A peer speaks another version of the wire protocol."""
 
@@ -40,10 +45,12 @@ class CacheLost(GalaxyError):
 
 
 class InvalidRequest(GalaxyError, ValueError):
-    """Input that cannot be served as given (an empty prompt, a token id outside the vocabulary, a
-    limit out of range); the message names the field, the value and what is allowed. Nothing was
-    queued and no other request is affected."""
+    """A call's argument is out of range or of the wrong type (an empty prompt, max_new_tokens=-1,
+    top_p=0, a token id outside the vocabulary, ...). The message names the argument, the value given
+    and what is allowed; nothing was queued and no other request is affected. Also a ValueError, so
+    code written against the plain Python convention catches it too."""
 
 
 class ModelUnloaded(GalaxyError):
-    """A model handle used after its session loaded another model in its place (or closed)."""
+    """A `Model` was used after its session loaded another model (or was closed): the devices now
+    hold something else, so the handle refuses to run instead of returning the other model's output."""

@@ -16,7 +16,7 @@ from devices.cli import add_devices_parser
 
 from ..errors import GalaxyError
 from ..version import __version__
-from . import bench, chat, keys, plan, run, serve, worker
+from . import bench, cache, chat, keys, plan, run, serve, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_devices_parser(sub)
     keys.add_parser(sub)
     worker.add_parser(sub)
+    cache.add_parser(sub)
     return ap
 
 

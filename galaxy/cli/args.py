@@ -4,11 +4,16 @@ which devices to use. Each subcommand module adds its own options beside these."
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from pathlib import Path
 
 from .. import units
 from ..addresses import AddressError, split_address
+from ..engine.arguments import stop_strings
+from ..engine.generation import GenerationConfig
+from ..engine.sampling import SamplingConfig
 
 
 def progress(msg: str) -> None:
@@ -53,6 +58,51 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def int_at_least(low: int, hint: str = ""):
+    """An argparse type: an integer >= low (refused when parsed, before any worker starts)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {low}{hint}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def number_in(low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] ((low, high] with low_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or (value <= low if low_open else value < low) or value > high:
+            shown = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {shown}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file we can write, checked up front (not after profiling or a forward pass)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name in it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: the directory {parent} does not exist "
+                                         f"(create it with `mkdir -p {parent}`)")
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: the directory {parent} is not writable")
+    return text
+
+
 def addresses(text: str) -> list[str]:
     out = [a.strip() for a in text.split(",") if a.strip()]
     if not out:
@@ -74,26 +124,38 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-init", metavar="PRESET",
                    help="random weights of a preset shape (e.g. gpt2-large, bert-large, opt-xl)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights / random input ids")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights and activations on the devices: float32 (default, exact) or bfloat16 (half "
+                   "the memory, checked with a looser tolerance)")
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", help="text to encode with the model's tokenizer")
     g.add_argument("--input-ids", type=ids, help="token ids, e.g. 1,2,3")
-    g.add_argument("--seq-len", type=int, help="random input of this many tokens")
+    g.add_argument("--seq-len", type=int_at_least(1), help="random input of this many tokens")
 
 
 def add_generation_args(p: argparse.ArgumentParser, default_tokens: int | None = None) -> None:
     g = p.add_argument_group("generation (causal LMs)")
-    g.add_argument("--max-new-tokens", type=int, default=default_tokens,
+    g.add_argument("--max-new-tokens", type=int_at_least(1, " (leave the option out for one forward pass)"
+                                                       if default_tokens is None else ""),
+                   default=default_tokens, metavar="N",
                    help="generate up to N tokens, streaming the text" if default_tokens is None else
                    f"tokens per reply (default {default_tokens})")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--temperature", type=number_in(0.0), default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int_at_least(0), default=0,
+                   help="sample among the K most likely tokens (0 = all, default)")
+    g.add_argument("--top-p", type=number_in(0.0, 1.0, low_open=True), default=1.0,
+                   help="sample among the most likely tokens holding this much probability (default 1.0 = all)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--prefill-chunk", type=int, default=0, help="prompt tokens per prefill step (0: all)")
+    g.add_argument("--prefill-chunk", type=int_at_least(0), default=0, help="prompt tokens per prefill step (0: all)")
+
+
+def generation_config(args) -> GenerationConfig:
+    """The generation options, checked before any worker starts (InvalidRequest names the bad one)."""
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+    return GenerationConfig(args.max_new_tokens, sampling, stop_strings(args.stop), prefill_chunk=args.prefill_chunk)
 
 
 def add_cluster_args(p: argparse.ArgumentParser, *, local_help: str = "spawn N local workers on loopback "
@@ -101,7 +163,7 @@ def add_cluster_args(p: argparse.ArgumentParser, *, local_help: str = "spawn N l
     """Which devices: local workers, running workers, a cluster file or discovery -- one of them."""
     g = p.add_argument_group("devices (one of --local, --workers, --cluster" + (", --discover)" if discover else ")"))
     where = g.add_mutually_exclusive_group()
-    where.add_argument("--local", type=int, metavar="N", help=local_help)
+    where.add_argument("--local", type=int_at_least(1), metavar="N", help=local_help)
     where.add_argument("--workers", type=addresses, metavar="HOST:PORT,...",
                        help="use running workers at these addresses (ring order)")
     where.add_argument("--cluster", metavar="FILE.yaml", help="devices from a cluster file (emulated or real)")
@@ -112,7 +174,7 @@ def add_cluster_args(p: argparse.ArgumentParser, *, local_help: str = "spawn N l
     if transport:
         g.add_argument("--transport", choices=["grpc", "inproc"], default="grpc",
                        help="grpc: worker processes (default); inproc: threads of this process (debugging)")
-    g.add_argument("--threads", type=int, help="intra-op threads per local worker (default: cores / N)")
+    g.add_argument("--threads", type=int_at_least(1), help="intra-op threads per local worker (default: cores / N)")
     g.add_argument("--token", default=os.environ.get("GALAXY_TOKEN"),
                    help="shared cluster token (default $GALAXY_TOKEN)")
     g.add_argument("--tls", metavar="DIR", help="mutual TLS: the cluster CA and the coordinator's key pair "

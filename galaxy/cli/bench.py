@@ -12,7 +12,7 @@ from ..bench.serve import ServeBench, Workload, run_serve_bench
 from ..bench.suite import SuiteConfig, bench_devices, run_suite
 from ..engine.engine import EngineConfig
 from ..runtime.api import connect
-from .args import add_cluster_args, add_model_args, floats, ints, progress, rates
+from .args import add_cluster_args, add_model_args, floats, ints, output_file, progress, rates
 
 EXAMPLES = """examples:
   galaxy bench --quick                                        < 2 minutes, 3 loopback workers, GPT-2 small
@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
                    help="refine Galaxy's split from the devices' measured busy times before timing")
     p.add_argument("--decode", action="store_true", help="also time generation: TTFT and per-token latency")
     p.add_argument("--backends", action="store_true", help="also time torch vs ONNX Runtime per block")
-    p.add_argument("--plot", metavar="FILE.png|svg", help="speed-up vs bandwidth and a per-layer timeline")
+    p.add_argument("--plot", metavar="FILE.png|svg", type=output_file,
+                   help="speed-up vs bandwidth and a per-layer timeline")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line of stdout")
     sv = p.add_argument_group("galaxy bench serve: the workload and what is compared")
     sv.add_argument("--rates", type=floats, help="request rates to sweep (req/s), e.g. 0.5,1,2,4 (default: all at "

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ..errors import GalaxyError
 from ..parallel.sharding import Strategy
 from ..runtime.sources import open_source
-from .args import add_cluster_args, add_generation_args, add_model_args, floats, progress
+from .args import (
+    add_cluster_args,
+    add_generation_args,
+    add_model_args,
+    floats,
+    generation_config,
+    int_at_least,
+    progress,
+)
 from .session import device_count, open_session, partition_from_args
 
 EXAMPLES = """examples:
@@ -26,7 +35,7 @@ def add_parser(sub) -> None:
                       default="galaxy", help="how to split: galaxy (HMP, default), megatron or pipeline")
     chat.add_argument("--weights", type=floats, help="relative device speeds for an uneven split")
     chat.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
-    chat.add_argument("--tiles", type=int, default=1, help="sub-tiles per device chunk in each ring step")
+    chat.add_argument("--tiles", type=int_at_least(1), default=1, help="sub-tiles per device chunk in each ring step")
     chat.add_argument("--system", help="system prompt (kept on the devices between turns)")
     add_generation_args(chat, default_tokens=256)
     chat.set_defaults(func=cmd_chat)
@@ -36,18 +45,19 @@ def cmd_chat(args) -> int:
     source = open_source(args.model, args.random_init, args.seed)
     if not source.config.causal or source.tokenizer() is None:
         raise GalaxyError(f"chat needs a causal LM with a tokenizer; {source.path} is not one")
+    gc_all = generation_config(args)  # checked before any worker starts
     n = device_count(args)
     with open_session(args, n) as session:
         progress("loading shards")
         lm = session.load(source, partition=partition_from_args(args, source.config, n), dtype=args.dtype,
                           tiles=args.tiles)
         history = [{"role": "system", "content": args.system}] if args.system else []
-        print(f"galaxy chat: {source.config.name} on {n} devices. /reset clears the history, /exit quits.",
-              file=sys.stderr)
+        print(f"galaxy chat: {source.config.name} on {n} devices. Ctrl-C stops a reply, /reset clears the "
+              "history, /exit or Ctrl-D quits.", file=sys.stderr)
         while True:
             try:
                 line = input("you> ").strip()
-            except EOFError:
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: leave
                 print()
                 return 0
             if line in ("/exit", "/quit"):
@@ -59,12 +69,28 @@ def cmd_chat(args) -> int:
                 continue
             history.append({"role": "user", "content": line})
             ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(history))
-            gc = lm.generation_config(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                                      args.stop, args.prefill_chunk)
-            print("model> ", end="", flush=True)
-            reply = ""
-            for ev in lm.engine.submit(ids, gc):
-                reply += ev.text
-                print(ev.text, end="", flush=True)
-            print()
-            history.append({"role": "assistant", "content": reply})
+            room = lm.config.max_positions - len(ids)
+            if room < 1:
+                history.pop()
+                print(f"galaxy chat: the conversation is {len(ids)} tokens, the model's context "
+                      f"{lm.config.max_positions}; /reset clears it", file=sys.stderr)
+                continue
+            gc = dataclasses.replace(gc_all, max_new_tokens=min(gc_all.max_new_tokens, room))
+            history.append({"role": "assistant", "content": _reply(lm, ids, gc)})
+
+
+def _reply(lm, ids: list[int], gc) -> str:
+    """Stream one reply; Ctrl-C stops it (the engine drops the request and frees its blocks) and
+    keeps what was said."""
+    print("model> ", end="", flush=True)
+    reply = ""
+    stream = lm.engine.submit(ids, gc)
+    try:
+        for ev in stream:
+            reply += ev.text
+            print(ev.text, end="", flush=True)
+    except KeyboardInterrupt:
+        stream.cancel()
+        print(" [stopped]", end="")
+    print(flush=True)
+    return reply

@@ -30,7 +30,9 @@ def cmd_keys_init(args) -> int:
     written = init_keys(args.directory, args.device, args.host)
     for p in written:
         print(f"wrote {p} (+ .key)")
-    print(f"CA: {Path(args.directory) / 'ca.pem'} (keep ca.key on this machine only). Copy ca.pem, NAME.pem and "
-          f"NAME.key to each device and start it with `galaxy worker --tls DIR --name NAME`; the coordinator "
-          f"uses the '{COORDINATOR}' pair (--tls DIR).")
+    d = Path(args.directory)
+    print(f"CA: {d / 'ca.pem'}. {d / 'ca.key'} signs certificates for the whole cluster: keep it on this machine "
+          "only, out of version control, and off-line once every device has its pair (it is needed only to add "
+          f"devices). Copy ca.pem, NAME.pem and NAME.key to each device and start it with `galaxy worker --tls DIR "
+          f"--name NAME`; the coordinator uses the '{COORDINATOR}' pair (--tls DIR).")
     return 0

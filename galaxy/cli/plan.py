@@ -9,13 +9,16 @@ from pathlib import Path
 from devices.spec import load_cluster
 from planner import render
 from planner import wire as wire_choice
+from planner.cost import weight_bytes
 from planner.profiler import profile_cluster
 from planner.solver import solve
 
 from ..errors import GalaxyError
 from ..model.transformer import DTYPES
+from ..parallel.sharding import full_spec
 from ..runtime.sources import open_source
-from .args import add_cluster_args, add_model_args, size
+from ..units import fmt_bytes
+from .args import add_cluster_args, add_model_args, output_file, size
 from .session import device_count, open_session
 
 EXAMPLES = """examples:
@@ -39,11 +42,27 @@ def add_parser(sub) -> None:
     plan.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8", "auto"], default="fp32",
                       help="activation format on the links: fp32 exact (default), a lossy format everywhere, or "
                            "auto: per link from its measured bandwidth and the devices' codec speed")
-    plan.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan file")
-    plan.add_argument("--svg", metavar="FILE.svg", help="draw the plan")
-    plan.add_argument("--png", metavar="FILE.png", help="draw the plan")
+    plan.add_argument("-o", "--output", metavar="PLAN.json", type=output_file, help="write the plan file")
+    plan.add_argument("--svg", metavar="FILE.svg", type=output_file, help="draw the plan")
+    plan.add_argument("--png", metavar="FILE.png", type=output_file, help="draw the plan")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan, transport="grpc")
+
+
+def _check_budget(cfg, n: int, budget: int, dtype_bytes: int) -> None:
+    """Refuse a --memory-budget the devices could not meet whatever the split, before profiling them.
+
+    Every strategy stores each weight at least once somewhere, so n devices of `budget` bytes hold a
+    model only if n * budget is at least its weights; the solver then accounts for activations and
+    for what every device keeps a copy of."""
+    weights = weight_bytes(cfg, full_spec(cfg), dtype_bytes)
+    if n * budget >= weights:
+        return
+    raise GalaxyError(f"--memory-budget {fmt_bytes(budget)} per device is too small for {cfg.name}: its weights "
+                      f"alone are {fmt_bytes(weights)}, and {n} devices x {fmt_bytes(budget)} = "
+                      f"{fmt_bytes(n * budget)} hold {100 * n * budget / weights:.1f}% of them; give each device "
+                      f"at least {fmt_bytes(weights / n)} (more for activations and the parts every device keeps "
+                      "a copy of), or add devices")
 
 
 def cmd_plan(args) -> int:
@@ -51,10 +70,12 @@ def cmd_plan(args) -> int:
     cfg = source.config
     if not 1 <= args.seq_len <= cfg.max_positions:
         raise GalaxyError(f"--seq-len {args.seq_len} outside 1..{cfg.max_positions}")
+    n = device_count(args)
+    if args.memory_budget is not None:
+        _check_budget(cfg, n, args.memory_budget, DTYPES[args.dtype].itemsize)
     budgets = {}
     if args.cluster:
         budgets = {d.name: d.memory for d in load_cluster(args.cluster).devices if getattr(d, "memory", None)}
-    n = device_count(args)
     with open_session(args, n) as session:
         prof = profile_cluster(session.executor, cfg, [args.seq_len], args.dtype, memory_budget=args.memory_budget,
                                budgets=budgets, reprofile=args.reprofile)

@@ -16,13 +16,24 @@ from ..model.transformer import DTYPES, mean_pool
 from ..parallel.sharding import Strategy
 from ..runtime.check import check_output
 from ..runtime.report import layer_overlap
-from ..runtime.sources import make_request, open_source, reference_generate, reference_output
-from .args import add_cluster_args, add_generation_args, add_input_args, add_model_args, floats, progress
+from ..runtime.sources import DEFAULT_PROMPT, make_request, open_source, reference_generate, reference_output
+from .args import (
+    add_cluster_args,
+    add_generation_args,
+    add_input_args,
+    add_model_args,
+    floats,
+    generation_config,
+    int_at_least,
+    output_file,
+    progress,
+)
 from .session import device_count, open_session, partition_from_args, stream_flag, wire_formats
 
 EXAMPLES = """examples:
   galaxy run --local 3 --check                                   the embedded SmolLM2 on 3 local workers
-  galaxy run --prompt "The capital of France is" --max-new-tokens 16 --check
+  galaxy run --prompt "What is the capital of France?" --max-new-tokens 16 --check    a chat model's reply
+  galaxy run --prompt "The capital of France is" --max-new-tokens 16 --raw          plain text, continued
   galaxy run --model minilm --prompt "hello world" --weights 0.9,0.6,0.45
   galaxy run --random-init gpt2-large --seq-len 256 --plan plan.json --check
 """
@@ -39,12 +50,12 @@ def add_parser(sub) -> None:
                      help="how to split: galaxy (HMP, default), megatron (tensor parallel) or pipeline (layers)")
     run.add_argument("--weights", type=floats, help="relative device speeds for an uneven split, "
                      "e.g. 0.9,0.6,0.45 (default: even)")
-    run.add_argument("--tiles", type=int, default=1, help="sub-tiles per device chunk in each ring step")
+    run.add_argument("--tiles", type=int_at_least(1), default=1, help="sub-tiles per device chunk in each ring step")
     run.add_argument("--backend", choices=["torch", "onnx", "auto"], default="torch",
                      help="compute backend per device: torch, ONNX Runtime, or auto (each device keeps the faster)")
     run.add_argument("--check", action="store_true", help="compare with the single-device reference")
     run.add_argument("--json", action="store_true", help="print one JSON object")
-    run.add_argument("--save-output", metavar="FILE.npy",
+    run.add_argument("--save-output", metavar="FILE.npy", type=output_file,
                      help="write logits (causal LM) or last hidden states (encoder) as float32 [seq, dim]")
     run.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8"],
                      help="lossy activation format on every link (default: the plan's choice, else fp32 exact)")
@@ -53,6 +64,8 @@ def add_parser(sub) -> None:
                           "devices read the checkpoint path themselves; auto: path for --local, else stream")
     run.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
     add_generation_args(run)
+    run.add_argument("--raw", action="store_true", help="with --max-new-tokens on a chat model: send the prompt as "
+                     "plain text (default: as a user message, through the model's chat template)")
     run.set_defaults(func=cmd_run)
 
 
@@ -64,7 +77,21 @@ def cmd_run(args) -> int:
     generating = args.max_new_tokens is not None
     if generating and not cfg.causal:
         raise GalaxyError(f"--max-new-tokens needs a causal LM; {source.path} is an encoder")
-    req, how = make_request(source, args.prompt, args.input_ids, args.seq_len, args.seed)
+    prompt = args.prompt
+    templated = generating and not args.raw and _chat_model(source) and args.input_ids is None and not args.seq_len
+    if templated:  # an instruct model answers a user message; plain text it merely continues
+        prompt = source.tokenizer().apply_chat_template(
+            [{"role": "user", "content": prompt if prompt is not None else DEFAULT_PROMPT}])
+        progress("a chat model: the prompt goes in as a user message, through its chat template (--raw: as is)")
+    req, how = make_request(source, prompt, args.input_ids, args.seq_len, args.seed)
+    gc = generation_config(args) if generating else None
+    if generating and args.check and args.temperature:
+        raise GalaxyError("--check compares greedy tokens; drop --temperature")
+    if generating:  # the limits of the model, before any worker starts
+        room = cfg.max_positions - int(req.ids.shape[0])
+        if args.max_new_tokens > room:
+            raise GalaxyError(f"--max-new-tokens {args.max_new_tokens}: the prompt takes {req.ids.shape[0]} of the "
+                              f"model's {cfg.max_positions} positions; at most {room} new tokens fit")
     t0 = time.perf_counter()
     with open_session(args, n) as session:
         spawn_s = time.perf_counter() - t0
@@ -77,10 +104,10 @@ def cmd_run(args) -> int:
         seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
                 "dtype": args.dtype, "input": how, "seq_len": int(req.ids.shape[0]),
-                "partition": partition_rows(partition, req), "wire": wire or "fp32",
+                "partition": partition_rows(partition, req), "wire": wire or "fp32", "chat_template": templated,
                 "backend": session.executor.backends or args.backend}
         if generating:
-            return _run_generate(args, model, req, base, seconds)
+            return _run_generate(args, model, req, gc, base, seconds)
         return _run_forward(args, model, req, base, seconds, infos)
 
 
@@ -129,15 +156,18 @@ def _run_forward(args, model, req, report: dict, seconds: dict, infos) -> int:
     return 0 if ok else 1
 
 
-def _run_generate(args, model, req, report: dict, seconds: dict) -> int:
+def _run_generate(args, model, req, gc, report: dict, seconds: dict) -> int:
     ids = req.ids.tolist()
-    gc = model.generation_config(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                                 args.stop, args.prefill_chunk)
     progress(f"generating up to {args.max_new_tokens} tokens")
     stream = model.engine.submit(ids, gc)
-    for ev in stream:
+    try:
+        for ev in stream:
+            if not args.json:
+                print(ev.text, end="", flush=True)
+    except KeyboardInterrupt:  # leaving the stream cancels the request on the devices
         if not args.json:
-            print(ev.text, end="", flush=True)
+            print(flush=True)  # end the text's line: "interrupted" goes on a line of its own
+        raise
     if not args.json:
         print()
     gen = stream.generation
@@ -152,8 +182,6 @@ def _run_generate(args, model, req, report: dict, seconds: dict) -> int:
         kv_cache_bytes=gen.kv_cache_bytes, seconds={k: round(v, 4) for k, v in seconds.items()})
     ok = True
     if args.check:
-        if args.temperature:
-            raise GalaxyError("--check compares greedy tokens; drop --temperature")
         progress("checking against the single-device reference (greedy, no cache)")
         ref = reference_generate(model.source, ids, len(gen.tokens) if gen.finish != "eos" else args.max_new_tokens)
         ok = ref[: len(gen.tokens)] == gen.tokens and (gen.finish != "eos" or len(ref) == len(gen.tokens))
@@ -161,11 +189,16 @@ def _run_generate(args, model, req, report: dict, seconds: dict) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"galaxy: {len(gen.tokens)} tokens ({gen.finish}); time to first token {gen.ttft_s:.3f} s, "
-              f"{gen.per_token_s * 1000:.1f} ms/token ({report['decode_collective']}); KV cache per device "
-              + ", ".join(units.fmt_bytes(b) for b in gen.kv_cache_bytes)
+        per_token = (f", {gen.per_token_s * 1000:.1f} ms/token ({report['decode_collective']})" if decode else "")
+        print(f"galaxy: {len(gen.tokens)} tokens ({gen.finish}); time to first token {gen.ttft_s:.3f} s"
+              f"{per_token}; KV cache per device " + ", ".join(units.fmt_bytes(b) for b in gen.kv_cache_bytes)
               + ("" if not args.check else f"; tokens match reference: {ok}"), file=sys.stderr)
     return 0 if ok else 1
+
+
+def _chat_model(source) -> bool:
+    tok = source.tokenizer()
+    return tok is not None and bool(tok.chat_template)
 
 
 def partition_rows(p, req) -> list[dict]:

@@ -3,11 +3,13 @@ which token, which split (a plan file, --weights, --strategy) and which wire for
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from devices.emulate import cluster_endpoints
 from planner.plan import Plan
 
+from ..addresses import split_address
 from ..errors import GalaxyError
 from ..parallel.sharding import Partition, Strategy, even_partition, weighted_partition
 from ..runtime.api import Session, connect, plan_partition
@@ -44,6 +46,12 @@ def _find_endpoints(args) -> tuple[list[str] | None, str | None]:
     else:
         addresses = args.workers
     plan = read_plan(args)
+    if plan is not None and addresses is None and getattr(args, "local", None) is None:
+        remote = [a for a in plan.addresses() if not _loopback(a)]
+        if remote:  # the plan was made for devices on the LAN: run there, not on local stand-ins
+            progress(f"using the devices of {args.plan}: {', '.join(plan.addresses())}")
+            return plan.addresses(), token
+        # a plan made on local workers: their ports are gone with them, new ones take their place
     if plan is not None and addresses is not None:
         missing = [a for a in plan.addresses() if a not in addresses]
         if missing:
@@ -78,9 +86,23 @@ def open_session(args, n: int) -> Session:
     return connect(local=n, token=token, threads=args.threads, tls=args.tls, recover=recover)
 
 
+def _loopback(address: str) -> bool:
+    host = split_address(address)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def device_count(args) -> int:
     plan = read_plan(args)
     if plan is not None:
+        local = getattr(args, "local", None)
+        if local is not None and local != len(plan.devices):
+            raise GalaxyError(f"--local {local}, but {args.plan} splits the model over {len(plan.devices)} devices; "
+                              f"use --local {len(plan.devices)} (or leave --local out), or re-plan")
         return len(plan.devices)
     addresses, _ = endpoints(args)
     n = len(addresses) if addresses is not None else (args.local if args.local is not None else DEFAULT_LOCAL)

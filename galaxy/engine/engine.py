@@ -30,12 +30,13 @@ from queue import Empty, SimpleQueue
 
 import torch
 
-from ..errors import CacheLost, DeviceOutOfMemory, GalaxyError, InvalidRequest
+from ..errors import CacheLost, DeviceOutOfMemory, GalaxyError
 from ..model.config import ModelConfig
 from ..model.paged_kv import PagedBatch
 from ..parallel.executor import Executor
 from ..parallel.forward import Step
 from ..parallel.rank import KVPool
+from .arguments import token_ids
 from .generation import Generation, GenerationConfig, StepTiming, TokenEvent, collective_of, pending_stop
 from .sampling import Sampler
 from .scheduler import BatchPlan, Scheduler, SchedulerConfig
@@ -179,6 +180,7 @@ class Engine:
         gc = gc or GenerationConfig()
         if self._closed:
             raise GalaxyError("the engine is closed: load the model again")
+        prompt_ids = token_ids("prompt", prompt_ids, self.model.vocab_size)
         gen = Generation(list(prompt_ids))
         stream = GenerationStream(self, gc, gen)
         if gc.max_new_tokens == 0:  # nothing to generate: no step needed
@@ -215,16 +217,16 @@ class Engine:
                     "prefix_hit_rate": blocks.stats.hit_rate, "preemptions": self.sched.num_preemptions,
                     "steps": self.steps, "kv_bytes": dict(zip(self.ex.names, self.kv_bytes))}
 
-    def close(self) -> None:
-        """Stop the loop; requests still in it end with an error."""
+    def close(self, error: GalaxyError | None = None) -> None:
+        """Stop the loop; requests still in it end with `error` (by default: the engine was closed)."""
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=60)
         with self._lock:
             for sid, stream in list(self.streams.items()):
                 self.sched.abort(sid)
-                stream._end("abort", GalaxyError("the engine was closed (another model was loaded, or the "
-                                                 "session ended) before this request finished"))
+                stream._end("abort", error or GalaxyError("the engine was closed (another model was loaded, or "
+                                                          "the session ended) before this request finished"))
             self.streams.clear()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -326,15 +328,3 @@ class Engine:
         if stream is not None:
             stream._end(finish, error)
 
-
-def check_prompt(prompt, vocab_size: int) -> list[int]:
-    """A prompt of token ids, checked: a list of integers in [0, vocab_size), not empty."""
-    if isinstance(prompt, str | bytes) or not hasattr(prompt, "__iter__"):
-        raise InvalidRequest(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}")
-    ids = list(prompt)
-    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
-    if bad:
-        raise InvalidRequest(f"token ids {bad[:5]} are not integers in [0, {vocab_size})")
-    if not ids:
-        raise InvalidRequest("the prompt is empty: give at least one token")
-    return ids

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InvalidRequest
 from ..parallel.executor import DeviceStats
+from .arguments import need_int, stop_strings
 from .sampling import SamplingConfig
 
 FINISH_REASONS = ("length", "eos", "stop", "abort", "deadline")
@@ -25,14 +26,12 @@ class GenerationConfig:
     stop_at_eos: bool = True
     prefill_chunk: int = 0  # most prompt tokens per step for this request (0: the engine's budget)
 
-    def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
-                or self.max_new_tokens < 0:
-            raise InvalidRequest(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 0")
-        if not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
-            raise InvalidRequest(f"prefill_chunk={self.prefill_chunk!r} must be an integer >= 0")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidRequest(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+    def __post_init__(self):  # InvalidRequest (a GalaxyError and a ValueError) naming the field
+        need_int("max_new_tokens", self.max_new_tokens, 0)
+        need_int("prefill_chunk", self.prefill_chunk, 0)
+        if not isinstance(self.sampling, SamplingConfig):
+            raise InvalidRequest(f"sampling={self.sampling!r}: must be a SamplingConfig")
+        object.__setattr__(self, "stop", stop_strings(self.stop))
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidRequest
+from .arguments import need_int, need_number, need_seed
 
 
 @dataclass(frozen=True)
@@ -16,18 +16,11 @@ class SamplingConfig:
     top_p: float = 1.0  # keep the smallest set with this much probability mass
     seed: int | None = None
 
-    def __post_init__(self):
-        def number(x) -> bool:
-            return isinstance(x, int | float) and not isinstance(x, bool) and x == x
-
-        if not number(self.temperature) or self.temperature < 0:
-            raise InvalidRequest(f"temperature={self.temperature!r} must be a number >= 0 (0: greedy)")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise InvalidRequest(f"top_k={self.top_k!r} must be an integer >= 0 (0: off)")
-        if not number(self.top_p) or not 0 < self.top_p <= 1:
-            raise InvalidRequest(f"top_p={self.top_p!r} must be a number in (0, 1]")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise InvalidRequest(f"seed={self.seed!r} must be an integer or None")
+    def __post_init__(self):  # InvalidRequest (a GalaxyError and a ValueError) naming the field
+        need_number("temperature", self.temperature, 0.0)
+        need_int("top_k", self.top_k, 0)
+        need_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        need_seed("seed", self.seed)
 
 
 class Sampler:

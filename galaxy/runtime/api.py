@@ -9,7 +9,13 @@
             print(piece, end="", flush=True)
 
 Errors are typed (galaxy.errors): PeerUnreachable, DeviceOutOfMemory, PlanMismatch, AuthError,
-ProtocolMismatch, WorkerError -- all GalaxyError.
+ProtocolMismatch, WorkerError, InvalidRequest (a bad argument), ModelUnloaded (a model used after the
+session loaded another) -- all GalaxyError.
+
+A session holds one model at a time: `load` replaces the model on the devices, and a `Model` handle
+from an earlier load refuses to run (ModelUnloaded) instead of running the new model's weights
+under the old one's tokenizer. Generation goes through the model's serving engine (galaxy.engine):
+calls from several threads at once are batched on the devices, each getting what it gets alone.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import torch
 from devices.emulate import cluster_endpoints
 from planner.plan import Plan
 
-from ..engine.engine import Engine, EngineConfig, GenerationStream, check_prompt
+from ..addresses import split_address
+from ..engine.arguments import need_choice, need_int, need_number, stop_strings, token_ids
+from ..engine.engine import Engine, EngineConfig, GenerationStream
 from ..engine.generation import Generation, GenerationConfig
 from ..engine.sampling import SamplingConfig
 from ..errors import GalaxyError, InvalidRequest, ModelUnloaded, PlanMismatch
@@ -33,7 +41,7 @@ from ..model.checkpoints.random import RandomWeights
 from ..model.transformer import mean_pool
 from ..parallel.executor import Executor, ForwardResult, LoadOptions
 from ..parallel.forward import Request
-from ..parallel.sharding import Partition, even_partition, weighted_partition
+from ..parallel.sharding import Partition, Strategy, even_partition, weighted_partition
 from ..transport.client import Cluster
 from ..transport.security import COORDINATOR, TlsFiles, init_keys
 from ..transport.spawn import LocalWorkers
@@ -49,7 +57,8 @@ class Session:
         self._ex = executor
         self._owned = owned  # LocalWorkers to stop on close
         self.token = token
-        self.model: Model | None = None
+        self.model: Model | None = None  # the one model on the devices now
+        self.closed = False
 
     @property
     def world(self) -> int:
@@ -78,10 +87,17 @@ class Session:
         faster). stream_weights: send each device its shard from here, so devices need no model file
         (default: yes unless the devices are local workers this session started, which read the
         file directly). engine: how generation requests are batched (galaxy.engine.EngineConfig).
-
-        A model loaded before is unloaded from the devices; its handle then refuses to run
-        (ModelUnloaded) rather than answer with the new model's weights.
         """
+        if self.closed:
+            raise GalaxyError("this session is closed; open a new one with galaxy.connect(...)")
+        if model is not None and random_init is not None:
+            raise InvalidRequest(f"load(model={model!r}, random_init={random_init!r}): give one of them, not both")
+        if not (model is None or isinstance(model, (str, Path, WeightSource))):
+            raise InvalidRequest(f"model={model!r}: must be a path, 'smollm2', 'minilm' or a WeightSource, "
+                                 f"got {type(model).__name__}")
+        need_int("seed", seed)
+        if engine is not None and not isinstance(engine, EngineConfig):
+            raise InvalidRequest(f"engine={engine!r}: must be a galaxy.engine.EngineConfig")
         if isinstance(model, WeightSource):
             source = model
         else:
@@ -90,26 +106,41 @@ class Session:
         if plan is not None:
             partition = plan_partition(plan, cfg, self.world)
         elif partition is None:
-            if weights is not None and len(weights) != self.world:
-                raise PlanMismatch(f"{len(weights)} weights for {self.world} devices")
-            partition = (weighted_partition(cfg, weights) if weights is not None
-                         else even_partition(cfg, self.world, strategy))
+            if weights is not None:
+                partition = weighted_partition(cfg, self._weights(weights))
+            else:
+                need_choice("strategy", strategy, [s.value for s in Strategy])
+                partition = even_partition(cfg, self.world, strategy)
+        elif not isinstance(partition, Partition):
+            raise InvalidRequest(f"partition={partition!r}: must be a galaxy.parallel.sharding.Partition")
         if partition.world != self.world:
             raise PlanMismatch(f"the split has {partition.world} devices, the session {self.world}")
-        if self.model is not None:
-            self.model._unload(cfg.name or source.path)
-            self._ex.release()
         if isinstance(wire, str):
             wire = [[wire] * self.world for _ in range(self.world)]
         if stream_weights is None:
             stream_weights = self._owned is None and not isinstance(source, RandomWeights)
         options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend)
+        if self.model is not None:
+            self.model._unload(_describe(model, random_init, source))
+            self.model = None  # from here on the devices do not hold it, whether or not this load succeeds
+            self._ex.release()
         weight_bytes = self._ex.load(source, partition, options)
-        self.model = Model(self, source, partition, engine)
+        self.model = Model(self, source, partition, _describe(model, random_init, source), engine)
         self.model.weight_bytes = list(weight_bytes)
         return self.model
 
+    def _weights(self, weights) -> list[float]:
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+            raise InvalidRequest(f"weights={weights!r}: must be a list of relative device speeds, one per device")
+        if len(weights) != self.world:
+            raise PlanMismatch(f"{len(weights)} weights for {self.world} devices")
+        out = [need_number(f"weights[{i}]", w, 0.0) for i, w in enumerate(weights)]
+        if not any(out):
+            raise InvalidRequest(f"weights={list(weights)}: at least one device needs a weight above 0")
+        return out
+
     def close(self) -> None:
+        self.closed = True
         if self.model is not None:
             self.model._unload("nothing (the session was closed)")
         try:
@@ -126,6 +157,17 @@ class Session:
         self.close()
 
 
+def _describe(model, random_init, source: WeightSource) -> str:
+    """How the caller named a model: what they passed to load(), else the source's name."""
+    if random_init is not None:
+        return f"random_init={random_init!r}"
+    if model is None:
+        return "the embedded SmolLM2"
+    if isinstance(model, WeightSource):
+        return repr(source.config.name or str(source.path))
+    return repr(str(model))
+
+
 def plan_partition(plan, cfg, world: int) -> Partition:
     if not isinstance(plan, Plan):
         plan = Plan.from_json(Path(plan).read_text(), cfg=cfg)
@@ -136,25 +178,24 @@ def plan_partition(plan, cfg, world: int) -> Partition:
 
 
 class Model:
-    """A model loaded on a session's devices. Thread-safe: requests from several threads at once run
-    batched by the serving engine (galaxy.engine), each getting what it would get alone."""
+    """A model loaded on a session's devices."""
 
-    def __init__(self, session: Session, source: WeightSource, partition: Partition,
+    def __init__(self, session: Session, source: WeightSource, partition: Partition, name: str = "",
                  engine: EngineConfig | None = None):
         self.session, self.source, self._partition = session, source, partition
         self.config = source.config
         self.tokenizer = source.tokenizer()
+        self.name = name or repr(source.config.name)
+        self.replaced_by = ""  # what the session loaded over this model (for ModelUnloaded)
         self.weight_bytes: list[int] = []  # per device, as loaded
         self._engine_config = engine or EngineConfig()
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
-        self._unloaded_by: str | None = None  # what replaced it on the devices
 
     @property
     def partition(self) -> Partition:
         """The current split (recovery may have changed it since load)."""
-        self._check_loaded()
-        return self.session.executor.partition or self._partition
+        return getattr(self.session._ex, "partition", None) or self._partition
 
     @property
     def engine(self) -> Engine:
@@ -165,34 +206,61 @@ class Model:
                 self._engine = Engine(self.session.executor, self.config, self.tokenizer, self._engine_config)
             return self._engine
 
-    def _unload(self, by: str) -> None:
-        """The session loaded something else in this model's place: stop its engine, refuse its use."""
+    def _unload(self, replaced_by: str) -> None:
+        """The session loads something else in this model's place: its engine stops, and requests
+        still in it end with ModelUnloaded, as every later use does."""
+        self.replaced_by = replaced_by
         with self._engine_lock:
-            if self._engine is not None:
-                self._engine.close()
-                self._engine = None
-        self._unloaded_by = by
+            engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close(ModelUnloaded(f"this model ({self.name}) was unloaded while the request ran: the session "
+                                       f"loaded {replaced_by} in its place"))
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the devices still hold this model (False once the session loaded another or closed)."""
+        return self.session.model is self and not self.session.closed
 
     def _check_loaded(self) -> None:
-        if self._unloaded_by is not None:
-            raise ModelUnloaded(f"{self.config.name or self.source.path} is no longer on the devices: the session "
-                                f"loaded {self._unloaded_by} in its place. Load it again (session.load(...)), or open "
-                                "a second session for the other model")
+        """Refuse to run on devices that hold another model (or none): that would return its output."""
+        s = self.session
+        if s.closed:
+            raise ModelUnloaded(f"this model ({self.name}) belonged to a session that is closed; open a new "
+                                "session (galaxy.connect) and load it there")
+        if s.model is self:
+            return
+        after = self.replaced_by or "another model"
+        if s.model is None:
+            raise ModelUnloaded(f"this model ({self.name}) is no longer on the devices: the session released it to "
+                                f"load {after}, and that load did not finish. Load {self.name} again")
+        raise ModelUnloaded(f"this model ({self.name}) is no longer on the devices: the session loaded {after} after "
+                            f"it, and a session holds one model at a time. Use the handle that load returned, load "
+                            f"{self.name} again (replacing {after}), or open a second session for the other model")
 
-    def _tokens(self, prompt: str | list[int]) -> list[int]:
+    def _tokens(self, prompt: str | list[int], name: str = "prompt") -> list[int]:
+        """Token ids of text (through the tokenizer) or of ids given directly, checked against the vocabulary."""
         if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest(f"{name}='': the text is empty; give some text or token ids")
             if self.tokenizer is None:
-                raise InvalidRequest(f"{self.source.path} has no tokenizer: pass token ids instead of text")
-            ids = self.tokenizer.encode(prompt)
-            if not ids:
-                raise InvalidRequest("the prompt is empty: give some text or token ids")
-            return ids
-        return check_prompt(prompt, self.config.vocab_size)
+                raise InvalidRequest(f"{name}: {self.source.path} has no tokenizer; pass token ids instead of text")
+            return token_ids(name, self.tokenizer.encode(prompt), self.config.vocab_size)
+        return token_ids(name, prompt, self.config.vocab_size)
 
-    def generation_config(self, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None,
-                          prefill_chunk=0) -> GenerationConfig:
-        stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return GenerationConfig(max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), stop,
+    def _prompt(self, prompt, gc: GenerationConfig) -> list[int]:
+        """A prompt's ids, checked to leave room for max_new_tokens in the model's positions."""
+        ids = self._tokens(prompt)
+        room = self.config.max_positions - len(ids)
+        if gc.max_new_tokens > room:
+            raise InvalidRequest(f"max_new_tokens={gc.max_new_tokens}: the prompt's {len(ids)} tokens + "
+                                 f"{gc.max_new_tokens} new ones exceed the model's {self.config.max_positions} "
+                                 f"positions; ask for at most {max(0, room)}")
+        return ids
+
+    def generation_config(self, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                          prefill_chunk) -> GenerationConfig:
+        """Checked generation settings (InvalidRequest names the argument that is out of range)."""
+        return GenerationConfig(max_new_tokens, SamplingConfig(temperature, top_k, top_p, seed), stop_strings(stop),
                                 prefill_chunk=prefill_chunk)
 
     def submit(self, prompt: str | list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
@@ -201,7 +269,9 @@ class Model:
         """Queue a generation and return at once: iterate the stream for TokenEvents, or call
         `.result()`. timeout: seconds until it ends with finish 'deadline' (None: no deadline)."""
         gc = self.generation_config(max_new_tokens, temperature, top_k, top_p, seed, stop, prefill_chunk)
-        return self.engine.submit(self._tokens(prompt), gc, timeout)
+        if timeout is not None:
+            need_number("timeout", timeout, 0.0, low_open=True)
+        return self.engine.submit(self._prompt(prompt, gc), gc, timeout)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop=None,
@@ -214,11 +284,10 @@ class Model:
     def stream(self, prompt: str | list[int], max_new_tokens: int = 64, *, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop=None,
                prefill_chunk: int = 0) -> Iterator[str]:
-        """Text pieces as the tokens are produced."""
-        for ev in self.submit(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              stop=stop, prefill_chunk=prefill_chunk):
-            if ev.text:
-                yield ev.text
+        """Text pieces as the tokens are produced (arguments are checked here, before the first piece)."""
+        stream = self.submit(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             stop=stop, prefill_chunk=prefill_chunk)
+        return (ev.text for ev in stream if ev.text)
 
     def chat(self, messages: list[dict], **kw) -> str:
         """Generate a reply to chat messages with the model's chat template."""
@@ -226,29 +295,41 @@ class Model:
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """The prompt of chat messages under the model's chat template, as token ids."""
-        if self.tokenizer is None:
-            raise InvalidRequest("this model has no tokenizer and no chat template")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise InvalidRequest("messages must be a list of {'role': ..., 'content': ...} dicts")
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        if self.tokenizer is None or not self.tokenizer.chat_template:
+            raise InvalidRequest(f"chat(): model {self.name} has no chat template; use generate() with a plain prompt")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InvalidRequest(f"messages={messages!r}: must be a non-empty list of "
+                                 "{'role': ..., 'content': ...} dicts")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise InvalidRequest(f"messages[{i}]={m!r}: must be a dict with a 'role' and a 'content' string")
+        try:
+            prompt = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - templates raise what they like (e.g. "roles must alternate")
+            raise InvalidRequest(f"messages: the model's chat template rejected them: {e}") from None
+        return self.tokenizer.encode(prompt)
 
     def encode(self, texts: str | list[str], normalize: bool = True) -> np.ndarray:
         """Sentence embeddings (mean pooling, as sentence-transformers) for an encoder model."""
         if self.config.causal:
-            raise GalaxyError(f"{self.config.name} is a causal LM; encode() needs an encoder such as 'minilm'")
+            raise InvalidRequest(f"{self.config.name} is a causal LM; encode() needs an encoder such as 'minilm'")
         single = isinstance(texts, str)
-        if not single and (not isinstance(texts, list) or not texts):
-            raise InvalidRequest("texts must be a string or a non-empty list of strings (or of token id lists)")
+        if not single and (not isinstance(texts, (list, tuple)) or not texts):
+            raise InvalidRequest(f"texts={texts!r}: must be a string or a non-empty list of strings")
+        self._check_loaded()
         rows = []
-        for text in [texts] if single else texts:
-            hidden = self.forward(self._tokens(text))
+        for i, text in enumerate([texts] if single else texts):
+            hidden = self.forward(self._tokens(text, "texts" if single else f"texts[{i}]"))
             rows.append((mean_pool(hidden) if normalize else hidden.mean(0)).numpy())
         out = np.stack(rows).astype(np.float32)
         return out[0] if single else out
 
     def forward(self, ids: list[int]) -> torch.Tensor:
         """One forward pass: logits (S, V) of a causal LM or hidden states (S, H) of an encoder."""
-        return self.execute(Request(torch.tensor(check_prompt(ids, self.config.vocab_size), dtype=torch.long))).output
+        ids = token_ids("ids", ids, self.config.vocab_size)
+        if len(ids) > self.config.max_positions:
+            raise InvalidRequest(f"ids: {len(ids)} tokens; the model allows at most {self.config.max_positions}")
+        return self.execute(Request(torch.tensor(ids, dtype=torch.long))).output
 
     def execute(self, req: Request) -> ForwardResult:
         """One forward pass with what each device reports of it (time, waiting per collective, memory)."""
@@ -267,10 +348,21 @@ def connect(addresses: list[str] | None = None, *, local: int | None = None, clu
     from a device that turns out much slower than its share (galaxy.runtime.recovery)."""
     given = sum(x is not None for x in (addresses, local, cluster_file))
     if given != 1:
-        raise GalaxyError("connect() needs exactly one of addresses=, local= or cluster_file=")
+        raise InvalidRequest("connect() needs exactly one of addresses=, local= or cluster_file=")
+    need_choice("transport", transport, ("grpc", "inproc"))
+    if local is not None:
+        need_int("local", local, 1)
+    if threads is not None:
+        need_int("threads", threads, 1)
+    if addresses is not None and (isinstance(addresses, (str, bytes)) or not isinstance(addresses, (list, tuple))
+                                  or not addresses or not all(isinstance(a, str) for a in addresses)):
+        raise InvalidRequest(f"addresses={addresses!r}: must be a non-empty list of 'HOST:PORT' strings, "
+                             "e.g. ['192.168.1.20:50051']")
+    for a in addresses or ():
+        split_address(a, "worker address")  # AddressError (a GalaxyError) names it
     if transport == "inproc":
         if local is None:
-            raise GalaxyError("transport='inproc' needs local=N")
+            raise InvalidRequest("transport='inproc' needs local=N")
         return Session(InprocCluster(local))
     owned = None
     if cluster_file is not None:

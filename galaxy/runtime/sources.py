@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidRequest
 from ..model.checkpoints import WeightSource, open_checkpoint
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import preset
@@ -31,19 +32,19 @@ def make_request(source: WeightSource, prompt: str | None = None, input_ids: lis
     elif prompt is not None or (seq_len is None and source.tokenizer() is not None):
         tok = source.tokenizer()
         if tok is None:
-            raise ValueError(f"{source.path} has no tokenizer; pass --input-ids or --seq-len instead")
+            raise InvalidRequest(f"{source.path} has no tokenizer; pass --input-ids or --seq-len instead")
         ids, how = tok.encode(prompt if prompt is not None else DEFAULT_PROMPT), "prompt"
     else:
         g = torch.Generator().manual_seed(seed)
         ids, how = torch.randint(0, cfg.vocab_size, (seq_len or 128,), generator=g).tolist(), "random"
     if not ids:
-        raise ValueError("the input is empty: give a non-empty prompt or --input-ids")
+        raise InvalidRequest("the input is empty: give a non-empty prompt or --input-ids")
     bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
     if bad:
-        raise ValueError(f"input ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+        raise InvalidRequest(f"input ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
     limit = cfg.max_positions
     if len(ids) > limit:
-        raise ValueError(f"input has {len(ids)} tokens; the model allows at most {limit}")
+        raise InvalidRequest(f"input has {len(ids)} tokens; the model allows at most {limit}")
     return Request(torch.tensor(ids, dtype=torch.long)), how
 
 

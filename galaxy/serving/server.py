@@ -99,6 +99,8 @@ def _cluster_errors():
         yield
     except ClientGone:
         raise  # nobody to answer: not the cluster's failure
+    except InvalidRequest as e:  # the request, not the cluster: the caller can fix it
+        raise ApiError(400, str(e), code="invalid_value") from e
     except GalaxyError as e:
         log.warning("cluster failure: %s", e)
         raise ApiError(503, f"the Galaxy cluster could not serve the request ({type(e).__name__}): {e}",

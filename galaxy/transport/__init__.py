@@ -6,7 +6,8 @@
 - `protocol`: tensor <-> protobuf conversion and protocol constants, the one place bytes become tensors;
 - `channels`, `security` (mutual TLS, tokens), `discovery` (LAN announcements), `linktest`;
 - `shardstore`: weight shards streamed to a device and cached there; `spawn`: local worker processes;
-- `resources`: the CPU and memory this process may use, as a worker reports them.
+- `resources`: the CPU and memory this process may use, as a worker reports them;
+- `probe`: what is at an address when a Hello fails (refused, silent, a web server, TLS on one side only).
 """
 
 import os as _os

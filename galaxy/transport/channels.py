@@ -7,8 +7,12 @@ name every cluster certificate carries. Keepalive pings detect a peer whose link
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import grpc
 
+from ..errors import GalaxyError
 from .protocol import channel_options
 from .security import CLUSTER_NAME, TlsFiles
 
@@ -25,6 +29,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),  # a second worker on a taken port must fail, not share its connections
     ]
 
 
@@ -34,6 +39,35 @@ def open_channel(address: str, tls: TlsFiles | None = None) -> grpc.Channel:
         return grpc.insecure_channel(address, options=opts)
     creds = grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert)
     return grpc.secure_channel(address, creds, options=opts + [("grpc.ssl_target_name_override", CLUSTER_NAME)])
+
+
+def check_bindable(host: str, port: int, what: str = "--listen") -> None:
+    """Raise a GalaxyError saying why `host:port` cannot be bound (in use, not this device's address).
+
+    gRPC's own bind failure is a raw C-core log line and a bare 0; binding a plain socket first
+    (SO_REUSEADDR, as gRPC binds) gets the errno, before gRPC prints anything. Port 0 always binds."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise GalaxyError(f"{what} {host}:{port}: cannot resolve {host!r} ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(sockaddr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise GalaxyError(f"{what} {host}:{port}: port {port} is in use (another worker? `ss -ltnp "
+                                  f"'sport = :{port}'` shows which process); pick another port, or port 0 for any "
+                                  "free one") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise GalaxyError(f"{what} {host}:{port}: {host} is not an address of this device; use one of its "
+                                  "addresses, 127.0.0.1, or 0.0.0.0 for all") from None
+            if e.errno == errno.EACCES:
+                raise GalaxyError(f"{what} {host}:{port}: ports below 1024 need root; pick a port above 1024") from None
+            raise GalaxyError(f"{what} {host}:{port}: cannot bind ({e.strerror})") from None
 
 
 def add_port(server: grpc.Server, address: str, tls: TlsFiles | None = None) -> int:

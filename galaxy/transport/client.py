@@ -12,7 +12,6 @@ import json
 import logging
 import queue
 import secrets
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from ..parallel.sharding import Partition, meta_model
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import open_channel
+from .probe import REFUSED, UNREACHABLE, explain, probe, reach
 from .protocol import from_proto, metadata, step_to_proto, to_proto
 from .shardstore import digest, iter_shard, model_hash, spec_json
 
@@ -67,22 +67,15 @@ def model_ref(source) -> ModelRef:
         return ModelRef(source.config, random_init=True, seed=source.seed, std=source.std)
     return ModelRef(source.config, path=str(Path(source.path).resolve()))
 
-def _tcp_open(address: str, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection(split_address(address), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
-def _error(e: grpc.RpcError, device: str, action: str, address: str | None = None) -> GalaxyError:
-    """Translate a gRPC failure into the typed error a user can act on."""
+def _error(e: grpc.RpcError, device: str, action: str, address: str | None = None, tls=None) -> GalaxyError:
+    """Translate a gRPC failure into the typed error a user can act on. A Hello that found nobody is
+    diagnosed by looking at what is at the address (probe.py): refused, silent, a web server, TLS on
+    one side only, another CA."""
     code, detail = e.code(), e.details() or ""
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "busy" not in detail:
-        if action == "hello" and address and _tcp_open(address):
-            return AuthError(f"{device}: reachable, but no gRPC session could be set up ({detail}): the TLS "
-                             "handshake failed -- a certificate from another cluster CA, or only one side "
-                             "uses --tls")
+        if action == "hello" and address:
+            finding = probe(address, ca=tls.ca if tls is not None else None)
+            return explain(finding, device, address, tls is not None, f"{code.name}: {detail}")
         return PeerUnreachable(f"{device}: unreachable during {action} ({code.name}: {detail}); is "
                                "`galaxy worker` running there and the address right?")
     if code == grpc.StatusCode.FAILED_PRECONDITION and "protocol" in detail:
@@ -107,6 +100,7 @@ class Cluster:
         self.token = token
         self.connect_timeout, self.forward_timeout = connect_timeout, forward_timeout
         self.heartbeat_s, self.heartbeat_misses = 1.0, 3  # a silent device is declared gone after ~3-6 s
+        self.tls = tls
         self.channels = [open_channel(a, tls) for a in self.addresses]
         self.stubs = [pb_grpc.WorkerStub(c) for c in self.channels]
         self.pool = ThreadPoolExecutor(max_workers=max(4, len(addresses)), thread_name_prefix="galaxy-coord")
@@ -134,12 +128,19 @@ class Cluster:
                 results.append(f.result())
             except grpc.RpcError as e:
                 results.append(None)
-                first = first or _error(e, self.names[r], action, self.addresses[r])
+                first = first or _error(e, self.names[r], action, self.addresses[r], self.tls)
         if first:
             raise first
         return results
 
     def hello(self) -> list[DeviceInfo]:
+        # a refused connection is final: say so now, not after wait_for_ready's deadline (a port where
+        # nothing answers yet is left to that deadline: a device may be slow to come up)
+        found = list(self.pool.map(lambda a: reach(a, min(1.0, self.connect_timeout)), self.addresses))
+        for r, f in enumerate(found):
+            if f is not None and f.kind in (REFUSED, UNREACHABLE):
+                raise explain(f, self.names[r], self.addresses[r], self.tls is not None, "")
+
         def call(r, stub):
             rep = stub.Hello(pb.HelloRequest(), timeout=self.connect_timeout, metadata=self._md(),
                              wait_for_ready=True)
@@ -280,6 +281,28 @@ class Cluster:
         finished: queue.Queue = queue.Queue()
         for r, f in enumerate(futs):
             f.add_done_callback(lambda _f, r=r: finished.put(r))
+        try:
+            replies, errors = self._gather(rid, futs, finished)
+        except KeyboardInterrupt:  # Ctrl-C (a chat reply stopped): the devices drop this request, too
+            self._abort(rid, "interrupted by the user")
+            for f in futs:
+                f.cancel()
+            raise
+        if errors:
+            raise self._root_cause(errors, action)
+        seconds = time.perf_counter() - t0
+        outs = [from_proto(rep.output, f"output of {self.names[r]}") if rep.HasField("output") else None
+                for r, rep in enumerate(replies)]
+        devices = [DeviceStats(r, rep.forward_s, tuple(OpStat(o.tag, o.wall_s, o.wait_s, o.compute_s, o.bytes, o.send_s)
+                                                       for o in rep.ops),
+                               peak_rss_bytes=rep.peak_rss_bytes, rss_before_bytes=rep.rss_before_bytes,
+                               kv_cache_bytes=rep.kv_cache_bytes, cpu_s=rep.cpu_s)  # cpu_s: 0.0 from older workers
+                   for r, rep in enumerate(replies)]
+        return ForwardResult(assemble(self.config, self.partition, outs, seq), seconds, devices)
+
+    def _gather(self, rid: int, futs, finished: queue.Queue):
+        """Every rank's reply in completion order (the first failure aborts the others at once);
+        a rank silent for `heartbeat_misses` pings is declared gone."""
         replies, errors = [None] * self.world, []
         pending, missed = set(range(self.world)), [0] * self.world
         while pending:
@@ -303,17 +326,7 @@ class Cluster:
                 errors.append((r, e))
                 if len(errors) == 1:
                     self._abort(rid, f"{self.names[r]} failed")
-        if errors:
-            raise self._root_cause(errors, action)
-        seconds = time.perf_counter() - t0
-        outs = [from_proto(rep.output, f"output of {self.names[r]}") if rep.HasField("output") else None
-                for r, rep in enumerate(replies)]
-        devices = [DeviceStats(r, rep.forward_s, tuple(OpStat(o.tag, o.wall_s, o.wait_s, o.compute_s, o.bytes, o.send_s)
-                                                       for o in rep.ops),
-                               peak_rss_bytes=rep.peak_rss_bytes, rss_before_bytes=rep.rss_before_bytes,
-                               kv_cache_bytes=rep.kv_cache_bytes, cpu_s=rep.cpu_s)  # cpu_s: 0.0 from older workers
-                   for r, rep in enumerate(replies)]
-        return ForwardResult(assemble(self.config, self.partition, outs, seq), seconds, devices)
+        return replies, errors
 
     def _heartbeat(self, ranks, missed: list[int]) -> int | None:
         """Ping the workers still computing; a rank that missed `heartbeat_misses` in a row is dead."""

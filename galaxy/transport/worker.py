@@ -43,7 +43,7 @@ from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from ..version import __version__
 from . import resources
-from .channels import add_port, open_channel, server_options
+from .channels import add_port, check_bindable, open_channel, server_options
 from .datalink import DataServer
 from .discovery import start_announcer
 from .linktest import measure_link
@@ -519,6 +519,7 @@ def start_server(listen: str, settings: WorkerSettings):
                          interceptors=[_Authenticate(settings.token)])
     service = WorkerService(settings)
     pb_grpc.add_WorkerServicer_to_server(service, server)
+    check_bindable(host, port)  # says why (in use, not this device's address) before gRPC logs its own line
     bound = add_port(server, join_address(host, port), settings.tls)
     if not bound:
         raise GalaxyError(f"could not listen on {host}:{port} (in use, or not an address of this device)")

@@ -542,3 +542,15 @@ def test_galaxy_serve_process_answers_and_stops_on_sigterm(minilm_path):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_a_bad_request_found_while_running_is_a_400_not_a_cluster_failure():
+    from galaxy.errors import InvalidRequest
+    from galaxy.serving.server import _cluster_errors
+
+    with pytest.raises(ApiError) as e, _cluster_errors():
+        raise InvalidRequest("max_new_tokens=9000: the prompt's 3 tokens + 9000 new ones exceed the model's 8192")
+    assert e.value.status == 400 and "max_new_tokens=9000" in e.value.message
+    with pytest.raises(ApiError) as e, _cluster_errors():
+        raise PeerUnreachable("device 1: gone")
+    assert e.value.status == 503

@@ -353,7 +353,7 @@ sys.modules["galaxy"].__path__ = [{str(REPO / "galaxy")!r}]
 """
 ANNOUNCE = """
 import json, sys
-from galaxy.discovery import Announcer
+from galaxy.transport.discovery import Announcer
 anns = [Announcer("edge-a", "10.78.0.2:50051", "lab", token="tok", interval_s=0.1).start(),
         Announcer("edge-any", "0.0.0.0:50052", "lab", token="tok", interval_s=0.1).start()]
 print(json.dumps({a.name: sorted([r.interface, r.broadcast, r.address] for r in a.routes) for a in anns}), flush=True)
@@ -364,7 +364,7 @@ print(json.dumps(sorted({ip for a in anns for ip, _ in a.sent})), flush=True)
 """
 DISCOVER = """
 import json
-from galaxy.discovery import discover
+from galaxy.transport.discovery import discover
 print(json.dumps([[f.name, f.address, f.verified] for f in discover("lab", timeout_s=1.0, token="tok")]))
 """
 

@@ -1,0 +1,143 @@
+"""What the command line refuses or decides before any worker starts: conflicting device options,
+output files it could not write, out-of-range generation options, a memory budget no split can
+meet; and which devices a plan file runs on."""
+
+from __future__ import annotations
+
+import pytest
+
+from galaxy.cli import build_parser, main
+from galaxy.model.config import preset
+from planner.profile import ClusterProfile, ComputeModel, DeviceProfile, Link
+from planner.solver import solve
+
+CLUSTER_COMMANDS = ["run", "plan", "bench", "chat", "serve"]
+
+
+def _parse_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+class _NoWorkers(Exception):
+    pass
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    """Fail the test's command at the point it would start or reach workers; record how it tried."""
+    calls = []
+
+    def connect(*args, **kwargs):
+        calls.append(kwargs)
+        raise _NoWorkers
+
+    monkeypatch.setattr("galaxy.cli.session.connect", connect)
+    return calls
+
+
+@pytest.mark.parametrize("command", CLUSTER_COMMANDS)
+def test_device_options_are_exclusive_in_every_command(command, capsys):
+    err = _parse_error(capsys, [command, "--local", "2", "--workers", "127.0.0.1:5"])
+    assert "argument --workers: not allowed with argument --local" in err
+    err = _parse_error(capsys, [command, "--cluster", "x.yaml", "--local", "2"])
+    assert "not allowed with argument --cluster" in err
+
+
+@pytest.mark.parametrize("argv", [["run", "--save-output", "no/such/dir/out.npy"],
+                                  ["plan", "-o", "no/such/dir/plan.json"], ["plan", "--png", "no/such/dir/p.png"],
+                                  ["plan", "--svg", "no/such/dir/p.svg"], ["bench", "--plot", "no/such/dir/b.png"]])
+def test_output_into_a_missing_directory_is_refused_when_parsed(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _parse_error(capsys, argv)
+    assert "the directory no/such/dir does not exist (create it with `mkdir -p no/such/dir`)" in err
+
+
+def test_output_that_is_a_directory_is_refused(capsys, tmp_path):
+    assert f"{tmp_path} is a directory" in _parse_error(capsys, ["run", "--save-output", str(tmp_path)])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--max-new-tokens", "-1"], "-1 is below the minimum, 1 (leave the option out for one forward pass)"),
+    (["run", "--max-new-tokens", "0"], "0 is below the minimum, 1 (leave the option out for one forward pass)"),
+    (["chat", "--max-new-tokens", "0"], "0 is below the minimum, 1"),
+    (["run", "--top-p", "0"], "argument --top-p: 0 is outside (0, 1]"),
+    (["run", "--temperature", "-0.5"], "argument --temperature: -0.5 is outside >= 0"),
+    (["run", "--top-k", "-1"], "argument --top-k: -1 is below the minimum, 0"),
+    (["run", "--local", "0"], "argument --local: 0 is below the minimum, 1"),
+    (["run", "--tiles", "0"], "argument --tiles: 0 is below the minimum, 1"),
+])
+def test_out_of_range_options_are_refused_when_parsed(argv, message, capsys):
+    assert message in _parse_error(capsys, argv)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--stop", ""], "every stop string must be non-empty"),
+    (["--max-new-tokens", "100000"], "--max-new-tokens 100000: the prompt takes 4 of the model's 128 positions; at "
+                                     "most 124 new tokens fit"),
+    (["--max-new-tokens", "4", "--temperature", "0.5", "--check"], "--check compares greedy tokens"),
+])
+def test_generation_options_are_checked_before_workers_start(extra, message, no_workers, capsys):
+    argv = ["run", "--random-init", "tiny-gpt2", "--input-ids", "1,2,3,4", "--max-new-tokens", "4", *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err and not no_workers
+
+
+def test_memory_budget_below_the_models_weights_is_refused_with_numbers_that_add_up(no_workers, capsys):
+    assert main(["plan", "--random-init", "gpt2", "--memory-budget", "10MB"]) == 2
+    err = capsys.readouterr().err
+    assert ("--memory-budget 9.5 MiB per device is too small for gpt2: its weights alone are 474.7 MiB, and 3 devices "
+            "x 9.5 MiB = 28.6 MiB hold 6.0% of them; give each device at least 158.2 MiB") in err
+    assert not no_workers  # refused before profiling anything
+
+
+def _plan_file(tmp_path, addresses) -> str:
+    cfg = preset("tiny-gpt2")
+    cm = ComputeModel(1e9, 0.0)
+    devices = [DeviceProfile(f"d{i}", a, cm, cm, cm, 1 << 30) for i, a in enumerate(addresses)]
+    links = [[None if i == j else Link(1e9, 1e-4) for j in range(len(addresses))] for i in range(len(addresses))]
+    plan = solve(cfg, 16, ClusterProfile(devices, links), strategy="galaxy")
+    assert plan.addresses() == list(addresses)
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    return str(path)
+
+
+def test_a_plan_for_lan_devices_runs_on_them(tmp_path, no_workers):
+    plan = _plan_file(tmp_path, ["192.168.1.20:50051", "192.168.1.21:50051"])
+    with pytest.raises(_NoWorkers):
+        main(["run", "--random-init", "tiny-gpt2", "--seq-len", "8", "--plan", plan])
+    assert no_workers[0]["addresses"] == ["192.168.1.20:50051", "192.168.1.21:50051"]
+
+
+def test_a_plan_made_on_local_workers_starts_new_ones(tmp_path, no_workers):
+    plan = _plan_file(tmp_path, ["127.0.0.1:41001", "127.0.0.1:41002"])
+    with pytest.raises(_NoWorkers):
+        main(["run", "--random-init", "tiny-gpt2", "--seq-len", "8", "--plan", plan])
+    assert no_workers[0]["local"] == 2 and "addresses" not in no_workers[0]
+
+
+def test_local_count_other_than_the_plans_is_refused(tmp_path, no_workers, capsys):
+    plan = _plan_file(tmp_path, ["192.168.1.20:50051", "192.168.1.21:50051"])
+    assert main(["run", "--random-init", "tiny-gpt2", "--seq-len", "8", "--plan", plan, "--local", "3"]) == 2
+    assert "--local 3, but" in capsys.readouterr().err and not no_workers
+
+
+@pytest.mark.parametrize("extra,templated", [(["--max-new-tokens", "4"], True), (["--max-new-tokens", "4", "--raw"],
+                                             False), ([], False)])
+def test_run_sends_a_chat_models_prompt_through_its_template_when_generating(extra, templated, smollm2_path,
+                                                                             no_workers, capsys):
+    with pytest.raises(_NoWorkers):
+        main(["run", "--prompt", "Hello", *extra])
+    assert ("the prompt goes in as a user message, through its chat template" in capsys.readouterr().err) == templated
+
+
+def test_a_one_token_run_prints_no_decode_figures(capsys):
+    argv = ["run", "--transport", "inproc", "--local", "1", "--random-init", "tiny-gpt2", "--input-ids", "1,2,3",
+            "--max-new-tokens", "1"]
+    assert main(argv) == 0
+    summary = capsys.readouterr().err.splitlines()[-1]
+    assert summary.startswith("galaxy: 1 tokens (length); time to first token") and "None" not in summary
+    assert "ms/token" not in summary
