@@ -49,14 +49,14 @@ from .plan import (
     StrategyResult,
 )
 from .profile import ClusterProfile, activation_bytes, attention_flops, head_flops, mlp_flops
+from .ring import MAX_ORDER_DEVICES, nearest_link_order
+from .split import KINDS, GalaxySplit, by_head_split, gx_missing, search_key, steps, water_fill
 
 log = logging.getLogger(__name__)
 
 MAX_SUBSET_DEVICES = 8  # all subsets up to this many devices; backward elimination beyond
-MAX_ORDER_DEVICES = 6  # all ring orders up to this many devices; nearest-fast-link order beyond
 LOCAL_SEARCH_CANDIDATES = 3  # (subset, order) pairs refined by local search (1 beyond 4 devices)
 PREFERENCE = ("local", "pipeline", "galaxy", "megatron", "seqpar")  # tie-break: the simplest runnable first
-KINDS = ("heads", "cols", "vocab", "tokens")
 HEAD_SPLITS_ENUMERATED = 300  # enumerate every head split of a candidate when there are at most this many
 
 
@@ -74,314 +74,7 @@ class Outcome:
         return None if self.estimate is None else self.estimate.latency_s
 
 
-# --- integer splits ------------------------------------------------------------------------------
-
-def water_fill(total: int, lines: list[tuple[float, float]], caps: list[int]) -> list[int] | None:
-    """Split `total` units minimising max_i f_i(x_i), f_i(x) = o_i + a_i x for x > 0, f_i(0) = 0,
-    with x_i <= caps[i]; None if the caps cannot hold `total`.
-
-    The same optimum as the greedy that gives each next unit to the device whose cost after
-    taking it is smallest (the greedy takes the `total` smallest values of the merged sequences
-    f_i(1), f_i(2), ...), found by bisection on the level T instead of unit by unit.
-    """
-    n = len(lines)
-    caps = [max(0, min(c, total)) for c in caps]
-    if sum(caps) < total:
-        return None
-    if total == 0:
-        return [0] * n
-
-    def units(i: int, t: float) -> int:
-        o, a = lines[i]
-        if t < o + a * (1 - 1e-12) - 1e-300:
-            return 0
-        return caps[i] if a <= 0 else min(caps[i], int((t - o) / a * (1 + 1e-12) + 1e-9))
-
-    def cost(i: int, x: int) -> float:
-        return 0.0 if x == 0 else lines[i][0] + lines[i][1] * x
-
-    lo, hi = 0.0, max(cost(i, caps[i]) for i in range(n))
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if mid in (lo, hi):
-            break
-        if sum(units(i, mid) for i in range(n)) >= total:
-            hi = mid
-        else:
-            lo = mid
-    x = [units(i, hi) for i in range(n)]
-    for _ in range(sum(x) - total):  # drop the units that reach the level last
-        i = max((i for i in range(n) if x[i] > 0), key=lambda i: (cost(i, x[i]), -i))
-        x[i] -= 1
-    return x
-
-
-def fill_by_room(total: int, room: list[float], caps: list[int]) -> list[int] | None:
-    """Units that cost no time (an encoder's vocabulary rows): in proportion to free memory."""
-    caps = [max(0, min(c, total)) for c in caps]
-    if sum(caps) < total:
-        return None
-    w = [max(r, 0.0) if c > 0 else 0.0 for r, c in zip(room, caps)]
-    x = [0] * len(caps)
-    if sum(w) > 0:
-        x = [min(c, int(total * wi / sum(w))) for c, wi in zip(caps, w)]
-    i = 0
-    while sum(x) < total:  # top up, most room first
-        order = sorted(range(len(x)), key=lambda j: -(w[j] - x[j]))
-        j = next(j for j in order if x[j] < caps[j])
-        x[j] += 1
-        i += 1
-    return x
-
-
 # --- galaxy ----------------------------------------------------------------------------------
-
-class _Galaxy:
-    """The HMP search over subsets, ring orders and integer splits of one cost model."""
-
-    def __init__(self, cm: CostModel):
-        self.cm, cfg, S, b = cm, cm.cfg, cm.S, cm.b
-        L, H, hd, g = cfg.n_layers, cfg.hidden, cfg.head_dim, cfg.group
-        self.total = {"heads": cfg.n_heads, "cols": cfg.ffn, "vocab": cfg.vocab_size, "tokens": S}
-        mats = 2 if cfg.gated_mlp else 1
-        bias_h = hd * (1 + 2 / g) if cfg.attn_bias else 0.0
-        self.unit_bytes = {  # memory one more unit costs (weights of every layer + activations)
-            "heads": L * b * (2 * H * hd + 2 * H * hd / g + bias_h) + b * (3 * S * hd + S * S),
-            "cols": L * b * ((mats + 1) * H + (mats if cfg.mlp_bias else 0)) + b * S * mats,
-            "vocab": b * H * (2 if cfg.causal and not cfg.tie_embeddings else 1) + (b * S if cfg.causal else 0),
-            "tokens": 4 * H * b,
-        }
-        base = ShardSpec((0, 0), (0, 0), (0, 0), (0, L))
-        # + the LM head's gathered input; with GQA up to two partly held KV groups (replicated K/V)
-        kv_extra = 2 * L * b * (2 * H * hd + (2 * hd if cfg.attn_bias else 0)) if g > 1 else 0
-        self.fixed_bytes = (weight_bytes(cfg, base, b) + activation_bytes(cfg, S, 0, 0, 0, b) + kv_extra
-                            + (b * S * H if cfg.causal else 0))
-        self.lines = {k: [] for k in KINDS}
-        f_head = attention_flops(cfg, 1, S, 1 / g)
-        for d in cm.devices:
-            att, mlp, hm = d.attention, d.mlp, d.head or d.mlp
-            self.lines["heads"].append((L * att.overhead_s, L * f_head / att.flops_per_s))
-            self.lines["cols"].append((L * mlp.overhead_s, L * mlp_flops(cfg, 1, S) / mlp.flops_per_s))
-            self.lines["vocab"].append((hm.overhead_s, head_flops(cfg, 1, 1) / hm.flops_per_s) if cfg.causal
-                                       else (0.0, 0.0))
-            con = d.connective
-            self.lines["tokens"].append((2 * L * con.overhead_s, 2 * L * 8.0 * H / con.flops_per_s))
-        self.room = [d.memory_bytes - self.fixed_bytes for d in cm.devices]
-        # the same accounting without the safety margins: a lower bound on what the model needs
-        self.unit_exact = dict(self.unit_bytes, vocab=self.unit_bytes["vocab"] - (b * S if cfg.causal else 0))
-        floor = weight_bytes(cfg, base, b) + activation_bytes(cfg, S, 0, 0, 0, b)
-        self.room_exact = [d.memory_bytes - floor for d in cm.devices]
-
-    def may_fit(self, sub) -> bool:
-        """False only if the subset certainly cannot hold the model."""
-        return sum(max(0.0, self.room_exact[i]) for i in sub) >= sum(
-            self.total[k] * self.unit_exact[k] for k in KINDS)
-
-    def starts(self, order) -> list[Layout]:
-        """Other starting points for local search: an even split, and a split by memory budget."""
-        n = len(order)
-        budget = [max(1.0, self.room_exact[i]) for i in order]
-        even = [tuple(split_even(self.total[k], n)) for k in KINDS]
-        by_mem = [tuple(fill_by_room(self.total[k], budget, [self.total[k]] * n)) for k in KINDS]
-        return [Layout("galaxy", tuple(order), *even), Layout("galaxy", tuple(order), *by_mem)]
-
-    # (1) + (2): an order-free split for a subset ----------------------------------------
-    def allocate(self, sub: tuple[int, ...], heads: list[int] | None = None) -> dict[str, list[int]] | None:
-        """Water-filled split of every kind (heads given: only the others), then memory repair:
-        first with the conservative memory model, else with the tight one (the cost model checks)."""
-        return self._allocate(sub, heads, self.room, self.unit_bytes) or self._allocate(
-            sub, heads, self.room_exact, self.unit_exact)
-
-    def _allocate(self, sub, heads, room, ub) -> dict[str, list[int]] | None:
-        if any(room[i] < 0 for i in sub) or sum(room[i] for i in sub) < sum(self.total[k] * ub[k] for k in KINDS):
-            return None
-        x = {"tokens": split_even(self.total["tokens"], len(sub))}
-        big = [10**18] * len(sub)
-        for k in ("heads", "cols"):
-            x[k] = water_fill(self.total[k], self.lines_of(k, sub), big)
-        if heads is not None:
-            x["heads"] = list(heads)
-        if self.cm.cfg.causal:
-            x["vocab"] = water_fill(self.total["vocab"], self.lines_of("vocab", sub), big)
-        else:
-            free = [room[i] - sum(ub[k] * x[k][r] for k in ("heads", "cols", "tokens")) for r, i in enumerate(sub)]
-            x["vocab"] = fill_by_room(self.total["vocab"], free, big)
-        movable = ("vocab", "cols", "tokens") if heads is not None else KINDS
-        return self.repair(sub, x, room, ub, movable)
-
-    def lines_of(self, k, sub) -> list[tuple[float, float]]:
-        """(overhead, seconds per unit) of kind k on each device of `sub`, as fast as it is there."""
-        fast = self.cm.speedup(sub)
-        return [(a / fast[i], b / fast[i]) for i, (a, b) in ((i, self.lines[k][i]) for i in sub)]
-
-    def level(self, sub, k, xs) -> float:
-        return max((0.0 if v == 0 else a + b * v) for (a, b), v in zip(self.lines_of(k, sub), xs))
-
-    def repair(self, sub, x, room, ub, movable=KINDS):
-        """Move units off devices over budget, cheapest time per freed byte first."""
-        for _ in range(64 * len(sub)):
-            free = [room[i] - sum(ub[k] * x[k][r] for k in KINDS) for r, i in enumerate(sub)]
-            over = [r for r in range(len(sub)) if free[r] < 0]
-            if not over:
-                return x
-            best = None
-            for r in over:
-                for k in movable:
-                    if x[k][r] == 0:
-                        continue
-                    d = min(x[k][r], math.ceil(-free[r] / ub[k]))
-                    caps = [x[k][j] + int(free[j] // ub[k]) if j != r else x[k][r] - d for j in range(len(sub))]
-                    y = self._refill(sub, k, caps, free)
-                    if y is None:
-                        continue
-                    delta = self.level(sub, k, y) - self.level(sub, k, x[k])
-                    key = (delta / (d * ub[k]), -d)
-                    if best is None or key < best[0]:
-                        best = (key, k, y)
-            if best is None:
-                return None
-            x = dict(x)
-            x[best[1]] = best[2]
-        return None
-
-    def _refill(self, sub, k, caps, free):
-        if k == "tokens":
-            return fill_by_room(self.total[k], [1.0] * len(sub), caps)
-        if k == "vocab" and not self.cm.cfg.causal:
-            return fill_by_room(self.total[k], free, caps)
-        return water_fill(self.total[k], self.lines_of(k, sub), caps)
-
-    # (3): ring orders ------------------------------------------------------------------------
-    def orders(self, sub: tuple[int, ...]):
-        cm = self.cm
-        if len(sub) == 1:
-            return [sub]
-        if any(not cm.has_link(i, j) for i in sub for j in sub if i != j) and len(sub) > MAX_ORDER_DEVICES:
-            return [o for o in [nearest_link_order(cm, sub)] if o]
-        links = {cm.link(i, j) for i in sub for j in sub if i != j and cm.has_link(i, j)}
-        if len(links) == 1 and all(cm.has_link(i, j) for i in sub for j in sub if i != j):
-            return [sub]
-        if len(sub) <= MAX_ORDER_DEVICES:
-            out = [(sub[0], *p) for p in itertools.permutations(sub[1:])]
-            return [o for o in out if all(cm.has_link(o[r], o[(r + 1) % len(o)]) for r in range(len(o)))]
-        return [o for o in [nearest_link_order(cm, sub)] if o]
-
-    def layout(self, order, sub, x, strategy="galaxy") -> Layout:
-        pos = {i: r for r, i in enumerate(sub)}
-        return Layout(strategy, tuple(order), *(tuple(x[k][pos[i]] for i in order) for k in KINDS))
-
-    # (4): local search -------------------------------------------------------------------
-    def local_search(self, est: Estimate, max_moves: int = 400, kinds=KINDS) -> Estimate:
-        """First-improvement descent over single-kind moves and memory-neutral exchanges."""
-        n = len(est.layout.order)
-        if n == 1:
-            return est
-        kinds = [k for k in kinds if self.cm.cfg.causal or k != "vocab" or not est.feasible]
-        best, key, moves = est, _search_key(est), 0
-        improved = True
-        while improved and moves < max_moves:
-            improved = False
-            for changes in self._moves(best, kinds):
-                cand = _apply(best.layout, changes)
-                if cand is None:
-                    continue
-                e = self.cm.estimate(cand)
-                k = _search_key(e)
-                if k < key:
-                    best, key, improved = e, k, True
-                    moves += 1
-        return best
-
-    def _moves(self, est: Estimate, kinds):
-        """Move descriptors [(kind, from, to, units), ...]. Compute-only kinds move off the two
-        busiest devices of their phase (only they can lower a min-max); tokens between any pair."""
-        n = len(est.layout.order)
-        busy = _busy_by_kind(est)
-        src = {k: sorted(range(n), key=lambda r: -busy[k][r])[:2] for k in KINDS}
-        src["tokens"] = list(range(n))
-        if not est.feasible:  # make room: any device may give
-            src = {k: list(range(n)) for k in KINDS}
-        for k in kinds:
-            for step in _steps(self.total[k], n):
-                for i in src[k]:
-                    for j in range(n):
-                        if i != j:
-                            yield [(k, i, j, step)]
-        if all(m.used_bytes < 0.9 * m.budget_bytes for m in est.memory):
-            return  # exchanges only help where memory binds
-        for k1, k2 in itertools.permutations(kinds, 2):  # give k1, take back about as many bytes of k2
-            ratio = self.unit_bytes[k1] / self.unit_bytes[k2]
-            for step in _steps(self.total[k1], n):
-                r = step * ratio
-                backs = {math.ceil(r), *(max(1, int(r) >> m) for m in range(3))}
-                for back in sorted(backs):
-                    for i in src[k1]:
-                        for j in range(n):
-                            if i != j:
-                                yield [(k1, i, j, step), (k2, j, i, back)]
-
-
-def _apply(lay: Layout, changes) -> Layout | None:
-    new = {k: list(getattr(lay, k)) for k in KINDS}
-    for k, i, j, d in changes:
-        if new[k][i] < d:
-            return None
-        new[k][i] -= d
-        new[k][j] += d
-    return Layout(lay.strategy, lay.order, *(tuple(new[k]) for k in KINDS))
-
-
-def _busy_by_kind(e: Estimate) -> dict[str, list[float]]:
-    """Each device's compute per kind of unit (heads: attention phases, cols: MLP, vocab: head)."""
-    n = len(e.layout.order)
-    out = {k: [0.0] * n for k in KINDS}
-    which = {"attn": "heads", "mlp": "cols", "head.allgather": "vocab", "con": "tokens", "embed.con": "tokens"}
-    for p in (*e.phases, *e.once):
-        k = next((v for pre, v in which.items() if p.name.startswith(pre)), None)
-        if k:
-            for r in range(n):
-                out[k][r] += p.compute_s[r]
-    return out
-
-
-def compositions(total: int, parts: int):
-    """Every way to write total as an ordered sum of `parts` non-negative integers."""
-    for cuts in itertools.combinations_with_replacement(range(total + 1), parts - 1):
-        bounds = (0, *cuts, total)
-        yield tuple(bounds[i + 1] - bounds[i] for i in range(parts))
-
-
-def _steps(total: int, n: int) -> list[int]:
-    """Move sizes: a quarter of an even share, then every fourth, down to one unit."""
-    out, s = [], max(1, total // (4 * n))
-    while s > 1:
-        out.append(s)
-        s //= 4
-    return out + [1]
-
-
-def _search_key(e: Estimate):
-    """Lexicographic: memory overflow first, then latency, then balance (breaks min-max plateaus)."""
-    over = sum(max(0, m.used_bytes - m.budget_bytes) for m in e.memory)
-    balance = sum(sum(c * c for c in p.compute_s) for p in e.phases)
-    return (over, round(e.latency_s, 12), balance)
-
-
-def nearest_link_order(cm: CostModel, sub) -> tuple[int, ...] | None:
-    """Greedy ring: from the first device, always on to the unvisited one with the fastest link."""
-    order, left = [sub[0]], set(sub[1:])
-    while left:
-        cur = order[-1]
-        nxt = [j for j in left if cm.has_link(cur, j)]
-        if not nxt:
-            return None
-        j = min(nxt, key=lambda j: (cm.link(cur, j)[0], cm.link(cur, j)[1], j))
-        order.append(j)
-        left.discard(j)
-    if len(order) > 1 and not cm.has_link(order[-1], order[0]):
-        return None
-    return tuple(order)
-
 
 def _subsets(n: int, smallest: int = 1):
     idx = range(n)
@@ -391,7 +84,7 @@ def _subsets(n: int, smallest: int = 1):
 
 def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
     """Best HMP layout, and the best constructive latency of every feasible subset (for reasons)."""
-    gx = _Galaxy(cm)
+    gx = GalaxySplit(cm)
     by_subset: dict[tuple[int, ...], float] = {}
     cands: list[tuple[float, Estimate]] = []
 
@@ -439,13 +132,13 @@ def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
         for sub in sorted(hard, key=len)[:LOCAL_SEARCH_CANDIDATES]:
             picked += [cm.estimate(lay) for lay in gx.starts(gx.orders(sub)[0])]
     refined = [gx.local_search(e) for e in picked]
-    top = min(refined, key=lambda e: (_search_key(e), len(e.layout.order)), default=None)
+    top = min(refined, key=lambda e: (search_key(e), len(e.layout.order)), default=None)
     if top is not None and top.feasible:  # the best one: also descend from other starting points
         order = top.layout.order
         if len(order) <= 4:
             refined += [gx.local_search(cm.estimate(lay)) for lay in gx.starts(order)]
         if math.comb(cm.cfg.n_heads + len(order) - 1, len(order) - 1) <= HEAD_SPLITS_ENUMERATED:
-            refined += [gx.local_search(x, kinds=KINDS[1:]) for x in _by_head_split(gx, order, keep=3)]
+            refined += [gx.local_search(x, kinds=KINDS[1:]) for x in by_head_split(gx, order, keep=3)]
     refined = [e for e in refined if e.feasible]
     for e in list(refined):  # a device left holding no weights only relays: try the ring without it
         lay = e.layout
@@ -466,32 +159,11 @@ def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
     return Outcome("galaxy", best, _galaxy_summary(cm, best)), by_subset
 
 
-def _by_head_split(gx: _Galaxy, order, keep: int = 2) -> list[Estimate]:
-    """Every split of the heads (the coarsest unit, where local search stalls), the other kinds
-    water-filled and repaired around it; the best `keep`."""
-    sub, n = tuple(sorted(order)), len(order)
-    pos = {i: r for r, i in enumerate(order)}
-    out = []
-    for h in compositions(gx.total["heads"], n):
-        x = gx.allocate(sub, heads=[h[pos[i]] for i in sub])
-        if x is not None:
-            e = gx.cm.estimate(gx.layout(order, sub, x))
-            if e.feasible:
-                out.append(e)
-    return sorted(out, key=lambda e: e.latency_s)[:keep]
-
-
-def gx_missing(gx: _Galaxy) -> int:
-    """Bytes the whole cluster lacks for galaxy (0: enough in total, the split is what fails)."""
-    need = sum(gx.total[k] * gx.unit_exact[k] for k in KINDS)
-    return max(0, int(need - sum(max(0.0, r) for r in gx.room_exact)))
-
-
 # --- megatron, seqpar, pipeline, local -------------------------------------------------------
 
 def solve_megatron(cm: CostModel) -> Outcome:
     cfg, best = cm.cfg, None
-    gx = _Galaxy(cm)
+    gx = GalaxySplit(cm)
     for sub in _subsets(cm.n, 2) if cm.n <= MAX_SUBSET_DEVICES else [tuple(range(cm.n))]:
         k = len(sub)
         split = [split_even(t, k) for t in (cfg.n_heads, cfg.ffn, cfg.vocab_size)]
@@ -518,7 +190,7 @@ def solve_seqpar(cm: CostModel) -> Outcome:
         biggest = max(d.memory_bytes for d in cm.devices)
         return Outcome("seqpar", None, f"every device would hold the whole model ({fmt_bytes(full + base)}), "
                        f"the largest budget is {fmt_bytes(biggest)}", int(full + base + per_tok - biggest))
-    gx = _Galaxy(cm)
+    gx = GalaxySplit(cm)
     lines = []
     for d in cm.devices:
         fa = attention_flops(cfg, cfg.n_heads, 1, cfg.n_kv_heads) + 4.0 * (S - 1) * cfg.head_dim * cfg.n_heads
@@ -550,7 +222,7 @@ def _token_search(cm: CostModel, est: Estimate) -> Estimate:
     improved = True
     while improved:
         improved = False
-        for step in _steps(cm.S, n):
+        for step in steps(cm.S, n):
             for i, j in itertools.permutations(range(n), 2):
                 t = list(lay.tokens)
                 if t[i] < step:
@@ -724,7 +396,7 @@ def _fields(lay: Layout):
 
 
 def _missing_text(cm: CostModel, outcomes, strategy) -> str:
-    gx = _Galaxy(cm)
+    gx = GalaxySplit(cm)
     missing = gx_missing(gx)
     if strategy is not None and strategy != "galaxy":
         missing = outcomes[strategy].missing_bytes
@@ -785,7 +457,7 @@ def _unused_reason(cm: CostModel, i: int, lay: Layout, win: Outcome, by_subset) 
     d = cm.devices[i]
     if win.strategy != "galaxy":
         return f"not needed by the {win.strategy} plan"
-    gx = _Galaxy(cm)
+    gx = GalaxySplit(cm)
     if gx.room[i] < 0:
         return (f"its budget {fmt_bytes(d.memory_bytes)} is below the replicated weights and activations every "
                 f"galaxy device holds ({fmt_bytes(gx.fixed_bytes)})")
