@@ -8,10 +8,11 @@ one in polynomial time instead:
 
 1. greedy arcs: take the cheapest directed links first, each device sending to one and hearing
    from one, never closing a cycle early (the greedy heuristic of the asymmetric TSP), O(k^2 log k);
-2. 2-opt: reverse a stretch of the ring while that lowers sum(cost^4) -- a smooth stand-in for
-   the bottleneck that still prefers a cheaper total among rings of one bottleneck. Reversing a
-   stretch turns its links around, which on asymmetric links changes their cost; prefix sums of
-   both directions make each try O(1), a pass O(k^2);
+2. 2-opt and or-opt: reverse a stretch of the ring, or move a stretch of 1-3 devices elsewhere,
+   while that lowers sum(cost^4) -- a smooth stand-in for the bottleneck that still prefers a
+   cheaper total among rings of one bottleneck. Reversing a stretch turns its links around, which
+   on asymmetric links changes their cost (prefix sums of both directions make each try O(1));
+   moving one keeps its direction. A pass is O(k^2);
 3. the direction (and its reverse) with the lower (worst link, total).
 
 A message's cost is its time on the link (bytes x seconds per byte + latency), for the chunk a
@@ -106,7 +107,7 @@ def ring_order(cm: CostModel, sub, nbytes: float) -> tuple[int, ...] | None:
         return nearest_link_order(cm, sub)
     scale = min(min(x for x in row if math.isfinite(x)) for row in c) or 1.0
     w = [[(x / scale) ** 4 for x in row] for row in c]
-    tour = _two_opt(tour, w, ring=True)
+    tour = _improve(tour, w, ring=True)
     best = None
     for t in (tour, tour[:1] + tour[1:][::-1]):
         arcs = [c[t[r]][t[(r + 1) % k]] for r in range(k)]
@@ -118,6 +119,33 @@ def ring_order(cm: CostModel, sub, nbytes: float) -> tuple[int, ...] | None:
     t = best[1]
     r0 = t.index(0)
     return tuple(sub[t[(r0 + r) % k]] for r in range(k))
+
+
+def refine_ring(order: tuple[int, ...], price, budget: int) -> tuple[tuple[int, ...], float]:
+    """Move one device elsewhere in the ring while `price(order)` (seconds, lower is better; None:
+    invalid) drops, at most `budget` prices: the cost model's own say on what sum(cost^4) only
+    approximates (which devices' slow links sit next to which busy ones). Returns the order and
+    its price."""
+    best, cost = tuple(order), price(tuple(order))
+    k, spent, improved = len(order), 1, True
+    while improved and spent < budget and k > 3:
+        improved = False
+        for i in range(1, k):  # the first device stays first (rotations are the same ring)
+            rest = best[:i] + best[i + 1:]
+            for j in range(1, k):
+                if j == i:
+                    continue
+                cand = rest[:j] + (best[i],) + rest[j:]
+                p = price(cand)
+                spent += 1
+                if p is not None and p < cost * (1 - 1e-12):
+                    best, cost, improved = cand, p, True
+                    break
+                if spent >= budget:
+                    return best, cost
+            if improved:
+                break
+    return best, cost
 
 
 def chain_orders(cm: CostModel, sub, nbytes: float) -> list[tuple[int, ...]]:
@@ -133,7 +161,7 @@ def chain_orders(cm: CostModel, sub, nbytes: float) -> list[tuple[int, ...]]:
     path = _greedy_arcs(c, close=False)
     if path is None:
         return []
-    path = _two_opt(path, c, ring=False)
+    path = _improve(path, c, ring=False)
     out = []
     for p in (path, path[::-1]):
         if all(math.isfinite(c[p[r]][p[r + 1]]) for r in range(k - 1)):
@@ -175,6 +203,64 @@ def _greedy_arcs(c: list[list[float]], close: bool) -> list[int] | None:
     return path
 
 
+def _improve(tour: list[int], w: list[list[float]], ring: bool) -> list[int]:
+    """2-opt and or-opt, alternately, until neither lowers the sum of w over the tour's arcs."""
+    t = list(tour)
+    for _ in range(TWO_OPT_PASSES):
+        before = _total(t, w, ring)
+        t = _or_opt(_two_opt(t, w, ring), w, ring)
+        if not _total(t, w, ring) < before:
+            break
+    return t
+
+
+def _total(t: list[int], w: list[list[float]], ring: bool) -> float:
+    k = len(t)
+    return sum(w[t[r]][t[r + 1]] for r in range(k - 1)) + (w[t[-1]][t[0]] if ring and k > 1 else 0.0)
+
+
+def _better(new: float, old: float) -> bool:
+    return new < old and (math.isinf(old) or old - new > 1e-12 * old)
+
+
+def _or_opt(tour: list[int], w: list[list[float]], ring: bool) -> list[int]:
+    """Move a stretch of 1-3 nodes elsewhere, same direction, while that lowers the sum of w:
+    what 2-opt cannot do in one step on asymmetric links (it would turn stretches around)."""
+    t = list(tour)
+    k = len(t)
+    improved = True
+    while improved:
+        improved = False
+        for length in (1, 2, 3):
+            if length > k - 2:
+                break
+            for i in range(k if ring else k - length + 1):
+                seg = [t[(i + m) % k] for m in range(length)]
+                rest = [t[(i + length + m) % k] for m in range(k - length)] if ring else t[:i] + t[i + length:]
+                # rest is the tour without the stretch; ring: it starts right after the stretch
+                p = rest[-1] if ring else (t[i - 1] if i > 0 else None)
+                q = rest[0] if ring else (t[i + length] if i + length < k else None)
+                gain = (w[p][seg[0]] if p is not None else 0.0) + (w[seg[-1]][q] if q is not None else 0.0)
+                gain -= w[p][q] if p is not None and q is not None else 0.0
+                slots = range(len(rest) if ring else len(rest) + 1)
+                for j in slots:  # insert between rest[j-1] and rest[j]
+                    u = rest[j - 1] if (ring or j > 0) else None
+                    v = rest[j] if j < len(rest) else (rest[0] if ring else None)
+                    if (u, v) == (p, q):
+                        continue
+                    cost = (w[u][seg[0]] if u is not None else 0.0) + (w[seg[-1]][v] if v is not None else 0.0)
+                    cost -= w[u][v] if u is not None and v is not None else 0.0
+                    if _better(cost, gain):
+                        t = rest[:j] + seg + rest[j:] if j < len(rest) or not ring else rest + seg
+                        improved = True
+                        break
+                if improved:
+                    break
+            if improved:
+                break
+    return t
+
+
 def _two_opt(tour: list[int], w: list[list[float]], ring: bool) -> list[int]:
     """Reverse stretches t[a+1..b] while the sum of w over the tour's arcs drops (w asymmetric:
     the stretch's own arcs turn around). A ring keeps t[0] in place; a path may reverse from its start."""
@@ -203,7 +289,7 @@ def _two_opt(tour: list[int], w: list[list[float]], ring: bool) -> list[int]:
                     nb = t[(b + 1) % k]
                     old += w[t[b]][nb]
                     new += w[t[a + 1]][nb]
-                if new < old and (math.isinf(old) or old - new > 1e-12 * old):
+                if _better(new, old):
                     t[a + 1:b + 1] = t[a + 1:b + 1][::-1]
                     prefix()
                     improved = True

@@ -2,28 +2,26 @@
 vocabulary rows, tokens or layers -- the layout with the lowest predicted latency (cost.py)
 whose shards fit every device's memory.
 
-`solve` searches each strategy and compares them:
+`solve` searches each strategy and compares them. Which devices take part is searched one of two
+ways (`method`): "exact" prices every subset (up to 8 devices) and every ring order (up to 6),
+2^N subsets; "heuristic" (search.py) prices O(N * k) subsets, grown from the fastest devices and
+refined by dropping, adding and swapping, each with one TSP-style ring (ring.py). "auto" takes
+the exact search up to EXACT_DEVICES devices. Within a subset both split the same way:
 
-- galaxy (HMP). For every subset of devices (all of them up to 8 devices; backward elimination
-  beyond): (1) split heads, columns and vocabulary rows by water-filling, the closed form of
-  the greedy "give the next unit to the device that would finish it soonest" (optimal for the
-  min-max of each phase when memory does not bind); tokens evenly; (2) repair memory: while a
-  device is over budget, take away the units of the kind whose removal costs the least time
-  per byte freed, re-water-filling that kind over the devices with room; (3) evaluate every
-  ring order (all of them up to 6 devices, first device fixed; one order when the links are
-  all alike; nearest-fast-link order beyond). The best few (subset, order) candidates then go
-  through (4) local search on the full cost model: moves of heads / columns / vocabulary rows /
-  tokens between two devices in steps from a quarter of the total down to one, and memory-
-  neutral exchanges of two kinds, accepted while the predicted latency improves.
+- galaxy (HMP): water-filled heads, columns and vocabulary rows, tokens even, memory repaired
+  (split.py); the best few (subset, order) candidates then go through local search on the full
+  cost model, also from an even split, a split by memory, all tokens on one device and every
+  head split (near the best one, for the heuristic, when there are many).
 - megatron: even split (split_even) over the best subset and ring order.
 - seqpar: every device holds the whole model; tokens water-filled by per-token time.
-- pipeline: every ordered set of stages (up to 6; greedy order beyond); each stage one layer,
-  the rest to the fastest stages up to their memory -- exact for a single request, whose
-  latency is the sum of stage compute plus the hand-offs.
+- pipeline: chains of stages (every ordered set up to 6 for exact; chain_orders of the searched
+  sets for the heuristic); each stage one layer, the rest to the fastest stages up to their
+  memory -- exact for a single request, whose latency is the sum of stage compute plus the
+  hand-offs (stages.py).
 - local: the fastest device that can hold the whole model.
 
-The automatic choice takes the fastest of RUNNABLE. docs/planner.md
-gives the complexity and the measured gap to brute force.
+The automatic choice takes the fastest of RUNNABLE. docs/planner.md gives the complexity, the
+solve times and the measured gap of each search to the other and to brute force.
 """
 
 from __future__ import annotations
@@ -31,7 +29,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from galaxy.config import ModelConfig
 from galaxy.sharding import ShardSpec, split_even
@@ -46,11 +45,31 @@ from .plan import (
     ModelRef,
     Plan,
     PlanError,
+    SolverRun,
     StrategyResult,
 )
-from .profile import ClusterProfile, activation_bytes, attention_flops, head_flops, mlp_flops
-from .ring import MAX_ORDER_DEVICES, nearest_link_order
-from .split import KINDS, GalaxySplit, by_head_split, gx_missing, search_key, steps, water_fill
+from .profile import ClusterProfile, attention_flops, mlp_flops
+from .ring import (
+    MAX_ORDER_DEVICES,
+    chain_orders,
+    exact_orders,
+    nearest_link_order,
+    refine_ring,
+    ring_order,
+    uniform_links,
+)
+from .search import SubsetSearch
+from .split import (
+    KINDS,
+    NARROW_DESTINATIONS,
+    GalaxySplit,
+    by_head_split,
+    gx_missing,
+    search_key,
+    steps,
+    water_fill,
+)
+from .stages import Chains
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +77,14 @@ MAX_SUBSET_DEVICES = 8  # all subsets up to this many devices; backward eliminat
 LOCAL_SEARCH_CANDIDATES = 3  # (subset, order) pairs refined by local search (1 beyond 4 devices)
 PREFERENCE = ("local", "pipeline", "galaxy", "megatron", "seqpar")  # tie-break: the simplest runnable first
 HEAD_SPLITS_ENUMERATED = 300  # enumerate every head split of a candidate when there are at most this many
+HEAD_SPLITS_NEAR = 30  # heuristic: beyond this many, only the splits within 2 heads per device of the best
+HARD_CANDIDATES = 2  # subsets the split could not fit, refined when they would be faster than the best that fits
+TOKEN_START_DEVICES = 4  # local search also starts from all tokens on one device, up to this many devices
+EXACT_DEVICES = 4  # method="auto": the exact search up to this many devices, the heuristic beyond
+NARROW_ABOVE = 8  # heuristic: rings of more devices get the narrow local search
+LOCAL_SEARCH_EVALS = 600  # heuristic: layouts one local search may price
+ORDER_REFINE_EVALS = 300  # heuristic: rings ring.refine_ring may price for the best subset
+METHODS = ("auto", "exact", "heuristic")
 
 
 @dataclass(frozen=True)
@@ -74,7 +101,7 @@ class Outcome:
         return None if self.estimate is None else self.estimate.latency_s
 
 
-# --- galaxy ----------------------------------------------------------------------------------
+# --- subsets and ring orders ---------------------------------------------------------------
 
 def _subsets(n: int, smallest: int = 1):
     idx = range(n)
@@ -82,20 +109,41 @@ def _subsets(n: int, smallest: int = 1):
         yield from itertools.combinations(idx, k)
 
 
-def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
-    """Best HMP layout, and the best constructive latency of every feasible subset (for reasons)."""
+def _orders(cm: CostModel, sub, method: str, nbytes: float) -> list[tuple[int, ...]]:
+    """Ring orders to price: the exact search's (every order up to 6 devices), or, for the
+    heuristic, every order of up to 3 devices (two) and one TSP-style ring beyond."""
+    if method == "exact" or len(sub) <= 3:
+        return exact_orders(cm, sub)
+    return [o for o in [ring_order(cm, sub, nbytes)] if o]
+
+
+def _chunk_bytes(cm: CostModel, k: int) -> float:
+    """Bytes one device sends per ring step when k devices split the tokens evenly."""
+    return cm.S / k * cm.cfg.hidden * cm.b
+
+
+# --- galaxy ----------------------------------------------------------------------------------
+
+def solve_galaxy(cm: CostModel, method: str = "exact") -> tuple[Outcome, dict[tuple[int, ...], float]]:
+    """Best HMP layout, and the best constructive latency of every feasible subset priced (for reasons).
+
+    exact: every subset of up to MAX_SUBSET_DEVICES devices (backward elimination beyond), every
+    ring order of up to 6. heuristic: search.SubsetSearch over subsets, one TSP-style ring each."""
     gx = GalaxySplit(cm)
     by_subset: dict[tuple[int, ...], float] = {}
     cands: list[tuple[float, Estimate]] = []
+    hard: list[tuple[float, tuple[int, ...], Estimate]] = []  # subsets the split could not fit, but might fit
 
     def consider(sub) -> float | None:
         x = gx.allocate(sub)
         if x is None:
-            if gx.may_fit(sub):
-                hard.append(sub)
+            orders = _orders(cm, sub, method, _chunk_bytes(cm, len(sub))) if gx.may_fit(sub) else []
+            if orders:  # priced as if memory did not bind: how good it might be
+                e = cm.estimate(gx.layout(orders[0], sub, gx.unrepaired(sub)))
+                hard.append((e.latency_s, sub, e))
             return None
         best = None
-        for order in gx.orders(sub):
+        for order in _orders(cm, sub, method, _chunk_bytes(cm, len(sub))):
             e = cm.estimate(gx.layout(order, sub, x))
             if not e.feasible:  # the linear memory model is conservative, so this is rare
                 continue
@@ -105,8 +153,22 @@ def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
             by_subset[sub] = best
         return best
 
-    hard: list[tuple[int, ...]] = []  # subsets the conservative split could not fit, but might fit
-    if cm.n <= MAX_SUBSET_DEVICES:
+    if method == "heuristic":
+        usable = [i for i in range(cm.n) if gx.room_exact[i] >= 0]
+        need = sum(gx.total[k] * gx.unit_exact[k] for k in KINDS)
+        found = SubsetSearch(cm, usable, consider, gx.rates(), min_size=min(2, len(usable)), room=gx.room_exact,
+                             need=need, nbytes=_chunk_bytes(cm, 2)).run() if usable else None
+        if found is not None and len(found[0]) <= MAX_ORDER_DEVICES:  # the best subset: every ring order
+            x = gx.allocate(found[0])
+            cands += [(e.latency_s, e) for e in (cm.estimate(gx.layout(o, found[0], x))
+                                                 for o in exact_orders(cm, found[0])) if e.feasible]
+        elif found is not None:  # or the cost model's say on its ring
+            e = _refine_order(cm, min((c for c in cands if tuple(sorted(c[1].layout.order)) == found[0]),
+                                      key=lambda c: c[0])[1])
+            cands.append((e.latency_s, e))
+        if found is None and not hard and usable and gx.may_fit(usable):
+            consider(tuple(usable))
+    elif cm.n <= MAX_SUBSET_DEVICES:
         for sub in _subsets(cm.n, 2):
             consider(sub)
     else:  # backward elimination from the whole cluster
@@ -119,26 +181,63 @@ def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
                 break
             cur_lat, d = min(trials)
             cur = tuple(i for i in cur if i != d)
-    cands.sort(key=lambda c: c[0])
+    best = _refine_galaxy(cm, gx, cands, hard, method)
+    if best is None:
+        return Outcome("galaxy", None, "no subset of devices can hold the model's shards", gx_missing(gx)), by_subset
+    sub = tuple(sorted(best.layout.order))
+    by_subset[sub] = min(by_subset.get(sub, math.inf), best.latency_s)
+    if method == "heuristic":  # what each left-out device would cost (the reasons in plan.unused)
+        for i in range(cm.n):
+            if i not in sub and tuple(sorted((*sub, i))) not in by_subset:
+                consider(tuple(sorted((*sub, i))))
+    return Outcome("galaxy", best, _galaxy_summary(cm, best)), by_subset
+
+
+def _refine_galaxy(cm: CostModel, gx: GalaxySplit, cands, hard, method: str) -> Estimate | None:
+    """Local search on the best (subset, order) candidates, from other starting points, and
+    over every head split when there are few; then rings without the devices left idle."""
+    narrow, budget = False, None
+    cands = sorted(cands, key=lambda c: c[0])
     picked, seen = [], set()
     for _, e in cands:  # the best few, at most one order per subset
         sub = tuple(sorted(e.layout.order))
         if sub not in seen:
             seen.add(sub)
             picked.append(e)
-        if len(picked) == (LOCAL_SEARCH_CANDIDATES if len(sub) <= 4 else 1):
+        limit = LOCAL_SEARCH_CANDIDATES if len(sub) <= 4 else 1
+        # The exact search stops only at exactly `limit`: after a small subset, a larger one never
+        # stops it, and every subset gets refined (kept: it is the reference the heuristic is measured by).
+        if len(picked) == limit or (method == "heuristic" and len(picked) > limit):
             break
+    if method == "heuristic":
+        narrow = bool(picked) and len(picked[0].layout.order) > NARROW_ABOVE
+        budget = LOCAL_SEARCH_EVALS
     if not picked:  # nothing fitted by construction: search for a fit from plain starting points
-        for sub in sorted(hard, key=len)[:LOCAL_SEARCH_CANDIDATES]:
-            picked += [cm.estimate(lay) for lay in gx.starts(gx.orders(sub)[0])]
-    refined = [gx.local_search(e) for e in picked]
+        for _, _, e in sorted(hard, key=lambda h: len(h[1]))[:LOCAL_SEARCH_CANDIDATES]:
+            picked += [cm.estimate(lay) for lay in gx.starts(e.layout.order)]
+    else:  # and in the subsets the split could not fit that would be faster if they did
+        bar = picked[0].latency_s
+        for _, _, e in sorted((h for h in hard if h[0] < bar), key=lambda h: (h[0], len(h[1])))[:HARD_CANDIDATES]:
+            picked += [e, *(cm.estimate(lay) for lay in gx.starts(e.layout.order))]
+
+    def descend(e, kinds=KINDS):
+        return gx.local_search(e, kinds=kinds, narrow=narrow, max_evals=budget)
+
+    refined = [descend(e) for e in picked]
+    for e in list(refined):  # and from each small candidate with all its tokens on one device
+        lay, k = e.layout, len(e.layout.order)  # (empty chunks send nothing: fewer, longer messages)
+        if 1 < k <= TOKEN_START_DEVICES:
+            alts = [cm.estimate(replace(lay, tokens=tuple(cm.S if q == r else 0 for q in range(k)))) for r in range(k)]
+            refined.append(descend(min(alts, key=search_key)))
     top = min(refined, key=lambda e: (search_key(e), len(e.layout.order)), default=None)
     if top is not None and top.feasible:  # the best one: also descend from other starting points
         order = top.layout.order
         if len(order) <= 4:
-            refined += [gx.local_search(cm.estimate(lay)) for lay in gx.starts(order)]
-        if math.comb(cm.cfg.n_heads + len(order) - 1, len(order) - 1) <= HEAD_SPLITS_ENUMERATED:
-            refined += [gx.local_search(x, kinds=KINDS[1:]) for x in by_head_split(gx, order, keep=3)]
+            refined += [descend(cm.estimate(lay)) for lay in gx.starts(order)]
+        splits = math.comb(cm.cfg.n_heads + len(order) - 1, len(order) - 1)
+        near = top.layout.heads if method == "heuristic" and splits > HEAD_SPLITS_NEAR else None
+        if splits <= HEAD_SPLITS_ENUMERATED:
+            refined += [descend(x, KINDS[1:]) for x in by_head_split(gx, order, keep=3, near=near)]
     refined = [e for e in refined if e.feasible]
     for e in list(refined):  # a device left holding no weights only relays: try the ring without it
         lay = e.layout
@@ -149,29 +248,41 @@ def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
             tokens[0] += cm.S - sum(tokens)
             smaller = Layout("galaxy", *(tuple(v[r] for r in keep) for v in
                                          (lay.order, lay.heads, lay.cols, lay.vocab)), tuple(tokens))
-            refined.append(gx.local_search(cm.estimate(smaller)))
+            refined.append(descend(cm.estimate(smaller)))
     refined = [e for e in refined if e.feasible]
-    if not refined:
-        return Outcome("galaxy", None, "no subset of devices can hold the model's shards", gx_missing(gx)), by_subset
-    best = min(refined, key=lambda e: (e.latency_s, len(e.layout.order)))
-    sub = tuple(sorted(best.layout.order))
-    by_subset[sub] = min(by_subset.get(sub, math.inf), best.latency_s)
-    return Outcome("galaxy", best, _galaxy_summary(cm, best)), by_subset
+    return min(refined, key=lambda e: (e.latency_s, len(e.layout.order)), default=None)
 
 
 # --- megatron, seqpar, pipeline, local -------------------------------------------------------
 
-def solve_megatron(cm: CostModel) -> Outcome:
+def solve_megatron(cm: CostModel, method: str = "exact") -> Outcome:
     cfg, best = cm.cfg, None
     gx = GalaxySplit(cm)
-    for sub in _subsets(cm.n, 2) if cm.n <= MAX_SUBSET_DEVICES else [tuple(range(cm.n))]:
-        k = len(sub)
+
+    def price(sub) -> Estimate | None:
+        k, out = len(sub), None
         split = [split_even(t, k) for t in (cfg.n_heads, cfg.ffn, cfg.vocab_size)]
         if min(gx.room[i] for i in sub) < 0:
-            continue
-        for order in gx.orders(sub):
+            return None
+        for order in _orders(cm, sub, method, cm.S / k * cfg.hidden * cm.b):
             e = cm.estimate(Layout("megatron", order, *map(tuple, split)))
-            if e.feasible and (best is None or e.latency_s < best.latency_s):
+            if e.feasible and (out is None or e.latency_s < out.latency_s):
+                out = e
+        return out
+
+    if method == "heuristic":
+        def fits(i, k):  # holds the largest share of an even split over k devices
+            h, c, v = (split_even(t, k)[0] for t in (cfg.n_heads, cfg.ffn, cfg.vocab_size))
+            spec = ShardSpec((0, h), (0, c), (0, v), (0, cfg.n_layers))
+            return cm.memory(i, spec, cm.activations(h, c, cm.S, v)).fits
+
+        best = _heuristic_best(cm, price, [i for i in range(cm.n) if gx.room[i] >= 0], gx.rates(), 2,
+                               gx.room, sum(gx.total[k] * gx.unit_bytes[k] for k in KINDS), _chunk_bytes(cm, 2), fits,
+                               follow_devices=False)
+    else:
+        for sub in _subsets(cm.n, 2) if cm.n <= MAX_SUBSET_DEVICES else [tuple(range(cm.n))]:
+            e = price(sub)
+            if e is not None and (best is None or e.latency_s < best.latency_s):
                 best = e
     if best is None:
         return Outcome("megatron", None, "no subset can hold an even split of the model")
@@ -179,7 +290,46 @@ def solve_megatron(cm: CostModel) -> Outcome:
                    f"{_comm_phrase(cm, best)}")
 
 
-def solve_seqpar(cm: CostModel) -> Outcome:
+def _refine_order(cm: CostModel, est: Estimate, follow_devices: bool = True) -> Estimate:
+    """The ring of a layout of more than MAX_ORDER_DEVICES devices, improved on the cost model
+    (ring.refine_ring); follow_devices: each device keeps its share (else each position does)."""
+    lay = est.layout
+    if len(lay.order) <= MAX_ORDER_DEVICES:
+        return est
+    pos = {i: r for r, i in enumerate(lay.order)}
+    fields = [f for f in ("heads", "cols", "vocab", "tokens") if getattr(lay, f)] if follow_devices else []
+
+    def relayout(order):
+        return replace(lay, order=order, **{f: tuple(getattr(lay, f)[pos[i]] for i in order) for f in fields})
+
+    def price(order):
+        e = cm.estimate(relayout(order))
+        return e.latency_s if e.feasible else None
+
+    order, lat = refine_ring(lay.order, price, ORDER_REFINE_EVALS)
+    return est if order == lay.order else cm.estimate(relayout(order))
+
+
+def _heuristic_best(cm: CostModel, price, items, rate, min_size, room=None, need=0.0, nbytes=0.0, fits=None,
+                    follow_devices=True):
+    """search.SubsetSearch with a price that returns an Estimate: the best Estimate found, its
+    ring refined on the cost model."""
+    ests: dict[tuple[int, ...], Estimate] = {}
+
+    def latency(sub):
+        e = price(sub)
+        if e is None:
+            return None
+        ests[sub] = e
+        return e.latency_s
+
+    if not items:
+        return None
+    found = SubsetSearch(cm, items, latency, rate, min(min_size, len(items)), room, need, nbytes, fits).run()
+    return None if found is None else _refine_order(cm, ests[found[0]], follow_devices)
+
+
+def solve_seqpar(cm: CostModel, method: str = "exact") -> Outcome:
     cfg, S, b, L = cm.cfg, cm.S, cm.b, cm.cfg.n_layers
     full = weight_bytes(cfg, ShardSpec((0, cfg.n_heads), (0, cfg.ffn), (0, cfg.vocab_size), (0, L)), b)
     per_tok = seqpar_activation_bytes(cfg, S, 1, b) - seqpar_activation_bytes(cfg, S, 0, b)
@@ -190,7 +340,6 @@ def solve_seqpar(cm: CostModel) -> Outcome:
         biggest = max(d.memory_bytes for d in cm.devices)
         return Outcome("seqpar", None, f"every device would hold the whole model ({fmt_bytes(full + base)}), "
                        f"the largest budget is {fmt_bytes(biggest)}", int(full + base + per_tok - biggest))
-    gx = GalaxySplit(cm)
     lines = []
     for d in cm.devices:
         fa = attention_flops(cfg, cfg.n_heads, 1, cfg.n_kv_heads) + 4.0 * (S - 1) * cfg.head_dim * cfg.n_heads
@@ -198,32 +347,50 @@ def solve_seqpar(cm: CostModel) -> Outcome:
                  + 16.0 * cfg.hidden / d.connective.flops_per_s)
         o = L * (d.attention.overhead_s + d.mlp.overhead_s + 2 * d.connective.overhead_s)
         lines.append((o, t))
-    best = None
-    subs = _subsets(len(able), 2) if len(able) <= MAX_SUBSET_DEVICES else [tuple(range(len(able)))]
-    for sub_pos in subs:
-        sub = tuple(able[p] for p in sub_pos)
+
+    def price(sub) -> Estimate | None:
         x = water_fill(S, [lines[i] for i in sub], [caps[i] for i in sub])
         if x is None:
-            continue
-        for order in gx.orders(sub):
-            pos = {i: r for r, i in enumerate(sub)}
+            return None
+        out = None
+        pos = {i: r for r, i in enumerate(sub)}
+        kv_bytes = S / len(sub) * 2 * cfg.n_kv_heads * cfg.head_dim * b
+        for order in _orders(cm, sub, method, kv_bytes):
             e = cm.estimate(Layout("seqpar", order, tokens=tuple(x[pos[i]] for i in order)))
-            if e.feasible and (best is None or e.latency_s < best.latency_s):
+            if e.feasible and (out is None or e.latency_s < out.latency_s):
+                out = e
+        return out
+
+    best = None
+    if method == "heuristic":
+        best = _heuristic_best(cm, price, able, [1.0 / (o + t * S) for o, t in lines], 2)
+    else:
+        subs = _subsets(len(able), 2) if len(able) <= MAX_SUBSET_DEVICES else [tuple(range(len(able)))]
+        for sub_pos in subs:
+            e = price(tuple(able[p] for p in sub_pos))
+            if e is not None and (best is None or e.latency_s < best.latency_s):
                 best = e
     if best is None:
         return Outcome("seqpar", None, "no set of devices holding the whole model can split the tokens")
-    best = _token_search(cm, best)
+    best = _token_search(cm, best, narrow=method == "heuristic" and len(best.layout.order) > NARROW_ABOVE)
     return Outcome("seqpar", best, f"whole model on each of {len(best.layout.order)} devices, "
                    f"{_comm_phrase(cm, best)}")
 
 
-def _token_search(cm: CostModel, est: Estimate) -> Estimate:
+def _token_search(cm: CostModel, est: Estimate, narrow: bool = False) -> Estimate:
+    """Move tokens between two devices while it helps; narrow (large rings): from the devices
+    that compute longest to those that compute shortest."""
     lay, n = est.layout, len(est.layout.order)
     improved = True
     while improved:
         improved = False
+        pairs = list(itertools.permutations(range(n), 2))
+        if narrow:
+            slow = sorted(range(n), key=lambda r: (-est.compute_s[r], r))[:NARROW_DESTINATIONS]
+            fast = sorted(range(n), key=lambda r: (est.compute_s[r], r))[:NARROW_DESTINATIONS]
+            pairs = [(i, j) for i in slow for j in fast if i != j]
         for step in steps(cm.S, n):
-            for i, j in itertools.permutations(range(n), 2):
+            for i, j in pairs:
                 t = list(lay.tokens)
                 if t[i] < step:
                     continue
@@ -235,71 +402,59 @@ def _token_search(cm: CostModel, est: Estimate) -> Estimate:
     return est
 
 
-def solve_pipeline(cm: CostModel) -> Outcome:
-    cfg, S, b, L = cm.cfg, cm.S, cm.b, cm.cfg.n_layers
-    full_h, full_c, full_v = (0, cfg.n_heads), (0, cfg.ffn), (0, cfg.vocab_size)
-    per_layer = weight_bytes(cfg, ShardSpec(full_h, full_c, full_v, (0, 1), embed=False, head=False), b)
-    role_bytes = {role: weight_bytes(cfg, ShardSpec(full_h, full_c, full_v, (0, 0), embed=e, head=h), b)
-                  for role, e, h in (("first", True, False), ("last", False, True), ("only", True, True),
-                                     ("mid", False, False))}
-    act = activation_bytes(cfg, S, cfg.n_heads, cfg.ffn, S, b)
-    act_last = max(act, cm.head_activation(cfg.vocab_size))
-    t_layer = [cm.full_layer_s(i) for i in range(cm.n)]
-    t_first = [cm.con_s(i, S) for i in range(cm.n)]
-    t_last = [(cm.con_s(i, S) + cm.head_model(i).seconds(head_flops(cfg, cfg.vocab_size, 1))) if cfg.causal else 0.0
-              for i in range(cm.n)]
-    hand = S * cfg.hidden * b
-
-    def cap(i, role):
-        a = act_last if role in ("last", "only") else act
-        return int((cm.devices[i].memory_bytes - a - role_bytes[role]) // per_layer)
-
-    caps = {role: [cap(i, role) for i in range(cm.n)] for role in role_bytes}
+def solve_pipeline(cm: CostModel, method: str = "exact") -> Outcome:
+    L = cm.cfg.n_layers
+    ch = Chains(cm)
     best = None
-    sizes = range(2, cm.n + 1) if cm.n > 1 else [1]
-    uniform = len({cm.link(i, j) for i in range(cm.n) for j in range(cm.n) if cm.has_link(i, j)}) <= 1 and all(
-        cm.has_link(i, j) for i in range(cm.n) for j in range(cm.n) if i != j)
 
-    def sequences(m):
-        if uniform:  # only the first and last stage matter: they hold the embedding and the head
-            for sub in itertools.combinations(range(cm.n), m):
-                for a, z in itertools.permutations(sub, 2) if m > 1 else [(sub[0], sub[0])]:
-                    yield (a, *(i for i in sub if i not in (a, z)), z) if m > 1 else sub
-        elif m <= MAX_ORDER_DEVICES:
-            yield from itertools.permutations(range(cm.n), m)
-        else:
-            yield from (o for o in (nearest_link_order(cm, s) for s in itertools.combinations(range(cm.n), m)) if o)
+    if method == "heuristic":
+        seqs: dict[tuple[int, ...], tuple[float, tuple[int, ...], list[int]]] = {}
 
-    for m in sizes:
-        for seq in sequences(m):
-            if m == 1:
-                c = [caps["only"][seq[0]]]
+        def latency(sub):
+            out = None
+            for seq in chain_orders(cm, sub, ch.hand) if len(sub) > 1 else [sub]:
+                got = ch.price(seq)
+                if got is not None and (out is None or got[0] < out[0] - 1e-15):
+                    out = (got[0], seq, got[1])
+            if out is None:
+                return None
+            seqs[sub] = out
+            return out[0]
+
+        items = [i for i in range(cm.n) if max(ch.caps[r][i] for r in ch.caps) >= 1]
+        room = [max(0, ch.caps["mid"][i]) * ch.per_layer for i in range(cm.n)]
+        if items:
+            found = SubsetSearch(cm, items, latency, [1.0 / ch.t_layer[i] for i in range(cm.n)],
+                                 min(2 if cm.n > 1 else 1, len(items)), room, L * ch.per_layer, ch.hand).run()
+            best = None if found is None else seqs[found[0]]
+    else:
+        sizes = range(2, cm.n + 1) if cm.n > 1 else [1]
+        uniform = uniform_links(cm, range(cm.n))
+
+        def sequences(m):
+            if uniform:  # only the first and last stage matter: they hold the embedding and the head
+                for sub in itertools.combinations(range(cm.n), m):
+                    for a, z in itertools.permutations(sub, 2) if m > 1 else [(sub[0], sub[0])]:
+                        yield (a, *(i for i in sub if i not in (a, z)), z) if m > 1 else sub
+            elif m <= MAX_ORDER_DEVICES:
+                yield from itertools.permutations(range(cm.n), m)
             else:
-                c = [caps["first"][seq[0]], *(caps["mid"][i] for i in seq[1:-1]), caps["last"][seq[-1]]]
-            if min(c) < 1 or sum(c) < L:
-                continue
-            if any(not cm.has_link(seq[r], seq[r + 1]) for r in range(m - 1)):
-                continue
-            layers = [1] * m
-            left = L - m
-            if left < 0:
-                continue
-            for r in sorted(range(m), key=lambda r: t_layer[seq[r]]):  # the rest to the fastest stages
-                extra = min(left, c[r] - 1)
-                layers[r] += extra
-                left -= extra
-            lat = sum(n * t_layer[i] for n, i in zip(layers, seq)) + t_first[seq[0]] + t_last[seq[-1]]
-            lat += sum(cm.link(seq[r], seq[r + 1])[0] * hand + cm.link(seq[r], seq[r + 1])[1] for r in range(m - 1))
-            if best is None or lat < best[0] - 1e-15:
-                best = (lat, seq, layers)
+                yield from (o for o in (nearest_link_order(cm, s) for s in itertools.combinations(range(cm.n), m))
+                            if o)
+
+        for m in sizes:
+            for seq in sequences(m):
+                got = ch.price(seq)
+                if got is not None and (best is None or got[0] < best[0] - 1e-15):
+                    best = (got[0], seq, got[1])
     if best is None:
-        most = sum(sorted((max(0, caps["mid"][i]) for i in range(cm.n)), reverse=True))
-        missing = (L - most) * per_layer + role_bytes["only"] - role_bytes["mid"] if most < L else 0
+        most = sum(sorted((max(0, ch.caps["mid"][i]) for i in range(cm.n)), reverse=True))
+        missing = (L - most) * ch.per_layer + ch.role_bytes["only"] - ch.role_bytes["mid"] if most < L else 0
         return Outcome("pipeline", None, f"the devices can hold at most {most} of the {L} layers "
-                       f"({fmt_bytes(per_layer)} each) besides their activations", int(max(0, missing)))
+                       f"({fmt_bytes(ch.per_layer)} each) besides their activations", int(max(0, missing)))
     e = cm.estimate(Layout("pipeline", best[1], layers=tuple(best[2])))
     return Outcome("pipeline", e, f"{len(best[1])} stages, layers {list(best[2])}, hands "
-                   f"{fmt_bytes(hand)} down {len(best[1]) - 1} time(s)")
+                   f"{fmt_bytes(ch.hand)} down {len(best[1]) - 1} time(s)")
 
 
 def solve_local(cm: CostModel) -> Outcome:
@@ -359,20 +514,28 @@ def _choice_reason(cm: CostModel, win: Outcome, outcomes: dict[str, Outcome], fo
 # --- the entry point -----------------------------------------------------------------------------
 
 def solve(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: str | None = None,
-          dtype_bytes: int = 4) -> Plan:
+          dtype_bytes: int = 4, method: str = "auto") -> Plan:
     """The plan with the lowest predicted prefill latency whose shards fit every device.
 
     strategy: None picks the fastest runnable strategy; "galaxy", "megatron", "pipeline", "local"
-    or "seqpar" forces one. Raises PlanError when nothing fits (saying how many bytes are missing)
-    or the forced strategy is infeasible.
+    or "seqpar" forces one. method: "exact" prices every subset (and ring order) of a small
+    cluster, "heuristic" searches them in polynomial time (search.py), "auto" takes the exact
+    search up to EXACT_DEVICES devices. The plan records the method and the seconds it took
+    (Plan.solver). Raises PlanError when nothing fits (saying how many bytes are missing) or the
+    forced strategy is infeasible.
     """
+    t0 = time.perf_counter()
     choices = ("galaxy", "megatron", "pipeline", "local", "seqpar")
     if strategy is not None and strategy not in choices:
         raise PlanError(f"strategy: {strategy!r} is not one of {choices}")
+    if method not in METHODS:
+        raise PlanError(f"method: {method!r} is not one of {METHODS}")
     cm = CostModel(cfg, seq_len, cluster, dtype_bytes)
-    galaxy, by_subset = solve_galaxy(cm)
-    outcomes = {"galaxy": galaxy, "megatron": solve_megatron(cm), "seqpar": solve_seqpar(cm),
-                "pipeline": solve_pipeline(cm), "local": solve_local(cm)}
+    if method == "auto":
+        method = "exact" if cm.n <= EXACT_DEVICES else "heuristic"
+    galaxy, by_subset = solve_galaxy(cm, method)
+    outcomes = {"galaxy": galaxy, "megatron": solve_megatron(cm, method), "seqpar": solve_seqpar(cm, method),
+                "pipeline": solve_pipeline(cm, method), "local": solve_local(cm)}
     if galaxy.estimate is not None:
         e = cm.estimate(Layout("galaxy-no-overlap", *_fields(galaxy.estimate.layout)))
         outcomes["galaxy-no-overlap"] = Outcome("galaxy-no-overlap", e, "the galaxy layout with communication and "
@@ -388,7 +551,8 @@ def solve(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: str
                 f"{s}: {o.reason}" for s, o in outcomes.items() if s in choices) + ")")
         win = min(ok, key=lambda o: (round(o.latency_s, 12), PREFERENCE.index(o.strategy)))
     reason = _choice_reason(cm, win, outcomes, strategy is not None)
-    return _to_plan(cm, win, outcomes, by_subset, reason)
+    plan = _to_plan(cm, win, outcomes, by_subset, reason)
+    return replace(plan, solver=SolverRun(method, time.perf_counter() - t0, cm.n))
 
 
 def _fields(lay: Layout):
@@ -440,7 +604,8 @@ def _to_plan(cm: CostModel, win: Outcome, outcomes, by_subset, reason) -> Plan:
         devices.append(DevicePlan(d.name, d.address, *counts, memory=mem,
                                   predicted=DeviceTiming(e.compute_s[r], e.comm_s[r])))
     results = tuple(StrategyResult(s, o.latency_s, o.reason) for s, o in outcomes.items())
-    unused = tuple((cm.devices[i].name, _unused_reason(cm, i, lay, win, by_subset))
+    gx = GalaxySplit(cm)
+    unused = tuple((cm.devices[i].name, _unused_reason(cm, gx, i, lay, win, by_subset))
                    for i in range(cm.n) if i not in lay.order)
     return Plan(lay.strategy, tuple(devices), cm.S, ModelRef.of(cfg), cm.b, e.latency_s, results, reason, unused)
 
@@ -453,11 +618,10 @@ def _ranges(counts):
     return out
 
 
-def _unused_reason(cm: CostModel, i: int, lay: Layout, win: Outcome, by_subset) -> str:
+def _unused_reason(cm: CostModel, gx: GalaxySplit, i: int, lay: Layout, win: Outcome, by_subset) -> str:
     d = cm.devices[i]
     if win.strategy != "galaxy":
         return f"not needed by the {win.strategy} plan"
-    gx = GalaxySplit(cm)
     if gx.room[i] < 0:
         return (f"its budget {fmt_bytes(d.memory_bytes)} is below the replicated weights and activations every "
                 f"galaxy device holds ({fmt_bytes(gx.fixed_bytes)})")

@@ -24,6 +24,7 @@ from .profile import activation_bytes, attention_flops, head_flops, mlp_flops
 from .ring import exact_orders
 
 KINDS = ("heads", "cols", "vocab", "tokens")
+NARROW_DESTINATIONS = 3  # narrow local search: devices a unit may move to
 
 
 # --- integer splits ------------------------------------------------------------------------------
@@ -43,11 +44,11 @@ def water_fill(total: int, lines: list[tuple[float, float]], caps: list[int]) ->
     if total == 0:
         return [0] * n
 
-    def units(i: int, t: float) -> int:
-        o, a = lines[i]
-        if t < o + a * (1 - 1e-12) - 1e-300:
-            return 0
-        return caps[i] if a <= 0 else min(caps[i], int((t - o) / a * (1 + 1e-12) + 1e-9))
+    starts = [(o + a * (1 - 1e-12) - 1e-300, o, a, c) for (o, a), c in zip(lines, caps)]
+
+    def units(t: float) -> list[int]:  # units each device takes below level t
+        return [0 if t < s else c if a <= 0 else min(c, int((t - o) / a * (1 + 1e-12) + 1e-9))
+                for s, o, a, c in starts]
 
     def cost(i: int, x: int) -> float:
         return 0.0 if x == 0 else lines[i][0] + lines[i][1] * x
@@ -57,11 +58,11 @@ def water_fill(total: int, lines: list[tuple[float, float]], caps: list[int]) ->
         mid = (lo + hi) / 2
         if mid in (lo, hi):
             break
-        if sum(units(i, mid) for i in range(n)) >= total:
+        if sum(units(mid)) >= total:
             hi = mid
         else:
             lo = mid
-    x = [units(i, hi) for i in range(n)]
+    x = units(hi)
     for _ in range(sum(x) - total):  # drop the units that reach the level last
         i = max((i for i in range(n) if x[i] > 0), key=lambda i: (cost(i, x[i]), -i))
         x[i] -= 1
@@ -124,6 +125,12 @@ class GalaxySplit:
         floor = weight_bytes(cfg, base, b) + activation_bytes(cfg, S, 0, 0, 0, b)
         self.room_exact = [d.memory_bytes - floor for d in cm.devices]
 
+    def rates(self) -> list[float]:
+        """1 / seconds each device would take for the whole model alone, memory aside: the ranking
+        of the subset search (search.py)."""
+        return [1.0 / max(1e-300, sum(o + a * self.total[k] for k in KINDS for o, a in [self.lines[k][i]]))
+                for i in range(self.cm.n)]
+
     def may_fit(self, sub) -> bool:
         """False only if the subset certainly cannot hold the model."""
         return sum(max(0.0, self.room_exact[i]) for i in sub) >= sum(
@@ -160,6 +167,19 @@ class GalaxySplit:
             x["vocab"] = fill_by_room(self.total["vocab"], free, big)
         movable = ("vocab", "cols", "tokens") if heads is not None else KINDS
         return self.repair(sub, x, room, ub, movable)
+
+    def unrepaired(self, sub: tuple[int, ...]) -> dict[str, list[int]]:
+        """The water-filled split with memory ignored: where a subset the repair cannot fit would
+        like to be (a starting point for local search, which makes it fit first)."""
+        x = {"tokens": split_even(self.total["tokens"], len(sub))}
+        big = [10**18] * len(sub)
+        for k in ("heads", "cols"):
+            x[k] = water_fill(self.total[k], self.lines_of(k, sub), big)
+        if self.cm.cfg.causal:
+            x["vocab"] = water_fill(self.total["vocab"], self.lines_of("vocab", sub), big)
+        else:
+            x["vocab"] = fill_by_room(self.total["vocab"], [max(1.0, self.room_exact[i]) for i in sub], big)
+        return x
 
     def lines_of(self, k, sub) -> list[tuple[float, float]]:
         """(overhead, seconds per unit) of kind k on each device of `sub`, as fast as it is there."""
@@ -213,40 +233,57 @@ class GalaxySplit:
         return Layout(strategy, tuple(order), *(tuple(x[k][pos[i]] for i in order) for k in KINDS))
 
     # (3): local search -------------------------------------------------------------------
-    def local_search(self, est: Estimate, max_moves: int = 400, kinds=KINDS) -> Estimate:
-        """First-improvement descent over single-kind moves and memory-neutral exchanges."""
+    def local_search(self, est: Estimate, max_moves: int = 400, kinds=KINDS, narrow: bool = False,
+                     max_evals: int | None = None) -> Estimate:
+        """First-improvement descent over single-kind moves and memory-neutral exchanges.
+
+        narrow (large rings): each move goes from one of the devices that finish a phase last to
+        one of the NARROW_DESTINATIONS that finish it first, instead of to any device; with
+        max_evals the descent stops after that many layouts priced."""
         n = len(est.layout.order)
         if n == 1:
             return est
         kinds = [k for k in kinds if self.cm.cfg.causal or k != "vocab" or not est.feasible]
-        best, key, moves = est, search_key(est), 0
+        best, key, moves, evals = est, search_key(est), 0, 0
         improved = True
         while improved and moves < max_moves:
             improved = False
-            for changes in self._moves(best, kinds):
+            for changes in self._moves(best, kinds, narrow):
                 cand = apply_changes(best.layout, changes)
                 if cand is None:
                     continue
                 e = self.cm.estimate(cand)
+                evals += 1
                 k = search_key(e)
                 if k < key:
                     best, key, improved = e, k, True
                     moves += 1
+                if max_evals is not None and evals >= max_evals:
+                    return best
         return best
 
-    def _moves(self, est: Estimate, kinds):
+    def _moves(self, est: Estimate, kinds, narrow: bool = False):
         """Move descriptors [(kind, from, to, units), ...]. Compute-only kinds move off the two
-        busiest devices of their phase (only they can lower a min-max); tokens between any pair."""
+        busiest devices of their phase (only they can lower a min-max); tokens between any pair.
+        narrow: tokens off the devices sending the most over the slowest links, everything to
+        the few least busy (or, for tokens, least sending) devices."""
         n = len(est.layout.order)
         busy = busy_by_kind(est)
         src = {k: sorted(range(n), key=lambda r: -busy[k][r])[:2] for k in KINDS}
         src["tokens"] = list(range(n))
+        dst = {k: list(range(n)) for k in KINDS}
+        if narrow:
+            links = self.cm.ring_links(est.layout.order)
+            send = [t * spb for t, (spb, _) in zip(est.layout.tokens, links)]
+            src["tokens"] = sorted(range(n), key=lambda r: (-send[r], r))[:NARROW_DESTINATIONS]
+            dst = {k: sorted(range(n), key=lambda r: (busy[k][r], r))[:NARROW_DESTINATIONS] for k in KINDS}
+            dst["tokens"] = sorted(range(n), key=lambda r: (send[r], r))[:NARROW_DESTINATIONS]
         if not est.feasible:  # make room: any device may give
             src = {k: list(range(n)) for k in KINDS}
         for k in kinds:
             for step in steps(self.total[k], n):
                 for i in src[k]:
-                    for j in range(n):
+                    for j in dst[k]:
                         if i != j:
                             yield [(k, i, j, step)]
         if all(m.used_bytes < 0.9 * m.budget_bytes for m in est.memory):
@@ -258,7 +295,7 @@ class GalaxySplit:
                 backs = {math.ceil(r), *(max(1, int(r) >> m) for m in range(3))}
                 for back in sorted(backs):
                     for i in src[k1]:
-                        for j in range(n):
+                        for j in dst[k1]:
                             if i != j:
                                 yield [(k1, i, j, step), (k2, j, i, back)]
 
@@ -286,6 +323,22 @@ def busy_by_kind(e: Estimate) -> dict[str, list[float]]:
     return out
 
 
+def splits_near(center: tuple[int, ...], total: int, radius: int):
+    """Every split of `total` over len(center) parts within `radius` of `center` on each part."""
+    n = len(center)
+
+    def rec(r: int, left: int):
+        if r == n - 1:
+            if abs(left - center[r]) <= radius:
+                yield (left,)
+            return
+        for v in range(max(0, center[r] - radius), min(left, center[r] + radius) + 1):
+            for rest in rec(r + 1, left - v):
+                yield (v, *rest)
+
+    yield from rec(0, total)
+
+
 def compositions(total: int, parts: int):
     """Every way to write total as an ordered sum of `parts` non-negative integers."""
     for cuts in itertools.combinations_with_replacement(range(total + 1), parts - 1):
@@ -309,13 +362,16 @@ def search_key(e: Estimate):
     return (over, round(e.latency_s, 12), balance)
 
 
-def by_head_split(gx: GalaxySplit, order, keep: int = 2) -> list[Estimate]:
+def by_head_split(gx: GalaxySplit, order, keep: int = 2, near: tuple[int, ...] | None = None,
+                  radius: int = 2) -> list[Estimate]:
     """Every split of the heads (the coarsest unit, where local search stalls), the other kinds
-    water-filled and repaired around it; the best `keep`."""
+    water-filled and repaired around it; the best `keep`. near: only the splits within `radius`
+    heads of it on every device (per device of `order`)."""
     sub, n = tuple(sorted(order)), len(order)
     pos = {i: r for r, i in enumerate(order)}
     out = []
-    for h in compositions(gx.total["heads"], n):
+    splits = compositions(gx.total["heads"], n) if near is None else splits_near(near, gx.total["heads"], radius)
+    for h in splits:
         x = gx.allocate(sub, heads=[h[pos[i]] for i in sub])
         if x is not None:
             e = gx.cm.estimate(gx.layout(order, sub, x))
