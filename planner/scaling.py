@@ -1,0 +1,181 @@
+"""How the solver scales, and what the polynomial search gives up: the figures in docs/planner.md.
+
+    PYTHONPATH=$PWD flock /tmp/galaxy-cpu.lock python -m planner.scaling
+
+prints three tables:
+
+1. devices x solve time x gap: on seeded synthetic clusters (planner/synthetic.py) of each size,
+   the median solve time of the heuristic search (and of the exact one where it still runs, up to
+   --exact-up-to devices), and the gap of the heuristic's predicted latency to the exact one's:
+   of the chosen plan and of each strategy's best layout. A negative gap: the heuristic found the
+   better layout (both split by construction and local search, neither is optimal).
+2. the gap of each search to brute force (planner/brute_force.py) on the tiny models the tests
+   enumerate, over more seeded clusters than the tests use.
+3. the emulated clusters of devices/clusters (synthetic.EMULATED): the heuristic's plan against
+   the exact search's.
+
+Times are wall-clock medians over --repeats solves in one process (after one warm-up solve), on
+whatever machine runs it: run it under the CPU lock, with nothing else busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from galaxy.config import preset
+
+from .brute_force import TINY, TINY_3DEV, brute_force_galaxy, tiny_cluster
+from .cost import CostModel
+from .plan import PlanError
+from .solver import solve, solve_galaxy
+from .synthetic import EMULATED, emulated_cluster, synthetic_cluster
+
+STRATEGIES = ("galaxy", "megatron", "seqpar", "pipeline")
+
+
+def _timed(cfg, seq_len, cluster, method, repeats):
+    """(plan, median seconds) of `repeats` solves."""
+    times, plan = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plan = solve(cfg, seq_len, cluster, method=method)
+        times.append(time.perf_counter() - t0)
+    return plan, statistics.median(times)
+
+
+def _gap(h, e) -> float | None:
+    return None if h is None or e is None else h / e - 1
+
+
+def _fmt_gap(gaps) -> str:
+    gaps = [g for g in gaps if g is not None]
+    if not gaps:
+        return "-"
+    return f"{100 * max(gaps):+.2f} %"
+
+
+def size_table(sizes, seeds, exact_up_to, repeats, cfg, seq_len) -> list[str]:
+    solve(cfg, seq_len, synthetic_cluster(4, 0), method="heuristic")  # warm up imports and caches
+    head = ("| devices | clusters | exact s (median / max) | heuristic s (median / max) | plan gap (median / max) "
+            "| " + " | ".join(f"{s} gap max" for s in STRATEGIES) + " | heuristic worse / same / better |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    print("\n".join(lines), flush=True)
+    for n in sizes:
+        ht, et, plan_gaps, worse, same, better = [], [], [], 0, 0, 0
+        by_strategy = {s: [] for s in STRATEGIES}
+        missed = {s: 0 for s in STRATEGIES}  # exact found a layout, the heuristic none
+        for seed in range(seeds):
+            cl = synthetic_cluster(n, seed)
+            h, t = _timed(cfg, seq_len, cl, "heuristic", repeats)
+            ht.append(t)
+            if n > exact_up_to:
+                continue
+            e, t = _timed(cfg, seq_len, cl, "exact", repeats)
+            et.append(t)
+            g = _gap(h.latency_s, e.latency_s)
+            plan_gaps.append(g)
+            worse, same, better = worse + (g > 1e-9), same + (abs(g) <= 1e-9), better + (g < -1e-9)
+            for s in STRATEGIES:
+                a, b = h.result(s).latency_s, e.result(s).latency_s
+                by_strategy[s].append(_gap(a, b))
+                missed[s] += a is None and b is not None
+        cell = (lambda ts: f"{statistics.median(ts):.3f} / {max(ts):.3f}" if ts else "-")
+        pg = f"{100 * statistics.median(plan_gaps):+.2f} / {100 * max(plan_gaps):+.2f} %" if plan_gaps else "-"
+        strat = [_fmt_gap(by_strategy[s]) + (f" ({missed[s]} missed)" if missed[s] else "") for s in STRATEGIES]
+        counts = f"{worse} / {same} / {better}" if plan_gaps else "-"
+        lines.append(f"| {n} | {seeds} | {cell(et)} | {cell(ht)} | {pg} | " + " | ".join(strat) + f" | {counts} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def brute_force_table(two: int, three: int) -> list[str]:
+    """Both searches' galaxy against brute force; the tests' instances are the first of each kind
+    (two devices: seeds 0-9; three devices: seed 100)."""
+    head = "| case | instances | method | exact (gap 0) | gap max | gap mean | brute force s (median) |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    kinds = [("2 devices, 4 heads / 8 cols / 5 vocab / 4 tokens", TINY, 4, 2, range(two)),
+             ("3 devices, 3 heads / 3 cols / 2 vocab / 3 tokens", TINY_3DEV, 3, 3, range(100, 100 + three))]
+    for label, cfg, seq_len, n, seeds in kinds:
+        if not seeds:
+            continue
+        gaps = {"exact": [], "heuristic": []}
+        bf_t = []
+        for seed in seeds:
+            tight = (seed - seeds.start) % 2 == 0
+            cl = tiny_cluster(random.Random(seed), n, cfg, seq_len, tight=tight)
+            t0 = time.perf_counter()
+            best = brute_force_galaxy(CostModel(cfg, seq_len, cl))
+            bf_t.append(time.perf_counter() - t0)
+            for method in gaps:
+                got = solve_galaxy(CostModel(cfg, seq_len, cl), method)[0]
+                if best == float("inf"):
+                    gaps[method].append(0.0 if got.estimate is None else None)
+                else:
+                    gaps[method].append(None if got.estimate is None else got.latency_s / best - 1)
+        for method, gs in gaps.items():
+            ok = [g for g in gs if g is not None]
+            missed = "" if len(ok) == len(gs) else f" {len(gs) - len(ok)} missed"
+            lines.append(f"| {label} | {len(gs)} | {method} | {sum(g <= 1e-12 for g in ok)} | "
+                         f"{100 * max(ok):.2f} % | {100 * statistics.mean(ok):.3f} % | "
+                         f"{statistics.median(bf_t):.2f} |{missed}")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def emulated_table(seq_lens) -> list[str]:
+    head = "| cluster | model | seq_len | exact plan | heuristic plan | same plan |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for name, (model, _, _) in EMULATED.items():
+        cfg = preset(model)
+        for s in seq_lens:
+            try:
+                e = solve(cfg, s, emulated_cluster(name), method="exact")
+                h = solve(cfg, s, emulated_cluster(name), method="heuristic")
+            except PlanError as err:
+                lines.append(f"| {name} | {model} | {s} | {err} | | |")
+                print(lines[-1], flush=True)
+                continue
+
+            def show(p):
+                return f"{p.strategy} on {'+'.join(d.name for d in p.devices)}, {p.latency_s:.4f} s"
+
+            de, dh = e.to_dict(), h.to_dict()
+            de.pop("solver")
+            dh.pop("solver")
+            lines.append(f"| {name} | {model} | {s} | {show(e)} | {show(h)} | {'yes' if de == dh else 'no'} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m planner.scaling", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="4,5,6,7,8,12,16,24,32,48,64", help="cluster sizes (devices)")
+    ap.add_argument("--seeds", type=int, default=10, help="synthetic clusters per size")
+    ap.add_argument("--exact-up-to", type=int, default=8, help="largest cluster the exact search also solves")
+    ap.add_argument("--repeats", type=int, default=3, help="solves timed per cluster (median)")
+    ap.add_argument("--model", default="gpt2-large")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--brute-force", default="100,20", help="two-device,three-device instances (0,0: skip)")
+    ap.add_argument("--no-emulated", action="store_true", help="skip the emulated clusters")
+    args = ap.parse_args(argv)
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    two, three = (int(x) for x in args.brute_force.split(","))
+    print(f"## solve time and gap: {args.model}, {args.seq_len} tokens, synthetic clusters seeds 0-{args.seeds - 1}, "
+          f"median of {args.repeats}")
+    size_table(sizes, args.seeds, args.exact_up_to, args.repeats, preset(args.model), args.seq_len)
+    if two or three:
+        print("\n## galaxy against brute force")
+        brute_force_table(two, three)
+    if not args.no_emulated:
+        print("\n## emulated clusters")
+        emulated_table([128, 256])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
