@@ -83,6 +83,7 @@ TOKEN_START_DEVICES = 4  # local search also starts from all tokens on one devic
 EXACT_DEVICES = 4  # method="auto": the exact search up to this many devices, the heuristic beyond
 NARROW_ABOVE = 8  # heuristic: rings of more devices get the narrow local search
 LOCAL_SEARCH_EVALS = 600  # heuristic: layouts one local search may price
+SECONDARY_SHARE = 3  # heuristic: descents from the other starting points get a third of that
 ORDER_REFINE_EVALS = 300  # heuristic: rings ring.refine_ring may price for the best subset
 METHODS = ("auto", "exact", "heuristic")
 
@@ -220,10 +221,11 @@ def _refine_galaxy(cm: CostModel, gx: GalaxySplit, cands, hard, method: str) -> 
         for _, _, e in sorted((h for h in hard if h[0] < bar), key=lambda h: (h[0], len(h[1])))[:HARD_CANDIDATES]:
             picked += [e, *(cm.estimate(lay) for lay in gx.starts(e.layout.order))]
 
-    def descend(e, kinds=KINDS):
-        return gx.local_search(e, kinds=kinds, narrow=narrow, max_evals=budget)
+    def descend(e, kinds=KINDS, main=False):
+        cap = budget if main or budget is None else budget // SECONDARY_SHARE
+        return gx.local_search(e, kinds=kinds, narrow=narrow, max_evals=cap)
 
-    refined = [descend(e) for e in picked]
+    refined = [descend(e, main=True) for e in picked]
     for e in list(refined):  # and from each small candidate with all its tokens on one device
         lay, k = e.layout, len(e.layout.order)  # (empty chunks send nothing: fewer, longer messages)
         if 1 < k <= TOKEN_START_DEVICES:
@@ -239,6 +241,9 @@ def _refine_galaxy(cm: CostModel, gx: GalaxySplit, cands, hard, method: str) -> 
         if splits <= HEAD_SPLITS_ENUMERATED:
             refined += [descend(x, KINDS[1:]) for x in by_head_split(gx, order, keep=3, near=near)]
     refined = [e for e in refined if e.feasible]
+    top = min(refined, key=lambda e: (e.latency_s, len(e.layout.order)), default=None)
+    if top is not None and len(top.layout.order) <= TOKEN_START_DEVICES:  # compound moves where memory binds
+        refined.append(gx.repair_descent(top, descend))
     for e in list(refined):  # a device left holding no weights only relays: try the ring without it
         lay = e.layout
         idle = [r for r in range(len(lay.order)) if not (lay.heads[r] or lay.cols[r] or lay.vocab[r])]

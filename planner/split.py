@@ -262,6 +262,42 @@ class GalaxySplit:
                     return best
         return best
 
+    def repair_descent(self, est: Estimate, descend, rounds: int = 3) -> Estimate:
+        """Moves of one kind whose memory the repair then restores with the other kinds, each
+        followed by `descend` (a local search) while that helps: the compound moves local search
+        cannot make one unit at a time (a head to a device that must give back columns and a
+        token to take it). Only where memory binds."""
+        best = est
+        for _ in range(rounds):
+            if not best.feasible or all(m.used_bytes < 0.9 * m.budget_bytes for m in best.memory):
+                return best
+            lay = best.layout
+            sub = tuple(sorted(lay.order))
+            at = {i: r for r, i in enumerate(lay.order)}
+            cands = []
+            for k1 in KINDS:
+                for step in steps(self.total[k1], len(sub))[-2:]:  # the finest: a coarse move repairs coarsely
+                    for a, b in itertools.permutations(range(len(sub)), 2):
+                        x = {k: [getattr(lay, k)[at[i]] for i in sub] for k in KINDS}
+                        if x[k1][a] < step:
+                            continue
+                        x[k1][a] -= step
+                        x[k1][b] += step
+                        for room, ub in ((self.room, self.unit_bytes), (self.room_exact, self.unit_exact)):
+                            y = self.repair(sub, x, room, ub, [k for k in KINDS if k != k1])
+                            if y is not None:
+                                e = self.cm.estimate(self.layout(lay.order, sub, y))
+                                if e.feasible and e.latency_s < best.latency_s:
+                                    cands.append(e)
+                                break
+            if not cands:
+                return best
+            nxt = descend(min(cands, key=search_key))
+            if not search_key(nxt) < search_key(best):
+                return best
+            best = nxt
+        return best
+
     def _moves(self, est: Estimate, kinds, narrow: bool = False):
         """Move descriptors [(kind, from, to, units), ...]. Compute-only kinds move off the two
         busiest devices of their phase (only they can lower a min-max); tokens between any pair.

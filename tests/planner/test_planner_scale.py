@@ -105,12 +105,17 @@ def test_same_seed_same_cluster_and_same_plan():
 @pytest.mark.parametrize("name", sorted(EMULATED))
 def test_emulated_clusters_get_the_exact_plan(name):
     """The clusters of devices/clusters/*.yaml: small enough for the exact search (what `auto`
-    runs on them), and the heuristic plans them the same."""
+    runs on them), and the heuristic picks the same strategy on the same devices in the same ring
+    order; its local search has a budget, so the split may differ by a few units (measured: at
+    most 0.003 %, docs/planner.md)."""
     cfg = preset(EMULATED[name][0])
     cl = emulated_cluster(name)
     auto = solve(cfg, 256, cl)
     assert len(cl.devices) <= EXACT_DEVICES and auto.solver.method == "exact"
-    assert _plan_dict(solve(cfg, 256, cl, method="heuristic")) == _plan_dict(auto)
+    assert _plan_dict(auto) == _plan_dict(solve(cfg, 256, cl, method="exact"))
+    h = solve(cfg, 256, cl, method="heuristic")
+    assert (h.strategy, h.addresses()) == (auto.strategy, auto.addresses())
+    assert h.latency_s <= auto.latency_s * (1 + 1e-3)
 
 
 def test_co_tenants_on_loopback_are_found():
