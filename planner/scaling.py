@@ -37,11 +37,14 @@ STRATEGIES = ("galaxy", "megatron", "seqpar", "pipeline")
 
 
 def _timed(cfg, seq_len, cluster, method, repeats):
-    """(plan, median seconds) of `repeats` solves."""
+    """(plan, median seconds) of `repeats` solves; plan None when nothing fits the cluster."""
     times, plan = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        plan = solve(cfg, seq_len, cluster, method=method)
+        try:
+            plan = solve(cfg, seq_len, cluster, method=method)
+        except PlanError:
+            plan = None
         times.append(time.perf_counter() - t0)
     return plan, statistics.median(times)
 
@@ -66,7 +69,8 @@ def size_table(sizes, seeds, exact_up_to, repeats, cfg, seq_len) -> list[str]:
     for n in sizes:
         ht, et, plan_gaps, worse, same, better = [], [], [], 0, 0, 0
         by_strategy = {s: [] for s in STRATEGIES}
-        missed = {s: 0 for s in STRATEGIES}  # exact found a layout, the heuristic none
+        missed = {s: 0 for s in (*STRATEGIES, "plan")}  # exact found a layout, the heuristic none
+        unplanned = 0  # clusters nothing fits
         for seed in range(seeds):
             cl = synthetic_cluster(n, seed)
             h, t = _timed(cfg, seq_len, cl, "heuristic", repeats)
@@ -75,6 +79,10 @@ def size_table(sizes, seeds, exact_up_to, repeats, cfg, seq_len) -> list[str]:
                 continue
             e, t = _timed(cfg, seq_len, cl, "exact", repeats)
             et.append(t)
+            if h is None or e is None:  # nothing fits: both must say so
+                unplanned += 1
+                missed["plan"] += h is None and e is not None
+                continue
             g = _gap(h.latency_s, e.latency_s)
             plan_gaps.append(g)
             worse, same, better = worse + (g > 1e-9), same + (abs(g) <= 1e-9), better + (g < -1e-9)
@@ -86,6 +94,8 @@ def size_table(sizes, seeds, exact_up_to, repeats, cfg, seq_len) -> list[str]:
         pg = f"{100 * statistics.median(plan_gaps):+.2f} / {100 * max(plan_gaps):+.2f} %" if plan_gaps else "-"
         strat = [_fmt_gap(by_strategy[s]) + (f" ({missed[s]} missed)" if missed[s] else "") for s in STRATEGIES]
         counts = f"{worse} / {same} / {better}" if plan_gaps else "-"
+        counts += f" ({unplanned} unplannable)" if unplanned else ""
+        counts += f" ({missed['plan']} MISSED)" if missed["plan"] else ""
         lines.append(f"| {n} | {seeds} | {cell(et)} | {cell(ht)} | {pg} | " + " | ".join(strat) + f" | {counts} |")
         print(lines[-1], flush=True)
     return lines

@@ -80,7 +80,7 @@ HEAD_SPLITS_ENUMERATED = 300  # enumerate every head split of a candidate when t
 HEAD_SPLITS_NEAR = 30  # heuristic: beyond this many, only the splits within 2 heads per device of the best
 HARD_CANDIDATES = 2  # subsets the split could not fit, refined when they would be faster than the best that fits
 TOKEN_START_DEVICES = 4  # local search also starts from all tokens on one device, up to this many devices
-EXACT_DEVICES = 4  # method="auto": the exact search up to this many devices, the heuristic beyond
+EXACT_DEVICES = 3  # method="auto": the exact search up to this many devices (the emulated trios), the heuristic beyond
 NARROW_ABOVE = 8  # heuristic: rings of more devices get the narrow local search
 LOCAL_SEARCH_EVALS = 600  # heuristic: layouts one local search may price
 SECONDARY_SHARE = 3  # heuristic: descents from the other starting points get a third of that
