@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD flock /tmp/galaxy-cpu.lock python -m planner.scaling
 
-prints three tables:
+prints these tables:
 
 1. devices x solve time x gap: on seeded synthetic clusters (planner/synthetic.py) of each size,
    the median solve time of the heuristic search (and of the exact one where it still runs, up to
@@ -12,7 +12,8 @@ prints three tables:
 2. the gap of each search to brute force (planner/brute_force.py) on the tiny models the tests
    enumerate, over more seeded clusters than the tests use.
 3. the emulated clusters of devices/clusters (synthetic.EMULATED): the exact search's plan (what
-   `auto` runs on them) and the heuristic's.
+   `auto` runs on them) and the heuristic's;
+4. with --rings N: the heuristic's ring orders against every order, on N random subsets.
 
 Times are wall-clock medians over --repeats solves in one process (after one warm-up solve), on
 whatever machine runs it: run it under the CPU lock, with nothing else busy.
@@ -30,7 +31,9 @@ from galaxy.config import preset
 from .brute_force import TINY, TINY_3DEV, brute_force_galaxy, tiny_cluster
 from .cost import CostModel
 from .plan import PlanError
+from .ring import exact_orders, nearest_link_order, refine_ring, ring_order
 from .solver import solve, solve_galaxy
+from .split import GalaxySplit
 from .synthetic import EMULATED, emulated_cluster, synthetic_cluster
 
 STRATEGIES = ("galaxy", "megatron", "seqpar", "pipeline")
@@ -160,6 +163,41 @@ def emulated_table(seq_lens) -> list[str]:
     return lines
 
 
+def ring_table(subsets: int, cfg, seq_len) -> list[str]:
+    """Ring orders against every order, priced on the cost model with the subset's constructive
+    galaxy split: random 4-6-device subsets of 12-device clusters and 7-8-device subsets of
+    16-device clusters (720 / 5040 orders each)."""
+    head = "| subsets | devices | order | gap max | gap mean | best order found |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for n, sizes in ((12, (4, 5, 6)), (16, (7, 8))):
+        gaps = {"nearest fast link": [], "ring_order": [], "ring_order + refine_ring": []}
+        for seed in range(subsets):
+            rng = random.Random(f"rings-{n}-{seed}")
+            cm = CostModel(cfg, seq_len, synthetic_cluster(n, seed))
+            gx = GalaxySplit(cm)
+            k = rng.choice(sizes)
+            sub = tuple(sorted(rng.sample(range(n), k)))
+            x = gx.allocate(sub)
+            if x is None:
+                continue
+
+            def price(order, sub=sub, x=x, cm=cm, gx=gx):
+                e = cm.estimate(gx.layout(order, sub, x))
+                return e.latency_s if e.feasible else None
+
+            best = min(p for p in map(price, exact_orders(cm, sub)) if p is not None)
+            ring = ring_order(cm, sub, seq_len / k * cfg.hidden * cm.b)
+            gaps["nearest fast link"].append(price(nearest_link_order(cm, sub)) / best - 1)
+            gaps["ring_order"].append(price(ring) / best - 1)
+            gaps["ring_order + refine_ring"].append(refine_ring(ring, price, 300)[1] / best - 1)
+        for name, gs in gaps.items():
+            lines.append(f"| {len(gs)} | {min(sizes)}-{max(sizes)} of {n} | {name} | {100 * max(gs):.2f} % | "
+                         f"{100 * statistics.mean(gs):.2f} % | {sum(g <= 1e-12 for g in gs)} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m planner.scaling", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="4,5,6,7,8,12,16,24,32,48,64", help="cluster sizes (devices)")
@@ -170,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--brute-force", default="100,20", help="two-device,three-device instances (0,0: skip)")
     ap.add_argument("--no-emulated", action="store_true", help="skip the emulated clusters")
+    ap.add_argument("--rings", type=int, default=0, help="random subsets whose ring orders to check (0: skip)")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     two, three = (int(x) for x in args.brute_force.split(","))
@@ -182,6 +221,9 @@ def main(argv=None) -> int:
     if not args.no_emulated:
         print("\n## emulated clusters")
         emulated_table([128, 256])
+    if args.rings:
+        print("\n## ring orders against every order")
+        ring_table(args.rings, preset(args.model), args.seq_len)
     return 0
 
 

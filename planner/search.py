@@ -110,6 +110,7 @@ class SubsetSearch:
 
     # growth -----------------------------------------------------------------------------
     def _grow(self, seed: int):
+        """Add the candidate that prices lowest while it helps (PATIENCE); memory first while nothing fits."""
         cur = (seed,)
         best = None
         lat = self.price(cur) if self.min_size <= 1 else None

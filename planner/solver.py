@@ -296,11 +296,12 @@ def solve_megatron(cm: CostModel, method: str = "exact") -> Outcome:
 
 
 def _refine_order(cm: CostModel, est: Estimate, follow_devices: bool = True) -> Estimate:
-    """The ring of a layout of more than MAX_ORDER_DEVICES devices, improved on the cost model
-    (ring.refine_ring); follow_devices: each device keeps its share (else each position does)."""
+    """The best ring of a layout's devices: every order up to MAX_ORDER_DEVICES, else the
+    heuristic ring improved on the cost model (ring.refine_ring); follow_devices: each device
+    keeps its share (else each position does)."""
     lay = est.layout
-    if len(lay.order) <= MAX_ORDER_DEVICES:
-        return est
+    if len(lay.order) <= 3:
+        return est  # the search priced every order already
     pos = {i: r for r, i in enumerate(lay.order)}
     fields = [f for f in ("heads", "cols", "vocab", "tokens") if getattr(lay, f)] if follow_devices else []
 
@@ -311,7 +312,11 @@ def _refine_order(cm: CostModel, est: Estimate, follow_devices: bool = True) -> 
         e = cm.estimate(relayout(order))
         return e.latency_s if e.feasible else None
 
-    order, lat = refine_ring(lay.order, price, ORDER_REFINE_EVALS)
+    if len(lay.order) <= MAX_ORDER_DEVICES:
+        priced = [(p, o) for o, p in ((o, price(o)) for o in exact_orders(cm, lay.order)) if p is not None]
+        order = min(priced)[1] if priced and min(priced)[0] < est.latency_s else lay.order
+    else:
+        order = refine_ring(lay.order, price, ORDER_REFINE_EVALS)[0]
     return est if order == lay.order else cm.estimate(relayout(order))
 
 
