@@ -122,28 +122,33 @@ def ring_order(cm: CostModel, sub, nbytes: float) -> tuple[int, ...] | None:
 
 
 def refine_ring(order: tuple[int, ...], price, budget: int) -> tuple[tuple[int, ...], float]:
-    """Move one device elsewhere in the ring while `price(order)` (seconds, lower is better; None:
-    invalid) drops, at most `budget` prices: the cost model's own say on what sum(cost^4) only
-    approximates (which devices' slow links sit next to which busy ones). Returns the order and
-    its price."""
+    """Move one device elsewhere in the ring, or reverse a stretch of it, while `price(order)`
+    (seconds, lower is better; None: invalid) drops, at most `budget` prices: the cost model's own
+    say on what sum(cost^4) only approximates (which devices' slow links sit next to which busy
+    ones). Returns the order and its price."""
     best, cost = tuple(order), price(tuple(order))
-    k, spent, improved = len(order), 1, True
+    k, spent = len(order), 1
+
+    def moves(o):
+        for i in range(1, k):  # the first device stays first (rotations are the same ring)
+            rest = o[:i] + o[i + 1:]
+            for j in range(1, k):
+                if j != i:
+                    yield rest[:j] + (o[i],) + rest[j:]
+        for a in range(1, k - 1):
+            for b in range(a + 2, k + 1):
+                yield o[:a] + o[a:b][::-1] + o[b:]
+
+    improved = True
     while improved and spent < budget and k > 3:
         improved = False
-        for i in range(1, k):  # the first device stays first (rotations are the same ring)
-            rest = best[:i] + best[i + 1:]
-            for j in range(1, k):
-                if j == i:
-                    continue
-                cand = rest[:j] + (best[i],) + rest[j:]
-                p = price(cand)
-                spent += 1
-                if p is not None and p < cost * (1 - 1e-12):
-                    best, cost, improved = cand, p, True
-                    break
-                if spent >= budget:
-                    return best, cost
-            if improved:
+        for cand in moves(best):
+            p = price(cand)
+            spent += 1
+            if p is not None and p < cost * (1 - 1e-12):
+                best, cost, improved = cand, p, True
+                break
+            if spent >= budget:
                 break
     return best, cost
 
