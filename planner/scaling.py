@@ -1,6 +1,7 @@
 """How the solver scales, and what the polynomial search gives up: the figures in docs/planner.md.
 
-    PYTHONPATH=$PWD flock /tmp/galaxy-cpu.lock python -m planner.scaling
+    PYTHONPATH=$PWD flock /tmp/galaxy-cpu.lock python -m planner.scaling          # the default tables
+    PYTHONPATH=$PWD flock /tmp/galaxy-cpu.lock python -m galaxy.cli bench planner --sizes 4,8,16  # chosen
 
 prints these tables:
 
@@ -15,17 +16,17 @@ prints these tables:
    `auto` runs on them) and the heuristic's;
 4. with --rings N: the heuristic's ring orders against every order, on N random subsets.
 
-Times are wall-clock medians over --repeats solves in one process (after one warm-up solve), on
+Times are wall-clock medians over --reps solves in one process (after one warm-up solve), on
 whatever machine runs it: run it under the CPU lock, with nothing else busy.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import random
 import statistics
 import time
+from dataclasses import dataclass
 
 from galaxy.model.config import preset
 
@@ -200,34 +201,52 @@ def ring_table(subsets: int, cfg, seq_len) -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m planner.scaling", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="4,5,6,7,8,12,16,24,32,48,64", help="cluster sizes (devices)")
-    ap.add_argument("--seeds", type=int, default=10, help="synthetic clusters per size")
-    ap.add_argument("--exact-up-to", type=int, default=8, help="largest cluster the exact search also solves")
-    ap.add_argument("--repeats", type=int, default=3, help="solves timed per cluster (median)")
-    ap.add_argument("--model", default="gpt2-large")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--brute-force", default="100,20", help="two-device,three-device instances (0,0: skip)")
-    ap.add_argument("--no-emulated", action="store_true", help="skip the emulated clusters")
-    ap.add_argument("--rings", type=int, default=0, help="random subsets whose ring orders to check (0: skip)")
-    args = ap.parse_args(argv)
-    sizes = [int(x) for x in args.sizes.split(",") if x]
-    two, three = (int(x) for x in args.brute_force.split(","))
-    print(f"## solve time and gap: {args.model}, {args.seq_len} tokens, synthetic clusters seeds 0-{args.seeds - 1}, "
-          f"median of {args.repeats}")
-    size_table(sizes, args.seeds, args.exact_up_to, args.repeats, preset(args.model), args.seq_len)
+@dataclass(frozen=True)
+class ScalingConfig:
+    """What `run` measures. The defaults are the full tables (minutes, under the CPU lock); `galaxy bench
+    planner` sets them from its options (this module reads no argv: only galaxy.cli does)."""
+
+    sizes: tuple[int, ...] = (4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64)  # cluster sizes (devices)
+    seeds: int = 10  # synthetic clusters per size
+    exact_up_to: int = 8  # largest cluster the exact search also solves
+    repeats: int = 3  # solves timed per cluster (median)
+    model: str = "gpt2-large"  # a preset (galaxy.model.config.PRESETS)
+    seq_len: int = 256
+    brute_force: tuple[int, int] = (100, 20)  # two-device, three-device instances ((0, 0): skip)
+    emulated: bool = True  # plan the emulated clusters too
+    rings: int = 0  # random subsets whose ring orders to check (0: skip)
+
+    def __post_init__(self):
+        for name in ("seeds", "repeats", "seq_len"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"{name}: {getattr(self, name)} must be at least 1")
+        if not self.sizes or min(self.sizes) < 1:
+            raise PlanError(f"sizes: {self.sizes} must be at least 1 device each")
+        if len(self.brute_force) != 2 or min(self.brute_force) < 0:
+            raise PlanError(f"brute_force: {self.brute_force} must be two counts >= 0 (two-, three-device)")
+        if self.rings < 0:
+            raise PlanError(f"rings: {self.rings} must be >= 0")
+
+
+def run(sc: ScalingConfig) -> None:
+    """Print the tables `sc` asks for (each row as soon as it is measured)."""
+    cfg = preset(sc.model)
+    if not 1 <= sc.seq_len <= cfg.max_positions:
+        raise PlanError(f"seq_len: {sc.seq_len} outside 1..{cfg.max_positions} of {cfg.name}")
+    print(f"## solve time and gap: {sc.model}, {sc.seq_len} tokens, synthetic clusters seeds 0-{sc.seeds - 1}, "
+          f"median of {sc.repeats}")
+    size_table(sc.sizes, sc.seeds, sc.exact_up_to, sc.repeats, cfg, sc.seq_len)
+    two, three = sc.brute_force
     if two or three:
         print("\n## galaxy against brute force")
         brute_force_table(two, three)
-    if not args.no_emulated:
+    if sc.emulated:
         print("\n## emulated clusters")
         emulated_table([128, 256])
-    if args.rings:
+    if sc.rings:
         print("\n## ring orders against every order")
-        ring_table(args.rings, preset(args.model), args.seq_len)
-    return 0
+        ring_table(sc.rings, cfg, sc.seq_len)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the default tables; options: galaxy bench planner --help
+    run(ScalingConfig())

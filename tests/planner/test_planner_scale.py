@@ -2,7 +2,8 @@
 feasibility, determinism, the emulated clusters, ring orders, and the measurement script.
 
 Gaps here are bounds the tests guard; the measured figures (more clusters, larger sizes, solve
-times) are in docs/planner.md, produced by `python -m planner.scaling`. No test here is timed.
+times) are in docs/planner.md, produced by `python -m planner.scaling` (options: `galaxy bench
+planner`). No test here is timed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import replace
 import pytest
 from planner_cases import TINY, TINY_3DEV, brute_force_galaxy, cluster, device, random_cluster
 
+from galaxy.cli import main
 from galaxy.model.config import preset
-from planner import scaling
 from planner.cost import CostModel, Layout
 from planner.plan import PlanError
 from planner.profile import ClusterProfile, Link, Tenancy
@@ -170,8 +171,8 @@ def test_refined_ring_is_never_worse_and_matches_every_order_on_a_small_ring():
 
 
 def test_scaling_script_prints_the_tables(capsys):
-    assert scaling.main(["--sizes", "5", "--seeds", "1", "--exact-up-to", "5", "--repeats", "1", "--model", "gpt2",
-                         "--seq-len", "32", "--brute-force", "1,0", "--no-emulated"]) == 0
+    assert main(["bench", "planner", "--sizes", "5", "--seeds", "1", "--exact-up-to", "5", "--reps", "1",
+                 "--random-init", "gpt2", "--seq-len", "32", "--brute-force", "1,0", "--no-emulated"]) == 0
     out = capsys.readouterr().out
     assert "| devices | clusters |" in out and "\n| 5 | 1 |" in out
     assert "brute force" in out and "| heuristic |" in out
