@@ -67,6 +67,7 @@ from .profile import (
 )
 
 STRATEGIES = ("galaxy", "galaxy-no-overlap", "megatron", "seqpar", "pipeline", "local")
+MEMO_VALUES = 1_000_000  # per-device values the collective memo holds before it starts afresh (~70 MB)
 DIRECT_ALLREDUCE_BYTES = 64 * 1024  # galaxy.parallel.collectives.Collectives(direct_max_bytes=...): no ring below this
 
 
@@ -329,6 +330,11 @@ class CostModel:
         self._wire: dict[tuple, float] = {}  # ring wire time by (collective, chunks, row bytes, links)
         self._speedup: dict[frozenset, dict[int, float]] = {}
         self._busy_devices: dict[frozenset, list] = {}  # the devices as fast as they are beside a subset
+        # A search prices thousands of layouts that differ in a device or two: what one device's share
+        # costs, and each collective's timing, are kept by what they depend on.
+        self._parts: dict[tuple, tuple] = {}
+        self._coll: dict[tuple, tuple] = {}
+        self._memo_values = 0
         for i in range(self.n):
             for j in range(self.n):
                 lk = cluster.links[i][j] if i < len(cluster.links) and j < len(cluster.links[i]) else None
@@ -398,6 +404,10 @@ class CostModel:
     # estimate -----------------------------------------------------------------------------
     def estimate(self, layout: Layout) -> Estimate:
         self._check(layout)
+        if self._memo_values > MEMO_VALUES:
+            self._coll.clear()
+            self._parts.clear()
+            self._memo_values = 0
         key = frozenset(layout.order)
         if key not in self._busy_devices:  # the solver estimates many layouts of each subset
             fast = self.speedup(key)
@@ -446,26 +456,33 @@ class CostModel:
         g_qkv, core, g_out, g_up, g_down, g_head, mem = [], [], [], [], [], [], []
         for r, i in enumerate(order):
             d = self.devices[i]
-            kv = kv_heads_touched(cfg, *hr[r])
-            tq, tc, to = _split_time(d.attention, list(self._attn_parts(h[r], kv, S, S)))
-            g_qkv.append(tq / S)
-            core.append(tc)
-            g_out.append(to / S)
-            up_f = 2.0 * S * hid * c[r] * (2 if cfg.gated_mlp else 1)
-            tu, td = _split_time(d.mlp, [up_f, 2.0 * S * hid * c[r]])
-            g_up.append(tu / S)
-            g_down.append(td / S)
-            g_head.append(self.head_model(i).seconds(head_flops(cfg, v[r], 1)) if cfg.causal else 0.0)
-            spec = ShardSpec(hr[r], cr[r], vr[r], (0, cfg.n_layers))
-            mem.append(self.memory(i, spec, self.activations(h[r], c[r], s[r], v[r])))
+            key = (id(d), hr[r], c[r], v[r], s[r])  # what a device's share costs depends on nothing else
+            part = self._parts.get(key)
+            if part is None:
+                kv = kv_heads_touched(cfg, *hr[r])
+                tq, tc, to = _split_time(d.attention, list(self._attn_parts(h[r], kv, S, S)))
+                up_f = 2.0 * S * hid * c[r] * (2 if cfg.gated_mlp else 1)
+                tu, td = _split_time(d.mlp, [up_f, 2.0 * S * hid * c[r]])
+                head = self.head_model(i).seconds(head_flops(cfg, v[r], 1)) if cfg.causal else 0.0
+                spec = ShardSpec(hr[r], cr[r], vr[r], (0, cfg.n_layers))
+                part = (tq / S, tc, to / S, tu / S, td / S, head,
+                        self.memory(i, spec, self.activations(h[r], c[r], s[r], v[r])))
+                self._parts[key] = part
+            for out, x in zip((g_qkv, core, g_out, g_up, g_down, g_head, mem), part):
+                out.append(x)
         row = hid * b
         con = tuple(self.con_s(i, s[r]) for r, i in enumerate(order))
 
         def coll(name, fn, per_row, chunks=s):
-            key = (fn.__name__, chunks, row, order)
-            t, w, comp = fn(chunks, row, per_row, links, overlap, self._wire.get(key))
-            self._wire[key] = w
-            return Phase(name, tuple(comp), w, t)
+            key = (fn.__name__, chunks, row, order, tuple(per_row), overlap)
+            got = self._coll.get(key)
+            if got is None:
+                wkey = key[:4]
+                t, w, comp = fn(chunks, row, per_row, links, overlap, self._wire.get(wkey))
+                self._wire[wkey] = w
+                got = self._coll[key] = (t, w, tuple(comp))
+                self._memo_values += 3 * n
+            return Phase(name, got[2], got[1], got[0])
 
         def local(name, comp):
             return Phase(name, tuple(comp), 0.0, max(comp))
@@ -564,7 +581,7 @@ class CostModel:
         L = self.cfg.n_layers
         layer = sum(p.time_s for p in phases)
         compute = tuple(sum(p.compute_s[r] for p in phases) for r in range(len(lay.order)))
-        comm = tuple(layer - x for x in compute)
+        comm = tuple(max(0.0, layer - x) for x in compute)  # equal devices: layer - compute can round below 0
         latency = L * layer + sum(p.time_s for p in once)
         return Estimate(lay, latency, phases, once, L, tuple(mem), compute, comm, int(wire))
 

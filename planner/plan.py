@@ -102,6 +102,18 @@ class StrategyResult:
     reason: str = ""
 
 
+METHODS = ("exact", "heuristic")  # how the solver searched (planner/solver.py)
+
+
+@dataclass(frozen=True)
+class SolverRun:
+    """How the plan was found: the search the solver ran and how long it took."""
+
+    method: str  # "exact": every subset and ring order priced; "heuristic": the polynomial search
+    seconds: float  # wall time of solve(), on the machine that planned
+    devices: int = 0  # devices the solver chose among (0: not recorded)
+
+
 @dataclass(frozen=True)
 class Plan:
     strategy: str
@@ -114,6 +126,7 @@ class Plan:
     reason: str = ""  # why this strategy
     unused: tuple[tuple[str, str], ...] = ()  # (device name, why it was left out)
     version: int = PLAN_VERSION
+    solver: SolverRun | None = None  # None: a plan written before solve times were recorded
 
     def __post_init__(self) -> None:
         _check_plan(self)
@@ -194,6 +207,9 @@ class Plan:
         } for x in self.devices]
         out["strategies"] = {r.strategy: {"latency_s": r.latency_s, "reason": r.reason} for r in self.strategies}
         out["unused"] = [{"name": nm, "reason": why} for nm, why in self.unused]
+        if self.solver is not None:
+            out["solver"] = {"method": self.solver.method, "seconds": self.solver.seconds,
+                             "devices": self.solver.devices}
         return out
 
     def to_json(self) -> str:
@@ -303,6 +319,10 @@ def _check_plan(p: Plan) -> None:
         _need(r.strategy in REPORTED, f"strategies: {r.strategy!r} is not one of {REPORTED}")
         _seconds(f"strategies.{r.strategy}.latency_s", r.latency_s, optional=True)
         _text(f"strategies.{r.strategy}.reason", r.reason, empty_ok=True)
+    if p.solver is not None:
+        _need(p.solver.method in METHODS, f"solver.method: {p.solver.method!r} is not one of {METHODS}")
+        _seconds("solver.seconds", p.solver.seconds)
+        _count("solver.devices", p.solver.devices)
     for i, (nm, why) in enumerate(p.unused):
         _text(f"unused[{i}].name", nm)
         _text(f"unused[{i}].reason", why, empty_ok=True)
@@ -340,11 +360,12 @@ def _check_shape(p: Plan, m: _Shape) -> None:
 
 
 _TOP = {"version", "model", "seq_len", "strategy", "dtype_bytes", "latency_s", "reason", "devices", "strategies",
-        "unused"}
+        "unused", "solver"}
 _DEVICE = {"name", "address", "heads", "mlp_cols", "vocab_rows", "tokens", "layers", "memory", "predicted", "wire"}
 _MODEL = {"name", "family", "fingerprint", "n_layers", "n_heads", "ffn", "vocab_size"}
 _MEMORY = {"weights_bytes", "activation_bytes", "budget_bytes"}
 _PREDICTED = {"compute_s", "comm_s"}
+_SOLVER = {"method", "seconds", "devices"}
 
 
 def _object(path: str, d, keys: set, required=()) -> dict:
@@ -398,5 +419,10 @@ def _read_plan(d) -> Plan:
     for i, u in enumerate(ud):
         u = _object(f"unused[{i}]", u, {"name", "reason"}, required=("name",))
         unused.append((u["name"], u.get("reason", "")))
+    solver = None
+    if "solver" in d:
+        sv = _object("solver", d["solver"], _SOLVER, required=("method", "seconds"))
+        _count("solver.devices", sv.get("devices", 0))
+        solver = SolverRun(sv["method"], sv["seconds"], sv.get("devices", 0))
     return Plan(strategy, tuple(devices), d.get("seq_len"), model, d.get("dtype_bytes", 4), d.get("latency_s"),
-                tuple(strategies), d.get("reason", ""), tuple(unused), d["version"])
+                tuple(strategies), d.get("reason", ""), tuple(unused), d["version"], solver)

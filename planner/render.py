@@ -42,7 +42,18 @@ def table(plan: Plan) -> str:
         lines.append(f"unused    {name}: {why}")
     if plan.reason:
         lines.append(f"why       {plan.reason}")
+    if plan.solver is not None:
+        lines.append(f"solved    {solve_line(plan)}")
     return "\n".join(lines)
+
+
+def solve_line(plan: Plan) -> str:
+    """How the plan was found, e.g. "heuristic search over 16 devices in 0.412 s" ("" if not recorded)."""
+    sv = plan.solver
+    if sv is None:
+        return ""
+    over = f" over {sv.devices} devices" if sv.devices else ""
+    return f"{sv.method} search{over} in {sv.seconds:.3g} s"
 
 
 def draw(plan: Plan, path) -> Path:

@@ -2,28 +2,26 @@
 vocabulary rows, tokens or layers -- the layout with the lowest predicted latency (cost.py)
 whose shards fit every device's memory.
 
-`solve` searches each strategy and compares them:
+`solve` searches each strategy and compares them. Which devices take part is searched one of two
+ways (`method`): "exact" prices every subset (up to 8 devices) and every ring order (up to 6),
+2^N subsets; "heuristic" (search.py) prices O(N * k) subsets, grown from the fastest devices and
+refined by dropping, adding and swapping, each with one TSP-style ring (ring.py). "auto" takes
+the exact search up to EXACT_DEVICES devices. Within a subset both split the same way:
 
-- galaxy (HMP). For every subset of devices (all of them up to 8 devices; backward elimination
-  beyond): (1) split heads, columns and vocabulary rows by water-filling, the closed form of
-  the greedy "give the next unit to the device that would finish it soonest" (optimal for the
-  min-max of each phase when memory does not bind); tokens evenly; (2) repair memory: while a
-  device is over budget, take away the units of the kind whose removal costs the least time
-  per byte freed, re-water-filling that kind over the devices with room; (3) evaluate every
-  ring order (all of them up to 6 devices, first device fixed; one order when the links are
-  all alike; nearest-fast-link order beyond). The best few (subset, order) candidates then go
-  through (4) local search on the full cost model: moves of heads / columns / vocabulary rows /
-  tokens between two devices in steps from a quarter of the total down to one, and memory-
-  neutral exchanges of two kinds, accepted while the predicted latency improves.
+- galaxy (HMP): water-filled heads, columns and vocabulary rows, tokens even, memory repaired
+  (split.py); the best few (subset, order) candidates then go through local search on the full
+  cost model, also from an even split, a split by memory, all tokens on one device and every
+  head split (near the best one, for the heuristic, when there are many).
 - megatron: even split (split_even) over the best subset and ring order.
 - seqpar: every device holds the whole model; tokens water-filled by per-token time.
-- pipeline: every ordered set of stages (up to 6; greedy order beyond); each stage one layer,
-  the rest to the fastest stages up to their memory -- exact for a single request, whose
-  latency is the sum of stage compute plus the hand-offs.
+- pipeline: chains of stages (every ordered set up to 6 for exact; chain_orders of the searched
+  sets for the heuristic); each stage one layer, the rest to the fastest stages up to their
+  memory -- exact for a single request, whose latency is the sum of stage compute plus the
+  hand-offs (stages.py).
 - local: the fastest device that can hold the whole model.
 
-The automatic choice takes the fastest of RUNNABLE. docs/planner.md
-gives the complexity and the measured gap to brute force.
+The automatic choice takes the fastest of RUNNABLE. docs/planner.md gives the complexity, the
+solve times and the measured gap of each search to the other and to brute force.
 """
 
 from __future__ import annotations
@@ -31,7 +29,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from galaxy.model.config import ModelConfig
 from galaxy.parallel.sharding import ShardSpec, split_even
@@ -46,18 +45,47 @@ from .plan import (
     ModelRef,
     Plan,
     PlanError,
+    SolverRun,
     StrategyResult,
 )
-from .profile import ClusterProfile, activation_bytes, attention_flops, head_flops, mlp_flops
+from .profile import ClusterProfile, attention_flops, mlp_flops
+from .ring import (
+    MAX_ORDER_DEVICES,
+    chain_orders,
+    exact_orders,
+    nearest_link_order,
+    refine_ring,
+    ring_order,
+    uniform_links,
+)
+from .search import SubsetSearch
+from .split import (
+    KINDS,
+    NARROW_DESTINATIONS,
+    GalaxySplit,
+    by_head_split,
+    gx_missing,
+    search_key,
+    steps,
+    water_fill,
+)
+from .stages import Chains
 
 log = logging.getLogger(__name__)
 
 MAX_SUBSET_DEVICES = 8  # all subsets up to this many devices; backward elimination beyond
-MAX_ORDER_DEVICES = 6  # all ring orders up to this many devices; nearest-fast-link order beyond
 LOCAL_SEARCH_CANDIDATES = 3  # (subset, order) pairs refined by local search (1 beyond 4 devices)
 PREFERENCE = ("local", "pipeline", "galaxy", "megatron", "seqpar")  # tie-break: the simplest runnable first
-KINDS = ("heads", "cols", "vocab", "tokens")
 HEAD_SPLITS_ENUMERATED = 300  # enumerate every head split of a candidate when there are at most this many
+HEAD_SPLITS_NEAR = 30  # heuristic: beyond this many, only the splits within 2 heads per device of the best
+HARD_CANDIDATES = 2  # subsets the split could not fit, refined when they would be faster than the best that fits
+TOKEN_START_DEVICES = 4  # local search also starts from all tokens on one device, up to this many devices
+EXACT_DEVICES = 3  # method="auto": the exact search up to this many devices (the emulated trios), the heuristic beyond
+NARROW_ABOVE = 8  # heuristic: rings of more devices get the narrow local search
+LOCAL_SEARCH_EVALS = 600  # heuristic: layouts one local search may price
+SECONDARY_SHARE = 3  # heuristic: descents from the other starting points get a third of that
+ORDER_REFINE_EVALS = 300  # heuristic: rings ring.refine_ring may price for the best subset
+METHODS = ("auto", "exact", "heuristic")
 
 
 @dataclass(frozen=True)
@@ -74,314 +102,7 @@ class Outcome:
         return None if self.estimate is None else self.estimate.latency_s
 
 
-# --- integer splits ------------------------------------------------------------------------------
-
-def water_fill(total: int, lines: list[tuple[float, float]], caps: list[int]) -> list[int] | None:
-    """Split `total` units minimising max_i f_i(x_i), f_i(x) = o_i + a_i x for x > 0, f_i(0) = 0,
-    with x_i <= caps[i]; None if the caps cannot hold `total`.
-
-    The same optimum as the greedy that gives each next unit to the device whose cost after
-    taking it is smallest (the greedy takes the `total` smallest values of the merged sequences
-    f_i(1), f_i(2), ...), found by bisection on the level T instead of unit by unit.
-    """
-    n = len(lines)
-    caps = [max(0, min(c, total)) for c in caps]
-    if sum(caps) < total:
-        return None
-    if total == 0:
-        return [0] * n
-
-    def units(i: int, t: float) -> int:
-        o, a = lines[i]
-        if t < o + a * (1 - 1e-12) - 1e-300:
-            return 0
-        return caps[i] if a <= 0 else min(caps[i], int((t - o) / a * (1 + 1e-12) + 1e-9))
-
-    def cost(i: int, x: int) -> float:
-        return 0.0 if x == 0 else lines[i][0] + lines[i][1] * x
-
-    lo, hi = 0.0, max(cost(i, caps[i]) for i in range(n))
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if mid in (lo, hi):
-            break
-        if sum(units(i, mid) for i in range(n)) >= total:
-            hi = mid
-        else:
-            lo = mid
-    x = [units(i, hi) for i in range(n)]
-    for _ in range(sum(x) - total):  # drop the units that reach the level last
-        i = max((i for i in range(n) if x[i] > 0), key=lambda i: (cost(i, x[i]), -i))
-        x[i] -= 1
-    return x
-
-
-def fill_by_room(total: int, room: list[float], caps: list[int]) -> list[int] | None:
-    """Units that cost no time (an encoder's vocabulary rows): in proportion to free memory."""
-    caps = [max(0, min(c, total)) for c in caps]
-    if sum(caps) < total:
-        return None
-    w = [max(r, 0.0) if c > 0 else 0.0 for r, c in zip(room, caps)]
-    x = [0] * len(caps)
-    if sum(w) > 0:
-        x = [min(c, int(total * wi / sum(w))) for c, wi in zip(caps, w)]
-    i = 0
-    while sum(x) < total:  # top up, most room first
-        order = sorted(range(len(x)), key=lambda j: -(w[j] - x[j]))
-        j = next(j for j in order if x[j] < caps[j])
-        x[j] += 1
-        i += 1
-    return x
-
-
-# --- galaxy ----------------------------------------------------------------------------------
-
-class _Galaxy:
-    """The HMP search over subsets, ring orders and integer splits of one cost model."""
-
-    def __init__(self, cm: CostModel):
-        self.cm, cfg, S, b = cm, cm.cfg, cm.S, cm.b
-        L, H, hd, g = cfg.n_layers, cfg.hidden, cfg.head_dim, cfg.group
-        self.total = {"heads": cfg.n_heads, "cols": cfg.ffn, "vocab": cfg.vocab_size, "tokens": S}
-        mats = 2 if cfg.gated_mlp else 1
-        bias_h = hd * (1 + 2 / g) if cfg.attn_bias else 0.0
-        self.unit_bytes = {  # memory one more unit costs (weights of every layer + activations)
-            "heads": L * b * (2 * H * hd + 2 * H * hd / g + bias_h) + b * (3 * S * hd + S * S),
-            "cols": L * b * ((mats + 1) * H + (mats if cfg.mlp_bias else 0)) + b * S * mats,
-            "vocab": b * H * (2 if cfg.causal and not cfg.tie_embeddings else 1) + (b * S if cfg.causal else 0),
-            "tokens": 4 * H * b,
-        }
-        base = ShardSpec((0, 0), (0, 0), (0, 0), (0, L))
-        # + the LM head's gathered input; with GQA up to two partly held KV groups (replicated K/V)
-        kv_extra = 2 * L * b * (2 * H * hd + (2 * hd if cfg.attn_bias else 0)) if g > 1 else 0
-        self.fixed_bytes = (weight_bytes(cfg, base, b) + activation_bytes(cfg, S, 0, 0, 0, b) + kv_extra
-                            + (b * S * H if cfg.causal else 0))
-        self.lines = {k: [] for k in KINDS}
-        f_head = attention_flops(cfg, 1, S, 1 / g)
-        for d in cm.devices:
-            att, mlp, hm = d.attention, d.mlp, d.head or d.mlp
-            self.lines["heads"].append((L * att.overhead_s, L * f_head / att.flops_per_s))
-            self.lines["cols"].append((L * mlp.overhead_s, L * mlp_flops(cfg, 1, S) / mlp.flops_per_s))
-            self.lines["vocab"].append((hm.overhead_s, head_flops(cfg, 1, 1) / hm.flops_per_s) if cfg.causal
-                                       else (0.0, 0.0))
-            con = d.connective
-            self.lines["tokens"].append((2 * L * con.overhead_s, 2 * L * 8.0 * H / con.flops_per_s))
-        self.room = [d.memory_bytes - self.fixed_bytes for d in cm.devices]
-        # the same accounting without the safety margins: a lower bound on what the model needs
-        self.unit_exact = dict(self.unit_bytes, vocab=self.unit_bytes["vocab"] - (b * S if cfg.causal else 0))
-        floor = weight_bytes(cfg, base, b) + activation_bytes(cfg, S, 0, 0, 0, b)
-        self.room_exact = [d.memory_bytes - floor for d in cm.devices]
-
-    def may_fit(self, sub) -> bool:
-        """False only if the subset certainly cannot hold the model."""
-        return sum(max(0.0, self.room_exact[i]) for i in sub) >= sum(
-            self.total[k] * self.unit_exact[k] for k in KINDS)
-
-    def starts(self, order) -> list[Layout]:
-        """Other starting points for local search: an even split, and a split by memory budget."""
-        n = len(order)
-        budget = [max(1.0, self.room_exact[i]) for i in order]
-        even = [tuple(split_even(self.total[k], n)) for k in KINDS]
-        by_mem = [tuple(fill_by_room(self.total[k], budget, [self.total[k]] * n)) for k in KINDS]
-        return [Layout("galaxy", tuple(order), *even), Layout("galaxy", tuple(order), *by_mem)]
-
-    # (1) + (2): an order-free split for a subset ----------------------------------------
-    def allocate(self, sub: tuple[int, ...], heads: list[int] | None = None) -> dict[str, list[int]] | None:
-        """Water-filled split of every kind (heads given: only the others), then memory repair:
-        first with the conservative memory model, else with the tight one (the cost model checks)."""
-        return self._allocate(sub, heads, self.room, self.unit_bytes) or self._allocate(
-            sub, heads, self.room_exact, self.unit_exact)
-
-    def _allocate(self, sub, heads, room, ub) -> dict[str, list[int]] | None:
-        if any(room[i] < 0 for i in sub) or sum(room[i] for i in sub) < sum(self.total[k] * ub[k] for k in KINDS):
-            return None
-        x = {"tokens": split_even(self.total["tokens"], len(sub))}
-        big = [10**18] * len(sub)
-        for k in ("heads", "cols"):
-            x[k] = water_fill(self.total[k], self.lines_of(k, sub), big)
-        if heads is not None:
-            x["heads"] = list(heads)
-        if self.cm.cfg.causal:
-            x["vocab"] = water_fill(self.total["vocab"], self.lines_of("vocab", sub), big)
-        else:
-            free = [room[i] - sum(ub[k] * x[k][r] for k in ("heads", "cols", "tokens")) for r, i in enumerate(sub)]
-            x["vocab"] = fill_by_room(self.total["vocab"], free, big)
-        movable = ("vocab", "cols", "tokens") if heads is not None else KINDS
-        return self.repair(sub, x, room, ub, movable)
-
-    def lines_of(self, k, sub) -> list[tuple[float, float]]:
-        """(overhead, seconds per unit) of kind k on each device of `sub`, as fast as it is there."""
-        fast = self.cm.speedup(sub)
-        return [(a / fast[i], b / fast[i]) for i, (a, b) in ((i, self.lines[k][i]) for i in sub)]
-
-    def level(self, sub, k, xs) -> float:
-        return max((0.0 if v == 0 else a + b * v) for (a, b), v in zip(self.lines_of(k, sub), xs))
-
-    def repair(self, sub, x, room, ub, movable=KINDS):
-        """Move units off devices over budget, cheapest time per freed byte first."""
-        for _ in range(64 * len(sub)):
-            free = [room[i] - sum(ub[k] * x[k][r] for k in KINDS) for r, i in enumerate(sub)]
-            over = [r for r in range(len(sub)) if free[r] < 0]
-            if not over:
-                return x
-            best = None
-            for r in over:
-                for k in movable:
-                    if x[k][r] == 0:
-                        continue
-                    d = min(x[k][r], math.ceil(-free[r] / ub[k]))
-                    caps = [x[k][j] + int(free[j] // ub[k]) if j != r else x[k][r] - d for j in range(len(sub))]
-                    y = self._refill(sub, k, caps, free)
-                    if y is None:
-                        continue
-                    delta = self.level(sub, k, y) - self.level(sub, k, x[k])
-                    key = (delta / (d * ub[k]), -d)
-                    if best is None or key < best[0]:
-                        best = (key, k, y)
-            if best is None:
-                return None
-            x = dict(x)
-            x[best[1]] = best[2]
-        return None
-
-    def _refill(self, sub, k, caps, free):
-        if k == "tokens":
-            return fill_by_room(self.total[k], [1.0] * len(sub), caps)
-        if k == "vocab" and not self.cm.cfg.causal:
-            return fill_by_room(self.total[k], free, caps)
-        return water_fill(self.total[k], self.lines_of(k, sub), caps)
-
-    # (3): ring orders ------------------------------------------------------------------------
-    def orders(self, sub: tuple[int, ...]):
-        cm = self.cm
-        if len(sub) == 1:
-            return [sub]
-        if any(not cm.has_link(i, j) for i in sub for j in sub if i != j) and len(sub) > MAX_ORDER_DEVICES:
-            return [o for o in [nearest_link_order(cm, sub)] if o]
-        links = {cm.link(i, j) for i in sub for j in sub if i != j and cm.has_link(i, j)}
-        if len(links) == 1 and all(cm.has_link(i, j) for i in sub for j in sub if i != j):
-            return [sub]
-        if len(sub) <= MAX_ORDER_DEVICES:
-            out = [(sub[0], *p) for p in itertools.permutations(sub[1:])]
-            return [o for o in out if all(cm.has_link(o[r], o[(r + 1) % len(o)]) for r in range(len(o)))]
-        return [o for o in [nearest_link_order(cm, sub)] if o]
-
-    def layout(self, order, sub, x, strategy="galaxy") -> Layout:
-        pos = {i: r for r, i in enumerate(sub)}
-        return Layout(strategy, tuple(order), *(tuple(x[k][pos[i]] for i in order) for k in KINDS))
-
-    # (4): local search -------------------------------------------------------------------
-    def local_search(self, est: Estimate, max_moves: int = 400, kinds=KINDS) -> Estimate:
-        """First-improvement descent over single-kind moves and memory-neutral exchanges."""
-        n = len(est.layout.order)
-        if n == 1:
-            return est
-        kinds = [k for k in kinds if self.cm.cfg.causal or k != "vocab" or not est.feasible]
-        best, key, moves = est, _search_key(est), 0
-        improved = True
-        while improved and moves < max_moves:
-            improved = False
-            for changes in self._moves(best, kinds):
-                cand = _apply(best.layout, changes)
-                if cand is None:
-                    continue
-                e = self.cm.estimate(cand)
-                k = _search_key(e)
-                if k < key:
-                    best, key, improved = e, k, True
-                    moves += 1
-        return best
-
-    def _moves(self, est: Estimate, kinds):
-        """Move descriptors [(kind, from, to, units), ...]. Compute-only kinds move off the two
-        busiest devices of their phase (only they can lower a min-max); tokens between any pair."""
-        n = len(est.layout.order)
-        busy = _busy_by_kind(est)
-        src = {k: sorted(range(n), key=lambda r: -busy[k][r])[:2] for k in KINDS}
-        src["tokens"] = list(range(n))
-        if not est.feasible:  # make room: any device may give
-            src = {k: list(range(n)) for k in KINDS}
-        for k in kinds:
-            for step in _steps(self.total[k], n):
-                for i in src[k]:
-                    for j in range(n):
-                        if i != j:
-                            yield [(k, i, j, step)]
-        if all(m.used_bytes < 0.9 * m.budget_bytes for m in est.memory):
-            return  # exchanges only help where memory binds
-        for k1, k2 in itertools.permutations(kinds, 2):  # give k1, take back about as many bytes of k2
-            ratio = self.unit_bytes[k1] / self.unit_bytes[k2]
-            for step in _steps(self.total[k1], n):
-                r = step * ratio
-                backs = {math.ceil(r), *(max(1, int(r) >> m) for m in range(3))}
-                for back in sorted(backs):
-                    for i in src[k1]:
-                        for j in range(n):
-                            if i != j:
-                                yield [(k1, i, j, step), (k2, j, i, back)]
-
-
-def _apply(lay: Layout, changes) -> Layout | None:
-    new = {k: list(getattr(lay, k)) for k in KINDS}
-    for k, i, j, d in changes:
-        if new[k][i] < d:
-            return None
-        new[k][i] -= d
-        new[k][j] += d
-    return Layout(lay.strategy, lay.order, *(tuple(new[k]) for k in KINDS))
-
-
-def _busy_by_kind(e: Estimate) -> dict[str, list[float]]:
-    """Each device's compute per kind of unit (heads: attention phases, cols: MLP, vocab: head)."""
-    n = len(e.layout.order)
-    out = {k: [0.0] * n for k in KINDS}
-    which = {"attn": "heads", "mlp": "cols", "head.allgather": "vocab", "con": "tokens", "embed.con": "tokens"}
-    for p in (*e.phases, *e.once):
-        k = next((v for pre, v in which.items() if p.name.startswith(pre)), None)
-        if k:
-            for r in range(n):
-                out[k][r] += p.compute_s[r]
-    return out
-
-
-def compositions(total: int, parts: int):
-    """Every way to write total as an ordered sum of `parts` non-negative integers."""
-    for cuts in itertools.combinations_with_replacement(range(total + 1), parts - 1):
-        bounds = (0, *cuts, total)
-        yield tuple(bounds[i + 1] - bounds[i] for i in range(parts))
-
-
-def _steps(total: int, n: int) -> list[int]:
-    """Move sizes: a quarter of an even share, then every fourth, down to one unit."""
-    out, s = [], max(1, total // (4 * n))
-    while s > 1:
-        out.append(s)
-        s //= 4
-    return out + [1]
-
-
-def _search_key(e: Estimate):
-    """Lexicographic: memory overflow first, then latency, then balance (breaks min-max plateaus)."""
-    over = sum(max(0, m.used_bytes - m.budget_bytes) for m in e.memory)
-    balance = sum(sum(c * c for c in p.compute_s) for p in e.phases)
-    return (over, round(e.latency_s, 12), balance)
-
-
-def nearest_link_order(cm: CostModel, sub) -> tuple[int, ...] | None:
-    """Greedy ring: from the first device, always on to the unvisited one with the fastest link."""
-    order, left = [sub[0]], set(sub[1:])
-    while left:
-        cur = order[-1]
-        nxt = [j for j in left if cm.has_link(cur, j)]
-        if not nxt:
-            return None
-        j = min(nxt, key=lambda j: (cm.link(cur, j)[0], cm.link(cur, j)[1], j))
-        order.append(j)
-        left.discard(j)
-    if len(order) > 1 and not cm.has_link(order[-1], order[0]):
-        return None
-    return tuple(order)
-
+# --- subsets and ring orders ---------------------------------------------------------------
 
 def _subsets(n: int, smallest: int = 1):
     idx = range(n)
@@ -389,20 +110,41 @@ def _subsets(n: int, smallest: int = 1):
         yield from itertools.combinations(idx, k)
 
 
-def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
-    """Best HMP layout, and the best constructive latency of every feasible subset (for reasons)."""
-    gx = _Galaxy(cm)
+def _orders(cm: CostModel, sub, method: str, nbytes: float) -> list[tuple[int, ...]]:
+    """Ring orders to price: the exact search's (every order up to 6 devices), or, for the
+    heuristic, every order of up to 3 devices (two) and one TSP-style ring beyond."""
+    if method == "exact" or len(sub) <= 3:
+        return exact_orders(cm, sub)
+    return [o for o in [ring_order(cm, sub, nbytes)] if o]
+
+
+def _chunk_bytes(cm: CostModel, k: int) -> float:
+    """Bytes one device sends per ring step when k devices split the tokens evenly."""
+    return cm.S / k * cm.cfg.hidden * cm.b
+
+
+# --- galaxy ----------------------------------------------------------------------------------
+
+def solve_galaxy(cm: CostModel, method: str = "exact") -> tuple[Outcome, dict[tuple[int, ...], float]]:
+    """Best HMP layout, and the best constructive latency of every feasible subset priced (for reasons).
+
+    exact: every subset of up to MAX_SUBSET_DEVICES devices (backward elimination beyond), every
+    ring order of up to 6. heuristic: search.SubsetSearch over subsets, one TSP-style ring each."""
+    gx = GalaxySplit(cm)
     by_subset: dict[tuple[int, ...], float] = {}
     cands: list[tuple[float, Estimate]] = []
+    hard: list[tuple[float, tuple[int, ...], Estimate]] = []  # subsets the split could not fit, but might fit
 
     def consider(sub) -> float | None:
         x = gx.allocate(sub)
         if x is None:
-            if gx.may_fit(sub):
-                hard.append(sub)
+            orders = _orders(cm, sub, method, _chunk_bytes(cm, len(sub))) if gx.may_fit(sub) else []
+            if orders:  # priced as if memory did not bind: how good it might be
+                e = cm.estimate(gx.layout(orders[0], sub, gx.unrepaired(sub)))
+                hard.append((e.latency_s, sub, e))
             return None
         best = None
-        for order in gx.orders(sub):
+        for order in _orders(cm, sub, method, _chunk_bytes(cm, len(sub))):
             e = cm.estimate(gx.layout(order, sub, x))
             if not e.feasible:  # the linear memory model is conservative, so this is rare
                 continue
@@ -412,8 +154,22 @@ def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
             by_subset[sub] = best
         return best
 
-    hard: list[tuple[int, ...]] = []  # subsets the conservative split could not fit, but might fit
-    if cm.n <= MAX_SUBSET_DEVICES:
+    if method == "heuristic":
+        usable = [i for i in range(cm.n) if gx.room_exact[i] >= 0]
+        need = sum(gx.total[k] * gx.unit_exact[k] for k in KINDS)
+        found = SubsetSearch(cm, usable, consider, gx.rates(), min_size=min(2, len(usable)), room=gx.room_exact,
+                             need=need, nbytes=_chunk_bytes(cm, 2)).run() if usable else None
+        if found is not None and len(found[0]) <= MAX_ORDER_DEVICES:  # the best subset: every ring order
+            x = gx.allocate(found[0])
+            cands += [(e.latency_s, e) for e in (cm.estimate(gx.layout(o, found[0], x))
+                                                 for o in exact_orders(cm, found[0])) if e.feasible]
+        elif found is not None:  # or the cost model's say on its ring
+            e = _refine_order(cm, min((c for c in cands if tuple(sorted(c[1].layout.order)) == found[0]),
+                                      key=lambda c: c[0])[1])
+            cands.append((e.latency_s, e))
+        if found is None and not hard and usable and gx.may_fit(usable):
+            consider(tuple(usable))
+    elif cm.n <= MAX_SUBSET_DEVICES:
         for sub in _subsets(cm.n, 2):
             consider(sub)
     else:  # backward elimination from the whole cluster
@@ -426,27 +182,68 @@ def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
                 break
             cur_lat, d = min(trials)
             cur = tuple(i for i in cur if i != d)
-    cands.sort(key=lambda c: c[0])
+    best = _refine_galaxy(cm, gx, cands, hard, method)
+    if best is None:
+        return Outcome("galaxy", None, "no subset of devices can hold the model's shards", gx_missing(gx)), by_subset
+    sub = tuple(sorted(best.layout.order))
+    by_subset[sub] = min(by_subset.get(sub, math.inf), best.latency_s)
+    if method == "heuristic":  # what each left-out device would cost (the reasons in plan.unused)
+        for i in range(cm.n):
+            if i not in sub and tuple(sorted((*sub, i))) not in by_subset:
+                consider(tuple(sorted((*sub, i))))
+    return Outcome("galaxy", best, _galaxy_summary(cm, best)), by_subset
+
+
+def _refine_galaxy(cm: CostModel, gx: GalaxySplit, cands, hard, method: str) -> Estimate | None:
+    """Local search on the best (subset, order) candidates, from other starting points, and
+    over every head split when there are few; then rings without the devices left idle."""
+    narrow, budget = False, None
+    cands = sorted(cands, key=lambda c: c[0])
     picked, seen = [], set()
     for _, e in cands:  # the best few, at most one order per subset
         sub = tuple(sorted(e.layout.order))
         if sub not in seen:
             seen.add(sub)
             picked.append(e)
-        if len(picked) == (LOCAL_SEARCH_CANDIDATES if len(sub) <= 4 else 1):
+        limit = LOCAL_SEARCH_CANDIDATES if len(sub) <= 4 else 1
+        # The exact search stops only at exactly `limit`: after a small subset, a larger one never
+        # stops it, and every subset gets refined (kept: it is the reference the heuristic is measured by).
+        if len(picked) == limit or (method == "heuristic" and len(picked) > limit):
             break
+    if method == "heuristic":
+        narrow = bool(picked) and len(picked[0].layout.order) > NARROW_ABOVE
+        budget = LOCAL_SEARCH_EVALS
     if not picked:  # nothing fitted by construction: search for a fit from plain starting points
-        for sub in sorted(hard, key=len)[:LOCAL_SEARCH_CANDIDATES]:
-            picked += [cm.estimate(lay) for lay in gx.starts(gx.orders(sub)[0])]
-    refined = [gx.local_search(e) for e in picked]
-    top = min(refined, key=lambda e: (_search_key(e), len(e.layout.order)), default=None)
+        for _, _, e in sorted(hard, key=lambda h: len(h[1]))[:LOCAL_SEARCH_CANDIDATES]:
+            picked += [cm.estimate(lay) for lay in gx.starts(e.layout.order)]
+    else:  # and in the subsets the split could not fit that would be faster if they did
+        bar = picked[0].latency_s
+        for _, _, e in sorted((h for h in hard if h[0] < bar), key=lambda h: (h[0], len(h[1])))[:HARD_CANDIDATES]:
+            picked += [e, *(cm.estimate(lay) for lay in gx.starts(e.layout.order))]
+
+    def descend(e, kinds=KINDS, main=False):
+        cap = budget if main or budget is None else budget // SECONDARY_SHARE
+        return gx.local_search(e, kinds=kinds, narrow=narrow, max_evals=cap)
+
+    refined = [descend(e, main=True) for e in picked]
+    for e in list(refined):  # and from each small candidate with all its tokens on one device
+        lay, k = e.layout, len(e.layout.order)  # (empty chunks send nothing: fewer, longer messages)
+        if 1 < k <= TOKEN_START_DEVICES:
+            alts = [cm.estimate(replace(lay, tokens=tuple(cm.S if q == r else 0 for q in range(k)))) for r in range(k)]
+            refined.append(descend(min(alts, key=search_key)))
+    top = min(refined, key=lambda e: (search_key(e), len(e.layout.order)), default=None)
     if top is not None and top.feasible:  # the best one: also descend from other starting points
         order = top.layout.order
         if len(order) <= 4:
-            refined += [gx.local_search(cm.estimate(lay)) for lay in gx.starts(order)]
-        if math.comb(cm.cfg.n_heads + len(order) - 1, len(order) - 1) <= HEAD_SPLITS_ENUMERATED:
-            refined += [gx.local_search(x, kinds=KINDS[1:]) for x in _by_head_split(gx, order, keep=3)]
+            refined += [descend(cm.estimate(lay)) for lay in gx.starts(order)]
+        splits = math.comb(cm.cfg.n_heads + len(order) - 1, len(order) - 1)
+        near = top.layout.heads if method == "heuristic" and splits > HEAD_SPLITS_NEAR else None
+        if splits <= HEAD_SPLITS_ENUMERATED:
+            refined += [descend(x, KINDS[1:]) for x in by_head_split(gx, order, keep=3, near=near)]
     refined = [e for e in refined if e.feasible]
+    top = min(refined, key=lambda e: (e.latency_s, len(e.layout.order)), default=None)
+    if top is not None and len(top.layout.order) <= TOKEN_START_DEVICES:  # compound moves where memory binds
+        refined.append(gx.repair_descent(top, descend))
     for e in list(refined):  # a device left holding no weights only relays: try the ring without it
         lay = e.layout
         idle = [r for r in range(len(lay.order)) if not (lay.heads[r] or lay.cols[r] or lay.vocab[r])]
@@ -456,50 +253,41 @@ def solve_galaxy(cm: CostModel) -> tuple[Outcome, dict[tuple[int, ...], float]]:
             tokens[0] += cm.S - sum(tokens)
             smaller = Layout("galaxy", *(tuple(v[r] for r in keep) for v in
                                          (lay.order, lay.heads, lay.cols, lay.vocab)), tuple(tokens))
-            refined.append(gx.local_search(cm.estimate(smaller)))
+            refined.append(descend(cm.estimate(smaller)))
     refined = [e for e in refined if e.feasible]
-    if not refined:
-        return Outcome("galaxy", None, "no subset of devices can hold the model's shards", gx_missing(gx)), by_subset
-    best = min(refined, key=lambda e: (e.latency_s, len(e.layout.order)))
-    sub = tuple(sorted(best.layout.order))
-    by_subset[sub] = min(by_subset.get(sub, math.inf), best.latency_s)
-    return Outcome("galaxy", best, _galaxy_summary(cm, best)), by_subset
-
-
-def _by_head_split(gx: _Galaxy, order, keep: int = 2) -> list[Estimate]:
-    """Every split of the heads (the coarsest unit, where local search stalls), the other kinds
-    water-filled and repaired around it; the best `keep`."""
-    sub, n = tuple(sorted(order)), len(order)
-    pos = {i: r for r, i in enumerate(order)}
-    out = []
-    for h in compositions(gx.total["heads"], n):
-        x = gx.allocate(sub, heads=[h[pos[i]] for i in sub])
-        if x is not None:
-            e = gx.cm.estimate(gx.layout(order, sub, x))
-            if e.feasible:
-                out.append(e)
-    return sorted(out, key=lambda e: e.latency_s)[:keep]
-
-
-def gx_missing(gx: _Galaxy) -> int:
-    """Bytes the whole cluster lacks for galaxy (0: enough in total, the split is what fails)."""
-    need = sum(gx.total[k] * gx.unit_exact[k] for k in KINDS)
-    return max(0, int(need - sum(max(0.0, r) for r in gx.room_exact)))
+    return min(refined, key=lambda e: (e.latency_s, len(e.layout.order)), default=None)
 
 
 # --- megatron, seqpar, pipeline, local -------------------------------------------------------
 
-def solve_megatron(cm: CostModel) -> Outcome:
+def solve_megatron(cm: CostModel, method: str = "exact") -> Outcome:
     cfg, best = cm.cfg, None
-    gx = _Galaxy(cm)
-    for sub in _subsets(cm.n, 2) if cm.n <= MAX_SUBSET_DEVICES else [tuple(range(cm.n))]:
-        k = len(sub)
+    gx = GalaxySplit(cm)
+
+    def price(sub) -> Estimate | None:
+        k, out = len(sub), None
         split = [split_even(t, k) for t in (cfg.n_heads, cfg.ffn, cfg.vocab_size)]
         if min(gx.room[i] for i in sub) < 0:
-            continue
-        for order in gx.orders(sub):
+            return None
+        for order in _orders(cm, sub, method, cm.S / k * cfg.hidden * cm.b):
             e = cm.estimate(Layout("megatron", order, *map(tuple, split)))
-            if e.feasible and (best is None or e.latency_s < best.latency_s):
+            if e.feasible and (out is None or e.latency_s < out.latency_s):
+                out = e
+        return out
+
+    if method == "heuristic":
+        def fits(i, k):  # holds the largest share of an even split over k devices
+            h, c, v = (split_even(t, k)[0] for t in (cfg.n_heads, cfg.ffn, cfg.vocab_size))
+            spec = ShardSpec((0, h), (0, c), (0, v), (0, cfg.n_layers))
+            return cm.memory(i, spec, cm.activations(h, c, cm.S, v)).fits
+
+        best = _heuristic_best(cm, price, [i for i in range(cm.n) if gx.room[i] >= 0], gx.rates(), 2,
+                               gx.room, sum(gx.total[k] * gx.unit_bytes[k] for k in KINDS), _chunk_bytes(cm, 2), fits,
+                               follow_devices=False)
+    else:
+        for sub in _subsets(cm.n, 2) if cm.n <= MAX_SUBSET_DEVICES else [tuple(range(cm.n))]:
+            e = price(sub)
+            if e is not None and (best is None or e.latency_s < best.latency_s):
                 best = e
     if best is None:
         return Outcome("megatron", None, "no subset can hold an even split of the model")
@@ -507,7 +295,51 @@ def solve_megatron(cm: CostModel) -> Outcome:
                    f"{_comm_phrase(cm, best)}")
 
 
-def solve_seqpar(cm: CostModel) -> Outcome:
+def _refine_order(cm: CostModel, est: Estimate, follow_devices: bool = True) -> Estimate:
+    """The best ring of a layout's devices: every order up to MAX_ORDER_DEVICES, else the
+    heuristic ring improved on the cost model (ring.refine_ring); follow_devices: each device
+    keeps its share (else each position does)."""
+    lay = est.layout
+    if len(lay.order) <= 3:
+        return est  # the search priced every order already
+    pos = {i: r for r, i in enumerate(lay.order)}
+    fields = [f for f in ("heads", "cols", "vocab", "tokens") if getattr(lay, f)] if follow_devices else []
+
+    def relayout(order):
+        return replace(lay, order=order, **{f: tuple(getattr(lay, f)[pos[i]] for i in order) for f in fields})
+
+    def price(order):
+        e = cm.estimate(relayout(order))
+        return e.latency_s if e.feasible else None
+
+    if len(lay.order) <= MAX_ORDER_DEVICES:
+        priced = [(p, o) for o, p in ((o, price(o)) for o in exact_orders(cm, lay.order)) if p is not None]
+        order = min(priced)[1] if priced and min(priced)[0] < est.latency_s else lay.order
+    else:
+        order = refine_ring(lay.order, price, ORDER_REFINE_EVALS)[0]
+    return est if order == lay.order else cm.estimate(relayout(order))
+
+
+def _heuristic_best(cm: CostModel, price, items, rate, min_size, room=None, need=0.0, nbytes=0.0, fits=None,
+                    follow_devices=True):
+    """search.SubsetSearch with a price that returns an Estimate: the best Estimate found, its
+    ring refined on the cost model."""
+    ests: dict[tuple[int, ...], Estimate] = {}
+
+    def latency(sub):
+        e = price(sub)
+        if e is None:
+            return None
+        ests[sub] = e
+        return e.latency_s
+
+    if not items:
+        return None
+    found = SubsetSearch(cm, items, latency, rate, min(min_size, len(items)), room, need, nbytes, fits).run()
+    return None if found is None else _refine_order(cm, ests[found[0]], follow_devices)
+
+
+def solve_seqpar(cm: CostModel, method: str = "exact") -> Outcome:
     cfg, S, b, L = cm.cfg, cm.S, cm.b, cm.cfg.n_layers
     full = weight_bytes(cfg, ShardSpec((0, cfg.n_heads), (0, cfg.ffn), (0, cfg.vocab_size), (0, L)), b)
     per_tok = seqpar_activation_bytes(cfg, S, 1, b) - seqpar_activation_bytes(cfg, S, 0, b)
@@ -518,7 +350,6 @@ def solve_seqpar(cm: CostModel) -> Outcome:
         biggest = max(d.memory_bytes for d in cm.devices)
         return Outcome("seqpar", None, f"every device would hold the whole model ({fmt_bytes(full + base)}), "
                        f"the largest budget is {fmt_bytes(biggest)}", int(full + base + per_tok - biggest))
-    gx = _Galaxy(cm)
     lines = []
     for d in cm.devices:
         fa = attention_flops(cfg, cfg.n_heads, 1, cfg.n_kv_heads) + 4.0 * (S - 1) * cfg.head_dim * cfg.n_heads
@@ -526,32 +357,50 @@ def solve_seqpar(cm: CostModel) -> Outcome:
                  + 16.0 * cfg.hidden / d.connective.flops_per_s)
         o = L * (d.attention.overhead_s + d.mlp.overhead_s + 2 * d.connective.overhead_s)
         lines.append((o, t))
-    best = None
-    subs = _subsets(len(able), 2) if len(able) <= MAX_SUBSET_DEVICES else [tuple(range(len(able)))]
-    for sub_pos in subs:
-        sub = tuple(able[p] for p in sub_pos)
+
+    def price(sub) -> Estimate | None:
         x = water_fill(S, [lines[i] for i in sub], [caps[i] for i in sub])
         if x is None:
-            continue
-        for order in gx.orders(sub):
-            pos = {i: r for r, i in enumerate(sub)}
+            return None
+        out = None
+        pos = {i: r for r, i in enumerate(sub)}
+        kv_bytes = S / len(sub) * 2 * cfg.n_kv_heads * cfg.head_dim * b
+        for order in _orders(cm, sub, method, kv_bytes):
             e = cm.estimate(Layout("seqpar", order, tokens=tuple(x[pos[i]] for i in order)))
-            if e.feasible and (best is None or e.latency_s < best.latency_s):
+            if e.feasible and (out is None or e.latency_s < out.latency_s):
+                out = e
+        return out
+
+    best = None
+    if method == "heuristic":
+        best = _heuristic_best(cm, price, able, [1.0 / (o + t * S) for o, t in lines], 2)
+    else:
+        subs = _subsets(len(able), 2) if len(able) <= MAX_SUBSET_DEVICES else [tuple(range(len(able)))]
+        for sub_pos in subs:
+            e = price(tuple(able[p] for p in sub_pos))
+            if e is not None and (best is None or e.latency_s < best.latency_s):
                 best = e
     if best is None:
         return Outcome("seqpar", None, "no set of devices holding the whole model can split the tokens")
-    best = _token_search(cm, best)
+    best = _token_search(cm, best, narrow=method == "heuristic" and len(best.layout.order) > NARROW_ABOVE)
     return Outcome("seqpar", best, f"whole model on each of {len(best.layout.order)} devices, "
                    f"{_comm_phrase(cm, best)}")
 
 
-def _token_search(cm: CostModel, est: Estimate) -> Estimate:
+def _token_search(cm: CostModel, est: Estimate, narrow: bool = False) -> Estimate:
+    """Move tokens between two devices while it helps; narrow (large rings): from the devices
+    that compute longest to those that compute shortest."""
     lay, n = est.layout, len(est.layout.order)
     improved = True
     while improved:
         improved = False
-        for step in _steps(cm.S, n):
-            for i, j in itertools.permutations(range(n), 2):
+        pairs = list(itertools.permutations(range(n), 2))
+        if narrow:
+            slow = sorted(range(n), key=lambda r: (-est.compute_s[r], r))[:NARROW_DESTINATIONS]
+            fast = sorted(range(n), key=lambda r: (est.compute_s[r], r))[:NARROW_DESTINATIONS]
+            pairs = [(i, j) for i in slow for j in fast if i != j]
+        for step in steps(cm.S, n):
+            for i, j in pairs:
                 t = list(lay.tokens)
                 if t[i] < step:
                     continue
@@ -563,71 +412,59 @@ def _token_search(cm: CostModel, est: Estimate) -> Estimate:
     return est
 
 
-def solve_pipeline(cm: CostModel) -> Outcome:
-    cfg, S, b, L = cm.cfg, cm.S, cm.b, cm.cfg.n_layers
-    full_h, full_c, full_v = (0, cfg.n_heads), (0, cfg.ffn), (0, cfg.vocab_size)
-    per_layer = weight_bytes(cfg, ShardSpec(full_h, full_c, full_v, (0, 1), embed=False, head=False), b)
-    role_bytes = {role: weight_bytes(cfg, ShardSpec(full_h, full_c, full_v, (0, 0), embed=e, head=h), b)
-                  for role, e, h in (("first", True, False), ("last", False, True), ("only", True, True),
-                                     ("mid", False, False))}
-    act = activation_bytes(cfg, S, cfg.n_heads, cfg.ffn, S, b)
-    act_last = max(act, cm.head_activation(cfg.vocab_size))
-    t_layer = [cm.full_layer_s(i) for i in range(cm.n)]
-    t_first = [cm.con_s(i, S) for i in range(cm.n)]
-    t_last = [(cm.con_s(i, S) + cm.head_model(i).seconds(head_flops(cfg, cfg.vocab_size, 1))) if cfg.causal else 0.0
-              for i in range(cm.n)]
-    hand = S * cfg.hidden * b
-
-    def cap(i, role):
-        a = act_last if role in ("last", "only") else act
-        return int((cm.devices[i].memory_bytes - a - role_bytes[role]) // per_layer)
-
-    caps = {role: [cap(i, role) for i in range(cm.n)] for role in role_bytes}
+def solve_pipeline(cm: CostModel, method: str = "exact") -> Outcome:
+    L = cm.cfg.n_layers
+    ch = Chains(cm)
     best = None
-    sizes = range(2, cm.n + 1) if cm.n > 1 else [1]
-    uniform = len({cm.link(i, j) for i in range(cm.n) for j in range(cm.n) if cm.has_link(i, j)}) <= 1 and all(
-        cm.has_link(i, j) for i in range(cm.n) for j in range(cm.n) if i != j)
 
-    def sequences(m):
-        if uniform:  # only the first and last stage matter: they hold the embedding and the head
-            for sub in itertools.combinations(range(cm.n), m):
-                for a, z in itertools.permutations(sub, 2) if m > 1 else [(sub[0], sub[0])]:
-                    yield (a, *(i for i in sub if i not in (a, z)), z) if m > 1 else sub
-        elif m <= MAX_ORDER_DEVICES:
-            yield from itertools.permutations(range(cm.n), m)
-        else:
-            yield from (o for o in (nearest_link_order(cm, s) for s in itertools.combinations(range(cm.n), m)) if o)
+    if method == "heuristic":
+        seqs: dict[tuple[int, ...], tuple[float, tuple[int, ...], list[int]]] = {}
 
-    for m in sizes:
-        for seq in sequences(m):
-            if m == 1:
-                c = [caps["only"][seq[0]]]
+        def latency(sub):
+            out = None
+            for seq in chain_orders(cm, sub, ch.hand) if len(sub) > 1 else [sub]:
+                got = ch.price(seq)
+                if got is not None and (out is None or got[0] < out[0] - 1e-15):
+                    out = (got[0], seq, got[1])
+            if out is None:
+                return None
+            seqs[sub] = out
+            return out[0]
+
+        items = [i for i in range(cm.n) if max(ch.caps[r][i] for r in ch.caps) >= 1]
+        room = [max(0, ch.caps["mid"][i]) * ch.per_layer for i in range(cm.n)]
+        if items:
+            found = SubsetSearch(cm, items, latency, [1.0 / ch.t_layer[i] for i in range(cm.n)],
+                                 min(2 if cm.n > 1 else 1, len(items)), room, L * ch.per_layer, ch.hand).run()
+            best = None if found is None else seqs[found[0]]
+    else:
+        sizes = range(2, cm.n + 1) if cm.n > 1 else [1]
+        uniform = uniform_links(cm, range(cm.n))
+
+        def sequences(m):
+            if uniform:  # only the first and last stage matter: they hold the embedding and the head
+                for sub in itertools.combinations(range(cm.n), m):
+                    for a, z in itertools.permutations(sub, 2) if m > 1 else [(sub[0], sub[0])]:
+                        yield (a, *(i for i in sub if i not in (a, z)), z) if m > 1 else sub
+            elif m <= MAX_ORDER_DEVICES:
+                yield from itertools.permutations(range(cm.n), m)
             else:
-                c = [caps["first"][seq[0]], *(caps["mid"][i] for i in seq[1:-1]), caps["last"][seq[-1]]]
-            if min(c) < 1 or sum(c) < L:
-                continue
-            if any(not cm.has_link(seq[r], seq[r + 1]) for r in range(m - 1)):
-                continue
-            layers = [1] * m
-            left = L - m
-            if left < 0:
-                continue
-            for r in sorted(range(m), key=lambda r: t_layer[seq[r]]):  # the rest to the fastest stages
-                extra = min(left, c[r] - 1)
-                layers[r] += extra
-                left -= extra
-            lat = sum(n * t_layer[i] for n, i in zip(layers, seq)) + t_first[seq[0]] + t_last[seq[-1]]
-            lat += sum(cm.link(seq[r], seq[r + 1])[0] * hand + cm.link(seq[r], seq[r + 1])[1] for r in range(m - 1))
-            if best is None or lat < best[0] - 1e-15:
-                best = (lat, seq, layers)
+                yield from (o for o in (nearest_link_order(cm, s) for s in itertools.combinations(range(cm.n), m))
+                            if o)
+
+        for m in sizes:
+            for seq in sequences(m):
+                got = ch.price(seq)
+                if got is not None and (best is None or got[0] < best[0] - 1e-15):
+                    best = (got[0], seq, got[1])
     if best is None:
-        most = sum(sorted((max(0, caps["mid"][i]) for i in range(cm.n)), reverse=True))
-        missing = (L - most) * per_layer + role_bytes["only"] - role_bytes["mid"] if most < L else 0
+        most = sum(sorted((max(0, ch.caps["mid"][i]) for i in range(cm.n)), reverse=True))
+        missing = (L - most) * ch.per_layer + ch.role_bytes["only"] - ch.role_bytes["mid"] if most < L else 0
         return Outcome("pipeline", None, f"the devices can hold at most {most} of the {L} layers "
-                       f"({fmt_bytes(per_layer)} each) besides their activations", int(max(0, missing)))
+                       f"({fmt_bytes(ch.per_layer)} each) besides their activations", int(max(0, missing)))
     e = cm.estimate(Layout("pipeline", best[1], layers=tuple(best[2])))
     return Outcome("pipeline", e, f"{len(best[1])} stages, layers {list(best[2])}, hands "
-                   f"{fmt_bytes(hand)} down {len(best[1]) - 1} time(s)")
+                   f"{fmt_bytes(ch.hand)} down {len(best[1]) - 1} time(s)")
 
 
 def solve_local(cm: CostModel) -> Outcome:
@@ -687,20 +524,28 @@ def _choice_reason(cm: CostModel, win: Outcome, outcomes: dict[str, Outcome], fo
 # --- the entry point -----------------------------------------------------------------------------
 
 def solve(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: str | None = None,
-          dtype_bytes: int = 4) -> Plan:
+          dtype_bytes: int = 4, method: str = "auto") -> Plan:
     """The plan with the lowest predicted prefill latency whose shards fit every device.
 
     strategy: None picks the fastest runnable strategy; "galaxy", "megatron", "pipeline", "local"
-    or "seqpar" forces one. Raises PlanError when nothing fits (saying how many bytes are missing)
-    or the forced strategy is infeasible.
+    or "seqpar" forces one. method: "exact" prices every subset (and ring order) of a small
+    cluster, "heuristic" searches them in polynomial time (search.py), "auto" takes the exact
+    search up to EXACT_DEVICES devices. The plan records the method and the seconds it took
+    (Plan.solver). Raises PlanError when nothing fits (saying how many bytes are missing) or the
+    forced strategy is infeasible.
     """
+    t0 = time.perf_counter()
     choices = ("galaxy", "megatron", "pipeline", "local", "seqpar")
     if strategy is not None and strategy not in choices:
         raise PlanError(f"strategy: {strategy!r} is not one of {choices}")
+    if method not in METHODS:
+        raise PlanError(f"method: {method!r} is not one of {METHODS}")
     cm = CostModel(cfg, seq_len, cluster, dtype_bytes)
-    galaxy, by_subset = solve_galaxy(cm)
-    outcomes = {"galaxy": galaxy, "megatron": solve_megatron(cm), "seqpar": solve_seqpar(cm),
-                "pipeline": solve_pipeline(cm), "local": solve_local(cm)}
+    if method == "auto":
+        method = "exact" if cm.n <= EXACT_DEVICES else "heuristic"
+    galaxy, by_subset = solve_galaxy(cm, method)
+    outcomes = {"galaxy": galaxy, "megatron": solve_megatron(cm, method), "seqpar": solve_seqpar(cm, method),
+                "pipeline": solve_pipeline(cm, method), "local": solve_local(cm)}
     if galaxy.estimate is not None:
         e = cm.estimate(Layout("galaxy-no-overlap", *_fields(galaxy.estimate.layout)))
         outcomes["galaxy-no-overlap"] = Outcome("galaxy-no-overlap", e, "the galaxy layout with communication and "
@@ -716,7 +561,8 @@ def solve(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: str
                 f"{s}: {o.reason}" for s, o in outcomes.items() if s in choices) + ")")
         win = min(ok, key=lambda o: (round(o.latency_s, 12), PREFERENCE.index(o.strategy)))
     reason = _choice_reason(cm, win, outcomes, strategy is not None)
-    return _to_plan(cm, win, outcomes, by_subset, reason)
+    plan = _to_plan(cm, win, outcomes, by_subset, reason)
+    return replace(plan, solver=SolverRun(method, time.perf_counter() - t0, cm.n))
 
 
 def _fields(lay: Layout):
@@ -724,7 +570,7 @@ def _fields(lay: Layout):
 
 
 def _missing_text(cm: CostModel, outcomes, strategy) -> str:
-    gx = _Galaxy(cm)
+    gx = GalaxySplit(cm)
     missing = gx_missing(gx)
     if strategy is not None and strategy != "galaxy":
         missing = outcomes[strategy].missing_bytes
@@ -768,7 +614,8 @@ def _to_plan(cm: CostModel, win: Outcome, outcomes, by_subset, reason) -> Plan:
         devices.append(DevicePlan(d.name, d.address, *counts, memory=mem,
                                   predicted=DeviceTiming(e.compute_s[r], e.comm_s[r])))
     results = tuple(StrategyResult(s, o.latency_s, o.reason) for s, o in outcomes.items())
-    unused = tuple((cm.devices[i].name, _unused_reason(cm, i, lay, win, by_subset))
+    gx = GalaxySplit(cm)
+    unused = tuple((cm.devices[i].name, _unused_reason(cm, gx, i, lay, win, by_subset))
                    for i in range(cm.n) if i not in lay.order)
     return Plan(lay.strategy, tuple(devices), cm.S, ModelRef.of(cfg), cm.b, e.latency_s, results, reason, unused)
 
@@ -781,11 +628,10 @@ def _ranges(counts):
     return out
 
 
-def _unused_reason(cm: CostModel, i: int, lay: Layout, win: Outcome, by_subset) -> str:
+def _unused_reason(cm: CostModel, gx: GalaxySplit, i: int, lay: Layout, win: Outcome, by_subset) -> str:
     d = cm.devices[i]
     if win.strategy != "galaxy":
         return f"not needed by the {win.strategy} plan"
-    gx = _Galaxy(cm)
     if gx.room[i] < 0:
         return (f"its budget {fmt_bytes(d.memory_bytes)} is below the replicated weights and activations every "
                 f"galaxy device holds ({fmt_bytes(gx.fixed_bytes)})")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from contextlib import ExitStack
 
+from planner import scaling
+
 from ..bench import paged_kv
 from ..bench import serve as serve_bench
 from ..bench import strategies as bench
 from ..bench.serve import ServeBench, Workload, run_serve_bench
 from ..bench.suite import SuiteConfig, bench_devices, run_suite
 from ..engine.engine import EngineConfig
+from ..errors import GalaxyError
 from ..runtime.api import connect
 from .args import add_cluster_args, add_model_args, floats, ints, output_file, progress, rates
 
@@ -21,14 +24,16 @@ EXAMPLES = """examples:
   galaxy bench serve --rates 0.5,1,2,4 --plot docs/bench/serve.png   the serving engine against fifo
   galaxy bench serve --concurrency 8 --num-requests 32 --output-len 32
   galaxy bench serve --shared-prefix 512 --input-len 64 --compare-prefix-cache
+  galaxy bench planner --sizes 4,8,16,32 --seeds 3 --exact-up-to 8   the solver's time and optimality gap
 """
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="Galaxy against its baselines and the roofline, side by side", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=["strategies", "serve"], default="strategies",
-                   help="strategies (default): prefill across strategies; serve: the serving engine under load")
+    p.add_argument("what", nargs="?", choices=["strategies", "serve", "planner"], default="strategies",
+                   help="strategies (default): prefill across strategies; serve: the serving engine under load; "
+                   "planner: the solver's time and optimality gap on synthetic clusters (no devices needed)")
     add_model_args(p)
     add_cluster_args(p, local_help="N plain loopback workers instead of an emulated LAN (no root needed)",
                      discover=False, transport=False)
@@ -68,6 +73,19 @@ def add_parser(sub) -> None:
     sv.add_argument("--chunk-size", type=int, help="most prompt tokens a request runs per step (default: the budget)")
     sv.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT objective, x the unloaded TTFT (default 3)")
     sv.add_argument("--slo-tpot", type=float, default=1.5, help="TPOT objective, x the unloaded TPOT (default 1.5)")
+    pl = p.add_argument_group("galaxy bench planner: synthetic clusters (planner/scaling.py; --random-init PRESET "
+                              "picks the model, default gpt2-large; --seq-len one length, default 256; --reps "
+                              "solves timed per cluster, default 3)")
+    pl.add_argument("--sizes", type=ints, help="cluster sizes in devices (default 4,5,6,7,8,12,16,24,32,48,64)")
+    pl.add_argument("--seeds", type=int, default=10, help="synthetic clusters per size (default 10)")
+    pl.add_argument("--exact-up-to", type=int, default=8,
+                    help="largest cluster the exact search also solves, for the gap (default 8)")
+    pl.add_argument("--brute-force", type=ints, default=[100, 20], metavar="TWO,THREE",
+                    help="tiny clusters of two and three devices checked against brute force (default 100,20; 0,0 "
+                    "skips)")
+    pl.add_argument("--no-emulated", action="store_true", help="skip the emulated clusters' plans")
+    pl.add_argument("--rings", type=int, default=0, help="random subsets whose ring orders are checked against every "
+                    "order (default 0: skip)")
     micro = p.add_argument_group("micro-benchmarks on this machine (instead of the suite)")
     micro.add_argument("--paged-attention", action="store_true",
                        help="paged attention on CPU: gather vs padded vs contiguous K/V (docs/paged_attention_cpu.md)")
@@ -79,6 +97,8 @@ def add_parser(sub) -> None:
 def cmd_bench(args) -> int:
     if args.what == "serve":
         return cmd_bench_serve(args)
+    if args.what == "planner":
+        return cmd_bench_planner(args)
     if args.paged_attention or args.attention_kernels:
         paged_kv.report(threads=args.threads or 1, reps=args.reps or 21, quick=args.quick,
                         kernel_choices=args.attention_kernels)
@@ -122,3 +142,19 @@ def _emit(args, report: dict, table, plot) -> int:
         if args.plot:
             print(f"plot written to {args.plot}")
     return 0
+
+
+def cmd_bench_planner(args) -> int:
+    if args.model:
+        raise GalaxyError("galaxy bench planner: --model takes no file here; name a preset with --random-init")
+    if args.seq_len and len(args.seq_len) != 1:
+        raise GalaxyError(f"galaxy bench planner: --seq-len takes one length, got {len(args.seq_len)}")
+    if len(args.brute_force) != 2:
+        raise GalaxyError(f"--brute-force: two counts (two-device,three-device), got {len(args.brute_force)}")
+    scaling.run(scaling.ScalingConfig(
+        sizes=tuple(args.sizes) if args.sizes else scaling.ScalingConfig.sizes, seeds=args.seeds,
+        exact_up_to=args.exact_up_to, repeats=args.reps or 3, model=args.random_init or "gpt2-large",
+        seq_len=args.seq_len[0] if args.seq_len else 256, brute_force=tuple(args.brute_force),
+        emulated=not args.no_emulated, rings=args.rings))
+    return 0
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,20 +12,22 @@ from planner import render
 from planner import wire as wire_choice
 from planner.cost import weight_bytes
 from planner.profiler import profile_cluster
-from planner.solver import solve
+from planner.solver import METHODS, solve
+from planner.synthetic import synthetic_cluster
 
 from ..errors import GalaxyError
 from ..model.transformer import DTYPES
 from ..parallel.sharding import full_spec
 from ..runtime.sources import open_source
 from ..units import fmt_bytes
-from .args import add_cluster_args, add_model_args, output_file, size
+from .args import add_cluster_args, add_model_args, int_at_least, output_file, size
 from .session import device_count, open_session
 
 EXAMPLES = """examples:
   galaxy plan --local 3 --random-init gpt2-large --seq-len 256 -o plan.json --png plan.png
   galaxy plan --cluster devices/clusters/hetero-trio.yaml --wire auto -o plan.json
   galaxy run --random-init gpt2-large --seq-len 256 --plan plan.json --check
+  galaxy plan --synthetic 32 --seed 1 --random-init gpt2-large     a seeded 32-device cluster, no workers needed
 """
 
 
@@ -38,6 +41,12 @@ def add_parser(sub) -> None:
                       help="cap every device's memory for the shard, e.g. 2GB")
     plan.add_argument("--strategy", choices=["auto", "galaxy", "megatron", "pipeline", "local"], default="auto",
                       help="force a strategy (default: the fastest predicted)")
+    plan.add_argument("--synthetic", type=int_at_least(1), metavar="N",
+                      help="plan for N seeded synthetic devices (planner/synthetic.py: mixed speeds, memories, links "
+                      "and co-tenants; --seed picks the cluster) instead of profiling workers")
+    plan.add_argument("--method", choices=METHODS, default="auto",
+                      help="how to search the devices: exact (every subset, exponential), heuristic (polynomial), "
+                      "auto (default: exact up to 3 devices, heuristic beyond)")
     plan.add_argument("--reprofile", action="store_true", help="ignore cached device profiles")
     plan.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8", "auto"], default="fp32",
                       help="activation format on the links: fp32 exact (default), a lossy format everywhere, or "
@@ -65,24 +74,41 @@ def _check_budget(cfg, n: int, budget: int, dtype_bytes: int) -> None:
                       "a copy of), or add devices")
 
 
+def _synthetic(args):
+    """The seeded synthetic cluster --synthetic asks for (profiles, not devices: nothing is started),
+    each budget capped by --memory-budget."""
+    given = [f"--{o}" for o in ("local", "workers", "cluster", "discover") if getattr(args, o, None)]
+    if given:
+        raise GalaxyError(f"--synthetic plans for made-up devices; leave out {', '.join(given)}")
+    prof = synthetic_cluster(args.synthetic, args.seed)
+    if args.memory_budget is not None:
+        prof = dataclasses.replace(prof, devices=[dataclasses.replace(d, memory_bytes=min(d.memory_bytes,
+                                                                                          args.memory_budget))
+                                                  for d in prof.devices])
+    return prof
+
+
 def cmd_plan(args) -> int:
     source = open_source(args.model, args.random_init, args.seed)
     cfg = source.config
     if not 1 <= args.seq_len <= cfg.max_positions:
         raise GalaxyError(f"--seq-len {args.seq_len} outside 1..{cfg.max_positions}")
-    n = device_count(args)
+    n = args.synthetic if args.synthetic is not None else device_count(args)
     if args.memory_budget is not None:
         _check_budget(cfg, n, args.memory_budget, DTYPES[args.dtype].itemsize)
-    budgets = {}
-    if args.cluster:
-        budgets = {d.name: d.memory for d in load_cluster(args.cluster).devices if getattr(d, "memory", None)}
-    with open_session(args, n) as session:
-        prof = profile_cluster(session.executor, cfg, [args.seq_len], args.dtype, memory_budget=args.memory_budget,
-                               budgets=budgets, reprofile=args.reprofile)
+    if args.synthetic is not None:
+        prof = _synthetic(args)
+    else:
+        budgets = {}
+        if args.cluster:
+            budgets = {d.name: d.memory for d in load_cluster(args.cluster).devices if getattr(d, "memory", None)}
+        with open_session(args, n) as session:
+            prof = profile_cluster(session.executor, cfg, [args.seq_len], args.dtype,
+                                   memory_budget=args.memory_budget, budgets=budgets, reprofile=args.reprofile)
     n_prof = len(prof.devices)
     wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
     plan = solve(cfg, args.seq_len, wire_choice.effective(prof, wire),
-                 None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize)
+                 None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize, method=args.method)
     if args.wire != "fp32":
         plan = plan.with_wire(wire, [d.name for d in prof.devices])
     if args.output:

@@ -4,6 +4,8 @@ meet; and which devices a plan file runs on."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from galaxy.cli import build_parser, main
@@ -91,6 +93,20 @@ def test_memory_budget_below_the_models_weights_is_refused_with_numbers_that_add
     assert ("--memory-budget 9.5 MiB per device is too small for gpt2: its weights alone are 474.7 MiB, and 3 devices "
             "x 9.5 MiB = 28.6 MiB hold 6.0% of them; give each device at least 158.2 MiB") in err
     assert not no_workers  # refused before profiling anything
+
+
+def test_plan_on_a_synthetic_cluster_solves_without_workers_and_records_the_search(no_workers, capsys):
+    assert main(["plan", "--synthetic", "16", "--seed", "2", "--random-init", "gpt2", "--seq-len", "64", "--json"]) == 0
+    solver = json.loads(capsys.readouterr().out)["solver"]
+    assert solver["method"] == "heuristic" and solver["devices"] == 16 and solver["seconds"] > 0
+    assert not no_workers
+    assert main(["plan", "--synthetic", "5", "--random-init", "gpt2", "--seq-len", "64", "--method", "exact"]) == 0
+    assert "solved    exact search over 5 devices in" in capsys.readouterr().out
+
+
+def test_synthetic_and_real_devices_are_not_mixed(no_workers, capsys):
+    assert main(["plan", "--synthetic", "4", "--local", "2", "--random-init", "gpt2"]) == 2
+    assert "leave out --local" in capsys.readouterr().err and not no_workers
 
 
 def _plan_file(tmp_path, addresses) -> str:

@@ -115,6 +115,10 @@ CASES = [
     (_set(["strategies", "galaxy"], {"reason": "x"}), r"strategies\.galaxy\.latency_s: missing"),
     (_set(["unused"], [{"reason": "x"}]), r"unused\[0\]\.name: missing"),
     (_set(["strategy"], "local"), r"devices: local runs on one device, the plan has 3"),
+    (_set(["solver", "method"], "guess"), r"solver\.method: 'guess' is not one of"),
+    (_set(["solver", "seconds"], -0.5), r"solver\.seconds: -0.5 is negative"),
+    (_drop(["solver", "seconds"]), r"solver\.seconds: missing \(required\)"),
+    (_set(["solver", "devices"], 1.5), r"solver\.devices: 1.5 is not an integer"),
 ]
 
 
@@ -128,6 +132,23 @@ def test_schema_rejects_what_the_reader_rejects(plans):
     for edit, _ in CASES[:3] + CASES[7:11] + CASES[12:16]:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(json.loads(_broken(plans["galaxy"], edit)), SCHEMA)
+
+
+def test_schema_rejects_a_malformed_solver_record(plans):
+    for edit, _ in CASES[-4:]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(json.loads(_broken(plans["galaxy"], edit)), SCHEMA)
+
+
+def test_plans_record_how_they_were_solved_and_older_plans_still_load(plans):
+    plan = plans["galaxy"]
+    assert plan.solver.method == "exact" and plan.solver.devices == 3 and plan.solver.seconds > 0
+    assert "solved    exact search over 3 devices in" in table(plan)
+    older = json.loads(plan.to_json())
+    del older["solver"]
+    jsonschema.validate(older, SCHEMA)
+    back = Plan.from_json(json.dumps(older), CFG)
+    assert back.solver is None and back.devices == plan.devices and "solved" not in table(back)
 
 
 def test_other_reader_errors(plans):
