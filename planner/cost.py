@@ -65,8 +65,9 @@ from .profile import (
     kv_heads_touched,
     mlp_flops,
 )
+from .strategy import PLANNED, PlanStrategy
 
-STRATEGIES = ("galaxy", "galaxy-no-overlap", "megatron", "seqpar", "pipeline", "local")
+STRATEGIES = PLANNED
 MEMO_VALUES = 1_000_000  # per-device values the collective memo holds before it starts afresh (~70 MB)
 DIRECT_ALLREDUCE_BYTES = 64 * 1024  # galaxy.parallel.collectives.Collectives(direct_max_bytes=...): no ring below this
 
@@ -428,17 +429,14 @@ class CostModel:
     def _check(self, lay: Layout) -> None:
         cfg, n = self.cfg, len(lay.order)
         if lay.strategy not in STRATEGIES:
-            raise PlanError(f"strategy: {lay.strategy!r} is not one of {STRATEGIES}")
+            raise PlanError(f"strategy: {lay.strategy!r} is not one of {', '.join(map(str, STRATEGIES))}")
         if n == 0 or len(set(lay.order)) != n or not all(0 <= i < self.n for i in lay.order):
             raise PlanError(f"order: {list(lay.order)} must be distinct device indices below {self.n}")
         if lay.strategy == "local" and n != 1:
             raise PlanError(f"local runs on one device, the layout has {n}")
-        need = {"galaxy": ("heads", "cols", "vocab", "tokens"), "megatron": ("heads", "cols", "vocab"),
-                "seqpar": ("tokens",), "pipeline": ("layers",)}
-        need["galaxy-no-overlap"] = need["local"] = need["galaxy"]
         total = {"heads": cfg.n_heads, "cols": cfg.ffn, "vocab": cfg.vocab_size, "tokens": self.S,
                  "layers": cfg.n_layers}
-        for name in need[lay.strategy]:
+        for name in PlanStrategy(lay.strategy).layout_fields:
             v = getattr(lay, name)
             if len(v) != n:
                 raise PlanError(f"{name} has {len(v)} entries for {n} devices")

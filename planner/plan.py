@@ -24,12 +24,13 @@ from galaxy.model.config import FAMILIES, ModelConfig
 from galaxy.parallel.codec import FORMATS as WIRE_FORMATS
 from galaxy.parallel.sharding import Partition, PartitionError
 
+from .strategy import PLANNED, RUNNABLE, TENSOR_FIELDS, PlanStrategy
+
 PLAN_VERSION = 1
 # Strategies a plan may hold; local is one device, run as a one-device galaxy partition (every
 # collective a no-op).
-PLAN_STRATEGIES = ("galaxy", "megatron", "pipeline", "local", "seqpar")
-RUNNABLE = ("galaxy", "megatron", "pipeline", "local", "seqpar")
-REPORTED = ("galaxy", "galaxy-no-overlap", "megatron", "seqpar", "pipeline", "local")
+PLAN_STRATEGIES = RUNNABLE  # what a plan may hold (planner/strategy.py says what each needs)
+REPORTED = PLANNED  # what its table of compared strategies may name
 
 # Shape fields the fingerprint covers: everything that changes who holds which bytes.
 _SHAPE_FIELDS = ("family", "vocab_size", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn",
@@ -167,22 +168,9 @@ class Plan:
         planned token counts as seq_weights (other lengths split proportionally); megatron: its
         split; pipeline: layers per stage."""
         self.check_model(cfg)
-        n, d = len(self.devices), self.devices
-        heads, cols, vocab = (tuple(getattr(x, k) for x in d) for k in ("heads", "mlp_cols", "vocab_rows"))
-        full = (cfg.n_layers,) * n
-        if self.strategy == "seqpar":  # the whole model on each device, tokens by the planned split
-            try:
-                return Partition("seqpar", (cfg.n_heads,) * n, (cfg.ffn,) * n, (cfg.vocab_size,) * n, full,
-                                 tuple(float(x.tokens) for x in d)).validate(cfg)
-            except PartitionError as e:
-                raise PlanError(str(e)) from None
+        counts = {k: tuple(getattr(x, k) for x in self.devices) for k in (*TENSOR_FIELDS, "tokens", "layers")}
         try:
-            if self.strategy in ("galaxy", "local"):
-                return Partition("galaxy", heads, cols, vocab, full, tuple(float(x.tokens) for x in d)).validate(cfg)
-            if self.strategy == "megatron":
-                return Partition("megatron", heads, cols, vocab, full).validate(cfg)
-            return Partition("pipeline", (cfg.n_heads,) * n, (cfg.ffn,) * n, (cfg.vocab_size,) * n,
-                             tuple(x.layers for x in d)).validate(cfg)
+            return PlanStrategy(self.strategy).partition(cfg, **counts)
         except PartitionError as e:
             raise PlanError(str(e)) from None
 
@@ -257,6 +245,10 @@ def _is_num(x) -> bool:
     return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
 
 
+def _names(strategies) -> str:
+    return ", ".join(map(str, strategies))
+
+
 def _need(ok: bool, msg: str) -> None:
     if not ok:
         raise PlanError(msg)
@@ -279,16 +271,12 @@ def _text(path: str, x, empty_ok=False) -> None:
     _need(empty_ok or x != "", f"{path}: is empty")
 
 
-# what each strategy needs in each device (the rest may be absent)
-_SPLIT = ("heads", "mlp_cols", "vocab_rows")
-_NEEDS = {"galaxy": (*_SPLIT, "tokens"), "local": (*_SPLIT, "tokens"), "megatron": _SPLIT, "pipeline": ("layers",),
-          "seqpar": ("tokens",)}
 
 
 def _check_plan(p: Plan) -> None:
     _need(_is_int(p.version) and p.version == PLAN_VERSION,
           f"version: {p.version!r} is not supported (this planner reads version {PLAN_VERSION})")
-    _need(p.strategy in PLAN_STRATEGIES, f"strategy: {p.strategy!r} is not one of {PLAN_STRATEGIES}")
+    _need(p.strategy in PLAN_STRATEGIES, f"strategy: {p.strategy!r} is not one of {_names(PLAN_STRATEGIES)}")
     _need(len(p.devices) > 0, "devices: a plan needs at least one device")
     _need(p.strategy != "local" or len(p.devices) == 1, f"devices: local runs on one device, the plan has "
           f"{len(p.devices)}")
@@ -312,11 +300,11 @@ def _check_plan(p: Plan) -> None:
             _count(f"{at}.memory.{k}", getattr(x.memory, k))
         for k in ("compute_s", "comm_s"):
             _seconds(f"{at}.predicted.{k}", getattr(x.predicted, k))
-    if p.strategy in ("galaxy", "seqpar", "local") and p.seq_len is not None:
+    if PlanStrategy(p.strategy).splits_tokens and p.seq_len is not None:
         total = sum(x.tokens for x in p.devices)
         _need(total == p.seq_len, f"tokens sum to {total}, seq_len is {p.seq_len}")
     for r in p.strategies:
-        _need(r.strategy in REPORTED, f"strategies: {r.strategy!r} is not one of {REPORTED}")
+        _need(r.strategy in REPORTED, f"strategies: {r.strategy!r} is not one of {_names(REPORTED)}")
         _seconds(f"strategies.{r.strategy}.latency_s", r.latency_s, optional=True)
         _text(f"strategies.{r.strategy}.reason", r.reason, empty_ok=True)
     if p.solver is not None:
@@ -342,7 +330,7 @@ def _check_shape(p: Plan, m: _Shape) -> None:
     d = p.devices
     split = {"heads": m.n_heads, "mlp_cols": m.ffn, "vocab_rows": m.vocab_size}
     label = {"heads": "heads", "mlp_cols": "mlp_cols", "vocab_rows": "vocab_rows"}
-    if p.strategy in ("galaxy", "megatron", "local"):
+    if PlanStrategy(p.strategy).tensor_parallel:
         for k, total in split.items():
             s = sum(getattr(x, k) for x in d)
             _need(s == total, f"{label[k]} sum to {s}, model has {total}")
@@ -385,7 +373,7 @@ def _read_plan(d) -> Plan:
           f"version: {d['version']!r} is not supported (this planner reads version {PLAN_VERSION})")
     strategy = d.get("strategy", "galaxy")
     _need(isinstance(strategy, str) and strategy in PLAN_STRATEGIES,
-          f"strategy: {strategy!r} is not one of {PLAN_STRATEGIES}")
+          f"strategy: {strategy!r} is not one of {_names(PLAN_STRATEGIES)}")
     model = None
     if "model" in d:
         m = _object("model", d["model"], _MODEL, required=tuple(sorted(_MODEL)))
@@ -394,7 +382,7 @@ def _read_plan(d) -> Plan:
     devices = []
     for i, x in enumerate(d["devices"]):
         at = f"devices[{i}]"
-        x = _object(at, x, _DEVICE, required=("address", *_NEEDS[strategy]))
+        x = _object(at, x, _DEVICE, required=("address", *PlanStrategy(strategy).fields))
         mem = _object(f"{at}.memory", x.get("memory", {}), _MEMORY)
         pred = _object(f"{at}.predicted", x.get("predicted", {}), _PREDICTED)
         for k, v in x.items():  # type errors before the dataclass would compare them
@@ -410,7 +398,7 @@ def _read_plan(d) -> Plan:
     sd = d.get("strategies", {})
     _need(isinstance(sd, dict), f"strategies: expected an object, got {type(sd).__name__}")
     for k, v in sd.items():
-        _need(k in REPORTED, f"strategies: {k!r} is not one of {REPORTED}")
+        _need(k in REPORTED, f"strategies: {k!r} is not one of {_names(REPORTED)}")
         v = _object(f"strategies.{k}", v, {"latency_s", "reason"}, required=("latency_s",))
         strategies.append(StrategyResult(k, v["latency_s"], v.get("reason", "")))
     unused = []

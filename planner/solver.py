@@ -535,9 +535,8 @@ def solve(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: str
     forced strategy is infeasible.
     """
     t0 = time.perf_counter()
-    choices = ("galaxy", "megatron", "pipeline", "local", "seqpar")
-    if strategy is not None and strategy not in choices:
-        raise PlanError(f"strategy: {strategy!r} is not one of {choices}")
+    if strategy is not None and strategy not in RUNNABLE:
+        raise PlanError(f"strategy: {strategy!r} is not one of {', '.join(map(str, RUNNABLE))}")
     if method not in METHODS:
         raise PlanError(f"method: {method!r} is not one of {METHODS}")
     cm = CostModel(cfg, seq_len, cluster, dtype_bytes)
@@ -558,7 +557,7 @@ def solve(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: str
         ok = [o for s, o in outcomes.items() if s in RUNNABLE and o.estimate is not None]
         if not ok:
             raise PlanError(_missing_text(cm, outcomes, None).lstrip("; ") + " (" + "; ".join(
-                f"{s}: {o.reason}" for s, o in outcomes.items() if s in choices) + ")")
+                f"{s}: {o.reason}" for s, o in outcomes.items() if s in RUNNABLE) + ")")
         win = min(ok, key=lambda o: (round(o.latency_s, 12), PREFERENCE.index(o.strategy)))
     reason = _choice_reason(cm, win, outcomes, strategy is not None)
     plan = _to_plan(cm, win, outcomes, by_subset, reason)

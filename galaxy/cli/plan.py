@@ -13,6 +13,7 @@ from planner import wire as wire_choice
 from planner.cost import weight_bytes
 from planner.profiler import profile_cluster
 from planner.solver import METHODS, solve
+from planner.strategy import RUNNABLE
 from planner.synthetic import synthetic_cluster
 
 from ..errors import GalaxyError
@@ -39,7 +40,7 @@ def add_parser(sub) -> None:
     plan.add_argument("--seq-len", type=int, default=256, help="tokens to plan the prefill for (default 256)")
     plan.add_argument("--memory-budget", type=size, metavar="SIZE",
                       help="cap every device's memory for the shard, e.g. 2GB")
-    plan.add_argument("--strategy", choices=["auto", "galaxy", "megatron", "pipeline", "local"], default="auto",
+    plan.add_argument("--strategy", choices=["auto", *map(str, RUNNABLE)], default="auto",
                       help="force a strategy (default: the fastest predicted)")
     plan.add_argument("--synthetic", type=int_at_least(1), metavar="N",
                       help="plan for N seeded synthetic devices (planner/synthetic.py: mixed speeds, memories, links "
