@@ -164,6 +164,56 @@ def plan_view(partition: Partition | None, cfg: ModelConfig | None, plan: Plan |
             "strategies": strategies, "devices": devices}
 
 
+def plan_file_view(plan: Plan, names: list[str] = ()) -> dict:
+    """The split a plan file describes, without a model loaded (`galaxy dashboard --plan`): the same
+    shape as plan_view, built from the plan's own counts per device (heads, MLP columns, vocabulary
+    rows, layers, tokens), the model's totals from the plan's model reference (else their sums)."""
+    ds = plan.devices
+    pipeline = plan.strategy == "pipeline"
+    ref = plan.model
+    totals = {"heads": ref.n_heads if ref else sum(d.heads for d in ds),
+              "cols": ref.ffn if ref else sum(d.mlp_cols for d in ds),
+              "vocab": ref.vocab_size if ref else sum(d.vocab_rows for d in ds),
+              "layers": ref.n_layers if ref else (sum(d.layers for d in ds) if pipeline else max(d.layers for d in ds))}
+    # what the strategy divides (Plan.to_partition): pipeline the layers, seqpar only the tokens
+    split = {"pipeline": {"layers"}, "seqpar": set()}.get(plan.strategy, {"heads", "cols", "vocab"})
+    splits_tokens = plan.strategy in ("galaxy", "local", "seqpar")
+    tok_total = sum(d.tokens for d in ds)
+    edges = {k: 0 for k in ("heads", "cols", "vocab", "layers", "tokens")}
+    devices = []
+    for r, d in enumerate(ds):
+        counts = {"heads": d.heads, "cols": d.mlp_cols, "vocab": d.vocab_rows, "tokens": d.tokens,
+                  "layers": d.layers if pipeline else totals["layers"]}
+        row: dict = {"rank": r, "id": names[r] if r < len(names) else d.name, "share": {}}
+        for k in ("heads", "cols", "vocab", "layers"):
+            if k in split:  # consecutive ranges in ring order, as Plan.to_partition lays them out
+                lo, hi = edges[k], edges[k] + counts[k]
+                edges[k] = hi
+            else:  # every device holds all of it
+                lo, hi = 0, totals[k]
+            row[k] = [lo, hi]
+            row["share"][k] = _share(lo, hi, totals[k])
+        if splits_tokens and tok_total:
+            lo = edges["tokens"]
+            edges["tokens"] = lo + d.tokens
+            row["share"]["tokens"] = [lo / tok_total, (lo + d.tokens) / tok_total]
+        else:
+            row["share"]["tokens"] = [0.0, 1.0]
+        row["planned"] = {"name": d.name, "tokens": d.tokens, "memory_bytes": d.memory.used_bytes,
+                          "budget_bytes": d.memory.budget_bytes, "compute_s": _num(d.predicted.compute_s),
+                          "comm_s": _num(d.predicted.comm_s)}
+        devices.append(row)
+    model = {"name": ref.name if ref else "", "family": ref.family if ref else "", "layers": totals["layers"],
+             "heads": totals["heads"], "ffn": totals["cols"], "vocab": totals["vocab"]}
+    return {"loaded": True, "strategy": plan.strategy, "reason": plan.reason or "the plan gives no reason",
+            "splits_tokens": splits_tokens and bool(tok_total), "model": model, "from_file": True,
+            "planned_latency_s": _num(plan.latency_s) if plan.latency_s is not None else None,
+            "planned_seq_len": plan.seq_len,
+            "strategies": [{"strategy": s.strategy, "latency_s": _num(s.latency_s), "reason": s.reason,
+                            "chosen": s.strategy == plan.strategy} for s in plan.strategies],
+            "devices": devices}
+
+
 def _even(p: Partition) -> bool:
     if p.strategy == Strategy.PIPELINE:
         return max(p.layers) - min(p.layers) <= 1

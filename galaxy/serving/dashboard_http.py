@@ -102,9 +102,15 @@ class Dashboard:
                                           links=self.monitor.links,
                                           weight_bytes=model.weight_bytes if loaded else [], now=now),
             "links_error": self.monitor.links_error,
-            "plan": views.plan_view(model.partition if loaded else None, model.config if loaded else None,
-                                    self.plan, names),
+            "plan": self._plan_view(loaded, names),
             "engine": views.engine_view(load, names)}
+
+    def _plan_view(self, loaded: bool, names: list[str]) -> dict:
+        """The loaded model's split; with no model, the plan file's (galaxy dashboard --plan)."""
+        if not loaded and self.plan is not None:
+            return views.plan_file_view(self.plan, names)
+        return views.plan_view(self.model.partition if loaded else None, self.model.config if loaded else None,
+                               self.plan, names)
 
     def timeline(self) -> dict:
         last = self.engine.last_step if self.engine is not None else None

@@ -5,9 +5,10 @@
   refuses, fails or stays silent past the deadline is down, with the error. A killed worker refuses
   at once, so the page shows it down within one poll interval plus its own refresh (1 s each by
   default) -- within the cluster's heartbeat window (3 missed 1-second pings).
-- Ring links: once, at start, each device measures its link to the next one in the ring with real
-  transfers (Cluster.link_test: pings, then about half a second of streaming). Executors without
-  links (in-process threads) skip it; so does `measure_links=False`.
+- Ring links: once, at start, in a thread of its own (so polls go on meanwhile), each device
+  measures its link to the next one in the ring with real transfers (Cluster.link_test: pings,
+  then about half a second of streaming). Executors without links (in-process threads) skip it;
+  so does `measure_links=False`.
 - History: every `sample_s` seconds a sample of the engine's numbers (dashboard.History).
 
 `snapshot()` returns what was last found; the HTTP handlers read only that.
@@ -42,6 +43,7 @@ class Monitor:
         self.ex, self.engine_load, self.totals = executor, engine_load, totals
         self.poll_s, self.timeout_s, self.sample_s = poll_s, timeout_s, sample_s
         self.measure_links = measure_links
+        self.link_timeout_s = 10.0  # a link test that hangs gives up rather than outlive stop()
         self.history = History(int(history_s / sample_s))
         self.links: list[RingLink] = []
         self.links_error = ""
@@ -56,7 +58,10 @@ class Monitor:
             return self
         self._stop.clear()
         self.poll()  # the first state is there before the page asks (bounded by timeout_s)
-        for name, fn in (("galaxy-serve-monitor", self._poll_loop), ("galaxy-serve-history", self._sample_loop)):
+        loops = [("galaxy-serve-monitor", self._poll_loop), ("galaxy-serve-history", self._sample_loop)]
+        if self.measure_links:
+            loops.append(("galaxy-serve-links", self._measure_links))
+        for name, fn in loops:
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -105,8 +110,6 @@ class Monitor:
             return list(out)
 
     def _poll_loop(self) -> None:
-        if self.measure_links:
-            self._measure_links()
         while not self._stop.wait(self.poll_s):
             self.poll()
 
@@ -122,7 +125,7 @@ class Monitor:
             if self._stop.is_set():
                 return
             try:
-                rep = test(r, (r + 1) % n)
+                rep = test(r, (r + 1) % n, timeout=self.link_timeout_s)
             except Exception as e:  # noqa: BLE001 - a failed measurement is shown, not fatal
                 self.links_error = f"{type(e).__name__}: {e}"
                 log.warning("dashboard: measuring the link from device %d: %s", r, e)
