@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -44,7 +46,8 @@ class Chromium:
         self.profile = Path(tempfile.mkdtemp(prefix="galaxy-chromium-"))
         self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={self.profile}",
                                       f"--window-size={width},{height}", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)  # its own process group: close() ends every helper
         self._ids = itertools.count(1)
         try:
             port = self._devtools_port(start_timeout)
@@ -135,14 +138,21 @@ class Chromium:
                 ws.close()
             except OSError:
                 pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        # the browser, its renderers and zygotes: the group this Popen started (and nothing else)
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait(10)
+        self._signal_group(signal.SIGKILL)  # a helper that outlived the browser
         shutil.rmtree(self.profile, ignore_errors=True)
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def __enter__(self) -> Chromium:
         return self

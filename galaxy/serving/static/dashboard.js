@@ -233,7 +233,7 @@
     document.getElementById("timeline-legend").replaceChildren(...TL.map(([, name, v]) =>
       el("span", {}, swatch(cssVar(v)), name)));
     const names = Object.fromEntries(devices.map((d) => [d.rank, d.name]));
-    const W = 960, label = 150, right = 150, barW = W - label - right, mainH = 18, commH = 7, rowH = 40;
+    const W = 960, label = 110, right = 175, barW = W - label - right, mainH = 18, commH = 7, rowH = 40;
     const total = Math.max(1e-9, ...t.devices.map((d) => d.layers.reduce((a, l) => a + l.wall_s, 0) + d.outside_s));
     const sx = (s) => (s / total) * barW;
     const rows = t.devices.map((d, i) => {
@@ -279,7 +279,7 @@
 
   // --- over time ------------------------------------------------------------------------------------
   function lineChart(id, title, value, series, opts = {}) {
-    const W = 320, H = 110, L = 44, R = 6, T = 8, B = 18;
+    const W = 320, H = 110, L = 58, R = 6, T = 8, B = 18;
     const now = opts.now, span = opts.span;
     let ymax = opts.ymax || 0;
     for (const s of series) for (const [, v] of s.points) if (v !== null && v > ymax) ymax = v;
@@ -314,9 +314,13 @@
     const box = document.getElementById("metric-charts");
     const samples = h.samples;
     const now = samples.length ? samples[samples.length - 1].t : Date.now() / 1000;
-    const span = h.size * h.interval_s;
+    // the window grows with the data, from a minute up to the whole history the server keeps
+    const kept = h.size * h.interval_s;
+    const age = samples.length ? now - samples[0].t : 0;
+    const span = Math.min(kept, Math.max(60, Math.ceil(age / 60) * 60));
     document.getElementById("metrics-window").textContent =
-      `the last ${Math.round(span / 60)} min, sampled every ${h.interval_s} s`;
+      `the last ${span < 120 ? `${Math.round(span)} s` : `${Math.round(span / 60)} min`}` +
+      ` (the server keeps ${Math.round(kept / 60)} min), sampled every ${h.interval_s} s`;
     const pts = (key, f = (v) => v) => samples.map((x) => [x.t, x[key] === undefined || x[key] === null ? null : f(x[key])]);
     const last = (key) => { for (let i = samples.length - 1; i >= 0; i--) if (samples[i][key] !== null && samples[i][key] !== undefined) return samples[i][key]; return null; };
     const o = {now, span};
