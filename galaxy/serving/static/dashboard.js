@@ -215,13 +215,14 @@
               ["exposed", "communication not hidden", "--exposed"]];
   const cssVar = (v) => getComputedStyle(document.documentElement).getPropertyValue(v).trim();
 
-  function renderTimeline(t, devices) {
+  function renderTimeline(t, devices, api) {
     const section = document.getElementById("timeline");
     const caption = document.getElementById("timeline-caption");
     const chart = document.getElementById("timeline-chart");
     if (t.step === null) {
       section.dataset.step = "";
-      caption.textContent = "no step has run yet: send a request";
+      caption.textContent = api ? "no step has run yet: send a request" :
+        "this server runs no model (galaxy dashboard): `galaxy serve` shows each step here";
       chart.replaceChildren();
       return;
     }
@@ -362,7 +363,7 @@
       renderPlan(s.plan, s.devices);
       const step = s.engine ? s.engine.steps : null;
       if (step !== shownStep) {
-        renderTimeline(await getJSON("/dashboard/timeline.json"), s.devices);
+        renderTimeline(await getJSON("/dashboard/timeline.json"), s.devices, s.api);
         shownStep = step;
       }
       renderMetrics(await getJSON("/dashboard/history.json"), s);
