@@ -66,9 +66,10 @@ def asset(name: str) -> bytes:
 class Dashboard:
     """The dashboard of one server: its monitor (device polls, history) and its routes.
 
-    `session` is where the devices are; `model` the loaded model (None: devices only);
-    `engine_load` the engine's state (/metrics' source; None when there is no engine);
-    `totals` the request histograms' running sums (ServerMetrics.totals)."""
+    `session` is where the devices are; `model` the loaded model (None: devices only); `engine` its
+    serving engine (its `load` is /metrics' source, its `last_step` the timeline's; None when there
+    is none); `totals` the request histograms' running sums (ServerMetrics.totals); `plan` a planner
+    Plan (the planner's reason; with no model, the split it draws)."""
 
     def __init__(self, session, model=None, *, engine=None, totals=dict, api_key: str | None = None,
                  plan=None, name: str = "", api: bool = True, poll_s: float = 1.0, timeout_s: float = 1.0,
