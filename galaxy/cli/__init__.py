@@ -16,7 +16,7 @@ from devices.cli import add_devices_parser
 
 from ..errors import GalaxyError
 from ..version import __version__
-from . import bench, cache, chat, keys, plan, run, serve, worker
+from . import bench, cache, chat, dashboard, keys, plan, run, serve, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = ap.add_subparsers(dest="command", required=True)
-    for module in (run, plan, bench, chat, serve):
+    for module in (run, plan, bench, chat, serve, dashboard):
         module.add_parser(sub)
     add_devices_parser(sub)
     keys.add_parser(sub)

@@ -11,13 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..serving.server import Server
-from .args import add_cluster_args, add_model_args, size
-from .session import device_count, open_session
+from .args import add_cluster_args, add_model_args, number_in, size
+from .session import device_count, open_session, read_plan
 
 EXAMPLES = """examples:
   galaxy serve --local 3                                  http://127.0.0.1:8000/v1, the embedded SmolLM2
   galaxy serve --cluster lan.yaml --host 0.0.0.0 --api-key $KEY --recover
   galaxy serve --model minilm --port 8001                 /v1/embeddings
+  galaxy serve --local 2 --api-key $KEY                   then open http://127.0.0.1:8000/dashboard?key=$KEY
 """
 
 
@@ -26,7 +27,8 @@ def add_parser(subparsers):
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP endpoint for a model split across devices",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                               description="Serve /v1/chat/completions (causal LMs), /v1/embeddings (encoders), "
-                              "/v1/models, /health and /metrics (Prometheus). Chat requests are batched on the "
+                              "/v1/models, /health, /metrics (Prometheus) and /dashboard (a live page of the devices, "
+                              "the split, the last step and the serving numbers). Chat requests are batched on the "
                               "devices (continuous batching); embeddings run one at a time.")
     add_model_args(p)
     add_cluster_args(p, recover=True)
@@ -49,6 +51,12 @@ def add_parser(subparsers):
                    help="temperature when a request sets none (default 1.0, as OpenAI; 0 = greedy)")
     h.add_argument("--max-body", type=size, default=1 << 20, metavar="SIZE",
                    help="largest request body (default 1MiB)")
+    d = p.add_argument_group("dashboard (/dashboard)")
+    d.add_argument("--no-dashboard", action="store_true", help="serve no /dashboard (and poll no device for it)")
+    d.add_argument("--poll-interval", type=number_in(0.1, 60.0), default=1.0, metavar="SECONDS",
+                   help="how often the dashboard asks each device whether it is up (default 1)")
+    d.add_argument("--no-link-test", action="store_true",
+                   help="the dashboard measures no ring link at start (half a second of traffic per link)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -63,10 +71,13 @@ def cmd_serve(args) -> int:
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
                         request_timeout=args.request_timeout,
-                        default_max_tokens=args.default_max_tokens, default_temperature=args.default_temperature)
+                        default_max_tokens=args.default_max_tokens, default_temperature=args.default_temperature,
+                        dashboard=not args.no_dashboard, plan=read_plan(args), poll_interval=args.poll_interval,
+                        measure_links=not args.no_link_test)
         server._bind()
         kind = "chat completions" if model.config.causal else "embeddings"
-        print(f"galaxy serve: {name} ({kind}) on {session.world} devices at http://{server.address}/v1 "
+        page = "" if args.no_dashboard else f", dashboard at http://{server.address}/dashboard"
+        print(f"galaxy serve: {name} ({kind}) on {session.world} devices at http://{server.address}/v1{page} "
               "(Ctrl-C stops)", file=sys.stderr, flush=True)
         with _sigterm_as_interrupt():
             try:

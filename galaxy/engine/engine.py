@@ -33,7 +33,7 @@ import torch
 from ..errors import CacheLost, DeviceOutOfMemory, GalaxyError
 from ..model.config import ModelConfig
 from ..model.paged_kv import PagedBatch
-from ..parallel.executor import Executor
+from ..parallel.executor import DeviceStats, Executor
 from ..parallel.forward import Step
 from ..parallel.rank import KVPool
 from .arguments import token_ids
@@ -69,6 +69,20 @@ class EngineConfig:
                                max_waiting=self.max_waiting,
                                max_model_len=min(model.max_positions, num_blocks * self.block_size),
                                vocab_size=model.vocab_size, prefix_caching=self.prefix_caching)
+
+
+@dataclass(frozen=True)
+class LastStep:
+    """The last step that ran on the devices, as they reported it: for views of where a step's
+    time went per layer and device (the dashboard), read-only."""
+
+    step: int  # its number (Engine.steps after it ran)
+    tokens: int  # tokens in the batch (decodes and prompt chunks)
+    sequences: int  # sequences in the batch
+    seconds: float  # wall time at the coordinator
+    collective: str  # how the layers were joined (generation.collective_of)
+    devices: tuple[DeviceStats, ...]  # per rank, each with an OpStat per collective
+    finished_at: float  # time.time() when it came back
 
 
 class ClientGone(GalaxyError):
@@ -158,6 +172,8 @@ class Engine:
         self.streams: dict[int, GenerationStream] = {}
         self.steps = 0
         self.kv_bytes: list[int] = []  # each device's KV memory after the last step
+        self.generated = 0  # tokens sampled so far, every request (tokens/s is its rate)
+        self._last: LastStep | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -214,7 +230,13 @@ class Engine:
             return {"running": len(self.sched.running), "waiting": len(self.sched.waiting),
                     "kv_blocks": self.pool.num_blocks, "kv_blocks_used": blocks.num_blocks - blocks.num_free,
                     "prefix_hit_rate": blocks.stats.hit_rate, "preemptions": self.sched.num_preemptions,
-                    "steps": self.steps, "kv_bytes": dict(zip(self.ex.names, self.kv_bytes))}
+                    "steps": self.steps, "generated_tokens": self.generated,
+                    "kv_bytes": dict(zip(self.ex.names, self.kv_bytes))}
+
+    @property
+    def last_step(self) -> LastStep | None:
+        """The last step that ran on the devices (None before the first): read-only."""
+        return self._last
 
     def close(self, error: GalaxyError | None = None) -> None:
         """Stop the loop; requests still in it end with `error` (by default: the engine was closed)."""
@@ -270,12 +292,15 @@ class Engine:
         rows = [it for it in plan.items if it.logits]
         collective, kv_bytes = collective_of(res.devices), [d.kv_cache_bytes for d in res.devices]
         self.kv_bytes = kv_bytes
+        self._last = LastStep(self.steps, plan.num_tokens, len(plan.items), res.seconds, collective,
+                              tuple(res.devices), time.time())
         with self._lock:
             sampled = {}
             for it, row in zip(rows, res.output):
                 stream = self.streams.get(it.seq_id)
                 if stream is not None:  # else cancelled while the step ran
                     sampled[it.seq_id] = stream.sampler(row)
+            self.generated += len(sampled)
             for it in plan.items:
                 stream = self.streams.get(it.seq_id)
                 if stream is None:

@@ -132,6 +132,10 @@ class Executor(Protocol):
     def hello(self) -> list[DeviceInfo]:
         """What each device reports of itself, in ring order ([] where there is nothing to ask)."""
 
+    def hello_each(self, timeout: float = 1.0) -> list[DeviceInfo | Exception]:
+        """Each device's hello or the error it answered with, within `timeout`, never raising or
+        waiting for a connection ([] where there is nothing to ask): a liveness poll."""
+
     def load(self, source: WeightSource, partition: Partition, options: LoadOptions = LoadOptions()) -> list[int]:
         """Put `source` on the devices split by `partition`; returns each rank's weight bytes."""
 

@@ -74,6 +74,10 @@ class InprocCluster:
     def hello(self) -> list:
         return []
 
+    def hello_each(self, timeout: float = 1.0) -> list:
+        """Threads of this process: nothing to ask, nothing that can drop out alone."""
+        return []
+
     def load(self, source, partition: Partition, options: LoadOptions = LoadOptions()) -> list[int]:
         """options.stream and options.data_plane change nothing here: in-process ranks share memory."""
         if partition.world != self.world:

@@ -94,6 +94,10 @@ class ResilientCluster:
             self.events.append(RecoveryEvent("recover", f"unreachable at start: {e}", 0.0, alive))
             return self.cluster.hello()
 
+    def hello_each(self, timeout: float = 1.0):
+        """The devices in use now (after a fail-over: the survivors), each polled (Cluster.hello_each)."""
+        return self.cluster.hello_each(timeout)
+
     def load(self, source, partition: Partition, options: LoadOptions = LoadOptions()) -> list[int]:
         out = self.cluster.load(source, partition, options)
         self._loaded = _Loaded(source, partition, options)

@@ -38,7 +38,9 @@ class _EngineCollector:
                                 "Prompt tokens whose K/V were reused, over prompt tokens looked up")):
             yield GaugeMetricFamily(name, doc, value=state[key])
         for name, key, doc in (("galaxy_preemptions", "preemptions", "Sequences preempted (recomputed later)"),
-                               ("galaxy_engine_steps", "steps", "Engine iterations run on the devices")):
+                               ("galaxy_engine_steps", "steps", "Engine iterations run on the devices"),
+                               ("galaxy_engine_tokens", "generated_tokens",
+                                "Tokens sampled by the engine as they come, every request")):
             yield CounterMetricFamily(name, doc, value=state[key])
         kv = GaugeMetricFamily("galaxy_device_kv_bytes", "KV cache memory on each device", labels=["device"])
         for name, nbytes in state["kv_bytes"].items():
@@ -74,6 +76,15 @@ class ServerMetrics:
             self.tpot.observe(gen.per_token_s)
         if gen.token_times:
             self.e2e.observe(gen.token_times[-1])
+
+    def totals(self) -> dict[str, float]:
+        """The latency histograms' running sums and counts, read from the registry /metrics renders
+        (the dashboard's TTFT and TPOT over time are their differences between samples)."""
+        get = self.registry.get_sample_value
+        return {f"{short}_{part}": get(f"{name}_{part}") or 0.0
+                for short, name in (("ttft", "galaxy_time_to_first_token_seconds"),
+                                    ("tpot", "galaxy_time_per_output_token_seconds"))
+                for part in ("sum", "count")}
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -9,8 +9,9 @@ This file owns the HTTP side: the responses and Server-Sent Events of many reque
 completions go to the model's serving engine (galaxy.engine), which batches them on the devices;
 a client that disconnects, streaming or not, has its request cancelled and its KV blocks freed at
 once. Embeddings (one forward pass each) run one at a time behind a small bounded queue
-(`RequestQueue`). Requests are parsed by openai.py; `/metrics` is metrics.py's. It speaks to the
-cluster only through the Python API (galaxy.runtime.api).
+(`RequestQueue`). Requests are parsed by openai.py; `/metrics` is metrics.py's; `/dashboard` (a live
+page of the devices, the split, the last step and the engine over time) is dashboard_http.py's. It
+speaks to the cluster only through the Python API (galaxy.runtime.api).
 
 Standard library HTTP (http.server, a thread per connection): the devices, not HTTP, bound the
 rate (an engine step takes tens of milliseconds; a request costs the server well under one).
@@ -43,6 +44,7 @@ from ..engine.generation import Generation, GenerationConfig, pending_stop
 from ..engine.scheduler import QueueFull
 from ..errors import GalaxyError, InvalidRequest
 from ..version import __version__
+from .dashboard_http import Dashboard
 from .metrics import ServerMetrics
 from .openai import FINISH, ApiError, ChatRequest, EmbeddingRequest, Limits, parse_chat, parse_embeddings
 
@@ -162,26 +164,40 @@ class Server:
 
     `start()` serves from a background thread (`address` is then "host:port"), `stop()` closes every
     connection and thread it opened; `serve_forever()` serves in the calling thread (the CLI). The
-    session stays the caller's: the server never closes it."""
+    session stays the caller's: the server never closes it.
+
+    dashboard=True also serves the live dashboard at /dashboard (dashboard_http.py), polling the
+    devices every `poll_interval` seconds; `plan` (a planner Plan) gives it the planner's reason,
+    `measure_links` has it measure each ring link once at start. api=False serves the dashboard
+    (and /health, /metrics) without the OpenAI routes: `target` may then be a Session with no model."""
 
     def __init__(self, target, host: str = "127.0.0.1", port: int = 0, *, served_model_name: str | None = None,
                  api_key: str | None = None, max_queue: int = 64, queue_timeout: float = 120.0,
                  max_body_bytes: int = 1 << 20, default_max_tokens: int = 256, default_temperature: float = 1.0,
-                 io_timeout: float = 60.0, max_connections: int = 64, request_timeout: float = 600.0):
+                 io_timeout: float = 60.0, max_connections: int = 64, request_timeout: float = 600.0,
+                 api: bool = True, dashboard: bool = True, plan=None, poll_interval: float = 1.0,
+                 measure_links: bool = True):
         model = target.model if hasattr(target, "load") and hasattr(target, "model") else target
-        if model is None:
+        if model is None and api:
             raise ValueError("the session has no model: call session.load(...) before serving it")
-        self.model = model
+        if not (api or dashboard):
+            raise ValueError("Server(api=False, dashboard=False) would serve nothing")
+        self.model, self.api = model, api
         self.session = getattr(model, "session", None) or target
-        self.name = served_model_name or _default_name(model)
+        self.name = served_model_name or (_default_name(model) if model is not None else "")
         self.host, self.port, self.api_key = host, port, api_key or None
         self.limits = Limits(max_queue=max_queue, queue_timeout_s=queue_timeout, max_body_bytes=max_body_bytes,
                              default_max_tokens=default_max_tokens, default_temperature=default_temperature,
                              io_timeout_s=io_timeout, max_connections=max_connections,
                              request_timeout_s=request_timeout)
         self.gate = RequestQueue(max_queue, queue_timeout)  # embeddings: one forward pass at a time
-        self.engine = model.engine if model.config.causal else None  # started now: a KV pool that cannot fit fails here
+        # started now: a KV pool that cannot fit fails here (a dashboard alone serves no requests: no engine)
+        self.engine = model.engine if api and model.config.causal else None
         self.metrics = ServerMetrics(lambda: self.engine.load if self.engine is not None else None)
+        self.dashboard = Dashboard(self.session, model, engine=self.engine, totals=self.metrics.totals,
+                                   api_key=self.api_key, plan=plan, name=self.name, api=api,
+                                   poll_s=poll_interval, timeout_s=min(poll_interval, 1.0),
+                                   measure_links=measure_links) if dashboard else None
         self.created = int(time.time())
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -207,6 +223,8 @@ class Server:
             log.warning("serving on %s without an API key: anyone who can reach this address can use the "
                         "cluster; set --api-key (or GALAXY_API_KEY)", self.host)
         self._httpd = _HTTPServer((self.host, self.port), _Handler, self)
+        if self.dashboard is not None:
+            self.dashboard.start()
 
     def start(self) -> Server:
         """Serve from a background thread; returns self."""
@@ -245,6 +263,8 @@ class Server:
             self._closed = True
         self._httpd.server_close()
         self._httpd.close_connections(timeout)
+        if self.dashboard is not None:
+            self.dashboard.stop()
 
     def __enter__(self) -> Server:
         return self.start()
@@ -487,7 +507,12 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def log_request(self, code="-", size="-") -> None:
-        log.info('%s "%s" %s', self.client_address[0], self.requestline, code)
+        line = self.requestline
+        if "?" in line:  # /dashboard?key=...: the key stays out of the logs
+            method, _, rest = line.partition(" ")
+            target, _, version = rest.partition(" ")
+            line = f"{method} {target.split('?', 1)[0]}?... {version}"
+        log.info('%s "%s" %s', self.client_address[0], line, code)
 
     def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
         log.debug("%s %s", self.client_address[0], format % args)
@@ -548,15 +573,27 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         app = self.server.app
         try:
+            path, _, query = self.path.partition("?")
+            path = path.rstrip("/") or "/"
+            if app.dashboard is not None and (path == "/dashboard" or path.startswith("/dashboard/")):
+                r = app.dashboard.handle(self.command, path, query, self.headers)  # its own key check
+                self._send_bytes(r.status, r.body, r.content_type, r.headers)
+                return
+            if app.dashboard is not None and path == "/" and self.command in ("GET", "HEAD"):
+                self._send_bytes(303, b"", "text/plain", {"Location": "/dashboard"})
+                return
             if not app.authorized(self.headers.get("Authorization")):
                 raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            path = self.path.split("?", 1)[0].rstrip("/") or "/"
             model_path = path.startswith("/v1/models/")
             methods = {"GET", "HEAD"} if model_path else ROUTES.get(path)
+            if not app.api and (model_path or path.startswith("/v1/")):
+                raise ApiError(404, f"no endpoint {path}: this server serves only the dashboard (/dashboard), "
+                               "/health and /metrics; `galaxy serve` serves the OpenAI API", code="unknown_url")
             if methods is None:
                 raise ApiError(404, f"no endpoint {path}; see /v1/chat/completions, /v1/embeddings, /v1/models, "
-                               "/health, /metrics", code="unknown_url")
+                               "/health, /metrics" + (", /dashboard" if app.dashboard is not None else ""),
+                               code="unknown_url")
             if self.command not in methods:
                 raise ApiError(405, f"{path} accepts {', '.join(sorted(methods))}, not {self.command}",
                                code="method_not_allowed", headers={"Allow": ", ".join(sorted(methods))})

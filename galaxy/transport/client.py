@@ -144,13 +144,30 @@ class Cluster:
         def call(r, stub):
             rep = stub.Hello(pb.HelloRequest(), timeout=self.connect_timeout, metadata=self._md(),
                              wait_for_ready=True)
-            return DeviceInfo(self.addresses[r], rep.device_name, rep.cpu_count, rep.threads, rep.compute_device,
-                              rep.total_memory_bytes, rep.available_memory_bytes, rep.memory_budget_bytes, rep.state,
-                              rep.rss_bytes, rep.data_port, rep.cpu_limit, rep.host_id, rep.host_cpus)
+            return self._info(r, rep)
 
         infos = self._all("hello", call)
         self.names = [f"device {i} '{d.name}' ({d.address})" for i, d in enumerate(infos)]
         return infos
+
+    def _info(self, r: int, rep: pb.HelloReply) -> DeviceInfo:
+        return DeviceInfo(self.addresses[r], rep.device_name, rep.cpu_count, rep.threads, rep.compute_device,
+                          rep.total_memory_bytes, rep.available_memory_bytes, rep.memory_budget_bytes, rep.state,
+                          rep.rss_bytes, rep.data_port, rep.cpu_limit, rep.host_id, rep.host_cpus)
+
+    def hello_each(self, timeout: float = 1.0) -> list[DeviceInfo | GalaxyError]:
+        """Each device's hello, or the error it answered with, within `timeout` seconds: a liveness
+        poll (the dashboard's). Unlike hello() it never raises, never waits for a connection to come
+        up, renames nothing and uses none of the pool's threads, so it neither stalls on a dead device
+        nor delays a step."""
+        futs = [stub.Hello.future(pb.HelloRequest(), timeout=timeout, metadata=self._md()) for stub in self.stubs]
+        out: list[DeviceInfo | GalaxyError] = []
+        for r, f in enumerate(futs):
+            try:
+                out.append(self._info(r, f.result()))
+            except grpc.RpcError as e:
+                out.append(_error(e, self.names[r], "poll"))
+        return out
 
     def profile(self, config: ModelConfig, seq_lens: list[int], dtype: str = "float32", repeats: int = 3,
                 ranks: list[int] | None = None, timeout: float = 900.0) -> dict[int, pb.ProfileReply]:

@@ -187,7 +187,7 @@ class _Stream:
     def __init__(self, events):
         self.events, self.generation, self.cancelled = events, Generation([1]), False
 
-    def __iter__(self):
+    def events_while(self, alive):
         return self.events(self.generation)
 
     def cancel(self):
