@@ -3,8 +3,9 @@ each compact weight format's accuracy against the fp32 reference.
 
 One process, one model, one thread count at a time. The engines, per thread count:
 
-- galaxy (fp32, 1 device): the real path -- the serving engine (`engine.Engine`) over an in-process
-  executor with one rank, the paged KV cache, the reference blocks; with `local` also over N loopback
+- galaxy, 1 device: the real path -- the serving engine (`engine.Engine`) over an in-process executor
+  with one rank, the paged KV cache, the model's blocks -- in fp32 and in each weight format
+  (`LoadOptions.weights_format`, parallel/compact.py); with `local` also in fp32 over N loopback
   worker processes (`galaxy worker`), the path `galaxy run --local N` takes;
 - the compact-format decoder (`model.decode.LlamaDecoder`) in each weight format, eager and, where
   torch.compile works here, compiled;
@@ -45,6 +46,7 @@ from ..model.checkpoints import WeightSource
 from ..model.checkpoints.gguf import GGUFCheckpoint
 from ..model.decode import LlamaDecoder, load_decoder
 from ..model.quant import parse_format
+from ..parallel.executor import LoadOptions
 from ..parallel.sharding import even_partition, full_spec, load_shard
 from ..runtime.inproc import InprocCluster
 from ..transport.client import Cluster
@@ -172,12 +174,15 @@ class _Prototype:
 
 
 class _GalaxyPath:
-    """The serving engine over an executor holding the model split evenly over its ranks, fp32."""
+    """The serving engine over an executor holding the model split evenly over its ranks, in a weights
+    format (compact formats on in-process ranks only: parallel.compact)."""
 
-    def __init__(self, executor, source: WeightSource, world: int, prefill_tokens: int, workers=None):
+    def __init__(self, executor, source: WeightSource, world: int, prefill_tokens: int, workers=None,
+                 weights_format: str = "fp32"):
         cfg = source.config
         self.executor, self.workers = executor, workers  # workers: the processes behind it, stopped on close
-        executor.load(source, even_partition(cfg, world))
+        self.weight_bytes = sum(executor.load(source, even_partition(cfg, world),
+                                              LoadOptions(weights_format=weights_format)))
         # One step holds the whole prefill; no prefix cache, or every run after the first would reuse it.
         self.engine = Engine(executor, cfg, config=EngineConfig(max_batched_tokens=max(256, prefill_tokens),
                                                                 prefix_caching=False))
@@ -240,9 +245,12 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
     entries: list[_Entry] = []
     try:
         if bench.galaxy:
-            progress(f"{threads} thread(s): loading galaxy fp32 on 1 in-process device")
-            entries.append(_Entry("galaxy, 1 device (in-process)", _GalaxyPath(InprocCluster(1), source, 1,
-                                  bench.prefill_tokens), {"format": "fp32 (reference blocks)"}))
+            for f in ["fp32", *(f for f in bench.formats if parse_format(f).name != "fp32")]:
+                progress(f"{threads} thread(s): loading galaxy {f} on 1 in-process device")
+                path = _GalaxyPath(InprocCluster(1), source, 1, bench.prefill_tokens, weights_format=f)
+                entries.append(_Entry(f"galaxy {f}, 1 device (in-process)", path,
+                                      {"format": f"{parse_format(f)} (engine blocks)",
+                                       "weight_MB": path.weight_bytes / 1e6}))
             if bench.local:
                 progress(f"{threads} thread(s): starting {bench.local} loopback workers")
                 workers = LocalWorkers(bench.local, threads=threads)
@@ -251,8 +259,8 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
                 except BaseException:
                     workers.stop()
                     raise
-                entries.append(_Entry(f"galaxy, {bench.local} local workers", path,
-                                      {"format": "fp32 (reference blocks)"}))
+                entries.append(_Entry(f"galaxy fp32, {bench.local} local workers", path,
+                                      {"format": "fp32 (engine blocks)", "weight_MB": path.weight_bytes / 1e6}))
         for f in bench.formats:
             fmt = parse_format(f)
             progress(f"{threads} thread(s): loading the decoder in {fmt}")

@@ -30,7 +30,9 @@ def report():
 
 def test_every_engine_is_timed_at_every_thread_count_side_by_side(report):
     names = [r["engine"] for r in report["speed"]]
-    assert names == ["galaxy, 1 device (in-process)", "decoder fp32 eager", "decoder int8 eager", "decoder int4 eager"]
+    assert names == ["galaxy fp32, 1 device (in-process)", "galaxy int8, 1 device (in-process)",
+                     "galaxy int4, 1 device (in-process)", "decoder fp32 eager", "decoder int8 eager",
+                     "decoder int4 eager"]
     for r in report["speed"]:
         assert r["threads"] == 1 and r["prefill_tokens"] == 24 and len(r["decode_ms_runs"]) == 2
         assert r["decode_ms"] > 0 and r["prefill_s"] > 0
@@ -40,6 +42,8 @@ def test_every_engine_is_timed_at_every_thread_count_side_by_side(report):
 def test_the_fp32_decoder_generates_what_the_galaxy_engine_path_generates(report):
     rows = {r["engine"]: r for r in report["speed"]}
     assert rows["decoder fp32 eager"]["greedy_as_first"]
+    assert rows["galaxy int4, 1 device (in-process)"]["weight_MB"] < rows["galaxy fp32, 1 device (in-process)"][
+        "weight_MB"]
 
 
 def test_accuracy_is_reported_per_format_and_fp32_is_the_reference(report):
@@ -54,7 +58,7 @@ def test_accuracy_is_reported_per_format_and_fp32_is_the_reference(report):
 
 def test_the_table_prints_speed_and_accuracy_rows(report):
     text = table(report)
-    for needle in ("decoder int4 eager", "galaxy, 1 device (in-process)", "top-1", "int8"):
+    for needle in ("decoder int4 eager", "galaxy fp32, 1 device (in-process)", "top-1", "int8"):
         assert needle in text
 
 
@@ -78,4 +82,7 @@ def test_the_cli_takes_weights_formats_and_prints_json():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout.strip().splitlines()[-1])
-    assert [x["format"] for x in rep["speed"]][1:] == ["fp32", "fp16"] and rep["accuracy"] == []
+    assert [x["engine"] for x in rep["speed"]] == ["galaxy fp32, 1 device (in-process)",
+                                                   "galaxy fp16, 1 device (in-process)", "decoder fp32 eager",
+                                                   "decoder fp16 eager"]
+    assert rep["accuracy"] == []
