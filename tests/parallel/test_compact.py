@@ -17,6 +17,7 @@ from galaxy.parallel.compact import CompactLinear, compact_shard
 from galaxy.parallel.executor import LoadOptions
 from galaxy.parallel.forward import Request
 from galaxy.parallel.sharding import Partition, full_spec, load_shard
+from galaxy.runtime.api import connect
 from galaxy.runtime.inproc import InprocCluster, run_inprocess
 
 # head_dim 16, ffn 96: int4's groups of 32 fall on 2 heads and on 32 columns; GQA 4/2; a tied head.
@@ -127,3 +128,10 @@ def test_load_options_refuse_a_bad_weights_format_naming_it():
         LoadOptions(weights_format="int9")
     with pytest.raises(PlanMismatch, match="dtype='bfloat16' must be float32"):
         LoadOptions(weights_format="int8", dtype="bfloat16")
+
+
+def test_the_python_api_loads_in_a_weights_format_on_in_process_devices():
+    with connect(local=2, transport="inproc") as session:
+        lm = session.load(SRC, partition=PARTITIONS[0], weights_format="int4-fp32")
+        ids = lm.generate([3, 14, 15, 92], max_new_tokens=4, details=True).tokens
+    assert ids == greedy(single(parse_format("int4-fp32")), [3, 14, 15, 92], 4)
