@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 from contextlib import ExitStack
 
 from planner import scaling
 
-from ..bench import paged_kv
+from ..bench import decode as decode_bench
+from ..bench import kernel_survey, paged_kv
 from ..bench import serve as serve_bench
 from ..bench import strategies as bench
 from ..bench.serve import ServeBench, Workload, run_serve_bench
 from ..bench.suite import SuiteConfig, bench_devices, run_suite
 from ..engine.engine import EngineConfig
 from ..errors import GalaxyError
+from ..model.config import preset
 from ..runtime.api import connect
+from ..runtime.sources import open_source
 from .args import add_cluster_args, add_model_args, floats, ints, output_file, progress, rates
 
 EXAMPLES = """examples:
@@ -25,15 +29,19 @@ EXAMPLES = """examples:
   galaxy bench serve --concurrency 8 --num-requests 32 --output-len 32
   galaxy bench serve --shared-prefix 512 --input-len 64 --compare-prefix-cache
   galaxy bench planner --sizes 4,8,16,32 --seeds 3 --exact-up-to 8   the solver's time and optimality gap
+  galaxy bench decode                      one device: galaxy, the compact formats and llama.cpp, side by side
+  galaxy bench decode --weights-format fp32,int4,int4-fp32 --threads 2 --local 3
 """
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="Galaxy against its baselines and the roofline, side by side", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=["strategies", "serve", "planner"], default="strategies",
+    p.add_argument("what", nargs="?", choices=["strategies", "serve", "decode", "planner"], default="strategies",
                    help="strategies (default): prefill across strategies; serve: the serving engine under load; "
-                   "planner: the solver's time and optimality gap on synthetic clusters (no devices needed)")
+                   "decode: one device's decode and prefill per weight format beside llama.cpp, and each "
+                   "format's accuracy (docs/decode-formats.md); planner: the solver's time and optimality gap on "
+                   "synthetic clusters (no devices needed)")
     add_model_args(p)
     add_cluster_args(p, local_help="N plain loopback workers instead of an emulated LAN (no root needed)",
                      discover=False, transport=False)
@@ -86,11 +94,26 @@ def add_parser(sub) -> None:
     pl.add_argument("--no-emulated", action="store_true", help="skip the emulated clusters' plans")
     pl.add_argument("--rings", type=int, default=0, help="random subsets whose ring orders are checked against every "
                     "order (default 0: skip)")
+    dc = p.add_argument_group("galaxy bench decode: the engines compared (--threads: one count; default 1 and all "
+                              "cores; --local N: also galaxy on N loopback workers)")
+    dc.add_argument("--weights-format", type=lambda t: tuple(x for x in t.split(",") if x),
+                    default=("fp32", "bf16", "int8", "int4"),
+                    help="the compact decoder's weight formats, NAME[-ACT][-gGROUP][:HEAD] each, comma-separated: "
+                    "fp32 bf16 fp16 int8 int8-int8 int4 int4-fp32 int4-g64 int4:bf16 ... (default fp32,bf16,int8,int4)")
+    dc.add_argument("--new-tokens", type=int, default=64, help="timed decode steps per run (default 64)")
+    dc.add_argument("--prefill-tokens", type=int, default=256, help="prefill length (default 256)")
+    dc.add_argument("--no-compile", action="store_true", help="eager decode steps only (no torch.compile)")
+    dc.add_argument("--no-anchor", action="store_true", help="leave llama.cpp out even when it is installed")
+    dc.add_argument("--no-galaxy", action="store_true", help="leave the galaxy engine path out")
+    dc.add_argument("--no-accuracy", action="store_true", help="speed only")
     micro = p.add_argument_group("micro-benchmarks on this machine (instead of the suite)")
     micro.add_argument("--paged-attention", action="store_true",
                        help="paged attention on CPU: gather vs padded vs contiguous K/V (docs/paged_attention_cpu.md)")
     micro.add_argument("--attention-kernels", action="store_true",
                        help="the kernel choices inside the paged KV cache against their alternatives")
+    micro.add_argument("--kernel-survey", action="store_true",
+                       help="every candidate packed matmul of each weight format over a whole model's weights "
+                       "(--random-init PRESET picks the shapes, default smollm2-135m)")
     p.set_defaults(func=cmd_bench, transport="grpc")
 
 
@@ -99,6 +122,12 @@ def cmd_bench(args) -> int:
         return cmd_bench_serve(args)
     if args.what == "planner":
         return cmd_bench_planner(args)
+    if args.what == "decode":
+        return cmd_bench_decode(args)
+    if args.kernel_survey:
+        threads = (args.threads,) if args.threads else tuple(sorted({1, os.cpu_count() or 1}))
+        kernel_survey.survey(preset(args.random_init or "smollm2-135m"), threads=threads, reps=args.reps or 5)
+        return 0
     if args.paged_attention or args.attention_kernels:
         paged_kv.report(threads=args.threads or 1, reps=args.reps or 21, quick=args.quick,
                         kernel_choices=args.attention_kernels)
@@ -111,6 +140,20 @@ def cmd_bench(args) -> int:
         strategies=tuple(args.strategies) if args.strategies else None, quick=args.quick, calibrate=args.calibrate,
         decode=args.decode, backends=args.backends))
     return _emit(args, report, bench.table, bench.plot)
+
+
+def cmd_bench_decode(args) -> int:
+    threads = (args.threads,) if args.threads else tuple(sorted({1, os.cpu_count() or 1}))
+    config = decode_bench.DecodeBench(
+        formats=args.weights_format, threads=threads, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
+        reps=args.reps or 3, compile=not args.no_compile, anchor=not args.no_anchor, galaxy=not args.no_galaxy,
+        local=args.local or 0, accuracy=not args.no_accuracy, seed=args.seed)
+    source = open_source(args.model, args.random_init, args.seed)
+    report = decode_bench.run_decode_bench(source, config, progress=progress)
+    if args.plot:
+        progress("--plot: the decode bench has no plot; its table is below")
+    print(bench.dumps(report) if args.json else decode_bench.table(report))
+    return 0
 
 
 def cmd_bench_serve(args) -> int:

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import PlanMismatch
 from ..model.checkpoints import WeightSource
+from ..model.quant import FormatError, WeightFormat, parse_format
 from ..model.transformer import DTYPES
 from .codec import FORMATS as WIRE_FORMATS
 from .collectives import OpStat
@@ -43,6 +44,10 @@ class LoadOptions:
     overlap: bool = True  # tile overlap of communication with computation (False: the no-overlap baseline)
     backend: str = "torch"  # one of BACKENDS
     data_plane: str = "tcp"  # tiles over the workers' TCP data ports, or over gRPC Exchange streams
+    # how each device holds its linear weights (model.quant.parse_format syntax; parallel.compact puts a
+    # shard in it): fp32 is the exact reference. In-process ranks only so far: the gRPC LoadRequest does
+    # not carry it yet (transport.client.Cluster refuses anything else).
+    weights_format: str = "fp32"
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -53,6 +58,14 @@ class LoadOptions:
         need(isinstance(self.tiles, int) and self.tiles >= 1, f"tiles={self.tiles!r} must be an integer >= 1")
         need(self.backend in BACKENDS, f"backend={self.backend!r} is not one of {BACKENDS}")
         need(self.data_plane in DATA_PLANES, f"data_plane={self.data_plane!r} is not one of {DATA_PLANES}")
+        try:
+            fmt = parse_format(self.weights_format)
+        except FormatError as e:
+            raise PlanMismatch(f"load options: weights_format={self.weights_format!r}: {e}") from None
+        need(fmt.name == "fp32" or self.dtype == "float32",
+             f"weights_format={self.weights_format!r} quantizes float32 weights; dtype={self.dtype!r} must be float32")
+        need(fmt.name == "fp32" or self.backend == "torch",
+             f"weights_format={self.weights_format!r} runs on the torch backend, not backend={self.backend!r}")
         if self.wire is not None:
             wire = tuple(tuple(row) for row in self.wire)
             object.__setattr__(self, "wire", wire)  # lists in, tuples kept: the options stay hashable
@@ -63,6 +76,10 @@ class LoadOptions:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        return parse_format(self.weights_format)
 
     def check_world(self, world: int) -> None:
         """Refuse a wire matrix made for another number of devices."""

@@ -77,7 +77,7 @@ class Session:
              strategy: str = "galaxy", weights: list[float] | None = None, partition: Partition | None = None,
              plan=None, dtype: str = "float32", tiles: int = 1, engine: EngineConfig | None = None,
              stream_weights: bool | None = None, wire: list[list[str]] | str | None = None,
-             backend: str = "torch") -> Model:
+             backend: str = "torch", weights_format: str = "fp32") -> Model:
         """Load `model` (default: the embedded SmolLM2) split across the devices.
 
         The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
@@ -87,6 +87,9 @@ class Session:
         faster). stream_weights: send each device its shard from here, so devices need no model file
         (default: yes unless the devices are local workers this session started, which read the
         file directly). engine: how generation requests are batched (galaxy.engine.EngineConfig).
+        weights_format: how each device holds its linear weights, e.g. "fp16", "int8", "int4"
+        (galaxy.model.quant.parse_format; default the exact fp32); compact formats run on in-process
+        devices (transport="inproc") so far, docs/decode-formats.md.
         """
         if self.closed:
             raise GalaxyError("this session is closed; open a new one with galaxy.connect(...)")
@@ -119,7 +122,8 @@ class Session:
             wire = [[wire] * self.world for _ in range(self.world)]
         if stream_weights is None:
             stream_weights = self._owned is None and not isinstance(source, RandomWeights)
-        options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend)
+        options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend,
+                              weights_format=weights_format)
         if self.model is not None:
             self.model._unload(_describe(model, random_init, source))
             self.model = None  # from here on the devices do not hold it, whether or not this load succeeds

@@ -13,6 +13,7 @@ import torch
 
 from ..backends.select import use_backend
 from ..errors import GalaxyError, PlanMismatch
+from ..parallel.compact import compact_shard, held_bytes
 from ..parallel.executor import DeviceStats, ForwardResult, LoadOptions, pool_blocks
 from ..parallel.forward import Request, Step, assemble
 from ..parallel.local_transport import LocalGroup
@@ -85,11 +86,15 @@ class InprocCluster:
         options.check_world(self.world)
         cfg = source.config
         partition.validate(cfg)
-        self.runtimes = [RankRuntime(load_shard(source, partition.spec(r, cfg), dtype=options.torch_dtype),
-                                     partition, r, options.tiles, kv_max_bytes=self.kv_bytes, overlap=options.overlap)
-                         for r in range(self.world)]
+        fmt = options.weight_format
+        models = [compact_shard(load_shard(source, partition.spec(r, cfg), dtype=options.torch_dtype), source, fmt)
+                  for r in range(self.world)]
+        self.runtimes = [RankRuntime(m, partition, r, options.tiles, kv_max_bytes=self.kv_bytes,
+                                     overlap=options.overlap) for r, m in enumerate(models)]
         self.backends = [use_backend(rt.model, options.backend, torch.get_num_threads()) for rt in self.runtimes]
         self.partition, self.config = partition, cfg
+        if fmt.name != "fp32":
+            return [held_bytes(m) for m in models]
         return [shard_bytes(cfg, partition.spec(r, cfg), options.torch_dtype) for r in range(self.world)]
 
     def forward(self, req: Request, *, overlap: bool = True, measure_memory: bool = False,

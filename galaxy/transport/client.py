@@ -208,6 +208,9 @@ class Cluster:
         if partition.world != self.world:
             raise PlanMismatch(f"the partition has {partition.world} devices, the cluster {self.world}")
         options.check_world(self.world)
+        if options.weights_format != "fp32":
+            raise PlanMismatch(f"weights_format={options.weights_format!r}: compact weights run on in-process ranks "
+                               "only so far (the workers' LoadRequest does not carry a weights format yet)")
         partition.validate(model.config)
         # names, so every later error can name them, and data ports (a restarted worker has a new one)
         infos = self.hello()
