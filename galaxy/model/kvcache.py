@@ -12,11 +12,15 @@ import torch
 
 from ..errors import DeviceOutOfMemory, GalaxyError
 
+# A cache grows in blocks of this many positions -- never by doubling, which could hold twice what
+# it uses and pass a device's memory budget on one decode step (galaxy.parallel.memory counts it).
+KV_BLOCK = 128
+
 
 class LayerKV:
-    """K and V of one layer, positions [0, length): (nkv, capacity, hd) buffers that grow."""
+    """K and V of one layer, positions [0, length): (nkv, capacity, hd) buffers that grow by KV_BLOCK."""
 
-    def __init__(self, nkv: int, hd: int, dtype: torch.dtype, device, capacity: int = 64):
+    def __init__(self, nkv: int, hd: int, dtype: torch.dtype, device, capacity: int = KV_BLOCK):
         self.k = torch.empty(nkv, capacity, hd, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.length = 0
@@ -27,7 +31,7 @@ class LayerKV:
             raise GalaxyError(f"KV cache holds {self.length} positions, the request starts at {start_pos}")
         end = start_pos + k.shape[1]
         if end > self.k.shape[1]:
-            cap = max(end, 2 * self.k.shape[1])
+            cap = -(-end // KV_BLOCK) * KV_BLOCK
             for name in ("k", "v"):
                 old = getattr(self, name)
                 new = old.new_empty(old.shape[0], cap, old.shape[2])
