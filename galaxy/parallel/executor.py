@@ -42,6 +42,7 @@ class LoadOptions:
     overlap: bool = True  # tile overlap of communication with computation (False: the no-overlap baseline)
     backend: str = "torch"  # one of BACKENDS
     data_plane: str = "tcp"  # tiles over the workers' TCP data ports, or over gRPC Exchange streams
+    seq_len: int = 0  # tokens each device reserves memory for (KV + a prefill of as many); 0: memory's default
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -52,6 +53,7 @@ class LoadOptions:
         need(isinstance(self.tiles, int) and self.tiles >= 1, f"tiles={self.tiles!r} must be an integer >= 1")
         need(self.backend in BACKENDS, f"backend={self.backend!r} is not one of {BACKENDS}")
         need(self.data_plane in DATA_PLANES, f"data_plane={self.data_plane!r} is not one of {DATA_PLANES}")
+        need(isinstance(self.seq_len, int) and self.seq_len >= 0, f"seq_len={self.seq_len!r} must be an integer >= 0")
         if self.wire is not None:
             wire = tuple(tuple(row) for row in self.wire)
             object.__setattr__(self, "wire", wire)  # lists in, tuples kept: the options stay hashable
@@ -87,6 +89,18 @@ class DeviceInfo:
     cpu_limit: float = 0.0  # cores it may use (cgroup quota or CPU count); 0: not reported
     host_id: str = ""  # its machine's boot id: equal ids share cores and memory; "": not reported
     host_cpus: int = 0  # CPUs of that whole machine; 0: not reported
+    droppable: int = 0  # of rss: what its loaded sessions and pushed shards hold, which a new load may free
+
+
+@dataclass(frozen=True)
+class LoadedMemory:
+    """What a loaded device may still spend (galaxy.parallel.memory): its budget less what it held
+    once the load's transients were given back. The coordinator sizes prefill chunks and stops
+    generation by it, with the figure the worker checks every request against."""
+
+    budget: int  # bytes the worker process may hold; 0: no cap
+    resident: int  # bytes it held after the load
+    act_bytes: int = 4  # one activation / KV element (the compute dtype)
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,7 @@ class Executor(Protocol):
 
     names: list[str]  # how errors and reports name each device, in ring order
     backends: list[str]  # the backend each rank runs, "auto" resolved (after load)
+    loaded_memory: list[LoadedMemory]  # per rank after load; [] where devices report no memory (in-process)
 
     @property
     def world(self) -> int: ...
