@@ -14,6 +14,7 @@ ProtocolMismatch, WorkerError -- all GalaxyError.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,16 +24,18 @@ import torch
 from devices.emulate import cluster_endpoints
 from planner.plan import Plan
 
-from ..errors import GalaxyError, PlanMismatch
+from ..errors import DeviceOutOfMemory, GalaxyError, PlanMismatch
 from ..model.checkpoints import WeightSource
 from ..model.checkpoints.random import RandomWeights
 from ..model.transformer import mean_pool
-from ..parallel.executor import Executor, ForwardResult, LoadOptions
+from ..parallel.executor import DeviceStats, Executor, ForwardResult, LoadOptions
 from ..parallel.forward import Request
-from ..parallel.sharding import Partition, even_partition, weighted_partition
+from ..parallel.sharding import Partition, Strategy, even_partition, weighted_partition
 from ..transport.client import Cluster
 from ..transport.security import COORDINATOR, TlsFiles, init_keys
+from ..transport.shardstore import source_file_bytes
 from ..transport.spawn import LocalWorkers
+from .budget import MemoryGuard, fit_partition
 from .generate import Generation, GenerationConfig, PrefixCache, TextGenerator
 from .inproc import InprocCluster
 from .recovery import ResilientCluster
@@ -66,11 +69,15 @@ class Session:
              strategy: str = "galaxy", weights: list[float] | None = None, partition: Partition | None = None,
              plan=None, dtype: str = "float32", tiles: int = 1, prefix_cache_entries: int = 4,
              stream_weights: bool | None = None, wire: list[list[str]] | str | None = None,
-             backend: str = "torch") -> Model:
+             backend: str = "torch", seq_len: int = 0) -> Model:
         """Load `model` (default: the embedded SmolLM2) split across the devices.
 
         The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
-        relative device `weights`, or an even split under `strategy`. wire: lossy activation format
+        relative device `weights`, or else from the devices themselves: when any has a memory
+        budget, a Galaxy split by each device's speed within what its memory holds (an even one
+        under another `strategy`), refused with DeviceOutOfMemory before any weight moves when they
+        cannot hold the model; without budgets, an even split. seq_len: tokens each device reserves
+        memory for (KV cache and a prefill of as many; default 512). wire: lossy activation format
         on every link ("bf16", "fp16", "int8") or a per-link matrix (default exact fp32). backend:
         "torch", "onnx" (ONNX Runtime per shard) or "auto" (each device times both and keeps the
         faster). stream_weights: send each
@@ -82,26 +89,45 @@ class Session:
         else:
             source = open_source(None if model is None else str(model), random_init, seed)
         cfg = source.config
+        if isinstance(wire, str):
+            wire = [[wire] * self.world for _ in range(self.world)]
+        if stream_weights is None:
+            stream_weights = self._owned is None and not isinstance(source, RandomWeights)
+        if plan is not None and not isinstance(plan, Plan):
+            plan = Plan.from_json(Path(plan).read_text(), cfg=cfg)
+        if plan is not None and not seq_len and plan.seq_len:
+            seq_len = plan.seq_len  # what the plan reserved memory for
+        options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend,
+                              seq_len=min(seq_len, cfg.max_positions))
         if plan is not None:
             partition = plan_partition(plan, cfg, self.world)
         elif partition is None:
             if weights is not None and len(weights) != self.world:
                 raise PlanMismatch(f"{len(weights)} weights for {self.world} devices")
             partition = (weighted_partition(cfg, weights) if weights is not None
-                         else even_partition(cfg, self.world, strategy))
+                         else self._split(source, strategy, options))
         if partition.world != self.world:
             raise PlanMismatch(f"the split has {partition.world} devices, the session {self.world}")
         if self.model is not None:
             self._ex.release()
-        if isinstance(wire, str):
-            wire = [[wire] * self.world for _ in range(self.world)]
-        if stream_weights is None:
-            stream_weights = self._owned is None and not isinstance(source, RandomWeights)
-        options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend)
         weight_bytes = self._ex.load(source, partition, options)
         self.model = Model(self, source, partition, PrefixCache(prefix_cache_entries))
         self.model.weight_bytes = list(weight_bytes)
         return self.model
+
+    def _split(self, source: WeightSource, strategy: str, options: LoadOptions) -> Partition:
+        """No plan: even, unless devices have memory budgets -- then Galaxy's split by speed within
+        what each one's memory holds (runtime.budget.fit_partition)."""
+        cfg = source.config
+        if Strategy(strategy) != Strategy.GALAXY:
+            return even_partition(cfg, self.world, strategy)
+        if self.model is not None:
+            self._ex.release()  # what is loaded now is not in the way of the sizing
+        infos = self._ex.hello()
+        if not infos or not any(i.memory_budget for i in infos):
+            return even_partition(cfg, self.world, strategy)
+        names = list(self._ex.names)
+        return fit_partition(cfg, infos, names, options, None if options.stream else source_file_bytes(source))
 
     def close(self) -> None:
         try:
@@ -135,6 +161,7 @@ class Model:
         self.config = source.config
         self.tokenizer = source.tokenizer()
         self._prefix = prefix
+        self._guard = MemoryGuard(session.executor, self.config)  # the devices' memory, as passes spend it
         self.weight_bytes: list[int] = []  # per device, as loaded
 
     @property
@@ -196,11 +223,63 @@ class Model:
         return self.execute(Request(torch.tensor(ids, dtype=torch.long))).output
 
     def execute(self, req: Request) -> ForwardResult:
-        """One forward pass with what each device reports of it (time, waiting per collective, memory)."""
-        return self.session.executor.forward(req)
+        """One forward pass with what each device reports of it (time, waiting per collective, memory).
+
+        A causal LM's pass too large for some device's memory budget (activations and logits of a
+        long input) runs as several passes over a KV cache, each as long as every device takes
+        (the logits are the same); one that cannot fit even so is refused before it starts."""
+        ex = self.session.executor
+        short = self._guard.shortfall(req)
+        if short is None:
+            res = ex.forward(req)
+            self._guard.observe(res)
+            return res
+        if not self.config.causal or req.cache or req.start_pos:
+            raise DeviceOutOfMemory(short.message(f"a pass of {req.ids.shape[0]} tokens",
+                                                  "send fewer tokens at once, or give this device a smaller share"))
+        return self._chunked(req)
+
+    def _chunked(self, req: Request) -> ForwardResult:
+        ex, ids = self.session.executor, req.ids.tolist()
+        name = f"pass{next(_PASSES)}"
+        self._guard.check_prompt(len(ids), name)
+        results, pos = [], 0
+        try:
+            while pos < len(ids):
+                n = self._guard.prefill_chunk(ids, pos, name, last_only=req.last_only)
+                if n == 0:
+                    short = self._guard.prompt_shortfall(len(ids), name)
+                    raise DeviceOutOfMemory(f"a pass of {len(ids)} tokens does not fit even one token at a time"
+                                            + (f": {short.message('it', 'send fewer tokens')}" if short else ""))
+                chunk = Request(req.ids[pos: pos + n], None if req.types is None else req.types[pos: pos + n],
+                                start_pos=pos, last_only=req.last_only, cache=name)
+                results.append(ex.forward(chunk))
+                self._guard.observe(results[-1])
+                pos += n
+        finally:
+            try:  # free the cache (with a one-token pass: caches are dropped by requests)
+                self._guard.observe(ex.forward(Request(req.ids[:1], cache="", drop=(name,))))
+            except GalaxyError:
+                pass  # the devices that failed lost it anyway
+        return join_results(results, last_only=req.last_only)
 
     def generator(self) -> TextGenerator:
-        return TextGenerator(self.session._ex, self.tokenizer, self.config, self._prefix)
+        return TextGenerator(self.session._ex, self.tokenizer, self.config, self._prefix, self._guard)
+
+
+_PASSES = itertools.count()
+
+
+def join_results(results: list[ForwardResult], last_only: bool = False) -> ForwardResult:
+    """One pass's result from the passes of its chunks: the output rows joined (the last row with
+    last_only), times added, each device's collectives in order and its peaks the largest."""
+    out = results[-1].output if last_only else torch.cat([r.output for r in results], 0)
+    devices = []
+    for per in zip(*(r.devices for r in results)):
+        devices.append(DeviceStats(per[0].rank, sum(d.forward_s for d in per), tuple(op for d in per for op in d.ops),
+                                   max(d.peak_rss_bytes for d in per), per[0].rss_before_bytes,
+                                   per[-1].kv_cache_bytes, sum(d.cpu_s for d in per)))
+    return ForwardResult(out, sum(r.seconds for r in results), devices)
 
 
 def connect(addresses: list[str] | None = None, *, local: int | None = None, cluster_file: str | None = None,

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import CacheLost, GalaxyError
+from ..errors import CacheLost, DeviceOutOfMemory, GalaxyError
+from ..parallel import memory
 from ..parallel.executor import DeviceStats
 from ..parallel.forward import Request
+from .budget import MemoryGuard
 from .sampling import Sampler, SamplingConfig
 
 
@@ -65,7 +67,7 @@ class Generation:
     prompt_tokens: list[int]
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    finish: str = ""  # "length" | "eos" | "stop"
+    finish: str = ""  # "length" | "eos" | "stop" | "kv_budget" (a device's memory holds no more positions)
     steps: list[Step] = field(default_factory=list)
     reused_prefix: int = 0  # prompt tokens whose KV came from the prefix cache
     kv_cache_bytes: list[int] = field(default_factory=list)  # per device, after the last step
@@ -149,12 +151,16 @@ class TextGenerator:
 
     _names = itertools.count()
 
-    def __init__(self, executor, tokenizer, config, prefix_cache: PrefixCache | None = None):
+    def __init__(self, executor, tokenizer, config, prefix_cache: PrefixCache | None = None,
+                 guard: MemoryGuard | None = None):
         if not config.causal:
             raise GalaxyError(f"{config.name or config.family} is an encoder: it embeds text (encode()), "
                               "it does not generate")
         self.ex, self.tok, self.cfg = executor, tokenizer, config
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache()
+        # each device's memory budget as the passes spend it: share one per loaded model, as the prefix cache
+        self.guard = guard if guard is not None else MemoryGuard(executor, config)
+        self._lost: set[str] = set()  # caches a refused step left half-written on some devices
 
     def _forward(self, gen: Generation, phase: str, req: Request, before: list[int]) -> torch.Tensor:
         """Run one step; `before` are the tokens already in req.cache (to rebuild it if it was lost)."""
@@ -163,9 +169,11 @@ class TextGenerator:
         except CacheLost:  # the devices were re-planned: rebuild this sequence's cache from scratch
             self.prefix.entries.clear()
             self.prefix.pending_drop.clear()
+            self.guard.reset()
             ids = torch.tensor(before + req.ids.tolist(), dtype=torch.long)
             res = self.ex.forward(Request(ids, start_pos=0, last_only=True, cache=req.cache))
             phase = "refill"
+        self.guard.observe(res)
         gen.steps.append(Step(phase, int(req.ids.shape[0]), res.seconds, _collective(res.devices)))
         gen.kv_cache_bytes = [d.kv_cache_bytes for d in res.devices]
         return res.output[-1]
@@ -188,9 +196,18 @@ class TextGenerator:
         sampler = Sampler(gc.sampling)
         seq = list(prompt_ids)
         try:
-            chunk = gc.prefill_chunk or len(prompt_ids)
+            if self.guard.active:  # a prompt whose KV cache cannot fit is refused before any pass
+                for old in [k for k in self.prefix.entries if k != hit]:  # kept prefixes give way first
+                    if self.guard.prompt_shortfall(len(prompt_ids), name) is None:
+                        break
+                    self.guard.forget(len(self.prefix.entries[old]))
+                    self.prefix.forget(old)
+                self.guard.check_prompt(len(prompt_ids), name)
             pos = start
             while pos < len(prompt_ids):
+                chunk = gc.prefill_chunk or len(prompt_ids)
+                if self.guard.active and not fork:  # as many tokens as every device's memory takes at once
+                    chunk = min(chunk, max(1, self.guard.prefill_chunk(prompt_ids, pos, name)))
                 ids = torch.tensor(prompt_ids[pos: pos + chunk], dtype=torch.long)
                 req = Request(ids, start_pos=pos, last_only=True, cache=name, drop=self.prefix.take_drops(),
                               **(fork if pos == start else {}))
@@ -200,7 +217,10 @@ class TextGenerator:
         except BaseException:
             self.prefix.forget(name)  # a half-built cache must never be reused
             raise
-        self.prefix.add(name, seq)  # the whole sequence is a reusable prefix now
+        if name in self._lost:
+            self.prefix.forget(name)
+        else:
+            self.prefix.add(name, seq)  # the whole sequence is a reusable prefix now
 
     def _decode(self, gen: Generation, gc: GenerationConfig, sampler: Sampler, name: str, seq: list[int],
                 logits: torch.Tensor) -> Iterator[TokenEvent]:
@@ -232,7 +252,15 @@ class TextGenerator:
                 break
             req = Request(torch.tensor([tok]), start_pos=len(seq), last_only=True, cache=name,
                           drop=self.prefix.take_drops())
-            logits = self._forward(gen, "decode", req, list(seq))
+            if self.guard.shortfall(req, memory.kv_alloc_positions(len(seq))) is not None:
+                gen.finish = "kv_budget"  # the next position's KV cache does not fit some device
+                break
+            try:
+                logits = self._forward(gen, "decode", req, list(seq))
+            except DeviceOutOfMemory:  # a worker's own check refused it (its heap had grown): the same end,
+                self._lost.add(name)  # but the other devices aborted the step: this cache is not reusable
+                gen.finish = "kv_budget"
+                break
             seq.append(tok)
         if gen.finish != "stop" and len(gen.text) > len(shown):  # a held-back tail that stopped nothing
             yield TokenEvent(gen.tokens[-1], gen.text[len(shown):])

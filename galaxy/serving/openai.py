@@ -15,7 +15,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string: the stream's hold-back check costs its length squared per token
 MAX_EMBEDDING_INPUTS = 2048  # as OpenAI
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # Galaxy's finish -> OpenAI finish_reason
+# Galaxy's finish -> OpenAI finish_reason; a device's KV budget ends a reply as max_tokens would
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "kv_budget": "length"}
 
 
 class ApiError(Exception):
