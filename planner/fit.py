@@ -22,6 +22,10 @@ from .profile import ClusterProfile
 from .solver import solve
 
 RELAX_STEPS = 5  # bisection steps between the safe room and the budget's whole room
+# Kept free on every budgeted device: its resident memory may grow a little between profiling and the
+# load (gRPC's buffers after the push; heap pages the allocator cannot give back), and the worker
+# admits by what it holds then.
+PLAN_MARGIN = 16 * memory.MiB
 
 
 def device_need(cfg: ModelConfig, plan: Plan, rank: int, params: memory.MemoryParams,
@@ -35,15 +39,17 @@ def device_need(cfg: ModelConfig, plan: Plan, rank: int, params: memory.MemoryPa
                              seqpar=plan.strategy == "seqpar")
 
 
-def misfits(cfg: ModelConfig, plan: Plan, cluster: ClusterProfile, params: memory.MemoryParams) -> list[str]:
-    """Devices of the plan whose budget its shard does not fit, by the workers' own check."""
+def misfits(cfg: ModelConfig, plan: Plan, cluster: ClusterProfile, params: memory.MemoryParams,
+            margin: int = 0) -> list[str]:
+    """Devices of the plan whose budget its shard does not fit (with `margin` to spare), by the
+    workers' own check."""
     by_name = {d.name: d for d in cluster.devices}
     out = []
     for r, d in enumerate(plan.devices):
         prof = by_name[d.name]
         if prof.budget_bytes:
             need = device_need(cfg, plan, r, params)
-            if need.total > memory.room(prof.budget_bytes, prof.resident_bytes):
+            if need.total + margin > memory.room(prof.budget_bytes, prof.resident_bytes):
                 out.append(f"{d.name} needs {need.total / memory.MiB:.0f} MiB ({need.describe()}), its budget leaves "
                            f"{memory.room(prof.budget_bytes, prof.resident_bytes) / memory.MiB:.0f} MiB")
     return out
@@ -72,8 +78,8 @@ def fit_plan(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: 
     bad = misfits(cfg, safe, cluster, params)
     if bad:  # solver_room is a proof that this cannot happen: say so loudly if it does
         raise PlanError("the planned split does not fit the devices' memory budgets: " + "; ".join(bad))
-    full = [max(d.memory_bytes, memory.room(d.budget_bytes, d.resident_bytes)) if d.budget_bytes else d.memory_bytes
-            for d in cluster.devices]
+    full = [max(d.memory_bytes, memory.room(d.budget_bytes, d.resident_bytes) - PLAN_MARGIN) if d.budget_bytes
+            else d.memory_bytes for d in cluster.devices]
     if full == [d.memory_bytes for d in cluster.devices]:
         return with_exact_memory(cfg, safe, cluster, params)
     best, lo, hi = safe, 0.0, 1.0
@@ -86,7 +92,7 @@ def fit_plan(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: 
         except PlanError:
             hi = mid
             continue
-        if misfits(cfg, plan, cluster, params):
+        if misfits(cfg, plan, cluster, params, PLAN_MARGIN):
             hi = mid
             continue
         lo = mid

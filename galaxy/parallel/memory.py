@@ -44,11 +44,11 @@ from .sharding import Partition, ShardSpec, Strategy
 MiB = 1 << 20
 
 # A streamed tensor travels in chunks of this many bytes; the worker copies each into the tensor it
-# allocated for it, so no message ever holds a whole tensor.
-PUSH_CHUNK_BYTES = 1 * MiB
-# A push's peak beyond the shard is gRPC's: a worker's resident memory grew by 28-39 MiB at the peak
-# of a 256 MiB stream of 1 MiB messages to its Sink (keeping 23-29 MiB of it, reused by the next
-# stream), and pushes of SmolLM2 shards peaked at the shard + 25-43 MiB (2 and 4 loopback workers).
+# allocated for it, so no message ever holds a whole tensor. Smaller chunks also keep gRPC's own
+# buffering down: a push's peak beyond the shard was 21-65 MiB with 1 MiB chunks, 13-34 MiB with 64 KiB
+# (SmolLM2 fp32 split 2 and 4 ways over loopback workers, 3 pushes each).
+PUSH_CHUNK_BYTES = 64 * 1024
+# What a push holds beyond the shard: gRPC's buffers (measured above: at most 34 MiB), with a margin.
 PUSH_TRANSIENT = 48 * MiB
 # A pass's fixed costs -- gRPC buffers, request and reply messages, Python objects: the resident
 # growth of a 256-token prefill beyond its live tensors was 10-13 MiB (SmolLM2 and GPT-2, 1-3 devices).
