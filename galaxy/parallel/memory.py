@@ -62,6 +62,10 @@ HEAP_FACTOR = 1.6
 # such passes over the bytes of the logits, 2.30-2.38 (SmolLM2 and GPT-2, 256-4,096 tokens).
 OUTPUT_COPIES = 2.5
 DEFAULT_SEQ_LEN = 512  # tokens a load reserves KV and activations for when none is given
+# Kept free when a split is sized ahead of its load (a plan, or the split a session makes without
+# one): the worker's resident memory may grow a little before it admits the load -- gRPC's buffers
+# after the push, heap pages the allocator cannot give back -- and it admits by what it holds then.
+RESIDENT_DRIFT = 16 * MiB
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ A device that reports no budget never limits anything here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -54,6 +55,10 @@ class MemoryGuard:
         """Start again from what the devices reported at their (re)load."""
         self.loaded = list(getattr(self.ex, "loaded_memory", []) or [])
         self.kv_now = [0] * len(self.loaded)  # KV bytes each device holds (from the last pass's report)
+        # the resident memory each device reported when its last pass began, plus the KV cache that pass
+        # added: also what passes since the load left behind (buffers, threads, heap pages the allocator
+        # cannot give back), which the worker counts in its own check of the next request
+        self.rss_seen = [m.resident for m in self.loaded]
 
     @property
     def active(self) -> bool:
@@ -63,14 +68,22 @@ class MemoryGuard:
         if len(getattr(self.ex, "loaded_memory", []) or []) != len(self.loaded):  # re-planned since
             self.reset()
         if len(result.devices) == len(self.kv_now):
+            grown = [d.kv_cache_bytes - k for d, k in zip(result.devices, self.kv_now)]
             self.kv_now = [d.kv_cache_bytes for d in result.devices]
+            self.rss_seen = [max(m.resident, d.rss_before_bytes + g) for m, d, g in zip(self.loaded, result.devices,
+                                                                                        grown)]
 
-    def room(self, rank: int) -> int:
+    def room(self, rank: int, margin: int = 0) -> int:
+        """What device `rank` may still spend: its budget beside what it holds now (KV caches included)
+        and `margin`."""
         m = self.loaded[rank]
-        return memory.room(m.budget, m.resident + self.kv_now[rank])
+        return memory.room(m.budget, max(m.resident + self.kv_now[rank], self.rss_seen[rank]) + margin)
 
-    def shortfall(self, req: Request, cached: int = 0) -> Shortfall | None:
-        """The first device `req` does not fit (cached: positions its cache has allocated), or None."""
+    def shortfall(self, req: Request, cached: int = 0, margin: int = 0) -> Shortfall | None:
+        """The first device `req` does not fit with `margin` to spare (cached: positions its cache has
+        allocated), or None. The choices the coordinator makes ahead -- how long a prefill chunk is,
+        whether to decode one more token -- keep memory.RESIDENT_DRIFT to spare: the worker checks the
+        request against what it holds when it comes, which passes since the last report have grown."""
         if not self.active:
             return None
         part = self.ex.partition
@@ -78,16 +91,16 @@ class MemoryGuard:
             if not m.budget:
                 continue
             need = memory.request_need(self.cfg, part, r, m.act_bytes, req, cached)
-            if need > self.room(r):
-                return Shortfall(r, self.ex.names[r], need, self.room(r))
+            if need > self.room(r, margin):
+                return Shortfall(r, self.ex.names[r], need, self.room(r, margin))
         return None
 
     def prefill_chunk(self, ids: list[int], start: int, cache: str, last_only: bool = True) -> int:
-        """The most tokens of ids[start:] one pass can take with the cache holding `start` positions;
-        0 when not even one fits."""
+        """The most tokens of ids[start:] one pass can take with the cache holding `start` positions,
+        memory.RESIDENT_DRIFT to spare; 0 when not even one fits so."""
         def fits(n: int) -> bool:
             req = Request(torch.zeros(n, dtype=torch.long), start_pos=start, last_only=last_only, cache=cache)
-            return self.shortfall(req, memory.kv_alloc_positions(start)) is None
+            return self.shortfall(req, memory.kv_alloc_positions(start), memory.RESIDENT_DRIFT) is None
 
         left = len(ids) - start
         if fits(left):
@@ -103,11 +116,14 @@ class MemoryGuard:
         part = self.ex.partition
         for r, m in enumerate(self.loaded):
             per = memory.spec_kv_bytes_per_position(self.cfg, part.spec(r, self.cfg), m.act_bytes)
-            self.kv_now[r] = max(0, self.kv_now[r] - per * memory.kv_alloc_positions(positions))
+            freed = per * memory.kv_alloc_positions(positions)
+            self.kv_now[r] = max(0, self.kv_now[r] - freed)
+            self.rss_seen[r] = max(m.resident, self.rss_seen[r] - freed)
 
-    def prompt_shortfall(self, n: int, cache: str) -> Shortfall | None:
+    def prompt_shortfall(self, n: int, cache: str, margin: int = memory.RESIDENT_DRIFT) -> Shortfall | None:
+        """Whether a prompt of n tokens can be prefilled at all: its whole KV cache and a one-token pass."""
         req = Request(torch.zeros(1, dtype=torch.long), start_pos=n - 1, last_only=True, cache=cache)
-        return self.shortfall(req, 0)  # nothing cached yet: the request allocates all n positions
+        return self.shortfall(req, 0, margin)  # nothing cached yet: the request allocates all n positions
 
     def check_prompt(self, n: int, cache: str) -> None:
         """Refuse, before any pass, a prompt whose KV cache alone cannot fit some device."""
@@ -175,6 +191,8 @@ def fit_partition(cfg: ModelConfig, infos, names: list[str], options, file_bytes
     params = memory.MemoryParams.for_dtype(options.torch_dtype.itemsize)
     seq = options.seq_len or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
     transient = memory.PUSH_TRANSIENT if file_bytes is None else memory.file_transient_bytes(cfg, file_bytes)
+    # sized with RESIDENT_DRIFT to spare: the workers count what they hold when the load comes
+    infos = [dataclasses.replace(i, rss=i.rss + memory.RESIDENT_DRIFT) if i.memory_budget else i for i in infos]
     cap = memory_caps(cfg, infos, params, seq, transient)
     speed = [max(0.05, float(i.cpu_limit or i.threads or 1)) for i in infos]
     for _ in range(60):

@@ -197,17 +197,22 @@ class TextGenerator:
         seq = list(prompt_ids)
         try:
             if self.guard.active:  # a prompt whose KV cache cannot fit is refused before any pass
-                for old in [k for k in self.prefix.entries if k != hit]:  # kept prefixes give way first
-                    if self.guard.prompt_shortfall(len(prompt_ids), name) is None:
+                for old in sorted(self.prefix.entries, key=lambda k: k == hit):  # kept prefixes give way first,
+                    if self.guard.prompt_shortfall(len(prompt_ids), name) is None:  # the one it would fork last
                         break
                     self.guard.forget(len(self.prefix.entries[old]))
                     self.prefix.forget(old)
+                    if old == hit:  # computed afresh instead
+                        start, fork, gen.reused_prefix = 0, {}, 0
                 self.guard.check_prompt(len(prompt_ids), name)
             pos = start
             while pos < len(prompt_ids):
                 chunk = gc.prefill_chunk or len(prompt_ids)
                 if self.guard.active and not fork:  # as many tokens as every device's memory takes at once
-                    chunk = min(chunk, max(1, self.guard.prefill_chunk(prompt_ids, pos, name)))
+                    fits = self.guard.prefill_chunk(prompt_ids, pos, name)
+                    if fits == 0:
+                        self.guard.check_prompt(len(prompt_ids) + 1, name)  # raises, naming the device
+                    chunk = min(chunk, max(1, fits))
                 ids = torch.tensor(prompt_ids[pos: pos + chunk], dtype=torch.long)
                 req = Request(ids, start_pos=pos, last_only=True, cache=name, drop=self.prefix.take_drops(),
                               **(fork if pos == start else {}))
@@ -252,7 +257,7 @@ class TextGenerator:
                 break
             req = Request(torch.tensor([tok]), start_pos=len(seq), last_only=True, cache=name,
                           drop=self.prefix.take_drops())
-            if self.guard.shortfall(req, memory.kv_alloc_positions(len(seq))) is not None:
+            if self.guard.shortfall(req, memory.kv_alloc_positions(len(seq)), memory.RESIDENT_DRIFT) is not None:
                 gen.finish = "kv_budget"  # the next position's KV cache does not fit some device
                 break
             try:
