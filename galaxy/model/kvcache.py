@@ -8,6 +8,9 @@ coordinator, within a byte bound.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from ..errors import DeviceOutOfMemory, GalaxyError
@@ -17,12 +20,26 @@ from ..errors import DeviceOutOfMemory, GalaxyError
 KV_BLOCK = 128
 
 
+MAPPED_BYTES = 1 << 20  # CPU buffers from this size up get pages of their own (see _buffer)
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """An empty KV buffer. On the CPU a large one is an anonymous mapping of its own: freed, its pages
+    go back to the system at once. From the heap (the workers' allocator never trims it), each
+    buffer a growing cache leaves behind was a hole the next, larger one could not use: over 1,000
+    decode steps a worker's resident memory grew by 34 MiB for 16 MiB of KV cache."""
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or n < MAPPED_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, n), dtype=torch.uint8).view(dtype).view(shape)
+
+
 class LayerKV:
     """K and V of one layer, positions [0, length): (nkv, capacity, hd) buffers that grow by KV_BLOCK."""
 
     def __init__(self, nkv: int, hd: int, dtype: torch.dtype, device, capacity: int = KV_BLOCK):
-        self.k = torch.empty(nkv, capacity, hd, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+        self.k = _buffer((nkv, capacity, hd), dtype, device)
+        self.v = _buffer((nkv, capacity, hd), dtype, device)
         self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor, start_pos: int):
@@ -34,7 +51,7 @@ class LayerKV:
             cap = -(-end // KV_BLOCK) * KV_BLOCK
             for name in ("k", "v"):
                 old = getattr(self, name)
-                new = old.new_empty(old.shape[0], cap, old.shape[2])
+                new = _buffer((old.shape[0], cap, old.shape[2]), old.dtype, old.device)
                 new[:, : self.length] = old[:, : self.length]
                 setattr(self, name, new)
         self.k[:, start_pos:end] = k
@@ -44,7 +61,10 @@ class LayerKV:
 
     def fork(self, n: int) -> LayerKV:
         out = LayerKV.__new__(LayerKV)
-        out.k, out.v = self.k[:, :n].clone(), self.v[:, :n].clone()
+        out.k = _buffer((self.k.shape[0], n, self.k.shape[2]), self.k.dtype, self.k.device)
+        out.v = _buffer((self.v.shape[0], n, self.v.shape[2]), self.v.dtype, self.v.device)
+        out.k.copy_(self.k[:, :n])
+        out.v.copy_(self.v[:, :n])
         out.length = n
         return out
 

@@ -240,6 +240,15 @@ class Model:
         return self._chunked(req)
 
     def _chunked(self, req: Request) -> ForwardResult:
+        for _ in range(3):
+            try:
+                return self._chunks(req)
+            except DeviceOutOfMemory:  # a worker refused a chunk the guard let through: again, shorter
+                if not self._guard.refused():
+                    raise
+        return self._chunks(req)
+
+    def _chunks(self, req: Request) -> ForwardResult:
         ex, ids = self.session.executor, req.ids.tolist()
         name = f"pass{next(_PASSES)}"
         self._guard.check_prompt(len(ids), name)

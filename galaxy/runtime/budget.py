@@ -49,6 +49,10 @@ class MemoryGuard:
 
     def __init__(self, executor, cfg: ModelConfig):
         self.ex, self.cfg = executor, cfg
+        # the longest chunk to plan: halved each time a worker refuses one the estimate let through (it
+        # holds a little more than its last report: heap pages since then), so the retry fits
+        self.max_chunk: int | None = None
+        self.last_chunk = 0
         self.reset()
 
     def reset(self) -> None:
@@ -63,6 +67,14 @@ class MemoryGuard:
     @property
     def active(self) -> bool:
         return any(m.budget for m in self.loaded) and self.ex.partition is not None
+
+    def refused(self) -> bool:
+        """A worker refused a chunk this guard let through: plan half as long ones from now on.
+        False when they were single tokens already (nothing shorter to try)."""
+        if self.last_chunk <= 1:
+            return False
+        self.max_chunk = max(1, self.last_chunk // 2)
+        return True
 
     def observe(self, result: ForwardResult) -> None:
         if len(getattr(self.ex, "loaded_memory", []) or []) != len(self.loaded):  # re-planned since
@@ -81,9 +93,7 @@ class MemoryGuard:
 
     def shortfall(self, req: Request, cached: int = 0, margin: int = 0) -> Shortfall | None:
         """The first device `req` does not fit with `margin` to spare (cached: positions its cache has
-        allocated), or None. The choices the coordinator makes ahead -- how long a prefill chunk is,
-        whether to decode one more token -- keep memory.RESIDENT_DRIFT to spare: the worker checks the
-        request against what it holds when it comes, which passes since the last report have grown."""
+        allocated), or None."""
         if not self.active:
             return None
         part = self.ex.partition
@@ -96,19 +106,21 @@ class MemoryGuard:
         return None
 
     def prefill_chunk(self, ids: list[int], start: int, cache: str, last_only: bool = True) -> int:
-        """The most tokens of ids[start:] one pass can take with the cache holding `start` positions,
-        memory.RESIDENT_DRIFT to spare; 0 when not even one fits so."""
+        """The most tokens of ids[start:] one pass can take with the cache holding `start` positions
+        (at most max_chunk); 0 when not even one fits."""
         def fits(n: int) -> bool:
             req = Request(torch.zeros(n, dtype=torch.long), start_pos=start, last_only=last_only, cache=cache)
-            return self.shortfall(req, memory.kv_alloc_positions(start), memory.RESIDENT_DRIFT) is None
+            return self.shortfall(req, memory.kv_alloc_positions(start)) is None
 
-        left = len(ids) - start
+        left = min(len(ids) - start, self.max_chunk or len(ids))
         if fits(left):
+            self.last_chunk = left
             return left
         lo, hi = 0, left  # fits(lo), not fits(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        self.last_chunk = lo
         return lo
 
     def forget(self, positions: int) -> None:
@@ -120,10 +132,10 @@ class MemoryGuard:
             self.kv_now[r] = max(0, self.kv_now[r] - freed)
             self.rss_seen[r] = max(m.resident, self.rss_seen[r] - freed)
 
-    def prompt_shortfall(self, n: int, cache: str, margin: int = memory.RESIDENT_DRIFT) -> Shortfall | None:
+    def prompt_shortfall(self, n: int, cache: str) -> Shortfall | None:
         """Whether a prompt of n tokens can be prefilled at all: its whole KV cache and a one-token pass."""
         req = Request(torch.zeros(1, dtype=torch.long), start_pos=n - 1, last_only=True, cache=cache)
-        return self.shortfall(req, 0, margin)  # nothing cached yet: the request allocates all n positions
+        return self.shortfall(req, 0)  # nothing cached yet: the request allocates all n positions
 
     def check_prompt(self, n: int, cache: str) -> None:
         """Refuse, before any pass, a prompt whose KV cache alone cannot fit some device."""

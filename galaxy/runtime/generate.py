@@ -146,6 +146,9 @@ def pending_stop(text: str, stops) -> int:
     return best
 
 
+PREFILL_ATTEMPTS = 4  # a prefill a worker refused is tried again in shorter chunks, this often in all
+
+
 class TextGenerator:
     """Generation on a loaded executor (gRPC `Cluster` or `InprocCluster`)."""
 
@@ -205,19 +208,15 @@ class TextGenerator:
                     if old == hit:  # computed afresh instead
                         start, fork, gen.reused_prefix = 0, {}, 0
                 self.guard.check_prompt(len(prompt_ids), name)
-            pos = start
-            while pos < len(prompt_ids):
-                chunk = gc.prefill_chunk or len(prompt_ids)
-                if self.guard.active and not fork:  # as many tokens as every device's memory takes at once
-                    fits = self.guard.prefill_chunk(prompt_ids, pos, name)
-                    if fits == 0:
-                        self.guard.check_prompt(len(prompt_ids) + 1, name)  # raises, naming the device
-                    chunk = min(chunk, max(1, fits))
-                ids = torch.tensor(prompt_ids[pos: pos + chunk], dtype=torch.long)
-                req = Request(ids, start_pos=pos, last_only=True, cache=name, drop=self.prefix.take_drops(),
-                              **(fork if pos == start else {}))
-                logits = self._forward(gen, "prefill", req, prompt_ids[:pos])
-                pos += ids.shape[0]
+            for attempt in range(PREFILL_ATTEMPTS):
+                try:
+                    logits = self._prefill(gen, gc, prompt_ids, name, start, fork)
+                    break
+                except DeviceOutOfMemory:  # a worker refused a chunk the guard let through: the other
+                    self.prefix.forget(name)  # devices aborted it, so its cache is half-built: start again,
+                    if not self.guard.active or attempt == PREFILL_ATTEMPTS - 1 or not self.guard.refused():
+                        raise  # under a new name, in shorter chunks
+                    name, start, fork, gen.reused_prefix = f"seq{next(self._names)}", 0, {}, 0
             yield from self._decode(gen, gc, sampler, name, seq, logits)
         except BaseException:
             self.prefix.forget(name)  # a half-built cache must never be reused
@@ -226,6 +225,24 @@ class TextGenerator:
             self.prefix.forget(name)
         else:
             self.prefix.add(name, seq)  # the whole sequence is a reusable prefix now
+
+    def _prefill(self, gen: Generation, gc: GenerationConfig, prompt_ids: list[int], name: str, start: int,
+                 fork: dict) -> torch.Tensor:
+        """The prompt from `start` into cache `name`, in chunks every device's memory takes; the last logits."""
+        pos = start
+        while pos < len(prompt_ids):
+            chunk = gc.prefill_chunk or len(prompt_ids)
+            if self.guard.active and not fork:  # as many tokens as every device's memory takes at once
+                fits = self.guard.prefill_chunk(prompt_ids, pos, name)
+                if fits == 0:
+                    self.guard.check_prompt(len(prompt_ids) + 1, name)  # raises, naming the device
+                chunk = min(chunk, max(1, fits))
+            ids = torch.tensor(prompt_ids[pos: pos + chunk], dtype=torch.long)
+            req = Request(ids, start_pos=pos, last_only=True, cache=name, drop=self.prefix.take_drops(),
+                          **(fork if pos == start else {}))
+            logits = self._forward(gen, "prefill", req, prompt_ids[:pos])
+            pos += ids.shape[0]
+        return logits
 
     def _decode(self, gen: Generation, gc: GenerationConfig, sampler: Sampler, name: str, seq: list[int],
                 logits: torch.Tensor) -> Iterator[TokenEvent]:
@@ -257,7 +274,7 @@ class TextGenerator:
                 break
             req = Request(torch.tensor([tok]), start_pos=len(seq), last_only=True, cache=name,
                           drop=self.prefix.take_drops())
-            if self.guard.shortfall(req, memory.kv_alloc_positions(len(seq)), memory.RESIDENT_DRIFT) is not None:
+            if self.guard.shortfall(req, memory.kv_alloc_positions(len(seq))) is not None:
                 gen.finish = "kv_budget"  # the next position's KV cache does not fit some device
                 break
             try:
