@@ -10,8 +10,8 @@ from devices.spec import load_cluster
 from planner import render
 from planner import wire as wire_choice
 from planner.cost import weight_bytes
+from planner.fit import fit_plan
 from planner.profiler import profile_cluster
-from planner.solver import solve
 
 from ..errors import GalaxyError
 from ..model.transformer import DTYPES
@@ -81,8 +81,8 @@ def cmd_plan(args) -> int:
                                budgets=budgets, reprofile=args.reprofile)
     n_prof = len(prof.devices)
     wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
-    plan = solve(cfg, args.seq_len, wire_choice.effective(prof, wire),
-                 None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize)
+    plan = fit_plan(cfg, args.seq_len, wire_choice.effective(prof, wire),
+                    None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize)
     if args.wire != "fp32":
         plan = plan.with_wire(wire, [d.name for d in prof.devices])
     if args.output:
