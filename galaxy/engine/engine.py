@@ -45,6 +45,7 @@ from .sequence import FinishReason, SamplingParams, Sequence
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.05  # how often an idle loop with waiting requests looks again (deadlines, freed blocks)
+_NOTHING = object()  # events_while: no event came before it was time to ask whether the client is there
 
 
 @dataclass(frozen=True)
@@ -103,16 +104,22 @@ class GenerationStream:
                 self.cancel()
 
     def events_while(self, alive: Callable[[], bool], poll_s: float = 0.25) -> Iterator[TokenEvent]:
-        """Like iterating the stream, but every `poll_s` without an event asks alive() -- is the
-        client still there? -- and cancels the request at once if not (then raises ClientGone)."""
+        """Like iterating the stream, but every `poll_s` asks alive() -- is the client still there? --
+        and cancels the request at once if not (then raises ClientGone). The clock, not a quiet spell,
+        sets when to ask: tokens arriving faster than `poll_s` must not keep a deserted request going."""
         try:
+            next_check = time.monotonic() + poll_s
             while True:
                 try:
-                    ev = self.events.get(timeout=poll_s)
+                    ev = self.events.get(timeout=max(0.0, next_check - time.monotonic()))
                 except Empty:
+                    ev = _NOTHING
+                if time.monotonic() >= next_check:
                     if not alive():
                         self.cancel()
                         raise ClientGone("the client went away; its request was cancelled") from None
+                    next_check = time.monotonic() + poll_s
+                if ev is _NOTHING:
                     continue
                 if ev is None:
                     break

@@ -13,8 +13,10 @@ from galaxy.backends.onnx import apply_onnx_all, apply_onnx_block, onnx_steps
 from galaxy.model.checkpoints import open_checkpoint
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
+from galaxy.model.paged_kv import PagedBatch
 from galaxy.parallel.executor import LoadOptions
-from galaxy.parallel.forward import Request
+from galaxy.parallel.forward import Request, Step
+from galaxy.parallel.rank import KVPool
 from galaxy.parallel.sharding import Partition, ShardSpec, even_partition, full_spec, load_shard, weighted_partition
 from galaxy.runtime.inproc import InprocCluster, run_inprocess
 
@@ -73,7 +75,7 @@ def test_every_step_runs_in_onnx_and_empty_pieces_stay_torch(onnx_cache):
 
 
 def test_decode_with_kv_cache_matches_torch(onnx_cache):
-    """Prefill, chunked prefill and one-token decode steps through the KV cache, Galaxy's decode
+    """Prefill, chunked prefill and one-token decode steps through the paged KV cache, Galaxy's decode
     path (Megatron-style below 2 tokens per device) included."""
     src = RandomWeights(preset("tiny-llama"), seed=1)
     cfg = src.config
@@ -86,9 +88,10 @@ def test_decode_with_kv_cache_matches_torch(onnx_cache):
         if backend == "onnx":
             apply_onnx_all([rt.model for rt in c.runtimes], onnx_cache, threads=1)
         clusters.append(c)
+    pools = [KVPool(8, 4) for _ in clusters]
     for start, end in ((0, 11), (11, 15), (15, 16), (16, 17), (17, 18)):
-        req = Request(ids[start:end], start_pos=start, last_only=True, cache="seq")
-        want, got = (c.forward(req).output for c in clusters)
+        step = Step(ids[start:end], PagedBatch(4, (end - start,), (start,), (tuple(range(5)),)), (end - start - 1,))
+        want, got = (c.step(step, pool).output for c, pool in zip(clusters, pools))
         assert (got - want).abs().max().item() <= TOL, f"positions {start}..{end}"
     ref = load_shard(src, full_spec(cfg))(ids[:18])[-1:]
     assert (got - ref).abs().max().item() <= TOL
