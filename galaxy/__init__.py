@@ -21,7 +21,8 @@ _LAZY = {
     "Model": "galaxy.runtime.api",
     **{name: "galaxy.errors" for name in (
         "GalaxyError", "PeerUnreachable", "DeviceOutOfMemory", "PlanMismatch", "AuthError", "ProtocolMismatch",
-        "TransportError", "WorkerError", "NotAWorker", "InvalidRequest", "ModelUnloaded", "CacheLost")},
+        "TransportError", "WorkerError", "NotAWorker", "InvalidRequest", "ModelUnloaded", "CacheLost",
+        "KVBudgetExceeded")},
     "CheckpointError": "galaxy.model.checkpoints.source",
 }
 

@@ -51,6 +51,13 @@ class InvalidRequest(GalaxyError, ValueError):
     code written against the plain Python convention catches it too."""
 
 
+class KVBudgetExceeded(InvalidRequest, DeviceOutOfMemory):
+    """A prompt whose K/V cannot fit the serving engine's KV pool -- what the smallest device's KV
+    budget holds -- however it is scheduled: refused when submitted, before any step, with the
+    prompt's length and the pool's positions. (A sequence that reaches the pool's end while
+    generating is not an error: it finishes with reason "kv_budget".)"""
+
+
 class ModelUnloaded(GalaxyError):
     """A `Model` was used after its session loaded another model (or was closed): the devices now
     hold something else, so the handle refuses to run instead of returning the other model's output."""

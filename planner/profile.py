@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 from galaxy.model.config import ModelConfig
+from galaxy.parallel import memory
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,12 @@ class DeviceProfile:
     attention: ComputeModel  # QKV projection + attention core + output projection of h heads
     mlp: ComputeModel  # up (+gate) and down projections of c columns
     connective: ComputeModel  # residual add + norm of s tokens
-    memory_bytes: int  # what a shard may use: min(free memory, the user's budget)
+    memory_bytes: int  # what a shard's weights, KV cache and activations may use (galaxy.parallel.memory.planner_room)
     head: ComputeModel | None = None  # LM head / embedding GEMMs (defaults to the MLP model)
     codec_s_per_byte: dict = field(default_factory=dict)  # wire format -> encode+decode s per fp32 byte
     tenancy: Tenancy | None = None  # None: a machine of its own (or not reported)
+    budget_bytes: int = 0  # the worker's memory budget, which it admits loads by (0: none)
+    resident_bytes: int = 0  # the worker's resident memory when profiled, less what a load may free
 
     def faster(self, factor: float) -> DeviceProfile:
         """This device computing `factor` times as fast (memory and codecs unchanged)."""
@@ -110,7 +113,8 @@ class ClusterProfile:
 
         devices = [DeviceProfile(x["name"], x["address"], cm(x["attention"]), cm(x["mlp"]), cm(x["connective"]),
                                  int(x["memory_bytes"]), cm(x.get("head")), dict(x.get("codec_s_per_byte", {})),
-                                 Tenancy(**x["tenancy"]) if x.get("tenancy") else None)
+                                 Tenancy(**x["tenancy"]) if x.get("tenancy") else None,
+                                 int(x.get("budget_bytes", 0)), int(x.get("resident_bytes", 0)))
                    for x in d["devices"]]
         links = [[None if lk is None else Link(**lk) for lk in row] for row in d.get("links", [])]
         return cls(devices, links)
@@ -164,12 +168,8 @@ def bytes_per_vocab_row(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, seq: int, heads: int, cols: int, tokens: int, dtype_bytes: int = 4) -> int:
-    """Peak activations of one layer on a device: gathered input, its QKV, scores, MLP inner."""
-    s, h, hd = seq, cfg.hidden, cfg.head_dim
-    gathered = s * h
-    qkv = s * hd * 3 * heads
-    scores = heads * s * s
-    inner = s * cols * (2 if cfg.gated_mlp else 1)
-    partial = s * h
-    own = 4 * tokens * h
-    return dtype_bytes * (gathered + qkv + scores + inner + partial + own)
+    """Peak activations of one layer on a device, as the cost model and the solver price them
+    (galaxy.parallel.memory.planner_activation_bytes). What a device really needs beyond this --
+    the KV cache, the allocator's heap, a load's transient -- is taken off its `memory_bytes` by
+    the profiler (memory.solver_room), so a plan that fits here fits the worker's admission."""
+    return memory.planner_activation_bytes(cfg, seq, heads, cols, tokens, dtype_bytes)

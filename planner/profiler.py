@@ -18,6 +18,8 @@ import numpy as np
 
 from galaxy.backends.profiling import Sample
 from galaxy.model.config import ModelConfig
+from galaxy.model.transformer import DTYPES
+from galaxy.parallel import memory
 from galaxy.paths import cache_dir as _cache_dir
 
 from .profile import (
@@ -33,9 +35,7 @@ from .profile import (
     mlp_flops,
 )
 
-CACHE_VERSION = 5
-LOAD_OVERHEAD = 1.15  # as the worker's own check: a shard's bytes plus transient copies while loading
-LOAD_SLACK = 32 * 2**20  # what opening a checkpoint adds before the worker's check (measured 7 MiB for SmolLM2)
+CACHE_VERSION = 6  # 6: attention on torch's flash kernel (model/transformer.attention_core) is timed anew
 
 
 def cache_dir() -> Path:
@@ -116,10 +116,14 @@ def tenancy(info) -> Tenancy | None:
 
 def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str = "float32",
                     memory_budget: int | None = None, budgets: dict[str, int] | None = None,
-                    reprofile: bool = False, show_progress: bool = True) -> ClusterProfile:
+                    reprofile: bool = False, show_progress: bool = True,
+                    transient: int = memory.PUSH_TRANSIENT) -> ClusterProfile:
     """Profiles of every worker of `cluster` (galaxy.transport.client.Cluster) for this model shape.
 
     memory_budget caps every device; budgets caps devices by name (cluster file entries).
+    Each device's `memory_bytes` is what its budget leaves for a shard's weights, KV cache and
+    activations beside the worker's resident memory, measured after profiling, less a load's
+    `transient` (a push by default) -- galaxy.parallel.memory.planner_room, the workers' own sum.
     """
     infos = cluster.hello()
     key = shape_key(cfg, seq_lens, dtype)
@@ -162,20 +166,24 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
             if show_progress:
                 _progress(done, steps, f"link {infos[i].name} -> {infos[j].name}")
     infos = cluster.hello()  # memory as it is after timing and link tests, which may have grown a worker
+    params = memory.MemoryParams.for_dtype(DTYPES[dtype].itemsize)
+    seq = max(seq_lens)
     devices = []
     for r, info in enumerate(infos):
         samples = [Sample(*s) for s in cached[r]["samples"]]
         models = fit_samples(cfg, samples)
-        mem = [info.available_memory]
-        if info.memory_budget:  # the budget caps the whole worker process: its own memory counts, and
-            # loading needs transient copies on top of the shard (galaxy.transport.worker.LOAD_OVERHEAD)
-            mem.append(max(0, int((info.memory_budget - info.rss - LOAD_SLACK) / LOAD_OVERHEAD)))
+        resident = info.rss - info.droppable  # what it holds that a load would not give up
+        # the budget caps the whole worker process: what it holds counts, and so do a load's transients,
+        # the KV cache and the heap's growth -- memory.solver_room, the worker's own admission made linear
+        budget = info.memory_budget or info.available_memory + info.rss
+        mem = [memory.solver_room(budget, resident, cfg, seq, params, transient)]
         if memory_budget:
             mem.append(memory_budget)
         if budgets and info.name in budgets:
             mem.append(budgets[info.name])
         devices.append(DeviceProfile(info.name, info.address, models["attention"], models["mlp"],
-                                     models["connective"], int(min(mem)), head=models.get("head"),
-                                     codec_s_per_byte=cached[r].get("codecs", {}), tenancy=tenancy(info)))
+                                     models["connective"], max(0, int(min(mem))), head=models.get("head"),
+                                     codec_s_per_byte=cached[r].get("codecs", {}), tenancy=tenancy(info),
+                                     budget_bytes=info.memory_budget, resident_bytes=resident))
     return ClusterProfile(devices, links)
 

@@ -49,8 +49,8 @@ def cmd_chat(args) -> int:
     n = device_count(args)
     with open_session(args, n) as session:
         progress("loading shards")
-        lm = session.load(source, partition=partition_from_args(args, source.config, n), dtype=args.dtype,
-                          tiles=args.tiles)
+        lm = session.load(source, partition=partition_from_args(args, source.config, n),
+                          strategy=getattr(args, "strategy", "galaxy"), dtype=args.dtype, tiles=args.tiles)
         history = [{"role": "system", "content": args.system}] if args.system else []
         print(f"galaxy chat: {source.config.name} on {n} devices. Ctrl-C stops a reply, /reset clears the "
               "history, /exit or Ctrl-D quits.", file=sys.stderr)

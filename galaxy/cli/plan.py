@@ -11,8 +11,9 @@ from devices.spec import load_cluster
 from planner import render
 from planner import wire as wire_choice
 from planner.cost import weight_bytes
+from planner.fit import fit_plan
 from planner.profiler import profile_cluster
-from planner.solver import METHODS, solve
+from planner.solver import METHODS
 from planner.strategy import RUNNABLE
 from planner.synthetic import synthetic_cluster
 
@@ -108,8 +109,9 @@ def cmd_plan(args) -> int:
                                    memory_budget=args.memory_budget, budgets=budgets, reprofile=args.reprofile)
     n_prof = len(prof.devices)
     wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
-    plan = solve(cfg, args.seq_len, wire_choice.effective(prof, wire),
-                 None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize, method=args.method)
+    plan = fit_plan(cfg, args.seq_len, wire_choice.effective(prof, wire),
+                    None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize,
+                    method=args.method)
     if args.wire != "fp32":
         plan = plan.with_wire(wire, [d.name for d in prof.devices])
     if args.output:

@@ -99,8 +99,11 @@ def cmd_run(args) -> int:
         progress("loading shards" + (" on " + ", ".join(i.name for i in infos) if infos else ""))
         t1 = time.perf_counter()
         wire = wire_formats(args, n)
-        model = session.load(source, partition=partition, dtype=args.dtype, tiles=args.tiles,
-                             stream_weights=stream_flag(args), wire=wire, backend=args.backend)
+        reserve = int(req.ids.shape[0]) + (args.max_new_tokens or 0)  # what the devices hold memory for
+        model = session.load(source, partition=partition, strategy=args.strategy, dtype=args.dtype, tiles=args.tiles,
+                             stream_weights=stream_flag(args), wire=wire, backend=args.backend,
+                             seq_len=min(reserve, cfg.max_positions))
+        partition = model.partition
         seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
                 "dtype": args.dtype, "input": how, "seq_len": int(req.ids.shape[0]),

@@ -11,7 +11,7 @@ from planner.plan import Plan
 
 from ..addresses import split_address
 from ..errors import GalaxyError
-from ..parallel.sharding import Partition, Strategy, even_partition, weighted_partition
+from ..parallel.sharding import Partition, Strategy, weighted_partition
 from ..runtime.api import Session, connect, plan_partition
 from ..transport.discovery import discovered_addresses
 from .args import progress
@@ -111,8 +111,9 @@ def device_count(args) -> int:
     return n
 
 
-def partition_from_args(args, cfg, n: int) -> Partition:
-    """The split a run asks for: its plan file, else --weights (an uneven Galaxy split), else even."""
+def partition_from_args(args, cfg, n: int) -> Partition | None:
+    """The split a run asks for: its plan file, else --weights (an uneven Galaxy split), else None:
+    the session sizes one by the devices' memory and speed (runtime.api.Session.load)."""
     if getattr(args, "plan", None):
         return plan_partition(args.plan, cfg, n)
     if args.weights is not None:
@@ -121,4 +122,4 @@ def partition_from_args(args, cfg, n: int) -> Partition:
         if args.strategy != Strategy.GALAXY:
             raise GalaxyError("--weights shapes an uneven Galaxy split; drop it for megatron/pipeline")
         return weighted_partition(cfg, args.weights)
-    return even_partition(cfg, n, args.strategy)
+    return None

@@ -68,7 +68,8 @@ class EngineConfig:
                                max_running=min(self.max_running, self.max_batched_tokens),
                                max_waiting=self.max_waiting,
                                max_model_len=min(model.max_positions, num_blocks * self.block_size),
-                               vocab_size=model.vocab_size, prefix_caching=self.prefix_caching)
+                               vocab_size=model.vocab_size, prefix_caching=self.prefix_caching,
+                               kv_limited=num_blocks * self.block_size < model.max_positions)
 
 
 @dataclass(frozen=True)
@@ -344,8 +345,8 @@ class Engine:
         stream.shown += delta
         stream.events.put(TokenEvent(tok, delta))
         if seq.is_finished:
-            self._finish(seq.seq_id, {FinishReason.LENGTH: "length", FinishReason.DEADLINE: "deadline"}.get(
-                seq.finish_reason, "abort"))
+            self._finish(seq.seq_id, {FinishReason.LENGTH: "length", FinishReason.DEADLINE: "deadline",
+                                      FinishReason.KV_BUDGET: "kv_budget"}.get(seq.finish_reason, "abort"))
 
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
         stream = self.streams.pop(seq_id, None)

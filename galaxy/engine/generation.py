@@ -15,7 +15,8 @@ from ..parallel.executor import DeviceStats
 from .arguments import need_int, stop_strings
 from .sampling import SamplingConfig
 
-FINISH_REASONS = ("length", "eos", "stop", "abort", "deadline")
+# kv_budget: the sequence filled the KV pool the devices' memory budgets allow (OpenAI: "length")
+FINISH_REASONS = ("length", "eos", "stop", "abort", "deadline", "kv_budget")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ..errors import GalaxyError
+from ..errors import GalaxyError, KVBudgetExceeded
 from .block_manager import BlockManager
 from .sequence import FinishReason, InvalidRequest, SamplingParams, Sequence, SequenceStatus
 
@@ -64,6 +64,9 @@ class SchedulerConfig:
     max_model_len: int = 2048  # prompt plus generated tokens of one sequence
     vocab_size: int | None = None  # token ids must be below this (the engine sets it from the model)
     prefix_caching: bool = True
+    # max_model_len is what the KV pool holds (the devices' memory budgets), below the model's positions:
+    # a prompt past it is refused with KVBudgetExceeded, a sequence reaching it ends with KV_BUDGET
+    kv_limited: bool = False
 
     def __post_init__(self):
         def need(ok: bool, msg: str) -> None:
@@ -180,10 +183,11 @@ class Scheduler:
         for seq in list(self.running):
             self._preempt(seq)
         max_len = min(self.cfg.max_model_len, num_blocks * self.cfg.block_size)
-        self.cfg = dataclasses.replace(self.cfg, num_blocks=num_blocks, max_model_len=max_len)
+        limited = self.cfg.kv_limited or max_len < self.cfg.max_model_len
+        self.cfg = dataclasses.replace(self.cfg, num_blocks=num_blocks, max_model_len=max_len, kv_limited=limited)
         self.blocks = BlockManager(num_blocks, self.cfg.block_size, self.cfg.prefix_caching)
         for seq in [s for s in self.waiting if s.num_tokens >= max_len]:  # no longer fits the smaller pool
-            self._finish(seq, FinishReason.LENGTH)
+            self._finish(seq, FinishReason.KV_BUDGET if limited else FinishReason.LENGTH)
 
     def has_unfinished(self) -> bool:
         return bool(self.live)
@@ -264,7 +268,7 @@ class Scheduler:
             if it.seq_id not in sampled:
                 raise GalaxyError(f"no sampled token for sequence {it.seq_id} in step {plan.step}")
             seq.token_ids.append(int(sampled[it.seq_id]))
-            reason = seq.stop_reason(self.cfg.max_model_len)
+            reason = seq.stop_reason(self.cfg.max_model_len, self.cfg.kv_limited)
             if reason is not None:
                 self._finish(seq, reason)
             out.append(seq)
@@ -279,6 +283,12 @@ class Scheduler:
                or (cfg.vocab_size is not None and t >= cfg.vocab_size)]
         if bad:
             raise InvalidRequest(f"prompt has token ids {bad[:5]} outside [0, vocab_size={cfg.vocab_size})")
+        if len(prompt) >= cfg.max_model_len and cfg.kv_limited:
+            raise KVBudgetExceeded(
+                f"prompt has {len(prompt)} tokens and the KV pool holds {cfg.max_model_len} positions "
+                f"({cfg.num_blocks} blocks of {cfg.block_size}, on every device: what the smallest device's KV budget "
+                f"allows, or EngineConfig.kv_blocks); its K/V and one generated token need {len(prompt) + 1}. Send a "
+                "shorter prompt, raise the devices' memory budgets, or add a device")
         if len(prompt) >= cfg.max_model_len:
             raise InvalidRequest(f"prompt has {len(prompt)} tokens, max_model_len={cfg.max_model_len} "
                                  "leaves no room to generate")

@@ -31,6 +31,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"  # max_new_tokens generated, or the model's context is full
     ABORT = "abort"  # cancelled, or its client went away
     DEADLINE = "deadline"  # its deadline passed before it finished
+    KV_BUDGET = "kv_budget"  # its K/V filled the KV pool, which the devices' memory budgets keep below the context
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,13 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def stop_reason(self, max_model_len: int) -> FinishReason | None:
-        """Why the sequence should stop after its last sampled token, if it should."""
+    def stop_reason(self, max_model_len: int, kv_limited: bool = False) -> FinishReason | None:
+        """Why the sequence should stop after its last sampled token, if it should (kv_limited:
+        max_model_len is the KV pool's end, not the model's)."""
         if self.num_tokens > self.num_prompt and self.token_ids[-1] in self.params.stop_token_ids:
             return FinishReason.STOP
-        if self.num_tokens - self.num_prompt >= self.params.max_new_tokens or self.num_tokens >= max_model_len:
+        if self.num_tokens - self.num_prompt >= self.params.max_new_tokens:
             return FinishReason.LENGTH
+        if self.num_tokens >= max_model_len:
+            return FinishReason.KV_BUDGET if kv_limited else FinishReason.LENGTH
         return None

@@ -48,6 +48,7 @@ class LoadOptions:
     # shard in it): fp32 is the exact reference. In-process ranks only so far: the gRPC LoadRequest does
     # not carry it yet (transport.client.Cluster refuses anything else).
     weights_format: str = "fp32"
+    seq_len: int = 0  # tokens each device reserves memory for (KV + a prefill of as many); 0: memory's default
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -66,6 +67,7 @@ class LoadOptions:
              f"weights_format={self.weights_format!r} quantizes float32 weights; dtype={self.dtype!r} must be float32")
         need(fmt.name == "fp32" or self.backend == "torch",
              f"weights_format={self.weights_format!r} runs on the torch backend, not backend={self.backend!r}")
+        need(isinstance(self.seq_len, int) and self.seq_len >= 0, f"seq_len={self.seq_len!r} must be an integer >= 0")
         if self.wire is not None:
             wire = tuple(tuple(row) for row in self.wire)
             object.__setattr__(self, "wire", wire)  # lists in, tuples kept: the options stay hashable
@@ -105,6 +107,19 @@ class DeviceInfo:
     cpu_limit: float = 0.0  # cores it may use (cgroup quota or CPU count); 0: not reported
     host_id: str = ""  # its machine's boot id: equal ids share cores and memory; "": not reported
     host_cpus: int = 0  # CPUs of that whole machine; 0: not reported
+    droppable: int = 0  # of rss: what its loaded sessions and pushed shards hold, which a new load may free
+
+
+@dataclass(frozen=True)
+class LoadedMemory:
+    """What a loaded device may still spend (galaxy.parallel.memory): its budget less what it held
+    once the load's transients were given back, of which `kv_budget` goes to the engine's KV pool.
+    The coordinator refuses a pass too large for it with the figure the worker admits it by."""
+
+    budget: int  # bytes the worker process may hold; 0: no cap
+    resident: int  # bytes it held after the load
+    act_bytes: int = 4  # one activation / KV element (the compute dtype)
+    kv_budget: int = 0  # bytes its serving engine's KV pool may take (memory.kv_pool_budget beside the rest)
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,7 @@ class Executor(Protocol):
 
     names: list[str]  # how errors and reports name each device, in ring order
     backends: list[str]  # the backend each rank runs, "auto" resolved (after load)
+    loaded_memory: list[LoadedMemory]  # per rank after load; [] where devices report no memory (in-process)
 
     @property
     def world(self) -> int: ...

@@ -286,7 +286,9 @@ def iter_shard_state(source, spec: ShardSpec, model: Transformer):
     embedding's tensor, held once."""
     cfg = source.config
     top_cuts = _cuts(cfg, spec, None)
-    has_embed = False
+    # the module lists its own parameter (lm_head) before its children's (embed.tokens): whether the
+    # head is the embedding's tensor is the spec's to say, not the order the keys come in
+    has_embed = spec.embed and "embed.tokens" in model.state_dict(keep_vars=True)
     for key in model.state_dict(keep_vars=True):
         if key.startswith("layers."):
             _, idx, rest = key.split(".", 2)
@@ -300,7 +302,6 @@ def iter_shard_state(source, spec: ShardSpec, model: Transformer):
                 yield key, _read(source, "embed.tokens" if cfg.tie_embeddings else "lm_head", top_cuts["vocab"])
         else:
             name, style = _TOP_STYLE[key]
-            has_embed = has_embed or key == "embed.tokens"
             yield key, _read(source, name, top_cuts[style])
 
 
@@ -320,13 +321,23 @@ def load_shard(source, spec: ShardSpec, dtype: torch.dtype = torch.float32, devi
 
 def build_shard(model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                 device: str = "cpu") -> Transformer:
-    """Fill a meta-device `model` with `state` (its exact state dict), moved to dtype and device."""
-    cfg = model.cfg
+    """Fill a meta-device `model` with `state` (its exact state dict), moved to dtype and device.
+
+    Tensors are moved one at a time and taken out of `state` as they go, so a conversion (float32
+    received, bfloat16 held) holds the rest of the received shard and one converted tensor, never
+    two whole shards (galaxy.parallel.memory.load_transient_bytes counts it)."""
     model.dtype = dtype
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    if cfg.tie_embeddings and "lm_head" in state and "embed.tokens" in state:
-        state["lm_head"] = state["embed.tokens"]  # keep the tie after the dtype/device move
-    model.load_state_dict(state, assign=True, strict=True)
+    moved: dict[str, torch.Tensor] = {}
+    done: dict[int, torch.Tensor] = {}  # id of a source tensor -> its move (a tied head is moved once)
+    for k in list(state):
+        v = state.pop(k)
+        if id(v) not in done:
+            done[id(v)] = v.to(device=device, dtype=dtype)
+        moved[k] = done[id(v)]
+        del v
+    if model.cfg.tie_embeddings and "lm_head" in moved and "embed.tokens" in moved:
+        moved["lm_head"] = moved["embed.tokens"]  # one tensor, however the state held it
+    model.load_state_dict(moved, assign=True, strict=True)
     return model.eval().requires_grad_(False)
 
 

@@ -20,6 +20,7 @@ calls from several threads at once are batched on the devices, each getting what
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,12 +40,15 @@ from ..errors import GalaxyError, InvalidRequest, ModelUnloaded, PlanMismatch
 from ..model.checkpoints import WeightSource
 from ..model.checkpoints.random import RandomWeights
 from ..model.transformer import mean_pool
+from ..parallel import memory
 from ..parallel.executor import Executor, ForwardResult, LoadOptions
 from ..parallel.forward import Request
 from ..parallel.sharding import Partition, Strategy, even_partition, weighted_partition
 from ..transport.client import Cluster
 from ..transport.security import COORDINATOR, TlsFiles, init_keys
+from ..transport.shardstore import source_file_bytes
 from ..transport.spawn import LocalWorkers
+from .budget import check_pass, fit_partition
 from .inproc import InprocCluster
 from .recovery import ResilientCluster
 from .sources import open_source
@@ -77,11 +81,15 @@ class Session:
              strategy: str = "galaxy", weights: list[float] | None = None, partition: Partition | None = None,
              plan=None, dtype: str = "float32", tiles: int = 1, engine: EngineConfig | None = None,
              stream_weights: bool | None = None, wire: list[list[str]] | str | None = None,
-             backend: str = "torch", weights_format: str = "fp32") -> Model:
+             backend: str = "torch", weights_format: str = "fp32", seq_len: int = 0) -> Model:
         """Load `model` (default: the embedded SmolLM2) split across the devices.
 
         The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
-        relative device `weights`, or an even split under `strategy`. wire: lossy activation format
+        relative device `weights`, or else from the devices themselves: when any has a memory
+        budget, a Galaxy split by each device's speed within what its memory holds (an even one
+        under another `strategy`), refused with DeviceOutOfMemory before any weight moves when they
+        cannot hold the model; without budgets, an even split. seq_len: tokens each device reserves
+        memory for (KV cache and a prefill of as many; default 512). wire: lossy activation format
         on every link ("bf16", "fp16", "int8") or a per-link matrix (default exact fp32). backend:
         "torch", "onnx" (ONNX Runtime per shard) or "auto" (each device times both and keeps the
         faster). stream_weights: send each device its shard from here, so devices need no model file
@@ -106,6 +114,16 @@ class Session:
         else:
             source = open_source(None if model is None else str(model), random_init, seed)
         cfg = source.config
+        if isinstance(wire, str):
+            wire = [[wire] * self.world for _ in range(self.world)]
+        if stream_weights is None:
+            stream_weights = self._owned is None and not isinstance(source, RandomWeights)
+        if plan is not None and not isinstance(plan, Plan):
+            plan = Plan.from_json(Path(plan).read_text(), cfg=cfg)
+        if plan is not None and not seq_len and plan.seq_len:
+            seq_len = plan.seq_len  # what the plan reserved memory for
+        options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend,
+                              weights_format=weights_format, seq_len=min(seq_len, cfg.max_positions))
         if plan is not None:
             partition = plan_partition(plan, cfg, self.world)
         elif partition is None:
@@ -113,17 +131,11 @@ class Session:
                 partition = weighted_partition(cfg, self._weights(weights))
             else:
                 need_choice("strategy", strategy, [s.value for s in Strategy])
-                partition = even_partition(cfg, self.world, strategy)
+                partition = self._split(source, strategy, options, _describe(model, random_init, source))
         elif not isinstance(partition, Partition):
             raise InvalidRequest(f"partition={partition!r}: must be a galaxy.parallel.sharding.Partition")
         if partition.world != self.world:
             raise PlanMismatch(f"the split has {partition.world} devices, the session {self.world}")
-        if isinstance(wire, str):
-            wire = [[wire] * self.world for _ in range(self.world)]
-        if stream_weights is None:
-            stream_weights = self._owned is None and not isinstance(source, RandomWeights)
-        options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend,
-                              weights_format=weights_format)
         if self.model is not None:
             self.model._unload(_describe(model, random_init, source))
             self.model = None  # from here on the devices do not hold it, whether or not this load succeeds
@@ -131,6 +143,7 @@ class Session:
         weight_bytes = self._ex.load(source, partition, options)
         self.model = Model(self, source, partition, _describe(model, random_init, source), engine)
         self.model.weight_bytes = list(weight_bytes)
+        self.model.seq_len = options.seq_len or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
         return self.model
 
     def _weights(self, weights) -> list[float]:
@@ -142,6 +155,22 @@ class Session:
         if not any(out):
             raise InvalidRequest(f"weights={list(weights)}: at least one device needs a weight above 0")
         return out
+
+    def _split(self, source: WeightSource, strategy: str, options: LoadOptions, what: str) -> Partition:
+        """No plan: even, unless devices have memory budgets -- then Galaxy's split by speed within
+        what each one's memory holds (runtime.budget.fit_partition)."""
+        cfg = source.config
+        if Strategy(strategy) != Strategy.GALAXY:
+            return even_partition(cfg, self.world, strategy)
+        if self.model is not None:  # what is loaded now is not in the way of the sizing
+            self.model._unload(what)
+            self.model = None
+            self._ex.release()
+        infos = self._ex.hello()
+        if not infos or not any(i.memory_budget for i in infos):
+            return even_partition(cfg, self.world, strategy)
+        names = list(self._ex.names)
+        return fit_partition(cfg, infos, names, options, None if options.stream else source_file_bytes(source))
 
     def close(self) -> None:
         self.closed = True
@@ -192,6 +221,7 @@ class Model:
         self.name = name or repr(source.config.name)
         self.replaced_by = ""  # what the session loaded over this model (for ModelUnloaded)
         self.weight_bytes: list[int] = []  # per device, as loaded
+        self.seq_len = memory.DEFAULT_SEQ_LEN  # tokens of one pass the devices reserved memory for (load)
         self._engine_config = engine or EngineConfig()
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
@@ -207,8 +237,18 @@ class Model:
         self._check_loaded()
         with self._engine_lock:
             if self._engine is None:
-                self._engine = Engine(self.session.executor, self.config, self.tokenizer, self._engine_config)
+                self._engine = Engine(self.session.executor, self.config, self.tokenizer, self._step_config())
             return self._engine
+
+    def _step_config(self) -> EngineConfig:
+        """The engine's config, its steps no longer than the pass the budgeted devices reserved memory
+        for at load (seq_len): a longer step would be refused by their workers."""
+        c = self._engine_config
+        if not any(m.budget for m in getattr(self.session.executor, "loaded_memory", []) or []):
+            return c
+        n = min(c.max_batched_tokens, self.seq_len)
+        return dataclasses.replace(c, max_batched_tokens=n, max_running=min(c.max_running, n),
+                                   chunk_size=None if c.chunk_size is None else min(c.chunk_size, n))
 
     def _unload(self, replaced_by: str) -> None:
         """The session loads something else in this model's place: its engine stops, and requests
@@ -336,9 +376,13 @@ class Model:
         return self.execute(Request(torch.tensor(ids, dtype=torch.long))).output
 
     def execute(self, req: Request) -> ForwardResult:
-        """One forward pass with what each device reports of it (time, waiting per collective, memory)."""
+        """One forward pass with what each device reports of it (time, waiting per collective, memory).
+        A pass too large for some device's memory budget (the activations and logits of a long
+        input) is refused before any device computes, naming the device and the numbers."""
         self._check_loaded()
-        return self.session.executor.forward(req)
+        ex = self.session.executor
+        check_pass(ex, self.config, req)
+        return ex.forward(req)
 
 
 def connect(addresses: list[str] | None = None, *, local: int | None = None, cluster_file: str | None = None,

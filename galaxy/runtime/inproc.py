@@ -71,6 +71,7 @@ class InprocCluster:
         self.config = None
         self.names = [f"thread{r}" for r in range(world)]
         self.backends: list[str] = []
+        self.loaded_memory: list = []  # threads of this process: no per-device budget
 
     def hello(self) -> list:
         return []

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from ..errors import CacheLost, DeviceOutOfMemory, GalaxyError, PeerUnreachable, WorkerError
 from ..model.checkpoints import WeightSource
 from ..parallel.executor import LoadOptions
-from ..parallel.sharding import Partition, Strategy, even_partition, shard_bytes, weighted_partition
-from ..transport.client import Cluster
+from ..parallel.sharding import Partition, Strategy, even_partition, weighted_partition
+from ..transport.client import Cluster, check_memory
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ class ResilientCluster:
     @property
     def backends(self) -> list[str]:
         return self.cluster.backends
+
+    @property
+    def loaded_memory(self):
+        return self.cluster.loaded_memory
 
     @property
     def options(self) -> LoadOptions | None:
@@ -163,7 +167,7 @@ class ResilientCluster:
             # a device that was not in the ring before has none: exact fp32 until re-planned
             wire = tuple(tuple(options.wire[i][j] for j in keep) for i in keep) if len(keep) == len(survivors) else None
             options = dataclasses.replace(options, wire=wire)
-        self._check_memory(loaded.source.config, partition, survivors, options.torch_dtype)
+        self._check_memory(loaded.source.config, partition, survivors, options)
         self.cluster.close()
         self.cluster = self._make(survivors)
         self.cluster.hello()
@@ -173,15 +177,14 @@ class ResilientCluster:
         self.events.append(RecoveryEvent("recover", f"lost {lost or 'none'}: {why}", time.perf_counter() - t0,
                                          survivors))
 
-    def _check_memory(self, cfg, partition: Partition, addresses: list[str], dtype) -> None:
+    def _check_memory(self, cfg, partition: Partition, addresses: list[str], options: LoadOptions) -> None:
+        """The survivors' memory, checked as the coordinator checks any load (client.check_memory)."""
         with self._make(addresses, 2.0) as c:
             infos = c.hello()
-        for r, info in enumerate(infos):
-            need = shard_bytes(cfg, partition.spec(r, cfg), dtype)
-            cap = min(info.available_memory, info.memory_budget) if info.memory_budget else info.available_memory
-            if need > cap:
-                raise DeviceOutOfMemory(f"cannot recover: {info.name} would need {need / 2**20:.0f} MiB for its "
-                                        f"shard, it has {cap / 2**20:.0f} MiB; add a device")
+            try:
+                check_memory(infos, c.names, cfg, partition, options)
+            except DeviceOutOfMemory as e:
+                raise DeviceOutOfMemory(f"cannot recover: {e}; add a device") from None
 
     # stragglers ---------------------------------------------------------------------------
     def _watch_stragglers(self, res) -> None:

@@ -15,8 +15,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # per stop string: the stream's hold-back check costs its length squared per token
 MAX_EMBEDDING_INPUTS = 2048  # as OpenAI
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# Galaxy's finish -> OpenAI finish_reason: a request cut by its deadline was truncated, as by a length limit
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "deadline": "length"}
+# Galaxy's finish -> OpenAI finish_reason: a request cut by its deadline was truncated, as by a length limit;
+# a device's KV budget ends a reply as max_tokens would
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "deadline": "length", "kv_budget": "length"}
 
 
 class ApiError(Exception):

@@ -32,16 +32,24 @@ from ..errors import (
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import ModelConfig
 from ..parallel.collectives import OpStat
-from ..parallel.executor import DeviceInfo, DeviceStats, ForwardResult, LoadOptions, pool_blocks
+from ..parallel.executor import DeviceInfo, DeviceStats, ForwardResult, LoadedMemory, LoadOptions, pool_blocks
 from ..parallel.forward import Request, Step, assemble
+from ..parallel.memory import (
+    DEFAULT_SEQ_LEN,
+    MemoryParams,
+    check_fits,
+    load_transient_bytes,
+    shard_need,
+    shard_params,
+)
 from ..parallel.rank import KVPool
-from ..parallel.sharding import Partition, meta_model
+from ..parallel.sharding import Partition, Strategy, meta_model
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import open_channel
 from .probe import REFUSED, UNREACHABLE, explain, probe, reach
 from .protocol import from_proto, metadata, step_to_proto, to_proto
-from .shardstore import digest, iter_shard, model_hash, spec_json
+from .shardstore import digest, iter_shard, model_hash, source_file_bytes, spec_json, tensor_parts
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +118,7 @@ class Cluster:
         self.names = [f"device {i} ({a})" for i, a in enumerate(self.addresses)]
         self.backends: list[str] = []
         self.kv_capacity: list[tuple[int, int]] = []  # per rank, from its load: (KV bytes per token, KV budget)
+        self.loaded_memory: list[LoadedMemory] = []
         self._request_id = 0
 
     @property
@@ -153,7 +162,8 @@ class Cluster:
     def _info(self, r: int, rep: pb.HelloReply) -> DeviceInfo:
         return DeviceInfo(self.addresses[r], rep.device_name, rep.cpu_count, rep.threads, rep.compute_device,
                           rep.total_memory_bytes, rep.available_memory_bytes, rep.memory_budget_bytes, rep.state,
-                          rep.rss_bytes, rep.data_port, rep.cpu_limit, rep.host_id, rep.host_cpus)
+                          rep.rss_bytes, rep.data_port, rep.cpu_limit, rep.host_id, rep.host_cpus,
+                          rep.droppable_bytes)
 
     def hello_each(self, timeout: float = 1.0) -> list[DeviceInfo | GalaxyError]:
         """Each device's hello, or the error it answered with, within `timeout` seconds: a liveness
@@ -195,7 +205,14 @@ class Cluster:
     def load(self, source, partition: Partition, options: LoadOptions = LoadOptions()) -> list[int]:
         """Load a WeightSource (the Executor interface). Workers read the same checkpoint path or
         random-init recipe, or, with options.stream, receive exactly their shards from here (they
-        need no model file). Returns each rank's weight bytes."""
+        need no model file). Every device's memory is checked first (galaxy.parallel.memory): a
+        split that does not fit is refused before any weight moves. Returns each rank's weight bytes."""
+        if partition.world != self.world:
+            raise PlanMismatch(f"the partition has {partition.world} devices, the cluster {self.world}")
+        partition.validate(source.config)
+        self.release()  # what this coordinator had loaded is not in the way of the check or the push
+        check_memory(self.hello(), self.names, source.config, partition, options,
+                     None if options.stream else source_file_bytes(source))
         hashes = self.push_shards(source, partition) if options.stream else None
         replies = self.load_ref(model_ref(source), partition, options, shard_hashes=hashes)
         return [r.weight_bytes for r in replies]
@@ -228,13 +245,16 @@ class Cluster:
             req = pb.LoadRequest(session_id=self.session_id, model=mref, partition_json=pjson, rank=r,
                                  peers=self.addresses, dtype=options.dtype, tiles=options.tiles,
                                  recv_timeout_s=recv_timeout, wire_formats=options.wire[r] if options.wire else [],
-                                 no_overlap=not options.overlap, backend=options.backend, data_peers=data_peers)
+                                 no_overlap=not options.overlap, backend=options.backend, data_peers=data_peers,
+                                 seq_len=options.seq_len)
             return stub.Load(req, timeout=load_timeout, metadata=self._md())
 
         replies = self._all("load", call)
         self.partition, self.config = partition, model.config
         self.backends = [r.backend for r in replies]
         self.kv_capacity = [(r.kv_bytes_per_token, r.kv_budget_bytes) for r in replies]
+        act = options.torch_dtype.itemsize
+        self.loaded_memory = [LoadedMemory(r.memory_budget_bytes, r.rss_bytes, act, r.kv_budget_bytes) for r in replies]
         return replies
 
     def push_shards(self, source, partition: Partition) -> list[str]:
@@ -393,7 +413,7 @@ class Cluster:
                 stub.Release(pb.ReleaseRequest(session_id=self.session_id), timeout=5.0, metadata=self._md())
             except grpc.RpcError:
                 pass
-        self.session_id, self.partition = "", None
+        self.session_id, self.partition, self.loaded_memory = "", None, []
 
     def close(self) -> None:
         self.release()
@@ -408,14 +428,44 @@ class Cluster:
         self.close()
 
 
+def check_memory(infos: list[DeviceInfo], names: list[str], cfg: ModelConfig, partition: Partition,
+                 options: LoadOptions, file_bytes: int | None = None) -> None:
+    """Refuse a split that some device cannot hold, before anything is pushed or loaded: the
+    worker's own admission (galaxy.parallel.memory.shard_need within its budget, beside what it
+    holds less what its other sessions would give up), for every device at once.
+
+    file_bytes: the checkpoint's size when devices read it themselves (None: pushed)."""
+    params = MemoryParams.for_dtype(options.torch_dtype.itemsize)
+    seq = options.seq_len or min(DEFAULT_SEQ_LEN, cfg.max_positions)
+    tokens = partition.tokens(seq) if partition.strategy.splits_tokens else [seq] * partition.world
+    problems = []
+    for r, info in enumerate(infos):
+        if not info.memory_budget:
+            continue
+        spec = partition.spec(r, cfg)
+        need = shard_need(cfg, spec, params, seq, tokens[r], load_transient_bytes(cfg, spec, params, file_bytes),
+                          seqpar=partition.strategy == Strategy.SEQPAR)
+        try:
+            check_fits(names[r], need, info.memory_budget, info.rss - info.droppable)
+        except DeviceOutOfMemory as e:
+            problems.append(str(e))
+    if problems:
+        raise DeviceOutOfMemory("the split does not fit (nothing was pushed or loaded): " + "; ".join(problems))
+
+
 def _shard_parts(source, spec, mh: str, sj: str, out: dict):
-    """The PushShard stream: header, one tensor per message, then the content hash."""
+    """The PushShard stream: header, each tensor announced and sent in chunks, then the content hash."""
     n = len(meta_model(source.config, spec).state_dict(keep_vars=True))
-    yield pb.ShardPart(model_hash=mh, spec_json=sj, config_json=json.dumps(source.config.to_dict()), n_tensors=n)
+    pushed = shard_params(source.config, spec) * 4  # iter_shard sends float32
+    yield pb.ShardPart(model_hash=mh, spec_json=sj, config_json=json.dumps(source.config.to_dict()), n_tensors=n,
+                       shard_bytes=pushed)
     h = hashlib.sha256()
     for name, t, alias in iter_shard(source, spec):
         digest(h, name, t, alias)
-        yield pb.ShardPart(name=name, alias_of=alias) if t is None else pb.ShardPart(name=name, tensor=to_proto(t))
+        if t is None:
+            yield pb.ShardPart(name=name, alias_of=alias)
+        else:
+            yield from tensor_parts(name, t)
     out["hash"] = h.hexdigest()
     yield pb.ShardPart(content_hash=out["hash"])
 

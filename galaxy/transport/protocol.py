@@ -56,26 +56,38 @@ def from_proto_dtype(code: int, what: str, label: str = "dtype") -> torch.dtype:
     return _FROM_PB[code]
 
 
-def checked_layout(code: int, shape: tuple[int, ...], nbytes: int, what: str) -> torch.dtype:
-    """The dtype of a tensor announced as (dtype code, shape, byte count), once the three agree and
-    are within limits: every transport checks this before it allocates for the tensor."""
+def announced_layout(code: int, shape: tuple[int, ...], what: str) -> tuple[torch.dtype, int]:
+    """(dtype, byte count) of a tensor announced by dtype code and shape, once both are within limits."""
     dtype = from_proto_dtype(code, what)
     if any(d < 0 for d in shape):
         raise TransportError(f"{what}: negative dimension in shape {shape}")
     if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) > MAX_TENSOR_ELEMENTS:
         raise TransportError(f"{what}: shape {shape} exceeds the limit of {MAX_TENSOR_ELEMENTS} elements / "
                              f"{MAX_DIMS} dims")
-    want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return dtype, math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def checked_layout(code: int, shape: tuple[int, ...], nbytes: int, what: str) -> torch.dtype:
+    """The dtype of a tensor announced as (dtype code, shape, byte count), once the three agree and
+    are within limits: every transport checks this before it allocates for the tensor."""
+    dtype, want = announced_layout(code, shape, what)
     if nbytes != want:
         raise TransportError(f"{what}: {nbytes} bytes for shape {shape} {dtype}, expected {want}")
     return dtype
 
 
 def to_proto(t: torch.Tensor) -> pb.Tensor:
-    code = to_proto_dtype(t.dtype)
+    return fill_proto(pb.Tensor(), t)
+
+
+def fill_proto(m: pb.Tensor, t: torch.Tensor) -> pb.Tensor:
+    """Write t into the (sub)message m in place: a large output is copied once into the message,
+    never into a second message it would then be copied from."""
+    m.dtype = to_proto_dtype(t.dtype)
     t = t.detach().contiguous().cpu()
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # raw bytes, any dtype incl. bf16
-    return pb.Tensor(dtype=code, shape=list(t.shape), data=data)
+    m.shape[:] = list(t.shape)
+    m.data = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # raw bytes, any dtype incl. bf16
+    return m
 
 
 def from_proto(m: pb.Tensor, what: str = "tensor") -> torch.Tensor:

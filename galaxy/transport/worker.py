@@ -35,10 +35,11 @@ from ..model.checkpoints import CheckpointError, WeightSource, open_checkpoint
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import ConfigError, ModelConfig
 from ..model.transformer import DTYPES
+from ..parallel import memory
 from ..parallel.codec import codec_seconds_per_byte
 from ..parallel.forward import Request
 from ..parallel.rank import DEFAULT_KV_BYTES, RankRuntime
-from ..parallel.sharding import Partition, PartitionError, build_shard, meta_model, shard_bytes, shard_state
+from ..parallel.sharding import Partition, PartitionError, Strategy, build_shard, meta_model, shard_state
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from ..version import __version__
@@ -55,19 +56,21 @@ from .protocol import (
     META_TOKEN,
     PROTOCOL_VERSION,
     WIRE_FORMATS,
+    fill_proto,
     from_proto,
     step_from_proto,
-    to_proto,
 )
 from .security import TlsFiles
-from .shardstore import ShardStore, model_hash, spec_json
+from .shardstore import ShardStore, model_hash, source_file_bytes, spec_from_json, spec_json
 
 log = logging.getLogger(__name__)
 
 READY_LINE = "GALAXY-WORKER-READY"  # printed with the bound address once the worker serves
 MAX_SESSIONS = 8
-LOAD_OVERHEAD = 1.15  # a shard's bytes plus transient copies while it is read and built
-KV_ACTIVATION_RESERVE = 64 << 20  # kept beside the KV cache for a step's activations
+# Within this of its budget a worker gives the heap's free pages back after each pass (glibc keeps them:
+# transport/spawn.MALLOC_ENV), so its resident memory -- which the coordinator plans the next request
+# by and the worker admits it by -- is what it really holds. Further away, reusing them is faster.
+NEAR_BUDGET = 64 * 2**20
 
 
 @dataclass
@@ -94,6 +97,14 @@ class _Session:
     weight_bytes: int
     load_s: float
     backend: str = "torch"
+    act_bytes: int = 4  # bytes of one activation / KV element (the compute dtype)
+    seq_len: int = memory.DEFAULT_SEQ_LEN  # tokens the load reserved a pass for (LoadRequest.seq_len)
+    resident: int = 0  # the process's resident memory once loaded (transients given back), before any KV pool
+
+    @property
+    def held_bytes(self) -> int:
+        """What dropping this session frees: its weights and KV pool."""
+        return self.weight_bytes + self.runtime.kv_bytes
 
 
 def _peak_rss() -> int:
@@ -123,6 +134,10 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
 
 
 def _open_model(ref: pb.ModelRef) -> WeightSource:
@@ -164,8 +179,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     # -- control -----------------------------------------------------------------------------
     def Hello(self, request, context):
-        if self.s.memory_budget:  # report live memory, as Load will count it
-            _trim_heap()
+        rss = self._resident() if self.s.memory_budget else _rss()  # live memory, as Load will count it
         vm = psutil.virtual_memory()
         sess = next(reversed(self.sessions.values()), None)
         return pb.HelloReply(
@@ -176,9 +190,20 @@ class WorkerService(pb_grpc.WorkerServicer):
             compute_device=self.s.device,
             total_memory_bytes=vm.total, available_memory_bytes=vm.available,
             memory_budget_bytes=self.s.memory_budget, state="loaded" if sess else "idle",
-            session_id=sess.session_id if sess else "", rss_bytes=psutil.Process().memory_info().rss,
-            data_port=self.data.port if self.data else 0,
+            session_id=sess.session_id if sess else "", rss_bytes=rss,
+            data_port=self.data.port if self.data else 0, droppable_bytes=self._droppable(),
         )
+
+    def _resident(self) -> int:
+        """Resident memory as every admission counts it: after collecting garbage and giving glibc's
+        free pages back, so what a finished request left in the heap does not count."""
+        gc.collect()
+        _trim_heap()
+        return _rss()
+
+    def _droppable(self) -> int:
+        """Of the resident memory: what loaded sessions and a pushed shard hold, which a load may free."""
+        return sum(x.held_bytes for x in self.sessions.values()) + self.shards.pending_bytes
 
     def Load(self, request, context):
         with self.lock:
@@ -186,13 +211,18 @@ class WorkerService(pb_grpc.WorkerServicer):
             try:
                 sess = self._load(request)
             except (MemoryError, DeviceOutOfMemory) as e:
+                self.shards.drop_pending()  # a refused load's pushed shard must not pin the memory
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory loading shard: {e}")
             except (CheckpointError, ConfigError, PartitionError, ValueError, GalaxyError) as e:
+                self.shards.drop_pending()
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: load refused: {e}")
             self.sessions[sess.session_id] = sess
+            rss = self._resident() if self.s.memory_budget else _rss()  # the load's transients given back
             rt = sess.runtime
-            return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s,
-                                rss_bytes=psutil.Process().memory_info().rss, backend=sess.backend,
+            rt.kv_max_bytes = self._kv_budget(sess, rss)
+            sess.resident = rss
+            return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s, rss_bytes=rss,
+                                backend=sess.backend, memory_budget_bytes=self.s.memory_budget,
                                 kv_bytes_per_token=rt.kv_bytes_per_token, kv_budget_bytes=rt.kv_max_bytes)
 
     def _load(self, req: pb.LoadRequest) -> _Session:
@@ -215,23 +245,32 @@ class WorkerService(pb_grpc.WorkerServicer):
         if req.dtype not in DTYPES:
             raise ValueError(f"dtype {req.dtype!r} is not one of {list(DTYPES)}")
         spec = partition.spec(req.rank, cfg)
-        need = shard_bytes(cfg, spec, DTYPES[req.dtype])
-        if self.s.memory_budget and need > self.s.memory_budget:
-            raise GalaxyError(f"shard needs {need / 2**20:.0f} MiB, memory budget is "
-                              f"{self.s.memory_budget / 2**20:.0f} MiB")
-        rss = self._make_room(need)
+        params = memory.MemoryParams.for_dtype(DTYPES[req.dtype].itemsize)
+        seq = int(req.seq_len) or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
+        tokens = partition.tokens(seq)[req.rank] if partition.strategy.splits_tokens else seq
+        held = 0  # bytes of this very shard already in memory (just pushed): counted in its need, not twice
+        if source is None:
+            pushed = self.shards.pending.get(req.model.shard_hash)
+            held = 0 if pushed is None else sum(t.numel() * t.element_size() for t in
+                                                {id(t): t for t in pushed.values()}.values())
+            file_bytes = None
+        else:
+            file_bytes = source_file_bytes(source)
+        need = memory.shard_need(cfg, spec, params, seq, tokens,
+                                 memory.load_transient_bytes(cfg, spec, params, file_bytes, arrived=held > 0),
+                                 seqpar=partition.strategy == Strategy.SEQPAR)
         if self.s.memory_budget:  # refuse rather than be killed by the OOM killer half way through
-            if rss + need * LOAD_OVERHEAD > self.s.memory_budget:
-                raise DeviceOutOfMemory(
-                    f"loading a {need / 2**20:.0f} MiB shard needs about {need * LOAD_OVERHEAD / 2**20:.0f} MiB "
-                    f"on top of the {rss / 2**20:.0f} MiB in use; the memory budget is "
-                    f"{self.s.memory_budget / 2**20:.0f} MiB")
+            resident = self._make_room(need, held)
+            memory.check_fits(self.s.name, need, self.s.memory_budget, resident)
+        elif len(self.sessions) >= MAX_SESSIONS:
+            self._release(next(iter(self.sessions)))
         if source is None:
             state = self.shards.take(req.model.shard_hash)
         else:
             state = self._own_shard(source, spec)
         model = build_shard(meta_model(cfg, spec), state, DTYPES[req.dtype], self.s.device)
         del state
+        weight_bytes = memory.weight_bytes(cfg, spec, params)
         backend = use_backend(model, req.backend or "torch", self.s.threads)
         _reset_peak_rss()  # from here on, the peak belongs to this session
         bad = [f for f in req.wire_formats if f and f not in WIRE_FORMATS]
@@ -243,17 +282,20 @@ class WorkerService(pb_grpc.WorkerServicer):
                                   data_peers=list(req.data_peers), tls=self.s.tls)
         load_s = time.perf_counter() - t0
         log.info("%s: loaded rank %d/%d of %s (%.0f MiB) in %.2f s", self.s.name, req.rank, partition.world,
-                 source.path if source else "a streamed shard", need / 2**20, load_s)
-        runtime = RankRuntime(model, partition, req.rank, req.tiles, kv_max_bytes=self._kv_budget(),
-                              overlap=not req.no_overlap)
-        return _Session(req.session_id, runtime, transport, need, load_s, backend)
+                 source.path if source else "a streamed shard", weight_bytes / 2**20, load_s)
+        runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap)
+        return _Session(req.session_id, runtime, transport, weight_bytes, load_s, backend, params.act_bytes, seq)
 
-    def _kv_budget(self) -> int:
-        """Memory the paged KV cache of the serving engine may take here: what the memory budget (or,
-        without one, half the free memory) leaves beside this process and a step's activations."""
-        rss = psutil.Process().memory_info().rss
-        room = self.s.memory_budget - rss if self.s.memory_budget else psutil.virtual_memory().available // 2
-        return max(0, min(DEFAULT_KV_BYTES, room - KV_ACTIVATION_RESERVE))
+    def _kv_budget(self, sess: _Session, resident: int) -> int:
+        """Memory the serving engine's paged KV pool may take here. With a memory budget: the one
+        memory model's figure (galaxy.parallel.memory.kv_pool_budget) -- the budget less the loaded
+        process, a pass of the reserved length and the margins -- so the pool and every later step
+        fit the budget together. Without one: half the free memory, within DEFAULT_KV_BYTES."""
+        rt = sess.runtime
+        reserve = memory.pass_reserve(rt.model.cfg, rt.partition, rt.rank, sess.act_bytes, sess.seq_len)
+        if self.s.memory_budget:
+            return memory.kv_pool_budget(self.s.memory_budget, resident, reserve)
+        return max(0, min(DEFAULT_KV_BYTES, psutil.virtual_memory().available // 2 - reserve))
 
     def _own_shard(self, source, spec) -> dict:
         """The shard read from the source -- or from this device's shard cache, when a reload of
@@ -268,18 +310,16 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.shards.put(mh, sj, state)
         return state
 
-    def _make_room(self, need: int) -> int:
-        """Drop the least recently used sessions while the new shard would not fit next to what this
-        process holds; returns its resident memory, measured again after each drop."""
+    def _make_room(self, need: memory.ShardNeed, held: int = 0) -> int:
+        """Drop the least recently used sessions while `need` would not fit beside what this process
+        holds (less `held`: bytes of the new shard already in memory), or too many are loaded;
+        returns that resident memory, measured again after each drop."""
         while True:
-            if self.s.memory_budget:  # count live memory, not what glibc kept after the last request
-                gc.collect()
-                _trim_heap()
-            rss = psutil.Process().memory_info().rss
+            resident = self._resident() - held
             over = (len(self.sessions) >= MAX_SESSIONS
-                    or bool(self.s.memory_budget and rss + need * LOAD_OVERHEAD > self.s.memory_budget))
+                    or need.total > memory.room(self.s.memory_budget, resident))
             if not (self.sessions and over):
-                return rss
+                return resident
             old = next(iter(self.sessions))
             log.info("%s: dropping session %s to make room", self.s.name, old)
             self._release(old)
@@ -334,6 +374,11 @@ class WorkerService(pb_grpc.WorkerServicer):
         if bad or len(request.wire_formats) not in (0, rt.partition.world):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: wire_formats "
                           f"{list(request.wire_formats)} must list one of {WIRE_FORMATS} per rank")
+        if self.s.memory_budget:  # refuse before computing, while no peer has spent anything on it
+            try:
+                self._admit(sess, memory.request_need(rt.model.cfg, rt.partition, rt.rank, sess.act_bytes, req))
+            except DeviceOutOfMemory as e:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return self._run(sess, context, request.request_id, lambda comm: rt.run(comm, req),
                          list(request.wire_formats), overlap=not request.no_overlap,
                          measure_memory=request.measure_memory)
@@ -345,6 +390,16 @@ class WorkerService(pb_grpc.WorkerServicer):
             rt.validate_step(step, pool)
         except (TransportError, ValueError, GalaxyError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: bad step: {e}")
+        if self.s.memory_budget:  # the pool first (refused over its KV budget), then the step's activations
+            try:
+                have = rt.paged
+                fresh = have is None or (have.num_blocks, have.block_size) != (pool.num_blocks, pool.block_size)
+                b = step.batch
+                need = memory.pass_need(rt.model.cfg, rt.partition, rt.rank, sess.act_bytes, b.num_tokens,
+                                        max(b.context_lens), len(step.logit_rows))
+                self._admit(sess, need, pool.num_blocks * pool.block_size * rt.kv_bytes_per_token if fresh else 0)
+            except DeviceOutOfMemory as e:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return self._run(sess, context, request.request_id, lambda comm: rt.run_step(comm, step, pool))
 
     def _run(self, sess: _Session, context, request_id: int, run, wire_formats=(), overlap: bool = True,
@@ -368,14 +423,32 @@ class WorkerService(pb_grpc.WorkerServicer):
         except (ValueError, GalaxyError) as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.s.name} (rank {rt.rank}): {e}")
         elapsed, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        if self.s.memory_budget and _rss() > self.s.memory_budget - NEAR_BUDGET:
+            _trim_heap()  # near its budget: what the pass left in the heap must not count against the next
         send_s = dict(sess.transport.send_s)
         ops = [pb.OpStat(tag=o.tag, wall_s=o.wall_s, wait_s=o.wait_s, compute_s=o.compute_s, bytes=o.bytes,
                          send_s=send_s.get(o.tag, 0.0)) for o in comm.stats.ops]
         reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv_bytes,
                                 rss_before_bytes=rss_before, cpu_s=cpu_s)
-        if out is not None:
-            reply.output.CopyFrom(to_proto(out.float().cpu()))
+        if out is not None:  # straight into the reply: no second message to copy it from
+            fill_proto(reply.output, out.float().cpu())
         return reply
+
+    def _admit(self, sess: _Session, need: int, pool: int = 0) -> None:
+        """A pass's `need` (galaxy.parallel.memory.pass_need), and `pool` bytes of a KV pool it
+        allocates first, must fit beside what this process holds: at least the loaded process and
+        the pool it keeps (pages of a fresh pool become resident only as the engine writes them)."""
+        rt = sess.runtime
+        held = sess.resident + (rt.kv_bytes if not pool else 0)
+        if need + pool <= memory.room(self.s.memory_budget, max(held, _rss() - (rt.kv_bytes if pool else 0))):
+            return
+        resident = max(held, self._resident() - (rt.kv_bytes if pool else 0))
+        if pool and need + pool > memory.room(self.s.memory_budget, resident):
+            raise DeviceOutOfMemory(
+                f"{self.s.name}: a KV pool of {pool / 2**20:.1f} MiB and a step's {need / 2**20:.1f} MiB do not fit "
+                f"beside the {resident / 2**20:.0f} MiB the worker holds within its memory budget of "
+                f"{self.s.memory_budget / 2**20:.0f} MiB; serve with fewer KV blocks or fewer tokens per step")
+        memory.check_request(self.s.name, need, self.s.memory_budget, resident)
 
     def _session_or_abort(self, session_id: str, context) -> _Session:
         sess = self.sessions.get(session_id)
@@ -432,12 +505,31 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def PushShard(self, request_iterator, context):
         try:
-            h, nbytes, cached = self.shards.receive(request_iterator)
+            h, nbytes, cached = self.shards.receive(request_iterator, self._admit_push,
+                                                    _trim_heap if self.s.memory_budget else None)
+        except DeviceOutOfMemory as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory receiving a shard: {e}")
         except (GalaxyError, TransportError) as e:
             context.abort(grpc.StatusCode.DATA_LOSS, f"{self.s.name}: shard refused: {e}")
         except MemoryError:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory receiving a shard")
         return pb.ShardReceipt(content_hash=h, bytes=nbytes, cached=cached)
+
+    def _admit_push(self, head: pb.ShardPart) -> int:
+        """Before any tensor arrives: the shard its spec describes (as pushed, float32) and the chunks
+        in flight must fit the budget; returns the bytes the push may bring."""
+        try:
+            cfg = ModelConfig.from_dict(json.loads(head.config_json))
+            spec = spec_from_json(head.spec_json)
+        except (ValueError, TypeError, ConfigError) as e:
+            raise GalaxyError(f"a shard push with an unreadable header: {e}") from None
+        pushed = memory.shard_params(cfg, spec) * 4
+        if self.s.memory_budget:
+            need = memory.ShardNeed(pushed, memory.PUSH_TRANSIENT, 0, 0)
+            with self.lock:  # not while a load or a request measures the same memory
+                resident = self._make_room(need)
+            memory.check_fits(self.s.name, need, self.s.memory_budget, resident, "receiving its shard")
+        return pushed
 
     # -- data plane ----------------------------------------------------------------------------
     def Exchange(self, request_iterator, context):

@@ -43,7 +43,7 @@ class HelloRequest(_message.Message):
     def __init__(self, cluster: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol_version", "device_name", "galaxy_version", "cpu_count", "threads", "compute_device", "total_memory_bytes", "available_memory_bytes", "memory_budget_bytes", "state", "session_id", "rss_bytes", "data_port", "cpu_limit", "host_id", "host_cpus")
+    __slots__ = ("protocol_version", "device_name", "galaxy_version", "cpu_count", "threads", "compute_device", "total_memory_bytes", "available_memory_bytes", "memory_budget_bytes", "state", "session_id", "rss_bytes", "data_port", "cpu_limit", "host_id", "host_cpus", "droppable_bytes")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     GALAXY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class HelloReply(_message.Message):
     CPU_LIMIT_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_CPUS_FIELD_NUMBER: _ClassVar[int]
+    DROPPABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     device_name: str
     galaxy_version: str
@@ -76,7 +77,8 @@ class HelloReply(_message.Message):
     cpu_limit: float
     host_id: str
     host_cpus: int
-    def __init__(self, protocol_version: _Optional[int] = ..., device_name: _Optional[str] = ..., galaxy_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., threads: _Optional[int] = ..., compute_device: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., state: _Optional[str] = ..., session_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., data_port: _Optional[int] = ..., cpu_limit: _Optional[float] = ..., host_id: _Optional[str] = ..., host_cpus: _Optional[int] = ...) -> None: ...
+    droppable_bytes: int
+    def __init__(self, protocol_version: _Optional[int] = ..., device_name: _Optional[str] = ..., galaxy_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., threads: _Optional[int] = ..., compute_device: _Optional[str] = ..., total_memory_bytes: _Optional[int] = ..., available_memory_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., state: _Optional[str] = ..., session_id: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., data_port: _Optional[int] = ..., cpu_limit: _Optional[float] = ..., host_id: _Optional[str] = ..., host_cpus: _Optional[int] = ..., droppable_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("path", "random_init", "seed", "config_json", "random_std", "shard_hash")
@@ -95,7 +97,7 @@ class ModelRef(_message.Message):
     def __init__(self, path: _Optional[str] = ..., random_init: _Optional[bool] = ..., seed: _Optional[int] = ..., config_json: _Optional[str] = ..., random_std: _Optional[float] = ..., shard_hash: _Optional[str] = ...) -> None: ...
 
 class ShardPart(_message.Message):
-    __slots__ = ("model_hash", "spec_json", "config_json", "n_tensors", "name", "tensor", "alias_of", "content_hash")
+    __slots__ = ("model_hash", "spec_json", "config_json", "n_tensors", "name", "tensor", "alias_of", "content_hash", "chunk", "shard_bytes")
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +106,8 @@ class ShardPart(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     ALIAS_OF_FIELD_NUMBER: _ClassVar[int]
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SHARD_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_hash: str
     spec_json: str
     config_json: str
@@ -112,7 +116,9 @@ class ShardPart(_message.Message):
     tensor: Tensor
     alias_of: str
     content_hash: str
-    def __init__(self, model_hash: _Optional[str] = ..., spec_json: _Optional[str] = ..., config_json: _Optional[str] = ..., n_tensors: _Optional[int] = ..., name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., alias_of: _Optional[str] = ..., content_hash: _Optional[str] = ...) -> None: ...
+    chunk: bytes
+    shard_bytes: int
+    def __init__(self, model_hash: _Optional[str] = ..., spec_json: _Optional[str] = ..., config_json: _Optional[str] = ..., n_tensors: _Optional[int] = ..., name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., alias_of: _Optional[str] = ..., content_hash: _Optional[str] = ..., chunk: _Optional[bytes] = ..., shard_bytes: _Optional[int] = ...) -> None: ...
 
 class ShardReceipt(_message.Message):
     __slots__ = ("content_hash", "bytes", "cached")
@@ -139,7 +145,7 @@ class HaveShardReply(_message.Message):
     def __init__(self, content_hash: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend", "data_peers")
+    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend", "data_peers", "seq_len")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARTITION_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +158,7 @@ class LoadRequest(_message.Message):
     NO_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DATA_PEERS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelRef
     partition_json: str
@@ -164,23 +171,26 @@ class LoadRequest(_message.Message):
     no_overlap: bool
     backend: str
     data_peers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ..., data_peers: _Optional[_Iterable[str]] = ...) -> None: ...
+    seq_len: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ..., data_peers: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("weight_bytes", "load_s", "rss_bytes", "backend", "kv_bytes_per_token", "kv_budget_bytes")
+    __slots__ = ("weight_bytes", "load_s", "rss_bytes", "backend", "kv_bytes_per_token", "kv_budget_bytes", "memory_budget_bytes")
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     weight_bytes: int
     load_s: float
     rss_bytes: int
     backend: str
     kv_bytes_per_token: int
     kv_budget_bytes: int
-    def __init__(self, weight_bytes: _Optional[int] = ..., load_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ...) -> None: ...
+    memory_budget_bytes: int
+    def __init__(self, weight_bytes: _Optional[int] = ..., load_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "input_ids", "token_types", "start_pos", "last_only", "no_overlap", "measure_memory", "wire_formats")

@@ -14,12 +14,13 @@ import galaxy
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.generation import GenerationConfig
 from galaxy.engine.scheduler import QueueFull
-from galaxy.errors import PeerUnreachable
+from galaxy.errors import InvalidRequest, KVBudgetExceeded, PeerUnreachable
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
 from galaxy.parallel.sharding import even_partition
 from galaxy.runtime.inproc import InprocCluster
 from galaxy.runtime.sources import reference_generate
+from galaxy.serving.openai import FINISH
 
 SRC = RandomWeights(preset("tiny-llama"), seed=3, std=0.3)
 PROMPTS = [list(range(5, 5 + n)) for n in (4, 11, 7, 15)]
@@ -109,10 +110,35 @@ def test_a_prompt_too_long_for_the_pool_is_refused_and_the_others_run():
     ex.load(SRC, even_partition(SRC.config, 1))
     engine = Engine(ex, SRC.config, config=EngineConfig(block_size=4, kv_blocks=8))  # 32 positions in all
     try:
-        with pytest.raises(galaxy.GalaxyError, match="max_model_len=32"):
+        with pytest.raises(KVBudgetExceeded, match=r"prompt has 39 tokens and the KV pool holds 32 positions "
+                                                   r"\(8 blocks of 4.*need 40") as e:
             engine.submit(list(range(1, 40)), GenerationConfig(4))
+        assert isinstance(e.value, (InvalidRequest, galaxy.DeviceOutOfMemory))  # a 400, and about memory
         ok = engine.generate(torch.arange(1, 6).tolist(), GenerationConfig(4, stop_at_eos=False))
         assert len(ok.tokens) == 4
     finally:
         engine.close()
         ex.close()
+
+
+def test_a_sequence_that_fills_the_kv_pool_finishes_with_kv_budget_and_the_tokens_it_would_have_got():
+    """The pool (here 32 positions) is below the model's context: generation stops cleanly when a
+    sequence's K/V fill it -- finish 'kv_budget' (OpenAI 'length'), no error -- with exactly the
+    greedy tokens a roomy pool gives, up to that point."""
+    ex = InprocCluster(2)
+    ex.load(SRC, even_partition(SRC.config, 2))
+    prompt = list(range(3, 23))  # 20 tokens: 12 positions left
+    small = Engine(ex, SRC.config, config=EngineConfig(block_size=4, kv_blocks=8))
+    try:
+        got = small.generate(prompt, GenerationConfig(30, stop_at_eos=False))
+    finally:
+        small.close()
+    roomy = Engine(ex, SRC.config, config=EngineConfig(block_size=4, kv_blocks=64))
+    try:
+        want = roomy.generate(prompt, GenerationConfig(30, stop_at_eos=False))
+    finally:
+        roomy.close()
+        ex.close()
+    assert got.finish == "kv_budget" and FINISH[got.finish] == "length"
+    assert len(got.tokens) == 32 - len(prompt) and got.tokens == want.tokens[: len(got.tokens)]
+    assert want.finish == "length" and len(want.tokens) == 30

@@ -24,7 +24,8 @@ nh query heads, nkv key/value heads); weights are [out, in] like torch.nn.Linear
     lm_head                 [V, H]                        causal and not tie_embeddings
 
 Q and K rows follow Hugging Face's rotate-half RoPE layout (GGUF files are un-permuted on load).
-All tensors are returned as float32 torch tensors.
+All tensors are returned as float32 torch tensors that own their storage (a slice holds only its
+bytes, never the whole tensor it was cut from).
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ class WeightSource(abc.ABC):
             raise CheckpointError(
                 f"{self.path}: tensor {name} has shape {tuple(t.shape)}, expected {want} for this config"
             )
-        return t.to(torch.float32)
+        t = t.to(torch.float32)
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            # a slice that is a view of the whole tensor (a column cut read as whole rows) would keep
+            # the whole tensor alive in the shard: a GGUF device held 234 MiB for a 128 MiB shard
+            t = t.clone(memory_format=torch.contiguous_format)
+        return t
 
     def tokenizer(self):
         """The model's `galaxy.model.tokenizer.Tokenizer`, or None when the source has none."""

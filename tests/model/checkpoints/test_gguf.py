@@ -312,3 +312,15 @@ def test_sentencepiece_tokenizer_not_supported(tmp_path):
         CheckpointError, match=r"sp\.gguf: tokenizer\.ggml\.model='llama' is not supported yet"
     ):
         ck.tokenizer()
+
+
+def test_a_shard_read_from_the_gguf_holds_only_its_own_bytes(smol):
+    """Column cuts (down and output projections) are read as whole rows and narrowed: the slice
+    must not keep the whole tensor alive, or every device holds ~1.8x its shard."""
+    from galaxy.parallel.sharding import even_partition, load_shard, shard_bytes
+
+    cfg = smol.config
+    spec = even_partition(cfg, 4).spec(1, cfg)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in load_shard(smol, spec).state_dict().values()}
+    assert sum(storages.values()) == shard_bytes(cfg, spec)

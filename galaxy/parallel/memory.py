@@ -1,0 +1,439 @@
+"""The memory a device needs for its shard: one model, used by the planner and the worker alike.
+
+A worker process is capped by its memory budget (`galaxy worker --memory-budget`; on an emulated
+device, the cgroup limit less a little slack). Whether a shard fits is decided three times: when
+the planner splits the model (planner/profiler.py turns a device's budget into the room its
+profile offers the solver), when the coordinator checks a split before it pushes any weight
+(transport/client.py), and when the worker admits a push or a load (transport/worker.py). All
+three call the functions here with the same inputs -- what the process holds now, the shard, the
+transient of a load, the KV cache and the activations at the planned length -- so a plan that
+says it fits loads and runs, and a split that does not fit is refused before any weight moves.
+
+What a device holds, in the order a load goes (bytes; `MemoryParams` has the element sizes):
+
+    resident      the process before the shard: Python, torch, gRPC (an idle worker ~234 MiB),
+                  less what its other sessions hold, which a load may drop
+    weights       the shard's parameters x `weight_bytes` (4 fp32, 2 bf16; compact formats set theirs)
+    transient     what a load holds beside the finished weights, briefly: a streamed shard is
+                  received straight into its final tensors, so only a few chunks in flight
+                  (`PUSH_TRANSIENT`); a shard read from a file also maps the file's pages and
+                  dequantizes one whole tensor at a time (`file_transient_bytes`)
+    kv            K and V of the device's KV heads for every position reserved (`kv_cache_bytes`)
+    activations   the peak of one pass's intermediate tensors (`layer_activation_bytes`)
+
+After the load, what the budget leaves beside the loaded process, a pass at the reserved length
+(`pass_reserve`) and RESIDENT_DRIFT is the serving engine's paged KV pool on that device
+(`kv_pool_budget`): the pool is allocated whole at the engine's first step, so a device never
+grows past its budget while it generates; the engine's pool is the smallest device's share.
+
+`shard_need` adds them; `room` is what a budget leaves beside the resident process. The planner's
+per-device budget is `room(budget, resident) - transient`, within which the solver fits
+weights + `activation_bytes` (activations and KV together): the worker's admission is the same
+sum. The transient and a pass never overlap in time, so the sum is a little conservative.
+
+Every constant below was measured on this machine (2 vCPU EPYC, torch 2.13 CPU, glibc with the
+workers' MALLOC_ENV); each says how.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import DeviceOutOfMemory
+from ..model.config import ModelConfig
+from .forward import Request, decodes_tensor_parallel
+from .sharding import Partition, ShardSpec, Strategy
+
+MiB = 1 << 20
+
+# A streamed tensor travels in chunks of this many bytes; the worker copies each into the tensor it
+# allocated for it, so no message ever holds a whole tensor. Smaller chunks also keep gRPC's own
+# buffering down: a push's peak beyond the shard was 21-65 MiB with 1 MiB chunks, 13-34 MiB with 64 KiB
+# (SmolLM2 fp32 split 2 and 4 ways over loopback workers, 3 pushes each).
+PUSH_CHUNK_BYTES = 64 * 1024
+# What a push holds beyond the shard: gRPC's buffers (measured above: at most 34 MiB), with a margin.
+PUSH_TRANSIENT = 48 * MiB
+# A pass's fixed costs -- gRPC buffers, request and reply messages, Python objects: the resident
+# growth of a 256-token prefill beyond its live tensors was 10-13 MiB (SmolLM2 and GPT-2, 1-3 devices).
+RUN_SLACK = 16 * MiB
+# The workers' allocator keeps freed memory in its heap (transport/spawn.MALLOC_ENV: no trimming,
+# buffers up to 256 MiB from the heap), so a pass grows the resident set by more than the bytes
+# alive at once. Measured peak RSS growth less RUN_SLACK over `layer_live_elements` bytes, prefills
+# of 256-4,096 tokens with a KV cache, 3 repeats each, SmolLM2 and GPT-2 split 1-3 ways: 0.74-1.58.
+HEAP_FACTOR = 1.6
+# A full-logits reply is held as the joined tensor, its bytes and the message: peak RSS growth of
+# such passes over the bytes of the logits, 2.30-2.38 (SmolLM2 and GPT-2, 256-4,096 tokens).
+OUTPUT_COPIES = 2.5
+DEFAULT_SEQ_LEN = 512  # tokens a load reserves KV and activations for when none is given
+# Kept free when a split is sized ahead of its load (a plan, or the split a session makes without
+# one): the worker's resident memory may grow a little before it admits the load -- gRPC's buffers
+# after the push, heap pages the allocator cannot give back -- and it admits by what it holds then.
+RESIDENT_DRIFT = 16 * MiB
+
+
+@dataclass(frozen=True)
+class MemoryParams:
+    """Element sizes. weight_bytes: one parameter as the device holds it; act_bytes: one activation
+    or KV element (the compute dtype); push_bytes: one parameter as it is received or read (the
+    coordinator streams float32)."""
+
+    weight_bytes: float = 4.0
+    act_bytes: int = 4
+    push_bytes: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bytes", "act_bytes", "push_bytes"):
+            v = getattr(self, name)
+            if not v > 0:
+                raise ValueError(f"MemoryParams.{name}={v!r} must be positive")
+
+    @classmethod
+    def for_dtype(cls, itemsize: int) -> MemoryParams:
+        """Weights and activations in a compute dtype of `itemsize` bytes (pushed as float32)."""
+        return cls(float(itemsize), int(itemsize), 4.0)
+
+
+# --- what a shard holds ---------------------------------------------------------------------------
+
+def kv_heads_touched(cfg: ModelConfig, h0: int, h1: int) -> int:
+    """KV heads a device holding query heads [h0, h1) computes and caches (a partly held group's KV
+    head is replicated on each device holding part of it)."""
+    return 0 if h1 <= h0 else -(-h1 // cfg.group) - h0 // cfg.group
+
+
+def kv_heads_bound(cfg: ModelConfig, heads: int) -> int:
+    """The most KV heads any contiguous run of `heads` query heads touches (the planner knows counts,
+    not positions): a run may start mid-group, so one more group than its length fills."""
+    if heads <= 0:
+        return 0
+    if cfg.group == 1:
+        return heads
+    return min(cfg.n_kv_heads, -(-heads // cfg.group) + 1)
+
+
+def shard_params(cfg: ModelConfig, spec: ShardSpec) -> int:
+    """Parameters a device holds for `spec`, the tied head counted once (= sharding.shard_bytes /
+    element size, without building the module tree: ~50 ms for a large model, this is arithmetic)."""
+    hid, hd = cfg.hidden, cfg.head_dim
+    norm = hid * (2 if cfg.norm == "layernorm" else 1)
+    v = spec.vocab[1] - spec.vocab[0]
+    n = 0
+    if spec.embed:
+        n += v * hid + cfg.type_vocab_size * hid + (norm if cfg.embed_norm else 0)
+        if cfg.position == "learned":
+            n += (cfg.max_positions + cfg.position_offset) * hid
+    nq = spec.heads[1] - spec.heads[0]
+    qkv = (nq + 2 * kv_heads_touched(cfg, *spec.heads)) * hd
+    c = spec.cols[1] - spec.cols[0]
+    layer = 2 * norm + hid * qkv + (qkv if cfg.attn_bias else 0) + nq * hd * hid + (hid if cfg.out_bias else 0)
+    layer += (2 if cfg.gated_mlp else 1) * (hid * c + (c if cfg.mlp_bias else 0)) + c * hid
+    layer += hid if cfg.mlp_bias else 0
+    n += (spec.layers[1] - spec.layers[0]) * layer
+    if spec.head:
+        n += norm if cfg.final_norm else 0
+        if cfg.causal and not (cfg.tie_embeddings and spec.embed):
+            n += v * hid
+    return n
+
+
+def weight_bytes(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams) -> int:
+    return math.ceil(shard_params(cfg, spec) * params.weight_bytes)
+
+
+def kv_bytes_per_position(cfg: ModelConfig, kv_heads: int, layers: int, act_bytes: int) -> int:
+    """K and V of `kv_heads` heads in `layers` layers, for one position."""
+    return 2 * kv_heads * cfg.head_dim * layers * act_bytes
+
+
+def kv_cache_bytes(cfg: ModelConfig, kv_heads: int, layers: int, positions: int, act_bytes: int) -> int:
+    return positions * kv_bytes_per_position(cfg, kv_heads, layers, act_bytes)
+
+
+def spec_kv_bytes_per_position(cfg: ModelConfig, spec: ShardSpec, act_bytes: int) -> int:
+    """One position of this shard's KV cache (what decode adds per token)."""
+    layers = spec.layers[1] - spec.layers[0]
+    return kv_bytes_per_position(cfg, kv_heads_touched(cfg, *spec.heads), layers, act_bytes)
+
+
+# --- what a pass holds ----------------------------------------------------------------------------
+
+KV_BLOCK = 16  # positions per KV block: the serving engine's default (galaxy.engine.EngineConfig.block_size)
+
+
+def kv_alloc_positions(positions: int, block_size: int = KV_BLOCK) -> int:
+    """Positions the paged KV blocks of a sequence of `positions` tokens cover (whole blocks)."""
+    return -(-max(0, positions) // block_size) * block_size
+
+
+def layer_live_elements(cfg: ModelConfig, seq: int, heads: int, kv_heads: int, cols: int, tokens: int,
+                        kv_len: int | None = None) -> int:
+    """Elements alive at once in the largest step of one layer on one device, from the code of a
+    pass (parallel/forward.py, collectives.py, model/transformer.py):
+
+    - the gathered Q|K|V rows, seq x (heads + 2 kv_heads) hd, twice while its tiles are joined, kept
+      to the end of the layer;
+    - attention of `heads` heads: rotated Q (and K), the K/V gathered to each query head over the
+      kv_len positions it reads (twice), the attention output and its re-layout;
+    - the MLP's inner activations over every token, twice while joined, with the tile's gate/up
+      temporaries (gated) ;
+    - the rows this device owns in the connective blocks (residual, norm, sums), `tokens` x hidden x 4,
+      and the tiles in flight between neighbours, 2 x seq x hidden.
+    """
+    kv_len = seq if kv_len is None else kv_len
+    hd, hid = cfg.head_dim, cfg.hidden
+    qkv = (heads + 2 * kv_heads) * hd
+    attention = seq * (2 * qkv + 5 * heads * hd) + 2 * kv_len * heads * hd
+    mlp = seq * cols * (5 if cfg.gated_mlp else 4)
+    return attention + mlp + 4 * tokens * hid + 2 * seq * hid
+
+
+def layer_activation_bytes(cfg: ModelConfig, seq: int, heads: int, kv_heads: int, cols: int, tokens: int,
+                           act_bytes: int, kv_len: int | None = None) -> int:
+    """Resident-memory growth of one pass's activations: the live elements times HEAP_FACTOR, what
+    the workers' allocator (no trimming, large buffers from the heap: transport/spawn.MALLOC_ENV)
+    adds on top of the live bytes (measured, see HEAP_FACTOR)."""
+    if seq <= 0:
+        return 0
+    live = layer_live_elements(cfg, seq, heads, kv_heads, cols, tokens, kv_len) * act_bytes
+    return math.ceil(HEAP_FACTOR * live)
+
+
+def output_bytes(rows: int, width: int) -> int:
+    """A pass's reply: `rows` x `width` float32 values (logits of the device's vocabulary rows, or
+    hidden states), held as a tensor, its bytes and the message at once (OUTPUT_COPIES, measured)."""
+    return math.ceil(OUTPUT_COPIES * rows * width * 4)
+
+
+def planner_activation_bytes(cfg: ModelConfig, seq: int, heads: int, cols: int, tokens: int,
+                             dtype_bytes: int = 4) -> int:
+    """The planner's linear estimate of a layer's activations (planner/profile.activation_bytes,
+    what its cost model and solver price units by): gathered input, QKV, scores, MLP inner rows,
+    partial sums and owned rows. The devices' real need (`shard_need`: the heap's growth, the KV
+    cache) is larger per unit; `solver_room` shrinks each device's budget so that any split the
+    solver fits within it also fits that need."""
+    s, h, hd = seq, cfg.hidden, cfg.head_dim
+    gathered = s * h
+    qkv = s * hd * 3 * heads
+    scores = heads * s * s
+    inner = s * cols * (2 if cfg.gated_mlp else 1)
+    partial = s * h
+    own = 4 * tokens * h
+    return dtype_bytes * (gathered + qkv + scores + inner + partial + own)
+
+
+def _unit_need(cfg: ModelConfig, seq: int, params: MemoryParams, heads: int, cols: int, vocab: int, tokens: int,
+               kv_heads: int) -> int:
+    """The real need beyond weights of a shard with these unit counts over every layer: its pass and
+    its KV cache at `seq` (the pieces `shard_need` adds), without the load's transient."""
+    b = params.act_bytes
+    act = layer_activation_bytes(cfg, seq, heads, kv_heads, cols, tokens, b)
+    kv = kv_cache_bytes(cfg, kv_heads, cfg.n_layers, kv_alloc_positions(seq), b)
+    return act + kv + (output_bytes(1, vocab) if cfg.causal else 0)
+
+
+def _unit_weights(cfg: ModelConfig, params: MemoryParams, heads: int, cols: int, vocab: int) -> float:
+    spec = ShardSpec((0, heads), (0, cols), (0, vocab), (0, cfg.n_layers))
+    base = ShardSpec((0, 0), (0, 0), (0, 0), (0, cfg.n_layers))
+    return (shard_params(cfg, spec) - shard_params(cfg, base)) * params.weight_bytes
+
+
+def solver_room(budget: int, resident: int, cfg: ModelConfig, seq: int, params: MemoryParams,
+                transient: int = PUSH_TRANSIENT) -> int:
+    """The memory a device offers the planner's solver, which fits weights + the planner's linear
+    activations (`planner_activation_bytes`) within it: so shrunk that every split it fits there
+    also passes the worker's admission (`shard_need` within `room(budget, resident)`).
+
+    The real need beyond the planner's estimate is bounded by a constant (a load's transient, the
+    pass's per-token and fixed terms at all `seq` tokens, two KV heads a partly held group may add)
+    plus a fraction rho of the shard's weights (the most any unit -- a query head with its KV cache,
+    an MLP column, a vocabulary row -- needs beyond its planner estimate per byte of its weights).
+    Then weights + estimate <= (room - constant) / (1 + rho) gives weights + real need <= room."""
+    b = params.act_bytes
+
+    def extra(heads: int, cols: int, vocab: int, tokens: int, kvh: int) -> int:
+        """Real need beyond the planner's estimate of these units, above an empty shard's."""
+        return (_unit_need(cfg, seq, params, heads, cols, vocab, tokens, kvh) - _unit_need(cfg, seq, params, 0, 0, 0,
+                                                                                            0, 0)
+                - planner_activation_bytes(cfg, seq, heads, cols, tokens, b)
+                + planner_activation_bytes(cfg, seq, 0, 0, 0, b))
+
+    base = _unit_need(cfg, seq, params, 0, 0, 0, 0, 0) - planner_activation_bytes(cfg, seq, 0, 0, 0, b)
+    const = transient + max(0, base) + max(0, extra(0, 0, 0, seq, 0)) + 2 * max(0, extra(0, 0, 0, 0, 1))
+    rho = 0.0
+    if params.push_bytes > params.weight_bytes:  # received float32 beside the converted weights (load_transient_bytes)
+        rho = (params.push_bytes - params.weight_bytes) / params.weight_bytes
+        hid = cfg.hidden
+        const += math.ceil(max(cfg.vocab_size * hid, cfg.ffn * hid * (2 if cfg.gated_mlp else 1)) * params.weight_bytes)
+    per_unit = 0.0
+    for heads, cols, vocab in ((cfg.group, 0, 0), (0, 1, 0), (0, 0, 1)):  # a whole KV group, a column, a row
+        weights = _unit_weights(cfg, params, heads, cols, vocab)
+        per_unit = max(per_unit, extra(heads, cols, vocab, 0, 1 if heads else 0) / max(1.0, weights))
+    rho += per_unit
+    return math.floor((room(budget, resident) - const) / (1.0 + rho))
+
+
+def seqpar_activation_bytes(cfg: ModelConfig, seq: int, tokens: int, dtype_bytes: int = 4) -> int:
+    """Peak activations of a sequence-parallel layer (every device holds the whole model and runs
+    its own `tokens` rows): own queries, everyone's K and V, own scores and MLP rows -- the
+    planner's estimate of that baseline (planner/cost.py), which the worker admits by too."""
+    hid, hd, s = cfg.hidden, cfg.head_dim, tokens
+    kv_all = 2 * seq * cfg.n_kv_heads * hd
+    own = s * hid * 4 + s * hd * cfg.n_heads * 2
+    scores = cfg.n_heads * s * seq
+    inner = s * cfg.ffn * (2 if cfg.gated_mlp else 1)
+    return dtype_bytes * (kv_all + own + scores + inner)
+
+
+# --- a load, and whether it fits -------------------------------------------------------------------
+
+def file_transient_bytes(cfg: ModelConfig, file_bytes: int) -> int:
+    """A load that reads the checkpoint itself: the file's pages it maps (at most the whole file) and
+    one whole canonical tensor in float32 (a column cut is read as whole rows, then narrowed)."""
+    hid, hd = cfg.hidden, cfg.head_dim
+    largest = max(cfg.vocab_size * hid, cfg.ffn * hid, cfg.n_heads * hd * hid,
+                  (cfg.max_positions + cfg.position_offset) * hid if cfg.position == "learned" else 0)
+    return file_bytes + 4 * largest
+
+
+@dataclass(frozen=True)
+class ShardNeed:
+    """Bytes a device needs beside its resident process to load a shard and run a pass over it."""
+
+    weights: int
+    transient: int  # while loading
+    kv: int  # KV cache of the reserved positions
+    activations: int  # one pass at the reserved length
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.transient + self.kv + self.activations
+
+    def describe(self) -> str:
+        parts = [f"{self.weights / MiB:.0f} MiB of weights", f"{self.transient / MiB:.0f} MiB while loading"]
+        if self.kv:
+            parts.append(f"{self.kv / MiB:.0f} MiB of KV cache")
+        if self.activations:
+            parts.append(f"{self.activations / MiB:.0f} MiB of activations")
+        return " + ".join(parts)
+
+
+def shard_need(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams, seq: int, tokens: int,
+               transient: int = PUSH_TRANSIENT, seqpar: bool = False) -> ShardNeed:
+    """What loading `spec` and running a `seq`-token prefill on it needs (tokens: the rows this
+    device owns in the connective blocks; seqpar: the sequence-parallel baseline, no KV cache)."""
+    layers = spec.layers[1] - spec.layers[0]
+    heads, cols = spec.heads[1] - spec.heads[0], spec.cols[1] - spec.cols[0]
+    kvh = kv_heads_touched(cfg, *spec.heads)
+    if seqpar:
+        act = seqpar_activation_bytes(cfg, seq, tokens, params.act_bytes)
+        kv = 0
+    else:
+        act = layer_activation_bytes(cfg, seq, heads, kvh, cols, tokens, params.act_bytes) if layers else 0
+        kv = kv_cache_bytes(cfg, kvh, layers, kv_alloc_positions(seq), params.act_bytes)
+    return ShardNeed(weight_bytes(cfg, spec, params), transient, kv, act)
+
+
+def room(budget: int, resident: int) -> int:
+    """What a memory budget leaves for a shard beside the resident process and a pass's fixed
+    costs (RUN_SLACK); negative when nothing fits. budget 0 means no cap (callers check first)."""
+    return budget - resident - RUN_SLACK
+
+
+def planner_room(budget: int, resident: int, transient: int = PUSH_TRANSIENT) -> int:
+    """The per-device budget the planner fits weights + `activation_bytes` into: `room` with the
+    load's transient taken off -- so the solver's check is the worker's `shard_need` sum."""
+    return room(budget, resident) - transient
+
+
+def check_fits(device: str, need: ShardNeed, budget: int, resident: int, what: str = "loading its shard") -> None:
+    """Raise DeviceOutOfMemory naming the device, the need and the budget, unless it fits (or no budget)."""
+    if not budget or need.total <= room(budget, resident):
+        return
+    raise DeviceOutOfMemory(
+        f"{device}: {what} needs {need.total / MiB:.0f} MiB ({need.describe()}) beside the "
+        f"{resident / MiB:.0f} MiB the worker holds, and its memory budget is {budget / MiB:.0f} MiB "
+        f"({RUN_SLACK / MiB:.0f} MiB kept for a pass's buffers): give it a smaller share (`galaxy plan`), "
+        "add a device, use a smaller model or dtype, or reserve fewer tokens (--seq-len)")
+
+
+def load_transient_bytes(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams, file_bytes: int | None = None,
+                         arrived: bool = False) -> int:
+    """What a load holds beside its finished weights. Pushed (file_bytes None): gRPC's buffers
+    (PUSH_TRANSIENT), or nothing more once the shard has arrived (it is in the resident memory
+    then, with what the push left); read from a checkpoint of file_bytes: its mapped pages and one
+    whole tensor. When the device holds weights smaller than they arrive (bf16 from float32), also
+    the received copy until it is converted, tensor by tensor (sharding.build_shard), and one
+    converted tensor."""
+    if file_bytes is not None:
+        out = file_transient_bytes(cfg, file_bytes)
+    else:
+        out = 0 if arrived else PUSH_TRANSIENT
+    n = shard_params(cfg, spec)
+    if params.push_bytes > params.weight_bytes:
+        hid = cfg.hidden
+        largest = max(cfg.vocab_size * hid, cfg.ffn * hid * (2 if cfg.gated_mlp else 1))
+        out += math.ceil(n * (params.push_bytes - params.weight_bytes) + largest * params.weight_bytes)
+    return out
+
+
+# --- one pass --------------------------------------------------------------------------------------
+
+def pass_need(cfg: ModelConfig, partition: Partition, rank: int, act_bytes: int, seq: int, context: int,
+              rows: int | None) -> int:
+    """Bytes one pass needs on `rank` beside what the device holds: its activations (`seq` tokens,
+    attention reading `context` positions of one sequence at a time, as the paged kernel gathers
+    them) and its reply (`rows` logit rows; None: every token's row). The KV it writes is in the
+    pool, allocated already. The worker checks every pass with this before it computes."""
+    spec = partition.spec(rank, cfg)
+    layers = spec.layers[1] - spec.layers[0]
+    heads, cols = spec.heads[1] - spec.heads[0], spec.cols[1] - spec.cols[0]
+    strategy = partition.strategy
+    split = strategy == Strategy.SEQPAR or (strategy == Strategy.GALAXY and not decodes_tensor_parallel(partition, seq))
+    tokens = partition.tokens(seq)[rank] if split else seq
+    kvh = kv_heads_touched(cfg, *spec.heads)
+    if strategy == Strategy.SEQPAR:
+        act = seqpar_activation_bytes(cfg, context, tokens, act_bytes)
+    else:
+        act = layer_activation_bytes(cfg, seq, heads, kvh, cols, tokens, act_bytes, context) if layers else 0
+    if cfg.causal:
+        width = (cfg.vocab_size if strategy in (Strategy.PIPELINE, Strategy.SEQPAR) else spec.vocab[1] - spec.vocab[0])
+        width = width if spec.head else 0
+        rows = rows if rows is not None else (tokens if strategy == Strategy.SEQPAR else seq)
+    else:
+        width, rows = cfg.hidden, tokens if split else seq
+    return act + output_bytes(rows, width)
+
+
+def request_need(cfg: ModelConfig, partition: Partition, rank: int, act_bytes: int, req: Request) -> int:
+    """`pass_need` of one Request (a sequence with no KV cache: its tokens read each other)."""
+    seq = int(req.ids.shape[0])
+    return pass_need(cfg, partition, rank, act_bytes, seq, req.start_pos + seq, 1 if req.last_only else None)
+
+
+RESERVED_ROWS = 32  # logit rows a reserved pass returns: an engine step samples one per running sequence
+# (galaxy.engine.EngineConfig.max_running, 32 by default); a longer reply is checked when asked for
+
+
+def pass_reserve(cfg: ModelConfig, partition: Partition, rank: int, act_bytes: int, seq: int) -> int:
+    """What a device keeps beside its KV pool for the passes it runs: a `seq`-token step (the
+    largest the load reserved memory for, LoadOptions.seq_len) with RESERVED_ROWS logit rows, its
+    attention reading up to the model's whole context -- an engine step gathers one sequence's
+    K/V at a time out of the pool, which may hold far more positions than `seq`."""
+    return pass_need(cfg, partition, rank, act_bytes, seq, max(seq, cfg.max_positions), min(seq, RESERVED_ROWS))
+
+
+def kv_pool_budget(budget: int, resident: int, reserve: int) -> int:
+    """The serving engine's KV pool on a device: what its memory budget leaves beside the loaded
+    process (`resident`), a pass (`reserve`, `pass_reserve`), RUN_SLACK and RESIDENT_DRIFT; 0 when
+    nothing is left. Only for a device with a budget (0: the caller picks its own cap)."""
+    return max(0, room(budget, resident) - reserve - RESIDENT_DRIFT)
+
+
+def check_request(device: str, need: int, budget: int, resident: int) -> None:
+    """Raise DeviceOutOfMemory unless a request's `need` fits the budget beside `resident`."""
+    if budget and need > room(budget, resident):
+        raise DeviceOutOfMemory(
+            f"{device}: memory budget reached: this request needs {need / MiB:.0f} MiB (activations and reply) "
+            f"beside the {resident / MiB:.0f} MiB the worker holds, and its memory budget is "
+            f"{budget / MiB:.0f} MiB; send fewer tokens at once (a smaller max_batched_tokens or prefill chunk)")
