@@ -288,12 +288,16 @@ def seqpar_activation_bytes(cfg: ModelConfig, seq: int, tokens: int, dtype_bytes
 # --- a load, and whether it fits -------------------------------------------------------------------
 
 def file_transient_bytes(cfg: ModelConfig, file_bytes: int) -> int:
-    """A load that reads the checkpoint itself: the file's pages it maps (at most the whole file) and
-    one whole canonical tensor in float32 (a column cut is read as whole rows, then narrowed)."""
+    """A load that reads the checkpoint itself: one whole canonical tensor in float32 where a column
+    cut is read as whole rows, then narrowed (the attention and MLP matrices, learned positions).
+    The vocabulary is cut by rows, read straight into the device's own rows, so the embedding never
+    exists whole. The file's pages it maps are page cache, which the kernel reclaims under a memory
+    limit rather than killing the process, so they are not counted either (file_bytes stays in the
+    signature for callers that size the load by the file)."""
     hid, hd = cfg.hidden, cfg.head_dim
-    largest = max(cfg.vocab_size * hid, cfg.ffn * hid, cfg.n_heads * hd * hid,
+    largest = max(cfg.ffn * hid, cfg.n_heads * hd * hid,
                   (cfg.max_positions + cfg.position_offset) * hid if cfg.position == "learned" else 0)
-    return file_bytes + 4 * largest
+    return 4 * largest
 
 
 @dataclass(frozen=True)
