@@ -52,6 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from galaxy.model.config import ModelConfig
+from galaxy.parallel.memory import shard_params
 from galaxy.parallel.sharding import ShardSpec, last_token_rank, ranges
 
 from .plan import PlanError
@@ -162,30 +163,9 @@ class Estimate:
 
 def weight_params(cfg: ModelConfig, spec: ShardSpec) -> int:
     """Parameters a device holds for `spec` (tied head counted once); = shard_bytes / dtype size.
-
-    Closed form of galaxy.parallel.sharding.shard_bytes (which builds the module tree and is ~50 ms for a
-    large model): replicated norms, biases, position and segment tables included.
-    """
-    hid, hd = cfg.hidden, cfg.head_dim
-    norm = hid * (2 if cfg.norm == "layernorm" else 1)
-    v = spec.vocab[1] - spec.vocab[0]
-    n = 0
-    if spec.embed:
-        n += v * hid + cfg.type_vocab_size * hid + (norm if cfg.embed_norm else 0)
-        if cfg.position == "learned":
-            n += (cfg.max_positions + cfg.position_offset) * hid
-    nq = spec.heads[1] - spec.heads[0]
-    qkv = (nq + 2 * kv_heads_touched(cfg, *spec.heads)) * cfg.head_dim
-    c = spec.cols[1] - spec.cols[0]
-    layer = 2 * norm + hid * qkv + (qkv if cfg.attn_bias else 0) + nq * hd * hid + (hid if cfg.out_bias else 0)
-    layer += (2 if cfg.gated_mlp else 1) * (hid * c + (c if cfg.mlp_bias else 0)) + c * hid
-    layer += hid if cfg.mlp_bias else 0
-    n += (spec.layers[1] - spec.layers[0]) * layer
-    if spec.head:
-        n += norm if cfg.final_norm else 0
-        if cfg.causal and not (cfg.tie_embeddings and spec.embed):
-            n += v * hid
-    return n
+    The closed form is the memory model's (galaxy.parallel.memory), so the plan and the workers'
+    admission count the same bytes."""
+    return shard_params(cfg, spec)
 
 
 def weight_bytes(cfg: ModelConfig, spec: ShardSpec, dtype_bytes: int = 4) -> int:

@@ -21,15 +21,7 @@ from galaxy.model.paged_kv import PagedBatch, PagedKVCache
 from galaxy.model.transformer import rope
 from galaxy.parallel.sharding import full_spec, load_shard
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices gain nothing from a second thread, and on a shared two-core machine the
-    threads' spin-waits made this module 15x slower (22 s against 1.5 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.inference_mode()

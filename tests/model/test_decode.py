@@ -20,13 +20,7 @@ CFG = make_config("llama", vocab_size=97, hidden=64, n_layers=2, n_heads=4, n_kv
                   max_positions=64, rope_theta=10000.0, tie_embeddings=True, name="test-llama")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread keeps them fast on a shared 2-core machine (no thread hand-offs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 class FormatReference(WeightSource):
     """A source's weights as `fmt` rounds them (quantized, then dequantized to float32): the reference

@@ -11,13 +11,7 @@ from galaxy.model.quant import Blocked, FormatError, QuantLinear, WeightFormat, 
 FORMATS = ["fp32", "bf16", "fp16", "int8", "int8-int8", "int4", "int4-fp32", "int4-g64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one intra-op thread keeps them fast on a shared 2-core machine (no thread hand-offs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def weight(n: int = 80, k: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
