@@ -68,7 +68,6 @@ from .profile import (
 )
 from .strategy import PLANNED, PlanStrategy
 
-STRATEGIES = PLANNED
 MEMO_VALUES = 1_000_000  # per-device values the collective memo holds before it starts afresh (~70 MB)
 DIRECT_ALLREDUCE_BYTES = 64 * 1024  # galaxy.parallel.collectives.Collectives(direct_max_bytes=...): no ring below this
 
@@ -408,8 +407,8 @@ class CostModel:
 
     def _check(self, lay: Layout) -> None:
         cfg, n = self.cfg, len(lay.order)
-        if lay.strategy not in STRATEGIES:
-            raise PlanError(f"strategy: {lay.strategy!r} is not one of {', '.join(map(str, STRATEGIES))}")
+        if lay.strategy not in PLANNED:
+            raise PlanError(f"strategy: {lay.strategy!r} is not one of {', '.join(map(str, PLANNED))}")
         if n == 0 or len(set(lay.order)) != n or not all(0 <= i < self.n for i in lay.order):
             raise PlanError(f"order: {list(lay.order)} must be distinct device indices below {self.n}")
         if lay.strategy == "local" and n != 1:

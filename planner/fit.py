@@ -40,32 +40,29 @@ def misfits(cfg: ModelConfig, plan: Plan, cluster: ClusterProfile, params: memor
             margin: int = 0, transient: int = memory.PUSH_TRANSIENT) -> list[str]:
     """Devices of the plan whose budget its shard does not fit (with `margin` to spare), by the
     workers' own check."""
-    by_name = {d.name: d for d in cluster.devices}
-    out = []
-    for r, d in enumerate(plan.devices):
-        prof = by_name[d.name]
-        if prof.budget_bytes:
-            need = device_need(cfg, plan, r, params, transient)
-            if need.total + margin > memory.room(prof.budget_bytes, prof.resident_bytes):
-                out.append(f"{d.name} needs {need.total / memory.MiB:.0f} MiB ({need.describe()}), its budget leaves "
-                           f"{memory.room(prof.budget_bytes, prof.resident_bytes) / memory.MiB:.0f} MiB")
-    return out
+    return [f"{d.name} needs {need.total / memory.MiB:.0f} MiB ({need.describe()}), its budget leaves "
+            f"{room / memory.MiB:.0f} MiB"
+            for d, need, room in _budgeted(cfg, plan, cluster, params, transient) if need.total + margin > room]
 
 
 def with_exact_memory(cfg: ModelConfig, plan: Plan, cluster: ClusterProfile, params: memory.MemoryParams,
                       transient: int = memory.PUSH_TRANSIENT) -> Plan:
     """The plan with each budgeted device's memory as the worker counts it: weights, then the KV
     cache, activations and a load's transient, within what its budget leaves beside the worker."""
+    exact = {d.name: DeviceMemory(need.weights, need.total - need.weights, room)
+             for d, need, room in _budgeted(cfg, plan, cluster, params, transient)}
+    return dataclasses.replace(plan, devices=tuple(
+        dataclasses.replace(d, memory=exact[d.name]) if d.name in exact else d for d in plan.devices))
+
+
+def _budgeted(cfg: ModelConfig, plan: Plan, cluster: ClusterProfile, params: memory.MemoryParams, transient: int):
+    """(plan device, what the worker will count for it, the room its budget leaves) for each
+    device of the plan that has a memory budget."""
     by_name = {d.name: d for d in cluster.devices}
-    devices = []
     for r, d in enumerate(plan.devices):
         prof = by_name[d.name]
         if prof.budget_bytes:
-            need = device_need(cfg, plan, r, params, transient)
-            d = dataclasses.replace(d, memory=DeviceMemory(need.weights, need.total - need.weights,
-                                                           memory.room(prof.budget_bytes, prof.resident_bytes)))
-        devices.append(d)
-    return dataclasses.replace(plan, devices=tuple(devices))
+            yield d, device_need(cfg, plan, r, params, transient), memory.room(prof.budget_bytes, prof.resident_bytes)
 
 
 def fit_plan(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: str | None = None,

@@ -29,8 +29,6 @@ from .strategy import PLANNED, RUNNABLE, TENSOR_FIELDS, PlanStrategy
 PLAN_VERSION = 1
 # Strategies a plan may hold; local is one device, run as a one-device galaxy partition (every
 # collective a no-op).
-PLAN_STRATEGIES = RUNNABLE  # what a plan may hold (planner/strategy.py says what each needs)
-REPORTED = PLANNED  # what its table of compared strategies may name
 
 # Shape fields the fingerprint covers: everything that changes who holds which bytes.
 _SHAPE_FIELDS = ("family", "vocab_size", "hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn",
@@ -276,7 +274,7 @@ def _text(path: str, x, empty_ok=False) -> None:
 def _check_plan(p: Plan) -> None:
     _need(_is_int(p.version) and p.version == PLAN_VERSION,
           f"version: {p.version!r} is not supported (this planner reads version {PLAN_VERSION})")
-    _need(p.strategy in PLAN_STRATEGIES, f"strategy: {p.strategy!r} is not one of {_names(PLAN_STRATEGIES)}")
+    _need(p.strategy in RUNNABLE, f"strategy: {p.strategy!r} is not one of {_names(RUNNABLE)}")
     _need(len(p.devices) > 0, "devices: a plan needs at least one device")
     _need(p.strategy != "local" or len(p.devices) == 1, f"devices: local runs on one device, the plan has "
           f"{len(p.devices)}")
@@ -304,7 +302,7 @@ def _check_plan(p: Plan) -> None:
         total = sum(x.tokens for x in p.devices)
         _need(total == p.seq_len, f"tokens sum to {total}, seq_len is {p.seq_len}")
     for r in p.strategies:
-        _need(r.strategy in REPORTED, f"strategies: {r.strategy!r} is not one of {_names(REPORTED)}")
+        _need(r.strategy in PLANNED, f"strategies: {r.strategy!r} is not one of {_names(PLANNED)}")
         _seconds(f"strategies.{r.strategy}.latency_s", r.latency_s, optional=True)
         _text(f"strategies.{r.strategy}.reason", r.reason, empty_ok=True)
     if p.solver is not None:
@@ -372,8 +370,8 @@ def _read_plan(d) -> Plan:
     _need(_is_int(d["version"]) and d["version"] == PLAN_VERSION,
           f"version: {d['version']!r} is not supported (this planner reads version {PLAN_VERSION})")
     strategy = d.get("strategy", "galaxy")
-    _need(isinstance(strategy, str) and strategy in PLAN_STRATEGIES,
-          f"strategy: {strategy!r} is not one of {_names(PLAN_STRATEGIES)}")
+    _need(isinstance(strategy, str) and strategy in RUNNABLE,
+          f"strategy: {strategy!r} is not one of {_names(RUNNABLE)}")
     model = None
     if "model" in d:
         m = _object("model", d["model"], _MODEL, required=tuple(sorted(_MODEL)))
@@ -398,7 +396,7 @@ def _read_plan(d) -> Plan:
     sd = d.get("strategies", {})
     _need(isinstance(sd, dict), f"strategies: expected an object, got {type(sd).__name__}")
     for k, v in sd.items():
-        _need(k in REPORTED, f"strategies: {k!r} is not one of {_names(REPORTED)}")
+        _need(k in PLANNED, f"strategies: {k!r} is not one of {_names(PLANNED)}")
         v = _object(f"strategies.{k}", v, {"latency_s", "reason"}, required=("latency_s",))
         strategies.append(StrategyResult(k, v["latency_s"], v.get("reason", "")))
     unused = []
