@@ -13,8 +13,8 @@ import os
 import sys
 
 from ..serving.server import Server
-from .args import add_cluster_args, number_in
-from .serve import _sigterm_as_interrupt
+from .args import add_cluster_args
+from .serve import add_monitor_args, serve_until_stopped
 from .session import device_count, open_session, read_plan
 
 EXAMPLES = """examples:
@@ -38,10 +38,7 @@ def add_parser(subparsers):
     h.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     h.add_argument("--api-key", default=os.environ.get("GALAXY_API_KEY"),
                    help="require this key to open the page (default $GALAXY_API_KEY)")
-    h.add_argument("--poll-interval", type=number_in(0.1, 60.0), default=1.0, metavar="SECONDS",
-                   help="how often each device is asked whether it is up (default 1)")
-    h.add_argument("--no-link-test", action="store_true",
-                   help="do not measure each ring link at start (half a second of traffic per link)")
+    add_monitor_args(h)
     p.set_defaults(func=cmd_dashboard)
     return p
 
@@ -54,9 +51,5 @@ def cmd_dashboard(args) -> int:
         server._bind()
         print(f"galaxy dashboard: {session.world} devices at http://{server.address}/dashboard (Ctrl-C stops)",
               file=sys.stderr, flush=True)
-        with _sigterm_as_interrupt():
-            try:
-                server.serve_forever()
-            except KeyboardInterrupt:
-                print("galaxy dashboard: stopped", file=sys.stderr)
+        serve_until_stopped(server, "galaxy dashboard")
     return 0

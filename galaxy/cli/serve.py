@@ -53,10 +53,7 @@ def add_parser(subparsers):
                    help="largest request body (default 1MiB)")
     d = p.add_argument_group("dashboard (/dashboard)")
     d.add_argument("--no-dashboard", action="store_true", help="serve no /dashboard (and poll no device for it)")
-    d.add_argument("--poll-interval", type=number_in(0.1, 60.0), default=1.0, metavar="SECONDS",
-                   help="how often the dashboard asks each device whether it is up (default 1)")
-    d.add_argument("--no-link-test", action="store_true",
-                   help="the dashboard measures no ring link at start (half a second of traffic per link)")
+    add_monitor_args(d)
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -79,12 +76,25 @@ def cmd_serve(args) -> int:
         page = "" if args.no_dashboard else f", dashboard at http://{server.address}/dashboard"
         print(f"galaxy serve: {name} ({kind}) on {session.world} devices at http://{server.address}/v1{page} "
               "(Ctrl-C stops)", file=sys.stderr, flush=True)
-        with _sigterm_as_interrupt():
-            try:
-                server.serve_forever()
-            except KeyboardInterrupt:
-                print("galaxy serve: stopped", file=sys.stderr)
+        serve_until_stopped(server, "galaxy serve")
     return 0
+
+
+def add_monitor_args(group) -> None:
+    """How the dashboard watches the devices: `galaxy serve` and `galaxy dashboard` alike."""
+    group.add_argument("--poll-interval", type=number_in(0.1, 60.0), default=1.0, metavar="SECONDS",
+                       help="how often the dashboard asks each device whether it is up (default 1)")
+    group.add_argument("--no-link-test", action="store_true",
+                       help="the dashboard measures no ring link at start (half a second of traffic per link)")
+
+
+def serve_until_stopped(server, label: str) -> None:
+    """Serve until Ctrl-C or SIGTERM, then say so."""
+    with _sigterm_as_interrupt():
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print(f"{label}: stopped", file=sys.stderr)
 
 
 @contextmanager
