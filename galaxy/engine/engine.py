@@ -172,7 +172,6 @@ class Engine:
         self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))
         self.streams: dict[int, GenerationStream] = {}
         self.steps = 0
-        self.kv_bytes: list[int] = []  # each device's KV memory after the last step
         self.generated = 0  # tokens sampled so far, every request (tokens/s is its rate)
         self._last: LastStep | None = None
         self._lock = threading.Lock()
@@ -232,7 +231,8 @@ class Engine:
                     "kv_blocks": self.pool.num_blocks, "kv_blocks_used": blocks.num_blocks - blocks.num_free,
                     "prefix_hit_rate": blocks.stats.hit_rate, "preemptions": self.sched.num_preemptions,
                     "steps": self.steps, "generated_tokens": self.generated,
-                    "kv_bytes": dict(zip(self.ex.names, self.kv_bytes))}
+                    "kv_bytes": {} if self._last is None else
+                    dict(zip(self.ex.names, (d.kv_cache_bytes for d in self._last.devices)))}
 
     @property
     def last_step(self) -> LastStep | None:
@@ -292,7 +292,6 @@ class Engine:
         self.steps += 1
         rows = [it for it in plan.items if it.logits]
         collective, kv_bytes = collective_of(res.devices), [d.kv_cache_bytes for d in res.devices]
-        self.kv_bytes = kv_bytes
         self._last = LastStep(self.steps, plan.num_tokens, len(plan.items), res.seconds, collective,
                               tuple(res.devices), time.time())
         with self._lock:
