@@ -1,0 +1,409 @@
+"""Phase placements: which devices prefill, which decode, and what each phase costs there.
+
+Prefill is compute-bound and Galaxy's HMP splits it well across devices; decode is bound by
+reading the weights and, split, pays collectives every layer of every token (issue #22). This
+module prices both phases of a placement from the same profiles the solver uses, and lists the
+placements worth simulating (planner/simulate.py simulates them under load):
+
+- **Decode is bandwidth.** A decode step of B sequences reads every weight once (in the weight
+  format's bytes: galaxy.model.quant.decode_bytes) and each sequence's KV, so its time is
+  max(bytes / bytes_per_s, flops / GEMM rate) + the blocks' fixed overheads. A device's bytes/s is
+  its LM head's profiled rate: the profiler times the head as one token over 24-96 MiB of rows,
+  i.e. streaming weights from memory (planner/profiler.py), so head flops/s x dtype bytes / 2 is
+  the bytes/s it streamed. A tensor-parallel decode group splits the bytes in proportion to its
+  devices' bytes/s and pays 2 all-reduces per layer and one for the embedding, each a direct
+  exchange of B x hidden values (collectives.all_reduce below 64 KiB): the slowest pair's message
+  time (link latency included). Devices sharing a machine share its memory bus: their profiles
+  were taken all busy at once, so together they never stream more than the sum of those rates.
+- **Prefill** of `tokens` on a group is the solver's prediction (the HMP cost model, cost.py) for
+  the best layout of that group, at a few lengths, interpolated.
+- **KV transfer** of a prompt is its KV bytes (2 x layers x KV heads x head_dim x dtype bytes per
+  token) less what already sits on the decode devices, sent by each prefill device over its link
+  to the decode group (at most the receiving side's fastest link), streamed layer by layer behind
+  the rest of the prefill: with L layers, prefill P and transfer X, the part not hidden is
+  max(X / L, X - P (L - 1) / L).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from galaxy.model.config import ModelConfig
+from galaxy.model.quant import WeightFormat, decode_bytes
+
+from .cost import DIRECT_ALLREDUCE_BYTES
+from .plan import Plan, PlanError
+from .profile import ClusterProfile, DeviceProfile, co_tenant_speedup
+from .simulate import PhaseCosts
+from .solver import solve
+
+FORMAT_OF_DTYPE = {4: "fp32", 2: "bf16"}
+RUN_WITH_ENGINE = ("galaxy", "local", "pipeline", "megatron")  # seqpar has no runtime: re-solved as galaxy
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
+    """K and V of every layer for one position."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+
+
+def streaming_rate(dev: DeviceProfile, dtype_bytes: int = 4) -> float:
+    """Bytes/s a device streams weights at, from its LM head's profile (one token over many rows:
+    2 flops per weight of dtype_bytes); its MLP's GEMM rate when no head was profiled (optimistic)."""
+    cm = dev.head or dev.mlp
+    return cm.flops_per_s * dtype_bytes / 2
+
+
+@dataclass(frozen=True)
+class DecodeLayout:
+    """Where decode runs: devices (cluster indices) and the share of the weights each reads per step.
+    kind "tp": tensor-parallel, every device runs every layer on its share; "chain": pipeline stages."""
+
+    kind: str
+    devices: tuple[int, ...]
+    shares: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("tp", "chain"):
+            raise PlanError(f"decode layout kind: {self.kind!r} is not tp or chain")
+        if len(self.devices) != len(self.shares) or not self.devices:
+            raise PlanError(f"decode layout: {len(self.devices)} devices for {len(self.shares)} shares")
+        if abs(sum(self.shares) - 1) > 1e-6 or min(self.shares) < 0:
+            raise PlanError(f"decode layout shares {list(self.shares)} must be non-negative and sum to 1")
+
+
+class PhaseModel:
+    """Both phases' costs on subsets of one cluster, for one model (see the module docstring).
+
+    solver(cfg, tokens, sub_cluster, strategy=None) -> Plan: the prefill plan of a group (default:
+    solve); fmt: the weight format decode streams (default: the dtype's own); rates: bytes/s by
+    device name, measured elsewhere, instead of the head profile's (streaming_rate)."""
+
+    def __init__(self, cfg: ModelConfig, cluster: ClusterProfile, dtype_bytes: int = 4,
+                 fmt: WeightFormat | None = None, solver: Callable[..., Plan] | None = None,
+                 rates: dict[str, float] | None = None):
+        if not cfg.causal:
+            raise PlanError(f"serving placements need a causal LM; {cfg.name or cfg.family} is an encoder")
+        self.cfg, self.cluster, self.b = cfg, cluster, dtype_bytes
+        self.fmt = fmt or WeightFormat(FORMAT_OF_DTYPE.get(dtype_bytes, "fp32"))
+        self.weight_bytes = decode_bytes(cfg, self.fmt)
+        self.params = decode_bytes(cfg, WeightFormat("fp32")) / 4
+        self.kv_token = kv_bytes_per_token(cfg, dtype_bytes)
+        self.n = len(cluster.devices)
+        given = rates or {}
+        unknown = sorted(set(given) - {d.name for d in cluster.devices})
+        if unknown:
+            raise PlanError(f"decode rates given for {unknown}, not devices of the cluster "
+                            f"{[d.name for d in cluster.devices]}")
+        if any(not r > 0 for r in given.values()):
+            raise PlanError(f"decode rates {given} must be positive bytes/s")
+        self.rate = [float(given.get(d.name, streaming_rate(d, dtype_bytes))) for d in cluster.devices]
+        self._solve = solver or (lambda c, s, cl, strategy=None: solve(c, s, cl, strategy, dtype_bytes))
+        self._plans: dict[tuple[tuple[int, ...], int], Plan] = {}
+
+    # --- devices ----------------------------------------------------------------------------
+    def index(self, name: str) -> int:
+        for i, d in enumerate(self.cluster.devices):
+            if d.name == name:
+                return i
+        raise PlanError(f"device {name!r} is not in the cluster profile")
+
+    def names(self, group) -> list[str]:
+        return [self.cluster.devices[i].name for i in group]
+
+    def bandwidths(self, group, busy) -> list[float]:
+        """Bytes/s of each device of `group` while the devices of `busy` work: a device alone on its
+        machine's cores runs faster than profiled (profile.co_tenant_speedup), but co-tenants together
+        never stream more than their profiled rates summed (they were profiled all busy: the bus)."""
+        busy = sorted(set(busy) | set(group))
+        fast = dict(zip(busy, co_tenant_speedup(self.cluster.devices, busy)))
+        out = {i: self.rate[i] * fast[i] for i in busy}
+        hosts: dict[str, list[int]] = {}
+        for i in busy:
+            t = self.cluster.devices[i].tenancy
+            if t is not None and t.host:
+                hosts.setdefault(t.host, []).append(i)
+        for host, members in hosts.items():
+            bus = sum(self.rate[j] for j, d in enumerate(self.cluster.devices)
+                      if d.tenancy is not None and d.tenancy.host == host)
+            used = sum(out[i] for i in members)
+            if used > bus:
+                for i in members:
+                    out[i] *= bus / used
+        return [out[i] for i in group]
+
+    def link(self, i: int, j: int) -> tuple[float, float]:
+        """(seconds per byte, latency) from i to j."""
+        lk = self.cluster.links[i][j] if i < len(self.cluster.links) and j < len(self.cluster.links[i]) else None
+        if lk is None or lk.bandwidth_bps <= 0:
+            raise PlanError(f"no link from {self.cluster.devices[i].name} to {self.cluster.devices[j].name} "
+                            f"in the cluster profile (links[{i}][{j}])")
+        return 8.0 / lk.bandwidth_bps, max(0.0, lk.latency_s)
+
+    def _msg(self, i: int, j: int, nbytes: float) -> float:
+        a, lat = self.link(i, j)
+        return nbytes * a + lat
+
+    # --- decode ------------------------------------------------------------------------------
+    def tp_layout(self, group, busy=()) -> DecodeLayout:
+        """Decode over `group` with each device's share in proportion to its bytes/s."""
+        group = tuple(group)
+        bw = self.bandwidths(group, busy)
+        return DecodeLayout("tp", group, tuple(x / sum(bw) for x in bw))
+
+    def plan_layout(self, plan: Plan) -> DecodeLayout:
+        """Decode on a prefill plan's own split (colocated: the engine decodes on the loaded partition)."""
+        group = tuple(self.index(d.name) for d in plan.devices)
+        if plan.strategy == "pipeline":
+            shares = [d.layers / self.cfg.n_layers for d in plan.devices]
+            return DecodeLayout("chain", group, tuple(shares))
+        if plan.strategy in ("local", "seqpar") or len(group) == 1:
+            return self.tp_layout(group) if len(group) == 1 else DecodeLayout(
+                "tp", group, tuple(1 / len(group) for _ in group))
+        # tensor-parallel: each device reads the weights of its heads, columns and vocabulary rows
+        w = [d.memory.weights_bytes for d in plan.devices]
+        if sum(w) <= 0:
+            w = [d.heads + d.mlp_cols for d in plan.devices]
+        return DecodeLayout("tp", group, tuple(x / sum(w) for x in w))
+
+    def decode_memory(self, layout: DecodeLayout, context: int) -> list[tuple[int, float, float]]:
+        """(device, bytes its decode share needs, its memory) for a sequence of `context` positions."""
+        return [(i, s * (self.weight_bytes + context * self.kv_token), float(self.cluster.devices[i].memory_bytes))
+                for i, s in zip(layout.devices, layout.shares)]
+
+    def fits(self, layout: DecodeLayout, context: int, extra: dict[int, float] | None = None) -> bool:
+        """Whether every device holds its decode share and one sequence's KV (plus extra[i] bytes it
+        holds for the prefill, mixed)."""
+        extra = extra or {}
+        return all(need + extra.get(i, 0.0) <= mem for i, need, mem in self.decode_memory(layout, context))
+
+    def decode_s(self, layout: DecodeLayout, batch: int, context: int, busy=()) -> float:
+        """One decode step of `batch` sequences holding `context` KV positions in all."""
+        return self.decode_fn(layout, busy)(batch, context)
+
+    def decode_fn(self, layout: DecodeLayout, busy=()) -> Callable[[int, int], float]:
+        """decode_s for one layout as a function of (batch, context), its constants computed once
+        (the simulator calls it every step): per device max(bytes / bytes/s, flops / GEMM rate) +
+        the fixed overheads of its blocks, the slowest device (tp) or the sum of stages (chain),
+        plus the all-reduces (tp) or hand-offs (chain) of batch x hidden values."""
+        cfg = self.cfg
+        bw = self.bandwidths(layout.devices, busy)
+        attn_per_ctx = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim
+        chain = layout.kind == "chain"
+        parts = []  # (weight bytes, KV bytes per position, flops per sequence, flops per position, rate, gemm, fixed)
+        for i, share, rate in zip(layout.devices, layout.shares, bw):
+            d = self.cluster.devices[i]
+            layers = cfg.n_layers * (share if chain else 1.0)
+            fixed = layers * (d.attention.overhead_s + d.mlp.overhead_s + 2 * d.connective.overhead_s)
+            if share > 0:
+                fixed += (d.head or d.mlp).overhead_s
+            elif chain:
+                continue
+            parts.append((share * self.weight_bytes, share * self.kv_token, share * 2.0 * self.params,
+                          share * attn_per_ctx, rate, d.mlp.flops_per_s, fixed))
+        group = layout.devices
+        stages = [i for i, s in zip(group, layout.shares) if s > 0]
+        comm: dict[int, float] = {}
+
+        def step(batch: int, context: int) -> float:
+            if batch <= 0:
+                return 0.0
+            times = [max((w + context * kv) / rate, (f_seq * batch + f_ctx * context) / gemm) + fixed
+                     for w, kv, f_seq, f_ctx, rate, gemm, fixed in parts]
+            if batch not in comm:
+                rows = batch * cfg.hidden * self.b
+                comm[batch] = (sum(self._msg(a, b, rows) for a, b in zip(stages, stages[1:])) if chain
+                               else (2 * cfg.n_layers + 1) * self.all_reduce_s(group, rows))
+            return (sum(times) if chain else max(times)) + comm[batch]
+
+        return step
+
+    def all_reduce_s(self, group, nbytes: float) -> float:
+        """A decode all-reduce of nbytes per device: direct (everyone sends to everyone) up to 64 KiB,
+        as collectives.all_reduce; a ring of reduce-scatter + all-gather beyond (2 (k-1) steps)."""
+        k = len(group)
+        if k < 2:
+            return 0.0
+        if nbytes <= DIRECT_ALLREDUCE_BYTES:
+            return max(self._msg(i, j, nbytes) for i in group for j in group if i != j)
+        step = max(self._msg(group[r], group[(r + 1) % k], nbytes / k) for r in range(k))
+        return 2 * (k - 1) * step
+
+    # --- prefill -----------------------------------------------------------------------------
+    def sub_cluster(self, group) -> ClusterProfile:
+        links = self.cluster.links
+        return ClusterProfile([self.cluster.devices[i] for i in group],
+                              [[links[i][j] if i < len(links) and j < len(links[i]) else None for j in group]
+                               for i in group])
+
+    def prefill_plan(self, group, tokens: int) -> Plan:
+        """The solver's plan for a prompt of `tokens` on the devices of `group` (it may use fewer of
+        them); a seqpar plan (no runtime) is re-solved as galaxy."""
+        key = (tuple(sorted(group)), tokens)
+        if key not in self._plans:
+            sub = self.sub_cluster(key[0])
+            plan = self._solve(self.cfg, tokens, sub)
+            if plan.strategy not in RUN_WITH_ENGINE:
+                plan = self._solve(self.cfg, tokens, sub, "galaxy" if len(key[0]) > 1 else "local")
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def prefill_curve(self, group, lengths) -> PrefillCurve:
+        """Prefill seconds against prompt tokens on `group`, from the solver's plans at `lengths`."""
+        pts = sorted({max(1, min(int(s), self.cfg.max_positions)) for s in lengths})
+        return PrefillCurve(tuple((s, float(self.prefill_plan(group, s).latency_s)) for s in pts))
+
+    # --- KV transfer ---------------------------------------------------------------------------
+    def kv_shares(self, plan: Plan) -> dict[int, float]:
+        """Share of a prompt's KV each device of a prefill plan computes (and would send)."""
+        cfg, devs = self.cfg, plan.devices
+        if plan.strategy in ("galaxy", "megatron"):
+            share = [d.heads / cfg.n_heads for d in devs]
+        elif plan.strategy == "pipeline":
+            share = [d.layers / cfg.n_layers for d in devs]
+        else:
+            share = [1.0 / len(devs)] * len(devs)
+        return {self.index(d.name): s for d, s in zip(devs, share)}
+
+    def transfer_s(self, plan: Plan, decode: DecodeLayout, tokens: int) -> float:
+        """Seconds to move a prompt's KV from the prefill plan's devices to the decode group (not
+        overlapped): each sender's part split over the receivers by their shares, links in
+        parallel, but no receiver taking in more than its fastest incoming link carries."""
+        total = tokens * self.kv_token
+        recv: dict[int, float] = {}
+        worst = 0.0
+        for src, s in self.kv_shares(plan).items():
+            for dst, r in zip(decode.devices, decode.shares):
+                if dst == src or s * r <= 0:
+                    continue
+                nbytes = total * s * r
+                worst = max(worst, self._msg(src, dst, nbytes))
+                recv[dst] = recv.get(dst, 0.0) + nbytes
+        for dst, nbytes in recv.items():
+            fastest = min(self.link(src, dst)[0] for src in range(self.n) if src != dst
+                          and self.cluster.links[src][dst] is not None)
+            worst = max(worst, nbytes * fastest)
+        return worst
+
+    def exposed_transfer_s(self, transfer: float, prefill: float) -> float:
+        """The part of a transfer of `transfer` seconds that streaming it layer by layer behind a
+        prefill of `prefill` seconds does not hide (module docstring)."""
+        if transfer <= 0:
+            return 0.0
+        L = self.cfg.n_layers
+        return max(transfer / L, transfer - prefill * (L - 1) / L)
+
+
+@dataclass(frozen=True)
+class PrefillCurve:
+    """Prefill seconds at a few prompt lengths, linear between them and beyond (the last segment's
+    slope; below the first point in proportion to the tokens, at least its fixed part)."""
+
+    points: tuple[tuple[int, float], ...]
+
+    def __call__(self, tokens: int) -> float:
+        pts = self.points
+        if tokens <= 0:
+            return 0.0
+        if len(pts) == 1:
+            s, t = pts[0]
+            return t * tokens / s
+        xs = [p[0] for p in pts]
+        k = min(max(bisect.bisect_left(xs, tokens), 1), len(pts) - 1)
+        (x0, y0), (x1, y1) = pts[k - 1], pts[k]
+        y = y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+        if tokens < x0:  # below the smallest solved length: never below the line's fixed part
+            y = max(y, y0 * tokens / x0)
+        return max(y, 0.0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A candidate: the prefill plan (its devices run the prompts) and where decode runs."""
+
+    kind: str  # colocated | disaggregated | mixed
+    prefill: Plan
+    decode: DecodeLayout
+    prefill_devices: tuple[int, ...]
+
+    @property
+    def busy(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.prefill_devices) | set(self.decode.devices)))
+
+
+def placements(pm: PhaseModel, input_len: int, context: int) -> tuple[list[Placement], list[str]]:
+    """The placements worth simulating, O(N) prefill solves (the solver's own search inside each):
+
+    - colocated: the solver's plan over the whole cluster, decoding on its own split;
+    - mixed: that plan's prefill, decode on one of its devices that holds the model beside its shard;
+    - disaggregated: decode on one device that holds the model (each in turn), prefill solved on
+      the rest; when none holds it, on the fewest devices of the most bytes/s that do (and one more),
+      prefill on the rest.
+    Returns the candidates and why others were not (e.g. a device too small to decode alone)."""
+    notes = []
+    everyone = tuple(range(pm.n))
+    full = pm.prefill_plan(everyone, input_len)
+    full_group = tuple(pm.index(d.name) for d in full.devices)
+    out = [Placement("colocated", full, pm.plan_layout(full), full_group)]
+    singles = []
+    for d in range(pm.n):
+        lay = pm.tp_layout((d,), everyone)
+        if pm.fits(lay, context):
+            singles.append(d)
+        else:
+            notes.append(f"{pm.names([d])[0]} cannot decode alone: the weights and one sequence's KV need "
+                         f"{pm.decode_memory(lay, context)[0][1] / 2**20:.0f} MiB, it has "
+                         f"{pm.cluster.devices[d].memory_bytes / 2**20:.0f} MiB")
+    weights = {pm.index(d.name): d.memory.weights_bytes for d in full.devices}
+    for d in singles:
+        if d in full_group and len(full_group) > 1:
+            lay = pm.tp_layout((d,), everyone)
+            if pm.fits(lay, context, {d: weights[d]}):
+                out.append(Placement("mixed", full, lay, full_group))
+            else:
+                notes.append(f"{pm.names([d])[0]} cannot decode beside its prefill shard (memory)")
+    groups = [(d,) for d in singles]
+    if not singles:
+        ranked = sorted(everyone, key=lambda i: (-pm.rate[i], i))
+        for k in range(2, pm.n):
+            lay = pm.tp_layout(tuple(sorted(ranked[:k])), everyone)
+            if pm.fits(lay, context):
+                groups += [tuple(sorted(ranked[:k]))] + ([tuple(sorted(ranked[:k + 1]))] if k + 1 < pm.n else [])
+                break
+    for g in groups:
+        rest = tuple(i for i in everyone if i not in g)
+        if not rest:
+            continue
+        try:
+            plan = pm.prefill_plan(rest, input_len)
+        except PlanError as e:
+            notes.append(f"prefill without {'+'.join(pm.names(g))}: {e}")
+            continue
+        out.append(Placement("disaggregated", plan, pm.tp_layout(g, everyone),
+                             tuple(pm.index(d.name) for d in plan.devices)))
+    return out, notes
+
+
+def phase_costs(pm: PhaseModel, p: Placement, lengths, max_batched_tokens: int = 256,
+                max_running: int = 64) -> PhaseCosts:
+    """The simulator's step costs of a placement (planner/simulate.py)."""
+    curve = pm.prefill_curve(p.prefill_devices, lengths)
+    busy = p.busy
+    lay = p.decode
+    decode = pm.decode_fn(lay, busy)
+
+    if p.kind == "colocated":
+        bw = sum(pm.bandwidths(lay.devices, busy))
+
+        def colocated(tokens: int, batch: int, context: int) -> float:
+            # the packed batch runs as one HMP pass of its tokens; the decodes also read their KV
+            return curve(tokens + batch) + context * pm.kv_token / bw
+
+        return PhaseCosts("colocated", curve, decode, colocated_s=colocated,
+                          max_batched_tokens=max_batched_tokens, max_running=min(max_running, max_batched_tokens))
+    def transfer(tokens: int, prefill: float) -> float:
+        return pm.exposed_transfer_s(pm.transfer_s(p.prefill, lay, tokens), prefill)
+
+    return PhaseCosts(p.kind, curve, decode, transfer, max_batched_tokens=max_batched_tokens,
+                      max_running=min(max_running, max_batched_tokens))
