@@ -113,6 +113,41 @@ class SolverRun:
     devices: int = 0  # devices the solver chose among (0: not recorded)
 
 
+PLACEMENTS = ("colocated", "disaggregated", "mixed")  # planner/simulate.py simulates each
+
+
+@dataclass(frozen=True)
+class ServePrediction:
+    """What the simulator predicts for the chosen placement (planner/serving.py); seconds, req/s."""
+
+    ttft_p50_s: float
+    ttft_p90_s: float
+    tpot_p50_s: float | None  # None: one output token, no TPOT
+    tpot_p90_s: float | None
+    attainment: float  # share of requests meeting both objectives at `rate`
+    goodput_rps: float  # highest rate with >= 90% attainment
+    decode_s_per_token: float  # one sequence's decode step on the decode devices
+    unloaded_ttft_s: float
+    unloaded_tpot_s: float | None
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """Where each phase runs (`galaxy plan --serve`): the plan's devices run the prefill; decode runs
+    on `decode` (colocated: the same devices; disaggregated: others; mixed: some of both)."""
+
+    placement: str
+    prefill: tuple[str, ...]
+    decode: tuple[str, ...]
+    rate: float  # requests/s the prediction is for
+    input_len: int
+    output_len: int
+    ttft_slo_s: float
+    tpot_slo_s: float
+    predicted: ServePrediction
+    reason: str = ""
+
+
 @dataclass(frozen=True)
 class Plan:
     strategy: str
@@ -126,6 +161,7 @@ class Plan:
     unused: tuple[tuple[str, str], ...] = ()  # (device name, why it was left out)
     version: int = PLAN_VERSION
     solver: SolverRun | None = None  # None: a plan written before solve times were recorded
+    serve: ServePlan | None = None  # phase placement (galaxy plan --serve); None: prefill plan only
 
     def __post_init__(self) -> None:
         _check_plan(self)
@@ -196,6 +232,12 @@ class Plan:
         if self.solver is not None:
             out["solver"] = {"method": self.solver.method, "seconds": self.solver.seconds,
                              "devices": self.solver.devices}
+        if self.serve is not None:
+            v = self.serve
+            out["serve"] = {"placement": v.placement, "prefill": list(v.prefill), "decode": list(v.decode),
+                            "workload": {"rate": v.rate, "input_len": v.input_len, "output_len": v.output_len},
+                            "objectives": {"ttft_s": v.ttft_slo_s, "tpot_s": v.tpot_slo_s},
+                            "predicted": dataclasses.asdict(v.predicted), "reason": v.reason}
         return out
 
     def to_json(self) -> str:
@@ -309,6 +351,8 @@ def _check_plan(p: Plan) -> None:
         _need(p.solver.method in METHODS, f"solver.method: {p.solver.method!r} is not one of {METHODS}")
         _seconds("solver.seconds", p.solver.seconds)
         _count("solver.devices", p.solver.devices)
+    if p.serve is not None:
+        _check_serve(p.serve, [x.name for x in p.devices])
     for i, (nm, why) in enumerate(p.unused):
         _text(f"unused[{i}].name", nm)
         _text(f"unused[{i}].reason", why, empty_ok=True)
@@ -321,6 +365,42 @@ def _check_plan(p: Plan) -> None:
             v = getattr(m, k)
             _need(_is_int(v) and v > 0, f"model.{k}: {v!r} is not a positive integer")
         _check_shape(p, _Shape(m.n_layers, m.n_heads, m.ffn, m.vocab_size))
+
+
+def _check_serve(v: ServePlan, planned: list[str]) -> None:
+    _need(v.placement in PLACEMENTS, f"serve.placement: {v.placement!r} is not one of {_names(PLACEMENTS)}")
+    for side in ("prefill", "decode"):
+        names = getattr(v, side)
+        _need(len(names) > 0, f"serve.{side}: needs at least one device")
+        for i, nm in enumerate(names):
+            _text(f"serve.{side}[{i}]", nm)
+        _need(len(set(names)) == len(names), f"serve.{side}: {list(names)} names a device twice")
+    _need(sorted(v.prefill) == sorted(planned), f"serve.prefill: {list(v.prefill)} are not the plan's devices "
+          f"{planned} (the plan is the prefill group's)")
+    both = set(v.prefill) & set(v.decode)
+    if v.placement == "colocated":
+        _need(set(v.decode) == set(v.prefill), f"serve.decode: colocated decodes on the prefill devices "
+              f"{list(v.prefill)}, not {list(v.decode)}")
+    elif v.placement == "disaggregated":
+        _need(not both, f"serve.decode: disaggregated, but {sorted(both)} also prefill")
+    else:
+        _need(both and set(v.decode) != set(v.prefill), f"serve.decode: mixed shares some but not all devices "
+              f"with the prefill; prefill {list(v.prefill)}, decode {list(v.decode)}")
+    _need(_is_num(v.rate) and v.rate > 0, f"serve.workload.rate: {v.rate!r} is not a positive number")
+    for k in ("input_len", "output_len"):
+        x = getattr(v, k)
+        _need(_is_int(x) and x > 0, f"serve.workload.{k}: {x!r} is not a positive integer")
+    for k, x in (("ttft_s", v.ttft_slo_s), ("tpot_s", v.tpot_slo_s)):
+        _need(_is_num(x) and x > 0, f"serve.objectives.{k}: {x!r} is not a positive number")
+    pred = v.predicted
+    for f in dataclasses.fields(pred):
+        x = getattr(pred, f.name)
+        _seconds(f"serve.predicted.{f.name}", x, optional=f.name in _OPTIONAL_PREDICTIONS)
+    _need(pred.attainment <= 1, f"serve.predicted.attainment: {pred.attainment} is above 1")
+    _text("serve.reason", v.reason, empty_ok=True)
+
+
+_OPTIONAL_PREDICTIONS = {"tpot_p50_s", "tpot_p90_s", "unloaded_tpot_s"}
 
 
 def _check_shape(p: Plan, m: _Shape) -> None:
@@ -346,7 +426,9 @@ def _check_shape(p: Plan, m: _Shape) -> None:
 
 
 _TOP = {"version", "model", "seq_len", "strategy", "dtype_bytes", "latency_s", "reason", "devices", "strategies",
-        "unused", "solver"}
+        "unused", "solver", "serve"}
+_SERVE = {"placement", "prefill", "decode", "workload", "objectives", "predicted", "reason"}
+_SERVE_PREDICTED = {f.name for f in dataclasses.fields(ServePrediction)}
 _DEVICE = {"name", "address", "heads", "mlp_cols", "vocab_rows", "tokens", "layers", "memory", "predicted", "wire"}
 _MODEL = {"name", "family", "fingerprint", "n_layers", "n_heads", "ffn", "vocab_size"}
 _MEMORY = {"weights_bytes", "activation_bytes", "budget_bytes"}
@@ -410,5 +492,23 @@ def _read_plan(d) -> Plan:
         sv = _object("solver", d["solver"], _SOLVER, required=("method", "seconds"))
         _count("solver.devices", sv.get("devices", 0))
         solver = SolverRun(sv["method"], sv["seconds"], sv.get("devices", 0))
+    serve = _read_serve(d["serve"]) if "serve" in d else None
     return Plan(strategy, tuple(devices), d.get("seq_len"), model, d.get("dtype_bytes", 4), d.get("latency_s"),
-                tuple(strategies), d.get("reason", ""), tuple(unused), d["version"], solver)
+                tuple(strategies), d.get("reason", ""), tuple(unused), d["version"], solver, serve)
+
+
+def _read_serve(d) -> ServePlan:
+    d = _object("serve", d, _SERVE, required=("placement", "prefill", "decode", "workload", "objectives",
+                                               "predicted"))
+    for side in ("prefill", "decode"):
+        _need(isinstance(d[side], list), f"serve.{side}: expected a list of device names, got {d[side]!r}")
+    w = _object("serve.workload", d["workload"], {"rate", "input_len", "output_len"},
+                required=("rate", "input_len", "output_len"))
+    o = _object("serve.objectives", d["objectives"], {"ttft_s", "tpot_s"}, required=("ttft_s", "tpot_s"))
+    p = _object("serve.predicted", d["predicted"], _SERVE_PREDICTED,
+                required=tuple(sorted(_SERVE_PREDICTED - _OPTIONAL_PREDICTIONS)))
+    for k, x in p.items():
+        _seconds(f"serve.predicted.{k}", x, optional=k in _OPTIONAL_PREDICTIONS)
+    pred = ServePrediction(**{k: p.get(k) for k in sorted(_SERVE_PREDICTED)})
+    return ServePlan(d["placement"], tuple(d["prefill"]), tuple(d["decode"]), w["rate"], w["input_len"],
+                     w["output_len"], o["ttft_s"], o["tpot_s"], pred, d.get("reason", ""))
