@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 from devices.spec import load_cluster
-from planner import render
+from planner import render, serving
 from planner import wire as wire_choice
 from planner.cost import weight_bytes
 from planner.fit import fit_plan
+from planner.phases import PhaseModel
 from planner.profiler import profile_cluster
 from planner.solver import METHODS
 from planner.strategy import RUNNABLE
@@ -30,6 +31,9 @@ EXAMPLES = """examples:
   galaxy plan --cluster devices/clusters/hetero-trio.yaml --wire auto -o plan.json
   galaxy run --random-init gpt2-large --seq-len 256 --plan plan.json --check
   galaxy plan --synthetic 32 --seed 1 --random-init gpt2-large     a seeded 32-device cluster, no workers needed
+  galaxy plan --serve --cluster devices/clusters/hetero-trio.yaml --rate 0.5 --input-len 128 -o plan.json
+      where prefill and decode run (colocated, disaggregated or mixed), by simulated goodput
+  galaxy plan --serve --synthetic 6 --random-init smollm2-135m --ttft-slo 2 --tpot-slo 50ms
 """
 
 
@@ -53,11 +57,65 @@ def add_parser(sub) -> None:
     plan.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8", "auto"], default="fp32",
                       help="activation format on the links: fp32 exact (default), a lossy format everywhere, or "
                            "auto: per link from its measured bandwidth and the devices' codec speed")
+    serve = plan.add_argument_group("phase placement (--serve): where prefill and decode run, chosen by "
+                                    "simulating the serving engine (docs/planner.md, Phase placements)")
+    serve.add_argument("--serve", action="store_true",
+                       help="choose a placement of the two phases (colocated, disaggregated, mixed) for a workload; "
+                            "the plan's devices prefill, its serve section says where decode runs")
+    serve.add_argument("--rate", type=positive_float, default=1.0, help="requests/s, Poisson (default 1)")
+    serve.add_argument("--input-len", type=int_at_least(1), help="prompt tokens (default: --seq-len)")
+    serve.add_argument("--output-len", type=int_at_least(1), default=32, help="generated tokens (default 32)")
+    serve.add_argument("--ttft-slo", type=objective, default="3x", metavar="SECONDS|Nx",
+                       help="time-to-first-token objective: seconds (2, 500ms) or a multiple of the colocated "
+                            "placement's unloaded TTFT (default 3x, as galaxy bench serve)")
+    serve.add_argument("--tpot-slo", type=objective, default="1.5x", metavar="SECONDS|Nx",
+                       help="time-per-output-token objective, the same way (default 1.5x)")
+    serve.add_argument("--max-batched-tokens", type=int_at_least(1), default=256,
+                       help="the engine's token budget per step (default 256)")
+    serve.add_argument("--sim-requests", type=int_at_least(10), default=200,
+                       help="requests per simulated run (default 200)")
     plan.add_argument("-o", "--output", metavar="PLAN.json", type=output_file, help="write the plan file")
     plan.add_argument("--svg", metavar="FILE.svg", type=output_file, help="draw the plan")
     plan.add_argument("--png", metavar="FILE.png", type=output_file, help="draw the plan")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan, transport="grpc")
+
+
+def positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return x
+
+
+def objective(text: str) -> serving.Objective:
+    try:
+        return serving.Objective.parse(text)
+    except GalaxyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _serve_plan(args, cfg, cluster, dtype_bytes: int):
+    """--serve: every phase placement simulated under the workload; prints the table, returns the plan."""
+    if args.strategy != "auto":
+        raise GalaxyError("--serve chooses each group's strategy itself; leave out --strategy")
+    input_len = args.input_len or args.seq_len
+    if input_len + args.output_len > cfg.max_positions:
+        raise GalaxyError(f"--input-len {input_len} + --output-len {args.output_len} exceed the model's "
+                          f"{cfg.max_positions} positions")
+    goals = serving.ServeGoals(args.rate, input_len, args.output_len, args.ttft_slo, args.tpot_slo,
+                               num_requests=args.sim_requests, seed=args.seed,
+                               max_batched_tokens=args.max_batched_tokens,
+                               max_running=min(64, args.max_batched_tokens))
+
+    def solver(c, tokens, sub, strategy=None):
+        return fit_plan(c, tokens, sub, strategy, dtype_bytes, method=args.method)
+
+    choice = serving.choose(PhaseModel(cfg, cluster, dtype_bytes, solver=solver), goals)
+    return choice.plan(goals), serving.table(choice)
 
 
 def _check_budget(cfg, n: int, budget: int, dtype_bytes: int) -> None:
@@ -109,9 +167,13 @@ def cmd_plan(args) -> int:
                                    memory_budget=args.memory_budget, budgets=budgets, reprofile=args.reprofile)
     n_prof = len(prof.devices)
     wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
-    plan = fit_plan(cfg, args.seq_len, wire_choice.effective(prof, wire),
-                    None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize,
-                    method=args.method)
+    serve_table = None
+    if args.serve:
+        plan, serve_table = _serve_plan(args, cfg, wire_choice.effective(prof, wire), DTYPES[args.dtype].itemsize)
+    else:
+        plan = fit_plan(cfg, args.seq_len, wire_choice.effective(prof, wire),
+                        None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize,
+                        method=args.method)
     if args.wire != "fp32":
         plan = plan.with_wire(wire, [d.name for d in prof.devices])
     if args.output:
@@ -122,6 +184,8 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(plan.to_dict()))
     else:
+        if serve_table:
+            print(serve_table + "\n\nprefill plan:")
         print(render.table(plan))
         for what, path in (("plan", args.output), ("drawing", args.svg), ("drawing", args.png)):
             if path:
