@@ -297,8 +297,8 @@ class PhaseModel:
 
 @dataclass(frozen=True)
 class PrefillCurve:
-    """Prefill seconds at a few prompt lengths, linear between them and beyond (the last segment's
-    slope; below the first point in proportion to the tokens, at least its fixed part)."""
+    """Prefill seconds at a few prompt lengths, linear between them and beyond (the end segments'
+    lines: a fixed part and a per-token part), never below the first point's time in proportion."""
 
     points: tuple[tuple[int, float], ...]
 

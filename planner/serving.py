@@ -9,9 +9,11 @@ latency: what `galaxy bench serve` measures today on the same devices, so one se
 objectives judges every placement.
 
 The choice: the highest goodput; within GOODPUT_TIE of it, the highest attainment at the rate,
-then the lowest P90 TTFT. A placement whose decode (one sequence, batch 1) is predicted slower
-than the fastest device that holds the model decoding alone is never picked (issue #20's goal:
-split decode must not lose to one device), and the table says so.
+then the higher goodput, then the lower P90 TTFT. A placement whose decode is split over several devices and predicted
+(one sequence, batch 1) slower than the fastest device that holds the model decoding alone is
+never picked (issue #20's goal: split decode must not lose to one device), and the table says so.
+A single decode device slower than the fastest may be picked: giving the fastest device the
+prompts can be worth more than its decode speed.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def choose(pm: PhaseModel, goals: ServeGoals) -> ServeChoice:
         lone = _unloaded(c, goals, objectives).requests[0]
         d_s = pm.decode_s(p.decode, 1, goals.input_len, p.busy)
         excluded = ""
-        if fastest is not None and d_s > fastest[0] * (1 + SLOWER_TOLERANCE):
+        if fastest is not None and len(p.decode.devices) > 1 and d_s > fastest[0] * (1 + SLOWER_TOLERANCE):
             excluded = (f"its decode ({1e3 * d_s:.1f} ms/token) is slower than "
                         f"{pm.names([fastest[1]])[0]} alone ({1e3 * fastest[0]:.1f} ms/token)")
         start = 1.0 / max(1e-9, lone.last_s - lone.arrival_s)
@@ -156,7 +158,7 @@ def choose(pm: PhaseModel, goals: ServeGoals) -> ServeChoice:
     allowed = [c for c in out if not c.excluded] or out
     best_g = max(c.goodput for c in allowed)
     close = [c for c in allowed if c.goodput >= best_g * (1 - GOODPUT_TIE)]
-    chosen = min(close, key=lambda c: (-c.at_rate.attainment, c.at_rate.ttft(90)))
+    chosen = min(close, key=lambda c: (-c.at_rate.attainment, -c.goodput, c.at_rate.ttft(90)))
     fa = None if fastest is None else (pm.names([fastest[1]])[0], fastest[0])
     return ServeChoice(tuple(out), chosen, objectives, fa, _reason(chosen, out, objectives, fa), tuple(notes))
 
@@ -176,8 +178,14 @@ def _reason(c: Candidate, cands: list[Candidate], o: Objectives, fastest) -> str
                  f"{c.at_rate.rate:g} req/s (vs {100 * rival.at_rate.attainment:.0f}%)")
     mine, theirs = f"{1e3 * c.decode_s:.1f}", f"{1e3 * rival.decode_s:.1f}"
     if c.kind == "colocated":
-        why = (f"moving the KV to other decode devices does not pay ({mine} ms/token here, {theirs} on "
-               f"{'+'.join(rival.decode)})")
+        if rival.unloaded_ttft > c.unloaded_ttft * (1 + GOODPUT_TIE):
+            why = (f"separating the phases would cost more in prompt time (unloaded TTFT "
+                   f"{_ms(rival.unloaded_ttft)} ms against {_ms(c.unloaded_ttft)}: fewer prefill devices and "
+                   "the KV transfer) than it saves in interference")
+        elif rival.decode_s > c.decode_s * (1 + SLOWER_TOLERANCE):
+            why = f"decode here takes {mine} ms/token, on {'+'.join(rival.decode)} {theirs}"
+        else:
+            why = "the interference of prompts with decodes costs less here than giving up devices for either phase"
     elif c.decode_s < rival.decode_s * (1 - SLOWER_TOLERANCE):
         why = f"decode on {'+'.join(c.decode)} takes {mine} ms/token against {theirs} for {rival.kind}"
     elif c.kind == "disaggregated":
@@ -210,8 +218,8 @@ def table(choice: ServeChoice) -> str:
     lines.append("")
     if choice.fastest_alone is not None:
         name, s = choice.fastest_alone
-        lines.append(f"decode: the fastest device alone is {name} at {1e3 * s:.1f} ms/token; a placement whose "
-                     "decode is predicted slower is never picked")
+        lines.append(f"decode: the fastest device alone is {name} at {1e3 * s:.1f} ms/token; a decode split over "
+                     "devices predicted slower than it is never picked")
     else:
         lines.append("decode: no device holds the model alone, so decode runs split")
     lines += [f"note: {n}" for n in choice.notes]

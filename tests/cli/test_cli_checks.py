@@ -157,3 +157,25 @@ def test_a_one_token_run_prints_no_decode_figures(capsys):
     summary = capsys.readouterr().err.splitlines()[-1]
     assert summary.startswith("galaxy: 1 tokens (length); time to first token") and "None" not in summary
     assert "ms/token" not in summary
+
+
+def test_plan_serve_places_the_phases_on_a_synthetic_cluster_and_records_it(no_workers, capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    argv = ["plan", "--serve", "--synthetic", "3", "--random-init", "smollm2-135m", "--seq-len", "64",
+            "--output-len", "8", "--rate", "0.5", "--sim-requests", "20", "--tpot-slo", "2x", "-o", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "colocated" in text and "goodput" in text and "chosen: " in text and "prefill plan:" in text
+    serve = json.loads(out.read_text())["serve"]
+    assert serve["placement"] in ("colocated", "disaggregated", "mixed") and serve["workload"]["input_len"] == 64
+    assert serve["predicted"]["goodput_rps"] >= 0 and not no_workers
+
+
+def test_plan_serve_chooses_each_groups_strategy_itself(no_workers, capsys):
+    assert main(["plan", "--serve", "--synthetic", "3", "--random-init", "smollm2-135m", "--strategy", "galaxy"]) == 2
+    assert "leave out --strategy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "fast", "0x"])
+def test_plan_serve_objectives_are_checked_when_parsed(value, capsys):
+    assert "objective" in _parse_error(capsys, ["plan", "--serve", "--ttft-slo", value])

@@ -1,0 +1,184 @@
+"""Phase placements (planner/phases.py, planner/serving.py): decode as bandwidth, the KV transfer, and
+which placement the planner picks on small synthetic clusters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from galaxy.model.config import preset
+from galaxy.model.quant import WeightFormat, decode_bytes
+from planner.phases import DecodeLayout, PhaseModel, PrefillCurve, kv_bytes_per_token, streaming_rate
+from planner.plan import Plan, PlanError
+from planner.profile import ClusterProfile, ComputeModel, DeviceProfile, Link, Tenancy
+from planner.serving import Objective, ServeGoals, choose, table
+
+SCHEMA = json.loads((Path(__file__).parents[2] / "planner" / "plan.schema.json").read_text())
+CFG = preset("smollm2-135m")
+GB = 1e9
+
+
+def dev(name: str, gflops: float, bytes_per_s: float, memory: float, overhead: float = 1e-4, tenancy=None):
+    """A device whose LM head streams `bytes_per_s` in float32 (2 flops per 4-byte weight)."""
+    cm = ComputeModel(gflops * 1e9, overhead)
+    return DeviceProfile(name, f"{name}:50051", cm, cm, ComputeModel(gflops * 1e8, overhead / 5), int(memory),
+                         head=ComputeModel(bytes_per_s / 2, overhead), tenancy=tenancy)
+
+
+def cluster(devices, bandwidth_bps: float, latency_s: float) -> ClusterProfile:
+    n = len(devices)
+    return ClusterProfile(list(devices), [[None if i == j else Link(bandwidth_bps, latency_s) for j in range(n)]
+                                          for i in range(n)])
+
+
+def test_a_devices_decode_rate_is_its_head_profiles_streaming_rate():
+    d = dev("a", 20, 12 * GB, 4 * GB)
+    assert streaming_rate(d, 4) == pytest.approx(12 * GB)
+
+
+def test_one_device_decodes_in_the_time_it_reads_the_weights():
+    d = dev("a", 1000, 10 * GB, 4 * GB, overhead=0.0)
+    pm = PhaseModel(CFG, cluster([d], 1e9, 1e-4))
+    lay = pm.tp_layout((0,))
+    assert pm.decode_s(lay, 1, 0) == pytest.approx(decode_bytes(CFG, WeightFormat("fp32")) / (10 * GB))
+    # a compact format streams fewer bytes at the same bytes/s
+    int8 = PhaseModel(CFG, cluster([d], 1e9, 1e-4), fmt=WeightFormat("int8"))
+    assert int8.decode_s(lay, 1, 0) == pytest.approx(decode_bytes(CFG, WeightFormat("int8")) / (10 * GB))
+    # and each sequence's KV is read too
+    ctx = 1000
+    assert pm.decode_s(lay, 2, ctx) == pytest.approx(
+        (decode_bytes(CFG, WeightFormat("fp32")) + ctx * kv_bytes_per_token(CFG)) / (10 * GB))
+
+
+def test_a_split_decode_reads_shares_in_parallel_and_pays_two_all_reduces_per_layer():
+    devs = [dev(n, 1000, 10 * GB, 4 * GB, overhead=0.0) for n in "abc"]
+    latency = 1e-3
+    pm = PhaseModel(CFG, cluster(devs, 1e12, latency))
+    alone = pm.decode_s(pm.tp_layout((0,)), 1, 0)
+    split = pm.decode_s(pm.tp_layout((0, 1, 2)), 1, 0)
+    wire = (2 * CFG.n_layers + 1) * (latency + CFG.hidden * 4 * 8 / 1e12)
+    assert split == pytest.approx(alone / 3 + wire)
+
+
+def test_co_tenants_of_one_machine_share_its_memory_bus():
+    t = [Tenancy("host", 1.0, 2) for _ in range(2)]
+    devs = [dev("a", 1000, 10 * GB, 4 * GB, 0.0, t[0]), dev("b", 1000, 10 * GB, 4 * GB, 0.0, t[1])]
+    pm = PhaseModel(CFG, cluster(devs, 1e12, 0.0))
+    assert sum(pm.bandwidths((0, 1), (0, 1))) == pytest.approx(20 * GB)  # profiled together: the bus
+    t3 = [Tenancy("host", 1.0, 2) for _ in range(3)]  # three one-core workers on two cores
+    devs3 = [dev(n, 1000, 10 * GB, 4 * GB, 0.0, t3[k]) for k, n in enumerate("abc")]
+    pm3 = PhaseModel(CFG, cluster(devs3, 1e12, 0.0))
+    assert pm3.bandwidths((0,), (0,))[0] == pytest.approx(15 * GB)  # alone it gets a whole core's share
+    assert sum(pm3.bandwidths((0, 1, 2), (0, 1, 2))) == pytest.approx(30 * GB)  # never beyond the bus
+
+
+def test_a_kv_transfer_is_hidden_behind_the_prefill_but_its_last_layer():
+    pm = PhaseModel(CFG, cluster([dev("a", 20, GB, 4 * GB)], 1e9, 0.0))
+    L = CFG.n_layers
+    assert pm.exposed_transfer_s(0.3, 10.0) == pytest.approx(0.3 / L)  # short: only the last layer's part shows
+    assert pm.exposed_transfer_s(30.0, 1.0) == pytest.approx(30.0 - 1.0 * (L - 1) / L)  # long: the link bounds it
+
+
+def test_the_kv_transfer_time_is_the_prompts_kv_over_the_link():
+    devs = [dev("a", 20, GB, 4 * GB), dev("b", 20, GB, 4 * GB)]
+    pm = PhaseModel(CFG, cluster(devs, 100e6, 1e-3))
+    plan = pm.prefill_plan((0,), 64)
+    assert [d.name for d in plan.devices] == ["a"]
+    t = pm.transfer_s(plan, pm.tp_layout((1,)), 1000)
+    assert t == pytest.approx(1000 * kv_bytes_per_token(CFG) * 8 / 100e6 + 1e-3)
+    assert pm.transfer_s(plan, pm.tp_layout((0,)), 1000) == 0.0  # already there (mixed)
+
+
+def test_the_prefill_curve_is_linear_between_solved_lengths():
+    c = PrefillCurve(((16, 0.2), (128, 1.0), (256, 2.2)))
+    assert c(16) == 0.2 and c(72) == pytest.approx(0.6) and c(512) == pytest.approx(4.6)
+    assert c(8) == pytest.approx(0.2 - 8 * 0.8 / 112)  # below the first point: the first segment's line,
+    assert PrefillCurve(((16, 0.1), (32, 0.3)))(8) == pytest.approx(0.05)  # never below the proportional share
+
+
+def test_a_decode_layout_must_split_all_the_weights():
+    with pytest.raises(PlanError, match="sum to 1"):
+        DecodeLayout("tp", (0, 1), (0.5, 0.4))
+
+
+def test_an_encoder_has_no_decode_phase():
+    with pytest.raises(PlanError, match="causal"):
+        PhaseModel(preset("bert-base"), cluster([dev("a", 20, GB, 4 * GB)], 1e9, 0.0))
+
+
+GOALS = dict(rate=0.5, input_len=128, output_len=16, num_requests=40)
+
+
+def test_a_slow_link_keeps_both_phases_on_one_device():
+    devs = [dev("a", 40, 10 * GB, 4 * GB), dev("b", 40, 10 * GB, 4 * GB)]
+    choice = choose(PhaseModel(CFG, cluster(devs, 1e6, 5e-3)), ServeGoals(**GOALS))
+    assert choice.chosen.kind == "colocated" and len(choice.chosen.prefill) == 1
+    disaggregated = [c for c in choice.candidates if c.kind == "disaggregated"]
+    assert disaggregated and all(c.unloaded_ttft > 10 for c in disaggregated)  # 5.9 MB of KV at 1 Mbit/s
+
+
+def test_a_fast_device_with_memory_for_the_model_becomes_the_decode_device():
+    # two boards too small to hold the model alone, one with the memory and the bandwidth
+    devs = [dev("big", 40, 20 * GB, 8 * GB), dev("small-a", 40, 5 * GB, 0.45 * GB),
+            dev("small-b", 40, 5 * GB, 0.45 * GB)]
+    choice = choose(PhaseModel(CFG, cluster(devs, 1e9, 1e-3)), ServeGoals(**GOALS))
+    assert choice.chosen.decode == ("big",)
+    assert choice.fastest_alone[0] == "big"
+    assert any("small-a cannot decode alone" in n for n in choice.notes)
+
+
+@pytest.fixture(scope="module")
+def two_boards():
+    """Two alike boards on 1 ms links, absolute objectives: (goals, choice)."""
+    devs = [dev("a", 40, 10 * GB, 4 * GB), dev("b", 40, 10 * GB, 4 * GB)]
+    goals = ServeGoals(**GOALS, ttft=Objective(5.0), tpot=Objective.parse("200ms"))
+    return goals, choose(PhaseModel(CFG, cluster(devs, 1e9, 1e-3)), goals)
+
+
+def test_a_split_decode_slower_than_the_fastest_device_alone_is_never_picked(two_boards):
+    # 1 ms links: 61 all-reduces per token cost more than the split saves
+    _, choice = two_boards
+    name, alone = choice.fastest_alone
+    split = [c for c in choice.candidates if len(c.decode) > 1]
+    assert split and all(c.excluded.startswith("its decode") and name in c.excluded for c in split)
+    assert choice.chosen.decode_s <= alone * 1.001
+    assert "never picked" in table(choice) and "not picked: its decode" in table(choice)
+
+
+def test_the_chosen_placement_round_trips_through_the_plan_file(two_boards):
+    goals, choice = two_boards
+    plan = choice.plan(goals)
+    text = plan.to_json()
+    jsonschema.validate(json.loads(text), SCHEMA)
+    back = Plan.from_json(text, CFG)
+    assert back == plan and back.serve.placement == choice.chosen.kind
+    assert back.serve.ttft_slo_s == 5.0 and back.serve.tpot_slo_s == pytest.approx(0.2)
+    assert back.serve.predicted.goodput_rps == choice.chosen.goodput
+    assert sorted(back.serve.prefill) == sorted(d.name for d in back.devices)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s, d: s.update(placement="split"), "serve.placement"),
+    (lambda s, d: s.update(decode=list(s["prefill"]), placement="disaggregated"), "also prefill"),
+    (lambda s, d: s.update(decode=["nobody"], placement="colocated"), "colocated decodes on the prefill devices"),
+    (lambda s, d: s.update(prefill=["nobody"]), "are not the plan's devices"),
+    (lambda s, d: s["predicted"].update(attainment=1.5), "attainment"),
+    (lambda s, d: s["workload"].update(rate=0), "serve.workload.rate"),
+    (lambda s, d: s.update(extra=1), "unknown key 'extra' in serve"),
+])
+def test_a_broken_serve_section_is_refused_naming_the_field(edit, message, two_boards):
+    goals, choice = two_boards
+    d = json.loads(choice.plan(goals).to_json())
+    edit(d["serve"], d)
+    with pytest.raises(PlanError, match=message):
+        Plan.from_dict(d)
+
+
+def test_relative_and_absolute_objectives_parse():
+    assert Objective.parse("3x") == Objective(3.0, relative=True)
+    assert Objective.parse("250ms").value == pytest.approx(0.25) and Objective.parse("2").value == 2.0
+    with pytest.raises(PlanError, match="expected seconds"):
+        Objective.parse("fast")
