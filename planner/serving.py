@@ -158,7 +158,9 @@ def choose(pm: PhaseModel, goals: ServeGoals) -> ServeChoice:
     allowed = [c for c in out if not c.excluded] or out
     best_g = max(c.goodput for c in allowed)
     close = [c for c in allowed if c.goodput >= best_g * (1 - GOODPUT_TIE)]
-    chosen = min(close, key=lambda c: (-c.at_rate.attainment, -c.goodput, c.at_rate.ttft(90)))
+    # rounded: placements alike up to float noise keep the order of `placements` (the simpler first)
+    chosen = min(close, key=lambda c: (-round(c.at_rate.attainment, 6), -round(c.goodput, 6),
+                                       round(c.at_rate.ttft(90), 6), out.index(c)))
     fa = None if fastest is None else (pm.names([fastest[1]])[0], fastest[0])
     return ServeChoice(tuple(out), chosen, objectives, fa, _reason(chosen, out, objectives, fa), tuple(notes))
 
@@ -188,6 +190,9 @@ def _reason(c: Candidate, cands: list[Candidate], o: Objectives, fastest) -> str
             why = "the interference of prompts with decodes costs less here than giving up devices for either phase"
     elif c.decode_s < rival.decode_s * (1 - SLOWER_TOLERANCE):
         why = f"decode on {'+'.join(c.decode)} takes {mine} ms/token against {theirs} for {rival.kind}"
+    elif c.unloaded_ttft < rival.unloaded_ttft * (1 - GOODPUT_TIE):
+        why = (f"its prompts run on {'+'.join(c.prefill)} (unloaded TTFT {_ms(c.unloaded_ttft)} ms against "
+               f"{_ms(rival.unloaded_ttft)}) while decode on {'+'.join(c.decode)} keeps {mine} ms/token")
     elif c.kind == "disaggregated":
         why = f"prompts never stall its decodes ({mine} ms/token on {'+'.join(c.decode)}, {theirs} for {rival.kind})"
     else:
