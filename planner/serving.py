@@ -109,6 +109,7 @@ class ServeChoice:
     fastest_alone: tuple[str, float] | None  # (device, decode s/token) of the fastest device alone
     reason: str
     notes: tuple[str, ...]
+    decode_layouts: tuple[tuple[str, float], ...] = ()  # (layout, s/token of one sequence) for comparison
 
     def plan(self, goals: ServeGoals) -> Plan:
         """The chosen prefill plan, carrying the placement in its `serve` section."""
@@ -162,7 +163,26 @@ def choose(pm: PhaseModel, goals: ServeGoals) -> ServeChoice:
     chosen = min(close, key=lambda c: (-round(c.at_rate.attainment, 6), -round(c.goodput, 6),
                                        round(c.at_rate.ttft(90), 6), out.index(c)))
     fa = None if fastest is None else (pm.names([fastest[1]])[0], fastest[0])
-    return ServeChoice(tuple(out), chosen, objectives, fa, _reason(chosen, out, objectives, fa), tuple(notes))
+    return ServeChoice(tuple(out), chosen, objectives, fa, _reason(chosen, out, objectives, fa), tuple(notes),
+                       decode_layouts(pm, cands[0], goals.input_len, context))
+
+
+def decode_layouts(pm: PhaseModel, colocated: Placement, input_len: int, context: int) -> tuple:
+    """Decode s/token (one sequence, a prompt of input_len) of each device alone, of the k devices
+    of the most bytes/s as a tensor-parallel group for k = 2..N, and of the colocated plan's split."""
+    everyone = tuple(range(pm.n))
+    out = []
+    for d in everyone:
+        lay = pm.tp_layout((d,), everyone)
+        if pm.fits(lay, context):
+            out.append((pm.names([d])[0], pm.decode_s(lay, 1, input_len, everyone)))
+    ranked = sorted(everyone, key=lambda i: (-pm.rate[i], i))
+    for k in range(2, pm.n + 1):
+        lay = pm.tp_layout(tuple(sorted(ranked[:k])), everyone)
+        if pm.fits(lay, context):
+            out.append((f"tp {'+'.join(pm.names(lay.devices))}", pm.decode_s(lay, 1, input_len, everyone)))
+    out.append(("colocated split", pm.decode_s(colocated.decode, 1, input_len, colocated.busy)))
+    return tuple(out)
 
 
 def _reason(c: Candidate, cands: list[Candidate], o: Objectives, fastest) -> str:
@@ -227,6 +247,9 @@ def table(choice: ServeChoice) -> str:
                      "devices predicted slower than it is never picked")
     else:
         lines.append("decode: no device holds the model alone, so decode runs split")
+    if choice.decode_layouts:
+        lines.append("decode ms/token, one sequence: " + ", ".join(f"{name} {1e3 * t:.1f}"
+                                                                    for name, t in choice.decode_layouts))
     lines += [f"note: {n}" for n in choice.notes]
     lines.append(f"chosen: {choice.reason}")
     return "\n".join(lines)
