@@ -20,8 +20,18 @@ parallel path's exactness is stated against that model, `compact_shard` of the f
   about bf16's step of the partial sums: measured and reported, not claimed exact
   (`galaxy bench decode`, docs/decode-formats.md).
 
-The embedding and the LM head stay as loaded (float32): their rows are vocabulary-parallel and
-read by `Embeddings.lookup` and `Transformer.head_logits` directly.
+Two things a compact shard does beyond holding its weights in the format, both for the step's
+overhead at one token (issue #20, "fast decode"):
+
+- gate and up become one matrix [gate; up] (`MLP.gate_up`): one matmul per layer instead of two.
+  Every format quantizes row by row, so the fused matrix's rows are exactly the two matrices' rows.
+- the embedding and the LM head (vocabulary-parallel rows; 49152 x 576 in SmolLM2, the largest
+  matrix, which every decode step streams whole) go into `fmt.head_format` (fp16 under int4 and int8,
+  the format itself otherwise), as the compact decoder (model/decode.py) holds them: the LM head as
+  `Transformer.head`, the embedding as `Embeddings.table` (its rows kept for lookups; a 4-bit head
+  cannot give rows back, so an int4 head keeps its embedding in fp16 apart). Row slices of these
+  formats are exact, so a vocabulary shard holds exactly its rows of the single device's head.
+
 Shapes as in quant.py: W (N, K), x (t, K).
 """
 
@@ -100,20 +110,49 @@ def compact_shard(model: Transformer, source: WeightSource, fmt: WeightFormat) -
         a, m = blk.attn, blk.mlp
         a.qkv = _compact(a.qkv, fmt)
         a.out = _row_parallel(a.out, source, f"layers.{i}.attn.wo", a.h0 * hd, a.h1 * hd, fmt)
-        m.up = _compact(m.up, fmt)
-        if m.gate is not None:
-            m.gate = _compact(m.gate, fmt)
+        if m.gate is not None and m.up.weight.numel():
+            m.gate_up = _compact(_stacked(m.gate, m.up), fmt)
+            m.gate = m.up = None
+        else:
+            m.up = _compact(m.up, fmt)
         m.down = _row_parallel(m.down, source, f"layers.{i}.mlp.w_down", *spec.cols, fmt)
+    compact_vocab(model, fmt.head_format)
     return model
 
 
+def _stacked(gate: nn.Linear, up: nn.Linear) -> nn.Linear:
+    """[gate; up] as one linear (2c, H), biases stacked alike (MLP.gate_up)."""
+    lin = nn.Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None, device="meta")
+    lin.weight = nn.Parameter(torch.cat([gate.weight, up.weight]), requires_grad=False)
+    if gate.bias is not None:
+        lin.bias = nn.Parameter(torch.cat([gate.bias, up.bias]), requires_grad=False)
+    return lin
+
+
+def compact_vocab(model: Transformer, hf: WeightFormat) -> None:
+    """The embedding rows and the LM head of a shard into `hf` (WeightFormat.head_format), in place: the
+    head as `model.head`, the embedding as `model.embed.table` (one module for both when the head is tied
+    and `hf` keeps rows; an int4 head gets an fp16 table apart). A shard without vocabulary rows keeps
+    its empty tensors."""
+    rows_fmt = WeightFormat("fp16") if hf.name == "int4" else hf  # lookups read rows: int4pack has none
+    table = None
+    if model.embed is not None and model.embed.tokens.numel():
+        table = QuantLinear.from_float(model.embed.tokens, rows_fmt, keep_rows=True)
+        model.embed.table, model.embed.tokens = table, None
+    if model.lm_head is not None and model.lm_head.numel():
+        tied = model.cfg.tie_embeddings and table is not None and rows_fmt == hf
+        model.head = table if tied else QuantLinear.from_float(model.lm_head, hf)
+        model.lm_head = None
+
+
 def held_bytes(model: Transformer) -> int:
-    """Weight bytes a compact shard holds: each linear's kernel bytes (QuantLinear.nbytes) and every
-    other tensor (embedding, norms, biases; a tied head once)."""
+    """Weight bytes a compact shard holds: each linear's kernel bytes (QuantLinear.nbytes) and any row
+    table it keeps for lookups, and every other tensor (norms, biases; a tied head once)."""
     seen, total = set(), 0
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            total += mod.nbytes
+        if isinstance(mod, QuantLinear):  # an opaque kernel's kept row table is held beside its packed weight
+            total += mod.nbytes + (sum(b.numel() * b.element_size() for b in mod.buffers())
+                                   if mod.handle is not None else 0)
             continue
         for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
             if t is not None and id(t) not in seen:

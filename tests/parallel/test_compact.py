@@ -84,8 +84,9 @@ def test_every_shard_holds_exactly_its_slice_of_the_whole_compact_weights(name):
             assert torch.equal(blk.attn.qkv.weight[: h1 - h0], whole.attn.qkv.weight[h0:h1])  # the Q rows
         if c1 > c0:
             assert torch.equal(blk.mlp.down.weight, whole.mlp.down.weight[:, c0:c1])
-            assert torch.equal(blk.mlp.up.weight, whole.mlp.up.weight[c0:c1])
-            assert torch.equal(blk.mlp.gate.weight, whole.mlp.gate.weight[c0:c1])
+            c, f = c1 - c0, CFG.ffn  # gate|up fused: [gate; up] rows of the shard, of the whole
+            assert torch.equal(blk.mlp.gate_up.weight[:c], whole.mlp.gate_up.weight[c0:c1])
+            assert torch.equal(blk.mlp.gate_up.weight[c:], whole.mlp.gate_up.weight[f + c0 : f + c1])
             assert isinstance(blk.mlp.down, CompactLinear)
 
 
