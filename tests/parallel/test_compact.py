@@ -12,8 +12,8 @@ from galaxy.engine.generation import GenerationConfig
 from galaxy.errors import PlanMismatch
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import make_config
-from galaxy.model.quant import FormatError, parse_format
-from galaxy.parallel.compact import CompactLinear, compact_shard
+from galaxy.model.quant import FormatError, QuantLinear, parse_format
+from galaxy.parallel.compact import CompactLinear, compact_shard, held_bytes
 from galaxy.parallel.executor import LoadOptions
 from galaxy.parallel.forward import Request
 from galaxy.parallel.sharding import Partition, full_spec, load_shard
@@ -131,3 +131,40 @@ def test_the_python_api_loads_in_a_weights_format_on_in_process_devices():
         lm = session.load(SRC, partition=PARTITIONS[0], weights_format="int4-fp32")
         ids = lm.generate([3, 14, 15, 92], max_new_tokens=4, details=True).tokens
     assert ids == greedy(single(parse_format("int4-fp32")), [3, 14, 15, 92], 4)
+
+
+@pytest.mark.parametrize("name", ["fp16", "int4-fp32"])
+def test_fused_gate_up_gives_the_separate_gate_and_up_matmuls(name):
+    """MLP.gate_up is [gate; up] in the format: its expand equals act(gate(x)) * up(x) of each alone."""
+    fmt = parse_format(name)
+    plain = load_shard(SRC, full_spec(CFG)).layers["0"].mlp
+    fused = single(fmt).layers["0"].mlp
+    assert fused.gate is None and fused.up is None
+    gate, up = (QuantLinear.from_float(w, fmt) for w in (plain.gate.weight, plain.up.weight))
+    x = torch.randn(3, CFG.hidden, generator=torch.Generator().manual_seed(1))
+    want = torch.nn.functional.silu(gate(x)) * up(x)
+    torch.testing.assert_close(fused.expand(x), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,head", [("int4", "fp16"), ("int8", "fp16"), ("bf16", "bf16"), ("int4:int4", "int4")])
+def test_the_embedding_and_head_are_held_in_the_head_format_and_each_shard_holds_its_rows(name, head):
+    fmt = parse_format(name)
+    whole = single(fmt)
+    assert whole.lm_head is None and whole.embed.tokens is None
+    assert whole.head.fmt.name == head and whole.embed.table.fmt.name == ("fp16" if head == "int4" else head)
+    assert (whole.head is whole.embed.table) == (head != "int4")  # tied: one module unless int4 has no rows
+    ids = torch.arange(CFG.vocab_size)
+    for r, m in enumerate(shards(PARTITIONS[1], fmt)):
+        v0, v1 = PARTITIONS[1].spec(r, CFG).vocab
+        assert torch.equal(m.head.dequantized(), whole.head.dequantized()[v0:v1])
+        inside = (ids >= v0) & (ids < v1)
+        assert torch.equal(m.embed.lookup(ids)[inside], whole.embed.lookup(ids)[inside])
+        assert not m.embed.lookup(ids)[~inside].any()
+
+
+def test_held_bytes_count_the_row_table_an_opaque_head_keeps_for_lookups():
+    m = single(parse_format("int4"))  # the tied fp16 head: packed for the matmul, rows kept for lookups
+    v, h = CFG.vocab_size, CFG.hidden
+    layers = sum(mod.nbytes for mod in m.layers.modules() if isinstance(mod, QuantLinear))
+    norms = sum(t.numel() * 4 for n, t in m.named_parameters() if "norm" in n)
+    assert held_bytes(m) == layers + norms + 2 * (v * h * 2)
