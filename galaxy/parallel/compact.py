@@ -41,7 +41,9 @@ import torch
 from torch import nn
 
 from ..model.checkpoints import WeightSource
-from ..model.quant import FormatError, QuantLinear, WeightFormat, split_granules
+from ..model.checkpoints.gguf import GGUFCheckpoint
+from ..model.checkpoints.gguf_blocks import read_blocked, tensor_type
+from ..model.quant import Blocked, FormatError, QuantLinear, WeightFormat, split_granules
 from ..model.transformer import Transformer
 from .sharding import ShardSpec
 
@@ -107,17 +109,39 @@ def compact_shard(model: Transformer, source: WeightSource, fmt: WeightFormat) -
     check_cuts(cfg, spec, fmt)
     hd = cfg.head_dim
     for i, blk in model.layers.items():
-        a, m = blk.attn, blk.mlp
-        a.qkv = _compact(a.qkv, fmt)
-        a.out = _row_parallel(a.out, source, f"layers.{i}.attn.wo", a.h0 * hd, a.h1 * hd, fmt)
+        a, m, p = blk.attn, blk.mlp, f"layers.{i}."
+        q, kv, c = (a.h0 * hd, a.h1 * hd), (a.kv0 * hd, a.kv1 * hd), spec.cols
+        a.qkv = _from_file(source, fmt, a.qkv, [(p + "attn.wq", 0, *q), (p + "attn.wk", 0, *kv),
+                                                (p + "attn.wv", 0, *kv)]) or _compact(a.qkv, fmt)
+        a.out = (_from_file(source, fmt, a.out, [(p + "attn.wo", 1, *q)])
+                 or _row_parallel(a.out, source, p + "attn.wo", *q, fmt))
         if m.gate is not None and m.up.weight.numel():
-            m.gate_up = _compact(_stacked(m.gate, m.up), fmt)
+            gate_up = _stacked(m.gate, m.up)
+            m.gate_up = (_from_file(source, fmt, gate_up, [(p + "mlp.w_gate", 0, *c), (p + "mlp.w_up", 0, *c)])
+                         or _compact(gate_up, fmt))
             m.gate = m.up = None
         else:
-            m.up = _compact(m.up, fmt)
-        m.down = _row_parallel(m.down, source, f"layers.{i}.mlp.w_down", *spec.cols, fmt)
+            m.up = _from_file(source, fmt, m.up, [(p + "mlp.w_up", 0, *c)]) or _compact(m.up, fmt)
+        m.down = (_from_file(source, fmt, m.down, [(p + "mlp.w_down", 1, *c)])
+                  or _row_parallel(m.down, source, p + "mlp.w_down", *c, fmt))
     compact_vocab(model, fmt.head_format)
     return model
+
+
+def _from_file(source: WeightSource, fmt: WeightFormat, lin: nn.Linear, parts) -> CompactLinear | None:
+    """The shard's cuts `parts` ((name, dim, start, end) each) of canonical matrices, stacked row-wise,
+    straight from a GGUF file's Q4_1 blocks into int4 of group 32: block for block, the codes as stored
+    (QuantLinear.from_blocked), as the compact decoder loads them, instead of requantizing their float32
+    values (another scale and zero wherever a block's codes miss 0 or 15). None when the source, the
+    format or a tensor's type do not map so: the float path then."""
+    if not (isinstance(source, GGUFCheckpoint) and fmt.name == "int4" and lin.weight.numel()):
+        return None
+    if any(tensor_type(source, name) != "Q4_1" for name, *_ in parts):
+        return None
+    blocks = Blocked.cat([read_blocked(source, name, dim, a, b) for name, dim, a, b in parts])
+    if blocks.block != fmt.group:
+        return None
+    return CompactLinear(QuantLinear.from_blocked(blocks, fmt), lin.bias)
 
 
 def _stacked(gate: nn.Linear, up: nn.Linear) -> nn.Linear:

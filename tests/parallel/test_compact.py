@@ -10,8 +10,10 @@ import torch
 from galaxy.engine.engine import Engine
 from galaxy.engine.generation import GenerationConfig
 from galaxy.errors import PlanMismatch
+from galaxy.model.checkpoints.gguf import GGUFCheckpoint
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import make_config
+from galaxy.model.decode import load_decoder
 from galaxy.model.quant import FormatError, QuantLinear, parse_format
 from galaxy.parallel.compact import CompactLinear, compact_shard, held_bytes
 from galaxy.parallel.executor import LoadOptions
@@ -19,6 +21,7 @@ from galaxy.parallel.forward import Request
 from galaxy.parallel.sharding import Partition, full_spec, load_shard
 from galaxy.runtime.api import connect
 from galaxy.runtime.inproc import InprocCluster, run_inprocess
+from tests.model.checkpoints.test_gguf_blocks import write_quantized
 
 # head_dim 16, ffn 96: int4's groups of 32 fall on 2 heads and on 32 columns; GQA 4/2; a tied head.
 CFG = make_config("llama", vocab_size=97, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=96,
@@ -168,3 +171,26 @@ def test_held_bytes_count_the_row_table_an_opaque_head_keeps_for_lookups():
     layers = sum(mod.nbytes for mod in m.layers.modules() if isinstance(mod, QuantLinear))
     norms = sum(t.numel() * 4 for n, t in m.named_parameters() if "norm" in n)
     assert held_bytes(m) == layers + norms + 2 * (v * h * 2)
+
+
+def test_a_q4_1_file_in_int4_is_held_block_for_block_as_the_decoder_holds_it_and_splits_exactly(tmp_path):
+    """A GGUF Q4_1 file's blocks go straight into int4 (no requantizing): the whole shard holds the compact
+    decoder's weights, and a 2-way split with fp32 activations equals the fp32 reference on the file's
+    dequantized weights (<= 1e-4, the same greedy tokens)."""
+    write_quantized(tmp_path / "q.gguf")
+    ck = GGUFCheckpoint(tmp_path / "q.gguf")
+    cfg = ck.config
+    fmt = parse_format("int4-fp32:fp32")  # the head: the file's Q8_0 embedding, exact in fp32
+    whole = compact_shard(load_shard(ck, full_spec(cfg)), ck, fmt)
+    dec = load_decoder(ck, fmt, capacity=32)
+    for i, layer in enumerate(dec.layers):
+        blk = whole.layers[str(i)]
+        for ours, theirs in ((blk.attn.qkv, layer.qkv), (blk.attn.out, layer.out), (blk.mlp.gate_up, layer.gate_up),
+                             (blk.mlp.down, layer.down)):
+            assert torch.equal(ours.q.dequantized(), theirs.dequantized())
+    p = Partition("galaxy", (2, 2), (64, 32), (20, 20), (2, 2), (1.0, 0.5)).validate(cfg)
+    models = [compact_shard(load_shard(ck, p.spec(r, cfg)), ck, fmt) for r in range(2)]
+    ref = load_shard(ck, full_spec(cfg))
+    ids = torch.tensor([3, 14, 15, 9, 26, 5])
+    assert (parallel_logits(models, p, ids) - ref(ids)).abs().max().item() <= TOL
+    assert greedy(lambda x: parallel_logits(models, p, x), [3, 14], 4) == greedy(ref, [3, 14], 4)
