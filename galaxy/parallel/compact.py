@@ -20,8 +20,8 @@ parallel path's exactness is stated against that model, `compact_shard` of the f
   about bf16's step of the partial sums: measured and reported, not claimed exact
   (`galaxy bench decode`, docs/decode-formats.md).
 
-Two things a compact shard does beyond holding its weights in the format, both for the step's
-overhead at one token (issue #20, "fast decode"):
+What a compact shard does beyond holding its weights in the format, for the step's cost at one
+token (issue #20, "fast decode"; measured in docs/decode-formats.md):
 
 - gate and up become one matrix [gate; up] (`MLP.gate_up`): one matmul per layer instead of two.
   Every format quantizes row by row, so the fused matrix's rows are exactly the two matrices' rows.
@@ -31,6 +31,8 @@ overhead at one token (issue #20, "fast decode"):
   `Transformer.head`, the embedding as `Embeddings.table` (its rows kept for lookups; a 4-bit head
   cannot give rows back, so an int4 head keeps its embedding in fp16 apart). Row slices of these
   formats are exact, so a vocabulary shard holds exactly its rows of the single device's head.
+- a GGUF file's Q4_1 matrices go into int4 block for block on the shard's cuts (`_from_file`), the
+  weights the compact decoder holds, rather than requantizing their float32 values.
 
 Shapes as in quant.py: W (N, K), x (t, K).
 """
