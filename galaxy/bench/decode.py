@@ -17,7 +17,9 @@ them alike:
 
 - decode: greedy from PROMPTS[0], `new_tokens` one-token steps each timed (sampling not timed; for
   the engine path, each decode step's wall time as the engine records it); a run's figure is its
-  median step, the table's the median over runs;
+  median step, the table's the median over runs. The engine path also reports its `token_gap_ms`:
+  the median time between two tokens as the client receives them, which adds the engine loop's own
+  work (scheduling, sampling, streaming) to the step;
 - prefill: the first `prefill_tokens` tokens of TEXT into an empty cache, one pass (prefix caching
   off, so every run computes it).
 
@@ -189,6 +191,8 @@ class _GalaxyPath:
 
     def decode(self, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
         g = self.engine.generate(prompt_ids, GenerationConfig(new_tokens, stop_at_eos=False))
+        # what a client sees between tokens: the step and the engine loop's own work (scheduling, sampling)
+        self.token_gaps = [b - a for a, b in zip(g.token_times, g.token_times[1:])]
         return g.tokens, [s.seconds for s in g.steps if s.phase == "decode"]
 
     def prefill(self, ids: list[int]) -> float:
@@ -210,6 +214,7 @@ class _Entry:
     engine: object  # decode(prompt_ids, n) -> (tokens, step seconds); prefill(ids) -> seconds; close()
     info: dict
     decode: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # galaxy paths: each run's median time between tokens
     prefill: list[float] = field(default_factory=list)
     tokens: list[int] | None = None
 
@@ -283,6 +288,8 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
                 tokens, steps = e.engine.decode(prompt_ids, bench.new_tokens)
                 e.tokens = e.tokens or tokens
                 e.decode.append(statistics.median(steps))
+                if getattr(e.engine, "token_gaps", None):
+                    e.gaps.append(statistics.median(e.engine.token_gaps))
                 e.prefill.append(e.engine.prefill(prefill_ids))
     finally:
         for e in entries:
@@ -290,7 +297,8 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
     first = entries[0].tokens if entries else None
     return [{"engine": e.name, "threads": threads, "decode_ms": statistics.median(e.decode) * 1e3,
              "decode_ms_runs": [x * 1e3 for x in e.decode], "prefill_s": statistics.median(e.prefill),
-             "prefill_tokens": len(prefill_ids), "greedy_as_first": e.tokens == first, **e.info}
+             "prefill_tokens": len(prefill_ids), "greedy_as_first": e.tokens == first, **e.info,
+             **({"token_gap_ms": statistics.median(e.gaps) * 1e3} if e.gaps else {})}
             for e in entries]
 
 
@@ -370,9 +378,10 @@ def table(report: dict) -> str:
     """The report as two plain-text tables: speed per thread count, accuracy per format."""
     lines = [f"decode bench: {report['model']} (torch {report['torch']}; llama.cpp: {report['anchor']})",
              f"decode: median over {report['reps']} runs of each run's median one-token step "
-             f"({report['new_tokens']} steps); prefill: one pass into an empty cache", ""]
+             f"({report['new_tokens']} steps); prefill: one pass into an empty cache; token gap: the engine "
+             "path's median time between tokens as its client gets them (ms)", ""]
     head = f"{'threads':>7}  {'engine':<34} {'weights':<24} {'MB':>7} {'ms/token':>9} {'x llama.cpp':>11} " \
-           f"{'prefill':>11} {'greedy=1st':>10}"
+           f"{'prefill':>11} {'greedy=1st':>10} {'token gap':>9}"
     lines.append(head)
     for t in sorted({r["threads"] for r in report["speed"]}):
         rows = [r for r in report["speed"] if r["threads"] == t]
@@ -381,7 +390,8 @@ def table(report: dict) -> str:
             ratio = f"{r['decode_ms'] / anchor_ms:.2f}" if anchor_ms else "-"
             mb = f"{r['weight_MB']:.1f}" if "weight_MB" in r else "-"
             lines.append(f"{t:>7}  {r['engine']:<34} {r['format']:<24} {mb:>7} {r['decode_ms']:>9.1f} {ratio:>11} "
-                         f"{r['prefill_s']:>8.3f} s {'yes' if r['greedy_as_first'] else 'no':>10}")
+                         f"{r['prefill_s']:>8.3f} s {'yes' if r['greedy_as_first'] else 'no':>10} "
+                         f"{format(r['token_gap_ms'], '9.1f') if 'token_gap_ms' in r else '-':>9}")
     if report["accuracy"]:
         lines += ["", f"accuracy vs the fp32 reference forward ({report['accuracy'][0]['tokens']} tokens, "
                   "teacher-forced); greedy text of the first prompt",

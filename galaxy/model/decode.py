@@ -1,9 +1,10 @@
 """A low-overhead single-device forward for the Llama family, on compact weights: the decode prototype.
 
 The reference `Transformer` is written for clarity and for the parallel forwards (a Python call
-per block step, Q/K/V and gate/up as separate slices, RoPE angles recomputed per call, a KV
-cache that grows); at one token per step that overhead, not arithmetic, is most of its time.
-`LlamaDecoder` runs the same model with:
+per block step, a paged KV cache); at one token per step that overhead, not arithmetic, was most
+of its time. The engine path has since taken over most of what this prototype showed (compact
+shards fuse gate|up and hold a compact head, RoPE is computed once per pass: docs/decode-formats.md,
+"The engine path's decode step"). `LlamaDecoder` runs the same model with:
 
 - weights in a `WeightFormat` (quant.py), fused: one Q|K|V matrix and one gate|up matrix per
   layer, so a layer is four matmuls;

@@ -10,7 +10,9 @@ SDPA reads. A block-major (num_blocks, nkv, block_size, hd) layout needs a permu
 its gather (1.4-2.7x slower at 3 KV heads, no faster at 20), and indexing heads and slots at
 once is 2-18x slower than index_select. The gather is a copy of the context per layer, and it is what
 paging costs on CPU: decodes take 1.6-2.5x contiguous attention at SmolLM2's shapes and 2-7x at
-GPT-2 Large's 20 KV heads, where the copy costs 2.5x the attention itself.
+GPT-2 Large's 20 KV heads, where the copy costs 2.5x the attention itself. So a sequence whose
+blocks are consecutive ids (`PagedBatch.context_runs`: a sequence alone in a fresh pool gets them)
+reads its context as a view of the pool, slots [first, first + L), and skips that copy.
 
 A step's batch packs the tokens of several sequences, decodes (1 token) and prefill chunks
 (n tokens at any start position), in plan order: q, k, v are (heads, T, hd) with T the total.
@@ -98,6 +100,17 @@ class PagedBatch:
     def context_slots(self) -> list[torch.Tensor]:
         """Per sequence, (L_i,) slots of positions [0, start + query_len)."""
         return [self._slots(i, 0, c) for i, c in enumerate(self.context_lens)]
+
+    @cached_property
+    def context_runs(self) -> list[int | None]:
+        """Per sequence, the first slot of its context when its blocks are consecutive ids (the context
+        is then one run of slots, read as a view instead of gathered), else None."""
+        runs = []
+        for table, c in zip(self.block_tables, self.context_lens):
+            used = table[: -(-c // self.block_size)]
+            whole = all(b + 1 == nxt for b, nxt in zip(used, used[1:]))
+            runs.append(used[0] * self.block_size if whole else None)
+        return runs
 
     @cached_property
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -215,16 +228,25 @@ class PagedKVCache:
     @staticmethod
     def _gather(q, kc, vc, batch: PagedBatch, g, heads) -> torch.Tensor:
         nq, _, hd = q.shape
-        out = torch.empty_like(q)
+        one = len(batch.query_lens) == 1  # one sequence: its attention is the output, no copy into place
+        out = None if one else torch.empty_like(q)
         a = 0
-        for slots, start, n in zip(batch.context_slots, batch.starts, batch.query_lens):
-            k, v = kc.index_select(1, slots), vc.index_select(1, slots)  # (nkv, L, hd)
+        for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens)):
+            first, length = batch.context_runs[i], start + n
+            if first is not None:  # consecutive blocks: the context is a view of the pool
+                k, v = kc[:, first : first + length], vc[:, first : first + length]  # (nkv, L, hd)
+            else:
+                slots = batch.context_slots[i]
+                k, v = kc.index_select(1, slots), vc.index_select(1, slots)
             if g is None:  # part of a group: K/V per query head
                 k, v = k.index_select(0, heads), v.index_select(0, heads)  # (nq, L, hd)
-                out[:, a : a + n] = causal_sdpa(q[:, a : a + n], k, v, start)
+                ctx = causal_sdpa(q[:, a : a + n], k, v, start)
             else:
                 qg = q[:, a : a + n].reshape(nq // g, g * n, hd)  # a group's heads as extra rows
-                out[:, a : a + n] = causal_sdpa(qg, k, v, start, g).view(nq, n, hd)
+                ctx = causal_sdpa(qg, k, v, start, g).view(nq, n, hd)
+            if one:
+                return ctx
+            out[:, a : a + n] = ctx
             a += n
         return out
 

@@ -35,6 +35,8 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        if x.dtype == torch.float32:  # one call instead of eight (61 a decode step); the same float32 arithmetic
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         var = x.float().pow(2).mean(-1, keepdim=True)
         return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
 
@@ -49,15 +51,25 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding, Hugging Face's rotate-half layout. x: (n, S, hd), positions: (S,)."""
-    hd = x.shape[-1]
+def rotation(positions: torch.Tensor, hd: int, theta: float, dtype: torch.dtype = torch.float32
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin (S, hd) at `positions` (S,). A pass computes them once and every layer reads
+    them (apply_rope): per layer they were ten small ops, 60 per decode step of a 30-layer model."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
     angles = positions.float()[:, None] * inv_freq[None, :]  # (S, hd/2)
     emb = torch.cat((angles, angles), dim=-1)
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x (n, S, hd) by `rotation`'s cos, sin (S, hd)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, Hugging Face's rotate-half layout. x: (n, S, hd), positions: (S,)."""
+    return apply_rope(x, *rotation(positions, x.shape[-1], theta, x.dtype))
 
 
 def attention_core(q, k, v, causal: bool, q_start: int = 0) -> torch.Tensor:
@@ -108,17 +120,30 @@ class Attention(nn.Module):
         """Column-parallel Q|K|V projection of a tile: (t, H) -> (t, (nq + 2 nkv) hd)."""
         return self.qkv(x)
 
-    def split_heads(self, qkv: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None):
+    def rotation(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32):
+        """RoPE's (cos, sin) at `positions` for split_heads, or None for a model without RoPE."""
+        if self.cfg.position != "rope":
+            return None
+        return rotation(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+
+    def split_heads(self, qkv: torch.Tensor, start_pos: int = 0, positions: torch.Tensor | None = None,
+                    rot: tuple[torch.Tensor, torch.Tensor] | None = None):
         """(S, (nq+2nkv) hd) -> q (nq, S, hd), k and v (nkv, S, hd), RoPE applied at `positions`
-        (S,) -- tokens of several sequences packed in one batch -- or at start_pos, start_pos + 1, ..."""
+        (S,) -- tokens of several sequences packed in one batch -- or at start_pos, start_pos + 1, ...;
+        `rot`: the rotation at those positions, computed once for every layer of a pass."""
         hd, s = self.cfg.head_dim, qkv.shape[0]
         q, k, v = qkv.split([self.nq * hd, self.nkv * hd, self.nkv * hd], dim=-1)
-        q = q.view(s, self.nq, hd).transpose(0, 1)
-        k = k.view(s, self.nkv, hd).transpose(0, 1)
-        v = v.view(s, self.nkv, hd).transpose(0, 1)
         if self.cfg.position == "rope":
-            pos = positions if positions is not None else torch.arange(start_pos, start_pos + s)
-            q, k = rope(q, pos, self.cfg.rope_theta), rope(k, pos, self.cfg.rope_theta)
+            if rot is None:
+                pos = positions if positions is not None else torch.arange(start_pos, start_pos + s)
+                rot = self.rotation(pos, qkv.dtype)
+            # Q and K rotated as one tensor: (nq + nkv, S, hd), then split (views)
+            qk = apply_rope(qkv[:, : (self.nq + self.nkv) * hd].view(s, self.nq + self.nkv, hd).transpose(0, 1), *rot)
+            q, k = qk[: self.nq], qk[self.nq :]
+        else:
+            q = q.view(s, self.nq, hd).transpose(0, 1)
+            k = k.view(s, self.nkv, hd).transpose(0, 1)
+        v = v.view(s, self.nkv, hd).transpose(0, 1)
         return q, k, v
 
     def attend_heads(self, q, k, v, q_start: int = 0) -> torch.Tensor:
@@ -129,17 +154,18 @@ class Attention(nn.Module):
         ctx = attention_core(q, k, v, self.cfg.causal, q_start)  # (nq, Sq, hd)
         return ctx.transpose(0, 1).reshape(q.shape[1], self.nq * self.cfg.head_dim)
 
-    def attend(self, qkv: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def attend(self, qkv: torch.Tensor, start_pos: int = 0, rot=None) -> torch.Tensor:
         """Attention of this device's heads over the pass's own tokens (a whole prompt, no cache):
         (S, qkv cols) -> (S, nq hd). Generation attends over the paged cache (attend_paged)."""
-        q, k, v = self.split_heads(qkv, start_pos)
+        q, k, v = self.split_heads(qkv, start_pos, rot=rot)
         return self.attend_heads(q, k, v, start_pos)
 
-    def attend_paged(self, qkv: torch.Tensor, kv: PagedKVCache, layer: str, batch: PagedBatch) -> torch.Tensor:
+    def attend_paged(self, qkv: torch.Tensor, kv: PagedKVCache, layer: str, batch: PagedBatch,
+                     rot=None) -> torch.Tensor:
         """The same for a packed batch of several sequences over a paged KV cache (the serving
         engine's step): the new K/V are written at their slots first, so a prefill chunk attends to
         itself, then each token attends to its own sequence's positions. (T, qkv cols) -> (T, nq hd)."""
-        q, k, v = self.split_heads(qkv, positions=batch.positions)
+        q, k, v = self.split_heads(qkv, positions=batch.positions, rot=rot)
         kv.write(layer, k, v, batch.slot_mapping)
         ctx = kv.paged_attention(q, layer, batch, self.kv_map)  # (nq, T, hd)
         return ctx.transpose(0, 1).reshape(qkv.shape[0], self.nq * self.cfg.head_dim)
@@ -160,9 +186,15 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.hidden, c, bias=cfg.mlp_bias) if cfg.gated_mlp else None
         self.down = nn.Linear(c, cfg.hidden, bias=False)  # row-parallel: no bias here
         self.down_bias = nn.Parameter(torch.empty(cfg.hidden)) if cfg.mlp_bias else None
+        # gate and up as one matrix [gate; up] (2c, H): one matmul instead of two. Set by whoever fuses
+        # a loaded shard (parallel.compact), which then drops gate and up.
+        self.gate_up: nn.Module | None = None
 
     def expand(self, x: torch.Tensor) -> torch.Tensor:
         """(t, H) -> activated intermediate (t, c)."""
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)  # (t, c) each, views
+            return activation(self.act, gate) * up
         if self.gated:
             return activation(self.act, self.gate(x)) * self.up(x)
         return activation(self.act, self.up(x))
@@ -223,14 +255,20 @@ class Embeddings(nn.Module):
         )
         self.types = nn.Parameter(torch.empty(cfg.type_vocab_size, cfg.hidden)) if cfg.type_vocab_size else None
         self.norm = Norm(cfg) if cfg.embed_norm else None
+        # the token rows in a compact format (a module with rows(ids) -> (t, H) float32, quant.QuantLinear
+        # built with keep_rows), set by parallel.compact in place of `tokens`; None: `tokens` as loaded
+        self.table: nn.Module | None = None
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings from this shard's rows: (t,) -> (t, H), zero rows for other shards' ids."""
-        inside = (ids >= self.v0) & (ids < self.v1)
-        local = (ids - self.v0).clamp(0, max(self.v1 - self.v0 - 1, 0))
         if self.v1 == self.v0:
-            return self.tokens.new_zeros(ids.shape[0], self.cfg.hidden)
-        return F.embedding(local, self.tokens) * inside[:, None].to(self.tokens.dtype)
+            return self.tokens.new_zeros(ids.shape[0], self.cfg.hidden)  # no rows here (never compacted)
+        inside = (ids >= self.v0) & (ids < self.v1)
+        local = (ids - self.v0).clamp(0, self.v1 - self.v0 - 1)
+        rows = self.table.rows(local) if self.table is not None else F.embedding(local, self.tokens)
+        if self.v0 == 0 and self.v1 == self.cfg.vocab_size:  # the whole vocabulary: every id is inside
+            return rows
+        return rows * inside[:, None].to(rows.dtype)
 
     def finish(self, x: torch.Tensor, positions: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
         """Add position and segment embeddings and normalise: a connective step on owned rows."""
@@ -263,9 +301,14 @@ class Transformer(nn.Module):
             if (spec.head and cfg.causal)
             else None
         )
+        # the LM head in a compact format (a module (t, H) -> (t, v) float32), set by parallel.compact in
+        # place of `lm_head`; None: `lm_head` as loaded
+        self.head: nn.Module | None = None
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden (t, H) -> logits over this shard's vocab rows (t, v)."""
+        if self.head is not None:
+            return self.head(h)
         return h @ self.lm_head.T
 
     @torch.inference_mode()

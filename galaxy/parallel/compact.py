@@ -20,8 +20,20 @@ parallel path's exactness is stated against that model, `compact_shard` of the f
   about bf16's step of the partial sums: measured and reported, not claimed exact
   (`galaxy bench decode`, docs/decode-formats.md).
 
-The embedding and the LM head stay as loaded (float32): their rows are vocabulary-parallel and
-read by `Embeddings.lookup` and `Transformer.head_logits` directly.
+What a compact shard does beyond holding its weights in the format, for the step's cost at one
+token (issue #20, "fast decode"; measured in docs/decode-formats.md):
+
+- gate and up become one matrix [gate; up] (`MLP.gate_up`): one matmul per layer instead of two.
+  Every format quantizes row by row, so the fused matrix's rows are exactly the two matrices' rows.
+- the embedding and the LM head (vocabulary-parallel rows; 49152 x 576 in SmolLM2, the largest
+  matrix, which every decode step streams whole) go into `fmt.head_format` (fp16 under int4 and int8,
+  the format itself otherwise), as the compact decoder (model/decode.py) holds them: the LM head as
+  `Transformer.head`, the embedding as `Embeddings.table` (its rows kept for lookups; a 4-bit head
+  cannot give rows back, so an int4 head keeps its embedding in fp16 apart). Row slices of these
+  formats are exact, so a vocabulary shard holds exactly its rows of the single device's head.
+- a GGUF file's Q4_1 matrices go into int4 block for block on the shard's cuts (`_from_file`), the
+  weights the compact decoder holds, rather than requantizing their float32 values.
+
 Shapes as in quant.py: W (N, K), x (t, K).
 """
 
@@ -31,7 +43,9 @@ import torch
 from torch import nn
 
 from ..model.checkpoints import WeightSource
-from ..model.quant import FormatError, QuantLinear, WeightFormat, split_granules
+from ..model.checkpoints.gguf import GGUFCheckpoint
+from ..model.checkpoints.gguf_blocks import read_blocked, tensor_type
+from ..model.quant import Blocked, FormatError, QuantLinear, WeightFormat, split_granules
 from ..model.transformer import Transformer
 from .sharding import ShardSpec
 
@@ -50,7 +64,7 @@ class CompactLinear(nn.Module):
         return self.q.dequantized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (t, K) -> (t, N)
-        y = self.q(x)
+        y = self.q.forward(x)  # no hooks on it: skip nn.Module's call machinery, 120 times a decode step
         return y if self.bias is None else y + self.bias
 
 
@@ -97,23 +111,74 @@ def compact_shard(model: Transformer, source: WeightSource, fmt: WeightFormat) -
     check_cuts(cfg, spec, fmt)
     hd = cfg.head_dim
     for i, blk in model.layers.items():
-        a, m = blk.attn, blk.mlp
-        a.qkv = _compact(a.qkv, fmt)
-        a.out = _row_parallel(a.out, source, f"layers.{i}.attn.wo", a.h0 * hd, a.h1 * hd, fmt)
-        m.up = _compact(m.up, fmt)
-        if m.gate is not None:
-            m.gate = _compact(m.gate, fmt)
-        m.down = _row_parallel(m.down, source, f"layers.{i}.mlp.w_down", *spec.cols, fmt)
+        a, m, p = blk.attn, blk.mlp, f"layers.{i}."
+        q, kv, c = (a.h0 * hd, a.h1 * hd), (a.kv0 * hd, a.kv1 * hd), spec.cols
+        a.qkv = _from_file(source, fmt, a.qkv, [(p + "attn.wq", 0, *q), (p + "attn.wk", 0, *kv),
+                                                (p + "attn.wv", 0, *kv)]) or _compact(a.qkv, fmt)
+        a.out = (_from_file(source, fmt, a.out, [(p + "attn.wo", 1, *q)])
+                 or _row_parallel(a.out, source, p + "attn.wo", *q, fmt))
+        if m.gate is not None and m.up.weight.numel():
+            gate_up = _stacked(m.gate, m.up)
+            m.gate_up = (_from_file(source, fmt, gate_up, [(p + "mlp.w_gate", 0, *c), (p + "mlp.w_up", 0, *c)])
+                         or _compact(gate_up, fmt))
+            m.gate = m.up = None
+        else:
+            m.up = _from_file(source, fmt, m.up, [(p + "mlp.w_up", 0, *c)]) or _compact(m.up, fmt)
+        m.down = (_from_file(source, fmt, m.down, [(p + "mlp.w_down", 1, *c)])
+                  or _row_parallel(m.down, source, p + "mlp.w_down", *c, fmt))
+    compact_vocab(model, fmt.head_format)
     return model
 
 
+def _from_file(source: WeightSource, fmt: WeightFormat, lin: nn.Linear, parts) -> CompactLinear | None:
+    """The shard's cuts `parts` ((name, dim, start, end) each) of canonical matrices, stacked row-wise,
+    straight from a GGUF file's Q4_1 blocks into int4 of group 32: block for block, the codes as stored
+    (QuantLinear.from_blocked), as the compact decoder loads them, instead of requantizing their float32
+    values (another scale and zero wherever a block's codes miss 0 or 15). None when the source, the
+    format or a tensor's type do not map so: the float path then."""
+    if not (isinstance(source, GGUFCheckpoint) and fmt.name == "int4" and lin.weight.numel()):
+        return None
+    if any(tensor_type(source, name) != "Q4_1" for name, *_ in parts):
+        return None
+    blocks = Blocked.cat([read_blocked(source, name, dim, a, b) for name, dim, a, b in parts])
+    if blocks.block != fmt.group:
+        return None
+    return CompactLinear(QuantLinear.from_blocked(blocks, fmt), lin.bias)
+
+
+def _stacked(gate: nn.Linear, up: nn.Linear) -> nn.Linear:
+    """[gate; up] as one linear (2c, H), biases stacked alike (MLP.gate_up)."""
+    lin = nn.Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None, device="meta")
+    lin.weight = nn.Parameter(torch.cat([gate.weight, up.weight]), requires_grad=False)
+    if gate.bias is not None:
+        lin.bias = nn.Parameter(torch.cat([gate.bias, up.bias]), requires_grad=False)
+    return lin
+
+
+def compact_vocab(model: Transformer, hf: WeightFormat) -> None:
+    """The embedding rows and the LM head of a shard into `hf` (WeightFormat.head_format), in place: the
+    head as `model.head`, the embedding as `model.embed.table` (one module for both when the head is tied
+    and `hf` keeps rows; an int4 head gets an fp16 table apart). A shard without vocabulary rows keeps
+    its empty tensors."""
+    rows_fmt = WeightFormat("fp16") if hf.name == "int4" else hf  # lookups read rows: int4pack has none
+    table = None
+    if model.embed is not None and model.embed.tokens.numel():
+        table = QuantLinear.from_float(model.embed.tokens, rows_fmt, keep_rows=True)
+        model.embed.table, model.embed.tokens = table, None
+    if model.lm_head is not None and model.lm_head.numel():
+        tied = model.cfg.tie_embeddings and table is not None and rows_fmt == hf
+        model.head = table if tied else QuantLinear.from_float(model.lm_head, hf)
+        model.lm_head = None
+
+
 def held_bytes(model: Transformer) -> int:
-    """Weight bytes a compact shard holds: each linear's kernel bytes (QuantLinear.nbytes) and every
-    other tensor (embedding, norms, biases; a tied head once)."""
+    """Weight bytes a compact shard holds: each linear's kernel bytes (QuantLinear.nbytes) and any row
+    table it keeps for lookups, and every other tensor (norms, biases; a tied head once)."""
     seen, total = set(), 0
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            total += mod.nbytes
+        if isinstance(mod, QuantLinear):  # an opaque kernel's kept row table is held beside its packed weight
+            total += mod.nbytes + (sum(b.numel() * b.element_size() for b in mod.buffers())
+                                   if mod.handle is not None else 0)
             continue
         for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
             if t is not None and id(t) not in seen:

@@ -73,12 +73,26 @@ class Pass:
     contiguous_from: int | None = None  # one sequence at positions start.. (seqpar needs it), else None
 
 
+class _Rotation:
+    """A pass's RoPE cos / sin at its positions: computed at the first layer, read by every other
+    (model.transformer.rotation), instead of ten small ops per layer."""
+
+    def __init__(self, positions: torch.Tensor):
+        self.positions, self.rot, self.dtype = positions, None, None
+
+    def of(self, attn: Attention, dtype: torch.dtype):
+        if self.rot is None or self.dtype != dtype:
+            self.rot, self.dtype = attn.rotation(self.positions, dtype), dtype
+        return self.rot
+
+
 def request_pass(req: Request) -> Pass:
     """A Request as a Pass: attention over its own tokens."""
     s = req.ids.shape[0]
+    rot = _Rotation(torch.arange(req.start_pos, req.start_pos + s))
 
     def attend(idx: str, attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
-        return attn.attend(qkv, req.start_pos)
+        return attn.attend(qkv, req.start_pos, rot.of(attn, qkv.dtype))
 
     return Pass(req.ids, torch.arange(req.start_pos, req.start_pos + s), req.types, attend,
                 (s - 1,) if req.last_only else None, req.start_pos)
@@ -87,8 +101,10 @@ def request_pass(req: Request) -> Pass:
 def step_pass(step: Step, kv: PagedKVCache) -> Pass:
     """An engine Step as a Pass over this rank's paged KV cache."""
 
+    rot = _Rotation(step.batch.positions)
+
     def attend(idx: str, attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
-        return attn.attend_paged(qkv, kv, idx, step.batch)
+        return attn.attend_paged(qkv, kv, idx, step.batch, rot.of(attn, qkv.dtype))
 
     return Pass(step.ids, step.batch.positions, None, attend, step.logit_rows)
 

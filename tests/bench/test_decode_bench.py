@@ -86,3 +86,12 @@ def test_the_cli_takes_weights_formats_and_prints_json():
                                                    "galaxy fp16, 1 device (in-process)", "decoder fp32 eager",
                                                    "decoder fp16 eager"]
     assert rep["accuracy"] == []
+
+
+def test_the_engine_path_reports_the_time_between_tokens_beside_its_step(report):
+    """The client's gap between tokens (the step and the engine loop's own work) is reported for the galaxy
+    rows only, as a measured time."""
+    for r in report["speed"]:
+        assert ("token_gap_ms" in r) == r["engine"].startswith("galaxy")
+        if "token_gap_ms" in r:
+            assert r["token_gap_ms"] > 0

@@ -26,22 +26,36 @@ def scattered_tables(lengths, shared_prefix_blocks, num_blocks, seed):
     return tables
 
 
-def run_step(kv_map, nkv, method, seed=0):
+def consecutive_tables(lengths, shared_prefix_blocks):
+    """Block tables of consecutive ids, as a fresh pool hands them out; sequence 1 shares sequence 0's
+    first blocks and then continues elsewhere (so its table is not one run)."""
+    tables, nxt = [], 1
+    for i, n in enumerate(lengths):
+        shared = tables[0][:shared_prefix_blocks] if i == 1 else []
+        fresh = -(-n // BS) - len(shared)
+        tables.append(shared + list(range(nxt, nxt + fresh)))
+        nxt += fresh
+    return tables
+
+
+def run_step(kv_map, nkv, method, seed=0, plan=None, consecutive=False):
     """A mixed step: two decodes (one sharing a prefix with a prefill chunk), chunks at
     arbitrary starts and a prompt from position 0. Returns paged and reference outputs."""
     gen = torch.Generator().manual_seed(seed)
     nq = len(kv_map) if kv_map is not None else nkv
     # (context length, tokens run this step): decode, chunk over a shared prefix, fresh prompt,
     # chunk from a block boundary, decode on a one-position context
-    plan = [(23, 1), (19, 6), (9, 9), (16, 8), (1, 1)]
+    plan = plan or [(23, 1), (19, 6), (9, 9), (16, 8), (1, 1)]
     lengths = [c for c, _ in plan]
-    shared_blocks = 3  # sequences 0 and 1 share positions [0, 12)
-    tables = scattered_tables(lengths, shared_blocks, 40, seed)
+    shared_blocks = 3 if len(plan) > 1 else 0  # sequences 0 and 1 share positions [0, 12)
+    tables = (consecutive_tables if consecutive else
+              lambda n, s: scattered_tables(n, s, 40, seed))(lengths, shared_blocks)
     # ground truth per sequence: K/V at every position; the shared prefix is the same tensor
     ks = [torch.randn(nkv, n, HD, generator=gen) for n in lengths]
     vs = [torch.randn(nkv, n, HD, generator=gen) for n in lengths]
     shared = shared_blocks * BS
-    ks[1][:, :shared], vs[1][:, :shared] = ks[0][:, :shared], vs[0][:, :shared]
+    if shared:
+        ks[1][:, :shared], vs[1][:, :shared] = ks[0][:, :shared], vs[0][:, :shared]
     batch = PagedBatch(BS, tuple(n for _, n in plan), tuple(c - n for c, n in plan), tuple(map(tuple, tables)))
     cache = PagedKVCache(["3"], nkv, HD, 40, BS)
     for i, (c, n) in enumerate(plan):  # earlier steps wrote the cached positions
@@ -71,6 +85,22 @@ def test_mixed_batch_matches_contiguous_attention(method, kv_map, nkv):
     out, ref = run_step(kv_map, nkv, method)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("plan", [None, [(23, 1)], [(9, 9)], [(16, 8)]],
+                         ids=["mixed", "one-decode", "one-prompt", "one-chunk"])
+@pytest.mark.parametrize("kv_map,nkv", [(None, 3), ([0, 0, 0, 1, 1, 1, 2, 2, 2], 3), ([0, 1, 1, 1], 2)])
+def test_contexts_on_consecutive_blocks_read_as_views_match_contiguous_attention(plan, kv_map, nkv):
+    """Consecutive block ids take the view path (no gather); a sequence alone returns its attention as is."""
+    out, ref = run_step(kv_map, nkv, "gather", plan=plan, consecutive=True)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_context_runs_name_the_first_slot_of_consecutive_tables_only():
+    batch = PagedBatch(BS, (1, 2, 1), (8, 0, 4), ((3, 4, 5), (7, 9), (2, 6)))
+    # 9 positions on blocks 3, 4, 5: one run from slot 12; 2 positions fit in block 7 alone; 5 span 2 and 6
+    assert batch.context_runs == [3 * BS, 7 * BS, None]
 
 
 def test_gather_and_padded_agree_on_random_batches():

@@ -10,15 +10,18 @@ import torch
 from galaxy.engine.engine import Engine
 from galaxy.engine.generation import GenerationConfig
 from galaxy.errors import PlanMismatch
+from galaxy.model.checkpoints.gguf import GGUFCheckpoint
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import make_config
-from galaxy.model.quant import FormatError, parse_format
-from galaxy.parallel.compact import CompactLinear, compact_shard
+from galaxy.model.decode import load_decoder
+from galaxy.model.quant import FormatError, QuantLinear, parse_format
+from galaxy.parallel.compact import CompactLinear, compact_shard, held_bytes
 from galaxy.parallel.executor import LoadOptions
 from galaxy.parallel.forward import Request
 from galaxy.parallel.sharding import Partition, full_spec, load_shard
 from galaxy.runtime.api import connect
 from galaxy.runtime.inproc import InprocCluster, run_inprocess
+from tests.model.checkpoints.test_gguf_blocks import write_quantized
 
 # head_dim 16, ffn 96: int4's groups of 32 fall on 2 heads and on 32 columns; GQA 4/2; a tied head.
 CFG = make_config("llama", vocab_size=97, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=96,
@@ -84,8 +87,9 @@ def test_every_shard_holds_exactly_its_slice_of_the_whole_compact_weights(name):
             assert torch.equal(blk.attn.qkv.weight[: h1 - h0], whole.attn.qkv.weight[h0:h1])  # the Q rows
         if c1 > c0:
             assert torch.equal(blk.mlp.down.weight, whole.mlp.down.weight[:, c0:c1])
-            assert torch.equal(blk.mlp.up.weight, whole.mlp.up.weight[c0:c1])
-            assert torch.equal(blk.mlp.gate.weight, whole.mlp.gate.weight[c0:c1])
+            c, f = c1 - c0, CFG.ffn  # gate|up fused: [gate; up] rows of the shard, of the whole
+            assert torch.equal(blk.mlp.gate_up.weight[:c], whole.mlp.gate_up.weight[c0:c1])
+            assert torch.equal(blk.mlp.gate_up.weight[c:], whole.mlp.gate_up.weight[f + c0 : f + c1])
             assert isinstance(blk.mlp.down, CompactLinear)
 
 
@@ -130,3 +134,63 @@ def test_the_python_api_loads_in_a_weights_format_on_in_process_devices():
         lm = session.load(SRC, partition=PARTITIONS[0], weights_format="int4-fp32")
         ids = lm.generate([3, 14, 15, 92], max_new_tokens=4, details=True).tokens
     assert ids == greedy(single(parse_format("int4-fp32")), [3, 14, 15, 92], 4)
+
+
+@pytest.mark.parametrize("name", ["fp16", "int4-fp32"])
+def test_fused_gate_up_gives_the_separate_gate_and_up_matmuls(name):
+    """MLP.gate_up is [gate; up] in the format: its expand equals act(gate(x)) * up(x) of each alone."""
+    fmt = parse_format(name)
+    plain = load_shard(SRC, full_spec(CFG)).layers["0"].mlp
+    fused = single(fmt).layers["0"].mlp
+    assert fused.gate is None and fused.up is None
+    gate, up = (QuantLinear.from_float(w, fmt) for w in (plain.gate.weight, plain.up.weight))
+    x = torch.randn(3, CFG.hidden, generator=torch.Generator().manual_seed(1))
+    want = torch.nn.functional.silu(gate(x)) * up(x)
+    torch.testing.assert_close(fused.expand(x), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,head", [("int4", "fp16"), ("int8", "fp16"), ("bf16", "bf16"), ("int4:int4", "int4")])
+def test_the_embedding_and_head_are_held_in_the_head_format_and_each_shard_holds_its_rows(name, head):
+    fmt = parse_format(name)
+    whole = single(fmt)
+    assert whole.lm_head is None and whole.embed.tokens is None
+    assert whole.head.fmt.name == head and whole.embed.table.fmt.name == ("fp16" if head == "int4" else head)
+    assert (whole.head is whole.embed.table) == (head != "int4")  # tied: one module unless int4 has no rows
+    ids = torch.arange(CFG.vocab_size)
+    for r, m in enumerate(shards(PARTITIONS[1], fmt)):
+        v0, v1 = PARTITIONS[1].spec(r, CFG).vocab
+        assert torch.equal(m.head.dequantized(), whole.head.dequantized()[v0:v1])
+        inside = (ids >= v0) & (ids < v1)
+        assert torch.equal(m.embed.lookup(ids)[inside], whole.embed.lookup(ids)[inside])
+        assert not m.embed.lookup(ids)[~inside].any()
+
+
+def test_held_bytes_count_the_row_table_an_opaque_head_keeps_for_lookups():
+    m = single(parse_format("int4"))  # the tied fp16 head: packed for the matmul, rows kept for lookups
+    v, h = CFG.vocab_size, CFG.hidden
+    layers = sum(mod.nbytes for mod in m.layers.modules() if isinstance(mod, QuantLinear))
+    norms = sum(t.numel() * 4 for n, t in m.named_parameters() if "norm" in n)
+    assert held_bytes(m) == layers + norms + 2 * (v * h * 2)
+
+
+def test_a_q4_1_file_in_int4_is_held_block_for_block_as_the_decoder_holds_it_and_splits_exactly(tmp_path):
+    """A GGUF Q4_1 file's blocks go straight into int4 (no requantizing): the whole shard holds the compact
+    decoder's weights, and a 2-way split with fp32 activations equals the fp32 reference on the file's
+    dequantized weights (<= 1e-4, the same greedy tokens)."""
+    write_quantized(tmp_path / "q.gguf")
+    ck = GGUFCheckpoint(tmp_path / "q.gguf")
+    cfg = ck.config
+    fmt = parse_format("int4-fp32:fp32")  # the head: the file's Q8_0 embedding, exact in fp32
+    whole = compact_shard(load_shard(ck, full_spec(cfg)), ck, fmt)
+    dec = load_decoder(ck, fmt, capacity=32)
+    for i, layer in enumerate(dec.layers):
+        blk = whole.layers[str(i)]
+        for ours, theirs in ((blk.attn.qkv, layer.qkv), (blk.attn.out, layer.out), (blk.mlp.gate_up, layer.gate_up),
+                             (blk.mlp.down, layer.down)):
+            assert torch.equal(ours.q.dequantized(), theirs.dequantized())
+    p = Partition("galaxy", (2, 2), (64, 32), (20, 20), (2, 2), (1.0, 0.5)).validate(cfg)
+    models = [compact_shard(load_shard(ck, p.spec(r, cfg)), ck, fmt) for r in range(2)]
+    ref = load_shard(ck, full_spec(cfg))
+    ids = torch.tensor([3, 14, 15, 9, 26, 5])
+    assert (parallel_logits(models, p, ids) - ref(ids)).abs().max().item() <= TOL
+    assert greedy(lambda x: parallel_logits(models, p, x), [3, 14], 4) == greedy(ref, [3, 14], 4)
