@@ -72,13 +72,16 @@ def _compact(lin: nn.Linear, fmt: WeightFormat) -> nn.Module:
     return CompactLinear(QuantLinear.from_float(lin.weight, fmt), lin.bias)
 
 
-def _row_parallel(lin: nn.Linear, source: WeightSource, name: str, start: int, end: int,
+def _row_parallel(lin: nn.Linear, source: WeightSource | None, name: str, start: int, end: int,
                   fmt: WeightFormat) -> nn.Module:
     """The output / down projection: columns [start, end) of the whole weight `name`. int8 keeps its
     whole rows' scales (quantize the whole, then cut); every other format's groups are the shard's own."""
     if lin.weight.numel() == 0:
         return lin
     if fmt.name == "int8":
+        if source is None:
+            raise FormatError(f"weights format {fmt}: a row-parallel shard takes its rows' scales from the whole "
+                              f"weight {name!r}, and this device has no checkpoint (push the shard in {fmt})")
         q = QuantLinear.from_float(source.get(name), fmt).slice(1, start, end)
     else:
         q = QuantLinear.from_float(lin.weight, fmt)
@@ -86,7 +89,7 @@ def _row_parallel(lin: nn.Linear, source: WeightSource, name: str, start: int, e
 
 
 @torch.no_grad()
-def compact_shard(model: Transformer, source: WeightSource, fmt: WeightFormat) -> Transformer:
+def compact_shard(model: Transformer, source: WeightSource | None, fmt: WeightFormat) -> Transformer:
     """Put the linear layers of a float32 shard (`sharding.load_shard`) into `fmt`, in place; returns it.
     fp32 leaves the shard as it is (the exact reference path)."""
     if fmt.name == "fp32":
