@@ -66,11 +66,16 @@ def _budgeted(cfg: ModelConfig, plan: Plan, cluster: ClusterProfile, params: mem
 
 
 def fit_plan(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: str | None = None,
-             dtype_bytes: int = 4, transient: int = memory.PUSH_TRANSIENT, method: str = "auto") -> Plan:
+             dtype_bytes: int = 4, transient: int = memory.PUSH_TRANSIENT, method: str = "auto",
+             weights_format: str = "fp32") -> Plan:
     """The solver's plan, with the devices' memory used as far as their budgets really allow.
-    transient: a load's, as the profile's rooms were made with (profiler.profile_cluster)."""
-    params = memory.MemoryParams.for_dtype(dtype_bytes)
+    transient: a load's, as the profile's rooms were made with (profiler.profile_cluster).
+    weights_format: how the devices hold their linears. The solver sizes weights at dtype_bytes (a compact
+    format only needs less, so its split is safe); the exact check that relaxes it and the plan's memory
+    figures hold the linears at their compact size (memory.MemoryParams.weights_format)."""
+    params = memory.MemoryParams.for_dtype(dtype_bytes, weights_format)
     safe = solve(cfg, seq_len, cluster, strategy, dtype_bytes, method=method)
+    safe = dataclasses.replace(safe, weights_format=weights_format)
     bad = misfits(cfg, safe, cluster, params, transient=transient)
     if bad:  # solver_room is a proof that this cannot happen: say so loudly if it does
         raise PlanError("the planned split does not fit the devices' memory budgets: " + "; ".join(bad))
@@ -89,6 +94,7 @@ def fit_plan(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: 
         except PlanError:
             hi = mid
             continue
+        plan = dataclasses.replace(plan, weights_format=weights_format)
         if misfits(cfg, plan, cluster, params, PLAN_MARGIN, transient):
             hi = mid
             continue

@@ -20,9 +20,10 @@ from planner.synthetic import synthetic_cluster
 from ..errors import GalaxyError
 from ..model.transformer import DTYPES
 from ..parallel.sharding import full_spec
+from ..runtime.api import resolve_weights_format
 from ..runtime.sources import open_source
 from ..units import fmt_bytes
-from .args import add_cluster_args, add_model_args, int_at_least, output_file, size
+from .args import add_cluster_args, add_model_args, add_weights_format_arg, int_at_least, output_file, size
 from .session import device_count, open_session
 
 EXAMPLES = """examples:
@@ -53,6 +54,7 @@ def add_parser(sub) -> None:
     plan.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8", "auto"], default="fp32",
                       help="activation format on the links: fp32 exact (default), a lossy format everywhere, or "
                            "auto: per link from its measured bandwidth and the devices' codec speed")
+    add_weights_format_arg(plan)
     plan.add_argument("-o", "--output", metavar="PLAN.json", type=output_file, help="write the plan file")
     plan.add_argument("--svg", metavar="FILE.svg", type=output_file, help="draw the plan")
     plan.add_argument("--png", metavar="FILE.png", type=output_file, help="draw the plan")
@@ -111,7 +113,7 @@ def cmd_plan(args) -> int:
     wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
     plan = fit_plan(cfg, args.seq_len, wire_choice.effective(prof, wire),
                     None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize,
-                    method=args.method)
+                    method=args.method, weights_format=resolve_weights_format(args.weights_format or "fp32", source))
     if args.wire != "fp32":
         plan = plan.with_wire(wire, [d.name for d in prof.devices])
     if args.output:

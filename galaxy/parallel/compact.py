@@ -27,13 +27,15 @@ Shapes as in quant.py: W (N, K), x (t, K).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from ..model.checkpoints import WeightSource
 from ..model.quant import FormatError, QuantLinear, WeightFormat, split_granules
 from ..model.transformer import Transformer
-from .sharding import ShardSpec
+from .sharding import Partition, ShardSpec, Strategy
 
 
 class CompactLinear(nn.Module):
@@ -64,6 +66,26 @@ def check_cuts(cfg, spec: ShardSpec, fmt: WeightFormat) -> None:
             if cut % unit and cut != whole:
                 raise FormatError(f"weights format {fmt}: the shard's {what} cut at {cut} is not a multiple of "
                                   f"{unit} (split_granules); split {what} in multiples of {unit}")
+
+
+def align_partition(cfg, partition: Partition, fmt: WeightFormat) -> Partition:
+    """`partition` with its heads and columns cut on the format's granules (quant.split_granules): each
+    cut point moved to the nearest multiple, the last staying at the whole, so a split derived from
+    device speeds or memory (weighted, even) holds in `fmt`. Shares change by less than one granule."""
+    if fmt.name == "fp32" or partition.strategy in (Strategy.PIPELINE, Strategy.SEQPAR):
+        return partition
+    g = split_granules(cfg, fmt)
+
+    def align(counts: tuple[int, ...], unit: int, whole: int) -> tuple[int, ...]:
+        cuts, acc = [], 0
+        for c in counts[:-1]:
+            acc += c
+            cuts.append(min(whole, max(cuts[-1] if cuts else 0, round(acc / unit) * unit)))
+        edges = [0, *cuts, whole]
+        return tuple(b - a for a, b in zip(edges, edges[1:]))
+
+    return dataclasses.replace(partition, heads=align(partition.heads, g["heads"], cfg.n_heads),
+                               cols=align(partition.cols, g["cols"], cfg.ffn)).validate(cfg)
 
 
 def _compact(lin: nn.Linear, fmt: WeightFormat) -> nn.Module:
@@ -119,7 +141,8 @@ def held_bytes(model: Transformer) -> int:
             total += mod.nbytes
             continue
         for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
+            key = None if t is None else (t.data_ptr(), t.numel())  # a tied head is another Parameter object
+            if t is not None and key not in seen:  # over the embedding's storage: counted once by its memory
+                seen.add(key)
                 total += t.numel() * t.element_size()
     return total
