@@ -372,11 +372,12 @@ def file_transient_bytes(cfg: ModelConfig, file_bytes: int) -> int:
 
 
 # Bytes per element of one (N, K) weight that putting it in a compact format holds beside the float32
-# weight and its result (model/quant.py): int4's quantizer keeps the float32 quotient and its rounding,
-# then the int32 codes (4 + 4 + 4); unpacking pushed nibbles holds the int32 codes and the packed copy.
-# Counted from the code for the largest matrix a device may convert (a whole row-parallel weight: int8 cuts
-# its columns from the quantized whole), not measured.
-QUANTIZE_TEMP_BYTES = 12
+# weight (model/quant.py, parallel/compact_wire.py), its result included. Measured: peak resident growth
+# (VmHWM) of converting one 3072 x 2048 weight beyond its input, one thread: from float32, int4 12.8 B per
+# element (0.6 of it the result: the quantizer's float32 quotient, its rounding, the int32 codes), int8 12.0,
+# fp16 8.0, bf16 4.0; from pushed parts, fp16 12.0, bf16 8.0, int4 6.4 (the unpacked int32 codes), int8 0.
+# Counted for the largest whole matrix (int8 quantizes a whole row-parallel weight before cutting it).
+QUANTIZE_TEMP_BYTES = 13
 
 
 def quantize_transient_bytes(cfg: ModelConfig, fmt: WeightFormat) -> int:
