@@ -280,7 +280,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             state = self.shards.take(req.model.shard_hash)
         else:
             state = self._own_shard(source, spec)
-        if fmt.name != "fp32" and is_compact_state(state):
+        if is_compact_state(state):
+            if fmt.name == "fp32":
+                raise GalaxyError("the pushed shard is in a compact weights format and the load asks for fp32: "
+                                  "push it again as float32")
             model = build_compact(cfg, spec, state, fmt, self.s.device)
         else:
             model = compact_shard(build_shard(meta_model(cfg, spec), state, DTYPES[req.dtype], self.s.device),
