@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   galaxy plan --local 3 --random-init gpt2-large --seq-len 256 -o plan.json --png plan.png
   galaxy plan --cluster devices/clusters/hetero-trio.yaml --wire auto -o plan.json
   galaxy run --random-init gpt2-large --seq-len 256 --plan plan.json --check
+  galaxy plan --local 3 --weights-format int4 -o plan.json     memory sized for int4 linears; run loads in it
   galaxy plan --synthetic 32 --seed 1 --random-init gpt2-large     a seeded 32-device cluster, no workers needed
 """
 

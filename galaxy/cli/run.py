@@ -40,6 +40,7 @@ from .session import (
 
 EXAMPLES = """examples:
   galaxy run --local 3 --check                                   the embedded SmolLM2 on 3 local workers
+  galaxy run --local 3 --weights-format int4 --check             ... its linears in int4 (docs/decode-formats.md)
   galaxy run --prompt "What is the capital of France?" --max-new-tokens 16 --check    a chat model's reply
   galaxy run --prompt "The capital of France is" --max-new-tokens 16 --raw          plain text, continued
   galaxy run --model minilm --prompt "hello world" --weights 0.9,0.6,0.45
