@@ -55,6 +55,18 @@ def with_exact_memory(cfg: ModelConfig, plan: Plan, cluster: ClusterProfile, par
         dataclasses.replace(d, memory=exact[d.name]) if d.name in exact else d for d in plan.devices))
 
 
+def with_format_weights(cfg: ModelConfig, plan: Plan, params: memory.MemoryParams) -> Plan:
+    """The plan with every device's weight bytes as it holds them in params' weights format (the
+    budgeted ones have them already, from `with_exact_memory`); unchanged in fp32."""
+    if params.compact is None:
+        return plan
+    part = plan.to_partition(cfg)
+    return dataclasses.replace(plan, devices=tuple(
+        dataclasses.replace(d, memory=dataclasses.replace(
+            d.memory, weights_bytes=memory.weight_bytes(cfg, part.spec(r, cfg), params)))
+        for r, d in enumerate(plan.devices)))
+
+
 def _budgeted(cfg: ModelConfig, plan: Plan, cluster: ClusterProfile, params: memory.MemoryParams, transient: int):
     """(plan device, what the worker will count for it, the room its budget leaves) for each
     device of the plan that has a memory budget."""
@@ -66,18 +78,23 @@ def _budgeted(cfg: ModelConfig, plan: Plan, cluster: ClusterProfile, params: mem
 
 
 def fit_plan(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: str | None = None,
-             dtype_bytes: int = 4, transient: int = memory.PUSH_TRANSIENT, method: str = "auto") -> Plan:
+             dtype_bytes: int = 4, transient: int = memory.PUSH_TRANSIENT, method: str = "auto",
+             weights_format: str = "fp32") -> Plan:
     """The solver's plan, with the devices' memory used as far as their budgets really allow.
-    transient: a load's, as the profile's rooms were made with (profiler.profile_cluster)."""
-    params = memory.MemoryParams.for_dtype(dtype_bytes)
+    transient: a load's, as the profile's rooms were made with (profiler.profile_cluster).
+    weights_format: how the devices hold their linears. The solver sizes weights at dtype_bytes (a compact
+    format only needs less, so its split is safe); the exact check that relaxes it and the plan's memory
+    figures hold the linears at their compact size (memory.MemoryParams.weights_format)."""
+    params = memory.MemoryParams.for_dtype(dtype_bytes, weights_format)
     safe = solve(cfg, seq_len, cluster, strategy, dtype_bytes, method=method)
+    safe = dataclasses.replace(safe, weights_format=weights_format)
     bad = misfits(cfg, safe, cluster, params, transient=transient)
     if bad:  # solver_room is a proof that this cannot happen: say so loudly if it does
         raise PlanError("the planned split does not fit the devices' memory budgets: " + "; ".join(bad))
     full = [max(d.memory_bytes, memory.room(d.budget_bytes, d.resident_bytes) - PLAN_MARGIN) if d.budget_bytes
             else d.memory_bytes for d in cluster.devices]
     if full == [d.memory_bytes for d in cluster.devices]:
-        return with_exact_memory(cfg, safe, cluster, params, transient)
+        return with_format_weights(cfg, with_exact_memory(cfg, safe, cluster, params, transient), params)
     best, lo, hi = safe, 0.0, 1.0
     for _ in range(RELAX_STEPS):
         mid = (lo + hi) / 2
@@ -89,10 +106,11 @@ def fit_plan(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: 
         except PlanError:
             hi = mid
             continue
+        plan = dataclasses.replace(plan, weights_format=weights_format)
         if misfits(cfg, plan, cluster, params, PLAN_MARGIN, transient):
             hi = mid
             continue
         lo = mid
         if plan.latency_s is not None and (best.latency_s is None or plan.latency_s <= best.latency_s):
             best = plan
-    return with_exact_memory(cfg, best, cluster, params, transient)
+    return with_format_weights(cfg, with_exact_memory(cfg, best, cluster, params, transient), params)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from galaxy.errors import GalaxyError
 from galaxy.model.config import FAMILIES, ModelConfig
+from galaxy.model.quant import FormatError, parse_format
 from galaxy.parallel.codec import FORMATS as WIRE_FORMATS
 from galaxy.parallel.sharding import Partition, PartitionError
 
@@ -161,6 +162,7 @@ class Plan:
     unused: tuple[tuple[str, str], ...] = ()  # (device name, why it was left out)
     version: int = PLAN_VERSION
     solver: SolverRun | None = None  # None: a plan written before solve times were recorded
+    weights_format: str = "fp32"  # how the devices hold their linears (galaxy.model.quant); memory is sized by it
     serve: ServePlan | None = None  # phase placement (galaxy plan --serve); None: prefill plan only
 
     def __post_init__(self) -> None:
@@ -219,6 +221,8 @@ class Plan:
             out["seq_len"] = self.seq_len
         out.update(strategy=self.strategy, dtype_bytes=self.dtype_bytes, latency_s=self.latency_s,
                    reason=self.reason)
+        if self.weights_format != "fp32":
+            out["weights_format"] = self.weights_format
         out["devices"] = [{
             "name": x.name, "address": x.address, "heads": x.heads, "mlp_cols": x.mlp_cols,
             "vocab_rows": x.vocab_rows, "tokens": x.tokens, "layers": x.layers,
@@ -425,8 +429,8 @@ def _check_shape(p: Plan, m: _Shape) -> None:
                 _need(v in (0, total), f"devices[{i}].{k}: {v}, but a {p.strategy} device holds all {total}")
 
 
-_TOP = {"version", "model", "seq_len", "strategy", "dtype_bytes", "latency_s", "reason", "devices", "strategies",
-        "unused", "solver", "serve"}
+_TOP = {"version", "model", "seq_len", "strategy", "dtype_bytes", "weights_format", "latency_s", "reason", "devices",
+        "strategies", "unused", "solver", "serve"}
 _SERVE = {"placement", "prefill", "decode", "workload", "objectives", "predicted", "reason"}
 _SERVE_PREDICTED = {f.name for f in dataclasses.fields(ServePrediction)}
 _DEVICE = {"name", "address", "heads", "mlp_cols", "vocab_rows", "tokens", "layers", "memory", "predicted", "wire"}
@@ -492,9 +496,15 @@ def _read_plan(d) -> Plan:
         sv = _object("solver", d["solver"], _SOLVER, required=("method", "seconds"))
         _count("solver.devices", sv.get("devices", 0))
         solver = SolverRun(sv["method"], sv["seconds"], sv.get("devices", 0))
+    fmt = d.get("weights_format", "fp32")
+    _need(isinstance(fmt, str), f"weights_format: {fmt!r} is not a string")
+    try:
+        parse_format(fmt)
+    except FormatError as e:
+        raise PlanError(f"weights_format: {e}") from None
     serve = _read_serve(d["serve"]) if "serve" in d else None
     return Plan(strategy, tuple(devices), d.get("seq_len"), model, d.get("dtype_bytes", 4), d.get("latency_s"),
-                tuple(strategies), d.get("reason", ""), tuple(unused), d["version"], solver, serve)
+                tuple(strategies), d.get("reason", ""), tuple(unused), d["version"], solver, fmt, serve)
 
 
 def _read_serve(d) -> ServePlan:

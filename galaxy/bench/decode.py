@@ -5,8 +5,8 @@ One process, one model, one thread count at a time. The engines, per thread coun
 
 - galaxy, 1 device: the real path -- the serving engine (`engine.Engine`) over an in-process executor
   with one rank, the paged KV cache, the model's blocks -- in fp32 and in each weight format
-  (`LoadOptions.weights_format`, parallel/compact.py); with `local` also in fp32 over N loopback
-  worker processes (`galaxy worker`), the path `galaxy run --local N` takes;
+  (`LoadOptions.weights_format`, parallel/compact.py); with `local` also in fp32 and each format over
+  N loopback worker processes (`galaxy worker`), the path `galaxy run --local N` takes;
 - the compact-format decoder (`model.decode.LlamaDecoder`) in each weight format, eager and, where
   torch.compile works here, compiled;
 - llama.cpp on the same GGUF file and thread count (`anchor.py`), when llama-cpp-python is
@@ -177,7 +177,7 @@ class _Prototype:
 
 class _GalaxyPath:
     """The serving engine over an executor holding the model split evenly over its ranks, in a weights
-    format (compact formats on in-process ranks only: parallel.compact)."""
+    format (parallel.compact: in-process ranks and workers alike)."""
 
     def __init__(self, executor, source: WeightSource, world: int, prefill_tokens: int, workers=None,
                  weights_format: str = "fp32"):
@@ -248,6 +248,7 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
     prefill_ids = text_ids[: bench.prefill_tokens]
     capacity = max(len(prefill_ids), len(prompt_ids) + bench.new_tokens) + 8
     entries: list[_Entry] = []
+    workers = None  # the loopback workers every local row's coordinator shares (one session per format)
     try:
         if bench.galaxy:
             for f in ["fp32", *(f for f in bench.formats if parse_format(f).name != "fp32")]:
@@ -259,13 +260,14 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
             if bench.local:
                 progress(f"{threads} thread(s): starting {bench.local} loopback workers")
                 workers = LocalWorkers(bench.local, threads=threads)
-                try:
-                    path = _GalaxyPath(Cluster(workers.start()), source, bench.local, bench.prefill_tokens, workers)
-                except BaseException:
-                    workers.stop()
-                    raise
-                entries.append(_Entry(f"galaxy fp32, {bench.local} local workers", path,
-                                      {"format": "fp32 (engine blocks)", "weight_MB": path.weight_bytes / 1e6}))
+                addresses = workers.start()
+                for f in ["fp32", *(f for f in bench.formats if parse_format(f).name != "fp32")]:
+                    progress(f"{threads} thread(s): loading galaxy {f} on {bench.local} local workers")
+                    path = _GalaxyPath(Cluster(addresses), source, bench.local, bench.prefill_tokens,
+                                       weights_format=f)
+                    entries.append(_Entry(f"galaxy {f}, {bench.local} local workers", path,
+                                          {"format": f"{parse_format(f)} (engine blocks)",
+                                           "weight_MB": path.weight_bytes / 1e6}))
         for f in bench.formats:
             fmt = parse_format(f)
             progress(f"{threads} thread(s): loading the decoder in {fmt}")
@@ -292,8 +294,12 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
                     e.gaps.append(statistics.median(e.engine.token_gaps))
                 e.prefill.append(e.engine.prefill(prefill_ids))
     finally:
-        for e in entries:
-            e.engine.close()
+        try:
+            for e in entries:
+                e.engine.close()
+        finally:
+            if workers is not None:
+                workers.stop()
     first = entries[0].tokens if entries else None
     return [{"engine": e.name, "threads": threads, "decode_ms": statistics.median(e.decode) * 1e3,
              "decode_ms_runs": [x * 1e3 for x in e.decode], "prefill_s": statistics.median(e.prefill),

@@ -14,6 +14,7 @@ from ..addresses import AddressError, split_address
 from ..engine.arguments import stop_strings
 from ..engine.generation import GenerationConfig
 from ..engine.sampling import SamplingConfig
+from ..model.quant import FormatError, parse_format
 
 
 def progress(msg: str) -> None:
@@ -127,6 +128,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights and activations on the devices: float32 (default, exact) or bfloat16 (half "
                    "the memory, checked with a looser tolerance)")
+
+
+def weights_format(text: str) -> str:
+    """A --weights-format value: "auto" or a model.quant.parse_format spec, refused here (before any worker
+    starts) with the format's own error naming it."""
+    if text != "auto":
+        try:
+            parse_format(text)
+        except FormatError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_weights_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights-format", type=weights_format, metavar="FORMAT",
+                   help="how each device holds its linear weights: fp32 (default, or the --plan's; the exact "
+                   "reference), bf16, fp16, "
+                   "int8, int4, int4-fp32, ... (NAME[-ACT][-gGROUP][:HEAD]), or auto: int4 for a Q4 GGUF such as the "
+                   "embedded SmolLM2, fp32 for float checkpoints; a streamed shard travels in it "
+                   "(docs/decode-formats.md)")
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:

@@ -19,17 +19,20 @@ from planner.strategy import RUNNABLE
 from planner.synthetic import synthetic_cluster
 
 from ..errors import GalaxyError
+from ..model.quant import parse_format
 from ..model.transformer import DTYPES
 from ..parallel.sharding import full_spec
+from ..runtime.api import resolve_weights_format
 from ..runtime.sources import open_source
 from ..units import fmt_bytes
-from .args import add_cluster_args, add_model_args, int_at_least, output_file, size
+from .args import add_cluster_args, add_model_args, add_weights_format_arg, int_at_least, output_file, size
 from .session import device_count, open_session
 
 EXAMPLES = """examples:
   galaxy plan --local 3 --random-init gpt2-large --seq-len 256 -o plan.json --png plan.png
   galaxy plan --cluster devices/clusters/hetero-trio.yaml --wire auto -o plan.json
   galaxy run --random-init gpt2-large --seq-len 256 --plan plan.json --check
+  galaxy plan --local 3 --weights-format int4 -o plan.json     memory sized for int4 linears; run loads in it
   galaxy plan --synthetic 32 --seed 1 --random-init gpt2-large     a seeded 32-device cluster, no workers needed
   galaxy plan --serve --cluster devices/clusters/hetero-trio.yaml --rate 0.5 --input-len 128 -o plan.json
       where prefill and decode run (colocated, disaggregated or mixed), by simulated goodput
@@ -57,6 +60,7 @@ def add_parser(sub) -> None:
     plan.add_argument("--wire", choices=["fp32", "bf16", "fp16", "int8", "auto"], default="fp32",
                       help="activation format on the links: fp32 exact (default), a lossy format everywhere, or "
                            "auto: per link from its measured bandwidth and the devices' codec speed")
+    add_weights_format_arg(plan)
     serve = plan.add_argument_group("phase placement (--serve): where prefill and decode run, chosen by "
                                     "simulating the serving engine (docs/planner.md, Phase placements)")
     serve.add_argument("--serve", action="store_true",
@@ -98,7 +102,7 @@ def objective(text: str) -> serving.Objective:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _serve_plan(args, cfg, cluster, dtype_bytes: int):
+def _serve_plan(args, cfg, cluster, dtype_bytes: int, weights_format: str):
     """--serve: every phase placement simulated under the workload; prints the table, returns the plan."""
     if args.strategy != "auto":
         raise GalaxyError("--serve chooses each group's strategy itself; leave out --strategy")
@@ -112,9 +116,10 @@ def _serve_plan(args, cfg, cluster, dtype_bytes: int):
                                max_running=min(64, args.max_batched_tokens))
 
     def solver(c, tokens, sub, strategy=None):
-        return fit_plan(c, tokens, sub, strategy, dtype_bytes, method=args.method)
+        return fit_plan(c, tokens, sub, strategy, dtype_bytes, method=args.method, weights_format=weights_format)
 
-    choice = serving.choose(PhaseModel(cfg, cluster, dtype_bytes, solver=solver), goals)
+    fmt = parse_format(weights_format) if weights_format != "fp32" else None  # None: the dtype's own bytes
+    choice = serving.choose(PhaseModel(cfg, cluster, dtype_bytes, fmt=fmt, solver=solver), goals)
     return choice.plan(goals), serving.table(choice)
 
 
@@ -168,12 +173,14 @@ def cmd_plan(args) -> int:
     n_prof = len(prof.devices)
     wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
     serve_table = None
+    weights_format = resolve_weights_format(args.weights_format or "fp32", source)
     if args.serve:
-        plan, serve_table = _serve_plan(args, cfg, wire_choice.effective(prof, wire), DTYPES[args.dtype].itemsize)
+        plan, serve_table = _serve_plan(args, cfg, wire_choice.effective(prof, wire), DTYPES[args.dtype].itemsize,
+                                        weights_format)
     else:
         plan = fit_plan(cfg, args.seq_len, wire_choice.effective(prof, wire),
                         None if args.strategy == "auto" else args.strategy, DTYPES[args.dtype].itemsize,
-                        method=args.method)
+                        method=args.method, weights_format=weights_format)
     if args.wire != "fp32":
         plan = plan.with_wire(wire, [d.name for d in prof.devices])
     if args.output:

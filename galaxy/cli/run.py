@@ -22,16 +22,25 @@ from .args import (
     add_generation_args,
     add_input_args,
     add_model_args,
+    add_weights_format_arg,
     floats,
     generation_config,
     int_at_least,
     output_file,
     progress,
 )
-from .session import device_count, open_session, partition_from_args, stream_flag, wire_formats
+from .session import (
+    device_count,
+    open_session,
+    partition_from_args,
+    stream_flag,
+    weights_format_from_args,
+    wire_formats,
+)
 
 EXAMPLES = """examples:
   galaxy run --local 3 --check                                   the embedded SmolLM2 on 3 local workers
+  galaxy run --local 3 --weights-format int4 --check             ... its linears in int4 (docs/decode-formats.md)
   galaxy run --prompt "What is the capital of France?" --max-new-tokens 16 --check    a chat model's reply
   galaxy run --prompt "The capital of France is" --max-new-tokens 16 --raw          plain text, continued
   galaxy run --model minilm --prompt "hello world" --weights 0.9,0.6,0.45
@@ -63,6 +72,7 @@ def add_parser(sub) -> None:
                      help="coordinator: stream each device its shard (devices need no model file); path: "
                           "devices read the checkpoint path themselves; auto: path for --local, else stream")
     run.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
+    add_weights_format_arg(run)
     add_generation_args(run)
     run.add_argument("--raw", action="store_true", help="with --max-new-tokens on a chat model: send the prompt as "
                      "plain text (default: as a user message, through the model's chat template)")
@@ -73,7 +83,8 @@ def cmd_run(args) -> int:
     source = open_source(args.model, args.random_init, args.seed)
     cfg = source.config
     n = device_count(args)
-    partition = partition_from_args(args, cfg, n)
+    weights_format = weights_format_from_args(args, source)
+    partition = partition_from_args(args, cfg, n, weights_format)
     generating = args.max_new_tokens is not None
     if generating and not cfg.causal:
         raise GalaxyError(f"--max-new-tokens needs a causal LM; {source.path} is an encoder")
@@ -102,13 +113,13 @@ def cmd_run(args) -> int:
         reserve = int(req.ids.shape[0]) + (args.max_new_tokens or 0)  # what the devices hold memory for
         model = session.load(source, partition=partition, strategy=args.strategy, dtype=args.dtype, tiles=args.tiles,
                              stream_weights=stream_flag(args), wire=wire, backend=args.backend,
-                             seq_len=min(reserve, cfg.max_positions))
+                             seq_len=min(reserve, cfg.max_positions), weights_format=weights_format)
         partition = model.partition
         seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
                 "dtype": args.dtype, "input": how, "seq_len": int(req.ids.shape[0]),
                 "partition": partition_rows(partition, req), "wire": wire or "fp32", "chat_template": templated,
-                "backend": session.executor.backends or args.backend}
+                "backend": session.executor.backends or args.backend, "weights_format": model.weights_format}
         if generating:
             return _run_generate(args, model, req, gc, base, seconds)
         return _run_forward(args, model, req, base, seconds, infos)
@@ -144,9 +155,9 @@ def _run_forward(args, model, req, report: dict, seconds: dict, infos) -> int:
     ok = True
     if args.check:
         dtype = DTYPES[args.dtype]
-        ref = reference_output(model.source, req, dtype=dtype)
+        ref = reference_output(model.source, req, dtype=dtype, weights_format=model.weights_format)
         wire = report.get("wire") if isinstance(report.get("wire"), list) else None
-        check = check_output(out, ref, dtype, wire, logits=cfg.causal)
+        check = check_output(out, ref, dtype, wire, logits=cfg.causal, weights_format=model.weights_format)
         ok = check.ok
         report.update(check.to_dict())
     if args.save_output:
@@ -186,7 +197,8 @@ def _run_generate(args, model, req, gc, report: dict, seconds: dict) -> int:
     ok = True
     if args.check:
         progress("checking against the single-device reference (greedy, no cache)")
-        ref = reference_generate(model.source, ids, len(gen.tokens) if gen.finish != "eos" else args.max_new_tokens)
+        ref = reference_generate(model.source, ids, len(gen.tokens) if gen.finish != "eos" else args.max_new_tokens,
+                                 weights_format=model.weights_format)
         ok = ref[: len(gen.tokens)] == gen.tokens and (gen.finish != "eos" or len(ref) == len(gen.tokens))
         report.update(tokens_match=ok, reference_tokens=ref)
     if args.json:
@@ -218,7 +230,9 @@ def partition_rows(p, req) -> list[dict]:
 
 
 def _print_run(rep: dict) -> None:
-    print(f"model     {rep['model']}  ({rep['family']}, {rep['dtype']})")
+    fmt = rep.get("weights_format", "fp32")
+    held = f", weights {fmt}" if fmt != "fp32" else ""
+    print(f"model     {rep['model']}  ({rep['family']}, {rep['dtype']}{held})")
     print(f"strategy  {rep['strategy']} on {rep['devices']} devices; input {rep['seq_len']} tokens "
           f"({rep['input']})")
     cols = list(rep["partition"][0])

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..serving.server import Server
-from .args import add_cluster_args, add_model_args, number_in, size
+from .args import add_cluster_args, add_model_args, add_weights_format_arg, number_in, size
 from .session import device_count, open_session, read_plan
 
 EXAMPLES = """examples:
@@ -33,6 +33,7 @@ def add_parser(subparsers):
     add_model_args(p)
     add_cluster_args(p, recover=True)
     p.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
+    add_weights_format_arg(p)
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for the LAN)")
     h.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -64,7 +65,7 @@ def cmd_serve(args) -> int:
     with open_session(args, device_count(args)) as session:
         print("galaxy: loading shards ...", file=sys.stderr, flush=True)
         model = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                             plan=args.plan)
+                             plan=args.plan, weights_format=args.weights_format)
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
                         request_timeout=args.request_timeout,

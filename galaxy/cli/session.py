@@ -11,8 +11,10 @@ from planner.plan import Plan
 
 from ..addresses import split_address
 from ..errors import GalaxyError
+from ..model.quant import parse_format
+from ..parallel.compact import align_partition
 from ..parallel.sharding import Partition, Strategy, weighted_partition
-from ..runtime.api import Session, connect, plan_partition
+from ..runtime.api import Session, connect, plan_partition, resolve_weights_format
 from ..transport.discovery import discovered_addresses
 from .args import progress
 
@@ -111,15 +113,26 @@ def device_count(args) -> int:
     return n
 
 
-def partition_from_args(args, cfg, n: int) -> Partition | None:
+def weights_format_from_args(args, source) -> str:
+    """The weights format a run loads in: --weights-format ("auto" resolved for the source), else its
+    plan's, else fp32."""
+    fmt = getattr(args, "weights_format", None)
+    if fmt is None and getattr(args, "plan", None):
+        fmt = Plan.from_json(Path(args.plan).read_text()).weights_format
+    return resolve_weights_format(fmt or "fp32", source)
+
+
+def partition_from_args(args, cfg, n: int, weights_format: str = "fp32") -> Partition | None:
     """The split a run asks for: its plan file, else --weights (an uneven Galaxy split), else None:
-    the session sizes one by the devices' memory and speed (runtime.api.Session.load)."""
+    the session sizes one by the devices' memory and speed (runtime.api.Session.load). Cut on the
+    granules of `weights_format` (parallel.compact.align_partition)."""
+    fmt = parse_format(weights_format)
     if getattr(args, "plan", None):
-        return plan_partition(args.plan, cfg, n)
+        return align_partition(cfg, plan_partition(args.plan, cfg, n), fmt)
     if args.weights is not None:
         if len(args.weights) != n:
             raise GalaxyError(f"--weights has {len(args.weights)} entries for {n} devices")
         if args.strategy != Strategy.GALAXY:
             raise GalaxyError("--weights shapes an uneven Galaxy split; drop it for megatron/pipeline")
-        return weighted_partition(cfg, args.weights)
+        return align_partition(cfg, weighted_partition(cfg, args.weights), fmt)
     return None

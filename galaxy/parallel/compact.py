@@ -39,6 +39,8 @@ Shapes as in quant.py: W (N, K), x (t, K).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -47,7 +49,7 @@ from ..model.checkpoints.gguf import GGUFCheckpoint
 from ..model.checkpoints.gguf_blocks import read_blocked, tensor_type
 from ..model.quant import Blocked, FormatError, QuantLinear, WeightFormat, split_granules
 from ..model.transformer import Transformer
-from .sharding import ShardSpec
+from .sharding import Partition, ShardSpec, Strategy
 
 
 class CompactLinear(nn.Module):
@@ -80,19 +82,42 @@ def check_cuts(cfg, spec: ShardSpec, fmt: WeightFormat) -> None:
                                   f"{unit} (split_granules); split {what} in multiples of {unit}")
 
 
+def align_partition(cfg, partition: Partition, fmt: WeightFormat) -> Partition:
+    """`partition` with its heads and columns cut on the format's granules (quant.split_granules): each
+    cut point moved to the nearest multiple, the last staying at the whole, so a split derived from
+    device speeds or memory (weighted, even) holds in `fmt`. Shares change by less than one granule."""
+    if fmt.name == "fp32" or partition.strategy in (Strategy.PIPELINE, Strategy.SEQPAR):
+        return partition
+    g = split_granules(cfg, fmt)
+
+    def align(counts: tuple[int, ...], unit: int, whole: int) -> tuple[int, ...]:
+        cuts, acc = [], 0
+        for c in counts[:-1]:
+            acc += c
+            cuts.append(min(whole, max(cuts[-1] if cuts else 0, round(acc / unit) * unit)))
+        edges = [0, *cuts, whole]
+        return tuple(b - a for a, b in zip(edges, edges[1:]))
+
+    return dataclasses.replace(partition, heads=align(partition.heads, g["heads"], cfg.n_heads),
+                               cols=align(partition.cols, g["cols"], cfg.ffn)).validate(cfg)
+
+
 def _compact(lin: nn.Linear, fmt: WeightFormat) -> nn.Module:
     if lin.weight.numel() == 0:  # a device with no heads or columns: nothing to multiply
         return lin
     return CompactLinear(QuantLinear.from_float(lin.weight, fmt), lin.bias)
 
 
-def _row_parallel(lin: nn.Linear, source: WeightSource, name: str, start: int, end: int,
+def _row_parallel(lin: nn.Linear, source: WeightSource | None, name: str, start: int, end: int,
                   fmt: WeightFormat) -> nn.Module:
     """The output / down projection: columns [start, end) of the whole weight `name`. int8 keeps its
     whole rows' scales (quantize the whole, then cut); every other format's groups are the shard's own."""
     if lin.weight.numel() == 0:
         return lin
     if fmt.name == "int8":
+        if source is None:
+            raise FormatError(f"weights format {fmt}: a row-parallel shard takes its rows' scales from the whole "
+                              f"weight {name!r}, and this device has no checkpoint (push the shard in {fmt})")
         q = QuantLinear.from_float(source.get(name), fmt).slice(1, start, end)
     else:
         q = QuantLinear.from_float(lin.weight, fmt)
@@ -100,7 +125,7 @@ def _row_parallel(lin: nn.Linear, source: WeightSource, name: str, start: int, e
 
 
 @torch.no_grad()
-def compact_shard(model: Transformer, source: WeightSource, fmt: WeightFormat) -> Transformer:
+def compact_shard(model: Transformer, source: WeightSource | None, fmt: WeightFormat) -> Transformer:
     """Put the linear layers of a float32 shard (`sharding.load_shard`) into `fmt`, in place; returns it.
     fp32 leaves the shard as it is (the exact reference path)."""
     if fmt.name == "fp32":
@@ -181,7 +206,8 @@ def held_bytes(model: Transformer) -> int:
                                    if mod.handle is not None else 0)
             continue
         for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
+            key = None if t is None else (t.data_ptr(), t.numel())  # a tied head is another Parameter object
+            if t is not None and key not in seen:  # over the embedding's storage: counted once by its memory
+                seen.add(key)
                 total += t.numel() * t.element_size()
     return total

@@ -26,6 +26,7 @@ from ..model.transformer import DTYPES
 from .codec import FORMATS as WIRE_FORMATS
 from .collectives import OpStat
 from .forward import Request, Step
+from .memory import MemoryParams
 from .rank import KVPool
 from .sharding import Partition
 
@@ -45,8 +46,8 @@ class LoadOptions:
     backend: str = "torch"  # one of BACKENDS
     data_plane: str = "tcp"  # tiles over the workers' TCP data ports, or over gRPC Exchange streams
     # how each device holds its linear weights (model.quant.parse_format syntax; parallel.compact puts a
-    # shard in it): fp32 is the exact reference. In-process ranks only so far: the gRPC LoadRequest does
-    # not carry it yet (transport.client.Cluster refuses anything else).
+    # shard in it, on in-process ranks and gRPC workers alike; a streamed shard travels in it,
+    # parallel.compact_wire): fp32 is the exact reference.
     weights_format: str = "fp32"
     seq_len: int = 0  # tokens each device reserves memory for (KV + a prefill of as many); 0: memory's default
 
@@ -82,6 +83,12 @@ class LoadOptions:
     @property
     def weight_format(self) -> WeightFormat:
         return parse_format(self.weights_format)
+
+    @property
+    def memory_params(self) -> MemoryParams:
+        """The memory model's element sizes for these options (parallel/memory.py): the compute dtype's,
+        the linears held in weights_format."""
+        return MemoryParams.for_dtype(self.torch_dtype.itemsize, self.weights_format)
 
     def check_world(self, world: int) -> None:
         """Refuse a wire matrix made for another number of devices."""

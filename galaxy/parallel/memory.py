@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from ..errors import DeviceOutOfMemory
 from ..model.config import ModelConfig
+from ..model.quant import INT4_ROWS, WeightFormat, parse_format
 from .forward import Request, decodes_tensor_parallel
 from .sharding import Partition, ShardSpec, Strategy
 
@@ -76,22 +77,33 @@ RESIDENT_DRIFT = 16 * MiB
 class MemoryParams:
     """Element sizes. weight_bytes: one parameter as the device holds it; act_bytes: one activation
     or KV element (the compute dtype); push_bytes: one parameter as it is received or read (the
-    coordinator streams float32)."""
+    coordinator streams float32). weights_format: how the linears are held (model.quant.parse_format
+    syntax): a compact format holds them at `linear_held_bytes` each, every other parameter (embedding,
+    head, norms, biases) at weight_bytes."""
 
     weight_bytes: float = 4.0
     act_bytes: int = 4
     push_bytes: float = 4.0
+    weights_format: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("weight_bytes", "act_bytes", "push_bytes"):
             v = getattr(self, name)
             if not v > 0:
                 raise ValueError(f"MemoryParams.{name}={v!r} must be positive")
+        parse_format(self.weights_format)  # a FormatError naming it, now rather than mid-load
 
     @classmethod
-    def for_dtype(cls, itemsize: int) -> MemoryParams:
-        """Weights and activations in a compute dtype of `itemsize` bytes (pushed as float32)."""
-        return cls(float(itemsize), int(itemsize), 4.0)
+    def for_dtype(cls, itemsize: int, weights_format: str = "fp32") -> MemoryParams:
+        """Weights and activations in a compute dtype of `itemsize` bytes (pushed as float32), the
+        linears held in `weights_format`."""
+        return cls(float(itemsize), int(itemsize), 4.0, weights_format)
+
+    @property
+    def compact(self) -> WeightFormat | None:
+        """The compact format the linears are held in; None for fp32 (held at weight_bytes)."""
+        fmt = parse_format(self.weights_format)
+        return None if fmt.name == "fp32" else fmt
 
 
 # --- what a shard holds ---------------------------------------------------------------------------
@@ -137,8 +149,67 @@ def shard_params(cfg: ModelConfig, spec: ShardSpec) -> int:
     return n
 
 
+def shard_linears(cfg: ModelConfig, spec: ShardSpec) -> list[tuple[int, int]]:
+    """(N, K) of every non-empty linear weight one layer of `spec` holds -- Q|K|V, the output
+    projection, up (and gate), down -- the matrices a compact format (parallel/compact.py) converts."""
+    hid, hd = cfg.hidden, cfg.head_dim
+    nq, c = spec.heads[1] - spec.heads[0], spec.cols[1] - spec.cols[0]
+    qkv = (nq + 2 * kv_heads_touched(cfg, *spec.heads)) * hd
+    mats = [(qkv, hid), (hid, nq * hd)] + [(c, hid)] * (2 if cfg.gated_mlp else 1) + [(hid, c)]
+    return [(n, k) for n, k in mats if n * k]
+
+
+def linear_held_bytes(n: int, k: int, fmt: WeightFormat) -> int:
+    """Bytes a (N, K) weight takes in `fmt` as parallel/compact.py holds it (= QuantLinear.nbytes):
+    int4 pads its rows to INT4_ROWS and keeps a scale and zero per group in the activation dtype; int8
+    a scale per row (bf16 for int8pack; fbgemm's packed weight adds a scale and column offset per row)."""
+    if fmt.name in ("bf16", "fp16"):
+        return 2 * n * k
+    if fmt.name == "int8":
+        return n * k + 2 * n if fmt.act == "bf16" else n * (k + 8)
+    if fmt.name == "int4":
+        npad = -(-n // INT4_ROWS) * INT4_ROWS
+        return npad * k // 2 + 2 * npad * (k // fmt.group) * fmt.act_dtype.itemsize
+    return 4 * n * k
+
+
+def linear_wire_bytes(n: int, k: int, fmt: WeightFormat) -> int:
+    """Bytes a (N, K) weight travels in when a shard is pushed in `fmt` (parallel/compact.wire_parts):
+    int4 codes two to a byte with a scale and zero per group in the activation dtype, int8 codes with a
+    float32 scale per row, bf16 / fp16 values."""
+    if fmt.name in ("bf16", "fp16"):
+        return 2 * n * k
+    if fmt.name == "int8":
+        return n * k + 4 * n
+    if fmt.name == "int4":
+        return n * k // 2 + 2 * n * (k // fmt.group) * fmt.act_dtype.itemsize
+    return 4 * n * k
+
+
+def _linear_params(cfg: ModelConfig, spec: ShardSpec) -> int:
+    return (spec.layers[1] - spec.layers[0]) * sum(n * k for n, k in shard_linears(cfg, spec))
+
+
 def weight_bytes(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams) -> int:
-    return math.ceil(shard_params(cfg, spec) * params.weight_bytes)
+    """Bytes the device holds for `spec`'s weights: linears in params' compact format (if any), every
+    other parameter at params.weight_bytes."""
+    fmt = params.compact
+    if fmt is None:
+        return math.ceil(shard_params(cfg, spec) * params.weight_bytes)
+    layers = spec.layers[1] - spec.layers[0]
+    held = layers * sum(linear_held_bytes(n, k, fmt) for n, k in shard_linears(cfg, spec))
+    return math.ceil((shard_params(cfg, spec) - _linear_params(cfg, spec)) * params.weight_bytes) + held
+
+
+def push_bytes(cfg: ModelConfig, spec: ShardSpec, weights_format: str = "fp32") -> int:
+    """Bytes of tensors a shard push of `spec` brings: float32, or with the linears in a compact
+    format's wire form (`linear_wire_bytes`) -- the bound the worker admits the push by."""
+    fmt = parse_format(weights_format)
+    if fmt.name == "fp32":
+        return 4 * shard_params(cfg, spec)
+    layers = spec.layers[1] - spec.layers[0]
+    wire = layers * sum(linear_wire_bytes(n, k, fmt) for n, k in shard_linears(cfg, spec))
+    return 4 * (shard_params(cfg, spec) - _linear_params(cfg, spec)) + wire
 
 
 def kv_bytes_per_position(cfg: ModelConfig, kv_heads: int, layers: int, act_bytes: int) -> int:
@@ -300,6 +371,25 @@ def file_transient_bytes(cfg: ModelConfig, file_bytes: int) -> int:
     return 4 * largest
 
 
+# Bytes per element of one (N, K) weight that putting it in a compact format holds beside the float32
+# weight (model/quant.py, parallel/compact_wire.py), its result included. Measured: peak resident growth
+# (VmHWM) of converting one 3072 x 2048 weight beyond its input, one thread: from float32, int4 12.8 B per
+# element (0.6 of it the result: the quantizer's float32 quotient, its rounding, the int32 codes), int8 12.0,
+# fp16 8.0, bf16 4.0; from pushed parts, fp16 12.0, bf16 8.0, int4 6.4 (the unpacked int32 codes), int8 0.
+# Counted for the largest whole matrix (int8 quantizes a whole row-parallel weight before cutting it).
+QUANTIZE_TEMP_BYTES = 13
+
+
+def quantize_transient_bytes(cfg: ModelConfig, fmt: WeightFormat) -> int:
+    """The temporaries of converting one linear into `fmt`, for the largest whole matrix of the model."""
+    if fmt.name == "fp32":
+        return 0
+    hid = cfg.hidden
+    largest = max((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * hid, cfg.n_heads * cfg.head_dim * hid,
+                  cfg.ffn * hid)
+    return QUANTIZE_TEMP_BYTES * largest
+
+
 @dataclass(frozen=True)
 class ShardNeed:
     """Bytes a device needs beside its resident process to load a shard and run a pass over it."""
@@ -362,17 +452,26 @@ def check_fits(device: str, need: ShardNeed, budget: int, resident: int, what: s
 
 
 def load_transient_bytes(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams, file_bytes: int | None = None,
-                         arrived: bool = False) -> int:
+                         arrived: bool = False, compact_push: bool = False) -> int:
     """What a load holds beside its finished weights. Pushed (file_bytes None): gRPC's buffers
     (PUSH_TRANSIENT), or nothing more once the shard has arrived (it is in the resident memory
     then, with what the push left); read from a checkpoint of file_bytes: its mapped pages and one
     whole tensor. When the device holds weights smaller than they arrive (bf16 from float32), also
     the received copy until it is converted, tensor by tensor (sharding.build_shard), and one
-    converted tensor."""
+    converted tensor. A compact weights format converts its linears after the float32 shard is built
+    (parallel/compact.compact_shard), so until then the shard's linears are held in float32 beside
+    what they become, plus one conversion's temporaries (`quantize_transient_bytes`); a shard pushed
+    already compact (`compact_push`) only adds the temporaries of one linear built from its parts."""
     if file_bytes is not None:
         out = file_transient_bytes(cfg, file_bytes)
     else:
         out = 0 if arrived else PUSH_TRANSIENT
+    fmt = params.compact
+    if fmt is not None:
+        out += quantize_transient_bytes(cfg, fmt)
+        if not compact_push:
+            layers = spec.layers[1] - spec.layers[0]
+            out += layers * sum(4 * n * k - linear_held_bytes(n, k, fmt) for n, k in shard_linears(cfg, spec))
     n = shard_params(cfg, spec)
     if params.push_bytes > params.weight_bytes:
         hid = cfg.hidden

@@ -39,8 +39,10 @@ from ..engine.sampling import SamplingConfig
 from ..errors import GalaxyError, InvalidRequest, ModelUnloaded, PlanMismatch
 from ..model.checkpoints import WeightSource
 from ..model.checkpoints.random import RandomWeights
+from ..model.decode import native_format
 from ..model.transformer import mean_pool
 from ..parallel import memory
+from ..parallel.compact import align_partition
 from ..parallel.executor import Executor, ForwardResult, LoadOptions
 from ..parallel.forward import Request
 from ..parallel.sharding import Partition, Strategy, even_partition, weighted_partition
@@ -81,7 +83,7 @@ class Session:
              strategy: str = "galaxy", weights: list[float] | None = None, partition: Partition | None = None,
              plan=None, dtype: str = "float32", tiles: int = 1, engine: EngineConfig | None = None,
              stream_weights: bool | None = None, wire: list[list[str]] | str | None = None,
-             backend: str = "torch", weights_format: str = "fp32", seq_len: int = 0) -> Model:
+             backend: str = "torch", weights_format: str | None = None, seq_len: int = 0) -> Model:
         """Load `model` (default: the embedded SmolLM2) split across the devices.
 
         The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
@@ -96,8 +98,11 @@ class Session:
         (default: yes unless the devices are local workers this session started, which read the
         file directly). engine: how generation requests are batched (galaxy.engine.EngineConfig).
         weights_format: how each device holds its linear weights, e.g. "fp16", "int8", "int4"
-        (galaxy.model.quant.parse_format; default the exact fp32); compact formats run on in-process
-        devices (transport="inproc") so far, docs/decode-formats.md.
+        (galaxy.model.quant.parse_format; default: the plan's, else the exact fp32), on workers and in-process devices
+        alike (a streamed shard travels in it); "auto": the file's own compact counterpart (int4 for a
+        Q4 GGUF, model.decode.native_format), fp32 for float checkpoints. A split from a plan or made
+        here (even, weighted, fitted to memory) is cut on the format's granules (compact.align_partition:
+        less than one granule moves per device); a given partition must already be. docs/decode-formats.md.
         """
         if self.closed:
             raise GalaxyError("this session is closed; open a new one with galaxy.connect(...)")
@@ -122,16 +127,20 @@ class Session:
             plan = Plan.from_json(Path(plan).read_text(), cfg=cfg)
         if plan is not None and not seq_len and plan.seq_len:
             seq_len = plan.seq_len  # what the plan reserved memory for
+        if weights_format is None:
+            weights_format = plan.weights_format if plan is not None else "fp32"  # what the plan sized memory by
+        weights_format = resolve_weights_format(weights_format, source)
         options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend,
                               weights_format=weights_format, seq_len=min(seq_len, cfg.max_positions))
         if plan is not None:
-            partition = plan_partition(plan, cfg, self.world)
+            partition = align_partition(cfg, plan_partition(plan, cfg, self.world), options.weight_format)
         elif partition is None:
             if weights is not None:
                 partition = weighted_partition(cfg, self._weights(weights))
             else:
                 need_choice("strategy", strategy, [s.value for s in Strategy])
                 partition = self._split(source, strategy, options, _describe(model, random_init, source))
+            partition = align_partition(cfg, partition, options.weight_format)
         elif not isinstance(partition, Partition):
             raise InvalidRequest(f"partition={partition!r}: must be a galaxy.parallel.sharding.Partition")
         if partition.world != self.world:
@@ -144,6 +153,7 @@ class Session:
         self.model = Model(self, source, partition, _describe(model, random_init, source), engine)
         self.model.weight_bytes = list(weight_bytes)
         self.model.seq_len = options.seq_len or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
+        self.model.weights_format = options.weights_format
         return self.model
 
     def _weights(self, weights) -> list[float]:
@@ -190,6 +200,12 @@ class Session:
         self.close()
 
 
+def resolve_weights_format(weights_format: str, source: WeightSource) -> str:
+    """A weights format as LoadOptions takes it: "auto" -> the source's own compact counterpart (int4 for a
+    Q4 GGUF, fp32 for float checkpoints and random init: model.decode.native_format); others unchanged."""
+    return str(native_format(source)) if weights_format == "auto" else weights_format
+
+
 def _describe(model, random_init, source: WeightSource) -> str:
     """How the caller named a model: what they passed to load(), else the source's name."""
     if random_init is not None:
@@ -221,6 +237,7 @@ class Model:
         self.name = name or repr(source.config.name)
         self.replaced_by = ""  # what the session loaded over this model (for ModelUnloaded)
         self.weight_bytes: list[int] = []  # per device, as loaded
+        self.weights_format = "fp32"  # how the devices hold the linears ("auto" resolved)
         self.seq_len = memory.DEFAULT_SEQ_LEN  # tokens of one pass the devices reserved memory for (load)
         self._engine_config = engine or EngineConfig()
         self._engine: Engine | None = None

@@ -97,9 +97,11 @@ def fit_partition(cfg: ModelConfig, infos, names: list[str], options, file_bytes
     cores it may use), each within what its memory holds (memory_caps), checked with the exact
     admission the coordinator runs before a push (transport.client.check_memory). A device that
     integer rounding overfills gets a little less, until every one fits."""
-    params = memory.MemoryParams.for_dtype(options.torch_dtype.itemsize)
+    params = options.memory_params  # a compact weights format: its linears at their compact size
     seq = options.seq_len or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
     transient = memory.PUSH_TRANSIENT if file_bytes is None else memory.file_transient_bytes(cfg, file_bytes)
+    if params.compact is not None:  # converting one linear; a file read's float32 linears: check_memory's
+        transient += memory.quantize_transient_bytes(cfg, params.compact)
     # sized with RESIDENT_DRIFT to spare: the workers count what they hold when the load comes
     infos = [dataclasses.replace(i, rss=i.rss + memory.RESIDENT_DRIFT) if i.memory_budget else i for i in infos]
     cap = memory_caps(cfg, infos, params, seq, transient)

@@ -1,5 +1,8 @@
-"""Is a parallel run right? Its output against the single-device reference, by the rule its wire
-format allows: exact within FP32_TOLERANCE in fp32, within a relative bound in bf16 or on a lossy wire."""
+"""Is a parallel run right? Its output against the single-device reference (in the same dtype and
+weights format), by the rule its wire and weights format allow: exact within FP32_TOLERANCE in fp32 and
+in the weights formats whose kernels return float32 (fp16, int4-fp32), within a relative bound in bf16,
+in a format whose kernels round each partial sum to bf16 or quantize activations (bf16, int8, int4:
+docs/decode-formats.md), or on a lossy wire."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.quant import parse_format
 from ..parallel.codec import LOSSY_REL_BOUND
 
 FP32_TOLERANCE = 1e-4  # max abs error of a parallel fp32 run against the single-device reference
@@ -30,10 +34,17 @@ class Check:
         return out
 
 
+def exact_format(weights_format: str) -> bool:
+    """Whether a split run in this weights format equals the single device to float32 rounding: its
+    kernels take and return float32 (fp32, fp16, int4-fp32), so the collectives add the same partial sums."""
+    return parse_format(weights_format).act == "fp32"
+
+
 def check_output(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torch.float32,
-                 wire: list[list[str]] | None = None, logits: bool = False) -> Check:
-    """Compare a parallel output with the single-device reference in the same dtype. A lossy wire
-    format is held to its measured bound (codec.LOSSY_REL_BOUND) relative to the output's scale."""
+                 wire: list[list[str]] | None = None, logits: bool = False, weights_format: str = "fp32") -> Check:
+    """Compare a parallel output with the single-device reference in the same dtype and weights format.
+    A lossy wire format is held to its measured bound (codec.LOSSY_REL_BOUND) relative to the output's
+    scale; a weights format that is not exact when split (`exact_format`) to bf16's relative bound."""
     out, ref = out.float(), ref.float()
     err = float((out - ref).abs().max())
     scale = max(float(ref.abs().max()), 1e-30)
@@ -43,5 +54,6 @@ def check_output(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype = torc
     if lossy:
         bound = max(LOSSY_REL_BOUND[f] for f in lossy)
         return Check(rel <= bound, err, rel, bound, True, top1)
-    tol = FP32_TOLERANCE if dtype == torch.float32 else BF16_REL_TOLERANCE * scale
+    exact = dtype == torch.float32 and exact_format(weights_format)
+    tol = FP32_TOLERANCE if exact else BF16_REL_TOLERANCE * scale
     return Check(err <= tol, err, rel, tol, False, top1)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ..errors import CacheLost, DeviceOutOfMemory, GalaxyError, PeerUnreachable, WorkerError
 from ..model.checkpoints import WeightSource
+from ..parallel.compact import align_partition
 from ..parallel.executor import LoadOptions
 from ..parallel.sharding import Partition, Strategy, even_partition, weighted_partition
 from ..transport.client import Cluster, check_memory
@@ -161,8 +162,9 @@ class ResilientCluster:
         if not survivors:
             raise PeerUnreachable(f"no device answers any more ({why}); nothing to recover with")
         keep = [self.cluster.addresses.index(a) for a in survivors if a in self.cluster.addresses]
-        partition = _survivor_partition(loaded.source.config, loaded.partition, keep, len(survivors))
         options = loaded.options
+        partition = align_partition(loaded.source.config, _survivor_partition(
+            loaded.source.config, loaded.partition, keep, len(survivors)), options.weight_format)
         if options.wire is not None:  # the formats between the devices that are left, as they were;
             # a device that was not in the ring before has none: exact fp32 until re-planned
             wire = tuple(tuple(options.wire[i][j] for j in keep) for i in keep) if len(keep) == len(survivors) else None
@@ -205,7 +207,8 @@ class ResilientCluster:
         loaded = self._loaded
         # a device 2x slower than its share says gets half the work
         weights = [w / r for w, r in zip(part.work_shares(loaded.source.config), ratios)]
-        partition = weighted_partition(loaded.source.config, weights)
+        partition = align_partition(loaded.source.config, weighted_partition(loaded.source.config, weights),
+                                    loaded.options.weight_format)  # on a compact format's granules
         self.cluster.load(loaded.source, partition, loaded.options)
         self._loaded = _Loaded(loaded.source, partition, loaded.options)
         slow = [self.cluster.names[i] for i, r in enumerate(ratios) if r >= self.straggler_ratio]

@@ -10,6 +10,8 @@ from ..model.checkpoints import WeightSource, open_checkpoint
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import preset
 from ..model.defaults import resolve_model
+from ..model.quant import parse_format
+from ..parallel.compact import compact_shard
 from ..parallel.forward import Request
 from ..parallel.sharding import full_spec, load_shard
 
@@ -48,18 +50,25 @@ def make_request(source: WeightSource, prompt: str | None = None, input_ids: lis
     return Request(torch.tensor(ids, dtype=torch.long)), how
 
 
-def reference_output(source: WeightSource, req: Request, dtype=torch.float32) -> torch.Tensor:
-    """The single-device forward, the yardstick for every parallel run."""
-    model = load_shard(source, full_spec(source.config), dtype=dtype)
+def reference_model(source: WeightSource, dtype=torch.float32, weights_format: str = "fp32"):
+    """The single-device model, its linears in `weights_format` (parallel/compact.py) as the devices hold them."""
+    return compact_shard(load_shard(source, full_spec(source.config), dtype=dtype), source,
+                         parse_format(weights_format))
+
+
+def reference_output(source: WeightSource, req: Request, dtype=torch.float32, weights_format: str = "fp32"
+                     ) -> torch.Tensor:
+    """The single-device forward in the same dtype and weights format, the yardstick for every parallel run."""
+    model = reference_model(source, dtype, weights_format)
     return model(req.ids, req.types, req.start_pos)
 
 
 @torch.inference_mode()
 def reference_generate(source: WeightSource, prompt_ids: list[int], max_new_tokens: int,
-                       stop_at_eos: bool = True) -> list[int]:
-    """Greedy tokens from the single-device model, recomputing the whole sequence every step
-    (no KV cache: independent of the cache code it checks)."""
-    model = load_shard(source, full_spec(source.config))
+                       stop_at_eos: bool = True, weights_format: str = "fp32") -> list[int]:
+    """Greedy tokens from the single-device model in `weights_format`, recomputing the whole sequence
+    every step (no KV cache: independent of the cache code it checks)."""
+    model = reference_model(source, weights_format=weights_format)
     ids, out = list(prompt_ids), []
     for _ in range(max_new_tokens):
         tok = int(model(torch.tensor(ids), last_only=True)[-1].argmax())

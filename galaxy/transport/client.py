@@ -31,16 +31,18 @@ from ..errors import (
 )
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import ModelConfig
+from ..model.quant import parse_format
 from ..parallel.collectives import OpStat
+from ..parallel.compact import check_cuts
+from ..parallel.compact_wire import compact_items, wire_tensor_count
 from ..parallel.executor import DeviceInfo, DeviceStats, ForwardResult, LoadedMemory, LoadOptions, pool_blocks
 from ..parallel.forward import Request, Step, assemble
 from ..parallel.memory import (
     DEFAULT_SEQ_LEN,
-    MemoryParams,
     check_fits,
     load_transient_bytes,
+    push_bytes,
     shard_need,
-    shard_params,
 )
 from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition, Strategy, meta_model
@@ -210,10 +212,11 @@ class Cluster:
         if partition.world != self.world:
             raise PlanMismatch(f"the partition has {partition.world} devices, the cluster {self.world}")
         partition.validate(source.config)
+        check_format_cuts(source.config, partition, options)
         self.release()  # what this coordinator had loaded is not in the way of the check or the push
         check_memory(self.hello(), self.names, source.config, partition, options,
                      None if options.stream else source_file_bytes(source))
-        hashes = self.push_shards(source, partition) if options.stream else None
+        hashes = self.push_shards(source, partition, options.weights_format) if options.stream else None
         replies = self.load_ref(model_ref(source), partition, options, shard_hashes=hashes)
         return [r.weight_bytes for r in replies]
 
@@ -225,10 +228,8 @@ class Cluster:
         if partition.world != self.world:
             raise PlanMismatch(f"the partition has {partition.world} devices, the cluster {self.world}")
         options.check_world(self.world)
-        if options.weights_format != "fp32":
-            raise PlanMismatch(f"weights_format={options.weights_format!r}: compact weights run on in-process ranks "
-                               "only so far (the workers' LoadRequest does not carry a weights format yet)")
         partition.validate(model.config)
+        check_format_cuts(model.config, partition, options)
         # names, so every later error can name them, and data ports (a restarted worker has a new one)
         infos = self.hello()
         tcp = options.data_plane == "tcp"
@@ -246,7 +247,7 @@ class Cluster:
                                  peers=self.addresses, dtype=options.dtype, tiles=options.tiles,
                                  recv_timeout_s=recv_timeout, wire_formats=options.wire[r] if options.wire else [],
                                  no_overlap=not options.overlap, backend=options.backend, data_peers=data_peers,
-                                 seq_len=options.seq_len)
+                                 seq_len=options.seq_len, weights_format=options.weights_format)
             return stub.Load(req, timeout=load_timeout, metadata=self._md())
 
         replies = self._all("load", call)
@@ -257,9 +258,14 @@ class Cluster:
         self.loaded_memory = [LoadedMemory(r.memory_budget_bytes, r.rss_bytes, act, r.kv_budget_bytes) for r in replies]
         return replies
 
-    def push_shards(self, source, partition: Partition) -> list[str]:
-        """Stream each worker its shard unless its cache has it; returns the content hashes."""
+    def push_shards(self, source, partition: Partition, weights_format: str = "fp32") -> list[str]:
+        """Stream each worker its shard unless its cache has it; returns the content hashes. In a compact
+        weights format the linears travel in it (parallel/compact_wire.py), and the shard is cached under
+        the model and the format."""
+        fmt = parse_format(weights_format)
         mh, cfg = model_hash(source), source.config
+        if fmt.name != "fp32":
+            mh = f"{mh}:{fmt}"  # another shard than the float32 one of the same split
 
         def push(r, stub):
             sj = spec_json(partition.spec(r, cfg))
@@ -268,7 +274,7 @@ class Cluster:
             if have:
                 return have
             sent = {}
-            receipt = stub.PushShard(_shard_parts(source, partition.spec(r, cfg), mh, sj, sent),
+            receipt = stub.PushShard(_shard_parts(source, partition.spec(r, cfg), mh, sj, sent, str(fmt)),
                                      timeout=3600, metadata=self._md())
             if receipt.content_hash != sent.get("hash"):
                 raise GalaxyError(f"{self.names[r]}: shard hash mismatch after push")
@@ -435,7 +441,7 @@ def check_memory(infos: list[DeviceInfo], names: list[str], cfg: ModelConfig, pa
     holds less what its other sessions would give up), for every device at once.
 
     file_bytes: the checkpoint's size when devices read it themselves (None: pushed)."""
-    params = MemoryParams.for_dtype(options.torch_dtype.itemsize)
+    params = options.memory_params
     seq = options.seq_len or min(DEFAULT_SEQ_LEN, cfg.max_positions)
     tokens = partition.tokens(seq) if partition.strategy.splits_tokens else [seq] * partition.world
     problems = []
@@ -443,8 +449,8 @@ def check_memory(infos: list[DeviceInfo], names: list[str], cfg: ModelConfig, pa
         if not info.memory_budget:
             continue
         spec = partition.spec(r, cfg)
-        need = shard_need(cfg, spec, params, seq, tokens[r], load_transient_bytes(cfg, spec, params, file_bytes),
-                          seqpar=partition.strategy == Strategy.SEQPAR)
+        transient = load_transient_bytes(cfg, spec, params, file_bytes, compact_push=file_bytes is None)
+        need = shard_need(cfg, spec, params, seq, tokens[r], transient, seqpar=partition.strategy == Strategy.SEQPAR)
         try:
             check_fits(names[r], need, info.memory_budget, info.rss - info.droppable)
         except DeviceOutOfMemory as e:
@@ -453,14 +459,29 @@ def check_memory(infos: list[DeviceInfo], names: list[str], cfg: ModelConfig, pa
         raise DeviceOutOfMemory("the split does not fit (nothing was pushed or loaded): " + "; ".join(problems))
 
 
-def _shard_parts(source, spec, mh: str, sj: str, out: dict):
-    """The PushShard stream: header, each tensor announced and sent in chunks, then the content hash."""
+def check_format_cuts(cfg: ModelConfig, partition: Partition, options: LoadOptions) -> None:
+    """Refuse a split whose cuts a compact weights format cannot hold (compact.check_cuts), before any
+    worker builds or is pushed anything."""
+    fmt = options.weight_format
+    if fmt.name != "fp32":
+        for r in range(partition.world):
+            check_cuts(cfg, partition.spec(r, cfg), fmt)
+
+
+def _shard_parts(source, spec, mh: str, sj: str, out: dict, weights_format: str = "fp32"):
+    """The PushShard stream: header, each tensor announced and sent in chunks, then the content hash.
+    In a compact weights format every linear goes as its wire parts (parallel/compact_wire.py)."""
+    fmt = parse_format(weights_format)
+    items = iter_shard(source, spec)  # float32
     n = len(meta_model(source.config, spec).state_dict(keep_vars=True))
-    pushed = shard_params(source.config, spec) * 4  # iter_shard sends float32
+    if fmt.name != "fp32":
+        items = compact_items(items, source, spec, fmt)
+        n = wire_tensor_count(meta_model(source.config, spec), fmt)
     yield pb.ShardPart(model_hash=mh, spec_json=sj, config_json=json.dumps(source.config.to_dict()), n_tensors=n,
-                       shard_bytes=pushed)
+                       shard_bytes=push_bytes(source.config, spec, str(fmt)),
+                       weights_format="" if fmt.name == "fp32" else str(fmt))
     h = hashlib.sha256()
-    for name, t, alias in iter_shard(source, spec):
+    for name, t, alias in items:
         digest(h, name, t, alias)
         if t is None:
             yield pb.ShardPart(name=name, alias_of=alias)

@@ -34,9 +34,12 @@ from ..errors import DeviceOutOfMemory, GalaxyError, TransportError
 from ..model.checkpoints import CheckpointError, WeightSource, open_checkpoint
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import ConfigError, ModelConfig
+from ..model.quant import parse_format
 from ..model.transformer import DTYPES
 from ..parallel import memory
 from ..parallel.codec import codec_seconds_per_byte
+from ..parallel.compact import check_cuts, compact_shard, held_bytes
+from ..parallel.compact_wire import build_compact, is_compact_state
 from ..parallel.forward import Request
 from ..parallel.rank import DEFAULT_KV_BYTES, RankRuntime
 from ..parallel.sharding import Partition, PartitionError, Strategy, build_shard, meta_model, shard_state
@@ -245,19 +248,28 @@ class WorkerService(pb_grpc.WorkerServicer):
         if req.dtype not in DTYPES:
             raise ValueError(f"dtype {req.dtype!r} is not one of {list(DTYPES)}")
         spec = partition.spec(req.rank, cfg)
-        params = memory.MemoryParams.for_dtype(DTYPES[req.dtype].itemsize)
+        fmt = parse_format(req.weights_format or "fp32")  # a FormatError names a bad one: INVALID_ARGUMENT
+        if fmt.name != "fp32":
+            if req.dtype != "float32" or (req.backend or "torch") != "torch":
+                raise ValueError(f"weights_format {fmt} runs float32 on the torch backend, not dtype "
+                                 f"{req.dtype!r} on backend {req.backend!r}")
+            check_cuts(cfg, spec, fmt)  # before anything is built
+        params = memory.MemoryParams.for_dtype(DTYPES[req.dtype].itemsize, str(fmt))
         seq = int(req.seq_len) or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
         tokens = partition.tokens(seq)[req.rank] if partition.strategy.splits_tokens else seq
         held = 0  # bytes of this very shard already in memory (just pushed): counted in its need, not twice
+        compact_push = False  # the shard arrived with its linears already in `fmt` (compact_wire)
         if source is None:
             pushed = self.shards.pending.get(req.model.shard_hash)
             held = 0 if pushed is None else sum(t.numel() * t.element_size() for t in
                                                 {id(t): t for t in pushed.values()}.values())
+            compact_push = fmt.name != "fp32" and (pushed is None or is_compact_state(pushed))
             file_bytes = None
         else:
             file_bytes = source_file_bytes(source)
         need = memory.shard_need(cfg, spec, params, seq, tokens,
-                                 memory.load_transient_bytes(cfg, spec, params, file_bytes, arrived=held > 0),
+                                 memory.load_transient_bytes(cfg, spec, params, file_bytes, arrived=held > 0,
+                                                             compact_push=compact_push),
                                  seqpar=partition.strategy == Strategy.SEQPAR)
         if self.s.memory_budget:  # refuse rather than be killed by the OOM killer half way through
             resident = self._make_room(need, held)
@@ -268,9 +280,16 @@ class WorkerService(pb_grpc.WorkerServicer):
             state = self.shards.take(req.model.shard_hash)
         else:
             state = self._own_shard(source, spec)
-        model = build_shard(meta_model(cfg, spec), state, DTYPES[req.dtype], self.s.device)
+        if is_compact_state(state):
+            if fmt.name == "fp32":
+                raise GalaxyError("the pushed shard is in a compact weights format and the load asks for fp32: "
+                                  "push it again as float32")
+            model = build_compact(cfg, spec, state, fmt, self.s.device)
+        else:
+            model = compact_shard(build_shard(meta_model(cfg, spec), state, DTYPES[req.dtype], self.s.device),
+                                  source, fmt)
         del state
-        weight_bytes = memory.weight_bytes(cfg, spec, params)
+        weight_bytes = held_bytes(model) if fmt.name != "fp32" else memory.weight_bytes(cfg, spec, params)
         backend = use_backend(model, req.backend or "torch", self.s.threads)
         _reset_peak_rss()  # from here on, the peak belongs to this session
         bad = [f for f in req.wire_formats if f and f not in WIRE_FORMATS]
@@ -516,14 +535,18 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.ShardReceipt(content_hash=h, bytes=nbytes, cached=cached)
 
     def _admit_push(self, head: pb.ShardPart) -> int:
-        """Before any tensor arrives: the shard its spec describes (as pushed, float32) and the chunks
-        in flight must fit the budget; returns the bytes the push may bring."""
+        """Before any tensor arrives: the shard its spec describes (as pushed: float32, or its linears in
+        the header's compact weights format) and the chunks in flight must fit the budget; returns the
+        bytes the push may bring."""
         try:
             cfg = ModelConfig.from_dict(json.loads(head.config_json))
             spec = spec_from_json(head.spec_json)
         except (ValueError, TypeError, ConfigError) as e:
             raise GalaxyError(f"a shard push with an unreadable header: {e}") from None
-        pushed = memory.shard_params(cfg, spec) * 4
+        try:
+            pushed = memory.push_bytes(cfg, spec, head.weights_format or "fp32")
+        except GalaxyError as e:
+            raise GalaxyError(f"a shard push in an unknown weights format: {e}") from None
         if self.s.memory_budget:
             need = memory.ShardNeed(pushed, memory.PUSH_TRANSIENT, 0, 0)
             with self.lock:  # not while a load or a request measures the same memory

@@ -97,7 +97,7 @@ class ModelRef(_message.Message):
     def __init__(self, path: _Optional[str] = ..., random_init: _Optional[bool] = ..., seed: _Optional[int] = ..., config_json: _Optional[str] = ..., random_std: _Optional[float] = ..., shard_hash: _Optional[str] = ...) -> None: ...
 
 class ShardPart(_message.Message):
-    __slots__ = ("model_hash", "spec_json", "config_json", "n_tensors", "name", "tensor", "alias_of", "content_hash", "chunk", "shard_bytes")
+    __slots__ = ("model_hash", "spec_json", "config_json", "n_tensors", "name", "tensor", "alias_of", "content_hash", "chunk", "shard_bytes", "weights_format")
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class ShardPart(_message.Message):
     CONTENT_HASH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     SHARD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model_hash: str
     spec_json: str
     config_json: str
@@ -118,7 +119,8 @@ class ShardPart(_message.Message):
     content_hash: str
     chunk: bytes
     shard_bytes: int
-    def __init__(self, model_hash: _Optional[str] = ..., spec_json: _Optional[str] = ..., config_json: _Optional[str] = ..., n_tensors: _Optional[int] = ..., name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., alias_of: _Optional[str] = ..., content_hash: _Optional[str] = ..., chunk: _Optional[bytes] = ..., shard_bytes: _Optional[int] = ...) -> None: ...
+    weights_format: str
+    def __init__(self, model_hash: _Optional[str] = ..., spec_json: _Optional[str] = ..., config_json: _Optional[str] = ..., n_tensors: _Optional[int] = ..., name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., alias_of: _Optional[str] = ..., content_hash: _Optional[str] = ..., chunk: _Optional[bytes] = ..., shard_bytes: _Optional[int] = ..., weights_format: _Optional[str] = ...) -> None: ...
 
 class ShardReceipt(_message.Message):
     __slots__ = ("content_hash", "bytes", "cached")
@@ -145,7 +147,7 @@ class HaveShardReply(_message.Message):
     def __init__(self, content_hash: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend", "data_peers", "seq_len")
+    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend", "data_peers", "seq_len", "weights_format")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARTITION_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +161,7 @@ class LoadRequest(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DATA_PEERS_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FORMAT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelRef
     partition_json: str
@@ -172,7 +175,8 @@ class LoadRequest(_message.Message):
     backend: str
     data_peers: _containers.RepeatedScalarFieldContainer[str]
     seq_len: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ..., data_peers: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ...) -> None: ...
+    weights_format: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ..., data_peers: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ..., weights_format: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("weight_bytes", "load_s", "rss_bytes", "backend", "kv_bytes_per_token", "kv_budget_bytes", "memory_budget_bytes")
