@@ -10,13 +10,17 @@ rank order: one hop) and `ring` (ReduceScatter + AllGather: 2(world-1) hops).
 
 Each rank times every call; the report pools the timed calls of all ranks (median and p99, in
 microseconds) and checks that every rank got bit-identical sums equal to the rank-order sum.
-Run it under the CPU lock (every rank shares this host's cores):
+With `--cluster FILE` (root) the ranks run in the namespaces of an emulated LAN (devices/), one per
+device, across its veth links and tbf rate limits. Run it under the CPU lock (every rank shares this
+host's cores, emulated devices included):
 
     flock /tmp/galaxy-cpu.lock galaxy bench collectives --world 2,3 --reps 2000
+    flock /tmp/galaxy-cpu.lock galaxy bench collectives --cluster devices/clusters/homo-trio.yaml
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import statistics
@@ -40,6 +44,10 @@ class CollectiveBench:
     reps: int = 2000
     warmup: int = 200
     timeout_s: float = 30.0  # every wait of every rank
+    # An emulated LAN (devices/): per rank, (network namespace, its address, one-way latency in ms).
+    # Rank r joins namespace r before it opens a socket, so its frames cross that device's veth and
+    # tbf-shaped link; the latency is added on receipt, as the emulated workers add it (tbf adds none).
+    lan: tuple[tuple[str, str, float], ...] = ()
 
     def __post_init__(self):
         if not self.worlds or min(self.worlds) < 2:
@@ -47,6 +55,8 @@ class CollectiveBench:
         bad = [a for a in self.algorithms if a not in ALGORITHMS]
         if bad or not self.algorithms:
             raise GalaxyError(f"algorithms: {bad or 'none'} given, choose from {ALGORITHMS}")
+        if self.lan and len(self.lan) < max(self.worlds):
+            raise GalaxyError(f"lan: {len(self.lan)} emulated devices for a world of {max(self.worlds)}")
         if self.values < 1 or self.reps < 1 or self.warmup < 0:
             raise GalaxyError(f"values ({self.values}) and reps ({self.reps}) must be positive, warmup "
                               f"({self.warmup}) not negative")
@@ -65,14 +75,21 @@ def _rank_main(rank: int, world: int, algorithm: str, cfg: CollectiveBench, conn
     from ..transport.peers import PeerTransport
 
     torch.set_num_threads(1)
+    host, delay_s = "127.0.0.1", 0.0
+    if cfg.lan:
+        from devices.enter import join_netns
+
+        netns, host, latency_ms = cfg.lan[rank]
+        join_netns(netns)
+        delay_s = latency_ms / 1000
     sessions: dict = {}
-    server = DataServer("127.0.0.1", 0, sessions.get, _TOKEN, None, 1 << 24)
+    server = DataServer(host, 0, sessions.get, _TOKEN, None, 1 << 24)
     transport = None
     try:
-        conn.send(server.port)
+        conn.send(f"{host}:{server.port}")
         ports = conn.recv()
-        transport = PeerTransport(rank, [""] * world, _SESSION, _TOKEN, cfg.timeout_s,
-                                  data_peers=[f"127.0.0.1:{p}" for p in ports])
+        transport = PeerTransport(rank, [""] * world, _SESSION, _TOKEN, cfg.timeout_s, link_delay_s=delay_s,
+                                  data_peers=ports)
         transport.begin(1)
         sessions[_SESSION] = transport
         conn.send("ready")
@@ -140,25 +157,44 @@ def _run_one(cfg: CollectiveBench, world: int, algorithm: str) -> dict:
     digests = {d for _, d, _ in results}
     times = sorted(t for ts, _, _ in results for t in ts)
     err = max(float((y - want).abs().max()) for _, _, y in results)
-    return {"world": world, "algorithm": algorithm, "values": cfg.values, "bytes": cfg.values * 4,
+    return {"world": world, "algorithm": algorithm, "network": "emulated LAN" if cfg.lan else "loopback",
+            "values": cfg.values, "bytes": cfg.values * 4,
             "calls": len(times), "median_us": 1e6 * statistics.median(times),
             "p99_us": 1e6 * times[min(len(times) - 1, int(0.99 * len(times)))],
             "identical_on_every_rank": len(digests) == 1, "max_abs_error": err}
+
+
+def lan_of(cluster_file: str, progress=lambda s: None):
+    """A context manager: the emulated cluster of `cluster_file` brought up (root only) and always torn
+    down, yielding its devices as CollectiveBench.lan. Its idle workers stay up meanwhile; the bench's
+    ranks join the namespaces only, not the devices' CPU cgroups: this measures the links."""
+    from devices.emulate import emulated
+    from devices.spec import load_cluster
+
+    @contextlib.contextmanager
+    def cm():
+        with emulated(load_cluster(cluster_file), progress=progress) as ec:
+            if ec.mode != "emulated":
+                raise GalaxyError(f"{cluster_file}: not emulated ({'; '.join(ec.notes)}): the LAN bench needs root")
+            yield tuple((d["netns"], d["address"].rpartition(":")[0], float(d["latency_ms"])) for d in ec.devices)
+
+    return cm()
 
 
 def run_collective_bench(cfg: CollectiveBench, progress=lambda s: None) -> dict:
     rows = []
     for world in cfg.worlds:
         for algorithm in cfg.algorithms:
-            progress(f"{algorithm} all-reduce of {cfg.values} float32 over {world} loopback ranks, {cfg.reps} calls")
+            where = "emulated LAN" if cfg.lan else "loopback"
+            progress(f"{algorithm} all-reduce of {cfg.values} float32 over {world} {where} ranks, {cfg.reps} calls")
             rows.append(_run_one(cfg, world, algorithm))
     return {"config": cfg.__dict__, "rows": rows}
 
 
 def table(report: dict) -> str:
-    lines = [f"{'world':>5} {'algorithm':>9} {'bytes':>6} {'median us':>10} {'p99 us':>8} {'identical':>9} "
-             f"{'max err':>8}"]
+    lines = [f"{'network':>12} {'world':>5} {'algorithm':>9} {'bytes':>6} {'median us':>10} {'p99 us':>8} "
+             f"{'identical':>9} {'max err':>8}"]
     for r in report["rows"]:
-        lines.append(f"{r['world']:>5} {r['algorithm']:>9} {r['bytes']:>6} {r['median_us']:>10.0f} "
+        lines.append(f"{r['network']:>12} {r['world']:>5} {r['algorithm']:>9} {r['bytes']:>6} {r['median_us']:>10.0f} "
                      f"{r['p99_us']:>8.0f} {str(r['identical_on_every_rank']):>9} {r['max_abs_error']:>8.1e}")
     return "\n".join(lines)

@@ -1,10 +1,13 @@
 """The peer data plane: a `Transport` over long-lived links between workers.
 
-Each worker keeps one link open to every peer it sends to -- in a ring, just its successor --
-fed by a sender thread that encodes tensors off the compute thread, so a send returns at once
-and the GEMM of the next tile runs while bytes are on the wire. A link is a TCP connection to
-the peer's data port (datalink.py: raw bytes, a fraction of gRPC's CPU) or, for a peer that
-offers none, a gRPC `Exchange` stream. Frames that arrive are decoded into one mailbox per sender.
+Each worker keeps one link open to every peer it sends to -- in a ring, just its successor. A
+link is a TCP connection to the peer's data port (datalink.py: raw bytes, a fraction of gRPC's
+CPU) or, for a peer that offers none, a gRPC `Exchange` stream. Large tiles go through the link's
+sender thread, so a send returns at once and the GEMM of the next tile runs while bytes are on
+the wire; small frames (a decode step's all-reduce) are written by the compute thread itself.
+On the receiving side the compute thread reads each peer's TCP connection itself when it needs
+that peer's next frame (datalink.FrameReader): no reader thread, no queue, no second wake-up per
+message (docs/collectives.md measures what that saves). gRPC frames land in one mailbox per sender.
 
 A link belongs to one session (bound by its TCP handshake or stream metadata); frames carry the
 request id and a per-pair sequence number: frames of an aborted older request are dropped, a

@@ -162,6 +162,17 @@ def test_a_bad_frame_is_refused_at_once_with_a_typed_error(receiver, frame, matc
     assert time.monotonic() - t0 < 0.9  # refused when it arrived, not at the deadline
 
 
+def test_a_layout_checked_once_still_refuses_a_later_frame_that_differs(receiver):
+    """The reader skips re-checking a header equal to the last one but for its sequence number."""
+    t, sock, _ = receiver
+    for seq in range(3):
+        sock.sendall(_header(seq=seq) + struct.pack("<6f", *range(seq, seq + 6)))
+        assert torch.equal(t.recv(1, (2, 3), torch.float32), torch.arange(seq, seq + 6.0).reshape(2, 3))
+    sock.sendall(_header(seq=3, nbytes=28) + bytes(28))
+    with pytest.raises(FrameRejected, match="expected 24"):
+        t.recv(1, (2, 3), torch.float32)
+
+
 def test_an_unauthenticated_sender_is_refused_and_the_receiver_times_out_naming_the_peer(receiver):
     t, _, port = receiver
     with pytest.raises(TransportError, match="does not hold the cluster token"):
