@@ -24,11 +24,19 @@ import contextlib
 import hashlib
 import multiprocessing as mp
 import statistics
+import time
 from dataclasses import dataclass
 
 import torch
 
+from devices.emulate import emulated
+from devices.enter import join_netns
+from devices.spec import load_cluster
+
 from ..errors import GalaxyError
+from ..parallel.collectives import Collectives
+from ..transport.datalink import DataServer
+from ..transport.peers import PeerTransport
 
 ALGORITHMS = ("direct", "ring")
 _SESSION, _TOKEN = "bench-collectives", "bench-token"
@@ -68,17 +76,9 @@ def _partial(rank: int, values: int) -> torch.Tensor:
 
 def _rank_main(rank: int, world: int, algorithm: str, cfg: CollectiveBench, conn) -> None:
     """One rank in its own process: data port, transport, then `reps` timed all-reduces."""
-    import time
-
-    from ..parallel.collectives import Collectives
-    from ..transport.datalink import DataServer
-    from ..transport.peers import PeerTransport
-
     torch.set_num_threads(1)
     host, delay_s = "127.0.0.1", 0.0
     if cfg.lan:
-        from devices.enter import join_netns
-
         netns, host, latency_ms = cfg.lan[rank]
         join_netns(netns)
         delay_s = latency_ms / 1000
@@ -168,9 +168,6 @@ def lan_of(cluster_file: str, progress=lambda s: None):
     """A context manager: the emulated cluster of `cluster_file` brought up (root only) and always torn
     down, yielding its devices as CollectiveBench.lan. Its idle workers stay up meanwhile; the bench's
     ranks join the namespaces only, not the devices' CPU cgroups: this measures the links."""
-    from devices.emulate import emulated
-    from devices.spec import load_cluster
-
     @contextlib.contextmanager
     def cm():
         with emulated(load_cluster(cluster_file), progress=progress) as ec:
