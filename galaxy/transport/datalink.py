@@ -181,6 +181,29 @@ def _nothing() -> None:
     pass
 
 
+_SO_TIMESTAMPNS = 35  # Linux (x86, arm, arm64, riscv); Python's socket module does not name it
+_STAMP_SPACE = socket.CMSG_SPACE(16)
+
+
+def _receive_stamps(sock) -> bool:
+    """Ask the kernel to stamp what the socket receives; False where it cannot (TLS, not Linux)."""
+    if isinstance(sock, ssl.SSLSocket) or not hasattr(sock, "recvmsg_into"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _stamp_of(ancillary) -> float | None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+            sec, nsec = struct.unpack("qq", data[:16]) if len(data) >= 16 else struct.unpack("ii", data[:8])
+            return sec + nsec * 1e-9
+    return None
+
+
 class FrameReader:
     """Reads one sender's frames on the thread that needs them (the compute thread), with no
     reader thread and no queue in between: a blocking read into a preallocated header buffer,
@@ -191,8 +214,13 @@ class FrameReader:
     slice that ends mid-header; a deadline or a malformed frame in the middle of a frame leaves the
     stream out of step, so the reader is then `broken` and refuses every later read."""
 
-    def __init__(self, sock, max_bytes: int, poll_s: float):
+    def __init__(self, sock, max_bytes: int, poll_s: float, stamp: bool = False):
         self.sock, self.max_bytes = sock, max_bytes
+        # With stamp (an emulated link latency, which is added from each frame's arrival): the
+        # kernel's receive time of each frame's first bytes, so a frame that waited in the socket
+        # while an earlier one was read counts from when it came, not from when it was read.
+        self.stamp = stamp and _receive_stamps(sock)
+        self.arrived: float | None = None  # time.time() of this frame's arrival, when stamped
         self.head = bytearray(_HEADER.size)
         self.view = memoryview(self.head)
         self.got = 0  # header bytes already read
@@ -207,7 +235,11 @@ class FrameReader:
         at the end of the stream, or when check() raises."""
         while got < len(buf):
             try:
-                k = self.sock.recv_into(buf[got:])
+                if self.stamp and what == "header" and got == 0:
+                    k, anc, _, _ = self.sock.recvmsg_into([buf], _STAMP_SPACE)
+                    self.arrived = _stamp_of(anc)
+                else:
+                    k = self.sock.recv_into(buf[got:])
             except (TimeoutError, ssl.SSLWantReadError):
                 check()
                 if time.monotonic() > deadline:
@@ -227,6 +259,8 @@ class FrameReader:
         once a header is in, the body is already on its way and is read to the end (or the deadline)."""
         if self.broken:
             raise TransportError(f"the link is out of step after an earlier error: {self.broken}")
+        if self.got == 0:
+            self.arrived = None
         self._fill(self.view, self.got, deadline, check, "header")  # an error here keeps the progress
         self.got = 0
         try:

@@ -273,7 +273,7 @@ class PeerTransport:
         """An authenticated data connection from rank `src` (datalink.DataServer): from now on the
         compute thread reads src's frames from it directly (recv). Its mailbox hands it over, so a
         recv already waiting there wakes at once; it is closed with the session."""
-        reader = FrameReader(sock, max_bytes, _POLL_S)
+        reader = FrameReader(sock, max_bytes, _POLL_S, stamp=self.link_delay_s > 0)
         with self.lock:
             if self.closed:
                 reader.close()
@@ -293,7 +293,10 @@ class PeerTransport:
             reader = self.readers.get(src)
             if reader is not None:
                 try:
-                    return (*reader.read(deadline, self._check_abort), time.monotonic())
+                    frame = reader.read(deadline, self._check_abort)
+                    now = time.monotonic()
+                    waited = max(0.0, time.time() - reader.arrived) if reader.arrived is not None else 0.0
+                    return (*frame, now - waited)
                 except FrameRejected as e:
                     raise FrameRejected(f"rank {self.rank}: bad frame from rank {src}: {e}") from None
                 except TransportError as e:

@@ -211,3 +211,22 @@ def test_frames_keep_their_order_when_small_ones_skip_the_sender_thread():
             assert torch.equal(ranks.transports[0].recv(1, (4,), torch.float32), small + i)
     finally:
         ranks.close()
+
+
+def test_with_an_emulated_latency_a_frame_counts_from_its_arrival_not_from_when_it_was_read():
+    """The delay is added from the kernel's receive stamp: a frame that waited in the socket while
+    the compute thread read another one does not wait a second full latency."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(srv.getsockname())
+    b, _ = srv.accept()
+    try:
+        reader = datalink.FrameReader(b, 1 << 20, 0.05, stamp=True)
+        assert reader.stamp
+        datalink.send_frame(a, encode_frame(1, 0, torch.ones(3)))
+        time.sleep(0.2)
+        before = time.time()
+        _, _, x = reader.read(time.monotonic() + 5, lambda: None)
+        assert torch.equal(x, torch.ones(3)) and reader.arrived is not None and reader.arrived < before
+    finally:
+        for s in (a, b, srv):
+            s.close()
