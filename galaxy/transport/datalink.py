@@ -200,7 +200,7 @@ def _stamp_of(ancillary) -> float | None:
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
             sec, nsec = struct.unpack("qq", data[:16]) if len(data) >= 16 else struct.unpack("ii", data[:8])
-            return sec + nsec * 1e-9
+            return sec + nsec * 1e-9 if sec else None
     return None
 
 
@@ -218,7 +218,8 @@ class FrameReader:
         self.sock, self.max_bytes = sock, max_bytes
         # With stamp (an emulated link latency, which is added from each frame's arrival): the
         # kernel's receive time of each frame's first bytes, so a frame that waited in the socket
-        # while an earlier one was read counts from when it came, not from when it was read.
+        # while an earlier one was read counts from when it came, not from when it was read. The
+        # kernel switches stamping on in the background: a frame it did not stamp counts from its read.
         self.stamp = stamp and _receive_stamps(sock)
         self.arrived: float | None = None  # time.time() of this frame's arrival, when stamped
         self.head = bytearray(_HEADER.size)
