@@ -11,6 +11,12 @@ class TransportError(GalaxyError):
     """A peer did not deliver in time, or delivered a tensor of the wrong shape, dtype or size."""
 
 
+class FrameRejected(TransportError):
+    """A peer's tensor frame was refused: a malformed or oversized header, data of another size,
+    shape or dtype than the collective expects, or a frame out of sequence. The link is out of step
+    after it; the request fails at once instead of waiting for what will never come."""
+
+
 class PeerUnreachable(GalaxyError):
     """A device's worker could not be reached (not running, wrong address, network down)."""
 

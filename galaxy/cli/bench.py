@@ -8,6 +8,7 @@ from contextlib import ExitStack
 
 from planner import scaling
 
+from ..bench import collectives as collective_bench
 from ..bench import decode as decode_bench
 from ..bench import kernel_survey, paged_kv
 from ..bench import serve as serve_bench
@@ -31,17 +32,21 @@ EXAMPLES = """examples:
   galaxy bench planner --sizes 4,8,16,32 --seeds 3 --exact-up-to 8   the solver's time and optimality gap
   galaxy bench decode                      one device: galaxy, the compact formats and llama.cpp, side by side
   galaxy bench decode --weights-format fp32,int4,int4-fp32 --threads 2 --local 3
+  galaxy bench collectives --world 2,3 --reps 2000   one decode row's all-reduce through the TCP data plane
+  galaxy bench collectives --cluster devices/clusters/homo-trio.yaml   the same across an emulated LAN (root)
 """
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="Galaxy against its baselines and the roofline, side by side", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=["strategies", "serve", "decode", "planner"], default="strategies",
+    p.add_argument("what", nargs="?", choices=["strategies", "serve", "decode", "planner", "collectives"],
+                   default="strategies",
                    help="strategies (default): prefill across strategies; serve: the serving engine under load; "
                    "decode: one device's decode and prefill per weight format beside llama.cpp, and each "
                    "format's accuracy (docs/decode-formats.md); planner: the solver's time and optimality gap on "
-                   "synthetic clusters (no devices needed)")
+                   "synthetic clusters (no devices needed); collectives: the latency of one decode-sized all-reduce "
+                   "through the TCP data plane on loopback (docs/collectives.md)")
     add_model_args(p)
     add_cluster_args(p, local_help="N plain loopback workers instead of an emulated LAN (no root needed)",
                      discover=False, transport=False)
@@ -106,6 +111,12 @@ def add_parser(sub) -> None:
     dc.add_argument("--no-anchor", action="store_true", help="leave llama.cpp out even when it is installed")
     dc.add_argument("--no-galaxy", action="store_true", help="leave the galaxy engine path out")
     dc.add_argument("--no-accuracy", action="store_true", help="speed only")
+    co = p.add_argument_group("galaxy bench collectives: loopback ranks (--reps timed calls per case, default 2000)")
+    co.add_argument("--world", type=ints, default=[2, 3], help="world sizes (default 2,3)")
+    co.add_argument("--values", type=int, default=576, help="float32 values per all-reduce (default 576: SmolLM2's "
+                    "hidden row)")
+    co.add_argument("--algorithms", type=lambda t: tuple(x for x in t.split(",") if x),
+                    default=collective_bench.ALGORITHMS, help="direct and/or ring (default both)")
     micro = p.add_argument_group("micro-benchmarks on this machine (instead of the suite)")
     micro.add_argument("--paged-attention", action="store_true",
                        help="paged attention on CPU: gather vs padded vs contiguous K/V (docs/paged_attention_cpu.md)")
@@ -124,6 +135,14 @@ def cmd_bench(args) -> int:
         return cmd_bench_planner(args)
     if args.what == "decode":
         return cmd_bench_decode(args)
+    if args.what == "collectives":
+        with ExitStack() as stack:
+            lan = stack.enter_context(collective_bench.lan_of(args.cluster, progress)) if args.cluster else ()
+            cfg = collective_bench.CollectiveBench(worlds=tuple(args.world), algorithms=args.algorithms,
+                                                   values=args.values, reps=args.reps or 2000, lan=lan)
+            report = collective_bench.run_collective_bench(cfg, progress=progress)
+        print(bench.dumps(report) if args.json else collective_bench.table(report))
+        return 0
     if args.kernel_survey:
         threads = (args.threads,) if args.threads else tuple(sorted({1, os.cpu_count() or 1}))
         kernel_survey.survey(preset(args.random_init or "smollm2-135m"), threads=threads, reps=args.reps or 5)

@@ -1,10 +1,13 @@
 """The peer data plane: a `Transport` over long-lived links between workers.
 
-Each worker keeps one link open to every peer it sends to -- in a ring, just its successor --
-fed by a sender thread that encodes tensors off the compute thread, so a send returns at once
-and the GEMM of the next tile runs while bytes are on the wire. A link is a TCP connection to
-the peer's data port (datalink.py: raw bytes, a fraction of gRPC's CPU) or, for a peer that
-offers none, a gRPC `Exchange` stream. Frames that arrive are decoded into one mailbox per sender.
+Each worker keeps one link open to every peer it sends to -- in a ring, just its successor. A
+link is a TCP connection to the peer's data port (datalink.py: raw bytes, a fraction of gRPC's
+CPU) or, for a peer that offers none, a gRPC `Exchange` stream. Large tiles go through the link's
+sender thread, so a send returns at once and the GEMM of the next tile runs while bytes are on
+the wire; small frames (a decode step's all-reduce) are written by the compute thread itself.
+On the receiving side the compute thread reads each peer's TCP connection itself when it needs
+that peer's next frame (datalink.FrameReader): no reader thread, no queue, no second wake-up per
+message (docs/collectives.md measures what that saves). gRPC frames land in one mailbox per sender.
 
 A link belongs to one session (bound by its TCP handshake or stream metadata); frames carry the
 request id and a per-pair sequence number: frames of an aborted older request are dropped, a
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import ssl
 import threading
 import time
@@ -25,16 +27,17 @@ from collections import defaultdict
 import grpc
 import torch
 
-from ..errors import TransportError
+from ..errors import FrameRejected, TransportError
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import open_channel
-from .datalink import connect, encode_frame
+from .datalink import FrameReader, connect, encode_frame, send_frame
 from .protocol import compress, decompress, metadata, to_proto_dtype
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often a blocked recv looks at the abort flag
+DIRECT_SEND_BYTES = 64 * 1024  # frames up to this size are written by the compute thread itself
 
 
 class _Link:
@@ -77,19 +80,63 @@ class _Link:
 
 
 class _TcpLink(_Link):
-    """To the peer's data port (datalink.py): raw frames, a fraction of gRPC's CPU per byte."""
+    """To the peer's data port (datalink.py): raw frames, a fraction of gRPC's CPU per byte.
+
+    A small frame (a decode step's all-reduce, at most DIRECT_SEND_BYTES) is written by the
+    calling compute thread itself, in one system call, when nothing is queued before it: no hop
+    to the sender thread and back through the scheduler. Larger frames go through the sender
+    thread as before, so the GEMM of the next tile runs while they are on the wire. Frames keep
+    their order either way: a direct write happens only when the queue is empty and no write is
+    in progress (`pending` counts frames queued and not yet written)."""
 
     def __init__(self, owner: PeerTransport, dst: int, address: str):
         super().__init__(owner, dst, address)
         self.sock = connect(address, owner.session_id, owner.rank, owner.token, owner.tls)
         self.sock.settimeout(owner.recv_timeout)  # a peer that stops reading fails the link, not a hang
+        self.state = threading.Lock()  # guards pending
+        self.writing = threading.Lock()  # held while one frame goes into the socket
+        self.pending = 0
         self._start()
+
+    def _write(self, request_id: int, seq: int, tensor: torch.Tensor, tag: str) -> None:
+        """One frame into the socket; the caller holds `writing`."""
+        t0 = time.perf_counter()
+        send_frame(self.sock, encode_frame(request_id, seq, tensor, self.owner.wire_format(self.dst)))
+        self.owner.add_send_time(tag, time.perf_counter() - t0)
+
+    def put(self, item) -> None:
+        if self.error is not None:
+            raise TransportError(f"link to rank {self.dst} ({self.address}) is down: {self._detail()}")
+        tensor = item[2]
+        with self.state:
+            direct = self.pending == 0 and tensor.numel() * tensor.element_size() <= DIRECT_SEND_BYTES
+            if direct:
+                self.writing.acquire()  # before releasing state: no queued frame can overtake this one
+            else:
+                self.pending += 1
+                self.q.put(item)
+        if not direct:
+            return
+        try:
+            self._write(*item)
+        except (OSError, ssl.SSLError, ValueError, TypeError) as e:
+            self.error = e
+            raise TransportError(f"link to rank {self.dst} ({self.address}) is down: {e}") from None
+        finally:
+            self.writing.release()
 
     def _run(self) -> None:
         try:
-            for request_id, seq, tensor, fmt in self._items():
-                for part in encode_frame(request_id, seq, tensor, fmt):
-                    self.sock.sendall(part)
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                try:
+                    with self.writing:
+                        self._write(*item)
+                finally:
+                    with self.state:
+                        self.pending -= 1
         except (OSError, ssl.SSLError, ValueError, TypeError) as e:
             self.error = e
             log.warning("data link to rank %d (%s) closed: %s", self.dst, self.address, e)
@@ -144,7 +191,8 @@ class PeerTransport:
         self.channel_factory = channel_factory or open_channel
         self.boxes = {src: queue.Queue() for src in range(self.world)}
         self.links: dict[int, _Link] = {}
-        self.incoming_socks: list = []  # accepted data connections, closed with the session
+        self.incoming_socks: list[FrameReader] = []  # accepted data connections, closed with the session
+        self.readers: dict[int, FrameReader] = {}  # per source rank, once its connection is handed over
         self.closed = False
         self.lock = threading.Lock()
         self.request_id = 0
@@ -221,26 +269,61 @@ class PeerTransport:
         """A decoded frame from rank `src` (authenticated by its link) into its mailbox."""
         self.boxes[src].put((request_id, seq, tensor, time.monotonic()))
 
-    def incoming(self, sock) -> None:
-        """An accepted data connection of this session: closed with it."""
+    def incoming(self, sock, src: int, max_bytes: int) -> None:
+        """An authenticated data connection from rank `src` (datalink.DataServer): from now on the
+        compute thread reads src's frames from it directly (recv). Its mailbox hands it over, so a
+        recv already waiting there wakes at once; it is closed with the session."""
+        reader = FrameReader(sock, max_bytes, _POLL_S, stamp=self.link_delay_s > 0)
         with self.lock:
-            self.incoming_socks.append(sock)
+            if self.closed:
+                reader.close()
+                return
+            self.incoming_socks.append(reader)
+        self.boxes[src].put(reader)
 
-    def recv(self, src: int, shape, dtype) -> torch.Tensor:
-        box = self.boxes[src]
-        deadline = time.monotonic() + self.recv_timeout
+    def _check_abort(self) -> None:
+        if self.aborted:
+            raise TransportError(f"rank {self.rank}: request {self.request_id} aborted: {self.aborted}")
+
+    def _next(self, src: int, deadline: float) -> tuple[int, int, torch.Tensor, float]:
+        """(request id, seq, tensor, arrival time) of src's next frame: read from its data
+        connection on this thread, or taken from its mailbox (gRPC frames)."""
         while True:
-            if self.aborted:
-                raise TransportError(f"rank {self.rank}: request {self.request_id} aborted: {self.aborted}")
+            self._check_abort()
+            reader = self.readers.get(src)
+            if reader is not None:
+                try:
+                    frame = reader.read(deadline, self._check_abort)
+                    now = time.monotonic()
+                    waited = max(0.0, time.time() - reader.arrived) if reader.arrived is not None else 0.0
+                    return (*frame, now - waited)
+                except FrameRejected as e:
+                    raise FrameRejected(f"rank {self.rank}: bad frame from rank {src}: {e}") from None
+                except TransportError as e:
+                    if self.aborted:
+                        raise
+                    if time.monotonic() > deadline:
+                        raise self._late(src) from None
+                    raise TransportError(f"rank {self.rank}: link from rank {src} is down: {e}") from None
             try:
-                request_id, seq, x, arrived = box.get(timeout=_POLL_S)
+                item = self.boxes[src].get(timeout=_POLL_S)
             except queue.Empty:
                 if time.monotonic() > deadline:
-                    raise TransportError(
-                        f"rank {self.rank}: nothing from rank {src} ({self.peers[src]}) within "
-                        f"{self.recv_timeout:.0f} s"
-                    ) from None
+                    raise self._late(src) from None
                 continue
+            if isinstance(item, FrameReader):
+                self.readers[src] = item
+                continue
+            return item
+
+    def _late(self, src: int) -> TransportError:
+        return TransportError(f"rank {self.rank}: nothing from rank {src} ({self.peers[src]}) within "
+                              f"{self.recv_timeout:.0f} s")
+
+    def recv(self, src: int, shape, dtype) -> torch.Tensor:
+        deadline = time.monotonic() + self.recv_timeout
+        while True:
+            request_id, seq, x, arrived = self._next(src, deadline)
             if request_id < self.request_id:
                 continue  # left over from an aborted request
             if request_id > self.request_id:
@@ -251,10 +334,10 @@ class PeerTransport:
             time.sleep(max(0.0, arrived + self.link_delay_s - time.monotonic()))
         want = self.seq_in[src]
         if seq != want:
-            raise TransportError(f"rank {self.rank}: frame {seq} from rank {src}, expected frame {want}")
+            raise FrameRejected(f"rank {self.rank}: frame {seq} from rank {src}, expected frame {want}")
         self.seq_in[src] = want + 1
         if tuple(x.shape) != tuple(shape) or x.dtype != dtype:
-            raise TransportError(
+            raise FrameRejected(
                 f"rank {self.rank}: from rank {src} got {tuple(x.shape)} {x.dtype}, expected {tuple(shape)} {dtype}"
             )
         return x
@@ -266,8 +349,5 @@ class PeerTransport:
             socks, self.incoming_socks = self.incoming_socks, []
         for link in links:
             link.close()
-        for sock in socks:  # wakes their reader threads
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        for reader in socks:  # wakes a recv blocked on one
+            reader.close()
