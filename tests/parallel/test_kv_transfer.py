@@ -113,7 +113,7 @@ def test_a_box_of_the_wrong_shape_dtype_or_heads_is_refused_with_the_pool_untouc
     good = torch.randn(CFG.n_layers, 2, 2, 10, CFG.head_dim)
     bad = {
         "shape": (good[:, :, :1], h.heads),
-        "dtype": (good.to(torch.float64), h.heads),
+        "float64, this device keeps": (good.to(torch.float64), h.heads),
         "not within its KV heads": (torch.randn(CFG.n_layers, 2, 3, 10, CFG.head_dim), (0, 3)),
         "5 dimensions": (good[0], h.heads),
     }
