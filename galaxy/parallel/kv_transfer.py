@@ -35,6 +35,7 @@ import torch
 from ..errors import KVTransferError
 from ..model.config import ModelConfig
 from ..model.paged_kv import PagedKVCache
+from .rank import KVPool, RankRuntime
 from .sharding import Partition
 
 Range = tuple[int, int]  # half-open [start, end)
@@ -220,3 +221,27 @@ def reshard(plan: tuple[KVPiece, ...], src: list[KVHolding], dst: list[KVHolding
             raise KVTransferError(f"receiver {d}: the plan covers {covered} of its {need} (layer, KV head) cells")
         out.append(box)
     return out
+
+
+# -- one rank's side -------------------------------------------------------------------------------
+def rank_holding(rt: RankRuntime) -> KVHolding:
+    """What the rank `rt` keeps of every sequence's K/V."""
+    return holdings(rt.partition, rt.model.cfg)[rt.rank]
+
+
+def export_box(rt: RankRuntime, pool: KVPool, block_table, tokens: int, layers: Range, heads: Range,
+               who: str = "device") -> torch.Tensor:
+    """A box of one sequence's K/V from this rank's paged pool (the prefill side): refused unless
+    the pool the engine sized is the one allocated here and holds the box."""
+    kv = rt.paged
+    if kv is None or (kv.num_blocks, kv.block_size) != (pool.num_blocks, pool.block_size):
+        raise KVTransferError(f"{who}: no KV pool of {pool.num_blocks} blocks x {pool.block_size} here to export "
+                              "from (no step ran on it yet, or it was re-sized)")
+    return read_box(kv, rank_holding(rt), block_table, tokens, layers, heads, who)
+
+
+def import_box(rt: RankRuntime, pool: KVPool, block_table, box: torch.Tensor, layers: Range, heads: Range,
+               who: str = "device") -> None:
+    """Write a box into this rank's paged pool (the decode side), allocating the pool first if no
+    step has yet (within this device's KV budget, RankRuntime.paged_cache)."""
+    write_box(rt.paged_cache(pool), rank_holding(rt), block_table, box, layers, heads, who)
