@@ -295,8 +295,26 @@ class DisaggEngine:
 
     @property
     def load(self) -> dict:
-        return {"prefill": self.prefill.load, "decode": self.decode.load, "moved": self.prefill.moved,
+        """The Engine's figures over both groups (requests running and waiting in either, the decode
+        group's KV pool, each device's KV bytes named by group), and each group's own under
+        "prefill" / "decode" with the moves: sequences moved, tokens decoded on the prefill group
+        for want of room, K/V bytes held at the coordinator now."""
+        pre, dec = self.prefill.load, self.decode.load
+        with self.decode._lock:
+            pending = len(self.decode._pending)
+        kv = {f"prefill {k}": v for k, v in pre["kv_bytes"].items()}
+        kv.update({f"decode {k}": v for k, v in dec["kv_bytes"].items()})
+        return {"running": pre["running"] + dec["running"], "waiting": pre["waiting"] + pending + dec["waiting"],
+                "kv_blocks": dec["kv_blocks"], "kv_blocks_used": dec["kv_blocks_used"],
+                "prefix_hit_rate": pre["prefix_hit_rate"], "preemptions": pre["preemptions"] + dec["preemptions"],
+                "steps": pre["steps"] + dec["steps"], "generated_tokens": pre["generated_tokens"] +
+                dec["generated_tokens"], "kv_bytes": kv, "prefill": pre, "decode": dec, "moved": self.prefill.moved,
                 "kept_tokens": self.prefill.kept_tokens, "pending_bytes": self.decode.pending_bytes}
+
+    @property
+    def last_step(self):
+        """The decode group's last step (the prefill group's before any decode ran)."""
+        return self.decode.last_step or self.prefill.last_step
 
     def close(self, error: GalaxyError | None = None) -> None:
         self.prefill.close(error)

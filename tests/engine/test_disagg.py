@@ -127,3 +127,22 @@ def test_a_box_of_the_wrong_shape_or_dtype_is_refused_with_a_typed_error():
     with pytest.raises(KVTransferError, match="thread0"):
         ex.export_kv(0, (0,), 4, (0, 1), (0, 1), KVPool(5, 8))  # a pool of another size than the one here
     ex.close()
+
+
+def test_the_python_api_loads_a_plan_serve_section_and_generates_the_reference_tokens():
+    import galaxy
+    from galaxy.errors import PlanMismatch
+
+    p = prompts((8,), seed=4)[0]
+    want = reference_generate(SRC, p, 6, stop_at_eos=False)
+    with galaxy.connect(local=4, transport="inproc") as session:
+        lm = session.load(SRC, placement={"placement": "disaggregated", "prefill": [0, 1, 2], "decode": ["thread3"]})
+        assert lm.placement.prefill == (0, 1, 2) and lm.placement.decode == (3,)
+        out = lm.generate(p, 6, details=True)
+        assert out.tokens == want and out.handoff is not None
+        load = lm.engine.load
+        assert load["moved"] == 1 and load["running"] == 0 and "decode thread0" in load["kv_bytes"]
+        with pytest.raises(PlanMismatch, match="distinct device indices"):
+            session.load(SRC, placement={"prefill": [0, 1], "decode": [4]})
+        colocated = session.load(SRC, placement={"placement": "colocated"})
+        assert colocated.groups is None and colocated.generate(p, 6, details=True).tokens == want
