@@ -146,3 +146,22 @@ def test_the_python_api_loads_a_plan_serve_section_and_generates_the_reference_t
             session.load(SRC, placement={"prefill": [0, 1], "decode": [4]})
         colocated = session.load(SRC, placement={"placement": "colocated"})
         assert colocated.groups is None and colocated.generate(p, 6, details=True).tokens == want
+
+
+def test_galaxy_serve_takes_the_placement_from_its_flags_or_the_plan_serve_section(tmp_path):
+    import argparse
+    import json
+
+    from galaxy.cli.serve import serve_placement
+    from galaxy.errors import GalaxyError
+
+    flags = argparse.Namespace(prefill_devices="0,1,2", decode_devices="3", plan=None)
+    assert serve_placement(flags) == {"placement": "disaggregated", "prefill": "0,1,2", "decode": "3"}
+    plan = tmp_path / "plan.json"
+    serve = {"placement": "disaggregated", "prefill": ["a", "b"], "decode": ["c"]}
+    plan.write_text(json.dumps({"strategy": "galaxy", "serve": serve}))
+    assert serve_placement(argparse.Namespace(prefill_devices=None, decode_devices=None, plan=str(plan))) == serve
+    plan.write_text(json.dumps({"strategy": "galaxy", "serve": {"placement": "colocated"}}))
+    assert serve_placement(argparse.Namespace(prefill_devices=None, decode_devices=None, plan=str(plan))) is None
+    with pytest.raises(GalaxyError, match="go together"):
+        serve_placement(argparse.Namespace(prefill_devices="0", decode_devices=None, plan=None))
