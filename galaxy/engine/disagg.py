@@ -30,7 +30,10 @@ Correctness: the decode devices end up holding exactly the K/V they would have c
 themselves, bit for bit, so greedy tokens equal the single-device reference (tests/engine/
 test_disagg.py). Faults: a decode device that drops out fails the push or the step, and the
 requests on the decode group end with that error, which names the device; the next requests are
-served if it comes back. Both groups must compute in the same dtype (a box of another is refused).
+served if it comes back. With `recover`, they run their tokens again on the prefill group instead
+(its prefix cache often still holds their prompt) and finish there with the tokens they would have
+got, and the prefill group decodes every later sequence too (colocated). Both groups must compute
+in the same dtype (a box of another is refused).
 """
 
 from __future__ import annotations
@@ -61,8 +64,13 @@ class DisaggConfig:
     chunk_bytes: int = 4 << 20  # most bytes of one box on the wire: pieces are cut by layers below it
     max_pending_bytes: int = 256 << 20  # K/V held at the coordinator between pull and push, all sequences
     itemsize: int = 4  # bytes of one K/V element (the compute dtype of both groups) for the bound
+    # a failed decode group: its sequences run their tokens again on the prefill group and finish there,
+    # and every later one decodes there too (False: they end with the error, which names the device)
+    recover: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.recover, bool):
+            raise PlanMismatch(f"disaggregation config: recover={self.recover!r} must be True or False")
         for f in ("chunk_bytes", "max_pending_bytes", "itemsize"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -134,11 +142,16 @@ class DecodeEngine(Engine):
         self._pending: deque[_Handoff] = deque()
         self.pending_bytes = 0
         self.adopted = 0
+        self.down: GalaxyError | None = None  # the failure that took this group out (with recovery on)
+        self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
+        self._lost: list[tuple[GenerationStream, GalaxyError]] = []  # for the fallback, outside this lock
         super().__init__(executor, model, tokenizer, config)
 
     def can_take(self, num_tokens: int, nbytes: int) -> bool:
         """Whether a sequence of `num_tokens` tokens (K/V of all but the last) may move here now:
         blocks and a running place beside those already on their way, and the bytes bound."""
+        if self.down is not None:
+            return False
         with self._lock:
             s, waiting = self.sched, list(self._pending)
             blocks = s.blocks.blocks_for(num_tokens) + sum(s.blocks.blocks_for(len(h.token_ids)) for h in waiting)
@@ -153,6 +166,14 @@ class DecodeEngine(Engine):
         self._wake.set()
 
     def _between_steps(self) -> None:
+        with self._lock:
+            if self.down is not None:  # recovery: what still waits to come here goes back at once
+                self._lost += [(h.stream, self.down) for h in self._pending]
+                self._pending.clear()
+                self.pending_bytes = 0
+            lost, self._lost = self._lost, []
+        for stream, error in lost:
+            self.fallback(stream, error)
         while True:
             with self._lock:
                 if not self._pending:
@@ -187,6 +208,21 @@ class DecodeEngine(Engine):
                                     now - h.stream.submitted)
             self.adopted += 1
 
+    def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
+        """With recovery, a sequence ended by a device failure goes back to the prefill group."""
+        stream = self.streams.get(seq_id)
+        if (self.fallback is None or stream is None or not isinstance(error, GalaxyError)
+                or isinstance(error, InvalidRequest)):
+            super()._finish(seq_id, finish, error)
+            return
+        if self.down is None:
+            log.warning("the decode group failed (%s): its sequences run again on the prefill group, which "
+                        "decodes every sequence from now on", error)
+            self.down = error
+        del self.streams[seq_id]
+        self._lost.append((stream, error))  # handed over between steps: never under this lock (lock order)
+        self._wake.set()
+
     def _cancel(self, stream: GenerationStream) -> None:
         with self._lock:
             h = next((x for x in self._pending if x.stream is stream), None)
@@ -200,6 +236,9 @@ class DecodeEngine(Engine):
     def close(self, error: GalaxyError | None = None) -> None:
         super().close(error)
         with self._lock:
+            for stream, _ in self._lost:
+                stream._end("abort", error or GalaxyError("the engine was closed before this request finished"))
+            self._lost = []
             while self._pending:
                 h = self._pending.popleft()
                 h.stream._end("abort", error or GalaxyError("the engine was closed before this request finished"))
@@ -216,7 +255,27 @@ class PrefillEngine(Engine):
         self._ready: list[int] = []  # sequences that got a token and may move (the loop's thread only)
         self.moved = 0
         self.kept_tokens = 0  # tokens decoded here while the decode group had no room (backpressure)
+        self.recovered = 0  # sequences the decode group lost that run again here
         super().__init__(executor, model, tokenizer, config)
+
+    def take_back(self, stream: GenerationStream, error: GalaxyError) -> None:
+        """A sequence the decode group lost (its K/V with it): queue all its tokens -- prompt and
+        generated -- to run again here, as a preempted sequence does; its next token comes from the
+        last one's logits, so its stream goes on as if nothing happened. If it cannot be queued, it
+        ends with the decode group's error."""
+        gen = stream.generation
+        seq = stream.seq
+        try:
+            with self._lock:
+                again = self.sched.add(list(gen.prompt_tokens) + list(gen.tokens), seq.params)
+                again.num_prompt, again.deadline = len(gen.prompt_tokens), seq.deadline  # its own budget and deadline
+                stream.seq, stream.engine = again, self
+                self.streams[again.seq_id] = stream
+                self.recovered += 1
+        except GalaxyError as e:
+            stream._end("abort", GalaxyError(f"{error} (and it could not run again on the prefill group: {e})"))
+            return
+        self._wake.set()
 
     def _token(self, stream: GenerationStream, seq: Sequence) -> None:
         later = bool(stream.generation.tokens)  # not its first token: it could not move after the first
@@ -279,6 +338,8 @@ class DisaggEngine:
         except BaseException:
             self.decode.close()
             raise
+        if config.recover:
+            self.decode.fallback = self.prefill.take_back
 
     @property
     def tok(self):
@@ -309,7 +370,9 @@ class DisaggEngine:
                 "prefix_hit_rate": pre["prefix_hit_rate"], "preemptions": pre["preemptions"] + dec["preemptions"],
                 "steps": pre["steps"] + dec["steps"], "generated_tokens": pre["generated_tokens"] +
                 dec["generated_tokens"], "kv_bytes": kv, "prefill": pre, "decode": dec, "moved": self.prefill.moved,
-                "kept_tokens": self.prefill.kept_tokens, "pending_bytes": self.decode.pending_bytes}
+                "kept_tokens": self.prefill.kept_tokens, "pending_bytes": self.decode.pending_bytes,
+                "recovered": self.prefill.recovered, "decode_down": None if self.decode.down is None else
+                str(self.decode.down)}
 
     @property
     def last_step(self):
