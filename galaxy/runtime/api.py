@@ -33,7 +33,7 @@ from planner.plan import Plan
 
 from ..addresses import split_address
 from ..engine.arguments import need_choice, need_int, need_number, stop_strings, token_ids
-from ..engine.disagg import DisaggEngine
+from ..engine.disagg import DisaggConfig, DisaggEngine
 from ..engine.engine import Engine, EngineConfig, GenerationStream
 from ..engine.generation import Generation, GenerationConfig
 from ..engine.sampling import SamplingConfig
@@ -295,8 +295,9 @@ class Model:
         with self._engine_lock:
             if self._engine is None and self.groups:
                 pre, dec = self.groups
+                recover = isinstance(self.session.executor, ResilientCluster)  # connect(recover=True)
                 self._engine = DisaggEngine(pre, dec, self.config, self.tokenizer, self._step_config(pre),
-                                            self._step_config(dec))
+                                            self._step_config(dec), DisaggConfig(recover=recover))
             elif self._engine is None:
                 self._engine = Engine(self.session.executor, self.config, self.tokenizer, self._step_config())
             return self._engine
