@@ -165,3 +165,21 @@ def test_galaxy_serve_takes_the_placement_from_its_flags_or_the_plan_serve_secti
     assert serve_placement(argparse.Namespace(prefill_devices=None, decode_devices=None, plan=str(plan))) is None
     with pytest.raises(GalaxyError, match="go together"):
         serve_placement(argparse.Namespace(prefill_devices="0", decode_devices=None, plan=None))
+
+
+def test_the_scheduler_adopts_a_prefilled_sequence_into_fresh_blocks_and_decodes_its_last_token():
+    from galaxy.engine.scheduler import Scheduler, SchedulerConfig
+    from galaxy.engine.sequence import InvalidRequest, SamplingParams
+
+    s = Scheduler(SchedulerConfig(num_blocks=4, block_size=4, max_batched_tokens=8, max_running=2, max_model_len=16))
+    params = SamplingParams(max_new_tokens=4)
+    seq = s.adopt(list(range(10)), 9, params)  # prompt of 9, its first token sampled elsewhere
+    assert seq.num_computed == 9 and len(seq.block_table) == 3
+    assert s.adopt(list(range(8)), 7, params) is None  # 2 blocks needed (7 K/V + the next), 1 free
+    with pytest.raises(InvalidRequest):
+        s.adopt(list(range(16)), 15, params)  # no room to generate in max_model_len
+    plan = s.schedule()
+    assert [(it.start, it.token_ids, it.logits) for it in plan.items] == [(9, (9,), True)]
+    s.blocks.audit(s.live.values())
+    s.update(plan, {seq.seq_id: 7})
+    assert seq.generated == [9, 7]  # the first token (given) and the one decoded here
