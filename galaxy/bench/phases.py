@@ -101,13 +101,14 @@ def table(report: dict) -> str:
     lines = [f"prefill on {', '.join(report['prefill_devices'])}; decode on {', '.join(report['decode_devices'])} "
              f"(disaggregated); {w['input_len']}-token prompts, {w['output_len']} tokens out",
              "", f"unloaded (median of {report['reps']}), ms:",
-             "| placement | TTFT (prefill) | K/V transfer (pull + push) | first decode | 2nd token at | TPOT | "
-             "TPOT after the 2nd |", "|---|---|---|---|---|---|---|"]
+             "| placement | TTFT (its prefill steps) | K/V transfer (pull + push) | first decode | 2nd token at "
+             "| TPOT | TPOT after the 2nd |", "|---|---|---|---|---|---|---|"]
     for name, x in u.items():
         transfer = (f"{_ms(x['transfer_s'])} ({_ms(x['export_s'])} + {_ms(x['import_s'])}, "
                     f"{x['kv_bytes'] / 1024:.0f} KiB)" if "transfer_s" in x else "-")
-        lines.append(f"| {name} | {_ms(x['ttft_s'])} | {transfer} | {_ms(x['first_decode_s'])} | "
-                     f"{_ms(x['second_token_s'])} | {_ms(x['tpot_s'])} | {_ms(x['tpot_steady_s'])} |")
+        lines.append(f"| {name} | {_ms(x['ttft_s'])} ({_ms(x['prefill_s'])}) | {transfer} | "
+                     f"{_ms(x['first_decode_s'])} | {_ms(x['second_token_s'])} | {_ms(x['tpot_s'])} | "
+                     f"{_ms(x['tpot_steady_s'])} |")
     label = f"{w['concurrency']} clients" if w["concurrency"] else f"{w['rate']} req/s"
     lines += ["", f"loaded ({w['num_requests']} requests, {label}):",
               "| placement | tok/s | TTFT p50 / p90 ms | TPOT p50 / p90 ms | ITL p99 ms | failed |",
