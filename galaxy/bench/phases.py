@@ -68,16 +68,18 @@ def run_phase_bench(prefill: Executor, decode: Executor, cfg, tokenizer, workloa
     probe = makers["colocated"]()
     max_len = probe.sched.cfg.max_model_len
     probe.close()
-    alone = requests(replace(workload, num_requests=reps, rate=float("inf"), concurrency=0, lengths="uniform",
+    alone = requests(replace(workload, num_requests=reps + 1, rate=float("inf"), concurrency=0, lengths="uniform",
                              range_ratio=0.0, shared_prefix=0), cfg.vocab_size, max_len)
     specs = requests(workload, cfg.vocab_size, max_len)
     outputs = {}
     for name, make in makers.items():
         eng = make()
         try:
-            _unloaded(eng, alone[:1])  # warm-up, not counted: the first step allocates each device's KV pool
+            # a warm-up, not counted (the first step allocates each device's KV pool), of a prompt of its own:
+            # the measured ones must not find it in the prefix cache
+            _unloaded(eng, alone[:1])
             progress(f"{name}: {reps} requests of {workload.input_len} + {workload.output_len} tokens, one at a time")
-            report["unloaded"][name] = _unloaded(eng, alone)
+            report["unloaded"][name] = _unloaded(eng, alone[1:])
             label = f"{workload.concurrency} clients" if workload.concurrency else f"{workload.rate:g} req/s"
             progress(f"{name}: {len(specs)} requests, {label}")
             outcomes, duration = run_workload(eng, specs, workload.concurrency)
