@@ -183,3 +183,23 @@ def test_the_scheduler_adopts_a_prefilled_sequence_into_fresh_blocks_and_decodes
     s.blocks.audit(s.live.values())
     s.update(plan, {seq.seq_id: 7})
     assert seq.generated == [9, 7]  # the first token (given) and the one decoded here
+
+
+def test_the_phase_bench_runs_both_placements_on_the_same_requests_with_the_same_outputs():
+    from galaxy.bench.phases import run_phase_bench, table
+    from galaxy.bench.serve import Workload
+
+    pre, dec = loaded(split([3, 1, 2])), loaded(split([6]))
+    try:
+        w = Workload(num_requests=3, concurrency=2, input_len=12, output_len=4)
+        report = run_phase_bench(pre, dec, CFG, None, w, EngineConfig(block_size=4, kv_blocks=40), reps=2)
+    finally:
+        pre.close()
+        dec.close()
+    assert report["outputs_identical"] and set(report["unloaded"]) == {"colocated", "disaggregated"}
+    moved = report["unloaded"]["disaggregated"]
+    per_token = 2 * CFG.n_layers * CFG.n_kv_heads * CFG.head_dim * 4
+    assert moved["kv_bytes"] == 12 * per_token and moved["transfer_s"] > 0
+    assert "transfer_s" not in report["unloaded"]["colocated"]
+    assert all(r["completed"] == 3 and r["failed"] == 0 for r in report["loaded"].values())
+    assert "greedy outputs identical: yes" in table(report)
