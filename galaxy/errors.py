@@ -17,6 +17,12 @@ class FrameRejected(TransportError):
     after it; the request fails at once instead of waiting for what will never come."""
 
 
+class KVTransferError(TransportError):
+    """K/V moved between two partitions (phase-separated serving) that do not fit where they go: a box
+    of the wrong shape, dtype or size, layers or heads the device does not hold, blocks outside its
+    pool. Refused before the pool is touched."""
+
+
 class PeerUnreachable(GalaxyError):
     """A device's worker could not be reached (not running, wrong address, network down)."""
 

@@ -10,7 +10,7 @@ from planner import scaling
 
 from ..bench import collectives as collective_bench
 from ..bench import decode as decode_bench
-from ..bench import kernel_survey, paged_kv
+from ..bench import kernel_survey, paged_kv, phases
 from ..bench import serve as serve_bench
 from ..bench import strategies as bench
 from ..bench.serve import ServeBench, Workload, run_serve_bench
@@ -29,6 +29,7 @@ EXAMPLES = """examples:
   galaxy bench serve --rates 0.5,1,2,4 --plot docs/bench/serve.png   the serving engine against fifo
   galaxy bench serve --concurrency 8 --num-requests 32 --output-len 32
   galaxy bench serve --shared-prefix 512 --input-len 64 --compare-prefix-cache
+  galaxy bench serve --local 4 --prefill-devices 0,1,2 --decode-devices 3 --concurrency 4 --num-requests 12
   galaxy bench planner --sizes 4,8,16,32 --seeds 3 --exact-up-to 8   the solver's time and optimality gap
   galaxy bench decode                      one device: galaxy, the compact formats and llama.cpp, side by side
   galaxy bench decode --weights-format fp32,int4,int4-fp32 --threads 2 --local 3
@@ -86,6 +87,10 @@ def add_parser(sub) -> None:
     sv.add_argument("--chunk-size", type=int, help="most prompt tokens a request runs per step (default: the budget)")
     sv.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT objective, x the unloaded TTFT (default 3)")
     sv.add_argument("--slo-tpot", type=float, default=1.5, help="TPOT objective, x the unloaded TPOT (default 1.5)")
+    sv.add_argument("--prefill-devices", metavar="I,J,..", help="with --decode-devices: phase-separated serving "
+                    "(prefill there, decode on the others) against colocated serving on the prefill devices, "
+                    "side by side (galaxy.bench.phases; --reps: unloaded repetitions, default 3)")
+    sv.add_argument("--decode-devices", metavar="I,..", help="the decode group (see --prefill-devices)")
     pl = p.add_argument_group("galaxy bench planner: synthetic clusters (planner/scaling.py; --random-init PRESET "
                               "picks the model, default gpt2-large; --seq-len one length, default 256; --reps "
                               "solves timed per cluster, default 3)")
@@ -176,6 +181,8 @@ def cmd_bench_decode(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
+    if args.prefill_devices or args.decode_devices:
+        return cmd_bench_phases(args)
     sb = ServeBench(
         Workload(num_requests=args.num_requests, concurrency=args.concurrency, burstiness=args.burstiness,
                  input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
@@ -191,6 +198,28 @@ def cmd_bench_serve(args) -> int:
         report = run_serve_bench(session.executor, lm.config, lm.tokenizer, sb, progress=progress)
         report["devices"] = [d.name for d in session.devices()]
     return _emit(args, report, serve_bench.table, serve_bench.plot)
+
+
+def cmd_bench_phases(args) -> int:
+    if not (args.prefill_devices and args.decode_devices):
+        raise GalaxyError("--prefill-devices and --decode-devices go together")
+    workload = Workload(num_requests=args.num_requests, concurrency=args.concurrency, burstiness=args.burstiness,
+                        rate=args.rates[0] if args.rates else float("inf"), input_len=args.input_len,
+                        output_len=args.output_len, range_ratio=args.range_ratio, lengths=args.lengths, seed=args.seed)
+    engine = EngineConfig(max_batched_tokens=args.max_batched_tokens, chunk_size=args.chunk_size)
+    with ExitStack() as stack:
+        _, addresses, token = bench_devices(stack, args.local, args.workers, args.cluster, args.token, args.threads)
+        session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
+        progress(f"loading the model on {len(addresses)} devices")
+        lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
+                          placement={"placement": "disaggregated", "prefill": args.prefill_devices,
+                                     "decode": args.decode_devices})
+        report = phases.run_phase_bench(*lm.groups, lm.config, lm.tokenizer, workload, engine, reps=args.reps or 3,
+                                        progress=progress)
+    if args.plot:
+        progress("--plot: the phase bench has no plot; its table is below")
+    print(bench.dumps(report) if args.json else phases.table(report))
+    return 0
 
 
 def _emit(args, report: dict, table, plot) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -10,6 +11,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import GalaxyError
 from ..serving.server import Server
 from .args import add_cluster_args, add_model_args, add_weights_format_arg, number_in, size
 from .session import device_count, open_session, read_plan
@@ -32,8 +34,14 @@ def add_parser(subparsers):
                               "devices (continuous batching); embeddings run one at a time.")
     add_model_args(p)
     add_cluster_args(p, recover=True)
-    p.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
+    p.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o` (its \"serve\" section, if "
+                   "any, places prefill and decode)")
     add_weights_format_arg(p)
+    ph = p.add_argument_group("phase-separated serving (docs/engine.md)")
+    ph.add_argument("--prefill-devices", metavar="I,J,..", help="devices (indices, names or addresses) that prefill "
+                    "prompts, split HMP over them; with --decode-devices")
+    ph.add_argument("--decode-devices", metavar="I,..", help="devices that decode, the K/V of each sequence moved "
+                    "to them after its first token")
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for the LAN)")
     h.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -64,8 +72,10 @@ def cmd_serve(args) -> int:
     name = Path(name).stem if ("/" in name or name.endswith(".gguf")) else name
     with open_session(args, device_count(args)) as session:
         print("galaxy: loading shards ...", file=sys.stderr, flush=True)
+        placement = serve_placement(args)
         model = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                             plan=args.plan, weights_format=args.weights_format)
+                             plan=None if placement else args.plan, placement=placement,
+                             weights_format=args.weights_format)
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
                         request_timeout=args.request_timeout,
@@ -79,6 +89,24 @@ def cmd_serve(args) -> int:
               "(Ctrl-C stops)", file=sys.stderr, flush=True)
         serve_until_stopped(server, "galaxy serve")
     return 0
+
+
+def serve_placement(args) -> dict | None:
+    """The disaggregated placement asked for: --prefill-devices/--decode-devices, or the plan's serve
+    section (galaxy.runtime.placement); None: colocated."""
+    pre, dec = getattr(args, "prefill_devices", None), getattr(args, "decode_devices", None)
+    if bool(pre) != bool(dec):
+        raise GalaxyError("--prefill-devices and --decode-devices go together")
+    if pre:
+        return {"placement": "disaggregated", "prefill": pre, "decode": dec}
+    if getattr(args, "plan", None):
+        try:
+            serve = json.loads(Path(args.plan).read_text()).get("serve")
+        except (OSError, ValueError) as e:
+            raise GalaxyError(f"--plan {args.plan}: {e}") from None
+        if isinstance(serve, dict) and serve.get("placement", "colocated") != "colocated":
+            return serve
+    return None
 
 
 def add_monitor_args(group) -> None:

@@ -254,6 +254,7 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._closed:
+            self._between_steps()
             with self._lock:
                 busy = self.sched.has_unfinished()
                 plan = self.sched.schedule() if busy else None
@@ -267,6 +268,10 @@ class Engine:
                 self._wake.clear()
                 continue
             self._run(plan)
+
+    def _between_steps(self) -> None:
+        """Called by the loop before each schedule, while no step runs on the devices and the lock is
+        not held: phase-separated serving (engine/disagg.py) moves K/V in and out here."""
 
     def _run(self, plan: BatchPlan) -> None:
         step = Step(torch.tensor(plan.token_ids(), dtype=torch.long),

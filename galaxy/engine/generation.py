@@ -47,6 +47,23 @@ class StepTiming:
 
 
 @dataclass
+class KVHandoff:
+    """A sequence's move from the prefill group to the decode group (phase-separated serving,
+    engine/disagg.py): its K/V pulled from the prefill devices, re-sharded, pushed to the decode ones."""
+
+    at_token: int  # tokens generated when it moved (1: right after the first)
+    nbytes: int  # K/V bytes moved
+    export_s: float  # pulling them from the prefill devices
+    waited_s: float  # held at the coordinator until the decode group had room
+    import_s: float  # pushing them into the decode devices
+    adopted_s: float  # seconds since submission when the decode group held them
+
+    @property
+    def transfer_s(self) -> float:
+        return self.export_s + self.import_s
+
+
+@dataclass
 class TokenEvent:
     """What the stream yields: a token and the text it added (may be '' mid-character)."""
 
@@ -66,6 +83,7 @@ class Generation:
     queued_s: float = 0.0  # from submission to its first step
     first_token_s: float | None = None  # from submission to the first token (TTFT, queueing included)
     token_times: list[float] = field(default_factory=list)  # seconds since submission of every token
+    handoff: KVHandoff | None = None  # phase-separated serving: its move to the decode group
 
     @property
     def ttft_s(self) -> float:

@@ -166,6 +166,26 @@ class Scheduler:
         self.waiting.append(seq)
         return seq
 
+    def adopt(self, token_ids, num_prompt: int, params: SamplingParams, deadline: float | None = None
+              ) -> Sequence | None:
+        """Admit, running, a sequence whose K/V of every token but the last were computed elsewhere
+        (phase-separated serving: another device group prefilled it, engine/disagg.py); the caller
+        writes them into its fresh blocks before the next step, which decodes its last token. None
+        while there is no room: blocks for its tokens and the next, or a place among max_running."""
+        tokens = list(token_ids)
+        n = len(tokens) - 1
+        if not 1 <= num_prompt <= n or len(tokens) >= self.cfg.max_model_len:
+            raise InvalidRequest(f"cannot adopt a sequence of {len(tokens)} tokens ({num_prompt} of the prompt) "
+                                 f"into max_model_len={self.cfg.max_model_len}")
+        if len(self.running) >= self.cfg.max_running or self.blocks.num_free < self.blocks.blocks_for(n + 1):
+            return None
+        seq = Sequence(next(self._ids), tokens, num_prompt, params, arrival=self.clock(), deadline=deadline)
+        self.blocks.append(seq, n)  # fresh blocks, never the prefix cache: its K/V arrive by import
+        seq.num_computed, seq.status = n, SequenceStatus.RUNNING
+        self.live[seq.seq_id] = seq
+        bisect.insort(self.running, seq, key=lambda s: s.seq_id)
+        return seq
+
     def abort(self, seq_id: int, reason: FinishReason = FinishReason.ABORT) -> bool:
         """End a sequence now (client gone, cancelled, or a stop string the engine saw in its text)
         and free its blocks; False if not live."""

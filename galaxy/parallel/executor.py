@@ -192,6 +192,17 @@ class Executor(Protocol):
         """One iteration of the serving engine on every device: output is the logits (logit rows, V).
         The pool is allocated on each device at the first step that names it."""
 
+    def export_kv(self, rank: int, block_table: tuple[int, ...], tokens: int, layers: tuple[int, int],
+                  heads: tuple[int, int], pool: KVPool) -> torch.Tensor:
+        """Phase-separated serving: positions [0, tokens) of the sequence in `block_table` of the pool,
+        layers x KV heads (global ids) that `rank` holds -> (layers, 2, heads, tokens, head_dim)
+        (parallel.kv_transfer: the box format). Between steps only."""
+
+    def import_kv(self, rank: int, block_table: tuple[int, ...], box: torch.Tensor, layers: tuple[int, int],
+                  heads: tuple[int, int], pool: KVPool) -> None:
+        """Write such a box into `rank`'s pool (allocated first if no step has), after checking its
+        shape, dtype and blocks (KVTransferError: refused, pool untouched). Between steps only."""
+
     def release(self) -> None:
         """Drop the loaded model on every device (the executor stays usable)."""
 

@@ -33,6 +33,7 @@ from planner.plan import Plan
 
 from ..addresses import split_address
 from ..engine.arguments import need_choice, need_int, need_number, stop_strings, token_ids
+from ..engine.disagg import DisaggConfig, DisaggEngine
 from ..engine.engine import Engine, EngineConfig, GenerationStream
 from ..engine.generation import Generation, GenerationConfig
 from ..engine.sampling import SamplingConfig
@@ -52,6 +53,7 @@ from ..transport.shardstore import source_file_bytes
 from ..transport.spawn import LocalWorkers
 from .budget import check_pass, fit_partition
 from .inproc import InprocCluster
+from .placement import Placement
 from .recovery import ResilientCluster
 from .sources import open_source
 
@@ -83,7 +85,8 @@ class Session:
              strategy: str = "galaxy", weights: list[float] | None = None, partition: Partition | None = None,
              plan=None, dtype: str = "float32", tiles: int = 1, engine: EngineConfig | None = None,
              stream_weights: bool | None = None, wire: list[list[str]] | str | None = None,
-             backend: str = "torch", weights_format: str | None = None, seq_len: int = 0) -> Model:
+             backend: str = "torch", weights_format: str | None = None, seq_len: int = 0,
+             placement: Placement | dict | None = None) -> Model:
         """Load `model` (default: the embedded SmolLM2) split across the devices.
 
         The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
@@ -103,6 +106,11 @@ class Session:
         Q4 GGUF, model.decode.native_format), fp32 for float checkpoints. A split from a plan or made
         here (even, weighted, fitted to memory) is cut on the format's granules (compact.align_partition:
         less than one granule moves per device); a given partition must already be. docs/decode-formats.md.
+        placement: phase-separated serving (galaxy.runtime.placement: a Placement, or a plan's serve
+        section {"placement": "disaggregated", "prefill": [0, 1, 2], "decode": [3]}): prompts are
+        prefilled on one group of devices and decoded on another, each sequence's K/V moved between
+        them (galaxy.engine.disagg, docs/engine.md "Phase separation"); plan, partition, weights and
+        strategy then do not apply.
         """
         if self.closed:
             raise GalaxyError("this session is closed; open a new one with galaxy.connect(...)")
@@ -132,6 +140,11 @@ class Session:
         weights_format = resolve_weights_format(weights_format, source)
         options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend,
                               weights_format=weights_format, seq_len=min(seq_len, cfg.max_positions))
+        if isinstance(placement, dict):
+            placement = Placement.from_serve(placement, [i.name for i in self._ex.hello()] or list(self._ex.names),
+                                             list(getattr(self._ex, "addresses", [])))
+        if placement is not None:
+            return self._load_disaggregated(source, placement, options, _describe(model, random_init, source), engine)
         if plan is not None:
             partition = align_partition(cfg, plan_partition(plan, cfg, self.world), options.weight_format)
         elif partition is None:
@@ -155,6 +168,42 @@ class Session:
         self.model.seq_len = options.seq_len or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
         self.model.weights_format = options.weights_format
         return self.model
+
+    def _load_disaggregated(self, source: WeightSource, placement: Placement, options: LoadOptions, what: str,
+                            engine: EngineConfig | None) -> Model:
+        """Load the prefill group's and the decode group's shards, each on executors of its own."""
+        if not isinstance(placement, Placement):
+            raise InvalidRequest(f"placement={placement!r}: must be a galaxy.runtime.placement.Placement or a dict")
+        if options.wire is not None:
+            raise PlanMismatch("wire formats are per link of one ring; a disaggregated placement has two groups")
+        placement.check(self.world)
+        cfg = source.config
+        pre_part, dec_part = (align_partition(cfg, p, options.weight_format) for p in placement.partitions(cfg))
+        if self.model is not None:
+            self.model._unload(what)
+            self.model = None
+            self._ex.release()
+        groups = []
+        try:
+            for indices, part in ((placement.prefill, pre_part), (placement.decode, dec_part)):
+                ex = self._group(indices)
+                groups.append(ex)
+                ex.load(source, part, options)
+        except BaseException:
+            for ex in groups:
+                ex.close()
+            raise
+        self.model = Model(self, source, pre_part, what, engine, groups=(groups[0], groups[1]))
+        self.model.placement = placement
+        self.model.seq_len = options.seq_len or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
+        return self.model
+
+    def _group(self, indices) -> Executor:
+        """An executor over some of the session's devices (a plain gRPC Cluster, or in-process ranks)."""
+        if isinstance(self._ex, InprocCluster):
+            return InprocCluster(len(indices), self._ex.timeout, self._ex.kv_bytes)
+        base = getattr(self._ex, "cluster", self._ex)  # a ResilientCluster's Cluster: its token and keys
+        return Cluster([base.addresses[i] for i in indices], token=base.token, tls=base.tls)
 
     def _weights(self, weights) -> list[float]:
         if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
@@ -230,7 +279,7 @@ class Model:
     """A model loaded on a session's devices."""
 
     def __init__(self, session: Session, source: WeightSource, partition: Partition, name: str = "",
-                 engine: EngineConfig | None = None):
+                 engine: EngineConfig | None = None, groups: tuple[Executor, Executor] | None = None):
         self.session, self.source, self._partition = session, source, partition
         self.config = source.config
         self.tokenizer = source.tokenizer()
@@ -240,28 +289,41 @@ class Model:
         self.weights_format = "fp32"  # how the devices hold the linears ("auto" resolved)
         self.seq_len = memory.DEFAULT_SEQ_LEN  # tokens of one pass the devices reserved memory for (load)
         self._engine_config = engine or EngineConfig()
-        self._engine: Engine | None = None
+        self._engine: Engine | DisaggEngine | None = None
         self._engine_lock = threading.Lock()
+        self.groups = groups  # (prefill, decode) executors of a disaggregated placement; None: colocated
+        self.placement: Placement | None = None
+
+    @property
+    def executor(self) -> Executor:
+        """What runs this model's single passes: the session's devices, or the prefill group's."""
+        return self.groups[0] if self.groups else self.session.executor
 
     @property
     def partition(self) -> Partition:
         """The current split (recovery may have changed it since load)."""
-        return getattr(self.session._ex, "partition", None) or self._partition
+        return getattr(self.executor, "partition", None) or self._partition
 
     @property
-    def engine(self) -> Engine:
-        """The serving engine that batches this model's generation requests (started on first use)."""
+    def engine(self) -> Engine | DisaggEngine:
+        """The serving engine that batches this model's generation requests (started on first use):
+        a DisaggEngine over the two groups of a disaggregated placement."""
         self._check_loaded()
         with self._engine_lock:
-            if self._engine is None:
+            if self._engine is None and self.groups:
+                pre, dec = self.groups
+                recover = isinstance(self.session.executor, ResilientCluster)  # connect(recover=True)
+                self._engine = DisaggEngine(pre, dec, self.config, self.tokenizer, self._step_config(pre),
+                                            self._step_config(dec), DisaggConfig(recover=recover))
+            elif self._engine is None:
                 self._engine = Engine(self.session.executor, self.config, self.tokenizer, self._step_config())
             return self._engine
 
-    def _step_config(self) -> EngineConfig:
+    def _step_config(self, executor: Executor | None = None) -> EngineConfig:
         """The engine's config, its steps no longer than the pass the budgeted devices reserved memory
         for at load (seq_len): a longer step would be refused by their workers."""
         c = self._engine_config
-        if not any(m.budget for m in getattr(self.session.executor, "loaded_memory", []) or []):
+        if not any(m.budget for m in getattr(executor or self.session.executor, "loaded_memory", []) or []):
             return c
         n = min(c.max_batched_tokens, self.seq_len)
         return dataclasses.replace(c, max_batched_tokens=n, max_running=min(c.max_running, n),
@@ -276,6 +338,8 @@ class Model:
         if engine is not None:
             engine.close(ModelUnloaded(f"this model ({self.name}) was unloaded while the request ran: the session "
                                        f"loaded {replaced_by} in its place"))
+        for ex in self.groups or ():
+            ex.close()
 
     @property
     def loaded(self) -> bool:
@@ -397,7 +461,7 @@ class Model:
         A pass too large for some device's memory budget (the activations and logits of a long
         input) is refused before any device computes, naming the device and the numbers."""
         self._check_loaded()
-        ex = self.session.executor
+        ex = self.executor
         check_pass(ex, self.config, req)
         return ex.forward(req)
 

@@ -16,6 +16,7 @@ from ..errors import GalaxyError, PlanMismatch
 from ..parallel.compact import compact_shard, held_bytes
 from ..parallel.executor import DeviceStats, ForwardResult, LoadOptions, pool_blocks
 from ..parallel.forward import Request, Step, assemble
+from ..parallel.kv_transfer import export_box, import_box
 from ..parallel.local_transport import LocalGroup
 from ..parallel.rank import KVPool, RankRuntime
 from ..parallel.sharding import Partition, load_shard, shard_bytes
@@ -120,6 +121,19 @@ class InprocCluster:
         for rt in self.runtimes:
             rt.validate_step(step, pool)
         return self._run(lambda rt, comm: rt.run_step(comm, step, pool), step.ids.shape[0])
+
+    def export_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool) -> torch.Tensor:
+        return export_box(self._runtime(rank), pool, block_table, tokens, layers, heads, self.names[rank])
+
+    def import_kv(self, rank: int, block_table, box: torch.Tensor, layers, heads, pool: KVPool) -> None:
+        import_box(self._runtime(rank), pool, block_table, box, layers, heads, self.names[rank])
+
+    def _runtime(self, rank: int) -> RankRuntime:
+        if self.partition is None:
+            raise GalaxyError("nothing loaded: call load() first")
+        if not 0 <= rank < self.world:
+            raise GalaxyError(f"rank {rank} outside 0..{self.world - 1}")
+        return self.runtimes[rank]
 
     def _run(self, run, seq: int, overlap: bool = True) -> ForwardResult:
         t0 = time.perf_counter()

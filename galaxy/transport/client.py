@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import torch
 
 from ..addresses import join_address, split_address
 from ..errors import (
     AuthError,
     DeviceOutOfMemory,
     GalaxyError,
+    KVTransferError,
     PeerUnreachable,
     PlanMismatch,
     ProtocolMismatch,
@@ -50,7 +52,7 @@ from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import open_channel
 from .probe import REFUSED, UNREACHABLE, explain, probe, reach
-from .protocol import from_proto, metadata, step_to_proto, to_proto
+from .protocol import from_proto, kv_box_to_proto, metadata, step_to_proto, to_proto
 from .shardstore import digest, iter_shard, model_hash, source_file_bytes, spec_json, tensor_parts
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,7 @@ class Cluster:
         self.token = token
         self.connect_timeout, self.forward_timeout = connect_timeout, forward_timeout
         self.heartbeat_s, self.heartbeat_misses = 1.0, 3  # a silent device is declared gone after ~3-6 s
+        self.kv_timeout = 60.0  # longest one K/V box export or import may take (phase-separated serving)
         self.tls = tls
         self.channels = [open_channel(a, tls) for a in self.addresses]
         self.stubs = [pb_grpc.WorkerStub(c) for c in self.channels]
@@ -312,6 +315,33 @@ class Cluster:
         rid = self._next_request()
         msg = step_to_proto(step, pool, self.session_id, rid)
         return self._on_every_worker("Step", "step", rid, [msg] * self.world, step.ids.shape[0])
+
+    def export_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool) -> torch.Tensor:
+        """A box of one sequence's K/V from worker `rank` (the Executor interface), its shape checked."""
+        msg = kv_box_to_proto(self.session_id, block_table, tokens, layers, heads, pool)
+        rep = self._kv_call(rank, "ExportKV", msg, "K/V export")
+        box = from_proto(rep.kv, f"K/V box from {self.names[rank]}")
+        want = (layers[1] - layers[0], 2, heads[1] - heads[0], tokens, self.config.head_dim)
+        if tuple(box.shape) != want:
+            raise KVTransferError(f"{self.names[rank]}: sent a K/V box of shape {tuple(box.shape)}, expected {want}")
+        return box
+
+    def import_kv(self, rank: int, block_table, box: torch.Tensor, layers, heads, pool: KVPool) -> None:
+        """Write a box into worker `rank`'s pool (the Executor interface); the worker checks it first."""
+        self._kv_call(rank, "ImportKV", kv_box_to_proto(self.session_id, block_table, box.shape[3], layers, heads,
+                                                        pool, box), "K/V import")
+
+    def _kv_call(self, rank: int, rpc: str, msg, action: str):
+        if self.partition is None:
+            raise GalaxyError("nothing loaded: call load() first")
+        if not 0 <= rank < self.world:
+            raise GalaxyError(f"rank {rank} outside 0..{self.world - 1}")
+        try:
+            return getattr(self.stubs[rank], rpc)(msg, timeout=self.kv_timeout, metadata=self._md())
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise KVTransferError(f"{self.names[rank]}: {e.details()}") from None
+            raise _error(e, self.names[rank], action) from None
 
     def _next_request(self) -> int:
         self._request_id += 1

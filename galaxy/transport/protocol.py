@@ -170,3 +170,28 @@ def decompress(m: pb.Tensor, decoded: int, scales: pb.Tensor | None, what: str) 
         return codec.decode(t, s, want)
     except ValueError as e:
         raise TransportError(f"{what}: {e}") from None
+
+
+# --- K/V boxes of phase-separated serving (galaxy/parallel/kv_transfer.py) --------------------------
+def kv_box_to_proto(session_id: str, block_table, tokens: int, layers: tuple[int, int], heads: tuple[int, int],
+                    pool: KVPool, box: torch.Tensor | None = None) -> pb.KVBox:
+    m = pb.KVBox(session_id=session_id, block_table=list(block_table), num_tokens=tokens, layer_lo=layers[0],
+                 layer_hi=layers[1], head_lo=heads[0], head_hi=heads[1], num_blocks=pool.num_blocks,
+                 block_size=pool.block_size)
+    if box is not None:
+        fill_proto(m.kv, box)
+    return m
+
+
+def kv_box_from_proto(m: pb.KVBox) -> tuple[tuple[int, ...], int, tuple[int, int], tuple[int, int], KVPool]:
+    """(block table, tokens, layers, heads, pool) of a K/V box request, counts checked before use
+    (parallel.kv_transfer checks them against what the device holds)."""
+    if not 1 <= m.num_blocks <= MAX_POOL_BLOCKS or not 1 <= m.block_size <= 1 << 16:
+        raise TransportError(f"K/V box: a pool of {m.num_blocks} blocks of {m.block_size} positions")
+    if not 1 <= len(m.block_table) <= m.num_blocks or not 1 <= m.num_tokens <= len(m.block_table) * m.block_size:
+        raise TransportError(f"K/V box: {m.num_tokens} positions in {len(m.block_table)} blocks of {m.block_size} "
+                             f"(pool of {m.num_blocks})")
+    if not (0 <= m.layer_lo < m.layer_hi and 0 <= m.head_lo < m.head_hi):
+        raise TransportError(f"K/V box: layers {m.layer_lo}..{m.layer_hi}, KV heads {m.head_lo}..{m.head_hi}")
+    return (tuple(m.block_table), int(m.num_tokens), (m.layer_lo, m.layer_hi), (m.head_lo, m.head_hi),
+            KVPool(m.num_blocks, m.block_size))

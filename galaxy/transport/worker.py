@@ -41,6 +41,7 @@ from ..parallel.codec import codec_seconds_per_byte
 from ..parallel.compact import check_cuts, compact_shard, held_bytes
 from ..parallel.compact_wire import build_compact, is_compact_state
 from ..parallel.forward import Request
+from ..parallel.kv_transfer import export_box, import_box
 from ..parallel.rank import DEFAULT_KV_BYTES, RankRuntime
 from ..parallel.sharding import Partition, PartitionError, Strategy, build_shard, meta_model, shard_state
 from ..v1 import worker_pb2 as pb
@@ -61,6 +62,7 @@ from .protocol import (
     WIRE_FORMATS,
     fill_proto,
     from_proto,
+    kv_box_from_proto,
     step_from_proto,
 )
 from .security import TlsFiles
@@ -74,6 +76,7 @@ MAX_SESSIONS = 8
 # transport/spawn.MALLOC_ENV), so its resident memory -- which the coordinator plans the next request
 # by and the worker admits it by -- is what it really holds. Further away, reusing them is faster.
 NEAR_BUDGET = 64 * 2**20
+KV_WAIT_S = 30.0  # longest a K/V export or import waits for a step running on this worker (a device in both groups)
 
 
 @dataclass
@@ -378,6 +381,59 @@ class WorkerService(pb_grpc.WorkerServicer):
             return handler(sess, request, context)
         finally:
             self.lock.release()
+
+    # -- phase-separated serving: K/V boxes in and out of the paged pool ------------------------------
+    def ExportKV(self, request, context):
+        return self._kv_call(request, context, self._export_kv)
+
+    def ImportKV(self, request, context):
+        return self._kv_call(request, context, self._import_kv)
+
+    def _kv_call(self, request, context, handler):
+        sess = self._session_or_abort(request.session_id, context)
+        if not self.lock.acquire(timeout=KV_WAIT_S):
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: busy with a step for {KV_WAIT_S:g} s")
+        try:
+            t0 = time.perf_counter()
+            reply = handler(sess, request, context)
+            reply.seconds = time.perf_counter() - t0
+            return reply
+        finally:
+            self.lock.release()
+
+    def _export_kv(self, sess: _Session, request, context):
+        try:
+            table, tokens, layers, heads, pool = kv_box_from_proto(request)
+            box = export_box(sess.runtime, pool, table, tokens, layers, heads, self.s.name)
+        except (TransportError, ValueError, GalaxyError) as e:  # KVTransferError is a TransportError
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V export refused: {e}")
+        reply = pb.KVReply()
+        fill_proto(reply.kv, box)
+        return reply
+
+    def _import_kv(self, sess: _Session, request, context):
+        rt = sess.runtime
+        try:
+            table, tokens, layers, heads, pool = kv_box_from_proto(request)
+            box = from_proto(request.kv, "K/V box")
+            if box.dim() != 5 or box.shape[3] != tokens:
+                raise TransportError(f"K/V box of shape {tuple(box.shape)} for {tokens} positions")
+        except (TransportError, ValueError, GalaxyError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V import refused: {e}")
+        if self.s.memory_budget:  # an import may be the first to allocate the pool: within the KV budget
+            have = rt.paged
+            if have is None or (have.num_blocks, have.block_size) != (pool.num_blocks, pool.block_size):
+                try:
+                    self._admit(sess, 0, pool.num_blocks * pool.block_size * rt.kv_bytes_per_token)
+                except DeviceOutOfMemory as e:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        try:
+            import_box(rt, pool, table, box.to(self.s.device), layers, heads, self.s.name)
+        except (MemoryError, DeviceOutOfMemory) as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory: {e}")
+        except (TransportError, ValueError, GalaxyError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V import refused: {e}")
+        return pb.KVReply()
 
     def _forward(self, sess: _Session, request, context):
         rt = sess.runtime

@@ -244,6 +244,38 @@ class StepRequest(_message.Message):
     block_size: int
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., query_lens: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., block_table_lens: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., logit_rows: _Optional[_Iterable[int]] = ..., copies: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
+class KVBox(_message.Message):
+    __slots__ = ("session_id", "block_table", "num_tokens", "layer_lo", "layer_hi", "head_lo", "head_hi", "num_blocks", "block_size", "kv")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_LO_FIELD_NUMBER: _ClassVar[int]
+    LAYER_HI_FIELD_NUMBER: _ClassVar[int]
+    HEAD_LO_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HI_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    block_table: _containers.RepeatedScalarFieldContainer[int]
+    num_tokens: int
+    layer_lo: int
+    layer_hi: int
+    head_lo: int
+    head_hi: int
+    num_blocks: int
+    block_size: int
+    kv: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layer_lo: _Optional[int] = ..., layer_hi: _Optional[int] = ..., head_lo: _Optional[int] = ..., head_hi: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., kv: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class KVReply(_message.Message):
+    __slots__ = ("kv", "seconds")
+    KV_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    kv: Tensor
+    seconds: float
+    def __init__(self, kv: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class OpStat(_message.Message):
     __slots__ = ("tag", "wall_s", "wait_s", "compute_s", "bytes", "send_s")
     TAG_FIELD_NUMBER: _ClassVar[int]

@@ -99,6 +99,16 @@ class WorkerStub:
                 request_serializer=galaxy_dot_v1_dot_worker__pb2.ShardPart.SerializeToString,
                 response_deserializer=galaxy_dot_v1_dot_worker__pb2.ShardReceipt.FromString,
                 _registered_method=True)
+        self.ExportKV = channel.unary_unary(
+                '/galaxy.v1.Worker/ExportKV',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.KVBox.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
+                _registered_method=True)
+        self.ImportKV = channel.unary_unary(
+                '/galaxy.v1.Worker/ImportKV',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.KVBox.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -189,6 +199,20 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportKV(self, request, context):
+        """a sequence's K/V box out of the paged pool (phase-separated serving)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportKV(self, request, context):
+        """and into another group's pool
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +280,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.PushShard,
                     request_deserializer=galaxy_dot_v1_dot_worker__pb2.ShardPart.FromString,
                     response_serializer=galaxy_dot_v1_dot_worker__pb2.ShardReceipt.SerializeToString,
+            ),
+            'ExportKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportKV,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.KVBox.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.KVReply.SerializeToString,
+            ),
+            'ImportKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportKV,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.KVBox.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.KVReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -609,6 +643,60 @@ class Worker:
             '/galaxy.v1.Worker/PushShard',
             galaxy_dot_v1_dot_worker__pb2.ShardPart.SerializeToString,
             galaxy_dot_v1_dot_worker__pb2.ShardReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/galaxy.v1.Worker/ExportKV',
+            galaxy_dot_v1_dot_worker__pb2.KVBox.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/galaxy.v1.Worker/ImportKV',
+            galaxy_dot_v1_dot_worker__pb2.KVBox.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
             options,
             channel_credentials,
             insecure,

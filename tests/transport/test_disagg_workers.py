@@ -1,0 +1,128 @@
+"""Phase-separated serving over real gRPC workers: prefill on three worker processes (HMP, uneven
+heads), decode on a fourth, the K/V moved through ExportKV/ImportKV -- greedy tokens equal the
+single-device reference; a bad box or a wrong token is refused with a typed error; a decode device
+that drops out ends the requests on it with an error that names it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from galaxy.engine.disagg import DisaggConfig, DisaggEngine
+from galaxy.engine.engine import EngineConfig
+from galaxy.engine.generation import GenerationConfig
+from galaxy.errors import AuthError, GalaxyError, KVTransferError
+from galaxy.model.checkpoints.random import RandomWeights
+from galaxy.model.config import preset
+from galaxy.parallel.rank import KVPool
+from galaxy.parallel.sharding import Partition, Strategy, weighted_partition
+from galaxy.runtime.sources import reference_generate
+from galaxy.transport.client import Cluster, ModelRef
+from galaxy.transport.spawn import LocalWorkers
+
+CFG = preset("tiny-llama").replace(n_layers=3)  # 6 query heads in 2 KV groups of 3
+SRC = RandomWeights(CFG, seed=3, std=0.3)
+REF = ModelRef(CFG, random_init=True, seed=3, std=0.3)
+
+
+def split(heads, strategy=Strategy.GALAXY) -> Partition:
+    p = weighted_partition(CFG, [1.0] * len(heads), strategy)
+    return Partition(p.strategy, tuple(heads), p.cols, p.vocab, p.layers, p.seq_weights).validate(CFG)
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_greedy_tokens_equal_the_reference_prefill_on_three_worker_processes_decode_on_a_fourth():
+    ps = prompts((11, 5, 23))
+    want = [reference_generate(SRC, p, 8, stop_at_eos=False) for p in ps]
+    with LocalWorkers(4, threads=1) as addrs, Cluster(addrs[:3]) as pre, Cluster(addrs[3:]) as dec:
+        pre.load_ref(REF, split([3, 1, 2]))
+        dec.load_ref(REF, split([6]))
+        engine = DisaggEngine(pre, dec, CFG, None, EngineConfig(block_size=4, kv_blocks=32),
+                              EngineConfig(block_size=8, kv_blocks=16), DisaggConfig(chunk_bytes=2048))
+        try:
+            got: list = [None] * len(ps)
+
+            def ask(i):
+                got[i] = engine.generate(ps[i], GenerationConfig(8, stop_at_eos=False))
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(ps))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        finally:
+            engine.close()
+    assert [g.tokens for g in got] == want
+    assert all(g.handoff is not None and g.handoff.export_s > 0 and g.handoff.import_s > 0 for g in got)
+
+
+def test_a_bad_box_or_a_wrong_token_is_refused_by_the_worker_with_a_typed_error(servers):
+    addrs = servers.start(1, token="s3cret")
+    with Cluster(addrs, token="s3cret") as c:
+        c.load_ref(REF, split([6]))
+        pool = KVPool(4, 8)
+        good = torch.zeros(CFG.n_layers, 2, CFG.n_kv_heads, 10, CFG.head_dim)
+        c.import_kv(0, (1, 2), good, (0, CFG.n_layers), (0, 2), pool)
+        assert torch.equal(c.export_kv(0, (1, 2), 10, (0, CFG.n_layers), (0, 2), pool), good)
+        with pytest.raises(KVTransferError, match="w0.*expected"):
+            c.import_kv(0, (1, 2), good[:, :, :, :, :-1], (0, CFG.n_layers), (0, 2), pool)
+        with pytest.raises(KVTransferError, match="w0.*float16"):
+            c.import_kv(0, (1, 2), good.half(), (0, CFG.n_layers), (0, 2), pool)
+        with pytest.raises(KVTransferError, match="w0.*outside the pool"):
+            c.import_kv(0, (1, 7), good, (0, CFG.n_layers), (0, 2), pool)
+        with Cluster(addrs, token="wrong") as intruder:
+            intruder.session_id, intruder.partition, intruder.config = c.session_id, c.partition, c.config
+            with pytest.raises(AuthError):
+                intruder.import_kv(0, (1, 2), good + 1, (0, CFG.n_layers), (0, 2), pool)
+        assert torch.equal(c.export_kv(0, (1, 2), 10, (0, CFG.n_layers), (0, 2), pool), good)  # untouched
+
+
+def test_a_decode_device_that_drops_out_ends_its_requests_with_an_error_naming_it(servers):
+    addrs = servers.start(3)
+    with Cluster(addrs[:2]) as pre, Cluster(addrs[2:], connect_timeout=2.0) as dec:
+        pre.load_ref(REF, split([2, 4]))
+        dec.load_ref(REF, split([6]))
+        dec.kv_timeout = 5.0
+        engine = DisaggEngine(pre, dec, CFG, None, EngineConfig(block_size=4, kv_blocks=32),
+                              EngineConfig(block_size=4, kv_blocks=32))
+        try:
+            p = prompts((9,))[0]
+            want = reference_generate(SRC, p, 4, stop_at_eos=False)
+            assert engine.generate(p, GenerationConfig(4, stop_at_eos=False)).tokens == want
+            servers.stop(2)
+            stream = engine.submit(p, GenerationConfig(4, stop_at_eos=False))
+            with pytest.raises(GalaxyError, match="w2"):
+                stream.result(60)
+            assert stream.generation.tokens == want[:1]  # the first token came from the prefill group
+        finally:
+            engine.close()
+
+
+def test_with_recovery_a_decode_device_that_drops_out_mid_request_costs_no_token(servers):
+    addrs = servers.start(3)
+    with Cluster(addrs[:2]) as pre, Cluster(addrs[2:], connect_timeout=2.0) as dec:
+        pre.load_ref(REF, split([2, 4]))
+        dec.load_ref(REF, split([6]))
+        dec.kv_timeout = 5.0
+        engine = DisaggEngine(pre, dec, CFG, None, EngineConfig(block_size=4, kv_blocks=32),
+                              EngineConfig(block_size=4, kv_blocks=32), DisaggConfig(recover=True))
+        try:
+            p = prompts((9,), seed=2)[0]
+            want = reference_generate(SRC, p, 24, stop_at_eos=False)
+            stream = engine.submit(p, GenerationConfig(24, stop_at_eos=False))
+            events = iter(stream)
+            got = [next(events).token for _ in range(4)]  # the first from the prefill group, then the decode group's
+            assert stream.generation.handoff is not None
+            servers.stop(2)
+            got += [ev.token for ev in events]
+            assert got == want and stream.generation.finish == "length"
+            assert engine.prefill.recovered == 1 and "w2" in str(engine.decode.down)
+            assert engine.generate(p, GenerationConfig(6, stop_at_eos=False)).tokens == want[:6]  # decoded colocated
+        finally:
+            engine.close()
