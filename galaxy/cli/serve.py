@@ -92,20 +92,13 @@ def cmd_serve(args) -> int:
 
 
 def serve_placement(args) -> dict | None:
-    """The disaggregated placement asked for: --prefill-devices/--decode-devices, or the plan's serve
-    section (galaxy.runtime.placement); None: colocated."""
+    """The disaggregated placement the flags ask for (--prefill-devices/--decode-devices); None: the
+    plan's serve section decides, if the plan has one (Session.load reads it with the plan's split)."""
     pre, dec = getattr(args, "prefill_devices", None), getattr(args, "decode_devices", None)
     if bool(pre) != bool(dec):
         raise GalaxyError("--prefill-devices and --decode-devices go together")
     if pre:
         return {"placement": "disaggregated", "prefill": pre, "decode": dec}
-    if getattr(args, "plan", None):
-        try:
-            serve = json.loads(Path(args.plan).read_text()).get("serve")
-        except (OSError, ValueError) as e:
-            raise GalaxyError(f"--plan {args.plan}: {e}") from None
-        if isinstance(serve, dict) and serve.get("placement", "colocated") != "colocated":
-            return serve
     return None
 
 

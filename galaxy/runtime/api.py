@@ -140,9 +140,10 @@ class Session:
         weights_format = resolve_weights_format(weights_format, source)
         options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend,
                               weights_format=weights_format, seq_len=min(seq_len, cfg.max_positions))
+        if placement is None and plan is not None and plan.serve is not None and plan.serve.placement != "colocated":
+            placement = self._plan_placement(plan, cfg)
         if isinstance(placement, dict):
-            placement = Placement.from_serve(placement, [i.name for i in self._ex.hello()] or list(self._ex.names),
-                                             list(getattr(self._ex, "addresses", [])))
+            placement = self._placement(placement)
         if placement is not None:
             return self._load_disaggregated(source, placement, options, _describe(model, random_init, source), engine)
         if plan is not None:
@@ -168,6 +169,18 @@ class Session:
         self.model.seq_len = options.seq_len or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
         self.model.weights_format = options.weights_format
         return self.model
+
+    def _placement(self, serve: dict) -> Placement | None:
+        return Placement.from_serve(serve, [i.name for i in self._ex.hello()] or list(self._ex.names),
+                                    list(getattr(self._ex, "addresses", [])))
+
+    def _plan_placement(self, plan: Plan, cfg) -> Placement:
+        """A `galaxy plan --serve` plan that separates the phases: its devices prefill with the split it
+        solved for them, in its order; its serve section names the decode devices (the session must
+        reach them all: a cluster file or --workers with every device, not the plan's devices alone)."""
+        serve = {"placement": plan.serve.placement, "prefill": [d.name for d in plan.devices],
+                 "decode": list(plan.serve.decode)}
+        return dataclasses.replace(self._placement(serve), prefill_partition=plan.to_partition(cfg))
 
     def _load_disaggregated(self, source: WeightSource, placement: Placement, options: LoadOptions, what: str,
                             engine: EngineConfig | None) -> Model:

@@ -148,23 +148,39 @@ def test_the_python_api_loads_a_plan_serve_section_and_generates_the_reference_t
         assert colocated.groups is None and colocated.generate(p, 6, details=True).tokens == want
 
 
-def test_galaxy_serve_takes_the_placement_from_its_flags_or_the_plan_serve_section(tmp_path):
+def test_galaxy_serve_takes_the_placement_from_its_flags_and_leaves_a_plan_to_the_load():
     import argparse
-    import json
 
     from galaxy.cli.serve import serve_placement
     from galaxy.errors import GalaxyError
 
     flags = argparse.Namespace(prefill_devices="0,1,2", decode_devices="3", plan=None)
     assert serve_placement(flags) == {"placement": "disaggregated", "prefill": "0,1,2", "decode": "3"}
-    plan = tmp_path / "plan.json"
-    serve = {"placement": "disaggregated", "prefill": ["a", "b"], "decode": ["c"]}
-    plan.write_text(json.dumps({"strategy": "galaxy", "serve": serve}))
-    assert serve_placement(argparse.Namespace(prefill_devices=None, decode_devices=None, plan=str(plan))) == serve
-    plan.write_text(json.dumps({"strategy": "galaxy", "serve": {"placement": "colocated"}}))
-    assert serve_placement(argparse.Namespace(prefill_devices=None, decode_devices=None, plan=str(plan))) is None
+    assert serve_placement(argparse.Namespace(prefill_devices=None, decode_devices=None, plan="p.json")) is None
     with pytest.raises(GalaxyError, match="go together"):
         serve_placement(argparse.Namespace(prefill_devices="0", decode_devices=None, plan=None))
+
+
+def test_a_planned_disaggregated_placement_prefills_with_the_plan_split_and_decodes_where_it_says():
+    """`galaxy plan --serve` writes the prefill devices as the plan's devices (with the split it solved)
+    and the decode devices in its serve section; loading that plan runs both, with the reference tokens."""
+    import galaxy
+    from planner.plan import DevicePlan, ModelRef, Plan, ServePlan, ServePrediction
+
+    heads, cols = (4, 0, 2), (CFG.ffn - 2 * (CFG.ffn // 3), CFG.ffn // 3, CFG.ffn // 3)
+    rows = (CFG.vocab_size - 2 * (CFG.vocab_size // 3), CFG.vocab_size // 3, CFG.vocab_size // 3)
+    devices = tuple(DevicePlan(f"thread{i}", f"inproc:{i}", heads=h, mlp_cols=c, vocab_rows=v, tokens=t)
+                    for i, (h, c, v, t) in enumerate(zip(heads, cols, rows, (6, 4, 6))))
+    pred = ServePrediction(0.1, 0.2, 0.01, 0.02, 1.0, 3.0, 0.01, 0.1, 0.01)
+    serve = ServePlan("disaggregated", tuple(d.name for d in devices), ("thread3",), 1.0, 8, 6, 1.0, 0.1, pred)
+    plan = Plan("galaxy", devices, 16, ModelRef.of(CFG), serve=serve)
+    p = prompts((8,), seed=5)[0]
+    want = reference_generate(SRC, p, 6, stop_at_eos=False)
+    with galaxy.connect(local=4, transport="inproc") as session:
+        lm = session.load(SRC, plan=plan)
+        assert lm.placement.prefill == (0, 1, 2) and lm.placement.decode == (3,)
+        assert lm.placement.prefill_partition.heads == heads
+        assert lm.generate(p, 6, details=True).tokens == want
 
 
 def test_the_scheduler_adopts_a_prefilled_sequence_into_fresh_blocks_and_decodes_its_last_token():
