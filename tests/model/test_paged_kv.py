@@ -26,7 +26,7 @@ def scattered_tables(lengths, shared_prefix_blocks, num_blocks, seed):
     return tables
 
 
-def run_step(kv_map, nkv, method, seed=0):
+def run_step(kv_map, nkv, method, seed=0, garbage=None):
     """A mixed step: two decodes (one sharing a prefix with a prefill chunk), chunks at
     arbitrary starts and a prompt from position 0. Returns paged and reference outputs."""
     gen = torch.Generator().manual_seed(seed)
@@ -44,6 +44,9 @@ def run_step(kv_map, nkv, method, seed=0):
     ks[1][:, :shared], vs[1][:, :shared] = ks[0][:, :shared], vs[0][:, :shared]
     batch = PagedBatch(BS, tuple(n for _, n in plan), tuple(c - n for c, n in plan), tuple(map(tuple, tables)))
     cache = PagedKVCache(["3"], nkv, HD, 40, BS)
+    if garbage is not None:  # what an allocation that is not zero-filled may hold
+        cache.k["3"].fill_(garbage)
+        cache.v["3"].fill_(garbage)
     for i, (c, n) in enumerate(plan):  # earlier steps wrote the cached positions
         if c - n:
             old = PagedBatch(BS, (c - n,), (0,), (tuple(tables[i]),))
@@ -70,6 +73,13 @@ def run_step(kv_map, nkv, method, seed=0):
 def test_mixed_batch_matches_contiguous_attention(method, kv_map, nkv):
     out, ref = run_step(kv_map, nkv, method)
     assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf")])
+def test_slots_never_written_are_never_read_so_the_pool_needs_no_zero_fill(method, garbage):
+    out, ref = run_step([0, 0, 0, 1, 1, 1, 2, 2, 2], 3, method, garbage=garbage)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
