@@ -313,7 +313,8 @@ class Engine:
                 self.sched.update(plan, {})
             return
         self.steps += 1
-        self.cost.observe(plan.num_tokens, res.seconds)
+        if any(len(it.token_ids) == 1 for it in plan.items):  # the cost of steps beside running streams
+            self.cost.observe(plan.num_tokens, res.seconds)
         rows = [it for it in plan.items if it.logits]
         collective, kv_bytes = collective_of(res.devices), [d.kv_cache_bytes for d in res.devices]
         self._last = LastStep(self.steps, plan.num_tokens, len(plan.items), res.seconds, collective,

@@ -93,10 +93,21 @@ def step_pass(step: Step, kv: PagedKVCache) -> Pass:
     return Pass(step.ids, step.batch.positions, None, attend, step.logit_rows)
 
 
+# Passes of fewer tokens run Galaxy's shards tensor-parallel (below). Sequence parallelism pays four
+# ring collectives per layer, each world - 1 hops, where tensor parallelism pays two one-hop
+# all-reduces; for a few dozen tokens the hops, not the bytes, are the cost. Measured on three
+# loopback workers (SmolLM2-135M, 2 shared cores): a decode step of 8 sequences took 0.21-0.33 s
+# tensor-parallel against 0.32-0.58 s under HMP, a step of 4 decodes and a 16-token prompt chunk
+# 0.17-0.33 s against 0.43-0.75 s -- HMP's per-step floor is what made every step that carried a
+# prompt chunk beside running streams stall them (docs/engine.md).
+TENSOR_PARALLEL_MAX_TOKENS = 64
+
+
 def decodes_tensor_parallel(partition: Partition, seq: int) -> bool:
-    """Too few tokens to split (decode steps): run Galaxy's shards Megatron-style instead, with
-    latency-optimal all-reduces, since sequence parallelism has nothing to share out."""
-    return partition.strategy == Strategy.GALAXY and seq < 2 * partition.world
+    """Too few tokens to split well (decode steps, and the serving engine's steps of decodes beside a
+    small prompt chunk): run Galaxy's shards Megatron-style instead, with latency-optimal
+    all-reduces, since sequence parallelism's ring hops cost more than it shares out."""
+    return partition.strategy == Strategy.GALAXY and seq < max(TENSOR_PARALLEL_MAX_TOKENS, 2 * partition.world)
 
 
 def _types(p: Pass, a: int, b: int):
