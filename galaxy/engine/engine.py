@@ -320,11 +320,7 @@ class Engine:
         self._last = LastStep(self.steps, plan.num_tokens, len(plan.items), res.seconds, collective,
                               tuple(res.devices), time.time())
         with self._lock:
-            sampled = {}
-            for it, row in zip(rows, res.output):
-                stream = self.streams.get(it.seq_id)
-                if stream is not None:  # else cancelled while the step ran
-                    sampled[it.seq_id] = stream.sampler(row)
+            sampled = self._sample(rows, res.output)
             self.generated += len(sampled)
             for it in plan.items:
                 stream = self.streams.get(it.seq_id)
@@ -340,6 +336,21 @@ class Engine:
                 gen.kv_cache_bytes = kv_bytes
             for seq in self.sched.update(plan, sampled):
                 self._token(self.streams[seq.seq_id], seq)
+
+    def _sample(self, rows, logits: torch.Tensor) -> dict[int, int]:
+        """Each live sequence's next token from its logit row (logits (rows, V)): the greedy ones by
+        one argmax over their rows (the same first-maximum as one row's argmax), the others by their
+        own sampler. Sequences cancelled while the step ran get none."""
+        live = [(i, it.seq_id, s) for i, it in enumerate(rows) if (s := self.streams.get(it.seq_id)) is not None]
+        greedy = [(i, sid) for i, sid, s in live if s.sampler.greedy]
+        sampled = {}
+        if greedy:
+            picks = logits[[i for i, _ in greedy]].argmax(dim=-1).tolist()  # (G,)
+            sampled = {sid: tok for (_, sid), tok in zip(greedy, picks)}
+        for i, sid, s in live:
+            if not s.sampler.greedy:
+                sampled[sid] = s.sampler(logits[i])
+        return sampled
 
     def _token(self, stream: GenerationStream, seq: Sequence) -> None:
         """A token came out for `seq`: its text, stop strings, and whether it ended the request."""

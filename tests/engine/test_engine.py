@@ -198,3 +198,20 @@ def test_a_long_prompt_beside_a_stream_runs_in_chunks_the_stall_bound_allows_and
     beside = [s.tokens for s in late.steps if s.phase == "prefill" and s.batch_tokens > s.tokens]
     assert beside and all(n <= 10 for n in beside)
     assert sum(s.tokens for s in late.steps if s.phase == "prefill") == len(long)
+
+
+def test_greedy_and_seeded_requests_sampled_in_one_step_each_get_what_they_get_alone(engines):
+    """The greedy rows of a step are sampled by one argmax over all of them; a seeded sampler in the
+    same step still draws its own tokens."""
+    src = RandomWeights(preset("tiny-llama"), seed=3, std=0.3)
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, src.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 8, 11)]
+    configs = [GenerationConfig(12, SamplingConfig(), stop_at_eos=False),
+               GenerationConfig(12, SamplingConfig(temperature=0.9, top_k=20, seed=4), stop_at_eos=False),
+               GenerationConfig(12, SamplingConfig(), stop_at_eos=False)]
+    _, engine = engines(src, even_partition(src.config, 2))
+    alone = [engine.generate(p, c).tokens for p, c in zip(prompts, configs)]
+    streams = [engine.submit(p, c) for p, c in zip(prompts, configs)]
+    together = [s.result() for s in streams]
+    assert [g.tokens for g in together] == alone
+    assert max(s.batch_tokens for g in together for s in g.steps) > 1  # they did share steps
