@@ -138,3 +138,20 @@ def test_whole_kv_groups_are_folded_into_query_rows_and_partial_ones_are_not():
     assert group_size([0, 0, 0, 1, 1, 1, 2, 2, 2], 9, 3) == 3
     assert group_size([0, 1, 1, 1], 4, 2) is None  # the tail of one group, then a whole one
     assert group_size([0, 1, 0, 1], 4, 2) is None  # heads not in group order
+
+
+def test_batch_indices_built_at_once_equal_each_sequence_walked_alone():
+    """slot_mapping, positions and context slots come from one index over the padded block tables;
+    they equal the slots of each sequence's positions looked up one by one in its own table."""
+    rnd = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        b = int(torch.randint(1, 7, (1,), generator=rnd))
+        ctx = torch.randint(1, 40, (b,), generator=rnd).tolist()
+        qlen = [int(torch.randint(1, c + 1, (1,), generator=rnd)) for c in ctx]
+        tables = scattered_tables(ctx, 0, 80, int(torch.randint(0, 1000, (1,), generator=rnd)))
+        batch = PagedBatch(BS, tuple(qlen), tuple(c - q for c, q in zip(ctx, qlen)), tuple(map(tuple, tables)))
+        slot = lambda i, p, tables=tables: tables[i][p // BS] * BS + p % BS  # noqa: E731
+        assert batch.positions.tolist() == [p for c, q in zip(ctx, qlen) for p in range(c - q, c)]
+        assert batch.slot_mapping.tolist() == [slot(i, p) for i, (c, q) in enumerate(zip(ctx, qlen))
+                                               for p in range(c - q, c)]
+        assert [s.tolist() for s in batch.context_slots] == [[slot(i, p) for p in range(c)] for i, c in enumerate(ctx)]
