@@ -288,8 +288,8 @@ class Engine:
         c = self.config
         if c.max_stall is None:
             return c.max_batched_tokens
-        n = self.cost.prompt_tokens(decodes, c.max_stall)
-        return c.max_batched_tokens if n is None else max(c.min_chunk, n)
+        n = self.cost.prompt_tokens(decodes, c.max_stall)  # None until steps of two sizes ran beside streams:
+        return max(c.min_chunk, n or 0)  # min_chunk meanwhile, whose step is the second size the fit needs
 
     def _run(self, plan: BatchPlan) -> None:
         step = Step(torch.tensor(plan.token_ids(), dtype=torch.long),

@@ -42,7 +42,7 @@ class StepCost:
 
     def prompt_tokens(self, decodes: int, max_stall: float) -> int | None:
         """Most prompt tokens a step with `decodes` running decodes may carry so that it takes at
-        most `max_stall` times the decode-only step; None before the fit (then the budget rules)."""
+        most `max_stall` times the decode-only step; None before the fit."""
         if self.fit is None:
             return None
         a, b = self.fit
