@@ -96,10 +96,11 @@ def step_pass(step: Step, kv: PagedKVCache) -> Pass:
 # Passes of fewer tokens run Galaxy's shards tensor-parallel (below). Sequence parallelism pays four
 # ring collectives per layer, each world - 1 hops, where tensor parallelism pays two one-hop
 # all-reduces; for a few dozen tokens the hops, not the bytes, are the cost. Measured on three
-# loopback workers (SmolLM2-135M, 2 shared cores): a decode step of 8 sequences took 0.21-0.33 s
-# tensor-parallel against 0.32-0.58 s under HMP, a step of 4 decodes and a 16-token prompt chunk
-# 0.17-0.33 s against 0.43-0.75 s -- HMP's per-step floor is what made every step that carried a
-# prompt chunk beside running streams stall them (docs/engine.md).
+# loopback workers (SmolLM2-135M, 2 shared cores, medians of runs side by side): a decode step of 8
+# sequences took 0.18-0.33 s tensor-parallel against 0.32-0.58 s under HMP; the line fitted to steps
+# of 4 decodes beside a prompt chunk had a per-step floor of 0.10-0.26 s tensor-parallel against
+# 0.27-0.46 s under HMP -- the floor that made every step carrying a chunk stall the running streams
+# (docs/engine.md).
 TENSOR_PARALLEL_MAX_TOKENS = 64
 
 
