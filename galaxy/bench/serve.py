@@ -22,6 +22,7 @@ request at a time: the one-request-at-a-time path Galaxy had before, as its base
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -51,6 +52,10 @@ class Workload:
     lengths: str = "uniform"  # "uniform" | "lognormal" (LOGNORMAL_FITS, clipped to the context)
     shared_prefix: int = 0  # tokens at the start of every prompt, the same for all
     seed: int = 0
+    # long prompts that keep arriving while the requests above stream (Sarathi-Serve's stall test): one
+    # more client sends prompts of this many tokens (1 generated token each), one after another, until
+    # the other requests are done. Their TTFT is reported apart; ITL and TPOT are the streams' own.
+    long_prompt_len: int = 0
 
     def __post_init__(self):
         def need(ok: bool, msg: str) -> None:
@@ -65,6 +70,7 @@ class Workload:
         need(0 <= self.range_ratio < 1, f"range_ratio={self.range_ratio} must be in [0, 1)")
         need(self.lengths in ("uniform", "lognormal"), f"lengths={self.lengths!r} is not uniform|lognormal")
         need(self.shared_prefix >= 0, f"shared_prefix={self.shared_prefix} must be >= 0")
+        need(self.long_prompt_len >= 0, f"long_prompt_len={self.long_prompt_len} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,19 @@ def requests(w: Workload, vocab_size: int, max_len: int) -> list[RequestSpec]:
     return out
 
 
+def long_prompts(w: Workload, vocab_size: int, max_len: int, count: int = 64) -> list[RequestSpec]:
+    """The long-prompt client's requests (reproducible from the seed): `count` prompts of
+    `long_prompt_len` tokens, one generated token each."""
+    if not w.long_prompt_len:
+        return []
+    if w.long_prompt_len >= max_len:
+        raise GalaxyError(f"serving workload: long prompts of {w.long_prompt_len} tokens leave no room in the "
+                          f"model's {max_len} positions")
+    rnd = random.Random(w.seed + 1)
+    return [RequestSpec(0.0, tuple(rnd.randrange(vocab_size) for _ in range(w.long_prompt_len)), 1)
+            for _ in range(count)]
+
+
 @dataclass
 class Outcome:
     tokens: list[int] = field(default_factory=list)
@@ -125,22 +144,42 @@ class Outcome:
         return self.token_times[-1] - self.arrival
 
 
-def run_workload(engine: Engine, specs: list[RequestSpec], concurrency: int = 0,
-                 timeout_s: float = 3600.0) -> tuple[list[Outcome], float]:
+def _send(engine: Engine, spec: RequestSpec, out: Outcome) -> None:
+    out.arrival = time.perf_counter()
+    try:
+        for ev in engine.submit(list(spec.prompt), GenerationConfig(spec.output_len, stop_at_eos=False)):
+            out.token_times.append(time.perf_counter())
+            out.tokens.append(ev.token)
+    except GalaxyError as e:
+        out.error = f"{type(e).__name__}: {e}"
+
+
+def run_workload(engine: Engine, specs: list[RequestSpec], concurrency: int = 0, timeout_s: float = 3600.0,
+                 background: list[RequestSpec] = (), background_out: list[Outcome] | None = None
+                 ) -> tuple[list[Outcome], float]:
     """Send the requests at their arrival times (or from a closed loop of `concurrency` clients) and
-    collect every token's arrival; returns the outcomes (in request order) and the run's duration."""
+    collect every token's arrival; returns the outcomes (in request order) and the run's duration.
+    With `background`, one more client sends those requests one after another (cycling) until the
+    others are done, appending their outcomes to `background_out`."""
     outcomes = [Outcome() for _ in specs]
     t0 = time.perf_counter()
+    done = threading.Event()
 
     def one(i: int) -> None:
-        spec, out = specs[i], outcomes[i]
-        out.arrival = time.perf_counter()
-        try:
-            for ev in engine.submit(list(spec.prompt), GenerationConfig(spec.output_len, stop_at_eos=False)):
-                out.token_times.append(time.perf_counter())
-                out.tokens.append(ev.token)
-        except GalaxyError as e:
-            out.error = f"{type(e).__name__}: {e}"
+        _send(engine, specs[i], outcomes[i])
+
+    def keep_sending() -> None:
+        for i in itertools.count():
+            if done.is_set():
+                return
+            out = Outcome()
+            _send(engine, background[i % len(background)], out)
+            if background_out is not None and not done.is_set():  # one cut short by the run's end is not kept
+                background_out.append(out)
+
+    side = threading.Thread(target=keep_sending, daemon=True) if background else None
+    if side is not None:
+        side.start()
 
     threads: list[threading.Thread] = []
     if concurrency:
@@ -169,7 +208,11 @@ def run_workload(engine: Engine, specs: list[RequestSpec], concurrency: int = 0,
     deadline = t0 + timeout_s
     for th in threads:
         th.join(max(0.0, deadline - time.perf_counter()))
-    return outcomes, time.perf_counter() - t0
+    duration = time.perf_counter() - t0
+    done.set()
+    if side is not None:  # the long prompt in flight is cut short: the engine is closed after the run
+        side.join(0.0)
+    return outcomes, duration
 
 
 def _stats(xs: list[float]) -> dict:
@@ -237,21 +280,31 @@ def run_serve_bench(executor: Executor, model, tokenizer, sb: ServeBench, progre
     variants = [(s, scheduler_config(s, sb.engine)) for s in sb.schedulers]
     if sb.compare_prefix_cache:
         variants.append(("batch-no-prefix-cache", replace(sb.engine, prefix_caching=False)))
+    if w.long_prompt_len and "batch" in sb.schedulers and sb.engine.max_stall is not None:
+        variants.append(("batch-no-stall-bound", replace(sb.engine, max_stall=None)))  # only the token budget
     for point in points:
         specs = requests(point, cfg.vocab_size, max_len)
+        longs = long_prompts(point, cfg.vocab_size, max_len)
         for name, ec in variants:  # side by side: the same requests for every scheduler
             label = f"{point.concurrency} clients" if point.concurrency else f"{point.rate:g} req/s"
-            progress(f"{name}: {len(specs)} requests, {label}")
+            progress(f"{name}: {len(specs)} requests, {label}"
+                     + (f", {point.long_prompt_len}-token prompts arriving" if longs else ""))
             engine = Engine(executor, cfg, tokenizer, ec)
+            long_out: list[Outcome] = []
             try:
-                outcomes, duration = run_workload(engine, specs, point.concurrency)
+                outcomes, duration = run_workload(engine, specs, point.concurrency, background=longs,
+                                                  background_out=long_out)
                 preemptions = engine.sched.num_preemptions
                 hit_rate = engine.sched.blocks.stats.hit_rate
             finally:
                 engine.close()
             row = summarise(outcomes, duration, slo_ttft, slo_tpot)
             row.update(scheduler=name, rate=point.rate, concurrency=point.concurrency, preemptions=preemptions,
-                       prefix_hit_rate=hit_rate, outputs=[o.tokens for o in outcomes])
+                       prefix_hit_rate=hit_rate, outputs=[o.tokens for o in outcomes],
+                       itl_p99_x_unloaded_tpot=None if row["itl_s"]["p99"] is None else row["itl_s"]["p99"] / base_tpot)
+            if longs:
+                done = [o for o in long_out if not o.error and o.token_times]
+                row.update(long_prompts=len(done), long_ttft_s=_stats([o.ttft for o in done]))
             report["runs"].append(row)
     report["goodput"] = goodput(report["runs"])
     _compare(report)
@@ -319,6 +372,12 @@ def table(report: dict) -> str:
         p = report["prefix_cache"]
         lines.append(f"prefix cache: P50 TTFT {p['p50_ttft_ratio']:.2f}x of the cache-off run; outputs identical: "
                      f"{p['outputs_match']}")
+    for r in report["runs"]:
+        if "long_prompts" in r:
+            lt = r["long_ttft_s"]
+            lines.append(f"{r['scheduler']}: ITL p99 {r['itl_p99_x_unloaded_tpot']:.2f}x the unloaded TPOT while "
+                         f"{w['long_prompt_len']}-token prompts kept arriving ({r['long_prompts']} done, their TTFT "
+                         f"p50/p99 {_ms(lt['median'])}/{_ms(lt['p99'])} ms)")
     mismatch = [r["scheduler"] for r in report["runs"] if r.get("outputs_match") is False]
     lines.append("outputs identical across schedulers: " + ("yes" if not mismatch else f"NO ({mismatch})"))
     return "\n".join(lines)

@@ -15,12 +15,12 @@ from ..bench import serve as serve_bench
 from ..bench import strategies as bench
 from ..bench.serve import ServeBench, Workload, run_serve_bench
 from ..bench.suite import SuiteConfig, bench_devices, run_suite
-from ..engine.engine import EngineConfig
 from ..errors import GalaxyError
 from ..model.config import preset
 from ..runtime.api import connect
 from ..runtime.sources import open_source
 from .args import add_cluster_args, add_model_args, floats, ints, output_file, progress, rates
+from .serve import add_engine_args, engine_config
 
 EXAMPLES = """examples:
   galaxy bench --quick                                        < 2 minutes, 3 loopback workers, GPT-2 small
@@ -79,12 +79,14 @@ def add_parser(sub) -> None:
     sv.add_argument("--lengths", choices=["uniform", "lognormal"], default="uniform",
                     help="lognormal: Splitwise's conversation fits, clipped to the context")
     sv.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (default 0)")
+    sv.add_argument("--long-prompt-len", type=int, default=0,
+                    help="one more client keeps sending prompts of this many tokens while the others stream: P99 ITL "
+                    "against the unloaded TPOT (Sarathi-Serve's stall test; e.g. 1000)")
     sv.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals: 1 Poisson, < 1 bursty")
     sv.add_argument("--schedulers", type=lambda t: tuple(x for x in t.split(",") if x), default=("batch", "fifo"),
                     help="batch (continuous batching) and/or fifo (one request at a time) (default both)")
     sv.add_argument("--compare-prefix-cache", action="store_true", help="also run batch with the prefix cache off")
-    sv.add_argument("--max-batched-tokens", type=int, default=256, help="the engine's token budget per step")
-    sv.add_argument("--chunk-size", type=int, help="most prompt tokens a request runs per step (default: the budget)")
+    add_engine_args(p)
     sv.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT objective, x the unloaded TTFT (default 3)")
     sv.add_argument("--slo-tpot", type=float, default=1.5, help="TPOT objective, x the unloaded TPOT (default 1.5)")
     sv.add_argument("--prefill-devices", metavar="I,J,..", help="with --decode-devices: phase-separated serving "
@@ -186,9 +188,10 @@ def cmd_bench_serve(args) -> int:
     sb = ServeBench(
         Workload(num_requests=args.num_requests, concurrency=args.concurrency, burstiness=args.burstiness,
                  input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
-                 lengths=args.lengths, shared_prefix=args.shared_prefix, seed=args.seed),
+                 lengths=args.lengths, shared_prefix=args.shared_prefix, seed=args.seed,
+                 long_prompt_len=args.long_prompt_len),
         rates=tuple(args.rates or ()), schedulers=args.schedulers,
-        engine=EngineConfig(max_batched_tokens=args.max_batched_tokens, chunk_size=args.chunk_size),
+        engine=engine_config(args),
         slo_ttft_x=args.slo_ttft, slo_tpot_x=args.slo_tpot, compare_prefix_cache=args.compare_prefix_cache)
     with ExitStack() as stack:
         _, addresses, token = bench_devices(stack, args.local, args.workers, args.cluster, args.token, args.threads)
@@ -206,7 +209,7 @@ def cmd_bench_phases(args) -> int:
     workload = Workload(num_requests=args.num_requests, concurrency=args.concurrency, burstiness=args.burstiness,
                         rate=args.rates[0] if args.rates else float("inf"), input_len=args.input_len,
                         output_len=args.output_len, range_ratio=args.range_ratio, lengths=args.lengths, seed=args.seed)
-    engine = EngineConfig(max_batched_tokens=args.max_batched_tokens, chunk_size=args.chunk_size)
+    engine = engine_config(args)
     with ExitStack() as stack:
         _, addresses, token = bench_devices(stack, args.local, args.workers, args.cluster, args.token, args.threads)
         session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))

@@ -10,6 +10,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..engine.engine import EngineConfig
 from ..errors import GalaxyError
 from ..serving.server import Server
 from .args import add_cluster_args, add_model_args, add_weights_format_arg, number_in, size
@@ -59,11 +60,30 @@ def add_parser(subparsers):
                    help="temperature when a request sets none (default 1.0, as OpenAI; 0 = greedy)")
     h.add_argument("--max-body", type=size, default=1 << 20, metavar="SIZE",
                    help="largest request body (default 1MiB)")
+    add_engine_args(p)
     d = p.add_argument_group("dashboard (/dashboard)")
     d.add_argument("--no-dashboard", action="store_true", help="serve no /dashboard (and poll no device for it)")
     add_monitor_args(d)
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def add_engine_args(p) -> None:
+    """The serving engine's batching settings (galaxy.engine.EngineConfig), for serve and bench serve."""
+    e = p.add_argument_group("batching (the serving engine)")
+    e.add_argument("--max-batched-tokens", type=int, default=EngineConfig.max_batched_tokens,
+                   help=f"tokens in one step, decodes and prompt chunks (default {EngineConfig.max_batched_tokens})")
+    e.add_argument("--chunk-size", type=int, help="most prompt tokens one request runs per step (default: the budget)")
+    e.add_argument("--max-stall", type=float, default=EngineConfig.max_stall,
+                   help="a step carrying prompt chunks beside running streams takes at most this many times their "
+                   f"decode-only step, its chunk derived from the measured step cost (default "
+                   f"{EngineConfig.max_stall}; "
+                   "0: no bound but --max-batched-tokens)")
+
+
+def engine_config(args) -> EngineConfig:
+    return EngineConfig(max_batched_tokens=args.max_batched_tokens, chunk_size=args.chunk_size,
+                        max_stall=args.max_stall or None)
 
 
 def cmd_serve(args) -> int:
@@ -74,7 +94,7 @@ def cmd_serve(args) -> int:
         placement = serve_placement(args)
         model = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
                              plan=None if placement else args.plan, placement=placement,
-                             weights_format=args.weights_format)
+                             weights_format=args.weights_format, engine=engine_config(args))
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
                         request_timeout=args.request_timeout,

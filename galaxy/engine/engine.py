@@ -39,8 +39,9 @@ from ..parallel.rank import KVPool
 from .arguments import token_ids
 from .generation import Generation, GenerationConfig, StepTiming, TokenEvent, collective_of, pending_stop
 from .sampling import Sampler
-from .scheduler import BatchPlan, Scheduler, SchedulerConfig
+from .scheduler import BatchPlan, Scheduler, SchedulerConfig, SchedulerConfigError
 from .sequence import FinishReason, SamplingParams, Sequence
+from .step_cost import StepCost
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,19 @@ class EngineConfig:
     max_waiting: int = 256  # queued requests beyond which new ones are refused (QueueFull)
     kv_blocks: int | None = None  # the pool (None: as many as the smallest device's KV budget holds)
     prefix_caching: bool = True
+    # stall-free prefill (step_cost.py): a step that carries prompt chunks beside running decodes takes
+    # at most max_stall x the decode-only step (its prompt tokens derived from the measured step cost);
+    # None: only max_batched_tokens bounds it. min_chunk: prompt tokens such a step may always carry.
+    max_stall: float | None = 1.5
+    min_chunk: int = 16
+
+    def __post_init__(self):
+        if self.max_stall is not None and not (isinstance(self.max_stall, (int, float)) and self.max_stall > 1.0):
+            raise SchedulerConfigError(f"engine config: max_stall={self.max_stall!r} must be a number > 1 (a step "
+                                       "with prompt chunks takes longer than one without) or None")
+        if not (isinstance(self.min_chunk, int) and self.min_chunk >= 1):
+            raise SchedulerConfigError(f"engine config: min_chunk={self.min_chunk!r} must be an integer >= 1 "
+                                       "(a step's token budget still bounds it)")
 
     def scheduler_config(self, num_blocks: int, model: ModelConfig) -> SchedulerConfig:
         return SchedulerConfig(num_blocks=num_blocks, block_size=self.block_size,
@@ -170,6 +184,7 @@ class Engine:
         self.ex, self.model, self.tok, self.config = executor, model, tokenizer, config
         self.pool = self._pool()
         self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))
+        self.cost = StepCost()  # seconds against tokens of the steps run: the stall bound's prompt budget
         self.streams: dict[int, GenerationStream] = {}
         self.steps = 0
         self.generated = 0  # tokens sampled so far, every request (tokens/s is its rate)
@@ -257,7 +272,7 @@ class Engine:
             self._between_steps()
             with self._lock:
                 busy = self.sched.has_unfinished()
-                plan = self.sched.schedule() if busy else None
+                plan = self.sched.schedule(self._prompt_budget) if busy else None
                 if plan is not None:
                     for sid in plan.finished:  # deadlines that passed
                         self._finish(sid, "deadline")
@@ -268,6 +283,14 @@ class Engine:
                 self._wake.clear()
                 continue
             self._run(plan)
+
+    def _prompt_budget(self, decodes: int) -> int:
+        """Prompt tokens a step with `decodes` running decodes may carry (Scheduler.schedule)."""
+        c = self.config
+        if c.max_stall is None:
+            return c.max_batched_tokens
+        n = self.cost.prompt_tokens(decodes, c.max_stall)  # None until steps of two sizes ran beside streams:
+        return max(c.min_chunk, n or 0)  # min_chunk meanwhile, whose step is the second size the fit needs
 
     def _between_steps(self) -> None:
         """Called by the loop before each schedule, while no step runs on the devices and the lock is
@@ -295,16 +318,14 @@ class Engine:
                 self.sched.update(plan, {})
             return
         self.steps += 1
+        if any(len(it.token_ids) == 1 for it in plan.items):  # the cost of steps beside running streams
+            self.cost.observe(plan.num_tokens, res.seconds)
         rows = [it for it in plan.items if it.logits]
         collective, kv_bytes = collective_of(res.devices), [d.kv_cache_bytes for d in res.devices]
         self._last = LastStep(self.steps, plan.num_tokens, len(plan.items), res.seconds, collective,
                               tuple(res.devices), time.time())
         with self._lock:
-            sampled = {}
-            for it, row in zip(rows, res.output):
-                stream = self.streams.get(it.seq_id)
-                if stream is not None:  # else cancelled while the step ran
-                    sampled[it.seq_id] = stream.sampler(row)
+            sampled = self._sample(rows, res.output)
             self.generated += len(sampled)
             for it in plan.items:
                 stream = self.streams.get(it.seq_id)
@@ -320,6 +341,21 @@ class Engine:
                 gen.kv_cache_bytes = kv_bytes
             for seq in self.sched.update(plan, sampled):
                 self._token(self.streams[seq.seq_id], seq)
+
+    def _sample(self, rows, logits: torch.Tensor) -> dict[int, int]:
+        """Each live sequence's next token from its logit row (logits (rows, V)): the greedy ones by
+        one argmax over their rows (the same first-maximum as one row's argmax), the others by their
+        own sampler. Sequences cancelled while the step ran get none."""
+        live = [(i, it.seq_id, s) for i, it in enumerate(rows) if (s := self.streams.get(it.seq_id)) is not None]
+        greedy = [(i, sid) for i, sid, s in live if s.sampler.greedy]
+        sampled = {}
+        if greedy:
+            picks = logits[[i for i, _ in greedy]].argmax(dim=-1).tolist()  # (G,)
+            sampled = {sid: tok for (_, sid), tok in zip(greedy, picks)}
+        for i, sid, s in live:
+            if not s.sampler.greedy:
+                sampled[sid] = s.sampler(logits[i])
+        return sampled
 
     def _token(self, stream: GenerationStream, seq: Sequence) -> None:
         """A token came out for `seq`: its text, stop strings, and whether it ended the request."""

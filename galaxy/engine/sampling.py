@@ -32,6 +32,10 @@ class Sampler:
         else:
             self.gen.seed()
 
+    @property
+    def greedy(self) -> bool:
+        return self.cfg.temperature == 0
+
     def __call__(self, logits: torch.Tensor) -> int:
         """Next token id from the logits of one position, (V,)."""
         c = self.cfg

@@ -213,8 +213,12 @@ class Scheduler:
         return bool(self.live)
 
     # -- one step --------------------------------------------------------------------------
-    def schedule(self) -> BatchPlan:
-        """The next step's batch: decodes first, then prefill chunks, within the token budget."""
+    def schedule(self, prompt_budget: Callable[[int], int] | None = None) -> BatchPlan:
+        """The next step's batch: decodes first, then prefill chunks, within the token budget.
+
+        `prompt_budget(decodes)`, if given, caps the prompt tokens of a step that also runs
+        `decodes` decodes (the engine's stall bound, step_cost.py); a step without decodes stalls
+        no stream and keeps the whole budget."""
         if self._pending is not None:
             raise GalaxyError(f"schedule() called again before update() of step {self._pending.step}")
         finished = self._expire()
@@ -237,6 +241,8 @@ class Scheduler:
                 items.append(self._item(seq, 1))
                 budget -= 1
 
+        if prompt_budget is not None and items:
+            budget = min(budget, max(1, prompt_budget(len(items))))
         scheduled = {it.seq_id for it in items}
         for seq in self.running:  # 2. chunks of admitted prompts (their blocks are reserved)
             if budget == 0:

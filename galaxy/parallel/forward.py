@@ -109,10 +109,22 @@ def step_pass(step: Step, kv: PagedKVCache) -> Pass:
     return Pass(step.ids, step.batch.positions, None, attend, step.logit_rows)
 
 
+# Passes of fewer tokens run Galaxy's shards tensor-parallel (below). Sequence parallelism pays four
+# ring collectives per layer, each world - 1 hops, where tensor parallelism pays two one-hop
+# all-reduces; for a few dozen tokens the hops, not the bytes, are the cost. Measured on three
+# loopback workers (SmolLM2-135M, 2 shared cores, medians of runs side by side): a decode step of 8
+# sequences took 0.18-0.33 s tensor-parallel against 0.32-0.58 s under HMP; the line fitted to steps
+# of 4 decodes beside a prompt chunk had a per-step floor of 0.10-0.26 s tensor-parallel against
+# 0.27-0.46 s under HMP -- the floor that made every step carrying a chunk stall the running streams
+# (docs/engine.md).
+TENSOR_PARALLEL_MAX_TOKENS = 64
+
+
 def decodes_tensor_parallel(partition: Partition, seq: int) -> bool:
-    """Too few tokens to split (decode steps): run Galaxy's shards Megatron-style instead, with
-    latency-optimal all-reduces, since sequence parallelism has nothing to share out."""
-    return partition.strategy == Strategy.GALAXY and seq < 2 * partition.world
+    """Too few tokens to split well (decode steps, and the serving engine's steps of decodes beside a
+    small prompt chunk): run Galaxy's shards Megatron-style instead, with latency-optimal
+    all-reduces, since sequence parallelism's ring hops cost more than it shares out."""
+    return partition.strategy == Strategy.GALAXY and seq < max(TENSOR_PARALLEL_MAX_TOKENS, 2 * partition.world)
 
 
 def _types(p: Pass, a: int, b: int):

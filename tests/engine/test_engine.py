@@ -12,6 +12,7 @@ import torch
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.generation import GenerationConfig
 from galaxy.engine.sampling import Sampler, SamplingConfig
+from galaxy.engine.step_cost import StepCost
 from galaxy.errors import GalaxyError, InvalidRequest
 from galaxy.model.checkpoints import open_checkpoint
 from galaxy.model.checkpoints.random import RandomWeights
@@ -163,3 +164,54 @@ def test_sampling_is_reproducible_by_seed_and_respects_top_k():
     assert {s(logits) for _ in range(200)} <= top3
     with pytest.raises(InvalidRequest, match="top_p"):
         SamplingConfig(top_p=0)
+
+
+class FixedCost(StepCost):
+    """A step-cost line that does not move: the stall bound's chunk is then known in advance."""
+
+    def __init__(self, a: float, b: float):
+        super().__init__()
+        self.fit = (a, b)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        pass
+
+
+def test_a_long_prompt_beside_a_stream_runs_in_chunks_the_stall_bound_allows_and_changes_no_token(engines):
+    """A step carrying prompt tokens beside a running stream takes at most max_stall x its decode-only
+    step on the learnt cost line (here a = 0.2 s, b = 0.01 s/token: 1 decode + 10 prompt tokens at
+    max_stall 1.5); a step with no stream decoding takes the whole budget; tokens are unchanged."""
+    src = RandomWeights(preset("tiny-llama"), seed=3, std=0.3)
+    cfg = src.config
+    gen = torch.Generator().manual_seed(5)
+    short = torch.randint(0, cfg.vocab_size, (6,), generator=gen).tolist()
+    long = torch.randint(0, cfg.vocab_size, (57,), generator=gen).tolist()
+    want = [reference_generate(src, p, n, stop_at_eos=False) for p, n in ((short, 40), (long, 4))]
+    _, engine = engines(src, even_partition(cfg, 2), EngineConfig(max_batched_tokens=64, max_stall=1.5, min_chunk=4))
+    engine.cost = FixedCost(0.2, 0.01)
+    stream = engine.submit(short, GenerationConfig(40, stop_at_eos=False))
+    events = iter(stream)  # kept: an iteration broken off would cancel the request
+    next(events)  # the stream decodes before the long prompt arrives
+    late = engine.generate(long, GenerationConfig(4, stop_at_eos=False))
+    first = stream.result()
+    assert [first.tokens, late.tokens] == want
+    beside = [s.tokens for s in late.steps if s.phase == "prefill" and s.batch_tokens > s.tokens]
+    assert beside and all(n <= 10 for n in beside)
+    assert sum(s.tokens for s in late.steps if s.phase == "prefill") == len(long)
+
+
+def test_greedy_and_seeded_requests_sampled_in_one_step_each_get_what_they_get_alone(engines):
+    """The greedy rows of a step are sampled by one argmax over all of them; a seeded sampler in the
+    same step still draws its own tokens."""
+    src = RandomWeights(preset("tiny-llama"), seed=3, std=0.3)
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, src.config.vocab_size, (n,), generator=gen).tolist() for n in (5, 8, 11)]
+    configs = [GenerationConfig(12, SamplingConfig(), stop_at_eos=False),
+               GenerationConfig(12, SamplingConfig(temperature=0.9, top_k=20, seed=4), stop_at_eos=False),
+               GenerationConfig(12, SamplingConfig(), stop_at_eos=False)]
+    _, engine = engines(src, even_partition(src.config, 2))
+    alone = [engine.generate(p, c).tokens for p, c in zip(prompts, configs)]
+    streams = [engine.submit(p, c) for p, c in zip(prompts, configs)]
+    together = [s.result() for s in streams]
+    assert [g.tokens for g in together] == alone
+    assert max(s.batch_tokens for g in together for s in g.steps) > 1  # they did share steps

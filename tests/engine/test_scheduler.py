@@ -60,10 +60,10 @@ class FakeEngine:
         bs = self.cfg.block_size
         return item.block_table[p // bs] * bs + p % bs
 
-    def step(self, abort_in_flight=()):
+    def step(self, abort_in_flight=(), prompt_budget=None):
         s, bm = self.sched, self.sched.blocks
         decoders = [q.seq_id for q in s.running if q.num_uncomputed == 1]
-        plan = s.schedule()
+        plan = s.schedule(prompt_budget)
         self.plans.append(plan)
         ids = [it.seq_id for it in plan.items]
         assert len(ids) == len(set(ids)), "a sequence twice in one step"
@@ -146,6 +146,26 @@ def test_a_long_prompt_never_stalls_running_streams():
         assert [it.seq_id for it in plan.items[:3]] == [s.seq_id for s in streams]
         starts += [it.start for it in plan.items if it.seq_id == long.seq_id]
     assert starts == list(range(0, 100, 5))  # 5 prompt tokens a step: the budget minus three decodes
+
+
+def test_a_prompt_budget_caps_prompt_tokens_only_in_steps_that_also_decode():
+    e = FakeEngine(config(max_batched_tokens=64))
+    asked = []
+
+    def budget(decodes):  # the engine's stall bound: prompt tokens allowed beside `decodes` decodes
+        asked.append(decodes)
+        return 2 * decodes
+
+    a = e.sched.add([1] * 40, SamplingParams(max_new_tokens=30))
+    plan = e.step(prompt_budget=budget)  # nobody decodes: the whole budget, and the bound is not asked
+    assert [len(it.token_ids) for it in plan.items] == [40] and asked == []
+    b = e.sched.add([2] * 40, SamplingParams(max_new_tokens=1))
+    sizes = []
+    while not b.is_finished:
+        plan = e.step(prompt_budget=budget)
+        assert plan.items[0].seq_id == a.seq_id and len(plan.items[0].token_ids) == 1
+        sizes += [len(it.token_ids) for it in plan.items if it.seq_id == b.seq_id]
+    assert sizes == [2] * 20 and set(asked) == {1}
 
 
 def test_chunk_size_caps_one_prompt_and_lets_a_second_prompt_share_the_step():

@@ -38,7 +38,7 @@ def consecutive_tables(lengths, shared_prefix_blocks):
     return tables
 
 
-def run_step(kv_map, nkv, method, seed=0, plan=None, consecutive=False):
+def run_step(kv_map, nkv, method, seed=0, plan=None, consecutive=False, garbage=None):
     """A mixed step: two decodes (one sharing a prefix with a prefill chunk), chunks at
     arbitrary starts and a prompt from position 0. Returns paged and reference outputs."""
     gen = torch.Generator().manual_seed(seed)
@@ -58,6 +58,9 @@ def run_step(kv_map, nkv, method, seed=0, plan=None, consecutive=False):
         ks[1][:, :shared], vs[1][:, :shared] = ks[0][:, :shared], vs[0][:, :shared]
     batch = PagedBatch(BS, tuple(n for _, n in plan), tuple(c - n for c, n in plan), tuple(map(tuple, tables)))
     cache = PagedKVCache(["3"], nkv, HD, 40, BS)
+    if garbage is not None:  # what an allocation that is not zero-filled may hold
+        cache.k["3"].fill_(garbage)
+        cache.v["3"].fill_(garbage)
     for i, (c, n) in enumerate(plan):  # earlier steps wrote the cached positions
         if c - n:
             old = PagedBatch(BS, (c - n,), (0,), (tuple(tables[i]),))
@@ -101,6 +104,14 @@ def test_context_runs_name_the_first_slot_of_consecutive_tables_only():
     batch = PagedBatch(BS, (1, 2, 1), (8, 0, 4), ((3, 4, 5), (7, 9), (2, 6)))
     # 9 positions on blocks 3, 4, 5: one run from slot 12; 2 positions fit in block 7 alone; 5 span 2 and 6
     assert batch.context_runs == [3 * BS, 7 * BS, None]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf")])
+@pytest.mark.parametrize("consecutive", [False, True], ids=["scattered", "consecutive"])
+def test_slots_never_written_are_never_read_so_the_pool_needs_no_zero_fill(method, garbage, consecutive):
+    out, ref = run_step([0, 0, 0, 1, 1, 1, 2, 2, 2], 3, method, garbage=garbage, consecutive=consecutive)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
 def test_gather_and_padded_agree_on_random_batches():
@@ -158,3 +169,20 @@ def test_whole_kv_groups_are_folded_into_query_rows_and_partial_ones_are_not():
     assert group_size([0, 0, 0, 1, 1, 1, 2, 2, 2], 9, 3) == 3
     assert group_size([0, 1, 1, 1], 4, 2) is None  # the tail of one group, then a whole one
     assert group_size([0, 1, 0, 1], 4, 2) is None  # heads not in group order
+
+
+def test_batch_indices_built_at_once_equal_each_sequence_walked_alone():
+    """slot_mapping, positions and context slots come from one index over the padded block tables;
+    they equal the slots of each sequence's positions looked up one by one in its own table."""
+    rnd = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        b = int(torch.randint(1, 7, (1,), generator=rnd))
+        ctx = torch.randint(1, 40, (b,), generator=rnd).tolist()
+        qlen = [int(torch.randint(1, c + 1, (1,), generator=rnd)) for c in ctx]
+        tables = scattered_tables(ctx, 0, 80, int(torch.randint(0, 1000, (1,), generator=rnd)))
+        batch = PagedBatch(BS, tuple(qlen), tuple(c - q for c, q in zip(ctx, qlen)), tuple(map(tuple, tables)))
+        slot = lambda i, p, tables=tables: tables[i][p // BS] * BS + p % BS  # noqa: E731
+        assert batch.positions.tolist() == [p for c, q in zip(ctx, qlen) for p in range(c - q, c)]
+        assert batch.slot_mapping.tolist() == [slot(i, p) for i, (c, q) in enumerate(zip(ctx, qlen))
+                                               for p in range(c - q, c)]
+        assert [s.tolist() for s in batch.context_slots] == [[slot(i, p) for p in range(c)] for i, c in enumerate(ctx)]

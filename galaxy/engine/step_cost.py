@@ -1,0 +1,49 @@
+"""How long a step takes for how many tokens, learnt from the steps the engine ran, and the prompt
+chunk that keeps a step with running decodes near a decode step's time (Sarathi-Serve's point).
+
+A step's time on a split model is about `a + b * tokens`: `a` the per-step cost that does not grow
+with the batch (two collectives per layer, each a round trip between the devices, the coordinator's
+share), `b` the compute of one more token. On the emulated hetero trio a decode step of one sequence
+took 0.3 s and a 128-token prompt step 2 s: a fixed budget of 256 tokens let every step that carried
+a prompt chunk stretch the running streams' inter-token time seven-fold. The budget of prompt tokens
+in a step that also decodes is therefore derived, not set: the largest chunk `c` with
+`a + b * (decodes + c) <= max_stall * (a + b * decodes)`, so a running stream's tokens come at most
+`max_stall` times slower while prompts are prefilled beside it. A step with no running decode
+stalls nobody and keeps the whole token budget (a lone request's TTFT is unchanged).
+
+The fit is Theil-Sen (the median of the slopes between samples of different sizes, the intercept the
+median residual) over the last `window` steps: the devices share their cores with other work, and
+one slow step (a first step, a burst of foreign load) must not move the budget as it would move a
+least-squares line.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+
+class StepCost:
+    """The line `seconds = a + b * tokens` through the engine's recent steps."""
+
+    def __init__(self, window: int = 48):
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self.fit: tuple[float, float] | None = None  # (a, b) once steps of two sizes were seen
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.samples.append((tokens, seconds))
+        slopes = [(s2 - s1) / (n2 - n1) for i, (n1, s1) in enumerate(self.samples)
+                  for n2, s2 in list(self.samples)[i + 1:] if n2 != n1]
+        if not slopes:  # every step the same size: nothing to separate a from b (keep the last fit)
+            return
+        b = max(statistics.median(slopes), 1e-9)  # a step never gets cheaper with more tokens
+        a = max(statistics.median(s - b * n for n, s in self.samples), 0.0)
+        self.fit = (a, b)
+
+    def prompt_tokens(self, decodes: int, max_stall: float) -> int | None:
+        """Most prompt tokens a step with `decodes` running decodes may carry so that it takes at
+        most `max_stall` times the decode-only step; None before the fit."""
+        if self.fit is None:
+            return None
+        a, b = self.fit
+        return int((max_stall - 1.0) * (a + b * decodes) / b)
