@@ -134,41 +134,59 @@ def compact_shard(model: Transformer, source: WeightSource | None, fmt: WeightFo
     if model.dtype != torch.float32:
         raise FormatError(f"weights format {fmt} quantizes from float32 shards, not {model.dtype}")
     check_cuts(cfg, spec, fmt)
-    hd = cfg.head_dim
     for i, blk in model.layers.items():
         a, m, p = blk.attn, blk.mlp, f"layers.{i}."
-        q, kv, c = (a.h0 * hd, a.h1 * hd), (a.kv0 * hd, a.kv1 * hd), spec.cols
-        a.qkv = _from_file(source, fmt, a.qkv, [(p + "attn.wq", 0, *q), (p + "attn.wk", 0, *kv),
-                                                (p + "attn.wv", 0, *kv)]) or _compact(a.qkv, fmt)
-        a.out = (_from_file(source, fmt, a.out, [(p + "attn.wo", 1, *q)])
-                 or _row_parallel(a.out, source, p + "attn.wo", *q, fmt))
+        cuts = linear_cuts(cfg, spec, p)
+        a.qkv = _from_file(source, fmt, a.qkv, cuts["attn.qkv"]) or _compact(a.qkv, fmt)
+        (wo, _, q0, q1), = cuts["attn.out"]
+        a.out = _from_file(source, fmt, a.out, cuts["attn.out"]) or _row_parallel(a.out, source, wo, q0, q1, fmt)
         if m.gate is not None and m.up.weight.numel():
             gate_up = _stacked(m.gate, m.up)
-            m.gate_up = (_from_file(source, fmt, gate_up, [(p + "mlp.w_gate", 0, *c), (p + "mlp.w_up", 0, *c)])
-                         or _compact(gate_up, fmt))
+            m.gate_up = _from_file(source, fmt, gate_up, cuts["mlp.gate_up"]) or _compact(gate_up, fmt)
             m.gate = m.up = None
         else:
-            m.up = _from_file(source, fmt, m.up, [(p + "mlp.w_up", 0, *c)]) or _compact(m.up, fmt)
-        m.down = (_from_file(source, fmt, m.down, [(p + "mlp.w_down", 1, *c)])
-                  or _row_parallel(m.down, source, p + "mlp.w_down", *c, fmt))
+            m.up = _from_file(source, fmt, m.up, cuts["mlp.up"]) or _compact(m.up, fmt)
+        (wd, _, c0, c1), = cuts["mlp.down"]
+        m.down = _from_file(source, fmt, m.down, cuts["mlp.down"]) or _row_parallel(m.down, source, wd, c0, c1, fmt)
     compact_vocab(model, fmt.head_format)
     return model
 
 
-def _from_file(source: WeightSource, fmt: WeightFormat, lin: nn.Linear, parts) -> CompactLinear | None:
+def linear_cuts(cfg, spec: ShardSpec, prefix: str) -> dict[str, list[tuple[str, int, int, int]]]:
+    """Each compact linear of one layer of `spec` (module path in a Block, `prefix` "layers.{i}.") as the
+    (canonical name, dim, start, end) cuts it is stacked from row-wise: fused Q|K|V (the KV heads its query
+    heads read, as model.Attention takes them), the output projection, [gate; up] (or up), down. One
+    truth for `compact_shard` and the wire (parallel/compact_wire.py), which must cut alike."""
+    hd, g = cfg.head_dim, cfg.group
+    h0, h1 = spec.heads
+    kv0, kv1 = (h0 // g, -(-h1 // g)) if h1 > h0 else (0, 0)
+    q, kv, c, p = (h0 * hd, h1 * hd), (kv0 * hd, kv1 * hd), spec.cols, prefix
+    cuts = {"attn.qkv": [(p + "attn.wq", 0, *q), (p + "attn.wk", 0, *kv), (p + "attn.wv", 0, *kv)],
+            "attn.out": [(p + "attn.wo", 1, *q)], "mlp.up": [(p + "mlp.w_up", 0, *c)],
+            "mlp.down": [(p + "mlp.w_down", 1, *c)]}
+    if cfg.gated_mlp:
+        cuts["mlp.gate_up"] = [(p + "mlp.w_gate", 0, *c), (p + "mlp.w_up", 0, *c)]
+    return cuts
+
+
+def file_blocks(source: WeightSource | None, fmt: WeightFormat, parts) -> Blocked | None:
     """The shard's cuts `parts` ((name, dim, start, end) each) of canonical matrices, stacked row-wise,
-    straight from a GGUF file's Q4_1 blocks into int4 of group 32: block for block, the codes as stored
-    (QuantLinear.from_blocked), as the compact decoder loads them, instead of requantizing their float32
-    values (another scale and zero wherever a block's codes miss 0 or 15). None when the source, the
-    format or a tensor's type do not map so: the float path then."""
-    if not (isinstance(source, GGUFCheckpoint) and fmt.name == "int4" and lin.weight.numel()):
+    as a GGUF file's Q4_1 blocks that map block for block into int4 of `fmt` (group 32). None when the
+    source, the format or a tensor's type do not map so: the float path then."""
+    if not (isinstance(source, GGUFCheckpoint) and fmt.name == "int4"):
         return None
     if any(tensor_type(source, name) != "Q4_1" for name, *_ in parts):
         return None
     blocks = Blocked.cat([read_blocked(source, name, dim, a, b) for name, dim, a, b in parts])
-    if blocks.block != fmt.group:
-        return None
-    return CompactLinear(QuantLinear.from_blocked(blocks, fmt), lin.bias)
+    return blocks if blocks.block == fmt.group else None
+
+
+def _from_file(source: WeightSource, fmt: WeightFormat, lin: nn.Linear, parts) -> CompactLinear | None:
+    """`file_blocks` of the cuts straight into int4: the codes as stored (QuantLinear.from_blocked), as the
+    compact decoder loads them, instead of requantizing their float32 values (another scale and zero
+    wherever a block's codes miss 0 or 15). None when they do not map so."""
+    blocks = file_blocks(source, fmt, parts) if lin.weight.numel() else None
+    return None if blocks is None else CompactLinear(QuantLinear.from_blocked(blocks, fmt), lin.bias)
 
 
 def _stacked(gate: nn.Linear, up: nn.Linear) -> nn.Linear:

@@ -14,10 +14,14 @@ cached like any shard), and the device builds its `QuantLinear`s from them:
   int4     key#codes  (N, K/2) uint8, two 4-bit codes a byte (column 2j low, 2j+1 high),
            key#scale, key#zero (N, K/group) in the activation dtype (bf16; fp32 for int4-fp32)
 
-Every part is computed by the very quantizer `compact.compact_shard` runs (model/quant.py) on the
-same float32 slice, and each scale and zero is exact in the dtype it travels in, so the shard built
-from the parts is the one `compact_shard` builds on the device: pinned by the tests. The embedding,
-LM head, norms and biases travel in float32, as compact shards hold them.
+The parts of a linear are those of the matrix `compact.compact_shard` holds: gate and up go as one
+stacked linear `layers.{i}.mlp.gate_up` ([gate; up], MLP.gate_up), and a GGUF file's Q4_1 blocks go
+into int4 as their own codes, scales and zeros (`compact.file_blocks`, the file-loaded shard's path).
+Every other part is computed by the very quantizer `compact_shard` runs (model/quant.py) on the same
+float32 slice, and each scale and zero is exact in the dtype it travels in, so the shard built from
+the parts is, bit for bit, the one `compact_shard` builds on a device with the file: pinned by the
+tests. The embedding, LM head, norms and biases travel in float32; the device puts the embedding and
+head in the format's head format with `compact.compact_vocab`, as `compact_shard` does.
 Shapes as in quant.py: W (N, K).
 """
 
@@ -27,14 +31,16 @@ from collections.abc import Iterator
 
 import torch
 
-from ..model.quant import FormatError, QuantLinear, WeightFormat, quantize_int4_groups, quantize_int8_rows
+from ..model.quant import Blocked, FormatError, QuantLinear, WeightFormat, quantize_int4_groups, quantize_int8_rows
 from ..model.transformer import Transformer
-from .compact import CompactLinear, check_cuts
+from .compact import CompactLinear, check_cuts, compact_vocab, file_blocks, linear_cuts
 from .sharding import ShardSpec, build_shard, meta_model
 
 SEP = "#"  # never in a parameter name: marks a wire part of a linear
-# a layer's linears (module path in a Block) -> the canonical tensor a row-parallel one is cut from
-LINEARS = {"attn.qkv": "", "attn.out": "attn.wo", "mlp.up": "", "mlp.gate": "", "mlp.down": "mlp.w_down"}
+# a layer's linears (module path in a Block) -> the canonical tensor a row-parallel one is cut from: those of
+# a float32 shard (gate and up apart) and the stacked gate_up a compact shard holds and a push carries
+LINEARS = {"attn.qkv": "", "attn.out": "attn.wo", "mlp.up": "", "mlp.gate": "", "mlp.gate_up": "",
+           "mlp.down": "mlp.w_down"}
 
 
 def linear_key(key: str) -> tuple[str, str] | None:
@@ -84,6 +90,13 @@ def wire_parts(key: str, w: torch.Tensor, fmt: WeightFormat, whole: tuple[torch.
     raise FormatError(f"weights format {fmt} has no wire form: fp32 shards travel as they are")
 
 
+def blocked_parts(key: str, b: Blocked, fmt: WeightFormat) -> list[tuple[str, torch.Tensor]]:
+    """The int4 parts of a GGUF file's Q4_1 blocks, as QuantLinear.from_blocked maps them: the codes as
+    stored, scale d and zero m + 8d (w = (q - 8) d + (m + 8d)) rounded to the activation dtype."""
+    return [(key + SEP + "codes", pack_nibbles(b.codes)), (key + SEP + "scale", b.scale.to(fmt.act_dtype)),
+            (key + SEP + "zero", (b.offset + 8 * b.scale).to(fmt.act_dtype))]
+
+
 def from_wire(parts: dict[str, torch.Tensor], key: str, fmt: WeightFormat) -> QuantLinear:
     """The QuantLinear of `key` from its wire parts (taken out of `parts`, so each is freed once used)."""
     try:
@@ -103,22 +116,37 @@ def from_wire(parts: dict[str, torch.Tensor], key: str, fmt: WeightFormat) -> Qu
 
 def compact_items(items: Iterator, source, spec: ShardSpec, fmt: WeightFormat) -> Iterator:
     """A shard's (name, tensor | None, alias) push items with every non-empty linear replaced by its
-    wire parts in `fmt` (one linear converted at a time; the coordinator holds no more than that)."""
+    wire parts in `fmt`, gate and up as one stacked `mlp.gate_up` (one linear converted at a time; the
+    coordinator holds no more than that and a layer's gate or up waiting for the other)."""
     cfg = source.config
     check_cuts(cfg, spec, fmt)
-    hd = cfg.head_dim
+    waiting: dict[tuple[str, str], torch.Tensor] = {}  # (layer, path): a layer's gate or up, until the other comes
     for name, t, alias in items:
         lk = None if t is None or t.numel() == 0 else linear_key(name)
         if lk is None:
             yield name, t, alias
             continue
         idx, path = lk
+        if cfg.gated_mlp and path in ("mlp.gate", "mlp.up"):
+            waiting[idx, path] = t
+            if (idx, "mlp.gate") not in waiting or (idx, "mlp.up") not in waiting:
+                continue
+            t = torch.cat([waiting.pop((idx, "mlp.gate")), waiting.pop((idx, "mlp.up"))])  # (2c, H)
+            path = "mlp.gate_up"
+            name = f"layers.{idx}.{path}.weight"
+        cuts = linear_cuts(cfg, spec, f"layers.{idx}.")[path]
+        blocks = file_blocks(source, fmt, cuts)
+        if blocks is not None:
+            yield from ((part, tensor, "") for part, tensor in blocked_parts(name, blocks, fmt))
+            continue
         whole = None
         if fmt.name == "int8" and LINEARS[path]:  # row-parallel: the whole rows' scales
-            start, end = (spec.heads[0] * hd, spec.heads[1] * hd) if path == "attn.out" else spec.cols
+            (_, _, start, end), = cuts
             whole = (source.get(f"layers.{idx}.{LINEARS[path]}"), start, end)
         for part, tensor in wire_parts(name, t, fmt, whole):
             yield part, tensor, ""
+    if waiting:
+        raise FormatError(f"the shard's items have {sorted(waiting)} without its pair: gate and up go together")
 
 
 PARTS = {"bf16": 1, "fp16": 1, "int8": 2, "int4": 3}  # wire parts per linear
@@ -126,10 +154,10 @@ PARTS = {"bf16": 1, "fp16": 1, "int8": 2, "int4": 3}  # wire parts per linear
 
 def wire_tensor_count(model: Transformer, fmt: WeightFormat) -> int:
     """Tensors a push of `model`'s shard (a meta model will do) announces in `fmt`: its state dict,
-    each non-empty linear counted as its parts."""
+    each non-empty linear counted as its parts, a layer's gate and up as the parts of one gate_up."""
     state = model.state_dict(keep_vars=True)
-    extra = sum(PARTS[fmt.name] - 1 for k, v in state.items() if v.numel() and linear_key(k) is not None)
-    return len(state) + extra
+    linears = [linear_key(k)[1] for k, v in state.items() if v.numel() and linear_key(k) is not None]
+    return len(state) + sum(-1 if path == "mlp.gate" else PARTS[fmt.name] - 1 for path in linears)
 
 
 def is_compact_state(state: dict[str, torch.Tensor]) -> bool:
@@ -141,25 +169,36 @@ def is_compact_state(state: dict[str, torch.Tensor]) -> bool:
 def build_compact(cfg, spec: ShardSpec, state: dict[str, torch.Tensor], fmt: WeightFormat,
                   device: str = "cpu") -> Transformer:
     """A device's compact shard from a pushed state: float32 tensors as `sharding.build_shard` takes
-    them, and each linear as its wire parts. The linears' float32 weights never exist: the module
-    tree is filled with a zero-stride placeholder for each, then each linear is replaced by the
-    QuantLinear its parts make, one at a time, freeing the parts as it goes."""
+    them, and each linear as its wire parts (gate and up as one gate_up). The linears' float32 weights
+    never exist: the module tree is filled with a zero-stride placeholder for each, then each linear is
+    replaced by the QuantLinear its parts make, one at a time, freeing the parts as it goes; last, the
+    embedding and LM head go into the head format (`compact.compact_vocab`), as `compact_shard` puts them."""
     check_cuts(cfg, spec, fmt)
     parts = {k: state.pop(k) for k in list(state) if SEP in k}
     model = meta_model(cfg, spec)
     shapes = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
     keys = sorted({k.split(SEP)[0] for k in parts})
     for key in keys:
-        if key not in shapes or linear_key(key) is None:
+        lk = linear_key(key)
+        held = [key]  # the float32 shard's weights the parts stand for: a gate_up's gate and up
+        if lk and lk[1] == "mlp.gate_up":
+            held = [key.replace("gate_up", "gate"), key.replace("gate_up", "up")]
+        if lk is None or lk[1] == "mlp.gate" or any(k not in shapes for k in held):
             raise FormatError(f"the pushed shard has wire parts for {key!r}, which is no linear of this shard")
-        state[key] = torch.zeros((), dtype=torch.float32).expand(shapes[key])  # no storage behind it
+        for k in held:
+            state[k] = torch.zeros((), dtype=torch.float32).expand(shapes[k])  # no storage behind it
     model = build_shard(model, state, torch.float32, device)
     for key in keys:
         idx, path = linear_key(key)
         owner, attr = path.split(".")
         block = getattr(model.layers[idx], owner)
-        lin = getattr(block, attr)
-        setattr(block, attr, CompactLinear(from_wire(parts, key, fmt), lin.bias))
+        q = from_wire(parts, key, fmt)
+        if attr == "gate_up":  # [gate; up] (2c, H), biases stacked alike
+            bias = None if block.gate.bias is None else torch.cat([block.gate.bias, block.up.bias])
+            block.gate_up, block.gate, block.up = CompactLinear(q, bias), None, None
+        else:
+            setattr(block, attr, CompactLinear(q, getattr(block, attr).bias))
     if parts:
         raise FormatError(f"the pushed shard has wire parts no linear took: {sorted(parts)[:4]}")
+    compact_vocab(model, fmt.head_format)
     return model

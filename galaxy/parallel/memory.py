@@ -150,12 +150,13 @@ def shard_params(cfg: ModelConfig, spec: ShardSpec) -> int:
 
 
 def shard_linears(cfg: ModelConfig, spec: ShardSpec) -> list[tuple[int, int]]:
-    """(N, K) of every non-empty linear weight one layer of `spec` holds -- Q|K|V, the output
-    projection, up (and gate), down -- the matrices a compact format (parallel/compact.py) converts."""
+    """(N, K) of every non-empty linear weight one layer of `spec` holds in a compact format
+    (parallel/compact.py) -- Q|K|V, the output projection, [gate; up] as one (2c, H) matrix (or up),
+    down -- the matrices it converts and a compact push carries."""
     hid, hd = cfg.hidden, cfg.head_dim
     nq, c = spec.heads[1] - spec.heads[0], spec.cols[1] - spec.cols[0]
     qkv = (nq + 2 * kv_heads_touched(cfg, *spec.heads)) * hd
-    mats = [(qkv, hid), (hid, nq * hd)] + [(c, hid)] * (2 if cfg.gated_mlp else 1) + [(hid, c)]
+    mats = [(qkv, hid), (hid, nq * hd), ((2 if cfg.gated_mlp else 1) * c, hid), (hid, c)]
     return [(n, k) for n, k in mats if n * k]
 
 
@@ -174,7 +175,7 @@ def linear_held_bytes(n: int, k: int, fmt: WeightFormat) -> int:
 
 
 def linear_wire_bytes(n: int, k: int, fmt: WeightFormat) -> int:
-    """Bytes a (N, K) weight travels in when a shard is pushed in `fmt` (parallel/compact.wire_parts):
+    """Bytes a (N, K) weight travels in when a shard is pushed in `fmt` (parallel/compact_wire.wire_parts):
     int4 codes two to a byte with a scale and zero per group in the activation dtype, int8 codes with a
     float32 scale per row, bf16 / fp16 values."""
     if fmt.name in ("bf16", "fp16"):
@@ -186,24 +187,55 @@ def linear_wire_bytes(n: int, k: int, fmt: WeightFormat) -> int:
     return 4 * n * k
 
 
+def table_held_bytes(n: int, k: int, fmt: WeightFormat) -> int:
+    """Bytes a (N, K) embedding table takes in `fmt` (QuantLinear.from_float with keep_rows, as
+    parallel/compact.compact_vocab builds it): the kernel's bytes, and beside an opaque kernel's packed
+    weight (bf16, fp16, int8 with int8 activations) the plain rows it keeps for lookups."""
+    held = linear_held_bytes(n, k, fmt)
+    if fmt.name in ("bf16", "fp16"):
+        return held + 2 * n * k
+    if fmt.name == "int8" and fmt.act == "int8":
+        return held + n * k + 4 * n  # int8 codes and a float32 scale per row
+    return held
+
+
+def vocab_held(cfg: ModelConfig, spec: ShardSpec, fmt: WeightFormat) -> tuple[int, int]:
+    """(parameters, bytes held) of `spec`'s embedding rows and LM head in a compact format: both in
+    fmt.head_format (parallel/compact.compact_vocab), the embedding as a row table (fp16 under an int4
+    head, which has no rows to give back), a tied head the table itself when their formats agree."""
+    hid, v = cfg.hidden, spec.vocab[1] - spec.vocab[0]
+    hf = fmt.head_format
+    rows = WeightFormat("fp16") if hf.name == "int4" else hf
+    params = held = 0
+    if spec.embed and v:
+        params, held = v * hid, table_held_bytes(v, hid, rows)
+    if spec.head and cfg.causal and v:
+        params += 0 if cfg.tie_embeddings and spec.embed else v * hid
+        held += 0 if cfg.tie_embeddings and spec.embed and rows == hf else linear_held_bytes(v, hid, hf)
+    return params, held
+
+
 def _linear_params(cfg: ModelConfig, spec: ShardSpec) -> int:
     return (spec.layers[1] - spec.layers[0]) * sum(n * k for n, k in shard_linears(cfg, spec))
 
 
 def weight_bytes(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams) -> int:
-    """Bytes the device holds for `spec`'s weights: linears in params' compact format (if any), every
-    other parameter at params.weight_bytes."""
+    """Bytes the device holds for `spec`'s weights: linears in params' compact format (if any), the
+    embedding and LM head in its head format (`vocab_held`), every other parameter at params.weight_bytes."""
     fmt = params.compact
     if fmt is None:
         return math.ceil(shard_params(cfg, spec) * params.weight_bytes)
     layers = spec.layers[1] - spec.layers[0]
     held = layers * sum(linear_held_bytes(n, k, fmt) for n, k in shard_linears(cfg, spec))
-    return math.ceil((shard_params(cfg, spec) - _linear_params(cfg, spec)) * params.weight_bytes) + held
+    vocab, vocab_bytes = vocab_held(cfg, spec, fmt)
+    rest = shard_params(cfg, spec) - _linear_params(cfg, spec) - vocab
+    return math.ceil(rest * params.weight_bytes) + held + vocab_bytes
 
 
 def push_bytes(cfg: ModelConfig, spec: ShardSpec, weights_format: str = "fp32") -> int:
     """Bytes of tensors a shard push of `spec` brings: float32, or with the linears in a compact
-    format's wire form (`linear_wire_bytes`) -- the bound the worker admits the push by."""
+    format's wire form (`linear_wire_bytes`; the embedding and head still float32) -- the bound the worker
+    admits the push by."""
     fmt = parse_format(weights_format)
     if fmt.name == "fp32":
         return 4 * shard_params(cfg, spec)
@@ -461,7 +493,9 @@ def load_transient_bytes(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams
     converted tensor. A compact weights format converts its linears after the float32 shard is built
     (parallel/compact.compact_shard), so until then the shard's linears are held in float32 beside
     what they become, plus one conversion's temporaries (`quantize_transient_bytes`); a shard pushed
-    already compact (`compact_push`) only adds the temporaries of one linear built from its parts."""
+    already compact (`compact_push`) only adds the temporaries of one linear built from its parts. Either
+    way the embedding and head arrive in float32 and stay so until the finished shard puts them in the
+    head format (compact.compact_vocab), beside what they become."""
     if file_bytes is not None:
         out = file_transient_bytes(cfg, file_bytes)
     else:
@@ -472,6 +506,7 @@ def load_transient_bytes(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams
         if not compact_push:
             layers = spec.layers[1] - spec.layers[0]
             out += layers * sum(4 * n * k - linear_held_bytes(n, k, fmt) for n, k in shard_linears(cfg, spec))
+        out += 4 * vocab_held(cfg, spec, fmt)[0]
     n = shard_params(cfg, spec)
     if params.push_bytes > params.weight_bytes:
         hid = cfg.hidden
