@@ -28,7 +28,7 @@ import psutil
 import torch
 
 from ..addresses import AddressError, join_address, split_address
-from ..backends.profiling import time_blocks
+from ..backends.profiling import profile_need, time_blocks
 from ..backends.select import use_backend
 from ..errors import DeviceOutOfMemory, GalaxyError, TransportError
 from ..model.checkpoints import CheckpointError, WeightSource, open_checkpoint
@@ -471,8 +471,17 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: seq_lens must be within 1..16384")
         t0 = time.perf_counter()
         with self.lock:  # never time while a request runs
+            between = None
+            if self.s.memory_budget:  # the blocks it times must fit beside what it keeps: drop sessions if not
+                need = memory.ShardNeed(0, profile_need(cfg, seqs, dtype.itemsize), 0, 0)
+                try:
+                    memory.check_fits(self.s.name, need, self.s.memory_budget, self._make_room(need),
+                                      f"timing its blocks at {max(seqs)} tokens")
+                except DeviceOutOfMemory as e:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                between = lambda done, total: _trim_heap()  # noqa: E731 - each job's peak, not the jobs' sum
             samples = time_blocks(cfg, seqs, repeats=max(1, min(request.repeats or 3, 20)), dtype=dtype,
-                                  device=self.s.device)
+                                  device=self.s.device, **({"progress": between} if between else {}))
             codecs = codec_seconds_per_byte(cols=cfg.hidden)
             gc.collect()
             _trim_heap()  # the timing blocks are gone: give their memory back before anyone plans with it
