@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -120,6 +119,7 @@ class Watch:
         self.procs = [psutil.Process(d["pid"]) for d in devices]
         self.rss = [0] * len(devices)
         self.rows: list[tuple[str, list[int], list[int]]] = []  # (phase, rss peaks, cgroup peaks)
+        self._phase: str | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -135,18 +135,22 @@ class Watch:
                 with self._lock:
                     self.rss[i] = max(self.rss[i], rss)
 
-    @contextmanager
-    def phase(self, name: str):
+    def start(self, name: str) -> None:
+        """End the running phase (if any) and begin `name`: peaks from here on are its."""
+        self.finish()
         with self._lock:
             self.rss = [0] * len(self.devices)
         for p in self.paths:
             reset_peak(p, self.cg.version)
-        try:
-            yield
-        finally:
-            with self._lock:
-                rss = list(self.rss)
-            self.rows.append((name, rss, [cgroup_memory(p, self.cg.version)["peak"] for p in self.paths]))
+        self._phase = name
+
+    def finish(self) -> None:
+        name, self._phase = self._phase, None
+        if name is None:
+            return
+        with self._lock:
+            rss = list(self.rss)
+        self.rows.append((name, rss, [cgroup_memory(p, self.cg.version)["peak"] for p in self.paths]))
 
     def stop(self) -> None:
         self._stop.set()
@@ -160,10 +164,31 @@ class Watch:
         return "peak worker RSS / cgroup usage per device:\n" + format_rows(lines)
 
 
-def galaxy(*args: str) -> subprocess.CompletedProcess:
+def galaxy(watch: Watch, phases: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """Run the CLI; a progress line starting with a key of `phases` starts the phase it names."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "galaxy.cli", *args], capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT, env=env, cwd=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "galaxy.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    timer = threading.Timer(CLI_TIMEOUT, proc.kill)
+    timer.start()
+    err = []
+    try:
+        for line in proc.stderr:
+            err.append(line)
+            for prefix, name in phases.items():
+                if line.startswith(prefix):
+                    watch.start(name)
+        proc.wait()
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
+        reader.join(timeout=10)
+        watch.finish()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out), "".join(err))
 
 
 def leftovers(name: str, pids) -> list[str]:
@@ -189,13 +214,15 @@ def test_issue_19_cluster_runs_with_and_without_a_plan_and_no_device_is_oom_kill
         pids = [d["pid"] for d in devices]
         watch = Watch(devices, cg)
         try:
-            with watch.phase("run, no plan (push + 16 tokens)"):
-                a = galaxy("run", "--cluster", str(path), "--prompt", "What is the capital of France?",
-                           "--max-new-tokens", "16", "--check")
-            with watch.phase("plan (profiling)"):
-                p = galaxy("plan", "--cluster", str(path), "--wire", "auto", "--seq-len", "1024", "-o", str(plan))
-            with watch.phase("run, plan (push + 1024-token pass)"):
-                b = galaxy("run", "--cluster", str(path), "--plan", str(plan), "--seq-len", "1024", "--check")
+            a = galaxy(watch, {"galaxy: loading shards": "(a) no plan: push and load",
+                               "galaxy: generating": "(a) 16 tokens, --check"},
+                       "run", "--cluster", str(path), "--prompt", "What is the capital of France?",
+                       "--max-new-tokens", "16", "--check")
+            p = galaxy(watch, {"galaxy: profiling": "(b) galaxy plan: profiling"},
+                       "plan", "--cluster", str(path), "--wire", "auto", "--seq-len", "1024", "-o", str(plan))
+            b = galaxy(watch, {"galaxy: loading shards": "(b) the plan: push and load",
+                               "galaxy: running the forward pass": "(b) 1,024-token pass, --check"},
+                       "run", "--cluster", str(path), "--plan", str(plan), "--seq-len", "1024", "--check")
         finally:
             watch.stop()
         alive = [psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids]
