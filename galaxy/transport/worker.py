@@ -56,8 +56,9 @@ from .protocol import (
     META_TOKEN,
     PROTOCOL_VERSION,
     WIRE_FORMATS,
-    fill_proto,
+    TensorReply,
     from_proto,
+    serialize_tensor_reply,
     step_from_proto,
 )
 from .security import TlsFiles
@@ -430,11 +431,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                          send_s=send_s.get(o.tag, 0.0)) for o in comm.stats.ops]
         reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv_bytes,
                                 rss_before_bytes=rss_before, cpu_s=cpu_s)
-        if out is not None:  # straight into the reply: no second message to copy it from
-            if self.s.memory_budget:  # the pass's freed activations go back first, or the reply's copies
-                _trim_heap()  # add to them: a 1,024-token full-logits reply peaked 416 MiB over, 297 with this
-            fill_proto(reply.output, out.float().cpu())
-        return reply
+        if out is None:
+            return reply
+        if self.s.memory_budget:  # the pass's freed activations go back first, or the reply's copies
+            _trim_heap()  # add to them: a 1,024-token full-logits reply peaked 416 MiB over, 297 with this
+        return TensorReply(reply, "output", out.float())  # serialized from its buffer (_TensorReplies)
 
     def _admit(self, sess: _Session, need: int, pool: int = 0) -> None:
         """A pass's `need` (galaxy.parallel.memory.pass_need), and `pool` bytes of a KV pool it
@@ -579,6 +580,21 @@ class _Authenticate(grpc.ServerInterceptor):
         return handler
 
 
+class _TensorReplies(grpc.ServerInterceptor):
+    """Forward and Step return their output beside the reply message (protocol.TensorReply): their
+    response serializer writes it into the wire bytes straight from the tensor's buffer, so the
+    worker holds two copies of a reply at most (the tensor and those bytes, then those bytes and
+    gRPC's), not three (memory.OUTPUT_COPIES)."""
+
+    METHODS = frozenset({"/galaxy.v1.Worker/Forward", "/galaxy.v1.Worker/Step"})
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is not None and handler_call_details.method in self.METHODS:
+            return handler._replace(response_serializer=serialize_tensor_reply)
+        return handler
+
+
 def _deny(handler, code, message):
     """A handler of the same shape as `handler` that refuses the call before reading it."""
 
@@ -619,7 +635,7 @@ def start_server(listen: str, settings: WorkerSettings):
     settings.name = settings.name or socket.gethostname()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="galaxy-rpc"),
                          options=server_options(settings.max_message_bytes),
-                         interceptors=[_Authenticate(settings.token)])
+                         interceptors=[_Authenticate(settings.token), _TensorReplies()])
     service = WorkerService(settings)
     pb_grpc.add_WorkerServicer_to_server(service, server)
     check_bindable(host, port)  # says why (in use, not this device's address) before gRPC logs its own line
