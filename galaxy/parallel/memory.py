@@ -229,7 +229,7 @@ def _unit_need(cfg: ModelConfig, seq: int, params: MemoryParams, heads: int, col
     b = params.act_bytes
     act = layer_activation_bytes(cfg, seq, heads, kv_heads, cols, tokens, b)
     kv = kv_cache_bytes(cfg, kv_heads, cfg.n_layers, kv_alloc_positions(seq), b)
-    return act + kv + (output_bytes(1, vocab) if cfg.causal else 0)
+    return act + kv + (output_bytes(seq, vocab) if cfg.causal else output_bytes(tokens, cfg.hidden))
 
 
 def _unit_weights(cfg: ModelConfig, params: MemoryParams, heads: int, cols: int, vocab: int) -> float:
@@ -308,10 +308,13 @@ class ShardNeed:
     transient: int  # while loading
     kv: int  # KV cache of the reserved positions
     activations: int  # one pass at the reserved length
+    reply: int = 0  # that pass's reply with every token's row (`galaxy run --seq-len N --check`)
 
     @property
     def total(self) -> int:
-        return self.weights + self.transient + self.kv + self.activations
+        """The load (transient, then the KV it reserves) and a one-shot pass returning every row (no
+        KV pool is allocated for it, the load's transient is gone) never overlap: the larger counts."""
+        return self.weights + self.activations + max(self.transient + self.kv, self.reply)
 
     def describe(self) -> str:
         parts = [f"{self.weights / MiB:.0f} MiB of weights", f"{self.transient / MiB:.0f} MiB while loading"]
@@ -319,12 +322,16 @@ class ShardNeed:
             parts.append(f"{self.kv / MiB:.0f} MiB of KV cache")
         if self.activations:
             parts.append(f"{self.activations / MiB:.0f} MiB of activations")
-        return " + ".join(parts)
+        out = " + ".join(parts)
+        if self.reply > self.transient + self.kv:
+            out += f", or {self.reply / MiB:.0f} MiB for a reply of every token's row in place of the load's part"
+        return out
 
 
 def shard_need(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams, seq: int, tokens: int,
                transient: int = PUSH_TRANSIENT, seqpar: bool = False) -> ShardNeed:
-    """What loading `spec` and running a `seq`-token prefill on it needs (tokens: the rows this
+    """What loading `spec` and running a `seq`-token pass on it needs, that pass returning every
+    token's row -- what `galaxy run --seq-len N --check` does after its load (tokens: the rows this
     device owns in the connective blocks; seqpar: the sequence-parallel baseline, no KV cache)."""
     layers = spec.layers[1] - spec.layers[0]
     heads, cols = spec.heads[1] - spec.heads[0], spec.cols[1] - spec.cols[0]
@@ -335,7 +342,11 @@ def shard_need(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams, seq: int
     else:
         act = layer_activation_bytes(cfg, seq, heads, kvh, cols, tokens, params.act_bytes) if layers else 0
         kv = kv_cache_bytes(cfg, kvh, layers, kv_alloc_positions(seq), params.act_bytes)
-    return ShardNeed(weight_bytes(cfg, spec, params), transient, kv, act)
+    if cfg.causal:  # as pass_need counts it: the held vocabulary rows' logits of every token
+        reply = output_bytes(tokens if seqpar else seq, spec.vocab[1] - spec.vocab[0]) if spec.head else 0
+    else:
+        reply = output_bytes(tokens, cfg.hidden)
+    return ShardNeed(weight_bytes(cfg, spec, params), transient, kv, act, reply)
 
 
 def room(budget: int, resident: int) -> int:
