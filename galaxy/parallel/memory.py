@@ -20,6 +20,9 @@ What a device holds, in the order a load goes (bytes; `MemoryParams` has the ele
                   dequantizes one whole tensor at a time (`file_transient_bytes`)
     kv            K and V of the device's KV heads for every position reserved (`kv_cache_bytes`)
     activations   the peak of one pass's intermediate tensors (`layer_activation_bytes`)
+    reply         that pass's output when it returns every token's row (`output_bytes`): what
+                  `galaxy run --seq-len N --check` runs after its load; no KV pool is allocated for
+                  it and the load's transient is gone, so it counts in place of transient + kv
 
 After the load, what the budget leaves beside the loaded process, a pass at the reserved length
 (`pass_reserve`) and RESIDENT_DRIFT is the serving engine's paged KV pool on that device
@@ -62,8 +65,11 @@ RUN_SLACK = 16 * MiB
 # alive at once. Measured peak RSS growth less RUN_SLACK over `layer_live_elements` bytes, prefills
 # of 256-4,096 tokens with a KV cache, 3 repeats each, SmolLM2 and GPT-2 split 1-3 ways: 0.74-1.58.
 HEAP_FACTOR = 1.6
-# A full-logits reply is held as the joined tensor, its bytes and the message: peak RSS growth of
-# such passes over the bytes of the logits, 2.30-2.38 (SmolLM2 and GPT-2, 256-4,096 tokens).
+# A reply is held twice at most: the output tensor and the wire bytes serialized straight from it,
+# then those bytes and gRPC's copy (transport/protocol.TensorReply). A budgeted worker's resident
+# growth through a 1,024-token full-logits pass and its reply's serialization, over the logits'
+# bytes (96 MiB each, two workers, tests/transport/test_reply_memory.py, 3 runs): 2.02-2.05, where
+# filling the protobuf message first grew it 3.0x.
 OUTPUT_COPIES = 2.5
 DEFAULT_SEQ_LEN = 512  # tokens a load reserves KV and activations for when none is given
 # Kept free when a split is sized ahead of its load (a plan, or the split a session makes without
