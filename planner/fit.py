@@ -86,15 +86,21 @@ def fit_plan(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: 
     format only needs less, so its split is safe); the exact check that relaxes it and the plan's memory
     figures hold the linears at their compact size (memory.MemoryParams.weights_format)."""
     params = memory.MemoryParams.for_dtype(dtype_bytes, weights_format)
-    safe = solve(cfg, seq_len, cluster, strategy, dtype_bytes, method=method)
-    safe = dataclasses.replace(safe, weights_format=weights_format)
-    bad = misfits(cfg, safe, cluster, params, transient=transient)
-    if bad:  # solver_room is a proof that this cannot happen: say so loudly if it does
-        raise PlanError("the planned split does not fit the devices' memory budgets: " + "; ".join(bad))
     full = [max(d.memory_bytes, memory.room(d.budget_bytes, d.resident_bytes) - PLAN_MARGIN) if d.budget_bytes
             else d.memory_bytes for d in cluster.devices]
-    if full == [d.memory_bytes for d in cluster.devices]:
-        return with_format_weights(cfg, with_exact_memory(cfg, safe, cluster, params, transient), params)
+    try:
+        safe = solve(cfg, seq_len, cluster, strategy, dtype_bytes, method=method)
+    except PlanError as e:  # the safe rooms may hold too little (a full-logits reply charged to every weight):
+        if full == [d.memory_bytes for d in cluster.devices]:  # the relaxed ones, checked exactly, may not
+            raise
+        safe, refused = None, e
+    else:
+        safe = dataclasses.replace(safe, weights_format=weights_format)
+        bad = misfits(cfg, safe, cluster, params, transient=transient)
+        if bad:  # solver_room is a proof that this cannot happen: say so loudly if it does
+            raise PlanError("the planned split does not fit the devices' memory budgets: " + "; ".join(bad))
+        if full == [d.memory_bytes for d in cluster.devices]:
+            return with_format_weights(cfg, with_exact_memory(cfg, safe, cluster, params, transient), params)
     best, lo, hi = safe, 0.0, 1.0
     for _ in range(RELAX_STEPS):
         mid = (lo + hi) / 2
@@ -111,6 +117,10 @@ def fit_plan(cfg: ModelConfig, seq_len: int, cluster: ClusterProfile, strategy: 
             hi = mid
             continue
         lo = mid
-        if plan.latency_s is not None and (best.latency_s is None or plan.latency_s <= best.latency_s):
+        faster = plan.latency_s is not None and (best is None or best.latency_s is None
+                                                 or plan.latency_s <= best.latency_s)
+        if best is None or faster:
             best = plan
+    if best is None:
+        raise refused
     return with_format_weights(cfg, with_exact_memory(cfg, best, cluster, params, transient), params)

@@ -16,6 +16,7 @@ import torch
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import ModelConfig
 from ..model.transformer import Block
+from ..parallel import memory
 from ..parallel.sharding import ShardSpec, load_shard
 from .onnx import apply_onnx_block, default_cache_dir
 
@@ -46,6 +47,7 @@ def median_times(jobs, repeats: int, progress=lambda done, total: None) -> list[
             t0 = time.perf_counter()
             fn()
             times[i].append(time.perf_counter() - t0)
+            del fn  # before the next build: two jobs' blocks at once were the profile's peak (two head samples)
             progress(sum(map(len, times)), len(jobs) * repeats)
     return [sorted(t)[len(t) // 2] for t in times]
 
@@ -58,6 +60,22 @@ def _block(cfg: ModelConfig, heads: int, cols: int, dtype, device) -> Block:
 
 
 HEAD_SAMPLE_BYTES = (24 * 2**20, 48 * 2**20, 96 * 2**20)  # past the caches, within a small device's memory
+
+
+def profile_need(cfg: ModelConfig, seq_lens: list[int], dtype_bytes: int = 4) -> int:
+    """Bytes `time_blocks` holds at its peak beside the process, from the jobs it builds one at a
+    time: the full layer it keeps for the connective timings, and the largest job -- a layer's block
+    with one layer's activations at the longest sequence (memory.layer_activation_bytes, an upper
+    bound for a job that runs attention or the MLP alone), or the LM head's largest sample. A
+    budgeted worker makes room for it before it profiles (transport/worker.py Profile). Measured
+    peak growth with the heap trimmed between jobs, against this: SmolLM2 at 256 and 1,024 tokens,
+    GPT-2 at 256 and 1,024, BERT-base at 512, OPT-125m at 2,048 (docs/faults.md)."""
+    seq = max(seq_lens)
+    layer = memory.shard_params(cfg, ShardSpec((0, cfg.n_heads), (0, cfg.ffn), (0, 0), (0, 1), embed=False,
+                                               head=False)) * dtype_bytes
+    act = memory.layer_activation_bytes(cfg, seq, cfg.n_heads, cfg.n_kv_heads, cfg.ffn, seq, dtype_bytes)
+    head = min(cfg.vocab_size * cfg.hidden * dtype_bytes, max(HEAD_SAMPLE_BYTES)) if cfg.causal else 0
+    return layer + max(layer + act, head + seq * cfg.hidden * dtype_bytes) + memory.RUN_SLACK
 
 
 def head_rows(cfg: ModelConfig, dtype_bytes: int = 4) -> list[int]:

@@ -196,7 +196,7 @@ def _run_generate(args, model, req, gc, report: dict, seconds: dict) -> int:
         kv_cache_bytes=gen.kv_cache_bytes, seconds={k: round(v, 4) for k, v in seconds.items()})
     ok = True
     if args.check:
-        progress("checking against the single-device reference (greedy, no cache)")
+        progress("checking against the single-device reference (greedy)")
         ref = reference_generate(model.source, ids, len(gen.tokens) if gen.finish != "eos" else args.max_new_tokens,
                                  weights_format=model.weights_format)
         ok = ref[: len(gen.tokens)] == gen.tokens and (gen.finish != "eos" or len(ref) == len(gen.tokens))

@@ -20,6 +20,9 @@ What a device holds, in the order a load goes (bytes; `MemoryParams` has the ele
                   dequantizes one whole tensor at a time (`file_transient_bytes`)
     kv            K and V of the device's KV heads for every position reserved (`kv_cache_bytes`)
     activations   the peak of one pass's intermediate tensors (`layer_activation_bytes`)
+    reply         that pass's output when it returns every token's row (`output_bytes`): what
+                  `galaxy run --seq-len N --check` runs after its load; no KV pool is allocated for
+                  it and the load's transient is gone, so it counts in place of transient + kv
 
 After the load, what the budget leaves beside the loaded process, a pass at the reserved length
 (`pass_reserve`) and RESIDENT_DRIFT is the serving engine's paged KV pool on that device
@@ -63,8 +66,11 @@ RUN_SLACK = 16 * MiB
 # alive at once. Measured peak RSS growth less RUN_SLACK over `layer_live_elements` bytes, prefills
 # of 256-4,096 tokens with a KV cache, 3 repeats each, SmolLM2 and GPT-2 split 1-3 ways: 0.74-1.58.
 HEAP_FACTOR = 1.6
-# A full-logits reply is held as the joined tensor, its bytes and the message: peak RSS growth of
-# such passes over the bytes of the logits, 2.30-2.38 (SmolLM2 and GPT-2, 256-4,096 tokens).
+# A reply is held twice at most: the output tensor and the wire bytes serialized straight from it,
+# then those bytes and gRPC's copy (transport/protocol.TensorReply). A budgeted worker's resident
+# growth through a 1,024-token full-logits pass and its reply's serialization, over the logits'
+# bytes (96 MiB each, two workers, tests/transport/test_reply_memory.py, 3 runs): 2.02-2.05, where
+# filling the protobuf message first grew it 3.0x.
 OUTPUT_COPIES = 2.5
 DEFAULT_SEQ_LEN = 512  # tokens a load reserves KV and activations for when none is given
 # Kept free when a split is sized ahead of its load (a plan, or the split a session makes without
@@ -332,7 +338,7 @@ def _unit_need(cfg: ModelConfig, seq: int, params: MemoryParams, heads: int, col
     b = params.act_bytes
     act = layer_activation_bytes(cfg, seq, heads, kv_heads, cols, tokens, b)
     kv = kv_cache_bytes(cfg, kv_heads, cfg.n_layers, kv_alloc_positions(seq), b)
-    return act + kv + (output_bytes(1, vocab) if cfg.causal else 0)
+    return act + kv + (output_bytes(seq, vocab) if cfg.causal else output_bytes(tokens, cfg.hidden))
 
 
 def _unit_weights(cfg: ModelConfig, params: MemoryParams, heads: int, cols: int, vocab: int) -> float:
@@ -430,10 +436,13 @@ class ShardNeed:
     transient: int  # while loading
     kv: int  # KV cache of the reserved positions
     activations: int  # one pass at the reserved length
+    reply: int = 0  # that pass's reply with every token's row (`galaxy run --seq-len N --check`)
 
     @property
     def total(self) -> int:
-        return self.weights + self.transient + self.kv + self.activations
+        """The load (transient, then the KV it reserves) and a one-shot pass returning every row (no
+        KV pool is allocated for it, the load's transient is gone) never overlap: the larger counts."""
+        return self.weights + self.activations + max(self.transient + self.kv, self.reply)
 
     def describe(self) -> str:
         parts = [f"{self.weights / MiB:.0f} MiB of weights", f"{self.transient / MiB:.0f} MiB while loading"]
@@ -441,12 +450,16 @@ class ShardNeed:
             parts.append(f"{self.kv / MiB:.0f} MiB of KV cache")
         if self.activations:
             parts.append(f"{self.activations / MiB:.0f} MiB of activations")
-        return " + ".join(parts)
+        out = " + ".join(parts)
+        if self.reply > self.transient + self.kv:
+            out += f", or {self.reply / MiB:.0f} MiB for a reply of every token's row in place of the load's part"
+        return out
 
 
 def shard_need(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams, seq: int, tokens: int,
                transient: int = PUSH_TRANSIENT, seqpar: bool = False) -> ShardNeed:
-    """What loading `spec` and running a `seq`-token prefill on it needs (tokens: the rows this
+    """What loading `spec` and running a `seq`-token pass on it needs, that pass returning every
+    token's row -- what `galaxy run --seq-len N --check` does after its load (tokens: the rows this
     device owns in the connective blocks; seqpar: the sequence-parallel baseline, no KV cache)."""
     layers = spec.layers[1] - spec.layers[0]
     heads, cols = spec.heads[1] - spec.heads[0], spec.cols[1] - spec.cols[0]
@@ -457,7 +470,11 @@ def shard_need(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams, seq: int
     else:
         act = layer_activation_bytes(cfg, seq, heads, kvh, cols, tokens, params.act_bytes) if layers else 0
         kv = kv_cache_bytes(cfg, kvh, layers, kv_alloc_positions(seq), params.act_bytes)
-    return ShardNeed(weight_bytes(cfg, spec, params), transient, kv, act)
+    if cfg.causal:  # as pass_need counts it: the held vocabulary rows' logits of every token
+        reply = output_bytes(tokens if seqpar else seq, spec.vocab[1] - spec.vocab[0]) if spec.head else 0
+    else:
+        reply = output_bytes(tokens, cfg.hidden)
+    return ShardNeed(weight_bytes(cfg, spec, params), transient, kv, act, reply)
 
 
 def room(budget: int, resident: int) -> int:

@@ -51,7 +51,7 @@ from ..transport.client import Cluster
 from ..transport.security import COORDINATOR, TlsFiles, init_keys
 from ..transport.shardstore import source_file_bytes
 from ..transport.spawn import LocalWorkers
-from .budget import check_pass, fit_partition
+from .budget import check_pass, fit_partition, kv_blocks_now
 from .inproc import InprocCluster
 from .placement import Placement
 from .recovery import ResilientCluster
@@ -306,6 +306,7 @@ class Model:
         self._engine_lock = threading.Lock()
         self.groups = groups  # (prefill, decode) executors of a disaggregated placement; None: colocated
         self.placement: Placement | None = None
+        self._passes_without_pool = False  # one-shot passes ran on budgeted devices before the engine's pool
 
     @property
     def executor(self) -> Executor:
@@ -336,11 +337,17 @@ class Model:
         """The engine's config, its steps no longer than the pass the budgeted devices reserved memory
         for at load (seq_len): a longer step would be refused by their workers."""
         c = self._engine_config
-        if not any(m.budget for m in getattr(executor or self.session.executor, "loaded_memory", []) or []):
+        ex = executor or self.session.executor
+        if not any(m.budget for m in getattr(ex, "loaded_memory", []) or []):
             return c
         n = min(c.max_batched_tokens, self.seq_len)
-        return dataclasses.replace(c, max_batched_tokens=n, max_running=min(c.max_running, n),
-                                   chunk_size=None if c.chunk_size is None else min(c.chunk_size, n))
+        c = dataclasses.replace(c, max_batched_tokens=n, max_running=min(c.max_running, n),
+                                chunk_size=None if c.chunk_size is None else min(c.chunk_size, n))
+        if self._passes_without_pool:  # the pool fits what the devices hold now, not just after the load
+            blocks = kv_blocks_now(ex, self.config, self.seq_len, c.block_size)
+            if blocks is not None:
+                c = dataclasses.replace(c, kv_blocks=min(blocks, c.kv_blocks or blocks, ex.kv_blocks(c.block_size)))
+        return c
 
     def _unload(self, replaced_by: str) -> None:
         """The session loads something else in this model's place: its engine stops, and requests
@@ -475,7 +482,9 @@ class Model:
         input) is refused before any device computes, naming the device and the numbers."""
         self._check_loaded()
         ex = self.executor
-        check_pass(ex, self.config, req)
+        pool = self._engine is not None  # the engine's first step allocates the pool
+        check_pass(ex, self.config, req, pool=pool)
+        self._passes_without_pool |= not pool
         return ex.forward(req)
 
 

@@ -25,9 +25,14 @@ from ..parallel.sharding import Partition, ShardSpec, weighted_partition
 from ..transport.client import check_memory
 
 
-def check_pass(executor, cfg: ModelConfig, req: Request) -> None:
+def check_pass(executor, cfg: ModelConfig, req: Request, pool: bool = True) -> None:
     """Refuse `req` before any device computes when its activations and reply do not fit some
-    device's memory budget beside what it held after its load and the KV pool it may allocate."""
+    device's memory budget beside what it held after its load and, with `pool`, the KV pool the
+    serving engine allocates there (its first step does). Without an engine there is no pool: the
+    worker admits a pass beside the pool it holds (none), and a pool allocated later is admitted
+    against what the worker holds then (its heap trimmed), so a one-shot forward may use the room
+    the pool would take -- its reply of every token's logits is larger than the pass the pool
+    leaves room for (memory.pass_reserve keeps RESERVED_ROWS rows)."""
     part = getattr(executor, "partition", None)
     loaded = getattr(executor, "loaded_memory", []) or []
     if part is None:
@@ -36,13 +41,32 @@ def check_pass(executor, cfg: ModelConfig, req: Request) -> None:
         if not m.budget:
             continue
         need = memory.request_need(cfg, part, r, m.act_bytes, req)
-        held = m.resident + m.kv_budget
+        held = m.resident + (m.kv_budget if pool else 0)
         if need > memory.room(m.budget, held):
+            beside = "its shard and KV pool" if pool and m.kv_budget else "its shard"
             raise DeviceOutOfMemory(
                 f"{executor.names[r]}: a pass of {req.ids.shape[0]} tokens needs {need / memory.MiB:.0f} MiB there "
                 f"(activations and reply) and the device's memory budget of {m.budget / memory.MiB:.0f} MiB leaves "
-                f"{max(0, memory.room(m.budget, held)) / memory.MiB:.0f} MiB beside its shard and KV pool; send "
+                f"{max(0, memory.room(m.budget, held)) / memory.MiB:.0f} MiB beside {beside}; send "
                 "fewer tokens at once, load with a larger seq_len reserve, or give this device a smaller share")
+
+
+def kv_blocks_now(executor, cfg: ModelConfig, seq_len: int, block_size: int) -> int | None:
+    """The KV blocks each budgeted device's pool may take given what it holds now (one Hello), for
+    an engine started after one-shot passes that ran beside no pool (check_pass with pool=False):
+    a long pass leaves the worker larger than after its load -- allocator pools it cannot give
+    back, measured +29-31 MiB after a 4,096-token pass of a small Llama -- so the pool its load
+    reported would no longer fit beside it and the engine's first step would be refused. The
+    smallest count over the devices holding KV heads; None when no device has a budget."""
+    part = executor.partition
+    counts = []
+    for r, (m, info) in enumerate(zip(executor.loaded_memory, executor.hello())):
+        per_token = memory.spec_kv_bytes_per_position(cfg, part.spec(r, cfg), m.act_bytes)
+        if not m.budget or not per_token:
+            continue
+        reserve = memory.pass_reserve(cfg, part, r, m.act_bytes, seq_len)
+        counts.append(memory.kv_pool_budget(m.budget, info.rss, reserve) // (per_token * block_size))
+    return min(counts) if counts else None
 
 
 def _share_need(cfg: ModelConfig, share: float, params: memory.MemoryParams, seq: int, transient: int) -> int:

@@ -66,14 +66,40 @@ def reference_output(source: WeightSource, req: Request, dtype=torch.float32, we
 @torch.inference_mode()
 def reference_generate(source: WeightSource, prompt_ids: list[int], max_new_tokens: int,
                        stop_at_eos: bool = True, weights_format: str = "fp32") -> list[int]:
-    """Greedy tokens from the single-device model in `weights_format`, recomputing the whole sequence
-    every step (no KV cache: independent of the cache code it checks)."""
+    """Greedy tokens from the single-device model in `weights_format`. Each token is computed once, its
+    K and V kept in plain per-layer tensors (`_dense_step`) rather than the whole sequence recomputed
+    every step (16 tokens after a 37-token prompt: 52 token-passes instead of 712); the dense tensors
+    share no code with the engine's paged cache, which this checks."""
     model = reference_model(source, weights_format=weights_format)
+    cache: list[tuple[torch.Tensor, torch.Tensor]] = []
     ids, out = list(prompt_ids), []
+    step, start = torch.tensor(ids), 0
     for _ in range(max_new_tokens):
-        tok = int(model(torch.tensor(ids), last_only=True)[-1].argmax())
+        tok = int(_dense_step(model, step, start, cache)[-1].argmax())
         if stop_at_eos and tok == source.config.eos_token_id:
             break
         out.append(tok)
-        ids.append(tok)
+        start += int(step.shape[0])
+        step = torch.tensor([tok])
     return out
+
+
+def _dense_step(model, ids: torch.Tensor, start: int, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The reference forward (Transformer.forward: the same blocks in the same order) of the tokens
+    `ids` at positions start.., attending to the K/V of earlier positions kept in `cache` (one
+    (nkv, positions, hd) pair per layer, extended here): the last token's logits (1, V)."""
+    pos = torch.arange(start, start + ids.shape[0])
+    x = model.embed.finish(model.embed.lookup(ids), pos, None)
+    for i, blk in enumerate(model.layers.values()):
+        att = blk.attn
+        q, k, v = att.split_heads(att.project(blk.attn_input(x)), start)  # (nq|nkv, S, hd)
+        if i < len(cache):
+            k, v = torch.cat([cache[i][0], k], 1), torch.cat([cache[i][1], v], 1)  # (nkv, start + S, hd)
+            cache[i] = (k, v)
+        else:
+            cache.append((k, v))
+        x = blk.after_attn(x, att.project_out(att.attend_heads(q, k, v, start)))
+        x = blk.after_mlp(x, blk.mlp.contract(blk.mlp.expand(blk.mlp_input(x))))
+    if model.final_norm is not None:
+        x = model.final_norm(x)
+    return model.head_logits(x[-1:])

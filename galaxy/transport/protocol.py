@@ -90,6 +90,52 @@ def fill_proto(m: pb.Tensor, t: torch.Tensor) -> pb.Tensor:
     return m
 
 
+class TensorReply:
+    """A reply message and the tensor that goes in its `field` (a pb.Tensor submessage), kept apart
+    until gRPC serializes it (`serialize_tensor_reply`, the method's response serializer). Filling
+    the message first (`fill_proto`) held the tensor, its bytes and the message's copy at once, then
+    the message, its serialization and gRPC's copy: three times the tensor. Serialized here, the
+    tensor's buffer goes once into the wire bytes and is dropped before gRPC copies those."""
+
+    __slots__ = ("message", "field", "tensor")
+
+    def __init__(self, message, field: str, tensor: torch.Tensor):
+        self.message, self.field = message, field
+        self.tensor = tensor.detach().contiguous().cpu()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _length_delimited(number: int, size: int) -> bytes:
+    """The key and length of a length-delimited field (wire type 2) of `size` bytes."""
+    return _varint(number << 3 | 2) + _varint(size)
+
+
+def serialize_tensor_reply(reply) -> bytes:
+    """A response serializer: a plain message as protobuf serializes it; a TensorReply as the same
+    bytes protobuf would give for its message with the tensor in `field` (fields may come in any
+    order on the wire), built in one join straight from the tensor's buffer."""
+    if not isinstance(reply, TensorReply):
+        return reply.SerializeToString()
+    t, reply.tensor = reply.tensor, None  # this is the last reference: gone once joined
+    head = pb.Tensor(dtype=to_proto_dtype(t.dtype), shape=list(t.shape)).SerializeToString()
+    data = t.reshape(-1).view(torch.uint8).numpy().data  # a view: no copy
+    data_key = _length_delimited(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number, data.nbytes)
+    inner = len(head) + len(data_key) + data.nbytes
+    number = reply.message.DESCRIPTOR.fields_by_name[reply.field].number
+    parts = [reply.message.SerializeToString(), _length_delimited(number, inner), head, data_key, data]
+    out = b"".join(parts)
+    del parts, data, t
+    return out
+
+
 def from_proto(m: pb.Tensor, what: str = "tensor") -> torch.Tensor:
     """Decode and validate; raises TransportError naming `what` on any inconsistency."""
     shape = tuple(int(d) for d in m.shape)

@@ -28,7 +28,7 @@ import psutil
 import torch
 
 from ..addresses import AddressError, join_address, split_address
-from ..backends.profiling import time_blocks
+from ..backends.profiling import profile_need, time_blocks
 from ..backends.select import use_backend
 from ..errors import DeviceOutOfMemory, GalaxyError, TransportError
 from ..model.checkpoints import CheckpointError, WeightSource, open_checkpoint
@@ -60,9 +60,11 @@ from .protocol import (
     META_TOKEN,
     PROTOCOL_VERSION,
     WIRE_FORMATS,
+    TensorReply,
     fill_proto,
     from_proto,
     kv_box_from_proto,
+    serialize_tensor_reply,
     step_from_proto,
 )
 from .security import TlsFiles
@@ -505,9 +507,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                          send_s=send_s.get(o.tag, 0.0)) for o in comm.stats.ops]
         reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv_bytes,
                                 rss_before_bytes=rss_before, cpu_s=cpu_s)
-        if out is not None:  # straight into the reply: no second message to copy it from
-            fill_proto(reply.output, out.float().cpu())
-        return reply
+        if out is None:
+            return reply
+        if self.s.memory_budget:  # the pass's freed activations go back first, or the reply's copies
+            _trim_heap()  # add to them: a 1,024-token full-logits reply peaked 416 MiB over, 297 with this
+        return TensorReply(reply, "output", out.float())  # serialized from its buffer (_TensorReplies)
 
     def _admit(self, sess: _Session, need: int, pool: int = 0) -> None:
         """A pass's `need` (galaxy.parallel.memory.pass_need), and `pool` bytes of a KV pool it
@@ -546,8 +550,17 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: seq_lens must be within 1..16384")
         t0 = time.perf_counter()
         with self.lock:  # never time while a request runs
+            between = None
+            if self.s.memory_budget:  # the blocks it times must fit beside what it keeps: drop sessions if not
+                need = memory.ShardNeed(0, profile_need(cfg, seqs, dtype.itemsize), 0, 0)
+                try:
+                    memory.check_fits(self.s.name, need, self.s.memory_budget, self._make_room(need),
+                                      f"timing its blocks at {max(seqs)} tokens")
+                except DeviceOutOfMemory as e:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                between = lambda done, total: _trim_heap()  # noqa: E731 - each job's peak, not the jobs' sum
             samples = time_blocks(cfg, seqs, repeats=max(1, min(request.repeats or 3, 20)), dtype=dtype,
-                                  device=self.s.device)
+                                  device=self.s.device, **({"progress": between} if between else {}))
             codecs = codec_seconds_per_byte(cols=cfg.hidden)
             gc.collect()
             _trim_heap()  # the timing blocks are gone: give their memory back before anyone plans with it
@@ -647,6 +660,21 @@ class _Authenticate(grpc.ServerInterceptor):
         return handler
 
 
+class _TensorReplies(grpc.ServerInterceptor):
+    """Forward and Step return their output beside the reply message (protocol.TensorReply): their
+    response serializer writes it into the wire bytes straight from the tensor's buffer, so the
+    worker holds two copies of a reply at most (the tensor and those bytes, then those bytes and
+    gRPC's), not three (memory.OUTPUT_COPIES)."""
+
+    METHODS = frozenset({"/galaxy.v1.Worker/Forward", "/galaxy.v1.Worker/Step"})
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is not None and handler_call_details.method in self.METHODS:
+            return handler._replace(response_serializer=serialize_tensor_reply)
+        return handler
+
+
 def _deny(handler, code, message):
     """A handler of the same shape as `handler` that refuses the call before reading it."""
 
@@ -687,7 +715,7 @@ def start_server(listen: str, settings: WorkerSettings):
     settings.name = settings.name or socket.gethostname()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="galaxy-rpc"),
                          options=server_options(settings.max_message_bytes),
-                         interceptors=[_Authenticate(settings.token)])
+                         interceptors=[_Authenticate(settings.token), _TensorReplies()])
     service = WorkerService(settings)
     pb_grpc.add_WorkerServicer_to_server(service, server)
     check_bindable(host, port)  # says why (in use, not this device's address) before gRPC logs its own line

@@ -105,3 +105,54 @@ def test_a_pass_a_device_cannot_hold_is_refused_before_it_runs_and_the_devices_s
             s.executor.forward(Request(torch.tensor(big) % 500))
         ids = list(range(3, 40))
         assert (m.forward(ids) - reference_output(SRC, Request(torch.tensor(ids)))).abs().max() <= 1e-4
+
+
+# A 4,096-token prompt: a model small enough to prefill 4,096 tokens in a few seconds (2 KiB of KV per
+# position, 1 KiB per device of two), and one with 32x the KV per position whose pool on the same
+# budget holds far fewer positions than that (it is refused before it computes anything).
+LONG = make_config("llama", vocab_size=512, hidden=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn=256,
+                   max_positions=8192, name="long-llama")
+DEEP = make_config("llama", vocab_size=512, hidden=256, n_layers=32, n_heads=8, n_kv_heads=8, ffn=256,
+                   max_positions=8192, name="deep-llama")
+PROMPT_4K = [(13 * i) % 509 + 3 for i in range(4096)]
+
+
+def test_a_4096_token_prompt_is_prefilled_in_chunks_beside_the_pool_exactly_and_a_one_shot_pass_only_without_it():
+    """Before the engine allocates its KV pool a device's budget has room for one 4,096-token pass
+    with every logit (the worker admits it beside the pool it holds: none); the coordinator agrees
+    (it once counted the pool not yet allocated and refused it: `galaxy run --plan --seq-len 1024
+    --check` on issue 19's cluster). Once the pool is allocated, the budget leaves room only for the
+    reserved 256-token steps: the 4,096-token prompt is prefilled in chunks, its greedy tokens are
+    the unchunked reference's, a 4,096-token pass is refused up front, and no device passes its budget."""
+    src = RandomWeights(LONG, seed=11)
+    ref = reference_output(src, Request(torch.tensor(PROMPT_4K)))
+    with LocalWorkers(2, threads=1, extra_args=["--memory-budget", "400MiB"]) as addrs, \
+            connect(addresses=addrs) as s:
+        m = s.load(src, seq_len=256)
+        assert (m.forward(PROMPT_4K) - ref).abs().max() <= 1e-4  # one pass, no pool yet
+        gen = m.generate(PROMPT_4K, max_new_tokens=4, details=True)
+        assert m.engine.pool.num_blocks * m.engine.pool.block_size > 4096  # the pool holds it ...
+        prefills = [st.tokens for st in gen.steps if st.phase == "prefill"]
+        assert len(prefills) >= 16 and max(prefills) <= 256 and sum(prefills) == 4096  # ... in chunks
+        whole = reference_output(src, Request(torch.tensor(PROMPT_4K + gen.tokens)))
+        assert whole[4095:-1].argmax(-1).tolist() == gen.tokens and len(gen.tokens) == 4
+        with pytest.raises(DeviceOutOfMemory, match=r"a pass of 4096 tokens needs \d+ MiB there .* beside its "
+                                                     r"shard and KV pool"):
+            m.forward(PROMPT_4K)  # beside the pool, the budget holds no 4,096-token pass
+        infos = s.devices()
+        peaks = _peaks()
+    assert all(p <= i.memory_budget for p, i in zip(peaks, infos))
+
+
+def test_a_4096_token_prompt_longer_than_the_kv_pool_is_refused_before_any_step():
+    src = RandomWeights(DEEP, seed=12)
+    with LocalWorkers(2, threads=1, extra_args=["--memory-budget", "400MiB"]) as addrs, \
+            connect(addresses=addrs) as s:
+        m = s.load(src, seq_len=256)
+        engine = m.engine
+        positions = engine.pool.num_blocks * engine.pool.block_size
+        assert 256 < positions < 4096
+        with pytest.raises(KVBudgetExceeded, match=rf"prompt has 4096 tokens and the KV pool holds {positions} "
+                                                   rf"positions \({engine.pool.num_blocks} blocks of 16"):
+            m.generate(PROMPT_4K, max_new_tokens=4)
+        assert engine.steps == 0  # refused at submit: nothing ran on any device

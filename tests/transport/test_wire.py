@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from galaxy.errors import TransportError
-from galaxy.transport.protocol import MAX_TENSOR_ELEMENTS, from_proto, to_proto
+from galaxy.transport.protocol import (
+    MAX_TENSOR_ELEMENTS,
+    TensorReply,
+    fill_proto,
+    from_proto,
+    serialize_tensor_reply,
+    to_proto,
+)
 from galaxy.v1 import worker_pb2 as pb
 
 
@@ -44,3 +51,15 @@ def test_non_contiguous_tensor_is_sent_in_logical_order():
 def test_malformed_tensor_is_rejected_naming_the_problem(msg, match):
     with pytest.raises(TransportError, match=match):
         from_proto(msg, "test tensor")
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (0, 4), (1030, 17), (1, 40_000)])
+def test_a_tensor_reply_serializes_to_the_bytes_of_the_message_with_the_tensor_filled_in(shape):
+    t = torch.randn(*shape)
+    head = pb.ForwardReply(forward_s=1.5, peak_rss_bytes=123, cpu_s=0.25)
+    want = pb.ForwardReply()
+    want.CopyFrom(head)
+    fill_proto(want.output, t)
+    got = pb.ForwardReply.FromString(serialize_tensor_reply(TensorReply(head, "output", t)))
+    assert got == want and torch.equal(from_proto(got.output), t)
+    assert serialize_tensor_reply(want) == want.SerializeToString()  # a plain message as protobuf writes it
