@@ -89,16 +89,18 @@ class OnnxStep:
 
 
 class OnnxAttend:
-    """Attention.attend(qkv, start_pos) of a whole prompt run by an ONNX Runtime session (the graph
+    """Attention.attend(qkv, start_pos, rot) of a whole prompt run by an ONNX Runtime session (the graph
     takes past K/V as inputs too; a pass without a cache gives it none)."""
 
     def __init__(self, session, inputs: list[str], nkv: int, hd: int, fallback):
         self.session, self.inputs, self.fallback = session, inputs, fallback
         self.no_past = np.zeros((nkv, 0, hd), dtype=np.float32)
 
-    def __call__(self, qkv: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def __call__(self, qkv: torch.Tensor, start_pos: int = 0, rot=None) -> torch.Tensor:
+        """rot: the pass's RoPE table (forward computes it once per pass for torch's attention); the
+        graph rotates by start_pos itself, so only the torch fallback takes it."""
         if qkv.shape[0] == 0:
-            return self.fallback(qkv, start_pos)
+            return self.fallback(qkv, start_pos, rot)
         feed = dict(zip(self.inputs, (_np(qkv), np.array(start_pos, dtype=np.int64), self.no_past, self.no_past)))
         ctx, _, _ = self.session.run(None, feed)
         return torch.from_numpy(ctx)
