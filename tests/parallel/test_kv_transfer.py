@@ -110,6 +110,8 @@ def test_boxes_round_trip_between_pools_of_different_block_sizes_and_scattered_b
 def test_a_box_of_the_wrong_shape_dtype_or_heads_is_refused_with_the_pool_untouched():
     h = KVHolding((0, CFG.n_layers), (1, 3))
     cache = PagedKVCache(range(CFG.n_layers), 2, CFG.head_dim, num_blocks=4, block_size=8)
+    for t in (*cache.k.values(), *cache.v.values()):  # the pool is not zero-filled when allocated
+        t.zero_()
     good = torch.randn(CFG.n_layers, 2, 2, 10, CFG.head_dim)
     bad = {
         "shape": (good[:, :, :1], h.heads),

@@ -50,12 +50,18 @@ def test_every_strategy_over_grpc(servers, strategy, preset_name):
 
 
 def test_forward_reports_per_collective_timings(servers):
+    """A pass long enough for HMP reports each ring collective; a short one runs tensor-parallel
+    (forward.TENSOR_PARALLEL_MAX_TOKENS) and reports its all-reduces."""
+    from galaxy.parallel.forward import TENSOR_PARALLEL_MAX_TOKENS
+
     src = RandomWeights(preset("tiny-opt"))
     with Cluster(servers.start(2)) as c:
         c.load_ref(ModelRef(src.config, random_init=True), even_partition(src.config, 2))
-        res = c.forward(Request(torch.arange(9)))
+        res = c.forward(Request(torch.arange(TENSOR_PARALLEL_MAX_TOKENS + 8) % src.config.vocab_size))
+        short = c.forward(Request(torch.arange(9)))
     tags = {op.tag for op in res.devices[0].ops}
     assert {"embed.rs", "L0.attn.ag", "L0.attn.rs", "L0.mlp.ag", "L0.mlp.rs", "head.ag"} <= tags
+    assert any(".ar" in op.tag for op in short.devices[0].ops)
     sent = [op for op in res.devices[0].ops if op.bytes > 0]
     assert sent and all(op.wall_s >= op.wait_s >= 0 for op in sent)
 
