@@ -5,6 +5,7 @@ that drops out ends the requests on it with an error that names it."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -83,46 +84,44 @@ def test_a_bad_box_or_a_wrong_token_is_refused_by_the_worker_with_a_typed_error(
         assert torch.equal(c.export_kv(0, (1, 2), 10, (0, CFG.n_layers), (0, 2), pool), good)  # untouched
 
 
-def test_a_decode_device_that_drops_out_ends_its_requests_with_an_error_naming_it(servers):
+@contextlib.contextmanager
+def two_to_one(servers, config: DisaggConfig | None = None):
+    """Prefill on workers w0, w1 (uneven heads), decode on w2 (the one the fault tests stop)."""
     addrs = servers.start(3)
     with Cluster(addrs[:2]) as pre, Cluster(addrs[2:], connect_timeout=2.0) as dec:
         pre.load_ref(REF, split([2, 4]))
         dec.load_ref(REF, split([6]))
         dec.kv_timeout = 5.0
         engine = DisaggEngine(pre, dec, CFG, None, EngineConfig(block_size=4, kv_blocks=32),
-                              EngineConfig(block_size=4, kv_blocks=32))
+                              EngineConfig(block_size=4, kv_blocks=32), config or DisaggConfig())
         try:
-            p = prompts((9,))[0]
-            want = reference_generate(SRC, p, 4, stop_at_eos=False)
-            assert engine.generate(p, GenerationConfig(4, stop_at_eos=False)).tokens == want
-            servers.stop(2)
-            stream = engine.submit(p, GenerationConfig(4, stop_at_eos=False))
-            with pytest.raises(GalaxyError, match="w2"):
-                stream.result(60)
-            assert stream.generation.tokens == want[:1]  # the first token came from the prefill group
+            yield engine
         finally:
             engine.close()
+
+
+def test_a_decode_device_that_drops_out_ends_its_requests_with_an_error_naming_it(servers):
+    with two_to_one(servers) as engine:
+        p = prompts((9,))[0]
+        want = reference_generate(SRC, p, 4, stop_at_eos=False)
+        assert engine.generate(p, GenerationConfig(4, stop_at_eos=False)).tokens == want
+        servers.stop(2)
+        stream = engine.submit(p, GenerationConfig(4, stop_at_eos=False))
+        with pytest.raises(GalaxyError, match="w2"):
+            stream.result(60)
+        assert stream.generation.tokens == want[:1]  # the first token came from the prefill group
 
 
 def test_with_recovery_a_decode_device_that_drops_out_mid_request_costs_no_token(servers):
-    addrs = servers.start(3)
-    with Cluster(addrs[:2]) as pre, Cluster(addrs[2:], connect_timeout=2.0) as dec:
-        pre.load_ref(REF, split([2, 4]))
-        dec.load_ref(REF, split([6]))
-        dec.kv_timeout = 5.0
-        engine = DisaggEngine(pre, dec, CFG, None, EngineConfig(block_size=4, kv_blocks=32),
-                              EngineConfig(block_size=4, kv_blocks=32), DisaggConfig(recover=True))
-        try:
-            p = prompts((9,), seed=2)[0]
-            want = reference_generate(SRC, p, 24, stop_at_eos=False)
-            stream = engine.submit(p, GenerationConfig(24, stop_at_eos=False))
-            events = iter(stream)
-            got = [next(events).token for _ in range(4)]  # the first from the prefill group, then the decode group's
-            assert stream.generation.handoff is not None
-            servers.stop(2)
-            got += [ev.token for ev in events]
-            assert got == want and stream.generation.finish == "length"
-            assert engine.prefill.recovered == 1 and "w2" in str(engine.decode.down)
-            assert engine.generate(p, GenerationConfig(6, stop_at_eos=False)).tokens == want[:6]  # decoded colocated
-        finally:
-            engine.close()
+    with two_to_one(servers, DisaggConfig(recover=True)) as engine:
+        p = prompts((9,), seed=2)[0]
+        want = reference_generate(SRC, p, 24, stop_at_eos=False)
+        stream = engine.submit(p, GenerationConfig(24, stop_at_eos=False))
+        events = iter(stream)
+        got = [next(events).token for _ in range(4)]  # the first from the prefill group, then the decode group's
+        assert stream.generation.handoff is not None
+        servers.stop(2)
+        got += [ev.token for ev in events]
+        assert got == want and stream.generation.finish == "length"
+        assert engine.prefill.recovered == 1 and "w2" in str(engine.decode.down)
+        assert engine.generate(p, GenerationConfig(6, stop_at_eos=False)).tokens == want[:6]  # decoded colocated
