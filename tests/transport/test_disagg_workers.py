@@ -15,27 +15,13 @@ from galaxy.engine.disagg import DisaggConfig, DisaggEngine
 from galaxy.engine.engine import EngineConfig
 from galaxy.engine.generation import GenerationConfig
 from galaxy.errors import AuthError, GalaxyError, KVTransferError
-from galaxy.model.checkpoints.random import RandomWeights
-from galaxy.model.config import preset
 from galaxy.parallel.rank import KVPool
-from galaxy.parallel.sharding import Partition, Strategy, weighted_partition
 from galaxy.runtime.sources import reference_generate
 from galaxy.transport.client import Cluster, ModelRef
 from galaxy.transport.spawn import LocalWorkers
+from tests.engine.test_disagg import CFG, SRC, prompts, split  # the in-process tests' model, splits, prompts
 
-CFG = preset("tiny-llama").replace(n_layers=3)  # 6 query heads in 2 KV groups of 3
-SRC = RandomWeights(CFG, seed=3, std=0.3)
-REF = ModelRef(CFG, random_init=True, seed=3, std=0.3)
-
-
-def split(heads, strategy=Strategy.GALAXY) -> Partition:
-    p = weighted_partition(CFG, [1.0] * len(heads), strategy)
-    return Partition(p.strategy, tuple(heads), p.cols, p.vocab, p.layers, p.seq_weights).validate(CFG)
-
-
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist() for n in lengths]
+REF = ModelRef(CFG, random_init=True, seed=SRC.seed, std=SRC.std)  # SRC, built by each worker
 
 
 def test_greedy_tokens_equal_the_reference_prefill_on_three_worker_processes_decode_on_a_fourth():
