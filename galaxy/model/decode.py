@@ -233,8 +233,7 @@ def load_decoder(source: WeightSource, fmt: WeightFormat, capacity: int = 2048) 
             fused_linear(source, [p + "mlp.w_down"], fmt),
         ))
     hf = fmt.head_format
-    # Lookups read rows, which a 4-bit packed head does not give back: its embedding is kept in fp16 apart.
-    ef = WeightFormat("fp16") if hf.name == "int4" else hf
+    ef = hf.rows_format
     embed = fused_linear(source, ["embed.tokens"], ef, keep_rows=True)
     if cfg.tie_embeddings and ef == hf:
         head = embed

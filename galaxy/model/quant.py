@@ -113,6 +113,12 @@ class WeightFormat:
         return WeightFormat("fp16") if self.name in ("int4", "int8") else self
 
     @property
+    def rows_format(self) -> WeightFormat:
+        """The format an embedding's lookup table takes beside a head in this format: lookups read rows,
+        which int4's packed weights do not give back, so under an int4 head the table is fp16 apart."""
+        return WeightFormat("fp16") if self.name == "int4" else self
+
+    @property
     def act_dtype(self) -> torch.dtype:
         """The dtype activations are handed to the kernel in (fbgemm's int8 kernel takes float32)."""
         return _DTYPES[self.act]

@@ -203,7 +203,7 @@ def compact_vocab(model: Transformer, hf: WeightFormat) -> None:
     head as `model.head`, the embedding as `model.embed.table` (one module for both when the head is tied
     and `hf` keeps rows; an int4 head gets an fp16 table apart). A shard without vocabulary rows keeps
     its empty tensors."""
-    rows_fmt = WeightFormat("fp16") if hf.name == "int4" else hf  # lookups read rows: int4pack has none
+    rows_fmt = hf.rows_format
     table = None
     if model.embed is not None and model.embed.tokens.numel():
         table = QuantLinear.from_float(model.embed.tokens, rows_fmt, keep_rows=True)

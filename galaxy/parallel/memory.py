@@ -211,7 +211,7 @@ def vocab_held(cfg: ModelConfig, spec: ShardSpec, fmt: WeightFormat) -> tuple[in
     head, which has no rows to give back), a tied head the table itself when their formats agree."""
     hid, v = cfg.hidden, spec.vocab[1] - spec.vocab[0]
     hf = fmt.head_format
-    rows = WeightFormat("fp16") if hf.name == "int4" else hf
+    rows = hf.rows_format
     params = held = 0
     if spec.embed and v:
         params, held = v * hid, table_held_bytes(v, hid, rows)

@@ -20,6 +20,7 @@ import math
 from ..errors import DeviceOutOfMemory
 from ..model.config import ModelConfig
 from ..parallel import memory
+from ..parallel.executor import pool_blocks
 from ..parallel.forward import Request
 from ..parallel.sharding import Partition, ShardSpec, weighted_partition
 from ..transport.client import check_memory
@@ -59,14 +60,14 @@ def kv_blocks_now(executor, cfg: ModelConfig, seq_len: int, block_size: int) -> 
     reported would no longer fit beside it and the engine's first step would be refused. The
     smallest count over the devices holding KV heads; None when no device has a budget."""
     part = executor.partition
-    counts = []
+    per_rank = []
     for r, (m, info) in enumerate(zip(executor.loaded_memory, executor.hello())):
         per_token = memory.spec_kv_bytes_per_position(cfg, part.spec(r, cfg), m.act_bytes)
         if not m.budget or not per_token:
             continue
         reserve = memory.pass_reserve(cfg, part, r, m.act_bytes, seq_len)
-        counts.append(memory.kv_pool_budget(m.budget, info.rss, reserve) // (per_token * block_size))
-    return min(counts) if counts else None
+        per_rank.append((per_token, memory.kv_pool_budget(m.budget, info.rss, reserve)))
+    return pool_blocks(per_rank, block_size) if per_rank else None
 
 
 def _share_need(cfg: ModelConfig, share: float, params: memory.MemoryParams, seq: int, transient: int) -> int:
