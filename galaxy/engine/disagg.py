@@ -50,6 +50,7 @@ from ..model.config import ModelConfig
 from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece, box_bytes, plan_between
 from ..parallel.rank import KVPool
+from ..parallel.sharding import Partition
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
 from .sequence import SamplingParams, Sequence, SequenceStatus
@@ -97,12 +98,18 @@ class KVMover:
 
     def __init__(self, prefill: Executor, decode: Executor, model: ModelConfig, config: DisaggConfig):
         self.prefill, self.decode, self.model, self.config = prefill, decode, model, config
+        self._planned: tuple[Partition, Partition, tuple[KVPiece, ...]] | None = None
 
     def plan(self) -> tuple[KVPiece, ...]:
-        """Recomputed per move: a re-planning executor may have changed either split."""
-        if self.prefill.partition is None or self.decode.partition is None:
+        """The pieces between the two splits, planned again whenever either executor's split is another
+        object (a re-planning executor may have changed it; Partition is frozen): asked before every
+        move and on every step a full decode group turns a sequence away, so not rebuilt each time."""
+        pre, dec = self.prefill.partition, self.decode.partition
+        if pre is None or dec is None:
             raise GalaxyError("phase-separated serving needs a model loaded on both groups")
-        return plan_between(self.prefill.partition, self.decode.partition, self.model)
+        if self._planned is None or self._planned[0] is not pre or self._planned[1] is not dec:
+            self._planned = (pre, dec, plan_between(pre, dec, self.model))
+        return self._planned[2]
 
     def seq_bytes(self, tokens: int) -> int:
         """K/V bytes a move of `tokens` positions takes (what the decode devices receive)."""
@@ -140,12 +147,16 @@ class DecodeEngine(Engine):
                  mover: KVMover, max_pending_bytes: int):
         self.mover, self.max_pending_bytes = mover, max_pending_bytes
         self._pending: deque[_Handoff] = deque()
-        self.pending_bytes = 0
         self.adopted = 0
         self.down: GalaxyError | None = None  # the failure that took this group out (with recovery on)
         self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
         self._lost: list[tuple[GenerationStream, GalaxyError]] = []  # for the fallback, outside this lock
         super().__init__(executor, model, tokenizer, config)
+
+    @property
+    def pending_bytes(self) -> int:
+        """K/V bytes held at the coordinator for moves not pushed yet (the queue is bounded by them)."""
+        return sum(h.nbytes for h in tuple(self._pending))  # a snapshot: the load report reads it unlocked
 
     def can_take(self, num_tokens: int, nbytes: int) -> bool:
         """Whether a sequence of `num_tokens` tokens (K/V of all but the last) may move here now:
@@ -162,7 +173,6 @@ class DecodeEngine(Engine):
         with self._lock:
             h.stream.engine = self
             self._pending.append(h)
-            self.pending_bytes += h.nbytes
         self._wake.set()
 
     def _between_steps(self) -> None:
@@ -170,7 +180,6 @@ class DecodeEngine(Engine):
             if self.down is not None:  # recovery: what still waits to come here goes back at once
                 self._lost += [(h.stream, self.down) for h in self._pending]
                 self._pending.clear()
-                self.pending_bytes = 0
             lost, self._lost = self._lost, []
         for stream, error in lost:
             self.fallback(stream, error)
@@ -183,13 +192,11 @@ class DecodeEngine(Engine):
                     seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline)
                 except InvalidRequest as e:  # longer than this group's pool holds (can_take refuses it first)
                     self._pending.popleft()
-                    self.pending_bytes -= h.nbytes
                     h.stream._end("abort", e)
                     continue
                 if seq is None:  # no room until running sequences finish
                     return
                 self._pending.popleft()
-                self.pending_bytes -= h.nbytes
                 self.streams[seq.seq_id] = h.stream
                 h.stream.seq = seq
                 table = tuple(seq.block_table)
@@ -228,7 +235,6 @@ class DecodeEngine(Engine):
             h = next((x for x in self._pending if x.stream is stream), None)
             if h is not None:
                 self._pending.remove(h)
-                self.pending_bytes -= h.nbytes
                 stream._end("abort")
                 return
         super()._cancel(stream)
@@ -236,13 +242,12 @@ class DecodeEngine(Engine):
     def close(self, error: GalaxyError | None = None) -> None:
         super().close(error)
         with self._lock:
+            error = error or GalaxyError("the engine was closed before this request finished")
             for stream, _ in self._lost:
-                stream._end("abort", error or GalaxyError("the engine was closed before this request finished"))
+                stream._end("abort", error)
             self._lost = []
             while self._pending:
-                h = self._pending.popleft()
-                h.stream._end("abort", error or GalaxyError("the engine was closed before this request finished"))
-            self.pending_bytes = 0
+                self._pending.popleft().stream._end("abort", error)
 
 
 class PrefillEngine(Engine):
