@@ -20,7 +20,7 @@ from ..model.config import preset
 from ..runtime.api import connect
 from ..runtime.sources import open_source
 from .args import add_cluster_args, add_model_args, floats, ints, output_file, progress, rates
-from .serve import add_engine_args, engine_config
+from .serve import add_engine_args, engine_config, serve_placement
 
 EXAMPLES = """examples:
   galaxy bench --quick                                        < 2 minutes, 3 loopback workers, GPT-2 small
@@ -204,8 +204,7 @@ def cmd_bench_serve(args) -> int:
 
 
 def cmd_bench_phases(args) -> int:
-    if not (args.prefill_devices and args.decode_devices):
-        raise GalaxyError("--prefill-devices and --decode-devices go together")
+    placement = serve_placement(args)  # refuses one flag without the other
     workload = Workload(num_requests=args.num_requests, concurrency=args.concurrency, burstiness=args.burstiness,
                         rate=args.rates[0] if args.rates else float("inf"), input_len=args.input_len,
                         output_len=args.output_len, range_ratio=args.range_ratio, lengths=args.lengths, seed=args.seed)
@@ -215,8 +214,7 @@ def cmd_bench_phases(args) -> int:
         session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
         progress(f"loading the model on {len(addresses)} devices")
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                          placement={"placement": "disaggregated", "prefill": args.prefill_devices,
-                                     "decode": args.decode_devices})
+                          placement=placement)
         report = phases.run_phase_bench(*lm.groups, lm.config, lm.tokenizer, workload, engine, reps=args.reps or 3,
                                         progress=progress)
     if args.plot:

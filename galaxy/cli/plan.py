@@ -18,6 +18,7 @@ from planner.solver import METHODS
 from planner.strategy import RUNNABLE
 from planner.synthetic import synthetic_cluster
 
+from ..engine.engine import EngineConfig
 from ..errors import GalaxyError
 from ..model.quant import parse_format
 from ..model.transformer import DTYPES
@@ -74,8 +75,8 @@ def add_parser(sub) -> None:
                             "placement's unloaded TTFT (default 3x, as galaxy bench serve)")
     serve.add_argument("--tpot-slo", type=objective, default="1.5x", metavar="SECONDS|Nx",
                        help="time-per-output-token objective, the same way (default 1.5x)")
-    serve.add_argument("--max-batched-tokens", type=int_at_least(1), default=256,
-                       help="the engine's token budget per step (default 256)")
+    serve.add_argument("--max-batched-tokens", type=int_at_least(1), default=EngineConfig.max_batched_tokens,
+                       help="the engine's token budget per step (default %(default)s, as galaxy serve)")
     serve.add_argument("--sim-requests", type=int_at_least(10), default=200,
                        help="requests per simulated run (default 200)")
     plan.add_argument("-o", "--output", metavar="PLAN.json", type=output_file, help="write the plan file")
