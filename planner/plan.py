@@ -517,8 +517,6 @@ def _read_serve(d) -> ServePlan:
     o = _object("serve.objectives", d["objectives"], {"ttft_s", "tpot_s"}, required=("ttft_s", "tpot_s"))
     p = _object("serve.predicted", d["predicted"], _SERVE_PREDICTED,
                 required=tuple(sorted(_SERVE_PREDICTED - _OPTIONAL_PREDICTIONS)))
-    for k, x in p.items():
-        _seconds(f"serve.predicted.{k}", x, optional=k in _OPTIONAL_PREDICTIONS)
     pred = ServePrediction(**{k: p.get(k) for k in sorted(_SERVE_PREDICTED)})
     return ServePlan(d["placement"], tuple(d["prefill"]), tuple(d["decode"]), w["rate"], w["input_len"],
                      w["output_len"], o["ttft_s"], o["tpot_s"], pred, d.get("reason", ""))
