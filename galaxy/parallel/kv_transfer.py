@@ -233,11 +233,10 @@ def export_box(rt: RankRuntime, pool: KVPool, block_table, tokens: int, layers: 
                who: str = "device") -> torch.Tensor:
     """A box of one sequence's K/V from this rank's paged pool (the prefill side): refused unless
     the pool the engine sized is the one allocated here and holds the box."""
-    kv = rt.paged
-    if kv is None or (kv.num_blocks, kv.block_size) != (pool.num_blocks, pool.block_size):
+    if not rt.holds_pool(pool):
         raise KVTransferError(f"{who}: no KV pool of {pool.num_blocks} blocks x {pool.block_size} here to export "
                               "from (no step ran on it yet, or it was re-sized)")
-    return read_box(kv, rank_holding(rt), block_table, tokens, layers, heads, who)
+    return read_box(rt.paged, rank_holding(rt), block_table, tokens, layers, heads, who)
 
 
 def import_box(rt: RankRuntime, pool: KVPool, block_table, box: torch.Tensor, layers: Range, heads: Range,

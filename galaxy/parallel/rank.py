@@ -97,13 +97,22 @@ class RankRuntime:
         if list(rows) != sorted(set(rows)) or (rows and not 0 <= rows[0] <= rows[-1] < ids.numel()):
             raise ValueError(f"logit rows {list(rows)[:8]} are not ascending rows of the {ids.numel()} tokens")
 
+    def holds_pool(self, pool: KVPool) -> bool:
+        """Whether the pool the engine sized is the one allocated here (no step named it yet, or the
+        coordinator re-sized it: False)."""
+        have = self.paged
+        return have is not None and (have.num_blocks, have.block_size) == (pool.num_blocks, pool.block_size)
+
+    def pool_bytes(self, pool: KVPool) -> int:
+        """What allocating `pool` takes on this device (its share of the KV heads)."""
+        return pool.num_blocks * pool.block_size * self.kv_bytes_per_token
+
     def paged_cache(self, pool: KVPool) -> PagedKVCache:
         """The engine's KV pool on this device, allocated at the first step that names it (and
         again if the coordinator re-sizes it), or refused before allocating if over this device's
         KV budget."""
-        have = self.paged
-        if have is None or (have.num_blocks, have.block_size) != (pool.num_blocks, pool.block_size):
-            need = pool.num_blocks * pool.block_size * self.kv_bytes_per_token
+        if not self.holds_pool(pool):
+            need = self.pool_bytes(pool)
             if need > self.kv_max_bytes:
                 raise DeviceOutOfMemory(f"a KV pool of {pool.num_blocks} blocks x {pool.block_size} positions needs "
                                         f"{need / 2**20:.1f} MiB here, over this device's KV budget of "

@@ -422,13 +422,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                 raise TransportError(f"K/V box of shape {tuple(box.shape)} for {tokens} positions")
         except (TransportError, ValueError, GalaxyError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V import refused: {e}")
-        if self.s.memory_budget:  # an import may be the first to allocate the pool: within the KV budget
-            have = rt.paged
-            if have is None or (have.num_blocks, have.block_size) != (pool.num_blocks, pool.block_size):
-                try:
-                    self._admit(sess, 0, pool.num_blocks * pool.block_size * rt.kv_bytes_per_token)
-                except DeviceOutOfMemory as e:
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        if self.s.memory_budget and not rt.holds_pool(pool):  # an import may be the first to allocate the pool
+            try:
+                self._admit(sess, 0, rt.pool_bytes(pool))
+            except DeviceOutOfMemory as e:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         try:
             import_box(rt, pool, table, box.to(self.s.device), layers, heads, self.s.name)
         except (MemoryError, DeviceOutOfMemory) as e:
@@ -469,12 +467,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: bad step: {e}")
         if self.s.memory_budget:  # the pool first (refused over its KV budget), then the step's activations
             try:
-                have = rt.paged
-                fresh = have is None or (have.num_blocks, have.block_size) != (pool.num_blocks, pool.block_size)
                 b = step.batch
                 need = memory.pass_need(rt.model.cfg, rt.partition, rt.rank, sess.act_bytes, b.num_tokens,
                                         max(b.context_lens), len(step.logit_rows))
-                self._admit(sess, need, pool.num_blocks * pool.block_size * rt.kv_bytes_per_token if fresh else 0)
+                self._admit(sess, need, 0 if rt.holds_pool(pool) else rt.pool_bytes(pool))
             except DeviceOutOfMemory as e:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return self._run(sess, context, request.request_id, lambda comm: rt.run_step(comm, step, pool))
