@@ -19,6 +19,7 @@ least-squares line.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections import deque
 
@@ -32,8 +33,7 @@ class StepCost:
 
     def observe(self, tokens: int, seconds: float) -> None:
         self.samples.append((tokens, seconds))
-        slopes = [(s2 - s1) / (n2 - n1) for i, (n1, s1) in enumerate(self.samples)
-                  for n2, s2 in list(self.samples)[i + 1:] if n2 != n1]
+        slopes = [(s2 - s1) / (n2 - n1) for (n1, s1), (n2, s2) in itertools.combinations(self.samples, 2) if n2 != n1]
         if not slopes:  # every step the same size: nothing to separate a from b (keep the last fit)
             return
         b = max(statistics.median(slopes), 1e-9)  # a step never gets cheaper with more tokens

@@ -89,12 +89,13 @@ class _Rotation:
 def request_pass(req: Request) -> Pass:
     """A Request as a Pass: attention over its own tokens."""
     s = req.ids.shape[0]
-    rot = _Rotation(torch.arange(req.start_pos, req.start_pos + s))
+    positions = torch.arange(req.start_pos, req.start_pos + s)
+    rot = _Rotation(positions)
 
     def attend(idx: str, attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
         return attn.attend(qkv, req.start_pos, rot.of(attn, qkv.dtype))
 
-    return Pass(req.ids, torch.arange(req.start_pos, req.start_pos + s), req.types, attend,
+    return Pass(req.ids, positions, req.types, attend,
                 (s - 1,) if req.last_only else None, req.start_pos)
 
 
