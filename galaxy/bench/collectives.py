@@ -164,18 +164,15 @@ def _run_one(cfg: CollectiveBench, world: int, algorithm: str) -> dict:
             "identical_on_every_rank": len(digests) == 1, "max_abs_error": err}
 
 
+@contextlib.contextmanager
 def lan_of(cluster_file: str, progress=lambda s: None):
-    """A context manager: the emulated cluster of `cluster_file` brought up (root only) and always torn
-    down, yielding its devices as CollectiveBench.lan. Its idle workers stay up meanwhile; the bench's
-    ranks join the namespaces only, not the devices' CPU cgroups: this measures the links."""
-    @contextlib.contextmanager
-    def cm():
-        with emulated(load_cluster(cluster_file), progress=progress) as ec:
-            if ec.mode != "emulated":
-                raise GalaxyError(f"{cluster_file}: not emulated ({'; '.join(ec.notes)}): the LAN bench needs root")
-            yield tuple((d["netns"], d["address"].rpartition(":")[0], float(d["latency_ms"])) for d in ec.devices)
-
-    return cm()
+    """The emulated cluster of `cluster_file` brought up (root only) and always torn down, yielding its
+    devices as CollectiveBench.lan. Its idle workers stay up meanwhile; the bench's ranks join the
+    namespaces only, not the devices' CPU cgroups: this measures the links."""
+    with emulated(load_cluster(cluster_file), progress=progress) as ec:
+        if ec.mode != "emulated":
+            raise GalaxyError(f"{cluster_file}: not emulated ({'; '.join(ec.notes)}): the LAN bench needs root")
+        yield tuple((d["netns"], d["address"].rpartition(":")[0], float(d["latency_ms"])) for d in ec.devices)
 
 
 def run_collective_bench(cfg: CollectiveBench, progress=lambda s: None) -> dict:

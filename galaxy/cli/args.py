@@ -82,8 +82,9 @@ def number_in(low: float, high: float = math.inf, low_open: bool = False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(value) or (value <= low if low_open else value < low) or value > high:
-            shown = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
-            raise argparse.ArgumentTypeError(f"{text} is outside {shown}")
+            if math.isfinite(high):
+                raise argparse.ArgumentTypeError(f"{text} is outside {'(' if low_open else '['}{low:g}, {high:g}]")
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low:g}")
         return value
 
     parse.__name__ = "number"

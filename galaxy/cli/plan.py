@@ -26,7 +26,7 @@ from ..parallel.sharding import full_spec
 from ..runtime.api import resolve_weights_format
 from ..runtime.sources import open_source
 from ..units import fmt_bytes
-from .args import add_cluster_args, add_model_args, add_weights_format_arg, int_at_least, output_file, size
+from .args import add_cluster_args, add_model_args, add_weights_format_arg, int_at_least, number_in, output_file, size
 from .session import device_count, open_session
 
 EXAMPLES = """examples:
@@ -67,7 +67,8 @@ def add_parser(sub) -> None:
     serve.add_argument("--serve", action="store_true",
                        help="choose a placement of the two phases (colocated, disaggregated, mixed) for a workload; "
                             "the plan's devices prefill, its serve section says where decode runs")
-    serve.add_argument("--rate", type=positive_float, default=1.0, help="requests/s, Poisson (default 1)")
+    serve.add_argument("--rate", type=number_in(0.0, low_open=True), default=1.0,
+                       help="requests/s, Poisson (default 1)")
     serve.add_argument("--input-len", type=int_at_least(1), help="prompt tokens (default: --seq-len)")
     serve.add_argument("--output-len", type=int_at_least(1), default=32, help="generated tokens (default 32)")
     serve.add_argument("--ttft-slo", type=objective, default="3x", metavar="SECONDS|Nx",
@@ -84,16 +85,6 @@ def add_parser(sub) -> None:
     plan.add_argument("--png", metavar="FILE.png", type=output_file, help="draw the plan")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan, transport="grpc")
-
-
-def positive_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not x > 0 or x == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return x
 
 
 def objective(text: str) -> serving.Objective:

@@ -66,7 +66,7 @@ def test_output_that_is_a_directory_is_refused(capsys, tmp_path):
     (["run", "--max-new-tokens", "0"], "0 is below the minimum, 1 (leave the option out for one forward pass)"),
     (["chat", "--max-new-tokens", "0"], "0 is below the minimum, 1"),
     (["run", "--top-p", "0"], "argument --top-p: 0 is outside (0, 1]"),
-    (["run", "--temperature", "-0.5"], "argument --temperature: -0.5 is outside >= 0"),
+    (["run", "--temperature", "-0.5"], "argument --temperature: -0.5 must be >= 0"),
     (["run", "--top-k", "-1"], "argument --top-k: -1 is below the minimum, 0"),
     (["run", "--local", "0"], "argument --local: 0 is below the minimum, 1"),
     (["run", "--tiles", "0"], "argument --tiles: 0 is below the minimum, 1"),
