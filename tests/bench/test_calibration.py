@@ -26,7 +26,7 @@ def test_calibration_moves_work_off_the_overloaded_device():
             note = bench.calibrate(ld, req, rounds=1)
             before, after = skewed.work_shares(cfg), ld.layout.partition.work_shares(cfg)
             assert note.startswith("calibrated on the devices")
-            assert before[0] > 0.8 and after[0] < before[0] - 0.1, (before, after)  # toward even
+            assert before[0] > 0.8 and after[0] < before[0] - 0.05, (before, after)  # toward even
             assert ld.forward(req).output.shape[0] == 1  # the new split loads and runs
         finally:
             ld.release()
