@@ -45,12 +45,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import GalaxyError, InvalidRequest, PlanMismatch
+from ..errors import CacheLost, GalaxyError, InvalidRequest, PlanMismatch
 from ..model.config import ModelConfig
 from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece, box_bytes, plan_between
 from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition
+from .disagg_faults import phase_error, requeue
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
 from .sequence import SamplingParams, Sequence, SequenceStatus
@@ -91,6 +92,7 @@ class _Handoff:
     nbytes: int
     export_s: float
     pulled_at: float
+    decode_split: Partition | None = None  # the decode group's split the boxes were cut for (read before the pull)
 
 
 class KVMover:
@@ -151,6 +153,7 @@ class DecodeEngine(Engine):
         self.down: GalaxyError | None = None  # the failure that took this group out (with recovery on)
         self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
         self._lost: list[tuple[GenerationStream, GalaxyError]] = []  # for the fallback, outside this lock
+        self._failed: GalaxyError | None = None  # without recovery: a device failure that also ends what waits
         super().__init__(executor, model, tokenizer, config)
 
     @property
@@ -180,6 +183,10 @@ class DecodeEngine(Engine):
             if self.down is not None:  # recovery: what still waits to come here goes back at once
                 self._lost += [(h.stream, self.down) for h in self._pending]
                 self._pending.clear()
+            elif self._failed is not None:  # no recovery: what waits would be pushed to the same dead device
+                while self._pending:
+                    self._pending.popleft().stream._end("abort", self._failed)
+            self._failed = None
             lost, self._lost = self._lost, []
         for stream, error in lost:
             self.fallback(stream, error)
@@ -188,6 +195,10 @@ class DecodeEngine(Engine):
                 if not self._pending:
                     return
                 h = self._pending[0]
+                if h.decode_split not in (None, self.mover.decode.partition):  # re-planned since the pull:
+                    self._pending.popleft()  # the boxes fit the old split; run its tokens again here instead
+                    self._requeue(h)
+                    continue
                 try:
                     seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline)
                 except InvalidRequest as e:  # longer than this group's pool holds (can_take refuses it first)
@@ -203,6 +214,9 @@ class DecodeEngine(Engine):
             t0 = time.perf_counter()
             try:
                 self.mover.push(h.boxes, table, self.pool)
+            except CacheLost as e:  # a device dropped out and the group re-planned: every K/V here is gone,
+                self._lose_kv(e)  # this sequence's too -- it runs all its tokens again, as the others do
+                continue
             except GalaxyError as e:
                 log.warning("pushing the K/V of a sequence to the decode group failed: %s", e)
                 with self._lock:
@@ -215,11 +229,24 @@ class DecodeEngine(Engine):
                                     now - h.stream.submitted)
             self.adopted += 1
 
+    def _requeue(self, h: _Handoff) -> None:
+        """A handoff whose boxes were cut for a split this group no longer has: all its tokens run again
+        here (caller holds the lock)."""
+        try:
+            requeue(self, h.stream, h.token_ids, h.num_prompt, h.params, h.deadline)
+        except GalaxyError as e:
+            h.stream._end("abort", e)
+
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
-        """With recovery, a sequence ended by a device failure goes back to the prefill group."""
+        """A sequence ended by a device failure: with recovery it goes back to the prefill group; without,
+        it ends with the error, which names the device and this group, and so does every sequence still
+        waiting to come here (their K/V would go to the same devices)."""
         stream = self.streams.get(seq_id)
+        error = phase_error(error, "decode") if error is not None else None
         if (self.fallback is None or stream is None or not isinstance(error, GalaxyError)
                 or isinstance(error, InvalidRequest)):
+            if isinstance(error, GalaxyError) and not isinstance(error, InvalidRequest):
+                self._failed = error
             super()._finish(seq_id, finish, error)
             return
         if self.down is None:
@@ -272,13 +299,13 @@ class PrefillEngine(Engine):
         seq = stream.seq
         try:
             with self._lock:
-                again = self.sched.add(list(gen.prompt_tokens) + list(gen.tokens), seq.params)
-                again.num_prompt, again.deadline = len(gen.prompt_tokens), seq.deadline  # its own budget and deadline
-                stream.seq, stream.engine = again, self
-                self.streams[again.seq_id] = stream
+                requeue(self, stream, list(gen.prompt_tokens) + list(gen.tokens), len(gen.prompt_tokens), seq.params,
+                        seq.deadline)  # its own budget and deadline
                 self.recovered += 1
         except GalaxyError as e:
-            stream._end("abort", GalaxyError(f"{error} (and it could not run again on the prefill group: {e})"))
+            told = type(error)(f"{error} (and it could not run again on the prefill group: {e})")
+            told.phase = getattr(error, "phase", None)  # the decode group's failure, told once
+            stream._end("abort", told)
             return
         self._wake.set()
 
@@ -301,9 +328,13 @@ class PrefillEngine(Engine):
             nbytes = self.mover.seq_bytes(tokens)
             if not self.decode.can_take(len(token_ids), nbytes):
                 continue  # decodes here this step; tries again at its next token
+            decode_split = self.mover.decode.partition  # before the pull: a re-plan during it shows at the push
             t0 = time.perf_counter()
             try:
                 boxes = self.mover.pull(table, tokens, self.pool)
+            except CacheLost as e:  # a device dropped out and this group re-planned: every sequence runs again
+                self._lose_kv(e)
+                return
             except GalaxyError as e:
                 log.warning("pulling the K/V of a sequence from the prefill group failed: %s", e)
                 with self._lock:
@@ -318,8 +349,12 @@ class PrefillEngine(Engine):
                 self.streams.pop(sid)
                 self.decode.hand(_Handoff(stream, token_ids, seq.num_prompt, seq.params, seq.deadline, boxes,
                                           sum(c.nbytes(self.model, tokens, b.element_size()) for c, b in boxes),
-                                          export_s, time.perf_counter()))
+                                          export_s, time.perf_counter(), decode_split))
                 self.moved += 1
+
+    def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
+        """A request that ends here with a device's error is told it was the prefill group's."""
+        super()._finish(seq_id, finish, None if error is None else phase_error(error, "prefill"))
 
     def _cancel(self, stream: GenerationStream) -> None:
         with self._lock:

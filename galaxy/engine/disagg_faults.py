@@ -1,0 +1,50 @@
+"""What a device that drops out does to phase-separated serving (engine/disagg.py), in two small rules.
+
+A disaggregated placement runs two engines on two device groups, and a request lives on one of them
+at a time: on the prefill group until its K/V move, then on the decode group. A failure is therefore
+told by the group it hit, so the caller can act on it:
+
+- `phase_error`: the error that ends a request names the device (the executor's message does) *and*
+  the group it served -- "in the decode group: device 0 'local2' (127.0.0.1:…): unreachable during
+  step" -- keeping its type (a PeerUnreachable stays one), so code that catches the colocated
+  engine's errors catches these.
+- `requeue`: a sequence whose K/V were lost (its group re-planned over its survivors, or it went
+  back to the prefill group because the decode group is gone) runs all its tokens again, prompt and
+  generated, as a preempted sequence does; its next token comes from the last one's logits, so its
+  stream goes on with the tokens it would have got.
+
+Which of them applies when, with and without recovery, is in docs/faults.md ("Phase-separated
+serving").
+"""
+
+from __future__ import annotations
+
+from ..errors import GalaxyError, InvalidRequest
+from .sequence import SamplingParams
+
+PHASES = ("prefill", "decode")
+
+
+def phase_error(error: BaseException, phase: str) -> BaseException:
+    """`error`, its message prefixed with the group whose device failed; the same type, the original
+    as its cause. A refusal of the request itself (InvalidRequest) and an error already told are kept
+    as they are."""
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r} is not one of {PHASES}")
+    if not isinstance(error, GalaxyError) or isinstance(error, InvalidRequest) or getattr(error, "phase", None):
+        return error
+    told = type(error)(f"in the {phase} group: {error}")  # every GalaxyError takes its message alone
+    told.phase = phase
+    told.__cause__ = error
+    return told
+
+
+def requeue(engine, stream, token_ids: list[int], num_prompt: int, params: SamplingParams,
+            deadline: float | None) -> None:
+    """Queue all of a sequence's tokens on `engine` (caller holds its lock) to run again there: the
+    prompt's length, budget and deadline kept, the stream moved to it. Raises what Scheduler.add
+    raises (QueueFull, InvalidRequest) without changing anything."""
+    again = engine.sched.add(list(token_ids), params)
+    again.num_prompt, again.deadline = num_prompt, deadline
+    stream.seq, stream.engine = again, engine
+    engine.streams[again.seq_id] = stream
