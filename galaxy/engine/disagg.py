@@ -183,15 +183,15 @@ class DecodeEngine(Engine):
             if self.down is not None:  # recovery: what still waits to come here goes back at once
                 self._lost += [(h.stream, self.down) for h in self._pending]
                 self._pending.clear()
-            elif self._failed is not None:  # no recovery: what waits would be pushed to the same dead device
-                while self._pending:
-                    self._pending.popleft().stream._end("abort", self._failed)
-            self._failed = None
             lost, self._lost = self._lost, []
         for stream, error in lost:
             self.fallback(stream, error)
         while True:
             with self._lock:
+                if self._failed is not None:  # no recovery: what waits would be pushed to the same failed devices
+                    while self._pending:
+                        self._pending.popleft().stream._end("abort", self._failed)
+                    self._failed = None
                 if not self._pending:
                     return
                 h = self._pending[0]

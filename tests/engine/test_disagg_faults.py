@@ -10,6 +10,7 @@ connection refused from then on -- without the seconds each spawned worker takes
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -19,7 +20,7 @@ from galaxy.engine.disagg_faults import phase_error
 from galaxy.engine.engine import EngineConfig
 from galaxy.errors import CacheLost, InvalidRequest, PeerUnreachable
 from galaxy.runtime.sources import reference_generate
-from galaxy.transport.worker import WorkerSettings, start_server
+from galaxy.transport.worker import WorkerService, WorkerSettings, start_server
 from tests.engine.test_disagg import SRC, prompts  # tiny Llama, 3 layers, peaked logits: no near-ties
 
 PS = prompts((5, 13, 8, 19), seed=6)
@@ -142,6 +143,39 @@ def test_a_prefill_device_killed_mid_request_ends_the_requests_there_and_the_dec
         wait_for(lambda: no_blocks_held(engine), "every block freed")
         with pytest.raises(PeerUnreachable, match=r"in the prefill group: .*'local1'"):
             lm.generate(PS[1], 4)
+
+
+def test_a_decode_device_that_freezes_during_a_kv_push_is_declared_gone_by_its_heartbeat(devices, monkeypatch):
+    """A device whose connection stays open and silent (SIGSTOP, a hung process): the K/V push to it
+    is watched by the heartbeat, as a step is, and fails in seconds naming it -- not after the push's
+    60 s timeout -- and so does every request that waits for the decode group."""
+    frozen, thaw = threading.Event(), threading.Event()
+    for rpc in ("ImportKV", "Ping", "Step"):  # local2 stops answering anything, its connection open
+        real = getattr(WorkerService, rpc)
+
+        def silent(self, request, context, real=real):
+            if self.s.name == "local2" and frozen.is_set():
+                thaw.wait(BOUND_S)
+            return real(self, request, context)
+
+        monkeypatch.setattr(WorkerService, rpc, silent)
+    try:
+        with galaxy.connect(devices.start(3)) as s:
+            lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2]}, engine=SMALL_STEPS)
+            engine = lm.engine
+            assert lm.groups[1].kv_timeout == 60.0
+            lm.groups[1].heartbeat_s = 0.5  # declared gone after 3 missed pings: 1.5 s
+            kill_before(frozen.set, lm.groups[1], "import_kv", call=1)
+            t0 = time.monotonic()
+            streams = [lm.submit(p, 12) for p in PS]
+            for st in streams:
+                with pytest.raises(PeerUnreachable, match=r"in the decode group: device 0 'local2' .*no heartbeat "
+                                                          r"for 2 s during a K/V import"):
+                    st.result(timeout=BOUND_S)
+            assert time.monotonic() - t0 < 15  # the heartbeat's misses, not kv_timeout's 60 s
+            wait_for(lambda: no_blocks_held(engine), "every block freed")
+    finally:
+        thaw.set()
 
 
 # -- with recovery ---------------------------------------------------------------------------------
