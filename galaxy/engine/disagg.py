@@ -45,13 +45,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CacheLost, GalaxyError, InvalidRequest, PlanMismatch
+from ..errors import CacheLost, GalaxyError, InvalidRequest, PeerUnreachable, PlanMismatch, WorkerError
 from ..model.config import ModelConfig
 from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece, box_bytes, plan_between
 from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition
-from .disagg_faults import phase_error, requeue
+from .disagg_faults import phase_error, requeue, run_again
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
 from .sequence import SamplingParams, Sequence, SequenceStatus
@@ -154,6 +154,7 @@ class DecodeEngine(Engine):
         self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
         self._lost: list[tuple[GenerationStream, GalaxyError]] = []  # for the fallback, outside this lock
         self._failed: GalaxyError | None = None  # without recovery: a device failure that also ends what waits
+        self.taken_over = 0  # sequences the prefill group lost (no device of it left) that run again here
         super().__init__(executor, model, tokenizer, config)
 
     @property
@@ -229,6 +230,12 @@ class DecodeEngine(Engine):
                                     now - h.stream.submitted)
             self.adopted += 1
 
+    def take_over(self, stream: GenerationStream, error: GalaxyError) -> None:
+        """With recovery: a sequence the prefill group lost when no device of it survived runs all its
+        tokens again here; this group then prefills and decodes every request (colocated)."""
+        if run_again(self, stream, error):
+            self.taken_over += 1
+
     def _requeue(self, h: _Handoff) -> None:
         """A handoff whose boxes were cut for a split this group no longer has: all its tokens run again
         here (caller holds the lock)."""
@@ -288,6 +295,9 @@ class PrefillEngine(Engine):
         self.moved = 0
         self.kept_tokens = 0  # tokens decoded here while the decode group had no room (backpressure)
         self.recovered = 0  # sequences the decode group lost that run again here
+        self.down: GalaxyError | None = None  # with recovery: the failure that left this group no device
+        self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
+        self._lost: list[tuple[GenerationStream, GalaxyError]] = []  # for the fallback, outside this lock
         super().__init__(executor, model, tokenizer, config)
 
     def take_back(self, stream: GenerationStream, error: GalaxyError) -> None:
@@ -295,19 +305,8 @@ class PrefillEngine(Engine):
         generated -- to run again here, as a preempted sequence does; its next token comes from the
         last one's logits, so its stream goes on as if nothing happened. If it cannot be queued, it
         ends with the decode group's error."""
-        gen = stream.generation
-        seq = stream.seq
-        try:
-            with self._lock:
-                requeue(self, stream, list(gen.prompt_tokens) + list(gen.tokens), len(gen.prompt_tokens), seq.params,
-                        seq.deadline)  # its own budget and deadline
-                self.recovered += 1
-        except GalaxyError as e:
-            told = type(error)(f"{error} (and it could not run again on the prefill group: {e})")
-            told.phase = getattr(error, "phase", None)  # the decode group's failure, told once
-            stream._end("abort", told)
-            return
-        self._wake.set()
+        if run_again(self, stream, error):
+            self.recovered += 1
 
     def _token(self, stream: GenerationStream, seq: Sequence) -> None:
         later = bool(stream.generation.tokens)  # not its first token: it could not move after the first
@@ -317,6 +316,10 @@ class PrefillEngine(Engine):
             self._ready.append(seq.seq_id)
 
     def _between_steps(self) -> None:
+        with self._lock:
+            lost, self._lost = self._lost, []
+        for stream, error in lost:  # never under this lock: the decode group's is taken (lock order)
+            self.fallback(stream, error)
         ready, self._ready = self._ready, []
         for sid in ready:
             with self._lock:
@@ -353,8 +356,28 @@ class PrefillEngine(Engine):
                 self.moved += 1
 
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
-        """A request that ends here with a device's error is told it was the prefill group's."""
-        super()._finish(seq_id, finish, None if error is None else phase_error(error, "prefill"))
+        """A request that ends here with a device's error is told it was the prefill group's. With
+        recovery, such an error means no device of this group survived (a re-planning executor re-plans
+        over the survivors and raises CacheLost instead): the sequence goes to the decode group."""
+        error = None if error is None else phase_error(error, "prefill")
+        stream = self.streams.get(seq_id)
+        if self.fallback is None or stream is None or not isinstance(error, (PeerUnreachable, WorkerError)):
+            super()._finish(seq_id, finish, error)
+            return
+        if self.down is None:
+            log.warning("the prefill group failed (%s): its sequences run again on the decode group, which "
+                        "prefills and decodes every sequence from now on", error)
+            self.down = error
+        del self.streams[seq_id]
+        self._lost.append((stream, error))
+        self._wake.set()
+
+    def close(self, error: GalaxyError | None = None) -> None:
+        super().close(error)
+        with self._lock:
+            lost, self._lost = self._lost, []
+        for stream, _ in lost:
+            stream._end("abort", error or GalaxyError("the engine was closed before this request finished"))
 
     def _cancel(self, stream: GenerationStream) -> None:
         with self._lock:
@@ -380,6 +403,7 @@ class DisaggEngine:
             raise
         if config.recover:
             self.decode.fallback = self.prefill.take_back
+            self.prefill.fallback = self.decode.take_over
 
     @property
     def tok(self):
@@ -387,8 +411,9 @@ class DisaggEngine:
 
     def submit(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
                timeout: float | None = None) -> GenerationStream:
-        """Queue a generation on the prefill group; raises InvalidRequest or QueueFull at once."""
-        return self.prefill.submit(prompt_ids, gc, timeout)
+        """Queue a generation on the prefill group (on the decode group once the prefill group is gone,
+        with recovery); raises InvalidRequest or QueueFull at once."""
+        return (self.decode if self.prefill.down is not None else self.prefill).submit(prompt_ids, gc, timeout)
 
     def generate(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
                  timeout: float | None = None) -> Generation:
@@ -412,7 +437,8 @@ class DisaggEngine:
                 dec["generated_tokens"], "kv_bytes": kv, "prefill": pre, "decode": dec, "moved": self.prefill.moved,
                 "kept_tokens": self.prefill.kept_tokens, "pending_bytes": self.decode.pending_bytes,
                 "recovered": self.prefill.recovered, "decode_down": None if self.decode.down is None else
-                str(self.decode.down)}
+                str(self.decode.down), "taken_over": self.decode.taken_over,
+                "prefill_down": None if self.prefill.down is None else str(self.prefill.down)}
 
     @property
     def last_step(self):

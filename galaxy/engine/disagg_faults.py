@@ -8,8 +8,8 @@ told by the group it hit, so the caller can act on it:
   the group it served -- "in the decode group: device 0 'local2' (127.0.0.1:…): unreachable during
   step" -- keeping its type (a PeerUnreachable stays one), so code that catches the colocated
   engine's errors catches these.
-- `requeue`: a sequence whose K/V were lost (its group re-planned over its survivors, or it went
-  back to the prefill group because the decode group is gone) runs all its tokens again, prompt and
+- `requeue` / `run_again`: a sequence whose K/V were lost (its group re-planned over its survivors,
+  or the group it was on is gone and it moved to the other one) runs all its tokens again, prompt and
   generated, as a preempted sequence does; its next token comes from the last one's logits, so its
   stream goes on with the tokens it would have got.
 
@@ -48,3 +48,25 @@ def requeue(engine, stream, token_ids: list[int], num_prompt: int, params: Sampl
     again.num_prompt, again.deadline = num_prompt, deadline
     stream.seq, stream.engine = again, engine
     engine.streams[again.seq_id] = stream
+
+
+def run_again(engine, stream, error: GalaxyError) -> bool:
+    """With recovery: a sequence the other group lost (with its K/V) runs all its tokens again on
+    `engine` (not holding its lock), which then serves it to the end. If `engine`'s group is gone too,
+    or the sequence cannot be queued there, it ends with `error`, which says why. True if queued."""
+    gen, seq = stream.generation, stream.seq
+    why = "" if engine.down is None else f"that group failed too: {engine.down}"
+    if not why:
+        try:
+            with engine._lock:
+                requeue(engine, stream, list(gen.prompt_tokens) + list(gen.tokens), len(gen.prompt_tokens),
+                        seq.params, seq.deadline)  # its own budget and deadline
+        except GalaxyError as e:
+            why = str(e)
+    if why:
+        told = type(error)(f"{error} (and it could not run again on the other group: {why})")
+        told.phase = getattr(error, "phase", None)  # the first group's failure, told once
+        stream._end("abort", told)
+        return False
+    engine._wake.set()
+    return True

@@ -222,6 +222,24 @@ def test_with_recovery_a_prefill_device_killed_mid_request_replans_the_prefill_g
         wait_for(lambda: no_blocks_held(engine), "every block freed")
 
 
+def test_with_recovery_a_prefill_group_left_without_a_device_hands_its_sequences_to_the_decode_group(devices):
+    """Prefill on one device, which dies mid-prompt: no survivor to re-plan over, so the sequences it
+    held run all their tokens again on the decode group, which from then on prefills and decodes every
+    request (colocated); those that had moved decode on. All get the reference's tokens."""
+    want = reference(12)
+    with galaxy.connect(devices.start(2), recover=True) as s:
+        lm = s.load(SRC, placement={"prefill": [0], "decode": [1]}, engine=SMALL_STEPS)
+        engine = lm.engine
+        kill_before(lambda: devices.kill(0), lm.groups[0], "step", call=2)
+        streams = [lm.submit(p, 12) for p in PS]
+        assert [st.result(timeout=BOUND_S).tokens for st in streams] == want
+        assert "in the prefill group" in str(engine.prefill.down) and "local0" in str(engine.prefill.down)
+        assert engine.decode.taken_over >= 1 and engine.decode.down is None
+        assert lm.generate(PS[1], 12, details=True).tokens == want[1]
+        assert engine.load["taken_over"] == engine.decode.taken_over and engine.load["prefill_down"]
+        wait_for(lambda: no_blocks_held(engine), "every block freed")
+
+
 def test_with_recovery_a_device_in_both_groups_killed_leaves_the_prefill_survivors_serving_colocated(devices):
     """A mixed placement: local1 prefills and decodes. When it dies, the decode group has no survivor,
     so its sequences go back to the prefill group, which re-plans over local0 and from then on prefills
