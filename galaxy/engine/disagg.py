@@ -28,12 +28,14 @@ each layer's K/V worker to worker while the rest of the prefill runs (Splitwise)
 
 Correctness: the decode devices end up holding exactly the K/V they would have computed
 themselves, bit for bit, so greedy tokens equal the single-device reference (tests/engine/
-test_disagg.py). Faults: a decode device that drops out fails the push or the step, and the
-requests on the decode group end with that error, which names the device; the next requests are
-served if it comes back. With `recover`, they run their tokens again on the prefill group instead
-(its prefix cache often still holds their prompt) and finish there with the tokens they would have
-got, and the prefill group decodes every later sequence too (colocated). Both groups must compute
-in the same dtype (a box of another is refused).
+test_disagg.py). Both groups must compute in the same dtype (a box of another is refused).
+
+Faults (disagg_faults.py; docs/faults.md, "Phase-separated serving"): a device that drops out fails
+the step, pull or push of its group, and the requests that needed it end with that error, which
+names the device and the group; requests on the other group go on. With recovery each group is a
+re-planning executor of its own (runtime.recovery): it re-plans over its survivors and raises
+CacheLost, and its sequences run their tokens again there; a group left without a device hands its
+sequences to the other group (all their tokens again), which then serves every request (colocated).
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ class DisaggConfig:
     chunk_bytes: int = 4 << 20  # most bytes of one box on the wire: pieces are cut by layers below it
     max_pending_bytes: int = 256 << 20  # K/V held at the coordinator between pull and push, all sequences
     itemsize: int = 4  # bytes of one K/V element (the compute dtype of both groups) for the bound
-    # a failed decode group: its sequences run their tokens again on the prefill group and finish there,
-    # and every later one decodes there too (False: they end with the error, which names the device)
+    # a group that failed for good (no device left: a re-planning group re-plans over its survivors first):
+    # its sequences run their tokens again on the other group and finish there, and every later one runs
+    # there too (False: they end with the error, which names the device and the group)
     recover: bool = False
 
     def __post_init__(self):
