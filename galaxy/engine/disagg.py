@@ -53,7 +53,7 @@ from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece, box_bytes, plan_between
 from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition
-from .disagg_faults import phase_error, requeue, run_again
+from .disagg_faults import FailOver, phase_error, requeue, run_again
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
 from .sequence import SamplingParams, Sequence, SequenceStatus
@@ -144,18 +144,18 @@ class KVMover:
             self.decode.import_kv(c.dst, tuple(block_table), box, c.layers, c.heads, pool)
 
 
-class DecodeEngine(Engine):
+class DecodeEngine(FailOver, Engine):
     """An Engine that also adopts sequences prefilled elsewhere, their K/V pushed into its pool
     between its steps."""
+
+    phase = "decode"
 
     def __init__(self, executor: Executor, model: ModelConfig, tokenizer, config: EngineConfig,
                  mover: KVMover, max_pending_bytes: int):
         self.mover, self.max_pending_bytes = mover, max_pending_bytes
         self._pending: deque[_Handoff] = deque()
         self.adopted = 0
-        self.down: GalaxyError | None = None  # the failure that took this group out (with recovery on)
-        self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
-        self._lost: list[tuple[GenerationStream, GalaxyError]] = []  # for the fallback, outside this lock
+        self._init_fail_over()
         self._failed: GalaxyError | None = None  # without recovery: a device failure that also ends what waits
         self.taken_over = 0  # sequences the prefill group lost (no device of it left) that run again here
         super().__init__(executor, model, tokenizer, config)
@@ -187,9 +187,7 @@ class DecodeEngine(Engine):
             if self.down is not None:  # recovery: what still waits to come here goes back at once
                 self._lost += [(h.stream, self.down) for h in self._pending]
                 self._pending.clear()
-            lost, self._lost = self._lost, []
-        for stream, error in lost:
-            self.fallback(stream, error)
+        self._hand_over()
         while True:
             with self._lock:
                 if self._failed is not None:  # no recovery: what waits would be pushed to the same failed devices
@@ -259,13 +257,7 @@ class DecodeEngine(Engine):
                 self._failed = error
             super()._finish(seq_id, finish, error)
             return
-        if self.down is None:
-            log.warning("the decode group failed (%s): its sequences run again on the prefill group, which "
-                        "decodes every sequence from now on", error)
-            self.down = error
-        del self.streams[seq_id]
-        self._lost.append((stream, error))  # handed over between steps: never under this lock (lock order)
-        self._wake.set()
+        self._fail_over(seq_id, stream, error)
 
     def _cancel(self, stream: GenerationStream) -> None:
         with self._lock:
@@ -279,17 +271,17 @@ class DecodeEngine(Engine):
     def close(self, error: GalaxyError | None = None) -> None:
         super().close(error)
         with self._lock:
+            self._end_lost(error)
             error = error or GalaxyError("the engine was closed before this request finished")
-            for stream, _ in self._lost:
-                stream._end("abort", error)
-            self._lost = []
             while self._pending:
                 self._pending.popleft().stream._end("abort", error)
 
 
-class PrefillEngine(Engine):
+class PrefillEngine(FailOver, Engine):
     """An Engine whose sequences, once they have a token and room waits on the decode group, move
     there between its steps (pulling their K/V, then freeing their blocks here)."""
+
+    phase = "prefill"
 
     def __init__(self, executor: Executor, model: ModelConfig, tokenizer, config: EngineConfig,
                  decode: DecodeEngine, mover: KVMover):
@@ -298,9 +290,7 @@ class PrefillEngine(Engine):
         self.moved = 0
         self.kept_tokens = 0  # tokens decoded here while the decode group had no room (backpressure)
         self.recovered = 0  # sequences the decode group lost that run again here
-        self.down: GalaxyError | None = None  # with recovery: the failure that left this group no device
-        self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
-        self._lost: list[tuple[GenerationStream, GalaxyError]] = []  # for the fallback, outside this lock
+        self._init_fail_over()
         super().__init__(executor, model, tokenizer, config)
 
     def take_back(self, stream: GenerationStream, error: GalaxyError) -> None:
@@ -319,10 +309,7 @@ class PrefillEngine(Engine):
             self._ready.append(seq.seq_id)
 
     def _between_steps(self) -> None:
-        with self._lock:
-            lost, self._lost = self._lost, []
-        for stream, error in lost:  # never under this lock: the decode group's is taken (lock order)
-            self.fallback(stream, error)
+        self._hand_over()
         ready, self._ready = self._ready, []
         for sid in ready:
             with self._lock:
@@ -367,20 +354,12 @@ class PrefillEngine(Engine):
         if self.fallback is None or stream is None or not isinstance(error, (PeerUnreachable, WorkerError)):
             super()._finish(seq_id, finish, error)
             return
-        if self.down is None:
-            log.warning("the prefill group failed (%s): its sequences run again on the decode group, which "
-                        "prefills and decodes every sequence from now on", error)
-            self.down = error
-        del self.streams[seq_id]
-        self._lost.append((stream, error))
-        self._wake.set()
+        self._fail_over(seq_id, stream, error)
 
     def close(self, error: GalaxyError | None = None) -> None:
         super().close(error)
         with self._lock:
-            lost, self._lost = self._lost, []
-        for stream, _ in lost:
-            stream._end("abort", error or GalaxyError("the engine was closed before this request finished"))
+            self._end_lost(error)
 
     def _cancel(self, stream: GenerationStream) -> None:
         with self._lock:

@@ -12,6 +12,9 @@ told by the group it hit, so the caller can act on it:
   or the group it was on is gone and it moved to the other one) runs all its tokens again, prompt and
   generated, as a preempted sequence does; its next token comes from the last one's logits, so its
   stream goes on with the tokens it would have got.
+- `FailOver`: what both engines do, with recovery, when their group fails for good -- the group is
+  marked down, and each of its sequences is handed to the other group between steps (never under
+  this engine's lock: the other engine's is taken).
 
 Which of them applies when, with and without recovery, is in docs/faults.md ("Phase-separated
 serving").
@@ -19,8 +22,12 @@ serving").
 
 from __future__ import annotations
 
+import logging
+
 from ..errors import GalaxyError, InvalidRequest
 from .sequence import SamplingParams
+
+log = logging.getLogger(__name__)
 
 PHASES = ("prefill", "decode")
 
@@ -70,3 +77,39 @@ def run_again(engine, stream, error: GalaxyError) -> bool:
         return False
     engine._wake.set()
     return True
+
+
+class FailOver:
+    """Mixed into the prefill and the decode engine (before Engine): with recovery, `fallback(stream,
+    error)` is the other engine's way in, and a sequence this group lost for good goes there."""
+
+    phase = ""  # "prefill" | "decode": this engine's group, for errors and the log
+
+    def _init_fail_over(self) -> None:
+        self.down: GalaxyError | None = None  # with recovery: the failure that took this group out
+        self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
+        self._lost: list = []  # (stream, error) for the fallback, handed over outside this engine's lock
+
+    def _fail_over(self, seq_id: int, stream, error: GalaxyError) -> None:
+        """The group is down: the sequence leaves it, to be handed over between steps (caller holds the lock)."""
+        if self.down is None:
+            other = "decode" if self.phase == "prefill" else "prefill"
+            log.warning("the %s group failed (%s): its sequences run again on the %s group, which serves every "
+                        "request from now on", self.phase, error, other)
+            self.down = error
+        del self.streams[seq_id]
+        self._lost.append((stream, error))
+        self._wake.set()
+
+    def _hand_over(self) -> None:
+        """Hand the lost sequences to the other group (the loop's thread, not holding this lock)."""
+        with self._lock:
+            lost, self._lost = self._lost, []
+        for stream, error in lost:
+            self.fallback(stream, error)
+
+    def _end_lost(self, error: GalaxyError | None) -> None:
+        """The engine closes: sequences not handed over yet end with `error` (caller holds the lock)."""
+        lost, self._lost = self._lost, []
+        for stream, _ in lost:
+            stream._end("abort", error or GalaxyError("the engine was closed before this request finished"))
