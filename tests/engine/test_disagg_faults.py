@@ -5,8 +5,9 @@ re-plans over its own survivors, or the decode group's sequences go back to the 
 every request finishes with the single-device reference's greedy tokens.
 
 One test kills a `galaxy worker` process (`connect(local=3)`, SIGKILL); the others stop gRPC workers
-served from this process (`devices` below), which the coordinator sees the same way -- the
-connection refused from then on -- without the seconds each spawned worker takes to import torch."""
+served from this process (the `servers` fixture: w0, w1, ...), which the coordinator sees the same
+way -- the connection refused from then on -- without the seconds each spawned worker takes to
+import torch."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from galaxy.engine.disagg_faults import phase_error
 from galaxy.engine.engine import EngineConfig
 from galaxy.errors import CacheLost, InvalidRequest, PeerUnreachable
 from galaxy.runtime.sources import reference_generate
-from galaxy.transport.worker import WorkerService, WorkerSettings, start_server
+from galaxy.transport.worker import WorkerService
 from tests.engine.test_disagg import SRC, prompts  # tiny Llama, 3 layers, peaked logits: no near-ties
 
 PS = prompts((5, 13, 8, 19), seed=6)
@@ -29,35 +30,6 @@ BOUND_S = 30  # every failure is seen within this: a killed worker refuses at on
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Devices:
-    """Worker servers in this process, named local0, local1, ... as `connect(local=N)` names its own;
-    `kill(i)` stops one for good (its port refuses from then on)."""
-
-    def __init__(self):
-        self.running = []
-
-    def start(self, n: int) -> list[str]:
-        addrs = []
-        for i in range(n):
-            server, addr, service = start_server("127.0.0.1:0", WorkerSettings(name=f"local{i}"))
-            self.running.append((server, service))
-            addrs.append(addr)
-        return addrs
-
-    def kill(self, i: int) -> None:
-        server, service = self.running[i]
-        service.close()
-        server.stop(grace=0).wait(timeout=10)
-
-
-@pytest.fixture
-def devices():
-    d = Devices()
-    yield d
-    for i in range(len(d.running)):
-        d.kill(i)
 
 
 def kill_before(kill, executor, method: str, call: int) -> None:
@@ -125,42 +97,42 @@ def test_a_decode_worker_process_killed_mid_request_ends_every_request_naming_it
         wait_for(lambda: no_blocks_held(engine), "every block freed after the later request")
 
 
-def test_a_prefill_device_killed_mid_request_ends_the_requests_there_and_the_decoding_ones_finish(devices):
+def test_a_prefill_device_killed_mid_request_ends_the_requests_there_and_the_decoding_ones_finish(servers):
     want = reference(24)
-    with galaxy.connect(devices.start(3)) as s:
+    with galaxy.connect(servers.start(3)) as s:
         lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2]}, engine=SMALL_STEPS)
         engine = lm.engine
         first = lm.submit(PS[0], 24)
         wait_for(lambda: engine.prefill.moved == 1, "the first request to move to the decode group")
-        kill_before(lambda: devices.kill(1), lm.groups[0], "step", call=1)  # the next prefill step meets it
+        kill_before(lambda: servers.stop(1), lm.groups[0], "step", call=1)  # the next prefill step meets it
         others = [lm.submit(p, 8) for p in PS[1:]]
         t0 = time.monotonic()
         for st in others:
-            with pytest.raises(PeerUnreachable, match=r"in the prefill group: device 1 'local1' \(127\.0\.0\.1:"):
+            with pytest.raises(PeerUnreachable, match=r"in the prefill group: device 1 'w1' \(127\.0\.0\.1:"):
                 st.result(timeout=BOUND_S)
         assert time.monotonic() - t0 < BOUND_S
         assert first.result(timeout=BOUND_S).tokens == want[0]  # its K/V were on the decode device already
         wait_for(lambda: no_blocks_held(engine), "every block freed")
-        with pytest.raises(PeerUnreachable, match=r"in the prefill group: .*'local1'"):
+        with pytest.raises(PeerUnreachable, match=r"in the prefill group: .*'w1'"):
             lm.generate(PS[1], 4)
 
 
-def test_a_decode_device_that_freezes_during_a_kv_push_is_declared_gone_by_its_heartbeat(devices, monkeypatch):
+def test_a_decode_device_that_freezes_during_a_kv_push_is_declared_gone_by_its_heartbeat(servers, monkeypatch):
     """A device whose connection stays open and silent (SIGSTOP, a hung process): the K/V push to it
     is watched by the heartbeat, as a step is, and fails in seconds naming it -- not after the push's
     60 s timeout -- and so does every request that waits for the decode group."""
     frozen, thaw = threading.Event(), threading.Event()
-    for rpc in ("ImportKV", "Ping", "Step"):  # local2 stops answering anything, its connection open
+    for rpc in ("ImportKV", "Ping", "Step"):  # w2 stops answering anything, its connection open
         real = getattr(WorkerService, rpc)
 
         def silent(self, request, context, real=real):
-            if self.s.name == "local2" and frozen.is_set():
+            if self.s.name == "w2" and frozen.is_set():
                 thaw.wait(BOUND_S)
             return real(self, request, context)
 
         monkeypatch.setattr(WorkerService, rpc, silent)
     try:
-        with galaxy.connect(devices.start(3)) as s:
+        with galaxy.connect(servers.start(3)) as s:
             lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2]}, engine=SMALL_STEPS)
             engine = lm.engine
             assert lm.groups[1].kv_timeout == 60.0
@@ -169,7 +141,7 @@ def test_a_decode_device_that_freezes_during_a_kv_push_is_declared_gone_by_its_h
             t0 = time.monotonic()
             streams = [lm.submit(p, 12) for p in PS]
             for st in streams:
-                with pytest.raises(PeerUnreachable, match=r"in the decode group: device 0 'local2' .*no heartbeat "
+                with pytest.raises(PeerUnreachable, match=r"in the decode group: device 0 'w2' .*no heartbeat "
                                                           r"for 2 s during a K/V import"):
                     st.result(timeout=BOUND_S)
             assert time.monotonic() - t0 < 15  # the heartbeat's misses, not kv_timeout's 60 s
@@ -183,20 +155,20 @@ def test_a_decode_device_that_freezes_during_a_kv_push_is_declared_gone_by_its_h
 
 @pytest.mark.parametrize("method,call", [("step", 3), ("import_kv", 2)])
 def test_with_recovery_a_decode_device_killed_mid_request_replans_the_decode_group_and_costs_no_token(
-        devices, method, call):
+        servers, method, call):
     """Decode on two devices, tensor-parallel; one killed before a decode step, or in the middle of
     pushing a sequence's K/V: the decode group re-plans over the other, its sequences and those on their
     way are prefilled again there (prompt and tokens so far), and every request gets the reference's
     tokens."""
     want = reference(12)
-    with galaxy.connect(devices.start(4), recover=True) as s:
+    with galaxy.connect(servers.start(4), recover=True) as s:
         lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2, 3]}, engine=SMALL_STEPS)
         engine, dec = lm.engine, lm.groups[1]
-        kill_before(lambda: devices.kill(3), dec, method, call=call)
+        kill_before(lambda: servers.stop(3), dec, method, call=call)
         streams = [lm.submit(p, 12) for p in PS]
         assert [st.result(timeout=BOUND_S).tokens for st in streams] == want
-        assert dec.events[-1].kind == "recover" and "local3" in dec.events[-1].detail
-        assert dec.partition.world == 1 and engine.decode.down is None  # it decodes on, on local2 alone
+        assert dec.events[-1].kind == "recover" and "w3" in dec.events[-1].detail
+        assert dec.partition.world == 1 and engine.decode.down is None  # it decodes on, on w2 alone
         assert engine.prefill.recovered == 0  # none went back to the prefill group
         adopted = engine.decode.adopted
         assert lm.generate(PS[1], 12, details=True).tokens == want[1]
@@ -205,53 +177,53 @@ def test_with_recovery_a_decode_device_killed_mid_request_replans_the_decode_gro
 
 
 @pytest.mark.parametrize("method,call", [("step", 2), ("export_kv", 2)])
-def test_with_recovery_a_prefill_device_killed_mid_request_replans_the_prefill_group(devices, method, call):
+def test_with_recovery_a_prefill_device_killed_mid_request_replans_the_prefill_group(servers, method, call):
     """Prefill on two devices; one killed before a prefill step, or while a sequence's K/V are pulled:
     the prefill group re-plans over the other and runs its sequences again there; what moved already
     decodes on untouched; every request gets the reference's tokens."""
     want = reference(12)
-    with galaxy.connect(devices.start(3), recover=True) as s:
+    with galaxy.connect(servers.start(3), recover=True) as s:
         lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2]}, engine=SMALL_STEPS)
         engine, pre = lm.engine, lm.groups[0]
-        kill_before(lambda: devices.kill(0), pre, method, call=call)
+        kill_before(lambda: servers.stop(0), pre, method, call=call)
         streams = [lm.submit(p, 12) for p in PS]
         assert [st.result(timeout=BOUND_S).tokens for st in streams] == want
-        assert pre.events[-1].kind == "recover" and "local0" in pre.events[-1].detail
+        assert pre.events[-1].kind == "recover" and "w0" in pre.events[-1].detail
         assert pre.partition.world == 1 and engine.prefill.moved == len(PS)  # all decoded on the decode group
         assert lm.generate(PS[2], 12, details=True).tokens == want[2]
         wait_for(lambda: no_blocks_held(engine), "every block freed")
 
 
-def test_with_recovery_a_prefill_group_left_without_a_device_hands_its_sequences_to_the_decode_group(devices):
+def test_with_recovery_a_prefill_group_left_without_a_device_hands_its_sequences_to_the_decode_group(servers):
     """Prefill on one device, which dies mid-prompt: no survivor to re-plan over, so the sequences it
     held run all their tokens again on the decode group, which from then on prefills and decodes every
     request (colocated); those that had moved decode on. All get the reference's tokens."""
     want = reference(12)
-    with galaxy.connect(devices.start(2), recover=True) as s:
+    with galaxy.connect(servers.start(2), recover=True) as s:
         lm = s.load(SRC, placement={"prefill": [0], "decode": [1]}, engine=SMALL_STEPS)
         engine = lm.engine
-        kill_before(lambda: devices.kill(0), lm.groups[0], "step", call=2)
+        kill_before(lambda: servers.stop(0), lm.groups[0], "step", call=2)
         streams = [lm.submit(p, 12) for p in PS]
         assert [st.result(timeout=BOUND_S).tokens for st in streams] == want
-        assert "in the prefill group" in str(engine.prefill.down) and "local0" in str(engine.prefill.down)
+        assert "in the prefill group" in str(engine.prefill.down) and "w0" in str(engine.prefill.down)
         assert engine.decode.taken_over >= 1 and engine.decode.down is None
         assert lm.generate(PS[1], 12, details=True).tokens == want[1]
         assert engine.load["taken_over"] == engine.decode.taken_over and engine.load["prefill_down"]
         wait_for(lambda: no_blocks_held(engine), "every block freed")
 
 
-def test_with_recovery_a_device_in_both_groups_killed_leaves_the_prefill_survivors_serving_colocated(devices):
-    """A mixed placement: local1 prefills and decodes. When it dies, the decode group has no survivor,
-    so its sequences go back to the prefill group, which re-plans over local0 and from then on prefills
+def test_with_recovery_a_device_in_both_groups_killed_leaves_the_prefill_survivors_serving_colocated(servers):
+    """A mixed placement: w1 prefills and decodes. When it dies, the decode group has no survivor,
+    so its sequences go back to the prefill group, which re-plans over w0 and from then on prefills
     and decodes every request (colocated) -- with the reference's tokens."""
     want = reference(12)
-    with galaxy.connect(devices.start(2), recover=True) as s:
+    with galaxy.connect(servers.start(2), recover=True) as s:
         lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [1]}, engine=SMALL_STEPS)
         engine, pre = lm.engine, lm.groups[0]
-        kill_before(lambda: devices.kill(1), lm.groups[1], "step", call=3)
+        kill_before(lambda: servers.stop(1), lm.groups[1], "step", call=3)
         streams = [lm.submit(p, 12) for p in PS]
         assert [st.result(timeout=BOUND_S).tokens for st in streams] == want
-        assert "in the decode group" in str(engine.decode.down) and "local1" in str(engine.decode.down)
+        assert "in the decode group" in str(engine.decode.down) and "w1" in str(engine.decode.down)
         assert engine.prefill.recovered >= 1 and pre.partition.world == 1 and pre.events[-1].kind == "recover"
         moved = engine.prefill.moved
         assert lm.generate(PS[3], 12, details=True).tokens == want[3] and engine.prefill.moved == moved
