@@ -250,7 +250,7 @@ class DecodeEngine(FailOver, Engine):
         it ends with the error, which names the device and this group, and so does every sequence still
         waiting to come here (their K/V would go to the same devices)."""
         stream = self.streams.get(seq_id)
-        error = phase_error(error, "decode") if error is not None else None
+        error = phase_error(error, self.phase) if error is not None else None
         if (self.fallback is None or stream is None or not isinstance(error, GalaxyError)
                 or isinstance(error, InvalidRequest)):
             if isinstance(error, GalaxyError) and not isinstance(error, InvalidRequest):
@@ -349,7 +349,7 @@ class PrefillEngine(FailOver, Engine):
         """A request that ends here with a device's error is told it was the prefill group's. With
         recovery, such an error means no device of this group survived (a re-planning executor re-plans
         over the survivors and raises CacheLost instead): the sequence goes to the decode group."""
-        error = None if error is None else phase_error(error, "prefill")
+        error = None if error is None else phase_error(error, self.phase)
         stream = self.streams.get(seq_id)
         if self.fallback is None or stream is None or not isinstance(error, (PeerUnreachable, WorkerError)):
             super()._finish(seq_id, finish, error)

@@ -1,4 +1,4 @@
-"""What a device that drops out does to phase-separated serving (engine/disagg.py), in two small rules.
+"""What a device that drops out does to phase-separated serving (engine/disagg.py), in three pieces.
 
 A disaggregated placement runs two engines on two device groups, and a request lives on one of them
 at a time: on the prefill group until its K/V move, then on the decode group. A failure is therefore
