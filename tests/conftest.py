@@ -69,10 +69,12 @@ class Servers:
         return addrs
 
     def stop(self, index: int | None = None) -> None:
+        """Stop the server first, then drop its sessions: as a killed process, its port refuses from the
+        first moment on, never answering in between without the sessions it held."""
         for i, (server, service) in enumerate(list(self.running)):
             if index is None or i == index:
-                service.close()
                 server.stop(grace=0).wait(timeout=10)
+                service.close()
 
 
 @pytest.fixture
