@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of every family, the embedded real models, one intra-op thread."""
+"""Shared fixtures: tiny random models of every family, the embedded real models, one intra-op thread,
+worker servers in the test process."""
 
 from __future__ import annotations
 
@@ -48,3 +49,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Servers:
+    """Worker servers inside the test process (real gRPC on loopback, no subprocesses), named w0, w1, ...;
+    `stop(i)` stops one for good (its port refuses from then on), as a killed worker process would."""
+
+    def __init__(self):
+        self.running = []
+
+    def start(self, n: int, token: str | None = None, **settings) -> list[str]:
+        from galaxy.transport.worker import WorkerSettings, start_server  # grpc: only for the tests that use it
+
+        addrs = []
+        for i in range(n):
+            server, addr, service = start_server("127.0.0.1:0", WorkerSettings(name=f"w{i}", token=token, **settings))
+            self.running.append((server, service))
+            addrs.append(addr)
+        return addrs
+
+    def stop(self, index: int | None = None) -> None:
+        """Stop the server first, then drop its sessions: as a killed process, its port refuses from the
+        first moment on, never answering in between without the sessions it held."""
+        for i, (server, service) in enumerate(list(self.running)):
+            if index is None or i == index:
+                server.stop(grace=0).wait(timeout=10)
+                service.close()
+
+
+@pytest.fixture
+def servers():
+    s = Servers()
+    yield s
+    s.stop()

@@ -28,12 +28,14 @@ each layer's K/V worker to worker while the rest of the prefill runs (Splitwise)
 
 Correctness: the decode devices end up holding exactly the K/V they would have computed
 themselves, bit for bit, so greedy tokens equal the single-device reference (tests/engine/
-test_disagg.py). Faults: a decode device that drops out fails the push or the step, and the
-requests on the decode group end with that error, which names the device; the next requests are
-served if it comes back. With `recover`, they run their tokens again on the prefill group instead
-(its prefix cache often still holds their prompt) and finish there with the tokens they would have
-got, and the prefill group decodes every later sequence too (colocated). Both groups must compute
-in the same dtype (a box of another is refused).
+test_disagg.py). Both groups must compute in the same dtype (a box of another is refused).
+
+Faults (disagg_faults.py; docs/faults.md, "Phase-separated serving"): a device that drops out fails
+the step, pull or push of its group, and the requests that needed it end with that error, which
+names the device and the group; requests on the other group go on. With recovery each group is a
+re-planning executor of its own (runtime.recovery): it re-plans over its survivors and raises
+CacheLost, and its sequences run their tokens again there; a group left without a device hands its
+sequences to the other group (all their tokens again), which then serves every request (colocated).
 """
 
 from __future__ import annotations
@@ -45,12 +47,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import GalaxyError, InvalidRequest, PlanMismatch
+from ..errors import CacheLost, GalaxyError, InvalidRequest, PeerUnreachable, PlanMismatch, WorkerError
 from ..model.config import ModelConfig
 from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece, box_bytes, plan_between
 from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition
+from .disagg_faults import FailOver, phase_error, requeue, run_again
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
 from .sequence import SamplingParams, Sequence, SequenceStatus
@@ -65,8 +68,9 @@ class DisaggConfig:
     chunk_bytes: int = 4 << 20  # most bytes of one box on the wire: pieces are cut by layers below it
     max_pending_bytes: int = 256 << 20  # K/V held at the coordinator between pull and push, all sequences
     itemsize: int = 4  # bytes of one K/V element (the compute dtype of both groups) for the bound
-    # a failed decode group: its sequences run their tokens again on the prefill group and finish there,
-    # and every later one decodes there too (False: they end with the error, which names the device)
+    # a group that failed for good (no device left: a re-planning group re-plans over its survivors first):
+    # its sequences run their tokens again on the other group and finish there, and every later one runs
+    # there too (False: they end with the error, which names the device and the group)
     recover: bool = False
 
     def __post_init__(self):
@@ -91,6 +95,7 @@ class _Handoff:
     nbytes: int
     export_s: float
     pulled_at: float
+    decode_split: Partition | None = None  # the decode group's split the boxes were cut for (read before the pull)
 
 
 class KVMover:
@@ -139,18 +144,20 @@ class KVMover:
             self.decode.import_kv(c.dst, tuple(block_table), box, c.layers, c.heads, pool)
 
 
-class DecodeEngine(Engine):
+class DecodeEngine(FailOver, Engine):
     """An Engine that also adopts sequences prefilled elsewhere, their K/V pushed into its pool
     between its steps."""
+
+    phase = "decode"
 
     def __init__(self, executor: Executor, model: ModelConfig, tokenizer, config: EngineConfig,
                  mover: KVMover, max_pending_bytes: int):
         self.mover, self.max_pending_bytes = mover, max_pending_bytes
         self._pending: deque[_Handoff] = deque()
         self.adopted = 0
-        self.down: GalaxyError | None = None  # the failure that took this group out (with recovery on)
-        self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
-        self._lost: list[tuple[GenerationStream, GalaxyError]] = []  # for the fallback, outside this lock
+        self._init_fail_over()
+        self._failed: GalaxyError | None = None  # without recovery: a device failure that also ends what waits
+        self.taken_over = 0  # sequences the prefill group lost (no device of it left) that run again here
         super().__init__(executor, model, tokenizer, config)
 
     @property
@@ -180,14 +187,20 @@ class DecodeEngine(Engine):
             if self.down is not None:  # recovery: what still waits to come here goes back at once
                 self._lost += [(h.stream, self.down) for h in self._pending]
                 self._pending.clear()
-            lost, self._lost = self._lost, []
-        for stream, error in lost:
-            self.fallback(stream, error)
+        self._hand_over()
         while True:
             with self._lock:
+                if self._failed is not None:  # no recovery: what waits would be pushed to the same failed devices
+                    while self._pending:
+                        self._pending.popleft().stream._end("abort", self._failed)
+                    self._failed = None
                 if not self._pending:
                     return
                 h = self._pending[0]
+                if h.decode_split not in (None, self.mover.decode.partition):  # re-planned since the pull:
+                    self._pending.popleft()  # the boxes fit the old split; run its tokens again here instead
+                    self._requeue(h)
+                    continue
                 try:
                     seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline)
                 except InvalidRequest as e:  # longer than this group's pool holds (can_take refuses it first)
@@ -203,6 +216,9 @@ class DecodeEngine(Engine):
             t0 = time.perf_counter()
             try:
                 self.mover.push(h.boxes, table, self.pool)
+            except CacheLost as e:  # a device dropped out and the group re-planned: every K/V here is gone,
+                self._lose_kv(e)  # this sequence's too -- it runs all its tokens again, as the others do
+                continue
             except GalaxyError as e:
                 log.warning("pushing the K/V of a sequence to the decode group failed: %s", e)
                 with self._lock:
@@ -215,20 +231,33 @@ class DecodeEngine(Engine):
                                     now - h.stream.submitted)
             self.adopted += 1
 
+    def take_over(self, stream: GenerationStream, error: GalaxyError) -> None:
+        """With recovery: a sequence the prefill group lost when no device of it survived runs all its
+        tokens again here; this group then prefills and decodes every request (colocated)."""
+        if run_again(self, stream, error):
+            self.taken_over += 1
+
+    def _requeue(self, h: _Handoff) -> None:
+        """A handoff whose boxes were cut for a split this group no longer has: all its tokens run again
+        here (caller holds the lock)."""
+        try:
+            requeue(self, h.stream, h.token_ids, h.num_prompt, h.params, h.deadline)
+        except GalaxyError as e:
+            h.stream._end("abort", e)
+
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
-        """With recovery, a sequence ended by a device failure goes back to the prefill group."""
+        """A sequence ended by a device failure: with recovery it goes back to the prefill group; without,
+        it ends with the error, which names the device and this group, and so does every sequence still
+        waiting to come here (their K/V would go to the same devices)."""
         stream = self.streams.get(seq_id)
+        error = phase_error(error, self.phase) if error is not None else None
         if (self.fallback is None or stream is None or not isinstance(error, GalaxyError)
                 or isinstance(error, InvalidRequest)):
+            if isinstance(error, GalaxyError) and not isinstance(error, InvalidRequest):
+                self._failed = error
             super()._finish(seq_id, finish, error)
             return
-        if self.down is None:
-            log.warning("the decode group failed (%s): its sequences run again on the prefill group, which "
-                        "decodes every sequence from now on", error)
-            self.down = error
-        del self.streams[seq_id]
-        self._lost.append((stream, error))  # handed over between steps: never under this lock (lock order)
-        self._wake.set()
+        self._fail_over(seq_id, stream, error)
 
     def _cancel(self, stream: GenerationStream) -> None:
         with self._lock:
@@ -242,17 +271,17 @@ class DecodeEngine(Engine):
     def close(self, error: GalaxyError | None = None) -> None:
         super().close(error)
         with self._lock:
+            self._end_lost(error)
             error = error or GalaxyError("the engine was closed before this request finished")
-            for stream, _ in self._lost:
-                stream._end("abort", error)
-            self._lost = []
             while self._pending:
                 self._pending.popleft().stream._end("abort", error)
 
 
-class PrefillEngine(Engine):
+class PrefillEngine(FailOver, Engine):
     """An Engine whose sequences, once they have a token and room waits on the decode group, move
     there between its steps (pulling their K/V, then freeing their blocks here)."""
+
+    phase = "prefill"
 
     def __init__(self, executor: Executor, model: ModelConfig, tokenizer, config: EngineConfig,
                  decode: DecodeEngine, mover: KVMover):
@@ -261,6 +290,7 @@ class PrefillEngine(Engine):
         self.moved = 0
         self.kept_tokens = 0  # tokens decoded here while the decode group had no room (backpressure)
         self.recovered = 0  # sequences the decode group lost that run again here
+        self._init_fail_over()
         super().__init__(executor, model, tokenizer, config)
 
     def take_back(self, stream: GenerationStream, error: GalaxyError) -> None:
@@ -268,19 +298,8 @@ class PrefillEngine(Engine):
         generated -- to run again here, as a preempted sequence does; its next token comes from the
         last one's logits, so its stream goes on as if nothing happened. If it cannot be queued, it
         ends with the decode group's error."""
-        gen = stream.generation
-        seq = stream.seq
-        try:
-            with self._lock:
-                again = self.sched.add(list(gen.prompt_tokens) + list(gen.tokens), seq.params)
-                again.num_prompt, again.deadline = len(gen.prompt_tokens), seq.deadline  # its own budget and deadline
-                stream.seq, stream.engine = again, self
-                self.streams[again.seq_id] = stream
-                self.recovered += 1
-        except GalaxyError as e:
-            stream._end("abort", GalaxyError(f"{error} (and it could not run again on the prefill group: {e})"))
-            return
-        self._wake.set()
+        if run_again(self, stream, error):
+            self.recovered += 1
 
     def _token(self, stream: GenerationStream, seq: Sequence) -> None:
         later = bool(stream.generation.tokens)  # not its first token: it could not move after the first
@@ -290,6 +309,7 @@ class PrefillEngine(Engine):
             self._ready.append(seq.seq_id)
 
     def _between_steps(self) -> None:
+        self._hand_over()
         ready, self._ready = self._ready, []
         for sid in ready:
             with self._lock:
@@ -301,9 +321,13 @@ class PrefillEngine(Engine):
             nbytes = self.mover.seq_bytes(tokens)
             if not self.decode.can_take(len(token_ids), nbytes):
                 continue  # decodes here this step; tries again at its next token
+            decode_split = self.mover.decode.partition  # before the pull: a re-plan during it shows at the push
             t0 = time.perf_counter()
             try:
                 boxes = self.mover.pull(table, tokens, self.pool)
+            except CacheLost as e:  # a device dropped out and this group re-planned: every sequence runs again
+                self._lose_kv(e)
+                return
             except GalaxyError as e:
                 log.warning("pulling the K/V of a sequence from the prefill group failed: %s", e)
                 with self._lock:
@@ -318,8 +342,24 @@ class PrefillEngine(Engine):
                 self.streams.pop(sid)
                 self.decode.hand(_Handoff(stream, token_ids, seq.num_prompt, seq.params, seq.deadline, boxes,
                                           sum(c.nbytes(self.model, tokens, b.element_size()) for c, b in boxes),
-                                          export_s, time.perf_counter()))
+                                          export_s, time.perf_counter(), decode_split))
                 self.moved += 1
+
+    def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
+        """A request that ends here with a device's error is told it was the prefill group's. With
+        recovery, such an error means no device of this group survived (a re-planning executor re-plans
+        over the survivors and raises CacheLost instead): the sequence goes to the decode group."""
+        error = None if error is None else phase_error(error, self.phase)
+        stream = self.streams.get(seq_id)
+        if self.fallback is None or stream is None or not isinstance(error, (PeerUnreachable, WorkerError)):
+            super()._finish(seq_id, finish, error)
+            return
+        self._fail_over(seq_id, stream, error)
+
+    def close(self, error: GalaxyError | None = None) -> None:
+        super().close(error)
+        with self._lock:
+            self._end_lost(error)
 
     def _cancel(self, stream: GenerationStream) -> None:
         with self._lock:
@@ -345,6 +385,7 @@ class DisaggEngine:
             raise
         if config.recover:
             self.decode.fallback = self.prefill.take_back
+            self.prefill.fallback = self.decode.take_over
 
     @property
     def tok(self):
@@ -352,8 +393,9 @@ class DisaggEngine:
 
     def submit(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
                timeout: float | None = None) -> GenerationStream:
-        """Queue a generation on the prefill group; raises InvalidRequest or QueueFull at once."""
-        return self.prefill.submit(prompt_ids, gc, timeout)
+        """Queue a generation on the prefill group (on the decode group once the prefill group is gone,
+        with recovery); raises InvalidRequest or QueueFull at once."""
+        return (self.decode if self.prefill.down is not None else self.prefill).submit(prompt_ids, gc, timeout)
 
     def generate(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
                  timeout: float | None = None) -> Generation:
@@ -377,7 +419,8 @@ class DisaggEngine:
                 dec["generated_tokens"], "kv_bytes": kv, "prefill": pre, "decode": dec, "moved": self.prefill.moved,
                 "kept_tokens": self.prefill.kept_tokens, "pending_bytes": self.decode.pending_bytes,
                 "recovered": self.prefill.recovered, "decode_down": None if self.decode.down is None else
-                str(self.decode.down)}
+                str(self.decode.down), "taken_over": self.decode.taken_over,
+                "prefill_down": None if self.prefill.down is None else str(self.prefill.down)}
 
     @property
     def last_step(self):

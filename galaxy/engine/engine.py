@@ -304,10 +304,7 @@ class Engine:
         try:
             res = self.ex.step(step, self.pool)
         except CacheLost as e:  # a fail-over: the K/V are gone, every sequence runs its tokens again
-            log.warning("%s; running every sequence's tokens again on the surviving devices", e)
-            with self._lock:
-                self.pool = self._pool()
-                self.sched.lose_kv(self.pool.num_blocks)
+            self._lose_kv(e)
             return
         except GalaxyError as e:
             log.warning("step %d failed: %s", plan.step, e)
@@ -341,6 +338,14 @@ class Engine:
                 gen.kv_cache_bytes = kv_bytes
             for seq in self.sched.update(plan, sampled):
                 self._token(self.streams[seq.seq_id], seq)
+
+    def _lose_kv(self, error: CacheLost) -> None:
+        """The executor re-planned over the surviving devices: a pool sized by their budgets, and
+        every sequence runs all its tokens again (a step's, or a K/V move's, CacheLost)."""
+        log.warning("%s; running every sequence's tokens again on the surviving devices", error)
+        with self._lock:
+            self.pool = self._pool()
+            self.sched.lose_kv(self.pool.num_blocks)
 
     def _sample(self, rows, logits: torch.Tensor) -> dict[int, int]:
         """Each live sequence's next token from its logit row (logits (rows, V)): the greedy ones by

@@ -212,11 +212,16 @@ class Session:
         return self.model
 
     def _group(self, indices) -> Executor:
-        """An executor over some of the session's devices (a plain gRPC Cluster, or in-process ranks)."""
+        """An executor over some of the session's devices (a plain gRPC Cluster, or in-process ranks);
+        with recovery (connect(recover=True)) a ResilientCluster of its own: a group that loses a device
+        re-plans over its own survivors (docs/faults.md, "Phase-separated serving")."""
         if isinstance(self._ex, InprocCluster):
             return InprocCluster(len(indices), self._ex.timeout, self._ex.kv_bytes)
         base = getattr(self._ex, "cluster", self._ex)  # a ResilientCluster's Cluster: its token and keys
-        return Cluster([base.addresses[i] for i in indices], token=base.token, tls=base.tls)
+        addresses = [base.addresses[i] for i in indices]
+        if isinstance(self._ex, ResilientCluster):
+            return ResilientCluster(addresses, token=base.token, tls=base.tls)
+        return Cluster(addresses, token=base.token, tls=base.tls)
 
     def _weights(self, weights) -> list[float]:
         if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):

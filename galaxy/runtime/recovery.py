@@ -134,12 +134,28 @@ class ResilientCluster:
     def step(self, step, pool):
         """An engine step; after a fail-over the KV pool died with the old layout, so the engine
         is told (CacheLost) to run its sequences' tokens again on the survivors."""
+        return self._on_the_pool("step", lambda: self.cluster.step(step, pool))
+
+    def export_kv(self, rank: int, block_table, tokens: int, layers, heads, pool):
+        """A box of one sequence's K/V (phase-separated serving). A device gone mid-export re-plans the
+        group as a step does, and the caller is told (CacheLost): every K/V here is gone, this box's too."""
+        return self._on_the_pool("K/V export", lambda: self.cluster.export_kv(rank, block_table, tokens, layers,
+                                                                               heads, pool))
+
+    def import_kv(self, rank: int, block_table, box, layers, heads, pool) -> None:
+        """Write a box into a device's pool; a device gone mid-import re-plans the group (CacheLost).
+        `rank` is of the split the caller planned the box for: after a re-plan it must plan again."""
+        self._on_the_pool("K/V import", lambda: self.cluster.import_kv(rank, block_table, box, layers, heads, pool))
+
+    def _on_the_pool(self, what: str, call):
+        """Run a call that reads or writes the devices' KV pool; if a device dropped out, re-plan over
+        the survivors and raise CacheLost (the pool died with the old layout), never retry."""
         try:
-            return self.cluster.step(step, pool)
+            return call()
         except (PeerUnreachable, WorkerError) as e:
             if self._loaded is None:
                 raise
-            log.warning("step failed (%s); re-planning over the surviving devices", e)
+            log.warning("%s failed (%s); re-planning over the surviving devices", what, e)
             self._recover(str(e))
             raise CacheLost(f"re-planned after a failure ({e}); the KV cache is gone") from e
 

@@ -336,12 +336,22 @@ class Cluster:
             raise GalaxyError("nothing loaded: call load() first")
         if not 0 <= rank < self.world:
             raise GalaxyError(f"rank {rank} outside 0..{self.world - 1}")
-        try:
-            return getattr(self.stubs[rank], rpc)(msg, timeout=self.kv_timeout, metadata=self._md())
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise KVTransferError(f"{self.names[rank]}: {e.details()}") from None
-            raise _error(e, self.names[rank], action) from None
+        fut = getattr(self.stubs[rank], rpc).future(msg, timeout=self.kv_timeout, metadata=self._md())
+        missed = [0] * self.world
+        while True:  # a device that stops answering is declared gone by its heartbeat, as in a step,
+            try:  # not after kv_timeout (which bounds a slow link's box)
+                return fut.result(timeout=self.heartbeat_s)
+            except grpc.FutureTimeoutError:
+                if self._heartbeat([rank], missed) is not None:
+                    fut.cancel()
+                    raise PeerUnreachable(
+                        f"{self.names[rank]}: no heartbeat for {self.heartbeat_s * self.heartbeat_misses:.0f} s "
+                        f"during a {action}; the device dropped out (crashed, powered off, or its link is down)"
+                    ) from None
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise KVTransferError(f"{self.names[rank]}: {e.details()}") from None
+                raise _error(e, self.names[rank], action) from None
 
     def _next_request(self) -> int:
         self._request_id += 1
