@@ -53,6 +53,7 @@ from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
+from .kv_stream import KVStream, KVStreamer, StreamConfig
 from .sequence import SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,15 @@ class DisaggConfig:
     # a failed decode group: its sequences run their tokens again on the prefill group and finish there,
     # and every later one decodes there too (False: they end with the error, which names the device)
     recover: bool = False
+    # a prompt of several chunks streams its K/V to the decode group chunk by chunk while it is prefilled
+    # (engine/kv_stream.py); None: every sequence's K/V move after its prefill, through here
+    stream: StreamConfig | None = StreamConfig()
 
     def __post_init__(self):
         if not isinstance(self.recover, bool):
             raise PlanMismatch(f"disaggregation config: recover={self.recover!r} must be True or False")
+        if self.stream is not None and not isinstance(self.stream, StreamConfig):
+            raise PlanMismatch(f"disaggregation config: stream={self.stream!r} must be a StreamConfig or None")
         for f in ("chunk_bytes", "max_pending_bytes", "itemsize"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -91,6 +97,8 @@ class _Handoff:
     nbytes: int
     export_s: float
     pulled_at: float
+    kvs: KVStream | None = None  # streamed while prefilled: its K/V go into `held`'s blocks, no boxes here
+    held: Sequence | None = None
 
 
 class KVMover:
@@ -151,6 +159,8 @@ class DecodeEngine(Engine):
         self.down: GalaxyError | None = None  # the failure that took this group out (with recovery on)
         self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
         self._lost: list[tuple[GenerationStream, GalaxyError]] = []  # for the fallback, outside this lock
+        self._held: dict[Sequence, object] = {}  # reservations for streamed K/V -> the block manager they are in
+        self._releasing: deque[tuple[Sequence, KVStream]] = deque()  # reservations to give back once unused
         super().__init__(executor, model, tokenizer, config)
 
     @property
@@ -164,9 +174,10 @@ class DecodeEngine(Engine):
         if self.down is not None:
             return False
         with self._lock:
-            s, waiting = self.sched, list(self._pending)
+            s, waiting = self.sched, [h for h in self._pending if h.held is None]  # streamed ones hold theirs
             blocks = s.blocks.blocks_for(num_tokens) + sum(s.blocks.blocks_for(len(h.token_ids)) for h in waiting)
-            return (num_tokens < s.cfg.max_model_len and len(s.running) + len(waiting) < s.cfg.max_running
+            return (num_tokens < s.cfg.max_model_len and len(s.running) + len(waiting) + len(self._held)
+                    < s.cfg.max_running
                     and blocks <= s.blocks.num_free and self.pending_bytes + nbytes <= self.max_pending_bytes)
 
     def hand(self, h: _Handoff) -> None:
@@ -175,31 +186,91 @@ class DecodeEngine(Engine):
             self._pending.append(h)
         self._wake.set()
 
+    # -- streamed K/V (engine/kv_stream.py): blocks reserved while the prompt is prefilled elsewhere --------
+    def reserve(self, num_prompt: int, params: SamplingParams) -> Sequence | None:
+        """Blocks for a prompt of `num_prompt` positions and its first token, whose K/V will stream in
+        while it is prefilled, and a place among max_running; None when there is no room."""
+        if self.down is not None:
+            return None
+        with self._lock:
+            s, waiting = self.sched, [h for h in self._pending if h.held is None]
+            if len(s.running) + len(waiting) + len(self._held) >= s.cfg.max_running:
+                return None
+            if s.blocks.num_free - sum(s.blocks.blocks_for(len(h.token_ids)) for h in waiting) < \
+                    s.blocks.blocks_for(num_prompt + 1):
+                return None
+            held = s.reserve(num_prompt + 1, params)
+            if held is not None:
+                self._held[held] = s.blocks
+            return held
+
+    def release(self, held: Sequence, kvs: KVStream | None) -> None:
+        """Give a reservation back once no box of its stream is in a call any more (any thread, no lock)."""
+        self._releasing.append((held, kvs))
+        self._wake.set()
+
+    def _give_back(self) -> None:
+        """Under the lock: reservations released whose streams are quiet go back to the pool."""
+        for _ in range(len(self._releasing)):
+            held, kvs = self._releasing.popleft()
+            if kvs is not None and kvs.outstanding > 0:  # a box is still being written into its blocks
+                self._releasing.append((held, kvs))
+            elif self._held.pop(held, None) is self.sched.blocks:  # not if the pool was re-made since
+                self.sched.unreserve(held)
+
+    def _next_handoff(self) -> _Handoff | None:
+        """Under the lock: the first waiting sequence whose K/V are here (pulled, or streamed in)."""
+        return next((h for h in self._pending if h.kvs is None or h.kvs.finished), None)
+
     def _between_steps(self) -> None:
         with self._lock:
             if self.down is not None:  # recovery: what still waits to come here goes back at once
                 self._lost += [(h.stream, self.down) for h in self._pending]
+                for h in self._pending:
+                    if h.held is not None:
+                        self._releasing.append((h.held, h.kvs))
                 self._pending.clear()
+            self._give_back()
             lost, self._lost = self._lost, []
         for stream, error in lost:
             self.fallback(stream, error)
         while True:
             with self._lock:
-                if not self._pending:
+                h = self._next_handoff()
+                if h is None:
                     return
-                h = self._pending[0]
+                if h.kvs is not None and (h.kvs.error is not None or self._held.get(h.held) is not self.sched.blocks):
+                    self._pending.remove(h)  # its stream failed (or this pool was re-made under it)
+                    self._releasing.append((h.held, h.kvs))
+                    error = h.kvs.error or GalaxyError("the decode group's KV pool was re-made while K/V streamed in")
+                    if self.fallback is not None:
+                        self._lost.append((h.stream, error))
+                        self._wake.set()
+                    else:
+                        h.stream._end("abort", error)
+                    continue
                 try:
-                    seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline)
+                    seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline, reserved=h.held)
                 except InvalidRequest as e:  # longer than this group's pool holds (can_take refuses it first)
-                    self._pending.popleft()
+                    self._pending.remove(h)
+                    if h.held is not None:
+                        self._releasing.append((h.held, h.kvs))
                     h.stream._end("abort", e)
                     continue
                 if seq is None:  # no room until running sequences finish
                     return
-                self._pending.popleft()
+                self._pending.remove(h)
                 self.streams[seq.seq_id] = h.stream
                 h.stream.seq = seq
                 table = tuple(seq.block_table)
+                if h.kvs is not None:  # streamed: its K/V are in the blocks it reserved, which it now holds
+                    self._held.pop(h.held, None)
+                    t = h.kvs.timing()
+                    gen = h.stream.generation
+                    gen.handoff = KVHandoff(len(gen.tokens), t.nbytes, t.export_s, 0.0, t.import_s,
+                                            time.perf_counter() - h.stream.submitted, t.hidden_s, t.exposed_s, True)
+                    self.adopted += 1
+                    continue
             t0 = time.perf_counter()
             try:
                 self.mover.push(h.boxes, table, self.pool)
@@ -212,7 +283,7 @@ class DecodeEngine(Engine):
             now = time.perf_counter()
             gen = h.stream.generation
             gen.handoff = KVHandoff(len(gen.tokens), h.nbytes, h.export_s, t0 - h.pulled_at, now - t0,
-                                    now - h.stream.submitted)
+                                    now - h.stream.submitted, exposed_s=now - h.pulled_at + h.export_s)
             self.adopted += 1
 
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
@@ -235,6 +306,8 @@ class DecodeEngine(Engine):
             h = next((x for x in self._pending if x.stream is stream), None)
             if h is not None:
                 self._pending.remove(h)
+                if h.held is not None:
+                    self._releasing.append((h.held, h.kvs))
                 stream._end("abort")
                 return
         super()._cancel(stream)
@@ -255,8 +328,10 @@ class PrefillEngine(Engine):
     there between its steps (pulling their K/V, then freeing their blocks here)."""
 
     def __init__(self, executor: Executor, model: ModelConfig, tokenizer, config: EngineConfig,
-                 decode: DecodeEngine, mover: KVMover):
-        self.decode, self.mover = decode, mover
+                 decode: DecodeEngine, mover: KVMover, streamer: KVStreamer | None = None):
+        self.decode, self.mover, self.streamer = decode, mover, streamer
+        self._kvs: dict[int, tuple[KVStream, Sequence]] = {}  # streaming sequences: their stream, decode blocks
+        self._unstreamed: set[int] = set()  # sequences whose stream was dropped (preempted): they move after
         self._ready: list[int] = []  # sequences that got a token and may move (the loop's thread only)
         self.moved = 0
         self.kept_tokens = 0  # tokens decoded here while the decode group had no room (backpressure)
@@ -289,7 +364,89 @@ class PrefillEngine(Engine):
         if not seq.is_finished and seq.seq_id in self.streams:
             self._ready.append(seq.seq_id)
 
+    # -- streamed K/V (engine/kv_stream.py) --------------------------------------------------------
+    def _stream_chunks(self) -> None:
+        """After a step: queue each streaming prompt's chunks finished since, and open a stream (blocks
+        reserved on the decode group) for each prompt with more chunks to run; drop the stream of a
+        sequence preempted or gone here."""
+        opening = []
+        with self._lock:
+            for sid, (kvs, _) in list(self._kvs.items()):
+                seq = self.sched.live.get(sid)
+                if seq is None or sid not in self.streams:  # cancelled
+                    self._drop_stream(sid)
+                elif seq.status is not SequenceStatus.RUNNING or seq.num_preemptions != kvs.preemptions:
+                    self._drop_stream(sid, moved_after=True)  # preempted: its blocks here may have been reused
+            for seq in self.sched.running:
+                sid = seq.seq_id
+                if not 0 < seq.num_computed < seq.num_prompt or sid not in self.streams or sid in self._unstreamed:
+                    continue
+                if sid in self._kvs:
+                    self.streamer.send(self._kvs[sid][0], seq.num_computed, seq.block_table)
+                else:
+                    opening.append((sid, seq.num_prompt, seq.params))
+        for sid, num_prompt, params in opening:  # the decode group's lock, never under this one
+            held = self.decode.reserve(num_prompt, params)
+            if held is None:
+                continue  # no room there now: asks again after the next chunk (or moves after the prefill)
+            with self._lock:
+                seq = self.sched.live.get(sid)
+                if seq is None or seq.status is not SequenceStatus.RUNNING or sid not in self.streams:
+                    self.decode.release(held, None)
+                    continue
+                kvs = self.streamer.open(sid, held.block_table, seq.num_preemptions, (self.pool, self.decode.pool),
+                                         wake=self.decode._wake.set)
+                self._kvs[sid] = (kvs, held)
+                self.streamer.send(kvs, seq.num_computed, seq.block_table)
+
+    def _drop_stream(self, sid: int, moved_after: bool = False) -> None:
+        """Under the lock: stop streaming `sid` and give its decode blocks back once no box is in a call
+        (moved_after: the sequence goes on here and moves after its prefill, the first increment's way)."""
+        entry = self._kvs.pop(sid, None)
+        if entry is not None:
+            self.streamer.cancel(entry[0])
+            self.decode.release(entry[1], entry[0])
+        if moved_after and entry is not None:
+            self._unstreamed.add(sid)
+        elif not moved_after:
+            self._unstreamed.discard(sid)
+
+    def _hand_streamed(self, sid: int) -> None:
+        """A streaming sequence got its first token: queue its last chunk, wait until its boxes are
+        read here (not pushed: the decode group adopts it when they are), free its blocks here and hand
+        it over. A failed or stalled stream ends the request with that error."""
+        kvs, held = self._kvs[sid]
+        with self._lock:
+            seq = self.sched.live[sid]
+            self.streamer.send(kvs, seq.num_computed, seq.block_table, last=True)
+        try:
+            self.streamer.wait_exported(kvs)
+        except GalaxyError as e:
+            with self._lock:
+                if self.sched.abort(sid):
+                    self._finish(sid, "abort", e)
+                self._drop_stream(sid)
+            return
+        with self._lock:
+            stream = self.streams.get(sid)
+            if stream is None:  # cancelled meanwhile
+                self._drop_stream(sid)
+                return
+            self._kvs.pop(sid)
+            self.sched.abort(sid)  # frees its blocks here (their prefix stays cached)
+            self.streams.pop(sid)
+            self.decode.hand(_Handoff(stream, list(seq.token_ids), seq.num_prompt, seq.params, seq.deadline, [], 0,
+                                      0.0, time.perf_counter(), kvs, held))
+            self.moved += 1
+
+    def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
+        if seq_id in self._kvs or seq_id in self._unstreamed:
+            self._drop_stream(seq_id)
+        super()._finish(seq_id, finish, error)
+
     def _between_steps(self) -> None:
+        if self.streamer is not None:
+            self._stream_chunks()
         ready, self._ready = self._ready, []
         for sid in ready:
             with self._lock:
@@ -298,6 +455,11 @@ class PrefillEngine(Engine):
                         or seq.num_uncomputed != 1):
                     continue
                 table, tokens, token_ids = tuple(seq.block_table), seq.num_computed, list(seq.token_ids)
+                streamed = sid in self._kvs
+                self._unstreamed.discard(sid)
+            if streamed:
+                self._hand_streamed(sid)
+                continue
             nbytes = self.mover.seq_bytes(tokens)
             if not self.decode.can_take(len(token_ids), nbytes):
                 continue  # decodes here this step; tries again at its next token
@@ -338,10 +500,15 @@ class DisaggEngine:
         self.mover = KVMover(prefill, decode, model, config)
         self.mover.plan()  # both loaded, same model: refused here, not at the first request
         self.decode = DecodeEngine(decode, model, tokenizer, decode_config, self.mover, config.max_pending_bytes)
+        self.streamer = None if config.stream is None else KVStreamer(prefill, decode, model, self.mover.plan,
+                                                                      config.stream)
         try:
-            self.prefill = PrefillEngine(prefill, model, tokenizer, prefill_config, self.decode, self.mover)
+            self.prefill = PrefillEngine(prefill, model, tokenizer, prefill_config, self.decode, self.mover,
+                                         self.streamer)
         except BaseException:
             self.decode.close()
+            if self.streamer is not None:
+                self.streamer.close()
             raise
         if config.recover:
             self.decode.fallback = self.prefill.take_back
@@ -386,5 +553,7 @@ class DisaggEngine:
 
     def close(self, error: GalaxyError | None = None) -> None:
         self.prefill.close(error)
+        if self.streamer is not None:
+            self.streamer.close()
         self.decode.close(error)
 
