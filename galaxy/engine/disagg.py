@@ -411,10 +411,11 @@ class PrefillEngine(Engine):
         elif not moved_after:
             self._unstreamed.discard(sid)
 
-    def _hand_streamed(self, sid: int) -> None:
+    def _hand_streamed(self, sid: int) -> bool:
         """A streaming sequence got its first token: queue its last chunk, wait until its boxes are
         read here (not pushed: the decode group adopts it when they are), free its blocks here and hand
-        it over. A failed or stalled stream ends the request with that error."""
+        it over. A failed or stalled stream ends the request with that error -- or, with recovery on,
+        it moves after its prefill instead (False: the caller does that), whose failure recovery covers."""
         kvs, held = self._kvs[sid]
         with self._lock:
             seq = self.sched.live[sid]
@@ -423,21 +424,25 @@ class PrefillEngine(Engine):
             self.streamer.wait_exported(kvs)
         except GalaxyError as e:
             with self._lock:
+                if self.decode.fallback is not None:
+                    self._drop_stream(sid)
+                    return False
                 if self.sched.abort(sid):
                     self._finish(sid, "abort", e)
                 self._drop_stream(sid)
-            return
+            return True
         with self._lock:
             stream = self.streams.get(sid)
             if stream is None:  # cancelled meanwhile
                 self._drop_stream(sid)
-                return
+                return True
             self._kvs.pop(sid)
             self.sched.abort(sid)  # frees its blocks here (their prefix stays cached)
             self.streams.pop(sid)
             self.decode.hand(_Handoff(stream, list(seq.token_ids), seq.num_prompt, seq.params, seq.deadline, [], 0,
                                       0.0, time.perf_counter(), kvs, held))
             self.moved += 1
+        return True
 
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
         if seq_id in self._kvs or seq_id in self._unstreamed:
@@ -457,8 +462,7 @@ class PrefillEngine(Engine):
                 table, tokens, token_ids = tuple(seq.block_table), seq.num_computed, list(seq.token_ids)
                 streamed = sid in self._kvs
                 self._unstreamed.discard(sid)
-            if streamed:
-                self._hand_streamed(sid)
+            if streamed and self._hand_streamed(sid):
                 continue
             nbytes = self.mover.seq_bytes(tokens)
             if not self.decode.can_take(len(token_ids), nbytes):

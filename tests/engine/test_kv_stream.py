@@ -198,3 +198,13 @@ def test_a_stream_config_is_checked_field_by_field():
         StreamConfig(stall_timeout_s=0)
     with pytest.raises(PlanMismatch, match="stream="):
         DisaggConfig(stream=True)
+
+
+def test_with_recovery_a_failed_stream_moves_the_sequence_after_its_prefill_with_the_same_tokens(disagg):
+    engine = disagg(split([3, 3]), split([6]), PREFILL, DECODE, DisaggConfig(recover=True))
+    engine.streamer.prefill = Tampering(engine.streamer.prefill, lambda box: box.half())
+    p = prompts((30,), seed=12)[0]
+    out = engine.generate(p, GenerationConfig(5, stop_at_eos=False), timeout=60)
+    assert out.tokens == reference_generate(SRC, p, 5, stop_at_eos=False)
+    assert out.handoff is not None and not out.handoff.streamed  # pulled after the prefill instead
+    assert_all_given_back(engine)
