@@ -23,8 +23,10 @@ workers check every box's shape, dtype, heads and blocks before touching their p
 held here between pull and push are bounded (`max_pending_bytes`): while the decode group has no
 room (blocks, a place among its running sequences, or that bound), a sequence keeps decoding on the
 prefill group and moves at a later token -- backpressure, never an unbounded queue, and never a
-wrong token: the K/V moved are those of every token computed so far, whenever it moves. Streaming
-each layer's K/V worker to worker while the rest of the prefill runs (Splitwise) is the next step.
+wrong token: the K/V moved are those of every token computed so far, whenever it moves. A prompt
+run in several chunks instead streams its K/V chunk by chunk while its later chunks are prefilled,
+into blocks reserved on the decode group (engine/kv_stream.py; `DisaggConfig.stream`): only the
+last chunk's move is left after the first token.
 
 Correctness: the decode devices end up holding exactly the K/V they would have computed
 themselves, bit for bit, so greedy tokens equal the single-device reference (tests/engine/

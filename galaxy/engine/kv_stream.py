@@ -335,8 +335,11 @@ class KVStreamer:
             raise KVTransferError(f"{who}: {box.numel() * box.element_size()} bytes, expected {b.nbytes}")
 
     def _drop(self, kvs: KVStream) -> None:
+        """A box of `kvs` left the pipeline (pushed, refused or skipped)."""
         kvs.outstanding -= 1
         self._maybe_done(kvs)
+        if kvs.outstanding == 0 and (kvs.cancelled or kvs.error is not None) and kvs.wake is not None:
+            kvs.wake()  # its reservation on the decode group can be given back now
         self._cv.notify_all()
 
     def _maybe_done(self, kvs: KVStream) -> None:
