@@ -334,6 +334,7 @@ class PrefillEngine(Engine):
         self.decode, self.mover, self.streamer = decode, mover, streamer
         self._kvs: dict[int, tuple[KVStream, Sequence]] = {}  # streaming sequences: their stream, decode blocks
         self._unstreamed: set[int] = set()  # sequences whose stream was dropped (preempted): they move after
+        self.dropped_streams = 0
         self._ready: list[int] = []  # sequences that got a token and may move (the loop's thread only)
         self.moved = 0
         self.kept_tokens = 0  # tokens decoded here while the decode group had no room (backpressure)
@@ -410,6 +411,7 @@ class PrefillEngine(Engine):
             self.decode.release(entry[1], entry[0])
         if moved_after and entry is not None:
             self._unstreamed.add(sid)
+            self.dropped_streams += 1
         elif not moved_after:
             self._unstreamed.discard(sid)
 

@@ -208,3 +208,22 @@ def test_with_recovery_a_failed_stream_moves_the_sequence_after_its_prefill_with
     assert out.tokens == reference_generate(SRC, p, 5, stop_at_eos=False)
     assert out.handoff is not None and not out.handoff.streamed  # pulled after the prefill instead
     assert_all_given_back(engine)
+
+
+def test_a_prompt_preempted_mid_stream_drops_its_stream_and_moves_after_its_prefill(disagg):
+    """A (21 tokens) cannot move (the decode pool is too short for it) and decodes on the prefill
+    group; at its 25th position it needs a block the prefill pool has not, and the youngest running
+    sequence -- B, mid-prompt, streaming in chunks of 2 -- is preempted: its stream is dropped, its
+    decode blocks given back, and it runs again later and moves after its prefill."""
+    engine = disagg(split([4, 2]), split([6]), EngineConfig(block_size=4, kv_blocks=10),
+                    EngineConfig(block_size=4, kv_blocks=5))
+    a, b = prompts((21, 16), seed=13)
+    sa = engine.submit(a, GenerationConfig(6, stop_at_eos=False))
+    sb = engine.submit(b, GenerationConfig(3, stop_at_eos=False, prefill_chunk=2))
+    ga, gb = sa.result(120), sb.result(120)
+    assert ga.tokens == reference_generate(SRC, a, 6, stop_at_eos=False) and ga.handoff is None
+    assert gb.tokens == reference_generate(SRC, b, 3, stop_at_eos=False)
+    assert engine.prefill.sched.num_preemptions >= 1 and engine.prefill.dropped_streams == 1
+    assert not gb.handoff.streamed
+    assert not engine.prefill._unstreamed
+    assert_all_given_back(engine)
