@@ -158,6 +158,9 @@ class DecodeEngine(Engine):
         self.mover, self.max_pending_bytes = mover, max_pending_bytes
         self._pending: deque[_Handoff] = deque()
         self.adopted = 0
+        # sequences adopted with streamed K/V, and every adopted one's transfer time hidden behind its prefill
+        # and exposed after its first token, summed (the per-request figures: Generation.handoff)
+        self.transfer = {"streamed": 0, "hidden_s": 0.0, "exposed_s": 0.0}
         self.down: GalaxyError | None = None  # the failure that took this group out (with recovery on)
         self.fallback = None  # with recovery: fallback(stream, error) takes a sequence this group lost
         self._lost: list[tuple[GenerationStream, GalaxyError]] = []  # for the fallback, outside this lock
@@ -269,9 +272,9 @@ class DecodeEngine(Engine):
                     self._held.pop(h.held, None)
                     t = h.kvs.timing()
                     gen = h.stream.generation
-                    gen.handoff = KVHandoff(len(gen.tokens), t.nbytes, t.export_s, 0.0, t.import_s,
-                                            time.perf_counter() - h.stream.submitted, t.hidden_s, t.exposed_s, True)
-                    self.adopted += 1
+                    self._adopted(gen, KVHandoff(len(gen.tokens), t.nbytes, t.export_s, 0.0, t.import_s,
+                                                 time.perf_counter() - h.stream.submitted, t.hidden_s, t.exposed_s,
+                                                 True))
                     continue
             t0 = time.perf_counter()
             try:
@@ -284,9 +287,15 @@ class DecodeEngine(Engine):
                 continue
             now = time.perf_counter()
             gen = h.stream.generation
-            gen.handoff = KVHandoff(len(gen.tokens), h.nbytes, h.export_s, t0 - h.pulled_at, now - t0,
-                                    now - h.stream.submitted, exposed_s=now - h.pulled_at + h.export_s)
-            self.adopted += 1
+            self._adopted(gen, KVHandoff(len(gen.tokens), h.nbytes, h.export_s, t0 - h.pulled_at, now - t0,
+                                         now - h.stream.submitted, exposed_s=now - h.pulled_at + h.export_s))
+
+    def _adopted(self, gen: Generation, handoff: KVHandoff) -> None:
+        gen.handoff = handoff
+        self.adopted += 1
+        self.transfer["streamed"] += handoff.streamed
+        self.transfer["hidden_s"] += handoff.hidden_s
+        self.transfer["exposed_s"] += handoff.exposed_s
 
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
         """With recovery, a sequence ended by a device failure goes back to the prefill group."""
@@ -539,7 +548,8 @@ class DisaggEngine:
         """The Engine's figures over both groups (requests running and waiting in either, the decode
         group's KV pool, each device's KV bytes named by group), and each group's own under
         "prefill" / "decode" with the moves: sequences moved, tokens decoded on the prefill group
-        for want of room, K/V bytes held at the coordinator now."""
+        for want of room, K/V bytes held at the coordinator now, and the transfer time hidden behind
+        the prefill and exposed after the first token, summed over the sequences adopted."""
         pre, dec = self.prefill.load, self.decode.load
         with self.decode._lock:
             pending = len(self.decode._pending)
@@ -552,7 +562,9 @@ class DisaggEngine:
                 dec["generated_tokens"], "kv_bytes": kv, "prefill": pre, "decode": dec, "moved": self.prefill.moved,
                 "kept_tokens": self.prefill.kept_tokens, "pending_bytes": self.decode.pending_bytes,
                 "recovered": self.prefill.recovered, "decode_down": None if self.decode.down is None else
-                str(self.decode.down)}
+                str(self.decode.down), "kv_transfer": dict(self.decode.transfer, adopted=self.decode.adopted,
+                                                           inflight_bytes=self.streamer.inflight if self.streamer
+                                                           else 0)}
 
     @property
     def last_step(self):

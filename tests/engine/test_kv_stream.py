@@ -95,6 +95,10 @@ def test_streamed_kv_give_the_single_device_reference_tokens_across_head_splits(
     if len(decode) == 1:  # every position's K/V reached the one decode device exactly once
         assert [g.handoff.nbytes for g in got] == [len(p) * per_token for p in ps]
     assert all(g.handoff.hidden_s >= 0 and g.handoff.exposed_s >= 0 for g in got)
+    moves = engine.load["kv_transfer"]  # the engine's stats: the per-request figures summed
+    assert moves["adopted"] == len(ps) and moves["streamed"] == sum(g.handoff.streamed for g in got)
+    assert moves["hidden_s"] == pytest.approx(sum(g.handoff.hidden_s for g in got))
+    assert moves["inflight_bytes"] == 0
     assert_all_given_back(engine)
 
 
