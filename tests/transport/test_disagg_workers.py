@@ -1,7 +1,8 @@
 """Phase-separated serving over real gRPC workers: prefill on three worker processes (HMP, uneven
-heads), decode on a fourth, the K/V moved through ExportKV/ImportKV -- greedy tokens equal the
-single-device reference; a bad box or a wrong token is refused with a typed error; a decode device
-that drops out ends the requests on it with an error that names it."""
+heads), decode on a fourth, the K/V moved through ExportKV/ImportKV (after the prefill, or streamed
+chunk by chunk while it runs) -- greedy tokens equal the single-device reference; a bad box or a
+wrong token is refused with a typed error; a decode device that drops out ends the requests on it
+with an error that names it."""
 
 from __future__ import annotations
 
