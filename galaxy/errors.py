@@ -23,6 +23,11 @@ class KVTransferError(TransportError):
     pool. Refused before the pool is touched."""
 
 
+class KVStreamStalled(KVTransferError):
+    """A prompt's K/V streaming to the decode group (engine/kv_stream.py) in which no box moved for the
+    stall timeout: a device stopped answering, or the decode group stopped taking boxes."""
+
+
 class PeerUnreachable(GalaxyError):
     """A device's worker could not be reached (not running, wrong address, network down)."""
 

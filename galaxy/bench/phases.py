@@ -3,13 +3,17 @@ colocated serving, side by side on the same requests in one run.
 
 Colocated: one Engine over the prefill group's devices (prefill and decode both there, Galaxy's
 HMP for prompts, tensor-parallel decode steps). Disaggregated: a DisaggEngine, the same prefill
-group, then each sequence's K/V moved to the decode group (galaxy/engine/disagg.py).
+group, then each sequence's K/V moved to the decode group after its prefill (galaxy/engine/disagg.py).
+Streamed: the same, but a prompt of several chunks streams its K/V chunk by chunk while its later
+chunks are prefilled (galaxy/engine/kv_stream.py; `--chunk-size` sets the chunks).
 
 Unloaded (one request at a time, `reps` times after one not counted, medians), the first tokens
 split as the field splits them (Mooncake #62: PD TTFT = prefill + KV transfer + first decode):
 - prefill: submission to the first token (the prefill group's steps; both placements);
 - transfer: pulling the sequence's K/V from the prefill devices plus pushing them to the decode
-  devices (disaggregated only; through the coordinator in this increment);
+  devices (through the coordinator), and of that busy time the part before the first token (hidden
+  behind the prefill) and the time from the first token until the K/V were all on the decode group
+  (exposed: what the second token waited for);
 - first decode: from the K/V landing on the decode group to its first token;
 - TPOT: time per output token after the first, and after the second (the decode group's steady state).
 Loaded: the bench's workload (galaxy.bench.serve: closed loop or Poisson arrivals) on each
@@ -32,7 +36,8 @@ from .serve import Workload, requests, run_workload, summarise
 def _unloaded(engine, specs) -> dict:
     """Each spec alone on `engine`; medians of the first tokens' parts and of TPOT."""
     parts: dict[str, list[float]] = {"ttft_s": [], "prefill_s": [], "transfer_s": [], "export_s": [], "import_s": [],
-                                     "first_decode_s": [], "second_token_s": [], "tpot_s": [], "tpot_steady_s": []}
+                                     "hidden_s": [], "exposed_s": [], "first_decode_s": [], "second_token_s": [],
+                                     "tpot_s": [], "tpot_steady_s": []}
     for spec in specs:
         gen = engine.submit(list(spec.prompt), GenerationConfig(spec.output_len, stop_at_eos=False)).result()
         t = gen.token_times
@@ -46,6 +51,8 @@ def _unloaded(engine, specs) -> dict:
             parts["transfer_s"].append(h.transfer_s)
             parts["export_s"].append(h.export_s)
             parts["import_s"].append(h.import_s)
+            parts["hidden_s"].append(h.hidden_s)
+            parts["exposed_s"].append(h.exposed_s)
             parts["first_decode_s"].append(t[1] - h.adopted_s)
         else:
             parts["first_decode_s"].append(t[1] - t[0])
@@ -61,7 +68,9 @@ def run_phase_bench(prefill: Executor, decode: Executor, cfg, tokenizer, workloa
     if workload.output_len < 3:
         raise ValueError(f"output_len={workload.output_len}: the steady TPOT needs at least 3 tokens")
     makers = {"colocated": lambda: Engine(prefill, cfg, tokenizer, engine),
-              "disaggregated": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine, DisaggConfig())}
+              "disaggregated": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
+                                                    DisaggConfig(stream=None)),
+              "streamed": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine, DisaggConfig())}
     report = {"workload": asdict(workload), "engine": asdict(engine), "reps": reps,
               "prefill_devices": list(prefill.names), "decode_devices": list(decode.names),
               "unloaded": {}, "loaded": {}}
@@ -89,7 +98,7 @@ def run_phase_bench(prefill: Executor, decode: Executor, cfg, tokenizer, workloa
         del row["slo_attainment"]
         report["loaded"][name] = row
         outputs[name] = [o.tokens for o in outcomes]
-    report["outputs_identical"] = outputs["colocated"] == outputs["disaggregated"]
+    report["outputs_identical"] = outputs["colocated"] == outputs["disaggregated"] == outputs["streamed"]
     return report
 
 
@@ -103,12 +112,13 @@ def table(report: dict) -> str:
     lines = [f"prefill on {', '.join(report['prefill_devices'])}; decode on {', '.join(report['decode_devices'])} "
              f"(disaggregated); {w['input_len']}-token prompts, {w['output_len']} tokens out",
              "", f"unloaded (median of {report['reps']}), ms:",
-             "| placement | TTFT (its prefill steps) | K/V transfer (pull + push) | first decode | 2nd token at "
-             "| TPOT | TPOT after the 2nd |", "|---|---|---|---|---|---|---|"]
+             "| placement | TTFT (its prefill steps) | K/V transfer (pull + push) | hidden / exposed | first decode "
+             "| 2nd token at | TPOT | TPOT after the 2nd |", "|---|---|---|---|---|---|---|---|"]
     for name, x in u.items():
         transfer = (f"{_ms(x['transfer_s'])} ({_ms(x['export_s'])} + {_ms(x['import_s'])}, "
                     f"{x['kv_bytes'] / 1024:.0f} KiB)" if "transfer_s" in x else "-")
-        lines.append(f"| {name} | {_ms(x['ttft_s'])} ({_ms(x['prefill_s'])}) | {transfer} | "
+        split = f"{_ms(x['hidden_s'])} / {_ms(x['exposed_s'])}" if "hidden_s" in x else "-"
+        lines.append(f"| {name} | {_ms(x['ttft_s'])} ({_ms(x['prefill_s'])}) | {transfer} | {split} | "
                      f"{_ms(x['first_decode_s'])} | {_ms(x['second_token_s'])} | {_ms(x['tpot_s'])} | "
                      f"{_ms(x['tpot_steady_s'])} |")
     label = f"{w['concurrency']} clients" if w["concurrency"] else f"{w['rate']} req/s"

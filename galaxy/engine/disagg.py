@@ -23,8 +23,10 @@ workers check every box's shape, dtype, heads and blocks before touching their p
 held here between pull and push are bounded (`max_pending_bytes`): while the decode group has no
 room (blocks, a place among its running sequences, or that bound), a sequence keeps decoding on the
 prefill group and moves at a later token -- backpressure, never an unbounded queue, and never a
-wrong token: the K/V moved are those of every token computed so far, whenever it moves. Streaming
-each layer's K/V worker to worker while the rest of the prefill runs (Splitwise) is the next step.
+wrong token: the K/V moved are those of every token computed so far, whenever it moves. A prompt
+run in several chunks instead streams its K/V chunk by chunk while its later chunks are prefilled,
+into blocks reserved on the decode group (engine/kv_stream.py; `DisaggConfig.stream`): only the
+last chunk's move is left after the first token.
 
 Correctness: the decode devices end up holding exactly the K/V they would have computed
 themselves, bit for bit, so greedy tokens equal the single-device reference (tests/engine/
@@ -56,6 +58,7 @@ from ..parallel.sharding import Partition
 from .disagg_faults import FailOver, phase_error, requeue, run_again
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
+from .kv_stream import KVStream, KVStreamer, StreamConfig
 from .sequence import SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -72,10 +75,15 @@ class DisaggConfig:
     # its sequences run their tokens again on the other group and finish there, and every later one runs
     # there too (False: they end with the error, which names the device and the group)
     recover: bool = False
+    # a prompt of several chunks streams its K/V to the decode group chunk by chunk while it is prefilled
+    # (engine/kv_stream.py); None: every sequence's K/V move after its prefill, through here
+    stream: StreamConfig | None = StreamConfig()
 
     def __post_init__(self):
         if not isinstance(self.recover, bool):
             raise PlanMismatch(f"disaggregation config: recover={self.recover!r} must be True or False")
+        if self.stream is not None and not isinstance(self.stream, StreamConfig):
+            raise PlanMismatch(f"disaggregation config: stream={self.stream!r} must be a StreamConfig or None")
         for f in ("chunk_bytes", "max_pending_bytes", "itemsize"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -96,6 +104,8 @@ class _Handoff:
     export_s: float
     pulled_at: float
     decode_split: Partition | None = None  # the decode group's split the boxes were cut for (read before the pull)
+    kvs: KVStream | None = None  # streamed while prefilled: its K/V go into `held`'s blocks, no boxes here
+    held: Sequence | None = None
 
 
 class KVMover:
@@ -158,6 +168,11 @@ class DecodeEngine(FailOver, Engine):
         self._init_fail_over()
         self._failed: GalaxyError | None = None  # without recovery: a device failure that also ends what waits
         self.taken_over = 0  # sequences the prefill group lost (no device of it left) that run again here
+        # sequences adopted with streamed K/V, and every adopted one's transfer time hidden behind its prefill
+        # and exposed after its first token, summed (the per-request figures: Generation.handoff)
+        self.transfer = {"streamed": 0, "hidden_s": 0.0, "exposed_s": 0.0}
+        self._held: dict[Sequence, object] = {}  # reservations for streamed K/V -> the block manager they are in
+        self._releasing: deque[tuple[Sequence, KVStream]] = deque()  # reservations to give back once unused
         super().__init__(executor, model, tokenizer, config)
 
     @property
@@ -171,9 +186,10 @@ class DecodeEngine(FailOver, Engine):
         if self.down is not None:
             return False
         with self._lock:
-            s, waiting = self.sched, list(self._pending)
+            s, waiting = self.sched, [h for h in self._pending if h.held is None]  # streamed ones hold theirs
             blocks = s.blocks.blocks_for(num_tokens) + sum(s.blocks.blocks_for(len(h.token_ids)) for h in waiting)
-            return (num_tokens < s.cfg.max_model_len and len(s.running) + len(waiting) < s.cfg.max_running
+            return (num_tokens < s.cfg.max_model_len and len(s.running) + len(waiting) + len(self._held)
+                    < s.cfg.max_running
                     and blocks <= s.blocks.num_free and self.pending_bytes + nbytes <= self.max_pending_bytes)
 
     def hand(self, h: _Handoff) -> None:
@@ -182,37 +198,100 @@ class DecodeEngine(FailOver, Engine):
             self._pending.append(h)
         self._wake.set()
 
+    # -- streamed K/V (engine/kv_stream.py): blocks reserved while the prompt is prefilled elsewhere --------
+    def reserve(self, num_prompt: int, params: SamplingParams) -> Sequence | None:
+        """Blocks for a prompt of `num_prompt` positions and its first token, whose K/V will stream in
+        while it is prefilled, and a place among max_running; None when there is no room."""
+        if self.down is not None:
+            return None
+        with self._lock:
+            s, waiting = self.sched, [h for h in self._pending if h.held is None]
+            if len(s.running) + len(waiting) + len(self._held) >= s.cfg.max_running:
+                return None
+            if s.blocks.num_free - sum(s.blocks.blocks_for(len(h.token_ids)) for h in waiting) < \
+                    s.blocks.blocks_for(num_prompt + 1):
+                return None
+            held = s.reserve(num_prompt + 1, params)
+            if held is not None:
+                self._held[held] = s.blocks
+            return held
+
+    def release(self, held: Sequence, kvs: KVStream | None) -> None:
+        """Give a reservation back once no box of its stream is in a call any more (any thread, no lock)."""
+        self._releasing.append((held, kvs))
+        self._wake.set()
+
+    def _give_back(self) -> None:
+        """Under the lock: reservations released whose streams are quiet go back to the pool."""
+        for _ in range(len(self._releasing)):
+            held, kvs = self._releasing.popleft()
+            if kvs is not None and kvs.outstanding > 0:  # a box is still being written into its blocks
+                self._releasing.append((held, kvs))
+            elif self._held.pop(held, None) is self.sched.blocks:  # not if the pool was re-made since
+                self.sched.unreserve(held)
+
+    def _next_handoff(self) -> _Handoff | None:
+        """Under the lock: the first waiting sequence whose K/V are here (pulled, or streamed in)."""
+        return next((h for h in self._pending if h.kvs is None or h.kvs.finished), None)
+
     def _between_steps(self) -> None:
         with self._lock:
             if self.down is not None:  # recovery: what still waits to come here goes back at once
                 self._lost += [(h.stream, self.down) for h in self._pending]
+                for h in self._pending:
+                    if h.held is not None:
+                        self._releasing.append((h.held, h.kvs))
                 self._pending.clear()
+            self._give_back()
         self._hand_over()
         while True:
             with self._lock:
                 if self._failed is not None:  # no recovery: what waits would be pushed to the same failed devices
                     while self._pending:
-                        self._pending.popleft().stream._end("abort", self._failed)
+                        h = self._pending.popleft()
+                        if h.held is not None:
+                            self._releasing.append((h.held, h.kvs))
+                        h.stream._end("abort", self._failed)
                     self._failed = None
-                if not self._pending:
+                h = self._next_handoff()
+                if h is None:
                     return
-                h = self._pending[0]
+                if h.kvs is not None and (h.kvs.error is not None or self._held.get(h.held) is not self.sched.blocks):
+                    self._pending.remove(h)  # its stream failed (or this pool was re-made under it)
+                    self._releasing.append((h.held, h.kvs))
+                    error = h.kvs.error or GalaxyError("the decode group's KV pool was re-made while K/V streamed in")
+                    if self.fallback is not None:
+                        self._lost.append((h.stream, error))
+                        self._wake.set()
+                    else:
+                        h.stream._end("abort", error)
+                    continue
                 if h.decode_split not in (None, self.mover.decode.partition):  # re-planned since the pull:
-                    self._pending.popleft()  # the boxes fit the old split; run its tokens again here instead
+                    self._pending.remove(h)  # the boxes fit the old split; run its tokens again here instead
                     self._requeue(h)
                     continue
                 try:
-                    seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline)
+                    seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline, reserved=h.held)
                 except InvalidRequest as e:  # longer than this group's pool holds (can_take refuses it first)
-                    self._pending.popleft()
+                    self._pending.remove(h)
+                    if h.held is not None:
+                        self._releasing.append((h.held, h.kvs))
                     h.stream._end("abort", e)
                     continue
                 if seq is None:  # no room until running sequences finish
                     return
-                self._pending.popleft()
+                self._pending.remove(h)
                 self.streams[seq.seq_id] = h.stream
                 h.stream.seq = seq
                 table = tuple(seq.block_table)
+                if h.kvs is not None:  # streamed: its K/V are in the blocks it reserved, which it now holds
+                    self._held.pop(h.held, None)
+                    t = h.kvs.timing()
+                    gen = h.stream.generation
+                    self._adopted(gen, KVHandoff(len(gen.tokens), t.nbytes, t.export_s, 0.0, t.import_s,
+                                                 time.perf_counter() - h.stream.submitted, t.hidden_s, t.exposed_s,
+                                                 True))
+                    continue
             t0 = time.perf_counter()
             try:
                 self.mover.push(h.boxes, table, self.pool)
@@ -227,9 +306,15 @@ class DecodeEngine(FailOver, Engine):
                 continue
             now = time.perf_counter()
             gen = h.stream.generation
-            gen.handoff = KVHandoff(len(gen.tokens), h.nbytes, h.export_s, t0 - h.pulled_at, now - t0,
-                                    now - h.stream.submitted)
-            self.adopted += 1
+            self._adopted(gen, KVHandoff(len(gen.tokens), h.nbytes, h.export_s, t0 - h.pulled_at, now - t0,
+                                         now - h.stream.submitted, exposed_s=now - h.pulled_at + h.export_s))
+
+    def _adopted(self, gen: Generation, handoff: KVHandoff) -> None:
+        gen.handoff = handoff
+        self.adopted += 1
+        self.transfer["streamed"] += handoff.streamed
+        self.transfer["hidden_s"] += handoff.hidden_s
+        self.transfer["exposed_s"] += handoff.exposed_s
 
     def take_over(self, stream: GenerationStream, error: GalaxyError) -> None:
         """With recovery: a sequence the prefill group lost when no device of it survived runs all its
@@ -264,6 +349,8 @@ class DecodeEngine(FailOver, Engine):
             h = next((x for x in self._pending if x.stream is stream), None)
             if h is not None:
                 self._pending.remove(h)
+                if h.held is not None:
+                    self._releasing.append((h.held, h.kvs))
                 stream._end("abort")
                 return
         super()._cancel(stream)
@@ -284,8 +371,11 @@ class PrefillEngine(FailOver, Engine):
     phase = "prefill"
 
     def __init__(self, executor: Executor, model: ModelConfig, tokenizer, config: EngineConfig,
-                 decode: DecodeEngine, mover: KVMover):
-        self.decode, self.mover = decode, mover
+                 decode: DecodeEngine, mover: KVMover, streamer: KVStreamer | None = None):
+        self.decode, self.mover, self.streamer = decode, mover, streamer
+        self._kvs: dict[int, tuple[KVStream, Sequence]] = {}  # streaming sequences: their stream, decode blocks
+        self._unstreamed: set[int] = set()  # sequences whose stream was dropped (preempted): they move after
+        self.dropped_streams = 0
         self._ready: list[int] = []  # sequences that got a token and may move (the loop's thread only)
         self.moved = 0
         self.kept_tokens = 0  # tokens decoded here while the decode group had no room (backpressure)
@@ -308,8 +398,91 @@ class PrefillEngine(FailOver, Engine):
         if not seq.is_finished and seq.seq_id in self.streams:
             self._ready.append(seq.seq_id)
 
+    # -- streamed K/V (engine/kv_stream.py) --------------------------------------------------------
+    def _stream_chunks(self) -> None:
+        """After a step: queue each streaming prompt's chunks finished since, and open a stream (blocks
+        reserved on the decode group) for each prompt with more chunks to run; drop the stream of a
+        sequence preempted or gone here."""
+        opening = []
+        with self._lock:
+            for sid, (kvs, _) in list(self._kvs.items()):
+                seq = self.sched.live.get(sid)
+                if seq is None or sid not in self.streams:  # cancelled
+                    self._drop_stream(sid)
+                elif seq.status is not SequenceStatus.RUNNING or seq.num_preemptions != kvs.preemptions:
+                    self._drop_stream(sid, moved_after=True)  # preempted: its blocks here may have been reused
+            for seq in self.sched.running:
+                sid = seq.seq_id
+                if not 0 < seq.num_computed < seq.num_prompt or sid not in self.streams or sid in self._unstreamed:
+                    continue
+                if sid in self._kvs:
+                    self.streamer.send(self._kvs[sid][0], seq.num_computed, seq.block_table)
+                else:
+                    opening.append((sid, seq.num_prompt, seq.params))
+        for sid, num_prompt, params in opening:  # the decode group's lock, never under this one
+            held = self.decode.reserve(num_prompt, params)
+            if held is None:
+                continue  # no room there now: asks again after the next chunk (or moves after the prefill)
+            with self._lock:
+                seq = self.sched.live.get(sid)
+                if seq is None or seq.status is not SequenceStatus.RUNNING or sid not in self.streams:
+                    self.decode.release(held, None)
+                    continue
+                kvs = self.streamer.open(sid, held.block_table, seq.num_preemptions, (self.pool, self.decode.pool),
+                                         wake=self.decode._wake.set)
+                self._kvs[sid] = (kvs, held)
+                self.streamer.send(kvs, seq.num_computed, seq.block_table)
+
+    def _drop_stream(self, sid: int, moved_after: bool = False) -> None:
+        """Under the lock: stop streaming `sid` and give its decode blocks back once no box is in a call
+        (moved_after: the sequence goes on here and moves after its prefill, the first increment's way)."""
+        entry = self._kvs.pop(sid, None)
+        if entry is not None:
+            self.streamer.cancel(entry[0])
+            self.decode.release(entry[1], entry[0])
+        if moved_after and entry is not None:
+            self._unstreamed.add(sid)
+            self.dropped_streams += 1
+        elif not moved_after:
+            self._unstreamed.discard(sid)
+
+    def _hand_streamed(self, sid: int) -> bool:
+        """A streaming sequence got its first token: queue its last chunk, wait until its boxes are
+        read here (not pushed: the decode group adopts it when they are), free its blocks here and hand
+        it over. A failed or stalled stream ends the request with that error -- or, with recovery on,
+        it moves after its prefill instead (False: the caller does that), whose failure recovery covers."""
+        kvs, held = self._kvs[sid]
+        with self._lock:
+            seq = self.sched.live[sid]
+            self.streamer.send(kvs, seq.num_computed, seq.block_table, last=True)
+        try:
+            self.streamer.wait_exported(kvs)
+        except GalaxyError as e:
+            with self._lock:
+                if self.decode.fallback is not None:
+                    self._drop_stream(sid)
+                    return False
+                if self.sched.abort(sid):
+                    self._finish(sid, "abort", e)
+                self._drop_stream(sid)
+            return True
+        with self._lock:
+            stream = self.streams.get(sid)
+            if stream is None:  # cancelled meanwhile
+                self._drop_stream(sid)
+                return True
+            self._kvs.pop(sid)
+            self.sched.abort(sid)  # frees its blocks here (their prefix stays cached)
+            self.streams.pop(sid)
+            self.decode.hand(_Handoff(stream, list(seq.token_ids), seq.num_prompt, seq.params, seq.deadline, [], 0,
+                                      0.0, time.perf_counter(), kvs=kvs, held=held))
+            self.moved += 1
+        return True
+
     def _between_steps(self) -> None:
         self._hand_over()
+        if self.streamer is not None:
+            self._stream_chunks()
         ready, self._ready = self._ready, []
         for sid in ready:
             with self._lock:
@@ -318,6 +491,10 @@ class PrefillEngine(FailOver, Engine):
                         or seq.num_uncomputed != 1):
                     continue
                 table, tokens, token_ids = tuple(seq.block_table), seq.num_computed, list(seq.token_ids)
+                streamed = sid in self._kvs
+                self._unstreamed.discard(sid)
+            if streamed and self._hand_streamed(sid):
+                continue
             nbytes = self.mover.seq_bytes(tokens)
             if not self.decode.can_take(len(token_ids), nbytes):
                 continue  # decodes here this step; tries again at its next token
@@ -348,7 +525,10 @@ class PrefillEngine(FailOver, Engine):
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
         """A request that ends here with a device's error is told it was the prefill group's. With
         recovery, such an error means no device of this group survived (a re-planning executor re-plans
-        over the survivors and raises CacheLost instead): the sequence goes to the decode group."""
+        over the survivors and raises CacheLost instead): the sequence goes to the decode group. A stream
+        of its K/V stops either way."""
+        if seq_id in self._kvs or seq_id in self._unstreamed:
+            self._drop_stream(seq_id)
         error = None if error is None else phase_error(error, self.phase)
         stream = self.streams.get(seq_id)
         if self.fallback is None or stream is None or not isinstance(error, (PeerUnreachable, WorkerError)):
@@ -378,10 +558,15 @@ class DisaggEngine:
         self.mover = KVMover(prefill, decode, model, config)
         self.mover.plan()  # both loaded, same model: refused here, not at the first request
         self.decode = DecodeEngine(decode, model, tokenizer, decode_config, self.mover, config.max_pending_bytes)
+        self.streamer = None if config.stream is None else KVStreamer(prefill, decode, model, self.mover.plan,
+                                                                      config.stream)
         try:
-            self.prefill = PrefillEngine(prefill, model, tokenizer, prefill_config, self.decode, self.mover)
+            self.prefill = PrefillEngine(prefill, model, tokenizer, prefill_config, self.decode, self.mover,
+                                         self.streamer)
         except BaseException:
             self.decode.close()
+            if self.streamer is not None:
+                self.streamer.close()
             raise
         if config.recover:
             self.decode.fallback = self.prefill.take_back
@@ -406,7 +591,8 @@ class DisaggEngine:
         """The Engine's figures over both groups (requests running and waiting in either, the decode
         group's KV pool, each device's KV bytes named by group), and each group's own under
         "prefill" / "decode" with the moves: sequences moved, tokens decoded on the prefill group
-        for want of room, K/V bytes held at the coordinator now."""
+        for want of room, K/V bytes held at the coordinator now, and the transfer time hidden behind
+        the prefill and exposed after the first token, summed over the sequences adopted."""
         pre, dec = self.prefill.load, self.decode.load
         with self.decode._lock:
             pending = len(self.decode._pending)
@@ -420,7 +606,9 @@ class DisaggEngine:
                 "kept_tokens": self.prefill.kept_tokens, "pending_bytes": self.decode.pending_bytes,
                 "recovered": self.prefill.recovered, "decode_down": None if self.decode.down is None else
                 str(self.decode.down), "taken_over": self.decode.taken_over,
-                "prefill_down": None if self.prefill.down is None else str(self.prefill.down)}
+                "prefill_down": None if self.prefill.down is None else str(self.prefill.down),
+                "kv_transfer": dict(self.decode.transfer, adopted=self.decode.adopted,
+                                    inflight_bytes=self.streamer.inflight if self.streamer else 0)}
 
     @property
     def last_step(self):
@@ -429,5 +617,7 @@ class DisaggEngine:
 
     def close(self, error: GalaxyError | None = None) -> None:
         self.prefill.close(error)
+        if self.streamer is not None:
+            self.streamer.close()
         self.decode.close(error)
 

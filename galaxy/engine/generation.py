@@ -57,6 +57,12 @@ class KVHandoff:
     waited_s: float  # held at the coordinator until the decode group had room
     import_s: float  # pushing them into the decode devices
     adopted_s: float  # seconds since submission when the decode group held them
+    # streamed while the prompt was prefilled (engine/kv_stream.py): of the pulls and pushes, the time that
+    # ran before the first token (hidden_s) and the time from the first token until the K/V were all on the
+    # decode group (exposed_s); moved after the prefill, nothing is hidden and exposed_s is the whole move
+    hidden_s: float = 0.0
+    exposed_s: float = 0.0
+    streamed: bool = False
 
     @property
     def transfer_s(self) -> float:

@@ -166,25 +166,45 @@ class Scheduler:
         self.waiting.append(seq)
         return seq
 
-    def adopt(self, token_ids, num_prompt: int, params: SamplingParams, deadline: float | None = None
-              ) -> Sequence | None:
+    def adopt(self, token_ids, num_prompt: int, params: SamplingParams, deadline: float | None = None,
+              reserved: Sequence | None = None) -> Sequence | None:
         """Admit, running, a sequence whose K/V of every token but the last were computed elsewhere
         (phase-separated serving: another device group prefilled it, engine/disagg.py); the caller
-        writes them into its fresh blocks before the next step, which decodes its last token. None
-        while there is no room: blocks for its tokens and the next, or a place among max_running."""
+        writes them into its fresh blocks before the next step, which decodes its last token (or
+        wrote them already into the blocks `reserved` for it). None while there is no room: blocks
+        for its tokens and the next, or a place among max_running."""
         tokens = list(token_ids)
         n = len(tokens) - 1
         if not 1 <= num_prompt <= n or len(tokens) >= self.cfg.max_model_len:
             raise InvalidRequest(f"cannot adopt a sequence of {len(tokens)} tokens ({num_prompt} of the prompt) "
                                  f"into max_model_len={self.cfg.max_model_len}")
-        if len(self.running) >= self.cfg.max_running or self.blocks.num_free < self.blocks.blocks_for(n + 1):
+        have = len(reserved.block_table) if reserved is not None else 0
+        if (len(self.running) >= self.cfg.max_running
+                or self.blocks.num_free < max(0, self.blocks.blocks_for(n + 1) - have)):
             return None
         seq = Sequence(next(self._ids), tokens, num_prompt, params, arrival=self.clock(), deadline=deadline)
+        if reserved is not None:  # its K/V were streamed into these while it was prefilled elsewhere
+            seq.block_table, reserved.block_table = reserved.block_table, []
         self.blocks.append(seq, n)  # fresh blocks, never the prefix cache: its K/V arrive by import
         seq.num_computed, seq.status = n, SequenceStatus.RUNNING
         self.live[seq.seq_id] = seq
         bisect.insort(self.running, seq, key=lambda s: s.seq_id)
         return seq
+
+    def reserve(self, num_tokens: int, params: SamplingParams) -> Sequence | None:
+        """Fresh blocks for the first `num_tokens` positions of a sequence still being prefilled on
+        another group, so its K/V can be streamed into them chunk by chunk (engine/kv_stream.py);
+        `adopt(..., reserved=)` takes them over, `unreserve` gives them back. The holder is neither
+        live nor scheduled. None while the blocks are not free."""
+        if not 1 <= num_tokens < self.cfg.max_model_len or self.blocks.num_free < self.blocks.blocks_for(num_tokens):
+            return None
+        held = Sequence(-1, [], 0, params, arrival=self.clock())
+        self.blocks.append(held, num_tokens)
+        return held
+
+    def unreserve(self, held: Sequence) -> None:
+        """Give back the blocks of a reservation that will not be adopted (nothing if it was)."""
+        self.blocks.free(held)
 
     def abort(self, seq_id: int, reason: FinishReason = FinishReason.ABORT) -> bool:
         """End a sequence now (client gone, cancelled, or a stop string the engine saw in its text)

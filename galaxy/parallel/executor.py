@@ -193,15 +193,19 @@ class Executor(Protocol):
         The pool is allocated on each device at the first step that names it."""
 
     def export_kv(self, rank: int, block_table: tuple[int, ...], tokens: int, layers: tuple[int, int],
-                  heads: tuple[int, int], pool: KVPool) -> torch.Tensor:
-        """Phase-separated serving: positions [0, tokens) of the sequence in `block_table` of the pool,
-        layers x KV heads (global ids) that `rank` holds -> (layers, 2, heads, tokens, head_dim)
-        (parallel.kv_transfer: the box format). Between steps only."""
+                  heads: tuple[int, int], pool: KVPool, start: int = 0, while_stepping: bool = False
+                  ) -> torch.Tensor:
+        """Phase-separated serving: positions [start, tokens) of the sequence in `block_table` of the
+        pool, layers x KV heads (global ids) that `rank` holds -> (layers, 2, heads, tokens - start,
+        head_dim) (parallel.kv_transfer: the box format). Between steps, unless `while_stepping`: the
+        caller vouches that no step writes those positions (a prompt's finished chunk, streamed while
+        its next chunk runs: engine/kv_stream.py)."""
 
     def import_kv(self, rank: int, block_table: tuple[int, ...], box: torch.Tensor, layers: tuple[int, int],
-                  heads: tuple[int, int], pool: KVPool) -> None:
-        """Write such a box into `rank`'s pool (allocated first if no step has), after checking its
-        shape, dtype and blocks (KVTransferError: refused, pool untouched). Between steps only."""
+                  heads: tuple[int, int], pool: KVPool, start: int = 0) -> None:
+        """Write such a box at positions [start, start + box.shape[3]) into `rank`'s pool (allocated
+        first if no step has), after checking its shape, dtype and blocks (KVTransferError: refused,
+        pool untouched). Between steps only."""
 
     def release(self) -> None:
         """Drop the loaded model on every device (the executor stays usable)."""

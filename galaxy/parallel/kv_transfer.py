@@ -124,16 +124,18 @@ def plan_between(prefill: Partition, decode: Partition, cfg: ModelConfig) -> tup
 
 
 # -- a box in a device's paged pool ----------------------------------------------------------------
-def _slots(block_table, tokens: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(tokens)
+def _slots(block_table, tokens: int, block_size: int, start: int = 0) -> torch.Tensor:
+    pos = torch.arange(start, tokens)
     table = torch.as_tensor(list(block_table), dtype=torch.long)
     return table[pos // block_size] * block_size + pos % block_size
 
 
 def check_box(holding: KVHolding, layers: Range, heads: Range, tokens: int, block_table, num_blocks: int,
-              block_size: int, who: str = "device") -> None:
-    """Refuse a box this device does not hold, or a block table that cannot hold `tokens`
-    positions inside its pool, before touching the pool."""
+              block_size: int, who: str = "device", start: int = 0) -> None:
+    """Refuse a box this device does not hold, positions [start, tokens) that are no range, or a
+    block table that cannot hold `tokens` positions inside its pool, before touching the pool."""
+    if not 0 <= start < tokens:
+        raise KVTransferError(f"{who}: positions {start}..{tokens} are no range of a sequence")
     if not (holding.layers[0] <= layers[0] < layers[1] <= holding.layers[1]):
         raise KVTransferError(f"{who}: layers {layers[0]}..{layers[1]} are not within its layers "
                               f"{holding.layers[0]}..{holding.layers[1]}")
@@ -148,11 +150,12 @@ def check_box(holding: KVHolding, layers: Range, heads: Range, tokens: int, bloc
 
 
 def read_box(cache: PagedKVCache, holding: KVHolding, block_table, tokens: int, layers: Range,
-             heads: Range, who: str = "device") -> torch.Tensor:
-    """K/V of positions [0, tokens) of the sequence in `block_table`, layers x KV heads (global ids)
-    -> (layers, 2, heads, tokens, hd), a copy."""
-    check_box(holding, layers, heads, tokens, block_table, cache.num_blocks, cache.block_size, who)
-    slots = _slots(block_table, tokens, cache.block_size)
+             heads: Range, who: str = "device", start: int = 0) -> torch.Tensor:
+    """K/V of positions [start, tokens) of the sequence in `block_table`, layers x KV heads (global
+    ids) -> (layers, 2, heads, tokens - start, hd), a copy. A range > 0 is a chunk of a prompt
+    streamed while the rest of it runs (engine/kv_stream.py)."""
+    check_box(holding, layers, heads, tokens, block_table, cache.num_blocks, cache.block_size, who, start)
+    slots = _slots(block_table, tokens, cache.block_size, start)
     a, b = heads[0] - holding.heads[0], heads[1] - holding.heads[0]
     out = [torch.stack((cache.k[str(i)][a:b].index_select(1, slots), cache.v[str(i)][a:b].index_select(1, slots)))
            for i in range(*layers)]
@@ -160,24 +163,24 @@ def read_box(cache: PagedKVCache, holding: KVHolding, block_table, tokens: int, 
 
 
 def write_box(cache: PagedKVCache, holding: KVHolding, block_table, box: torch.Tensor, layers: Range,
-              heads: Range, who: str = "device") -> None:
-    """Store a box (layers, 2, heads, tokens, hd) at positions [0, tokens) of the sequence in
+              heads: Range, who: str = "device", start: int = 0) -> None:
+    """Store a box (layers, 2, heads, n, hd) at positions [start, start + n) of the sequence in
     `block_table`. Its shape and dtype are checked against what the box must be first: a wrong
     one is refused (KVTransferError) with the pool untouched."""
     if box.dim() != 5:
         raise KVTransferError(f"{who}: a K/V box has 5 dimensions (layers, 2, heads, tokens, head_dim), "
                               f"got shape {tuple(box.shape)}")
-    tokens = box.shape[3]
+    tokens = start + box.shape[3]
     some = next(iter(cache.k.values()), None)
     hd = some.shape[2] if some is not None else box.shape[4]
-    want = (layers[1] - layers[0], 2, heads[1] - heads[0], tokens, hd)
+    want = (layers[1] - layers[0], 2, heads[1] - heads[0], box.shape[3], hd)
     if tuple(box.shape) != want:
         raise KVTransferError(f"{who}: K/V box of shape {tuple(box.shape)}, expected {want} (layers {layers[0]}.."
-                              f"{layers[1]}, KV heads {heads[0]}..{heads[1]}, {tokens} positions)")
+                              f"{layers[1]}, KV heads {heads[0]}..{heads[1]}, positions {start}..{tokens})")
     if some is not None and box.dtype != some.dtype:
         raise KVTransferError(f"{who}: K/V box of {box.dtype}, this device keeps {some.dtype}")
-    check_box(holding, layers, heads, tokens, block_table, cache.num_blocks, cache.block_size, who)
-    slots = _slots(block_table, tokens, cache.block_size)
+    check_box(holding, layers, heads, tokens, block_table, cache.num_blocks, cache.block_size, who, start)
+    slots = _slots(block_table, tokens, cache.block_size, start)
     a, b = heads[0] - holding.heads[0], heads[1] - holding.heads[0]
     for j, i in enumerate(range(*layers)):
         cache.k[str(i)][a:b].index_copy_(1, slots, box[j, 0])
@@ -230,17 +233,17 @@ def rank_holding(rt: RankRuntime) -> KVHolding:
 
 
 def export_box(rt: RankRuntime, pool: KVPool, block_table, tokens: int, layers: Range, heads: Range,
-               who: str = "device") -> torch.Tensor:
+               who: str = "device", start: int = 0) -> torch.Tensor:
     """A box of one sequence's K/V from this rank's paged pool (the prefill side): refused unless
     the pool the engine sized is the one allocated here and holds the box."""
     if not rt.holds_pool(pool):
         raise KVTransferError(f"{who}: no KV pool of {pool.num_blocks} blocks x {pool.block_size} here to export "
                               "from (no step ran on it yet, or it was re-sized)")
-    return read_box(rt.paged, rank_holding(rt), block_table, tokens, layers, heads, who)
+    return read_box(rt.paged, rank_holding(rt), block_table, tokens, layers, heads, who, start)
 
 
 def import_box(rt: RankRuntime, pool: KVPool, block_table, box: torch.Tensor, layers: Range, heads: Range,
-               who: str = "device") -> None:
+               who: str = "device", start: int = 0) -> None:
     """Write a box into this rank's paged pool (the decode side), allocating the pool first if no
     step has yet (within this device's KV budget, RankRuntime.paged_cache)."""
-    write_box(rt.paged_cache(pool), rank_holding(rt), block_table, box, layers, heads, who)
+    write_box(rt.paged_cache(pool), rank_holding(rt), block_table, box, layers, heads, who, start)

@@ -122,11 +122,12 @@ class InprocCluster:
             rt.validate_step(step, pool)
         return self._run(lambda rt, comm: rt.run_step(comm, step, pool), step.ids.shape[0])
 
-    def export_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool) -> torch.Tensor:
-        return export_box(self._runtime(rank), pool, block_table, tokens, layers, heads, self.names[rank])
+    def export_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, start: int = 0,
+                  while_stepping: bool = False) -> torch.Tensor:
+        return export_box(self._runtime(rank), pool, block_table, tokens, layers, heads, self.names[rank], start)
 
-    def import_kv(self, rank: int, block_table, box: torch.Tensor, layers, heads, pool: KVPool) -> None:
-        import_box(self._runtime(rank), pool, block_table, box, layers, heads, self.names[rank])
+    def import_kv(self, rank: int, block_table, box: torch.Tensor, layers, heads, pool: KVPool, start: int = 0) -> None:
+        import_box(self._runtime(rank), pool, block_table, box, layers, heads, self.names[rank], start)
 
     def _runtime(self, rank: int) -> RankRuntime:
         if self.partition is None:

@@ -316,20 +316,22 @@ class Cluster:
         msg = step_to_proto(step, pool, self.session_id, rid)
         return self._on_every_worker("Step", "step", rid, [msg] * self.world, step.ids.shape[0])
 
-    def export_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool) -> torch.Tensor:
+    def export_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, start: int = 0,
+                  while_stepping: bool = False) -> torch.Tensor:
         """A box of one sequence's K/V from worker `rank` (the Executor interface), its shape checked."""
-        msg = kv_box_to_proto(self.session_id, block_table, tokens, layers, heads, pool)
+        msg = kv_box_to_proto(self.session_id, block_table, tokens, layers, heads, pool, start=start,
+                              while_stepping=while_stepping)
         rep = self._kv_call(rank, "ExportKV", msg, "K/V export")
         box = from_proto(rep.kv, f"K/V box from {self.names[rank]}")
-        want = (layers[1] - layers[0], 2, heads[1] - heads[0], tokens, self.config.head_dim)
+        want = (layers[1] - layers[0], 2, heads[1] - heads[0], tokens - start, self.config.head_dim)
         if tuple(box.shape) != want:
             raise KVTransferError(f"{self.names[rank]}: sent a K/V box of shape {tuple(box.shape)}, expected {want}")
         return box
 
-    def import_kv(self, rank: int, block_table, box: torch.Tensor, layers, heads, pool: KVPool) -> None:
+    def import_kv(self, rank: int, block_table, box: torch.Tensor, layers, heads, pool: KVPool, start: int = 0) -> None:
         """Write a box into worker `rank`'s pool (the Executor interface); the worker checks it first."""
-        self._kv_call(rank, "ImportKV", kv_box_to_proto(self.session_id, block_table, box.shape[3], layers, heads,
-                                                        pool, box), "K/V import")
+        self._kv_call(rank, "ImportKV", kv_box_to_proto(self.session_id, block_table, start + box.shape[3], layers,
+                                                        heads, pool, box, start=start), "K/V import")
 
     def _kv_call(self, rank: int, rpc: str, msg, action: str):
         if self.partition is None:

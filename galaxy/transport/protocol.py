@@ -220,10 +220,11 @@ def decompress(m: pb.Tensor, decoded: int, scales: pb.Tensor | None, what: str) 
 
 # --- K/V boxes of phase-separated serving (galaxy/parallel/kv_transfer.py) --------------------------
 def kv_box_to_proto(session_id: str, block_table, tokens: int, layers: tuple[int, int], heads: tuple[int, int],
-                    pool: KVPool, box: torch.Tensor | None = None) -> pb.KVBox:
+                    pool: KVPool, box: torch.Tensor | None = None, start: int = 0,
+                    while_stepping: bool = False) -> pb.KVBox:
     m = pb.KVBox(session_id=session_id, block_table=list(block_table), num_tokens=tokens, layer_lo=layers[0],
                  layer_hi=layers[1], head_lo=heads[0], head_hi=heads[1], num_blocks=pool.num_blocks,
-                 block_size=pool.block_size)
+                 block_size=pool.block_size, start=start, while_stepping=while_stepping)
     if box is not None:
         fill_proto(m.kv, box)
     return m
@@ -241,3 +242,10 @@ def kv_box_from_proto(m: pb.KVBox) -> tuple[tuple[int, ...], int, tuple[int, int
         raise TransportError(f"K/V box: layers {m.layer_lo}..{m.layer_hi}, KV heads {m.head_lo}..{m.head_hi}")
     return (tuple(m.block_table), int(m.num_tokens), (m.layer_lo, m.layer_hi), (m.head_lo, m.head_hi),
             KVPool(m.num_blocks, m.block_size))
+
+
+def kv_box_start(m: pb.KVBox) -> int:
+    """The first position of a K/V box request ([start, num_tokens): a streamed chunk of a prompt)."""
+    if not 0 <= m.start < m.num_tokens:
+        raise TransportError(f"K/V box: positions {m.start}..{m.num_tokens}")
+    return int(m.start)

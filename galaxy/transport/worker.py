@@ -64,6 +64,7 @@ from .protocol import (
     fill_proto,
     from_proto,
     kv_box_from_proto,
+    kv_box_start,
     serialize_tensor_reply,
     step_from_proto,
 )
@@ -393,6 +394,13 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def _kv_call(self, request, context, handler):
         sess = self._session_or_abort(request.session_id, context)
+        if handler == self._export_kv and request.while_stepping:
+            # a prompt's finished chunk, streamed while its next chunk runs (engine/kv_stream.py): no step
+            # writes those positions, and the pool is not re-sized under a step, so no need to wait for it
+            t0 = time.perf_counter()
+            reply = handler(sess, request, context)
+            reply.seconds = time.perf_counter() - t0
+            return reply
         if not self.lock.acquire(timeout=KV_WAIT_S):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: busy with a step for {KV_WAIT_S:g} s")
         try:
@@ -406,7 +414,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     def _export_kv(self, sess: _Session, request, context):
         try:
             table, tokens, layers, heads, pool = kv_box_from_proto(request)
-            box = export_box(sess.runtime, pool, table, tokens, layers, heads, self.s.name)
+            box = export_box(sess.runtime, pool, table, tokens, layers, heads, self.s.name, kv_box_start(request))
         except (TransportError, ValueError, GalaxyError) as e:  # KVTransferError is a TransportError
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V export refused: {e}")
         reply = pb.KVReply()
@@ -417,9 +425,10 @@ class WorkerService(pb_grpc.WorkerServicer):
         rt = sess.runtime
         try:
             table, tokens, layers, heads, pool = kv_box_from_proto(request)
+            start = kv_box_start(request)
             box = from_proto(request.kv, "K/V box")
-            if box.dim() != 5 or box.shape[3] != tokens:
-                raise TransportError(f"K/V box of shape {tuple(box.shape)} for {tokens} positions")
+            if box.dim() != 5 or box.shape[3] != tokens - start:
+                raise TransportError(f"K/V box of shape {tuple(box.shape)} for positions {start}..{tokens}")
         except (TransportError, ValueError, GalaxyError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V import refused: {e}")
         if self.s.memory_budget and not rt.holds_pool(pool):  # an import may be the first to allocate the pool
@@ -428,7 +437,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             except DeviceOutOfMemory as e:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         try:
-            import_box(rt, pool, table, box.to(self.s.device), layers, heads, self.s.name)
+            import_box(rt, pool, table, box.to(self.s.device), layers, heads, self.s.name, start)
         except (MemoryError, DeviceOutOfMemory) as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory: {e}")
         except (TransportError, ValueError, GalaxyError) as e:

@@ -208,14 +208,17 @@ def test_the_phase_bench_runs_both_placements_on_the_same_requests_with_the_same
     pre, dec = loaded(split([3, 1, 2])), loaded(split([6]))
     try:
         w = Workload(num_requests=3, concurrency=2, input_len=12, output_len=4)
-        report = run_phase_bench(pre, dec, CFG, None, w, EngineConfig(block_size=4, kv_blocks=40), reps=2)
+        report = run_phase_bench(pre, dec, CFG, None, w, EngineConfig(block_size=4, kv_blocks=40, chunk_size=4),
+                                 reps=2)  # 12-token prompts in 3 chunks: the streamed placement streams two early
     finally:
         pre.close()
         dec.close()
-    assert report["outputs_identical"] and set(report["unloaded"]) == {"colocated", "disaggregated"}
-    moved = report["unloaded"]["disaggregated"]
+    assert report["outputs_identical"] and set(report["unloaded"]) == {"colocated", "disaggregated", "streamed"}
     per_token = 2 * CFG.n_layers * CFG.n_kv_heads * CFG.head_dim * 4
-    assert moved["kv_bytes"] == 12 * per_token and moved["transfer_s"] > 0
+    for name in ("disaggregated", "streamed"):
+        moved = report["unloaded"][name]
+        assert moved["kv_bytes"] == 12 * per_token and moved["transfer_s"] > 0 and moved["exposed_s"] > 0
+    assert report["unloaded"]["disaggregated"]["hidden_s"] == 0  # moved after the prefill: nothing hidden
     assert "transfer_s" not in report["unloaded"]["colocated"]
     assert all(r["completed"] == 3 and r["failed"] == 0 for r in report["loaded"].values())
     assert "greedy outputs identical: yes" in table(report)

@@ -1,7 +1,8 @@
 """Phase-separated serving over real gRPC workers: prefill on three worker processes (HMP, uneven
-heads), decode on a fourth, the K/V moved through ExportKV/ImportKV -- greedy tokens equal the
-single-device reference; a bad box or a wrong token is refused with a typed error; a decode device
-that drops out ends the requests on it with an error that names it."""
+heads), decode on a fourth, the K/V moved through ExportKV/ImportKV (after the prefill, or streamed
+chunk by chunk while it runs) -- greedy tokens equal the single-device reference; a bad box or a
+wrong token is refused with a typed error; a decode device that drops out ends the requests on it
+with an error that names it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from galaxy.errors import AuthError, GalaxyError, KVTransferError
 from galaxy.parallel.rank import KVPool
 from galaxy.runtime.sources import reference_generate
 from galaxy.transport.client import Cluster, ModelRef
+from galaxy.transport.protocol import kv_box_to_proto
 from galaxy.transport.spawn import LocalWorkers
 from tests.engine.test_disagg import CFG, SRC, prompts, split  # the in-process tests' model, splits, prompts
 
@@ -35,8 +37,8 @@ def test_greedy_tokens_equal_the_reference_prefill_on_three_worker_processes_dec
         try:
             got: list = [None] * len(ps)
 
-            def ask(i):
-                got[i] = engine.generate(ps[i], GenerationConfig(8, stop_at_eos=False))
+            def ask(i):  # the 23-token prompt in chunks of 8: its K/V stream while its later chunks run
+                got[i] = engine.generate(ps[i], GenerationConfig(8, stop_at_eos=False, prefill_chunk=8 * (i == 2)))
 
             threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(ps))]
             for t in threads:
@@ -47,6 +49,7 @@ def test_greedy_tokens_equal_the_reference_prefill_on_three_worker_processes_dec
             engine.close()
     assert [g.tokens for g in got] == want
     assert all(g.handoff is not None and g.handoff.export_s > 0 and g.handoff.import_s > 0 for g in got)
+    assert got[2].handoff.streamed and not got[1].handoff.streamed  # 5 tokens: one chunk, moved after
 
 
 def test_a_bad_box_or_a_wrong_token_is_refused_by_the_worker_with_a_typed_error(servers):
@@ -63,10 +66,19 @@ def test_a_bad_box_or_a_wrong_token_is_refused_by_the_worker_with_a_typed_error(
             c.import_kv(0, (1, 2), good.half(), (0, CFG.n_layers), (0, 2), pool)
         with pytest.raises(KVTransferError, match="w0.*outside the pool"):
             c.import_kv(0, (1, 7), good, (0, CFG.n_layers), (0, 2), pool)
+        with pytest.raises(KVTransferError, match="w0.*positions 10..10"):  # a streamed chunk of no positions
+            c.export_kv(0, (1, 2), 10, (0, CFG.n_layers), (0, 2), pool, start=10, while_stepping=True)
+        with pytest.raises(KVTransferError, match="w0.*positions 4..10"):  # a chunk [4, 10) of 5 positions
+            c._kv_call(0, "ImportKV", kv_box_to_proto(c.session_id, (1, 2), 10, (0, CFG.n_layers), (0, 2), pool,
+                                                      good[:, :, :, :5], start=4), "K/V import")
+        chunk = c.export_kv(0, (1, 2), 10, (0, CFG.n_layers), (0, 2), pool, start=4, while_stepping=True)
+        assert torch.equal(chunk, good[:, :, :, 4:])
         with Cluster(addrs, token="wrong") as intruder:
             intruder.session_id, intruder.partition, intruder.config = c.session_id, c.partition, c.config
             with pytest.raises(AuthError):
                 intruder.import_kv(0, (1, 2), good + 1, (0, CFG.n_layers), (0, 2), pool)
+            with pytest.raises(AuthError):  # a read while a step runs is authenticated as every call
+                intruder.export_kv(0, (1, 2), 10, (0, CFG.n_layers), (0, 2), pool, start=4, while_stepping=True)
         assert torch.equal(c.export_kv(0, (1, 2), 10, (0, CFG.n_layers), (0, 2), pool), good)  # untouched
 
 
