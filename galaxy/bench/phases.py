@@ -29,6 +29,7 @@ from dataclasses import asdict, replace
 from ..engine.disagg import DisaggConfig, DisaggEngine
 from ..engine.engine import Engine, EngineConfig
 from ..engine.generation import GenerationConfig
+from ..engine.kv_stream import StreamConfig
 from ..parallel.executor import Executor
 from .serve import Workload, requests, run_workload, summarise
 
@@ -69,8 +70,9 @@ def run_phase_bench(prefill: Executor, decode: Executor, cfg, tokenizer, workloa
         raise ValueError(f"output_len={workload.output_len}: the steady TPOT needs at least 3 tokens")
     makers = {"colocated": lambda: Engine(prefill, cfg, tokenizer, engine),
               "disaggregated": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
-                                                    DisaggConfig(stream=None)),
-              "streamed": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine, DisaggConfig())}
+                                                    DisaggConfig()),
+              "streamed": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
+                                               DisaggConfig(stream=StreamConfig()))}
     report = {"workload": asdict(workload), "engine": asdict(engine), "reps": reps,
               "prefill_devices": list(prefill.names), "decode_devices": list(decode.names),
               "unloaded": {}, "loaded": {}}

@@ -53,6 +53,7 @@ from ..model.config import ModelConfig
 from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece, box_bytes
 from ..parallel.rank import KVPool
+from .disagg_faults import phase_error
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ class KVStreamer:
                 with self._cv:
                     self.inflight -= b.nbytes
                     kvs.exported += 1
-                    self._fail(kvs, e)
+                    self._fail(kvs, phase_error(e, "prefill"))
                     self._drop(kvs)
                 continue
             t1 = time.perf_counter()
@@ -293,7 +294,7 @@ class KVStreamer:
                 for dst in b.dsts:
                     self.decode.import_kv(dst, kvs.dest_table, box, b.layers, b.heads, kvs.pools[1], start=b.start)
             except GalaxyError as e:
-                error = e
+                error = phase_error(e, "decode")  # a request it ends is told which group's device failed
             t1 = time.perf_counter()
             with self._cv:
                 self.inflight -= b.nbytes

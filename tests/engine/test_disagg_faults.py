@@ -37,11 +37,11 @@ def kill_before(kill, executor, method: str, call: int) -> None:
     timing: the failure meets that call)."""
     real, calls = getattr(executor, method), []
 
-    def wrapped(*args):
+    def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == call:
             kill()
-        return real(*args)
+        return real(*args, **kwargs)
 
     setattr(executor, method, wrapped)
 

@@ -38,7 +38,7 @@ def disagg():
     def make(prefill, decode, pconf, dconf, config=None):
         pe, de = loaded(prefill), loaded(decode)
         made.append((pe, de))
-        made.append(DisaggEngine(pe, de, CFG, None, pconf, dconf, config or DisaggConfig()))
+        made.append(DisaggEngine(pe, de, CFG, None, pconf, dconf, config or DisaggConfig(stream=StreamConfig())))
         return made[-1]
 
     yield make
@@ -205,7 +205,7 @@ def test_a_stream_config_is_checked_field_by_field():
 
 
 def test_with_recovery_a_failed_stream_moves_the_sequence_after_its_prefill_with_the_same_tokens(disagg):
-    engine = disagg(split([3, 3]), split([6]), PREFILL, DECODE, DisaggConfig(recover=True))
+    engine = disagg(split([3, 3]), split([6]), PREFILL, DECODE, DisaggConfig(recover=True, stream=StreamConfig()))
     engine.streamer.prefill = Tampering(engine.streamer.prefill, lambda box: box.half())
     p = prompts((30,), seed=12)[0]
     out = engine.generate(p, GenerationConfig(5, stop_at_eos=False), timeout=60)

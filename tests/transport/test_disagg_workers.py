@@ -15,6 +15,7 @@ import torch
 from galaxy.engine.disagg import DisaggConfig, DisaggEngine
 from galaxy.engine.engine import EngineConfig
 from galaxy.engine.generation import GenerationConfig
+from galaxy.engine.kv_stream import StreamConfig
 from galaxy.errors import AuthError, GalaxyError, KVTransferError
 from galaxy.parallel.rank import KVPool
 from galaxy.runtime.sources import reference_generate
@@ -33,7 +34,8 @@ def test_greedy_tokens_equal_the_reference_prefill_on_three_worker_processes_dec
         pre.load_ref(REF, split([3, 1, 2]))
         dec.load_ref(REF, split([6]))
         engine = DisaggEngine(pre, dec, CFG, None, EngineConfig(block_size=4, kv_blocks=32),
-                              EngineConfig(block_size=8, kv_blocks=16), DisaggConfig(chunk_bytes=2048))
+                              EngineConfig(block_size=8, kv_blocks=16),
+                              DisaggConfig(chunk_bytes=2048, stream=StreamConfig()))
         try:
             got: list = [None] * len(ps)
 
