@@ -268,8 +268,10 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
     try:
         if bench.galaxy:
             galaxy_formats = ["fp32", *(f for f in bench.formats if parse_format(f).name != "fp32")]
+            # a decode count above this row's threads is not a run at this thread count: left out
+            counts = [dt for dt in bench.decode_threads if dt <= threads] or [0]
             for f in galaxy_formats:
-                for dt in bench.decode_threads:
+                for dt in counts:
                     progress(f"{threads} thread(s): loading galaxy {f} on 1 in-process device")
                     path = _GalaxyPath(InprocCluster(1), source, 1, bench.prefill_tokens, weights_format=f,
                                        decode_threads=dt)
@@ -279,7 +281,7 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
                 workers = LocalWorkers(bench.local, threads=threads)
                 addresses = workers.start()
                 for f in galaxy_formats:
-                    for dt in bench.decode_threads:
+                    for dt in counts:
                         progress(f"{threads} thread(s): loading galaxy {f} on {bench.local} local workers")
                         path = _GalaxyPath(Cluster(addresses), source, bench.local, bench.prefill_tokens,
                                            weights_format=f, decode_threads=dt)
