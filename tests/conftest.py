@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import galaxy.parallel.rank as rank_module
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
 
@@ -48,3 +49,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def step_threads_seen(monkeypatch) -> list[tuple[int, int]]:
+    """(tokens, intra-op threads) of every rank pass in this process (in-process ranks and workers), as
+    the rank's forward sees them (galaxy.parallel.threads)."""
+    seen = []
+    inner = rank_module.rank_forward
+
+    def spy(model, comm, partition, p):
+        seen.append((int(p.ids.numel()), torch.get_num_threads()))
+        return inner(model, comm, partition, p)
+
+    monkeypatch.setattr(rank_module, "rank_forward", spy)
+    return seen

@@ -122,7 +122,8 @@ def cmd_run(args) -> int:
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
                 "dtype": args.dtype, "input": how, "seq_len": int(req.ids.shape[0]),
                 "partition": partition_rows(partition, req), "wire": wire or "fp32", "chat_template": templated,
-                "backend": session.executor.backends or args.backend, "weights_format": model.weights_format}
+                "backend": session.executor.backends or args.backend, "weights_format": model.weights_format,
+                "decode_threads": getattr(session.executor, "decode_threads", None)}
         if generating:
             return _run_generate(args, model, req, gc, base, seconds)
         return _run_forward(args, model, req, base, seconds, infos)

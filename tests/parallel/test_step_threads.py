@@ -9,7 +9,6 @@ import threading
 import pytest
 import torch
 
-import galaxy.parallel.rank as rank_module
 from galaxy.engine.engine import Engine
 from galaxy.engine.generation import GenerationConfig
 from galaxy.errors import InvalidRequest, PlanMismatch
@@ -49,20 +48,6 @@ def _generate(executor, n: int = 6) -> list[int]:
         return engine.generate(PROMPT, GenerationConfig(n, stop_at_eos=False)).tokens
     finally:
         engine.close()
-
-
-@pytest.fixture
-def step_threads_seen(monkeypatch) -> list[tuple[int, int]]:
-    """(tokens, intra-op threads) of every rank pass, as the rank's forward sees them."""
-    seen = []
-    inner = rank_module.rank_forward
-
-    def spy(model, comm, partition, p):
-        seen.append((int(p.ids.numel()), torch.get_num_threads()))
-        return inner(model, comm, partition, p)
-
-    monkeypatch.setattr(rank_module, "rank_forward", spy)
-    return seen
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int4"])
