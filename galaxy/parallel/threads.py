@@ -10,8 +10,9 @@ engine's decode step took 17.0 ms at 1 thread and 21.7 at 2, while the 256-token
 
 What a step runs with is `StepThreads.for_tokens(tokens)`: the decode count for steps of at most
 `decode_max_tokens` tokens, the prefill count above. The decode count is measured per device at load
-(`measure_decode_threads`: the shard's own matmuls on one row, timed at 1 and at the prefill count,
-interleaved, under a second), unless given (`LoadOptions.decode_threads`, `--decode-threads`).
+(`measure_step_threads`: the shard's own matmuls on one row, timed at 1 and at the prefill count,
+interleaved, within MEASURE_BUDGET_S and one more pass), unless given (`LoadOptions.decode_threads`,
+`--decode-threads`).
 
 Thread safety: `torch.set_num_threads` on this build (OpenMP, libgomp) sets the *calling thread's*
 team size (OpenMP's nthreads ICV is per thread) and a process-wide default that a thread takes on its
