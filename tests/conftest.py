@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import galaxy.parallel.rank as rank_module
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
 
@@ -82,3 +83,18 @@ def servers():
     s = Servers()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def step_threads_seen(monkeypatch) -> list[tuple[int, int]]:
+    """(tokens, intra-op threads) of every rank pass in this process (in-process ranks and workers), as
+    the rank's forward sees them (galaxy.parallel.threads)."""
+    seen = []
+    inner = rank_module.rank_forward
+
+    def spy(model, comm, partition, p):
+        seen.append((int(p.ids.numel()), torch.get_num_threads()))
+        return inner(model, comm, partition, p)
+
+    monkeypatch.setattr(rank_module, "rank_forward", spy)
+    return seen

@@ -119,6 +119,9 @@ class DecodeBench:
     accuracy: bool = True
     accuracy_tokens: int = ACCURACY_TOKENS
     seed: int = 0  # random token ids for a model without a tokenizer
+    # the galaxy rows' decode-step threads (LoadOptions.decode_threads), a row per value: 0 = each device's
+    # own count measured at load (the default everywhere), N = N threads
+    decode_threads: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         for f in self.formats:
@@ -132,6 +135,9 @@ class DecodeBench:
             raise DecodeBenchError(f"decode bench: threads={self.threads} must be counts >= 1")
         if self.local < 0:
             raise DecodeBenchError(f"decode bench: local={self.local} must be >= 0")
+        if not self.decode_threads or min(self.decode_threads) < 0:
+            raise DecodeBenchError(f"decode bench: decode_threads={self.decode_threads} must be counts >= 1, or 0 "
+                                   "(measured at load)")
 
 
 def greedy(dec: LlamaDecoder, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
@@ -180,11 +186,12 @@ class _GalaxyPath:
     format (parallel.compact: in-process ranks and workers alike)."""
 
     def __init__(self, executor, source: WeightSource, world: int, prefill_tokens: int, workers=None,
-                 weights_format: str = "fp32"):
+                 weights_format: str = "fp32", decode_threads: int = 0):
         cfg = source.config
         self.executor, self.workers = executor, workers  # workers: the processes behind it, stopped on close
-        self.weight_bytes = sum(executor.load(source, even_partition(cfg, world),
-                                              LoadOptions(weights_format=weights_format)))
+        options = LoadOptions(weights_format=weights_format, decode_threads=decode_threads)
+        self.weight_bytes = sum(executor.load(source, even_partition(cfg, world), options))
+        self.decode_threads = list(executor.decode_threads)  # what each device's decode steps ran with
         # One step holds the whole prefill; no prefix cache, or every run after the first would reuse it.
         self.engine = Engine(executor, cfg, config=EngineConfig(max_batched_tokens=max(256, prefill_tokens),
                                                                 prefix_caching=False))
@@ -206,6 +213,15 @@ class _GalaxyPath:
         finally:
             if self.workers is not None:
                 self.workers.stop()
+
+
+def _galaxy_entry(name: str, path: _GalaxyPath, fmt: str, decode_threads: int) -> _Entry:
+    """A galaxy row: named for its decode threads when they were given, else measured at load."""
+    suffix = f", decode {decode_threads} thr" if decode_threads else ""
+    return _Entry(name + suffix, path, {"format": f"{parse_format(fmt)} (engine blocks)",
+                                        "weight_MB": path.weight_bytes / 1e6,
+                                        "decode_threads": max(path.decode_threads, default=0),
+                                        "decode_threads_measured": not decode_threads})
 
 
 @dataclass
@@ -251,23 +267,25 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
     workers = None  # the loopback workers every local row's coordinator shares (one session per format)
     try:
         if bench.galaxy:
-            for f in ["fp32", *(f for f in bench.formats if parse_format(f).name != "fp32")]:
-                progress(f"{threads} thread(s): loading galaxy {f} on 1 in-process device")
-                path = _GalaxyPath(InprocCluster(1), source, 1, bench.prefill_tokens, weights_format=f)
-                entries.append(_Entry(f"galaxy {f}, 1 device (in-process)", path,
-                                      {"format": f"{parse_format(f)} (engine blocks)",
-                                       "weight_MB": path.weight_bytes / 1e6}))
+            galaxy_formats = ["fp32", *(f for f in bench.formats if parse_format(f).name != "fp32")]
+            # a decode count above this row's threads is not a run at this thread count: left out
+            counts = [dt for dt in bench.decode_threads if dt <= threads] or [0]
+            for f in galaxy_formats:
+                for dt in counts:
+                    progress(f"{threads} thread(s): loading galaxy {f} on 1 in-process device")
+                    path = _GalaxyPath(InprocCluster(1), source, 1, bench.prefill_tokens, weights_format=f,
+                                       decode_threads=dt)
+                    entries.append(_galaxy_entry(f"galaxy {f}, 1 device (in-process)", path, f, dt))
             if bench.local:
                 progress(f"{threads} thread(s): starting {bench.local} loopback workers")
                 workers = LocalWorkers(bench.local, threads=threads)
                 addresses = workers.start()
-                for f in ["fp32", *(f for f in bench.formats if parse_format(f).name != "fp32")]:
-                    progress(f"{threads} thread(s): loading galaxy {f} on {bench.local} local workers")
-                    path = _GalaxyPath(Cluster(addresses), source, bench.local, bench.prefill_tokens,
-                                       weights_format=f)
-                    entries.append(_Entry(f"galaxy {f}, {bench.local} local workers", path,
-                                          {"format": f"{parse_format(f)} (engine blocks)",
-                                           "weight_MB": path.weight_bytes / 1e6}))
+                for f in galaxy_formats:
+                    for dt in counts:
+                        progress(f"{threads} thread(s): loading galaxy {f} on {bench.local} local workers")
+                        path = _GalaxyPath(Cluster(addresses), source, bench.local, bench.prefill_tokens,
+                                           weights_format=f, decode_threads=dt)
+                        entries.append(_galaxy_entry(f"galaxy {f}, {bench.local} local workers", path, f, dt))
         for f in bench.formats:
             fmt = parse_format(f)
             progress(f"{threads} thread(s): loading the decoder in {fmt}")
@@ -385,9 +403,10 @@ def table(report: dict) -> str:
     lines = [f"decode bench: {report['model']} (torch {report['torch']}; llama.cpp: {report['anchor']})",
              f"decode: median over {report['reps']} runs of each run's median one-token step "
              f"({report['new_tokens']} steps); prefill: one pass into an empty cache; token gap: the engine "
-             "path's median time between tokens as its client gets them (ms)", ""]
-    head = f"{'threads':>7}  {'engine':<34} {'weights':<24} {'MB':>7} {'ms/token':>9} {'x llama.cpp':>11} " \
-           f"{'prefill':>11} {'greedy=1st':>10} {'token gap':>9}"
+             "path's median time between tokens as its client gets them (ms); decode thr: the galaxy path's "
+             "threads on a decode step ((m): measured at load; prefill runs on all the row's threads)", ""]
+    head = f"{'threads':>7}  {'engine':<48} {'weights':<24} {'MB':>7} {'ms/token':>9} {'x llama.cpp':>11} " \
+           f"{'prefill':>11} {'greedy=1st':>10} {'token gap':>9} {'decode thr':>10}"
     lines.append(head)
     for t in sorted({r["threads"] for r in report["speed"]}):
         rows = [r for r in report["speed"] if r["threads"] == t]
@@ -395,9 +414,11 @@ def table(report: dict) -> str:
         for r in rows:
             ratio = f"{r['decode_ms'] / anchor_ms:.2f}" if anchor_ms else "-"
             mb = f"{r['weight_MB']:.1f}" if "weight_MB" in r else "-"
-            lines.append(f"{t:>7}  {r['engine']:<34} {r['format']:<24} {mb:>7} {r['decode_ms']:>9.1f} {ratio:>11} "
+            dthr = (f"{r['decode_threads']}{' (m)' if r['decode_threads_measured'] else ''}"
+                    if "decode_threads" in r else "-")
+            lines.append(f"{t:>7}  {r['engine']:<48} {r['format']:<24} {mb:>7} {r['decode_ms']:>9.1f} {ratio:>11} "
                          f"{r['prefill_s']:>8.3f} s {'yes' if r['greedy_as_first'] else 'no':>10} "
-                         f"{format(r['token_gap_ms'], '9.1f') if 'token_gap_ms' in r else '-':>9}")
+                         f"{format(r['token_gap_ms'], '9.1f') if 'token_gap_ms' in r else '-':>9} {dthr:>10}")
     if report["accuracy"]:
         lines += ["", f"accuracy vs the fp32 reference forward ({report['accuracy'][0]['tokens']} tokens, "
                   "teacher-forced); greedy text of the first prompt",

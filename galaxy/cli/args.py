@@ -15,6 +15,7 @@ from ..engine.arguments import stop_strings
 from ..engine.generation import GenerationConfig
 from ..engine.sampling import SamplingConfig
 from ..model.quant import FormatError, parse_format
+from ..parallel.threads import DECODE_MAX_TOKENS
 
 
 def progress(msg: str) -> None:
@@ -149,6 +150,13 @@ def add_weights_format_arg(p: argparse.ArgumentParser) -> None:
                    "int8, int4, int4-fp32, ... (NAME[-ACT][-gGROUP][:HEAD]), or auto: int4 for a Q4 GGUF such as the "
                    "embedded SmolLM2, fp32 for float checkpoints; a streamed shard travels in it "
                    "(docs/decode-formats.md)")
+
+
+def add_decode_threads_arg(p) -> None:
+    p.add_argument("--decode-threads", type=int_at_least(1), metavar="N",
+                   help=f"intra-op threads of a decode step (at most {DECODE_MAX_TOKENS} tokens) on every device; "
+                   "prompt chunks keep all of a device's threads (default: each device times its decode matmuls "
+                   "at 1 and at all its threads when it loads, and keeps the faster; docs/decode-formats.md)")
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,7 @@ from ..errors import GalaxyError
 from ..model.config import preset
 from ..runtime.api import connect
 from ..runtime.sources import open_source
-from .args import add_cluster_args, add_model_args, floats, ints, output_file, progress, rates
+from .args import add_cluster_args, add_model_args, floats, int_at_least, ints, output_file, progress, rates
 from .serve import add_engine_args, engine_config, serve_placement
 
 EXAMPLES = """examples:
@@ -118,6 +118,9 @@ def add_parser(sub) -> None:
     dc.add_argument("--no-anchor", action="store_true", help="leave llama.cpp out even when it is installed")
     dc.add_argument("--no-galaxy", action="store_true", help="leave the galaxy engine path out")
     dc.add_argument("--no-accuracy", action="store_true", help="speed only")
+    dc.add_argument("--decode-threads", type=_decode_threads_list, default=(0,), metavar="auto|N,..",
+                    help="the galaxy rows' threads on a decode step, a row per value: auto (default: each device "
+                    "measures its own at load) or a count, e.g. auto,2 for both side by side")
     co = p.add_argument_group("galaxy bench collectives: loopback ranks (--reps timed calls per case, default 2000)")
     co.add_argument("--world", type=ints, default=[2, 3], help="world sizes (default 2,3)")
     co.add_argument("--values", type=int, default=576, help="float32 values per all-reduce (default 576: SmolLM2's "
@@ -168,12 +171,22 @@ def cmd_bench(args) -> int:
     return _emit(args, report, bench.table, bench.plot)
 
 
+def _decode_threads_list(text: str) -> tuple[int, ...]:
+    """--decode-threads for bench decode: comma-separated "auto" (0: measured at load) or counts >= 1."""
+    out = []
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        out.append(0 if part == "auto" else int_at_least(1)(part))
+    if not out:
+        raise argparse.ArgumentTypeError("expected auto or thread counts, e.g. auto,2")
+    return tuple(out)
+
+
 def cmd_bench_decode(args) -> int:
     threads = (args.threads,) if args.threads else tuple(sorted({1, os.cpu_count() or 1}))
     config = decode_bench.DecodeBench(
         formats=args.weights_format, threads=threads, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
         reps=args.reps or 3, compile=not args.no_compile, anchor=not args.no_anchor, galaxy=not args.no_galaxy,
-        local=args.local or 0, accuracy=not args.no_accuracy, seed=args.seed)
+        local=args.local or 0, accuracy=not args.no_accuracy, seed=args.seed, decode_threads=args.decode_threads)
     source = open_source(args.model, args.random_init, args.seed)
     report = decode_bench.run_decode_bench(source, config, progress=progress)
     if args.plot:

@@ -11,17 +11,20 @@ from ..parallel.sharding import Strategy
 from ..runtime.sources import open_source
 from .args import (
     add_cluster_args,
+    add_decode_threads_arg,
     add_generation_args,
     add_model_args,
+    add_weights_format_arg,
     floats,
     generation_config,
     int_at_least,
     progress,
 )
-from .session import device_count, open_session, partition_from_args
+from .session import device_count, open_session, partition_from_args, weights_format_from_args
 
 EXAMPLES = """examples:
   galaxy chat --system "You are concise."
+  galaxy chat --weights-format auto                    # the embedded SmolLM2 in int4, as llama.cpp runs its file
   galaxy chat --cluster devices/clusters/hetero-trio.yaml --max-new-tokens 128
 """
 
@@ -37,6 +40,8 @@ def add_parser(sub) -> None:
     chat.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
     chat.add_argument("--tiles", type=int_at_least(1), default=1, help="sub-tiles per device chunk in each ring step")
     chat.add_argument("--system", help="system prompt (kept on the devices between turns)")
+    add_weights_format_arg(chat)
+    add_decode_threads_arg(chat)
     add_generation_args(chat, default_tokens=256)
     chat.set_defaults(func=cmd_chat)
 
@@ -47,10 +52,12 @@ def cmd_chat(args) -> int:
         raise GalaxyError(f"chat needs a causal LM with a tokenizer; {source.path} is not one")
     gc_all = generation_config(args)  # checked before any worker starts
     n = device_count(args)
+    weights_format = weights_format_from_args(args, source)
+    partition = partition_from_args(args, source.config, n, weights_format)
     with open_session(args, n) as session:
         progress("loading shards")
-        lm = session.load(source, partition=partition_from_args(args, source.config, n),
-                          strategy=getattr(args, "strategy", "galaxy"), dtype=args.dtype, tiles=args.tiles)
+        lm = session.load(source, partition=partition, strategy=getattr(args, "strategy", "galaxy"), dtype=args.dtype,
+                          tiles=args.tiles, weights_format=weights_format, decode_threads=args.decode_threads)
         history = [{"role": "system", "content": args.system}] if args.system else []
         print(f"galaxy chat: {source.config.name} on {n} devices. Ctrl-C stops a reply, /reset clears the "
               "history, /exit or Ctrl-D quits.", file=sys.stderr)

@@ -19,6 +19,7 @@ from ..runtime.report import layer_overlap
 from ..runtime.sources import DEFAULT_PROMPT, make_request, open_source, reference_generate, reference_output
 from .args import (
     add_cluster_args,
+    add_decode_threads_arg,
     add_generation_args,
     add_input_args,
     add_model_args,
@@ -73,6 +74,7 @@ def add_parser(sub) -> None:
                           "devices read the checkpoint path themselves; auto: path for --local, else stream")
     run.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
     add_weights_format_arg(run)
+    add_decode_threads_arg(run)
     add_generation_args(run)
     run.add_argument("--raw", action="store_true", help="with --max-new-tokens on a chat model: send the prompt as "
                      "plain text (default: as a user message, through the model's chat template)")
@@ -113,13 +115,15 @@ def cmd_run(args) -> int:
         reserve = int(req.ids.shape[0]) + (args.max_new_tokens or 0)  # what the devices hold memory for
         model = session.load(source, partition=partition, strategy=args.strategy, dtype=args.dtype, tiles=args.tiles,
                              stream_weights=stream_flag(args), wire=wire, backend=args.backend,
-                             seq_len=min(reserve, cfg.max_positions), weights_format=weights_format)
+                             seq_len=min(reserve, cfg.max_positions), weights_format=weights_format,
+                             decode_threads=args.decode_threads)
         partition = model.partition
         seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,
                 "dtype": args.dtype, "input": how, "seq_len": int(req.ids.shape[0]),
                 "partition": partition_rows(partition, req), "wire": wire or "fp32", "chat_template": templated,
-                "backend": session.executor.backends or args.backend, "weights_format": model.weights_format}
+                "backend": session.executor.backends or args.backend, "weights_format": model.weights_format,
+                "decode_threads": getattr(session.executor, "decode_threads", None)}
         if generating:
             return _run_generate(args, model, req, gc, base, seconds)
         return _run_forward(args, model, req, base, seconds, infos)

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..engine.engine import EngineConfig
 from ..errors import GalaxyError
 from ..serving.server import Server
-from .args import add_cluster_args, add_model_args, add_weights_format_arg, number_in, size
+from .args import add_cluster_args, add_decode_threads_arg, add_model_args, add_weights_format_arg, number_in, size
 from .session import device_count, open_session, read_plan
 
 EXAMPLES = """examples:
@@ -37,6 +37,7 @@ def add_parser(subparsers):
     p.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o` (its \"serve\" section, if "
                    "any, places prefill and decode)")
     add_weights_format_arg(p)
+    add_decode_threads_arg(p)
     ph = p.add_argument_group("phase-separated serving (docs/engine.md)")
     ph.add_argument("--prefill-devices", metavar="I,J,..", help="devices (indices, names or addresses) that prefill "
                     "prompts, split HMP over them; with --decode-devices")
@@ -94,7 +95,8 @@ def cmd_serve(args) -> int:
         placement = serve_placement(args)
         model = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
                              plan=None if placement else args.plan, placement=placement,
-                             weights_format=args.weights_format, engine=engine_config(args))
+                             weights_format=args.weights_format, engine=engine_config(args),
+                             decode_threads=args.decode_threads)
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
                         request_timeout=args.request_timeout,

@@ -50,6 +50,9 @@ class LoadOptions:
     # parallel.compact_wire): fp32 is the exact reference.
     weights_format: str = "fp32"
     seq_len: int = 0  # tokens each device reserves memory for (KV + a prefill of as many); 0: memory's default
+    # intra-op threads of a step of few tokens (decode; parallel/threads.py), on every device; steps of
+    # many tokens keep the device's own count. 0: each device measures its own at load
+    decode_threads: int = 0
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -69,6 +72,9 @@ class LoadOptions:
         need(fmt.name == "fp32" or self.backend == "torch",
              f"weights_format={self.weights_format!r} runs on the torch backend, not backend={self.backend!r}")
         need(isinstance(self.seq_len, int) and self.seq_len >= 0, f"seq_len={self.seq_len!r} must be an integer >= 0")
+        need(isinstance(self.decode_threads, int) and not isinstance(self.decode_threads, bool)
+             and self.decode_threads >= 0,
+             f"decode_threads={self.decode_threads!r} must be an integer >= 1, or 0 to measure it on each device")
         if self.wire is not None:
             wire = tuple(tuple(row) for row in self.wire)
             object.__setattr__(self, "wire", wire)  # lists in, tuples kept: the options stay hashable

@@ -7,6 +7,7 @@ model and its cache before any peer waits on it: a bad request fails here, by na
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from ..model.transformer import Transformer
 from .collectives import Collectives
 from .forward import Request, Step, rank_forward, request_pass, step_pass
 from .sharding import Partition
+from .threads import StepThreads, intra_op_threads
 
 DEFAULT_KV_BYTES = 256 << 20  # per device: the paged pool is allocated whole at the engine's first step
 
@@ -36,9 +38,12 @@ class KVPool:
 
 class RankRuntime:
     def __init__(self, model: Transformer, partition: Partition, rank: int, tiles: int = 1,
-                 kv_max_bytes: int = DEFAULT_KV_BYTES, overlap: bool = True):
+                 kv_max_bytes: int = DEFAULT_KV_BYTES, overlap: bool = True, threads: StepThreads | None = None):
         self.model, self.partition, self.rank, self.tiles = model, partition, rank, max(1, tiles)
         self.overlap = overlap
+        # intra-op threads per step by its token count (parallel/threads.py), set on the thread that runs
+        # the step; None: the calling thread's count, whatever it is
+        self.threads = threads
         self.kv_max_bytes = kv_max_bytes
         self.paged: PagedKVCache | None = None  # allocated by the engine's first step
 
@@ -74,7 +79,8 @@ class RankRuntime:
 
     def run(self, comm: Collectives, req: Request):
         """This rank's output piece for `req` (None on non-final pipeline stages)."""
-        return rank_forward(self.model, comm, self.partition, request_pass(req))
+        with self._threads_for(req.ids.numel()):
+            return rank_forward(self.model, comm, self.partition, request_pass(req))
 
     def validate_step(self, step: Step, pool: KVPool) -> None:
         """Refuse a step this rank cannot run, before any peer waits on it: every rank checks the
@@ -126,7 +132,12 @@ class RankRuntime:
         rows (None on non-final pipeline stages)."""
         kv = self.paged_cache(pool)
         kv.copy_blocks(step.copies)
-        return rank_forward(self.model, comm, self.partition, step_pass(step, kv))
+        with self._threads_for(step.ids.numel()):
+            return rank_forward(self.model, comm, self.partition, step_pass(step, kv))
+
+    def _threads_for(self, tokens: int):
+        """The step's intra-op thread count on this thread (decode or prefill, by its tokens)."""
+        return nullcontext() if self.threads is None else intra_op_threads(self.threads.for_tokens(tokens))
 
     def new_comm(self, transport, overlap: bool | None = None) -> Collectives:
         return Collectives(transport, self.tiles, overlap=self.overlap if overlap is None else overlap)

@@ -86,7 +86,7 @@ class Session:
              plan=None, dtype: str = "float32", tiles: int = 1, engine: EngineConfig | None = None,
              stream_weights: bool | None = None, wire: list[list[str]] | str | None = None,
              backend: str = "torch", weights_format: str | None = None, seq_len: int = 0,
-             placement: Placement | dict | None = None) -> Model:
+             placement: Placement | dict | None = None, decode_threads: int | None = None) -> Model:
         """Load `model` (default: the embedded SmolLM2) split across the devices.
 
         The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
@@ -111,6 +111,9 @@ class Session:
         prefilled on one group of devices and decoded on another, each sequence's K/V moved between
         them (galaxy.engine.disagg, docs/engine.md "Phase separation"); plan, partition, weights and
         strategy then do not apply.
+        decode_threads: intra-op threads of a step of few tokens (decode, galaxy.parallel.threads) on every
+        device; steps of many tokens (prefill chunks) keep each device's own count. Default: each device
+        times its shard's decode matmuls at 1 and at all its threads at load and keeps the faster.
         """
         if self.closed:
             raise GalaxyError("this session is closed; open a new one with galaxy.connect(...)")
@@ -120,6 +123,8 @@ class Session:
             raise InvalidRequest(f"model={model!r}: must be a path, 'smollm2', 'minilm' or a WeightSource, "
                                  f"got {type(model).__name__}")
         need_int("seed", seed)
+        if decode_threads is not None:
+            need_int("decode_threads", decode_threads, 1)
         if engine is not None and not isinstance(engine, EngineConfig):
             raise InvalidRequest(f"engine={engine!r}: must be a galaxy.engine.EngineConfig")
         if isinstance(model, WeightSource):
@@ -139,7 +144,8 @@ class Session:
             weights_format = plan.weights_format if plan is not None else "fp32"  # what the plan sized memory by
         weights_format = resolve_weights_format(weights_format, source)
         options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend,
-                              weights_format=weights_format, seq_len=min(seq_len, cfg.max_positions))
+                              weights_format=weights_format, seq_len=min(seq_len, cfg.max_positions),
+                              decode_threads=decode_threads or 0)
         if placement is None and plan is not None and plan.serve is not None and plan.serve.placement != "colocated":
             placement = self._plan_placement(plan, cfg)
         if isinstance(placement, dict):

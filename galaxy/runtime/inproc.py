@@ -20,6 +20,7 @@ from ..parallel.kv_transfer import export_box, import_box
 from ..parallel.local_transport import LocalGroup
 from ..parallel.rank import KVPool, RankRuntime
 from ..parallel.sharding import Partition, load_shard, shard_bytes
+from ..parallel.threads import measure_step_threads
 
 
 def _run_ranks(runtimes: list[RankRuntime], run, timeout: float, overlap: bool = True):
@@ -77,6 +78,7 @@ class InprocCluster:
         self.names = [f"thread{r}" for r in range(world)]
         self.backends: list[str] = []
         self.loaded_memory: list = []  # threads of this process: no per-device budget
+        self.decode_threads: list[int] = []  # each rank's intra-op threads on a decode step (parallel/threads.py)
 
     def hello(self) -> list:
         return []
@@ -98,6 +100,13 @@ class InprocCluster:
         self.runtimes = [RankRuntime(m, partition, r, options.tiles, kv_max_bytes=self.kv_bytes,
                                      overlap=options.overlap) for r, m in enumerate(models)]
         self.backends = [use_backend(rt.model, options.backend, torch.get_num_threads()) for rt in self.runtimes]
+        # on torch, prefill steps run with this thread's count at load, decode steps with options.decode_threads
+        # or the count each rank's shard measured fastest on one row (ONNX Runtime keeps its own threads)
+        prefill = torch.get_num_threads()
+        for rt, backend in zip(self.runtimes, self.backends):
+            if backend == "torch":
+                rt.threads = measure_step_threads(rt.model, prefill, options.decode_threads)[0]
+        self.decode_threads = [rt.threads.decode if rt.threads else prefill for rt in self.runtimes]
         self.partition, self.config = partition, cfg
         if fmt.name != "fp32":
             return [held_bytes(m) for m in models]
@@ -145,7 +154,7 @@ class InprocCluster:
         return ForwardResult(assemble(self.config, self.partition, outputs, seq), seconds, devices)
 
     def release(self) -> None:
-        self.runtimes, self.partition = [], None
+        self.runtimes, self.partition, self.decode_threads = [], None, []
 
     def close(self) -> None:
         self.release()

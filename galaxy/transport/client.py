@@ -124,6 +124,7 @@ class Cluster:
         self.backends: list[str] = []
         self.kv_capacity: list[tuple[int, int]] = []  # per rank, from its load: (KV bytes per token, KV budget)
         self.loaded_memory: list[LoadedMemory] = []
+        self.decode_threads: list[int] = []
         self._request_id = 0
 
     @property
@@ -250,7 +251,8 @@ class Cluster:
                                  peers=self.addresses, dtype=options.dtype, tiles=options.tiles,
                                  recv_timeout_s=recv_timeout, wire_formats=options.wire[r] if options.wire else [],
                                  no_overlap=not options.overlap, backend=options.backend, data_peers=data_peers,
-                                 seq_len=options.seq_len, weights_format=options.weights_format)
+                                 seq_len=options.seq_len, weights_format=options.weights_format,
+                                 decode_threads=options.decode_threads)
             return stub.Load(req, timeout=load_timeout, metadata=self._md())
 
         replies = self._all("load", call)
@@ -259,6 +261,7 @@ class Cluster:
         self.kv_capacity = [(r.kv_bytes_per_token, r.kv_budget_bytes) for r in replies]
         act = options.torch_dtype.itemsize
         self.loaded_memory = [LoadedMemory(r.memory_budget_bytes, r.rss_bytes, act, r.kv_budget_bytes) for r in replies]
+        self.decode_threads = [r.decode_threads for r in replies]  # each device's count on a decode step
         return replies
 
     def push_shards(self, source, partition: Partition, weights_format: str = "fp32") -> list[str]:

@@ -44,6 +44,7 @@ from ..parallel.forward import Request
 from ..parallel.kv_transfer import export_box, import_box
 from ..parallel.rank import DEFAULT_KV_BYTES, RankRuntime
 from ..parallel.sharding import Partition, PartitionError, Strategy, build_shard, meta_model, shard_state
+from ..parallel.threads import measure_step_threads
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from ..version import __version__
@@ -232,7 +233,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             sess.resident = rss
             return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s, rss_bytes=rss,
                                 backend=sess.backend, memory_budget_bytes=self.s.memory_budget,
-                                kv_bytes_per_token=rt.kv_bytes_per_token, kv_budget_bytes=rt.kv_max_bytes)
+                                kv_bytes_per_token=rt.kv_bytes_per_token, kv_budget_bytes=rt.kv_max_bytes,
+                                decode_threads=rt.threads.decode if rt.threads else self.s.threads)
 
     def _load(self, req: pb.LoadRequest) -> _Session:
         t0 = time.perf_counter()
@@ -308,7 +310,12 @@ class WorkerService(pb_grpc.WorkerServicer):
         load_s = time.perf_counter() - t0
         log.info("%s: loaded rank %d/%d of %s (%.0f MiB) in %.2f s", self.s.name, req.rank, partition.world,
                  source.path if source else "a streamed shard", weight_bytes / 2**20, load_s)
-        runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap)
+        threads = None  # ONNX Runtime sessions keep their own intra-op threads (backends/onnx.py)
+        if backend == "torch":  # a step of many tokens runs on --threads, one of few on the decode count
+            threads, timings = measure_step_threads(model, max(1, self.s.threads), int(req.decode_threads))
+            log.info("%s: decode steps on %d thread(s), prefill on %d%s", self.s.name, threads.decode,
+                     threads.prefill, "".join(f"; {n} thread(s) {s * 1e3:.2f} ms" for n, s in timings.items()))
+        runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap, threads=threads)
         return _Session(req.session_id, runtime, transport, weight_bytes, load_s, backend, params.act_bytes, seq)
 
     def _kv_budget(self, sess: _Session, resident: int) -> int:

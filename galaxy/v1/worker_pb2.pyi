@@ -147,7 +147,7 @@ class HaveShardReply(_message.Message):
     def __init__(self, content_hash: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend", "data_peers", "seq_len", "weights_format")
+    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend", "data_peers", "seq_len", "weights_format", "decode_threads")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARTITION_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class LoadRequest(_message.Message):
     DATA_PEERS_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_THREADS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelRef
     partition_json: str
@@ -176,10 +177,11 @@ class LoadRequest(_message.Message):
     data_peers: _containers.RepeatedScalarFieldContainer[str]
     seq_len: int
     weights_format: str
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ..., data_peers: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ..., weights_format: _Optional[str] = ...) -> None: ...
+    decode_threads: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ..., data_peers: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ..., weights_format: _Optional[str] = ..., decode_threads: _Optional[int] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("weight_bytes", "load_s", "rss_bytes", "backend", "kv_bytes_per_token", "kv_budget_bytes", "memory_budget_bytes")
+    __slots__ = ("weight_bytes", "load_s", "rss_bytes", "backend", "kv_bytes_per_token", "kv_budget_bytes", "memory_budget_bytes", "decode_threads")
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +189,7 @@ class LoadReply(_message.Message):
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_THREADS_FIELD_NUMBER: _ClassVar[int]
     weight_bytes: int
     load_s: float
     rss_bytes: int
@@ -194,7 +197,8 @@ class LoadReply(_message.Message):
     kv_bytes_per_token: int
     kv_budget_bytes: int
     memory_budget_bytes: int
-    def __init__(self, weight_bytes: _Optional[int] = ..., load_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+    decode_threads: int
+    def __init__(self, weight_bytes: _Optional[int] = ..., load_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., decode_threads: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "input_ids", "token_types", "start_pos", "last_only", "no_overlap", "measure_memory", "wire_formats")
