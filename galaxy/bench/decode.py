@@ -6,7 +6,10 @@ One process, one model, one thread count at a time. The engines, per thread coun
 - galaxy, 1 device: the real path -- the serving engine (`engine.Engine`) over an in-process executor
   with one rank, the paged KV cache, the model's blocks -- in fp32 and in each weight format
   (`LoadOptions.weights_format`, parallel/compact.py); with `local` also in fp32 and each format over
-  N loopback worker processes (`galaxy worker`), the path `galaxy run --local N` takes;
+  N loopback worker processes (`galaxy worker`), the path `galaxy run --local N` takes (decode on the
+  split, forced), and beside it the same workers loaded as `Session.load` does by default: prefill on
+  the split, decode where the planner predicts it fastest (runtime.decode_layout; the row
+  "planner's layout", its choice printed under the table);
 - the compact-format decoder (`model.decode.LlamaDecoder`) in each weight format, eager and, where
   torch.compile works here, compiled;
 - llama.cpp on the same GGUF file and thread count (`anchor.py`), when llama-cpp-python is
@@ -50,6 +53,7 @@ from ..model.decode import LlamaDecoder, load_decoder
 from ..model.quant import parse_format
 from ..parallel.executor import LoadOptions
 from ..parallel.sharding import even_partition, full_spec, load_shard
+from ..runtime.api import Session
 from ..runtime.inproc import InprocCluster
 from ..transport.client import Cluster
 from ..transport.spawn import LocalWorkers
@@ -116,6 +120,7 @@ class DecodeBench:
     anchor: bool = True  # llama.cpp, when llama-cpp-python is importable and the model is a GGUF file
     galaxy: bool = True  # the engine path on one in-process device, fp32
     local: int = 0  # also the engine path on N loopback workers (0: not)
+    planned: bool = True  # with local: also the decode layout the planner picks (runtime.decode_layout)
     accuracy: bool = True
     accuracy_tokens: int = ACCURACY_TOKENS
     seed: int = 0  # random token ids for a model without a tokenizer
@@ -208,6 +213,22 @@ class _GalaxyPath:
                 self.workers.stop()
 
 
+class _PlannedPath(_GalaxyPath):
+    """The serving engine as `Session.load` sets it up with no decode layout given: the model split
+    evenly over the workers for prefill, decode where the planner predicts it fastest
+    (runtime.decode_layout: the split, fewer workers, or one holding the whole model)."""
+
+    def __init__(self, addresses: list[str], source: WeightSource, prefill_tokens: int, weights_format: str):
+        self.workers = None
+        self.executor = Session(Cluster(addresses))  # closed as an executor is: the groups go with it
+        model = self.executor.load(source, weights_format=weights_format, stream_weights=False,
+                                   engine=EngineConfig(max_batched_tokens=max(256, prefill_tokens),
+                                                       prefix_caching=False), decode_layout="auto")
+        self.line = model.decode.line
+        self.weight_bytes = sum(model.weight_bytes) if model.weight_bytes else 0
+        self.engine = model.engine
+
+
 @dataclass
 class _Entry:
     name: str
@@ -268,6 +289,14 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
                     entries.append(_Entry(f"galaxy {f}, {bench.local} local workers", path,
                                           {"format": f"{parse_format(f)} (engine blocks)",
                                            "weight_MB": path.weight_bytes / 1e6}))
+                    if bench.planned:
+                        progress(f"{threads} thread(s): galaxy {f} on {bench.local} local workers, the planner's "
+                                 "decode layout")
+                        planned = _PlannedPath(addresses, source, bench.prefill_tokens, f)
+                        progress(planned.line)
+                        entries.append(_Entry(f"galaxy {f}, {bench.local} local workers, planner's layout", planned,
+                                              {"format": f"{parse_format(f)} (engine blocks)",
+                                               "decode_layout": planned.line}))
         for f in bench.formats:
             fmt = parse_format(f)
             progress(f"{threads} thread(s): loading the decoder in {fmt}")
@@ -386,7 +415,7 @@ def table(report: dict) -> str:
              f"decode: median over {report['reps']} runs of each run's median one-token step "
              f"({report['new_tokens']} steps); prefill: one pass into an empty cache; token gap: the engine "
              "path's median time between tokens as its client gets them (ms)", ""]
-    head = f"{'threads':>7}  {'engine':<34} {'weights':<24} {'MB':>7} {'ms/token':>9} {'x llama.cpp':>11} " \
+    head = f"{'threads':>7}  {'engine':<48} {'weights':<24} {'MB':>7} {'ms/token':>9} {'x llama.cpp':>11} " \
            f"{'prefill':>11} {'greedy=1st':>10} {'token gap':>9}"
     lines.append(head)
     for t in sorted({r["threads"] for r in report["speed"]}):
@@ -395,9 +424,12 @@ def table(report: dict) -> str:
         for r in rows:
             ratio = f"{r['decode_ms'] / anchor_ms:.2f}" if anchor_ms else "-"
             mb = f"{r['weight_MB']:.1f}" if "weight_MB" in r else "-"
-            lines.append(f"{t:>7}  {r['engine']:<34} {r['format']:<24} {mb:>7} {r['decode_ms']:>9.1f} {ratio:>11} "
+            lines.append(f"{t:>7}  {r['engine']:<48} {r['format']:<24} {mb:>7} {r['decode_ms']:>9.1f} {ratio:>11} "
                          f"{r['prefill_s']:>8.3f} s {'yes' if r['greedy_as_first'] else 'no':>10} "
                          f"{format(r['token_gap_ms'], '9.1f') if 'token_gap_ms' in r else '-':>9}")
+    for r in report["speed"]:
+        if "decode_layout" in r:
+            lines.append(f"{r['threads']:>7}  {r['engine']}: {r['decode_layout']}")
     if report["accuracy"]:
         lines += ["", f"accuracy vs the fp32 reference forward ({report['accuracy'][0]['tokens']} tokens, "
                   "teacher-forced); greedy text of the first prompt",

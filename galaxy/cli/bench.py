@@ -197,7 +197,9 @@ def cmd_bench_serve(args) -> int:
         _, addresses, token = bench_devices(stack, args.local, args.workers, args.cluster, args.token, args.threads)
         session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
         progress(f"loading the model on {len(addresses)} devices")
-        lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype)
+        # the bench drives the session's executor itself: the colocated split (decode_layout: runtime.decode_layout)
+        lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
+                          decode_layout="split")
         report = run_serve_bench(session.executor, lm.config, lm.tokenizer, sb, progress=progress)
         report["devices"] = [d.name for d in session.devices()]
     return _emit(args, report, serve_bench.table, serve_bench.plot)

@@ -19,6 +19,7 @@ from ..runtime.report import layer_overlap
 from ..runtime.sources import DEFAULT_PROMPT, make_request, open_source, reference_generate, reference_output
 from .args import (
     add_cluster_args,
+    add_decode_layout_arg,
     add_generation_args,
     add_input_args,
     add_model_args,
@@ -41,6 +42,8 @@ from .session import (
 EXAMPLES = """examples:
   galaxy run --local 3 --check                                   the embedded SmolLM2 on 3 local workers
   galaxy run --local 3 --weights-format int4 --check             ... its linears in int4 (docs/decode-formats.md)
+  galaxy run --local 3 --weights-format int4 --max-new-tokens 32 --decode-layout auto
+      every device prefills; decode where the planner predicts it fastest (split, fewer devices or one)
   galaxy run --prompt "What is the capital of France?" --max-new-tokens 16 --check    a chat model's reply
   galaxy run --prompt "The capital of France is" --max-new-tokens 16 --raw          plain text, continued
   galaxy run --model minilm --prompt "hello world" --weights 0.9,0.6,0.45
@@ -74,6 +77,7 @@ def add_parser(sub) -> None:
     run.add_argument("--plan", metavar="PLAN.json", help="the split from `galaxy plan -o`")
     add_weights_format_arg(run)
     add_generation_args(run)
+    add_decode_layout_arg(run, "split")
     run.add_argument("--raw", action="store_true", help="with --max-new-tokens on a chat model: send the prompt as "
                      "plain text (default: as a user message, through the model's chat template)")
     run.set_defaults(func=cmd_run)
@@ -113,7 +117,10 @@ def cmd_run(args) -> int:
         reserve = int(req.ids.shape[0]) + (args.max_new_tokens or 0)  # what the devices hold memory for
         model = session.load(source, partition=partition, strategy=args.strategy, dtype=args.dtype, tiles=args.tiles,
                              stream_weights=stream_flag(args), wire=wire, backend=args.backend,
-                             seq_len=min(reserve, cfg.max_positions), weights_format=weights_format)
+                             seq_len=min(reserve, cfg.max_positions), weights_format=weights_format,
+                             decode_layout=args.decode_layout if generating else "split")
+        if generating and n > 1:
+            print(f"galaxy: {model.decode.line}", file=sys.stderr, flush=True)
         partition = model.partition
         seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,

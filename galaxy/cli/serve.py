@@ -13,7 +13,7 @@ from pathlib import Path
 from ..engine.engine import EngineConfig
 from ..errors import GalaxyError
 from ..serving.server import Server
-from .args import add_cluster_args, add_model_args, add_weights_format_arg, number_in, size
+from .args import add_cluster_args, add_decode_layout_arg, add_model_args, add_weights_format_arg, number_in, size
 from .session import device_count, open_session, read_plan
 
 EXAMPLES = """examples:
@@ -42,6 +42,7 @@ def add_parser(subparsers):
                     "prompts, split HMP over them; with --decode-devices")
     ph.add_argument("--decode-devices", metavar="I,..", help="devices that decode, the K/V of each sequence moved "
                     "to them after its first token")
+    add_decode_layout_arg(ph, "auto")
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for the LAN)")
     h.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -94,7 +95,10 @@ def cmd_serve(args) -> int:
         placement = serve_placement(args)
         model = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
                              plan=None if placement else args.plan, placement=placement,
-                             weights_format=args.weights_format, engine=engine_config(args))
+                             weights_format=args.weights_format, engine=engine_config(args),
+                             decode_layout=args.decode_layout)
+        if model.decode is not None and model.config.causal and session.world > 1:
+            print(f"galaxy serve: {model.decode.line}", file=sys.stderr, flush=True)
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
                         request_timeout=args.request_timeout,
