@@ -293,7 +293,6 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
                         progress(f"{threads} thread(s): galaxy {f} on {bench.local} local workers, the planner's "
                                  "decode layout")
                         planned = _PlannedPath(addresses, source, bench.prefill_tokens, f)
-                        progress(planned.line)
                         entries.append(_Entry(f"galaxy {f}, {bench.local} local workers, planner's layout", planned,
                                               {"format": f"{parse_format(f)} (engine blocks)",
                                                "decode_layout": planned.line}))

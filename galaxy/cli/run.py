@@ -119,8 +119,6 @@ def cmd_run(args) -> int:
                              stream_weights=stream_flag(args), wire=wire, backend=args.backend,
                              seq_len=min(reserve, cfg.max_positions), weights_format=weights_format,
                              decode_layout=args.decode_layout if generating else "split")
-        if generating and n > 1:
-            print(f"galaxy: {model.decode.line}", file=sys.stderr, flush=True)
         partition = model.partition
         seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,

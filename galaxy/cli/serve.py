@@ -97,8 +97,6 @@ def cmd_serve(args) -> int:
                              plan=None if placement else args.plan, placement=placement,
                              weights_format=args.weights_format, engine=engine_config(args),
                              decode_layout=args.decode_layout)
-        if model.decode is not None and model.config.causal and session.world > 1:
-            print(f"galaxy serve: {model.decode.line}", file=sys.stderr, flush=True)
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
                         request_timeout=args.request_timeout,

@@ -196,7 +196,7 @@ class Session:
             self._ex.release()
         decision = decide(self._ex, source.config, partition, options, want,
                           None if options.stream else source_file_bytes(source))
-        log.info("%s", decision.line)
+        log.info("%s", decision.line)  # galaxy run / serve print INFO: the line is said there
         return decision
 
     def _placement(self, serve: dict) -> Placement | None:
