@@ -121,6 +121,8 @@ class DecodeBench:
     galaxy: bool = True  # the engine path on one in-process device, fp32
     local: int = 0  # also the engine path on N loopback workers (0: not)
     planned: bool = True  # with local: also the decode layout the planner picks (runtime.decode_layout)
+    addresses: tuple[str, ...] = ()  # running devices (an emulated cluster) instead of `local` loopback workers
+    token: str | None = field(default=None, repr=False)  # the devices' cluster token, if they want one
     accuracy: bool = True
     accuracy_tokens: int = ACCURACY_TOKENS
     seed: int = 0  # random token ids for a model without a tokenizer
@@ -135,6 +137,9 @@ class DecodeBench:
                 raise DecodeBenchError(f"decode bench: {name}={getattr(self, name)} must be >= 1")
         if not self.threads or min(self.threads) < 1:
             raise DecodeBenchError(f"decode bench: threads={self.threads} must be counts >= 1")
+        if self.local and self.addresses:
+            raise DecodeBenchError(f"decode bench: local={self.local} and {len(self.addresses)} addresses: one or "
+                                   "the other")
         if self.local < 0:
             raise DecodeBenchError(f"decode bench: local={self.local} must be >= 0")
 
@@ -218,9 +223,10 @@ class _PlannedPath(_GalaxyPath):
     evenly over the workers for prefill, decode where the planner predicts it fastest
     (runtime.decode_layout: the split, fewer workers, or one holding the whole model)."""
 
-    def __init__(self, addresses: list[str], source: WeightSource, prefill_tokens: int, weights_format: str):
+    def __init__(self, addresses: list[str], source: WeightSource, prefill_tokens: int, weights_format: str,
+                 token: str | None = None):
         self.workers = None
-        self.executor = Session(Cluster(addresses))  # closed as an executor is: the groups go with it
+        self.executor = Session(Cluster(addresses, token=token))  # closed as an executor is: the groups go with it
         model = self.executor.load(source, weights_format=weights_format, stream_weights=False,
                                    engine=EngineConfig(max_batched_tokens=max(256, prefill_tokens),
                                                        prefix_caching=False), decode_layout="auto")
@@ -278,24 +284,33 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
                 entries.append(_Entry(f"galaxy {f}, 1 device (in-process)", path,
                                       {"format": f"{parse_format(f)} (engine blocks)",
                                        "weight_MB": path.weight_bytes / 1e6}))
-            if bench.local:
-                progress(f"{threads} thread(s): starting {bench.local} loopback workers")
-                workers = LocalWorkers(bench.local, threads=threads)
-                addresses = workers.start()
+            if bench.local or bench.addresses:
+                if bench.addresses:  # running devices (an emulated cluster): each also alone, its whole model
+                    addresses, label = list(bench.addresses), f"{len(bench.addresses)} devices"
+                else:
+                    progress(f"{threads} thread(s): starting {bench.local} loopback workers")
+                    workers = LocalWorkers(bench.local, threads=threads)
+                    addresses, label = workers.start(), f"{bench.local} local workers"
+                n = len(addresses)
                 for f in ["fp32", *(f for f in bench.formats if parse_format(f).name != "fp32")]:
-                    progress(f"{threads} thread(s): loading galaxy {f} on {bench.local} local workers")
-                    path = _GalaxyPath(Cluster(addresses), source, bench.local, bench.prefill_tokens,
+                    fmt_info = {"format": f"{parse_format(f)} (engine blocks)"}
+                    progress(f"{threads} thread(s): loading galaxy {f} on {label}")
+                    path = _GalaxyPath(Cluster(addresses, token=bench.token), source, n, bench.prefill_tokens,
                                        weights_format=f)
-                    entries.append(_Entry(f"galaxy {f}, {bench.local} local workers", path,
-                                          {"format": f"{parse_format(f)} (engine blocks)",
-                                           "weight_MB": path.weight_bytes / 1e6}))
+                    entries.append(_Entry(f"galaxy {f}, {label}", path,
+                                          {**fmt_info, "weight_MB": path.weight_bytes / 1e6}))
                     if bench.planned:
-                        progress(f"{threads} thread(s): galaxy {f} on {bench.local} local workers, the planner's "
-                                 "decode layout")
-                        planned = _PlannedPath(addresses, source, bench.prefill_tokens, f)
-                        entries.append(_Entry(f"galaxy {f}, {bench.local} local workers, planner's layout", planned,
-                                              {"format": f"{parse_format(f)} (engine blocks)",
-                                               "decode_layout": planned.line}))
+                        progress(f"{threads} thread(s): galaxy {f} on {label}, the planner's decode layout")
+                        planned = _PlannedPath(addresses, source, bench.prefill_tokens, f, bench.token)
+                        entries.append(_Entry(f"galaxy {f}, {label}, planner's layout", planned,
+                                              {**fmt_info, "decode_layout": planned.line}))
+                    for a in addresses if bench.addresses else ():
+                        one = Cluster([a], token=bench.token)
+                        name = one.hello()[0].name
+                        progress(f"{threads} thread(s): galaxy {f} on {name} alone")
+                        path = _GalaxyPath(one, source, 1, bench.prefill_tokens, weights_format=f)
+                        entries.append(_Entry(f"galaxy {f}, {name} alone", path,
+                                              {**fmt_info, "weight_MB": path.weight_bytes / 1e6}))
         for f in bench.formats:
             fmt = parse_format(f)
             progress(f"{threads} thread(s): loading the decoder in {fmt}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from contextlib import ExitStack
 
@@ -175,7 +176,11 @@ def cmd_bench_decode(args) -> int:
         reps=args.reps or 3, compile=not args.no_compile, anchor=not args.no_anchor, galaxy=not args.no_galaxy,
         local=args.local or 0, accuracy=not args.no_accuracy, seed=args.seed)
     source = open_source(args.model, args.random_init, args.seed)
-    report = decode_bench.run_decode_bench(source, config, progress=progress)
+    with ExitStack() as stack:
+        if args.cluster or args.workers:  # running or emulated devices: split, planner's layout, each alone
+            _, addresses, token = bench_devices(stack, None, args.workers, args.cluster, args.token)
+            config = dataclasses.replace(config, addresses=tuple(addresses), token=token)
+        report = decode_bench.run_decode_bench(source, config, progress=progress)
     if args.plot:
         progress("--plot: the decode bench has no plot; its table is below")
     print(bench.dumps(report) if args.json else decode_bench.table(report))
