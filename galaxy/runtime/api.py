@@ -170,7 +170,10 @@ class Session:
         if partition.world != self.world:
             raise PlanMismatch(f"the split has {partition.world} devices, the session {self.world}")
         what = _describe(model, random_init, source)
-        decision = self._decode_layout(source, partition, options, decode_layout, what)
+        if plan is not None and plan.serve is not None and check_decode_layout(decode_layout) == AUTO:
+            decision = DecodeDecision(None, "decode layout: split (the plan's serve section places it there)")
+        else:
+            decision = self._decode_layout(source, partition, options, decode_layout, what)
         if decision.placement is not None:
             loaded = self._load_disaggregated(source, decision.placement, options, what, engine)
             loaded.decode = decision
