@@ -110,3 +110,13 @@ def test_a_device_whose_budget_cannot_hold_both_shards_is_refused_and_never_a_ca
     assert d.choice.chosen.name not in refused
     if d.placement is not None:
         assert 1 not in d.placement.decode and 2 not in d.placement.decode
+
+
+def test_serve_chooses_the_decode_layout_by_default_and_run_keeps_the_split_unless_asked():
+    from galaxy.cli import build_parser
+
+    ap = build_parser()
+    assert ap.parse_args(["serve"]).decode_layout == "auto"
+    assert ap.parse_args(["run"]).decode_layout == "split"
+    assert ap.parse_args(["run", "--decode-layout", "auto"]).decode_layout == "auto"
+    assert ap.parse_args(["serve", "--decode-layout", "local1"]).decode_layout == "local1"
