@@ -185,19 +185,26 @@ class _Prototype:
         pass
 
 
+def bench_engine(prefill_tokens: int, capacity: int = 0) -> EngineConfig:
+    """The engine every galaxy row runs: one step holds the whole prefill; no prefix cache, or every run
+    after the first would reuse it; with `capacity`, a KV pool of just the positions a run holds (on
+    budgeted devices every row's session shares the budget: a pool sized at its own load would not fit
+    beside the rows loaded after it)."""
+    return EngineConfig(max_batched_tokens=max(256, prefill_tokens), prefix_caching=False,
+                        kv_blocks=-(-capacity // EngineConfig.block_size) + 1 if capacity else None)
+
+
 class _GalaxyPath:
     """The serving engine over an executor holding the model split evenly over its ranks, in a weights
     format (parallel.compact: in-process ranks and workers alike)."""
 
     def __init__(self, executor, source: WeightSource, world: int, prefill_tokens: int, workers=None,
-                 weights_format: str = "fp32"):
+                 weights_format: str = "fp32", capacity: int = 0):
         cfg = source.config
         self.executor, self.workers = executor, workers  # workers: the processes behind it, stopped on close
         self.weight_bytes = sum(executor.load(source, even_partition(cfg, world),
                                               LoadOptions(weights_format=weights_format)))
-        # One step holds the whole prefill; no prefix cache, or every run after the first would reuse it.
-        self.engine = Engine(executor, cfg, config=EngineConfig(max_batched_tokens=max(256, prefill_tokens),
-                                                                prefix_caching=False))
+        self.engine = Engine(executor, cfg, config=bench_engine(prefill_tokens, capacity))
 
     def decode(self, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
         g = self.engine.generate(prompt_ids, GenerationConfig(new_tokens, stop_at_eos=False))
@@ -224,12 +231,11 @@ class _PlannedPath(_GalaxyPath):
     (runtime.decode_layout: the split, fewer workers, or one holding the whole model)."""
 
     def __init__(self, addresses: list[str], source: WeightSource, prefill_tokens: int, weights_format: str,
-                 token: str | None = None):
+                 token: str | None = None, capacity: int = 0):
         self.workers = None
         self.executor = Session(Cluster(addresses, token=token))  # closed as an executor is: the groups go with it
         model = self.executor.load(source, weights_format=weights_format, stream_weights=False,
-                                   engine=EngineConfig(max_batched_tokens=max(256, prefill_tokens),
-                                                       prefix_caching=False), decode_layout="auto")
+                                   engine=bench_engine(prefill_tokens, capacity), decode_layout="auto")
         self.line = model.decode.line
         self.weight_bytes = sum(model.weight_bytes) if model.weight_bytes else 0
         self.engine = model.engine
@@ -296,19 +302,19 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
                     fmt_info = {"format": f"{parse_format(f)} (engine blocks)"}
                     progress(f"{threads} thread(s): loading galaxy {f} on {label}")
                     path = _GalaxyPath(Cluster(addresses, token=bench.token), source, n, bench.prefill_tokens,
-                                       weights_format=f)
+                                       weights_format=f, capacity=capacity)
                     entries.append(_Entry(f"galaxy {f}, {label}", path,
                                           {**fmt_info, "weight_MB": path.weight_bytes / 1e6}))
                     if bench.planned:
                         progress(f"{threads} thread(s): galaxy {f} on {label}, the planner's decode layout")
-                        planned = _PlannedPath(addresses, source, bench.prefill_tokens, f, bench.token)
+                        planned = _PlannedPath(addresses, source, bench.prefill_tokens, f, bench.token, capacity)
                         entries.append(_Entry(f"galaxy {f}, {label}, planner's layout", planned,
                                               {**fmt_info, "decode_layout": planned.line}))
                     for a in addresses if bench.addresses else ():
                         one = Cluster([a], token=bench.token)
                         name = one.hello()[0].name
                         progress(f"{threads} thread(s): galaxy {f} on {name} alone")
-                        path = _GalaxyPath(one, source, 1, bench.prefill_tokens, weights_format=f)
+                        path = _GalaxyPath(one, source, 1, bench.prefill_tokens, weights_format=f, capacity=capacity)
                         entries.append(_Entry(f"galaxy {f}, {name} alone", path,
                                               {**fmt_info, "weight_MB": path.weight_bytes / 1e6}))
         for f in bench.formats:
