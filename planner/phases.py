@@ -15,6 +15,9 @@ placements worth simulating (planner/simulate.py simulates them under load):
   exchange of B x hidden values (collectives.all_reduce below 64 KiB): the slowest pair's message
   time (link latency included). Devices sharing a machine share its memory bus: their profiles
   were taken all busy at once, so together they never stream more than the sum of those rates.
+  Workers of one machine whose threads ask for more cores than it has (three one-thread loopback
+  workers on two cores) wait at every all-reduce for a peer the scheduler has not run: each costs
+  at least OVERSUBSCRIBED_SYNC_S, measured, not the link's latency.
 - **Prefill** of `tokens` on a group is the solver's prediction (the HMP cost model, cost.py) for
   the best layout of that group, at a few lengths, interpolated.
 - **KV transfer** of a prompt is its KV bytes (2 x layers x KV heads x head_dim x dtype bytes per
@@ -40,6 +43,12 @@ from .simulate import PhaseCosts
 from .solver import solve
 
 FORMAT_OF_DTYPE = {4: "fp32", 2: "bf16"}
+# One decode all-reduce among workers of one machine whose threads ask for more cores than it has: a
+# peer is off-core at every collective. Measured: three one-thread workers on this 2-core host decoded
+# SmolLM2 int4 at 79.8 ms/token against 17.0 on one device (docs/decode-formats.md, "Everything
+# together"), 62.8 ms over the step's 61 all-reduces, 1.0 ms each; 1.1 ms in fp32 (docs/collectives.md:
+# the bare 3-rank all-reduce on 2 cores alone took 0.49-0.66 ms, without the compute between them).
+OVERSUBSCRIBED_SYNC_S = 1.0e-3
 RUN_WITH_ENGINE = ("galaxy", "local", "pipeline", "megatron")  # seqpar has no runtime: re-solved as galaxy
 
 
@@ -221,14 +230,37 @@ class PhaseModel:
 
     def all_reduce_s(self, group, nbytes: float) -> float:
         """A decode all-reduce of nbytes per device: direct (everyone sends to everyone) up to 64 KiB,
-        as collectives.all_reduce; a ring of reduce-scatter + all-gather beyond (2 (k-1) steps)."""
+        as collectives.all_reduce; a ring of reduce-scatter + all-gather beyond (2 (k-1) steps); at
+        least the wait for a peer off-core when the group oversubscribes a machine (sync_s)."""
         k = len(group)
         if k < 2:
             return 0.0
         if nbytes <= DIRECT_ALLREDUCE_BYTES:
-            return max(self._msg(i, j, nbytes) for i in group for j in group if i != j)
-        step = max(self._msg(group[r], group[(r + 1) % k], nbytes / k) for r in range(k))
-        return 2 * (k - 1) * step
+            wire = max(self._msg(i, j, nbytes) for i in group for j in group if i != j)
+        else:
+            step = max(self._msg(group[r], group[(r + 1) % k], nbytes / k) for r in range(k))
+            wire = 2 * (k - 1) * step
+        return max(wire, self.sync_s(group))
+
+    def oversubscribed(self, group) -> list[str]:
+        """Hosts on which the devices of `group` ask for more cores than the machine has (Tenancy)."""
+        demand: dict[str, float] = {}
+        cpus: dict[str, int] = {}
+        for i in group:
+            t = self.cluster.devices[i].tenancy
+            if t is not None and t.host and t.host_cpus > 0 and t.cores > 0:
+                demand[t.host] = demand.get(t.host, 0.0) + t.cores
+                cpus[t.host] = t.host_cpus
+        return [h for h, d in demand.items() if sum(1 for i in group if self._host(i) == h) > 1 and d > cpus[h]]
+
+    def _host(self, i: int) -> str | None:
+        t = self.cluster.devices[i].tenancy
+        return t.host if t is not None else None
+
+    def sync_s(self, group) -> float:
+        """The least one collective of `group` costs for its processes to meet: OVERSUBSCRIBED_SYNC_S when
+        some of them share a machine with fewer cores than their threads, else 0 (the link's latency)."""
+        return OVERSUBSCRIBED_SYNC_S if len(group) > 1 and self.oversubscribed(group) else 0.0
 
     # --- prefill -----------------------------------------------------------------------------
     def sub_cluster(self, group) -> ClusterProfile:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .phases import PhaseModel, Placement, phase_costs, placements
+from .phases import DecodeLayout, PhaseModel, Placement, phase_costs, placements
 from .plan import Plan, PlanError, ServePlan, ServePrediction
 from .simulate import ATTAINMENT_GOAL, Objectives, SimResult, Workload, goodput, simulate
 
@@ -253,3 +254,88 @@ def table(choice: ServeChoice) -> str:
     lines += [f"note: {n}" for n in choice.notes]
     lines.append(f"chosen: {choice.reason}")
     return "\n".join(lines)
+
+
+# --- the decode layout of one loaded model (issue #20: adding devices never slows decode) ----------------------
+
+@dataclass(frozen=True)
+class DecodeOption:
+    """One way to decode a loaded model: `kind` "split" (tensor-parallel on the loaded split of every
+    device), "tp" (tensor-parallel on fewer devices, an even split) or "one" (one device holding the
+    whole model beside its prefill shard: a mixed placement); its predicted seconds per token (one
+    sequence), and why it may not be chosen ("" if it may)."""
+
+    kind: str
+    name: str
+    layout: DecodeLayout
+    seconds: float
+    excluded: str = ""
+
+
+@dataclass(frozen=True)
+class DecodeChoice:
+    options: tuple[DecodeOption, ...]
+    chosen: DecodeOption
+    reason: str
+
+    def line(self) -> str:
+        """One line: the layout, each candidate's predicted ms/token, why."""
+        cands = ", ".join(f"{o.name} {1e3 * o.seconds:.1f}" + (" (refused: " + o.excluded + ")" if o.excluded else "")
+                          for o in self.options)
+        return (f"decode layout: {self.chosen.name} (planner, predicted ms/token: {cands}); {self.reason}")
+
+
+def decode_options(pm: PhaseModel, split: DecodeLayout, context: int,
+                   refuse: Callable[[DecodeLayout], str] | None = None) -> list[DecodeOption]:
+    """The decode layouts of a model loaded on `split` (the devices' prefill split), priced for one
+    sequence at `context` positions with only the decode devices busy (one request: the prefill group
+    idles while it decodes): the split itself; the k = 2..N-1 devices of the most bytes/s, evenly
+    (an even tensor-parallel split, as the runtime loads a decode group); each device alone. A
+    layout `refuse` names a reason for (memory: the runtime's exact check), or whose devices'
+    profiled memory does not hold it beside their prefill shares (PhaseModel.fits, when no `refuse` is
+    given), is excluded."""
+    ranked = sorted(split.devices, key=lambda i: (-pm.rate[i], i))
+    share = dict(zip(split.devices, split.shares))
+
+    def verdict(lay: DecodeLayout) -> str:
+        if refuse is not None:
+            return refuse(lay)
+        beside = {i: share[i] * pm.weight_bytes for i in lay.devices}
+        if lay is not split and not pm.fits(lay, context, beside):
+            return "its devices' memory does not hold it beside their prefill shares"
+        return ""
+
+    out = [DecodeOption("split", f"split {'+'.join(pm.names(split.devices))}", split,
+                        pm.decode_s(split, 1, context, split.devices), verdict(split))]
+    for k in range(2, len(ranked)):
+        group = tuple(sorted(ranked[:k]))
+        lay = DecodeLayout("tp", group, tuple(1 / k for _ in group))
+        out.append(DecodeOption("tp", f"tp {'+'.join(pm.names(group))}", lay, pm.decode_s(lay, 1, context, group),
+                                verdict(lay)))
+    for d in split.devices if len(split.devices) > 1 else ():
+        lay = pm.tp_layout((d,))
+        out.append(DecodeOption("one", f"{pm.names([d])[0]} alone", lay, pm.decode_s(lay, 1, context, (d,)),
+                                verdict(lay)))
+    return out
+
+
+def choose_decode(options: list[DecodeOption]) -> DecodeChoice:
+    """The layout predicted fastest among those not refused; within SLOWER_TOLERANCE of it the earlier
+    in `options` (the split first: no K/V moves and no second copy of the weights)."""
+    allowed = [o for o in options if not o.excluded]
+    if not allowed:
+        raise PlanError("no decode layout fits: " + "; ".join(f"{o.name}: {o.excluded}" for o in options))
+    best = min(o.seconds for o in allowed)
+    chosen = next(o for o in allowed if o.seconds <= best * (1 + SLOWER_TOLERANCE))
+    split = options[0]
+    if chosen is split:
+        others = [o for o in allowed if o is not split]
+        why = (f"it is predicted fastest ({1e3 * split.seconds:.1f} ms/token against "
+               f"{1e3 * min(o.seconds for o in others):.1f} for the next)" if others else "no other layout fits")
+    else:
+        why = f"it is predicted fastest: {1e3 * chosen.seconds:.1f} ms/token against {1e3 * split.seconds:.1f} split"
+        if split.excluded:
+            why += f" (the split is refused: {split.excluded})"
+        if chosen.kind == "one":
+            why += "; it holds the whole model beside its prefill shard and also prefills (a mixed placement)"
+    return DecodeChoice(tuple(options), chosen, why)

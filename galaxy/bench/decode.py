@@ -6,7 +6,10 @@ One process, one model, one thread count at a time. The engines, per thread coun
 - galaxy, 1 device: the real path -- the serving engine (`engine.Engine`) over an in-process executor
   with one rank, the paged KV cache, the model's blocks -- in fp32 and in each weight format
   (`LoadOptions.weights_format`, parallel/compact.py); with `local` also in fp32 and each format over
-  N loopback worker processes (`galaxy worker`), the path `galaxy run --local N` takes;
+  N loopback worker processes (`galaxy worker`), the path `galaxy run --local N` takes (decode on the
+  split, forced), and beside it the same workers loaded as `Session.load` does by default: prefill on
+  the split, decode where the planner predicts it fastest (runtime.decode_layout; the row
+  "planner's layout", its choice printed under the table);
 - the compact-format decoder (`model.decode.LlamaDecoder`) in each weight format, eager and, where
   torch.compile works here, compiled;
 - llama.cpp on the same GGUF file and thread count (`anchor.py`), when llama-cpp-python is
@@ -50,6 +53,7 @@ from ..model.decode import LlamaDecoder, load_decoder
 from ..model.quant import parse_format
 from ..parallel.executor import LoadOptions
 from ..parallel.sharding import even_partition, full_spec, load_shard
+from ..runtime.api import Session
 from ..runtime.inproc import InprocCluster
 from ..transport.client import Cluster
 from ..transport.spawn import LocalWorkers
@@ -116,6 +120,9 @@ class DecodeBench:
     anchor: bool = True  # llama.cpp, when llama-cpp-python is importable and the model is a GGUF file
     galaxy: bool = True  # the engine path on one in-process device, fp32
     local: int = 0  # also the engine path on N loopback workers (0: not)
+    planned: bool = True  # with local: also the decode layout the planner picks (runtime.decode_layout)
+    addresses: tuple[str, ...] = ()  # running devices (an emulated cluster) instead of `local` loopback workers
+    token: str | None = field(default=None, repr=False)  # the devices' cluster token, if they want one
     accuracy: bool = True
     accuracy_tokens: int = ACCURACY_TOKENS
     seed: int = 0  # random token ids for a model without a tokenizer
@@ -133,6 +140,9 @@ class DecodeBench:
                 raise DecodeBenchError(f"decode bench: {name}={getattr(self, name)} must be >= 1")
         if not self.threads or min(self.threads) < 1:
             raise DecodeBenchError(f"decode bench: threads={self.threads} must be counts >= 1")
+        if self.local and self.addresses:
+            raise DecodeBenchError(f"decode bench: local={self.local} and {len(self.addresses)} addresses: one or "
+                                   "the other")
         if self.local < 0:
             raise DecodeBenchError(f"decode bench: local={self.local} must be >= 0")
         if not self.decode_threads or min(self.decode_threads) < 0:
@@ -181,20 +191,27 @@ class _Prototype:
         pass
 
 
+def bench_engine(prefill_tokens: int, capacity: int = 0) -> EngineConfig:
+    """The engine every galaxy row runs: one step holds the whole prefill; no prefix cache, or every run
+    after the first would reuse it; with `capacity`, a KV pool of just the positions a run holds (on
+    budgeted devices every row's session shares the budget: a pool sized at its own load would not fit
+    beside the rows loaded after it)."""
+    return EngineConfig(max_batched_tokens=max(256, prefill_tokens), prefix_caching=False,
+                        kv_blocks=-(-capacity // EngineConfig.block_size) + 1 if capacity else None)
+
+
 class _GalaxyPath:
     """The serving engine over an executor holding the model split evenly over its ranks, in a weights
     format (parallel.compact: in-process ranks and workers alike)."""
 
     def __init__(self, executor, source: WeightSource, world: int, prefill_tokens: int, workers=None,
-                 weights_format: str = "fp32", decode_threads: int = 0):
+                 weights_format: str = "fp32", decode_threads: int = 0, capacity: int = 0):
         cfg = source.config
         self.executor, self.workers = executor, workers  # workers: the processes behind it, stopped on close
         options = LoadOptions(weights_format=weights_format, decode_threads=decode_threads)
         self.weight_bytes = sum(executor.load(source, even_partition(cfg, world), options))
         self.decode_threads = list(executor.decode_threads)  # what each device's decode steps ran with
-        # One step holds the whole prefill; no prefix cache, or every run after the first would reuse it.
-        self.engine = Engine(executor, cfg, config=EngineConfig(max_batched_tokens=max(256, prefill_tokens),
-                                                                prefix_caching=False))
+        self.engine = Engine(executor, cfg, config=bench_engine(prefill_tokens, capacity))
 
     def decode(self, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
         g = self.engine.generate(prompt_ids, GenerationConfig(new_tokens, stop_at_eos=False))
@@ -222,6 +239,22 @@ def _galaxy_entry(name: str, path: _GalaxyPath, fmt: str, decode_threads: int) -
                                         "weight_MB": path.weight_bytes / 1e6,
                                         "decode_threads": max(path.decode_threads, default=0),
                                         "decode_threads_measured": not decode_threads})
+
+
+class _PlannedPath(_GalaxyPath):
+    """The serving engine as `Session.load` sets it up with no decode layout given: the model split
+    evenly over the workers for prefill, decode where the planner predicts it fastest
+    (runtime.decode_layout: the split, fewer workers, or one holding the whole model)."""
+
+    def __init__(self, addresses: list[str], source: WeightSource, prefill_tokens: int, weights_format: str,
+                 token: str | None = None, capacity: int = 0):
+        self.workers = None
+        self.executor = Session(Cluster(addresses, token=token))  # closed as an executor is: the groups go with it
+        model = self.executor.load(source, weights_format=weights_format, stream_weights=False,
+                                   engine=bench_engine(prefill_tokens, capacity), decode_layout="auto")
+        self.line = model.decode.line
+        self.weight_bytes = sum(model.weight_bytes) if model.weight_bytes else 0
+        self.engine = model.engine
 
 
 @dataclass
@@ -276,16 +309,33 @@ def speed(source: WeightSource, bench: DecodeBench, threads: int, text_ids: list
                     path = _GalaxyPath(InprocCluster(1), source, 1, bench.prefill_tokens, weights_format=f,
                                        decode_threads=dt)
                     entries.append(_galaxy_entry(f"galaxy {f}, 1 device (in-process)", path, f, dt))
-            if bench.local:
-                progress(f"{threads} thread(s): starting {bench.local} loopback workers")
-                workers = LocalWorkers(bench.local, threads=threads)
-                addresses = workers.start()
+            if bench.local or bench.addresses:
+                if bench.addresses:  # running devices (an emulated cluster): each also alone, its whole model
+                    addresses, label = list(bench.addresses), f"{len(bench.addresses)} devices"
+                else:
+                    progress(f"{threads} thread(s): starting {bench.local} loopback workers")
+                    workers = LocalWorkers(bench.local, threads=threads)
+                    addresses, label = workers.start(), f"{bench.local} local workers"
+                n = len(addresses)
                 for f in galaxy_formats:
+                    fmt_info = {"format": f"{parse_format(f)} (engine blocks)"}
                     for dt in counts:
-                        progress(f"{threads} thread(s): loading galaxy {f} on {bench.local} local workers")
-                        path = _GalaxyPath(Cluster(addresses), source, bench.local, bench.prefill_tokens,
-                                           weights_format=f, decode_threads=dt)
-                        entries.append(_galaxy_entry(f"galaxy {f}, {bench.local} local workers", path, f, dt))
+                        progress(f"{threads} thread(s): loading galaxy {f} on {label}")
+                        path = _GalaxyPath(Cluster(addresses, token=bench.token), source, n, bench.prefill_tokens,
+                                           weights_format=f, decode_threads=dt, capacity=capacity)
+                        entries.append(_galaxy_entry(f"galaxy {f}, {label}", path, f, dt))
+                    if bench.planned:
+                        progress(f"{threads} thread(s): galaxy {f} on {label}, the planner's decode layout")
+                        planned = _PlannedPath(addresses, source, bench.prefill_tokens, f, bench.token, capacity)
+                        entries.append(_Entry(f"galaxy {f}, {label}, planner's layout", planned,
+                                              {**fmt_info, "decode_layout": planned.line}))
+                    for a in addresses if bench.addresses else ():
+                        one = Cluster([a], token=bench.token)
+                        name = one.hello()[0].name
+                        progress(f"{threads} thread(s): galaxy {f} on {name} alone")
+                        path = _GalaxyPath(one, source, 1, bench.prefill_tokens, weights_format=f, capacity=capacity)
+                        entries.append(_Entry(f"galaxy {f}, {name} alone", path,
+                                              {**fmt_info, "weight_MB": path.weight_bytes / 1e6}))
         for f in bench.formats:
             fmt = parse_format(f)
             progress(f"{threads} thread(s): loading the decoder in {fmt}")
@@ -419,6 +469,9 @@ def table(report: dict) -> str:
             lines.append(f"{t:>7}  {r['engine']:<48} {r['format']:<24} {mb:>7} {r['decode_ms']:>9.1f} {ratio:>11} "
                          f"{r['prefill_s']:>8.3f} s {'yes' if r['greedy_as_first'] else 'no':>10} "
                          f"{format(r['token_gap_ms'], '9.1f') if 'token_gap_ms' in r else '-':>9} {dthr:>10}")
+    for r in report["speed"]:
+        if "decode_layout" in r:
+            lines.append(f"{r['threads']:>7}  {r['engine']}: {r['decode_layout']}")
     if report["accuracy"]:
         lines += ["", f"accuracy vs the fp32 reference forward ({report['accuracy'][0]['tokens']} tokens, "
                   "teacher-forced); greedy text of the first prompt",

@@ -159,6 +159,16 @@ def add_decode_threads_arg(p) -> None:
                    "at 1 and at all its threads when it loads, and keeps the faster; docs/decode-formats.md)")
 
 
+def add_decode_layout_arg(p: argparse.ArgumentParser, default: str) -> None:
+    """--decode-layout (galaxy.runtime.decode_layout): where a causal LM decodes after every device prefills."""
+    p.add_argument("--decode-layout", default=default, metavar="auto|split|DEVICE",
+                   help="where generation decodes: auto -- the planner's fastest predicted layout (the split over "
+                   "every device, fewer, or one device holding the whole model beside its prefill shard), said in "
+                   "one line at load; split -- tensor-parallel on the loaded split (the exact path --check pins); "
+                   f"or a device (index, worker name or address) that decodes alone (default {default}; "
+                   "docs/decode-formats.md)")
+
+
 def add_input_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", help="text to encode with the model's tokenizer")

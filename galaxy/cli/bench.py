@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from contextlib import ExitStack
 
@@ -188,7 +189,11 @@ def cmd_bench_decode(args) -> int:
         reps=args.reps or 3, compile=not args.no_compile, anchor=not args.no_anchor, galaxy=not args.no_galaxy,
         local=args.local or 0, accuracy=not args.no_accuracy, seed=args.seed, decode_threads=args.decode_threads)
     source = open_source(args.model, args.random_init, args.seed)
-    report = decode_bench.run_decode_bench(source, config, progress=progress)
+    with ExitStack() as stack:
+        if args.cluster or args.workers:  # running or emulated devices: split, planner's layout, each alone
+            _, addresses, token = bench_devices(stack, None, args.workers, args.cluster, args.token)
+            config = dataclasses.replace(config, addresses=tuple(addresses), token=token)
+        report = decode_bench.run_decode_bench(source, config, progress=progress)
     if args.plot:
         progress("--plot: the decode bench has no plot; its table is below")
     print(bench.dumps(report) if args.json else decode_bench.table(report))
@@ -210,7 +215,9 @@ def cmd_bench_serve(args) -> int:
         _, addresses, token = bench_devices(stack, args.local, args.workers, args.cluster, args.token, args.threads)
         session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
         progress(f"loading the model on {len(addresses)} devices")
-        lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype)
+        # the bench drives the session's executor itself: the colocated split (decode_layout: runtime.decode_layout)
+        lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
+                          decode_layout="split")
         report = run_serve_bench(session.executor, lm.config, lm.tokenizer, sb, progress=progress)
         report["devices"] = [d.name for d in session.devices()]
     return _emit(args, report, serve_bench.table, serve_bench.plot)

@@ -19,6 +19,7 @@ from ..runtime.report import layer_overlap
 from ..runtime.sources import DEFAULT_PROMPT, make_request, open_source, reference_generate, reference_output
 from .args import (
     add_cluster_args,
+    add_decode_layout_arg,
     add_decode_threads_arg,
     add_generation_args,
     add_input_args,
@@ -42,6 +43,8 @@ from .session import (
 EXAMPLES = """examples:
   galaxy run --local 3 --check                                   the embedded SmolLM2 on 3 local workers
   galaxy run --local 3 --weights-format int4 --check             ... its linears in int4 (docs/decode-formats.md)
+  galaxy run --local 3 --weights-format int4 --max-new-tokens 32 --decode-layout auto
+      every device prefills; decode where the planner predicts it fastest (split, fewer devices or one)
   galaxy run --prompt "What is the capital of France?" --max-new-tokens 16 --check    a chat model's reply
   galaxy run --prompt "The capital of France is" --max-new-tokens 16 --raw          plain text, continued
   galaxy run --model minilm --prompt "hello world" --weights 0.9,0.6,0.45
@@ -76,6 +79,7 @@ def add_parser(sub) -> None:
     add_weights_format_arg(run)
     add_decode_threads_arg(run)
     add_generation_args(run)
+    add_decode_layout_arg(run, "split")
     run.add_argument("--raw", action="store_true", help="with --max-new-tokens on a chat model: send the prompt as "
                      "plain text (default: as a user message, through the model's chat template)")
     run.set_defaults(func=cmd_run)
@@ -116,7 +120,8 @@ def cmd_run(args) -> int:
         model = session.load(source, partition=partition, strategy=args.strategy, dtype=args.dtype, tiles=args.tiles,
                              stream_weights=stream_flag(args), wire=wire, backend=args.backend,
                              seq_len=min(reserve, cfg.max_positions), weights_format=weights_format,
-                             decode_threads=args.decode_threads)
+                             decode_threads=args.decode_threads,
+                             decode_layout=args.decode_layout if generating else "split")
         partition = model.partition
         seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,

@@ -13,7 +13,15 @@ from pathlib import Path
 from ..engine.engine import EngineConfig
 from ..errors import GalaxyError
 from ..serving.server import Server
-from .args import add_cluster_args, add_decode_threads_arg, add_model_args, add_weights_format_arg, number_in, size
+from .args import (
+    add_cluster_args,
+    add_decode_layout_arg,
+    add_decode_threads_arg,
+    add_model_args,
+    add_weights_format_arg,
+    number_in,
+    size,
+)
 from .session import device_count, open_session, read_plan
 
 EXAMPLES = """examples:
@@ -43,6 +51,7 @@ def add_parser(subparsers):
                     "prompts, split HMP over them; with --decode-devices")
     ph.add_argument("--decode-devices", metavar="I,..", help="devices that decode, the K/V of each sequence moved "
                     "to them after its first token")
+    add_decode_layout_arg(ph, "auto")
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for the LAN)")
     h.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -96,7 +105,8 @@ def cmd_serve(args) -> int:
         model = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
                              plan=None if placement else args.plan, placement=placement,
                              weights_format=args.weights_format, engine=engine_config(args),
-                             decode_threads=args.decode_threads)
+                             decode_threads=args.decode_threads,
+                             decode_layout=args.decode_layout)
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
                         request_timeout=args.request_timeout,

@@ -21,6 +21,7 @@ calls from several threads at once are batched on the devices, each getting what
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,11 +53,13 @@ from ..transport.security import COORDINATOR, TlsFiles, init_keys
 from ..transport.shardstore import source_file_bytes
 from ..transport.spawn import LocalWorkers
 from .budget import check_pass, fit_partition, kv_blocks_now
+from .decode_layout import AUTO, SPLIT, DecodeDecision, check_decode_layout, decide
 from .inproc import InprocCluster
 from .placement import Placement
 from .recovery import ResilientCluster
 from .sources import open_source
 
+log = logging.getLogger(__name__)
 
 class Session:
     """A connection to a set of devices; `load` puts a model on them. Close it (or use `with`)."""
@@ -86,7 +89,8 @@ class Session:
              plan=None, dtype: str = "float32", tiles: int = 1, engine: EngineConfig | None = None,
              stream_weights: bool | None = None, wire: list[list[str]] | str | None = None,
              backend: str = "torch", weights_format: str | None = None, seq_len: int = 0,
-             placement: Placement | dict | None = None, decode_threads: int | None = None) -> Model:
+             placement: Placement | dict | None = None, decode_threads: int | None = None,
+             decode_layout: str | int = AUTO) -> Model:
         """Load `model` (default: the embedded SmolLM2) split across the devices.
 
         The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
@@ -114,6 +118,12 @@ class Session:
         decode_threads: intra-op threads of a step of few tokens (decode, galaxy.parallel.threads) on every
         device; steps of many tokens (prefill chunks) keep each device's own count. Default: each device
         times its shard's decode matmuls at 1 and at all its threads at load and keeps the faster.
+        decode_layout: where a causal LM decodes when no placement is given (galaxy.runtime.decode_layout):
+        "auto" (default) -- the planner's fastest predicted layout among the split over every device,
+        fewer devices, or one device holding the whole model beside its prefill shard (every device
+        still prefills), said once at load (`Model.decode.line`, logged); "split" -- on the loaded
+        split (the exact tensor-parallel path, as before); or a device (index, worker name or address)
+        that decodes alone.
         """
         if self.closed:
             raise GalaxyError("this session is closed; open a new one with galaxy.connect(...)")
@@ -125,6 +135,7 @@ class Session:
         need_int("seed", seed)
         if decode_threads is not None:
             need_int("decode_threads", decode_threads, 1)
+        check_decode_layout(decode_layout)
         if engine is not None and not isinstance(engine, EngineConfig):
             raise InvalidRequest(f"engine={engine!r}: must be a galaxy.engine.EngineConfig")
         if isinstance(model, WeightSource):
@@ -165,6 +176,15 @@ class Session:
             raise InvalidRequest(f"partition={partition!r}: must be a galaxy.parallel.sharding.Partition")
         if partition.world != self.world:
             raise PlanMismatch(f"the split has {partition.world} devices, the session {self.world}")
+        what = _describe(model, random_init, source)
+        if plan is not None and plan.serve is not None and check_decode_layout(decode_layout) == AUTO:
+            decision = DecodeDecision(None, "decode layout: split (the plan's serve section places it there)")
+        else:
+            decision = self._decode_layout(source, partition, options, decode_layout, what)
+        if decision.placement is not None:
+            loaded = self._load_disaggregated(source, decision.placement, options, what, engine)
+            loaded.decode = decision
+            return loaded
         if self.model is not None:
             self.model._unload(_describe(model, random_init, source))
             self.model = None  # from here on the devices do not hold it, whether or not this load succeeds
@@ -174,7 +194,20 @@ class Session:
         self.model.weight_bytes = list(weight_bytes)
         self.model.seq_len = options.seq_len or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
         self.model.weights_format = options.weights_format
+        self.model.decode = decision
         return self.model
+
+    def _decode_layout(self, source: WeightSource, partition: Partition, options: LoadOptions, want,
+                       what: str) -> DecodeDecision:
+        """Where the model decodes (runtime.decode_layout), said once (logged, and Model.decode.line)."""
+        if check_decode_layout(want) != SPLIT and self.model is not None:  # profiling wants the devices free
+            self.model._unload(what)
+            self.model = None
+            self._ex.release()
+        decision = decide(self._ex, source.config, partition, options, want,
+                          None if options.stream else source_file_bytes(source))
+        log.info("%s", decision.line)  # galaxy run / serve print INFO: the line is said there
+        return decision
 
     def _placement(self, serve: dict) -> Placement | None:
         return Placement.from_serve(serve, [i.name for i in self._ex.hello()] or list(self._ex.names),
@@ -215,6 +248,7 @@ class Session:
         self.model = Model(self, source, pre_part, what, engine, groups=(groups[0], groups[1]))
         self.model.placement = placement
         self.model.seq_len = options.seq_len or min(memory.DEFAULT_SEQ_LEN, cfg.max_positions)
+        self.model.weights_format = options.weights_format
         return self.model
 
     def _group(self, indices) -> Executor:
@@ -317,6 +351,7 @@ class Model:
         self._engine_lock = threading.Lock()
         self.groups = groups  # (prefill, decode) executors of a disaggregated placement; None: colocated
         self.placement: Placement | None = None
+        self.decode: DecodeDecision | None = None  # where it decodes and why (runtime.decode_layout), said at load
         self._passes_without_pool = False  # one-shot passes ran on budgeted devices before the engine's pool
 
     @property

@@ -52,7 +52,7 @@ def test_a_device_lost_mid_batch_with_recovery_lets_every_request_finish_with_it
 
 def test_a_device_lost_mid_batch_without_recovery_ends_every_request_naming_it_and_frees_the_blocks():
     with galaxy.connect(local=3) as s:
-        lm = s.load(SRC)
+        lm = s.load(SRC, decode_layout="split")  # the split's steps, which _kill_at_step wraps
         engine = lm.engine
         _kill_at_step(s, 4)
         t0 = time.monotonic()

@@ -107,7 +107,7 @@ def test_plans_for_real_budgeted_workers_load_and_run_within_their_budgets(seed)
         plan = fit_plan(CFG, seq, prof, "galaxy", transient=file)
         if len(plan.devices) != 3:  # the plan left a device out: a session runs on the plan's devices
             pytest.skip(f"the plan uses {len(plan.devices)} of 3 devices")
-        m = s.load(src, plan=plan)
+        m = s.load(src, plan=plan, decode_layout="split")
         ids = list(range(3, 3 + seq))
         assert (m.forward(ids) - reference_output(src, Request(torch.tensor(ids)))).abs().max() <= 1e-4
         peaks = [int(next(x for x in open(f"/proc/{p.pid}/status") if x.startswith("VmHWM")).split()[1]) * 1024

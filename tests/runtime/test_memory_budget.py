@@ -1,6 +1,7 @@
 """Devices with memory budgets and no plan: the session sizes the split by memory and speed or
 refuses before any push; long prompts are prefilled in chunks that fit; generation stops cleanly
-at a device's KV budget. Real worker processes on loopback, a small random Llama."""
+at a device's KV budget. Real worker processes on loopback, a small random Llama, decoding on the
+split (decode_layout="split": the split's pools are what these tests pin)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_without_a_plan_the_split_follows_memory_and_every_device_stays_within_i
     budgets = ["2GiB", "285MiB", "2GiB"]
     with LocalWorkers(3, threads=1, per_worker_args=[["--memory-budget", b] for b in budgets]) as addrs, \
             connect(addresses=addrs) as s:
-        m = s.load(SRC, seq_len=128)
+        m = s.load(SRC, seq_len=128, decode_layout="split")
         heads, cols = m.partition.heads, m.partition.cols
         assert heads[1] < heads[0] and cols[1] < min(cols[0], cols[2])  # the small device holds least
         ids = list(range(3, 100))
@@ -54,7 +55,7 @@ def test_devices_that_cannot_hold_the_model_are_refused_by_name_before_any_push(
             connect(addresses=addrs) as s:
         with pytest.raises(DeviceOutOfMemory, match=r"cannot hold budget-llama .*local0 \(budget 280 MiB.*"
                                                      r"local1 \(budget 280 MiB.*Add a device"):
-            s.load(SRC, seq_len=128, stream_weights=True)
+            s.load(SRC, seq_len=128, stream_weights=True, decode_layout="split")
         assert [i.state for i in s.devices()] == ["idle", "idle"]
 
 
@@ -66,7 +67,8 @@ def test_the_kv_pool_comes_from_the_memory_model_long_prompts_run_in_chunks_and_
     'kv_budget' with exact greedy tokens; no device passes its budget."""
     with LocalWorkers(4, threads=1, extra_args=["--memory-budget", "330MiB"]) as addrs, \
             connect(addresses=addrs) as s:
-        m = s.load(SRC, seq_len=64)  # memory reserved for a 64-token pass; the rest of the budget is KV pool
+        # memory reserved for a 64-token pass; the rest of the budget is KV pool
+        m = s.load(SRC, seq_len=64, decode_layout="split")
         ex = s.executor
         for r, (lm, (_, kv_budget)) in enumerate(zip(ex.loaded_memory, ex.kv_capacity)):
             reserve = memory.pass_reserve(CFG, m.partition, r, 4, 64)
@@ -97,7 +99,7 @@ def test_a_pass_a_device_cannot_hold_is_refused_before_it_runs_and_the_devices_s
     pool), and the worker's own for a caller that skips it."""
     with LocalWorkers(3, threads=1, extra_args=["--memory-budget", "340MiB"]) as addrs, \
             connect(addresses=addrs) as s:
-        m = s.load(SRC, seq_len=64)
+        m = s.load(SRC, seq_len=64, decode_layout="split")
         big = list(range(3, 3003))
         with pytest.raises(DeviceOutOfMemory, match=r"a pass of 3000 tokens needs \d+ MiB there"):
             m.forward([t % 500 for t in big])
@@ -128,7 +130,7 @@ def test_a_4096_token_prompt_is_prefilled_in_chunks_beside_the_pool_exactly_and_
     ref = reference_output(src, Request(torch.tensor(PROMPT_4K)))
     with LocalWorkers(2, threads=1, extra_args=["--memory-budget", "400MiB"]) as addrs, \
             connect(addresses=addrs) as s:
-        m = s.load(src, seq_len=256)
+        m = s.load(src, seq_len=256, decode_layout="split")
         assert (m.forward(PROMPT_4K) - ref).abs().max() <= 1e-4  # one pass, no pool yet
         gen = m.generate(PROMPT_4K, max_new_tokens=4, details=True)
         assert m.engine.pool.num_blocks * m.engine.pool.block_size > 4096  # the pool holds it ...
@@ -148,7 +150,7 @@ def test_a_4096_token_prompt_longer_than_the_kv_pool_is_refused_before_any_step(
     src = RandomWeights(DEEP, seed=12)
     with LocalWorkers(2, threads=1, extra_args=["--memory-budget", "400MiB"]) as addrs, \
             connect(addresses=addrs) as s:
-        m = s.load(src, seq_len=256)
+        m = s.load(src, seq_len=256, decode_layout="split")
         engine = m.engine
         positions = engine.pool.num_blocks * engine.pool.block_size
         assert 256 < positions < 4096

@@ -37,7 +37,7 @@ def _workers(session):
 def test_frozen_device_is_detected_by_heartbeat_and_named():
     """SIGSTOP keeps the TCP connection open but silent: only the heartbeat can notice."""
     with galaxy.connect(local=3) as s:
-        s.load(RandomWeights(CFG, seed=7))
+        s.load(RandomWeights(CFG, seed=7), decode_layout="split")
         victim = _workers(s)[1]
         os.kill(victim.pid, signal.SIGSTOP)
         try:

@@ -72,7 +72,7 @@ def _page(c: Chromium, js: str):
 def test_dashboard_shows_the_live_cluster_and_a_killed_worker_goes_down_without_a_reload(
         browser_binary, smollm2_path, tmp_path):
     with galaxy.connect(local=2) as session:
-        model = session.load(smollm2_path)
+        model = session.load(smollm2_path, decode_layout="split")
         cluster = session.executor
         window_s = cluster.heartbeat_s * cluster.heartbeat_misses  # when the cluster itself gives a device up
         server = Server(model, api_key=KEY, served_model_name="smollm2", poll_interval=0.5).start()
