@@ -241,9 +241,10 @@ def _planned(sb: ServeBench, plan, args) -> tuple[ServeBench, int | None]:
         g = serve.predicted.goodput_rps
         rates = tuple(sorted({round(r, 3) for r in (serve.rate, 0.8 * g, g, 1.25 * g) if r > 0}))
     local = args.local
-    if serve.placement == "colocated" and args.local is not None and args.local != len(plan.devices):
-        progress(f"--plan {args.plan}: a colocated plan on {len(plan.devices)} devices, so {len(plan.devices)} local "
-                 f"workers (not --local {args.local})")
+    if serve.placement == "colocated" and not (args.workers or args.cluster):
+        if args.local is not None and args.local != len(plan.devices):
+            progress(f"--plan {args.plan}: a colocated plan on {len(plan.devices)} devices, so "
+                     f"{len(plan.devices)} local workers (not --local {args.local})")
         local = len(plan.devices)
     return replace(sb, rates=rates, objectives_s=(serve.ttft_slo_s, serve.tpot_slo_s)), local
 
