@@ -291,7 +291,8 @@ def run_serve_bench(executor: Executor, model, tokenizer, sb: ServeBench, progre
     slo_ttft, slo_tpot = sb.objectives_s or (sb.slo_ttft_x * base_ttft, sb.slo_tpot_x * base_tpot)
     report = {"workload": asdict(w), "engine": asdict(sb.engine),
               "unloaded": {"ttft_s": base_ttft, "tpot_s": base_tpot},
-              "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot, "ttft_x": sb.slo_ttft_x, "tpot_x": sb.slo_tpot_x},
+              "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot, "ttft_x": slo_ttft / base_ttft,
+                      "tpot_x": slo_tpot / base_tpot},  # the multiples: given, or the plan's objectives over these
               "runs": []}
     points = [replace(w, rate=r, concurrency=0) for r in sb.rates] or [w]
     variants = [(s, scheduler_config(s, sb.engine)) for s in sb.schedulers]

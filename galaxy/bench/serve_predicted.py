@@ -71,7 +71,7 @@ def _value(key: str, x) -> str:
         return "-"
     if key == "attainment":
         return f"{100 * x:.0f}%"
-    return f"{x:.3g}" if key == "goodput_rps" else f"{1e3 * x:.0f}"
+    return f"{x:.3g}" if key == "goodput_rps" else f"{1e3 * x:.3g}"
 
 
 LABELS = {"unloaded_ttft_s": "unloaded TTFT ms", "unloaded_tpot_s": "unloaded TPOT ms",
@@ -82,7 +82,7 @@ LABELS = {"unloaded_ttft_s": "unloaded TTFT ms", "unloaded_tpot_s": "unloaded TP
 def table(cmp: dict) -> str:
     o = cmp["objectives"]
     lines = ["", f"predicted ({cmp['plan'] or 'the plan'}: {cmp['placement']}, objectives TTFT <= "
-             f"{1e3 * o['ttft_s']:.0f} ms, TPOT <= {1e3 * o['tpot_s']:.0f} ms) against measured (batch):", "",
+             f"{1e3 * o['ttft_s']:.3g} ms, TPOT <= {1e3 * o['tpot_s']:.3g} ms) against measured (batch):", "",
              "| quantity | predicted | measured | measured / predicted |", "|---|---|---|---|"]
     for key, row in cmp["rows"].items():
         label = LABELS[key] + (f" @{cmp['rate']:g}/s" if key.startswith(("ttft_p", "tpot_p", "attain")) else "")
