@@ -24,7 +24,10 @@ import pytest
 
 import galaxy
 from galaxy.cli.serve import add_parser as add_serve_parser
+from galaxy.cli.serve import engine_config
+from galaxy.engine.engine import EngineConfig
 from galaxy.engine.generation import Generation, TokenEvent
+from galaxy.engine.step_cost import StepCost
 from galaxy.errors import PeerUnreachable
 from galaxy.serving.openai import ApiError, parse_chat, parse_embeddings
 from galaxy.serving.server import Server, _pieces
@@ -301,9 +304,6 @@ class GatedExecutor:
 
 
 def test_a_request_predicted_to_miss_the_ttft_objective_is_503_with_retry_after_and_others_run_on(lm, monkeypatch):
-    from galaxy.engine.engine import EngineConfig
-    from galaxy.engine.step_cost import StepCost
-
     class FixedCost(StepCost):  # a step-cost line that does not move: the predictions are known in advance
         def __init__(self, a: float, b: float):
             super().__init__()
@@ -584,6 +584,11 @@ def test_serve_subcommand_options():
     assert (args.host, args.port, args.api_key, args.max_body) == ("127.0.0.1", 8000, "k", 65536)
     with pytest.raises(SystemExit):
         ap.parse_args(["serve", "--local", "2", "--workers", "h:1"])
+    # early rejection: off unless --slo-ttft, then the engine's objective (bench serve's --slo-ttft is a multiple)
+    assert engine_config(args).slo_ttft is None
+    assert engine_config(ap.parse_args(["serve", "--slo-ttft", "2.5"])).slo_ttft == 2.5
+    with pytest.raises(SystemExit):
+        ap.parse_args(["serve", "--slo-ttft", "0"])
 
 
 def test_galaxy_serve_process_answers_and_stops_on_sigterm(minilm_path):
