@@ -130,6 +130,7 @@ class Outcome:
     token_times: list[float] = field(default_factory=list)  # perf_counter of each token
     error: str = ""
     rejected: bool = False  # refused at once by early rejection (Overloaded), not an error
+    predicted_ttft: float | None = None  # early rejection's prediction for an admitted request
 
     @property
     def ttft(self) -> float:
@@ -153,7 +154,9 @@ class Outcome:
 def _send(engine: Engine, spec: RequestSpec, out: Outcome) -> None:
     out.arrival = time.perf_counter()
     try:
-        for ev in engine.submit(list(spec.prompt), GenerationConfig(spec.output_len, stop_at_eos=False)):
+        stream = engine.submit(list(spec.prompt), GenerationConfig(spec.output_len, stop_at_eos=False))
+        out.predicted_ttft = getattr(stream, "predicted_ttft_s", None)
+        for ev in stream:
             out.token_times.append(time.perf_counter())
             out.tokens.append(ev.token)
     except Overloaded:
@@ -237,7 +240,11 @@ def summarise(outcomes: list[Outcome], duration: float, slo_ttft: float, slo_tpo
     tokens = sum(len(o.token_times) for o in ok)
     met = [o for o in ok if o.ttft <= slo_ttft and (o.tpot is None or o.tpot <= slo_tpot)]
     admitted = len(outcomes) - rejected
+    ttft_met = sum(1 for o in ok if o.ttft <= slo_ttft)
+    predicted = [o.ttft / o.predicted_ttft for o in ok if o.predicted_ttft]  # how early rejection's prediction fared
     return {
+        "ttft_attainment_admitted": ttft_met / admitted if admitted else None,
+        "ttft_measured_over_predicted": _stats(predicted) if predicted else None,
         "completed": len(ok), "failed": admitted - len(ok), "rejected": rejected, "duration_s": duration,
         "good_rps": len(met) / duration, "slo_attainment_admitted": len(met) / admitted if admitted else None,
         "request_throughput": len(ok) / duration, "output_throughput": tokens / duration,
@@ -401,6 +408,14 @@ def table(report: dict) -> str:
             lines.append(f"{r['scheduler']}: ITL p99 {r['itl_p99_x_unloaded_tpot']:.2f}x the unloaded TPOT while "
                          f"{w['long_prompt_len']}-token prompts kept arriving ({r['long_prompts']} done, their TTFT "
                          f"p50/p99 {_ms(lt['median'])}/{_ms(lt['p99'])} ms)")
+    for r in report["runs"]:
+        m = r.get("ttft_measured_over_predicted")
+        if r["rejected"] or m:
+            load = f"{r['rate']:g}/s" if not r["concurrency"] else f"{r['concurrency']} clients"
+            share = "-" if r["ttft_attainment_admitted"] is None else f"{100 * r['ttft_attainment_admitted']:.0f}%"
+            lines.append(f"{r['scheduler']} at {load}: {r['rejected']} rejected, TTFT met by {share} of the admitted"
+                         + ("" if not m else f"; their TTFT measured / predicted at admission: median "
+                            f"{m['median']:.2f}, p90 {m['p90']:.2f}"))
     mismatch = [r["scheduler"] for r in report["runs"] if r.get("outputs_match") is False]
     lines.append("outputs identical across schedulers: " + ("yes" if not mismatch else f"NO ({mismatch})"))
     return "\n".join(lines)

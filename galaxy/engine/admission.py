@@ -167,17 +167,19 @@ class Admission:
     def observe(self, tokens: int, seconds: float) -> None:
         self.cost.observe(tokens, seconds)
 
-    def check(self, sched, prompt_tokens: int, prompt_budget: Callable[[int], int] | None) -> None:
-        """Raise Overloaded if a `prompt_tokens` prompt submitted now is predicted to miss the objective
-        (called under the engine's lock, before the request is queued: a refusal changes nothing)."""
+    def check(self, sched, prompt_tokens: int, prompt_budget: Callable[[int], int] | None) -> float | None:
+        """The predicted TTFT of a `prompt_tokens` prompt submitted now (None: nothing to predict with yet);
+        raises Overloaded if it misses the objective (called under the engine's lock, before the request
+        is queued: a refusal changes nothing)."""
         if self.cost.fit is None:  # steps of two sizes not seen yet: nothing to predict with
-            return
+            self.last_prediction_s = None
+            return None
         backlog = backlog_of(sched)
         ttft = predict_ttft(backlog, prompt_tokens, self.cost.fit, prompt_budget)
         self.last_prediction_s = ttft
         c = self.config
         if ttft <= c.bound_s:
-            return
+            return ttft
         self.rejected += 1
         retry = max(1, math.ceil(ttft - c.bound_s))
         raise Overloaded(

@@ -124,6 +124,7 @@ class GenerationStream:
         self.error: BaseException | None = None
         self.submitted = time.perf_counter()
         self.shown = ""  # text already yielded (what may start a stop string is held back)
+        self.predicted_ttft_s: float | None = None  # early rejection's prediction when it was admitted
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self.events_while(None)
@@ -233,6 +234,8 @@ class Engine:
             lambda sched, prompt: self.admission.check(sched, len(prompt), self._prompt_budget))
         with self._lock:
             stream.seq = self.sched.add(list(prompt_ids), params, timeout, admit)
+            if self.admission is not None:  # what early rejection predicted for it (None: no prediction yet)
+                stream.predicted_ttft_s = self.admission.last_prediction_s
             self.streams[stream.seq.seq_id] = stream
         self._wake.set()
         return stream
