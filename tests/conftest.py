@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from galaxy.engine.step_cost import StepCost
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
 
@@ -48,3 +49,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fixed_step_cost():
+    """make(a, b): a StepCost whose line is seconds = a + b * tokens and stays there whatever steps run,
+    so what is derived from it (the stall bound's chunk, early rejection's prediction) is known in advance."""
+    def make(a: float, b: float) -> StepCost:
+        cost = StepCost()
+        cost.fit = (a, b)
+        cost.observe = lambda tokens, seconds: None
+        return cost
+
+    return make

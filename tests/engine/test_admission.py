@@ -12,24 +12,12 @@ from galaxy.engine.admission import AdmissionConfig, AdmissionConfigError, Backl
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.generation import GenerationConfig
 from galaxy.engine.scheduler import SchedulerConfigError
-from galaxy.engine.step_cost import StepCost
 from galaxy.errors import GalaxyError, Overloaded
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
 from galaxy.parallel.sharding import even_partition
 from galaxy.runtime.inproc import InprocCluster
 from galaxy.runtime.sources import reference_generate
-
-
-class FixedCost(StepCost):
-    """A step-cost line that does not move, so a prediction is known in advance."""
-
-    def __init__(self, a: float, b: float):
-        super().__init__()
-        self.fit = (a, b)
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        pass
 
 
 class Gate:
@@ -77,14 +65,14 @@ def test_prediction_replays_the_scheduler_steps_on_the_step_cost_line():
     assert predict_ttft(full, 10, (1.0, 0.01)) == pytest.approx(1.01 + 5 * 1.01 + 1.10)
 
 
-def test_a_request_predicted_to_miss_is_refused_at_once_and_the_running_one_is_unharmed(tiny):
+def test_a_request_predicted_to_miss_is_refused_at_once_and_the_running_one_is_unharmed(tiny, fixed_step_cost):
     src, make = tiny
     prompt, other = list(range(1, 9)), list(range(20, 28))
     want = reference_generate(src, prompt, 24, stop_at_eos=False)
     engine = make(EngineConfig(slo_ttft=0.5))
     # a = 0.3 s per step: alone a prompt's first token is predicted at 0.31 s (admitted, <= 0.9 x 0.5 s);
     # behind a running decode, what is left of its step comes first: 0.61 s (refused)
-    engine.admission.cost = FixedCost(0.3, 0.001)
+    engine.admission.cost = fixed_step_cost(0.3, 0.001)
     gate = Gate(engine.ex.step)
     engine.ex.step = gate
     stream = engine.submit(prompt, GenerationConfig(24, stop_at_eos=False))

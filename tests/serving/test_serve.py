@@ -27,7 +27,6 @@ from galaxy.cli.serve import add_parser as add_serve_parser
 from galaxy.cli.serve import engine_config
 from galaxy.engine.engine import EngineConfig
 from galaxy.engine.generation import Generation, TokenEvent
-from galaxy.engine.step_cost import StepCost
 from galaxy.errors import PeerUnreachable
 from galaxy.serving.openai import ApiError, parse_chat, parse_embeddings
 from galaxy.serving.server import Server, _pieces
@@ -303,15 +302,8 @@ class GatedExecutor:
         return getattr(self.inner, name)
 
 
-def test_a_request_predicted_to_miss_the_ttft_objective_is_503_with_retry_after_and_others_run_on(lm, monkeypatch):
-    class FixedCost(StepCost):  # a step-cost line that does not move: the predictions are known in advance
-        def __init__(self, a: float, b: float):
-            super().__init__()
-            self.fit = (a, b)
-
-        def observe(self, tokens: int, seconds: float) -> None:
-            pass
-
+def test_a_request_predicted_to_miss_the_ttft_objective_is_503_with_retry_after_and_others_run_on(lm, monkeypatch,
+                                                                                                  fixed_step_cost):
     gated = GatedExecutor(lm.session._ex)
     monkeypatch.setattr(lm.session, "_ex", gated)
     monkeypatch.setattr(lm, "_engine_config", EngineConfig(slo_ttft=0.5))
@@ -319,7 +311,7 @@ def test_a_request_predicted_to_miss_the_ttft_objective_is_503_with_retry_after_
     with serving(lm) as (server, client):
         # a = 0.3 s a step: a chat prompt alone is predicted at ~0.34 s (admitted: <= 0.9 x 0.5 s), behind a
         # running stream at ~0.64 s (refused)
-        server.engine.admission.cost = FixedCost(0.3, 0.001)
+        server.engine.admission.cost = fixed_step_cost(0.3, 0.001)
         stream = client.chat.completions.create(model=server.name, messages=QUESTION, temperature=0, max_tokens=12,
                                                 stream=True)
         chunks = iter(stream)
