@@ -130,7 +130,7 @@ class Outcome:
     token_times: list[float] = field(default_factory=list)  # perf_counter of each token
     error: str = ""
     rejected: bool = False  # refused at once by early rejection (Overloaded), not an error
-    predicted_ttft: float | None = None  # early rejection's prediction for an admitted request
+    predicted_ttft: float | None = None  # early rejection's prediction (admitted or refused)
 
     @property
     def ttft(self) -> float:
@@ -159,8 +159,8 @@ def _send(engine: Engine, spec: RequestSpec, out: Outcome) -> None:
         for ev in stream:
             out.token_times.append(time.perf_counter())
             out.tokens.append(ev.token)
-    except Overloaded:
-        out.rejected = True
+    except Overloaded as e:
+        out.rejected, out.predicted_ttft = True, e.predicted_ttft_s
     except GalaxyError as e:
         out.error = f"{type(e).__name__}: {e}"
 
@@ -242,7 +242,9 @@ def summarise(outcomes: list[Outcome], duration: float, slo_ttft: float, slo_tpo
     admitted = len(outcomes) - rejected
     ttft_met = sum(1 for o in ok if o.ttft <= slo_ttft)
     predicted = [o.ttft / o.predicted_ttft for o in ok if o.predicted_ttft]  # how early rejection's prediction fared
+    refused = [o.predicted_ttft / slo_ttft for o in outcomes if o.rejected]  # how far above the objective
     return {
+        "rejected_predicted_x_slo": _stats(refused) if refused else None,
         "ttft_attainment_admitted": ttft_met / admitted if admitted else None,
         "ttft_measured_over_predicted": _stats(predicted) if predicted else None,
         "completed": len(ok), "failed": admitted - len(ok), "rejected": rejected, "duration_s": duration,
@@ -413,7 +415,11 @@ def table(report: dict) -> str:
         if r["rejected"] or m:
             load = f"{r['rate']:g}/s" if not r["concurrency"] else f"{r['concurrency']} clients"
             share = "-" if r["ttft_attainment_admitted"] is None else f"{100 * r['ttft_attainment_admitted']:.0f}%"
-            lines.append(f"{r['scheduler']} at {load}: {r['rejected']} rejected, TTFT met by {share} of the admitted"
+            x = r.get("rejected_predicted_x_slo")
+            lines.append(f"{r['scheduler']} at {load}: {r['rejected']} rejected"
+                         + ("" if not x else f" (predicted TTFT {x['median']:.2f}x the objective at the median, "
+                            f"p90 {x['p90']:.2f}x)")
+                         + f", TTFT met by {share} of the admitted"
                          + ("" if not m else f"; their TTFT measured / predicted at admission: median "
                             f"{m['median']:.2f}, p90 {m['p90']:.2f}"))
     mismatch = [r["scheduler"] for r in report["runs"] if r.get("outputs_match") is False]
