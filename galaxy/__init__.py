@@ -22,7 +22,7 @@ _LAZY = {
     **{name: "galaxy.errors" for name in (
         "GalaxyError", "PeerUnreachable", "DeviceOutOfMemory", "PlanMismatch", "AuthError", "ProtocolMismatch",
         "TransportError", "WorkerError", "NotAWorker", "InvalidRequest", "ModelUnloaded", "CacheLost",
-        "KVBudgetExceeded")},
+        "KVBudgetExceeded", "Overloaded")},
     "CheckpointError": "galaxy.model.checkpoints.source",
 }
 

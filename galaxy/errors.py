@@ -78,3 +78,22 @@ class KVBudgetExceeded(InvalidRequest, DeviceOutOfMemory):
 class ModelUnloaded(GalaxyError):
     """A `Model` was used after its session loaded another model (or was closed): the devices now
     hold something else, so the handle refuses to run instead of returning the other model's output."""
+
+
+class Overloaded(GalaxyError):
+    """Early rejection (engine/admission.py, Mooncake's): the serving engine predicts that a new request's
+    time to first token would exceed the objective it serves under (`EngineConfig.slo_ttft`), so it refused
+    the request at once rather than queue it to miss. Nothing was queued and no other request is affected.
+    The attributes say why and when to retry (`galaxy serve` answers HTTP 503 with them and Retry-After)."""
+
+    def __init__(self, message: str, *, predicted_ttft_s: float, slo_ttft_s: float, waiting: int, running: int,
+                 queued_prompt_tokens: int, retry_after_s: int):
+        super().__init__(message)
+        self.predicted_ttft_s, self.slo_ttft_s = predicted_ttft_s, slo_ttft_s
+        self.waiting, self.running, self.queued_prompt_tokens = waiting, running, queued_prompt_tokens
+        self.retry_after_s = retry_after_s  # whole seconds, >= 1: the predicted drain time
+
+    def details(self) -> dict:
+        return {"predicted_ttft_s": round(self.predicted_ttft_s, 3), "slo_ttft_s": self.slo_ttft_s,
+                "waiting": self.waiting, "running": self.running,
+                "queued_prompt_tokens": self.queued_prompt_tokens, "retry_after_s": self.retry_after_s}

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import galaxy.parallel.rank as rank_module
+from galaxy.engine.step_cost import StepCost
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
 
@@ -98,3 +99,16 @@ def step_threads_seen(monkeypatch) -> list[tuple[int, int]]:
 
     monkeypatch.setattr(rank_module, "rank_forward", spy)
     return seen
+
+
+@pytest.fixture
+def fixed_step_cost():
+    """make(a, b): a StepCost whose line is seconds = a + b * tokens and stays there whatever steps run,
+    so what is derived from it (the stall bound's chunk, early rejection's prediction) is known in advance."""
+    def make(a: float, b: float) -> StepCost:
+        cost = StepCost()
+        cost.fit = (a, b)
+        cost.observe = lambda tokens, seconds: None
+        return cost
+
+    return make

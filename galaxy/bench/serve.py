@@ -17,7 +17,12 @@ same on any hardware.
 
 Schedulers compared side by side in one run on the same loaded model: `batch` (the engine:
 continuous batching, chunked prefill, prefix sharing) and `fifo` (the same engine admitting one
-request at a time: the one-request-at-a-time path Galaxy had before, as its baseline).
+request at a time: the one-request-at-a-time path Galaxy had before, as its baseline). With
+`admission`, `batch+admission` too: batch with early rejection (engine/admission.py) at the TTFT
+objective. A request refused that way is counted as `rejected`, apart from `failed` (an error);
+`good_rps` is the requests meeting both objectives per second of the run (Mooncake's goodput at a
+load, which rejection can raise), `slo_attainment_admitted` the share of the requests not refused
+that met both.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..engine.engine import Engine, EngineConfig
 from ..engine.generation import GenerationConfig
-from ..errors import GalaxyError
+from ..errors import GalaxyError, Overloaded
 from ..parallel.executor import Executor
 
 LOGNORMAL_FITS = {"input": (6.73, 0.81), "output": (5.12, 0.68)}  # Splitwise conversations, ln(tokens)
@@ -124,6 +129,8 @@ class Outcome:
     arrival: float = 0.0
     token_times: list[float] = field(default_factory=list)  # perf_counter of each token
     error: str = ""
+    rejected: bool = False  # refused at once by early rejection (Overloaded), not an error
+    predicted_ttft: float | None = None  # early rejection's prediction (admitted or refused)
 
     @property
     def ttft(self) -> float:
@@ -147,9 +154,13 @@ class Outcome:
 def _send(engine: Engine, spec: RequestSpec, out: Outcome) -> None:
     out.arrival = time.perf_counter()
     try:
-        for ev in engine.submit(list(spec.prompt), GenerationConfig(spec.output_len, stop_at_eos=False)):
+        stream = engine.submit(list(spec.prompt), GenerationConfig(spec.output_len, stop_at_eos=False))
+        out.predicted_ttft = getattr(stream, "predicted_ttft_s", None)
+        for ev in stream:
             out.token_times.append(time.perf_counter())
             out.tokens.append(ev.token)
+    except Overloaded as e:
+        out.rejected, out.predicted_ttft = True, e.predicted_ttft_s
     except GalaxyError as e:
         out.error = f"{type(e).__name__}: {e}"
 
@@ -224,11 +235,20 @@ def _stats(xs: list[float]) -> dict:
 
 
 def summarise(outcomes: list[Outcome], duration: float, slo_ttft: float, slo_tpot: float) -> dict:
-    ok = [o for o in outcomes if not o.error and o.token_times]
+    ok = [o for o in outcomes if not o.error and not o.rejected and o.token_times]
+    rejected = sum(o.rejected for o in outcomes)
     tokens = sum(len(o.token_times) for o in ok)
     met = [o for o in ok if o.ttft <= slo_ttft and (o.tpot is None or o.tpot <= slo_tpot)]
+    admitted = len(outcomes) - rejected
+    ttft_met = sum(1 for o in ok if o.ttft <= slo_ttft)
+    predicted = [o.ttft / o.predicted_ttft for o in ok if o.predicted_ttft]  # how early rejection's prediction fared
+    refused = [o.predicted_ttft / slo_ttft for o in outcomes if o.rejected]  # how far above the objective
     return {
-        "completed": len(ok), "failed": len(outcomes) - len(ok), "duration_s": duration,
+        "rejected_predicted_x_slo": _stats(refused) if refused else None,
+        "ttft_attainment_admitted": ttft_met / admitted if admitted else None,
+        "ttft_measured_over_predicted": _stats(predicted) if predicted else None,
+        "completed": len(ok), "failed": admitted - len(ok), "rejected": rejected, "duration_s": duration,
+        "good_rps": len(met) / duration, "slo_attainment_admitted": len(met) / admitted if admitted else None,
         "request_throughput": len(ok) / duration, "output_throughput": tokens / duration,
         "ttft_s": _stats([o.ttft for o in ok]), "tpot_s": _stats([o.tpot for o in ok if o.tpot is not None]),
         "itl_s": _stats([x for o in ok for x in o.itls]), "e2el_s": _stats([o.e2el for o in ok]),
@@ -245,6 +265,8 @@ class ServeBench:
     slo_ttft_x: float = 3.0  # objectives, as multiples of the unloaded TTFT and TPOT
     slo_tpot_x: float = 1.5
     compare_prefix_cache: bool = False  # also run `batch` with the prefix cache off (a shared-prefix workload)
+    admission: bool = False  # also run `batch+admission`: early rejection at the TTFT objective
+    objectives_s: tuple[float, float] | None = None  # absolute (TTFT, TPOT) objectives instead of the multiples
 
 
 def scheduler_config(name: str, engine: EngineConfig) -> EngineConfig:
@@ -256,12 +278,16 @@ def scheduler_config(name: str, engine: EngineConfig) -> EngineConfig:
     raise GalaxyError(f"scheduler {name!r} is not one of {SCHEDULERS}")
 
 
-def run_serve_bench(executor: Executor, model, tokenizer, sb: ServeBench, progress=lambda msg: None) -> dict:
-    """Every scheduler on every rate of the sweep, on one loaded model; the unloaded latency first."""
+def run_serve_bench(executor: Executor, model, tokenizer, sb: ServeBench, progress=lambda msg: None,
+                    make_engine=None) -> dict:
+    """Every scheduler on every rate of the sweep, on one loaded model; the unloaded latency first.
+    make_engine(EngineConfig): the engine to run (default: an Engine on `executor`; a DisaggEngine for a
+    phase-separated placement)."""
     cfg = model
-    unloaded_engine = Engine(executor, cfg, tokenizer, sb.engine)
+    make_engine = make_engine or (lambda ec: Engine(executor, cfg, tokenizer, ec))
+    unloaded_engine = make_engine(sb.engine)
     try:
-        max_len = unloaded_engine.sched.cfg.max_model_len
+        max_len = getattr(unloaded_engine, "prefill", unloaded_engine).sched.cfg.max_model_len
         w = sb.workload
         alone = requests(replace(w, num_requests=3, lengths="uniform", range_ratio=0.0, shared_prefix=0),
                          cfg.vocab_size, max_len)
@@ -271,15 +297,18 @@ def run_serve_bench(executor: Executor, model, tokenizer, sb: ServeBench, progre
         unloaded_engine.close()
     base_ttft = statistics.median(o.ttft for o in base)
     base_tpot = statistics.median(o.tpot for o in base if o.tpot is not None)
-    slo_ttft, slo_tpot = sb.slo_ttft_x * base_ttft, sb.slo_tpot_x * base_tpot
+    slo_ttft, slo_tpot = sb.objectives_s or (sb.slo_ttft_x * base_ttft, sb.slo_tpot_x * base_tpot)
     report = {"workload": asdict(w), "engine": asdict(sb.engine),
               "unloaded": {"ttft_s": base_ttft, "tpot_s": base_tpot},
-              "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot, "ttft_x": sb.slo_ttft_x, "tpot_x": sb.slo_tpot_x},
+              "slo": {"ttft_s": slo_ttft, "tpot_s": slo_tpot, "ttft_x": slo_ttft / base_ttft,
+                      "tpot_x": slo_tpot / base_tpot},  # the multiples: given, or the plan's objectives over these
               "runs": []}
     points = [replace(w, rate=r, concurrency=0) for r in sb.rates] or [w]
     variants = [(s, scheduler_config(s, sb.engine)) for s in sb.schedulers]
     if sb.compare_prefix_cache:
         variants.append(("batch-no-prefix-cache", replace(sb.engine, prefix_caching=False)))
+    if sb.admission:
+        variants.append(("batch+admission", replace(sb.engine, slo_ttft=slo_ttft)))
     if w.long_prompt_len and "batch" in sb.schedulers and sb.engine.max_stall is not None:
         variants.append(("batch-no-stall-bound", replace(sb.engine, max_stall=None)))  # only the token budget
     for point in points:
@@ -289,18 +318,18 @@ def run_serve_bench(executor: Executor, model, tokenizer, sb: ServeBench, progre
             label = f"{point.concurrency} clients" if point.concurrency else f"{point.rate:g} req/s"
             progress(f"{name}: {len(specs)} requests, {label}"
                      + (f", {point.long_prompt_len}-token prompts arriving" if longs else ""))
-            engine = Engine(executor, cfg, tokenizer, ec)
+            engine = make_engine(ec)
             long_out: list[Outcome] = []
             try:
                 outcomes, duration = run_workload(engine, specs, point.concurrency, background=longs,
                                                   background_out=long_out)
-                preemptions = engine.sched.num_preemptions
-                hit_rate = engine.sched.blocks.stats.hit_rate
+                load = engine.load
+                preemptions, hit_rate = load["preemptions"], load["prefix_hit_rate"]
             finally:
                 engine.close()
             row = summarise(outcomes, duration, slo_ttft, slo_tpot)
             row.update(scheduler=name, rate=point.rate, concurrency=point.concurrency, preemptions=preemptions,
-                       prefix_hit_rate=hit_rate, outputs=[o.tokens for o in outcomes],
+                       prefix_hit_rate=hit_rate, outputs=[None if o.rejected else o.tokens for o in outcomes],
                        itl_p99_x_unloaded_tpot=None if row["itl_s"]["p99"] is None else row["itl_s"]["p99"] / base_tpot)
             if longs:
                 done = [o for o in long_out if not o.error and o.token_times]
@@ -333,8 +362,9 @@ def _compare(report: dict) -> None:
         if fifo is not None and fifo is not row and fifo["output_throughput"]:
             row["throughput_vs_fifo"] = row["output_throughput"] / fifo["output_throughput"]
         ref = peers.get("fifo") or peers.get("batch")
-        if ref is not None and ref is not row:
-            row["outputs_match"] = row["outputs"] == ref["outputs"]
+        if ref is not None and ref is not row:  # a request refused by early rejection has nothing to compare
+            row["outputs_match"] = all(a == b for a, b in zip(row["outputs"], ref["outputs"])
+                                       if a is not None and b is not None)
     nocache, batch = (next((r for r in report["runs"] if r["scheduler"] == s), None)
                       for s in ("batch-no-prefix-cache", "batch"))
     if nocache and batch and nocache["ttft_s"]["median"]:
@@ -353,18 +383,20 @@ def table(report: dict) -> str:
              f"burstiness {w['burstiness']}, seed {w['seed']}",
              f"unloaded  TTFT {_ms(u['ttft_s'])} ms, TPOT {_ms(u['tpot_s'])} ms; objectives TTFT <= "
              f"{_ms(slo['ttft_s'])} ms ({slo['ttft_x']:g}x), TPOT <= {_ms(slo['tpot_s'])} ms ({slo['tpot_x']:g}x)", "",
-             "| scheduler | load | done | tok/s | vs fifo | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p99 ms | "
-             "E2E p50 ms | SLO met | preempt | prefix hit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| scheduler | load | done | rejected | tok/s | vs fifo | TTFT p50/p99 ms | TPOT p50/p99 ms | "
+             "ITL p99 ms | E2E p50 ms | SLO met | SLO met (admitted) | good req/s | preempt | prefix hit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         load = f"{r['concurrency']} clients" if r["concurrency"] else (
             "all at once" if not math.isfinite(r["rate"]) else f"{r['rate']:g}/s")
         vs = f"{r['throughput_vs_fifo']:.2f}x" if "throughput_vs_fifo" in r else "-"
-        lines.append(f"| {r['scheduler']} | {load} | {r['completed']}/{r['completed'] + r['failed']} | "
+        admitted = "-" if r["slo_attainment_admitted"] is None else f"{100 * r['slo_attainment_admitted']:.0f}%"
+        lines.append(f"| {r['scheduler']} | {load} | {r['completed']}/{r['completed'] + r['failed'] + r['rejected']} "
+                     f"| {r['rejected']} | "
                      f"{r['output_throughput']:.1f} | {vs} | {_ms(r['ttft_s']['median'])}/{_ms(r['ttft_s']['p99'])} | "
                      f"{_ms(r['tpot_s']['median'])}/{_ms(r['tpot_s']['p99'])} | {_ms(r['itl_s']['p99'])} | "
-                     f"{_ms(r['e2el_s']['median'])} | {100 * r['slo_attainment']:.0f}% | {r['preemptions']} | "
-                     f"{100 * r['prefix_hit_rate']:.0f}% |")
+                     f"{_ms(r['e2el_s']['median'])} | {100 * r['slo_attainment']:.0f}% | {admitted} | "
+                     f"{r['good_rps']:.2f} | {r['preemptions']} | {100 * r['prefix_hit_rate']:.0f}% |")
     if report.get("goodput"):
         lines += ["", "goodput (highest rate with >= 90% meeting both objectives): " +
                   ", ".join(f"{k} {v:g} req/s" for k, v in report["goodput"].items())]
@@ -378,6 +410,18 @@ def table(report: dict) -> str:
             lines.append(f"{r['scheduler']}: ITL p99 {r['itl_p99_x_unloaded_tpot']:.2f}x the unloaded TPOT while "
                          f"{w['long_prompt_len']}-token prompts kept arriving ({r['long_prompts']} done, their TTFT "
                          f"p50/p99 {_ms(lt['median'])}/{_ms(lt['p99'])} ms)")
+    for r in report["runs"]:
+        m = r.get("ttft_measured_over_predicted")
+        if r["rejected"] or m:
+            load = f"{r['rate']:g}/s" if not r["concurrency"] else f"{r['concurrency']} clients"
+            share = "-" if r["ttft_attainment_admitted"] is None else f"{100 * r['ttft_attainment_admitted']:.0f}%"
+            x = r.get("rejected_predicted_x_slo")
+            lines.append(f"{r['scheduler']} at {load}: {r['rejected']} rejected"
+                         + ("" if not x else f" (predicted TTFT {x['median']:.2f}x the objective at the median, "
+                            f"p90 {x['p90']:.2f}x)")
+                         + f", TTFT met by {share} of the admitted"
+                         + ("" if not m else f"; their TTFT measured / predicted at admission: median "
+                            f"{m['median']:.2f}, p90 {m['p90']:.2f}"))
     mismatch = [r["scheduler"] for r in report["runs"] if r.get("outputs_match") is False]
     lines.append("outputs identical across schedulers: " + ("yes" if not mismatch else f"NO ({mismatch})"))
     return "\n".join(lines)

@@ -6,22 +6,25 @@ import argparse
 import dataclasses
 import os
 from contextlib import ExitStack
+from dataclasses import replace
 
 from planner import scaling
 
 from ..bench import collectives as collective_bench
 from ..bench import decode as decode_bench
-from ..bench import kernel_survey, paged_kv, phases
+from ..bench import kernel_survey, paged_kv, phases, serve_predicted
 from ..bench import serve as serve_bench
 from ..bench import strategies as bench
 from ..bench.serve import ServeBench, Workload, run_serve_bench
 from ..bench.suite import SuiteConfig, bench_devices, run_suite
+from ..engine.disagg import DisaggEngine
 from ..errors import GalaxyError
 from ..model.config import preset
 from ..runtime.api import connect
 from ..runtime.sources import open_source
 from .args import add_cluster_args, add_model_args, floats, int_at_least, ints, output_file, progress, rates
 from .serve import add_engine_args, engine_config, serve_placement
+from .session import read_plan
 
 EXAMPLES = """examples:
   galaxy bench --quick                                        < 2 minutes, 3 loopback workers, GPT-2 small
@@ -87,6 +90,12 @@ def add_parser(sub) -> None:
     sv.add_argument("--schedulers", type=lambda t: tuple(x for x in t.split(",") if x), default=("batch", "fifo"),
                     help="batch (continuous batching) and/or fifo (one request at a time) (default both)")
     sv.add_argument("--compare-prefix-cache", action="store_true", help="also run batch with the prefix cache off")
+    sv.add_argument("--slo-admission", action="store_true",
+                    help="also run batch with early rejection at the TTFT objective (batch+admission): rejected "
+                    "requests counted apart, goodput with and without it side by side")
+    sv.add_argument("--plan", metavar="PLAN.json", help="a plan from `galaxy plan --serve`: run its placement on its "
+                    "objectives and print its predictions beside the measurements (default rates: the plan's and "
+                    "0.8, 1, 1.25 x its predicted goodput)")
     add_engine_args(p)
     sv.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT objective, x the unloaded TTFT (default 3)")
     sv.add_argument("--slo-tpot", type=float, default=1.5, help="TPOT objective, x the unloaded TPOT (default 1.5)")
@@ -210,17 +219,54 @@ def cmd_bench_serve(args) -> int:
                  long_prompt_len=args.long_prompt_len),
         rates=tuple(args.rates or ()), schedulers=args.schedulers,
         engine=engine_config(args),
-        slo_ttft_x=args.slo_ttft, slo_tpot_x=args.slo_tpot, compare_prefix_cache=args.compare_prefix_cache)
+        slo_ttft_x=args.slo_ttft, slo_tpot_x=args.slo_tpot, compare_prefix_cache=args.compare_prefix_cache,
+        admission=args.slo_admission)
+    plan = read_plan(args)
+    local = args.local
+    if plan is not None:
+        sb, local = _planned(sb, plan, args)
     with ExitStack() as stack:
-        _, addresses, token = bench_devices(stack, args.local, args.workers, args.cluster, args.token, args.threads)
+        _, addresses, token = bench_devices(stack, local, args.workers, args.cluster, args.token, args.threads)
         session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
         progress(f"loading the model on {len(addresses)} devices")
-        # the bench drives the session's executor itself: the colocated split (decode_layout: runtime.decode_layout)
+        # the bench drives the session's executor itself: the colocated split unless the plan separates the
+        # phases (decode_layout: runtime.decode_layout)
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                          decode_layout="split")
-        report = run_serve_bench(session.executor, lm.config, lm.tokenizer, sb, progress=progress)
+                          plan=plan, decode_layout="split")
+        make = None
+        if lm.groups:  # the plan separates the phases: the bench runs them as `galaxy serve --plan` would
+            make = lambda ec: DisaggEngine(*lm.groups, lm.config, lm.tokenizer, ec, ec)  # noqa: E731
+        report = run_serve_bench(session.executor, lm.config, lm.tokenizer, sb, progress=progress, make_engine=make)
         report["devices"] = [d.name for d in session.devices()]
-    return _emit(args, report, serve_bench.table, serve_bench.plot)
+    if plan is not None:
+        report["predicted_vs_measured"] = serve_predicted.compare(report, plan.serve, args.plan)
+    return _emit(args, report, _serve_table, serve_bench.plot)
+
+
+def _serve_table(report: dict) -> str:
+    text = serve_bench.table(report)
+    if "predicted_vs_measured" in report:
+        text += "\n" + serve_predicted.table(report["predicted_vs_measured"])
+    return text
+
+
+def _planned(sb: ServeBench, plan, args) -> tuple[ServeBench, int | None]:
+    """The bench on a `galaxy plan --serve` plan: its objectives, and (unless --rates) its rate and rates
+    around its predicted goodput; the local workers it needs (a colocated plan: its own devices)."""
+    serve = plan.serve
+    if serve is None:
+        raise GalaxyError(f"--plan {args.plan} has no serve section: make it with `galaxy plan --serve ... -o`")
+    rates = sb.rates
+    if not rates:
+        g = serve.predicted.goodput_rps
+        rates = tuple(sorted({round(r, 3) for r in (serve.rate, 0.8 * g, g, 1.25 * g) if r > 0}))
+    local = args.local
+    if serve.placement == "colocated" and not (args.workers or args.cluster):
+        if args.local is not None and args.local != len(plan.devices):
+            progress(f"--plan {args.plan}: a colocated plan on {len(plan.devices)} devices, so "
+                     f"{len(plan.devices)} local workers (not --local {args.local})")
+        local = len(plan.devices)
+    return replace(sb, rates=rates, objectives_s=(serve.ttft_slo_s, serve.tpot_slo_s)), local
 
 
 def cmd_bench_phases(args) -> int:

@@ -62,6 +62,9 @@ def add_parser(subparsers):
                    "batch; more get 429 (default 64)")
     h.add_argument("--queue-timeout", type=float, default=120.0,
                    help="seconds an embedding request may wait for the one before it (default 120)")
+    h.add_argument("--slo-ttft", dest="admission_slo_ttft", type=number_in(1e-3, 86400.0), metavar="SECONDS",
+                   help="a time-to-first-token objective: a request predicted to miss it (from the queue and the "
+                   "measured step cost) is refused at once with 503 and Retry-After (default: off, admit all)")
     h.add_argument("--request-timeout", type=float, default=600.0,
                    help="a generation's deadline in seconds: then it ends, truncated (default 600)")
     h.add_argument("--default-max-tokens", type=int, default=256,
@@ -93,7 +96,7 @@ def add_engine_args(p) -> None:
 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(max_batched_tokens=args.max_batched_tokens, chunk_size=args.chunk_size,
-                        max_stall=args.max_stall or None)
+                        max_stall=args.max_stall or None, slo_ttft=getattr(args, "admission_slo_ttft", None))
 
 
 def cmd_serve(args) -> int:

@@ -36,6 +36,7 @@ from ..model.paged_kv import PagedBatch
 from ..parallel.executor import DeviceStats, Executor
 from ..parallel.forward import Step
 from ..parallel.rank import KVPool
+from .admission import Admission, AdmissionConfig
 from .arguments import token_ids
 from .generation import Generation, GenerationConfig, StepTiming, TokenEvent, collective_of, pending_stop
 from .sampling import Sampler
@@ -67,6 +68,10 @@ class EngineConfig:
     # None: only max_batched_tokens bounds it. min_chunk: prompt tokens such a step may always carry.
     max_stall: float | None = 1.5
     min_chunk: int = 16
+    # early rejection (admission.py): refuse a request whose TTFT is predicted above slo_ttft x slo_headroom
+    # seconds with Overloaded, at once; None: admit every request the queue bound allows (as before)
+    slo_ttft: float | None = None
+    slo_headroom: float = 0.9
 
     def __post_init__(self):
         if self.max_stall is not None and not (isinstance(self.max_stall, (int, float)) and self.max_stall > 1.0):
@@ -75,6 +80,8 @@ class EngineConfig:
         if not (isinstance(self.min_chunk, int) and self.min_chunk >= 1):
             raise SchedulerConfigError(f"engine config: min_chunk={self.min_chunk!r} must be an integer >= 1 "
                                        "(a step's token budget still bounds it)")
+        if self.slo_ttft is not None:
+            AdmissionConfig(self.slo_ttft, self.slo_headroom)  # validates both, naming the field
 
     def scheduler_config(self, num_blocks: int, model: ModelConfig) -> SchedulerConfig:
         return SchedulerConfig(num_blocks=num_blocks, block_size=self.block_size,
@@ -117,6 +124,7 @@ class GenerationStream:
         self.error: BaseException | None = None
         self.submitted = time.perf_counter()
         self.shown = ""  # text already yielded (what may start a stop string is held back)
+        self.predicted_ttft_s: float | None = None  # early rejection's prediction when it was admitted
 
     def __iter__(self) -> Iterator[TokenEvent]:
         return self.events_while(None)
@@ -185,6 +193,8 @@ class Engine:
         self.pool = self._pool()
         self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))
         self.cost = StepCost()  # seconds against tokens of the steps run: the stall bound's prompt budget
+        self.admission = (None if config.slo_ttft is None else
+                          Admission(AdmissionConfig(config.slo_ttft, config.slo_headroom)))
         self.streams: dict[int, GenerationStream] = {}
         self.steps = 0
         self.generated = 0  # tokens sampled so far, every request (tokens/s is its rate)
@@ -206,7 +216,8 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
                timeout: float | None = None) -> GenerationStream:
-        """Queue a generation; raises InvalidRequest or QueueFull at once, touching nothing else."""
+        """Queue a generation; raises InvalidRequest, QueueFull or (with an objective, EngineConfig.slo_ttft)
+        Overloaded at once, touching nothing else."""
         gc = gc or GenerationConfig()
         if self._closed:
             raise GalaxyError("the engine is closed: load the model again")
@@ -219,8 +230,12 @@ class Engine:
         eos = self.model.eos_token_id
         params = SamplingParams(gc.max_new_tokens, (eos,) if gc.stop_at_eos and eos is not None else (),
                                 gc.sampling, gc.prefill_chunk or None)
+        admit = None if self.admission is None else (
+            lambda sched, prompt: self.admission.check(sched, len(prompt), self._prompt_budget))
         with self._lock:
-            stream.seq = self.sched.add(list(prompt_ids), params, timeout)
+            stream.seq = self.sched.add(list(prompt_ids), params, timeout, admit)
+            if self.admission is not None:  # what early rejection predicted for it (None: no prediction yet)
+                stream.predicted_ttft_s = self.admission.last_prediction_s
             self.streams[stream.seq.seq_id] = stream
         self._wake.set()
         return stream
@@ -246,6 +261,7 @@ class Engine:
                     "kv_blocks": self.pool.num_blocks, "kv_blocks_used": blocks.num_blocks - blocks.num_free,
                     "prefix_hit_rate": blocks.stats.hit_rate, "preemptions": self.sched.num_preemptions,
                     "steps": self.steps, "generated_tokens": self.generated,
+                    "rejected": 0 if self.admission is None else self.admission.rejected,
                     "kv_bytes": {} if self._last is None else
                     dict(zip(self.ex.names, (d.kv_cache_bytes for d in self._last.devices)))}
 
@@ -317,6 +333,8 @@ class Engine:
         self.steps += 1
         if any(len(it.token_ids) == 1 for it in plan.items):  # the cost of steps beside running streams
             self.cost.observe(plan.num_tokens, res.seconds)
+        if self.admission is not None:  # every step: the TTFT prediction's step cost
+            self.admission.observe(plan.num_tokens, res.seconds)
         rows = [it for it in plan.items if it.logits]
         collective, kv_bytes = collective_of(res.devices), [d.kv_cache_bytes for d in res.devices]
         self._last = LastStep(self.steps, plan.num_tokens, len(plan.items), res.seconds, collective,

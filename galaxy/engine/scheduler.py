@@ -151,14 +151,19 @@ class Scheduler:
         self._pending: BatchPlan | None = None
 
     # -- requests --------------------------------------------------------------------------
-    def add(self, prompt, params: SamplingParams | None = None, timeout: float | None = None) -> Sequence:
-        """Queue a request; raises InvalidRequest or QueueFull without changing anything."""
+    def add(self, prompt, params: SamplingParams | None = None, timeout: float | None = None,
+            admit: Callable[[Scheduler, list[int]], None] | None = None) -> Sequence:
+        """Queue a request; raises InvalidRequest or QueueFull without changing anything. admit(self,
+        prompt), if given, is asked last, before anything changes, and may refuse by raising (the
+        engine's early rejection, admission.py)."""
         params = params or SamplingParams()
         prompt = list(prompt)
         self._check(prompt, params, timeout)
         if len(self.waiting) >= self.cfg.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are waiting, the bound is max_waiting="
                             f"{self.cfg.max_waiting}")
+        if admit is not None:
+            admit(self, prompt)
         now = self.clock()
         seq = Sequence(next(self._ids), prompt, len(prompt), params, arrival=now,
                        deadline=None if timeout is None else now + timeout)

@@ -2,9 +2,10 @@
 
 Per request, when it ends: time to first token, time per output token and end-to-end latency
 (histograms), prompt and generated tokens, and the outcome. At each scrape, read from the engine:
-requests running and waiting, KV blocks in use of the pool, the prefix cache's hit rate (reused
-prompt tokens over looked-up ones: recomputed tokens do not count as hits), preemptions and steps,
-and each device's KV memory. One registry per server, so servers in one process do not collide.
+requests running and waiting, requests refused by early rejection, KV blocks in use of the pool, the
+prefix cache's hit rate (reused prompt tokens over looked-up ones: recomputed tokens do not count as
+hits), preemptions and steps, and each device's KV memory. One registry per server, so servers in
+one process do not collide.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class _EngineCollector:
                                ("galaxy_engine_tokens", "generated_tokens",
                                 "Tokens sampled by the engine as they come, every request")):
             yield CounterMetricFamily(name, doc, value=state[key])
+        yield CounterMetricFamily("galaxy_requests_rejected", "Requests refused at once because their TTFT was "
+                                  "predicted to miss the objective (--slo-ttft; HTTP 503)",
+                                  value=state.get("rejected", 0))
         kv = GaugeMetricFamily("galaxy_device_kv_bytes", "KV cache memory on each device", labels=["device"])
         for name, nbytes in state["kv_bytes"].items():
             kv.add_metric([name], nbytes)

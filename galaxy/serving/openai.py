@@ -24,15 +24,17 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, details: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
+        self.details = details or {}  # extra fields of the error object (an early rejection's prediction)
 
     def body(self) -> dict:
         kind = "server_error" if self.status >= 500 else (
             "rate_limit_error" if self.status == 429 else "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code,
+                          **self.details}}
 
 
 @dataclass(frozen=True)

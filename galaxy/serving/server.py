@@ -42,7 +42,7 @@ import numpy as np
 from ..engine.engine import ClientGone, GenerationStream
 from ..engine.generation import Generation, GenerationConfig, pending_stop
 from ..engine.scheduler import QueueFull
-from ..errors import GalaxyError, InvalidRequest
+from ..errors import GalaxyError, InvalidRequest, Overloaded
 from ..version import __version__
 from .dashboard_http import Dashboard
 from .metrics import ServerMetrics
@@ -338,6 +338,9 @@ class Server:
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry later", code="queue_full",
                            headers={"Retry-After": "1"}) from None
+        except Overloaded as e:  # early rejection (`--slo-ttft`): it would miss the objective; say why and when
+            raise ApiError(503, str(e), code="slo_unattainable", headers={"Retry-After": str(e.retry_after_s)},
+                           details=e.details()) from None
         except InvalidRequest as e:
             raise ApiError(400, str(e), "messages", "invalid_value") from None
         return _Chat(_new_id("chatcmpl"), int(time.time()), stream.generation, _pieces(stream, gc.stop, alive),

@@ -24,6 +24,8 @@ import pytest
 
 import galaxy
 from galaxy.cli.serve import add_parser as add_serve_parser
+from galaxy.cli.serve import engine_config
+from galaxy.engine.engine import EngineConfig
 from galaxy.engine.generation import Generation, TokenEvent
 from galaxy.errors import PeerUnreachable
 from galaxy.serving.openai import ApiError, parse_chat, parse_embeddings
@@ -284,6 +286,59 @@ def test_metrics_are_prometheus_text_with_latencies_and_the_engine_state(lm):
         assert name in text, name
 
 
+
+class GatedExecutor:
+    """The session's executor, its engine steps waiting while `open` is clear (a request held running)."""
+
+    def __init__(self, inner):
+        self.inner, self.open = inner, threading.Event()
+        self.open.set()
+
+    def step(self, step, pool):
+        assert self.open.wait(30), "the test never reopened the cluster"
+        return self.inner.step(step, pool)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_request_predicted_to_miss_the_ttft_objective_is_503_with_retry_after_and_others_run_on(lm, monkeypatch,
+                                                                                                  fixed_step_cost):
+    gated = GatedExecutor(lm.session._ex)
+    monkeypatch.setattr(lm.session, "_ex", gated)
+    monkeypatch.setattr(lm, "_engine_config", EngineConfig(slo_ttft=0.5))
+    _restart_engine(lm)
+    with serving(lm) as (server, client):
+        # a = 0.3 s a step: a chat prompt alone is predicted at ~0.34 s (admitted: <= 0.9 x 0.5 s), behind a
+        # running stream at ~0.64 s (refused)
+        server.engine.admission.cost = fixed_step_cost(0.3, 0.001)
+        stream = client.chat.completions.create(model=server.name, messages=QUESTION, temperature=0, max_tokens=12,
+                                                stream=True)
+        chunks = iter(stream)
+        text = ""
+        while not text:
+            text += next(chunks).choices[0].delta.content or ""
+        gated.open.clear()  # the stream stays running while the next request is judged
+        status, headers, body = request(server.address, "POST", "/v1/chat/completions",
+                                        {"model": server.name, "messages": QUESTION, "max_tokens": 4})
+        gated.open.set()
+        text += "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert status == 503 and int(headers["Retry-After"]) >= 1
+        err = body["error"]
+        assert err["code"] == "slo_unattainable" and err["slo_ttft_s"] == 0.5 and err["predicted_ttft_s"] > 0.45
+        assert err["running"] == 1 and err["retry_after_s"] == int(headers["Retry-After"])
+        assert "predicted time to first token" in err["message"]
+        alone = client.chat.completions.create(model=server.name, messages=QUESTION, temperature=0, max_tokens=12)
+        assert text == alone.choices[0].message.content  # the running stream was unharmed; drained, admitted
+        host, port = server.address.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+        conn.close()
+        assert "galaxy_requests_rejected_total 1.0" in metrics
+    _restart_engine(lm)
+
+
 # --- embeddings, models, health ----------------------------------------------------------------------
 
 def test_embeddings_match_model_encode(encoder):
@@ -521,6 +576,11 @@ def test_serve_subcommand_options():
     assert (args.host, args.port, args.api_key, args.max_body) == ("127.0.0.1", 8000, "k", 65536)
     with pytest.raises(SystemExit):
         ap.parse_args(["serve", "--local", "2", "--workers", "h:1"])
+    # early rejection: off unless --slo-ttft, then the engine's objective (bench serve's --slo-ttft is a multiple)
+    assert engine_config(args).slo_ttft is None
+    assert engine_config(ap.parse_args(["serve", "--slo-ttft", "2.5"])).slo_ttft == 2.5
+    with pytest.raises(SystemExit):
+        ap.parse_args(["serve", "--slo-ttft", "0"])
 
 
 def test_galaxy_serve_process_answers_and_stops_on_sigterm(minilm_path):
