@@ -313,12 +313,13 @@ def run_serve_bench(executor: Executor, model, tokenizer, sb: ServeBench, progre
     return report
 
 
-def goodput(runs: list[dict]) -> dict:
-    """Per scheduler, the highest swept rate at which at least ATTAINMENT_GOAL of requests met both objectives."""
+def goodput(runs: list[dict], key: str = "scheduler") -> dict:
+    """Per scheduler (or per run[key]), the highest swept rate at which at least ATTAINMENT_GOAL of
+    requests met both objectives."""
     out = {}
     for r in runs:
         if math.isfinite(r["rate"]) and not r["concurrency"] and r["slo_attainment"] >= ATTAINMENT_GOAL:
-            out[r["scheduler"]] = max(out.get(r["scheduler"], 0.0), r["rate"])
+            out[r[key]] = max(out.get(r[key], 0.0), r["rate"])
     return out
 
 
