@@ -24,15 +24,16 @@ first ones (one seed), and a prefix cache left over from them would flatter the 
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from dataclasses import asdict, replace
 
 from ..engine.disagg import DisaggConfig, DisaggEngine
 from ..engine.engine import Engine, EngineConfig
 from ..engine.generation import GenerationConfig
-from ..errors import GalaxyError
 from ..parallel.executor import Executor
 from .serve import ATTAINMENT_GOAL, Workload, goodput, requests, run_workload, summarise
+from .serve import plot as serve_plot
 
 
 def _unloaded(engine, specs) -> dict:
@@ -156,32 +157,12 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
-    """TTFT and TPOT medians and SLO attainment against the request rate, one line per placement."""
-    import matplotlib
+    """TTFT and TPOT percentiles and SLO attainment against the request rate, one line per placement."""
+    def short(key: str) -> str:  # "device 0 'tx2' (10.77.1.11:50051)" -> "tx2"
+        return "+".join(re.search(r"'([^']*)'", d).group(1) if "'" in d else d for d in report[key])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in report["runs"] if math.isfinite(r["rate"]) and not r["concurrency"]]
-    if not runs:
-        raise GalaxyError("the phase plot needs a sweep of request rates (--rates)")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in report["unloaded"]:
-        rs = sorted((r for r in runs if r["placement"] == name), key=lambda r: r["rate"])
-        x = [r["rate"] for r in rs]
-        axes[0].plot(x, [r["ttft_s"]["median"] for r in rs], marker="o", label=name)
-        axes[1].plot(x, [r["tpot_s"]["median"] for r in rs], marker="o", label=name)
-        axes[2].plot(x, [100 * r["slo_attainment"] for r in rs], marker="o", label=name)
-    axes[0].axhline(report["slo"]["ttft_s"], color="grey", lw=0.8)
-    axes[1].axhline(report["slo"]["tpot_s"], color="grey", lw=0.8)
-    axes[2].axhline(100 * ATTAINMENT_GOAL, color="grey", lw=0.8)
-    titles = ("TTFT p50 (s)", "TPOT p50 (s)", "SLO attainment (%)")
-    for ax, title in zip(axes, titles):
-        ax.set_xlabel("request rate (req/s)")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"prefill on {', '.join(report['prefill_devices'])}; decode on {', '.join(report['decode_devices'])}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    link = f"; links {report['link_bps'] / 1e6:g} Mbit/s" if report.get("link_bps") else ""
+    serve_plot(report, path, key="placement", suptitle=(
+        f"disaggregated: prefill {short('prefill_devices')}, decode {short('decode_devices')}; colocated on "
+        f"{short('colocated_devices')}{link}; objectives {report['slo']['ttft_x']:g}x TTFT, "
+        f"{report['slo']['tpot_x']:g}x TPOT of colocated unloaded"))

@@ -384,8 +384,9 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path: str) -> None:
-    """Latency percentiles and SLO attainment against the request rate, one line per scheduler."""
+def plot(report: dict, path: str, key: str = "scheduler", suptitle: str = "") -> None:
+    """Latency percentiles and SLO attainment against the request rate, one line per scheduler (or
+    per run[key]: the phase bench's placements)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -395,8 +396,8 @@ def plot(report: dict, path: str) -> None:
     if not runs:
         raise GalaxyError("the serving plot needs a sweep of request rates (--rates)")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in dict.fromkeys(r["scheduler"] for r in runs):
-        rs = sorted((r for r in runs if r["scheduler"] == name), key=lambda r: r["rate"])
+    for name in dict.fromkeys(r[key] for r in runs):
+        rs = sorted((r for r in runs if r[key] == name), key=lambda r: r["rate"])
         x = [r["rate"] for r in rs]
         for q, style in (("median", "-"), ("p99", "--")):
             axes[0].plot(x, [r["ttft_s"][q] for r in rs], style, marker="o", label=f"{name} {q}")
@@ -409,6 +410,8 @@ def plot(report: dict, path: str) -> None:
         ax.set_xlabel("request rate (req/s)")
         ax.set_title(title)
         ax.legend(fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
