@@ -6,7 +6,7 @@ import argparse
 import os
 from contextlib import ExitStack
 
-from devices.emulate import set_link_rate
+from devices.emulate import read_state, set_link_rate
 from planner import scaling
 
 from ..bench import collectives as collective_bench
@@ -215,9 +215,11 @@ def cmd_bench_serve(args) -> int:
 
 def _serve_links(stack: ExitStack, emulated: str | None, bandwidth) -> float | None:
     """`bench serve --bandwidth RATE`: the emulated cluster's links re-shaped to one rate for the run
-    (and put back after it, if the cluster stays up). Returns the rate the run had, None if unshaped."""
+    (and put back after it, if the cluster stays up). Returns the slowest link's rate in the run, None
+    if the links are not shaped."""
     if not bandwidth:
-        return None
+        state = read_state(emulated) if emulated else None
+        return min((d["rate_bps"] for d in state["devices"]), default=None) if state else None
     if emulated is None or len(bandwidth) != 1:
         raise GalaxyError("galaxy bench serve --bandwidth: one rate, on an emulated --cluster (got "
                           f"{len(bandwidth)} rate(s), {'an emulated cluster' if emulated else 'no emulated cluster'})")
