@@ -219,7 +219,9 @@ def _serve_links(stack: ExitStack, emulated: str | None, bandwidth) -> float | N
     if the links are not shaped."""
     if not bandwidth:
         state = read_state(emulated) if emulated else None
-        return min((d["rate_bps"] for d in state["devices"]), default=None) if state else None
+        if not state or state.get("mode") != "emulated":  # loopback workers (`up` without root): not shaped
+            return None
+        return min((d["rate_bps"] for d in state["devices"] if d.get("rate_bps")), default=None)
     if emulated is None or len(bandwidth) != 1:
         raise GalaxyError("galaxy bench serve --bandwidth: one rate, on an emulated --cluster (got "
                           f"{len(bandwidth)} rate(s), {'an emulated cluster' if emulated else 'no emulated cluster'})")
