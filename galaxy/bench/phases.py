@@ -16,13 +16,19 @@ split as the field splits them (Mooncake #62: PD TTFT = prefill + KV transfer + 
   (exposed: what the second token waited for);
 - first decode: from the K/V landing on the decode group to its first token;
 - TPOT: time per output token after the first, and after the second (the decode group's steady state).
-Loaded: the bench's workload (galaxy.bench.serve: closed loop or Poisson arrivals) on each
-placement, with the same summary (TTFT, TPOT, ITL percentiles, throughput) and whether the greedy
-outputs are identical.
+Loaded: the bench's workload (galaxy.bench.serve: closed loop or Poisson arrivals, or a sweep of
+rates) on each placement, with the same summary (TTFT, TPOT, ITL percentiles, throughput), whether
+the greedy outputs are identical, each run's SLO attainment and, over a sweep, each placement's
+goodput. The objectives are multiples of the *colocated* placement's unloaded TTFT and TPOT (3x and
+1.5x by default), as `galaxy plan --serve` sets them, so one set of absolute objectives judges both
+placements. Each loaded run gets a fresh engine: the unloaded requests' prompts are the workload's
+first ones (one seed), and a prefix cache left over from them would flatter the loaded TTFT.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import statistics
 from dataclasses import asdict, replace
 
@@ -31,7 +37,8 @@ from ..engine.engine import Engine, EngineConfig
 from ..engine.generation import GenerationConfig
 from ..engine.kv_stream import StreamConfig
 from ..parallel.executor import Executor
-from .serve import Workload, requests, run_workload, summarise
+from .serve import ATTAINMENT_GOAL, Workload, goodput, requests, run_workload, summarise
+from .serve import plot as serve_plot
 
 
 def _unloaded(engine, specs) -> dict:
@@ -63,26 +70,29 @@ def _unloaded(engine, specs) -> dict:
 
 
 def run_phase_bench(prefill: Executor, decode: Executor, cfg, tokenizer, workload: Workload,
-                    engine: EngineConfig = EngineConfig(), reps: int = 3, progress=lambda msg: None) -> dict:
-    """Colocated (an Engine on `prefill`) against disaggregated (`prefill`, then `decode`), unloaded
-    then under `workload`, on the same requests."""
+                    engine: EngineConfig = EngineConfig(), reps: int = 3, progress=lambda msg: None,
+                    rates: tuple[float, ...] = (), slo_ttft_x: float = 3.0, slo_tpot_x: float = 1.5,
+                    colocated: Executor | None = None) -> dict:
+    """Colocated (an Engine on `colocated`, by default on `prefill`) against disaggregated
+    (`prefill`, then `decode`), unloaded then under `workload` (or at each of `rates`, Poisson), on
+    the same requests. A `colocated` executor of its own lets the baseline use every device when the
+    disaggregated placement splits them (a trio: prefill on two, decode on the third)."""
     if workload.output_len < 3:
         raise ValueError(f"output_len={workload.output_len}: the steady TPOT needs at least 3 tokens")
-    makers = {"colocated": lambda: Engine(prefill, cfg, tokenizer, engine),
-              "disaggregated": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
-                                                    DisaggConfig()),
+    colocated = colocated or prefill
+    makers = {"colocated": lambda: Engine(colocated, cfg, tokenizer, engine),
+              "disaggregated": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine, DisaggConfig()),
               "streamed": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
                                                DisaggConfig(stream=StreamConfig()))}
     report = {"workload": asdict(workload), "engine": asdict(engine), "reps": reps,
               "prefill_devices": list(prefill.names), "decode_devices": list(decode.names),
-              "unloaded": {}, "loaded": {}}
+              "colocated_devices": list(colocated.names),
+              "unloaded": {}, "loaded": {}, "runs": []}
     probe = makers["colocated"]()
     max_len = probe.sched.cfg.max_model_len
     probe.close()
     alone = requests(replace(workload, num_requests=reps + 1, rate=float("inf"), concurrency=0, lengths="uniform",
                              range_ratio=0.0, shared_prefix=0), cfg.vocab_size, max_len)
-    specs = requests(workload, cfg.vocab_size, max_len)
-    outputs = {}
     for name, make in makers.items():
         eng = make()
         try:
@@ -91,15 +101,29 @@ def run_phase_bench(prefill: Executor, decode: Executor, cfg, tokenizer, workloa
             _unloaded(eng, alone[:1])
             progress(f"{name}: {reps} requests of {workload.input_len} + {workload.output_len} tokens, one at a time")
             report["unloaded"][name] = _unloaded(eng, alone[1:])
-            label = f"{workload.concurrency} clients" if workload.concurrency else f"{workload.rate:g} req/s"
-            progress(f"{name}: {len(specs)} requests, {label}")
-            outcomes, duration = run_workload(eng, specs, workload.concurrency)
         finally:
             eng.close()
-        row = summarise(outcomes, duration, float("inf"), float("inf"))
-        del row["slo_attainment"]
-        report["loaded"][name] = row
-        outputs[name] = [o.tokens for o in outcomes]
+    base = report["unloaded"]["colocated"]
+    slo_ttft, slo_tpot = slo_ttft_x * base["ttft_s"], slo_tpot_x * base["tpot_s"]
+    report["slo"] = {"ttft_s": slo_ttft, "tpot_s": slo_tpot, "ttft_x": slo_ttft_x, "tpot_x": slo_tpot_x}
+    outputs: dict = {}
+    for point in [replace(workload, rate=r, concurrency=0) for r in rates] or [workload]:
+        specs = requests(point, cfg.vocab_size, max_len)
+        label = f"{point.concurrency} clients" if point.concurrency else f"{point.rate:g} req/s"
+        for name, make in makers.items():  # side by side: the same requests on each placement
+            progress(f"{name}: {len(specs)} requests, {label}")
+            eng = make()
+            try:
+                outcomes, duration = run_workload(eng, specs, point.concurrency)
+                prompts = getattr(eng, "prefill", eng).sched.blocks.stats  # where the prompts ran
+            finally:
+                eng.close()
+            row = summarise(outcomes, duration, slo_ttft, slo_tpot)
+            row.update(placement=name, rate=point.rate, concurrency=point.concurrency, prefix_hit_rate=prompts.hit_rate)
+            report["runs"].append(row)
+            report["loaded"].setdefault(name, row)  # the first point's, as before the sweep
+            outputs.setdefault(name, []).append([o.tokens for o in outcomes])
+    report["goodput"] = goodput(report["runs"], key="placement")
     report["outputs_identical"] = outputs["colocated"] == outputs["disaggregated"] == outputs["streamed"]
     return report
 
@@ -110,9 +134,10 @@ def _ms(x) -> str:
 
 def table(report: dict) -> str:
     w = report["workload"]
-    u, lo = report["unloaded"], report["loaded"]
+    u = report["unloaded"]
     lines = [f"prefill on {', '.join(report['prefill_devices'])}; decode on {', '.join(report['decode_devices'])} "
-             f"(disaggregated); {w['input_len']}-token prompts, {w['output_len']} tokens out",
+             f"(disaggregated); colocated on {', '.join(report['colocated_devices'])}; {w['input_len']}-token "
+             f"prompts, {w['output_len']} tokens out",
              "", f"unloaded (median of {report['reps']}), ms:",
              "| placement | TTFT (its prefill steps) | K/V transfer (pull + push) | hidden / exposed | first decode "
              "| 2nd token at | TPOT | TPOT after the 2nd |", "|---|---|---|---|---|---|---|---|"]
@@ -123,13 +148,32 @@ def table(report: dict) -> str:
         lines.append(f"| {name} | {_ms(x['ttft_s'])} ({_ms(x['prefill_s'])}) | {transfer} | {split} | "
                      f"{_ms(x['first_decode_s'])} | {_ms(x['second_token_s'])} | {_ms(x['tpot_s'])} | "
                      f"{_ms(x['tpot_steady_s'])} |")
-    label = f"{w['concurrency']} clients" if w["concurrency"] else f"{w['rate']} req/s"
-    lines += ["", f"loaded ({w['num_requests']} requests, {label}):",
-              "| placement | tok/s | TTFT p50 / p90 ms | TPOT p50 / p90 ms | ITL p99 ms | failed |",
-              "|---|---|---|---|---|---|"]
-    for name, r in lo.items():
-        lines.append(f"| {name} | {r['output_throughput']:.1f} | {_ms(r['ttft_s']['median'])} / "
+    slo = report["slo"]
+    lines += ["", f"loaded ({w['num_requests']} requests each); objectives TTFT <= {_ms(slo['ttft_s'])} ms "
+              f"({slo['ttft_x']:g}x), TPOT <= {_ms(slo['tpot_s'])} ms ({slo['tpot_x']:g}x) of colocated unloaded:",
+              "| placement | load | tok/s | TTFT p50 / p90 ms | TPOT p50 / p90 ms | ITL p99 ms | SLO met | failed |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        load = f"{r['concurrency']} clients" if r["concurrency"] else (
+            "all at once" if not math.isfinite(r["rate"]) else f"{r['rate']:g}/s")
+        lines.append(f"| {r['placement']} | {load} | {r['output_throughput']:.1f} | {_ms(r['ttft_s']['median'])} / "
                      f"{_ms(r['ttft_s']['p90'])} | {_ms(r['tpot_s']['median'])} / {_ms(r['tpot_s']['p90'])} | "
-                     f"{_ms(r['itl_s']['p99'])} | {r['failed']} |")
+                     f"{_ms(r['itl_s']['p99'])} | {100 * r['slo_attainment']:.0f}% | {r['failed']} |")
+    if any(math.isfinite(r["rate"]) and not r["concurrency"] for r in report["runs"]):
+        g = report["goodput"]
+        lines.append(f"goodput (highest swept rate with >= {100 * ATTAINMENT_GOAL:.0f}% meeting both): "
+                     + ", ".join(f"{name} {g.get(name, 0.0):g} req/s" for name in u))
     lines.append(f"\ngreedy outputs identical: {'yes' if report['outputs_identical'] else 'NO'}")
     return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """TTFT and TPOT percentiles and SLO attainment against the request rate, one line per placement."""
+    def short(key: str) -> str:  # "device 0 'tx2' (10.77.1.11:50051)" -> "tx2"
+        return "+".join(re.search(r"'([^']*)'", d).group(1) if "'" in d else d for d in report[key])
+
+    link = f"; links {report['link_bps'] / 1e6:g} Mbit/s" if report.get("link_bps") else ""
+    serve_plot(report, path, key="placement", suptitle=(
+        f"disaggregated: prefill {short('prefill_devices')}, decode {short('decode_devices')}; colocated on "
+        f"{short('colocated_devices')}{link}; objectives {report['slo']['ttft_x']:g}x TTFT, "
+        f"{report['slo']['tpot_x']:g}x TPOT of colocated unloaded"))

@@ -342,12 +342,13 @@ def run_serve_bench(executor: Executor, model, tokenizer, sb: ServeBench, progre
     return report
 
 
-def goodput(runs: list[dict]) -> dict:
-    """Per scheduler, the highest swept rate at which at least ATTAINMENT_GOAL of requests met both objectives."""
+def goodput(runs: list[dict], key: str = "scheduler") -> dict:
+    """Per scheduler (or per run[key]), the highest swept rate at which at least ATTAINMENT_GOAL of
+    requests met both objectives."""
     out = {}
     for r in runs:
         if math.isfinite(r["rate"]) and not r["concurrency"] and r["slo_attainment"] >= ATTAINMENT_GOAL:
-            out[r["scheduler"]] = max(out.get(r["scheduler"], 0.0), r["rate"])
+            out[r[key]] = max(out.get(r[key], 0.0), r["rate"])
     return out
 
 
@@ -427,8 +428,9 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(report: dict, path: str) -> None:
-    """Latency percentiles and SLO attainment against the request rate, one line per scheduler."""
+def plot(report: dict, path: str, key: str = "scheduler", suptitle: str = "") -> None:
+    """Latency percentiles and SLO attainment against the request rate, one line per scheduler (or
+    per run[key]: the phase bench's placements)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -438,8 +440,8 @@ def plot(report: dict, path: str) -> None:
     if not runs:
         raise GalaxyError("the serving plot needs a sweep of request rates (--rates)")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name in dict.fromkeys(r["scheduler"] for r in runs):
-        rs = sorted((r for r in runs if r["scheduler"] == name), key=lambda r: r["rate"])
+    for name in dict.fromkeys(r[key] for r in runs):
+        rs = sorted((r for r in runs if r[key] == name), key=lambda r: r["rate"])
         x = [r["rate"] for r in rs]
         for q, style in (("median", "-"), ("p99", "--")):
             axes[0].plot(x, [r["ttft_s"][q] for r in rs], style, marker="o", label=f"{name} {q}")
@@ -452,6 +454,8 @@ def plot(report: dict, path: str) -> None:
         ax.set_xlabel("request rate (req/s)")
         ax.set_title(title)
         ax.legend(fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

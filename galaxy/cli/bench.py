@@ -8,6 +8,7 @@ import os
 from contextlib import ExitStack
 from dataclasses import replace
 
+from devices.emulate import read_state, set_link_rate
 from planner import scaling
 
 from ..bench import collectives as collective_bench
@@ -21,6 +22,7 @@ from ..engine.disagg import DisaggEngine
 from ..errors import GalaxyError
 from ..model.config import preset
 from ..runtime.api import connect
+from ..runtime.placement import device_indices
 from ..runtime.sources import open_source
 from .args import add_cluster_args, add_model_args, floats, int_at_least, ints, output_file, progress, rates
 from .serve import add_engine_args, engine_config, serve_placement
@@ -57,7 +59,8 @@ def add_parser(sub) -> None:
                      discover=False, transport=False)
     p.add_argument("--seq-len", type=ints, help="prompt lengths (default 256,512; --quick: 64)")
     p.add_argument("--bandwidth", type=rates, help="link rates to sweep on an emulated LAN, e.g. "
-                   "1gbit,100mbit,50mbit (default that sweep; the first rate gets every --seq-len)")
+                   "1gbit,100mbit,50mbit (default that sweep; the first rate gets every --seq-len); bench serve: "
+                   "one rate the emulated links are re-shaped to for the run")
     p.add_argument("--reps", type=int, help="timed repetitions per strategy, interleaved (default 3; quick 2)")
     p.add_argument("--strategies", type=lambda t: [x for x in t.split(",") if x],
                    help="subset of " + ",".join(bench.STRATEGIES))
@@ -101,8 +104,12 @@ def add_parser(sub) -> None:
     sv.add_argument("--slo-tpot", type=float, default=1.5, help="TPOT objective, x the unloaded TPOT (default 1.5)")
     sv.add_argument("--prefill-devices", metavar="I,J,..", help="with --decode-devices: phase-separated serving "
                     "(prefill there, decode on the others) against colocated serving on the prefill devices, "
-                    "side by side (galaxy.bench.phases; --reps: unloaded repetitions, default 3)")
+                    "side by side (galaxy.bench.phases; --reps: unloaded repetitions, default 3; --rates: a sweep, "
+                    "with each placement's goodput and --plot)")
     sv.add_argument("--decode-devices", metavar="I,..", help="the decode group (see --prefill-devices)")
+    sv.add_argument("--colocated-devices", metavar="I,J,..", help="the colocated baseline's devices, loaded as a "
+                    "session of their own beside the placement (default: the prefill group; e.g. every device of "
+                    "the cluster, as a plain `galaxy serve` would use them)")
     pl = p.add_argument_group("galaxy bench planner: synthetic clusters (planner/scaling.py; --random-init PRESET "
                               "picks the model, default gpt2-large; --seq-len one length, default 256; --reps "
                               "solves timed per cluster, default 3)")
@@ -226,7 +233,8 @@ def cmd_bench_serve(args) -> int:
     if plan is not None:
         sb, local = _planned(sb, plan, args)
     with ExitStack() as stack:
-        _, addresses, token = bench_devices(stack, local, args.workers, args.cluster, args.token, args.threads)
+        emulated, addresses, token = bench_devices(stack, local, args.workers, args.cluster, args.token, args.threads)
+        link_bps = _serve_links(stack, emulated, args.bandwidth)
         session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
         progress(f"loading the model on {len(addresses)} devices")
         # the bench drives the session's executor itself: the colocated split unless the plan separates the
@@ -238,6 +246,7 @@ def cmd_bench_serve(args) -> int:
             make = lambda ec: DisaggEngine(*lm.groups, lm.config, lm.tokenizer, ec, ec)  # noqa: E731
         report = run_serve_bench(session.executor, lm.config, lm.tokenizer, sb, progress=progress, make_engine=make)
         report["devices"] = [d.name for d in session.devices()]
+        report["link_bps"] = link_bps
     if plan is not None:
         report["predicted_vs_measured"] = serve_predicted.compare(report, plan.serve, args.plan)
     return _emit(args, report, _serve_table, serve_bench.plot)
@@ -269,24 +278,50 @@ def _planned(sb: ServeBench, plan, args) -> tuple[ServeBench, int | None]:
     return replace(sb, rates=rates, objectives_s=(serve.ttft_slo_s, serve.tpot_slo_s)), local
 
 
+def _serve_links(stack: ExitStack, emulated: str | None, bandwidth) -> float | None:
+    """`bench serve --bandwidth RATE`: the emulated cluster's links re-shaped to one rate for the run
+    (and put back after it, if the cluster stays up). Returns the slowest link's rate in the run, None
+    if the links are not shaped."""
+    if not bandwidth:
+        state = read_state(emulated) if emulated else None
+        if not state or state.get("mode") != "emulated":  # loopback workers (`up` without root): not shaped
+            return None
+        return min((d["rate_bps"] for d in state["devices"] if d.get("rate_bps")), default=None)
+    if emulated is None or len(bandwidth) != 1:
+        raise GalaxyError("galaxy bench serve --bandwidth: one rate, on an emulated --cluster (got "
+                          f"{len(bandwidth)} rate(s), {'an emulated cluster' if emulated else 'no emulated cluster'})")
+    before = set_link_rate(emulated, bandwidth[0], progress=progress)
+    stack.callback(set_link_rate, emulated, before, progress=progress)
+    return bandwidth[0]
+
+
 def cmd_bench_phases(args) -> int:
     placement = serve_placement(args)  # refuses one flag without the other
     workload = Workload(num_requests=args.num_requests, concurrency=args.concurrency, burstiness=args.burstiness,
-                        rate=args.rates[0] if args.rates else float("inf"), input_len=args.input_len,
+                        input_len=args.input_len,
                         output_len=args.output_len, range_ratio=args.range_ratio, lengths=args.lengths, seed=args.seed)
     engine = engine_config(args)
     with ExitStack() as stack:
-        _, addresses, token = bench_devices(stack, args.local, args.workers, args.cluster, args.token, args.threads)
+        emulated, addresses, token = bench_devices(stack, args.local, args.workers, args.cluster, args.token,
+                                                   args.threads)
+        link_bps = _serve_links(stack, emulated, args.bandwidth)
         session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
         progress(f"loading the model on {len(addresses)} devices")
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
                           placement=placement)
+        colocated = None
+        if args.colocated_devices:  # the baseline's own session on the same workers (a worker holds several)
+            chosen = device_indices(args.colocated_devices, [d.name for d in session.devices()], addresses,
+                                    "--colocated-devices")
+            alone = stack.enter_context(connect(addresses=[addresses[i] for i in chosen], token=token, tls=args.tls))
+            progress(f"loading the model on the colocated baseline's {len(chosen)} devices")
+            alone.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype)
+            colocated = alone.executor
         report = phases.run_phase_bench(*lm.groups, lm.config, lm.tokenizer, workload, engine, reps=args.reps or 3,
-                                        progress=progress)
-    if args.plot:
-        progress("--plot: the phase bench has no plot; its table is below")
-    print(bench.dumps(report) if args.json else phases.table(report))
-    return 0
+                                        progress=progress, rates=tuple(args.rates or ()), slo_ttft_x=args.slo_ttft,
+                                        slo_tpot_x=args.slo_tpot, colocated=colocated)
+        report["link_bps"] = link_bps
+    return _emit(args, report, phases.table, phases.plot)
 
 
 def _emit(args, report: dict, table, plot) -> int:

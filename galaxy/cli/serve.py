@@ -19,6 +19,7 @@ from .args import (
     add_decode_threads_arg,
     add_model_args,
     add_weights_format_arg,
+    int_at_least,
     number_in,
     size,
 )
@@ -92,11 +93,15 @@ def add_engine_args(p) -> None:
                    f"decode-only step, its chunk derived from the measured step cost (default "
                    f"{EngineConfig.max_stall}; "
                    "0: no bound but --max-batched-tokens)")
+    e.add_argument("--kv-blocks", type=int_at_least(1), help="KV blocks in each device's pool (default: as many as "
+                   "the smallest device's memory budget holds, sized when the model is loaded; give a count when "
+                   "another session's shards or pool share the workers)")
 
 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(max_batched_tokens=args.max_batched_tokens, chunk_size=args.chunk_size,
-                        max_stall=args.max_stall or None, slo_ttft=getattr(args, "admission_slo_ttft", None))
+                        max_stall=args.max_stall or None, slo_ttft=getattr(args, "admission_slo_ttft", None),
+                        kv_blocks=args.kv_blocks)
 
 
 def cmd_serve(args) -> int:

@@ -70,6 +70,7 @@ def test_output_that_is_a_directory_is_refused(capsys, tmp_path):
     (["run", "--top-k", "-1"], "argument --top-k: -1 is below the minimum, 0"),
     (["run", "--local", "0"], "argument --local: 0 is below the minimum, 1"),
     (["run", "--tiles", "0"], "argument --tiles: 0 is below the minimum, 1"),
+    (["bench", "serve", "--kv-blocks", "0"], "argument --kv-blocks: 0 is below the minimum, 1"),
 ])
 def test_out_of_range_options_are_refused_when_parsed(argv, message, capsys):
     assert message in _parse_error(capsys, argv)
@@ -179,3 +180,13 @@ def test_plan_serve_chooses_each_groups_strategy_itself(no_workers, capsys):
 @pytest.mark.parametrize("value", ["0", "fast", "0x"])
 def test_plan_serve_objectives_are_checked_when_parsed(value, capsys):
     assert "objective" in _parse_error(capsys, ["plan", "--serve", "--ttft-slo", value])
+
+
+def test_kv_blocks_sizes_the_engines_pool_in_serve_and_bench_serve():
+    """A second session on the same workers (the phase bench's colocated baseline) needs a pool size
+    of its own: the default fills the memory budget as if the session were alone."""
+    from galaxy.cli.serve import engine_config
+
+    for argv in (["serve", "--kv-blocks", "96"], ["bench", "serve", "--kv-blocks", "96"]):
+        assert engine_config(build_parser().parse_args(argv)).kv_blocks == 96
+    assert engine_config(build_parser().parse_args(["serve"])).kv_blocks is None

@@ -222,3 +222,27 @@ def test_the_phase_bench_runs_both_placements_on_the_same_requests_with_the_same
     assert "transfer_s" not in report["unloaded"]["colocated"]
     assert all(r["completed"] == 3 and r["failed"] == 0 for r in report["loaded"].values())
     assert "greedy outputs identical: yes" in table(report)
+
+
+def test_the_phase_bench_loads_each_run_fresh_and_judges_both_placements_by_colocated_objectives():
+    """The unloaded requests' prompts are the workload's first ones (one seed): a loaded run on the
+    engine that served them found them in its prefix cache. Each loaded run now gets a fresh engine;
+    a sweep of rates gives each placement an SLO attainment per rate and a goodput."""
+    from galaxy.bench.phases import run_phase_bench, table
+    from galaxy.bench.serve import Workload
+
+    pre, dec = loaded(split([3, 1, 2])), loaded(split([6]))
+    try:
+        w = Workload(num_requests=3, input_len=12, output_len=4)
+        report = run_phase_bench(pre, dec, CFG, None, w, EngineConfig(block_size=4, kv_blocks=40), reps=2,
+                                 rates=(50.0, 100.0), slo_ttft_x=1e6, slo_tpot_x=1e6)
+    finally:
+        pre.close()
+        dec.close()
+    assert [(r["placement"], r["rate"]) for r in report["runs"]] == [
+        ("colocated", 50.0), ("disaggregated", 50.0), ("colocated", 100.0), ("disaggregated", 100.0)]
+    assert all(r["prefix_hit_rate"] == 0 for r in report["runs"])
+    assert report["slo"]["ttft_s"] == 1e6 * report["unloaded"]["colocated"]["ttft_s"]
+    assert all(r["slo_attainment"] == 1.0 for r in report["runs"])  # objectives no run can miss
+    assert report["goodput"] == {"colocated": 100.0, "disaggregated": 100.0}
+    assert report["outputs_identical"] and "goodput" in table(report)
