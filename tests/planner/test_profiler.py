@@ -169,6 +169,7 @@ def test_memory_aware_plan_moves_work_off_a_small_device_where_the_even_split_fa
 
     from galaxy.errors import DeviceOutOfMemory
     from galaxy.model.checkpoints import open_checkpoint
+    from galaxy.parallel.executor import LoadOptions
     from galaxy.parallel.forward import Request
     from galaxy.parallel.sharding import even_partition, full_spec, load_shard
     from galaxy.transport.spawn import LocalWorkers
@@ -188,8 +189,8 @@ def test_memory_aware_plan_moves_work_off_a_small_device_where_the_even_split_fa
             even_share = sum(d.memory.weights_bytes for d in plan.devices) / 3
             assert small.memory.weights_bytes <= small.memory.budget_bytes
             assert small.memory.weights_bytes < 0.9 * even_share
-        with Cluster(plan.addresses()) as run:
-            run.load(src, plan.to_partition(cfg))
+        with Cluster(plan.addresses()) as run:  # reserving what the plan was solved for: 16 tokens
+            run.load(src, plan.to_partition(cfg), LoadOptions(seq_len=16))
             ids = torch.tensor(src.tokenizer().encode("Memory-aware plans keep small devices alive."))
             out = run.forward(Request(ids)).output
     assert float((out - load_shard(src, full_spec(cfg))(ids)).abs().max()) <= 1e-4
