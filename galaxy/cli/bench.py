@@ -11,6 +11,7 @@ from planner import scaling
 from ..bench import collectives as collective_bench
 from ..bench import decode as decode_bench
 from ..bench import kernel_survey, paged_kv, phases
+from ..bench import prefix as prefix_bench
 from ..bench import serve as serve_bench
 from ..bench import strategies as bench
 from ..bench.serve import ServeBench, Workload, run_serve_bench
@@ -215,6 +216,13 @@ def cmd_bench_phases(args) -> int:
         progress(f"loading the model on {len(addresses)} devices")
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
                           placement=placement)
+        if args.shared_prefix:  # a long document asked about again and again: first against repeats
+            report = prefix_bench.run_prefix_bench(
+                *lm.groups, lm.config, lm.tokenizer, args.shared_prefix, args.input_len, args.output_len,
+                repeats=args.num_requests, clients=args.concurrency or 1, engine=engine, seed=args.seed,
+                progress=progress)
+            print(bench.dumps(report) if args.json else prefix_bench.table(report))
+            return 0
         report = phases.run_phase_bench(*lm.groups, lm.config, lm.tokenizer, workload, engine, reps=args.reps or 3,
                                         progress=progress)
     if args.plot:
