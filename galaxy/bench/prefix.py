@@ -67,6 +67,9 @@ def _row(first: Generation, repeats: list[Generation]) -> dict:
 
     rep_ttft = [g.first_token_s for g in repeats]
     return {"first_ttft_s": first.first_token_s, "repeat_ttft_s": statistics.median(rep_ttft),
+            "first_second_s": first.token_times[1],
+            "repeat_second_s": statistics.median(g.token_times[1] for g in repeats),
+            "first_e2e_s": first.token_times[-1], "repeat_e2e_s": statistics.median(g.token_times[-1] for g in repeats),
             "repeat_ttft_max_s": max(rep_ttft), "ratio": statistics.median(rep_ttft) / first.first_token_s,
             "first_computed": computed(first), "repeat_computed": statistics.median(computed(g) for g in repeats),
             "first_kv_bytes": first.handoff.nbytes if first.handoff else 0,
@@ -77,6 +80,8 @@ def run_prefix_bench(prefill: Executor, decode: Executor, cfg, tokenizer, doc_le
                      output_len: int = 8, repeats: int = 6, clients: int = 3, engine: EngineConfig = EngineConfig(),
                      seed: int = 0, progress=lambda msg: None) -> dict:
     """First against repeats of one document in each placement, and the cache-off outputs to check."""
+    if output_len < 2:
+        raise GalaxyError(f"output_len={output_len}: the second token's time needs at least 2 tokens out")
     makers = {"colocated": lambda ec: Engine(prefill, cfg, tokenizer, ec),
               "disaggregated": lambda ec: DisaggEngine(prefill, decode, cfg, tokenizer, ec, ec, DisaggConfig())}
     specs = prompts(doc_len, question_len, repeats + 1, cfg.vocab_size, seed)
@@ -108,11 +113,14 @@ def table(report: dict) -> str:
              f"{report['output_len']} tokens out; {report['repeats']} repeats from {report['clients']} clients; "
              f"prefill on {', '.join(report['prefill_devices'])}, decode on {', '.join(report['decode_devices'])} "
              "(disaggregated)", "",
-             "| placement | first TTFT ms | repeats TTFT p50 (max) ms | repeats / first | prompt tokens computed "
-             "first / repeat | K/V moved first / repeat KiB |", "|---|---|---|---|---|---|"]
+             "| placement | first TTFT ms | repeats TTFT p50 (max) ms | repeats / first | 2nd token first / repeats "
+             "p50 ms | last token first / repeats p50 ms | prompt tokens computed first / repeat | K/V moved first / "
+             "repeat KiB |", "|---|---|---|---|---|---|---|---|"]
     for name, r in report["placements"].items():
         lines.append(f"| {name} | {1000 * r['first_ttft_s']:.0f} | {1000 * r['repeat_ttft_s']:.0f} "
-                     f"({1000 * r['repeat_ttft_max_s']:.0f}) | {r['ratio']:.2f}x | {r['first_computed']} / "
+                     f"({1000 * r['repeat_ttft_max_s']:.0f}) | {r['ratio']:.2f}x | {1000 * r['first_second_s']:.0f} / "
+                     f"{1000 * r['repeat_second_s']:.0f} | {1000 * r['first_e2e_s']:.0f} / "
+                     f"{1000 * r['repeat_e2e_s']:.0f} | {r['first_computed']} / "
                      f"{r['repeat_computed']:.0f} | {r['first_kv_bytes'] / 1024:.0f} / "
                      f"{r['repeat_kv_bytes'] / 1024:.0f} |")
     same = report["outputs_identical"]

@@ -51,8 +51,11 @@ from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece, box_bytes, plan_between
 from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition
+from .arguments import token_ids as checked_ids
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
+from .prefix_index import Lease, PoolView, PrefixIndex, lease, tail
+from .scheduler import QueueFull
 from .sequence import SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -68,10 +71,14 @@ class DisaggConfig:
     # a failed decode group: its sequences run their tokens again on the prefill group and finish there,
     # and every later one decodes there too (False: they end with the error, which names the device)
     recover: bool = False
+    # a request goes to the group whose KV pool holds more of its prompt (the decode group then runs its
+    # prompt's rest itself, nothing moved); False: every request is prefilled on the prefill group
+    route_by_prefix: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.recover, bool):
-            raise PlanMismatch(f"disaggregation config: recover={self.recover!r} must be True or False")
+        for f in ("recover", "route_by_prefix"):
+            if not isinstance(getattr(self, f), bool):
+                raise PlanMismatch(f"disaggregation config: {f}={getattr(self, f)!r} must be True or False")
         for f in ("chunk_bytes", "max_pending_bytes", "itemsize"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -91,6 +98,7 @@ class _Handoff:
     nbytes: int
     export_s: float
     pulled_at: float
+    lease: Lease = Lease()  # blocks the decode group already held for the leading tokens (only the rest moved)
 
 
 class KVMover:
@@ -122,21 +130,27 @@ class KVMover:
         lo, hi = piece.layers
         return [KVPiece(piece.src, piece.dst, (a, min(a + step, hi)), piece.heads) for a in range(lo, hi, step)]
 
-    def pull(self, block_table, tokens: int, pool: KVPool) -> list[tuple[KVPiece, torch.Tensor]]:
-        """Every receiver's boxes from the prefill devices; a box two receivers need is pulled once."""
+    def pull(self, block_table, tokens: int, pool: KVPool, skip: int = 0) -> list[tuple[KVPiece, torch.Tensor]]:
+        """Every receiver's boxes from the prefill devices; a box two receivers need is pulled once.
+        `skip`: leading positions the receivers hold already (a whole number of blocks on both
+        sides, prefix_index.Lease): the boxes cover positions [skip, tokens) only."""
         got: dict[tuple, torch.Tensor] = {}
         out = []
+        table = tail(block_table, skip, pool)
+        if skip == tokens:  # the receivers hold all of it
+            return out
         for piece in self.plan():
-            for c in self.chunks(piece, tokens):
+            for c in self.chunks(piece, tokens - skip):
                 key = (c.src, c.layers, c.heads)
                 if key not in got:
-                    got[key] = self.prefill.export_kv(c.src, tuple(block_table), tokens, c.layers, c.heads, pool)
+                    got[key] = self.prefill.export_kv(c.src, table, tokens - skip, c.layers, c.heads, pool)
                 out.append((c, got[key]))
         return out
 
-    def push(self, boxes, block_table, pool: KVPool) -> None:
+    def push(self, boxes, block_table, pool: KVPool, skip: int = 0) -> None:
+        table = tail(block_table, skip, pool)
         for c, box in boxes:
-            self.decode.import_kv(c.dst, tuple(block_table), box, c.layers, c.heads, pool)
+            self.decode.import_kv(c.dst, table, box, c.layers, c.heads, pool)
 
 
 class DecodeEngine(Engine):
@@ -164,10 +178,32 @@ class DecodeEngine(Engine):
         if self.down is not None:
             return False
         with self._lock:
-            s, waiting = self.sched, list(self._pending)
-            blocks = s.blocks.blocks_for(num_tokens) + sum(s.blocks.blocks_for(len(h.token_ids)) for h in waiting)
-            return (num_tokens < s.cfg.max_model_len and len(s.running) + len(waiting) < s.cfg.max_running
-                    and blocks <= s.blocks.num_free and self.pending_bytes + nbytes <= self.max_pending_bytes)
+            return self._fits(num_tokens, Lease(), nbytes)
+
+    def reserve(self, token_ids, tokens: int, src_block_size: int) -> Lease | None:
+        """can_take for a sequence whose K/V of `tokens` positions would move here, once the blocks
+        this pool already holds for its leading tokens are leased (prefix_index.lease: only the rest
+        moves). None, nothing leased, while there is no room."""
+        if self.down is not None:
+            return None
+        with self._lock:
+            got = lease(self.sched.blocks, token_ids, tokens, src_block_size)
+            if self._fits(len(token_ids), got, self.mover.seq_bytes(tokens - got.skip)):
+                return got
+            self.sched.blocks.release(got.blocks)
+            return None
+
+    def _fits(self, num_tokens: int, got: Lease, nbytes: int) -> bool:
+        s, waiting = self.sched, list(self._pending)
+        need = s.blocks.blocks_for(num_tokens) - len(got.blocks)
+        need += sum(s.blocks.blocks_for(len(h.token_ids)) - len(h.lease.blocks) for h in waiting)
+        return (num_tokens < s.cfg.max_model_len and len(s.running) + len(waiting) < s.cfg.max_running
+                and need <= s.blocks.num_free and self.pending_bytes + nbytes <= self.max_pending_bytes)
+
+    def unlease(self, lease: Lease) -> None:
+        """Give back the blocks of a lease whose handoff will not come (a failed pull, a cancel)."""
+        with self._lock:
+            self.sched.blocks.release(lease.blocks)
 
     def hand(self, h: _Handoff) -> None:
         with self._lock:
@@ -179,6 +215,8 @@ class DecodeEngine(Engine):
         with self._lock:
             if self.down is not None:  # recovery: what still waits to come here goes back at once
                 self._lost += [(h.stream, self.down) for h in self._pending]
+                for h in self._pending:
+                    self.sched.blocks.release(h.lease.blocks)
                 self._pending.clear()
             lost, self._lost = self._lost, []
         for stream, error in lost:
@@ -189,9 +227,10 @@ class DecodeEngine(Engine):
                     return
                 h = self._pending[0]
                 try:
-                    seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline)
+                    seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline, h.lease.blocks)
                 except InvalidRequest as e:  # longer than this group's pool holds (can_take refuses it first)
                     self._pending.popleft()
+                    self.sched.blocks.release(h.lease.blocks)
                     h.stream._end("abort", e)
                     continue
                 if seq is None:  # no room until running sequences finish
@@ -202,13 +241,16 @@ class DecodeEngine(Engine):
                 table = tuple(seq.block_table)
             t0 = time.perf_counter()
             try:
-                self.mover.push(h.boxes, table, self.pool)
+                self.mover.push(h.boxes, table, self.pool, h.lease.skip)
             except GalaxyError as e:
                 log.warning("pushing the K/V of a sequence to the decode group failed: %s", e)
                 with self._lock:
                     self.sched.abort(seq.seq_id)
                     self._finish(seq.seq_id, "abort", e)
                 continue
+            with self._lock:
+                if seq.seq_id in self.sched.live:  # its K/V are here now: a later handoff of its prefix finds them
+                    self.sched.blocks.commit(seq)
             now = time.perf_counter()
             gen = h.stream.generation
             gen.handoff = KVHandoff(len(gen.tokens), h.nbytes, h.export_s, t0 - h.pulled_at, now - t0,
@@ -235,6 +277,7 @@ class DecodeEngine(Engine):
             h = next((x for x in self._pending if x.stream is stream), None)
             if h is not None:
                 self._pending.remove(h)
+                self.sched.blocks.release(h.lease.blocks)
                 stream._end("abort")
                 return
         super()._cancel(stream)
@@ -247,7 +290,9 @@ class DecodeEngine(Engine):
                 stream._end("abort", error)
             self._lost = []
             while self._pending:
-                self._pending.popleft().stream._end("abort", error)
+                h = self._pending.popleft()
+                self.sched.blocks.release(h.lease.blocks)
+                h.stream._end("abort", error)
 
 
 class PrefillEngine(Engine):
@@ -298,14 +343,15 @@ class PrefillEngine(Engine):
                         or seq.num_uncomputed != 1):
                     continue
                 table, tokens, token_ids = tuple(seq.block_table), seq.num_computed, list(seq.token_ids)
-            nbytes = self.mover.seq_bytes(tokens)
-            if not self.decode.can_take(len(token_ids), nbytes):
+            got = self.decode.reserve(token_ids, tokens, self.pool.block_size)
+            if got is None:
                 continue  # decodes here this step; tries again at its next token
             t0 = time.perf_counter()
             try:
-                boxes = self.mover.pull(table, tokens, self.pool)
+                boxes = self.mover.pull(table, tokens, self.pool, got.skip)
             except GalaxyError as e:
                 log.warning("pulling the K/V of a sequence from the prefill group failed: %s", e)
+                self.decode.unlease(got)
                 with self._lock:
                     if self.sched.abort(sid):
                         self._finish(sid, "abort", e)
@@ -313,12 +359,13 @@ class PrefillEngine(Engine):
             export_s = time.perf_counter() - t0
             with self._lock:
                 if sid not in self.streams:  # cancelled meanwhile
+                    self.decode.unlease(got)
                     continue
                 self.sched.abort(sid)  # frees its blocks here (their prefix stays cached)
                 self.streams.pop(sid)
                 self.decode.hand(_Handoff(stream, token_ids, seq.num_prompt, seq.params, seq.deadline, boxes,
-                                          sum(c.nbytes(self.model, tokens, b.element_size()) for c, b in boxes),
-                                          export_s, time.perf_counter()))
+                                          sum(c.nbytes(self.model, tokens - got.skip, b.element_size())
+                                              for c, b in boxes), export_s, time.perf_counter(), got))
                 self.moved += 1
 
     def _cancel(self, stream: GenerationStream) -> None:
@@ -345,6 +392,8 @@ class DisaggEngine:
             raise
         if config.recover:
             self.decode.fallback = self.prefill.take_back
+        self.index = PrefixIndex([PoolView("prefill", self.prefill),
+                                  PoolView("decode", self.decode, lambda: self.decode.down is None)])
 
     @property
     def tok(self):
@@ -352,8 +401,21 @@ class DisaggEngine:
 
     def submit(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
                timeout: float | None = None) -> GenerationStream:
-        """Queue a generation on the prefill group; raises InvalidRequest or QueueFull at once."""
-        return self.prefill.submit(prompt_ids, gc, timeout)
+        """Queue a generation on the prefill group -- or, with `route_by_prefix`, on the decode group
+        when its pool holds more of the prompt (it then runs the rest of the prompt itself, nothing
+        moves); raises InvalidRequest or QueueFull at once."""
+        if self.config.route_by_prefix and not self.prefill._closed:
+            where = self.index.route(checked_ids("prompt", prompt_ids, self.model.vocab_size))
+            if where.engine is not self.prefill:
+                try:
+                    stream = where.engine.submit(prompt_ids, gc, timeout)
+                    self.index.routed[where.name] += 1
+                    return stream
+                except (InvalidRequest, QueueFull):  # its pool is smaller, or its queue full: the prefill group's way
+                    pass
+        stream = self.prefill.submit(prompt_ids, gc, timeout)
+        self.index.routed["prefill"] += 1
+        return stream
 
     def generate(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
                  timeout: float | None = None) -> Generation:
@@ -368,6 +430,7 @@ class DisaggEngine:
         pre, dec = self.prefill.load, self.decode.load
         with self.decode._lock:
             pending = len(self.decode._pending)
+            dec_leased = self.decode.sched.blocks.stats.leased_tokens
         kv = {f"prefill {k}": v for k, v in pre["kv_bytes"].items()}
         kv.update({f"decode {k}": v for k, v in dec["kv_bytes"].items()})
         return {"running": pre["running"] + dec["running"], "waiting": pre["waiting"] + pending + dec["waiting"],
@@ -376,7 +439,8 @@ class DisaggEngine:
                 "steps": pre["steps"] + dec["steps"], "generated_tokens": pre["generated_tokens"] +
                 dec["generated_tokens"], "kv_bytes": kv, "prefill": pre, "decode": dec, "moved": self.prefill.moved,
                 "kept_tokens": self.prefill.kept_tokens, "pending_bytes": self.decode.pending_bytes,
-                "recovered": self.prefill.recovered, "decode_down": None if self.decode.down is None else
+                "recovered": self.prefill.recovered, "routed": dict(self.index.routed),
+                "decode_leased_tokens": dec_leased, "decode_down": None if self.decode.down is None else
                 str(self.decode.down)}
 
     @property
