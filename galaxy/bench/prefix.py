@@ -99,9 +99,12 @@ def run_prefix_bench(prefill: Executor, decode: Executor, cfg, tokenizer, doc_le
             progress(f"{name}: a {doc_len}-token document, then {repeats} repeats from {clients} clients")
             first = _run_clients(eng, specs[:1], output_len, 1)[0]
             rest = _run_clients(eng, specs[1:], output_len, clients)
+            load = eng.load
         finally:
             eng.close()
         report["placements"][name] = _row(first, rest)
+        report["placements"][name]["kv_blocks"] = {g: load[g]["kv_blocks"] for g in ("prefill", "decode")} \
+            if "prefill" in load else {"prefill": load["kv_blocks"]}  # each pool's blocks of block_size positions
         outputs[name] = [g.tokens for g in [first, *rest]]
     ref = outputs["colocated, prefix cache off"]
     report["outputs_identical"] = {name: out == ref for name, out in outputs.items() if out is not ref}
