@@ -65,10 +65,9 @@ def disagg():
         return engine
 
     yield make
-    for engine, pe, de in made:
-        engine.close()
-        pe.close()
-        de.close()
+    for closable in made:  # each engine, then its two groups
+        for x in closable:
+            x.close()
 
 
 def document(n_doc: int, questions: int, n_q: int = 5, seed: int = 0) -> list[list[int]]:
