@@ -54,7 +54,7 @@ from ..parallel.sharding import Partition
 from .arguments import token_ids as checked_ids
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
-from .prefix_index import Lease, PoolView, PrefixIndex, lease, tail
+from .prefix_index import Lease, PoolView, PrefixIndex, give_back, lease, tail
 from .scheduler import QueueFull
 from .sequence import SamplingParams, Sequence, SequenceStatus
 
@@ -190,7 +190,7 @@ class DecodeEngine(Engine):
             got = lease(self.sched.blocks, token_ids, tokens, src_block_size)
             if self._fits(len(token_ids), got, self.mover.seq_bytes(tokens - got.skip)):
                 return got
-            self.sched.blocks.release(got.blocks)
+            give_back(self.sched.blocks, got)
             return None
 
     def _fits(self, num_tokens: int, got: Lease, nbytes: int) -> bool:
@@ -203,7 +203,7 @@ class DecodeEngine(Engine):
     def unlease(self, lease: Lease) -> None:
         """Give back the blocks of a lease whose handoff will not come (a failed pull, a cancel)."""
         with self._lock:
-            self.sched.blocks.release(lease.blocks)
+            give_back(self.sched.blocks, lease)
 
     def hand(self, h: _Handoff) -> None:
         with self._lock:
@@ -216,7 +216,7 @@ class DecodeEngine(Engine):
             if self.down is not None:  # recovery: what still waits to come here goes back at once
                 self._lost += [(h.stream, self.down) for h in self._pending]
                 for h in self._pending:
-                    self.sched.blocks.release(h.lease.blocks)
+                    give_back(self.sched.blocks, h.lease)
                 self._pending.clear()
             lost, self._lost = self._lost, []
         for stream, error in lost:
@@ -226,11 +226,16 @@ class DecodeEngine(Engine):
                 if not self._pending:
                     return
                 h = self._pending[0]
+                if not h.lease.valid_in(self.sched.blocks):  # the pool was reset (CacheLost): its prefix is gone
+                    self._pending.popleft()
+                    self._lost_handoff(h, GalaxyError("the decode group's K/V pool was reset while a sequence "
+                                                      "was on its way"))
+                    continue
                 try:
                     seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline, h.lease.blocks)
                 except InvalidRequest as e:  # longer than this group's pool holds (can_take refuses it first)
                     self._pending.popleft()
-                    self.sched.blocks.release(h.lease.blocks)
+                    give_back(self.sched.blocks, h.lease)
                     h.stream._end("abort", e)
                     continue
                 if seq is None:  # no room until running sequences finish
@@ -257,6 +262,13 @@ class DecodeEngine(Engine):
                                     now - h.stream.submitted)
             self.adopted += 1
 
+    def _lost_handoff(self, h: _Handoff, error: GalaxyError) -> None:
+        """A handoff that cannot be adopted: back to the prefill group with recovery, else ended."""
+        if self.fallback is not None:
+            self._lost.append((h.stream, error))  # handed over at the next call, outside this lock
+        else:
+            h.stream._end("abort", error)
+
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
         """With recovery, a sequence ended by a device failure goes back to the prefill group."""
         stream = self.streams.get(seq_id)
@@ -277,7 +289,7 @@ class DecodeEngine(Engine):
             h = next((x for x in self._pending if x.stream is stream), None)
             if h is not None:
                 self._pending.remove(h)
-                self.sched.blocks.release(h.lease.blocks)
+                give_back(self.sched.blocks, h.lease)
                 stream._end("abort")
                 return
         super()._cancel(stream)
@@ -291,7 +303,7 @@ class DecodeEngine(Engine):
             self._lost = []
             while self._pending:
                 h = self._pending.popleft()
-                self.sched.blocks.release(h.lease.blocks)
+                give_back(self.sched.blocks, h.lease)
                 h.stream._end("abort", error)
 
 

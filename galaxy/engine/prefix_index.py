@@ -42,6 +42,17 @@ class Lease:
 
     blocks: tuple[int, ...] = ()  # block ids in the receiving pool, in position order
     skip: int = 0  # positions they cover: a whole number of blocks in both pools
+    owner: BlockManager | None = None  # the manager they were taken from (a pool reset replaces it)
+
+    def valid_in(self, blocks: BlockManager) -> bool:
+        """Whether the blocks are still `blocks`' (not those of a manager a lost pool replaced)."""
+        return not self.blocks or self.owner is blocks
+
+
+def give_back(blocks: BlockManager, held: Lease) -> None:
+    """Release a lease whose handoff will not come; nothing if its pool was reset meanwhile."""
+    if held.valid_in(blocks):
+        blocks.release(held.blocks)
 
 
 def lease(blocks: BlockManager, token_ids, tokens: int, src_block_size: int) -> Lease:
@@ -49,7 +60,7 @@ def lease(blocks: BlockManager, token_ids, tokens: int, src_block_size: int) -> 
     of both block sizes (the sender's is `src_block_size`). Caller holds the pool's engine lock."""
     unit = math.lcm(blocks.block_size, src_block_size) // blocks.block_size  # receiver blocks per unit
     got = tuple(blocks.lease(token_ids, tokens, unit))
-    return Lease(got, len(got) * blocks.block_size)
+    return Lease(got, len(got) * blocks.block_size, blocks)
 
 
 def tail(block_table, skip: int, pool) -> tuple[int, ...]:

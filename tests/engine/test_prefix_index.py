@@ -195,3 +195,21 @@ def test_a_dropped_decode_pool_loses_only_cache_never_a_result(disagg):
     assert load["decode_down"] is not None and load["recovered"] >= 1  # ran again on the prefill group
     assert "decode" not in engine.index.match(ps[1])  # the index no longer offers the dropped pool
     assert engine.generate(ps[1], OUT).tokens == want[1]  # later requests: the prefill group, its own cache
+
+
+def test_a_lease_from_a_pool_that_was_reset_is_neither_adopted_nor_released_into_the_new_one():
+    from galaxy.engine.prefix_index import give_back, lease
+
+    old = BlockManager(num_blocks=4, block_size=4)
+    seq = Sequence(0, list(range(9)), 9, SamplingParams(), 0.0)
+    old.allocate(seq)
+    seq.num_computed = 8
+    old.commit(seq)
+    held = lease(old, list(range(9)), 8, src_block_size=2)  # blocks of 4 here, 2 there: whole blocks of both
+    assert held.skip == 8 and held.valid_in(old)
+    new = BlockManager(num_blocks=4, block_size=4)  # the devices lost their K/V: a fresh manager (lose_kv)
+    assert not held.valid_in(new)
+    give_back(new, held)  # nothing happens to the new pool's counts
+    new.audit([])
+    give_back(old, held)
+    old.audit([seq])
