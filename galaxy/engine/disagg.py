@@ -266,6 +266,7 @@ class DecodeEngine(Engine):
         """A handoff that cannot be adopted: back to the prefill group with recovery, else ended."""
         if self.fallback is not None:
             self._lost.append((h.stream, error))  # handed over at the next call, outside this lock
+            self._wake.set()
         else:
             h.stream._end("abort", error)
 
