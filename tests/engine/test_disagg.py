@@ -240,9 +240,9 @@ def test_the_phase_bench_loads_each_run_fresh_and_judges_both_placements_by_colo
         pre.close()
         dec.close()
     assert [(r["placement"], r["rate"]) for r in report["runs"]] == [
-        ("colocated", 50.0), ("disaggregated", 50.0), ("colocated", 100.0), ("disaggregated", 100.0)]
+        (p, r) for r in (50.0, 100.0) for p in ("colocated", "disaggregated", "streamed")]
     assert all(r["prefix_hit_rate"] == 0 for r in report["runs"])
     assert report["slo"]["ttft_s"] == 1e6 * report["unloaded"]["colocated"]["ttft_s"]
     assert all(r["slo_attainment"] == 1.0 for r in report["runs"])  # objectives no run can miss
-    assert report["goodput"] == {"colocated": 100.0, "disaggregated": 100.0}
+    assert report["goodput"] == {"colocated": 100.0, "disaggregated": 100.0, "streamed": 100.0}
     assert report["outputs_identical"] and "goodput" in table(report)
