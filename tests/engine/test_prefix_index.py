@@ -46,10 +46,10 @@ class Droppable(InprocCluster):
             raise PeerUnreachable("device 0 'thread0' is unreachable (dropped by the test)")
         return super().step(step, pool)
 
-    def import_kv(self, rank, block_table, box, layers, heads, pool):
+    def import_kv(self, rank, block_table, box, layers, heads, pool, **kw):  # kw: a streamed box's start
         if self.gone:
             raise PeerUnreachable("device 0 'thread0' is unreachable (dropped by the test)")
-        return super().import_kv(rank, block_table, box, layers, heads, pool)
+        return super().import_kv(rank, block_table, box, layers, heads, pool, **kw)
 
 
 @pytest.fixture
@@ -234,3 +234,22 @@ def test_adopt_takes_a_streamed_reservation_or_a_lease_never_both():
     c = s.adopt(list(range(100, 110)), 9, params, reserved=held)  # the reservation alone: its blocks taken over
     assert held.block_table == [] and len(c.block_table) == 3
     s.blocks.audit(s.live.values())
+
+
+def test_a_streamed_first_request_leaves_named_blocks_that_the_repeats_lease(disagg):
+    from galaxy.engine.kv_stream import StreamConfig
+
+    # prompts of 45 run in chunks of 16 on the prefill group: the first streams (no lease); a repeat's
+    # 5-token rest is one chunk, moves after its prefill, and leases the document the stream left named
+    engine = disagg(EngineConfig(block_size=4, max_batched_tokens=16, kv_blocks=60),
+                    EngineConfig(block_size=4, kv_blocks=60), DisaggConfig(stream=StreamConfig()))
+    ps = document(40, 3, seed=8)
+    got = [engine.generate(p, OUT) for p in ps]
+    assert [g.tokens for g in got] == [reference_generate(SRC, p, 6, stop_at_eos=False) for p in ps]
+    assert got[0].handoff.streamed and not any(g.handoff.streamed for g in got[1:])
+    assert all(g.handoff.nbytes == engine.mover.seq_bytes(5) for g in got[1:])
+    load = engine.load
+    assert load["decode_leased_tokens"] == 2 * 40 and load["kv_transfer"]["streamed"] == 1
+    for e in (engine.prefill, engine.decode):
+        with e._lock:
+            e.sched.blocks.audit(e.sched.live.values())
