@@ -14,6 +14,7 @@ from planner import scaling
 from ..bench import collectives as collective_bench
 from ..bench import decode as decode_bench
 from ..bench import kernel_survey, paged_kv, phases, serve_predicted
+from ..bench import prefix as prefix_bench
 from ..bench import serve as serve_bench
 from ..bench import strategies as bench
 from ..bench.serve import ServeBench, Workload, run_serve_bench
@@ -36,6 +37,8 @@ EXAMPLES = """examples:
   galaxy bench serve --concurrency 8 --num-requests 32 --output-len 32
   galaxy bench serve --shared-prefix 512 --input-len 64 --compare-prefix-cache
   galaxy bench serve --local 4 --prefill-devices 0,1,2 --decode-devices 3 --concurrency 4 --num-requests 12
+  galaxy bench serve --local 4 --prefill-devices 0,1,2 --decode-devices 3 --shared-prefix 2000 --input-len 16
+      --output-len 8 --num-requests 6 --concurrency 3      a repeated document: first against repeats
   galaxy bench planner --sizes 4,8,16,32 --seeds 3 --exact-up-to 8   the solver's time and optimality gap
   galaxy bench decode                      one device: galaxy, the compact formats and llama.cpp, side by side
   galaxy bench decode --weights-format fp32,int4,int4-fp32 --threads 2 --local 3
@@ -85,7 +88,10 @@ def add_parser(sub) -> None:
     sv.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in [L(1-r), L(1+r)] (default 0)")
     sv.add_argument("--lengths", choices=["uniform", "lognormal"], default="uniform",
                     help="lognormal: Splitwise's conversation fits, clipped to the context")
-    sv.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (default 0)")
+    sv.add_argument("--shared-prefix", type=int, default=0,
+                    help="tokens every prompt starts with (default 0); with --prefill-devices: a document of this "
+                    "many tokens, asked about once alone and then --num-requests times more from --concurrency "
+                    "clients (--input-len-token questions), first against repeats in each placement")
     sv.add_argument("--long-prompt-len", type=int, default=0,
                     help="one more client keeps sending prompts of this many tokens while the others stream: P99 ITL "
                     "against the unloaded TPOT (Sarathi-Serve's stall test; e.g. 1000)")
@@ -309,6 +315,16 @@ def cmd_bench_phases(args) -> int:
         progress(f"loading the model on {len(addresses)} devices")
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
                           placement=placement)
+        if args.shared_prefix:  # a long document asked about again and again: first against repeats
+            report = prefix_bench.run_prefix_bench(
+                *lm.groups, lm.config, lm.tokenizer, args.shared_prefix, args.input_len, args.output_len,
+                repeats=args.num_requests, clients=args.concurrency or 1, engine=engine, seed=args.seed,
+                progress=progress)
+            report["link_bps"] = link_bps
+            if args.plot:
+                progress("--plot: the repeated-document bench has no plot; its table is below")
+            print(bench.dumps(report) if args.json else prefix_bench.table(report))
+            return 0
         colocated = None
         if args.colocated_devices:  # the baseline's own session on the same workers (a worker holds several)
             chosen = device_indices(args.colocated_devices, [d.name for d in session.devices()], addresses,

@@ -51,6 +51,16 @@ def block_hash(parent: bytes, token_ids) -> bytes:
     return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
+def chain(token_ids, num_blocks: int, block_size: int) -> list[bytes]:
+    """The names of the first `num_blocks` full blocks of `token_ids` (what `_names` gives a
+    sequence), for a lookup that has no Sequence: a K/V handoff (engine/disagg.py) and the
+    coordinator's prefix index (engine/prefix_index.py)."""
+    names: list[bytes] = []
+    for i in range(num_blocks):
+        names.append(block_hash(names[-1] if names else ROOT, token_ids[i * block_size : (i + 1) * block_size]))
+    return names
+
+
 class OutOfBlocks(GalaxyError):
     """The pool has no free block; callers check `can_allocate` / `can_append` first."""
 
@@ -62,6 +72,7 @@ class CacheStats:
     resumed_tokens: int = 0  # tokens a preempted sequence got back from the cache on resuming
     copied_blocks: int = 0  # copy-on-write copies asked of the devices
     evicted_blocks: int = 0  # named blocks whose name was dropped to reuse them
+    leased_tokens: int = 0  # tokens of K/V computed elsewhere that a lease found here (not imported again)
 
     @property
     def hit_rate(self) -> float:
@@ -127,6 +138,28 @@ class BlockManager:
             self.stats.hit_tokens += seq.num_computed
         self.append(seq, seq.num_uncomputed)
         return copies
+
+    def cached_tokens(self, token_ids, limit: int | None = None) -> int:
+        """Leading tokens of `token_ids` (at most `limit`) whose K/V sit here in named blocks:
+        what a request would reuse here (the coordinator's prefix index asks it of every pool)."""
+        return len(self._leading(token_ids, len(token_ids) if limit is None else limit)) * self.block_size
+
+    def lease(self, token_ids, n_tokens: int, multiple: int = 1) -> list[int]:
+        """The named blocks holding the K/V of the leading positions of `token_ids` within
+        [0, n_tokens), as many as are cached but a multiple of `multiple` blocks, each taken (a
+        reference, so no eviction reuses it) for a sequence whose K/V arrive from elsewhere
+        (Scheduler.adopt); give them back with `release` if it never comes."""
+        hits = self._leading(token_ids, n_tokens)
+        hits = hits[: len(hits) // multiple * multiple]
+        for b in hits:
+            self._take(b)
+        self.stats.leased_tokens += len(hits) * self.block_size
+        return hits
+
+    def release(self, blocks) -> None:
+        """Give back blocks taken by `lease` (last first, as `free`)."""
+        for b in reversed(blocks):
+            self._release(b)
 
     # -- growth and release ----------------------------------------------------------------
     def can_append(self, seq: Sequence, n: int) -> bool:
@@ -197,6 +230,18 @@ class BlockManager:
             return []
         hits = []
         for h in self._names(seq):
+            b = self._cached.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def _leading(self, token_ids, n_tokens: int) -> list[int]:
+        """Cached blocks for the full blocks of `token_ids` within positions [0, n_tokens)."""
+        if not self.prefix_caching:
+            return []
+        hits = []
+        for h in chain(token_ids, min(n_tokens, len(token_ids)) // self.block_size, self.block_size):
             b = self._cached.get(h)
             if b is None:
                 break

@@ -26,7 +26,10 @@ prefill group and moves at a later token -- backpressure, never an unbounded que
 wrong token: the K/V moved are those of every token computed so far, whenever it moves. A prompt
 run in several chunks instead streams its K/V chunk by chunk while its later chunks are prefilled,
 into blocks reserved on the decode group (engine/kv_stream.py; `DisaggConfig.stream`): only the
-last chunk's move is left after the first token.
+last chunk's move is left after the first token. A sequence whose prompt starts with blocks the
+decode pool already holds (an earlier request with the same document) leases them there and moves
+only the rest (engine/prefix_index.py; a streamed sequence carries no lease), and with
+`DisaggConfig.route_by_prefix` a request whose prefix lives only on the decode group runs there.
 
 Correctness: the decode devices end up holding exactly the K/V they would have computed
 themselves, bit for bit, so greedy tokens equal the single-device reference (tests/engine/
@@ -55,10 +58,13 @@ from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece, box_bytes, plan_between
 from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition
+from .arguments import token_ids as checked_ids
 from .disagg_faults import FailOver, phase_error, requeue, run_again
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
 from .kv_stream import KVStream, KVStreamer, StreamConfig
+from .prefix_index import Lease, PoolView, PrefixIndex, give_back, lease, tail
+from .scheduler import QueueFull
 from .sequence import SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
@@ -80,10 +86,14 @@ class DisaggConfig:
     # Opt-in: on 2 shared cores it hid the move but not the second token's wait (docs/engine.md), and a
     # group that re-plans after a fault leaves its open streams to stall out before they fall back
     stream: StreamConfig | None = None
+    # a request goes to the group whose KV pool holds more of its prompt (the decode group then runs its
+    # prompt's rest itself, nothing moved); False: every request is prefilled on the prefill group
+    route_by_prefix: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.recover, bool):
-            raise PlanMismatch(f"disaggregation config: recover={self.recover!r} must be True or False")
+        for f in ("recover", "route_by_prefix"):
+            if not isinstance(getattr(self, f), bool):
+                raise PlanMismatch(f"disaggregation config: {f}={getattr(self, f)!r} must be True or False")
         if self.stream is not None and not isinstance(self.stream, StreamConfig):
             raise PlanMismatch(f"disaggregation config: stream={self.stream!r} must be a StreamConfig or None")
         for f in ("chunk_bytes", "max_pending_bytes", "itemsize"):
@@ -108,6 +118,7 @@ class _Handoff:
     decode_split: Partition | None = None  # the decode group's split the boxes were cut for (read before the pull)
     kvs: KVStream | None = None  # streamed while prefilled: its K/V go into `held`'s blocks, no boxes here
     held: Sequence | None = None
+    lease: Lease = Lease()  # blocks the decode group already held for the leading tokens (only the rest moved)
 
 
 class KVMover:
@@ -139,21 +150,27 @@ class KVMover:
         lo, hi = piece.layers
         return [KVPiece(piece.src, piece.dst, (a, min(a + step, hi)), piece.heads) for a in range(lo, hi, step)]
 
-    def pull(self, block_table, tokens: int, pool: KVPool) -> list[tuple[KVPiece, torch.Tensor]]:
-        """Every receiver's boxes from the prefill devices; a box two receivers need is pulled once."""
+    def pull(self, block_table, tokens: int, pool: KVPool, skip: int = 0) -> list[tuple[KVPiece, torch.Tensor]]:
+        """Every receiver's boxes from the prefill devices; a box two receivers need is pulled once.
+        `skip`: leading positions the receivers hold already (a whole number of blocks on both
+        sides, prefix_index.Lease): the boxes cover positions [skip, tokens) only."""
         got: dict[tuple, torch.Tensor] = {}
         out = []
+        table = tail(block_table, skip, pool)
+        if skip == tokens:  # the receivers hold all of it
+            return out
         for piece in self.plan():
-            for c in self.chunks(piece, tokens):
+            for c in self.chunks(piece, tokens - skip):
                 key = (c.src, c.layers, c.heads)
                 if key not in got:
-                    got[key] = self.prefill.export_kv(c.src, tuple(block_table), tokens, c.layers, c.heads, pool)
+                    got[key] = self.prefill.export_kv(c.src, table, tokens - skip, c.layers, c.heads, pool)
                 out.append((c, got[key]))
         return out
 
-    def push(self, boxes, block_table, pool: KVPool) -> None:
+    def push(self, boxes, block_table, pool: KVPool, skip: int = 0) -> None:
+        table = tail(block_table, skip, pool)
         for c, box in boxes:
-            self.decode.import_kv(c.dst, tuple(block_table), box, c.layers, c.heads, pool)
+            self.decode.import_kv(c.dst, table, box, c.layers, c.heads, pool)
 
 
 class DecodeEngine(FailOver, Engine):
@@ -188,11 +205,48 @@ class DecodeEngine(FailOver, Engine):
         if self.down is not None:
             return False
         with self._lock:
-            s, waiting = self.sched, [h for h in self._pending if h.held is None]  # streamed ones hold theirs
-            blocks = s.blocks.blocks_for(num_tokens) + sum(s.blocks.blocks_for(len(h.token_ids)) for h in waiting)
-            return (num_tokens < s.cfg.max_model_len and len(s.running) + len(waiting) + len(self._held)
-                    < s.cfg.max_running
-                    and blocks <= s.blocks.num_free and self.pending_bytes + nbytes <= self.max_pending_bytes)
+            return self._fits(num_tokens, Lease(), nbytes)
+
+    def lease_for(self, token_ids, tokens: int, src_block_size: int) -> Lease | None:
+        """can_take for a sequence whose K/V of `tokens` positions would move here, once the blocks
+        this pool already holds for its leading tokens are leased (prefix_index.lease: only the rest
+        moves). None, nothing leased, while there is no room."""
+        if self.down is not None:
+            return None
+        with self._lock:
+            got = lease(self.sched.blocks, token_ids, tokens, src_block_size)
+            if self._fits(len(token_ids), got, self.mover.seq_bytes(tokens - got.skip)):
+                return got
+            give_back(self.sched.blocks, got)
+            return None
+
+    def _waiting_blocks(self) -> tuple[list[_Handoff], int]:
+        """Under the lock: the handoffs waiting here that hold no blocks yet (not streamed: a streamed one
+        holds its reservation, counted in `_held`), and the fresh blocks they will take (past their leases)."""
+        waiting = [h for h in self._pending if h.held is None]
+        return waiting, sum(self.sched.blocks.blocks_for(len(h.token_ids)) - len(h.lease.blocks) for h in waiting)
+
+    def _fits(self, num_tokens: int, got: Lease, nbytes: int) -> bool:
+        """Under the lock: room for a sequence of `num_tokens` tokens holding the lease `got`, beside the
+        handoffs on their way and the reservations of streamed ones, within the bytes bound."""
+        s = self.sched
+        waiting, blocks = self._waiting_blocks()
+        need = s.blocks.blocks_for(num_tokens) - len(got.blocks) + blocks
+        return (num_tokens < s.cfg.max_model_len and len(s.running) + len(waiting) + len(self._held)
+                < s.cfg.max_running
+                and need <= s.blocks.num_free and self.pending_bytes + nbytes <= self.max_pending_bytes)
+
+    def unlease(self, held: Lease) -> None:
+        """Give back the blocks of a lease whose handoff will not come (a failed pull, a cancel)."""
+        with self._lock:
+            give_back(self.sched.blocks, held)
+
+    def _drop(self, h: _Handoff) -> None:
+        """Under the lock: a handoff that will not be adopted gives back its lease now and its streamed
+        reservation once no box of its stream is in a call."""
+        give_back(self.sched.blocks, h.lease)
+        if h.held is not None:
+            self._releasing.append((h.held, h.kvs))
 
     def hand(self, h: _Handoff) -> None:
         with self._lock:
@@ -207,11 +261,11 @@ class DecodeEngine(FailOver, Engine):
         if self.down is not None:
             return None
         with self._lock:
-            s, waiting = self.sched, [h for h in self._pending if h.held is None]
+            s = self.sched
+            waiting, blocks = self._waiting_blocks()
             if len(s.running) + len(waiting) + len(self._held) >= s.cfg.max_running:
                 return None
-            if s.blocks.num_free - sum(s.blocks.blocks_for(len(h.token_ids)) for h in waiting) < \
-                    s.blocks.blocks_for(num_prompt + 1):
+            if s.blocks.num_free - blocks < s.blocks.blocks_for(num_prompt + 1):
                 return None
             held = s.reserve(num_prompt + 1, params)
             if held is not None:
@@ -241,8 +295,7 @@ class DecodeEngine(FailOver, Engine):
             if self.down is not None:  # recovery: what still waits to come here goes back at once
                 self._lost += [(h.stream, self.down) for h in self._pending]
                 for h in self._pending:
-                    if h.held is not None:
-                        self._releasing.append((h.held, h.kvs))
+                    self._drop(h)
                 self._pending.clear()
             self._give_back()
         self._hand_over()
@@ -251,8 +304,7 @@ class DecodeEngine(FailOver, Engine):
                 if self._failed is not None:  # no recovery: what waits would be pushed to the same failed devices
                     while self._pending:
                         h = self._pending.popleft()
-                        if h.held is not None:
-                            self._releasing.append((h.held, h.kvs))
+                        self._drop(h)
                         h.stream._end("abort", self._failed)
                     self._failed = None
                 h = self._next_handoff()
@@ -260,24 +312,23 @@ class DecodeEngine(FailOver, Engine):
                     return
                 if h.kvs is not None and (h.kvs.error is not None or self._held.get(h.held) is not self.sched.blocks):
                     self._pending.remove(h)  # its stream failed (or this pool was re-made under it)
-                    self._releasing.append((h.held, h.kvs))
-                    error = h.kvs.error or GalaxyError("the decode group's KV pool was re-made while K/V streamed in")
-                    if self.fallback is not None:
-                        self._lost.append((h.stream, error))
-                        self._wake.set()
-                    else:
-                        h.stream._end("abort", error)
+                    self._drop(h)
+                    self._lost_handoff(h, h.kvs.error or GalaxyError("the decode group's KV pool was re-made "
+                                                                     "while K/V streamed in"))
                     continue
-                if h.decode_split not in (None, self.mover.decode.partition):  # re-planned since the pull:
-                    self._pending.remove(h)  # the boxes fit the old split; run its tokens again here instead
+                if h.decode_split not in (None, self.mover.decode.partition) or not h.lease.valid_in(self.sched.blocks):
+                    # re-planned since the pull (the boxes fit the old split), or since the lease (its pool was
+                    # re-made, the leased prefix gone): run its tokens again here instead
+                    self._pending.remove(h)
+                    self._drop(h)
                     self._requeue(h)
                     continue
                 try:
-                    seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline, reserved=h.held)
+                    seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline, reserved=h.held,
+                                           prefix=h.lease.blocks)
                 except InvalidRequest as e:  # longer than this group's pool holds (can_take refuses it first)
                     self._pending.remove(h)
-                    if h.held is not None:
-                        self._releasing.append((h.held, h.kvs))
+                    self._drop(h)
                     h.stream._end("abort", e)
                     continue
                 if seq is None:  # no room until running sequences finish
@@ -288,6 +339,7 @@ class DecodeEngine(FailOver, Engine):
                 table = tuple(seq.block_table)
                 if h.kvs is not None:  # streamed: its K/V are in the blocks it reserved, which it now holds
                     self._held.pop(h.held, None)
+                    self.sched.blocks.commit(seq)  # named: a later handoff of its prefix finds them
                     t = h.kvs.timing()
                     gen = h.stream.generation
                     self._adopted(gen, KVHandoff(len(gen.tokens), t.nbytes, t.export_s, 0.0, t.import_s,
@@ -296,7 +348,7 @@ class DecodeEngine(FailOver, Engine):
                     continue
             t0 = time.perf_counter()
             try:
-                self.mover.push(h.boxes, table, self.pool)
+                self.mover.push(h.boxes, table, self.pool, h.lease.skip)
             except CacheLost as e:  # a device dropped out and the group re-planned: every K/V here is gone,
                 self._lose_kv(e)  # this sequence's too -- it runs all its tokens again, as the others do
                 continue
@@ -306,10 +358,22 @@ class DecodeEngine(FailOver, Engine):
                     self.sched.abort(seq.seq_id)
                     self._finish(seq.seq_id, "abort", e)
                 continue
+            with self._lock:
+                if self.sched.live.get(seq.seq_id) is seq:  # its K/V are here now: a later handoff of its prefix
+                    self.sched.blocks.commit(seq)  # finds them
             now = time.perf_counter()
             gen = h.stream.generation
             self._adopted(gen, KVHandoff(len(gen.tokens), h.nbytes, h.export_s, t0 - h.pulled_at, now - t0,
                                          now - h.stream.submitted, exposed_s=now - h.pulled_at + h.export_s))
+
+    def _lost_handoff(self, h: _Handoff, error: GalaxyError) -> None:
+        """Under the lock: a handoff that cannot be adopted: back to the prefill group with recovery,
+        else ended with `error`."""
+        if self.fallback is not None:
+            self._lost.append((h.stream, error))  # handed over at the next call, outside this lock
+            self._wake.set()
+        else:
+            h.stream._end("abort", error)
 
     def _adopted(self, gen: Generation, handoff: KVHandoff) -> None:
         gen.handoff = handoff
@@ -325,8 +389,8 @@ class DecodeEngine(FailOver, Engine):
             self.taken_over += 1
 
     def _requeue(self, h: _Handoff) -> None:
-        """A handoff whose boxes were cut for a split this group no longer has: all its tokens run again
-        here (caller holds the lock)."""
+        """A handoff whose boxes were cut for a split this group no longer has, or whose leased prefix went
+        with a re-made pool: all its tokens run again here (caller holds the lock)."""
         try:
             requeue(self, h.stream, h.token_ids, h.num_prompt, h.params, h.deadline)
         except GalaxyError as e:
@@ -351,8 +415,7 @@ class DecodeEngine(FailOver, Engine):
             h = next((x for x in self._pending if x.stream is stream), None)
             if h is not None:
                 self._pending.remove(h)
-                if h.held is not None:
-                    self._releasing.append((h.held, h.kvs))
+                self._drop(h)
                 stream._end("abort")
                 return
         super()._cancel(stream)
@@ -363,7 +426,10 @@ class DecodeEngine(FailOver, Engine):
             self._end_lost(error)
             error = error or GalaxyError("the engine was closed before this request finished")
             while self._pending:
-                self._pending.popleft().stream._end("abort", error)
+                h = self._pending.popleft()
+                self._drop(h)
+                h.stream._end("abort", error)
+            self._give_back()
 
 
 class PrefillEngine(FailOver, Engine):
@@ -497,18 +563,20 @@ class PrefillEngine(FailOver, Engine):
                 self._unstreamed.discard(sid)
             if streamed and self._hand_streamed(sid):
                 continue
-            nbytes = self.mover.seq_bytes(tokens)
-            if not self.decode.can_take(len(token_ids), nbytes):
+            got = self.decode.lease_for(token_ids, tokens, self.pool.block_size)
+            if got is None:
                 continue  # decodes here this step; tries again at its next token
             decode_split = self.mover.decode.partition  # before the pull: a re-plan during it shows at the push
             t0 = time.perf_counter()
             try:
-                boxes = self.mover.pull(table, tokens, self.pool)
+                boxes = self.mover.pull(table, tokens, self.pool, got.skip)
             except CacheLost as e:  # a device dropped out and this group re-planned: every sequence runs again
+                self.decode.unlease(got)
                 self._lose_kv(e)
                 return
             except GalaxyError as e:
                 log.warning("pulling the K/V of a sequence from the prefill group failed: %s", e)
+                self.decode.unlease(got)
                 with self._lock:
                     if self.sched.abort(sid):
                         self._finish(sid, "abort", e)
@@ -516,12 +584,14 @@ class PrefillEngine(FailOver, Engine):
             export_s = time.perf_counter() - t0
             with self._lock:
                 if sid not in self.streams:  # cancelled meanwhile
+                    self.decode.unlease(got)
                     continue
                 self.sched.abort(sid)  # frees its blocks here (their prefix stays cached)
                 self.streams.pop(sid)
                 self.decode.hand(_Handoff(stream, token_ids, seq.num_prompt, seq.params, seq.deadline, boxes,
-                                          sum(c.nbytes(self.model, tokens, b.element_size()) for c, b in boxes),
-                                          export_s, time.perf_counter(), decode_split))
+                                          sum(c.nbytes(self.model, tokens - got.skip, b.element_size())
+                                              for c, b in boxes), export_s, time.perf_counter(), decode_split,
+                                          lease=got))
                 self.moved += 1
 
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
@@ -573,6 +643,8 @@ class DisaggEngine:
         if config.recover:
             self.decode.fallback = self.prefill.take_back
             self.prefill.fallback = self.decode.take_over
+        self.index = PrefixIndex([PoolView("prefill", self.prefill, lambda: self.prefill.down is None),
+                                  PoolView("decode", self.decode, lambda: self.decode.down is None)])
 
     @property
     def tok(self):
@@ -580,9 +652,26 @@ class DisaggEngine:
 
     def submit(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
                timeout: float | None = None) -> GenerationStream:
-        """Queue a generation on the prefill group (on the decode group once the prefill group is gone,
-        with recovery); raises InvalidRequest or QueueFull at once."""
-        return (self.decode if self.prefill.down is not None else self.prefill).submit(prompt_ids, gc, timeout)
+        """Queue a generation on the prefill group -- or, with `route_by_prefix`, on the decode group
+        when its pool holds more of the prompt (it then runs the rest of the prompt itself, nothing
+        moves), and on the decode group once the prefill group is gone (with recovery); raises
+        InvalidRequest or QueueFull at once."""
+        if self.prefill.down is not None:
+            stream = self.decode.submit(prompt_ids, gc, timeout)
+            self.index.routed["decode"] += 1
+            return stream
+        if self.config.route_by_prefix and not self.prefill._closed:
+            where = self.index.route(checked_ids("prompt", prompt_ids, self.model.vocab_size))
+            if where.engine is not self.prefill:
+                try:
+                    stream = where.engine.submit(prompt_ids, gc, timeout)
+                    self.index.routed[where.name] += 1
+                    return stream
+                except (InvalidRequest, QueueFull):  # its pool is smaller, or its queue full: the prefill group's way
+                    pass
+        stream = self.prefill.submit(prompt_ids, gc, timeout)
+        self.index.routed["prefill"] += 1
+        return stream
 
     def generate(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
                  timeout: float | None = None) -> Generation:
@@ -594,10 +683,13 @@ class DisaggEngine:
         group's KV pool, each device's KV bytes named by group), and each group's own under
         "prefill" / "decode" with the moves: sequences moved, tokens decoded on the prefill group
         for want of room, K/V bytes held at the coordinator now, and the transfer time hidden behind
-        the prefill and exposed after the first token, summed over the sequences adopted."""
+        the prefill and exposed after the first token, summed over the sequences adopted; the requests
+        sent to each group ("routed") and the tokens of K/V the decode group found leased instead of
+        moved ("decode_leased_tokens")."""
         pre, dec = self.prefill.load, self.decode.load
         with self.decode._lock:
             pending = len(self.decode._pending)
+            dec_leased = self.decode.sched.blocks.stats.leased_tokens
         kv = {f"prefill {k}": v for k, v in pre["kv_bytes"].items()}
         kv.update({f"decode {k}": v for k, v in dec["kv_bytes"].items()})
         return {"running": pre["running"] + dec["running"], "waiting": pre["waiting"] + pending + dec["waiting"],
@@ -606,7 +698,8 @@ class DisaggEngine:
                 "steps": pre["steps"] + dec["steps"], "generated_tokens": pre["generated_tokens"] +
                 dec["generated_tokens"], "kv_bytes": kv, "prefill": pre, "decode": dec, "moved": self.prefill.moved,
                 "kept_tokens": self.prefill.kept_tokens, "pending_bytes": self.decode.pending_bytes,
-                "recovered": self.prefill.recovered, "decode_down": None if self.decode.down is None else
+                "recovered": self.prefill.recovered, "routed": dict(self.index.routed),
+                "decode_leased_tokens": dec_leased, "decode_down": None if self.decode.down is None else
                 str(self.decode.down), "taken_over": self.decode.taken_over,
                 "prefill_down": None if self.prefill.down is None else str(self.prefill.down),
                 "kv_transfer": dict(self.decode.transfer, adopted=self.decode.adopted,

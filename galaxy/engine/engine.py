@@ -265,6 +265,12 @@ class Engine:
                     "kv_bytes": {} if self._last is None else
                     dict(zip(self.ex.names, (d.kv_cache_bytes for d in self._last.devices)))}
 
+    def cached_prefix(self, token_ids) -> int:
+        """Leading tokens of `token_ids` whose K/V this engine's pool holds (prefix cache), for the
+        coordinator's prefix index (prefix_index.py)."""
+        with self._lock:
+            return self.sched.blocks.cached_tokens(token_ids)
+
     @property
     def last_step(self) -> LastStep | None:
         """The last step that ran on the devices (None before the first): read-only."""

@@ -172,25 +172,36 @@ class Scheduler:
         return seq
 
     def adopt(self, token_ids, num_prompt: int, params: SamplingParams, deadline: float | None = None,
-              reserved: Sequence | None = None) -> Sequence | None:
+              reserved: Sequence | None = None, prefix: list[int] = ()) -> Sequence | None:
         """Admit, running, a sequence whose K/V of every token but the last were computed elsewhere
         (phase-separated serving: another device group prefilled it, engine/disagg.py); the caller
         writes them into its fresh blocks before the next step, which decodes its last token (or
         wrote them already into the blocks `reserved` for it). None while there is no room: blocks
-        for its tokens and the next, or a place among max_running."""
+        for its tokens and the next, or a place among max_running.
+        `prefix`: blocks this pool already holds for its leading tokens, leased for it
+        (BlockManager.lease, their references taken): they head its block table, only the rest
+        are fresh, and only the rest's K/V are written. A streamed sequence (`reserved`) carries no
+        lease: its K/V went into its reserved blocks, so the two are refused together."""
         tokens = list(token_ids)
         n = len(tokens) - 1
         if not 1 <= num_prompt <= n or len(tokens) >= self.cfg.max_model_len:
             raise InvalidRequest(f"cannot adopt a sequence of {len(tokens)} tokens ({num_prompt} of the prompt) "
                                  f"into max_model_len={self.cfg.max_model_len}")
-        have = len(reserved.block_table) if reserved is not None else 0
+        if reserved is not None and len(prefix):
+            raise GalaxyError(f"a sequence adopted into blocks reserved for its streamed K/V carries no lease, "
+                              f"but {len(prefix)} leased prefix blocks came with it")
+        if len(prefix) * self.cfg.block_size > n:
+            raise GalaxyError(f"a prefix of {len(prefix)} blocks is longer than the {n} tokens with K/V")
+        have = len(reserved.block_table) if reserved is not None else len(prefix)
         if (len(self.running) >= self.cfg.max_running
                 or self.blocks.num_free < max(0, self.blocks.blocks_for(n + 1) - have)):
             return None
         seq = Sequence(next(self._ids), tokens, num_prompt, params, arrival=self.clock(), deadline=deadline)
         if reserved is not None:  # its K/V were streamed into these while it was prefilled elsewhere
             seq.block_table, reserved.block_table = reserved.block_table, []
-        self.blocks.append(seq, n)  # fresh blocks, never the prefix cache: its K/V arrive by import
+        else:  # leased blocks (if any) head its table; fresh blocks for the rest: its K/V arrive by import
+            seq.block_table, seq.num_named = list(prefix), len(prefix)
+        self.blocks.append(seq, n)
         seq.num_computed, seq.status = n, SequenceStatus.RUNNING
         self.live[seq.seq_id] = seq
         bisect.insort(self.running, seq, key=lambda s: s.seq_id)
