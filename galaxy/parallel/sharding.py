@@ -106,6 +106,14 @@ def ranges(counts) -> list[tuple[int, int]]:
     return out
 
 
+def _whole(x) -> int:
+    """A count read from a plan file: an integer, or a float with no fraction (3.0), never rounded."""
+    n = int(x)  # ValueError / OverflowError / TypeError for text, inf, nan, None: a malformed partition
+    if n != x and not isinstance(x, str):
+        raise ValueError(f"{x!r} is not a whole number")
+    return n
+
+
 @dataclass(frozen=True)
 class Partition:
     """A whole cluster's layout for one strategy. Lists are per device, in ring order.
@@ -168,9 +176,9 @@ class Partition:
     @classmethod
     def from_dict(cls, d: dict) -> Partition:
         try:
-            return cls(str(d["strategy"]), *(tuple(int(x) for x in d[k]) for k in ("heads", "cols", "vocab", "layers")),
-                       tuple(float(x) for x in d.get("seq_weights", ())))
-        except (KeyError, TypeError, ValueError) as e:
+            counts = (tuple(_whole(x) for x in d[k]) for k in ("heads", "cols", "vocab", "layers"))
+            return cls(str(d["strategy"]), *counts, tuple(float(x) for x in d.get("seq_weights", ())))
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise PartitionError(f"malformed partition {d!r}: {e}") from None
 
     def spec(self, rank: int, cfg: ModelConfig) -> ShardSpec:

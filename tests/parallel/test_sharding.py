@@ -105,3 +105,11 @@ def test_work_shares_follow_heads_and_columns_not_the_planners_token_counts():
     assert shares[0] > 0.45 > shares[2] > shares[1]  # not 1/3 each, as the token counts would say
     assert weighted_partition(cfg, [3, 2, 1]).work_shares(cfg) == pytest.approx([1 / 2, 1 / 3, 1 / 6], abs=0.01)
     assert even_partition(cfg, 3, "pipeline").work_shares(cfg) == [1 / 3] * 3
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 2.5, None])
+def test_a_plan_files_count_that_is_not_a_whole_number_is_a_malformed_partition_not_rounded(bad):
+    doc = {"strategy": "galaxy", "heads": [bad, 2], "cols": [1, 1], "vocab": [1, 1], "layers": [1, 1]}
+    with pytest.raises(PartitionError, match="malformed partition"):
+        Partition.from_dict(doc)
+    assert Partition.from_dict({**doc, "heads": [2.0, 2]}).heads == (2, 2)  # a JSON 2.0 is the count 2
