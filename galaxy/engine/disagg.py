@@ -199,18 +199,11 @@ class DecodeEngine(FailOver, Engine):
         """K/V bytes held at the coordinator for moves not pushed yet (the queue is bounded by them)."""
         return sum(h.nbytes for h in tuple(self._pending))  # a snapshot: the load report reads it unlocked
 
-    def can_take(self, num_tokens: int, nbytes: int) -> bool:
-        """Whether a sequence of `num_tokens` tokens (K/V of all but the last) may move here now:
-        blocks and a running place beside those already on their way, and the bytes bound."""
-        if self.down is not None:
-            return False
-        with self._lock:
-            return self._fits(num_tokens, Lease(), nbytes)
-
     def lease_for(self, token_ids, tokens: int, src_block_size: int) -> Lease | None:
-        """can_take for a sequence whose K/V of `tokens` positions would move here, once the blocks
-        this pool already holds for its leading tokens are leased (prefix_index.lease: only the rest
-        moves). None, nothing leased, while there is no room."""
+        """The lease of a sequence whose K/V of `tokens` positions would move here, if it may move now:
+        blocks and a running place beside those already on their way, and the bytes bound, once the
+        blocks this pool already holds for its leading tokens are leased (prefix_index.lease: only the
+        rest moves). None, nothing leased, while there is no room."""
         if self.down is not None:
             return None
         with self._lock:
@@ -326,7 +319,7 @@ class DecodeEngine(FailOver, Engine):
                 try:
                     seq = self.sched.adopt(h.token_ids, h.num_prompt, h.params, h.deadline, reserved=h.held,
                                            prefix=h.lease.blocks)
-                except InvalidRequest as e:  # longer than this group's pool holds (can_take refuses it first)
+                except InvalidRequest as e:  # longer than this group's pool holds (lease_for refuses it first)
                     self._pending.remove(h)
                     self._drop(h)
                     h.stream._end("abort", e)
