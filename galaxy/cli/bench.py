@@ -177,7 +177,7 @@ def cmd_bench(args) -> int:
         print(bench.dumps(report) if args.json else collective_bench.table(report))
         return 0
     if args.kernel_survey:
-        threads = (args.threads,) if args.threads else tuple(sorted({1, os.cpu_count() or 1}))
+        threads = _thread_counts(args)
         kernel_survey.survey(preset(args.random_init or "smollm2-135m"), threads=threads, reps=args.reps or 5)
         return 0
     if args.paged_attention or args.attention_kernels:
@@ -194,6 +194,11 @@ def cmd_bench(args) -> int:
     return _emit(args, report, bench.table, bench.plot)
 
 
+def _thread_counts(args) -> tuple[int, ...]:
+    """The intra-op thread counts a kernel or decode bench compares: --threads, else 1 and every core."""
+    return (args.threads,) if args.threads else tuple(sorted({1, os.cpu_count() or 1}))
+
+
 def _decode_threads_list(text: str) -> tuple[int, ...]:
     """--decode-threads for bench decode: comma-separated "auto" (0: measured at load) or counts >= 1."""
     out = []
@@ -205,7 +210,7 @@ def _decode_threads_list(text: str) -> tuple[int, ...]:
 
 
 def cmd_bench_decode(args) -> int:
-    threads = (args.threads,) if args.threads else tuple(sorted({1, os.cpu_count() or 1}))
+    threads = _thread_counts(args)
     config = decode_bench.DecodeBench(
         formats=args.weights_format, threads=threads, new_tokens=args.new_tokens, prefill_tokens=args.prefill_tokens,
         reps=args.reps or 3, compile=not args.no_compile, anchor=not args.no_anchor, galaxy=not args.no_galaxy,
