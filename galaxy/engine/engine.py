@@ -33,7 +33,7 @@ import torch
 from ..errors import CacheLost, DeviceOutOfMemory, GalaxyError
 from ..model.config import ModelConfig
 from ..model.paged_kv import PagedBatch
-from ..parallel.executor import DeviceStats, Executor
+from ..parallel.executor import DeviceStats, Executor, ForwardResult
 from ..parallel.forward import Step
 from ..parallel.rank import KVPool
 from .admission import Admission, AdmissionConfig
@@ -72,6 +72,9 @@ class EngineConfig:
     # seconds with Overloaded, at once; None: admit every request the queue bound allows (as before)
     slo_ttft: float | None = None
     slo_headroom: float = 0.9
+    # greedy sequences' next token picked on the devices (Step.top1_rows, parallel/top1.py): a few numbers per
+    # row come back instead of the vocabulary's logits; the same tokens. False: every row's logits come back
+    top1_on_device: bool = True
 
     def __post_init__(self):
         if self.max_stall is not None and not (isinstance(self.max_stall, (int, float)) and self.max_stall > 1.0):
@@ -319,10 +322,12 @@ class Engine:
         not held: phase-separated serving (engine/disagg.py) moves K/V in and out here."""
 
     def _run(self, plan: BatchPlan) -> None:
+        rows, logit_rows = [it for it in plan.items if it.logits], tuple(plan.logit_rows())
+        on_device = [self.config.top1_on_device and self._greedy(it.seq_id) for it in rows]
         step = Step(torch.tensor(plan.token_ids(), dtype=torch.long),
                     PagedBatch(plan.block_size, tuple(len(it.token_ids) for it in plan.items),
                                tuple(it.start for it in plan.items), tuple(it.block_table for it in plan.items)),
-                    tuple(plan.logit_rows()), plan.copies)
+                    logit_rows, plan.copies, tuple(r for r, d in zip(logit_rows, on_device) if d))
         try:
             res = self.ex.step(step, self.pool)
         except CacheLost as e:  # a fail-over: the K/V are gone, every sequence runs its tokens again
@@ -341,12 +346,11 @@ class Engine:
             self.cost.observe(plan.num_tokens, res.seconds)
         if self.admission is not None:  # every step: the TTFT prediction's step cost
             self.admission.observe(plan.num_tokens, res.seconds)
-        rows = [it for it in plan.items if it.logits]
         collective, kv_bytes = collective_of(res.devices), [d.kv_cache_bytes for d in res.devices]
         self._last = LastStep(self.steps, plan.num_tokens, len(plan.items), res.seconds, collective,
                               tuple(res.devices), time.time())
         with self._lock:
-            sampled = self._sample(rows, res.output)
+            sampled = self._sample(rows, res, on_device)
             self.generated += len(sampled)
             for it in plan.items:
                 stream = self.streams.get(it.seq_id)
@@ -371,19 +375,38 @@ class Engine:
             self.pool = self._pool()
             self.sched.lose_kv(self.pool.num_blocks)
 
-    def _sample(self, rows, logits: torch.Tensor) -> dict[int, int]:
-        """Each live sequence's next token from its logit row (logits (rows, V)): the greedy ones by
-        one argmax over their rows (the same first-maximum as one row's argmax), the others by their
-        own sampler. Sequences cancelled while the step ran get none."""
-        live = [(i, it.seq_id, s) for i, it in enumerate(rows) if (s := self.streams.get(it.seq_id)) is not None]
-        greedy = [(i, sid) for i, sid, s in live if s.sampler.greedy]
-        sampled = {}
+    def _greedy(self, seq_id: int) -> bool:
+        """Whether a sequence's next token is its logit row's argmax (a request cancelled meanwhile needs
+        no row at all: the cheapest answer is asked for)."""
+        stream = self.streams.get(seq_id)
+        return stream is None or stream.sampler.greedy
+
+    def _sample(self, rows, res: ForwardResult, on_device: list[bool]) -> dict[int, int]:
+        """Each live sequence's next token: a greedy one's as the devices picked it (rows `on_device`:
+        Step.top1_rows, res.top1, the argmax over the whole row), the others' from their logit rows
+        (res.output: the rows not picked on the devices, in order) -- a greedy one's by one argmax over
+        such rows (the same first maximum as one row's argmax), the others' by their own sampler. An
+        executor that left res.top1 unset returned every row's logits. Sequences cancelled while the
+        step ran get none."""
+        picks = None if res.top1 is None else iter(res.top1.tolist())
+        sampled, greedy, at = {}, [], 0
+        for it, device in zip(rows, on_device):
+            stream = self.streams.get(it.seq_id)
+            if device and picks is not None:
+                tok = next(picks)
+                if stream is not None:
+                    sampled[it.seq_id] = tok
+                continue
+            i, at = at, at + 1
+            if stream is None:
+                continue
+            if stream.sampler.greedy:
+                greedy.append((i, it.seq_id))
+            else:
+                sampled[it.seq_id] = stream.sampler(res.output[i])
         if greedy:
-            picks = logits[[i for i, _ in greedy]].argmax(dim=-1).tolist()  # (G,)
-            sampled = {sid: tok for (_, sid), tok in zip(greedy, picks)}
-        for i, sid, s in live:
-            if not s.sampler.greedy:
-                sampled[sid] = s.sampler(logits[i])
+            picked = res.output[[i for i, _ in greedy]].argmax(dim=-1).tolist()  # (G,)
+            sampled.update((sid, tok) for (_, sid), tok in zip(greedy, picked))
         return sampled
 
     def _token(self, stream: GenerationStream, seq: Sequence) -> None:

@@ -159,6 +159,9 @@ class ForwardResult:
     output: torch.Tensor  # the assembled model output, float32
     seconds: float  # wall time at the coordinator
     devices: list[DeviceStats] = field(default_factory=list)  # per rank
+    # a Step with top1_rows: the token each of those rows' argmax picked, (top-1 rows,) int64, on the devices
+    # (parallel/top1.py); `output` then holds the logits of the step's other logit rows only
+    top1: torch.Tensor | None = None
 
 
 class Executor(Protocol):
@@ -195,7 +198,8 @@ class Executor(Protocol):
         serving engine's pool (the smallest count over devices that hold KV heads)."""
 
     def step(self, step: Step, pool: KVPool) -> ForwardResult:
-        """One iteration of the serving engine on every device: output is the logits (logit rows, V).
+        """One iteration of the serving engine on every device: output is the logits (logit rows, V),
+        but for the step's top1_rows, whose argmax comes back as `top1` instead (parallel/top1.py).
         The pool is allocated on each device at the first step that names it."""
 
     def export_kv(self, rank: int, block_table: tuple[int, ...], tokens: int, layers: tuple[int, int],

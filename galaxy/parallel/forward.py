@@ -55,6 +55,9 @@ class Step:
     batch: PagedBatch  # where each sequence sits: query lengths, start positions, block tables
     logit_rows: tuple[int, ...]  # packed rows whose logits come back (the last token of a finished chunk)
     copies: tuple[tuple[int, int], ...] = ()  # (src, dst) blocks
+    # of logit_rows, those (ascending) whose argmax alone comes back, computed on the devices (greedy
+    # sampling: parallel/top1.py); the others' logits come back whole
+    top1_rows: tuple[int, ...] = ()
 
 
 # (layer index, attention block, Q|K|V of every token (S, cols)) -> context (S, nq hd)

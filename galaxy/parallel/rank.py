@@ -19,6 +19,7 @@ from .collectives import Collectives
 from .forward import Request, Step, rank_forward, request_pass, step_pass
 from .sharding import Partition
 from .threads import StepThreads, intra_op_threads
+from .top1 import check_top1_rows, step_piece
 
 DEFAULT_KV_BYTES = 256 << 20  # per device: the paged pool is allocated whole at the engine's first step
 
@@ -102,6 +103,7 @@ class RankRuntime:
         rows = step.logit_rows
         if list(rows) != sorted(set(rows)) or (rows and not 0 <= rows[0] <= rows[-1] < ids.numel()):
             raise ValueError(f"logit rows {list(rows)[:8]} are not ascending rows of the {ids.numel()} tokens")
+        check_top1_rows(rows, step.top1_rows)
 
     def holds_pool(self, pool: KVPool) -> bool:
         """Whether the pool the engine sized is the one allocated here (no step named it yet, or the
@@ -129,11 +131,13 @@ class RankRuntime:
 
     def run_step(self, comm: Collectives, step: Step, pool: KVPool):
         """This rank's output piece for one engine step: the logit rows' logits over its vocabulary
-        rows (None on non-final pipeline stages)."""
+        rows (None on non-final pipeline stages); with top-1 rows, a StepPiece: the other rows' logits
+        and the top-1 rows' largest logit and its global id (parallel/top1.py)."""
         kv = self.paged_cache(pool)
         kv.copy_blocks(step.copies)
         with self._threads_for(step.ids.numel()):
-            return rank_forward(self.model, comm, self.partition, step_pass(step, kv))
+            out = rank_forward(self.model, comm, self.partition, step_pass(step, kv))
+        return step_piece(out, step.logit_rows, step.top1_rows, self.model.spec.vocab[0])
 
     def _threads_for(self, tokens: int):
         """The step's intra-op thread count on this thread (decode or prefill, by its tokens)."""

@@ -21,6 +21,7 @@ from ..parallel.local_transport import LocalGroup
 from ..parallel.rank import KVPool, RankRuntime
 from ..parallel.sharding import Partition, load_shard, shard_bytes
 from ..parallel.threads import measure_step_threads
+from ..parallel.top1 import join_top1
 
 
 def _run_ranks(runtimes: list[RankRuntime], run, timeout: float, overlap: bool = True):
@@ -129,7 +130,12 @@ class InprocCluster:
             raise GalaxyError("nothing loaded: call load() first")
         for rt in self.runtimes:
             rt.validate_step(step, pool)
-        return self._run(lambda rt, comm: rt.run_step(comm, step, pool), step.ids.shape[0])
+        res = self._run(lambda rt, comm: rt.run_step(comm, step, pool), step.ids.shape[0], top1=bool(step.top1_rows))
+        if step.top1_rows:  # the ranks' pieces: the other rows' logits, and each rank's top-1 (parallel/top1.py)
+            pieces = res.output
+            res.output = assemble(self.config, self.partition, [p and p.logits for p in pieces], step.ids.shape[0])
+            res.top1 = join_top1([p and p.top1 for p in pieces], len(step.top1_rows))
+        return res
 
     def export_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, start: int = 0,
                   while_stepping: bool = False) -> torch.Tensor:
@@ -145,13 +151,14 @@ class InprocCluster:
             raise GalaxyError(f"rank {rank} outside 0..{self.world - 1}")
         return self.runtimes[rank]
 
-    def _run(self, run, seq: int, overlap: bool = True) -> ForwardResult:
+    def _run(self, run, seq: int, overlap: bool = True, top1: bool = False) -> ForwardResult:
+        """With `top1`, the result's output is the ranks' StepPieces, for `step` to join."""
         t0 = time.perf_counter()
         outputs, comms = _run_ranks(self.runtimes, run, self.timeout, overlap)
         seconds = time.perf_counter() - t0
         devices = [DeviceStats(r, seconds, tuple(c.stats.ops), kv_cache_bytes=self.runtimes[r].kv_bytes)
                    for r, c in enumerate(comms)]
-        return ForwardResult(assemble(self.config, self.partition, outputs, seq), seconds, devices)
+        return ForwardResult(outputs if top1 else assemble(self.config, self.partition, outputs, seq), seconds, devices)
 
     def release(self) -> None:
         self.runtimes, self.partition, self.decode_threads = [], None, []

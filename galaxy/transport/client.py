@@ -29,6 +29,7 @@ from ..errors import (
     PeerUnreachable,
     PlanMismatch,
     ProtocolMismatch,
+    TransportError,
     WorkerError,
 )
 from ..model.checkpoints.random import RandomWeights
@@ -48,6 +49,7 @@ from ..parallel.memory import (
 )
 from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition, Strategy, meta_model
+from ..parallel.top1 import Top1, join_top1
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from .channels import open_channel
@@ -317,7 +319,8 @@ class Cluster:
             raise GalaxyError("nothing loaded: call load() first")
         rid = self._next_request()
         msg = step_to_proto(step, pool, self.session_id, rid)
-        return self._on_every_worker("Step", "step", rid, [msg] * self.world, step.ids.shape[0])
+        return self._on_every_worker("Step", "step", rid, [msg] * self.world, step.ids.shape[0],
+                                     top1=len(step.top1_rows))
 
     def export_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, start: int = 0,
                   while_stepping: bool = False) -> torch.Tensor:
@@ -362,10 +365,10 @@ class Cluster:
         self._request_id += 1
         return self._request_id
 
-    def _on_every_worker(self, rpc: str, action: str, rid: int, msgs: list, seq: int) -> ForwardResult:
+    def _on_every_worker(self, rpc: str, action: str, rid: int, msgs: list, seq: int, top1: int = 0) -> ForwardResult:
         """Send each worker its message at once and collect the pieces. Replies are taken in
         completion order, so the first failure aborts the others at once; a worker that stops
-        answering heartbeats is declared gone."""
+        answering heartbeats is declared gone. `top1`: the step's top-1 rows, joined from the replies."""
         t0 = time.perf_counter()
         futs = [getattr(stub, rpc).future(m, timeout=self.forward_timeout, metadata=self._md())
                 for stub, m in zip(self.stubs, msgs)]
@@ -389,7 +392,27 @@ class Cluster:
                                peak_rss_bytes=rep.peak_rss_bytes, rss_before_bytes=rep.rss_before_bytes,
                                kv_cache_bytes=rep.kv_cache_bytes, cpu_s=rep.cpu_s)  # cpu_s: 0.0 from older workers
                    for r, rep in enumerate(replies)]
-        return ForwardResult(assemble(self.config, self.partition, outs, seq), seconds, devices)
+        res = ForwardResult(assemble(self.config, self.partition, outs, seq), seconds, devices)
+        if top1:
+            res.top1 = self._join_top1(replies, top1)
+        return res
+
+    def _join_top1(self, replies, rows: int) -> torch.Tensor:
+        """The step's top-1 tokens from each worker's slice maxima (parallel/top1.py); a worker that
+        answered another number of rows is a TransportError naming it."""
+        pieces = []
+        for r, rep in enumerate(replies):
+            n, k = len(rep.top1_values), len(rep.top1_ids)
+            if (n, k) == (0, 0):
+                pieces.append(None)  # no vocabulary rows there (or a pipeline stage before the last)
+                continue
+            if n != rows or k != rows:
+                raise TransportError(f"{self.names[r]}: answered {n} top-1 values and {k} ids for {rows} rows")
+            pieces.append(Top1(torch.tensor(rep.top1_values, dtype=torch.float32),
+                               torch.tensor(rep.top1_ids, dtype=torch.long)))
+        if not any(pieces):
+            raise TransportError(f"no worker answered the step's {rows} top-1 rows")
+        return join_top1(pieces, rows)
 
     def _gather(self, rid: int, futs, finished: queue.Queue):
         """Every rank's reply in completion order (the first failure aborts the others at once);

@@ -45,6 +45,7 @@ from ..parallel.kv_transfer import export_box, import_box
 from ..parallel.rank import DEFAULT_KV_BYTES, RankRuntime
 from ..parallel.sharding import Partition, PartitionError, Strategy, build_shard, meta_model, shard_state
 from ..parallel.threads import measure_step_threads
+from ..parallel.top1 import StepPiece
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from ..version import __version__
@@ -519,6 +520,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                          send_s=send_s.get(o.tag, 0.0)) for o in comm.stats.ops]
         reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss(), kv_cache_bytes=rt.kv_bytes,
                                 rss_before_bytes=rss_before, cpu_s=cpu_s)
+        if isinstance(out, StepPiece):  # a step's top-1 rows (parallel/top1.py): a few numbers, not their logits
+            if out.top1 is not None:
+                reply.top1_values.extend(out.top1.values.tolist())
+                reply.top1_ids.extend(out.top1.ids.tolist())
+            out = out.logits
         if out is None:
             return reply
         if self.s.memory_budget:  # the pass's freed activations go back first, or the reply's copies

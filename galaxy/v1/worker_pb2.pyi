@@ -223,7 +223,7 @@ class ForwardRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_types: _Optional[_Union[Tensor, _Mapping]] = ..., start_pos: _Optional[int] = ..., last_only: _Optional[bool] = ..., no_overlap: _Optional[bool] = ..., measure_memory: _Optional[bool] = ..., wire_formats: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "input_ids", "query_lens", "starts", "block_table_lens", "block_tables", "logit_rows", "copies", "num_blocks", "block_size")
+    __slots__ = ("session_id", "request_id", "input_ids", "query_lens", "starts", "block_table_lens", "block_tables", "logit_rows", "copies", "num_blocks", "block_size", "top1_rows")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,7 @@ class StepRequest(_message.Message):
     COPIES_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOP1_ROWS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: int
     input_ids: Tensor
@@ -246,7 +247,8 @@ class StepRequest(_message.Message):
     copies: _containers.RepeatedScalarFieldContainer[int]
     num_blocks: int
     block_size: int
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., query_lens: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., block_table_lens: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., logit_rows: _Optional[_Iterable[int]] = ..., copies: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    top1_rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., query_lens: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., block_table_lens: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., logit_rows: _Optional[_Iterable[int]] = ..., copies: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., top1_rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVBox(_message.Message):
     __slots__ = ("session_id", "block_table", "num_tokens", "layer_lo", "layer_hi", "head_lo", "head_hi", "num_blocks", "block_size", "kv", "start", "while_stepping")
@@ -301,7 +303,7 @@ class OpStat(_message.Message):
     def __init__(self, tag: _Optional[str] = ..., wall_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., bytes: _Optional[int] = ..., send_s: _Optional[float] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("output", "forward_s", "ops", "peak_rss_bytes", "kv_cache_bytes", "rss_before_bytes", "cpu_s")
+    __slots__ = ("output", "forward_s", "ops", "peak_rss_bytes", "kv_cache_bytes", "rss_before_bytes", "cpu_s", "top1_values", "top1_ids")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +311,8 @@ class ForwardReply(_message.Message):
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RSS_BEFORE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CPU_S_FIELD_NUMBER: _ClassVar[int]
+    TOP1_VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOP1_IDS_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     forward_s: float
     ops: _containers.RepeatedCompositeFieldContainer[OpStat]
@@ -316,7 +320,9 @@ class ForwardReply(_message.Message):
     kv_cache_bytes: int
     rss_before_bytes: int
     cpu_s: float
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_s: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpStat, _Mapping]]] = ..., peak_rss_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_before_bytes: _Optional[int] = ..., cpu_s: _Optional[float] = ...) -> None: ...
+    top1_values: _containers.RepeatedScalarFieldContainer[float]
+    top1_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_s: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpStat, _Mapping]]] = ..., peak_rss_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_before_bytes: _Optional[int] = ..., cpu_s: _Optional[float] = ..., top1_values: _Optional[_Iterable[float]] = ..., top1_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "reason")
