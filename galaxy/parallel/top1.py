@@ -78,8 +78,10 @@ def step_piece(out: torch.Tensor | None, logit_rows: tuple[int, ...], top1_rows:
     asked (or the rank has no output: a pipeline stage before the last), else a StepPiece."""
     if out is None or not top1_rows:
         return out
-    full, top = row_split(logit_rows, top1_rows)
     out = out.float()
+    if len(top1_rows) == len(logit_rows):  # every row greedy (a decode step's usual case; the rows are checked)
+        return StepPiece(out[:0], slice_top1(out, offset))
+    full, top = row_split(logit_rows, top1_rows)
     return StepPiece(out[full], slice_top1(out[top], offset))
 
 
@@ -95,6 +97,8 @@ def join_top1(pieces: list[Top1 | None], rows: int) -> torch.Tensor:
         if p.values.shape != (rows,) or p.ids.shape != (rows,):
             raise ValueError(f"a rank's top-1 has {tuple(p.values.shape)} values and {tuple(p.ids.shape)} ids "
                              f"for {rows} rows")
+    if len(got) == 1:  # one rank holds the vocabulary (a pipeline's last stage, decode on one device)
+        return got[0].ids.long()
     values = torch.stack([p.values.float() for p in got])  # (P, G)
     ids = torch.stack([p.ids.long() for p in got])  # (P, G)
     first = values.argmax(dim=0, keepdim=True)  # (1, G): the first rank among equal maxima
