@@ -1,9 +1,13 @@
 """Greedy sampling on gRPC workers (StepRequest.top1_rows, ForwardReply.top1_values / top1_ids): the engine
 gets the same tokens with the devices picking greedy rows' argmax as with every row's logits, over an uneven
 vocabulary split whose maxima tie across two workers' slices, in steps that mix greedy and sampled rows;
-top-1 rows that are not the step's logit rows are refused by name, and the workers serve on."""
+top-1 rows that are not the step's logit rows are refused by name, and the workers serve on. A one-worker
+step (a one-device decode group) is a blocking call, still watched by the heartbeat."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ import torch
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.generation import GenerationConfig
 from galaxy.engine.sampling import SamplingConfig
-from galaxy.errors import WorkerError
+from galaxy.errors import PeerUnreachable, WorkerError
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.checkpoints.source import WeightSource
 from galaxy.model.config import preset
@@ -22,6 +26,7 @@ from galaxy.parallel.rank import KVPool
 from galaxy.parallel.sharding import Partition, weighted_partition
 from galaxy.runtime.sources import reference_generate
 from galaxy.transport.client import Cluster
+from galaxy.transport.worker import WorkerService
 
 VOCAB = (50, 0, 59)  # tiny-llama's 109 rows; the middle worker holds none
 TWINS = ((0, 1), (50, 51))  # +e_0 and -e_0 (scaled) at the head of worker 0's and worker 2's slices
@@ -109,3 +114,38 @@ def test_top1_rows_that_are_not_logit_rows_are_refused_by_every_worker_which_the
             c.step(Step(ids, batch, (2, 5), (), top1), pool)
         good = c.step(Step(ids, batch, (2, 5), (), (5,)), pool)
         assert good.output.shape == (1, src.config.vocab_size) and good.top1.shape == (1,)
+
+
+def test_a_one_worker_step_frozen_in_its_blocking_call_is_declared_gone_by_the_heartbeat_and_the_worker_used_again(
+        servers, monkeypatch):
+    """One worker's steps are blocking calls (Cluster._call_alone): a worker silent with its connection open
+    is still declared gone by its heartbeat in seconds, naming it; its channel, closed to end the call, is
+    opened again, so the worker answers the next step once it is back."""
+    frozen, thaw = threading.Event(), threading.Event()
+    for rpc in ("Step", "Ping"):
+        real = getattr(WorkerService, rpc)
+
+        def silent(self, request, context, real=real):
+            if frozen.is_set():
+                thaw.wait(30)
+            return real(self, request, context)
+
+        monkeypatch.setattr(WorkerService, rpc, silent)
+    src = RandomWeights(preset("tiny-llama"), seed=7, std=0.3)
+    ids = torch.tensor([5, 9, 2])
+    step, pool = Step(ids, PagedBatch(4, (3,), (0,), ((0,),)), (2,), (), (2,)), KVPool(4, 4)
+    try:
+        with Cluster(servers.start(1)) as c:
+            c.load(src, weighted_partition(src.config, [1.0]), LoadOptions(stream=True))
+            want = c.step(step, pool).top1
+            c.heartbeat_s = 0.3  # gone after 3 missed pings
+            frozen.set()
+            t0 = time.monotonic()
+            with pytest.raises(PeerUnreachable, match=r"device 0 .*: no heartbeat for 1 s during a request"):
+                c.step(step, pool)
+            assert time.monotonic() - t0 < 10
+            frozen.clear()
+            thaw.set()
+            assert torch.equal(c.step(step, pool).top1, want)
+    finally:
+        thaw.set()
