@@ -58,9 +58,10 @@ FORMAT_OF_DTYPE = {4: "fp32", 2: "bf16"}
 OVERSUBSCRIBED_SYNC_S = 1.0e-3
 RUN_WITH_ENGINE = ("galaxy", "local", "pipeline", "megatron")  # seqpar has no runtime: re-solved as galaxy
 # The engine's own cost of a step beside the devices' compute: scheduling, sampling the logits, the Step RPC
-# there and back. Measured: SmolLM2 fp32 on one loopback worker (1 thread), decode steps at batch 1 / 4 / 16,
-# the token interval less the device's forward (/tmp stepcost: docs/planner.md "The decode step, measured").
-STEP_OVERHEAD_S = 2.0e-3
+# there and back. Measured: SmolLM2 fp32 on one loopback worker (1 thread), one sequence decoding, the token
+# interval less the device's forward: 4.7 ms (132.7 - 128.0; load average 4-5.5) and 12.9 ms (66.7 - 53.8;
+# 2.4-3.4) in two runs on this 2-core host; their mean (docs/planner.md "The decode step, measured").
+STEP_OVERHEAD_S = 8.8e-3
 LOGIT_BYTES = 4  # a logit row comes back in float32 whatever the weights
 KV_MESSAGE_BYTES = 4 << 20  # DisaggConfig.chunk_bytes: a K/V box on the wire is cut into pieces below this
 KV_ROUTES = ("coordinator", "direct")
