@@ -17,9 +17,11 @@ derives them from the profiles):
   stretches the running decodes (interference). The prompt's last chunk samples the first token.
 - **disaggregated**: a prefill loop (prompt chunks only) on the prefill group and a decode loop
   (decodes only, no prompt ever stalls them) on the decode group, running side by side. A prompt
-  whose prefill ends waits for the part of its KV transfer the prefill did not hide, then joins
-  the decode batch; its first token comes from its first decode step there (TTFT = prefill +
-  exposed transfer + first decode: Mooncake #62, the issue's definition).
+  whose prefill ends has its first token (its last chunk's logits, sampled on the prefill group, as
+  the runtime does: engine/disagg.py), waits for the part of its KV move the prefill did not hide,
+  then joins the decode batch: the move and the first decode step there show in its second token,
+  i.e. in TPOT, not TTFT (measured on the emulated trio at 100 Mbit/s: TTFT 671 ms, the 2nd token at
+  1780 ms; Mooncake #62's TTFT would count them).
 - **mixed**: one loop (the decode devices also run the prefill, so their steps alternate), a
   prompt's KV then moves to the decode devices as in disaggregated.
 
@@ -235,6 +237,9 @@ def _loop(seqs: list[_Seq], ready: list[float], costs: PhaseCosts, prefill: bool
     while left:
         while pending and pending[0][0] <= t:
             s = seqs[heapq.heappop(pending)[1]]
+            if s.gen >= s.n_out:  # finished where it was prefilled (one token): never handed over
+                left -= 1
+                continue
             if not s.left:  # prefilled elsewhere: its K/V are pushed in before the next step
                 push = costs.push_s(s.n_in)
                 _span(spans, t, t + push)
@@ -267,11 +272,10 @@ def _loop(seqs: list[_Seq], ready: list[float], costs: PhaseCosts, prefill: bool
             dt = costs.prefill_s(tokens) + costs.decode_s(len(batch), context)
         _span(spans, t, t + dt)
         t += dt
+        done = t  # the step's end: every prompt it finishes has its first token here
         for s in batch:
             s.gen += 1
             s.ctx += 1
-            if s.gen == 1:
-                s.first = t
             if s.gen == s.n_out:
                 s.last = t
                 running.remove(s)
@@ -283,13 +287,13 @@ def _loop(seqs: list[_Seq], ready: list[float], costs: PhaseCosts, prefill: bool
             if s.left:
                 continue
             waiting.remove(s)
+            s.gen, s.first = 1, done  # the last chunk's logits give the first token, wherever it decodes
+            if s.n_out == 1:  # done: nothing to decode, no K/V to move
+                s.last = done
+                left -= 1
+                continue
             if handoff is None:
-                s.gen, s.first = 1, t  # colocated: the last chunk's logits give the first token
-                if s.n_out == 1:
-                    s.last = t
-                    left -= 1
-                else:
-                    running.append(s)
+                running.append(s)
                 continue
             pull = costs.pull_s(s.n_in)  # its K/V out to the coordinator before the loop's next step
             _span(spans, t, t + pull)
