@@ -5,26 +5,33 @@ reading the weights and, split, pays collectives every layer of every token (iss
 module prices both phases of a placement from the same profiles the solver uses, and lists the
 placements worth simulating (planner/simulate.py simulates them under load):
 
-- **Decode is bandwidth.** A decode step of B sequences reads every weight once (in the weight
-  format's bytes: galaxy.model.quant.decode_bytes) and each sequence's KV, so its time is
-  max(bytes / bytes_per_s, flops / GEMM rate) + the blocks' fixed overheads. A device's bytes/s is
-  its LM head's profiled rate: the profiler times the head as one token over 24-96 MiB of rows,
-  i.e. streaming weights from memory (planner/profiler.py), so head flops/s x dtype bytes / 2 is
-  the bytes/s it streamed. A tensor-parallel decode group splits the bytes in proportion to its
-  devices' bytes/s and pays 2 all-reduces per layer and one for the embedding, each a direct
-  exchange of B x hidden values (collectives.all_reduce below 64 KiB): the slowest pair's message
-  time (link latency included). Devices sharing a machine share its memory bus: their profiles
-  were taken all busy at once, so together they never stream more than the sum of those rates.
-  Workers of one machine whose threads ask for more cores than it has (three one-thread loopback
-  workers on two cores) wait at every all-reduce for a peer the scheduler has not run: each costs
-  at least OVERSUBSCRIBED_SYNC_S, measured, not the link's latency.
+- **Decode is measured.** The profiler times a decode step on each device (backends/profiling.py:
+  whole layers stacked past the caches, one token of each of 1, 4 and 16 sequences; profile.DecodeTiming),
+  in the profile's dtype, all co-tenants busy as every profile. A step of B sequences costs, on each
+  device, its layers' measured time (a share of a layer: the blocks' fixed overheads plus that share
+  of the rest), its LM head rows' measured one-token time (grown with B as the layers grow), and its
+  share of the sequences' KV read at the device's bytes/s; plus the engine's fixed cost of a step
+  (STEP_OVERHEAD_S: the coordinator's scheduling and sampling and the Step RPC, measured) and the
+  logits' way back to the coordinator (B x vocabulary rows x 4 bytes over the device's own link). A
+  device alone on its machine's cores runs faster than profiled (profile.co_tenant_speedup).
+  Before this, a step was priced as weight bytes / a streaming rate derived from the LM head's
+  profile (`streaming_rate`, still the fallback for a profile without decode timings): that one large
+  matrix streamed twice as fast as a model's many small ones, 251 ms/token predicted against 130 measured.
+  A tensor-parallel decode group pays 2 all-reduces per layer and one for the embedding, each a direct
+  exchange of B x hidden values (collectives.all_reduce below 64 KiB): the slowest pair's message time
+  (link latency included). Workers of one machine whose threads ask for more cores than it has (three
+  one-thread loopback workers on two cores) wait at every all-reduce for a peer the scheduler has not
+  run: each costs at least OVERSUBSCRIBED_SYNC_S, measured, not the link's latency.
 - **Prefill** of `tokens` on a group is the solver's prediction (the HMP cost model, cost.py) for
   the best layout of that group, at a few lengths, interpolated.
 - **KV transfer** of a prompt is its KV bytes (2 x layers x KV heads x head_dim x dtype bytes per
-  token) less what already sits on the decode devices, sent by each prefill device over its link
-  to the decode group (at most the receiving side's fastest link), streamed layer by layer behind
-  the rest of the prefill: with L layers, prefill P and transfer X, the part not hidden is
-  max(X / L, X - P (L - 1) / L).
+  token) less what already sits on the decode devices, along the path the runtime takes (KVPath):
+  through the coordinator (engine/disagg.py today: pulled from each prefill device, one message after
+  another, between the prefill group's steps, then pushed to each decode device between the decode
+  group's steps: two hops, each over the device's own link, the fastest the profile measured from
+  it), or direct (each prefill device to each decode device over the link between them, in parallel,
+  off both groups' steps: one hop). Streamed behind the prefill (DisaggConfig(stream=...), opt-in),
+  with L layers, prefill P and transfer X the part not hidden is max(X / L, X - P (L - 1) / L).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from galaxy.model.quant import WeightFormat, decode_bytes
 
 from .cost import DIRECT_ALLREDUCE_BYTES
 from .plan import Plan, PlanError
-from .profile import ClusterProfile, DeviceProfile, co_tenant_speedup
+from .profile import ClusterProfile, DeviceProfile, co_tenant_speedup, head_flops
 from .simulate import PhaseCosts
 from .solver import solve
 
@@ -50,6 +57,53 @@ FORMAT_OF_DTYPE = {4: "fp32", 2: "bf16"}
 # the bare 3-rank all-reduce on 2 cores alone took 0.49-0.66 ms, without the compute between them).
 OVERSUBSCRIBED_SYNC_S = 1.0e-3
 RUN_WITH_ENGINE = ("galaxy", "local", "pipeline", "megatron")  # seqpar has no runtime: re-solved as galaxy
+# The engine's own cost of a step beside the devices' compute: scheduling, sampling the logits, the Step RPC
+# there and back. Measured: SmolLM2 fp32 on one loopback worker (1 thread), one sequence decoding, the token
+# interval less the device's forward: 4.7 ms (132.7 - 128.0; load average 4-5.5) and 12.9 ms (66.7 - 53.8;
+# 2.4-3.4) in two runs on this 2-core host; their mean (docs/planner.md "The decode step, measured").
+STEP_OVERHEAD_S = 8.8e-3
+LOGIT_BYTES = 4  # a logit row comes back in float32 whatever the weights
+KV_MESSAGE_BYTES = 4 << 20  # DisaggConfig.chunk_bytes: a K/V box on the wire is cut into pieces below this
+KV_ROUTES = ("coordinator", "direct")
+
+
+@dataclass(frozen=True)
+class KVPath:
+    """How a prompt's K/V get from the prefill group to the decode group (module docstring).
+
+    route "coordinator": pulled to the coordinator between the prefill group's steps, pushed from it
+    between the decode group's (engine/disagg.py today: two hops); "direct": each prefill device to each
+    decode device, off both groups' steps (one hop). stream: sent while the prompt is prefilled
+    (DisaggConfig(stream=...), off by default as in the runtime)."""
+
+    route: str = "coordinator"
+    stream: bool = False
+
+    def describe(self) -> str:
+        how = ("pulled to the coordinator, then pushed to the decode devices (two hops, between each group's "
+               "steps)" if self.route == "coordinator" else "sent from each prefill device to each decode device "
+               "(one hop)")
+        return f"{how}, {'streamed while the prompt is prefilled' if self.stream else 'after the prefill'}"
+
+    def __post_init__(self) -> None:
+        if self.route not in KV_ROUTES:
+            raise PlanError(f"K/V path: route={self.route!r} is not one of {KV_ROUTES}")
+        if not isinstance(self.stream, bool):
+            raise PlanError(f"K/V path: stream={self.stream!r} must be True or False")
+
+
+@dataclass(frozen=True)
+class KVMove:
+    """A prompt's K/V move, in seconds: `pull` spent between the prefill group's steps, `push` between
+    the decode group's, `wire` in flight off both (direct). `total` is what the prompt waits for."""
+
+    pull: float = 0.0
+    push: float = 0.0
+    wire: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.pull + self.push + self.wire
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
@@ -87,16 +141,26 @@ class PhaseModel:
 
     solver(cfg, tokens, sub_cluster, strategy=None) -> Plan: the prefill plan of a group (default:
     solve); fmt: the weight format decode streams (default: the dtype's own); rates: bytes/s by
-    device name, measured elsewhere, instead of the head profile's (streaming_rate)."""
+    device name, measured elsewhere, instead of the head profile's (streaming_rate); kv_path: the
+    route of the K/V between the groups (KVPath: through the coordinator, as the runtime today);
+    step_overhead_s: the engine's own cost of a step (STEP_OVERHEAD_S)."""
 
     def __init__(self, cfg: ModelConfig, cluster: ClusterProfile, dtype_bytes: int = 4,
                  fmt: WeightFormat | None = None, solver: Callable[..., Plan] | None = None,
-                 rates: dict[str, float] | None = None):
+                 rates: dict[str, float] | None = None, kv_path: KVPath = KVPath(),
+                 step_overhead_s: float = STEP_OVERHEAD_S):
         if not cfg.causal:
             raise PlanError(f"serving placements need a causal LM; {cfg.name or cfg.family} is an encoder")
         self.cfg, self.cluster, self.b = cfg, cluster, dtype_bytes
         self.fmt = fmt or WeightFormat(FORMAT_OF_DTYPE.get(dtype_bytes, "fp32"))
         self.weight_bytes = decode_bytes(cfg, self.fmt)
+        # the decode timings were taken in the profile's dtype; another format is priced by its bytes (not measured)
+        self.fmt_scale = self.weight_bytes / decode_bytes(cfg, WeightFormat(FORMAT_OF_DTYPE.get(dtype_bytes, "fp32")))
+        if not isinstance(kv_path, KVPath):
+            raise PlanError(f"kv_path={kv_path!r} must be a KVPath")
+        if not step_overhead_s >= 0:
+            raise PlanError(f"step_overhead_s={step_overhead_s} must be >= 0 seconds")
+        self.kv_path, self.step_overhead_s = kv_path, float(step_overhead_s)
         self.params = decode_bytes(cfg, WeightFormat("fp32")) / 4
         self.kv_token = kv_bytes_per_token(cfg, dtype_bytes)
         self.n = len(cluster.devices)
@@ -191,26 +255,51 @@ class PhaseModel:
         """One decode step of `batch` sequences holding `context` KV positions in all."""
         return self.decode_fn(layout, busy)(batch, context)
 
+    def speedups(self, group, busy=()) -> list[float]:
+        """How much faster than profiled each device of `group` computes while those of `busy` work."""
+        busy = sorted(set(busy) | set(group))
+        fast = dict(zip(busy, co_tenant_speedup(self.cluster.devices, busy)))
+        return [fast[i] for i in group]
+
     def decode_fn(self, layout: DecodeLayout, busy=()) -> Callable[[int, int], float]:
         """decode_s for one layout as a function of (batch, context), its constants computed once
-        (the simulator calls it every step): per device max(bytes / bytes/s, flops / GEMM rate) +
-        the fixed overheads of its blocks, the slowest device (tp) or the sum of stages (chain),
-        plus the all-reduces (tp) or hand-offs (chain) of batch x hidden values."""
+        (the simulator calls it every step): per device its measured layers and head rows and its KV
+        read (module docstring; bytes / bytes/s for a profile without decode timings), the slowest
+        device (tp) or the sum of stages (chain), plus the all-reduces (tp) or hand-offs (chain) of
+        batch x hidden values, the logits' way back and the engine's fixed cost of a step."""
         cfg = self.cfg
         bw = self.bandwidths(layout.devices, busy)
+        fast = self.speedups(layout.devices, busy)
         attn_per_ctx = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim
         chain = layout.kind == "chain"
-        parts = []  # (weight bytes, KV bytes per position, flops per sequence, flops per position, rate, gemm, fixed)
-        for i, share, rate in zip(layout.devices, layout.shares, bw):
+        last = max((k for k, s in enumerate(layout.shares) if s > 0), default=0)
+        parts = []  # per device: a function of (batch, context) -> seconds
+        reply = 0.0  # seconds per sequence for the logits to come back (the slowest vocabulary holder)
+        for k, (i, share, rate, f) in enumerate(zip(layout.devices, layout.shares, bw, fast)):
             d = self.cluster.devices[i]
-            layers = cfg.n_layers * (share if chain else 1.0)
-            fixed = layers * (d.attention.overhead_s + d.mlp.overhead_s + 2 * d.connective.overhead_s)
-            if share > 0:
-                fixed += (d.head or d.mlp).overhead_s
-            elif chain:
+            if chain and share <= 0:
                 continue
-            parts.append((share * self.weight_bytes, share * self.kv_token, share * 2.0 * self.params,
-                          share * attn_per_ctx, rate, d.mlp.flops_per_s, fixed))
+            rows = cfg.vocab_size * (float(k == last) if chain else share)
+            if rows > 0:
+                reply = max(reply, rows * LOGIT_BYTES * self.coordinator_link(i)[0])
+            kv = share * self.kv_token / rate  # seconds per KV position of the batch's context
+            if d.decode is None:
+                parts.append(self._streamed_part(d, share, chain, rate, rows, kv, attn_per_ctx))
+                continue
+            layers = cfg.n_layers * (share if chain else 1.0)
+            frac = 1.0 if chain else share  # of each layer this device runs
+            t = d.decode
+            fixed = min(t.layer_s, d.attention.overhead_s + d.mlp.overhead_s + 2 * d.connective.overhead_s)
+            head = (d.head or d.mlp).seconds(head_flops(cfg, rows, 1)) if rows > 0 else 0.0
+            scale = self.fmt_scale / f
+
+            def part(batch: int, context: int, t=t, fixed=fixed, layers=layers, frac=frac, head=head,
+                     scale=scale, kv=kv) -> float:
+                layer = t.seconds(1, batch)
+                grow = layer / t.layer_s
+                return scale * (layers * (fixed + frac * (layer - fixed)) + head * grow) + context * kv
+
+            parts.append(part)
         group = layout.devices
         stages = [i for i, s in zip(group, layout.shares) if s > 0]
         comm: dict[int, float] = {}
@@ -218,15 +307,32 @@ class PhaseModel:
         def step(batch: int, context: int) -> float:
             if batch <= 0:
                 return 0.0
-            times = [max((w + context * kv) / rate, (f_seq * batch + f_ctx * context) / gemm) + fixed
-                     for w, kv, f_seq, f_ctx, rate, gemm, fixed in parts]
+            times = [p(batch, context) for p in parts]
             if batch not in comm:
                 rows = batch * cfg.hidden * self.b
                 comm[batch] = (sum(self._msg(a, b, rows) for a, b in zip(stages, stages[1:])) if chain
                                else (2 * cfg.n_layers + 1) * self.all_reduce_s(group, rows))
-            return (sum(times) if chain else max(times)) + comm[batch]
+            return (sum(times) if chain else max(times)) + comm[batch] + batch * reply + self.step_overhead_s
 
         return step
+
+    def _streamed_part(self, d: DeviceProfile, share: float, chain: bool, rate: float, rows: float, kv: float,
+                       attn_per_ctx: float) -> Callable[[int, int], float]:
+        """A device without decode timings (a profile before cache v7, a synthetic one): its share of
+        the weight bytes at its streaming rate, or of the flops at its GEMM rate, whichever is slower, plus
+        the fixed overheads of its blocks."""
+        cfg = self.cfg
+        layers = cfg.n_layers * (share if chain else 1.0)
+        fixed = layers * (d.attention.overhead_s + d.mlp.overhead_s + 2 * d.connective.overhead_s)
+        if rows > 0 or not chain:
+            fixed += (d.head or d.mlp).overhead_s
+        w, f_seq, f_ctx, gemm = share * self.weight_bytes, share * 2.0 * self.params, share * attn_per_ctx, \
+            d.mlp.flops_per_s
+
+        def part(batch: int, context: int) -> float:
+            return max(w / rate + context * kv, (f_seq * batch + f_ctx * context) / gemm) + fixed
+
+        return part
 
     def all_reduce_s(self, group, nbytes: float) -> float:
         """A decode all-reduce of nbytes per device: direct (everyone sends to everyone) up to 64 KiB,
@@ -298,23 +404,56 @@ class PhaseModel:
             share = [1.0 / len(devs)] * len(devs)
         return {self.index(d.name): s for d, s in zip(devs, share)}
 
-    def transfer_s(self, plan: Plan, decode: DecodeLayout, tokens: int) -> float:
-        """Seconds to move a prompt's KV from the prefill plan's devices to the decode group (not
-        overlapped): each sender's part split over the receivers by their shares, links in
-        parallel, but no receiver taking in more than its fastest incoming link carries."""
+    def coordinator_link(self, i: int) -> tuple[float, float]:
+        """(seconds per byte, latency) between device i and the coordinator: the profile measures links
+        between devices only, so the device's own link is taken as its fastest measured one (on an
+        emulated LAN every path of a device crosses its one shaped link; the coordinator's side is not
+        shaped). A cluster of one device: the loopback's, free."""
+        best = [self.link(i, j) for j in range(self.n) if j != i and self._has_link(i, j)]
+        return min(best) if best else (0.0, 0.0)
+
+    def _has_link(self, i: int, j: int) -> bool:
+        links = self.cluster.links
+        return i < len(links) and j < len(links[i]) and links[i][j] is not None and links[i][j].bandwidth_bps > 0
+
+    def _pieces(self, plan: Plan, decode: DecodeLayout, tokens: int) -> list[tuple[int, int, float]]:
+        """(sender, receiver, bytes) of a prompt's K/V: each sender's share split over the receivers by
+        theirs; a part that already sits on its receiver (mixed) does not move."""
         total = tokens * self.kv_token
+        return [(src, dst, total * s * r) for src, s in self.kv_shares(plan).items()
+                for dst, r in zip(decode.devices, decode.shares) if dst != src and s * r > 0]
+
+    def kv_move(self, plan: Plan, decode: DecodeLayout, tokens: int) -> KVMove:
+        """A prompt's K/V move along self.kv_path, not overlapped with its prefill (KVMove)."""
+        pieces = self._pieces(plan, decode, tokens)
+        if self.kv_path.route == "direct":
+            return KVMove(wire=self.transfer_s(plan, decode, tokens))
+        sent: dict[int, float] = {}
+        got: dict[int, float] = {}
+        for src, dst, nbytes in pieces:
+            sent[src] = sent.get(src, 0.0) + nbytes
+            got[dst] = got.get(dst, 0.0) + nbytes
+
+        def hop(per_device: dict[int, float]) -> float:  # one message after another, each a round trip
+            total = 0.0
+            for i, nbytes in per_device.items():
+                a, lat = self.coordinator_link(i)
+                total += nbytes * a + 2 * lat * -(-nbytes // KV_MESSAGE_BYTES)
+            return total
+
+        return KVMove(pull=hop(sent), push=hop(got))
+
+    def transfer_s(self, plan: Plan, decode: DecodeLayout, tokens: int) -> float:
+        """Seconds to move a prompt's K/V straight from the prefill plan's devices to the decode group
+        (one hop, not overlapped): each sender's part split over the receivers by their shares, links in
+        parallel, but no receiver taking in more than its fastest incoming link carries."""
         recv: dict[int, float] = {}
         worst = 0.0
-        for src, s in self.kv_shares(plan).items():
-            for dst, r in zip(decode.devices, decode.shares):
-                if dst == src or s * r <= 0:
-                    continue
-                nbytes = total * s * r
-                worst = max(worst, self._msg(src, dst, nbytes))
-                recv[dst] = recv.get(dst, 0.0) + nbytes
+        for src, dst, nbytes in self._pieces(plan, decode, tokens):
+            worst = max(worst, self._msg(src, dst, nbytes))
+            recv[dst] = recv.get(dst, 0.0) + nbytes
         for dst, nbytes in recv.items():
-            fastest = min(self.link(src, dst)[0] for src in range(self.n) if src != dst
-                          and self.cluster.links[src][dst] is not None)
+            fastest = min(self.link(src, dst)[0] for src in range(self.n) if src != dst and self._has_link(src, dst))
             worst = max(worst, nbytes * fastest)
         return worst
 
@@ -434,8 +573,24 @@ def phase_costs(pm: PhaseModel, p: Placement, lengths, max_batched_tokens: int =
 
         return PhaseCosts("colocated", curve, decode, colocated_s=colocated,
                           max_batched_tokens=max_batched_tokens, max_running=min(max_running, max_batched_tokens))
-    def transfer(tokens: int, prefill: float) -> float:
-        return pm.exposed_transfer_s(pm.transfer_s(p.prefill, lay, tokens), prefill)
+    moves: dict[int, KVMove] = {}
 
-    return PhaseCosts(p.kind, curve, decode, transfer, max_batched_tokens=max_batched_tokens,
-                      max_running=min(max_running, max_batched_tokens))
+    def move(tokens: int) -> KVMove:
+        if tokens not in moves:
+            moves[tokens] = pm.kv_move(p.prefill, lay, tokens)
+        return moves[tokens]
+
+    alone = pm.decode_fn(lay, lay.devices)  # the prefill group idle: a co-tenant's cores are free
+    extra = {}
+    if p.kind == "disaggregated":
+        extra["decode_contended_s"] = decode  # while the prefill group computes beside it
+    if pm.kv_path.stream:  # streamed behind the prefill: what shows is a delay, off both loops
+        def transfer(tokens: int, prefill: float) -> float:
+            return pm.exposed_transfer_s(move(tokens).total, prefill)
+    else:
+        def transfer(tokens: int, prefill: float) -> float:
+            return move(tokens).wire
+
+        extra.update(pull_s=lambda tokens: move(tokens).pull, push_s=lambda tokens: move(tokens).push)
+    return PhaseCosts(p.kind, curve, alone, transfer, max_batched_tokens=max_batched_tokens,
+                      max_running=min(max_running, max_batched_tokens), **extra)

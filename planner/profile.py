@@ -29,6 +29,24 @@ class ComputeModel:
 
 
 @dataclass(frozen=True)
+class DecodeTiming:
+    """A decode step on this device, measured (backends/profiling.py: whole layers stacked past the caches,
+    one token of each of several sequences): one layer costs layer_s for one sequence and per_seq_s more
+    for each further one. What a decode step costs here is this, not bytes / a streaming rate: the one
+    large matrix the LM head is timed on streamed at twice the rate a whole model's many small ones do
+    (SmolLM2 fp32 on this host: 251 ms/token predicted from it, 130 measured)."""
+
+    layer_s: float
+    per_seq_s: float = 0.0
+
+    def seconds(self, layers: float, batch: int) -> float:
+        return 0.0 if batch <= 0 else layers * (self.layer_s + self.per_seq_s * (batch - 1))
+
+    def faster(self, factor: float) -> DecodeTiming:
+        return DecodeTiming(self.layer_s / factor, self.per_seq_s / factor)
+
+
+@dataclass(frozen=True)
 class Tenancy:
     """A worker that shares its machine with other workers (loopback or emulated devices).
 
@@ -55,14 +73,16 @@ class DeviceProfile:
     tenancy: Tenancy | None = None  # None: a machine of its own (or not reported)
     budget_bytes: int = 0  # the worker's memory budget, which it admits loads by (0: none)
     resident_bytes: int = 0  # the worker's resident memory when profiled, less what a load may free
+    decode: DecodeTiming | None = None  # a decode step's layers, measured (None: profiled before cache v7)
 
     def faster(self, factor: float) -> DeviceProfile:
         """This device computing `factor` times as fast (memory and codecs unchanged)."""
         if factor == 1.0:
             return self
         head = self.head.faster(factor) if self.head is not None else None
+        decode = self.decode.faster(factor) if self.decode is not None else None
         return replace(self, attention=self.attention.faster(factor), mlp=self.mlp.faster(factor),
-                       connective=self.connective.faster(factor), head=head)
+                       connective=self.connective.faster(factor), head=head, decode=decode)
 
 
 def co_tenant_speedup(devices: list[DeviceProfile], order) -> list[float]:
@@ -114,7 +134,8 @@ class ClusterProfile:
         devices = [DeviceProfile(x["name"], x["address"], cm(x["attention"]), cm(x["mlp"]), cm(x["connective"]),
                                  int(x["memory_bytes"]), cm(x.get("head")), dict(x.get("codec_s_per_byte", {})),
                                  Tenancy(**x["tenancy"]) if x.get("tenancy") else None,
-                                 int(x.get("budget_bytes", 0)), int(x.get("resident_bytes", 0)))
+                                 int(x.get("budget_bytes", 0)), int(x.get("resident_bytes", 0)),
+                                 DecodeTiming(**x["decode"]) if x.get("decode") else None)
                    for x in d["devices"]]
         links = [[None if lk is None else Link(**lk) for lk in row] for row in d.get("links", [])]
         return cls(devices, links)

@@ -5,13 +5,19 @@ $GALAXY_CACHE/profiles), so planning again is instant; links are measured every 
 change. `reprofile=True` ignores the cache. Workers on one machine (same host id: loopback workers,
 emulated devices) are timed side by side and cached per set of such co-tenants: three workers
 sharing two cores each run slower than two do, and a profile taken beside others is wrong alone.
+A cache entry records the load of the machine it was timed on (HostLoad: its 1-minute load average
+and CPUs); a worker of the planning machine whose entry was timed at a very different load is timed
+again (`stale_load`): profiles cached under a load average of 8-15 put every prediction of a bench
+run at 2-5 2-6x off (docs/planner.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,7 @@ from galaxy.paths import cache_dir as _cache_dir
 from .profile import (
     ClusterProfile,
     ComputeModel,
+    DecodeTiming,
     DeviceProfile,
     Link,
     Tenancy,
@@ -35,7 +42,41 @@ from .profile import (
     mlp_flops,
 )
 
-CACHE_VERSION = 6  # 6: attention on torch's flash kernel (model/transformer.attention_core) is timed anew
+CACHE_VERSION = 7  # 7: decode steps timed (DecodeTiming) and the host's load recorded; 6: flash attention
+# A cached profile is timed again when the CPU share a runnable thread had then and has now differ by more than
+# this factor (cpu_share): on 2 CPUs, load average 1.3 against 0.1 passes (0.87 vs 1), 3 against 1 does not.
+LOAD_TOLERANCE = 1.5
+
+
+@dataclass(frozen=True)
+class HostLoad:
+    """The load of the machine the planner runs on: its boot id (which workers share it: Tenancy.host),
+    1-minute load average and CPUs. The caller reads it (the planner reads no host state itself)."""
+
+    host: str
+    load: float
+    cpus: int
+
+    @classmethod
+    def now(cls, host: str) -> HostLoad:
+        return cls(host, os.getloadavg()[0], os.cpu_count() or 1)
+
+
+def cpu_share(load: float, cpus: int) -> float:
+    """The share of a core one more runnable thread gets beside `load` others on `cpus` CPUs."""
+    return min(1.0, max(1, cpus) / (max(0.0, load) + 1.0))
+
+
+def stale_load(then: dict | None, now: HostLoad | None) -> str:
+    """Why a cache entry timed under `then` ({"host", "load", "cpus"}) is not valid at `now` ("" if it
+    is, or when either is unknown or they are different machines)."""
+    if not then or now is None or not now.host or then.get("host") != now.host:
+        return ""
+    a, b = cpu_share(float(then["load"]), int(then["cpus"])), cpu_share(now.load, now.cpus)
+    if max(a, b) / min(a, b) <= LOAD_TOLERANCE:
+        return ""
+    return (f"timed at load average {float(then['load']):.1f}, now {now.load:.1f} on {now.cpus} CPUs "
+            f"(a thread's share of a core {a:.2f} then, {b:.2f} now)")
 
 
 def cache_dir() -> Path:
@@ -87,6 +128,8 @@ def fit_samples(cfg: ModelConfig, samples) -> dict[str, ComputeModel]:
     for s in samples:
         if s.kind == "attention":
             f = attention_flops(cfg, s.units, s.seq, kv_heads_touched(cfg, 0, s.units))
+        elif s.kind == "decode":
+            continue  # fit_decode
         elif s.kind == "mlp":
             f = mlp_flops(cfg, s.units, s.seq)
         elif s.kind == "head":
@@ -95,6 +138,23 @@ def fit_samples(cfg: ModelConfig, samples) -> dict[str, ComputeModel]:
             f = connective_flops(cfg, s.units)
         pts.setdefault(s.kind, []).append((f, s.seconds))
     return {k: fit(v) for k, v in pts.items() if v}
+
+
+def fit_decode(samples) -> DecodeTiming | None:
+    """A layer's decode step against the batch, from the "decode" samples (seconds over `seq` stacked
+    layers at `units` sequences): least squares of seconds per layer = layer_s + per_seq_s (batch - 1),
+    per_seq_s clamped at zero. None when the profile has no decode samples (an encoder)."""
+    pts = [(s.units, s.seconds / max(1, s.seq)) for s in samples if s.kind == "decode"]
+    if not pts:
+        return None
+    xs = np.array([b - 1 for b, _ in pts], dtype=float)
+    ys = np.array([t for _, t in pts], dtype=float)
+    if len(pts) >= 2 and np.ptp(xs) > 0:
+        slope, icpt = np.polyfit(xs, ys, 1)
+        if slope >= 0 and icpt > 0:
+            return DecodeTiming(float(icpt), float(slope))
+    one = [t for b, t in pts if b == min(b for b, _ in pts)]
+    return DecodeTiming(float(np.median(one)), 0.0)
 
 
 def _progress(done: int, total: int, what: str) -> None:
@@ -117,13 +177,15 @@ def tenancy(info) -> Tenancy | None:
 def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str = "float32",
                     memory_budget: int | None = None, budgets: dict[str, int] | None = None,
                     reprofile: bool = False, show_progress: bool = True,
-                    transient: int = memory.PUSH_TRANSIENT) -> ClusterProfile:
+                    transient: int = memory.PUSH_TRANSIENT, host_load: HostLoad | None = None) -> ClusterProfile:
     """Profiles of every worker of `cluster` (galaxy.transport.client.Cluster) for this model shape.
 
     memory_budget caps every device; budgets caps devices by name (cluster file entries).
     Each device's `memory_bytes` is what its budget leaves for a shard's weights, KV cache and
     activations beside the worker's resident memory, measured after profiling, less a load's
     `transient` (a push by default) -- galaxy.parallel.memory.planner_room, the workers' own sum.
+    host_load: the planning machine's load now; its workers' cache entries timed at a very different
+    load are timed again (stale_load), and new entries record it.
     """
     infos = cluster.hello()
     key = shape_key(cfg, seq_lens, dtype)
@@ -131,8 +193,12 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
     cached, todo = {}, []
     for r, info in enumerate(infos):
         f = _cache_file(info, key, tenants[r])
-        if f.exists() and not reprofile:
-            cached[r] = json.loads(f.read_text())
+        entry = json.loads(f.read_text()) if f.exists() and not reprofile else None
+        why = stale_load(entry.get("load"), host_load) if entry else ""
+        if why and show_progress:
+            print(f"galaxy: timing {info.name} again: its cached profile was {why}", file=sys.stderr)
+        if entry and not why:
+            cached[r] = entry
         else:
             todo.append(r)
     # timings of workers sharing a machine are only valid together: when one of them is timed, all are
@@ -150,6 +216,8 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
         for r, rep in replies.items():
             samples = [(s.kind, s.units, s.seq, s.seconds) for s in rep.samples]
             cached[r] = {"samples": samples, "codecs": dict(rep.codec_s_per_byte)}
+            if host_load is not None and infos[r].host_id == host_load.host:
+                cached[r]["load"] = asdict(host_load)
             path = _cache_file(infos[r], key, tenants[r])
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"device": infos[r].name, "shape": key, **cached[r]}))
@@ -184,6 +252,7 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
         devices.append(DeviceProfile(info.name, info.address, models["attention"], models["mlp"],
                                      models["connective"], max(0, int(min(mem))), head=models.get("head"),
                                      codec_s_per_byte=cached[r].get("codecs", {}), tenancy=tenancy(info),
-                                     budget_bytes=info.memory_budget, resident_bytes=resident))
+                                     budget_bytes=info.memory_budget, resident_bytes=resident,
+                                     decode=fit_decode(samples)))
     return ClusterProfile(devices, links)
 

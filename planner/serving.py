@@ -164,6 +164,8 @@ def choose(pm: PhaseModel, goals: ServeGoals) -> ServeChoice:
     chosen = min(close, key=lambda c: (-round(c.at_rate.attainment, 6), -round(c.goodput, 6),
                                        round(c.at_rate.ttft(90), 6), out.index(c)))
     fa = None if fastest is None else (pm.names([fastest[1]])[0], fastest[0])
+    if any(c.kind != "colocated" for c in cands):
+        notes.append(f"K/V between the groups: {pm.kv_path.describe()}")
     return ServeChoice(tuple(out), chosen, objectives, fa, _reason(chosen, out, objectives, fa), tuple(notes),
                        decode_layouts(pm, cands[0], goals.input_len, context))
 

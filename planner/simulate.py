@@ -17,9 +17,11 @@ derives them from the profiles):
   stretches the running decodes (interference). The prompt's last chunk samples the first token.
 - **disaggregated**: a prefill loop (prompt chunks only) on the prefill group and a decode loop
   (decodes only, no prompt ever stalls them) on the decode group, running side by side. A prompt
-  whose prefill ends waits for the part of its KV transfer the prefill did not hide, then joins
-  the decode batch; its first token comes from its first decode step there (TTFT = prefill +
-  exposed transfer + first decode: Mooncake #62, the issue's definition).
+  whose prefill ends has its first token (its last chunk's logits, sampled on the prefill group, as
+  the runtime does: engine/disagg.py), waits for the part of its KV move the prefill did not hide,
+  then joins the decode batch: the move and the first decode step there show in its second token,
+  i.e. in TPOT, not TTFT (measured on the emulated trio at 100 Mbit/s: TTFT 671 ms, the 2nd token at
+  1780 ms; Mooncake #62's TTFT would count them).
 - **mixed**: one loop (the decode devices also run the prefill, so their steps alternate), a
   prompt's KV then moves to the decode devices as in disaggregated.
 
@@ -30,6 +32,7 @@ its length), sampling and the coordinator's own time.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
@@ -99,7 +102,14 @@ class PhaseCosts:
 
     prefill_s(tokens): a step of `tokens` prompt tokens on the prefill group.
     decode_s(batch, context): a decode step of `batch` sequences holding `context` KV positions in all.
-    transfer_s(tokens, prefill_s): the part of a prompt's KV transfer its prefill did not hide (0: colocated).
+    transfer_s(tokens, prefill_s): the part of a prompt's KV transfer its prefill did not hide, in flight
+    off both groups' loops (0: colocated).
+    pull_s(tokens) / push_s(tokens): the part of a prompt's KV move its prefill loop spends after the
+    prompt's last chunk (pulling the K/V out) / its decode loop spends adopting it (pushing them in):
+    no step of that loop runs meanwhile (the runtime moves K/V through the coordinator between steps).
+    decode_contended_s(batch, context): a decode step while the prefill group computes beside it (devices
+    sharing a machine's cores with it run it slower); None: decode_s always (the prefill loop is not
+    simulated apart). A step is priced between the two by the share of it the prefill loop is busy.
     colocated_s(tokens, batch, context): a colocated step of prompt tokens and decodes together
     (None: the placement is not colocated)."""
 
@@ -110,6 +120,9 @@ class PhaseCosts:
     colocated_s: Callable[[int, int, int], float] | None = None
     max_batched_tokens: int = 256
     max_running: int = 64
+    pull_s: Callable[[int], float] = lambda tokens: 0.0
+    push_s: Callable[[int], float] = lambda tokens: 0.0
+    decode_contended_s: Callable[[int, int], float] | None = None
 
     def __post_init__(self) -> None:
         _need(self.placement in PLACEMENTS, f"placement: {self.placement!r} is not one of {PLACEMENTS}")
@@ -191,9 +204,24 @@ class _Seq:
         self.prefill_s = 0.0  # step time spent on its chunks (what its KV transfer may hide behind)
 
 
+def _busy_share(spans: list[tuple[float, float]], starts: list[float], t0: float, t1: float) -> float:
+    """The share of [t0, t1] covered by `spans` (sorted, disjoint; starts: their start times)."""
+    if t1 <= t0 or not spans:
+        return 0.0
+    k = max(0, bisect.bisect_right(starts, t0) - 1)
+    covered = 0.0
+    while k < len(spans) and spans[k][0] < t1:
+        covered += max(0.0, min(t1, spans[k][1]) - max(t0, spans[k][0]))
+        k += 1
+    return covered / (t1 - t0)
+
+
 def _loop(seqs: list[_Seq], ready: list[float], costs: PhaseCosts, prefill: bool, decode: bool,
-          handoff: Callable[[_Seq, float], float | None] | None) -> None:
+          handoff: Callable[[_Seq, float], float | None] | None, spans: list[tuple[float, float]] | None = None,
+          beside: list[tuple[float, float]] | None = None) -> None:
     """One group's step loop over `seqs`, each available from ready[k] (its arrival, or its KV's).
+    spans: where to record when this loop is busy; beside: another loop's busy spans, which make its
+    decode steps cost decode_contended_s for the share of them they cover.
 
     prefill: the loop runs prompt chunks; decode: it runs decodes. A prompt that finishes here is
     decoded here with the first token its last chunk sampled (handoff None: colocated), or handed
@@ -205,9 +233,17 @@ def _loop(seqs: list[_Seq], ready: list[float], costs: PhaseCosts, prefill: bool
     running: list[_Seq] = []
     t, left = 0.0, len(seqs)
     budget = costs.max_batched_tokens
+    starts = [a for a, _ in beside or ()]
     while left:
         while pending and pending[0][0] <= t:
             s = seqs[heapq.heappop(pending)[1]]
+            if s.gen >= s.n_out:  # finished where it was prefilled (one token): never handed over
+                left -= 1
+                continue
+            if not s.left:  # prefilled elsewhere: its K/V are pushed in before the next step
+                push = costs.push_s(s.n_in)
+                _span(spans, t, t + push)
+                t += push
             (waiting if s.left else running).append(s)
         batch = running[:costs.max_running] if decode else []
         chunks = []
@@ -225,18 +261,21 @@ def _loop(seqs: list[_Seq], ready: list[float], costs: PhaseCosts, prefill: bool
         context = sum(s.ctx for s in batch)
         if not chunks:
             dt = costs.decode_s(len(batch), context)
+            if beside and costs.decode_contended_s is not None:
+                share = _busy_share(beside, starts, t, t + dt)
+                dt += share * (costs.decode_contended_s(len(batch), context) - dt)
         elif not batch:
             dt = costs.prefill_s(tokens)
         elif costs.colocated_s is not None:
             dt = costs.colocated_s(tokens, len(batch), context)
         else:  # mixed: the decode devices run the prompt chunk with the prefill group, then the decodes
             dt = costs.prefill_s(tokens) + costs.decode_s(len(batch), context)
+        _span(spans, t, t + dt)
         t += dt
+        done = t  # the step's end: every prompt it finishes has its first token here
         for s in batch:
             s.gen += 1
             s.ctx += 1
-            if s.gen == 1:
-                s.first = t
             if s.gen == s.n_out:
                 s.last = t
                 running.remove(s)
@@ -248,19 +287,32 @@ def _loop(seqs: list[_Seq], ready: list[float], costs: PhaseCosts, prefill: bool
             if s.left:
                 continue
             waiting.remove(s)
-            if handoff is None:
-                s.gen, s.first = 1, t  # colocated: the last chunk's logits give the first token
-                if s.n_out == 1:
-                    s.last = t
-                    left -= 1
-                else:
-                    running.append(s)
+            s.gen, s.first = 1, done  # the last chunk's logits give the first token, wherever it decodes
+            if s.n_out == 1:  # done: nothing to decode, no K/V to move
+                s.last = done
+                left -= 1
                 continue
+            if handoff is None:
+                running.append(s)
+                continue
+            pull = costs.pull_s(s.n_in)  # its K/V out to the coordinator before the loop's next step
+            _span(spans, t, t + pull)
+            t += pull
             back = handoff(s, t)
             if back is None:
                 left -= 1
             else:
                 heapq.heappush(pending, (back, s.k))
+
+
+def _span(spans: list[tuple[float, float]] | None, t0: float, t1: float) -> None:
+    """Record [t0, t1] as busy, merged with the last span when they touch."""
+    if spans is None or t1 <= t0:
+        return
+    if spans and spans[-1][1] >= t0:
+        spans[-1] = (spans[-1][0], max(spans[-1][1], t1))
+    else:
+        spans.append((t0, t1))
 
 
 def simulate(costs: PhaseCosts, workload: Workload, objectives: Objectives) -> SimResult:
@@ -276,8 +328,9 @@ def simulate(costs: PhaseCosts, workload: Workload, objectives: Objectives) -> S
         def handoff(s: _Seq, t: float) -> None:
             kv_ready[s.k] = t + costs.transfer_s(s.n_in, s.prefill_s)
 
-        _loop(seqs, arrivals, costs, prefill=True, decode=False, handoff=handoff)
-        _loop(seqs, kv_ready, costs, prefill=False, decode=True, handoff=None)
+        busy: list[tuple[float, float]] = []
+        _loop(seqs, arrivals, costs, prefill=True, decode=False, handoff=handoff, spans=busy)
+        _loop(seqs, kv_ready, costs, prefill=False, decode=True, handoff=None, beside=busy)
     else:
         _loop(seqs, arrivals, costs, prefill=True, decode=True,
               handoff=lambda s, t: t + costs.transfer_s(s.n_in, s.prefill_s))

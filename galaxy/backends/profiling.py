@@ -23,9 +23,9 @@ from .onnx import apply_onnx_block, default_cache_dir
 
 @dataclass(frozen=True)
 class Sample:
-    kind: str  # "attention" | "mlp" | "connective" | "head"
-    units: int  # heads, columns, tokens or vocabulary rows
-    seq: int  # tokens the block processed (the full sequence for TP blocks)
+    kind: str  # "attention" | "mlp" | "connective" | "head" | "decode"
+    units: int  # heads, columns, tokens or vocabulary rows; decode: sequences in the step (batch)
+    seq: int  # tokens the block processed (the full sequence for TP blocks); decode: layers stacked
     seconds: float  # median of the repeats
 
 
@@ -53,13 +53,30 @@ def median_times(jobs, repeats: int, progress=lambda done, total: None) -> list[
 
 
 def _block(cfg: ModelConfig, heads: int, cols: int, dtype, device) -> Block:
-    one = cfg.replace(n_layers=1)
-    spec = ShardSpec((0, heads), (0, cols), (0, 0), (0, 1), embed=False, head=False)
-    model = load_shard(RandomWeights(one), spec, dtype=dtype, device=device)
-    return model.layers["0"]
+    return _layers(cfg, heads, cols, 1, dtype, device)[0]
+
+
+def _layers(cfg: ModelConfig, heads: int, cols: int, n: int, dtype, device) -> list[Block]:
+    sub = cfg.replace(n_layers=n)
+    spec = ShardSpec((0, heads), (0, cols), (0, 0), (0, n), embed=False, head=False)
+    model = load_shard(RandomWeights(sub), spec, dtype=dtype, device=device)
+    return [model.layers[str(i)] for i in range(n)]
 
 
 HEAD_SAMPLE_BYTES = (24 * 2**20, 48 * 2**20, 96 * 2**20)  # past the caches, within a small device's memory
+# A decode step is timed on a stack of whole layers holding at least this many weight bytes (or every layer),
+# so the weights stream from memory as a model's do: one cache-warm layer (SmolLM2's is 14 MiB, this machine's
+# L3 32 MiB) would time the cache, not the bus. At each of DECODE_BATCHES sequences: the engine's decode step
+# reads the weights once for the whole batch, so its cost grows with the batch far less than in proportion.
+DECODE_SAMPLE_BYTES = 96 * 2**20
+DECODE_BATCHES = (1, 4, 16)
+
+
+def decode_layers(cfg: ModelConfig, dtype_bytes: int = 4) -> int:
+    """Whole layers the decode samples stack: enough for DECODE_SAMPLE_BYTES of weights, at most the model's."""
+    per_layer = memory.shard_params(cfg, ShardSpec((0, cfg.n_heads), (0, cfg.ffn), (0, 0), (0, 1), embed=False,
+                                                   head=False)) * dtype_bytes
+    return max(1, min(cfg.n_layers, -(-DECODE_SAMPLE_BYTES // max(1, per_layer))))
 
 
 def profile_need(cfg: ModelConfig, seq_lens: list[int], dtype_bytes: int = 4) -> int:
@@ -75,7 +92,8 @@ def profile_need(cfg: ModelConfig, seq_lens: list[int], dtype_bytes: int = 4) ->
                                                head=False)) * dtype_bytes
     act = memory.layer_activation_bytes(cfg, seq, cfg.n_heads, cfg.n_kv_heads, cfg.ffn, seq, dtype_bytes)
     head = min(cfg.vocab_size * cfg.hidden * dtype_bytes, max(HEAD_SAMPLE_BYTES)) if cfg.causal else 0
-    return layer + max(layer + act, head + seq * cfg.hidden * dtype_bytes) + memory.RUN_SLACK
+    stack = decode_layers(cfg, dtype_bytes) * layer if cfg.causal else 0  # the decode samples' layers
+    return layer + max(layer + act, head + seq * cfg.hidden * dtype_bytes, stack) + memory.RUN_SLACK
 
 
 def head_rows(cfg: ModelConfig, dtype_bytes: int = 4) -> list[int]:
@@ -112,7 +130,9 @@ def time_blocks(cfg: ModelConfig, seq_lens: list[int], repeats: int = 3, dtype=t
     jobs += [(s, "mlp", c) for s in seq_lens for c in col_sizes]
     jobs += [(s, "connective", t) for s in seq_lens for t in sorted({max(1, s // 4), s})]
     if cfg.causal:
-        jobs += [(1, "head", v) for v in head_rows(cfg, torch.empty((), dtype=dtype).element_size())]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        jobs += [(1, "head", v) for v in head_rows(cfg, itemsize)]
+        jobs += [(decode_layers(cfg, itemsize), "decode", b) for b in DECODE_BATCHES]
     full = _on_backend(_block(cfg, cfg.n_heads, cfg.ffn, dtype, device), backend, "connective")
 
     def build(seq: int, kind: str, units: int):
@@ -126,6 +146,17 @@ def time_blocks(cfg: ModelConfig, seq_lens: list[int], repeats: int = 3, dtype=t
         if kind == "head":  # the last token's logits over `units` vocabulary rows
             w = torch.full((units, cfg.hidden), 0.01, dtype=dtype, device=device)
             return lambda: x @ w.T  # as Transformer.head_logits
+        if kind == "decode":  # one token of each of `units` sequences through `seq` whole layers
+            stack = _layers(cfg, cfg.n_heads, cfg.ffn, seq, dtype, device)
+            tok = torch.randn(units, cfg.hidden, dtype=dtype, device=device)  # (B, H)
+
+            def step():
+                h = tok
+                for blk in stack:
+                    h = blk(h)
+                return h
+
+            return step
         xs = x[:units]
         return lambda: full.after_mlp(xs, full.after_attn(xs, xs))
 

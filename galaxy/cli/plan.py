@@ -12,8 +12,8 @@ from planner import render, serving
 from planner import wire as wire_choice
 from planner.cost import weight_bytes
 from planner.fit import fit_plan
-from planner.phases import PhaseModel
-from planner.profiler import profile_cluster
+from planner.phases import KV_ROUTES, KVPath, PhaseModel
+from planner.profiler import HostLoad, profile_cluster
 from planner.solver import METHODS
 from planner.strategy import RUNNABLE
 from planner.synthetic import synthetic_cluster
@@ -25,6 +25,7 @@ from ..model.transformer import DTYPES
 from ..parallel.sharding import full_spec
 from ..runtime.api import resolve_weights_format
 from ..runtime.sources import open_source
+from ..transport.resources import host_id
 from ..units import fmt_bytes
 from .args import add_cluster_args, add_model_args, add_weights_format_arg, int_at_least, number_in, output_file, size
 from .session import device_count, open_session
@@ -78,6 +79,11 @@ def add_parser(sub) -> None:
                        help="time-per-output-token objective, the same way (default 1.5x)")
     serve.add_argument("--max-batched-tokens", type=int_at_least(1), default=EngineConfig.max_batched_tokens,
                        help="the engine's token budget per step (default %(default)s, as galaxy serve)")
+    serve.add_argument("--kv-path", choices=KV_ROUTES, default="coordinator",
+                       help="how K/V reach the decode group: through the coordinator (two hops, as the runtime "
+                            "moves them; default) or direct (one hop, device to device)")
+    serve.add_argument("--kv-stream", action="store_true",
+                       help="K/V streamed while the prompt is prefilled (the runtime's opt-in streaming)")
     serve.add_argument("--sim-requests", type=int_at_least(10), default=200,
                        help="requests per simulated run (default 200)")
     plan.add_argument("-o", "--output", metavar="PLAN.json", type=output_file, help="write the plan file")
@@ -111,7 +117,8 @@ def _serve_plan(args, cfg, cluster, dtype_bytes: int, weights_format: str):
         return fit_plan(c, tokens, sub, strategy, dtype_bytes, method=args.method, weights_format=weights_format)
 
     fmt = parse_format(weights_format) if weights_format != "fp32" else None  # None: the dtype's own bytes
-    choice = serving.choose(PhaseModel(cfg, cluster, dtype_bytes, fmt=fmt, solver=solver), goals)
+    pm = PhaseModel(cfg, cluster, dtype_bytes, fmt=fmt, solver=solver, kv_path=KVPath(args.kv_path, args.kv_stream))
+    choice = serving.choose(pm, goals)
     return choice.plan(goals), serving.table(choice)
 
 
@@ -161,7 +168,8 @@ def cmd_plan(args) -> int:
             budgets = {d.name: d.memory for d in load_cluster(args.cluster).devices if getattr(d, "memory", None)}
         with open_session(args, n) as session:
             prof = profile_cluster(session.executor, cfg, [args.seq_len], args.dtype,
-                                   memory_budget=args.memory_budget, budgets=budgets, reprofile=args.reprofile)
+                                   memory_budget=args.memory_budget, budgets=budgets, reprofile=args.reprofile,
+                                   host_load=HostLoad.now(host_id()))
     n_prof = len(prof.devices)
     wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
     serve_table = None

@@ -1,5 +1,6 @@
-"""Phase placements (planner/phases.py, planner/serving.py): decode as bandwidth, the KV transfer, and
-which placement the planner picks on small synthetic clusters."""
+"""Phase placements (planner/phases.py, planner/serving.py): decode from the measured step (or bandwidth
+for a profile without it), the KV transfer along the runtime's path, and which placement the planner picks
+on small synthetic clusters."""
 
 from __future__ import annotations
 
@@ -11,10 +12,22 @@ import pytest
 
 from galaxy.model.config import preset
 from galaxy.model.quant import WeightFormat, decode_bytes
-from planner.phases import DecodeLayout, PhaseModel, PrefillCurve, kv_bytes_per_token, streaming_rate
+from planner.phases import (
+    KV_MESSAGE_BYTES,
+    LOGIT_BYTES,
+    DecodeLayout,
+    KVPath,
+    PhaseModel,
+    PrefillCurve,
+    kv_bytes_per_token,
+    phase_costs,
+    placements,
+    streaming_rate,
+)
 from planner.plan import Plan, PlanError
-from planner.profile import ClusterProfile, ComputeModel, DeviceProfile, Link, Tenancy
+from planner.profile import ClusterProfile, ComputeModel, DecodeTiming, DeviceProfile, Link, Tenancy
 from planner.serving import Objective, ServeGoals, choose, table
+from planner.simulate import Objectives, Workload, simulate
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "planner" / "plan.schema.json").read_text())
 CFG = preset("smollm2-135m")
@@ -39,13 +52,13 @@ def test_a_devices_decode_rate_is_its_head_profiles_streaming_rate():
     assert streaming_rate(d, 4) == pytest.approx(12 * GB)
 
 
-def test_one_device_decodes_in_the_time_it_reads_the_weights():
+def test_without_decode_timings_one_device_decodes_in_the_time_it_reads_the_weights():
     d = dev("a", 1000, 10 * GB, 4 * GB, overhead=0.0)
-    pm = PhaseModel(CFG, cluster([d], 1e9, 1e-4))
+    pm = PhaseModel(CFG, cluster([d], 1e9, 1e-4), step_overhead_s=0.0)
     lay = pm.tp_layout((0,))
     assert pm.decode_s(lay, 1, 0) == pytest.approx(decode_bytes(CFG, WeightFormat("fp32")) / (10 * GB))
     # a compact format streams fewer bytes at the same bytes/s
-    int8 = PhaseModel(CFG, cluster([d], 1e9, 1e-4), fmt=WeightFormat("int8"))
+    int8 = PhaseModel(CFG, cluster([d], 1e9, 1e-4), fmt=WeightFormat("int8"), step_overhead_s=0.0)
     assert int8.decode_s(lay, 1, 0) == pytest.approx(decode_bytes(CFG, WeightFormat("int8")) / (10 * GB))
     # and each sequence's KV is read too
     ctx = 1000
@@ -56,11 +69,12 @@ def test_one_device_decodes_in_the_time_it_reads_the_weights():
 def test_a_split_decode_reads_shares_in_parallel_and_pays_two_all_reduces_per_layer():
     devs = [dev(n, 1000, 10 * GB, 4 * GB, overhead=0.0) for n in "abc"]
     latency = 1e-3
-    pm = PhaseModel(CFG, cluster(devs, 1e12, latency))
+    pm = PhaseModel(CFG, cluster(devs, 1e12, latency), step_overhead_s=0.0)
     alone = pm.decode_s(pm.tp_layout((0,)), 1, 0)
     split = pm.decode_s(pm.tp_layout((0, 1, 2)), 1, 0)
     wire = (2 * CFG.n_layers + 1) * (latency + CFG.hidden * 4 * 8 / 1e12)
-    assert split == pytest.approx(alone / 3 + wire)
+    logits = CFG.vocab_size * LOGIT_BYTES * 8 / 1e12  # the logit rows back to the coordinator, in parallel
+    assert split == pytest.approx((alone - logits) / 3 + logits / 3 + wire)
 
 
 def test_co_tenants_of_one_machine_share_its_memory_bus():
@@ -117,7 +131,8 @@ def test_a_slow_link_keeps_both_phases_on_one_device():
     choice = choose(PhaseModel(CFG, cluster(devs, 1e6, 5e-3)), ServeGoals(**GOALS))
     assert choice.chosen.kind == "colocated" and len(choice.chosen.prefill) == 1
     disaggregated = [c for c in choice.candidates if c.kind == "disaggregated"]
-    assert disaggregated and all(c.unloaded_ttft > 10 for c in disaggregated)  # 5.9 MB of KV at 1 Mbit/s
+    # 5.9 MB of KV at 1 Mbit/s, twice (through the coordinator), before the second token
+    assert disaggregated and all(c.unloaded_tpot * (GOALS["output_len"] - 1) > 90 for c in disaggregated)
 
 
 def test_a_fast_device_with_memory_for_the_model_becomes_the_decode_device():
@@ -182,3 +197,101 @@ def test_relative_and_absolute_objectives_parse():
     assert Objective.parse("250ms").value == pytest.approx(0.25) and Objective.parse("2").value == 2.0
     with pytest.raises(PlanError, match="expected seconds"):
         Objective.parse("fast")
+
+
+# --- the decode step from what was measured on the device (profile.DecodeTiming) ---------------------------
+
+def timed(name: str, layer_s: float, per_seq_s: float, head_s: float, tenancy=None) -> DeviceProfile:
+    """A device whose decode step was measured: a layer in layer_s (+ per_seq_s per further sequence),
+    its whole LM head in head_s for one token (overheads zero, so shares scale exactly)."""
+    d = dev(name, 40, 10 * GB, 4 * GB, overhead=0.0, tenancy=tenancy)
+    head = ComputeModel(2.0 * CFG.hidden * CFG.vocab_size / head_s, 0.0)
+    return DeviceProfile(d.name, d.address, d.attention, d.mlp, d.connective, d.memory_bytes, head=head,
+                         tenancy=tenancy, decode=DecodeTiming(layer_s, per_seq_s))
+
+
+def test_a_measured_decode_step_is_its_layers_its_head_and_the_engines_fixed_cost():
+    pm = PhaseModel(CFG, cluster([timed("a", 3e-3, 0.0, 20e-3)], 1e9, 0.0), step_overhead_s=2e-3)
+    lay = pm.tp_layout((0,))
+    assert pm.decode_s(lay, 1, 0) == pytest.approx(CFG.n_layers * 3e-3 + 20e-3 + 2e-3)
+    # the bytes/s of the head's profile no longer decide it: a device measured twice as slow is twice as slow
+    slow = PhaseModel(CFG, cluster([timed("a", 6e-3, 0.0, 40e-3)], 1e9, 0.0), step_overhead_s=2e-3)
+    assert slow.decode_s(lay, 1, 0) - 2e-3 == pytest.approx(2 * (pm.decode_s(lay, 1, 0) - 2e-3))
+
+
+def test_the_decode_step_grows_with_the_batch_as_measured():
+    pm = PhaseModel(CFG, cluster([timed("a", 3e-3, 0.5e-3, 20e-3)], 1e9, 0.0), step_overhead_s=0.0)
+    lay = pm.tp_layout((0,))
+    one, eight = pm.decode_s(lay, 1, 0), pm.decode_s(lay, 8, 0)
+    layers_8 = CFG.n_layers * (3e-3 + 7 * 0.5e-3)
+    assert eight == pytest.approx(layers_8 + 20e-3 * layers_8 / (CFG.n_layers * 3e-3))  # the head grows alike
+    assert one < eight < 8 * one  # the weights are read once for the whole batch
+
+
+def test_a_measured_decode_step_returns_each_sequences_logits_over_the_devices_link():
+    devs = [timed("a", 3e-3, 0.0, 20e-3), timed("b", 3e-3, 0.0, 20e-3)]
+    pm = PhaseModel(CFG, cluster(devs, 100e6, 0.0), step_overhead_s=0.0)
+    lay = pm.tp_layout((0,))
+    per_seq = CFG.vocab_size * LOGIT_BYTES * 8 / 100e6
+    assert pm.decode_s(lay, 4, 0) - pm.decode_s(lay, 1, 0) == pytest.approx(3 * per_seq)
+
+
+def test_a_decode_device_alone_on_shared_cores_runs_faster_than_beside_the_prefill():
+    t = [Tenancy("host", 1.0, 2) for _ in range(3)]  # three one-thread workers on two cores, profiled all busy
+    devs = [timed(n, 3e-3, 0.0, 20e-3, t[k]) for k, n in enumerate("abc")]
+    pm = PhaseModel(CFG, cluster(devs, 1e15, 0.0), step_overhead_s=0.0)  # links: the logits' return ~free
+    lay = pm.tp_layout((2,))
+    busy = pm.decode_s(lay, 1, 0, busy=(0, 1, 2))
+    assert pm.decode_s(lay, 1, 0, busy=(2,)) == pytest.approx(busy / 1.5)  # 2/3 of a core -> a whole one
+
+
+# --- the K/V move along the runtime's path ---------------------------------------------------------------
+
+def two_boards_pm(route: str, stream: bool = False, bandwidth: float = 100e6, latency: float = 1e-3):
+    devs = [timed("a", 3e-3, 0.0, 20e-3), timed("b", 3e-3, 0.0, 20e-3)]
+    return PhaseModel(CFG, cluster(devs, bandwidth, latency), kv_path=KVPath(route, stream), step_overhead_s=0.0)
+
+
+def test_through_the_coordinator_the_kv_cross_two_hops_and_direct_one():
+    via, direct = two_boards_pm("coordinator"), two_boards_pm("direct")
+    plan, lay = via.prefill_plan((0,), 64), via.tp_layout((1,))
+    nbytes = 128 * kv_bytes_per_token(CFG)
+    hop = nbytes * 8 / 100e6
+    trips = 2 * 1e-3 * -(-nbytes // KV_MESSAGE_BYTES)  # a round trip per message of at most 4 MiB
+    move = via.kv_move(plan, lay, 128)
+    assert move.pull == pytest.approx(hop + trips) and move.push == pytest.approx(hop + trips)
+    assert move.wire == 0.0
+    one = direct.kv_move(plan, lay, 128)
+    assert one.total == pytest.approx(hop + 1e-3) and one.pull == one.push == 0.0
+    assert move.total - 2 * trips == pytest.approx(2 * hop)  # twice one hop's bytes over the same link
+
+
+def test_the_pull_stalls_the_prefill_loop_and_the_push_the_decode_loop():
+    pm = two_boards_pm("coordinator")
+    cands, _ = placements(pm, 128, 160)
+    dis = next(p for p in cands if p.kind == "disaggregated")
+    costs = phase_costs(pm, dis, [16, 128, 256])
+    move = pm.kv_move(dis.prefill, dis.decode, 128)
+    lone = simulate(costs, Workload(1.0, 128, 8, num_requests=1), Objectives(10.0, 10.0)).requests[0]
+    assert lone.ttft == pytest.approx(costs.prefill_s(128))  # the first token is the prefill group's
+    decodes = sum(costs.decode_s(1, 128 + k) for k in range(7))  # tokens 2..8 on the decode group
+    assert lone.last_s - lone.first_s == pytest.approx(move.pull + move.push + decodes)
+    # two prompts at once, one a step: the second prompt's prefill waits for the first one's pull
+    one_a_step = phase_costs(pm, dis, [16, 128, 256], max_batched_tokens=128)
+    both = simulate(one_a_step, Workload(1e6, 128, 8, num_requests=2), Objectives(10.0, 10.0)).requests
+    assert both[1].first_s == pytest.approx(2 * costs.prefill_s(128) + move.pull)
+
+
+def test_a_streamed_move_hides_behind_the_prefill_and_stalls_neither_loop():
+    pm = two_boards_pm("coordinator", stream=True)
+    cands, _ = placements(pm, 128, 160)
+    dis = next(p for p in cands if p.kind == "disaggregated")
+    costs = phase_costs(pm, dis, [16, 128, 256])
+    assert costs.pull_s(128) == costs.push_s(128) == 0.0
+    total = pm.kv_move(dis.prefill, dis.decode, 128).total
+    assert costs.transfer_s(128, 1.0) == pytest.approx(pm.exposed_transfer_s(total, 1.0))
+
+
+def test_a_kv_path_names_a_route_the_planner_knows():
+    with pytest.raises(PlanError, match="route='pigeon'"):
+        KVPath("pigeon")

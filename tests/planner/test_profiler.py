@@ -33,12 +33,15 @@ def test_time_blocks_covers_every_kind_and_size():
     cfg = preset("tiny-llama")
     samples = time_blocks(cfg, [16, 32], repeats=1)
     kinds = {(s.kind, s.seq) for s in samples}
-    # the LM head multiplies one token's row (the last in prefill, each decode step's)
-    assert kinds == {(k, q) for k in ("attention", "mlp", "connective") for q in (16, 32)} | {("head", 1)}
+    # the LM head multiplies one token's row (the last in prefill, each decode step's); a decode step runs
+    # one token of each of several sequences through a stack of whole layers (all of a tiny model's)
+    assert kinds == ({(k, q) for k in ("attention", "mlp", "connective") for q in (16, 32)} | {("head", 1)}
+                     | {("decode", cfg.n_layers)})
+    assert sorted(s.units for s in samples if s.kind == "decode") == [1, 4, 16]
     assert all(s.seconds > 0 for s in samples)
     assert {s.units for s in samples if s.kind == "attention"} == {2, 3, 6}
     assert {s.units for s in samples if s.kind == "head"} == {cfg.vocab_size}  # a small vocabulary: all of it
-    assert not any(s.kind == "head" for s in time_blocks(preset("tiny-bert"), [16], repeats=1))
+    assert not any(s.kind in ("head", "decode") for s in time_blocks(preset("tiny-bert"), [16], repeats=1))
 
 
 def test_a_passing_slowdown_costs_each_job_one_sample_which_the_median_drops(monkeypatch):
@@ -112,6 +115,55 @@ def test_profile_cluster_measures_caches_and_caps_memory(two_workers, monkeypatc
         assert d.budget_bytes == 10**10 and abs(d.resident_bytes - (info.rss - info.droppable)) < 64 * 2**20
         assert d.memory_bytes == memory.solver_room(10**10, d.resident_bytes, cfg, 16, memory.MemoryParams())
         assert d.memory_bytes < memory.room(10**10, d.resident_bytes) - memory.PUSH_TRANSIENT
+
+
+def test_the_decode_fit_is_a_layers_step_growing_with_the_batch():
+    samples = [SimpleNamespace(kind="decode", units=b, seq=4, seconds=4 * (3e-3 + 0.5e-3 * (b - 1)))
+               for b in (1, 4, 16)]
+    t = profiler.fit_decode(samples)
+    assert t.layer_s == pytest.approx(3e-3) and t.per_seq_s == pytest.approx(0.5e-3)
+    assert t.seconds(30, 8) == pytest.approx(30 * (3e-3 + 7 * 0.5e-3))
+    assert profiler.fit_decode([SimpleNamespace(kind="mlp", units=1, seq=4, seconds=1.0)]) is None  # an encoder
+
+
+class _OneWorker:
+    """A cluster of one worker on machine "H" whose block timings are made up (no process, no torch)."""
+
+    def __init__(self):
+        self.timed = []
+
+    def hello(self):
+        return [SimpleNamespace(name="w", address="127.0.0.1:1", host_id="H", host_cpus=2, compute_device="cpu",
+                                threads=1, cpu_count=2, cpu_limit=2.0, rss=0, droppable=0, memory_budget=10**10,
+                                available_memory=10**10)]
+
+    def profile(self, cfg, seq_lens, dtype, ranks=None):
+        self.timed.append(ranks)
+        pts = [("attention", u, 16, 1e-3 * u) for u in (1, 2)] + [("mlp", u, 16, 1e-5 * u) for u in (8, 16)]
+        pts += [("connective", u, 16, 1e-6 * u) for u in (4, 16)] + [("decode", b, 2, 2e-3 * b) for b in (1, 4)]
+        return {0: SimpleNamespace(samples=[SimpleNamespace(kind=k, units=u, seq=q, seconds=t) for k, u, q, t in pts],
+                                   codec_s_per_byte={})}
+
+
+def test_a_profile_cached_at_a_very_different_load_is_timed_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GALAXY_CACHE", str(tmp_path))
+    cfg, c = preset("tiny-gpt2"), _OneWorker()
+
+    def plan_at(host: str, load: float):
+        return profiler.profile_cluster(c, cfg, [16], host_load=profiler.HostLoad(host, load, 2))
+
+    prof = plan_at("H", 0.1)
+    assert c.timed == [[0]] and prof.devices[0].decode.layer_s == pytest.approx(1e-3)  # 2 layers stacked
+    plan_at("H", 1.3)  # a thread's share of a core 0.87 against 1: the cached timings hold
+    assert c.timed == [[0]]
+    capsys.readouterr()
+    plan_at("H", 6.0)  # 0.29 against 1
+    assert c.timed == [[0], [0]]
+    err = capsys.readouterr().err
+    assert "timing w again: its cached profile was timed at load average 0.1, now 6.0 on 2 CPUs" in err
+    plan_at("H", 6.5)  # the new entry records the load it was timed at
+    plan_at("elsewhere", 0.0)  # planned from another machine: its load says nothing of this worker's
+    assert c.timed == [[0], [0]]
 
 
 def test_co_tenants_are_the_other_workers_reporting_the_same_host():

@@ -22,10 +22,11 @@ def costs(placement: str, decode=lambda b, ctx: DECODE, budget=256) -> PhaseCost
 LOOSE = Objectives(10.0, 10.0)
 
 
-def test_a_lone_disaggregated_request_waits_for_prefill_transfer_and_first_decode():
+def test_a_lone_disaggregated_request_gets_its_first_token_from_the_prefill_and_its_second_after_the_move():
+    # as the runtime: the prefill group samples the first token, the K/V move delays the second
     r = simulate(costs("disaggregated"), Workload(1.0, 100, 5, num_requests=1), LOOSE).requests[0]
-    assert r.ttft == pytest.approx(PREFILL + TRANSFER + DECODE)
-    assert r.tpot == pytest.approx(DECODE)
+    assert r.ttft == pytest.approx(PREFILL)
+    assert r.tpot == pytest.approx((TRANSFER + 4 * DECODE) / 4)
 
 
 def test_a_lone_colocated_request_gets_its_first_token_from_the_prefill():
@@ -36,7 +37,8 @@ def test_a_lone_colocated_request_gets_its_first_token_from_the_prefill():
 
 def test_a_lone_mixed_request_decodes_after_its_kv_moved():
     r = simulate(costs("mixed"), Workload(1.0, 100, 5, num_requests=1), LOOSE).requests[0]
-    assert r.ttft == pytest.approx(PREFILL + TRANSFER + DECODE)
+    assert r.ttft == pytest.approx(PREFILL)
+    assert r.last_s - r.first_s == pytest.approx(TRANSFER + 4 * DECODE)
 
 
 def test_a_prompt_longer_than_the_budget_is_prefilled_in_chunks():
@@ -65,7 +67,8 @@ def test_a_dedicated_decode_group_is_not_stalled_by_prompts():
     w = Workload(4.0, 100, 20, num_requests=80)
     colocated = simulate(costs("colocated"), w, objectives)
     disaggregated = simulate(costs("disaggregated"), w, objectives)
-    assert disaggregated.tpot(90) == pytest.approx(DECODE)  # decode steps only
+    # decode steps only, and the one move before the second token (plus the wait for a step in progress to end)
+    assert DECODE + TRANSFER / 19 <= disaggregated.tpot(90) <= DECODE + (TRANSFER + DECODE) / 19 + 1e-12
     assert colocated.tpot(90) > 2 * DECODE  # prompt steps stretch the inter-token time
 
 
