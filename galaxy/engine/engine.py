@@ -65,8 +65,7 @@ class EngineConfig:
     prefix_caching: bool = True
     # stall-free prefill (step_cost.py): a step that carries prompt chunks beside running decodes takes
     # at most max_stall x the decode-only step (its prompt tokens derived from the measured step cost);
-    # None: only max_batched_tokens bounds it. min_chunk: prompt tokens such a step carries until the
-    # step-cost line is fitted (then the bound alone decides, at least one token).
+    # None: only max_batched_tokens bounds it. min_chunk: prompt tokens such a step may always carry.
     max_stall: float | None = 1.5
     min_chunk: int = 16
     # early rejection (admission.py): refuse a request whose TTFT is predicted above slo_ttft x slo_headroom
@@ -312,12 +311,8 @@ class Engine:
         c = self.config
         if c.max_stall is None:
             return c.max_batched_tokens
-        n = self.cost.prompt_tokens(decodes, c.max_stall)  # None until steps of two sizes ran beside streams
-        if n is not None:
-            return max(1, n)  # the bound alone: a floor above it would stretch every step past max_stall
-        # no line yet: min_chunk, and half of it while every step had one size (steady traffic would
-        # otherwise run one size for ever and never fit the line, step_cost.py)
-        return max(1, c.min_chunk // 2) if self.cost.one_size else c.min_chunk
+        n = self.cost.prompt_tokens(decodes, c.max_stall)  # None until steps of two sizes ran beside streams:
+        return max(c.min_chunk, n or 0)  # min_chunk meanwhile, whose step is the second size the fit needs
 
     def _between_steps(self) -> None:
         """Called by the loop before each schedule, while no step runs on the devices and the lock is

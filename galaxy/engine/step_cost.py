@@ -11,12 +11,6 @@ in a step that also decodes is therefore derived, not set: the largest chunk `c`
 `max_stall` times slower while prompts are prefilled beside it. A step with no running decode
 stalls nobody and keeps the whole token budget (a lone request's TTFT is unchanged).
 
-Until the line is fitted the engine runs chunks of `min_chunk` beside decodes, and half that once
-every step seen had one size: a steady load (a long prompt beside the same streams) otherwise runs
-steps of one size only, so the line never forms -- measured on three loopback workers, 59 of 62
-steps beside 4 streams were 4 + 16 tokens with no fit, while the fit formed later allowed 11. Once
-fitted, the bound alone sets the chunk (at least one token): `min_chunk` is no floor under it.
-
 The fit is Theil-Sen (the median of the slopes between samples of different sizes, the intercept the
 median residual) over the last `window` steps: the devices share their cores with other work, and
 one slow step (a first step, a burst of foreign load) must not move the budget as it would move a
@@ -45,11 +39,6 @@ class StepCost:
         b = max(statistics.median(slopes), 1e-9)  # a step never gets cheaper with more tokens
         a = max(statistics.median(s - b * n for n, s in self.samples), 0.0)
         self.fit = (a, b)
-
-    @property
-    def one_size(self) -> bool:
-        """Whether every step seen so far had the same number of tokens (so no line can be fitted yet)."""
-        return bool(self.samples) and len({n for n, _ in self.samples}) == 1
 
     def prompt_tokens(self, decodes: int, max_stall: float) -> int | None:
         """Most prompt tokens a step with `decodes` running decodes may carry so that it takes at

@@ -3,11 +3,9 @@ running decodes (stall-free prefill, galaxy/engine/step_cost.py)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
-from galaxy.engine.engine import Engine, EngineConfig
+from galaxy.engine.engine import EngineConfig
 from galaxy.engine.scheduler import SchedulerConfigError
 from galaxy.engine.step_cost import StepCost
 
@@ -47,28 +45,6 @@ def test_a_window_forgets_old_steps():
     for n in (1, 100, 1, 100):  # the devices got faster: only these remain
         cost.observe(n, 0.1 + 0.01 * n)
     assert cost.fit == pytest.approx((0.1, 0.01))
-
-
-def test_before_the_fit_chunks_are_min_chunk_then_half_of_it_so_steady_traffic_gets_a_second_size():
-    engine = SimpleNamespace(config=EngineConfig(min_chunk=16), cost=StepCost())
-    assert Engine._prompt_budget(engine, 4) == 16  # nothing seen yet
-    for _ in range(3):  # a long prompt beside the same 4 streams: every step 4 + 16 tokens
-        engine.cost.observe(20, 0.26)
-    assert engine.cost.fit is None and engine.cost.one_size
-    assert Engine._prompt_budget(engine, 4) == 8  # the second size the line needs
-    engine.cost.observe(12, 0.21)
-    assert engine.cost.fit is not None and not engine.cost.one_size
-
-
-def test_once_fitted_the_bound_alone_sets_the_chunk_even_below_min_chunk():
-    """a = 0.12 s, b = 6.3 ms/token (three loopback workers): beside 4 streams at max_stall 1.5 the bound
-    allows 11 prompt tokens; a floor of 16 would make every such step 1.69x the decode step."""
-    engine = SimpleNamespace(config=EngineConfig(min_chunk=16, max_stall=1.5), cost=StepCost())
-    for n in (4, 20, 12, 20):
-        engine.cost.observe(n, 0.12 + 0.0063 * n)
-    c = Engine._prompt_budget(engine, 4)
-    assert c == 11 < 16
-    assert 0.12 + 0.0063 * (4 + c) <= 1.5 * (0.12 + 0.0063 * 4)
 
 
 @pytest.mark.parametrize("kw,msg", [
