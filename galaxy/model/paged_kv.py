@@ -24,7 +24,9 @@ Two ways to attend are kept, measured by galaxy/bench/paged_kv.py (docs/paged_at
   every batch holding a prefill chunk, padded takes 1.7-8.3x its time. A step's decodes (one
   query token each) go in groups instead (`decode_groups`): one gather of the group's contexts,
   padded to its longest (each at least half that), and one masked SDPA batched over (KV head,
-  sequence) per layer, where per sequence 8 decodes cost 8 gathers and 8 SDPA calls per layer;
+  sequence) per layer, where per sequence 8 decodes cost 8 gathers and 8 SDPA calls per layer.
+  Measured neutral on this host (a third of SmolLM2, batch 1-8: 0.96-1.04x the per-sequence
+  compute, docs/engine.md): it saves per-call overhead, which is small next to the linears here;
 - padded: gather every context padded to the longest and run one masked SDPA for the batch.
   It saves the per-sequence calls, so it wins only on decode-only batches of several short
   contexts (64-256 positions), and pays for the padding everywhere else.
