@@ -5,6 +5,7 @@ refused with a typed error, and every wait ends at its deadline."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 import threading
@@ -127,6 +128,33 @@ def test_decode_steps_over_real_workers_with_an_uneven_split_match_one_device(se
             done = len(tokens)
             tokens.append(int(res.output[0].argmax()))
     assert "direct" in tags  # the decode steps took the one-hop all-reduce
+
+
+def test_several_decodes_in_one_step_over_real_workers_each_match_one_device(servers):
+    """Decodes of mixed lengths, one sharing another's first block, attend as one group on every
+    worker (paged_kv.decode_groups) and each still gets its own sequence's logits."""
+    cfg = preset("tiny-llama")
+    src = RandomWeights(cfg, seed=5, std=0.3)
+    alone = load_shard(src, full_spec(cfg))
+    seqs = [[3, 14, 15, 9, 2], [3, 14, 15, 9, 7, 1, 8, 8], [4, 4, 2, 1], [5, 9, 11, 3, 6, 2, 7]]
+    tables = [(0, 1, 2), (0, 3, 4), (5, 6), (7, 8, 9)]  # sequence 1 shares block 0 (positions 0-3) with 0
+    with Cluster(servers.start(3)) as c:
+        c.load_ref(ModelRef(cfg, random_init=True, seed=5, std=0.3), weighted_partition(cfg, [3, 1, 2]))
+        pool = KVPool(16, 4)
+        done = [0, 4, 0, 0]  # sequence 1's first block is sequence 0's, written by the first step
+        for _ in range(4):  # the prompts (as chunks of one step), then decodes of every sequence at once
+            todo = [t[d:] for t, d in zip(seqs, done)]
+            ends = list(itertools.accumulate(len(t) for t in todo))
+            step = Step(torch.tensor([x for t in todo for x in t]),
+                        PagedBatch(4, tuple(map(len, todo)), tuple(done), tuple(tables)), tuple(e - 1 for e in ends))
+            res = c.step(step, pool)
+            for i, t in enumerate(seqs):
+                want = alone(torch.tensor(t), last_only=True)[0]
+                assert (res.output[i] - want).abs().max() <= 1e-4, (i, len(t))
+            done = [len(t) for t in seqs]
+            for i, row in enumerate(res.output):
+                seqs[i].append(int(row.argmax()))
+        assert len(step.batch.decode_groups) == 1 and len(step.batch.decode_groups[0].seqs) == 4
 
 
 @pytest.fixture
