@@ -13,6 +13,7 @@ import logging
 import queue
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..errors import (
     AuthError,
     DeviceOutOfMemory,
     GalaxyError,
+    KVDirectFailed,
     KVTransferError,
     PeerUnreachable,
     PlanMismatch,
@@ -50,6 +52,7 @@ from ..parallel.rank import KVPool
 from ..parallel.sharding import Partition, Strategy, meta_model
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
+from . import kv_ticket
 from .channels import open_channel
 from .probe import REFUSED, UNREACHABLE, explain, probe, reach
 from .protocol import from_proto, kv_box_to_proto, metadata, step_to_proto, to_proto
@@ -71,6 +74,18 @@ class ModelRef:
     def to_proto(self) -> pb.ModelRef:
         return pb.ModelRef(path=self.path, random_init=self.random_init, seed=self.seed, random_std=self.std,
                            config_json=json.dumps(self.config.to_dict()))
+
+
+@dataclass(frozen=True)
+class KVDestination:
+    """Where a direct K/V move goes (Cluster.kv_destination, for another Cluster's send_kv): the receiving
+    worker's address, the coordinator's ticket for that one box, its name for errors, and `gone()`, a
+    heartbeat of it (True once it missed enough pings to be declared gone)."""
+
+    address: str
+    ticket: pb.KVTicket
+    name: str
+    gone: Callable[[], bool]
 
 
 def model_ref(source) -> ModelRef:
@@ -118,6 +133,8 @@ class Cluster:
         self.stubs = [pb_grpc.WorkerStub(c) for c in self.channels]
         self.pool = ThreadPoolExecutor(max_workers=max(4, len(addresses)), thread_name_prefix="galaxy-coord")
         self.session_id = ""
+        self._ticket_key = b""
+        self.kv_dtype = torch.float32
         self.partition: Partition | None = None
         self.config: ModelConfig | None = None
         self.names = [f"device {i} ({a})" for i, a in enumerate(self.addresses)]
@@ -241,6 +258,7 @@ class Cluster:
                       for a, d in zip(self.addresses, infos)]
         self.release()
         self.session_id = secrets.token_hex(8)
+        self._ticket_key = kv_ticket.new_key()  # signs direct K/V moves into this load's pools (kv_ticket.py)
         ref, pjson = model.to_proto(), json.dumps(partition.to_dict())
 
         def call(r, stub):
@@ -252,7 +270,7 @@ class Cluster:
                                  recv_timeout_s=recv_timeout, wire_formats=options.wire[r] if options.wire else [],
                                  no_overlap=not options.overlap, backend=options.backend, data_peers=data_peers,
                                  seq_len=options.seq_len, weights_format=options.weights_format,
-                                 decode_threads=options.decode_threads)
+                                 decode_threads=options.decode_threads, kv_ticket_key=self._ticket_key)
             return stub.Load(req, timeout=load_timeout, metadata=self._md())
 
         replies = self._all("load", call)
@@ -260,6 +278,7 @@ class Cluster:
         self.backends = [r.backend for r in replies]
         self.kv_capacity = [(r.kv_bytes_per_token, r.kv_budget_bytes) for r in replies]
         act = options.torch_dtype.itemsize
+        self.kv_dtype = options.torch_dtype  # the K/V's dtype in every pool here (direct moves' tickets name it)
         self.loaded_memory = [LoadedMemory(r.memory_budget_bytes, r.rss_bytes, act, r.kv_budget_bytes) for r in replies]
         self.decode_threads = [r.decode_threads for r in replies]  # each device's count on a decode step
         return replies
@@ -335,6 +354,67 @@ class Cluster:
         """Write a box into worker `rank`'s pool (the Executor interface); the worker checks it first."""
         self._kv_call(rank, "ImportKV", kv_box_to_proto(self.session_id, block_table, start + box.shape[3], layers,
                                                         heads, pool, box, start=start), "K/V import")
+
+    def kv_destination(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, start: int,
+                       src_session: str, src_rank: int) -> KVDestination:
+        """Where a direct K/V move of that box goes and the ticket that lets it in (kv_ticket.py): signed
+        here with this load's key, which only this session's workers hold. `tokens`, `start`, `block_table`
+        and `pool` are the receiver's (positions [start, tokens) of the sequence there)."""
+        self._check_rank(rank)
+        code = to_proto(torch.empty(0, dtype=self.kv_dtype)).dtype
+        nbytes = (layers[1] - layers[0]) * 2 * (heads[1] - heads[0]) * (tokens - start) * self.config.head_dim \
+            * self.kv_dtype.itemsize
+        ticket = kv_ticket.issue(self.token, self._ticket_key, src_session=src_session, src_rank=src_rank,
+                                 dst_session=self.session_id, dst_rank=rank, block_table=list(block_table),
+                                 num_blocks=pool.num_blocks, block_size=pool.block_size, start=start,
+                                 num_tokens=tokens, layer_lo=layers[0], layer_hi=layers[1], head_lo=heads[0],
+                                 head_hi=heads[1], dtype=code, nbytes=nbytes)
+        missed = [0] * self.world
+        return KVDestination(self.addresses[rank], ticket, self.names[rank],
+                             lambda: self._heartbeat([rank], missed) is not None)
+
+    def send_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, dest: KVDestination,
+                start: int = 0, while_stepping: bool = False) -> tuple[int, float]:
+        """A direct K/V move (the sender's side): worker `rank` reads the box and imports it into the
+        worker `dest` names, with its ticket. Returns (bytes, seconds of the receiver's import as the
+        sender timed it). While it runs both ends are watched by heartbeat: the sender gone raises
+        PeerUnreachable naming it (as a pull would); the receiver gone, refusing, or past the timeout
+        raises KVDirectFailed naming it (the caller moves the box through the coordinator instead)."""
+        self._check_rank(rank)
+        msg = pb.KVSend(box=kv_box_to_proto(self.session_id, block_table, tokens, layers, heads, pool, start=start,
+                                            while_stepping=while_stepping), dst_address=dest.address,
+                        ticket=dest.ticket)
+        fut = self.stubs[rank].SendKV.future(msg, timeout=self.kv_timeout, metadata=self._md())
+        missed = [0] * self.world
+        while True:
+            try:
+                rep = fut.result(timeout=self.heartbeat_s)
+                return rep.bytes, rep.send_s
+            except grpc.FutureTimeoutError:
+                gone = self._heartbeat([rank], missed) is not None
+                if gone or dest.gone():
+                    fut.cancel()
+                    secs = self.heartbeat_s * self.heartbeat_misses
+                    err = (PeerUnreachable(f"{self.names[rank]}: no heartbeat for {secs:.0f} s during a direct K/V "
+                                           "move; the device dropped out") if gone else
+                           KVDirectFailed(f"{dest.name}: no heartbeat for {secs:.0f} s while {self.names[rank]} sent "
+                                          "it K/V directly"))
+                    err.gave_up = True  # the call may still be on its way: its box may land until its deadline
+                    raise err from None
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    err = KVDirectFailed(f"{self.names[rank]} -> {dest.name}: {e.details()}")
+                    err.gave_up = "DEADLINE_EXCEEDED" in (e.details() or "") or e.code() != grpc.StatusCode.ABORTED
+                    raise err from None
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise KVTransferError(f"{self.names[rank]}: {e.details()}") from None
+                raise _error(e, self.names[rank], "direct K/V move") from None
+
+    def _check_rank(self, rank: int) -> None:
+        if self.partition is None:
+            raise GalaxyError("nothing loaded: call load() first")
+        if not 0 <= rank < self.world:
+            raise GalaxyError(f"rank {rank} outside 0..{self.world - 1}")
 
     def _kv_call(self, rank: int, rpc: str, msg, action: str):
         if self.partition is None:
