@@ -340,6 +340,15 @@ class DecodeEngine(FailOver, Engine):
                 h = self._next_handoff()
                 if h is None:
                     return
+                if isinstance(h.kvs, DirectMove) and h.kvs.error is not None and (
+                        self._held.get(h.held) is self.sched.blocks):  # sent directly, failed after the reads: the
+                    log.warning("a direct K/V move failed after its reads (%s): the sequence runs all its tokens "
+                                "again on the decode group", h.kvs.error)  # prefill group's blocks are gone, so
+                    self._pending.remove(h)  # its tokens run again here (a decode device gone fails that step,
+                    self._drop(h)  # told as this group's failure)
+                    self.mover.direct.fell_back += 1
+                    self._requeue(h)
+                    continue
                 if h.kvs is not None and (h.kvs.error is not None or self._held.get(h.held) is not self.sched.blocks):
                     self._pending.remove(h)  # its stream failed (or this pool was re-made under it)
                     self._drop(h)
@@ -373,8 +382,7 @@ class DecodeEngine(FailOver, Engine):
                     t = h.kvs.timing()
                     gen = h.stream.generation
                     direct = isinstance(h.kvs, DirectMove)
-                    self._adopted(gen, KVHandoff(len(gen.tokens), t.nbytes, t.export_s,
-                                                 time.perf_counter() - h.pulled_at if direct else 0.0, t.import_s,
+                    self._adopted(gen, KVHandoff(len(gen.tokens), t.nbytes, t.export_s, 0.0, t.import_s,
                                                  time.perf_counter() - h.stream.submitted, t.hidden_s, t.exposed_s,
                                                  not direct, direct))
                     continue
@@ -635,8 +643,10 @@ class PrefillEngine(FailOver, Engine):
 
     def _send_direct(self, sid: int, stream: GenerationStream, seq: Sequence, table, tokens: int, token_ids
                      ) -> bool | None:
-        """Move a sequence's K/V in one hop (engine/kv_direct.py) into blocks reserved on the decode group,
-        then hand it over. True: handed over, ended, or no room there now (it tries again at its next token);
+        """Move a sequence's K/V in one hop (engine/kv_direct.py) into blocks reserved on the decode group:
+        once every box is read from the prefill devices, free its blocks here and hand it over (the decode group
+        adopts it when every box is in). True: handed over, ended, or no room there now (it tries again at its
+        next token);
         False: the direct move failed on the receivers' side, so the caller moves it through the coordinator;
         None: this group re-planned (CacheLost) and the caller must stop."""
         got = self.decode.reserve_move(token_ids, tokens, self.pool.block_size, seq.params)
@@ -644,7 +654,7 @@ class PrefillEngine(FailOver, Engine):
             return True  # decodes here this step; tries again at its next token
         held, skip = got
         decode_split = self.mover.decode.partition  # before the move: a re-plan during it shows at adoption
-        move = DirectMove()
+        move = DirectMove(wake=self.decode._wake.set)
         try:
             self.mover.send(move, table, tokens, self.pool, skip, held.block_table, self.decode.pool)
         except CacheLost as e:  # a device dropped out and this group re-planned: every sequence runs again
@@ -669,8 +679,8 @@ class PrefillEngine(FailOver, Engine):
                 return True
             self.sched.abort(sid)  # frees its blocks here (their prefix stays cached)
             self.streams.pop(sid)
-            self.decode.hand(_Handoff(stream, token_ids, seq.num_prompt, seq.params, seq.deadline, [], move.nbytes,
-                                      move.busy_s, time.perf_counter(), decode_split, kvs=move, held=held))
+            self.decode.hand(_Handoff(stream, token_ids, seq.num_prompt, seq.params, seq.deadline, [], 0, 0.0,
+                                      time.perf_counter(), decode_split, kvs=move, held=held))
             self.moved += 1
         return True
 

@@ -17,19 +17,25 @@ need not be in any particular state when the box lands. A pull by the receiver w
 loop reach back into the prefill group's pool at a time the prefill loop does not control, which
 needs the prefill blocks pinned across both loops.
 
-Bounded: at most `DirectConfig.max_inflight_bytes` of boxes are in calls at once (each box at most
-`chunk_bytes`, cut by layers), so a sender or a receiver holds at most that in flight for this
-coordinator. Every call has the executor's timeout and both ends are watched by heartbeat.
+Overlapped: `send_kv` answers once the sender has read its box (a copy, under its lock) and again once
+the receiver has imported it. `DirectSender.send` returns when every box is read, so the prefill engine
+frees the sequence's blocks and steps on while the boxes travel; the decode engine adopts the sequence
+when every box is in (`DirectMove.finished`).
 
-What a failure does (`DirectMove.failed`):
-- the *sender* gone (PeerUnreachable, or CacheLost from a re-planning prefill group) is the prefill
-  group's failure, exactly as a failed pull: the caller handles it as one;
-- anything on the *receiver's* side (KVDirectFailed: unreachable from the sender, a refused ticket or
-  box, no answer before the deadline) makes the caller move the sequence through the coordinator
-  instead (the two-hop path), where a decode device that is really gone fails the push and is told
-  as the decode group's failure. The reserved blocks are given back only once no call of this move may
-  still write into them (`outstanding`: a call given up on counts until its deadline, which the
-  receiver enforces).
+Bounded: at most `DirectConfig.max_inflight_bytes` of boxes are read and not yet imported, over every
+move (each box at most `chunk_bytes`, cut by layers); past that the prefill engine waits. Every call has
+the executor's timeout and both ends are watched by heartbeat.
+
+What a failure does:
+- the *sender* gone before its read (PeerUnreachable, or CacheLost from a re-planning prefill group) is
+  the prefill group's failure, exactly as a failed pull: the caller handles it as one;
+- after the reads the prefill blocks are freed, so a move that fails then (KVDirectFailed: the receiver
+  unreachable from the sender, a refused ticket or box, no answer before the deadline, the sender lost
+  mid-send) runs the sequence's tokens again on the decode group, as a sequence whose split was
+  re-planned does; a decode device really gone fails that step and is told as the decode group's
+  failure. (KVDirectFailed before the reads, not expected, moves it through the coordinator.)
+- The reserved blocks go back only once no call of the move may still write into them (`outstanding`:
+  a running call, or one given up on until its deadline, which the receiver enforces).
 
 Streamed K/V (engine/kv_stream.py) keep going through the coordinator: a stream's chunks are read
 while later chunks run, into blocks reserved before the first token; doing that directly needs the
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -75,10 +82,12 @@ def supported(prefill: Executor, decode: Executor) -> bool:
 class DirectMove:
     """One sequence's K/V on their way from the prefill devices into blocks reserved on the decode group.
     The decode engine adopts it as it adopts a finished stream (KVStream's `finished`, `error`,
-    `outstanding`, `timing`)."""
+    `outstanding`, `timing`); `wake()` tells it the move finished or failed."""
 
+    wake: Callable[[], None] = lambda: None
     started_at: float = field(default_factory=time.perf_counter)
-    done_at: float | None = None
+    read_at: float | None = None  # every box read from the prefill devices: the prefill engine went on here
+    done_at: float | None = None  # every box imported on the decode devices
     nbytes: int = 0
     busy_s: float = 0.0  # every call's time, summed (calls overlap: more than the wall time)
     import_s: float = 0.0  # of it, the receivers' imports as the senders timed them
@@ -86,6 +95,8 @@ class DirectMove:
     # calls that may still write -> monotonic time after which they cannot: a call that returned is over; one the
     # coordinator gave up on (no heartbeat, or its receiver's deadline hit) stays until its deadline has passed
     _open: dict = field(default_factory=dict)
+    _running: int = 0
+    _sealed: bool = False  # every call of it started
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -94,77 +105,135 @@ class DirectMove:
 
     @property
     def outstanding(self) -> int:
-        """Calls that may still write into the reserved blocks (given up on, deadline not yet past)."""
+        """Calls that may still write into the reserved blocks (running, or given up on before their deadline)."""
         now = time.monotonic()
         with self._lock:
             return sum(1 for t in self._open.values() if t > now)
 
     def timing(self) -> StreamTiming:
-        wall = (self.done_at or time.perf_counter()) - self.started_at
-        return StreamTiming(self.busy_s, 0.0, wall, self.nbytes, self.busy_s - self.import_s, self.import_s)
+        """Busy time, nothing hidden behind the prefill, exposed: from the reads (the prefill engine handing it
+        over) until every box was in; export: the reads' wall time, import: the receivers' imports."""
+        read = self.read_at or self.started_at
+        return StreamTiming(self.busy_s, 0.0, max(0.0, (self.done_at or time.perf_counter()) - read), self.nbytes,
+                            read - self.started_at, self.import_s)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            first = self.error is None and self.done_at is None
+            if first:
+                self.error = error if isinstance(error, GalaxyError) else GalaxyError(f"a direct K/V move: {error}")
+        if first:
+            self.wake()
+
+    def _call_done(self) -> None:
+        """A call returned. The last one wakes the decode engine whatever the outcome: the move is in, or a
+        reservation it held may be given back now."""
+        with self._lock:
+            self._running -= 1
+            last = self._sealed and self._running == 0
+            if last and self.error is None and self.done_at is None:
+                self.done_at = time.perf_counter()
+        if last:
+            self.wake()
 
 
 class DirectSender:
-    """Sends every box of a move at once, at most `max_inflight_bytes` of them in calls."""
+    """Starts every box of a move at once, at most `max_inflight_bytes` read and not yet imported over all
+    moves, and returns once they are read: the sends finish in the background."""
 
     def __init__(self, prefill: Executor, decode: Executor, config: DirectConfig, timeout_s: float):
         self.prefill, self.decode, self.config = prefill, decode, config
         self.timeout_s = timeout_s  # the longest one call may take (the executor's K/V timeout)
-        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="galaxy-kv-direct")
-        self.sent = 0  # moves done directly
-        self.fell_back = 0  # moves that went through the coordinator after a direct one failed
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="galaxy-kv-direct")
+        self._cv = threading.Condition()
+        self.inflight = 0  # bytes of boxes in calls now, every move
+        self.peak_inflight = 0
+        self.sent = 0  # moves whose boxes were all read
+        self.fell_back = 0  # moves that failed on the receivers' side (the sequence then ran again, or went two-hop)
 
     def send(self, move: DirectMove, boxes: list[tuple[KVPiece, int]], src_table, tokens: int, src_pool: KVPool,
              dst_table, dst_pool: KVPool) -> None:
         """Every (piece, bytes) of positions [0, tokens) of the tables (the sequence's blocks past what the
-        receivers hold already); raises the first failure once no call of it is still running here."""
+        receivers hold already). Returns once every box is read from the prefill devices; raises the first
+        failure before that (the sender's side: as a failed pull). A failure after it fails the move
+        (`move.error`, in the background)."""
         session = self.prefill.session_id
         cv = threading.Condition()
-        state = {"inflight": 0, "running": 0, "error": None}
+        local = {"unread": 0, "error": None}
+
+        def read():
+            with cv:
+                local["unread"] -= 1
+                cv.notify_all()
 
         def one(c: KVPiece, nbytes: int) -> None:
             t0 = time.perf_counter()
             key = object()
             with move._lock:
                 move._open[key] = time.monotonic() + self.timeout_s + self.config.slack_s
+            state = {"read": False}
+
+            def on_read():
+                state["read"] = True
+                read()
+
             try:
                 dest = self.decode.kv_destination(c.dst, dst_table, tokens, c.layers, c.heads, dst_pool, 0, session,
                                                   c.src)
-                sent, import_s = self.prefill.send_kv(c.src, src_table, tokens, c.layers, c.heads, src_pool, dest)
+                sent, import_s = self.prefill.send_kv(c.src, src_table, tokens, c.layers, c.heads, src_pool, dest,
+                                                      on_read=on_read)
                 with move._lock:
                     move._open.pop(key)  # returned: it wrote all it ever will
                     move.nbytes += sent
                     move.import_s += import_s
                     move.busy_s += time.perf_counter() - t0
-            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread below
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, or to the move
                 if not getattr(e, "gave_up", False):  # the call ended (refused, unreachable): nothing more lands
                     with move._lock:
                         move._open.pop(key)
-                with cv:
-                    state["error"] = state["error"] or e
+                else:  # it may land until its deadline: look at the reservation again once that has passed
+                    timer = threading.Timer(self.timeout_s + self.config.slack_s + 0.1, move.wake)
+                    timer.daemon = True
+                    timer.start()
+                if state["read"]:
+                    move._fail(e)
+                else:
+                    with cv:
+                        local["error"] = local["error"] or e
+                    read()
             finally:
-                with cv:
-                    state["inflight"] -= nbytes
-                    state["running"] -= 1
-                    cv.notify_all()
+                with self._cv:
+                    self.inflight -= nbytes
+                    self._cv.notify_all()
+                move._call_done()
 
         for c, nbytes in boxes:
-            with cv:
-                while state["error"] is None and state["inflight"] and (
-                        state["inflight"] + nbytes > self.config.max_inflight_bytes):
-                    cv.wait(1.0)
-                if state["error"] is not None:
+            with self._cv:
+                while self.inflight and self.inflight + nbytes > self.config.max_inflight_bytes \
+                        and local["error"] is None:
+                    self._cv.wait(1.0)
+                if local["error"] is not None:
                     break
-                state["inflight"] += nbytes
-                state["running"] += 1
+                self.inflight += nbytes
+                self.peak_inflight = max(self.peak_inflight, self.inflight)
+            with cv:
+                local["unread"] += 1
+            with move._lock:
+                move._running += 1
             self.pool.submit(one, c, nbytes)
+        with move._lock:
+            move._sealed = True
         with cv:
-            while state["running"]:
+            while local["unread"] > 0:
                 cv.wait(1.0)
-        if state["error"] is not None:
-            move.error = state["error"]
-            raise state["error"]
-        move.done_at = time.perf_counter()
+        if local["error"] is not None:
+            move._fail(local["error"])
+            raise local["error"]
+        move.read_at = time.perf_counter()
+        with move._lock:
+            done = move._running == 0 and move.error is None and move.done_at is None
+            if done:
+                move.done_at = time.perf_counter()
         self.sent += 1
 
     def close(self) -> None:

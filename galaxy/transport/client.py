@@ -12,6 +12,7 @@ import json
 import logging
 import queue
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -374,41 +375,64 @@ class Cluster:
                              lambda: self._heartbeat([rank], missed) is not None)
 
     def send_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, dest: KVDestination,
-                start: int = 0, while_stepping: bool = False) -> tuple[int, float]:
+                start: int = 0, while_stepping: bool = False, on_read=None) -> tuple[int, float]:
         """A direct K/V move (the sender's side): worker `rank` reads the box and imports it into the
-        worker `dest` names, with its ticket. Returns (bytes, seconds of the receiver's import as the
-        sender timed it). While it runs both ends are watched by heartbeat: the sender gone raises
-        PeerUnreachable naming it (as a pull would); the receiver gone, refusing, or past the timeout
-        raises KVDirectFailed naming it (the caller moves the box through the coordinator instead)."""
+        worker `dest` names, with its ticket; `on_read()` is called once the box is read (its blocks here
+        may then be freed). Returns (bytes, seconds of the receiver's import as the sender timed it).
+        Watched by heartbeat: the sender gone before the read raises PeerUnreachable naming it (as a
+        failed pull); after the read, or the receiver gone, refusing, or past the timeout, KVDirectFailed
+        (`gave_up`: the call may still land until its deadline)."""
         self._check_rank(rank)
         msg = pb.KVSend(box=kv_box_to_proto(self.session_id, block_table, tokens, layers, heads, pool, start=start,
                                             while_stepping=while_stepping), dst_address=dest.address,
                         ticket=dest.ticket)
-        fut = self.stubs[rank].SendKV.future(msg, timeout=self.kv_timeout, metadata=self._md())
-        missed = [0] * self.world
+        call = self.stubs[rank].SendKV(msg, timeout=self.kv_timeout, metadata=self._md())
+        replies: queue.Queue = queue.Queue()
+
+        def drain():
+            try:
+                for r in call:
+                    replies.put(r)
+                replies.put(None)
+            except grpc.RpcError as e:
+                replies.put(e)
+
+        threading.Thread(target=drain, name="galaxy-kv-send", daemon=True).start()
+        missed, got = [0] * self.world, []
+        secs = self.heartbeat_s * self.heartbeat_misses
         while True:
             try:
-                rep = fut.result(timeout=self.heartbeat_s)
-                return rep.bytes, rep.send_s
-            except grpc.FutureTimeoutError:
+                item = replies.get(timeout=self.heartbeat_s)
+            except queue.Empty:
                 gone = self._heartbeat([rank], missed) is not None
-                if gone or dest.gone():
-                    fut.cancel()
-                    secs = self.heartbeat_s * self.heartbeat_misses
-                    err = (PeerUnreachable(f"{self.names[rank]}: no heartbeat for {secs:.0f} s during a direct K/V "
-                                           "move; the device dropped out") if gone else
-                           KVDirectFailed(f"{dest.name}: no heartbeat for {secs:.0f} s while {self.names[rank]} sent "
-                                          "it K/V directly"))
+                if gone and not got:
+                    call.cancel()
+                    raise PeerUnreachable(f"{self.names[rank]}: no heartbeat for {secs:.0f} s during a direct K/V "
+                                          "move; the device dropped out") from None
+                if gone or (got and dest.gone()):
+                    call.cancel()
+                    who = self.names[rank] if gone else dest.name
+                    err = KVDirectFailed(f"{who}: no heartbeat for {secs:.0f} s during a direct K/V move from "
+                                         f"{self.names[rank]} to {dest.name}")
                     err.gave_up = True  # the call may still be on its way: its box may land until its deadline
                     raise err from None
-            except grpc.RpcError as e:
-                if e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    err = KVDirectFailed(f"{self.names[rank]} -> {dest.name}: {e.details()}")
-                    err.gave_up = "DEADLINE_EXCEEDED" in (e.details() or "") or e.code() != grpc.StatusCode.ABORTED
+                continue
+            if item is None:
+                last = got[-1] if got else pb.KVReply()
+                return last.bytes, last.send_s
+            if isinstance(item, grpc.RpcError):
+                code = item.code()
+                if code in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED) or (got and code not in (
+                        grpc.StatusCode.INVALID_ARGUMENT,)):
+                    err = KVDirectFailed(f"{self.names[rank]} -> {dest.name}: {item.details()}")
+                    err.gave_up = code != grpc.StatusCode.ABORTED or "DEADLINE_EXCEEDED" in (item.details() or "")
                     raise err from None
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise KVTransferError(f"{self.names[rank]}: {e.details()}") from None
-                raise _error(e, self.names[rank], "direct K/V move") from None
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise KVTransferError(f"{self.names[rank]}: {item.details()}") from None
+                raise _error(item, self.names[rank], "direct K/V move") from None
+            got.append(item)
+            if len(got) == 1 and on_read is not None:
+                on_read()
 
     def _check_rank(self, rank: int) -> None:
         if self.partition is None:

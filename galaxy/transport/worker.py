@@ -476,10 +476,11 @@ class WorkerService(pb_grpc.WorkerServicer):
     def SendKV(self, request, context):
         """A direct K/V move: read a box from this worker's pool (as ExportKV) and import it, with the
         coordinator's ticket (kv_ticket.py), into the worker of another session at `dst_address` -- one
-        hop, not through the coordinator. The read holds this worker's lock; the send does not, so the
-        next step here runs while the box travels. The receiver gets this call's deadline, less a margin.
-        A receiver that refuses or cannot be reached ends this call ABORTED, naming it (the coordinator
-        then moves the box through itself)."""
+        hop, not through the coordinator. Two replies: one once the box is read (the coordinator may free
+        or reuse the blocks it came from: the prefill engine goes on), one once it is imported. The read
+        holds this worker's lock; the send does not, so the next step here runs while the box travels.
+        The receiver gets this call's deadline, less a margin. A receiver that refuses or cannot be
+        reached ends this call ABORTED, naming it."""
         t0 = time.perf_counter()
         sess = self._session_or_abort(request.box.session_id, context)
         with self._kv_lock(request.box, context):
@@ -496,6 +497,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         msg = pb.KVBox(session_id=t.dst_session, block_table=list(t.block_table), num_tokens=t.num_tokens,
                        layer_lo=t.layer_lo, layer_hi=t.layer_hi, head_lo=t.head_lo, head_hi=t.head_hi,
                        num_blocks=t.num_blocks, block_size=t.block_size, start=t.start, kv=data, ticket=t)
+        del box
+        yield pb.KVReply(seconds=time.perf_counter() - t0, bytes=len(data.data))  # read: its blocks may go
         left = context.time_remaining()
         timeout = max(0.1, (left if left is not None else 2 * KV_WAIT_S) - 0.5)
         t1 = time.perf_counter()
@@ -506,7 +509,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.ABORTED, f"{self.s.name}: the direct K/V move to {request.dst_address} "
                           f"failed ({e.code().name}): {e.details()}")
         now = time.perf_counter()
-        return pb.KVReply(seconds=now - t0, bytes=len(data.data), send_s=now - t1)
+        yield pb.KVReply(seconds=now - t0, bytes=len(msg.kv.data), send_s=now - t1)
 
     def _kv_peer(self, address: str) -> pb_grpc.WorkerStub:
         """A stub to another group's worker (a channel kept per address, as PeerTransport's)."""
@@ -760,9 +763,9 @@ def _deny(handler, code, message):
 
     if handler is None:
         return None
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[handler.request_streaming, handler.response_streaming](refuse)
 
 
 

@@ -109,7 +109,7 @@ class WorkerStub:
                 request_serializer=galaxy_dot_v1_dot_worker__pb2.KVBox.SerializeToString,
                 response_deserializer=galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
                 _registered_method=True)
-        self.SendKV = channel.unary_unary(
+        self.SendKV = channel.unary_stream(
                 '/galaxy.v1.Worker/SendKV',
                 request_serializer=galaxy_dot_v1_dot_worker__pb2.KVSend.SerializeToString,
                 response_deserializer=galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
@@ -219,7 +219,7 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SendKV(self, request, context):
-        """a box straight into another group's worker (a direct K/V move)
+        """a box straight into another group's worker (a direct K/V move):
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -303,7 +303,7 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=galaxy_dot_v1_dot_worker__pb2.KVBox.FromString,
                     response_serializer=galaxy_dot_v1_dot_worker__pb2.KVReply.SerializeToString,
             ),
-            'SendKV': grpc.unary_unary_rpc_method_handler(
+            'SendKV': grpc.unary_stream_rpc_method_handler(
                     servicer.SendKV,
                     request_deserializer=galaxy_dot_v1_dot_worker__pb2.KVSend.FromString,
                     response_serializer=galaxy_dot_v1_dot_worker__pb2.KVReply.SerializeToString,
@@ -735,7 +735,7 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/galaxy.v1.Worker/SendKV',
