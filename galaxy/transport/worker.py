@@ -31,7 +31,7 @@ import torch
 from ..addresses import AddressError, join_address, split_address
 from ..backends.profiling import profile_need, time_blocks
 from ..backends.select import use_backend
-from ..errors import DeviceOutOfMemory, GalaxyError, TransportError
+from ..errors import DeviceOutOfMemory, GalaxyError, KVTransferError, TransportError
 from ..model.checkpoints import CheckpointError, WeightSource, open_checkpoint
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import ConfigError, ModelConfig
@@ -72,7 +72,7 @@ from .protocol import (
     serialize_tensor_reply,
     step_from_proto,
 )
-from .security import TlsFiles
+from .security import COORDINATOR, TlsFiles
 from .shardstore import ShardStore, model_hash, source_file_bytes, spec_from_json, spec_json
 
 log = logging.getLogger(__name__)
@@ -450,6 +450,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             if request.HasField("ticket"):  # from another group's worker: only what the coordinator authorized
                 verify(self.s.token, sess.ticket_key, sess.session_id, rt.rank, request, request.kv.dtype,
                        len(request.kv.data), sess.nonces, self.s.name)
+            elif not self._from_coordinator(context):
+                raise KVTransferError("K/V from a device, not the coordinator, without the coordinator's ticket")
                 left = context.time_remaining()
                 if left is not None and left <= 0:  # the coordinator gave up on it and may have reused the blocks
                     raise TransportError("a direct K/V move that arrived after its deadline")
@@ -472,6 +474,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         except (TransportError, ValueError, GalaxyError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V import refused: {e}")
         return pb.KVReply()
+
+    def _from_coordinator(self, context) -> bool:
+        """Whether the caller is the coordinator: with mutual TLS its certificate names it (security.COORDINATOR);
+        with the cluster token alone every device holds the same credential, so any holder counts."""
+        if self.s.tls is None:
+            return True
+        return COORDINATOR.encode() in context.auth_context().get("x509_common_name", [])
 
     def SendKV(self, request, context):
         """A direct K/V move: read a box from this worker's pool (as ExportKV) and import it, with the

@@ -23,6 +23,7 @@ from galaxy.runtime.sources import reference_generate
 from galaxy.transport import kv_ticket
 from galaxy.transport.client import Cluster, KVDestination, ModelRef
 from galaxy.transport.protocol import kv_box_to_proto
+from galaxy.transport.security import COORDINATOR, TlsFiles, init_keys
 from galaxy.v1 import worker_pb2 as pb
 from tests.engine.test_disagg import CFG, SRC, prompts, split
 
@@ -156,3 +157,29 @@ def test_a_sender_or_receiver_gone_during_a_direct_move_ends_the_request_naming_
         finally:
             engine.close()
     assert took < 20
+
+
+def test_over_mutual_tls_a_direct_move_lands_and_a_device_without_a_ticket_is_refused(servers, tmp_path):
+    """With mutual TLS the receiver knows who calls: the coordinator's own import needs no ticket, a device's
+    does (its certificate names it); the direct move, worker to worker over TLS, lands."""
+    init_keys(tmp_path, ["w0", "w1"])
+    addrs = [servers.start(1, tls=TlsFiles.load(tmp_path, f"w{i}"))[0] for i in range(2)]
+    coord = TlsFiles.load(tmp_path, COORDINATOR)
+    with Cluster(addrs[:1], tls=coord) as pre, Cluster(addrs[1:], tls=coord) as dec:
+        pre.load_ref(REF, split([6]))
+        dec.load_ref(REF, split([6]))
+        pool = KVPool(4, 8)
+        box = torch.randn(CFG.n_layers, 2, CFG.n_kv_heads, 10, CFG.head_dim)
+        pre.import_kv(0, (0, 3), box, LAYERS, (0, 2), pool)
+        dest, _ = _ticketed(dec, pre, table=(3, 1))
+        pre.send_kv(0, (0, 3), 10, LAYERS, (0, 2), pool, dest)
+        assert torch.equal(dec.export_kv(0, (3, 1), 10, LAYERS, (0, 2), pool), box)
+        device = Cluster(addrs[1:], tls=TlsFiles.load(tmp_path, "w0"))  # a prefill device's identity; not closed
+        device.session_id, device.partition, device.config = dec.session_id, dec.partition, dec.config  # (a close
+        try:  # would release the decode session)
+            with pytest.raises(KVTransferError, match="not the coordinator, without the coordinator's ticket"):
+                device.import_kv(0, (3, 1), box + 1, LAYERS, (0, 2), pool)
+        finally:
+            for ch in device.channels:
+                ch.close()
+        assert torch.equal(dec.export_kv(0, (3, 1), 10, LAYERS, (0, 2), pool), box)
