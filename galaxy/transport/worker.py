@@ -71,6 +71,7 @@ from .protocol import (
     metadata,
     serialize_tensor_reply,
     step_from_proto,
+    to_proto_dtype,
 )
 from .security import COORDINATOR, TlsFiles
 from .shardstore import ShardStore, model_hash, source_file_bytes, spec_from_json, spec_json
@@ -495,19 +496,19 @@ class WorkerService(pb_grpc.WorkerServicer):
         with self._kv_lock(request.box, context):
             box = self._read_box(sess, request.box, context)
         t = request.ticket
-        data = pb.Tensor()
-        fill_proto(data, box)
-        if (len(data.data) != t.nbytes or data.dtype != t.dtype or t.start != request.box.start
+        nbytes = box.numel() * box.element_size()
+        if (nbytes != t.nbytes or to_proto_dtype(box.dtype) != t.dtype or t.start != request.box.start
                 or box.shape[3] != t.num_tokens - t.start or (t.layer_lo, t.layer_hi, t.head_lo, t.head_hi)
                 != (request.box.layer_lo, request.box.layer_hi, request.box.head_lo, request.box.head_hi)):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: a K/V box of {len(data.data)} bytes "
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: a K/V box of {nbytes} bytes "
                           f"({tuple(box.shape)}) does not match its ticket ({t.nbytes} bytes, positions "
                           f"{t.start}..{t.num_tokens})")
+        yield pb.KVReply(seconds=time.perf_counter() - t0, bytes=nbytes)  # read (a copy): its blocks may go
         msg = pb.KVBox(session_id=t.dst_session, block_table=list(t.block_table), num_tokens=t.num_tokens,
                        layer_lo=t.layer_lo, layer_hi=t.layer_hi, head_lo=t.head_lo, head_hi=t.head_hi,
-                       num_blocks=t.num_blocks, block_size=t.block_size, start=t.start, kv=data, ticket=t)
+                       num_blocks=t.num_blocks, block_size=t.block_size, start=t.start, ticket=t)
+        fill_proto(msg.kv, box)
         del box
-        yield pb.KVReply(seconds=time.perf_counter() - t0, bytes=len(data.data))  # read: its blocks may go
         left = context.time_remaining()
         timeout = max(0.1, (left if left is not None else 2 * KV_WAIT_S) - 0.5)
         t1 = time.perf_counter()
