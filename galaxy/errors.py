@@ -23,6 +23,12 @@ class KVTransferError(TransportError):
     pool. Refused before the pool is touched."""
 
 
+class KVDirectFailed(KVTransferError):
+    """A direct K/V move (a prefill worker sending a box straight to a decode worker, transport/kv_ticket.py)
+    that did not land: the receiver could not be reached from the sender, refused the box or its ticket, or
+    did not answer in time. The engine moves that sequence's K/V through the coordinator instead."""
+
+
 class KVStreamStalled(KVTransferError):
     """A prompt's K/V streaming to the decode group (engine/kv_stream.py) in which no box moved for the
     stall timeout: a device stopped answering, or the decode group stopped taking boxes."""

@@ -4,8 +4,10 @@ colocated serving, side by side on the same requests in one run.
 Colocated: one Engine over the prefill group's devices (prefill and decode both there, Galaxy's
 HMP for prompts, tensor-parallel decode steps). Disaggregated: a DisaggEngine, the same prefill
 group, then each sequence's K/V moved to the decode group after its prefill (galaxy/engine/disagg.py).
-Streamed: the same, but a prompt of several chunks streams its K/V chunk by chunk while its later
-chunks are prefilled (galaxy/engine/kv_stream.py; `--chunk-size` sets the chunks).
+Direct: the same, but each prefill device sends its boxes straight to the decode devices, one hop
+(galaxy/engine/kv_direct.py; workers only). Streamed: a prompt of several chunks streams its K/V
+chunk by chunk while its later chunks are prefilled (galaxy/engine/kv_stream.py; `--chunk-size` sets
+the chunks), through the coordinator.
 
 Unloaded (one request at a time, `reps` times after one not counted, medians), the first tokens
 split as the field splits them (Mooncake #62: PD TTFT = prefill + KV transfer + first decode):
@@ -35,6 +37,7 @@ from dataclasses import asdict, replace
 from ..engine.disagg import DisaggConfig, DisaggEngine
 from ..engine.engine import Engine, EngineConfig
 from ..engine.generation import GenerationConfig
+from ..engine.kv_direct import DirectConfig, supported
 from ..engine.kv_stream import StreamConfig
 from ..parallel.executor import Executor
 from .serve import ATTAINMENT_GOAL, Workload, goodput, requests, run_workload, summarise
@@ -82,8 +85,12 @@ def run_phase_bench(prefill: Executor, decode: Executor, cfg, tokenizer, workloa
     colocated = colocated or prefill
     makers = {"colocated": lambda: Engine(colocated, cfg, tokenizer, engine),
               "disaggregated": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine, DisaggConfig()),
+              "direct": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
+                                             DisaggConfig(direct=DirectConfig())),
               "streamed": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
                                                DisaggConfig(stream=StreamConfig()))}
+    if not supported(prefill, decode):  # in-process executors: no second hop to save
+        del makers["direct"]
     report = {"workload": asdict(workload), "engine": asdict(engine), "reps": reps,
               "prefill_devices": list(prefill.names), "decode_devices": list(decode.names),
               "colocated_devices": list(colocated.names),
@@ -124,7 +131,7 @@ def run_phase_bench(prefill: Executor, decode: Executor, cfg, tokenizer, workloa
             report["loaded"].setdefault(name, row)  # the first point's, as before the sweep
             outputs.setdefault(name, []).append([o.tokens for o in outcomes])
     report["goodput"] = goodput(report["runs"], key="placement")
-    report["outputs_identical"] = outputs["colocated"] == outputs["disaggregated"] == outputs["streamed"]
+    report["outputs_identical"] = all(o == outputs["colocated"] for o in outputs.values())
     return report
 
 

@@ -336,7 +336,8 @@ def cmd_bench_phases(args) -> int:
                                     "--colocated-devices")
             alone = stack.enter_context(connect(addresses=[addresses[i] for i in chosen], token=token, tls=args.tls))
             progress(f"loading the model on the colocated baseline's {len(chosen)} devices")
-            alone.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype)
+            alone.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
+                       decode_layout="split")  # the baseline is colocated: not a mixed placement of its own
             colocated = alone.executor
         report = phases.run_phase_bench(*lm.groups, lm.config, lm.tokenizer, workload, engine, reps=args.reps or 3,
                                         progress=progress, rates=tuple(args.rates or ()), slo_ttft_x=args.slo_ttft,

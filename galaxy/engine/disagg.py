@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CacheLost, GalaxyError, InvalidRequest, PeerUnreachable, PlanMismatch, WorkerError
+from ..errors import CacheLost, GalaxyError, InvalidRequest, KVDirectFailed, PeerUnreachable, PlanMismatch, WorkerError
 from ..model.config import ModelConfig
 from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece, box_bytes, plan_between
@@ -62,6 +62,7 @@ from .arguments import token_ids as checked_ids
 from .disagg_faults import FailOver, phase_error, requeue, run_again
 from .engine import Engine, EngineConfig, GenerationStream
 from .generation import Generation, GenerationConfig, KVHandoff
+from .kv_direct import DirectConfig, DirectMove, DirectSender, supported
 from .kv_stream import KVStream, KVStreamer, StreamConfig
 from .prefix_index import Lease, PoolView, PrefixIndex, give_back, lease, tail
 from .scheduler import QueueFull
@@ -89,11 +90,17 @@ class DisaggConfig:
     # a request goes to the group whose KV pool holds more of its prompt (the decode group then runs its
     # prompt's rest itself, nothing moved); False: every request is prefilled on the prefill group
     route_by_prefix: bool = True
+    # each sequence's K/V go in one hop, every prefill device sending its boxes straight to the decode devices
+    # with the coordinator's tickets (engine/kv_direct.py), where both groups are workers; a move that fails on
+    # the receivers' side goes through here instead. None (default, for now): always through here (two hops)
+    direct: DirectConfig | None = None
 
     def __post_init__(self):
         for f in ("recover", "route_by_prefix"):
             if not isinstance(getattr(self, f), bool):
                 raise PlanMismatch(f"disaggregation config: {f}={getattr(self, f)!r} must be True or False")
+        if self.direct is not None and not isinstance(self.direct, DirectConfig):
+            raise PlanMismatch(f"disaggregation config: direct={self.direct!r} must be a DirectConfig or None")
         if self.stream is not None and not isinstance(self.stream, StreamConfig):
             raise PlanMismatch(f"disaggregation config: stream={self.stream!r} must be a StreamConfig or None")
         for f in ("chunk_bytes", "max_pending_bytes", "itemsize"):
@@ -116,7 +123,7 @@ class _Handoff:
     export_s: float
     pulled_at: float
     decode_split: Partition | None = None  # the decode group's split the boxes were cut for (read before the pull)
-    kvs: KVStream | None = None  # streamed while prefilled: its K/V go into `held`'s blocks, no boxes here
+    kvs: KVStream | DirectMove | None = None  # streamed while prefilled, or sent directly: K/V in `held`'s blocks
     held: Sequence | None = None
     lease: Lease = Lease()  # blocks the decode group already held for the leading tokens (only the rest moved)
 
@@ -127,6 +134,8 @@ class KVMover:
     def __init__(self, prefill: Executor, decode: Executor, model: ModelConfig, config: DisaggConfig):
         self.prefill, self.decode, self.model, self.config = prefill, decode, model, config
         self._planned: tuple[Partition, Partition, tuple[KVPiece, ...]] | None = None
+        self.direct = (DirectSender(prefill, decode, config.direct, getattr(decode, "kv_timeout", 60.0))
+                       if config.direct is not None and supported(prefill, decode) else None)
 
     def plan(self) -> tuple[KVPiece, ...]:
         """The pieces between the two splits, planned again whenever either executor's split is another
@@ -167,6 +176,15 @@ class KVMover:
                 out.append((c, got[key]))
         return out
 
+    def send(self, move: DirectMove, block_table, tokens: int, pool: KVPool, skip: int, dst_table,
+             dst_pool: KVPool) -> None:
+        """Every receiver's boxes sent straight from the prefill devices into `dst_table` (the blocks reserved
+        on the decode group, past the `skip` positions they hold already): engine/kv_direct.py."""
+        n = tokens - skip
+        boxes = [(c, c.nbytes(self.model, n, self.config.itemsize)) for p in self.plan() for c in self.chunks(p, n)]
+        self.direct.send(move, boxes, tail(block_table, skip, pool), n, pool, tail(dst_table, skip, dst_pool),
+                         dst_pool)
+
     def push(self, boxes, block_table, pool: KVPool, skip: int = 0) -> None:
         table = tail(block_table, skip, pool)
         for c, box in boxes:
@@ -189,7 +207,7 @@ class DecodeEngine(FailOver, Engine):
         self.taken_over = 0  # sequences the prefill group lost (no device of it left) that run again here
         # sequences adopted with streamed K/V, and every adopted one's transfer time hidden behind its prefill
         # and exposed after its first token, summed (the per-request figures: Generation.handoff)
-        self.transfer = {"streamed": 0, "hidden_s": 0.0, "exposed_s": 0.0}
+        self.transfer = {"streamed": 0, "direct": 0, "hidden_s": 0.0, "exposed_s": 0.0}
         self._held: dict[Sequence, object] = {}  # reservations for streamed K/V -> the block manager they are in
         self._releasing: deque[tuple[Sequence, KVStream]] = deque()  # reservations to give back once unused
         super().__init__(executor, model, tokenizer, config)
@@ -212,6 +230,25 @@ class DecodeEngine(FailOver, Engine):
                 return got
             give_back(self.sched.blocks, got)
             return None
+
+    def reserve_move(self, token_ids, tokens: int, src_block_size: int, params: SamplingParams
+                     ) -> tuple[Sequence, int] | None:
+        """For a direct move (engine/kv_direct.py) of a sequence whose K/V of `tokens` positions would come
+        here: the blocks this pool holds for its leading tokens leased (prefix_index.lease), fresh blocks behind
+        them for the rest and its next token, all in one reservation (`adopt(reserved=)` takes it; giving it back
+        releases the lease too), and the positions leased. None, nothing taken, while there is no room."""
+        if self.down is not None:
+            return None
+        with self._lock:
+            got = lease(self.sched.blocks, token_ids, tokens, src_block_size)
+            if not self._fits(len(token_ids), got, 0):  # nothing is held at the coordinator: no bytes to bound
+                give_back(self.sched.blocks, got)
+                return None
+            held = Sequence(-1, [], 0, params, arrival=self.sched.clock())
+            held.block_table = list(got.blocks)
+            self.sched.blocks.append(held, len(token_ids))
+            self._held[held] = self.sched.blocks
+            return held, got.skip
 
     def _waiting_blocks(self) -> tuple[list[_Handoff], int]:
         """Under the lock: the handoffs waiting here that hold no blocks yet (not streamed: a streamed one
@@ -303,6 +340,15 @@ class DecodeEngine(FailOver, Engine):
                 h = self._next_handoff()
                 if h is None:
                     return
+                if isinstance(h.kvs, DirectMove) and h.kvs.error is not None and (
+                        self._held.get(h.held) is self.sched.blocks):  # sent directly, failed after the reads: the
+                    log.warning("a direct K/V move failed after its reads (%s): the sequence runs all its tokens "
+                                "again on the decode group", h.kvs.error)  # prefill group's blocks are gone, so
+                    self._pending.remove(h)  # its tokens run again here (a decode device gone fails that step,
+                    self._drop(h)  # told as this group's failure)
+                    self.mover.direct.fell_back += 1
+                    self._requeue(h)
+                    continue
                 if h.kvs is not None and (h.kvs.error is not None or self._held.get(h.held) is not self.sched.blocks):
                     self._pending.remove(h)  # its stream failed (or this pool was re-made under it)
                     self._drop(h)
@@ -335,9 +381,10 @@ class DecodeEngine(FailOver, Engine):
                     self.sched.blocks.commit(seq)  # named: a later handoff of its prefix finds them
                     t = h.kvs.timing()
                     gen = h.stream.generation
+                    direct = isinstance(h.kvs, DirectMove)
                     self._adopted(gen, KVHandoff(len(gen.tokens), t.nbytes, t.export_s, 0.0, t.import_s,
                                                  time.perf_counter() - h.stream.submitted, t.hidden_s, t.exposed_s,
-                                                 True))
+                                                 not direct, direct))
                     continue
             t0 = time.perf_counter()
             try:
@@ -372,6 +419,7 @@ class DecodeEngine(FailOver, Engine):
         gen.handoff = handoff
         self.adopted += 1
         self.transfer["streamed"] += handoff.streamed
+        self.transfer["direct"] += handoff.direct
         self.transfer["hidden_s"] += handoff.hidden_s
         self.transfer["exposed_s"] += handoff.exposed_s
 
@@ -556,6 +604,12 @@ class PrefillEngine(FailOver, Engine):
                 self._unstreamed.discard(sid)
             if streamed and self._hand_streamed(sid):
                 continue
+            if self.mover.direct is not None:
+                done = self._send_direct(sid, stream, seq, table, tokens, token_ids)
+                if done is None:
+                    return  # this group lost its K/V (CacheLost): every sequence runs again
+                if done:
+                    continue
             got = self.decode.lease_for(token_ids, tokens, self.pool.block_size)
             if got is None:
                 continue  # decodes here this step; tries again at its next token
@@ -586,6 +640,49 @@ class PrefillEngine(FailOver, Engine):
                                               for c, b in boxes), export_s, time.perf_counter(), decode_split,
                                           lease=got))
                 self.moved += 1
+
+    def _send_direct(self, sid: int, stream: GenerationStream, seq: Sequence, table, tokens: int, token_ids
+                     ) -> bool | None:
+        """Move a sequence's K/V in one hop (engine/kv_direct.py) into blocks reserved on the decode group:
+        once every box is read from the prefill devices, free its blocks here and hand it over (the decode group
+        adopts it when every box is in). True: handed over, ended, or no room there now (it tries again at its
+        next token);
+        False: the direct move failed on the receivers' side, so the caller moves it through the coordinator;
+        None: this group re-planned (CacheLost) and the caller must stop."""
+        got = self.decode.reserve_move(token_ids, tokens, self.pool.block_size, seq.params)
+        if got is None:
+            return True  # decodes here this step; tries again at its next token
+        held, skip = got
+        decode_split = self.mover.decode.partition  # before the move: a re-plan during it shows at adoption
+        move = DirectMove(wake=self.decode._wake.set)
+        try:
+            self.mover.send(move, table, tokens, self.pool, skip, held.block_table, self.decode.pool)
+        except CacheLost as e:  # a device dropped out and this group re-planned: every sequence runs again
+            self.decode.release(held, move)
+            self._lose_kv(e)
+            return None
+        except KVDirectFailed as e:  # the receivers' side: through the coordinator instead
+            log.warning("a direct K/V move to the decode group failed, moving it through the coordinator: %s", e)
+            self.decode.release(held, move)
+            self.mover.direct.fell_back += 1
+            return False
+        except GalaxyError as e:  # the sender's side, as a failed pull
+            log.warning("sending the K/V of a sequence from the prefill group failed: %s", e)
+            self.decode.release(held, move)
+            with self._lock:
+                if self.sched.abort(sid):
+                    self._finish(sid, "abort", e)
+            return True
+        with self._lock:
+            if sid not in self.streams:  # cancelled meanwhile
+                self.decode.release(held, move)
+                return True
+            self.sched.abort(sid)  # frees its blocks here (their prefix stays cached)
+            self.streams.pop(sid)
+            self.decode.hand(_Handoff(stream, token_ids, seq.num_prompt, seq.params, seq.deadline, [], 0, 0.0,
+                                      time.perf_counter(), decode_split, kvs=move, held=held))
+            self.moved += 1
+        return True
 
     def _finish(self, seq_id: int, finish: str, error: BaseException | None = None) -> None:
         """A request that ends here with a device's error is told it was the prefill group's. With
@@ -696,6 +793,7 @@ class DisaggEngine:
                 str(self.decode.down), "taken_over": self.decode.taken_over,
                 "prefill_down": None if self.prefill.down is None else str(self.prefill.down),
                 "kv_transfer": dict(self.decode.transfer, adopted=self.decode.adopted,
+                                    direct_fell_back=self.mover.direct.fell_back if self.mover.direct else 0,
                                     inflight_bytes=self.streamer.inflight if self.streamer else 0)}
 
     @property
@@ -707,5 +805,7 @@ class DisaggEngine:
         self.prefill.close(error)
         if self.streamer is not None:
             self.streamer.close()
+        if self.mover.direct is not None:
+            self.mover.direct.close()
         self.decode.close(error)
 

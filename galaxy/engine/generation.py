@@ -63,6 +63,7 @@ class KVHandoff:
     hidden_s: float = 0.0
     exposed_s: float = 0.0
     streamed: bool = False
+    direct: bool = False  # sent in one hop, prefill devices to decode devices (engine/kv_direct.py)
 
     @property
     def transfer_s(self) -> float:

@@ -147,6 +147,21 @@ class ResilientCluster:
         `rank` is of the split the caller planned the box for: after a re-plan it must plan again."""
         self._on_the_pool("K/V import", lambda: self.cluster.import_kv(rank, block_table, box, layers, heads, pool))
 
+    @property
+    def session_id(self) -> str:
+        return self.cluster.session_id
+
+    def kv_destination(self, rank: int, *args, **kwargs):
+        """Where a direct K/V move into `rank` goes, signed for the cluster loaded now (Cluster.kv_destination)."""
+        return self.cluster.kv_destination(rank, *args, **kwargs)
+
+    def send_kv(self, rank: int, block_table, tokens: int, layers, heads, pool, dest, start: int = 0, on_read=None):
+        """A direct K/V move from `rank` (Cluster.send_kv); this device gone before the box was read re-plans
+        the group (CacheLost), as an export does. After the read, or on the receiver's side: KVDirectFailed."""
+        return self._on_the_pool("direct K/V move", lambda: self.cluster.send_kv(rank, block_table, tokens, layers,
+                                                                                  heads, pool, dest, start,
+                                                                                  on_read=on_read))
+
     def _on_the_pool(self, what: str, call):
         """Run a call that reads or writes the devices' KV pool; if a device dropped out, re-plan over
         the survivors and raise CacheLost (the pool died with the old layout), never retry."""

@@ -14,6 +14,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..errors import (
     AuthError,
     DeviceOutOfMemory,
     GalaxyError,
+    KVDirectFailed,
     KVTransferError,
     PeerUnreachable,
     PlanMismatch,
@@ -53,6 +55,7 @@ from ..parallel.sharding import Partition, Strategy, meta_model
 from ..parallel.top1 import Top1, join_top1
 from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
+from . import kv_ticket
 from .channels import open_channel
 from .probe import REFUSED, UNREACHABLE, explain, probe, reach
 from .protocol import from_proto, kv_box_to_proto, metadata, step_to_proto, to_proto
@@ -74,6 +77,18 @@ class ModelRef:
     def to_proto(self) -> pb.ModelRef:
         return pb.ModelRef(path=self.path, random_init=self.random_init, seed=self.seed, random_std=self.std,
                            config_json=json.dumps(self.config.to_dict()))
+
+
+@dataclass(frozen=True)
+class KVDestination:
+    """Where a direct K/V move goes (Cluster.kv_destination, for another Cluster's send_kv): the receiving
+    worker's address, the coordinator's ticket for that one box, its name for errors, and `gone()`, a
+    heartbeat of it (True once it missed enough pings to be declared gone)."""
+
+    address: str
+    ticket: pb.KVTicket
+    name: str
+    gone: Callable[[], bool]
 
 
 def model_ref(source) -> ModelRef:
@@ -131,6 +146,8 @@ class Cluster:
         self.stubs = [pb_grpc.WorkerStub(c) for c in self.channels]
         self.pool = ThreadPoolExecutor(max_workers=max(4, len(addresses)), thread_name_prefix="galaxy-coord")
         self.session_id = ""
+        self._ticket_key = b""
+        self.kv_dtype = torch.float32
         self.partition: Partition | None = None
         self.config: ModelConfig | None = None
         self.names = [f"device {i} ({a})" for i, a in enumerate(self.addresses)]
@@ -257,6 +274,7 @@ class Cluster:
                       for a, d in zip(self.addresses, infos)]
         self.release()
         self.session_id = secrets.token_hex(8)
+        self._ticket_key = kv_ticket.new_key()  # signs direct K/V moves into this load's pools (kv_ticket.py)
         ref, pjson = model.to_proto(), json.dumps(partition.to_dict())
 
         def call(r, stub):
@@ -268,7 +286,7 @@ class Cluster:
                                  recv_timeout_s=recv_timeout, wire_formats=options.wire[r] if options.wire else [],
                                  no_overlap=not options.overlap, backend=options.backend, data_peers=data_peers,
                                  seq_len=options.seq_len, weights_format=options.weights_format,
-                                 decode_threads=options.decode_threads)
+                                 decode_threads=options.decode_threads, kv_ticket_key=self._ticket_key)
             return stub.Load(req, timeout=load_timeout, metadata=self._md())
 
         replies = self._all("load", call)
@@ -276,6 +294,7 @@ class Cluster:
         self.backends = [r.backend for r in replies]
         self.kv_capacity = [(r.kv_bytes_per_token, r.kv_budget_bytes) for r in replies]
         act = options.torch_dtype.itemsize
+        self.kv_dtype = options.torch_dtype  # the K/V's dtype in every pool here (direct moves' tickets name it)
         self.loaded_memory = [LoadedMemory(r.memory_budget_bytes, r.rss_bytes, act, r.kv_budget_bytes) for r in replies]
         self.decode_threads = [r.decode_threads for r in replies]  # each device's count on a decode step
         return replies
@@ -352,6 +371,90 @@ class Cluster:
         """Write a box into worker `rank`'s pool (the Executor interface); the worker checks it first."""
         self._kv_call(rank, "ImportKV", kv_box_to_proto(self.session_id, block_table, start + box.shape[3], layers,
                                                         heads, pool, box, start=start), "K/V import")
+
+    def kv_destination(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, start: int,
+                       src_session: str, src_rank: int) -> KVDestination:
+        """Where a direct K/V move of that box goes and the ticket that lets it in (kv_ticket.py): signed
+        here with this load's key, which only this session's workers hold. `tokens`, `start`, `block_table`
+        and `pool` are the receiver's (positions [start, tokens) of the sequence there)."""
+        self._check_rank(rank)
+        code = to_proto(torch.empty(0, dtype=self.kv_dtype)).dtype
+        nbytes = (layers[1] - layers[0]) * 2 * (heads[1] - heads[0]) * (tokens - start) * self.config.head_dim \
+            * self.kv_dtype.itemsize
+        ticket = kv_ticket.issue(self.token, self._ticket_key, src_session=src_session, src_rank=src_rank,
+                                 dst_session=self.session_id, dst_rank=rank, block_table=list(block_table),
+                                 num_blocks=pool.num_blocks, block_size=pool.block_size, start=start,
+                                 num_tokens=tokens, layer_lo=layers[0], layer_hi=layers[1], head_lo=heads[0],
+                                 head_hi=heads[1], dtype=code, nbytes=nbytes)
+        missed = [0] * self.world
+        return KVDestination(self.addresses[rank], ticket, self.names[rank],
+                             lambda: self._heartbeat([rank], missed) is not None)
+
+    def send_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, dest: KVDestination,
+                start: int = 0, while_stepping: bool = False, on_read=None) -> tuple[int, float]:
+        """A direct K/V move (the sender's side): worker `rank` reads the box and imports it into the
+        worker `dest` names, with its ticket; `on_read()` is called once the box is read (its blocks here
+        may then be freed). Returns (bytes, seconds of the receiver's import as the sender timed it).
+        Watched by heartbeat: the sender gone before the read raises PeerUnreachable naming it (as a
+        failed pull); after the read, or the receiver gone, refusing, or past the timeout, KVDirectFailed
+        (`gave_up`: the call may still land until its deadline)."""
+        self._check_rank(rank)
+        msg = pb.KVSend(box=kv_box_to_proto(self.session_id, block_table, tokens, layers, heads, pool, start=start,
+                                            while_stepping=while_stepping), dst_address=dest.address,
+                        ticket=dest.ticket)
+        call = self.stubs[rank].SendKV(msg, timeout=self.kv_timeout, metadata=self._md())
+        replies: queue.Queue = queue.Queue()
+
+        def drain():
+            try:
+                for r in call:
+                    replies.put(r)
+                replies.put(None)
+            except grpc.RpcError as e:
+                replies.put(e)
+
+        threading.Thread(target=drain, name="galaxy-kv-send", daemon=True).start()
+        missed, got = [0] * self.world, []
+        secs = self.heartbeat_s * self.heartbeat_misses
+        while True:
+            try:
+                item = replies.get(timeout=self.heartbeat_s)
+            except queue.Empty:
+                gone = self._heartbeat([rank], missed) is not None
+                if gone and not got:
+                    call.cancel()
+                    raise PeerUnreachable(f"{self.names[rank]}: no heartbeat for {secs:.0f} s during a direct K/V "
+                                          "move; the device dropped out") from None
+                if gone or (got and dest.gone()):
+                    call.cancel()
+                    who = self.names[rank] if gone else dest.name
+                    err = KVDirectFailed(f"{who}: no heartbeat for {secs:.0f} s during a direct K/V move from "
+                                         f"{self.names[rank]} to {dest.name}")
+                    err.gave_up = True  # the call may still be on its way: its box may land until its deadline
+                    raise err from None
+                continue
+            if item is None:
+                last = got[-1] if got else pb.KVReply()
+                return last.bytes, last.send_s
+            if isinstance(item, grpc.RpcError):
+                code = item.code()
+                if code in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED) or (got and code not in (
+                        grpc.StatusCode.INVALID_ARGUMENT,)):
+                    err = KVDirectFailed(f"{self.names[rank]} -> {dest.name}: {item.details()}")
+                    err.gave_up = code != grpc.StatusCode.ABORTED or "DEADLINE_EXCEEDED" in (item.details() or "")
+                    raise err from None
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise KVTransferError(f"{self.names[rank]}: {item.details()}") from None
+                raise _error(item, self.names[rank], "direct K/V move") from None
+            got.append(item)
+            if len(got) == 1 and on_read is not None:
+                on_read()
+
+    def _check_rank(self, rank: int) -> None:
+        if self.partition is None:
+            raise GalaxyError("nothing loaded: call load() first")
+        if not 0 <= rank < self.world:
+            raise GalaxyError(f"rank {rank} outside 0..{self.world - 1}")
 
     def _kv_call(self, rank: int, rpc: str, msg, action: str):
         if self.partition is None:

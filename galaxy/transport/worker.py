@@ -9,6 +9,7 @@ thin: the compute is `galaxy.parallel`, the data plane `peers.PeerTransport`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import ipaddress
@@ -21,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import psutil
@@ -30,7 +31,7 @@ import torch
 from ..addresses import AddressError, join_address, split_address
 from ..backends.profiling import profile_need, time_blocks
 from ..backends.select import use_backend
-from ..errors import DeviceOutOfMemory, GalaxyError, TransportError
+from ..errors import DeviceOutOfMemory, GalaxyError, KVTransferError, TransportError
 from ..model.checkpoints import CheckpointError, WeightSource, open_checkpoint
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import ConfigError, ModelConfig
@@ -53,6 +54,7 @@ from . import resources
 from .channels import add_port, check_bindable, open_channel, server_options
 from .datalink import DataServer
 from .discovery import start_announcer
+from .kv_ticket import NonceLog, verify
 from .linktest import measure_link
 from .peers import PeerTransport
 from .protocol import (
@@ -67,10 +69,12 @@ from .protocol import (
     from_proto,
     kv_box_from_proto,
     kv_box_start,
+    metadata,
     serialize_tensor_reply,
     step_from_proto,
+    to_proto_dtype,
 )
-from .security import TlsFiles
+from .security import COORDINATOR, TlsFiles
 from .shardstore import ShardStore, model_hash, source_file_bytes, spec_from_json, spec_json
 
 log = logging.getLogger(__name__)
@@ -111,6 +115,8 @@ class _Session:
     act_bytes: int = 4  # bytes of one activation / KV element (the compute dtype)
     seq_len: int = memory.DEFAULT_SEQ_LEN  # tokens the load reserved a pass for (LoadRequest.seq_len)
     resident: int = 0  # the process's resident memory once loaded (transients given back), before any KV pool
+    ticket_key: bytes = b""  # the coordinator's secret for direct K/V moves into this session (kv_ticket.py)
+    nonces: NonceLog = field(default_factory=NonceLog)  # tickets spent here: a replay is refused
 
     @property
     def held_bytes(self) -> int:
@@ -171,6 +177,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
         self.shards = ShardStore(settings.shard_cache, settings.shard_cache_bytes)
         self.data: DataServer | None = None  # the tensor data port, started with the server
+        self._kv_peers: dict[str, pb_grpc.WorkerStub] = {}  # other groups' workers this one sent K/V to
+        self._kv_peers_lock = threading.Lock()
 
     def start_data_plane(self, host: str) -> None:
         if self.s.data_port >= 0:
@@ -317,7 +325,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             log.info("%s: decode steps on %d thread(s), prefill on %d%s", self.s.name, threads.decode,
                      threads.prefill, "".join(f"; {n} thread(s) {s * 1e3:.2f} ms" for n, s in timings.items()))
         runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap, threads=threads)
-        return _Session(req.session_id, runtime, transport, weight_bytes, load_s, backend, params.act_bytes, seq)
+        return _Session(req.session_id, runtime, transport, weight_bytes, load_s, backend, params.act_bytes, seq,
+                        ticket_key=bytes(req.kv_ticket_key))
 
     def _kv_budget(self, sess: _Session, resident: int) -> int:
         """Memory the serving engine's paged KV pool may take here. With a memory budget: the one
@@ -402,31 +411,37 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def _kv_call(self, request, context, handler):
         sess = self._session_or_abort(request.session_id, context)
-        if handler == self._export_kv and request.while_stepping:
-            # a prompt's finished chunk, streamed while its next chunk runs (engine/kv_stream.py): no step
-            # writes those positions, and the pool is not re-sized under a step, so no need to wait for it
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        with self._kv_lock(request, context):
             reply = handler(sess, request, context)
-            reply.seconds = time.perf_counter() - t0
-            return reply
+        reply.seconds = time.perf_counter() - t0
+        return reply
+
+    @contextlib.contextmanager
+    def _kv_lock(self, box, context):
+        """Between steps: a K/V box waits (at most KV_WAIT_S) for a step running on this worker. A prompt's
+        finished chunk, streamed while its next chunk runs (engine/kv_stream.py), is read without waiting:
+        no step writes those positions, and the pool is not re-sized under a step."""
+        if box.while_stepping and not box.HasField("kv"):
+            yield
+            return
         if not self.lock.acquire(timeout=KV_WAIT_S):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: busy with a step for {KV_WAIT_S:g} s")
         try:
-            t0 = time.perf_counter()
-            reply = handler(sess, request, context)
-            reply.seconds = time.perf_counter() - t0
-            return reply
+            yield
         finally:
             self.lock.release()
 
-    def _export_kv(self, sess: _Session, request, context):
+    def _read_box(self, sess: _Session, request, context) -> torch.Tensor:
         try:
             table, tokens, layers, heads, pool = kv_box_from_proto(request)
-            box = export_box(sess.runtime, pool, table, tokens, layers, heads, self.s.name, kv_box_start(request))
+            return export_box(sess.runtime, pool, table, tokens, layers, heads, self.s.name, kv_box_start(request))
         except (TransportError, ValueError, GalaxyError) as e:  # KVTransferError is a TransportError
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V export refused: {e}")
+
+    def _export_kv(self, sess: _Session, request, context):
         reply = pb.KVReply()
-        fill_proto(reply.kv, box)
+        fill_proto(reply.kv, self._read_box(sess, request, context))
         return reply
 
     def _import_kv(self, sess: _Session, request, context):
@@ -434,10 +449,20 @@ class WorkerService(pb_grpc.WorkerServicer):
         try:
             table, tokens, layers, heads, pool = kv_box_from_proto(request)
             start = kv_box_start(request)
+            if request.HasField("ticket"):  # from another group's worker: only what the coordinator authorized
+                verify(self.s.token, sess.ticket_key, sess.session_id, rt.rank, request, request.kv.dtype,
+                       len(request.kv.data), sess.nonces, self.s.name)
+            elif not self._from_coordinator(context):
+                raise KVTransferError("K/V from a device, not the coordinator, without the coordinator's ticket")
+                left = context.time_remaining()
+                if left is not None and left <= 0:  # the coordinator gave up on it and may have reused the blocks
+                    raise TransportError("a direct K/V move that arrived after its deadline")
             box = from_proto(request.kv, "K/V box")
             if box.dim() != 5 or box.shape[3] != tokens - start:
                 raise TransportError(f"K/V box of shape {tuple(box.shape)} for positions {start}..{tokens}")
         except (TransportError, ValueError, GalaxyError) as e:
+            if request.HasField("ticket"):
+                log.warning("%s: refused a direct K/V move: %s", self.s.name, e)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V import refused: {e}")
         if self.s.memory_budget and not rt.holds_pool(pool):  # an import may be the first to allocate the pool
             try:
@@ -451,6 +476,59 @@ class WorkerService(pb_grpc.WorkerServicer):
         except (TransportError, ValueError, GalaxyError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V import refused: {e}")
         return pb.KVReply()
+
+    def _from_coordinator(self, context) -> bool:
+        """Whether the caller is the coordinator: with mutual TLS its certificate names it (security.COORDINATOR);
+        with the cluster token alone every device holds the same credential, so any holder counts."""
+        if self.s.tls is None:
+            return True
+        return COORDINATOR.encode() in context.auth_context().get("x509_common_name", [])
+
+    def SendKV(self, request, context):
+        """A direct K/V move: read a box from this worker's pool (as ExportKV) and import it, with the
+        coordinator's ticket (kv_ticket.py), into the worker of another session at `dst_address` -- one
+        hop, not through the coordinator. Two replies: one once the box is read (the coordinator may free
+        or reuse the blocks it came from: the prefill engine goes on), one once it is imported. The read
+        holds this worker's lock; the send does not, so the next step here runs while the box travels.
+        The receiver gets this call's deadline, less a margin. A receiver that refuses or cannot be
+        reached ends this call ABORTED, naming it."""
+        t0 = time.perf_counter()
+        sess = self._session_or_abort(request.box.session_id, context)
+        with self._kv_lock(request.box, context):
+            box = self._read_box(sess, request.box, context)
+        t = request.ticket
+        nbytes = box.numel() * box.element_size()
+        if (nbytes != t.nbytes or to_proto_dtype(box.dtype) != t.dtype or t.start != request.box.start
+                or box.shape[3] != t.num_tokens - t.start or (t.layer_lo, t.layer_hi, t.head_lo, t.head_hi)
+                != (request.box.layer_lo, request.box.layer_hi, request.box.head_lo, request.box.head_hi)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: a K/V box of {nbytes} bytes "
+                          f"({tuple(box.shape)}) does not match its ticket ({t.nbytes} bytes, positions "
+                          f"{t.start}..{t.num_tokens})")
+        yield pb.KVReply(seconds=time.perf_counter() - t0, bytes=nbytes)  # read (a copy): its blocks may go
+        msg = pb.KVBox(session_id=t.dst_session, block_table=list(t.block_table), num_tokens=t.num_tokens,
+                       layer_lo=t.layer_lo, layer_hi=t.layer_hi, head_lo=t.head_lo, head_hi=t.head_hi,
+                       num_blocks=t.num_blocks, block_size=t.block_size, start=t.start, ticket=t)
+        fill_proto(msg.kv, box)
+        del box
+        left = context.time_remaining()
+        timeout = max(0.1, (left if left is not None else 2 * KV_WAIT_S) - 0.5)
+        t1 = time.perf_counter()
+        try:
+            self._kv_peer(request.dst_address).ImportKV(msg, timeout=timeout,
+                                                         metadata=metadata(self.s.token, t.dst_session))
+        except grpc.RpcError as e:
+            context.abort(grpc.StatusCode.ABORTED, f"{self.s.name}: the direct K/V move to {request.dst_address} "
+                          f"failed ({e.code().name}): {e.details()}")
+        now = time.perf_counter()
+        yield pb.KVReply(seconds=now - t0, bytes=len(msg.kv.data), send_s=now - t1)
+
+    def _kv_peer(self, address: str) -> pb_grpc.WorkerStub:
+        """A stub to another group's worker (a channel kept per address, as PeerTransport's)."""
+        with self._kv_peers_lock:
+            stub = self._kv_peers.get(address)
+            if stub is None:
+                stub = self._kv_peers[address] = pb_grpc.WorkerStub(open_channel(address, self.s.tls))
+            return stub
 
     def _forward(self, sess: _Session, request, context):
         rt = sess.runtime
@@ -704,9 +782,9 @@ def _deny(handler, code, message):
 
     if handler is None:
         return None
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[handler.request_streaming, handler.response_streaming](refuse)
 
 
 

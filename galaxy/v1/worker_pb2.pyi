@@ -147,7 +147,7 @@ class HaveShardReply(_message.Message):
     def __init__(self, content_hash: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend", "data_peers", "seq_len", "weights_format", "decode_threads")
+    __slots__ = ("session_id", "model", "partition_json", "rank", "peers", "dtype", "tiles", "recv_timeout_s", "wire_formats", "no_overlap", "backend", "data_peers", "seq_len", "weights_format", "decode_threads", "kv_ticket_key")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARTITION_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class LoadRequest(_message.Message):
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FORMAT_FIELD_NUMBER: _ClassVar[int]
     DECODE_THREADS_FIELD_NUMBER: _ClassVar[int]
+    KV_TICKET_KEY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelRef
     partition_json: str
@@ -178,7 +179,8 @@ class LoadRequest(_message.Message):
     seq_len: int
     weights_format: str
     decode_threads: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ..., data_peers: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ..., weights_format: _Optional[str] = ..., decode_threads: _Optional[int] = ...) -> None: ...
+    kv_ticket_key: bytes
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., partition_json: _Optional[str] = ..., rank: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ..., tiles: _Optional[int] = ..., recv_timeout_s: _Optional[float] = ..., wire_formats: _Optional[_Iterable[str]] = ..., no_overlap: _Optional[bool] = ..., backend: _Optional[str] = ..., data_peers: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ..., weights_format: _Optional[str] = ..., decode_threads: _Optional[int] = ..., kv_ticket_key: _Optional[bytes] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("weight_bytes", "load_s", "rss_bytes", "backend", "kv_bytes_per_token", "kv_budget_bytes", "memory_budget_bytes", "decode_threads")
@@ -251,7 +253,7 @@ class StepRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., query_lens: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., block_table_lens: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., logit_rows: _Optional[_Iterable[int]] = ..., copies: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., top1_rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVBox(_message.Message):
-    __slots__ = ("session_id", "block_table", "num_tokens", "layer_lo", "layer_hi", "head_lo", "head_hi", "num_blocks", "block_size", "kv", "start", "while_stepping")
+    __slots__ = ("session_id", "block_table", "num_tokens", "layer_lo", "layer_hi", "head_lo", "head_hi", "num_blocks", "block_size", "kv", "start", "while_stepping", "ticket")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +266,7 @@ class KVBox(_message.Message):
     KV_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     WHILE_STEPPING_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     block_table: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: int
@@ -276,15 +279,68 @@ class KVBox(_message.Message):
     kv: Tensor
     start: int
     while_stepping: bool
-    def __init__(self, session_id: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layer_lo: _Optional[int] = ..., layer_hi: _Optional[int] = ..., head_lo: _Optional[int] = ..., head_hi: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., kv: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[int] = ..., while_stepping: _Optional[bool] = ...) -> None: ...
+    ticket: KVTicket
+    def __init__(self, session_id: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layer_lo: _Optional[int] = ..., layer_hi: _Optional[int] = ..., head_lo: _Optional[int] = ..., head_hi: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., kv: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[int] = ..., while_stepping: _Optional[bool] = ..., ticket: _Optional[_Union[KVTicket, _Mapping]] = ...) -> None: ...
 
 class KVReply(_message.Message):
-    __slots__ = ("kv", "seconds")
+    __slots__ = ("kv", "seconds", "bytes", "send_s")
     KV_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEND_S_FIELD_NUMBER: _ClassVar[int]
     kv: Tensor
     seconds: float
-    def __init__(self, kv: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    bytes: int
+    send_s: float
+    def __init__(self, kv: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., send_s: _Optional[float] = ...) -> None: ...
+
+class KVTicket(_message.Message):
+    __slots__ = ("src_session", "src_rank", "dst_session", "dst_rank", "block_table", "num_blocks", "block_size", "start", "num_tokens", "layer_lo", "layer_hi", "head_lo", "head_hi", "dtype", "nbytes", "nonce", "mac")
+    SRC_SESSION_FIELD_NUMBER: _ClassVar[int]
+    SRC_RANK_FIELD_NUMBER: _ClassVar[int]
+    DST_SESSION_FIELD_NUMBER: _ClassVar[int]
+    DST_RANK_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_LO_FIELD_NUMBER: _ClassVar[int]
+    LAYER_HI_FIELD_NUMBER: _ClassVar[int]
+    HEAD_LO_FIELD_NUMBER: _ClassVar[int]
+    HEAD_HI_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    src_session: str
+    src_rank: int
+    dst_session: str
+    dst_rank: int
+    block_table: _containers.RepeatedScalarFieldContainer[int]
+    num_blocks: int
+    block_size: int
+    start: int
+    num_tokens: int
+    layer_lo: int
+    layer_hi: int
+    head_lo: int
+    head_hi: int
+    dtype: DType
+    nbytes: int
+    nonce: bytes
+    mac: bytes
+    def __init__(self, src_session: _Optional[str] = ..., src_rank: _Optional[int] = ..., dst_session: _Optional[str] = ..., dst_rank: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., layer_lo: _Optional[int] = ..., layer_hi: _Optional[int] = ..., head_lo: _Optional[int] = ..., head_hi: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., nbytes: _Optional[int] = ..., nonce: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
+
+class KVSend(_message.Message):
+    __slots__ = ("box", "dst_address", "ticket")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    DST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    box: KVBox
+    dst_address: str
+    ticket: KVTicket
+    def __init__(self, box: _Optional[_Union[KVBox, _Mapping]] = ..., dst_address: _Optional[str] = ..., ticket: _Optional[_Union[KVTicket, _Mapping]] = ...) -> None: ...
 
 class OpStat(_message.Message):
     __slots__ = ("tag", "wall_s", "wait_s", "compute_s", "bytes", "send_s")

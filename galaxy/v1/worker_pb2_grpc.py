@@ -109,6 +109,11 @@ class WorkerStub:
                 request_serializer=galaxy_dot_v1_dot_worker__pb2.KVBox.SerializeToString,
                 response_deserializer=galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
                 _registered_method=True)
+        self.SendKV = channel.unary_stream(
+                '/galaxy.v1.Worker/SendKV',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.KVSend.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -213,6 +218,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendKV(self, request, context):
+        """a box straight into another group's worker (a direct K/V move):
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -289,6 +301,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'ImportKV': grpc.unary_unary_rpc_method_handler(
                     servicer.ImportKV,
                     request_deserializer=galaxy_dot_v1_dot_worker__pb2.KVBox.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.KVReply.SerializeToString,
+            ),
+            'SendKV': grpc.unary_stream_rpc_method_handler(
+                    servicer.SendKV,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.KVSend.FromString,
                     response_serializer=galaxy_dot_v1_dot_worker__pb2.KVReply.SerializeToString,
             ),
     }
@@ -696,6 +713,33 @@ class Worker:
             target,
             '/galaxy.v1.Worker/ImportKV',
             galaxy_dot_v1_dot_worker__pb2.KVBox.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/galaxy.v1.Worker/SendKV',
+            galaxy_dot_v1_dot_worker__pb2.KVSend.SerializeToString,
             galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
             options,
             channel_credentials,

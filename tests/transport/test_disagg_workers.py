@@ -1,8 +1,8 @@
 """Phase-separated serving over real gRPC workers: prefill on three worker processes (HMP, uneven
-heads), decode on a fourth, the K/V moved through ExportKV/ImportKV (after the prefill, or streamed
-chunk by chunk while it runs) -- greedy tokens equal the single-device reference; a bad box or a
-wrong token is refused with a typed error; a decode device that drops out ends the requests on it
-with an error that names it."""
+heads), decode on two crossing them, the K/V moved through ExportKV/ImportKV (streamed chunk by chunk
+while it runs, or after the prefill) or sent worker to worker (SendKV) -- greedy tokens equal the
+single-device reference; a bad box or a wrong token is refused with a typed error; a decode device that
+drops out ends the requests on it with an error that names it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from galaxy.engine.disagg import DisaggConfig, DisaggEngine
 from galaxy.engine.engine import EngineConfig
 from galaxy.engine.generation import GenerationConfig
+from galaxy.engine.kv_direct import DirectConfig
 from galaxy.engine.kv_stream import StreamConfig
 from galaxy.errors import AuthError, GalaxyError, KVTransferError
 from galaxy.parallel.rank import KVPool
@@ -27,31 +28,41 @@ from tests.engine.test_disagg import CFG, SRC, prompts, split  # the in-process 
 REF = ModelRef(CFG, random_init=True, seed=SRC.seed, std=SRC.std)  # SRC, built by each worker
 
 
-def test_greedy_tokens_equal_the_reference_prefill_on_three_worker_processes_decode_on_a_fourth():
-    ps = prompts((11, 5, 23))
+def test_greedy_tokens_equal_the_reference_prefill_on_three_worker_processes_decode_on_two_crossing_them():
+    """Prefill 3/1/2 query heads on w0..w2 (a KV head on two of them), decode 2/4 on w2, w3 (w2 in both
+    groups): a streamed prompt, and the others sent directly worker to worker (engine/kv_direct.py), one
+    of them leasing the document an earlier one left on the decode group."""
+    doc = prompts((16,), seed=5)[0]
+    ps = prompts((11, 5, 23)) + [doc + [7, 8, 9], doc + [10, 11]]
     want = [reference_generate(SRC, p, 8, stop_at_eos=False) for p in ps]
-    with LocalWorkers(4, threads=1) as addrs, Cluster(addrs[:3]) as pre, Cluster(addrs[3:]) as dec:
+    with LocalWorkers(4, threads=1) as addrs, Cluster(addrs[:3]) as pre, Cluster(addrs[2:]) as dec:
         pre.load_ref(REF, split([3, 1, 2]))
-        dec.load_ref(REF, split([6]))
+        dec.load_ref(REF, split([2, 4]))
         engine = DisaggEngine(pre, dec, CFG, None, EngineConfig(block_size=4, kv_blocks=32),
-                              EngineConfig(block_size=8, kv_blocks=16),
-                              DisaggConfig(chunk_bytes=2048, stream=StreamConfig()))
+                              EngineConfig(block_size=8, kv_blocks=24),
+                              DisaggConfig(chunk_bytes=2048, stream=StreamConfig(), direct=DirectConfig()))
         try:
             got: list = [None] * len(ps)
 
             def ask(i):  # the 23-token prompt in chunks of 8: its K/V stream while its later chunks run
                 got[i] = engine.generate(ps[i], GenerationConfig(8, stop_at_eos=False, prefill_chunk=8 * (i == 2)))
 
-            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(ps))]
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(120)
+            for i in (3, 4):  # one after the other: the repeat finds the document on the decode group
+                ask(i)
+            load = engine.load
         finally:
             engine.close()
     assert [g.tokens for g in got] == want
     assert all(g.handoff is not None and g.handoff.export_s > 0 and g.handoff.import_s > 0 for g in got)
     assert got[2].handoff.streamed and not got[1].handoff.streamed  # 5 tokens: one chunk, moved after
+    assert [g.handoff.direct for g in got] == [True, True, False, True, True]
+    assert load["kv_transfer"]["direct_fell_back"] == 0 and load["decode_leased_tokens"] == 16
+    assert got[4].handoff.nbytes < got[3].handoff.nbytes  # the repeat sent only its question's positions
 
 
 def test_a_bad_box_or_a_wrong_token_is_refused_by_the_worker_with_a_typed_error(servers):
