@@ -77,7 +77,7 @@ def entries(kind: str | None = None, device: str | None = None) -> list[CacheEnt
                 m = _PROFILE_FILE.match(f.name)
                 groups.setdefault(m.group("name") if m else "", []).append(f)
         else:
-            groups[""] = sorted(d.iterdir())
+            groups[""] = sorted(p for p in d.iterdir() if not p.name.startswith("."))  # not the export lock
         for name, paths in groups.items():
             if not paths or device is not None and name not in (device, _safe(device)):
                 continue

@@ -36,6 +36,16 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own LlamaForCausalLM of the embedded SmolLM2 GGUF (dequantized, fp32, eval), loaded
+    once for the session: the checkpoint tests compare its weights and the reference tests its logits,
+    and each load took ~15 s on the shared two-core machine. Read-only: no test may change it."""
+    transformers = pytest.importorskip("transformers", reason="transformers (test extra) cross-checks our loader")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def minilm_path():
     from galaxy.model.defaults import default_encoder_path
 

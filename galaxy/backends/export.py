@@ -24,6 +24,7 @@ on it) while the graph must take it as a tensor.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -359,17 +360,31 @@ class GraphCache:
     def prefetch(self, items: list[tuple[Block, list[str]]]) -> None:
         """Export, in one exporter call, every graph the (block, step names) pairs need and the
         cache lacks (each key once)."""
+        if not self._missing(items):
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".export.lock", "a") as lock:
+            # Workers sharing this directory (`--local N` on one machine) wait for the one exporting and
+            # then find its graphs: three workers of an even split once ran the same export at once,
+            # three times the CPU on the same cores. Advisory and per open file: threads serialize too.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._export(self._missing(items))
+
+    def _missing(self, items: list[tuple[Block, list[str]]]) -> dict[tuple[str, str], Block]:
+        """(step, key) -> a block, for each graph the pairs need and the cache lacks (each key once)."""
         missing: dict[tuple[str, str], Block] = {}
         for blk, names in items:
             for n in names:
                 key = graph_key(blk.attn.cfg, blk, n)
                 if (n, key) not in missing and self._find(n, key) is False:
                     missing[(n, key)] = blk
+        return missing
+
+    def _export(self, missing: dict[tuple[str, str], Block]) -> None:
         if not missing:
             return
         t0 = time.perf_counter()
         protos = export_steps([(blk, n) for (n, _), blk in missing.items()])
-        self.root.mkdir(parents=True, exist_ok=True)
         for ((name, key), _), proto in zip(missing.items(), protos):
             path = self._path(name, key)
             target = path.with_suffix(".identity") if is_identity(proto) else path

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -72,7 +74,20 @@ def cmd_worker(args) -> int:
                               data_port=args.data_port)
     serve(args.listen, settings, ready=lambda addr: print(f"{READY_LINE} {addr}", flush=True),
           announce=args.cluster_name if args.announce else None, announce_interfaces=args.announce_interface)
-    return 0
+    _exit_now(0)
+    return 0  # not reached
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's finalization. serve() has returned: the server is
+    stopped and the sessions closed, and the shard store's files are whole (written to a .part file,
+    then renamed), so nothing is left to finalize -- but tearing down torch's modules took ~0.45 s of
+    CPU per worker (1.52 s against 1.98 s for an import and exit, medians of 7), paid on every stop and
+    by whoever waits for it (a coordinator's `--local N` teardown, a restart)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _exit_with_parent() -> None:

@@ -57,7 +57,7 @@ from ..v1 import worker_pb2 as pb
 from ..v1 import worker_pb2_grpc as pb_grpc
 from . import kv_ticket
 from .channels import open_channel
-from .probe import REFUSED, UNREACHABLE, explain, probe, reach
+from .probe import REFUSED, UNREACHABLE, explain, not_a_worker, probe, reach
 from .protocol import from_proto, kv_box_to_proto, metadata, step_to_proto, to_proto
 from .shardstore import digest, iter_shard, model_hash, source_file_bytes, spec_json, tensor_parts
 
@@ -129,6 +129,9 @@ class _AloneCall:
     dead: bool = False  # declared gone: its channel was closed to end the call
 
 
+FIRST_HELLO_S = 1.0  # a Hello unanswered after this long looks at what is at the address (hello)
+
+
 class Cluster:
     """Workers at `addresses`, in ring order. Use as a context manager to release them."""
 
@@ -190,8 +193,21 @@ class Cluster:
                 raise explain(f, self.names[r], self.addresses[r], self.tls is not None, "")
 
         def call(r, stub):
-            rep = stub.Hello(pb.HelloRequest(), timeout=self.connect_timeout, metadata=self._md(),
-                             wait_for_ready=True)
+            deadline = time.monotonic() + self.connect_timeout
+            first = min(FIRST_HELLO_S, self.connect_timeout)
+            try:
+                rep = stub.Hello(pb.HelloRequest(), timeout=first, metadata=self._md(), wait_for_ready=True)
+            except grpc.RpcError as e:
+                # something opened the port but no Hello came back yet: a worker busy or still coming up
+                # gets the rest of the deadline; one that is surely no worker of ours (a web server, TLS
+                # on one side only, another CA) is reported now, not after connect_timeout (was 10 s)
+                if (e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                        or first >= self.connect_timeout or not_a_worker(
+                            probe(self.addresses[r], ca=self.tls.ca if self.tls is not None else None),
+                            self.tls is not None)):
+                    raise
+                rep = stub.Hello(pb.HelloRequest(), timeout=max(0.0, deadline - time.monotonic()),
+                                 metadata=self._md(), wait_for_ready=True)
             return self._info(r, rep)
 
         infos = self._all("hello", call)

@@ -148,6 +148,20 @@ def probe(address: str, timeout: float = 1.0, ca: bytes | None = None) -> Findin
     return Finding(OTHER, f"answered {_printable(data)!r}")
 
 
+def not_a_worker(finding: Finding, tls: bool) -> bool:
+    """Whether what answered at the address can never become a worker this coordinator talks to, however
+    long it waits: a web server, something neither gRPC nor TLS, TLS on one side only, another cluster
+    CA. A plaintext gRPC server (a worker too busy to answer yet) and a silent port may still turn out
+    to be one."""
+    if finding.kind in (HTTP1, OTHER, CLOSED):
+        return True
+    if finding.kind == HTTP2:
+        return tls
+    if finding.kind == TLS:
+        return not tls or finding.tls_ca_ok is False
+    return False
+
+
 def explain(finding: Finding, device: str, address: str, tls: bool, failure: str) -> GalaxyError:
     """The typed error for a Hello that failed (`failure`: gRPC's code and detail), given what is there.
     tls: whether this coordinator connects with TLS."""

@@ -31,9 +31,16 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout: float = 300.0, aft
         sel.close()
 
 
+def _sigint_default() -> None:
+    """A suite started in the background (`pytest ... &` from a script) runs with SIGINT ignored, and a
+    child inherits that: the command would never see the Ctrl-C (both tests failed so, after running
+    the whole generation). Give it the disposition a terminal's Ctrl-C reaches."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _galaxy(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "galaxy.cli", *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_sigint_default)
 
 
 def test_ctrl_c_in_chat_stops_the_reply_and_the_chat_goes_on(smollm2_path):

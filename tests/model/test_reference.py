@@ -116,11 +116,10 @@ def test_smollm2_greedy_continuation_names_paris(smollm2):
     assert "Paris" in text, text
 
 
-def test_smollm2_logits_match_transformers_gguf_loader(smollm2, smollm2_path):
+def test_smollm2_logits_match_transformers_gguf_loader(smollm2, request):
     pytest.importorskip("accelerate", reason="transformers' GGUF loading needs accelerate")
     src, model = smollm2
-    hf = T.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
-                                                dtype=torch.float32).eval()
+    hf = request.getfixturevalue("hf_smollm2")  # transformers' own GGUF loading, once per session (conftest)
     ids = src.tokenizer().encode("<|im_start|>user\nWhat is two plus two?<|im_end|>")
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0]

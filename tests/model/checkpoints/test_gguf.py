@@ -31,13 +31,9 @@ def smol(smol_path) -> GGUFCheckpoint:
 
 
 @pytest.fixture(scope="module")
-def hf_state(smol_path) -> dict[str, torch.Tensor]:
-    """transformers' own dequantized, un-permuted weights (~25 s, so once per module)."""
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smol_path.parent, gguf_file=smol_path.name, dtype=torch.float32
-    )
-    return {k: v.detach() for k, v in model.state_dict().items()}
+def hf_state(hf_smollm2) -> dict[str, torch.Tensor]:
+    """transformers' own dequantized, un-permuted weights (the session's one load, conftest.hf_smollm2)."""
+    return {k: v.detach() for k, v in hf_smollm2.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
