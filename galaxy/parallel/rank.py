@@ -7,6 +7,7 @@ model and its cache before any peer waits on it: a bad request fails here, by na
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -135,8 +136,13 @@ class RankRuntime:
         and the top-1 rows' largest logit and its global id (parallel/top1.py)."""
         kv = self.paged_cache(pool)
         kv.copy_blocks(step.copies)
-        with self._threads_for(step.ids.numel()):
+        tokens = step.ids.numel()
+        count = None if self.threads is None else self.threads.for_tokens(tokens)
+        t0 = time.perf_counter()
+        with nullcontext() if count is None else intra_op_threads(count):
             out = rank_forward(self.model, comm, self.partition, step_pass(step, kv))
+        if count is not None:  # the decode count is confirmed on real steps (threads.DecodeTuner)
+            self.threads.observe(tokens, count, time.perf_counter() - t0)
         return step_piece(out, step.logit_rows, step.top1_rows, self.model.spec.vocab[0])
 
     def _threads_for(self, tokens: int):

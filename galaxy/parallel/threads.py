@@ -11,8 +11,8 @@ engine's decode step took 17.0 ms at 1 thread and 21.7 at 2, while the 256-token
 What a step runs with is `StepThreads.for_tokens(tokens)`: the decode count for steps of at most
 `decode_max_tokens` tokens, the prefill count above. The decode count is measured per device at load
 (`measure_step_threads`: the shard's own matmuls on one row, timed at 1 and at the prefill count,
-interleaved, within MEASURE_BUDGET_S and one more pass), unless given (`LoadOptions.decode_threads`,
-`--decode-threads`).
+interleaved, within MEASURE_BUDGET_S and one more pass), then confirmed on the device's first real
+decode steps (`DecodeTuner`), unless given (`LoadOptions.decode_threads`, `--decode-threads`).
 
 Thread safety: `torch.set_num_threads` on this build (OpenMP, libgomp) sets the *calling thread's*
 team size (OpenMP's nthreads ICV is per thread) and a process-wide default that a thread takes on its
@@ -26,10 +26,11 @@ a set-and-restore pair), against a decode step of milliseconds.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -46,6 +47,46 @@ MEASURE_REPS = 5  # interleaved rounds per candidate count (fewer if the budget 
 # A larger count must beat a smaller one by this fraction to be chosen: on a tie the spare cores are
 # worth more to whatever else runs (the coordinator, a peer worker on the same host) than noise is.
 PREFER_FEWER = 0.03
+TUNE_STEPS = 4  # timed real decode steps per candidate count before a measured count is settled for good
+
+
+class DecodeTuner:
+    """The decode count settled on the device's own decode steps, after the load's matmul timing.
+
+    Why: the load times the shard's matmuls alone, but a real step also runs a dozen small ops per
+    layer, each paying the OpenMP fork / join of every extra thread, so the matmuls' winner can lose
+    the step. Measured on this quiet 2-core host (`galaxy bench decode --local 3`, SmolLM2 int4): the
+    load picked 2 decode threads and the step took 24.4 ms, against 17.9 at 1. So the first decode
+    steps run the candidate counts in turn, steps of one token count compared with each other only (a
+    batch of 8 is not a batch of 1), each count's first step dropped (its thread team is new), and
+    once every count has TUNE_STEPS timed steps of one size the fastest median wins (a larger count
+    only by PREFER_FEWER, as at load) for the rest of the load. Every rank of a split sees the same
+    steps in the same order, so all of them try the same count on the same step."""
+
+    def __init__(self, counts: tuple[int, ...], steps: int = TUNE_STEPS):
+        self.counts, self.steps = tuple(sorted(set(counts))), steps
+        self.settled: int | None = self.counts[0] if len(self.counts) == 1 else None
+        self._seen: dict[int, dict[int, list[float]]] = {}  # step tokens -> count -> seconds, in order
+        self._lock = threading.Lock()
+
+    def count(self, tokens: int) -> int:
+        """The count a decode step of `tokens` tokens runs with."""
+        if self.settled is not None:
+            return self.settled
+        with self._lock:
+            turn = sum(map(len, self._seen.get(tokens, {}).values()))
+        return self.counts[turn % len(self.counts)]
+
+    def observe(self, tokens: int, count: int, seconds: float) -> None:
+        """A decode step's time; settles the count once every candidate has enough steps of one size."""
+        if self.settled is not None or count not in self.counts:
+            return
+        with self._lock:
+            seen = self._seen.setdefault(tokens, {n: [] for n in self.counts})
+            seen[count].append(seconds)
+            if all(len(ts) > self.steps for ts in seen.values()):
+                self.settled = choose_decode_threads({n: statistics.median(ts[1:]) for n, ts in seen.items()})
+                self._seen.clear()
 
 
 @dataclass(frozen=True)
@@ -54,8 +95,9 @@ class StepThreads:
     most `decode_max_tokens` tokens."""
 
     prefill: int
-    decode: int
+    decode: int  # given, or the load's measured count (`tuner` may settle on another)
     decode_max_tokens: int = DECODE_MAX_TOKENS
+    tuner: DecodeTuner | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("prefill", "decode", "decode_max_tokens"):
@@ -65,7 +107,19 @@ class StepThreads:
 
     def for_tokens(self, tokens: int) -> int:
         """The thread count of a step of `tokens` tokens."""
-        return self.decode if tokens <= self.decode_max_tokens else self.prefill
+        if tokens > self.decode_max_tokens:
+            return self.prefill
+        return self.decode if self.tuner is None else self.tuner.count(tokens)
+
+    def observe(self, tokens: int, count: int, seconds: float) -> None:
+        """A step's time at the count it ran with (what the tuner, if any, settles on)."""
+        if self.tuner is not None and tokens <= self.decode_max_tokens:
+            self.tuner.observe(tokens, count, seconds)
+
+    @property
+    def decode_now(self) -> int:
+        """The decode count steps run with now: the tuner's, once settled, else the load's."""
+        return self.decode if self.tuner is None or self.tuner.settled is None else self.tuner.settled
 
 
 @contextmanager
@@ -152,9 +206,11 @@ def choose_decode_threads(timings: dict[int, float], fallback: int = 1) -> int:
 
 
 def measure_step_threads(model: Transformer, prefill: int, decode: int = 0) -> tuple[StepThreads, dict[int, float]]:
-    """A device's StepThreads: `decode` if given (>= 1), else measured on its shard's matmuls. Returns
-    the timings too (empty when nothing was measured), for the load's log and report."""
+    """A device's StepThreads: `decode` if given (>= 1), else measured on its shard's matmuls and then
+    confirmed on its first decode steps (DecodeTuner). Returns the timings too (empty when nothing was
+    measured), for the load's log and report."""
     if decode:
         return StepThreads(prefill, decode), {}
     timings = time_decode_threads(model, candidates(prefill)) if prefill > 1 else {}
-    return StepThreads(prefill, choose_decode_threads(timings, fallback=1 if timings else prefill)), timings
+    chosen = choose_decode_threads(timings, fallback=1 if timings else prefill)
+    return StepThreads(prefill, chosen, tuner=DecodeTuner(tuple(timings)) if len(timings) > 1 else None), timings

@@ -79,7 +79,13 @@ class InprocCluster:
         self.names = [f"thread{r}" for r in range(world)]
         self.backends: list[str] = []
         self.loaded_memory: list = []  # threads of this process: no per-device budget
-        self.decode_threads: list[int] = []  # each rank's intra-op threads on a decode step (parallel/threads.py)
+        self._prefill_threads = 1  # this thread's count at load: what a rank without StepThreads runs with
+
+    @property
+    def decode_threads(self) -> list[int]:
+        """Each rank's intra-op threads on a decode step now (parallel/threads.py: given, or measured at
+        load and then settled on the rank's first decode steps)."""
+        return [rt.threads.decode_now if rt.threads else self._prefill_threads for rt in self.runtimes]
 
     def hello(self) -> list:
         return []
@@ -107,7 +113,7 @@ class InprocCluster:
         for rt, backend in zip(self.runtimes, self.backends):
             if backend == "torch":
                 rt.threads = measure_step_threads(rt.model, prefill, options.decode_threads)[0]
-        self.decode_threads = [rt.threads.decode if rt.threads else prefill for rt in self.runtimes]
+        self._prefill_threads = prefill
         self.partition, self.config = partition, cfg
         if fmt.name != "fp32":
             return [held_bytes(m) for m in models]
@@ -161,7 +167,7 @@ class InprocCluster:
         return ForwardResult(outputs if top1 else assemble(self.config, self.partition, outputs, seq), seconds, devices)
 
     def release(self) -> None:
-        self.runtimes, self.partition, self.decode_threads = [], None, []
+        self.runtimes, self.partition = [], None
 
     def close(self) -> None:
         self.release()

@@ -243,7 +243,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s, rss_bytes=rss,
                                 backend=sess.backend, memory_budget_bytes=self.s.memory_budget,
                                 kv_bytes_per_token=rt.kv_bytes_per_token, kv_budget_bytes=rt.kv_max_bytes,
-                                decode_threads=rt.threads.decode if rt.threads else self.s.threads)
+                                decode_threads=rt.threads.decode_now if rt.threads else self.s.threads)
 
     def _load(self, req: pb.LoadRequest) -> _Session:
         t0 = time.perf_counter()

@@ -18,6 +18,8 @@ from galaxy.parallel.executor import LoadOptions
 from galaxy.parallel.sharding import even_partition, full_spec, load_shard
 from galaxy.parallel.threads import (
     DECODE_MAX_TOKENS,
+    TUNE_STEPS,
+    DecodeTuner,
     StepThreads,
     candidates,
     choose_decode_threads,
@@ -95,6 +97,57 @@ def test_a_larger_count_is_chosen_only_when_it_is_clearly_faster():
     assert choose_decode_threads({1: 10.0, 2: 6.0, 4: 5.95}) == 2
     assert choose_decode_threads({1: 10.0, 2: 12.0}) == 1
     assert choose_decode_threads({}, fallback=3) == 3
+
+
+def _tune(tuner: DecodeTuner, tokens: int, seconds: dict[int, float]) -> list[int]:
+    """Decode steps of `tokens` tokens until the tuner settles, each taking `seconds[count]`; the counts run."""
+    ran = []
+    while tuner.settled is None and len(ran) < 100:
+        n = tuner.count(tokens)
+        ran.append(n)
+        tuner.observe(tokens, n, seconds[n])
+    return ran
+
+
+def test_the_decode_count_is_settled_on_real_steps_taking_turns_first_step_of_each_dropped():
+    tuner = DecodeTuner((2, 1))
+    ran = _tune(tuner, 1, {1: 0.017, 2: 0.024})
+    assert ran == [1, 2] * (TUNE_STEPS + 1)  # in turn, one dropped + TUNE_STEPS timed each
+    assert tuner.settled == 1 and tuner.count(1) == 1 and tuner.count(8) == 1  # for good, every size
+    tuner = DecodeTuner((1, 2))
+    _tune(tuner, 1, {1: 0.024, 2: 0.017})
+    assert tuner.settled == 2
+    tuner = DecodeTuner((1, 2))
+    _tune(tuner, 1, {1: 0.0170, 2: 0.0169})  # within PREFER_FEWER: the spare core wins, as at load
+    assert tuner.settled == 1
+
+
+def test_steps_of_different_sizes_are_never_compared_and_a_warm_up_outlier_is_dropped():
+    tuner = DecodeTuner((1, 2))
+    for _ in range(TUNE_STEPS + 1):  # count 2 only ever sees 8-row steps (slower), count 1 only 1-row steps
+        tuner.observe(1, 1, 0.010)
+        tuner.observe(8, 2, 0.030)
+    assert tuner.settled is None
+    tuner = DecodeTuner((1, 2))
+    tuner.observe(1, 1, 5.0)  # the first step on a new thread team
+    tuner.observe(1, 2, 0.020)
+    for _ in range(TUNE_STEPS):
+        tuner.observe(1, 1, 0.015)
+        tuner.observe(1, 2, 0.020)
+    assert tuner.settled == 1
+
+
+def test_a_measured_load_settles_its_decode_count_on_its_steps_and_a_given_one_never_changes(two_threads):
+    with InprocCluster(1) as ex:
+        ex.load(SRC, even_partition(CFG, 1), LoadOptions())
+        threads = ex.runtimes[0].threads
+        assert threads.tuner is not None and threads.tuner.settled is None
+        tokens = _generate(ex, 2 * (TUNE_STEPS + 1) + 2)
+        assert threads.tuner.settled in candidates(2) and threads.decode_now == threads.tuner.settled
+    with InprocCluster(1) as ex:
+        ex.load(SRC, even_partition(CFG, 1), LoadOptions(decode_threads=1))
+        assert ex.runtimes[0].threads.tuner is None
+        assert _generate(ex, len(tokens)) == tokens  # the turns change no greedy token
 
 
 def test_a_switch_on_one_thread_leaves_another_threads_count_alone(two_threads):
