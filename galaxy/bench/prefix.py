@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import threading
 from dataclasses import replace
 
 from ..engine.disagg import DisaggConfig, DisaggEngine
@@ -24,6 +23,7 @@ from ..engine.engine import Engine, EngineConfig
 from ..engine.generation import Generation, GenerationConfig
 from ..errors import GalaxyError
 from ..parallel.executor import Executor
+from .serve import closed_loop
 
 
 def prompts(doc_len: int, question_len: int, count: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -36,24 +36,14 @@ def prompts(doc_len: int, question_len: int, count: int, vocab_size: int, seed: 
 def _run_clients(engine, specs: list[list[int]], output_len: int, clients: int) -> list[Generation]:
     """Each prompt sent by one of `clients` threads (a closed loop), in order; their Generations."""
     out: list[Generation | BaseException | None] = [None] * len(specs)
-    nxt = iter(range(len(specs)))
-    lock = threading.Lock()
 
-    def client() -> None:
-        while True:
-            with lock:
-                i = next(nxt, None)
-            if i is None:
-                return
-            try:
-                out[i] = engine.submit(specs[i], GenerationConfig(output_len, stop_at_eos=False)).result()
-            except BaseException as e:  # reported below, after every client finished
-                out[i] = e
+    def one(i: int) -> None:
+        try:
+            out[i] = engine.submit(specs[i], GenerationConfig(output_len, stop_at_eos=False)).result()
+        except BaseException as e:  # reported below, after every client finished
+            out[i] = e
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(max(1, clients))]
-    for t in threads:
-        t.start()
-    for t in threads:
+    for t in closed_loop(len(specs), max(1, clients), one):
         t.join()
     bad = [o for o in out if not isinstance(o, Generation)]
     if bad:

@@ -165,6 +165,26 @@ def _send(engine: Engine, spec: RequestSpec, out: Outcome) -> None:
         out.error = f"{type(e).__name__}: {e}"
 
 
+def closed_loop(n: int, clients: int, one) -> list[threading.Thread]:
+    """`clients` started threads calling `one(i)` for i in 0..n-1, each taking the next index when its
+    last call returned (a closed loop, as vLLM's --max-concurrency); the caller joins them."""
+    queue = iter(range(n))
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(queue, None)
+            if i is None:
+                return
+            one(i)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    return threads
+
+
 def run_workload(engine: Engine, specs: list[RequestSpec], concurrency: int = 0, timeout_s: float = 3600.0,
                  background: list[RequestSpec] = (), background_out: list[Outcome] | None = None
                  ) -> tuple[list[Outcome], float]:
@@ -194,20 +214,7 @@ def run_workload(engine: Engine, specs: list[RequestSpec], concurrency: int = 0,
 
     threads: list[threading.Thread] = []
     if concurrency:
-        queue = iter(range(len(specs)))
-        lock = threading.Lock()
-
-        def client() -> None:
-            while True:
-                with lock:
-                    i = next(queue, None)
-                if i is None:
-                    return
-                one(i)
-
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-        for th in threads:
-            th.start()
+        threads = closed_loop(len(specs), concurrency, one)
     else:
         for i, spec in enumerate(specs):
             delay = t0 + spec.arrival_s - time.perf_counter()
