@@ -43,6 +43,7 @@ from ..parallel.compact import check_cuts
 from ..parallel.compact_wire import compact_items, wire_tensor_count
 from ..parallel.executor import DeviceInfo, DeviceStats, ForwardResult, LoadedMemory, LoadOptions, pool_blocks
 from ..parallel.forward import Request, Step, assemble
+from ..parallel.kv_transfer import box_bytes
 from ..parallel.memory import (
     DEFAULT_SEQ_LEN,
     check_fits,
@@ -395,8 +396,7 @@ class Cluster:
         and `pool` are the receiver's (positions [start, tokens) of the sequence there)."""
         self._check_rank(rank)
         code = to_proto(torch.empty(0, dtype=self.kv_dtype)).dtype
-        nbytes = (layers[1] - layers[0]) * 2 * (heads[1] - heads[0]) * (tokens - start) * self.config.head_dim \
-            * self.kv_dtype.itemsize
+        nbytes = box_bytes(self.config, layers, heads, tokens - start, self.kv_dtype.itemsize)
         ticket = kv_ticket.issue(self.token, self._ticket_key, src_session=src_session, src_rank=src_rank,
                                  dst_session=self.session_id, dst_rank=rank, block_table=list(block_table),
                                  num_blocks=pool.num_blocks, block_size=pool.block_size, start=start,
