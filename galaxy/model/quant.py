@@ -47,6 +47,7 @@ from torch import nn
 
 from ..errors import GalaxyError
 from .config import ModelConfig
+from .dense_rows import dense_linear, dense_mask, int4_weight_t, int8_dense
 
 FORMAT_NAMES = ("fp32", "bf16", "fp16", "int8", "int4")
 # Activations each format's kernels take: the first is the default. bf16: oneDNN's prepacked bf16 GEMM;
@@ -321,6 +322,7 @@ class QuantLinear(nn.Module):
         for name, t in tensors.items():
             self.register_buffer(name, t, persistent=True)
         self.packed_obj, self.handle = packed, None
+        self.scratch = None  # a Scratch (model/dense_rows.py) once a shard routes this linear's prompt rows dense
         if packed is not None:
             self.handle = next(_handles)
             _OPAQUE[self.handle] = (fmt.name, packed)
@@ -404,6 +406,39 @@ class QuantLinear(nn.Module):
             return torch.ops.aten._weight_int8pack_mm(x, self.codes, self.scale).to(torch.float32)
         x = x.to(self.fmt.act_dtype).contiguous()  # the kernel reads rows of x as one block
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.fmt.group, self.scale_zero)
+        return (y if y.shape[1] == self.n else y[:, : self.n]).to(torch.float32)
+
+    def routes_rows(self) -> bool:
+        """Whether a pass's prompt rows run dense (model/dense_rows.py): the bf16-activation weight-only
+        kernels, built for a few rows (int4pack, int8pack), once a shard gave it a `Scratch` to dequantize
+        into (parallel/compact.py: a block's linears; not the LM head, whose rows are the logit rows)."""
+        return self.scratch is not None
+
+    @staticmethod
+    def dense_capable(fmt: WeightFormat) -> bool:
+        """Formats whose prompt rows may run dense: int4 and int8 with bf16 activations."""
+        return fmt.act == "bf16" and fmt.name in ("int4", "int8")
+
+    def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for a block's linear within a pass: its prompt rows (model/dense_rows.py's rule) run a
+        dense bf16 GEMM on the weight dequantized for this call, its other rows the kernel."""
+        mask = dense_mask(x.shape[0]) if self.routes_rows() else None
+        if mask is None or not bool(mask.any()):
+            return self.forward(x)
+        if bool(mask.all()):
+            return self._dense(x)
+        y = x.new_empty(x.shape[0], self.n)
+        y[mask] = self._dense(x[mask])
+        y[~mask] = self.forward(x[~mask])
+        return y
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 -> (M, N) float32 through a dense bf16 GEMM on this weight."""
+        x = x.to(torch.bfloat16)
+        if self.fmt.name == "int8":
+            return int8_dense(x, self.codes, self.scale, self.scratch).to(torch.float32)
+        y = dense_linear(x, int4_weight_t(self.packed, self.scale_zero, self.k, self.fmt.group, self.scratch,
+                                          key=id(self)))
         return (y if y.shape[1] == self.n else y[:, : self.n]).to(torch.float32)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:

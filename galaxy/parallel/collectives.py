@@ -116,11 +116,15 @@ class Collectives:
         return time.perf_counter(), (self.stats.wait_s, self.stats.compute_s, self.stats.bytes_sent)
 
     # -- collectives -----------------------------------------------------------------------
-    def all_gather(self, local: torch.Tensor, sizes: list[int], fn: Fn | None = None, tag: str = "ag"):
+    def all_gather(self, local: torch.Tensor, sizes: list[int], fn: Fn | None = None, tag: str = "ag",
+                   at_rows: bool = False):
         """Concatenate every rank's rows (rank r holds sizes[r] of them), applying fn per tile.
 
-        Returns cat_r fn(rows of rank r) along dim 0, in rank order.
+        Returns cat_r fn(rows of rank r) along dim 0, in rank order. With `at_rows`, fn is called as
+        fn(tile, start): start is the tile's first row among all ranks' rows.
         """
+        if at_rows:
+            return self._all_gather_at(local, sizes, fn, tag)
         if fn is not None and not self.overlap:
             return self._compute(fn, self.all_gather(local, sizes, None, tag))
         fn = fn or (lambda x: x)
@@ -146,6 +150,18 @@ class Collectives:
         result = torch.cat([t for chunk in out for t in chunk], 0) if any(out) else fn(local)
         self._record(tag, t0, before)
         return result
+
+    def _all_gather_at(self, local: torch.Tensor, sizes: list[int], fn, tag: str):
+        """all_gather with fn(tile, start): the tiles arrive in all_gather's order (ours, then the ring's),
+        each tile's start told apart by its arrival."""
+        if not self.overlap:
+            return self._compute(fn, self.all_gather(local, sizes, None, tag), 0)
+        n, r = self.world, self.rank
+        order = [r] + [(r - step) % n for step in range(1, n)]
+        starts = [sum(sizes[:i]) + sum(pieces(sizes[i], self.tiles)[:j])
+                  for i in order for j in range(len(pieces(sizes[i], self.tiles)))]
+        seen = iter(starts)
+        return self.all_gather(local, sizes, lambda x: fn(x, next(seen, 0)), tag)
 
     def reduce_scatter(self, sizes: list[int], fn: RowFn, width: int, dtype=torch.float32, tag: str = "rs"):
         """Sum over ranks of fn(start, end) -- each rank's partial rows -- keeping our own rows.

@@ -47,6 +47,7 @@ from torch import nn
 from ..model.checkpoints import WeightSource
 from ..model.checkpoints.gguf import GGUFCheckpoint
 from ..model.checkpoints.gguf_blocks import read_blocked, tensor_type
+from ..model.dense_rows import Scratch
 from ..model.quant import Blocked, FormatError, QuantLinear, WeightFormat, split_granules
 from ..model.transformer import Transformer
 from .sharding import Partition, ShardSpec, Strategy
@@ -66,7 +67,9 @@ class CompactLinear(nn.Module):
         return self.q.dequantized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (t, K) -> (t, N)
-        y = self.q.forward(x)  # no hooks on it: skip nn.Module's call machinery, 120 times a decode step
+        # no hooks on it: skip nn.Module's call machinery, 120 times a decode step; a pass's prompt rows
+        # may run dense (model/dense_rows.py)
+        y = self.q.forward_rows(x)
         return y if self.bias is None else y + self.bias
 
 
@@ -149,7 +152,20 @@ def compact_shard(model: Transformer, source: WeightSource | None, fmt: WeightFo
         (wd, _, c0, c1), = cuts["mlp.down"]
         m.down = _from_file(source, fmt, m.down, cuts["mlp.down"]) or _row_parallel(m.down, source, wd, c0, c1, fmt)
     compact_vocab(model, fmt.head_format)
+    attach_scratch(model, fmt)
     return model
+
+
+def attach_scratch(model: Transformer, fmt: WeightFormat) -> None:
+    """Give the blocks' int4 / int8 linears one `Scratch` sized to the largest (model/dense_rows.py), so a
+    pass's prompt rows run dense; held as `model.dense_scratch` and counted in `held_bytes`. The LM head
+    gets none: its rows are the logit rows, which run the kernel anyway."""
+    qs = [mod.q for mod in model.modules() if isinstance(mod, CompactLinear)]
+    if not QuantLinear.dense_capable(fmt) or not qs:
+        return
+    model.dense_scratch = Scratch.size_for([(q.n, q.k) for q in qs])
+    for q in qs:
+        q.scratch = model.dense_scratch
 
 
 def linear_cuts(cfg, spec: ShardSpec, prefix: str) -> dict[str, list[tuple[str, int, int, int]]]:
@@ -216,8 +232,11 @@ def compact_vocab(model: Transformer, hf: WeightFormat) -> None:
 
 def held_bytes(model: Transformer) -> int:
     """Weight bytes a compact shard holds: each linear's kernel bytes (QuantLinear.nbytes) and any row
-    table it keeps for lookups, and every other tensor (norms, biases; a tied head once)."""
+    table it keeps for lookups, every other tensor (norms, biases; a tied head once), and the scratch its
+    prompt rows dequantize into (`attach_scratch`)."""
     seen, total = set(), 0
+    scratch = getattr(model, "dense_scratch", None)
+    total += scratch.nbytes if scratch is not None else 0
     for mod in model.modules():
         if isinstance(mod, QuantLinear):  # an opaque kernel's kept row table is held beside its packed weight
             total += mod.nbytes + (sum(b.numel() * b.element_size() for b in mod.buffers())

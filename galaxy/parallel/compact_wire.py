@@ -33,7 +33,7 @@ import torch
 
 from ..model.quant import Blocked, FormatError, QuantLinear, WeightFormat, quantize_int4_groups, quantize_int8_rows
 from ..model.transformer import Transformer
-from .compact import CompactLinear, check_cuts, compact_vocab, file_blocks, linear_cuts
+from .compact import CompactLinear, attach_scratch, check_cuts, compact_vocab, file_blocks, linear_cuts
 from .sharding import ShardSpec, build_shard, meta_model
 
 SEP = "#"  # never in a parameter name: marks a wire part of a linear
@@ -201,4 +201,5 @@ def build_compact(cfg, spec: ShardSpec, state: dict[str, torch.Tensor], fmt: Wei
     if parts:
         raise FormatError(f"the pushed shard has wire parts no linear took: {sorted(parts)[:4]}")
     compact_vocab(model, fmt.head_format)
+    attach_scratch(model, fmt)
     return model

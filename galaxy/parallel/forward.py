@@ -23,10 +23,12 @@ queues and over gRPC between devices.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from ..model.dense_rows import kernel_rows, pass_rows, rows_from
 from ..model.paged_kv import PagedBatch, PagedKVCache
 from ..model.transformer import Attention, Block, Transformer
 from .collectives import Collectives
@@ -74,6 +76,9 @@ class Pass:
     attend: Attend
     logit_rows: tuple[int, ...] | None  # causal LMs: rows whose logits come back (None: every row)
     contiguous_from: int | None = None  # one sequence at positions start.. (seqpar needs it), else None
+    # (S,) bool: rows that run an int4 / int8 linear's own kernel (decode rows, a prompt's last row); the
+    # others run dense (model/dense_rows.py). None: every row runs the kernel
+    kernel_rows: torch.Tensor | None = None
 
 
 class _Rotation:
@@ -98,8 +103,8 @@ def request_pass(req: Request) -> Pass:
     def attend(idx: str, attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
         return attn.attend(qkv, req.start_pos, rot.of(attn, qkv.dtype))
 
-    return Pass(req.ids, positions, req.types, attend,
-                (s - 1,) if req.last_only else None, req.start_pos)
+    logit_rows = (s - 1,) if req.last_only else None
+    return Pass(req.ids, positions, req.types, attend, logit_rows, req.start_pos, kernel_rows([s], logit_rows))
 
 
 def step_pass(step: Step, kv: PagedKVCache) -> Pass:
@@ -110,7 +115,8 @@ def step_pass(step: Step, kv: PagedKVCache) -> Pass:
     def attend(idx: str, attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
         return attn.attend_paged(qkv, kv, idx, step.batch, rot.of(attn, qkv.dtype))
 
-    return Pass(step.ids, step.batch.positions, None, attend, step.logit_rows)
+    return Pass(step.ids, step.batch.positions, None, attend, step.logit_rows,
+                kernel_rows=kernel_rows(list(step.batch.query_lens), step.logit_rows))
 
 
 # Passes of fewer tokens run Galaxy's shards tensor-parallel (below). Sequence parallelism pays four
@@ -149,13 +155,22 @@ def galaxy_layer(blk: Block, comm: Collectives, x: torch.Tensor, sizes: list[int
                  attend: Callable[[Attention, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """HMP layer on this rank's token rows x: (sizes[rank], H) -> (sizes[rank], H)."""
     attn, mlp, width = blk.attn, blk.mlp, x.shape[1]
-    qkv = comm.all_gather(blk.attn_input(x), sizes, attn.project, tag=f"{tag}.attn.ag")  # (S, qkv)
+    qkv = comm.all_gather(blk.attn_input(x), sizes, _at(attn.project), tag=f"{tag}.attn.ag", at_rows=True)  # (S, qkv)
     ctx = attend(attn, qkv)  # (S, nq hd): this rank's heads over every token
-    a = comm.reduce_scatter(sizes, lambda i, j: attn.project_out(ctx[i:j]), width, x.dtype, f"{tag}.attn.rs")
+    a = comm.reduce_scatter(sizes, lambda i, j: _at(attn.project_out)(ctx[i:j], i), width, x.dtype, f"{tag}.attn.rs")
     x = blk.after_attn(x, a)
-    inner = comm.all_gather(blk.mlp_input(x), sizes, mlp.expand, tag=f"{tag}.mlp.ag")  # (S, c)
-    m = comm.reduce_scatter(sizes, lambda i, j: mlp.contract(inner[i:j]), width, x.dtype, f"{tag}.mlp.rs")
+    inner = comm.all_gather(blk.mlp_input(x), sizes, _at(mlp.expand), tag=f"{tag}.mlp.ag", at_rows=True)  # (S, c)
+    m = comm.reduce_scatter(sizes, lambda i, j: _at(mlp.contract)(inner[i:j], i), width, x.dtype, f"{tag}.mlp.rs")
     return blk.after_mlp(x, m)
+
+
+def _at(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """fn on rows that start at pass row `start` (so an int4 / int8 linear routes each row by what it is,
+    model/dense_rows.py)."""
+    def at(x: torch.Tensor, start: int) -> torch.Tensor:
+        with rows_from(start):
+            return fn(x)
+    return at
 
 
 def galaxy_forward(model: Transformer, comm: Collectives, sizes: list[int], p: Pass):
@@ -225,6 +240,16 @@ def seqpar_forward(model: Transformer, comm: Collectives, sizes: list[int], p: P
     b = a + sizes[r]
     start = p.contiguous_from
     x = model.embed.finish(model.embed.lookup(p.ids[a:b]), p.positions[a:b], _types(p, a, b))
+    with rows_from(a):  # this device's linears run its own rows [a, b)
+        x = _seqpar_layers(model, comm, sizes, x, start, a, b)
+    if not cfg.causal:
+        return x
+    return model.head_logits(_final(model, x)[_logit_rows(p, a, b)])
+
+
+def _seqpar_layers(model: Transformer, comm: Collectives, sizes: list[int], x: torch.Tensor, start: int, a: int,
+                   b: int) -> torch.Tensor:
+    cfg = model.cfg
     for idx, blk in model.layers.items():
         attn = blk.attn
         q, k, v = attn.split_heads(attn.project(blk.attn_input(x)), start + a)  # own tokens, all heads
@@ -233,14 +258,17 @@ def seqpar_forward(model: Transformer, comm: Collectives, sizes: list[int], p: P
         k_all, v_all = kv.transpose(0, 1).split(attn.nkv, 0)
         x = blk.after_attn(x, attn.project_out(attn.attend_heads(q, k_all, v_all, start + a)))
         x = blk.after_mlp(x, blk.mlp.contract(blk.mlp.expand(blk.mlp_input(x))))
-    if not cfg.causal:
-        return x
-    return model.head_logits(_final(model, x)[_logit_rows(p, a, b)])
+    return x
 
 
 @torch.inference_mode()
 def rank_forward(model: Transformer, comm: Collectives, partition: Partition, p: Pass):
     """This rank's part of one pass under the partition's strategy."""
+    with nullcontext() if p.kernel_rows is None else pass_rows(p.kernel_rows):
+        return _strategy_forward(model, comm, partition, p)
+
+
+def _strategy_forward(model: Transformer, comm: Collectives, partition: Partition, p: Pass):
     seq = p.ids.shape[0]
     if partition.strategy == Strategy.GALAXY and not decodes_tensor_parallel(partition, seq):
         return galaxy_forward(model, comm, partition.tokens(seq), p)

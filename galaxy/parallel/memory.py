@@ -45,7 +45,8 @@ from dataclasses import dataclass
 
 from ..errors import DeviceOutOfMemory
 from ..model.config import ModelConfig
-from ..model.quant import INT4_ROWS, WeightFormat, parse_format
+from ..model.dense_rows import scratch_bytes
+from ..model.quant import INT4_ROWS, QuantLinear, WeightFormat, parse_format
 from .forward import Request, decodes_tensor_parallel
 from .sharding import Partition, ShardSpec, Strategy
 
@@ -235,7 +236,9 @@ def weight_bytes(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams) -> int
     held = layers * sum(linear_held_bytes(n, k, fmt) for n, k in shard_linears(cfg, spec))
     vocab, vocab_bytes = vocab_held(cfg, spec, fmt)
     rest = shard_params(cfg, spec) - _linear_params(cfg, spec) - vocab
-    return math.ceil(rest * params.weight_bytes) + held + vocab_bytes
+    # int4 / int8: the buffers a prompt's rows dequantize the largest linear into (compact.attach_scratch)
+    scratch = scratch_bytes(shard_linears(cfg, spec)) if layers and QuantLinear.dense_capable(fmt) else 0
+    return math.ceil(rest * params.weight_bytes) + held + vocab_bytes + scratch
 
 
 def push_bytes(cfg: ModelConfig, spec: ShardSpec, weights_format: str = "fp32") -> int:

@@ -1,0 +1,110 @@
+"""Prompt rows of int4 / int8 linears through a dense bf16 GEMM (model/dense_rows.py): the weight it
+dequantizes is the kernel's, a row's result does not depend on the rows beside it, and a prompt gets the
+same logits whichever chunks it is cut into and whatever decode rows share its steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from galaxy.model.checkpoints.random import RandomWeights
+from galaxy.model.config import make_config
+from galaxy.model.dense_rows import Scratch, dense_linear, int4_weight_t, kernel_rows, scratch_bytes
+from galaxy.model.paged_kv import PagedBatch, PagedKVCache
+from galaxy.model.quant import QuantLinear, WeightFormat, parse_format
+from galaxy.parallel.collectives import Collectives
+from galaxy.parallel.compact import compact_shard
+from galaxy.parallel.forward import Step, rank_forward, step_pass
+from galaxy.parallel.local_transport import LocalGroup
+from galaxy.parallel.sharding import even_partition, full_spec, load_shard
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# head_dim 16, ffn 96: int4's groups of 32 fall on every cut; GQA 4/2
+CFG = make_config("llama", vocab_size=97, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=96,
+                  max_positions=64, rope_theta=10000.0, tie_embeddings=True, name="dense-rows-llama")
+SRC = RandomWeights(CFG, seed=11)
+
+
+@pytest.mark.parametrize("n", [16, 48, 64, 80, 200])
+def test_the_dequantized_weight_is_the_kernels_rounded_once_to_bf16(n):
+    # full blocks of 64 rows and tails of 16, 32 or 48 (200 rows pad to 208 = 3 x 64 + 16)
+    q = QuantLinear.from_float(torch.randn(n, 96, generator=torch.Generator().manual_seed(n)), WeightFormat("int4"))
+    q.scratch = Scratch.size_for([(n, 96)])
+    wt = int4_weight_t(q.packed, q.scale_zero, 96, 32, q.scratch)[:, :n]  # (K, N)
+    assert torch.equal(wt.T, q.dequantized().to(torch.bfloat16))
+    x = torch.randn(40, 96)
+    kernel = q.forward(x)
+    dense = q._dense(x)
+    scale = kernel.abs().max()
+    assert (dense - kernel).abs().max() <= 0.02 * scale  # two bf16 roundings apart (the weight's and the output's)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("k,n", [(64, 128), (96, 64), (576, 1536), (1536, 576)])  # this test's model; SmolLM2's
+def test_a_rows_dense_result_does_not_depend_on_the_rows_beside_it(k, n, threads):
+    g = torch.Generator().manual_seed(k + n)
+    wt = torch.randn(k, n, generator=g).to(torch.bfloat16)
+    x = torch.randn(37, k, generator=g).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        whole = dense_linear(x, wt)
+        for a, b in [(0, 1), (5, 6), (36, 37), (0, 2), (3, 20), (17, 37), (1, 36)]:
+            assert torch.equal(dense_linear(x[a:b], wt), whole[a:b]), (a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_kernel_rows_are_each_sequences_last_row_whose_logits_come_back():
+    # sequences of 1 (a decode), 4 (a prompt's last chunk), 3 (a chunk mid-prompt: no logits)
+    assert kernel_rows([1, 4, 3], (0, 4)).tolist() == [True, False, False, False, True, False, False, False]
+    assert kernel_rows([5], None).tolist() == [False] * 4 + [True]  # a Request: every row's logits
+    assert kernel_rows([1, 1], (0, 1)) is None  # a step of decodes: nothing to route
+
+
+def test_the_scratch_is_held_by_the_shard_and_counted_in_its_memory():
+    assert scratch_bytes([(192, 64), (64, 96)]) == 7 * 192 * 64
+    assert scratch_bytes([(200, 96)]) == 7 * 208 * 96  # int4 rows padded to 16
+    from galaxy.parallel import memory
+    from galaxy.parallel.compact import held_bytes
+    for fmt in ("int4", "int8", "bf16"):
+        shard = compact_shard(load_shard(SRC, full_spec(CFG)), SRC, parse_format(fmt))
+        scratch = getattr(shard, "dense_scratch", None)
+        assert (scratch.nbytes if scratch else 0) == (7 * 192 * 64 if fmt != "bf16" else 0)  # [gate; up] is largest
+        params = memory.MemoryParams.for_dtype(4, fmt)
+        assert memory.weight_bytes(CFG, full_spec(CFG), params) == held_bytes(shard)
+
+
+def _run(model, cache, seqs, block=4):
+    """One engine step: seqs = [(token ids, start, logits?)], each with its own blocks; -> logit rows' logits."""
+    tables = tuple(tuple(range(i * 16, i * 16 + 16)) for i in range(len(seqs)))
+    batch = PagedBatch(block, tuple(len(t) for t, _, _ in seqs), tuple(s for _, s, _ in seqs), tables)
+    ends = torch.tensor([len(t) for t, _, _ in seqs]).cumsum(0) - 1
+    rows = tuple(int(e) for e, (_, _, lg) in zip(ends, seqs) if lg)
+    step = Step(torch.tensor([x for t, _, _ in seqs for x in t]), batch, rows)
+    comm = Collectives(LocalGroup(1).transport(0))
+    return rank_forward(model, comm, even_partition(CFG, 1, "megatron"), step_pass(step, cache))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_a_prompt_gets_the_same_logits_in_any_chunks_and_beside_decode_rows(fmt, monkeypatch):
+    model = compact_shard(load_shard(SRC, full_spec(CFG)), SRC, parse_format(fmt))
+    prompt = torch.randint(0, CFG.vocab_size, (21,), generator=torch.Generator().manual_seed(1)).tolist()
+    other = torch.randint(0, CFG.vocab_size, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+
+    alone_cache = PagedKVCache.for_model(model, 64, 4)
+    alone = _run(model, alone_cache, [(prompt, 0, True)])[0]
+
+    cache = PagedKVCache.for_model(model, 64, 4)  # sequence 0: `other`, then decoding; sequence 1: the prompt
+    _run(model, cache, [(other, 0, True), (prompt[:1], 0, False)])  # a one-row chunk, mid-prompt
+    _run(model, cache, [(other[:1], 9, True), (prompt[1:8], 1, False)])  # a decode row beside a chunk
+    _run(model, cache, [(other[:1], 10, True), (prompt[8:20], 8, False)])
+    last = _run(model, cache, [(other[:1], 11, True), (prompt[20:], 20, True)])  # the last token alone
+    assert torch.equal(last[1], alone)
+
+    # the prompt rows did run dense: with every row on the kernel the logits are another rounding away
+    monkeypatch.setattr(QuantLinear, "routes_rows", lambda self: False)
+    kernel_only = _run(model, PagedKVCache.for_model(model, 64, 4), [(prompt, 0, True)])[0]
+    assert not torch.equal(kernel_only, alone)
+    assert (kernel_only - alone).abs().max() <= 0.05 * alone.abs().max()
