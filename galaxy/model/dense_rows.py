@@ -1,11 +1,14 @@
-"""Prompt rows of int4 / int8 linears through a dense bf16 GEMM; decode rows through the format's kernel.
+"""Prompt rows of int8 linears through a dense bf16 GEMM; decode rows through int8pack's kernel.
 
-torch's weight-only kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) are built for a few
-rows: they dequantize the weight again for every 4 rows, so a 256-token prompt ran slower in int4 than in
-fp32. oneDNN's bf16 GEMM is 2.3x faster than fp32's on a CPU with avx512_bf16, and a prompt pays the
-weight's dequantization once per pass, not once per 4 rows. So a pass's *prompt rows* run
-x @ W^T with W dequantized to bf16 for that one call, into a per-thread buffer sized to the largest
-linear it has met (`Scratch`; counted in a shard's memory: `scratch_bytes`).
+torch's int8 weight-only kernel (`_weight_int8pack_mm`, bf16 activations) is built for a few rows: a
+256-token prompt ran slower in int8 than in fp32. oneDNN's bf16 GEMM is 2.1x faster than fp32's on a
+CPU with avx512_bf16, and int8 codes are exact in bf16 (|q| <= 127 < 2^8): so a pass's *prompt rows*
+run (x @ Q^T) * scale with the codes Q copied to bf16 once per linear per pass, into a buffer the shard
+holds, sized to its largest linear (`Scratch`; counted in its held bytes, `scratch_bytes`).
+
+int4 is not routed: the same scheme over int4pack's codes (unpacked, w = (q - 8) * scale + zero per group,
+rounded to bf16) was faster from ~60 prompt rows a pass but 3.6x slower for an 8-token prompt, and which
+rows go dense must not depend on how many share the pass (below); measured in docs/decode-formats.md.
 
 Which rows go where is decided by what a row *is*, never by how many rows a step carries: the serving
 engine mixes decode rows and prompt chunks in one step, and chunk sizes follow the token budget, so a
@@ -27,7 +30,7 @@ and each linear call says where its rows start (`rows_from`: the per-rank forwar
 the pass's rows, on a device's chunk of them, or on a tile of one). Without a pass (a module called
 directly, the compact decoder) every row runs the kernel, as before.
 
-Shapes: x (M, K), W (N, K), W^T (K, N), S rows in a pass.
+Shapes: x (M, K), Q (N, K) int8 codes, scale (N,), S rows in a pass.
 """
 
 from __future__ import annotations
@@ -91,105 +94,55 @@ def dense_mask(m: int) -> torch.Tensor | None:
 
 
 class Scratch:
-    """A shard's buffers for dequantizing one weight at a time, sized once at load to its largest linear
-    (`size_for`) and reused by every call (a fresh tensor per call cost more than the arithmetic): the
-    unpacked nibbles (1 byte a weight), the float32 weight (4) and the bf16 weight the GEMM reads (2).
-    Allocated with the shard, so they are in its held bytes (`nbytes`, `scratch_bytes`): a device's
-    memory admission and KV pool see them before the first prompt runs."""
+    """A shard's buffer for one linear's codes in bf16 at a time, sized once at load to its largest linear
+    (`size_for`) and reused by every call (a fresh tensor per call cost more than the copy). Allocated
+    with the shard, so it is in its held bytes (`nbytes`, `scratch_bytes`): a device's memory admission
+    and KV pool see it before the first prompt runs."""
 
     def __init__(self, weights: int = 0):
         self.size = weights
-        self.nibbles = torch.empty(weights, dtype=torch.uint8)
-        self.w32 = torch.empty(weights)
         self.weight = torch.empty(weights, dtype=torch.bfloat16)
-        self.key = None  # (pass, linear) whose weight `weight` holds: a device's chunks and tiles of one pass reuse it
+        self.key = None  # (pass, linear) whose codes `weight` holds: a device's chunks and tiles of one pass reuse it
 
     @classmethod
     def size_for(cls, linears: list[tuple[int, int]]) -> Scratch:
-        """Buffers for the largest of `linears` (N, K), int4's rows padded to 16."""
-        return cls(max((_padded(n) * k for n, k in linears), default=0))
+        """A buffer for the largest of `linears` (N, K)."""
+        return cls(max((n * k for n, k in linears), default=0))
 
     @property
     def nbytes(self) -> int:
         return SCRATCH_BYTES_PER_WEIGHT * self.size
 
-    def take(self, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(K N,) uint8, (K, N) float32 and (K, N) bf16 views of the buffers."""
-        if self.size < k * n:
+    def codes(self, codes: torch.Tensor, key) -> torch.Tensor:
+        """(N, K) bf16: `codes` (N, K) int8 copied into the buffer, unless this pass already did (`key`)."""
+        n, k = codes.shape
+        if self.size < n * k:
             raise ValueError(f"dense rows: a {n} x {k} weight is larger than the scratch sized at load ({self.size})")
-        return self.nibbles[: k * n], self.w32[: k * n].view(k, n), self.weight[: k * n].view(k, n)
+        w = self.weight[: n * k].view(n, k)
+        key = (getattr(_local, "pass_id", 0), key)
+        if self.key != key:
+            w.copy_(codes)
+            self.key = key
+        return w
 
 
-def _padded(n: int) -> int:
-    return -(-n // 16) * 16  # int4pack's rows come in multiples of 16 (quant.INT4_ROWS)
-
-
-SCRATCH_BYTES_PER_WEIGHT = 7  # Scratch: nibbles 1, float32 weight 4, bf16 W^T 2
+SCRATCH_BYTES_PER_WEIGHT = 2  # Scratch: the codes in bf16
 
 
 def scratch_bytes(linears: list[tuple[int, int]]) -> int:
-    """Bytes a shard's `Scratch` holds for linears of (N, K): its buffers sized to the largest."""
-    return Scratch(0).nbytes if not linears else SCRATCH_BYTES_PER_WEIGHT * max(_padded(n) * k for n, k in linears)
+    """Bytes a shard's `Scratch` holds for linears of (N, K): its buffer sized to the largest."""
+    return SCRATCH_BYTES_PER_WEIGHT * max((n * k for n, k in linears), default=0)
 
 
-INT4_BLOCK_N = 64  # int4pack's CPU layout (avx512): blocks of 64 rows, as (K, 32) bytes
-
-
-def int4_weight_t(packed: torch.Tensor, scale_zero: torch.Tensor, k: int, group: int, buf: Scratch,
-                  key=None) -> torch.Tensor:
-    """(K, Npad) bf16: the int4pack weight dequantized as the kernel does, w = (q - 8) * scale + zero in
-    float32 (one rounding), then rounded once to bf16, transposed (the layout the packed codes unpack into).
-
-    int4pack's CPU layout (torch 2.13, read from aten's weight_to_int4pack_kernel and pinned by the tests
-    against the kernel): every full block of 64 rows is (K, 32) bytes whose low nibbles are rows 0-31 and
-    high nibbles rows 32-63; a tail of 16, 32 or 48 rows is (K, tail / 2) bytes of row pairs (low nibble
-    the even row). Each step is one pass over contiguous memory: strided or broadcast-by-view operands
-    made the same arithmetic 5x slower (measured, docs/decode-formats.md)."""
-    npad = packed.shape[0]
-    key = None if key is None else (getattr(_local, "pass_id", 0), key)
-    nib, w32, out = buf.take(k, npad)  # (K N,), (K, Npad), (K, Npad)
-    if key is not None and buf.key == key:
-        return out
-    buf.key = None
-    full = npad // INT4_BLOCK_N * INT4_BLOCK_N
-    if full:
-        nb = full // INT4_BLOCK_N
-        b = packed[:full].reshape(nb, k, 32)  # (blocks, K, 32) bytes
-        lo, hi = nib[: nb * k * 32].view(nb, k, 32), nib[nb * k * 32: full * k].view(nb, k, 32)
-        torch.bitwise_and(b, 15, out=lo)
-        torch.bitwise_right_shift(b, 4, out=hi)
-        wv = w32[:, :full].view(k, nb, INT4_BLOCK_N)
-        wv[..., :32].copy_(lo.permute(1, 0, 2))  # rows 0-31 of each block
-        wv[..., 32:].copy_(hi.permute(1, 0, 2))  # rows 32-63
-    if npad > full:
-        t = packed[full:].reshape(k, (npad - full) // 2)  # (K, tail / 2) row pairs
-        pair = w32[:, full:].view(k, (npad - full) // 2, 2)
-        pair[..., 0].copy_(torch.bitwise_and(t, 15))
-        pair[..., 1].copy_(torch.bitwise_right_shift(t, 4))
-    g = k // group
-    scale = scale_zero[..., 0].to(torch.float32)  # (G, Npad), contiguous
-    zero = scale_zero[..., 1].to(torch.float32) - 8 * scale  # exact while their exponents are within 16
-    # q * scale is exact in float32 (4 + 8 bits), so zero' + q * scale is the kernel's one rounding of
-    # (q - 8) * scale + zero: the float32 weight the kernel multiplies by (bit for bit while zero' is exact)
-    w = w32.view(g, group, npad)
-    torch.addcmul(zero[:, None], w, scale[:, None], out=w)
-    out.copy_(w32)
-    buf.key = key
-    return out
-
-
-def dense_linear(x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
-    """x (M, K) bf16 @ W^T (K, N) bf16 -> (M, N) bf16 through oneDNN's GEMM. A single row is padded to
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) bf16 @ W^T, W (N, K) bf16 -> (M, N) bf16 through oneDNN's GEMM. A single row is padded to
     two: M = 1 takes a GEMV path whose summation order differs from the GEMM's (measured)."""
     if x.shape[0] == 1:
-        return torch.cat([x, x.new_zeros(1, x.shape[1])]).matmul(weight_t)[:1]
-    return x.matmul(weight_t)
+        return F.linear(torch.cat([x, x.new_zeros(1, x.shape[1])]), weight)[:1]
+    return F.linear(x, weight)
 
 
-def int8_dense(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, buf: Scratch) -> torch.Tensor:
-    """x (M, K) bf16 through int8 codes (N, K) and per-row scales (N,) bf16: the codes are exact in bf16
-    (|q| <= 127 < 2^8), so the GEMM runs on them and the scale multiplies its output, as int8pack does."""
-    n, k = codes.shape
-    w = buf.take(k, n)[2].view(-1)[: n * k].view(n, k).copy_(codes)  # (N, K) bf16
-    y = F.linear(torch.cat([x, x.new_zeros(1, k)]) if x.shape[0] == 1 else x, w)[: x.shape[0]]
-    return y * scale
+def int8_dense(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, buf: Scratch, key) -> torch.Tensor:
+    """x (M, K) bf16 through int8 codes (N, K) and per-row scales (N,) bf16 -> (M, N) bf16: the GEMM runs on
+    the codes (exact in bf16) and the scale multiplies its output, as int8pack does."""
+    return dense_linear(x, buf.codes(codes, key)) * scale

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..errors import GalaxyError
 from .config import ModelConfig
-from .dense_rows import dense_linear, dense_mask, int4_weight_t, int8_dense
+from .dense_rows import dense_mask, int8_dense
 
 FORMAT_NAMES = ("fp32", "bf16", "fp16", "int8", "int4")
 # Activations each format's kernels take: the first is the default. bf16: oneDNN's prepacked bf16 GEMM;
@@ -409,19 +409,20 @@ class QuantLinear(nn.Module):
         return (y if y.shape[1] == self.n else y[:, : self.n]).to(torch.float32)
 
     def routes_rows(self) -> bool:
-        """Whether a pass's prompt rows run dense (model/dense_rows.py): the bf16-activation weight-only
-        kernels, built for a few rows (int4pack, int8pack), once a shard gave it a `Scratch` to dequantize
-        into (parallel/compact.py: a block's linears; not the LM head, whose rows are the logit rows)."""
+        """Whether a pass's prompt rows run dense (model/dense_rows.py): int8 with bf16 activations (int8pack
+        is built for a few rows), once a shard gave it a `Scratch` (parallel/compact.py: a block's linears;
+        not the LM head, whose rows are the logit rows)."""
         return self.scratch is not None
 
     @staticmethod
     def dense_capable(fmt: WeightFormat) -> bool:
-        """Formats whose prompt rows may run dense: int4 and int8 with bf16 activations."""
-        return fmt.act == "bf16" and fmt.name in ("int4", "int8")
+        """Formats whose prompt rows run dense: int8 with bf16 activations (int4 measured slower for short
+        prompts, docs/decode-formats.md)."""
+        return fmt.name == "int8" and fmt.act == "bf16"
 
     def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` for a block's linear within a pass: its prompt rows (model/dense_rows.py's rule) run a
-        dense bf16 GEMM on the weight dequantized for this call, its other rows the kernel."""
+        dense bf16 GEMM on its codes, its other rows the kernel."""
         mask = dense_mask(x.shape[0]) if self.routes_rows() else None
         if mask is None or not bool(mask.any()):
             return self.forward(x)
@@ -433,13 +434,8 @@ class QuantLinear(nn.Module):
         return y
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) float32 -> (M, N) float32 through a dense bf16 GEMM on this weight."""
-        x = x.to(torch.bfloat16)
-        if self.fmt.name == "int8":
-            return int8_dense(x, self.codes, self.scale, self.scratch).to(torch.float32)
-        y = dense_linear(x, int4_weight_t(self.packed, self.scale_zero, self.k, self.fmt.group, self.scratch,
-                                          key=id(self)))
-        return (y if y.shape[1] == self.n else y[:, : self.n]).to(torch.float32)
+        """x (M, K) float32 -> (M, N) float32 through a dense bf16 GEMM on this weight's int8 codes."""
+        return int8_dense(x.to(torch.bfloat16), self.codes, self.scale, self.scratch, id(self)).to(torch.float32)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of W as float32 (an embedding lookup from a tied LM head): (t,) -> (t, K)."""

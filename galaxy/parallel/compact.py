@@ -157,8 +157,8 @@ def compact_shard(model: Transformer, source: WeightSource | None, fmt: WeightFo
 
 
 def attach_scratch(model: Transformer, fmt: WeightFormat) -> None:
-    """Give the blocks' int4 / int8 linears one `Scratch` sized to the largest (model/dense_rows.py), so a
-    pass's prompt rows run dense; held as `model.dense_scratch` and counted in `held_bytes`. The LM head
+    """Give the blocks' int8 linears one `Scratch` sized to the largest (model/dense_rows.py), so a pass's
+    prompt rows run dense; held as `model.dense_scratch` and counted in `held_bytes`. The LM head
     gets none: its rows are the logit rows, which run the kernel anyway."""
     qs = [mod.q for mod in model.modules() if isinstance(mod, CompactLinear)]
     if not QuantLinear.dense_capable(fmt) or not qs:
