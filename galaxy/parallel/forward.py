@@ -76,8 +76,8 @@ class Pass:
     attend: Attend
     logit_rows: tuple[int, ...] | None  # causal LMs: rows whose logits come back (None: every row)
     contiguous_from: int | None = None  # one sequence at positions start.. (seqpar needs it), else None
-    # (S,) bool: rows that run an int4 / int8 linear's own kernel (decode rows, a prompt's last row); the
-    # others run dense (model/dense_rows.py). None: every row runs the kernel
+    # (S,) bool: rows that run an int8 linear's own kernel (decode rows, a prompt's last row); the others
+    # run dense (model/dense_rows.py). None: every row runs the kernel
     kernel_rows: torch.Tensor | None = None
 
 
@@ -165,7 +165,7 @@ def galaxy_layer(blk: Block, comm: Collectives, x: torch.Tensor, sizes: list[int
 
 
 def _at(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """fn on rows that start at pass row `start` (so an int4 / int8 linear routes each row by what it is,
+    """fn on rows that start at pass row `start` (so an int8 linear routes each row by what it is,
     model/dense_rows.py)."""
     def at(x: torch.Tensor, start: int) -> torch.Tensor:
         with rows_from(start):
@@ -249,6 +249,7 @@ def seqpar_forward(model: Transformer, comm: Collectives, sizes: list[int], p: P
 
 def _seqpar_layers(model: Transformer, comm: Collectives, sizes: list[int], x: torch.Tensor, start: int, a: int,
                    b: int) -> torch.Tensor:
+    """seqpar's layers on this device's rows [a, b) of one sequence starting at position `start`."""
     cfg = model.cfg
     for idx, blk in model.layers.items():
         attn = blk.attn

@@ -4,6 +4,8 @@ chunks it is cut into and whatever decode rows share its steps; the shard holds 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from galaxy.model.config import make_config
 from galaxy.model.dense_rows import Scratch, dense_linear, kernel_rows, scratch_bytes
 from galaxy.model.paged_kv import PagedBatch, PagedKVCache
 from galaxy.model.quant import QuantLinear, WeightFormat, parse_format
-from galaxy.parallel.collectives import Collectives
+from galaxy.parallel.collectives import Collectives, pieces
 from galaxy.parallel.compact import compact_shard
 from galaxy.parallel.forward import Step, rank_forward, step_pass
 from galaxy.parallel.local_transport import LocalGroup
@@ -99,3 +101,27 @@ def test_a_prompt_gets_the_same_logits_in_any_chunks_and_beside_decode_rows(monk
     kernel_only = _run(model, PagedKVCache.for_model(model, 64, 4), [(prompt, 0, True)])[0]
     assert not torch.equal(kernel_only, alone)
     assert (kernel_only - alone).abs().max() <= 0.05 * alone.abs().max()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_each_gathered_tile_is_told_its_first_row_among_all_ranks(overlap):
+    # galaxy_layer's linears route rows by where a tile starts: each rank's rows hold their global indices
+    sizes, tiles, got = [3, 0, 5], 2, {}
+
+    def work(r):
+        comm = Collectives(group.transport(r), tiles, overlap=overlap)
+        start = sum(sizes[:r])
+        local = torch.arange(start, start + sizes[r], dtype=torch.float32)[:, None]
+        got[r] = comm.all_gather(local, sizes, lambda x, s: x - s, at_rows=True)  # 0, 1, .. within each tile
+
+    group = LocalGroup(len(sizes))
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(sizes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    if overlap:  # each tile counted from its own first row
+        want = [i for n in sizes for p in pieces(n, tiles) for i in range(p)]
+    else:  # one call over every row, from row 0
+        want = list(range(sum(sizes)))
+    assert len(got) == len(sizes) and all(g[:, 0].tolist() == want for g in got.values())
