@@ -325,6 +325,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             log.info("%s: decode steps on %d thread(s), prefill on %d%s", self.s.name, threads.decode,
                      threads.prefill, "".join(f"; {n} thread(s) {s * 1e3:.2f} ms" for n, s in timings.items()))
         runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap, threads=threads)
+        if backend == "torch":
+            runtime.prepare_decode()  # a one-token step's compiled halves, where they pay (parallel/decode_graph.py)
         return _Session(req.session_id, runtime, transport, weight_bytes, load_s, backend, params.act_bytes, seq,
                         ticket_key=bytes(req.kv_ticket_key))
 
