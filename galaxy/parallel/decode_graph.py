@@ -30,7 +30,9 @@ rest of the load, with the reason logged.
 
 When: `policy()` -- `GALAXY_DECODE_COMPILE=0` never (the test suite sets it: compile time must not land
 in tests), `=1` whenever eligible, unset: when eligible and the shard's block weights hold at least
-AUTO_MIN_BYTES (a tiny model's step costs microseconds, its compile seconds). Eligible: a shard with
+AUTO_MIN_BYTES (a tiny model's step costs microseconds, its compile seconds); `=traced` builds the graphs
+and runs them as traced, uncompiled (the tests' check of the tracing, the weights-as-inputs and the
+step's wiring, in a fraction of a second; inductor's code generation is torch's own). Eligible: a shard with
 layers whose linears are plain aten kernels (fp32 `nn.Linear`, int8 and int4 `QuantLinear`; oneDNN's and
 fbgemm's packed weights are opaque objects a graph cannot take as an input), every layer the same
 structure, RoPE, pre-norm. Compiled at load (`RankRuntime.prepare_decode`): about 5-20 s the first time
@@ -130,7 +132,7 @@ def policy(model: Transformer) -> bool:
     want = os.environ.get(COMPILE_ENV, "").strip()
     if want == "0" or ineligible(model) is not None:
         return False
-    return want == "1" or block_bytes(model) >= AUTO_MIN_BYTES
+    return want in ("1", "traced") or block_bytes(model) >= AUTO_MIN_BYTES
 
 
 class _Graph:
@@ -147,7 +149,7 @@ class _Graph:
 
         inputs = [*_state(wrap).values(), *example]
         gm = make_fx(fn)(*inputs)
-        self.fn = torch._inductor.compile(gm, inputs)
+        self.fn = gm if os.environ.get(COMPILE_ENV) == "traced" else torch._inductor.compile(gm, inputs)
         # each layer's weights in the graph's input order, gathered once
         self.weights = {id(b): tuple(_state(half(b)).values()) for b in blocks}
         self.shapes = tuple((t.shape, t.dtype) for t in example)
@@ -171,9 +173,9 @@ class DecodeGraphs:
         with torch.inference_mode():
             self.pre = _Graph(_Pre, blocks, (x, cos, sin))
             self.post = _Graph(_Post, blocks, (torch.zeros(1, attn.nq * cfg.head_dim), x))
-            self.mlp = _Graph(_Mlp, blocks, (x, x))
-            for g, args in ((self.pre, (x, cos, sin)), (self.post, self.post.example), (self.mlp, (x, x))):
-                g(blocks[0], *args)  # a first call: anything left to build is built now, not on a request
+            self.mlp = _Graph(_Mlp, blocks, (x, torch.zeros(1, h)))  # distinct tensors: a traced alias is one input
+            for g in (self.pre, self.post, self.mlp):
+                g(blocks[0], *g.example)  # a first call: anything left to build is built now, not on a request
         self.compile_s = time.perf_counter() - t0
         self.failed: str | None = None
 
