@@ -109,9 +109,9 @@ def step_threads_seen(monkeypatch) -> list[tuple[int, int]]:
     seen = []
     inner = rank_module.rank_forward
 
-    def spy(model, comm, partition, p):
+    def spy(model, comm, partition, p, *graphs):
         seen.append((int(p.ids.numel()), torch.get_num_threads()))
-        return inner(model, comm, partition, p)
+        return inner(model, comm, partition, p, *graphs)
 
     monkeypatch.setattr(rank_module, "rank_forward", spy)
     return seen

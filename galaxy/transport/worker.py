@@ -602,7 +602,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         ops = [pb.OpStat(tag=o.tag, wall_s=o.wall_s, wait_s=o.wait_s, compute_s=o.compute_s, bytes=o.bytes,
                          send_s=send_s.get(o.tag, 0.0)) for o in comm.stats.ops]
         reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss() if rss else 0,
-                                kv_cache_bytes=rt.kv_bytes, rss_before_bytes=rss_before, cpu_s=cpu_s)
+                                kv_cache_bytes=rt.kv_bytes, rss_before_bytes=rss_before, cpu_s=cpu_s,
+                                decode_threads=rt.threads.decode_now if rt.threads else 0)
         if isinstance(out, StepPiece):  # a step's top-1 rows (parallel/top1.py): a few numbers, not their logits
             if out.top1 is not None:
                 reply.top1_values.extend(out.top1.values.tolist())
