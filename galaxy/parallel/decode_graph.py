@@ -29,8 +29,11 @@ greedy tokens on a tiny model); any failure to build or to run falls back to the
 rest of the load, with the reason logged.
 
 When: `policy()` -- `GALAXY_DECODE_COMPILE=0` never (the test suite sets it: compile time must not land
-in tests), `=1` whenever eligible, unset: when eligible and the shard's block weights hold at least
-AUTO_MIN_BYTES (a tiny model's step costs microseconds, its compile seconds); `=traced` builds the graphs
+in tests), `=1` whenever eligible, unset: when eligible, the device decodes alone (a partition of one: the
+in-process device, or the worker the planner's decode layout gives the whole model; a split's step waits
+on its collectives more than on its ops, and several workers compiling at once on one host would slow
+every load) and the shard's block weights hold at least AUTO_MIN_BYTES (a tiny model's step costs
+microseconds, its compile seconds); `=traced` builds the graphs
 and runs them as traced, uncompiled (the tests' check of the tracing, the weights-as-inputs and the
 step's wiring, in a fraction of a second; inductor's code generation is torch's own). Eligible: a shard with
 layers whose linears are plain aten kernels (fp32 `nn.Linear`, int8 and int4 `QuantLinear`; oneDNN's and
@@ -127,12 +130,13 @@ def ineligible(model: Transformer) -> str | None:
     return None
 
 
-def policy(model: Transformer) -> bool:
-    """Whether to compile this shard's decode halves (module docstring: `GALAXY_DECODE_COMPILE`)."""
+def policy(model: Transformer, world: int) -> bool:
+    """Whether to compile the decode halves of this shard of a `world`-device partition (module docstring:
+    `GALAXY_DECODE_COMPILE`)."""
     want = os.environ.get(COMPILE_ENV, "").strip()
     if want == "0" or ineligible(model) is not None:
         return False
-    return want in ("1", "traced") or block_bytes(model) >= AUTO_MIN_BYTES
+    return want in ("1", "traced") or (world == 1 and block_bytes(model) >= AUTO_MIN_BYTES)
 
 
 class _Graph:
@@ -180,9 +184,9 @@ class DecodeGraphs:
         self.failed: str | None = None
 
     @classmethod
-    def build(cls, model: Transformer) -> DecodeGraphs | None:
+    def build(cls, model: Transformer, world: int = 1) -> DecodeGraphs | None:
         """Compile the halves if `policy` says so; on any failure, None (eager), the reason logged."""
-        if not policy(model):
+        if not policy(model, world):
             return None
         try:
             graphs = cls(model)

@@ -150,7 +150,7 @@ class RankRuntime:
     def prepare_decode(self) -> None:
         """Compile the shard's one-token decode halves where it pays (decode_graph.policy), at load: the
         compile then never lands on a request's first token. Eager when not compiled."""
-        self.graphs = DecodeGraphs.build(self.model)
+        self.graphs = DecodeGraphs.build(self.model, self.partition.world)
 
     def _threads_for(self, tokens: int):
         """The step's intra-op thread count on this thread (decode or prefill, by its tokens)."""

@@ -82,8 +82,11 @@ def test_the_policy_builds_nothing_when_off_or_for_opaque_weights(monkeypatch):
         assert ex.runtimes[0].graphs is None
     monkeypatch.delenv(decode_graph.COMPILE_ENV)
     with _load(1, "fp32") as ex:  # auto: a model this small decodes in microseconds, compiles in seconds
-        assert decode_graph.block_bytes(ex.runtimes[0].model) < decode_graph.AUTO_MIN_BYTES
+        model = ex.runtimes[0].model
+        assert decode_graph.block_bytes(model) < decode_graph.AUTO_MIN_BYTES
         assert ex.runtimes[0].graphs is None
+        monkeypatch.setattr(decode_graph, "AUTO_MIN_BYTES", 0)
+        assert decode_graph.policy(model, 1) and not decode_graph.policy(model, 2)  # auto: a device decoding alone
 
 
 def test_a_failing_graph_leaves_the_step_to_the_eager_path(compile_on):
