@@ -60,42 +60,36 @@ COMPILE_ENV = "GALAXY_DECODE_COMPILE"
 AUTO_MIN_BYTES = 16 << 20  # block weights below this: the eager step is already fast; compiling costs seconds
 
 
-class _Pre(nn.Module):
-    """norm1 -> Q|K|V -> heads, RoPE at (cos, sin): (1, H) -> q (nq, 1, hd), k, v (nkv, 1, hd)."""
+class _Half(nn.Module):
+    """A block half: its forward is what the graph computes, the block's weights its state."""
 
     def __init__(self, blk: Block):
         super().__init__()
         self.blk = blk
+
+
+class _Pre(_Half):
+    """norm1 -> Q|K|V -> heads, RoPE at (cos, sin): (1, H) -> q (nq, 1, hd), k, v (nkv, 1, hd)."""
 
     def forward(self, x, cos, sin):
         attn = self.blk.attn
         return attn.split_heads(attn.project(self.blk.attn_input(x)), rot=(cos, sin))
 
 
-class _Post(nn.Module):
-    """Output projection, residual, norm2, MLP: ctx (1, nq hd), x (1, H) -> x (1, H), MLP output (1, H)."""
-
-    def __init__(self, blk: Block):
-        super().__init__()
-        self.blk = blk
-
-    def forward(self, ctx, x):
-        blk = self.blk
-        x = blk.after_attn(x, blk.attn.project_out(ctx))
-        return x, blk.mlp.contract(blk.mlp.expand(blk.mlp_input(x)))
-
-
-class _Mlp(nn.Module):
+class _Mlp(_Half):
     """Residual with the all-reduced attention sum, norm2, MLP: x, a (1, H) -> x (1, H), MLP output (1, H)."""
-
-    def __init__(self, blk: Block):
-        super().__init__()
-        self.blk = blk
 
     def forward(self, x, a):
         blk = self.blk
         x = blk.after_attn(x, a)
         return x, blk.mlp.contract(blk.mlp.expand(blk.mlp_input(x)))
+
+
+class _Post(_Mlp):
+    """Output projection, then _Mlp: ctx (1, nq hd), x (1, H) -> x (1, H), MLP output (1, H)."""
+
+    def forward(self, ctx, x):
+        return super().forward(x, self.blk.attn.project_out(ctx))
 
 
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -142,7 +136,7 @@ def policy(model: Transformer, world: int) -> bool:
 class _Graph:
     """One block half compiled once, called with any layer's weights."""
 
-    def __init__(self, half: type[nn.Module], blocks: list[Block], example: tuple[torch.Tensor, ...]):
+    def __init__(self, half: type[_Half], blocks: list[Block], example: tuple[torch.Tensor, ...]):
         from torch.fx.experimental.proxy_tensor import make_fx
 
         wrap = half(blocks[0])
