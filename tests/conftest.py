@@ -3,8 +3,14 @@ worker servers in the test process."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# no compiled decode steps in the suite (parallel/decode_graph.py): compiling costs seconds a load; the graphs'
+# own test asks for them (subprocesses, the test's `galaxy worker`s, inherit this)
+os.environ["GALAXY_DECODE_COMPILE"] = "0"
 
 import galaxy.parallel.rank as rank_module
 from galaxy.engine.step_cost import StepCost
@@ -103,9 +109,9 @@ def step_threads_seen(monkeypatch) -> list[tuple[int, int]]:
     seen = []
     inner = rank_module.rank_forward
 
-    def spy(model, comm, partition, p):
+    def spy(model, comm, partition, p, *graphs):
         seen.append((int(p.ids.numel()), torch.get_num_threads()))
-        return inner(model, comm, partition, p)
+        return inner(model, comm, partition, p, *graphs)
 
     monkeypatch.setattr(rank_module, "rank_forward", spy)
     return seen

@@ -457,8 +457,8 @@ def table(report: dict) -> str:
              f"decode: median over {report['reps']} runs of each run's median one-token step "
              f"({report['new_tokens']} steps); prefill: one pass into an empty cache; token gap: the engine "
              "path's median time between tokens as its client gets them (ms); decode thr: the galaxy path's "
-             "threads on a decode step ((m): measured at load, then settled on the first decode steps; workers "
-             "show the load's; prefill runs on all the row's threads)", ""]
+             "threads on a decode step ((m): measured at load, then settled on the first decode steps, as each "
+             "device reports it after its steps; prefill runs on all the row's threads)", ""]
     head = f"{'threads':>7}  {'engine':<48} {'weights':<24} {'MB':>7} {'ms/token':>9} {'x llama.cpp':>11} " \
            f"{'prefill':>11} {'greedy=1st':>10} {'token gap':>9} {'decode thr':>10}"
     lines.append(head)

@@ -195,6 +195,9 @@ def _run_generate(args, model, req, gc, report: dict, seconds: dict) -> int:
         print()
     gen = stream.generation
     decode = [s for s in gen.steps if s.phase == "decode"]
+    # the decode count each device settled on over these steps (parallel/threads.py DecodeTuner), not the load's
+    decoder = model.groups[1] if model.groups else model.session.executor
+    report["decode_threads"] = getattr(decoder, "decode_threads", report.get("decode_threads"))
     report.update(
         text=gen.text, tokens=gen.tokens, finish=gen.finish, prompt_tokens=len(ids),
         ttft_s=round(gen.ttft_s, 4), per_token_s=round(gen.per_token_s, 4),

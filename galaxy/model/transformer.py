@@ -166,9 +166,13 @@ class Attention(nn.Module):
         engine's step): the new K/V are written at their slots first, so a prefill chunk attends to
         itself, then each token attends to its own sequence's positions. (T, qkv cols) -> (T, nq hd)."""
         q, k, v = self.split_heads(qkv, positions=batch.positions, rot=rot)
+        return self.attend_paged_heads(q, k, v, kv, layer, batch)
+
+    def attend_paged_heads(self, q, k, v, kv: PagedKVCache, layer: str, batch: PagedBatch) -> torch.Tensor:
+        """attend_paged from the heads, RoPE applied (split_heads): q (nq, T, hd), k, v (nkv, T, hd) -> (T, nq hd)."""
         kv.write(layer, k, v, batch.slot_mapping)
         ctx = kv.paged_attention(q, layer, batch, self.kv_map)  # (nq, T, hd)
-        return ctx.transpose(0, 1).reshape(qkv.shape[0], self.nq * self.cfg.head_dim)
+        return ctx.transpose(0, 1).reshape(q.shape[1], self.nq * self.cfg.head_dim)
 
     def project_out(self, ctx: torch.Tensor) -> torch.Tensor:
         """Row-parallel output projection of a tile: (t, nq hd) -> partial sum (t, H), no bias."""

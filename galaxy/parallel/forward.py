@@ -32,6 +32,7 @@ from ..model.dense_rows import kernel_rows, pass_rows, rows_from
 from ..model.paged_kv import PagedBatch, PagedKVCache
 from ..model.transformer import Attention, Block, Transformer
 from .collectives import Collectives
+from .decode_graph import DecodeGraphs
 from .sharding import Partition, Strategy
 
 
@@ -64,6 +65,8 @@ class Step:
 
 # (layer index, attention block, Q|K|V of every token (S, cols)) -> context (S, nq hd)
 Attend = Callable[[str, Attention, torch.Tensor], torch.Tensor]
+# the same from the heads, RoPE applied: (layer index, block, q (nq, S, hd), k, v (nkv, S, hd)) -> (S, nq hd)
+AttendHeads = Callable[[str, Attention, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class Pass:
     # (S,) bool: rows that run an int8 linear's own kernel (decode rows, a prompt's last row); the others
     # run dense (model/dense_rows.py). None: every row runs the kernel
     kernel_rows: torch.Tensor | None = None
+    # engine steps: attention from rotated heads, and the pass's rotation (the compiled decode halves)
+    attend_heads: AttendHeads | None = None
+    rotation: _Rotation | None = None
 
 
 class _Rotation:
@@ -115,8 +121,12 @@ def step_pass(step: Step, kv: PagedKVCache) -> Pass:
     def attend(idx: str, attn: Attention, qkv: torch.Tensor) -> torch.Tensor:
         return attn.attend_paged(qkv, kv, idx, step.batch, rot.of(attn, qkv.dtype))
 
+    def attend_heads(idx: str, attn: Attention, q, k, v) -> torch.Tensor:
+        return attn.attend_paged_heads(q, k, v, kv, idx, step.batch)
+
     return Pass(step.ids, step.batch.positions, None, attend, step.logit_rows,
-                kernel_rows=kernel_rows(list(step.batch.query_lens), step.logit_rows))
+                kernel_rows=kernel_rows(list(step.batch.query_lens), step.logit_rows),
+                attend_heads=attend_heads, rotation=rot)
 
 
 # Passes of fewer tokens run Galaxy's shards tensor-parallel (below). Sequence parallelism pays four
@@ -193,23 +203,49 @@ def galaxy_forward(model: Transformer, comm: Collectives, sizes: list[int], p: P
     return comm.all_gather(h, counts, model.head_logits, tag="head.ag")
 
 
-def megatron_forward(model: Transformer, comm: Collectives, p: Pass):
+def megatron_forward(model: Transformer, comm: Collectives, p: Pass, graphs: DecodeGraphs | None = None):
     """Returns logits (logit rows, this rank's vocab rows) or the full hidden states (S, H).
 
     Also Galaxy's decode path: with a few tokens per step every all-reduce is tiny, and
-    Collectives.all_reduce switches to a one-hop direct exchange."""
-    cfg = model.cfg
+    Collectives.all_reduce switches to a one-hop direct exchange. With `graphs`, a step of one token
+    runs each layer's two halves compiled (parallel/decode_graph.py)."""
     x = comm.all_reduce(model.embed.lookup(p.ids), tag="embed.ar")
     x = model.embed.finish(x, p.positions, p.types)
+    if graphs is not None and p.attend_heads is not None and graphs.fits(x):
+        try:
+            return _head(model, p, _compiled_layers(model, comm, p, graphs, x))
+        except Exception as e:
+            if comm.world > 1:  # peers are mid-step: the error ends the step on every rank
+                raise
+            graphs.fail(e)  # alone: the K/V written so far are rewritten alike by the eager layers
     for idx, blk in model.layers.items():
         attn, mlp = blk.attn, blk.mlp
         a = attn.project_out(p.attend(idx, attn, attn.project(blk.attn_input(x))))
         x = blk.after_attn(x, comm.all_reduce(a, tag=f"L{idx}.attn.ar"))
         m = mlp.contract(mlp.expand(blk.mlp_input(x)))
         x = blk.after_mlp(x, comm.all_reduce(m, tag=f"L{idx}.mlp.ar"))
-    if not cfg.causal:
+    return _head(model, p, x)
+
+
+def _head(model: Transformer, p: Pass, x: torch.Tensor):
+    if not model.cfg.causal:
         return x
     return model.head_logits(_final(model, x)[_logit_rows(p, 0, x.shape[0])])
+
+
+def _compiled_layers(model: Transformer, comm: Collectives, p: Pass, g: DecodeGraphs, x: torch.Tensor):
+    """megatron_forward's layers for one token through the compiled halves: the same ops and collectives."""
+    alone = comm.world == 1
+    for idx, blk in model.layers.items():
+        attn = blk.attn
+        q, k, v = g.pre(blk, x, *p.rotation.of(attn, x.dtype))
+        ctx = p.attend_heads(idx, attn, q, k, v).contiguous()  # (1, nq hd)
+        if alone:  # nothing between the output projection and the residual
+            x, m = g.post(blk, ctx, x)
+        else:
+            x, m = g.mlp(blk, x, comm.all_reduce(attn.project_out(ctx), tag=f"L{idx}.attn.ar"))
+        x = blk.after_mlp(x, comm.all_reduce(m, tag=f"L{idx}.mlp.ar"))
+    return x
 
 
 def pipeline_forward(model: Transformer, comm: Collectives, p: Pass):
@@ -263,18 +299,23 @@ def _seqpar_layers(model: Transformer, comm: Collectives, sizes: list[int], x: t
 
 
 @torch.inference_mode()
-def rank_forward(model: Transformer, comm: Collectives, partition: Partition, p: Pass):
-    """This rank's part of one pass under the partition's strategy."""
+def rank_forward(model: Transformer, comm: Collectives, partition: Partition, p: Pass,
+                 graphs: DecodeGraphs | None = None):
+    """This rank's part of one pass under the partition's strategy (`graphs`: the shard's compiled decode
+    halves, used by a one-token step of the tensor-parallel path)."""
     with nullcontext() if p.kernel_rows is None else pass_rows(p.kernel_rows):
-        return _strategy_forward(model, comm, partition, p)
+        return _strategy_forward(model, comm, partition, p, graphs)
 
 
-def _strategy_forward(model: Transformer, comm: Collectives, partition: Partition, p: Pass):
+def _strategy_forward(model: Transformer, comm: Collectives, partition: Partition, p: Pass,
+                      graphs: DecodeGraphs | None = None):
     seq = p.ids.shape[0]
     if partition.strategy == Strategy.GALAXY and not decodes_tensor_parallel(partition, seq):
         return galaxy_forward(model, comm, partition.tokens(seq), p)
     if partition.strategy in (Strategy.GALAXY, Strategy.MEGATRON):
-        return megatron_forward(model, comm, p)
+        # the graphs run a row on its format's kernel: a lone prompt row that runs dense takes the eager path
+        lone_kernel_row = seq == 1 and (p.kernel_rows is None or bool(p.kernel_rows[0]))
+        return megatron_forward(model, comm, p, graphs if lone_kernel_row else None)
     if partition.strategy == Strategy.SEQPAR:
         if p.contiguous_from is None:
             raise ValueError("the seqpar strategy has no KV cache; serve with galaxy, megatron or pipeline")

@@ -17,6 +17,7 @@ from ..errors import DeviceOutOfMemory
 from ..model.paged_kv import PagedKVCache
 from ..model.transformer import Transformer
 from .collectives import Collectives
+from .decode_graph import DecodeGraphs
 from .forward import Request, Step, rank_forward, request_pass, step_pass
 from .sharding import Partition
 from .threads import StepThreads, intra_op_threads
@@ -48,6 +49,7 @@ class RankRuntime:
         self.threads = threads
         self.kv_max_bytes = kv_max_bytes
         self.paged: PagedKVCache | None = None  # allocated by the engine's first step
+        self.graphs: DecodeGraphs | None = None  # the compiled one-token decode halves (prepare_decode)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -140,10 +142,15 @@ class RankRuntime:
         count = None if self.threads is None else self.threads.for_tokens(tokens)
         t0 = time.perf_counter()
         with nullcontext() if count is None else intra_op_threads(count):
-            out = rank_forward(self.model, comm, self.partition, step_pass(step, kv))
+            out = rank_forward(self.model, comm, self.partition, step_pass(step, kv), self.graphs)
         if count is not None:  # the decode count is confirmed on real steps (threads.DecodeTuner)
             self.threads.observe(tokens, count, time.perf_counter() - t0)
         return step_piece(out, step.logit_rows, step.top1_rows, self.model.spec.vocab[0])
+
+    def prepare_decode(self) -> None:
+        """Compile the shard's one-token decode halves where it pays (decode_graph.policy), at load: the
+        compile then never lands on a request's first token. Eager when not compiled."""
+        self.graphs = DecodeGraphs.build(self.model, self.partition.world)
 
     def _threads_for(self, tokens: int):
         """The step's intra-op thread count on this thread (decode or prefill, by its tokens)."""

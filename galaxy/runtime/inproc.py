@@ -113,6 +113,7 @@ class InprocCluster:
         for rt, backend in zip(self.runtimes, self.backends):
             if backend == "torch":
                 rt.threads = measure_step_threads(rt.model, prefill, options.decode_threads)[0]
+                rt.prepare_decode()
         self._prefill_threads = prefill
         self.partition, self.config = partition, cfg
         if fmt.name != "fp32":

@@ -531,6 +531,9 @@ class Cluster:
                                peak_rss_bytes=rep.peak_rss_bytes, rss_before_bytes=rep.rss_before_bytes,
                                kv_cache_bytes=rep.kv_cache_bytes, cpu_s=rep.cpu_s)  # cpu_s: 0.0 from older workers
                    for r, rep in enumerate(replies)]
+        for r, rep in enumerate(replies):  # the count each device settled on its decode steps (threads.DecodeTuner)
+            if rep.decode_threads and r < len(self.decode_threads):
+                self.decode_threads[r] = rep.decode_threads
         res = ForwardResult(assemble(self.config, self.partition, outs, seq), seconds, devices)
         if top1:
             res.top1 = self._join_top1(replies, top1)

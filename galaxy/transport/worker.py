@@ -325,6 +325,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             log.info("%s: decode steps on %d thread(s), prefill on %d%s", self.s.name, threads.decode,
                      threads.prefill, "".join(f"; {n} thread(s) {s * 1e3:.2f} ms" for n, s in timings.items()))
         runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap, threads=threads)
+        if backend == "torch":
+            runtime.prepare_decode()  # a one-token step's compiled halves, where they pay (parallel/decode_graph.py)
         return _Session(req.session_id, runtime, transport, weight_bytes, load_s, backend, params.act_bytes, seq,
                         ticket_key=bytes(req.kv_ticket_key))
 
@@ -600,7 +602,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         ops = [pb.OpStat(tag=o.tag, wall_s=o.wall_s, wait_s=o.wait_s, compute_s=o.compute_s, bytes=o.bytes,
                          send_s=send_s.get(o.tag, 0.0)) for o in comm.stats.ops]
         reply = pb.ForwardReply(forward_s=elapsed, ops=ops, peak_rss_bytes=_peak_rss() if rss else 0,
-                                kv_cache_bytes=rt.kv_bytes, rss_before_bytes=rss_before, cpu_s=cpu_s)
+                                kv_cache_bytes=rt.kv_bytes, rss_before_bytes=rss_before, cpu_s=cpu_s,
+                                decode_threads=rt.threads.decode_now if rt.threads else 0)
         if isinstance(out, StepPiece):  # a step's top-1 rows (parallel/top1.py): a few numbers, not their logits
             if out.top1 is not None:
                 reply.top1_values.extend(out.top1.values.tolist())

@@ -359,7 +359,7 @@ class OpStat(_message.Message):
     def __init__(self, tag: _Optional[str] = ..., wall_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., bytes: _Optional[int] = ..., send_s: _Optional[float] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("output", "forward_s", "ops", "peak_rss_bytes", "kv_cache_bytes", "rss_before_bytes", "cpu_s", "top1_values", "top1_ids")
+    __slots__ = ("output", "forward_s", "ops", "peak_rss_bytes", "kv_cache_bytes", "rss_before_bytes", "cpu_s", "top1_values", "top1_ids", "decode_threads")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +369,7 @@ class ForwardReply(_message.Message):
     CPU_S_FIELD_NUMBER: _ClassVar[int]
     TOP1_VALUES_FIELD_NUMBER: _ClassVar[int]
     TOP1_IDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_THREADS_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     forward_s: float
     ops: _containers.RepeatedCompositeFieldContainer[OpStat]
@@ -378,7 +379,8 @@ class ForwardReply(_message.Message):
     cpu_s: float
     top1_values: _containers.RepeatedScalarFieldContainer[float]
     top1_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_s: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpStat, _Mapping]]] = ..., peak_rss_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_before_bytes: _Optional[int] = ..., cpu_s: _Optional[float] = ..., top1_values: _Optional[_Iterable[float]] = ..., top1_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    decode_threads: int
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_s: _Optional[float] = ..., ops: _Optional[_Iterable[_Union[OpStat, _Mapping]]] = ..., peak_rss_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., rss_before_bytes: _Optional[int] = ..., cpu_s: _Optional[float] = ..., top1_values: _Optional[_Iterable[float]] = ..., top1_ids: _Optional[_Iterable[int]] = ..., decode_threads: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "reason")

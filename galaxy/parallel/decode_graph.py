@@ -1,0 +1,201 @@
+"""A one-token decode step's block halves as inductor-compiled graphs, shared by every layer (issue #20).
+
+Why: a decode step of one token on a small model is bound by per-op overhead as much as by reading the
+weights. SmolLM2 in int4 runs about 50 eager ops a layer (norms, the kernels' bf16 / float32
+conversions, RoPE's split and rotation, the residual adds, the MLP's activation), a few microseconds
+each: measured, the engine step took 18.5 ms where its matmuls alone take about 10.5
+(docs/decode-formats.md). Compiled, each half is one call.
+
+What is compiled, per layer of a step of exactly one token (`Pass` of one row; a batch of decodes or a
+prompt chunk runs eagerly: one graph per token count would compile mid-serving):
+
+- `pre`: norm1, the Q|K|V projection, the split into heads and RoPE -> q (nq, 1, hd), k, v (nkv, 1, hd);
+- the paged K/V write and attention stay eager (`Attention.attend_paged_heads`: the context length grows
+  every step, and the KV pool is written in place);
+- `post` (one device: nothing between the output projection and the residual): the output projection,
+  the residual add, norm2 and the MLP -> the new residual and the MLP's output; with peers, the output
+  projection's partial sum is all-reduced first and `mlp` runs the rest.
+
+One graph serves every layer: the layer's weights are the graph's inputs (`torch.func.functional_call`
+over the block, traced once by `make_fx` and compiled by `torch._inductor.compile`), not constants, so
+every layer of a shard (the same shapes) calls the same code. Without Dynamo there are no guards to
+evaluate per call (a `torch.compile`d add took 23 us a call here against 3 us eager; the inductor
+graph called directly, as cheap as the eager add); the inputs' shapes are fixed by construction and
+checked once per step by `fits`.
+
+Exactness: the graphs run the same ops in float32 as the eager blocks (measured bit-identical on
+SmolLM2 int4, every layer, both halves; tests/parallel/test_decode_graph.py pins <= 1e-5 and equal
+greedy tokens on a tiny model); any failure to build or to run falls back to the eager step for the
+rest of the load, with the reason logged.
+
+When: `policy()` -- `GALAXY_DECODE_COMPILE=0` never (the test suite sets it: compile time must not land
+in tests), `=1` whenever eligible, unset: when eligible, the device decodes alone (a partition of one: the
+in-process device, or the worker the planner's decode layout gives the whole model; a split's step waits
+on its collectives more than on its ops, and several workers compiling at once on one host would slow
+every load) and the shard's block weights hold at least AUTO_MIN_BYTES (a tiny model's step costs
+microseconds, its compile seconds); `=traced` builds the graphs
+and runs them as traced, uncompiled (the tests' check of the tracing, the weights-as-inputs and the
+step's wiring, in a fraction of a second; inductor's code generation is torch's own). Eligible: a shard with
+layers whose linears are plain aten kernels (fp32 `nn.Linear`, int8 and int4 `QuantLinear`; oneDNN's and
+fbgemm's packed weights are opaque objects a graph cannot take as an input), every layer the same
+structure, RoPE, pre-norm. Compiled at load (`RankRuntime.prepare_decode`): about 5-20 s the first time
+on this host, much less from inductor's on-disk cache after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from torch import nn
+
+from ..model.quant import QuantLinear
+from ..model.transformer import Block, Transformer
+
+log = logging.getLogger(__name__)
+
+COMPILE_ENV = "GALAXY_DECODE_COMPILE"
+AUTO_MIN_BYTES = 16 << 20  # block weights below this: the eager step is already fast; compiling costs seconds
+
+
+class _Half(nn.Module):
+    """A block half: its forward is what the graph computes, the block's weights its state."""
+
+    def __init__(self, blk: Block):
+        super().__init__()
+        self.blk = blk
+
+
+class _Pre(_Half):
+    """norm1 -> Q|K|V -> heads, RoPE at (cos, sin): (1, H) -> q (nq, 1, hd), k, v (nkv, 1, hd)."""
+
+    def forward(self, x, cos, sin):
+        attn = self.blk.attn
+        return attn.split_heads(attn.project(self.blk.attn_input(x)), rot=(cos, sin))
+
+
+class _Mlp(_Half):
+    """Residual with the all-reduced attention sum, norm2, MLP: x, a (1, H) -> x (1, H), MLP output (1, H)."""
+
+    def forward(self, x, a):
+        blk = self.blk
+        x = blk.after_attn(x, a)
+        return x, blk.mlp.contract(blk.mlp.expand(blk.mlp_input(x)))
+
+
+class _Post(_Mlp):
+    """Output projection, then _Mlp: ctx (1, nq hd), x (1, H) -> x (1, H), MLP output (1, H)."""
+
+    def forward(self, ctx, x):
+        return super().forward(x, self.blk.attn.project_out(ctx))
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(m.named_parameters(remove_duplicate=False)) | dict(m.named_buffers(remove_duplicate=False))
+
+
+def block_bytes(model: Transformer) -> int:
+    """Bytes of the shard's block weights (what a decode step streams besides the head)."""
+    seen, total = set(), 0
+    for blk in model.layers.values():
+        for t in _state(blk).values():
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def ineligible(model: Transformer) -> str | None:
+    """Why the shard's decode step cannot run through the graphs (None: it can)."""
+    cfg = model.cfg
+    if not len(model.layers):
+        return "no layers"
+    if not cfg.causal or cfg.position != "rope" or not cfg.pre_norm:
+        return "not a pre-norm RoPE decoder"
+    blocks = list(model.layers.values())
+    for m in blocks[0].modules():
+        if isinstance(m, QuantLinear) and m.handle is not None:
+            return f"{m.fmt} weights are an opaque packed object"
+    first = {k: (t.shape, t.dtype) for k, t in _state(blocks[0]).items()}
+    if any({k: (t.shape, t.dtype) for k, t in _state(b).items()} != first for b in blocks[1:]):
+        return "the layers differ in structure"
+    return None
+
+
+def policy(model: Transformer, world: int) -> bool:
+    """Whether to compile the decode halves of this shard of a `world`-device partition (module docstring:
+    `GALAXY_DECODE_COMPILE`)."""
+    want = os.environ.get(COMPILE_ENV, "").strip()
+    if want == "0" or ineligible(model) is not None:
+        return False
+    return want in ("1", "traced") or (world == 1 and block_bytes(model) >= AUTO_MIN_BYTES)
+
+
+class _Graph:
+    """One block half compiled once, called with any layer's weights."""
+
+    def __init__(self, half: type[_Half], blocks: list[Block], example: tuple[torch.Tensor, ...]):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        wrap = half(blocks[0])
+        names = list(_state(wrap))
+
+        def fn(*flat):
+            return torch.func.functional_call(wrap, dict(zip(names, flat[: len(names)])), flat[len(names):])
+
+        inputs = [*_state(wrap).values(), *example]
+        gm = make_fx(fn)(*inputs)
+        self.fn = gm if os.environ.get(COMPILE_ENV) == "traced" else torch._inductor.compile(gm, inputs)
+        # each layer's weights in the graph's input order, gathered once
+        self.weights = {id(b): tuple(_state(half(b)).values()) for b in blocks}
+        self.shapes = tuple((t.shape, t.dtype) for t in example)
+        self.example = example
+
+    def __call__(self, blk: Block, *args: torch.Tensor):
+        out = self.fn(*self.weights[id(blk)], *args)
+        return tuple(out)
+
+
+class DecodeGraphs:
+    """The compiled halves of a shard's one-token decode step; `None` from `build` when not compiled."""
+
+    def __init__(self, model: Transformer):
+        cfg = model.cfg
+        blocks = list(model.layers.values())
+        attn, h = blocks[0].attn, cfg.hidden
+        x = torch.zeros(1, h)
+        cos, sin = attn.rotation(torch.zeros(1, dtype=torch.long))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.pre = _Graph(_Pre, blocks, (x, cos, sin))
+            self.post = _Graph(_Post, blocks, (torch.zeros(1, attn.nq * cfg.head_dim), x))
+            self.mlp = _Graph(_Mlp, blocks, (x, torch.zeros(1, h)))  # distinct tensors: a traced alias is one input
+            for g in (self.pre, self.post, self.mlp):
+                g(blocks[0], *g.example)  # a first call: anything left to build is built now, not on a request
+        self.compile_s = time.perf_counter() - t0
+        self.failed: str | None = None
+
+    @classmethod
+    def build(cls, model: Transformer, world: int = 1) -> DecodeGraphs | None:
+        """Compile the halves if `policy` says so; on any failure, None (eager), the reason logged."""
+        if not policy(model, world):
+            return None
+        try:
+            graphs = cls(model)
+        except Exception as e:  # noqa: BLE001 - no compiler, an op inductor cannot take: eager still works
+            log.warning("compiling the decode step failed, decoding eagerly: %s", str(e).splitlines()[0])
+            return None
+        log.info("decode step compiled in %.1f s (%d layers share its graphs)", graphs.compile_s, len(model.layers))
+        return graphs
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether a step's residual stream is the graphs' (one float32 contiguous row): checked once a step."""
+        return self.failed is None and x.shape == self.pre.shapes[0][0] and x.dtype == torch.float32 \
+            and x.is_contiguous()
+
+    def fail(self, e: BaseException) -> None:
+        """A graph raised: every later step runs eagerly (this one is re-run eagerly by the caller)."""
+        self.failed = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log.warning("the compiled decode step failed, decoding eagerly from now on: %s", self.failed)

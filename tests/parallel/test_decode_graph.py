@@ -1,0 +1,102 @@
+"""The compiled one-token decode halves (galaxy.parallel.decode_graph): a step through them gives the eager
+step's logits and greedy tokens, alone and split over two ranks; they are built only where the policy and
+the shard allow, and a graph that fails leaves the step to the eager path.
+
+The graphs run traced, not inductor-compiled (`GALAXY_DECODE_COMPILE=traced`): what Galaxy builds -- one
+graph for every layer, the weights its inputs, the step wired through it -- is checked in well under a
+second; inductor's compile (seconds even for this model) is not run in the suite. `galaxy bench decode`
+compares the compiled step's greedy tokens with the eager path's on SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from galaxy.engine.engine import Engine
+from galaxy.engine.generation import GenerationConfig
+from galaxy.model.checkpoints.random import RandomWeights
+from galaxy.model.config import make_config
+from galaxy.model.paged_kv import PagedBatch
+from galaxy.parallel import decode_graph
+from galaxy.parallel.executor import LoadOptions
+from galaxy.parallel.forward import Step
+from galaxy.parallel.rank import KVPool
+from galaxy.parallel.sharding import even_partition
+from galaxy.runtime.inproc import InprocCluster
+
+CFG = make_config("llama", vocab_size=97, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128,
+                  max_positions=64, rope_theta=10000.0, tie_embeddings=True, name="graph-llama")
+SRC = RandomWeights(CFG, seed=5)
+PROMPT = [5, 17, 3, 44, 9]
+
+
+@pytest.fixture
+def compile_on(monkeypatch):
+    monkeypatch.setenv(decode_graph.COMPILE_ENV, "traced")
+
+
+def _load(world: int, fmt: str) -> InprocCluster:
+    ex = InprocCluster(world)
+    ex.load(SRC, even_partition(CFG, world), LoadOptions(weights_format=fmt, decode_threads=1))
+    return ex
+
+
+def _greedy(ex, n: int = 8) -> list[int]:
+    engine = Engine(ex, CFG)
+    try:
+        return engine.generate(PROMPT, GenerationConfig(n, stop_at_eos=False)).tokens
+    finally:
+        engine.close()
+
+
+def _one_token_logits(ex, pos: int) -> torch.Tensor:
+    """A one-token step at `pos` over a pool whose earlier positions an eager prompt step wrote."""
+    pool = KVPool(4, 16)
+    table = (0, 1)
+    ex.step(Step(torch.tensor(PROMPT + [1] * (pos - len(PROMPT))), PagedBatch(16, (pos,), (0,), (table,)),
+                 (pos - 1,)), pool)
+    return ex.step(Step(torch.tensor([7]), PagedBatch(16, (1,), (pos,), (table,)), (0,)), pool).output
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_compiled_step_gives_the_eager_steps_logits_and_tokens(world, compile_on):
+    with _load(world, "int4") as ex:
+        graphs = [rt.graphs for rt in ex.runtimes]
+        assert all(g is not None for g in graphs)
+        compiled = [_one_token_logits(ex, pos) for pos in (5, 21)], _greedy(ex)
+        for rt in ex.runtimes:
+            rt.graphs = None
+        eager = [_one_token_logits(ex, pos) for pos in (5, 21)], _greedy(ex)
+    for a, b in zip(compiled[0], eager[0]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert compiled[1] == eager[1]
+
+
+def test_the_policy_builds_nothing_when_off_or_for_opaque_weights(monkeypatch):
+    monkeypatch.setenv(decode_graph.COMPILE_ENV, "0")
+    with _load(1, "int4") as ex:
+        assert ex.runtimes[0].graphs is None
+    monkeypatch.setenv(decode_graph.COMPILE_ENV, "1")
+    with _load(1, "fp16") as ex:  # fbgemm's packed fp16 weight is an object, not a tensor a graph takes
+        assert "opaque" in decode_graph.ineligible(ex.runtimes[0].model)
+        assert ex.runtimes[0].graphs is None
+    monkeypatch.delenv(decode_graph.COMPILE_ENV)
+    with _load(1, "fp32") as ex:  # auto: a model this small decodes in microseconds, compiles in seconds
+        model = ex.runtimes[0].model
+        assert decode_graph.block_bytes(model) < decode_graph.AUTO_MIN_BYTES
+        assert ex.runtimes[0].graphs is None
+        monkeypatch.setattr(decode_graph, "AUTO_MIN_BYTES", 0)
+        assert decode_graph.policy(model, 1) and not decode_graph.policy(model, 2)  # auto: a device decoding alone
+
+
+def test_a_failing_graph_leaves_the_step_to_the_eager_path(compile_on):
+    with _load(1, "int4") as ex:
+        g = ex.runtimes[0].graphs
+        want = _greedy(ex)
+
+        def broken(*args):
+            raise RuntimeError("inductor said no")
+
+        g.post.fn = broken
+        assert _greedy(ex) == want
+        assert g.failed == "inductor said no" and not g.fits(torch.zeros(1, CFG.hidden))
