@@ -100,3 +100,22 @@ def test_a_failing_graph_leaves_the_step_to_the_eager_path(compile_on):
         g.post.fn = broken
         assert _greedy(ex) == want
         assert g.failed == "inductor said no" and not g.fits(torch.zeros(1, CFG.hidden))
+
+
+def test_a_lone_prompt_row_runs_dense_as_it_would_in_a_longer_chunk(compile_on):
+    """int8's prompt rows run a dense GEMM (model/dense_rows.py) whatever the chunk; a one-row chunk of a
+    prompt must not take the graphs, which run a row on the int8 kernel."""
+    def one_row_chunks(ex) -> torch.Tensor:
+        pool, table = KVPool(4, 16), (0, 1)
+        for i, tok in enumerate(PROMPT):
+            last = i == len(PROMPT) - 1
+            out = ex.step(Step(torch.tensor([tok]), PagedBatch(16, (1,), (i,), (table,)), (0,) if last else ()),
+                          pool).output
+        return out
+
+    with _load(1, "int8") as ex:
+        assert ex.runtimes[0].graphs is not None
+        compiled = one_row_chunks(ex)
+        ex.runtimes[0].graphs = None
+        eager = one_row_chunks(ex)
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=0)
