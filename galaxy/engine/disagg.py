@@ -93,7 +93,7 @@ class DisaggConfig:
     # there too (False: they end with the error, which names the device and the group)
     recover: bool = False
     # a prompt of several chunks streams its K/V to the decode group chunk by chunk while it is prefilled
-    # (engine/kv_stream.py); None (default): every sequence's K/V move after its prefill, through here.
+    # (engine/kv_stream.py), through here; None (default): every sequence's K/V move after its prefill.
     # Opt-in: on 2 shared cores it hid the move but not the second token's wait (docs/engine.md), and a
     # group that re-plans after a fault leaves its open streams to stall out before they fall back
     stream: StreamConfig | None = None

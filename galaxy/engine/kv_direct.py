@@ -35,7 +35,9 @@ What a failure does:
   re-planned does; a decode device really gone fails that step and is told as the decode group's
   failure. (KVDirectFailed before the reads, not expected, moves it through the coordinator.)
 - The reserved blocks go back only once no call of the move may still write into them (`outstanding`:
-  a running call, or one given up on until its deadline, which the receiver enforces).
+  a running call, or one given up on until its deadline, which the receiver enforces -- or until the
+  receiver has revoked its ticket (`revoke_kv`): asked at once when the sender was lost mid-send, not
+  when the receiver itself went silent).
 
 Streamed K/V (engine/kv_stream.py) keep going through the coordinator: a stream's chunks are read
 while later chunks run, into blocks reserved before the first token; doing that directly needs the
