@@ -53,7 +53,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import GalaxyError, PlanMismatch
+from ..errors import GalaxyError, KVDirectFailed, PlanMismatch
 from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece
 from ..parallel.rank import KVPool
@@ -184,8 +184,11 @@ class DirectSender:
 
             dest = None
             try:
-                dest = self.decode.kv_destination(c.dst, dst_table, tokens, c.layers, c.heads, dst_pool, 0, session,
-                                                  c.src)
+                try:
+                    dest = self.decode.kv_destination(c.dst, dst_table, tokens, c.layers, c.heads, dst_pool, 0,
+                                                      session, c.src)
+                except GalaxyError as e:  # the receivers' side (a decode group re-planning has nothing loaded yet):
+                    raise KVDirectFailed(f"no ticket from the decode group: {e}") from e  # not the sender's failure
                 sent, import_s = self.prefill.send_kv(c.src, src_table, tokens, c.layers, c.heads, src_pool, dest,
                                                       on_read=on_read)
                 with move._lock:

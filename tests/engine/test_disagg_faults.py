@@ -154,14 +154,15 @@ def test_a_decode_device_that_freezes_during_a_kv_move_is_declared_gone_by_its_h
             lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2]}, engine=SMALL_STEPS, kv_path=kv_path)
             engine = lm.engine
             assert lm.groups[1].kv_timeout == 60.0 and engine.kv_path == kv_path
-            for g in lm.groups:  # a silent device is declared gone after 3 missed pings: 1.5 s
-                g.heartbeat_s = 0.5
+            # a silent device is declared gone after 3 missed pings: 0.75 s on the decode group (w2 alone), 1.5 s on
+            # the prefill group, whose pings wait on a direct move's receiver between its own
+            lm.groups[0].heartbeat_s, lm.groups[1].heartbeat_s = 0.5, 0.25
             kill_before(frozen.set, lm.groups[1], hook, call=1)
             t0 = time.monotonic()
             streams = [lm.submit(p, 12) for p in PS]
             for st in streams:
                 with pytest.raises(PeerUnreachable, match=r"in the decode group: device 0 'w2' .*no heartbeat "
-                                                          rf"for 2 s during {during}"):
+                                                          rf"for 1 s during {during}"):
                     st.result(timeout=BOUND_S)
             assert time.monotonic() - t0 < 15  # the heartbeat's misses, not kv_timeout's 60 s
             # direct: the move given up on keeps its reservation until its deadline (the silent receiver could
