@@ -26,12 +26,13 @@ placements worth simulating (planner/simulate.py simulates them under load):
   the best layout of that group, at a few lengths, interpolated.
 - **KV transfer** of a prompt is its KV bytes (2 x layers x KV heads x head_dim x dtype bytes per
   token) less what already sits on the decode devices, along the path the runtime takes (KVPath):
-  through the coordinator (engine/disagg.py today: pulled from each prefill device, one message after
-  another, between the prefill group's steps, then pushed to each decode device between the decode
-  group's steps: two hops, each over the device's own link, the fastest the profile measured from
-  it), or direct (each prefill device to each decode device over the link between them, in parallel,
-  off both groups' steps: one hop). Streamed behind the prefill (DisaggConfig(stream=...), opt-in),
-  with L layers, prefill P and transfer X the part not hidden is max(X / L, X - P (L - 1) / L).
+  direct (the runtime's default between workers, engine/kv_direct.py: each prefill device to each decode
+  device over the link between them, in parallel, off both groups' steps: one hop), or through the
+  coordinator (`kv_path="coordinator"`: pulled from each prefill device, one message after another,
+  between the prefill group's steps, then pushed to each decode device between the decode group's
+  steps: two hops, each over the device's own link, the fastest the profile measured from it).
+  Streamed behind the prefill (DisaggConfig(stream=...), opt-in), with L layers, prefill P and
+  transfer X the part not hidden is max(X / L, X - P (L - 1) / L).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from galaxy.model.config import ModelConfig
 from galaxy.model.quant import WeightFormat, decode_bytes
 
 from .cost import DIRECT_ALLREDUCE_BYTES
-from .plan import Plan, PlanError
+from .plan import KV_ROUTES, Plan, PlanError
 from .profile import ClusterProfile, DeviceProfile, co_tenant_speedup, head_flops
 from .simulate import PhaseCosts
 from .solver import solve
@@ -64,19 +65,19 @@ RUN_WITH_ENGINE = ("galaxy", "local", "pipeline", "megatron")  # seqpar has no r
 STEP_OVERHEAD_S = 8.8e-3
 LOGIT_BYTES = 4  # a logit row comes back in float32 whatever the weights
 KV_MESSAGE_BYTES = 4 << 20  # DisaggConfig.chunk_bytes: a K/V box on the wire is cut into pieces below this
-KV_ROUTES = ("coordinator", "direct")
 
 
 @dataclass(frozen=True)
 class KVPath:
     """How a prompt's K/V get from the prefill group to the decode group (module docstring).
 
-    route "coordinator": pulled to the coordinator between the prefill group's steps, pushed from it
-    between the decode group's (engine/disagg.py today: two hops); "direct": each prefill device to each
-    decode device, off both groups' steps (one hop). stream: sent while the prompt is prefilled
+    route "direct" (the default, as the runtime's: engine/kv_direct.py wherever both groups are workers):
+    each prefill device to each decode device, off both groups' steps (one hop); "coordinator" (the
+    runtime's `kv_path="coordinator"`): pulled to the coordinator between the prefill group's steps, pushed
+    from it between the decode group's (two hops). stream: sent while the prompt is prefilled
     (DisaggConfig(stream=...), off by default as in the runtime)."""
 
-    route: str = "coordinator"
+    route: str = "direct"
     stream: bool = False
 
     def describe(self) -> str:
@@ -142,7 +143,7 @@ class PhaseModel:
     solver(cfg, tokens, sub_cluster, strategy=None) -> Plan: the prefill plan of a group (default:
     solve); fmt: the weight format decode streams (default: the dtype's own); rates: bytes/s by
     device name, measured elsewhere, instead of the head profile's (streaming_rate); kv_path: the
-    route of the K/V between the groups (KVPath: through the coordinator, as the runtime today);
+    route of the K/V between the groups (KVPath: direct by default, as the runtime between workers);
     step_overhead_s: the engine's own cost of a step (STEP_OVERHEAD_S)."""
 
     def __init__(self, cfg: ModelConfig, cluster: ClusterProfile, dtype_bytes: int = 4,

@@ -115,6 +115,7 @@ class SolverRun:
 
 
 PLACEMENTS = ("colocated", "disaggregated", "mixed")  # planner/simulate.py simulates each
+KV_ROUTES = ("coordinator", "direct")  # how K/V reach the decode group (phases.KVPath; the runtime's kv_path)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class ServePlan:
     tpot_slo_s: float
     predicted: ServePrediction
     reason: str = ""
+    kv_path: str = ""  # the K/V route the prediction assumed (KV_ROUTES), which `load` then takes; "": not recorded
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,8 @@ class Plan:
                             "workload": {"rate": v.rate, "input_len": v.input_len, "output_len": v.output_len},
                             "objectives": {"ttft_s": v.ttft_slo_s, "tpot_s": v.tpot_slo_s},
                             "predicted": dataclasses.asdict(v.predicted), "reason": v.reason}
+            if v.kv_path:
+                out["serve"]["kv_path"] = v.kv_path
         return out
 
     def to_json(self) -> str:
@@ -402,6 +406,7 @@ def _check_serve(v: ServePlan, planned: list[str]) -> None:
         _seconds(f"serve.predicted.{f.name}", x, optional=f.name in _OPTIONAL_PREDICTIONS)
     _need(pred.attainment <= 1, f"serve.predicted.attainment: {pred.attainment} is above 1")
     _text("serve.reason", v.reason, empty_ok=True)
+    _need(v.kv_path in ("", *KV_ROUTES), f"serve.kv_path: {v.kv_path!r} is not one of {_names(KV_ROUTES)}")
 
 
 _OPTIONAL_PREDICTIONS = {"tpot_p50_s", "tpot_p90_s", "unloaded_tpot_s"}
@@ -431,7 +436,7 @@ def _check_shape(p: Plan, m: _Shape) -> None:
 
 _TOP = {"version", "model", "seq_len", "strategy", "dtype_bytes", "weights_format", "latency_s", "reason", "devices",
         "strategies", "unused", "solver", "serve"}
-_SERVE = {"placement", "prefill", "decode", "workload", "objectives", "predicted", "reason"}
+_SERVE = {"placement", "prefill", "decode", "workload", "objectives", "predicted", "reason", "kv_path"}
 _SERVE_PREDICTED = {f.name for f in dataclasses.fields(ServePrediction)}
 _DEVICE = {"name", "address", "heads", "mlp_cols", "vocab_rows", "tokens", "layers", "memory", "predicted", "wire"}
 _MODEL = {"name", "family", "fingerprint", "n_layers", "n_heads", "ffn", "vocab_size"}
@@ -519,4 +524,4 @@ def _read_serve(d) -> ServePlan:
                 required=tuple(sorted(_SERVE_PREDICTED - _OPTIONAL_PREDICTIONS)))
     pred = ServePrediction(**{k: p.get(k) for k in sorted(_SERVE_PREDICTED)})
     return ServePlan(d["placement"], tuple(d["prefill"]), tuple(d["decode"]), w["rate"], w["input_len"],
-                     w["output_len"], o["ttft_s"], o["tpot_s"], pred, d.get("reason", ""))
+                     w["output_len"], o["ttft_s"], o["tpot_s"], pred, d.get("reason", ""), d.get("kv_path", ""))

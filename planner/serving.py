@@ -111,6 +111,7 @@ class ServeChoice:
     reason: str
     notes: tuple[str, ...]
     decode_layouts: tuple[tuple[str, float], ...] = ()  # (layout, s/token of one sequence) for comparison
+    kv_path: str = ""  # the K/V route the predictions assumed (phases.KVPath.route): the plan tells the runtime
 
     def plan(self, goals: ServeGoals) -> Plan:
         """The chosen prefill plan, carrying the placement in its `serve` section."""
@@ -120,7 +121,8 @@ class ServeChoice:
                                None if math.isnan(tp90) else tp90, r.attainment, c.goodput, c.decode_s,
                                c.unloaded_ttft, c.unloaded_tpot)
         serve = ServePlan(c.kind, c.prefill, c.decode, goals.rate, goals.input_len, goals.output_len,
-                          self.objectives.ttft_s, self.objectives.tpot_s, pred, self.reason)
+                          self.objectives.ttft_s, self.objectives.tpot_s, pred, self.reason,
+                          "" if c.kind == "colocated" else self.kv_path)
         return dataclasses.replace(c.placement.prefill, serve=serve)
 
 
@@ -167,7 +169,7 @@ def choose(pm: PhaseModel, goals: ServeGoals) -> ServeChoice:
     if any(c.kind != "colocated" for c in cands):
         notes.append(f"K/V between the groups: {pm.kv_path.describe()}")
     return ServeChoice(tuple(out), chosen, objectives, fa, _reason(chosen, out, objectives, fa), tuple(notes),
-                       decode_layouts(pm, cands[0], goals.input_len, context))
+                       decode_layouts(pm, cands[0], goals.input_len, context), pm.kv_path.route)
 
 
 def decode_layouts(pm: PhaseModel, colocated: Placement, input_len: int, context: int) -> tuple:

@@ -2,12 +2,13 @@
 colocated serving, side by side on the same requests in one run.
 
 Colocated: one Engine over the prefill group's devices (prefill and decode both there, Galaxy's
-HMP for prompts, tensor-parallel decode steps). Disaggregated: a DisaggEngine, the same prefill
-group, then each sequence's K/V moved to the decode group after its prefill (galaxy/engine/disagg.py).
-Direct: the same, but each prefill device sends its boxes straight to the decode devices, one hop
-(galaxy/engine/kv_direct.py; workers only). Streamed: a prompt of several chunks streams its K/V
-chunk by chunk while its later chunks are prefilled (galaxy/engine/kv_stream.py; `--chunk-size` sets
-the chunks), through the coordinator.
+HMP for prompts, tensor-parallel decode steps), or over `colocated`. Then a DisaggEngine per K/V path
+asked for (`--kv-path`, engine/disagg.py KV_PATHS), the same prefill group, each sequence's K/V moved
+to the decode group after its prefill: "direct" (the default: each prefill device sends its boxes
+straight to the decode devices, one hop, galaxy/engine/kv_direct.py; workers only, so in-process
+groups get "coordinator" instead) and "coordinator" (pulled, then pushed: two hops). Streamed
+(`--kv-stream`): a prompt of several chunks streams its K/V chunk by chunk while its later chunks are
+prefilled (galaxy/engine/kv_stream.py; `--chunk-size` sets the chunks), through the coordinator.
 
 Unloaded (one request at a time, `reps` times after one not counted, medians), the first tokens
 split as the field splits them (Mooncake #62: PD TTFT = prefill + KV transfer + first decode):
@@ -37,7 +38,7 @@ from dataclasses import asdict, replace
 from ..engine.disagg import DisaggConfig, DisaggEngine
 from ..engine.engine import Engine, EngineConfig
 from ..engine.generation import GenerationConfig
-from ..engine.kv_direct import DirectConfig, supported
+from ..engine.kv_direct import supported
 from ..engine.kv_stream import StreamConfig
 from ..parallel.executor import Executor
 from .serve import ATTAINMENT_GOAL, Workload, goodput, requests, run_workload, summarise
@@ -75,22 +76,26 @@ def _unloaded(engine, specs) -> dict:
 def run_phase_bench(prefill: Executor, decode: Executor, cfg, tokenizer, workload: Workload,
                     engine: EngineConfig = EngineConfig(), reps: int = 3, progress=lambda msg: None,
                     rates: tuple[float, ...] = (), slo_ttft_x: float = 3.0, slo_tpot_x: float = 1.5,
-                    colocated: Executor | None = None) -> dict:
+                    colocated: Executor | None = None, kv_paths: tuple[str, ...] = ("direct",),
+                    stream: bool = False) -> dict:
     """Colocated (an Engine on `colocated`, by default on `prefill`) against disaggregated
     (`prefill`, then `decode`), unloaded then under `workload` (or at each of `rates`, Poisson), on
     the same requests. A `colocated` executor of its own lets the baseline use every device when the
-    disaggregated placement splits them (a trio: prefill on two, decode on the third)."""
+    disaggregated placement splits them (a trio: prefill on two, decode on the third). One disaggregated
+    row per K/V path of `kv_paths` ("direct" becomes "coordinator" where the groups are in-process), and
+    a streamed one with `stream`."""
     if workload.output_len < 3:
         raise ValueError(f"output_len={workload.output_len}: the steady TPOT needs at least 3 tokens")
     colocated = colocated or prefill
-    makers = {"colocated": lambda: Engine(colocated, cfg, tokenizer, engine),
-              "disaggregated": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine, DisaggConfig()),
-              "direct": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
-                                             DisaggConfig(direct=DirectConfig())),
-              "streamed": lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
-                                               DisaggConfig(stream=StreamConfig()))}
-    if not supported(prefill, decode):  # in-process executors: no second hop to save
-        del makers["direct"]
+    makers = {"colocated": lambda: Engine(colocated, cfg, tokenizer, engine)}
+    for path in kv_paths:
+        if path == "direct" and not supported(prefill, decode):  # in-process executors: no second hop to save
+            path = "coordinator"
+        makers[path] = lambda path=path: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
+                                                      DisaggConfig.for_path(path))
+    if stream:
+        makers["streamed"] = lambda: DisaggEngine(prefill, decode, cfg, tokenizer, engine, engine,
+                                                  DisaggConfig(stream=StreamConfig(), direct=None))
     report = {"workload": asdict(workload), "engine": asdict(engine), "reps": reps,
               "prefill_devices": list(prefill.names), "decode_devices": list(decode.names),
               "colocated_devices": list(colocated.names),

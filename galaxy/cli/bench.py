@@ -19,7 +19,7 @@ from ..bench import serve as serve_bench
 from ..bench import strategies as bench
 from ..bench.serve import ServeBench, Workload, run_serve_bench
 from ..bench.suite import SuiteConfig, bench_devices, run_suite
-from ..engine.disagg import DisaggEngine
+from ..engine.disagg import KV_PATHS, DisaggConfig, DisaggEngine
 from ..errors import GalaxyError
 from ..model.config import preset
 from ..runtime.api import connect
@@ -113,6 +113,11 @@ def add_parser(sub) -> None:
                     "side by side (galaxy.bench.phases; --reps: unloaded repetitions, default 3; --rates: a sweep, "
                     "with each placement's goodput and --plot)")
     sv.add_argument("--decode-devices", metavar="I,..", help="the decode group (see --prefill-devices)")
+    sv.add_argument("--kv-path", type=kv_paths, metavar="direct|coordinator",
+                    help="how K/V reach the decode group, as `galaxy serve --kv-path` (default: the plan's, else "
+                    "direct); with --prefill-devices a comma list runs one disaggregated row per path, side by side")
+    sv.add_argument("--kv-stream", action="store_true", help="with --prefill-devices: also a row whose chunked "
+                    "prompts stream their K/V while prefilled (through the coordinator)")
     sv.add_argument("--colocated-devices", metavar="I,J,..", help="the colocated baseline's devices, loaded as a "
                     "session of their own beside the placement (default: the prefill group; e.g. every device of "
                     "the cluster, as a plain `galaxy serve` would use them)")
@@ -251,10 +256,11 @@ def cmd_bench_serve(args) -> int:
         # the bench drives the session's executor itself: the colocated split unless the plan separates the
         # phases (decode_layout: runtime.decode_layout)
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                          plan=plan, decode_layout="split")
+                          plan=plan, decode_layout="split", kv_path=_one_kv_path(args))
         make = None
         if lm.groups:  # the plan separates the phases: the bench runs them as `galaxy serve --plan` would
-            make = lambda ec: DisaggEngine(*lm.groups, lm.config, lm.tokenizer, ec, ec)  # noqa: E731
+            make = lambda ec: DisaggEngine(*lm.groups, lm.config, lm.tokenizer, ec, ec,  # noqa: E731
+                                           DisaggConfig.for_path(lm.kv_path))
         report = run_serve_bench(session.executor, lm.config, lm.tokenizer, sb, progress=progress, make_engine=make)
         report["devices"] = [d.name for d in session.devices()]
         report["link_bps"] = link_bps
@@ -341,9 +347,25 @@ def cmd_bench_phases(args) -> int:
             colocated = alone.executor
         report = phases.run_phase_bench(*lm.groups, lm.config, lm.tokenizer, workload, engine, reps=args.reps or 3,
                                         progress=progress, rates=tuple(args.rates or ()), slo_ttft_x=args.slo_ttft,
-                                        slo_tpot_x=args.slo_tpot, colocated=colocated)
+                                        slo_tpot_x=args.slo_tpot, colocated=colocated,
+                                        kv_paths=args.kv_path or KV_PATHS[:1], stream=args.kv_stream)
         report["link_bps"] = link_bps
     return _emit(args, report, phases.table, phases.plot)
+
+
+def kv_paths(text: str) -> tuple[str, ...]:
+    """--kv-path direct,coordinator: K/V paths by name (engine/disagg.py KV_PATHS), at least one."""
+    out = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [x for x in out if x not in KV_PATHS]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(KV_PATHS)}")
+    return out
+
+
+def _one_kv_path(args) -> str | None:
+    if args.kv_path and len(args.kv_path) > 1:
+        raise GalaxyError(f"--kv-path {','.join(args.kv_path)}: one path, except with --prefill-devices")
+    return args.kv_path[0] if args.kv_path else None
 
 
 def _emit(args, report: dict, table, plot) -> int:

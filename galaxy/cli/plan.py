@@ -79,9 +79,10 @@ def add_parser(sub) -> None:
                        help="time-per-output-token objective, the same way (default 1.5x)")
     serve.add_argument("--max-batched-tokens", type=int_at_least(1), default=EngineConfig.max_batched_tokens,
                        help="the engine's token budget per step (default %(default)s, as galaxy serve)")
-    serve.add_argument("--kv-path", choices=KV_ROUTES, default="coordinator",
-                       help="how K/V reach the decode group: through the coordinator (two hops, as the runtime "
-                            "moves them; default) or direct (one hop, device to device)")
+    serve.add_argument("--kv-path", choices=KV_ROUTES, default="direct",
+                       help="how K/V reach the decode group: direct (one hop, device to device: the runtime's "
+                            "default; default) or through the coordinator (two hops: `galaxy serve --kv-path "
+                            "coordinator`); the plan's serve section records it and `galaxy serve --plan` takes it")
     serve.add_argument("--kv-stream", action="store_true",
                        help="K/V streamed while the prompt is prefilled (the runtime's opt-in streaming)")
     serve.add_argument("--sim-requests", type=int_at_least(10), default=200,

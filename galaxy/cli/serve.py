@@ -10,6 +10,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..engine.disagg import KV_PATHS
 from ..engine.engine import EngineConfig
 from ..errors import GalaxyError
 from ..serving.server import Server
@@ -53,6 +54,9 @@ def add_parser(subparsers):
     ph.add_argument("--decode-devices", metavar="I,..", help="devices that decode, the K/V of each sequence moved "
                     "to them after its first token")
     add_decode_layout_arg(ph, "auto")
+    ph.add_argument("--kv-path", choices=KV_PATHS, help="how each sequence's K/V reach the decode devices: direct "
+                    "(one hop from each prefill device, with the coordinator's ticket; where both groups are workers) "
+                    "or coordinator (pulled here, then pushed: two hops). Default: the plan's, else direct")
     h = p.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for the LAN)")
     h.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -114,7 +118,7 @@ def cmd_serve(args) -> int:
                              plan=None if placement else args.plan, placement=placement,
                              weights_format=args.weights_format, engine=engine_config(args),
                              decode_threads=args.decode_threads,
-                             decode_layout=args.decode_layout)
+                             decode_layout=args.decode_layout, kv_path=args.kv_path)
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
                         request_timeout=args.request_timeout,

@@ -16,7 +16,11 @@ two engines run side by side, each with its own executor, partition, KV pool, sc
               then it decodes with continuous batching beside the others
 ```
 
-The K/V go through the coordinator in this first increment: pulled from the prefill workers
+Where both groups are workers, each prefill device sends its boxes straight to the decode devices with
+the coordinator's ticket for each (one hop: engine/kv_direct.py; `DisaggConfig.direct`, the default,
+`kv_path="direct"`). Otherwise -- in-process groups, `kv_path="coordinator"`, or a direct move that
+failed on the receivers' side before the prefill blocks were freed -- the K/V go through the
+coordinator: pulled from the prefill workers
 (Executor.export_kv), held here, pushed to the decode workers (Executor.import_kv), each message a
 box of at most `chunk_bytes` (cut by layers), every call with the executor's timeout, and the
 workers check every box's shape, dtype, heads and blocks before touching their pool. The bytes
@@ -71,9 +75,15 @@ from .sequence import SamplingParams, Sequence, SequenceStatus
 log = logging.getLogger(__name__)
 
 
+# how a sequence's K/V reach the decode group: one hop from each prefill device (kv_direct.py), or pulled to
+# the coordinator and pushed from it (two hops). The planner's `--kv-path` routes (planner/phases.KV_ROUTES)
+KV_PATHS = ("direct", "coordinator")
+
+
 @dataclass(frozen=True)
 class DisaggConfig:
-    """How K/V move between the groups (through the coordinator, this increment)."""
+    """How K/V move between the groups: `direct` (default) one hop where both groups are workers, else
+    through the coordinator; streamed or not; bounded; and what a failed group does."""
 
     chunk_bytes: int = 4 << 20  # most bytes of one box on the wire: pieces are cut by layers below it
     max_pending_bytes: int = 256 << 20  # K/V held at the coordinator between pull and push, all sequences
@@ -83,7 +93,7 @@ class DisaggConfig:
     # there too (False: they end with the error, which names the device and the group)
     recover: bool = False
     # a prompt of several chunks streams its K/V to the decode group chunk by chunk while it is prefilled
-    # (engine/kv_stream.py); None (default): every sequence's K/V move after its prefill, through here.
+    # (engine/kv_stream.py), through here; None (default): every sequence's K/V move after its prefill.
     # Opt-in: on 2 shared cores it hid the move but not the second token's wait (docs/engine.md), and a
     # group that re-plans after a fault leaves its open streams to stall out before they fall back
     stream: StreamConfig | None = None
@@ -91,9 +101,23 @@ class DisaggConfig:
     # prompt's rest itself, nothing moved); False: every request is prefilled on the prefill group
     route_by_prefix: bool = True
     # each sequence's K/V go in one hop, every prefill device sending its boxes straight to the decode devices
-    # with the coordinator's tickets (engine/kv_direct.py), where both groups are workers; a move that fails on
-    # the receivers' side goes through here instead. None (default, for now): always through here (two hops)
-    direct: DirectConfig | None = None
+    # with the coordinator's tickets (engine/kv_direct.py), wherever both groups are workers (the default); a
+    # move that fails on the receivers' side goes through here instead. None: always through here (two hops),
+    # as in-process groups always do (there is no hop to save)
+    direct: DirectConfig | None = DirectConfig()
+
+    @classmethod
+    def for_path(cls, kv_path: str, **kw) -> DisaggConfig:
+        """The config of a K/V path by name (KV_PATHS, the planner's `--kv-path` routes): "direct" (one hop
+        where both groups are workers) or "coordinator" (two hops, through here); other fields as `kw`."""
+        if kv_path not in KV_PATHS:
+            raise PlanMismatch(f"kv_path={kv_path!r} is not one of {KV_PATHS}")
+        return cls(**kw, direct=DirectConfig() if kv_path == "direct" else None)
+
+    @property
+    def kv_path(self) -> str:
+        """The K/V path asked for ("direct" or "coordinator"); DisaggEngine.kv_path: the one taken."""
+        return "coordinator" if self.direct is None else "direct"
 
     def __post_init__(self):
         for f in ("recover", "route_by_prefix"):
@@ -134,7 +158,8 @@ class KVMover:
     def __init__(self, prefill: Executor, decode: Executor, model: ModelConfig, config: DisaggConfig):
         self.prefill, self.decode, self.model, self.config = prefill, decode, model, config
         self._planned: tuple[Partition, Partition, tuple[KVPiece, ...]] | None = None
-        self.direct = (DirectSender(prefill, decode, config.direct, getattr(decode, "kv_timeout", 60.0))
+        self.direct = (DirectSender(prefill, decode, config.direct,  # a send's deadline: the prefill group's
+                                    max(getattr(prefill, "kv_timeout", 60.0), getattr(decode, "kv_timeout", 60.0)))
                        if config.direct is not None and supported(prefill, decode) else None)
 
     def plan(self) -> tuple[KVPiece, ...]:
@@ -180,8 +205,9 @@ class KVMover:
              dst_pool: KVPool) -> None:
         """Every receiver's boxes sent straight from the prefill devices into `dst_table` (the blocks reserved
         on the decode group, past the `skip` positions they hold already): engine/kv_direct.py."""
-        n = tokens - skip
-        boxes = [(c, c.nbytes(self.model, n, self.config.itemsize)) for p in self.plan() for c in self.chunks(p, n)]
+        n = tokens - skip  # 0: the receivers hold all of it (a leased prefix), nothing moves
+        boxes = [(c, c.nbytes(self.model, n, self.config.itemsize)) for p in self.plan() for c in self.chunks(p, n)
+                 if n > 0]
         self.direct.send(move, boxes, tail(block_table, skip, pool), n, pool, tail(dst_table, skip, dst_pool),
                          dst_pool)
 
@@ -308,10 +334,11 @@ class DecodeEngine(FailOver, Engine):
         self._wake.set()
 
     def _give_back(self) -> None:
-        """Under the lock: reservations released whose streams are quiet go back to the pool."""
+        """Under the lock: reservations released whose streams are quiet go back to the pool (at once once this
+        group is down for good: nothing runs on its pool again, whatever lands in it late)."""
         for _ in range(len(self._releasing)):
             held, kvs = self._releasing.popleft()
-            if kvs is not None and kvs.outstanding > 0:  # a box is still being written into its blocks
+            if kvs is not None and kvs.outstanding > 0 and self.down is None:  # a box may still be written into it
                 self._releasing.append((held, kvs))
             elif self._held.pop(held, None) is self.sched.blocks:  # not if the pool was re-made since
                 self.sched.unreserve(held)
@@ -340,13 +367,18 @@ class DecodeEngine(FailOver, Engine):
                 h = self._next_handoff()
                 if h is None:
                     return
-                if isinstance(h.kvs, DirectMove) and h.kvs.error is not None and (
-                        self._held.get(h.held) is self.sched.blocks):  # sent directly, failed after the reads: the
-                    log.warning("a direct K/V move failed after its reads (%s): the sequence runs all its tokens "
-                                "again on the decode group", h.kvs.error)  # prefill group's blocks are gone, so
-                    self._pending.remove(h)  # its tokens run again here (a decode device gone fails that step,
-                    self._drop(h)  # told as this group's failure)
-                    self.mover.direct.fell_back += 1
+                if isinstance(h.kvs, DirectMove) and (h.kvs.error is not None
+                                                      or self._held.get(h.held) is not self.sched.blocks):
+                    # sent directly and failed after the reads (the prefill group's blocks are gone), or this group
+                    # re-planned under it (its pool re-made: the blocks it went into are gone, as a two-hop box cut
+                    # for the old split): its tokens run again here (a decode device gone fails that step, told as
+                    # this group's failure; with recovery the group re-plans again)
+                    if h.kvs.error is not None:
+                        log.warning("a direct K/V move failed after its reads (%s): the sequence runs all its "
+                                    "tokens again on the decode group", h.kvs.error)
+                        self.mover.direct.fell_back += 1
+                    self._pending.remove(h)
+                    self._drop(h)
                     self._requeue(h)
                     continue
                 if h.kvs is not None and (h.kvs.error is not None or self._held.get(h.held) is not self.sched.blocks):
@@ -740,6 +772,12 @@ class DisaggEngine:
     def tok(self):
         return self.prefill.tok
 
+    @property
+    def kv_path(self) -> str:
+        """The path each sequence's K/V take after its prefill: "direct" when asked for and both groups are
+        workers, else "coordinator" (a direct move that fails on the receivers' side still goes that way)."""
+        return "coordinator" if self.mover.direct is None else "direct"
+
     def submit(self, prompt_ids: list[int], gc: GenerationConfig | None = None,
                timeout: float | None = None) -> GenerationStream:
         """Queue a generation on the prefill group -- or, with `route_by_prefix`, on the decode group
@@ -792,7 +830,7 @@ class DisaggEngine:
                 "decode_leased_tokens": dec_leased, "decode_down": None if self.decode.down is None else
                 str(self.decode.down), "taken_over": self.decode.taken_over,
                 "prefill_down": None if self.prefill.down is None else str(self.prefill.down),
-                "kv_transfer": dict(self.decode.transfer, adopted=self.decode.adopted,
+                "kv_transfer": dict(self.decode.transfer, path=self.kv_path, adopted=self.decode.adopted,
                                     direct_fell_back=self.mover.direct.fell_back if self.mover.direct else 0,
                                     inflight_bytes=self.streamer.inflight if self.streamer else 0)}
 

@@ -35,7 +35,9 @@ What a failure does:
   re-planned does; a decode device really gone fails that step and is told as the decode group's
   failure. (KVDirectFailed before the reads, not expected, moves it through the coordinator.)
 - The reserved blocks go back only once no call of the move may still write into them (`outstanding`:
-  a running call, or one given up on until its deadline, which the receiver enforces).
+  a running call, or one given up on until its deadline, which the receiver enforces -- or until the
+  receiver has revoked its ticket (`revoke_kv`): asked at once when the sender was lost mid-send, not
+  when the receiver itself went silent).
 
 Streamed K/V (engine/kv_stream.py) keep going through the coordinator: a stream's chunks are read
 while later chunks run, into blocks reserved before the first token; doing that directly needs the
@@ -44,17 +46,20 @@ same tickets per chunk, which is the next step.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import GalaxyError, PlanMismatch
+from ..errors import GalaxyError, KVDirectFailed, PlanMismatch
 from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece
 from ..parallel.rank import KVPool
 from .kv_stream import StreamTiming
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -177,9 +182,13 @@ class DirectSender:
                 state["read"] = True
                 read()
 
+            dest = None
             try:
-                dest = self.decode.kv_destination(c.dst, dst_table, tokens, c.layers, c.heads, dst_pool, 0, session,
-                                                  c.src)
+                try:
+                    dest = self.decode.kv_destination(c.dst, dst_table, tokens, c.layers, c.heads, dst_pool, 0,
+                                                      session, c.src)
+                except GalaxyError as e:  # the receivers' side (a decode group re-planning has nothing loaded yet):
+                    raise KVDirectFailed(f"no ticket from the decode group: {e}") from e  # not the sender's failure
                 sent, import_s = self.prefill.send_kv(c.src, src_table, tokens, c.layers, c.heads, src_pool, dest,
                                                       on_read=on_read)
                 with move._lock:
@@ -188,7 +197,8 @@ class DirectSender:
                     move.import_s += import_s
                     move.busy_s += time.perf_counter() - t0
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, or to the move
-                if not getattr(e, "gave_up", False):  # the call ended (refused, unreachable): nothing more lands
+                if not getattr(e, "gave_up", False) or (not getattr(e, "receiver_silent", False)
+                                                         and self._revoked(c.dst, dest)):  # nothing more of it lands
                     with move._lock:
                         move._open.pop(key)
                 else:  # it may land until its deadline: look at the reservation again once that has passed
@@ -235,6 +245,20 @@ class DirectSender:
             if done:
                 move.done_at = time.perf_counter()
         self.sent += 1
+
+    def _revoked(self, rank: int, dest) -> bool:
+        """A call given up on (its sender lost mid-send, or silent): ask the receiver to spend its ticket, so the
+        box can no longer land and its blocks may go back now. False when the receiver cannot say so (gone,
+        silent, re-planned): then the call's deadline, which the receiver enforces, bounds it."""
+        if dest is None or not callable(getattr(self.decode, "revoke_kv", None)):
+            return dest is None  # no ticket was issued: nothing can land
+        try:
+            self.decode.revoke_kv(rank, [dest.ticket.nonce])
+        except GalaxyError as e:
+            log.info("could not revoke a given-up direct K/V move's ticket at %s (%s): its deadline bounds it",
+                     dest.name, e)
+            return False
+        return True
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

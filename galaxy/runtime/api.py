@@ -34,7 +34,7 @@ from planner.plan import Plan
 
 from ..addresses import split_address
 from ..engine.arguments import need_choice, need_int, need_number, stop_strings, token_ids
-from ..engine.disagg import DisaggConfig, DisaggEngine
+from ..engine.disagg import KV_PATHS, DisaggConfig, DisaggEngine
 from ..engine.engine import Engine, EngineConfig, GenerationStream
 from ..engine.generation import Generation, GenerationConfig
 from ..engine.sampling import SamplingConfig
@@ -90,7 +90,7 @@ class Session:
              stream_weights: bool | None = None, wire: list[list[str]] | str | None = None,
              backend: str = "torch", weights_format: str | None = None, seq_len: int = 0,
              placement: Placement | dict | None = None, decode_threads: int | None = None,
-             decode_layout: str | int = AUTO) -> Model:
+             decode_layout: str | int = AUTO, kv_path: str | None = None) -> Model:
         """Load `model` (default: the embedded SmolLM2) split across the devices.
 
         The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
@@ -124,6 +124,11 @@ class Session:
         still prefills), said once at load (`Model.decode.line`, logged); "split" -- on the loaded
         split (the exact tensor-parallel path, as before); or a device (index, worker name or address)
         that decodes alone.
+        kv_path: how a phase-separated placement moves each sequence's K/V to the decode group (engine/disagg.py
+        KV_PATHS, the planner's `--kv-path`): "direct" -- one hop, each prefill device to each decode device with
+        the coordinator's ticket, where both groups are workers (in-process groups have no hop to save and go
+        "coordinator"); "coordinator" -- pulled here, then pushed. Default: the plan's serve section's path if it
+        names one, else "direct".
         """
         if self.closed:
             raise GalaxyError("this session is closed; open a new one with galaxy.connect(...)")
@@ -136,6 +141,8 @@ class Session:
         if decode_threads is not None:
             need_int("decode_threads", decode_threads, 1)
         check_decode_layout(decode_layout)
+        if kv_path is not None:
+            need_choice("kv_path", kv_path, list(KV_PATHS))
         if engine is not None and not isinstance(engine, EngineConfig):
             raise InvalidRequest(f"engine={engine!r}: must be a galaxy.engine.EngineConfig")
         if isinstance(model, WeightSource):
@@ -159,10 +166,15 @@ class Session:
                               decode_threads=decode_threads or 0)
         if placement is None and plan is not None and plan.serve is not None and plan.serve.placement != "colocated":
             placement = self._plan_placement(plan, cfg)
+        if kv_path is None:
+            kv_path = (plan.serve.kv_path if plan is not None and plan.serve is not None else "") or KV_PATHS[0]
         if isinstance(placement, dict):
             placement = self._placement(placement)
         if placement is not None:
-            return self._load_disaggregated(source, placement, options, _describe(model, random_init, source), engine)
+            loaded = self._load_disaggregated(source, placement, options, _describe(model, random_init, source),
+                                              engine)
+            loaded.kv_path = kv_path
+            return loaded
         if plan is not None:
             partition = align_partition(cfg, plan_partition(plan, cfg, self.world), options.weight_format)
         elif partition is None:
@@ -184,6 +196,7 @@ class Session:
         if decision.placement is not None:
             loaded = self._load_disaggregated(source, decision.placement, options, what, engine)
             loaded.decode = decision
+            loaded.kv_path = kv_path
             return loaded
         if self.model is not None:
             self.model._unload(_describe(model, random_init, source))
@@ -351,6 +364,7 @@ class Model:
         self._engine_lock = threading.Lock()
         self.groups = groups  # (prefill, decode) executors of a disaggregated placement; None: colocated
         self.placement: Placement | None = None
+        self.kv_path = KV_PATHS[0]  # how a phase-separated placement's K/V move (load's kv_path)
         self.decode: DecodeDecision | None = None  # where it decodes and why (runtime.decode_layout), said at load
         self._passes_without_pool = False  # one-shot passes ran on budgeted devices before the engine's pool
 
@@ -374,7 +388,8 @@ class Model:
                 pre, dec = self.groups
                 recover = isinstance(self.session.executor, ResilientCluster)  # connect(recover=True)
                 self._engine = DisaggEngine(pre, dec, self.config, self.tokenizer, self._step_config(pre),
-                                            self._step_config(dec), DisaggConfig(recover=recover))
+                                            self._step_config(dec), DisaggConfig.for_path(self.kv_path,
+                                                                                           recover=recover))
             elif self._engine is None:
                 self._engine = Engine(self.session.executor, self.config, self.tokenizer, self._step_config())
             return self._engine

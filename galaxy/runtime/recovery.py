@@ -155,6 +155,11 @@ class ResilientCluster:
         """Where a direct K/V move into `rank` goes, signed for the cluster loaded now (Cluster.kv_destination)."""
         return self.cluster.kv_destination(rank, *args, **kwargs)
 
+    def revoke_kv(self, rank: int, nonces) -> None:
+        """Spend a given-up direct move's tickets on `rank` of the cluster loaded now (Cluster.revoke_kv); no
+        re-plan here: a device gone leaves the move bounded by its deadline, and the next step finds it."""
+        self.cluster.revoke_kv(rank, nonces)
+
     def send_kv(self, rank: int, block_table, tokens: int, layers, heads, pool, dest, start: int = 0, on_read=None):
         """A direct K/V move from `rank` (Cluster.send_kv); this device gone before the box was read re-plans
         the group (CacheLost), as an export does. After the read, or on the receiver's side: KVDirectFailed."""

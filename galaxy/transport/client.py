@@ -406,6 +406,13 @@ class Cluster:
         return KVDestination(self.addresses[rank], ticket, self.names[rank],
                              lambda: self._heartbeat([rank], missed) is not None)
 
+    def revoke_kv(self, rank: int, nonces: list[bytes]) -> None:
+        """Worker `rank` counts these tickets (kv_destination's) as spent: a direct move into it that was given up
+        on cannot land after this returns (the worker answers once no import of them is running), so its blocks
+        may be reused at once. Raises as an import would (PeerUnreachable: then only its deadline bounds it)."""
+        self._kv_call(rank, "ImportKV", pb.KVBox(session_id=self.session_id, revoke_nonces=list(nonces)),
+                      "K/V ticket revocation")
+
     def send_kv(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, dest: KVDestination,
                 start: int = 0, while_stepping: bool = False, on_read=None) -> tuple[int, float]:
         """A direct K/V move (the sender's side): worker `rank` reads the box and imports it into the
@@ -447,6 +454,7 @@ class Cluster:
                     err = KVDirectFailed(f"{who}: no heartbeat for {secs:.0f} s during a direct K/V move from "
                                          f"{self.names[rank]} to {dest.name}")
                     err.gave_up = True  # the call may still be on its way: its box may land until its deadline
+                    err.receiver_silent = not gone  # then it cannot be asked to refuse it (revoke_kv)
                     raise err from None
                 continue
             if item is None:

@@ -80,7 +80,13 @@ class NonceLog:
     def spend(self, nonce: bytes, who: str) -> None:
         if nonce in self._seen:
             raise KVTransferError(f"{who}: a K/V ticket used before (replayed nonce {nonce.hex()[:8]}…)")
+        self.revoke(nonce)
+
+    def revoke(self, nonce: bytes) -> None:
+        """Count `nonce` as spent, whether or not its ticket came: a move the coordinator gave up on (its
+        sender lost mid-send) can then no longer land in blocks it gives back (ImportKV.revoke_nonces)."""
         self._seen[nonce] = None
+        self._seen.move_to_end(nonce)
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
 

@@ -448,17 +448,24 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def _import_kv(self, sess: _Session, request, context):
         rt = sess.runtime
+        if request.revoke_nonces:  # the coordinator gave a direct move up: none of its tickets may land from now
+            if not self._from_coordinator(context):  # (under the K/V lock: an import of them running has ended)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V tickets revoked by a device, "
+                              "not the coordinator")
+            for nonce in request.revoke_nonces:
+                sess.nonces.revoke(nonce)
+            return pb.KVReply()
         try:
             table, tokens, layers, heads, pool = kv_box_from_proto(request)
             start = kv_box_start(request)
             if request.HasField("ticket"):  # from another group's worker: only what the coordinator authorized
                 verify(self.s.token, sess.ticket_key, sess.session_id, rt.rank, request, request.kv.dtype,
                        len(request.kv.data), sess.nonces, self.s.name)
-            elif not self._from_coordinator(context):
-                raise KVTransferError("K/V from a device, not the coordinator, without the coordinator's ticket")
                 left = context.time_remaining()
                 if left is not None and left <= 0:  # the coordinator gave up on it and may have reused the blocks
                     raise TransportError("a direct K/V move that arrived after its deadline")
+            elif not self._from_coordinator(context):
+                raise KVTransferError("K/V from a device, not the coordinator, without the coordinator's ticket")
             box = from_proto(request.kv, "K/V box")
             if box.dim() != 5 or box.shape[3] != tokens - start:
                 raise TransportError(f"K/V box of shape {tuple(box.shape)} for positions {start}..{tokens}")

@@ -253,7 +253,7 @@ class StepRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., query_lens: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., block_table_lens: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., logit_rows: _Optional[_Iterable[int]] = ..., copies: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., top1_rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVBox(_message.Message):
-    __slots__ = ("session_id", "block_table", "num_tokens", "layer_lo", "layer_hi", "head_lo", "head_hi", "num_blocks", "block_size", "kv", "start", "while_stepping", "ticket")
+    __slots__ = ("session_id", "block_table", "num_tokens", "layer_lo", "layer_hi", "head_lo", "head_hi", "num_blocks", "block_size", "kv", "start", "while_stepping", "ticket", "revoke_nonces")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +267,7 @@ class KVBox(_message.Message):
     START_FIELD_NUMBER: _ClassVar[int]
     WHILE_STEPPING_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_NONCES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     block_table: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: int
@@ -280,7 +281,8 @@ class KVBox(_message.Message):
     start: int
     while_stepping: bool
     ticket: KVTicket
-    def __init__(self, session_id: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layer_lo: _Optional[int] = ..., layer_hi: _Optional[int] = ..., head_lo: _Optional[int] = ..., head_hi: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., kv: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[int] = ..., while_stepping: _Optional[bool] = ..., ticket: _Optional[_Union[KVTicket, _Mapping]] = ...) -> None: ...
+    revoke_nonces: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, session_id: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layer_lo: _Optional[int] = ..., layer_hi: _Optional[int] = ..., head_lo: _Optional[int] = ..., head_hi: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., kv: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[int] = ..., while_stepping: _Optional[bool] = ..., ticket: _Optional[_Union[KVTicket, _Mapping]] = ..., revoke_nonces: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class KVReply(_message.Message):
     __slots__ = ("kv", "seconds", "bytes", "send_s")

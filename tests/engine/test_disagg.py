@@ -209,16 +209,16 @@ def test_the_phase_bench_runs_both_placements_on_the_same_requests_with_the_same
     try:
         w = Workload(num_requests=3, concurrency=2, input_len=12, output_len=4)
         report = run_phase_bench(pre, dec, CFG, None, w, EngineConfig(block_size=4, kv_blocks=40, chunk_size=4),
-                                 reps=2)  # 12-token prompts in 3 chunks: the streamed placement streams two early
-    finally:
+                                 reps=2, stream=True)  # 12-token prompts in 3 chunks: the streamed row streams two
+    finally:  # early; in process there is no direct hop: the default path's row is "coordinator"
         pre.close()
         dec.close()
-    assert report["outputs_identical"] and set(report["unloaded"]) == {"colocated", "disaggregated", "streamed"}
+    assert report["outputs_identical"] and set(report["unloaded"]) == {"colocated", "coordinator", "streamed"}
     per_token = 2 * CFG.n_layers * CFG.n_kv_heads * CFG.head_dim * 4
-    for name in ("disaggregated", "streamed"):
+    for name in ("coordinator", "streamed"):
         moved = report["unloaded"][name]
         assert moved["kv_bytes"] == 12 * per_token and moved["transfer_s"] > 0 and moved["exposed_s"] > 0
-    assert report["unloaded"]["disaggregated"]["hidden_s"] == 0  # moved after the prefill: nothing hidden
+    assert report["unloaded"]["coordinator"]["hidden_s"] == 0  # moved after the prefill: nothing hidden
     assert "transfer_s" not in report["unloaded"]["colocated"]
     assert all(r["completed"] == 3 and r["failed"] == 0 for r in report["loaded"].values())
     assert "greedy outputs identical: yes" in table(report)
@@ -240,9 +240,9 @@ def test_the_phase_bench_loads_each_run_fresh_and_judges_both_placements_by_colo
         pre.close()
         dec.close()
     assert [(r["placement"], r["rate"]) for r in report["runs"]] == [
-        (p, r) for r in (50.0, 100.0) for p in ("colocated", "disaggregated", "streamed")]
+        (p, r) for r in (50.0, 100.0) for p in ("colocated", "coordinator")]
     assert all(r["prefix_hit_rate"] == 0 for r in report["runs"])
     assert report["slo"]["ttft_s"] == 1e6 * report["unloaded"]["colocated"]["ttft_s"]
     assert all(r["slo_attainment"] == 1.0 for r in report["runs"])  # objectives no run can miss
-    assert report["goodput"] == {"colocated": 100.0, "disaggregated": 100.0, "streamed": 100.0}
+    assert report["goodput"] == {"colocated": 100.0, "coordinator": 100.0}
     assert report["outputs_identical"] and "goodput" in table(report)

@@ -4,6 +4,12 @@ freed and nothing waits out a long timeout; with recovery (`connect(recover=True
 re-plans over its own survivors, or the decode group's sequences go back to the prefill group, and
 every request finishes with the single-device reference's greedy tokens.
 
+The K/V move on its default path, direct (each prefill worker sends its boxes to the decode workers:
+engine/kv_direct.py), unless a test says `kv_path`: a failure met in the move itself is tried on
+both paths -- the direct move's `send_kv` / `kv_destination` and the two-hop `export_kv` / `import_kv`
+(`load(kv_path="coordinator")`), the fallback a direct move takes; failures met at a step are the
+same on both.
+
 One test kills a `galaxy worker` process (`connect(local=3)`, SIGKILL); the others stop gRPC workers
 served from this process (the `servers` fixture: w0, w1, ...), which the coordinator sees the same
 way -- the connection refused from then on -- without the seconds each spawned worker takes to
@@ -62,11 +68,16 @@ def wait_for(cond, what: str, timeout: float = BOUND_S) -> None:
         time.sleep(0.005)
 
 
-def no_blocks_held(engine) -> bool:
+def no_blocks_held(engine, given_up: int = 0) -> bool:
     """Neither group holds a sequence or a block (prefix-cached blocks count as free), and no K/V wait
-    at the coordinator."""
+    at the coordinator; but `given_up` reservations for direct moves whose receiver went silent after the
+    reads: they go back at the move's deadline (until then the receiver could still write into them)."""
     groups = (engine.prefill, engine.decode)
-    return (all(not g.sched.live and g.sched.blocks.num_free == g.sched.blocks.num_blocks for g in groups)
+    kept = [held for held, _ in engine.decode._releasing]
+    if len(kept) != given_up:
+        return False
+    return (all(not g.sched.live and g.sched.blocks.num_free + sum(len(h.block_table) for h in kept) *
+                (g is engine.decode) == g.sched.blocks.num_blocks for g in groups)
             and engine.decode.pending_bytes == 0 and not engine.prefill.streams and not engine.decode.streams)
 
 
@@ -89,9 +100,11 @@ def test_a_decode_worker_process_killed_mid_request_ends_every_request_naming_it
                 st.result(timeout=BOUND_S)
         assert time.monotonic() - t0 < BOUND_S
         wait_for(lambda: no_blocks_held(engine), "every block freed")
-        # the placement is fixed without recovery: a later request is prefilled, then fails the same way
+        # the placement is fixed without recovery: a later request is prefilled, then fails the same way (its
+        # direct move cannot reach the receiver after the reads, so it runs again on the decode group, whose step
+        # fails)
         later = lm.submit(PS[0], 6)
-        with pytest.raises(PeerUnreachable, match=r"in the decode group: .*'local2'.*K/V import"):
+        with pytest.raises(PeerUnreachable, match=r"in the decode group: .*'local2'.*during step"):
             later.result(timeout=BOUND_S)
         assert later.generation.tokens == reference(6)[0][:1]  # its first token came from the prefill group
         wait_for(lambda: no_blocks_held(engine), "every block freed after the later request")
@@ -117,10 +130,15 @@ def test_a_prefill_device_killed_mid_request_ends_the_requests_there_and_the_dec
             lm.generate(PS[1], 4)
 
 
-def test_a_decode_device_that_freezes_during_a_kv_push_is_declared_gone_by_its_heartbeat(servers, monkeypatch):
-    """A device whose connection stays open and silent (SIGSTOP, a hung process): the K/V push to it
-    is watched by the heartbeat, as a step is, and fails in seconds naming it -- not after the push's
-    60 s timeout -- and so does every request that waits for the decode group."""
+@pytest.mark.parametrize("kv_path,hook,during", [("direct", "kv_destination", "a request"),
+                                                 ("coordinator", "import_kv", "a K/V import")])
+def test_a_decode_device_that_freezes_during_a_kv_move_is_declared_gone_by_its_heartbeat(servers, monkeypatch,
+                                                                                        kv_path, hook, during):
+    """A device whose connection stays open and silent (SIGSTOP, a hung process): the K/V move to it
+    is watched by the heartbeat, as a step is, and fails in seconds naming it -- not after the move's
+    60 s timeout -- and so does every request that waits for the decode group. Direct: the sender's
+    import into it hangs after the reads, the coordinator pings the receiver, gives the move up, and the
+    sequence runs again on the decode group, whose step meets the silent device; two hops: the push."""
     frozen, thaw = threading.Event(), threading.Event()
     for rpc in ("ImportKV", "Ping", "Step"):  # w2 stops answering anything, its connection open
         real = getattr(WorkerService, rpc)
@@ -133,19 +151,26 @@ def test_a_decode_device_that_freezes_during_a_kv_push_is_declared_gone_by_its_h
         monkeypatch.setattr(WorkerService, rpc, silent)
     try:
         with galaxy.connect(servers.start(3)) as s:
-            lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2]}, engine=SMALL_STEPS)
+            lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2]}, engine=SMALL_STEPS, kv_path=kv_path)
             engine = lm.engine
-            assert lm.groups[1].kv_timeout == 60.0
-            lm.groups[1].heartbeat_s = 0.5  # declared gone after 3 missed pings: 1.5 s
-            kill_before(frozen.set, lm.groups[1], "import_kv", call=1)
+            assert lm.groups[1].kv_timeout == 60.0 and engine.kv_path == kv_path
+            # a silent device is declared gone after 3 missed pings: 0.75 s on the decode group (w2 alone), 1.5 s on
+            # the prefill group, whose pings wait on a direct move's receiver between its own
+            lm.groups[0].heartbeat_s, lm.groups[1].heartbeat_s = 0.5, 0.25
+            kill_before(frozen.set, lm.groups[1], hook, call=1)
             t0 = time.monotonic()
             streams = [lm.submit(p, 12) for p in PS]
             for st in streams:
                 with pytest.raises(PeerUnreachable, match=r"in the decode group: device 0 'w2' .*no heartbeat "
-                                                          r"for 2 s during a K/V import"):
+                                                          rf"for 1 s during {during}"):
                     st.result(timeout=BOUND_S)
             assert time.monotonic() - t0 < 15  # the heartbeat's misses, not kv_timeout's 60 s
-            wait_for(lambda: no_blocks_held(engine), "every block freed")
+            # direct: the move given up on keeps its reservation until its deadline (the silent receiver could
+            # still write into it), one per box sent to it
+            given_up = len(engine.decode._releasing) if kv_path == "direct" else 0
+            assert given_up <= len(PS)
+            wait_for(lambda: no_blocks_held(engine, given_up), "every other block freed")
+            thaw.set()  # before the close: the frozen calls hold w2's server threads, which its release needs
     finally:
         thaw.set()
 
@@ -153,18 +178,19 @@ def test_a_decode_device_that_freezes_during_a_kv_push_is_declared_gone_by_its_h
 # -- with recovery ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,call", [("step", 3), ("import_kv", 2)])
+@pytest.mark.parametrize("kv_path,group,method,call", [("direct", 1, "step", 3), ("direct", 0, "send_kv", 2),
+                                                      ("coordinator", 1, "import_kv", 2)])
 def test_with_recovery_a_decode_device_killed_mid_request_replans_the_decode_group_and_costs_no_token(
-        servers, method, call):
+        servers, kv_path, group, method, call):
     """Decode on two devices, tensor-parallel; one killed before a decode step, or in the middle of
-    pushing a sequence's K/V: the decode group re-plans over the other, its sequences and those on their
-    way are prefilled again there (prompt and tokens so far), and every request gets the reference's
-    tokens."""
+    moving a sequence's K/V (a prefill device sending it one hop, or the coordinator pushing it): the
+    decode group re-plans over the other, its sequences and those on their way are prefilled again there
+    (prompt and tokens so far), and every request gets the reference's tokens."""
     want = reference(12)
     with galaxy.connect(servers.start(4), recover=True) as s:
-        lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2, 3]}, engine=SMALL_STEPS)
+        lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2, 3]}, engine=SMALL_STEPS, kv_path=kv_path)
         engine, dec = lm.engine, lm.groups[1]
-        kill_before(lambda: servers.stop(3), dec, method, call=call)
+        kill_before(lambda: servers.stop(3), lm.groups[group], method, call=call)
         streams = [lm.submit(p, 12) for p in PS]
         assert [st.result(timeout=BOUND_S).tokens for st in streams] == want
         assert dec.events[-1].kind == "recover" and "w3" in dec.events[-1].detail
@@ -176,14 +202,15 @@ def test_with_recovery_a_decode_device_killed_mid_request_replans_the_decode_gro
         wait_for(lambda: no_blocks_held(engine), "every block freed")
 
 
-@pytest.mark.parametrize("method,call", [("step", 2), ("export_kv", 2)])
-def test_with_recovery_a_prefill_device_killed_mid_request_replans_the_prefill_group(servers, method, call):
-    """Prefill on two devices; one killed before a prefill step, or while a sequence's K/V are pulled:
-    the prefill group re-plans over the other and runs its sequences again there; what moved already
-    decodes on untouched; every request gets the reference's tokens."""
+@pytest.mark.parametrize("kv_path,method,call", [("direct", "step", 2), ("direct", "send_kv", 2),
+                                                 ("coordinator", "export_kv", 2)])
+def test_with_recovery_a_prefill_device_killed_mid_request_replans_the_prefill_group(servers, kv_path, method, call):
+    """Prefill on two devices; one killed before a prefill step, or while a sequence's K/V are sent (one
+    hop) or pulled (two): the prefill group re-plans over the other and runs its sequences again there;
+    what moved already decodes on untouched; every request gets the reference's tokens."""
     want = reference(12)
     with galaxy.connect(servers.start(3), recover=True) as s:
-        lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2]}, engine=SMALL_STEPS)
+        lm = s.load(SRC, placement={"prefill": [0, 1], "decode": [2]}, engine=SMALL_STEPS, kv_path=kv_path)
         engine, pre = lm.engine, lm.groups[0]
         kill_before(lambda: servers.stop(0), pre, method, call=call)
         streams = [lm.submit(p, 12) for p in PS]

@@ -131,8 +131,9 @@ def test_a_slow_link_keeps_both_phases_on_one_device():
     choice = choose(PhaseModel(CFG, cluster(devs, 1e6, 5e-3)), ServeGoals(**GOALS))
     assert choice.chosen.kind == "colocated" and len(choice.chosen.prefill) == 1
     disaggregated = [c for c in choice.candidates if c.kind == "disaggregated"]
-    # 5.9 MB of KV at 1 Mbit/s, twice (through the coordinator), before the second token
-    assert disaggregated and all(c.unloaded_tpot * (GOALS["output_len"] - 1) > 90 for c in disaggregated)
+    # 5.9 MB of KV at 1 Mbit/s, once (direct, the default path), before the second token
+    assert disaggregated and all(c.unloaded_tpot * (GOALS["output_len"] - 1) > 45 for c in disaggregated)
+    assert choice.kv_path == "direct" and choice.plan(ServeGoals(**GOALS)).serve.kv_path == ""  # colocated
 
 
 def test_a_fast_device_with_memory_for_the_model_becomes_the_decode_device():
@@ -173,6 +174,8 @@ def test_the_chosen_placement_round_trips_through_the_plan_file(two_boards):
     assert back.serve.ttft_slo_s == 5.0 and back.serve.tpot_slo_s == pytest.approx(0.2)
     assert back.serve.predicted.goodput_rps == choice.chosen.goodput
     assert sorted(back.serve.prefill) == sorted(d.name for d in back.devices)
+    # the K/V route the prediction assumed (the runtime's default, direct), which `load` then takes
+    assert back.serve.kv_path == ("" if choice.chosen.kind == "colocated" else "direct") == plan.serve.kv_path
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -183,6 +186,7 @@ def test_the_chosen_placement_round_trips_through_the_plan_file(two_boards):
     (lambda s, d: s["predicted"].update(attainment=1.5), "attainment"),
     (lambda s, d: s["workload"].update(rate=0), "serve.workload.rate"),
     (lambda s, d: s.update(extra=1), "unknown key 'extra' in serve"),
+    (lambda s, d: s.update(kv_path="pigeon"), "serve.kv_path"),
 ])
 def test_a_broken_serve_section_is_refused_naming_the_field(edit, message, two_boards):
     goals, choice = two_boards

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import galaxy
+from galaxy.cli.bench import kv_paths as bench_kv_paths
 from galaxy.cli.serve import add_parser as add_serve_parser
 from galaxy.cli.serve import engine_config
 from galaxy.engine.engine import EngineConfig
@@ -581,6 +582,13 @@ def test_serve_subcommand_options():
     assert engine_config(ap.parse_args(["serve", "--slo-ttft", "2.5"])).slo_ttft == 2.5
     with pytest.raises(SystemExit):
         ap.parse_args(["serve", "--slo-ttft", "0"])
+    # the K/V path of a phase-separated placement: the plan's, else direct (None here); bench serve takes a list
+    assert args.kv_path is None and ap.parse_args(["serve", "--kv-path", "coordinator"]).kv_path == "coordinator"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["serve", "--kv-path", "pigeon"])
+    assert bench_kv_paths("direct, coordinator,direct") == ("direct", "coordinator")
+    with pytest.raises(argparse.ArgumentTypeError, match="a comma list of direct, coordinator"):
+        bench_kv_paths("direct,pigeon")
 
 
 def test_galaxy_serve_process_answers_and_stops_on_sigterm(minilm_path):

@@ -13,11 +13,12 @@ import time
 import pytest
 import torch
 
+import galaxy
 from galaxy.engine.disagg import DisaggConfig, DisaggEngine
 from galaxy.engine.engine import EngineConfig
 from galaxy.engine.generation import GenerationConfig
 from galaxy.engine.kv_direct import DirectConfig
-from galaxy.errors import GalaxyError, KVTransferError
+from galaxy.errors import GalaxyError, InvalidRequest, KVTransferError
 from galaxy.parallel.rank import KVPool
 from galaxy.runtime.sources import reference_generate
 from galaxy.transport import kv_ticket
@@ -90,6 +91,14 @@ def test_a_forged_altered_replayed_or_mismatched_ticket_and_a_wrong_size_box_are
         short, _ = _ticketed(dec, pre, tokens=9)
         with pytest.raises(KVTransferError, match="w0.*does not match its ticket"):
             pre.send_kv(0, (0, 3), 10, LAYERS, (0, 2), pool, short)
+
+        # a move the coordinator gave up on (its sender lost mid-send): once its ticket is revoked at the receiver,
+        # nothing of it lands there any more, so its blocks may be reused at once
+        late, _ = _ticketed(dec, pre, table=(3, 1))
+        dec.revoke_kv(0, [late.ticket.nonce])
+        with pytest.raises(KVTransferError, match="w1.*used before"):
+            _import(dec, late, box + 2, table=(3, 1))
+        assert torch.equal(dec.export_kv(0, (3, 1), 10, LAYERS, (0, 2), pool), box)
 
 
 def test_a_receiver_the_sender_cannot_reach_runs_the_sequence_again_on_the_decode_group(servers, monkeypatch):
@@ -183,3 +192,23 @@ def test_over_mutual_tls_a_direct_move_lands_and_a_device_without_a_ticket_is_re
             for ch in device.channels:
                 ch.close()
         assert torch.equal(dec.export_kv(0, (3, 1), 10, LAYERS, (0, 2), pool), box)
+
+
+def test_the_kv_path_is_direct_between_workers_by_default_and_one_switch_picks_either(servers):
+    """`load(kv_path=...)` (`galaxy serve --kv-path`): direct by default where both groups are workers, the
+    coordinator's two hops when asked; in-process groups have no hop to save and go through the coordinator.
+    The same greedy tokens either way."""
+    p = prompts((9,), seed=5)[0]
+    want = reference_generate(SRC, p, 4, stop_at_eos=False)
+    placement = {"prefill": [0], "decode": [1]}
+    with galaxy.connect(servers.start(2)) as s:
+        for asked, taken in ((None, "direct"), ("coordinator", "coordinator"), ("direct", "direct")):
+            lm = s.load(SRC, placement=placement, kv_path=asked, engine=EngineConfig(block_size=4, kv_blocks=32))
+            assert lm.generate(p, 4, details=True).tokens == want
+            assert lm.engine.kv_path == taken and lm.engine.load["kv_transfer"]["path"] == taken
+            assert lm.engine.load["kv_transfer"]["direct"] == (taken == "direct")
+        with pytest.raises(InvalidRequest, match="kv_path"):
+            s.load(SRC, placement=placement, kv_path="pigeon")
+    with galaxy.connect(local=2, transport="inproc") as s:
+        lm = s.load(SRC, placement=placement, kv_path="direct")
+        assert lm.engine.kv_path == "coordinator" and lm.generate(p, 4, details=True).tokens == want
