@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
@@ -196,6 +197,8 @@ class Engine:
         self.pool = self._pool()
         self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))
         self.cost = StepCost()  # seconds against tokens of the steps run: the stall bound's prompt budget
+        # (decodes, prompt tokens, seconds) of the recent steps: what the bench reports of the steps' shapes
+        self.step_log: deque[tuple[int, int, float]] = deque(maxlen=4096)
         self.admission = (None if config.slo_ttft is None else
                           Admission(AdmissionConfig(config.slo_ttft, config.slo_headroom)))
         self.streams: dict[int, GenerationStream] = {}
@@ -342,6 +345,8 @@ class Engine:
                 self.sched.update(plan, {})
             return
         self.steps += 1
+        decodes = sum(1 for it in plan.items if len(it.token_ids) == 1)
+        self.step_log.append((decodes, plan.num_tokens - decodes, res.seconds))
         if any(len(it.token_ids) == 1 for it in plan.items):  # the cost of steps beside running streams
             self.cost.observe(plan.num_tokens, res.seconds)
         if self.admission is not None:  # every step: the TTFT prediction's step cost
