@@ -69,6 +69,9 @@ class EngineConfig:
     # None: only max_batched_tokens bounds it. min_chunk: prompt tokens such a step may always carry.
     max_stall: float | None = 1.5
     min_chunk: int = 16
+    # an objective instead (or as well; the smaller bound wins): such a step takes at most itl_target x the
+    # unloaded TPOT (the one-stream decode step the engine measured; step_cost.py), whatever the streams' number
+    itl_target: float | None = None
     # early rejection (admission.py): refuse a request whose TTFT is predicted above slo_ttft x slo_headroom
     # seconds with Overloaded, at once; None: admit every request the queue bound allows (as before)
     slo_ttft: float | None = None
@@ -81,6 +84,9 @@ class EngineConfig:
         if self.max_stall is not None and not (isinstance(self.max_stall, (int, float)) and self.max_stall > 1.0):
             raise SchedulerConfigError(f"engine config: max_stall={self.max_stall!r} must be a number > 1 (a step "
                                        "with prompt chunks takes longer than one without) or None")
+        if self.itl_target is not None and not (isinstance(self.itl_target, (int, float)) and self.itl_target > 1.0):
+            raise SchedulerConfigError(f"engine config: itl_target={self.itl_target!r} must be a number > 1 (x the "
+                                       "unloaded TPOT: a lone stream's decode step already takes 1x) or None")
         if not (isinstance(self.min_chunk, int) and self.min_chunk >= 1):
             raise SchedulerConfigError(f"engine config: min_chunk={self.min_chunk!r} must be an integer >= 1 "
                                        "(a step's token budget still bounds it)")
@@ -313,12 +319,15 @@ class Engine:
             self._run(plan)
 
     def _prompt_budget(self, decodes: int) -> int:
-        """Prompt tokens a step with `decodes` running decodes may carry (Scheduler.schedule)."""
+        """Prompt tokens a step with `decodes` running decodes may carry (Scheduler.schedule): the smaller of
+        the stall bound and the objective's, at least min_chunk."""
         c = self.config
-        if c.max_stall is None:
+        if c.max_stall is None and c.itl_target is None:
             return c.max_batched_tokens
-        n = self.cost.prompt_tokens(decodes, c.max_stall)  # None until steps of two sizes ran beside streams:
-        return max(c.min_chunk, n or 0)  # min_chunk meanwhile, whose step is the second size the fit needs
+        bounds = [n for n in (None if c.max_stall is None else self.cost.prompt_tokens(decodes, c.max_stall),
+                              None if c.itl_target is None else self.cost.objective_tokens(decodes, c.itl_target))
+                  if n is not None]  # none until steps of two sizes ran beside streams:
+        return max(c.min_chunk, min(bounds, default=0))  # min_chunk meanwhile, whose step is the second size
 
     def _between_steps(self) -> None:
         """Called by the loop before each schedule, while no step runs on the devices and the lock is
@@ -347,8 +356,10 @@ class Engine:
         self.steps += 1
         decodes = sum(1 for it in plan.items if len(it.token_ids) == 1)
         self.step_log.append((decodes, plan.num_tokens - decodes, res.seconds))
-        if any(len(it.token_ids) == 1 for it in plan.items):  # the cost of steps beside running streams
+        if decodes:  # the cost of steps beside running streams
             self.cost.observe(plan.num_tokens, res.seconds)
+        if decodes == 1 == plan.num_tokens:  # one stream alone: its unloaded TPOT
+            self.cost.observe_lone(res.seconds)
         if self.admission is not None:  # every step: the TTFT prediction's step cost
             self.admission.observe(plan.num_tokens, res.seconds)
         collective, kv_bytes = collective_of(res.devices), [d.kv_cache_bytes for d in res.devices]

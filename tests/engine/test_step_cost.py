@@ -3,9 +3,11 @@ running decodes (stall-free prefill, galaxy/engine/step_cost.py)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from galaxy.engine.engine import EngineConfig
+from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.scheduler import SchedulerConfigError
 from galaxy.engine.step_cost import StepCost
 
@@ -47,10 +49,51 @@ def test_a_window_forgets_old_steps():
     assert cost.fit == pytest.approx((0.1, 0.01))
 
 
+def test_the_unloaded_step_is_the_lone_decodes_median_else_the_line_at_one_token():
+    cost = StepCost()
+    assert cost.unloaded_step() is None
+    for n in (4, 20, 4, 20):
+        cost.observe(n, 0.1 + 0.005 * n)
+    assert cost.unloaded_step() == pytest.approx(0.105)  # no stream ran alone yet: the line at one token
+    for s in (0.09, 0.5, 0.08):  # one slow lone step (foreign load) does not move the median
+        cost.observe_lone(s)
+    assert cost.unloaded_step() == pytest.approx(0.09)
+
+
+def test_the_objective_chunk_keeps_a_mixed_step_within_itl_target_of_the_unloaded_step_whatever_the_streams():
+    """Unlike max_stall, whose allowance grows with the decode step of the streams running, the
+    objective is one time for every batch: more streams leave fewer prompt tokens."""
+    cost = StepCost()
+    a, b = 0.1, 0.005
+    for n in (1, 30, 5, 60):
+        cost.observe(n, a + b * n)
+    target = 1.6 * (a + b)
+    chunks = [cost.objective_tokens(d, 1.6) for d in (1, 4, 8)]
+    for d, c in zip((1, 4, 8), chunks):
+        assert a + b * (d + c) <= target + 1e-12 < a + b * (d + c + 1)
+    assert chunks[0] > chunks[1] > chunks[2]
+    assert cost.objective_tokens(40, 1.6) < 0  # the decodes alone take longer than the objective
+
+
+def test_the_engine_takes_the_smaller_bound_and_never_less_than_min_chunk():
+    cost = StepCost()
+    a, b = 0.1, 0.005
+    for n in (1, 30, 5, 60):
+        cost.observe(n, a + b * n)
+    budget = lambda **kw: Engine._prompt_budget(SimpleNamespace(config=EngineConfig(**kw), cost=cost), 4)  # noqa: E731
+    stall, objective = cost.prompt_tokens(4, 1.5), cost.objective_tokens(4, 1.6)
+    assert budget(max_stall=1.5, min_chunk=1) == stall
+    assert budget(max_stall=None, itl_target=1.6, min_chunk=1) == objective
+    assert budget(max_stall=1.5, itl_target=1.6, min_chunk=1) == min(stall, objective)
+    assert budget(max_stall=1.5, itl_target=1.6, min_chunk=64) == 64
+    assert budget(max_stall=None, itl_target=None) == EngineConfig().max_batched_tokens
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"max_stall": 1.0}, "max_stall=1.0 must be a number > 1"),
     ({"max_stall": "2"}, "max_stall='2' must be a number > 1"),
     ({"min_chunk": 0}, "min_chunk=0 must be an integer >= 1"),
+    ({"itl_target": 1.0}, "itl_target=1.0 must be a number > 1"),
 ])
 def test_stall_settings_out_of_range_are_refused_by_name(kw, msg):
     with pytest.raises(SchedulerConfigError, match=msg):
