@@ -72,6 +72,10 @@ class EngineConfig:
     # an objective instead (or as well; the smaller bound wins): such a step takes at most itl_target x the
     # unloaded TPOT (the one-stream decode step the engine measured; step_cost.py), whatever the streams' number
     itl_target: float | None = None
+    # a mean objective instead of a per-gap one: every running stream's TPOT stays within tpot_target x the unloaded
+    # TPOT, so a step may take what the streams' slack allows -- a burst of prompt tokens (HMP-sized, cheaper a token
+    # than a small chunk) after a run of quick decode steps; with max_stall / itl_target too, the larger chunk
+    tpot_target: float | None = None
     # early rejection (admission.py): refuse a request whose TTFT is predicted above slo_ttft x slo_headroom
     # seconds with Overloaded, at once; None: admit every request the queue bound allows (as before)
     slo_ttft: float | None = None
@@ -87,6 +91,10 @@ class EngineConfig:
         if self.itl_target is not None and not (isinstance(self.itl_target, (int, float)) and self.itl_target > 1.0):
             raise SchedulerConfigError(f"engine config: itl_target={self.itl_target!r} must be a number > 1 (x the "
                                        "unloaded TPOT: a lone stream's decode step already takes 1x) or None")
+        if self.tpot_target is not None and not (isinstance(self.tpot_target, (int, float))
+                                                 and self.tpot_target > 1.0):
+            raise SchedulerConfigError(f"engine config: tpot_target={self.tpot_target!r} must be a number > 1 (x the "
+                                       "unloaded TPOT) or None")
         if not (isinstance(self.min_chunk, int) and self.min_chunk >= 1):
             raise SchedulerConfigError(f"engine config: min_chunk={self.min_chunk!r} must be an integer >= 1 "
                                        "(a step's token budget still bounds it)")
@@ -320,14 +328,34 @@ class Engine:
 
     def _prompt_budget(self, decodes: int) -> int:
         """Prompt tokens a step with `decodes` running decodes may carry (Scheduler.schedule): the smaller of
-        the stall bound and the objective's, at least min_chunk."""
+        the per-gap bounds (max_stall, itl_target), or more where the streams' TPOT slack allows (tpot_target),
+        at least min_chunk."""
         c = self.config
-        if c.max_stall is None and c.itl_target is None:
+        if c.max_stall is None and c.itl_target is None and c.tpot_target is None:
             return c.max_batched_tokens
-        bounds = [n for n in (None if c.max_stall is None else self.cost.prompt_tokens(decodes, c.max_stall),
-                              None if c.itl_target is None else self.cost.objective_tokens(decodes, c.itl_target))
-                  if n is not None]  # none until steps of two sizes ran beside streams:
-        return max(c.min_chunk, min(bounds, default=0))  # min_chunk meanwhile, whose step is the second size
+        per_gap = [n for n in (None if c.max_stall is None else self.cost.prompt_tokens(decodes, c.max_stall),
+                               None if c.itl_target is None else self.cost.objective_tokens(decodes, c.itl_target))
+                   if n is not None]  # none until steps of two sizes ran beside streams
+        n = min(per_gap, default=None)
+        if c.tpot_target is not None:
+            m = self.cost.slack_tokens(decodes, self._step_slack(c.tpot_target))
+            n = m if n is None else n if m is None else max(n, m)
+        return max(c.min_chunk, n or 0)  # min_chunk meanwhile, whose step is the second size the fit needs
+
+    def _step_slack(self, tpot_target: float) -> float | None:
+        """The longest next step that keeps every running stream's TPOT (first token to the token this step
+        gives it) within tpot_target x the unloaded TPOT: min over streams of target x tokens - time since the
+        first. None before the unloaded TPOT is known or while no stream has a token."""
+        t1 = self.cost.unloaded_step()
+        if t1 is None:
+            return None
+        now, tau, slack = time.perf_counter(), tpot_target * t1, None
+        for stream in self.streams.values():
+            times = stream.generation.token_times
+            if times:
+                s = tau * len(times) - (now - stream.submitted - times[0])
+                slack = s if slack is None else min(slack, s)
+        return slack
 
     def _between_steps(self) -> None:
         """Called by the loop before each schedule, while no step runs on the devices and the lock is

@@ -76,3 +76,12 @@ class StepCost:
             return None
         a, b = self.fit
         return int((itl_target * t1 - a) / b) - decodes
+
+    def slack_tokens(self, decodes: int, seconds: float | None) -> int | None:
+        """Most prompt tokens a step with `decodes` decodes may carry to take at most `seconds` (the streams'
+        TPOT slack); None before the fit or without a slack. Past the tensor-parallel sizes a step runs HMP,
+        cheaper a token than this line (fitted to steps beside streams, mostly small): the chunk errs short."""
+        if self.fit is None or seconds is None:
+            return None
+        a, b = self.fit
+        return int((seconds - a) / b) - decodes

@@ -3,6 +3,7 @@ running decodes (stall-free prefill, galaxy/engine/step_cost.py)."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -89,11 +90,43 @@ def test_the_engine_takes_the_smaller_bound_and_never_less_than_min_chunk():
     assert budget(max_stall=None, itl_target=None) == EngineConfig().max_batched_tokens
 
 
+def _engine_with_streams(cost, config, first_token_ago_and_tokens):
+    """An engine's budget state: the cost line and streams that got `tokens` tokens, the first `ago` s ago."""
+    now = time.perf_counter()
+    streams = {i: SimpleNamespace(submitted=now - ago - 1.0, generation=SimpleNamespace(token_times=[1.0] * n))
+               for i, (ago, n) in enumerate(first_token_ago_and_tokens)}
+    engine = SimpleNamespace(config=config, cost=cost, streams=streams)
+    engine._step_slack = lambda target: Engine._step_slack(engine, target)
+    return engine
+
+
+def test_tpot_slack_lets_a_step_grow_past_the_per_gap_bound_only_when_every_stream_has_slack():
+    """Streams that decoded quickly have TPOT to spare: the next step may carry a burst of prompt tokens.
+    One stream that just got its first token has none beyond one objective's step, and holds it back."""
+    cost = StepCost()
+    a, b = 0.1, 0.005
+    for n in (1, 30, 5, 60):
+        cost.observe(n, a + b * n)
+    cfg = EngineConfig(max_stall=1.5, tpot_target=2.0, min_chunk=1)
+    tau = 2.0 * (a + b)
+    stall = cost.prompt_tokens(4, 1.5)
+    rich = _engine_with_streams(cost, cfg, [(0.5, 20)] * 4)  # 20 tokens in 0.5 s: 3.7 s of slack
+    assert Engine._prompt_budget(rich, 4) == pytest.approx(int((20 * tau - 0.5 - a) / b) - 4, abs=2)
+    fresh = _engine_with_streams(cost, cfg, [(0.5, 20)] * 3 + [(0.0, 1)])  # its first gap: tau at most
+    assert Engine._prompt_budget(fresh, 4) == pytest.approx(max(stall, int((tau - a) / b) - 4), abs=1)
+    late = _engine_with_streams(cost, cfg, [(0.5, 20)] * 3 + [(5.0, 10)])  # already over its objective
+    assert Engine._prompt_budget(late, 4) == stall  # the per-gap bound still holds: prompts progress
+    alone = _engine_with_streams(cost, EngineConfig(max_stall=None, tpot_target=2.0, min_chunk=3),
+                                 [(5.0, 10)])
+    assert Engine._prompt_budget(alone, 1) == 3  # no per-gap bound: min_chunk, never nothing
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"max_stall": 1.0}, "max_stall=1.0 must be a number > 1"),
     ({"max_stall": "2"}, "max_stall='2' must be a number > 1"),
     ({"min_chunk": 0}, "min_chunk=0 must be an integer >= 1"),
     ({"itl_target": 1.0}, "itl_target=1.0 must be a number > 1"),
+    ({"tpot_target": 0.5}, "tpot_target=0.5 must be a number > 1"),
 ])
 def test_stall_settings_out_of_range_are_refused_by_name(kw, msg):
     with pytest.raises(SchedulerConfigError, match=msg):
