@@ -200,6 +200,27 @@ def test_a_long_prompt_beside_a_stream_runs_in_chunks_the_stall_bound_allows_and
     assert sum(s.tokens for s in late.steps if s.phase == "prefill") == len(long)
 
 
+@pytest.mark.parametrize("objective", [{"itl_target": 1.5, "min_chunk": 2},
+                                       {"max_stall": None, "tpot_target": 3.0, "min_chunk": 2}])
+def test_a_long_prompt_under_an_objective_bound_runs_in_the_chunks_it_allows_and_changes_no_token(engines, objective):
+    """The objective bounds (itl_target: every gap; tpot_target: the streams' mean, bursts from their slack)
+    only choose how many prompt tokens ride beside the stream; every token is the one it gets alone."""
+    src = RandomWeights(preset("tiny-llama"), seed=3, std=0.3)
+    cfg = src.config
+    gen = torch.Generator().manual_seed(6)
+    short = torch.randint(0, cfg.vocab_size, (6,), generator=gen).tolist()
+    long = torch.randint(0, cfg.vocab_size, (57,), generator=gen).tolist()
+    want = [reference_generate(src, p, n, stop_at_eos=False) for p, n in ((short, 30), (long, 4))]
+    _, engine = engines(src, even_partition(cfg, 2), EngineConfig(max_batched_tokens=64, **objective))
+    engine.cost = FixedCost(0.2, 0.01)
+    stream = engine.submit(short, GenerationConfig(30, stop_at_eos=False))
+    events = iter(stream)  # kept: an iteration broken off would cancel the request
+    next(events)
+    late = engine.generate(long, GenerationConfig(4, stop_at_eos=False))
+    assert [stream.result().tokens, late.tokens] == want
+    assert sum(s.tokens for s in late.steps if s.phase == "prefill") == len(long)
+
+
 def test_greedy_and_seeded_requests_sampled_in_one_step_each_get_what_they_get_alone(engines):
     """The greedy rows of a step are sampled by one argmax over all of them; a seeded sampler in the
     same step still draws its own tokens."""
