@@ -386,6 +386,7 @@ class Engine:
         self.step_log.append((decodes, plan.num_tokens - decodes, res.seconds))
         if decodes:  # the cost of steps beside running streams
             self.cost.observe(plan.num_tokens, res.seconds)
+            self.cost.observe_shape(decodes, plan.num_tokens - decodes, res.seconds)
         if decodes == 1 == plan.num_tokens:  # one stream alone: its unloaded TPOT
             self.cost.observe_lone(res.seconds)
         if self.admission is not None:  # every step: the TTFT prediction's step cost

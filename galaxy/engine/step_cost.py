@@ -19,6 +19,15 @@ four streams it is 1.5x a step that is itself longer than one stream's, so the i
 one-stream decode step, measured from the engine's own lone decodes when it ran any, else the line at
 one token -- whatever number of streams it carries: `a + b * (decodes + c) <= itl_target * t1`.
 
+A decode and a prompt token do not cost the same: a decode is a sequence of its own (its own K/V
+gather and attention, its own logit row), a prompt chunk's tokens share one. On the emulated trio a
+decode added ~7 ms to a step and a prompt token 2-3 ms; one line through steps whose sizes vary mostly
+by their decodes takes the decode's cost for a prompt token's and allows a third of the chunk the
+bound means. Once the steps allow it the engine therefore also fits `seconds = a + bd * decodes +
+bp * prompt_tokens` (`observe_shape`): `bp` the median slope between steps with the same decodes and
+different prompt tokens, `bd` between steps with the same prompt tokens and different decodes, `a`
+the median residual; every bound then uses it (`split`), and the one line until then.
+
 The fit is Theil-Sen (the median of the slopes between samples of different sizes, the intercept the
 median residual) over the last `window` steps: the devices share their cores with other work, and
 one slow step (a first step, a burst of foreign load) must not move the budget as it would move a
@@ -31,6 +40,8 @@ import itertools
 import statistics
 from collections import deque
 
+MIN_PAIRS = 8  # pairs of steps, of each kind, before the split fit is trusted over the one line
+
 
 class StepCost:
     """The line `seconds = a + b * tokens` through the engine's recent steps."""
@@ -39,6 +50,8 @@ class StepCost:
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
         self.fit: tuple[float, float] | None = None  # (a, b) once steps of two sizes were seen
         self.lone: deque[float] = deque(maxlen=window)  # steps of one decode and nothing else: the unloaded TPOT
+        self.shapes: deque[tuple[int, int, float]] = deque(maxlen=window)  # (decodes, prompt tokens, seconds)
+        self.split: tuple[float, float, float] | None = None  # (a, bd, bp) once MIN_PAIRS of each kind were seen
 
     def observe(self, tokens: int, seconds: float) -> None:
         self.samples.append((tokens, seconds))
@@ -49,39 +62,64 @@ class StepCost:
         a = max(statistics.median(s - b * n for n, s in self.samples), 0.0)
         self.fit = (a, b)
 
+    def observe_shape(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
+        """A step beside running streams, by what it carried: feeds the split fit (decodes apart from prompt
+        tokens)."""
+        self.shapes.append((decodes, prompt_tokens, seconds))
+        per_prompt, per_decode = [], []
+        for (d1, c1, s1), (d2, c2, s2) in itertools.combinations(self.shapes, 2):
+            if d1 == d2 and c1 != c2:
+                per_prompt.append((s2 - s1) / (c2 - c1))
+            elif c1 == c2 and d1 != d2:
+                per_decode.append((s2 - s1) / (d2 - d1))
+        if len(per_prompt) < MIN_PAIRS or len(per_decode) < MIN_PAIRS:
+            return  # too few to separate the two costs: the one line (keep any split fitted before)
+        bp = max(statistics.median(per_prompt), 1e-9)
+        bd = max(statistics.median(per_decode), 0.0)
+        a = max(statistics.median(s - bd * d - bp * c for d, c, s in self.shapes), 0.0)
+        self.split = (a, bd, bp)
+
+    def decode_step(self, decodes: int) -> float | None:
+        """A step of `decodes` decodes and nothing else, on the fit (split, else the line); None before."""
+        if self.split is not None:
+            a, bd, _ = self.split
+            return a + bd * decodes
+        return None if self.fit is None else self.fit[0] + self.fit[1] * decodes
+
+    def _per_prompt_token(self) -> float:
+        return self.split[2] if self.split is not None else self.fit[1]
+
     def prompt_tokens(self, decodes: int, max_stall: float) -> int | None:
-        """Most prompt tokens a step with `decodes` running decodes may carry so that it takes at
-        most `max_stall` times the decode-only step; None before the fit."""
-        if self.fit is None:
+        """Most prompt tokens a step with `decodes` running decodes may carry so that it takes at most
+        `max_stall` times the decode-only step; None before the fit."""
+        if self.fit is None and self.split is None:
             return None
-        a, b = self.fit
-        return int((max_stall - 1.0) * (a + b * decodes) / b)
+        return int((max_stall - 1.0) * self.decode_step(decodes) / self._per_prompt_token())
 
     def observe_lone(self, seconds: float) -> None:
         """A step that ran one decode and nothing else: one stream alone, what its unloaded TPOT is."""
         self.lone.append(seconds)
 
     def unloaded_step(self) -> float | None:
-        """The one-stream decode step: the median of the lone decodes seen, else the line at one token;
+        """The one-stream decode step: the median of the lone decodes seen, else the fit at one decode;
         None before either."""
         if self.lone:
             return statistics.median(self.lone)
-        return None if self.fit is None else self.fit[0] + self.fit[1]
+        return self.decode_step(1)
 
     def objective_tokens(self, decodes: int, itl_target: float) -> int | None:
         """Most prompt tokens a step with `decodes` running decodes may carry so that it takes at most
         `itl_target` times the unloaded TPOT (may be <= 0: the decodes alone reach it); None before the fit."""
         t1 = self.unloaded_step()
-        if self.fit is None or t1 is None:
+        if t1 is None or self.decode_step(decodes) is None:
             return None
-        a, b = self.fit
-        return int((itl_target * t1 - a) / b) - decodes
+        return self.slack_tokens(decodes, itl_target * t1)
 
     def slack_tokens(self, decodes: int, seconds: float | None) -> int | None:
         """Most prompt tokens a step with `decodes` decodes may carry to take at most `seconds` (the streams'
         TPOT slack); None before the fit or without a slack. Past the tensor-parallel sizes a step runs HMP,
-        cheaper a token than this line (fitted to steps beside streams, mostly small): the chunk errs short."""
-        if self.fit is None or seconds is None:
+        cheaper a token than this fit (of steps beside streams, mostly small): the chunk errs short."""
+        step = self.decode_step(decodes)
+        if step is None or seconds is None:
             return None
-        a, b = self.fit
-        return int((seconds - a) / b) - decodes
+        return int((seconds - step) / self._per_prompt_token())

@@ -176,6 +176,9 @@ class FixedCost(StepCost):
     def observe(self, tokens: int, seconds: float) -> None:
         pass
 
+    def observe_shape(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
+        pass
+
 
 def test_a_long_prompt_beside_a_stream_runs_in_chunks_the_stall_bound_allows_and_changes_no_token(engines):
     """A step carrying prompt tokens beside a running stream takes at most max_stall x its decode-only

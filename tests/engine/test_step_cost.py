@@ -50,6 +50,31 @@ def test_a_window_forgets_old_steps():
     assert cost.fit == pytest.approx((0.1, 0.01))
 
 
+def test_decodes_and_prompt_tokens_are_priced_apart_once_steps_allow_and_the_chunk_uses_the_prompt_price():
+    """Steps whose sizes vary mostly by their decodes make one line take a decode's cost (7 ms here) for a
+    prompt token's (2 ms): the chunk would be a third of what the bound means. With pairs of steps that
+    differ in one kind only, both are fitted, through one slow step."""
+    cost = StepCost()
+    a, bd, bp = 0.15, 0.007, 0.002
+    shapes = [(d, c) for d in (2, 3, 4, 5, 6) for c in (0, 16)] + [(4, 8), (4, 12)]
+    for d, c in shapes:
+        cost.observe(d + c, a + bd * d + bp * c)
+        cost.observe_shape(d, c, a + bd * d + bp * c)
+    cost.observe_shape(4, 16, 2.0)  # foreign load
+    fa, fbd, fbp = cost.split
+    assert (fa, fbd, fbp) == pytest.approx((a, bd, bp), rel=1e-6)
+    assert cost.prompt_tokens(4, 1.5) == int(0.5 * (a + bd * 4) / bp)  # 44, where the one line allows fewer
+    assert cost.objective_tokens(4, 2.0) == pytest.approx((2.0 * (a + bd) - a - bd * 4) / bp, abs=1)
+
+
+def test_the_split_fit_waits_for_enough_pairs_of_each_kind():
+    cost = StepCost()
+    for d, c in ((4, 16), (4, 0), (4, 16), (4, 0)):  # prompt pairs only: the decodes' price is unknown
+        cost.observe(d + c, 0.15 + 0.007 * d + 0.002 * c)
+        cost.observe_shape(d, c, 0.15 + 0.007 * d + 0.002 * c)
+    assert cost.split is None and cost.prompt_tokens(4, 1.5) == int(0.5 * cost.decode_step(4) / cost.fit[1])
+
+
 def test_the_unloaded_step_is_the_lone_decodes_median_else_the_line_at_one_token():
     cost = StepCost()
     assert cost.unloaded_step() is None
