@@ -314,7 +314,7 @@ class Engine:
             self._between_steps()
             with self._lock:
                 busy = self.sched.has_unfinished()
-                plan = self.sched.schedule(self._prompt_budget) if busy else None
+                plan = self.sched.schedule(self._step_budget) if busy else None
                 if plan is not None:
                     for sid in plan.finished:  # deadlines that passed
                         self._finish(sid, "deadline")
@@ -325,6 +325,14 @@ class Engine:
                 self._wake.clear()
                 continue
             self._run(plan)
+
+    def _step_budget(self, decodes: int) -> int:
+        """The scheduler's prompt budget for the next step: now and then, until the step cost prices a prompt
+        token apart from a decode, a probe that carries none (StepCost.probe); else _prompt_budget.
+        Early rejection's replay of the backlog asks _prompt_budget itself: a probe is not its steady state."""
+        c = self.config
+        bounded = c.max_stall is not None or c.itl_target is not None or c.tpot_target is not None
+        return 0 if bounded and self.cost.probe() else self._prompt_budget(decodes)
 
     def _prompt_budget(self, decodes: int) -> int:
         """Prompt tokens a step with `decodes` running decodes may carry (Scheduler.schedule): the smaller of

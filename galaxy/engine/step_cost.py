@@ -25,8 +25,10 @@ decode added ~7 ms to a step and a prompt token 2-3 ms; one line through steps w
 by their decodes takes the decode's cost for a prompt token's and allows a third of the chunk the
 bound means. Once the steps allow it the engine therefore also fits `seconds = a + bd * decodes +
 bp * prompt_tokens` (`observe_shape`): `bp` the median slope between steps with the same decodes and
-different prompt tokens, `bd` between steps with the same prompt tokens and different decodes, `a`
-the median residual; every bound then uses it (`split`), and the one line until then.
+different prompt tokens, `bd` between steps with the same prompt tokens and different decodes (0 while
+the decodes hardly vary), `a` the median residual; every bound then uses it (`split`), and the one
+line until then. While prompts always wait, every step carries the same chunk, so until the split is
+fitted every fourth step beside streams is a probe that carries no prompt tokens (`probe`).
 
 The fit is Theil-Sen (the median of the slopes between samples of different sizes, the intercept the
 median residual) over the last `window` steps: the devices share their cores with other work, and
@@ -40,7 +42,8 @@ import itertools
 import statistics
 from collections import deque
 
-MIN_PAIRS = 8  # pairs of steps, of each kind, before the split fit is trusted over the one line
+MIN_PAIRS = 8  # pairs of steps differing in prompt tokens only before the split fit is trusted over the one line
+PROBE_EVERY = 4  # until then, every 4th step beside streams is decode-only (probe)
 
 
 class StepCost:
@@ -51,7 +54,8 @@ class StepCost:
         self.fit: tuple[float, float] | None = None  # (a, b) once steps of two sizes were seen
         self.lone: deque[float] = deque(maxlen=window)  # steps of one decode and nothing else: the unloaded TPOT
         self.shapes: deque[tuple[int, int, float]] = deque(maxlen=window)  # (decodes, prompt tokens, seconds)
-        self.split: tuple[float, float, float] | None = None  # (a, bd, bp) once MIN_PAIRS of each kind were seen
+        self.split: tuple[float, float, float] | None = None  # (a, bd, bp) once MIN_PAIRS of prompt pairs were seen
+        self._beside = 0  # steps beside streams observed: every PROBE_EVERY-th is a probe until the split is fitted
 
     def observe(self, tokens: int, seconds: float) -> None:
         self.samples.append((tokens, seconds))
@@ -72,12 +76,21 @@ class StepCost:
                 per_prompt.append((s2 - s1) / (c2 - c1))
             elif c1 == c2 and d1 != d2:
                 per_decode.append((s2 - s1) / (d2 - d1))
-        if len(per_prompt) < MIN_PAIRS or len(per_decode) < MIN_PAIRS:
-            return  # too few to separate the two costs: the one line (keep any split fitted before)
+        self._beside += 1
+        if len(per_prompt) < MIN_PAIRS:
+            return  # too few to price a prompt token apart: the one line (keep any split fitted before)
         bp = max(statistics.median(per_prompt), 1e-9)
-        bd = max(statistics.median(per_decode), 0.0)
+        # decodes that hardly varied: their price does not matter (a is then the prevailing decode step)
+        bd = max(statistics.median(per_decode), 0.0) if len(per_decode) >= MIN_PAIRS else 0.0
         a = max(statistics.median(s - bd * d - bp * c for d, c, s in self.shapes), 0.0)
         self.split = (a, bd, bp)
+
+    def probe(self) -> bool:
+        """Whether the next step beside streams should carry no prompt tokens: while prompts always wait, every
+        step carries the same chunk and a prompt token's price cannot be told from a decode's; a decode-only
+        step now and then (every PROBE_EVERY-th, until the split is fitted) gives pairs that differ in prompt
+        tokens only. It stalls nobody: it is the streams' quickest step."""
+        return self.split is None and self._beside % PROBE_EVERY == PROBE_EVERY - 1
 
     def decode_step(self, decodes: int) -> float | None:
         """A step of `decodes` decodes and nothing else, on the fit (split, else the line); None before."""

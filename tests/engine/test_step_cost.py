@@ -75,6 +75,22 @@ def test_the_split_fit_waits_for_enough_pairs_of_each_kind():
     assert cost.split is None and cost.prompt_tokens(4, 1.5) == int(0.5 * cost.decode_step(4) / cost.fit[1])
 
 
+def test_while_every_step_carries_the_same_chunk_every_fourth_is_a_decode_only_probe_until_the_split_fits():
+    cost = StepCost()
+    engine = SimpleNamespace(config=EngineConfig(min_chunk=16), cost=cost)
+    engine._prompt_budget = lambda d: Engine._prompt_budget(engine, d)
+    budgets = []
+    for _ in range(40):  # four decodes beside a prompt that always waits
+        n = Engine._step_budget(engine, 4)
+        budgets.append(n)
+        cost.observe(4 + n, 0.15 + 0.007 * 4 + 0.002 * n)
+        cost.observe_shape(4, n, 0.15 + 0.007 * 4 + 0.002 * n)
+    assert budgets[:4] == [16, 16, 16, 0] and cost.split == pytest.approx((0.178, 0.0, 0.002))
+    assert 0 not in budgets[-8:] and budgets[-1] == int(0.5 * 0.178 / 0.002)  # the chunk the bound means: 44
+    assert Engine._step_budget(SimpleNamespace(config=EngineConfig(max_stall=None), cost=cost,
+                                               _prompt_budget=lambda d: 256), 4) == 256  # no bound: no probe
+
+
 def test_the_unloaded_step_is_the_lone_decodes_median_else_the_line_at_one_token():
     cost = StepCost()
     assert cost.unloaded_step() is None
