@@ -33,7 +33,7 @@ import random
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..engine.engine import Engine, EngineConfig
 from ..engine.generation import GenerationConfig
@@ -277,12 +277,49 @@ class ServeBench:
 
 
 def scheduler_config(name: str, engine: EngineConfig) -> EngineConfig:
-    """The engine a scheduler name stands for: fifo admits one request at a time, prefill whole."""
-    if name == "batch":
-        return engine
-    if name == "fifo":
-        return replace(engine, max_running=1, chunk_size=None)
-    raise GalaxyError(f"scheduler {name!r} is not one of {SCHEDULERS}")
+    """The engine a scheduler name stands for: fifo admits one request at a time, prefill whole.
+    `batch:FIELD=VALUE:...` is batch with EngineConfig fields changed (e.g. `batch:max_stall=2:min_chunk=8`,
+    `none` for None), so settings are compared side by side in one run on the same requests."""
+    base, *changes = name.split(":")
+    if base == "batch":
+        ec = engine
+    elif base == "fifo":
+        ec = replace(engine, max_running=1, chunk_size=None)
+    else:
+        raise GalaxyError(f"scheduler {name!r} is not one of {SCHEDULERS} (optionally with :FIELD=VALUE changes)")
+    names = {f.name for f in fields(EngineConfig)}
+    for change in changes:
+        key, eq, text = change.partition("=")
+        if not eq or key not in names:
+            raise GalaxyError(f"scheduler {name!r}: {change!r} is not FIELD=VALUE with FIELD one of {sorted(names)}")
+        ec = replace(ec, **{key: _value(text)})
+    return ec
+
+
+def _value(text: str):
+    if text.lower() in ("none", "true", "false"):
+        return {"none": None, "true": True, "false": False}[text.lower()]
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise GalaxyError(f"{text!r} is not a number, none, true or false") from None
+
+
+def step_shapes(log) -> dict:
+    """What the engine's steps carried and took (Engine.step_log): steps beside running streams with
+    prompt tokens (mixed), with none (decode-only), and with no stream (prompt-only)."""
+    out = {}
+    for kind, keep in (("mixed", lambda d, p: d and p), ("decode_only", lambda d, p: d and not p),
+                       ("prompt_only", lambda d, p: not d)):
+        steps = [(d, p, s) for d, p, s in log if keep(d, p)]
+        if steps:
+            out[kind] = {"steps": len(steps), "decodes_p50": statistics.median(d for d, _, _ in steps),
+                         "prompt_tokens_p50": statistics.median(p for _, p, _ in steps),
+                         "seconds": _stats([s for _, _, s in steps])}
+    return out
 
 
 def run_serve_bench(executor: Executor, model, tokenizer, sb: ServeBench, progress=lambda msg: None,
@@ -332,11 +369,13 @@ def run_serve_bench(executor: Executor, model, tokenizer, sb: ServeBench, progre
                                                   background_out=long_out)
                 load = engine.load
                 preemptions, hit_rate = load["preemptions"], load["prefix_hit_rate"]
+                shapes = step_shapes(getattr(engine, "step_log", ()))
             finally:
                 engine.close()
             row = summarise(outcomes, duration, slo_ttft, slo_tpot)
             row.update(scheduler=name, rate=point.rate, concurrency=point.concurrency, preemptions=preemptions,
-                       prefix_hit_rate=hit_rate, outputs=[None if o.rejected else o.tokens for o in outcomes],
+                       prefix_hit_rate=hit_rate, steps=shapes,
+                       outputs=[None if o.rejected else o.tokens for o in outcomes],
                        itl_p99_x_unloaded_tpot=None if row["itl_s"]["p99"] is None else row["itl_s"]["p99"] / base_tpot)
             if longs:
                 done = [o for o in long_out if not o.error and o.token_times]
@@ -430,6 +469,13 @@ def table(report: dict) -> str:
                          + f", TTFT met by {share} of the admitted"
                          + ("" if not m else f"; their TTFT measured / predicted at admission: median "
                             f"{m['median']:.2f}, p90 {m['p90']:.2f}"))
+    for r in report["runs"]:
+        shapes = r.get("steps") or {}
+        if shapes:
+            lines.append(f"{r['scheduler']} steps: " + "; ".join(
+                f"{k.replace('_', '-')} {v['steps']} (decodes {v['decodes_p50']:g}, prompt tokens "
+                f"{v['prompt_tokens_p50']:g}, {_ms(v['seconds']['median'])}/{_ms(v['seconds']['p99'])} ms p50/p99)"
+                for k, v in shapes.items()))
     mismatch = [r["scheduler"] for r in report["runs"] if r.get("outputs_match") is False]
     lines.append("outputs identical across schedulers: " + ("yes" if not mismatch else f"NO ({mismatch})"))
     return "\n".join(lines)

@@ -97,6 +97,12 @@ def add_engine_args(p) -> None:
                    f"decode-only step, its chunk derived from the measured step cost (default "
                    f"{EngineConfig.max_stall}; "
                    "0: no bound but --max-batched-tokens)")
+    e.add_argument("--itl-target", type=float, default=EngineConfig.itl_target,
+                   help="an objective instead: such a step takes at most this many times the unloaded TPOT (the "
+                   "one-stream decode step the engine measures), e.g. 1.6; with --max-stall too, the smaller chunk "
+                   "(default: off)")
+    e.add_argument("--min-chunk", type=int_at_least(1), default=EngineConfig.min_chunk,
+                   help=f"prompt tokens a step beside streams may always carry (default {EngineConfig.min_chunk})")
     e.add_argument("--kv-blocks", type=int_at_least(1), help="KV blocks in each device's pool (default: as many as "
                    "the smallest device's memory budget holds, sized when the model is loaded; give a count when "
                    "another session's shards or pool share the workers)")
@@ -104,7 +110,8 @@ def add_engine_args(p) -> None:
 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(max_batched_tokens=args.max_batched_tokens, chunk_size=args.chunk_size,
-                        max_stall=args.max_stall or None, slo_ttft=getattr(args, "admission_slo_ttft", None),
+                        max_stall=args.max_stall or None, itl_target=args.itl_target, min_chunk=args.min_chunk,
+                        slo_ttft=getattr(args, "admission_slo_ttft", None),
                         kv_blocks=args.kv_blocks)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
@@ -68,6 +69,13 @@ class EngineConfig:
     # None: only max_batched_tokens bounds it. min_chunk: prompt tokens such a step may always carry.
     max_stall: float | None = 1.5
     min_chunk: int = 16
+    # an objective instead (or as well; the smaller bound wins): such a step takes at most itl_target x the
+    # unloaded TPOT (the one-stream decode step the engine measured; step_cost.py), whatever the streams' number
+    itl_target: float | None = None
+    # a mean objective instead of a per-gap one: every running stream's TPOT stays within tpot_target x the unloaded
+    # TPOT, so a step may take what the streams' slack allows -- a burst of prompt tokens (HMP-sized, cheaper a token
+    # than a small chunk) after a run of quick decode steps; with max_stall / itl_target too, the larger chunk
+    tpot_target: float | None = None
     # early rejection (admission.py): refuse a request whose TTFT is predicted above slo_ttft x slo_headroom
     # seconds with Overloaded, at once; None: admit every request the queue bound allows (as before)
     slo_ttft: float | None = None
@@ -80,6 +88,13 @@ class EngineConfig:
         if self.max_stall is not None and not (isinstance(self.max_stall, (int, float)) and self.max_stall > 1.0):
             raise SchedulerConfigError(f"engine config: max_stall={self.max_stall!r} must be a number > 1 (a step "
                                        "with prompt chunks takes longer than one without) or None")
+        if self.itl_target is not None and not (isinstance(self.itl_target, (int, float)) and self.itl_target > 1.0):
+            raise SchedulerConfigError(f"engine config: itl_target={self.itl_target!r} must be a number > 1 (x the "
+                                       "unloaded TPOT: a lone stream's decode step already takes 1x) or None")
+        if self.tpot_target is not None and not (isinstance(self.tpot_target, (int, float))
+                                                 and self.tpot_target > 1.0):
+            raise SchedulerConfigError(f"engine config: tpot_target={self.tpot_target!r} must be a number > 1 (x the "
+                                       "unloaded TPOT) or None")
         if not (isinstance(self.min_chunk, int) and self.min_chunk >= 1):
             raise SchedulerConfigError(f"engine config: min_chunk={self.min_chunk!r} must be an integer >= 1 "
                                        "(a step's token budget still bounds it)")
@@ -196,6 +211,8 @@ class Engine:
         self.pool = self._pool()
         self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))
         self.cost = StepCost()  # seconds against tokens of the steps run: the stall bound's prompt budget
+        # (decodes, prompt tokens, seconds) of the recent steps: what the bench reports of the steps' shapes
+        self.step_log: deque[tuple[int, int, float]] = deque(maxlen=4096)
         self.admission = (None if config.slo_ttft is None else
                           Admission(AdmissionConfig(config.slo_ttft, config.slo_headroom)))
         self.streams: dict[int, GenerationStream] = {}
@@ -297,7 +314,7 @@ class Engine:
             self._between_steps()
             with self._lock:
                 busy = self.sched.has_unfinished()
-                plan = self.sched.schedule(self._prompt_budget) if busy else None
+                plan = self.sched.schedule(self._step_budget) if busy else None
                 if plan is not None:
                     for sid in plan.finished:  # deadlines that passed
                         self._finish(sid, "deadline")
@@ -309,13 +326,44 @@ class Engine:
                 continue
             self._run(plan)
 
-    def _prompt_budget(self, decodes: int) -> int:
-        """Prompt tokens a step with `decodes` running decodes may carry (Scheduler.schedule)."""
+    def _step_budget(self, decodes: int) -> int:
+        """The scheduler's prompt budget for the next step: now and then, until the step cost prices a prompt
+        token apart from a decode, a probe that carries none (StepCost.probe); else _prompt_budget.
+        Early rejection's replay of the backlog asks _prompt_budget itself: a probe is not its steady state."""
         c = self.config
-        if c.max_stall is None:
+        bounded = c.max_stall is not None or c.itl_target is not None or c.tpot_target is not None
+        return 0 if bounded and self.cost.probe() else self._prompt_budget(decodes)
+
+    def _prompt_budget(self, decodes: int) -> int:
+        """Prompt tokens a step with `decodes` running decodes may carry (Scheduler.schedule): the smaller of
+        the per-gap bounds (max_stall, itl_target), or more where the streams' TPOT slack allows (tpot_target),
+        at least min_chunk."""
+        c = self.config
+        if c.max_stall is None and c.itl_target is None and c.tpot_target is None:
             return c.max_batched_tokens
-        n = self.cost.prompt_tokens(decodes, c.max_stall)  # None until steps of two sizes ran beside streams:
+        per_gap = [n for n in (None if c.max_stall is None else self.cost.prompt_tokens(decodes, c.max_stall),
+                               None if c.itl_target is None else self.cost.objective_tokens(decodes, c.itl_target))
+                   if n is not None]  # none until steps of two sizes ran beside streams
+        n = min(per_gap, default=None)
+        if c.tpot_target is not None:
+            m = self.cost.slack_tokens(decodes, self._step_slack(c.tpot_target))
+            n = m if n is None else n if m is None else max(n, m)
         return max(c.min_chunk, n or 0)  # min_chunk meanwhile, whose step is the second size the fit needs
+
+    def _step_slack(self, tpot_target: float) -> float | None:
+        """The longest next step that keeps every running stream's TPOT (first token to the token this step
+        gives it) within tpot_target x the unloaded TPOT: min over streams of target x tokens - time since the
+        first. None before the unloaded TPOT is known or while no stream has a token."""
+        t1 = self.cost.unloaded_step()
+        if t1 is None:
+            return None
+        now, tau, slack = time.perf_counter(), tpot_target * t1, None
+        for stream in self.streams.values():
+            times = stream.generation.token_times
+            if times:
+                s = tau * len(times) - (now - stream.submitted - times[0])
+                slack = s if slack is None else min(slack, s)
+        return slack
 
     def _between_steps(self) -> None:
         """Called by the loop before each schedule, while no step runs on the devices and the lock is
@@ -342,8 +390,13 @@ class Engine:
                 self.sched.update(plan, {})
             return
         self.steps += 1
-        if any(len(it.token_ids) == 1 for it in plan.items):  # the cost of steps beside running streams
+        decodes = sum(1 for it in plan.items if len(it.token_ids) == 1)
+        self.step_log.append((decodes, plan.num_tokens - decodes, res.seconds))
+        if decodes:  # the cost of steps beside running streams
             self.cost.observe(plan.num_tokens, res.seconds)
+            self.cost.observe_shape(decodes, plan.num_tokens - decodes, res.seconds)
+        if decodes == 1 == plan.num_tokens:  # one stream alone: its unloaded TPOT
+            self.cost.observe_lone(res.seconds)
         if self.admission is not None:  # every step: the TTFT prediction's step cost
             self.admission.observe(plan.num_tokens, res.seconds)
         collective, kv_bytes = collective_of(res.devices), [d.kv_cache_bytes for d in res.devices]

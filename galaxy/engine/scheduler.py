@@ -277,8 +277,8 @@ class Scheduler:
                 items.append(self._item(seq, 1))
                 budget -= 1
 
-        if prompt_budget is not None and items:
-            budget = min(budget, max(1, prompt_budget(len(items))))
+        if prompt_budget is not None and items:  # 0: a decode-only step (the engine's probe of its step cost)
+            budget = min(budget, max(0, prompt_budget(len(items))))
         scheduled = {it.seq_id for it in items}
         for seq in self.running:  # 2. chunks of admitted prompts (their blocks are reserved)
             if budget == 0:

@@ -11,6 +11,25 @@ in a step that also decodes is therefore derived, not set: the largest chunk `c`
 `max_stall` times slower while prompts are prefilled beside it. A step with no running decode
 stalls nobody and keeps the whole token budget (a lone request's TTFT is unchanged).
 
+A bound relative to the decode step of the streams now running lets the step grow with them: beside
+four streams it is 1.5x a step that is itself longer than one stream's, so the inter-token time is
+~1.8x the unloaded TPOT at the median, and its P99 above 2x. An objective in the field's terms
+(Sarathi-Serve derives the token budget from the TBT objective) is therefore offered too: with
+`itl_target`, a step beside streams takes at most `itl_target` times the *unloaded* TPOT -- the
+one-stream decode step, measured from the engine's own lone decodes when it ran any, else the line at
+one token -- whatever number of streams it carries: `a + b * (decodes + c) <= itl_target * t1`.
+
+A decode and a prompt token do not cost the same: a decode is a sequence of its own (its own K/V
+gather and attention, its own logit row), a prompt chunk's tokens share one. On the emulated trio a
+decode added ~7 ms to a step and a prompt token 2-3 ms; one line through steps whose sizes vary mostly
+by their decodes takes the decode's cost for a prompt token's and allows a third of the chunk the
+bound means. Once the steps allow it the engine therefore also fits `seconds = a + bd * decodes +
+bp * prompt_tokens` (`observe_shape`): `bp` the median slope between steps with the same decodes and
+different prompt tokens, `bd` between steps with the same prompt tokens and different decodes (0 while
+the decodes hardly vary), `a` the median residual; every bound then uses it (`split`), and the one
+line until then. While prompts always wait, every step carries the same chunk, so until the split is
+fitted every fourth step beside streams is a probe that carries no prompt tokens (`probe`).
+
 The fit is Theil-Sen (the median of the slopes between samples of different sizes, the intercept the
 median residual) over the last `window` steps: the devices share their cores with other work, and
 one slow step (a first step, a burst of foreign load) must not move the budget as it would move a
@@ -23,6 +42,9 @@ import itertools
 import statistics
 from collections import deque
 
+MIN_PAIRS = 8  # pairs of steps differing in prompt tokens only before the split fit is trusted over the one line
+PROBE_EVERY = 4  # until then, every 4th step beside streams is decode-only (probe)
+
 
 class StepCost:
     """The line `seconds = a + b * tokens` through the engine's recent steps."""
@@ -30,6 +52,10 @@ class StepCost:
     def __init__(self, window: int = 48):
         self.samples: deque[tuple[int, float]] = deque(maxlen=window)
         self.fit: tuple[float, float] | None = None  # (a, b) once steps of two sizes were seen
+        self.lone: deque[float] = deque(maxlen=window)  # steps of one decode and nothing else: the unloaded TPOT
+        self.shapes: deque[tuple[int, int, float]] = deque(maxlen=window)  # (decodes, prompt tokens, seconds)
+        self.split: tuple[float, float, float] | None = None  # (a, bd, bp) once MIN_PAIRS of prompt pairs were seen
+        self._beside = 0  # steps beside streams observed: every PROBE_EVERY-th is a probe until the split is fitted
 
     def observe(self, tokens: int, seconds: float) -> None:
         self.samples.append((tokens, seconds))
@@ -40,10 +66,73 @@ class StepCost:
         a = max(statistics.median(s - b * n for n, s in self.samples), 0.0)
         self.fit = (a, b)
 
+    def observe_shape(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
+        """A step beside running streams, by what it carried: feeds the split fit (decodes apart from prompt
+        tokens)."""
+        self.shapes.append((decodes, prompt_tokens, seconds))
+        per_prompt, per_decode = [], []
+        for (d1, c1, s1), (d2, c2, s2) in itertools.combinations(self.shapes, 2):
+            if d1 == d2 and c1 != c2:
+                per_prompt.append((s2 - s1) / (c2 - c1))
+            elif c1 == c2 and d1 != d2:
+                per_decode.append((s2 - s1) / (d2 - d1))
+        self._beside += 1
+        if len(per_prompt) < MIN_PAIRS:
+            return  # too few to price a prompt token apart: the one line (keep any split fitted before)
+        bp = max(statistics.median(per_prompt), 1e-9)
+        # decodes that hardly varied: their price does not matter (a is then the prevailing decode step)
+        bd = max(statistics.median(per_decode), 0.0) if len(per_decode) >= MIN_PAIRS else 0.0
+        a = max(statistics.median(s - bd * d - bp * c for d, c, s in self.shapes), 0.0)
+        self.split = (a, bd, bp)
+
+    def probe(self) -> bool:
+        """Whether the next step beside streams should carry no prompt tokens: while prompts always wait, every
+        step carries the same chunk and a prompt token's price cannot be told from a decode's; a decode-only
+        step now and then (every PROBE_EVERY-th, until the split is fitted) gives pairs that differ in prompt
+        tokens only. It stalls nobody: it is the streams' quickest step."""
+        return self.split is None and self._beside % PROBE_EVERY == PROBE_EVERY - 1
+
+    def decode_step(self, decodes: int) -> float | None:
+        """A step of `decodes` decodes and nothing else, on the fit (split, else the line); None before."""
+        if self.split is not None:
+            a, bd, _ = self.split
+            return a + bd * decodes
+        return None if self.fit is None else self.fit[0] + self.fit[1] * decodes
+
+    def _per_prompt_token(self) -> float:
+        return self.split[2] if self.split is not None else self.fit[1]
+
     def prompt_tokens(self, decodes: int, max_stall: float) -> int | None:
-        """Most prompt tokens a step with `decodes` running decodes may carry so that it takes at
-        most `max_stall` times the decode-only step; None before the fit."""
-        if self.fit is None:
+        """Most prompt tokens a step with `decodes` running decodes may carry so that it takes at most
+        `max_stall` times the decode-only step; None before the fit."""
+        if self.fit is None and self.split is None:
             return None
-        a, b = self.fit
-        return int((max_stall - 1.0) * (a + b * decodes) / b)
+        return int((max_stall - 1.0) * self.decode_step(decodes) / self._per_prompt_token())
+
+    def observe_lone(self, seconds: float) -> None:
+        """A step that ran one decode and nothing else: one stream alone, what its unloaded TPOT is."""
+        self.lone.append(seconds)
+
+    def unloaded_step(self) -> float | None:
+        """The one-stream decode step: the median of the lone decodes seen, else the fit at one decode;
+        None before either."""
+        if self.lone:
+            return statistics.median(self.lone)
+        return self.decode_step(1)
+
+    def objective_tokens(self, decodes: int, itl_target: float) -> int | None:
+        """Most prompt tokens a step with `decodes` running decodes may carry so that it takes at most
+        `itl_target` times the unloaded TPOT (may be <= 0: the decodes alone reach it); None before the fit."""
+        t1 = self.unloaded_step()
+        if t1 is None or self.decode_step(decodes) is None:
+            return None
+        return self.slack_tokens(decodes, itl_target * t1)
+
+    def slack_tokens(self, decodes: int, seconds: float | None) -> int | None:
+        """Most prompt tokens a step with `decodes` decodes may carry to take at most `seconds` (the streams'
+        TPOT slack); None before the fit or without a slack. Past the tensor-parallel sizes a step runs HMP,
+        cheaper a token than this fit (of steps beside streams, mostly small): the chunk errs short."""
+        step = self.decode_step(decodes)
+        if step is None or seconds is None:
+            return None
+        return int((seconds - step) / self._per_prompt_token())

@@ -176,28 +176,47 @@ class FixedCost(StepCost):
     def observe(self, tokens: int, seconds: float) -> None:
         pass
 
+    def observe_shape(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
+        pass
 
-def test_a_long_prompt_beside_a_stream_runs_in_chunks_the_stall_bound_allows_and_changes_no_token(engines):
-    """A step carrying prompt tokens beside a running stream takes at most max_stall x its decode-only
-    step on the learnt cost line (here a = 0.2 s, b = 0.01 s/token: 1 decode + 10 prompt tokens at
-    max_stall 1.5); a step with no stream decoding takes the whole budget; tokens are unchanged."""
+
+def _long_prompt_beside_a_stream(engines, config: EngineConfig, n_stream: int):
+    """A 6-token prompt streams n_stream tokens; once it decodes, a 57-token prompt arrives. The engine's
+    cost line is fixed (a = 0.2 s, b = 0.01 s/token). Returns the two generations and their reference tokens."""
     src = RandomWeights(preset("tiny-llama"), seed=3, std=0.3)
     cfg = src.config
     gen = torch.Generator().manual_seed(5)
     short = torch.randint(0, cfg.vocab_size, (6,), generator=gen).tolist()
     long = torch.randint(0, cfg.vocab_size, (57,), generator=gen).tolist()
-    want = [reference_generate(src, p, n, stop_at_eos=False) for p, n in ((short, 40), (long, 4))]
-    _, engine = engines(src, even_partition(cfg, 2), EngineConfig(max_batched_tokens=64, max_stall=1.5, min_chunk=4))
+    want = [reference_generate(src, p, n, stop_at_eos=False) for p, n in ((short, n_stream), (long, 4))]
+    _, engine = engines(src, even_partition(cfg, 2), config)
     engine.cost = FixedCost(0.2, 0.01)
-    stream = engine.submit(short, GenerationConfig(40, stop_at_eos=False))
+    stream = engine.submit(short, GenerationConfig(n_stream, stop_at_eos=False))
     events = iter(stream)  # kept: an iteration broken off would cancel the request
     next(events)  # the stream decodes before the long prompt arrives
     late = engine.generate(long, GenerationConfig(4, stop_at_eos=False))
-    first = stream.result()
+    assert sum(s.tokens for s in late.steps if s.phase == "prefill") == len(long)
+    return stream.result(), late, want
+
+
+def test_a_long_prompt_beside_a_stream_runs_in_chunks_the_stall_bound_allows_and_changes_no_token(engines):
+    """A step carrying prompt tokens beside a running stream takes at most max_stall x its decode-only
+    step on the learnt cost line (here a = 0.2 s, b = 0.01 s/token: 1 decode + 10 prompt tokens at
+    max_stall 1.5); a step with no stream decoding takes the whole budget; tokens are unchanged."""
+    first, late, want = _long_prompt_beside_a_stream(
+        engines, EngineConfig(max_batched_tokens=64, max_stall=1.5, min_chunk=4), 40)
     assert [first.tokens, late.tokens] == want
     beside = [s.tokens for s in late.steps if s.phase == "prefill" and s.batch_tokens > s.tokens]
     assert beside and all(n <= 10 for n in beside)
-    assert sum(s.tokens for s in late.steps if s.phase == "prefill") == len(long)
+
+
+@pytest.mark.parametrize("objective", [{"itl_target": 1.5, "min_chunk": 2},
+                                       {"max_stall": None, "tpot_target": 3.0, "min_chunk": 2}])
+def test_a_long_prompt_under_an_objective_bound_runs_in_the_chunks_it_allows_and_changes_no_token(engines, objective):
+    """The objective bounds (itl_target: every gap; tpot_target: the streams' mean, bursts from their slack)
+    only choose how many prompt tokens ride beside the stream; every token is the one it gets alone."""
+    first, late, want = _long_prompt_beside_a_stream(engines, EngineConfig(max_batched_tokens=64, **objective), 30)
+    assert [first.tokens, late.tokens] == want
 
 
 def test_greedy_and_seeded_requests_sampled_in_one_step_each_get_what_they_get_alone(engines):

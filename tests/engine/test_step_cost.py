@@ -3,9 +3,12 @@ running decodes (stall-free prefill, galaxy/engine/step_cost.py)."""
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import pytest
 
-from galaxy.engine.engine import EngineConfig
+from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.scheduler import SchedulerConfigError
 from galaxy.engine.step_cost import StepCost
 
@@ -47,10 +50,124 @@ def test_a_window_forgets_old_steps():
     assert cost.fit == pytest.approx((0.1, 0.01))
 
 
+def test_decodes_and_prompt_tokens_are_priced_apart_once_steps_allow_and_the_chunk_uses_the_prompt_price():
+    """Steps whose sizes vary mostly by their decodes make one line take a decode's cost (7 ms here) for a
+    prompt token's (2 ms): the chunk would be a third of what the bound means. With pairs of steps that
+    differ in one kind only, both are fitted, through one slow step."""
+    cost = StepCost()
+    a, bd, bp = 0.15, 0.007, 0.002
+    shapes = [(d, c) for d in (2, 3, 4, 5, 6) for c in (0, 16)] + [(4, 8), (4, 12)]
+    for d, c in shapes:
+        cost.observe(d + c, a + bd * d + bp * c)
+        cost.observe_shape(d, c, a + bd * d + bp * c)
+    cost.observe_shape(4, 16, 2.0)  # foreign load
+    fa, fbd, fbp = cost.split
+    assert (fa, fbd, fbp) == pytest.approx((a, bd, bp), rel=1e-6)
+    assert cost.prompt_tokens(4, 1.5) == int(0.5 * (a + bd * 4) / bp)  # 44, where the one line allows fewer
+    assert cost.objective_tokens(4, 2.0) == pytest.approx((2.0 * (a + bd) - a - bd * 4) / bp, abs=1)
+
+
+def test_the_split_fit_waits_for_enough_pairs_of_each_kind():
+    cost = StepCost()
+    for d, c in ((4, 16), (4, 0), (4, 16), (4, 0)):  # prompt pairs only: the decodes' price is unknown
+        cost.observe(d + c, 0.15 + 0.007 * d + 0.002 * c)
+        cost.observe_shape(d, c, 0.15 + 0.007 * d + 0.002 * c)
+    assert cost.split is None and cost.prompt_tokens(4, 1.5) == int(0.5 * cost.decode_step(4) / cost.fit[1])
+
+
+def test_while_every_step_carries_the_same_chunk_every_fourth_is_a_decode_only_probe_until_the_split_fits():
+    cost = StepCost()
+    engine = SimpleNamespace(config=EngineConfig(min_chunk=16), cost=cost)
+    engine._prompt_budget = lambda d: Engine._prompt_budget(engine, d)
+    budgets = []
+    for _ in range(40):  # four decodes beside a prompt that always waits
+        n = Engine._step_budget(engine, 4)
+        budgets.append(n)
+        cost.observe(4 + n, 0.15 + 0.007 * 4 + 0.002 * n)
+        cost.observe_shape(4, n, 0.15 + 0.007 * 4 + 0.002 * n)
+    assert budgets[:4] == [16, 16, 16, 0] and cost.split == pytest.approx((0.178, 0.0, 0.002))
+    assert 0 not in budgets[-8:] and budgets[-1] == int(0.5 * 0.178 / 0.002)  # the chunk the bound means: 44
+    assert Engine._step_budget(SimpleNamespace(config=EngineConfig(max_stall=None), cost=cost,
+                                               _prompt_budget=lambda d: 256), 4) == 256  # no bound: no probe
+
+
+def test_the_unloaded_step_is_the_lone_decodes_median_else_the_line_at_one_token():
+    cost = StepCost()
+    assert cost.unloaded_step() is None
+    for n in (4, 20, 4, 20):
+        cost.observe(n, 0.1 + 0.005 * n)
+    assert cost.unloaded_step() == pytest.approx(0.105)  # no stream ran alone yet: the line at one token
+    for s in (0.09, 0.5, 0.08):  # one slow lone step (foreign load) does not move the median
+        cost.observe_lone(s)
+    assert cost.unloaded_step() == pytest.approx(0.09)
+
+
+def test_the_objective_chunk_keeps_a_mixed_step_within_itl_target_of_the_unloaded_step_whatever_the_streams():
+    """Unlike max_stall, whose allowance grows with the decode step of the streams running, the
+    objective is one time for every batch: more streams leave fewer prompt tokens."""
+    cost = StepCost()
+    a, b = 0.1, 0.005
+    for n in (1, 30, 5, 60):
+        cost.observe(n, a + b * n)
+    target = 1.6 * (a + b)
+    chunks = [cost.objective_tokens(d, 1.6) for d in (1, 4, 8)]
+    for d, c in zip((1, 4, 8), chunks):
+        assert a + b * (d + c) <= target + 1e-12 < a + b * (d + c + 1)
+    assert chunks[0] > chunks[1] > chunks[2]
+    assert cost.objective_tokens(40, 1.6) < 0  # the decodes alone take longer than the objective
+
+
+def test_the_engine_takes_the_smaller_bound_and_never_less_than_min_chunk():
+    cost = StepCost()
+    a, b = 0.1, 0.005
+    for n in (1, 30, 5, 60):
+        cost.observe(n, a + b * n)
+    budget = lambda **kw: Engine._prompt_budget(SimpleNamespace(config=EngineConfig(**kw), cost=cost), 4)  # noqa: E731
+    stall, objective = cost.prompt_tokens(4, 1.5), cost.objective_tokens(4, 1.6)
+    assert budget(max_stall=1.5, min_chunk=1) == stall
+    assert budget(max_stall=None, itl_target=1.6, min_chunk=1) == objective
+    assert budget(max_stall=1.5, itl_target=1.6, min_chunk=1) == min(stall, objective)
+    assert budget(max_stall=1.5, itl_target=1.6, min_chunk=64) == 64
+    assert budget(max_stall=None, itl_target=None) == EngineConfig().max_batched_tokens
+
+
+def _engine_with_streams(cost, config, first_token_ago_and_tokens):
+    """An engine's budget state: the cost line and streams that got `tokens` tokens, the first `ago` s ago."""
+    now = time.perf_counter()
+    streams = {i: SimpleNamespace(submitted=now - ago - 1.0, generation=SimpleNamespace(token_times=[1.0] * n))
+               for i, (ago, n) in enumerate(first_token_ago_and_tokens)}
+    engine = SimpleNamespace(config=config, cost=cost, streams=streams)
+    engine._step_slack = lambda target: Engine._step_slack(engine, target)
+    return engine
+
+
+def test_tpot_slack_lets_a_step_grow_past_the_per_gap_bound_only_when_every_stream_has_slack():
+    """Streams that decoded quickly have TPOT to spare: the next step may carry a burst of prompt tokens.
+    One stream that just got its first token has none beyond one objective's step, and holds it back."""
+    cost = StepCost()
+    a, b = 0.1, 0.005
+    for n in (1, 30, 5, 60):
+        cost.observe(n, a + b * n)
+    cfg = EngineConfig(max_stall=1.5, tpot_target=2.0, min_chunk=1)
+    tau = 2.0 * (a + b)
+    stall = cost.prompt_tokens(4, 1.5)
+    rich = _engine_with_streams(cost, cfg, [(0.5, 20)] * 4)  # 20 tokens in 0.5 s: 3.7 s of slack
+    assert Engine._prompt_budget(rich, 4) == pytest.approx(int((20 * tau - 0.5 - a) / b) - 4, abs=2)
+    fresh = _engine_with_streams(cost, cfg, [(0.5, 20)] * 3 + [(0.0, 1)])  # its first gap: tau at most
+    assert Engine._prompt_budget(fresh, 4) == pytest.approx(max(stall, int((tau - a) / b) - 4), abs=1)
+    late = _engine_with_streams(cost, cfg, [(0.5, 20)] * 3 + [(5.0, 10)])  # already over its objective
+    assert Engine._prompt_budget(late, 4) == stall  # the per-gap bound still holds: prompts progress
+    alone = _engine_with_streams(cost, EngineConfig(max_stall=None, tpot_target=2.0, min_chunk=3),
+                                 [(5.0, 10)])
+    assert Engine._prompt_budget(alone, 1) == 3  # no per-gap bound: min_chunk, never nothing
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"max_stall": 1.0}, "max_stall=1.0 must be a number > 1"),
     ({"max_stall": "2"}, "max_stall='2' must be a number > 1"),
     ({"min_chunk": 0}, "min_chunk=0 must be an integer >= 1"),
+    ({"itl_target": 1.0}, "itl_target=1.0 must be a number > 1"),
+    ({"tpot_target": 0.5}, "tpot_target=0.5 must be a number > 1"),
 ])
 def test_stall_settings_out_of_range_are_refused_by_name(kw, msg):
     with pytest.raises(SchedulerConfigError, match=msg):
