@@ -145,10 +145,10 @@ def weights_format(text: str) -> str:
 
 def add_weights_format_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-format", type=weights_format, metavar="FORMAT",
-                   help="how each device holds its linear weights: fp32 (default, or the --plan's; the exact "
-                   "reference), bf16, fp16, "
-                   "int8, int4, int4-fp32, ... (NAME[-ACT][-gGROUP][:HEAD]), or auto: int4 for a Q4 GGUF such as the "
-                   "embedded SmolLM2, fp32 for float checkpoints; a streamed shard travels in it "
+                   help="how each device holds its linear weights: fp32 (the exact reference), bf16, fp16, int8, "
+                   "int4, int4-fp32, ... (NAME[-ACT][-gGROUP][:HEAD]), or auto: the file's own, int4 for a Q4 GGUF "
+                   "such as the embedded SmolLM2, fp32 for float checkpoints (default: the --plan's, else auto for "
+                   "run without --check and chat, fp32 for the rest); a streamed shard travels in it "
                    "(docs/decode-formats.md)")
 
 
@@ -159,13 +159,15 @@ def add_decode_threads_arg(p) -> None:
                    "at 1 and at all its threads when it loads, and keeps the faster; docs/decode-formats.md)")
 
 
-def add_decode_layout_arg(p: argparse.ArgumentParser, default: str) -> None:
-    """--decode-layout (galaxy.runtime.decode_layout): where a causal LM decodes after every device prefills."""
+def add_decode_layout_arg(p: argparse.ArgumentParser, default: str | None) -> None:
+    """--decode-layout (galaxy.runtime.decode_layout): where a causal LM decodes after every device prefills
+    (`default` None: auto, split with --check; `galaxy run` resolves it)."""
     p.add_argument("--decode-layout", default=default, metavar="auto|split|DEVICE",
                    help="where generation decodes: auto -- the planner's fastest predicted layout (the split over "
                    "every device, fewer, or one device holding the whole model beside its prefill shard), said in "
                    "one line at load; split -- tensor-parallel on the loaded split (the exact path --check pins); "
-                   f"or a device (index, worker name or address) that decodes alone (default {default}; "
+                   "or a device (index, worker name or address) that decodes alone (default "
+                   f"{default or 'auto; split with --check'}; "
                    "docs/decode-formats.md)")
 
 

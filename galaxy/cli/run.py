@@ -79,10 +79,18 @@ def add_parser(sub) -> None:
     add_weights_format_arg(run)
     add_decode_threads_arg(run)
     add_generation_args(run)
-    add_decode_layout_arg(run, "split")
+    add_decode_layout_arg(run, None)
     run.add_argument("--raw", action="store_true", help="with --max-new-tokens on a chat model: send the prompt as "
                      "plain text (default: as a user message, through the model's chat template)")
     run.set_defaults(func=cmd_run)
+
+
+def decode_layout(args, generating: bool) -> str:
+    """--decode-layout, else where the planner predicts decode fastest -- but the split for `--check`, which
+    pins the split's exactness against the single device, and for a run that only prefills."""
+    if not generating:
+        return "split"
+    return args.decode_layout or ("split" if args.check else "auto")
 
 
 def cmd_run(args) -> int:
@@ -121,7 +129,7 @@ def cmd_run(args) -> int:
                              stream_weights=stream_flag(args), wire=wire, backend=args.backend,
                              seq_len=min(reserve, cfg.max_positions), weights_format=weights_format,
                              decode_threads=args.decode_threads,
-                             decode_layout=args.decode_layout if generating else "split")
+                             decode_layout=decode_layout(args, generating))
         partition = model.partition
         seconds = {"connect": spawn_s, "load": time.perf_counter() - t1}
         base = {"model": source.path, "family": cfg.family, "strategy": partition.strategy, "devices": n,

@@ -115,11 +115,12 @@ def device_count(args) -> int:
 
 def weights_format_from_args(args, source) -> str:
     """The weights format a run loads in: --weights-format ("auto" resolved for the source), else its
-    plan's, else fp32."""
+    plan's, else the file's own (auto: int4 for the embedded Q4 GGUF, fp32 for float checkpoints) -- but
+    fp32 for `--check`, whose 1e-4 comparison is the exact path's (int4's bf16 activations get a 5% bound)."""
     fmt = getattr(args, "weights_format", None)
     if fmt is None and getattr(args, "plan", None):
         fmt = Plan.from_json(Path(args.plan).read_text()).weights_format
-    return resolve_weights_format(fmt or "fp32", source)
+    return resolve_weights_format(fmt or ("fp32" if getattr(args, "check", False) else "auto"), source)
 
 
 def partition_from_args(args, cfg, n: int, weights_format: str = "fp32") -> Partition | None:

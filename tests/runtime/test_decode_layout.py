@@ -112,11 +112,29 @@ def test_a_device_whose_budget_cannot_hold_both_shards_is_refused_and_never_a_ca
         assert 1 not in d.placement.decode and 2 not in d.placement.decode
 
 
-def test_serve_chooses_the_decode_layout_by_default_and_run_keeps_the_split_unless_asked():
+def test_run_and_serve_choose_the_decode_layout_by_default_and_check_keeps_the_split():
     from galaxy.cli import build_parser
+    from galaxy.cli.run import decode_layout
 
     ap = build_parser()
     assert ap.parse_args(["serve"]).decode_layout == "auto"
-    assert ap.parse_args(["run"]).decode_layout == "split"
-    assert ap.parse_args(["run", "--decode-layout", "auto"]).decode_layout == "auto"
+    assert decode_layout(ap.parse_args(["run", "--max-new-tokens", "4"]), generating=True) == "auto"
+    assert decode_layout(ap.parse_args(["run", "--check", "--max-new-tokens", "4"]), generating=True) == "split"
+    assert decode_layout(ap.parse_args(["run", "--check", "--decode-layout", "auto"]), generating=True) == "auto"
+    assert decode_layout(ap.parse_args(["run", "--decode-layout", "local1"]), generating=False) == "split"
     assert ap.parse_args(["serve", "--decode-layout", "local1"]).decode_layout == "local1"
+
+
+def test_a_quantized_file_runs_in_its_own_format_by_default_and_check_runs_fp32():
+    from galaxy.cli import build_parser
+    from galaxy.cli.session import weights_format_from_args
+    from galaxy.runtime.sources import open_source
+
+    ap = build_parser()
+    smollm2 = open_source(None, None, 0)  # the embedded Q4_1 GGUF
+    assert weights_format_from_args(ap.parse_args(["run"]), smollm2) == "int4"
+    assert weights_format_from_args(ap.parse_args(["chat"]), smollm2) == "int4"
+    assert weights_format_from_args(ap.parse_args(["run", "--check"]), smollm2) == "fp32"
+    assert weights_format_from_args(ap.parse_args(["run", "--check", "--weights-format", "int8"]), smollm2) == "int8"
+    assert weights_format_from_args(ap.parse_args(["run", "--random-init", "gpt2"]), open_source(None, "gpt2", 0)) \
+        == "fp32"
