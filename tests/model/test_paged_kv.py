@@ -216,3 +216,27 @@ def test_batch_indices_built_at_once_equal_each_sequence_walked_alone():
         assert batch.slot_mapping.tolist() == [slot(i, p) for i, (c, q) in enumerate(zip(ctx, qlen))
                                                for p in range(c - q, c)]
         assert [s.tolist() for s in batch.context_slots] == [[slot(i, p) for p in range(c)] for i, c in enumerate(ctx)]
+
+
+def test_a_compact_shards_pool_is_made_without_rebuilding_its_float_weights(monkeypatch):
+    """The pool asks a block where its tensors live; a compact linear's `.weight` rebuilds the float32
+    weight (0.3 s for SmolLM2 in int4, on the first request's TTFT), so the pool must not ask it."""
+    from galaxy.model.checkpoints.random import RandomWeights
+    from galaxy.model.config import make_config
+    from galaxy.model.quant import QuantLinear
+    from galaxy.parallel.executor import LoadOptions
+    from galaxy.parallel.sharding import even_partition
+    from galaxy.runtime.inproc import InprocCluster
+
+    cfg = make_config("llama", vocab_size=97, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128,
+                      max_positions=64, rope_theta=10000.0, tie_embeddings=True, name="pool-llama")
+    with InprocCluster(1) as ex:
+        ex.load(RandomWeights(cfg, seed=1), even_partition(cfg, 1), LoadOptions(weights_format="int4"))
+        model = ex.runtimes[0].model
+
+        def rebuilt(self):
+            raise AssertionError("the pool rebuilt a compact weight")
+
+        monkeypatch.setattr(QuantLinear, "dequantized", rebuilt)
+        pool = PagedKVCache.for_model(model, 4, 16)
+    assert pool.k["0"].device.type == "cpu" and pool.k["0"].shape[1] == 4 * 16  # (heads, slots, head_dim)
