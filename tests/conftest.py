@@ -3,6 +3,9 @@ worker servers in the test process."""
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -12,6 +15,49 @@ from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
 
 TINY = ["tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-opt", "tiny-llama"]
+
+
+class TileMemo:
+    """RandomWeights._tile with each tile kept once drawn (least recently used dropped past `limit`).
+
+    Every 512 x 512 tile of a random model comes from its own seeded generator, and torch's randn makes
+    ~35-70 M values a second here: 4-7 ms a tile. A test typically draws each tile of its model twice or
+    more -- for the single-device reference and again for every shard whose slice touches it -- and
+    many tests rebuild the same preset and seed. The values are the generator's, drawn once: identical
+    by construction; only how often they are drawn changes. Only this process's draws are kept: worker
+    processes build their shards from their own generators, as on a device."""
+
+    def __init__(self, draw, limit: int):
+        self.draw, self.limit = draw, limit
+        self.tiles: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()  # in-process ranks build their shards on threads
+        self.drawn = self.reused = 0
+
+    def __call__(self, source, key: int, bi: int, bj: int, rows: int, cols: int) -> torch.Tensor:
+        k = (key, bi, bj, rows, cols)
+        with self.lock:
+            tile = self.tiles.get(k)
+            if tile is not None:
+                self.tiles.move_to_end(k)
+                self.reused += 1
+                return tile
+        tile = self.draw(source, key, bi, bj, rows, cols)  # readers copy out of it, never write into it
+        with self.lock:
+            self.tiles[k] = tile
+            self.drawn += 1
+            while len(self.tiles) > self.limit:
+                self.tiles.popitem(last=False)
+        return tile
+
+
+@pytest.fixture(scope="session", autouse=True)
+def random_tiles_drawn_once():
+    """At most 256 tiles (256 MiB) kept for the session: more than the largest random model a test
+    builds in this process, so its reference and its shards share their draws."""
+    memo = TileMemo(RandomWeights._tile, limit=256)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RandomWeights, "_tile", lambda source, *tile: memo(source, *tile))
+        yield memo
 
 
 @pytest.fixture(scope="session", params=TINY)
