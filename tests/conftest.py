@@ -60,6 +60,63 @@ def random_tiles_drawn_once():
         yield memo
 
 
+class GGUFRowsMemo:
+    """GGUFCheckpoint._rows for one file (the embedded SmolLM2) with each dequantized row range kept
+    (least recently used dropped past `limit_bytes`) and handed out as a copy.
+
+    Dequantizing the file's Q4_1 blocks (the gguf package, numpy) was about a third of the time of the
+    modules that load SmolLM2 in process, and they read the same ranges again and again: every
+    reference model reads every tensor whole, every shard cut by columns reads it whole too, every even
+    split the same rows. The first read of a range runs the ordinary code; a later one gets a copy of
+    its result, so the values are identical and a caller may still write into what it got. The file is
+    package data, never rewritten; files tests write are read afresh every time."""
+
+    def __init__(self, read, path: str, limit_bytes: int):
+        self.read, self.path, self.limit_bytes = read, path, limit_bytes
+        self.kept: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()  # in-process ranks load their shards on threads
+        self.read_count = self.reused = 0
+
+    def __call__(self, source, gguf_name: str, start: int, end: int) -> torch.Tensor:
+        if source.path != self.path:
+            return self.read(source, gguf_name, start, end)
+        k = (gguf_name, start, end)
+        with self.lock:
+            kept = self.kept.get(k)
+            if kept is not None:
+                self.kept.move_to_end(k)
+                self.reused += 1
+                return kept.clone()
+        out = self.read(source, gguf_name, start, end)
+        with self.lock:
+            if k not in self.kept:
+                self.kept[k] = out.clone()
+                self.bytes += out.nbytes
+                self.read_count += 1
+            while self.bytes > self.limit_bytes and self.kept:
+                self.bytes -= self.kept.popitem(last=False)[1].nbytes
+        return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def smollm2_rows_read_once():
+    """Up to 1 GiB of the embedded SmolLM2's dequantized rows kept for the session (the whole model
+    is 0.5 GiB in float32); None when the model is not installed."""
+    from galaxy.model.checkpoints.gguf import GGUFCheckpoint
+    from galaxy.model.defaults import DefaultModelMissing, default_causal_lm_path
+
+    try:
+        path = str(default_causal_lm_path())
+    except DefaultModelMissing:
+        yield None
+        return
+    memo = GGUFRowsMemo(GGUFCheckpoint._rows, path, limit_bytes=1 << 30)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GGUFCheckpoint, "_rows", lambda source, *rows: memo(source, *rows))
+        yield memo
+
+
 @pytest.fixture(scope="session", params=TINY)
 def tiny_source(request):
     return RandomWeights(preset(request.param), seed=1)
