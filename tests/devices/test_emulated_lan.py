@@ -127,8 +127,11 @@ def test_interrupted_up_cleans_up_after_itself(tmp_path, state_dir):
     path = cluster_file(tmp_path, "gxt-int", [{"name": "a", "cpu": 0.9, "link": "1gbit"},
                                               {"name": "b", "cpu": 0.9, "link": "1gbit"}])
     env = {**os.environ, "GALAXY_STATE_DIR": str(state_dir)}
+    # a suite started in the background runs with SIGINT ignored and `devices up` would inherit that: it
+    # never saw the Ctrl-C and came up whole (exit 0); give it the disposition a terminal's Ctrl-C reaches
     proc = subprocess.Popen([sys.executable, "-m", "devices", "up", path], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         state = wait_for(lambda: (read_state("gxt-int") or {}).get("objects") and
                          [o for o in read_state("gxt-int")["objects"] if o["kind"] == "process"] and

@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 
+from galaxy.cli import main
 from galaxy.errors import GalaxyError
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
@@ -26,9 +27,14 @@ from galaxy.transport.spawn import LocalWorkers
 TOL = 1e-4  # fp32 max abs error against the single-device reference
 
 
-def _galaxy(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "galaxy.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+def _galaxy(capsys, *args) -> tuple[int, str, str]:
+    """`galaxy ARGS` run by the command's main() in this process: its exit code, stdout and stderr. The
+    workers it starts are still processes of their own; only the coordinator's start (~2.5 s of Python
+    and torch imports per command on the shared two-core machine) is not paid again."""
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _port_free(address: str) -> bool:
@@ -38,10 +44,10 @@ def _port_free(address: str) -> bool:
 
 
 @pytest.mark.parametrize("strategy", ["galaxy", "megatron", "pipeline"])
-def test_cli_run_local_3_default_model_matches_reference(strategy, smollm2_path):
-    r = _galaxy("run", "--local", "3", "--check", "--json", "--strategy", strategy)
-    assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout.strip().splitlines()[-1])
+def test_cli_run_local_3_default_model_matches_reference(strategy, smollm2_path, capsys):
+    code, out, err = _galaxy(capsys, "run", "--local", "3", "--check", "--json", "--strategy", strategy)
+    assert code == 0, err
+    rep = json.loads(out.strip().splitlines()[-1])
     assert rep["check"] == "pass" and rep["max_abs_err"] <= TOL
     assert rep["top5"][0]["text"] == " Paris"
     assert rep["devices"] == 3 and len(rep["per_device"]) == 3
@@ -114,20 +120,19 @@ def test_workers_exit_when_their_coordinator_is_killed(tmp_path):
         coord.stdout.close()
 
 
-def test_cli_generation_tokens_match_reference(smollm2_path):
-    r = _galaxy("run", "--local", "3", "--prompt", "What is the capital of France?", "--max-new-tokens", "16",
-                "--check", "--json")
-    assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout.strip().splitlines()[-1])
+def test_cli_generation_tokens_match_reference(smollm2_path, capsys):
+    code, out, err = _galaxy(capsys, "run", "--local", "3", "--prompt", "What is the capital of France?",
+                             "--max-new-tokens", "16", "--check", "--json")
+    assert code == 0, err
+    rep = json.loads(out.strip().splitlines()[-1])
     assert rep["chat_template"] is True and rep["tokens_match"] is True and "Paris" in rep["text"]
     assert rep["decode_collective"] == "direct all-reduce (1 hop)" and len(rep["kv_cache_bytes"]) == 3
 
 
 @pytest.mark.parametrize("model", ["smollm2", "minilm"])
-def test_cli_onnx_backend_matches_torch_reference(model, smollm2_path, minilm_path, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "galaxy.cli", "run", "--local", "3", "--backend", "onnx",
-                        "--model", model, "--check", "--json"], capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
-    assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout.strip().splitlines()[-1])
+def test_cli_onnx_backend_matches_torch_reference(model, smollm2_path, minilm_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the workers' exported graphs: exported here, not reused
+    code, out, err = _galaxy(capsys, "run", "--local", "3", "--backend", "onnx", "--model", model, "--check", "--json")
+    assert code == 0, err
+    rep = json.loads(out.strip().splitlines()[-1])
     assert rep["backend"] == ["onnx"] * 3 and rep["check"] == "pass" and rep["max_abs_err"] <= TOL

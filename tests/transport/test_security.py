@@ -81,7 +81,7 @@ def test_frame_of_unexpected_shape_fails_the_request_cleanly_and_next_one_works(
         assert (out - load_shard(SRC, full_spec(SRC.config))(torch.arange(8))).abs().max() < 1e-4
 
 
-def test_garbage_bytes_on_the_data_plane_are_refused(servers):
+def test_garbage_bytes_on_the_data_plane_are_refused_and_the_worker_still_stops(servers):
     with _loaded(servers) as c:
         ch = grpc.insecure_channel(c.addresses[0])
         raw = ch.stream_unary("/galaxy.v1.Worker/Exchange", request_serializer=None, response_deserializer=None)
@@ -90,6 +90,10 @@ def test_garbage_bytes_on_the_data_plane_are_refused(servers):
         assert e.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT,
                                   grpc.StatusCode.UNKNOWN)
         assert c.forward(Request(torch.arange(5))).output.shape == (5, SRC.config.vocab_size)
+    # unparsable bytes once left gRPC's call unfinished: the server's stop never completed (the worker
+    # could not be stopped; this test's teardown waited out its 10 s timeout)
+    server, _ = servers.running[0]
+    assert server.stop(grace=0).wait(timeout=5)
 
 
 def test_oversized_message_is_refused_before_decoding(servers):
