@@ -41,10 +41,11 @@ from .session import (
 )
 
 EXAMPLES = """examples:
-  galaxy run --local 3 --check                                   the embedded SmolLM2 on 3 local workers
+  galaxy run --local 3 --check                                   the embedded SmolLM2 on 3 local workers, fp32, checked
   galaxy run --local 3 --weights-format int4 --check             ... its linears in int4 (docs/decode-formats.md)
-  galaxy run --local 3 --weights-format int4 --max-new-tokens 32 --decode-layout auto
-      every device prefills; decode where the planner predicts it fastest (split, fewer devices or one)
+  galaxy run --local 3 --max-new-tokens 32
+      the file's own format (int4 for this Q4_1 GGUF); every device prefills, decode where the planner
+      predicts it fastest (split, fewer devices or one); --check keeps fp32 and the split it pins
   galaxy run --prompt "What is the capital of France?" --max-new-tokens 16 --check    a chat model's reply
   galaxy run --prompt "The capital of France is" --max-new-tokens 16 --raw          plain text, continued
   galaxy run --model minilm --prompt "hello world" --weights 0.9,0.6,0.45
