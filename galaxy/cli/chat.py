@@ -24,7 +24,7 @@ from .session import device_count, open_session, partition_from_args, weights_fo
 
 EXAMPLES = """examples:
   galaxy chat --system "You are concise."
-  galaxy chat --weights-format auto                    # the embedded SmolLM2 in int4, as llama.cpp runs its file
+  galaxy chat --weights-format fp32                    # the exact reference (default: the file's own, int4 here)
   galaxy chat --cluster devices/clusters/hetero-trio.yaml --max-new-tokens 128
 """
 
