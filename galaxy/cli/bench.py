@@ -248,6 +248,9 @@ def cmd_bench_serve(args) -> int:
     local = args.local
     if plan is not None:
         sb, local = _planned(sb, plan, args)
+    kv_path = _one_kv_path(args)  # bad arguments are told before any device is started or model loaded
+    for name in sb.schedulers:
+        serve_bench.scheduler_config(name, sb.engine)
     with ExitStack() as stack:
         emulated, addresses, token = bench_devices(stack, local, args.workers, args.cluster, args.token, args.threads)
         link_bps = _serve_links(stack, emulated, args.bandwidth)
@@ -256,7 +259,7 @@ def cmd_bench_serve(args) -> int:
         # the bench drives the session's executor itself: the colocated split unless the plan separates the
         # phases (decode_layout: runtime.decode_layout)
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                          plan=plan, decode_layout="split", kv_path=_one_kv_path(args))
+                          plan=plan, decode_layout="split", kv_path=kv_path)
         make = None
         if lm.groups:  # the plan separates the phases: the bench runs them as `galaxy serve --plan` would
             make = lambda ec: DisaggEngine(*lm.groups, lm.config, lm.tokenizer, ec, ec,  # noqa: E731

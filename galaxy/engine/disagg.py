@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 
 
 # how a sequence's K/V reach the decode group: one hop from each prefill device (kv_direct.py), or pulled to
-# the coordinator and pushed from it (two hops). The planner's `--kv-path` routes (planner/phases.KV_ROUTES)
+# the coordinator and pushed from it (two hops). The planner's `--kv-path` routes (planner/plan.KV_ROUTES)
 KV_PATHS = ("direct", "coordinator")
 
 
@@ -113,11 +113,6 @@ class DisaggConfig:
         if kv_path not in KV_PATHS:
             raise PlanMismatch(f"kv_path={kv_path!r} is not one of {KV_PATHS}")
         return cls(**kw, direct=DirectConfig() if kv_path == "direct" else None)
-
-    @property
-    def kv_path(self) -> str:
-        """The K/V path asked for ("direct" or "coordinator"); DisaggEngine.kv_path: the one taken."""
-        return "coordinator" if self.direct is None else "direct"
 
     def __post_init__(self):
         for f in ("recover", "route_by_prefix"):

@@ -22,6 +22,7 @@ devices compute, so `submit` and `cancel` answer at once and refuse a bad reques
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -85,16 +86,12 @@ class EngineConfig:
     top1_on_device: bool = True
 
     def __post_init__(self):
-        if self.max_stall is not None and not (isinstance(self.max_stall, (int, float)) and self.max_stall > 1.0):
-            raise SchedulerConfigError(f"engine config: max_stall={self.max_stall!r} must be a number > 1 (a step "
-                                       "with prompt chunks takes longer than one without) or None")
-        if self.itl_target is not None and not (isinstance(self.itl_target, (int, float)) and self.itl_target > 1.0):
-            raise SchedulerConfigError(f"engine config: itl_target={self.itl_target!r} must be a number > 1 (x the "
-                                       "unloaded TPOT: a lone stream's decode step already takes 1x) or None")
-        if self.tpot_target is not None and not (isinstance(self.tpot_target, (int, float))
-                                                 and self.tpot_target > 1.0):
-            raise SchedulerConfigError(f"engine config: tpot_target={self.tpot_target!r} must be a number > 1 (x the "
-                                       "unloaded TPOT) or None")
+        for name, why in (("max_stall", "a step with prompt chunks takes longer than one without"),
+                          ("itl_target", "x the unloaded TPOT: a lone stream's decode step already takes 1x"),
+                          ("tpot_target", "x the unloaded TPOT")):
+            x = getattr(self, name)  # finite: a chunk is this factor times a step's seconds, made a whole count
+            if x is not None and not (isinstance(x, (int, float)) and 1.0 < x < math.inf):
+                raise SchedulerConfigError(f"engine config: {name}={x!r} must be a finite number > 1 ({why}) or None")
         if not (isinstance(self.min_chunk, int) and self.min_chunk >= 1):
             raise SchedulerConfigError(f"engine config: min_chunk={self.min_chunk!r} must be an integer >= 1 "
                                        "(a step's token budget still bounds it)")

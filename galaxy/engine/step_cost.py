@@ -43,6 +43,7 @@ import statistics
 from collections import deque
 
 MIN_PAIRS = 8  # pairs of steps differing in prompt tokens only before the split fit is trusted over the one line
+MAX_TOKENS = 1 << 30  # a step's prompt tokens are bounded far below this (max_batched_tokens)
 PROBE_EVERY = 4  # until then, every 4th step beside streams is decode-only (probe)
 
 
@@ -107,7 +108,7 @@ class StepCost:
         `max_stall` times the decode-only step; None before the fit."""
         if self.fit is None and self.split is None:
             return None
-        return int((max_stall - 1.0) * self.decode_step(decodes) / self._per_prompt_token())
+        return _whole((max_stall - 1.0) * self.decode_step(decodes) / self._per_prompt_token())
 
     def observe_lone(self, seconds: float) -> None:
         """A step that ran one decode and nothing else: one stream alone, what its unloaded TPOT is."""
@@ -135,4 +136,10 @@ class StepCost:
         step = self.decode_step(decodes)
         if step is None or seconds is None:
             return None
-        return int((seconds - step) / self._per_prompt_token())
+        return _whole((seconds - step) / self._per_prompt_token())
+
+
+def _whole(tokens: float) -> int:
+    """A token count from seconds over a per-token price that may be tiny (its floor is 1e-9 s): capped, so
+    a huge quotient (or inf) is a budget the scheduler's own bounds then cut, not an OverflowError."""
+    return int(min(tokens, MAX_TOKENS))

@@ -42,3 +42,20 @@ def test_long_prompts_are_reproducible_and_must_fit_the_context():
     assert long_prompts(Workload(), 100, 64) == []
     with pytest.raises(GalaxyError, match="long prompts of 30 tokens"):
         long_prompts(w, 100, 30)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--schedulers", "batch,batch:max_stal=2"], "'max_stal=2' is not FIELD=VALUE"),
+    (["--schedulers", "batch:itl_target=1"], "itl_target=1 must be"),
+    (["--kv-path", "direct,coordinator"], "one path, except with --prefill-devices"),
+])
+def test_bench_serve_refuses_bad_settings_before_it_starts_a_device(args, msg, monkeypatch, capsys):
+    from galaxy.cli import bench as cli_bench
+    from galaxy.cli import main
+
+    def started(*a, **kw):
+        raise AssertionError("a device was started before the settings were checked")
+
+    monkeypatch.setattr(cli_bench, "bench_devices", started)
+    assert main(["bench", "serve", "--local", "1", "--random-init", "tiny-llama", *args]) == 2
+    assert msg in capsys.readouterr().err

@@ -162,12 +162,24 @@ def test_tpot_slack_lets_a_step_grow_past_the_per_gap_bound_only_when_every_stre
     assert Engine._prompt_budget(alone, 1) == 3  # no per-gap bound: min_chunk, never nothing
 
 
+def test_a_huge_factor_or_slack_is_a_capped_budget_not_an_overflow():
+    """A step's chunk is seconds over a per-token price floored at 1e-9 s: a factor near the float limit
+    must still give the scheduler a whole count to cut to its token budget."""
+    cost = StepCost()
+    for n in (1, 30, 5, 60):
+        cost.observe(n, 0.1 + 0.005 * n)
+    assert cost.prompt_tokens(4, 1e308) == cost.objective_tokens(4, 1e308) == cost.slack_tokens(4, float("inf"))
+    assert cost.slack_tokens(4, float("inf")) > EngineConfig().max_batched_tokens
+
+
 @pytest.mark.parametrize("kw,msg", [
-    ({"max_stall": 1.0}, "max_stall=1.0 must be a number > 1"),
-    ({"max_stall": "2"}, "max_stall='2' must be a number > 1"),
+    ({"max_stall": 1.0}, "max_stall=1.0 must be a finite number > 1"),
+    ({"max_stall": "2"}, "max_stall='2' must be a finite number > 1"),
     ({"min_chunk": 0}, "min_chunk=0 must be an integer >= 1"),
-    ({"itl_target": 1.0}, "itl_target=1.0 must be a number > 1"),
-    ({"tpot_target": 0.5}, "tpot_target=0.5 must be a number > 1"),
+    ({"itl_target": 1.0}, "itl_target=1.0 must be a finite number > 1"),
+    ({"tpot_target": 0.5}, "tpot_target=0.5 must be a finite number > 1"),
+    ({"itl_target": float("inf")}, "itl_target=inf must be a finite number > 1"),
+    ({"max_stall": float("nan")}, "max_stall=nan must be a finite number > 1"),
 ])
 def test_stall_settings_out_of_range_are_refused_by_name(kw, msg):
     with pytest.raises(SchedulerConfigError, match=msg):

@@ -170,7 +170,8 @@ def test_a_sender_or_receiver_gone_during_a_direct_move_ends_the_request_naming_
 
 def test_over_mutual_tls_a_direct_move_lands_and_a_device_without_a_ticket_is_refused(servers, tmp_path):
     """With mutual TLS the receiver knows who calls: the coordinator's own import needs no ticket, a device's
-    does (its certificate names it); the direct move, worker to worker over TLS, lands."""
+    does (its certificate names it), and only the coordinator may revoke a ticket; the direct move, worker to
+    worker over TLS, lands."""
     init_keys(tmp_path, ["w0", "w1"])
     addrs = [servers.start(1, tls=TlsFiles.load(tmp_path, f"w{i}"))[0] for i in range(2)]
     coord = TlsFiles.load(tmp_path, COORDINATOR)
@@ -188,6 +189,10 @@ def test_over_mutual_tls_a_direct_move_lands_and_a_device_without_a_ticket_is_re
         try:  # would release the decode session)
             with pytest.raises(KVTransferError, match="not the coordinator, without the coordinator's ticket"):
                 device.import_kv(0, (3, 1), box + 1, LAYERS, (0, 2), pool)
+            spare, _ = _ticketed(dec, pre, table=(3, 1))  # nor may a device spend the coordinator's tickets
+            with pytest.raises(KVTransferError, match="revoked by a device, not the coordinator"):
+                device.revoke_kv(0, [spare.ticket.nonce])
+            pre.send_kv(0, (0, 3), 10, LAYERS, (0, 2), pool, spare)  # still good: the refused revocation spent nothing
         finally:
             for ch in device.channels:
                 ch.close()
