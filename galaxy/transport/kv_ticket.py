@@ -40,6 +40,9 @@ from ..errors import KVTransferError
 from ..v1 import worker_pb2 as pb
 
 NONCE_BYTES = 16
+# nonces one revocation may carry: a given-up move revokes one ticket per box it sent (a handful); a request
+# of more would push the log's older nonces out of its window (NonceLog.capacity) and let their tickets replay
+MAX_REVOKE = 1024
 KEY_BYTES = 32
 _FIELDS = ("src_session", "src_rank", "dst_session", "dst_rank", "block_table", "num_blocks", "block_size", "start",
            "num_tokens", "layer_lo", "layer_hi", "head_lo", "head_hi", "dtype", "nbytes", "nonce")

@@ -55,7 +55,7 @@ from . import resources
 from .channels import add_port, check_bindable, open_channel, server_options
 from .datalink import DataServer
 from .discovery import start_announcer
-from .kv_ticket import NonceLog, verify
+from .kv_ticket import MAX_REVOKE, NONCE_BYTES, NonceLog, verify
 from .linktest import measure_link
 from .peers import PeerTransport
 from .protocol import (
@@ -453,6 +453,11 @@ class WorkerService(pb_grpc.WorkerServicer):
             if not self._from_coordinator(context):  # (under the K/V lock: an import of them running has ended)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V tickets revoked by a device, "
                               "not the coordinator")
+            bad = [len(n) for n in request.revoke_nonces if len(n) != NONCE_BYTES]
+            if bad or len(request.revoke_nonces) > MAX_REVOKE:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V revocation refused: "
+                              f"{len(request.revoke_nonces)} nonces (at most {MAX_REVOKE}), "
+                              f"{len(bad)} not {NONCE_BYTES} bytes; nothing revoked")
             for nonce in request.revoke_nonces:
                 sess.nonces.revoke(nonce)
             return pb.KVReply()

@@ -95,6 +95,11 @@ def test_a_forged_altered_replayed_or_mismatched_ticket_and_a_wrong_size_box_are
         # a move the coordinator gave up on (its sender lost mid-send): once its ticket is revoked at the receiver,
         # nothing of it lands there any more, so its blocks may be reused at once
         late, _ = _ticketed(dec, pre, table=(3, 1))
+        # a revocation that could flush the receiver's nonce log (too many, or not nonces) revokes nothing
+        with pytest.raises(KVTransferError, match="w1.*revocation refused: 1025 nonces"):
+            dec.revoke_kv(0, [bytes(16)] * 1025)
+        with pytest.raises(KVTransferError, match="w1.*revocation refused: 2 nonces .* 1 not 16 bytes"):
+            dec.revoke_kv(0, [late.ticket.nonce, b"short"])
         dec.revoke_kv(0, [late.ticket.nonce])
         with pytest.raises(KVTransferError, match="w1.*used before"):
             _import(dec, late, box + 2, table=(3, 1))
