@@ -45,7 +45,7 @@ from galaxy.model.config import ModelConfig
 from galaxy.model.quant import WeightFormat, decode_bytes
 
 from .cost import DIRECT_ALLREDUCE_BYTES
-from .plan import KV_ROUTES, Plan, PlanError
+from .plan import KV_PATHS, Plan, PlanError
 from .profile import ClusterProfile, DeviceProfile, co_tenant_speedup, head_flops
 from .simulate import PhaseCosts
 from .solver import solve
@@ -87,8 +87,8 @@ class KVPath:
         return f"{how}, {'streamed while the prompt is prefilled' if self.stream else 'after the prefill'}"
 
     def __post_init__(self) -> None:
-        if self.route not in KV_ROUTES:
-            raise PlanError(f"K/V path: route={self.route!r} is not one of {KV_ROUTES}")
+        if self.route not in KV_PATHS:
+            raise PlanError(f"K/V path: route={self.route!r} is not one of {KV_PATHS}")
         if not isinstance(self.stream, bool):
             raise PlanError(f"K/V path: stream={self.stream!r} must be True or False")
 

@@ -115,7 +115,10 @@ class SolverRun:
 
 
 PLACEMENTS = ("colocated", "disaggregated", "mixed")  # planner/simulate.py simulates each
-KV_ROUTES = ("coordinator", "direct")  # how K/V reach the decode group (phases.KVPath; the runtime's kv_path)
+# how K/V reach the decode group (phases.KVPath; the runtime's kv_path, engine/disagg.py), the default first:
+# "direct" one hop from each prefill worker to each decode worker, "coordinator" two hops through it
+KV_PATHS = ("direct", "coordinator")
+DEFAULT_KV_PATH = KV_PATHS[0]
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class ServePlan:
     tpot_slo_s: float
     predicted: ServePrediction
     reason: str = ""
-    kv_path: str = ""  # the K/V route the prediction assumed (KV_ROUTES), which `load` then takes; "": not recorded
+    kv_path: str = ""  # the K/V route the prediction assumed (KV_PATHS), which `load` then takes; "": not recorded
 
 
 @dataclass(frozen=True)
@@ -406,7 +409,7 @@ def _check_serve(v: ServePlan, planned: list[str]) -> None:
         _seconds(f"serve.predicted.{f.name}", x, optional=f.name in _OPTIONAL_PREDICTIONS)
     _need(pred.attainment <= 1, f"serve.predicted.attainment: {pred.attainment} is above 1")
     _text("serve.reason", v.reason, empty_ok=True)
-    _need(v.kv_path in ("", *KV_ROUTES), f"serve.kv_path: {v.kv_path!r} is not one of {_names(KV_ROUTES)}")
+    _need(v.kv_path in ("", *KV_PATHS), f"serve.kv_path: {v.kv_path!r} is not one of {_names(KV_PATHS)}")
 
 
 _OPTIONAL_PREDICTIONS = {"tpot_p50_s", "tpot_p90_s", "unloaded_tpot_s"}

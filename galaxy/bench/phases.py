@@ -3,7 +3,7 @@ colocated serving, side by side on the same requests in one run.
 
 Colocated: one Engine over the prefill group's devices (prefill and decode both there, Galaxy's
 HMP for prompts, tensor-parallel decode steps), or over `colocated`. Then a DisaggEngine per K/V path
-asked for (`--kv-path`, engine/disagg.py KV_PATHS), the same prefill group, each sequence's K/V moved
+asked for (`--kv-path`, planner/plan.py KV_PATHS), the same prefill group, each sequence's K/V moved
 to the decode group after its prefill: "direct" (the default: each prefill device sends its boxes
 straight to the decode devices, one hop, galaxy/engine/kv_direct.py; workers only, so in-process
 groups get "coordinator" instead) and "coordinator" (pulled, then pushed: two hops). Streamed

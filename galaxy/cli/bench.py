@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from devices.emulate import read_state, set_link_rate
 from planner import scaling
+from planner.plan import DEFAULT_KV_PATH, KV_PATHS
 
 from ..bench import collectives as collective_bench
 from ..bench import decode as decode_bench
@@ -19,7 +20,7 @@ from ..bench import serve as serve_bench
 from ..bench import strategies as bench
 from ..bench.serve import ServeBench, Workload, run_serve_bench
 from ..bench.suite import SuiteConfig, bench_devices, run_suite
-from ..engine.disagg import KV_PATHS, DisaggConfig, DisaggEngine
+from ..engine.disagg import DisaggConfig, DisaggEngine
 from ..errors import GalaxyError
 from ..model.config import preset
 from ..runtime.api import connect
@@ -351,13 +352,13 @@ def cmd_bench_phases(args) -> int:
         report = phases.run_phase_bench(*lm.groups, lm.config, lm.tokenizer, workload, engine, reps=args.reps or 3,
                                         progress=progress, rates=tuple(args.rates or ()), slo_ttft_x=args.slo_ttft,
                                         slo_tpot_x=args.slo_tpot, colocated=colocated,
-                                        kv_paths=args.kv_path or KV_PATHS[:1], stream=args.kv_stream)
+                                        kv_paths=args.kv_path or [DEFAULT_KV_PATH], stream=args.kv_stream)
         report["link_bps"] = link_bps
     return _emit(args, report, phases.table, phases.plot)
 
 
 def kv_paths(text: str) -> tuple[str, ...]:
-    """--kv-path direct,coordinator: K/V paths by name (engine/disagg.py KV_PATHS), at least one."""
+    """--kv-path direct,coordinator: K/V paths by name (planner/plan.py KV_PATHS), at least one."""
     out = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     bad = [x for x in out if x not in KV_PATHS]
     if not out or bad:

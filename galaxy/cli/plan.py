@@ -12,7 +12,8 @@ from planner import render, serving
 from planner import wire as wire_choice
 from planner.cost import weight_bytes
 from planner.fit import fit_plan
-from planner.phases import KV_ROUTES, KVPath, PhaseModel
+from planner.phases import KVPath, PhaseModel
+from planner.plan import DEFAULT_KV_PATH, KV_PATHS
 from planner.profiler import HostLoad, profile_cluster
 from planner.solver import METHODS
 from planner.strategy import RUNNABLE
@@ -79,7 +80,7 @@ def add_parser(sub) -> None:
                        help="time-per-output-token objective, the same way (default 1.5x)")
     serve.add_argument("--max-batched-tokens", type=int_at_least(1), default=EngineConfig.max_batched_tokens,
                        help="the engine's token budget per step (default %(default)s, as galaxy serve)")
-    serve.add_argument("--kv-path", choices=KV_ROUTES, default="direct",
+    serve.add_argument("--kv-path", choices=KV_PATHS, default=DEFAULT_KV_PATH,
                        help="how K/V reach the decode group: direct (one hop, device to device: the runtime's "
                             "default; default) or through the coordinator (two hops: `galaxy serve --kv-path "
                             "coordinator`); the plan's serve section records it and `galaxy serve --plan` takes it")

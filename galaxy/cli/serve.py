@@ -10,7 +10,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..engine.disagg import KV_PATHS
+from planner.plan import KV_PATHS
+
 from ..engine.engine import EngineConfig
 from ..errors import GalaxyError
 from ..serving.server import Server

@@ -56,6 +56,8 @@ from dataclasses import dataclass
 
 import torch
 
+from planner.plan import KV_PATHS  # how K/V reach the decode group: kv_direct.py, or two hops through here
+
 from ..errors import CacheLost, GalaxyError, InvalidRequest, KVDirectFailed, PeerUnreachable, PlanMismatch, WorkerError
 from ..model.config import ModelConfig
 from ..parallel.executor import Executor
@@ -75,9 +77,6 @@ from .sequence import SamplingParams, Sequence, SequenceStatus
 log = logging.getLogger(__name__)
 
 
-# how a sequence's K/V reach the decode group: one hop from each prefill device (kv_direct.py), or pulled to
-# the coordinator and pushed from it (two hops). The planner's `--kv-path` routes (planner/plan.KV_ROUTES)
-KV_PATHS = ("direct", "coordinator")
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ class DisaggConfig:
         """The config of a K/V path by name (KV_PATHS, the planner's `--kv-path` routes): "direct" (one hop
         where both groups are workers) or "coordinator" (two hops, through here); other fields as `kw`."""
         if kv_path not in KV_PATHS:
-            raise PlanMismatch(f"kv_path={kv_path!r} is not one of {KV_PATHS}")
+            raise InvalidRequest(f"kv_path={kv_path!r} is not one of {KV_PATHS}")
         return cls(**kw, direct=DirectConfig() if kv_path == "direct" else None)
 
     def __post_init__(self):

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from devices.emulate import cluster_endpoints
-from planner.plan import Plan
+from planner.plan import DEFAULT_KV_PATH, KV_PATHS, Plan
 
 from ..addresses import split_address
 from ..engine.arguments import need_choice, need_int, need_number, stop_strings, token_ids
-from ..engine.disagg import KV_PATHS, DisaggConfig, DisaggEngine
+from ..engine.disagg import DisaggConfig, DisaggEngine
 from ..engine.engine import Engine, EngineConfig, GenerationStream
 from ..engine.generation import Generation, GenerationConfig
 from ..engine.sampling import SamplingConfig
@@ -167,7 +167,7 @@ class Session:
         if placement is None and plan is not None and plan.serve is not None and plan.serve.placement != "colocated":
             placement = self._plan_placement(plan, cfg)
         if kv_path is None:
-            kv_path = (plan.serve.kv_path if plan is not None and plan.serve is not None else "") or KV_PATHS[0]
+            kv_path = (plan.serve.kv_path if plan is not None and plan.serve is not None else "") or DEFAULT_KV_PATH
         if isinstance(placement, dict):
             placement = self._placement(placement)
         if placement is not None:
@@ -364,7 +364,7 @@ class Model:
         self._engine_lock = threading.Lock()
         self.groups = groups  # (prefill, decode) executors of a disaggregated placement; None: colocated
         self.placement: Placement | None = None
-        self.kv_path = KV_PATHS[0]  # how a phase-separated placement's K/V move (load's kv_path)
+        self.kv_path = DEFAULT_KV_PATH  # how a phase-separated placement's K/V move (load's kv_path)
         self.decode: DecodeDecision | None = None  # where it decodes and why (runtime.decode_layout), said at load
         self._passes_without_pool = False  # one-shot passes ran on budgeted devices before the engine's pool
 
