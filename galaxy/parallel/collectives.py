@@ -123,45 +123,44 @@ class Collectives:
         Returns cat_r fn(rows of rank r) along dim 0, in rank order. With `at_rows`, fn is called as
         fn(tile, start): start is the tile's first row among all ranks' rows.
         """
-        if at_rows:
-            return self._all_gather_at(local, sizes, fn, tag)
         if fn is not None and not self.overlap:
-            return self._compute(fn, self.all_gather(local, sizes, None, tag))
-        fn = fn or (lambda x: x)
+            whole = self.all_gather(local, sizes, None, tag)
+            return self._compute(fn, whole, 0) if at_rows else self._compute(fn, whole)
+        fn = fn or (lambda x, *_: x)
+
+        def tile(x: torch.Tensor, start: int) -> torch.Tensor:
+            return self._compute(fn, x, start) if at_rows else self._compute(fn, x)
+
         n, r = self.world, self.rank
         if local.shape[0] != sizes[r]:
             raise ValueError(f"all_gather: rank {r} holds {local.shape[0]} rows, sizes says {sizes[r]}")
         t0, before = self._mark(tag)
         tail = tuple(local.shape[1:])
+        first = [sum(sizes[:i]) for i in range(n)]  # each rank's first row among all ranks' rows
         out: list[list[torch.Tensor]] = [[] for _ in range(n)]
         own = list(local.split(pieces(sizes[r], self.tiles))) if sizes[r] else []
         for piece in own:  # step 0: our chunk goes out first ...
             if n > 1:
                 self._send(self.next, piece)
+        start = first[r]
         for piece in own:  # ... and is multiplied while it travels
-            out[r].append(self._compute(fn, piece))
+            out[r].append(tile(piece, start))
+            start += piece.shape[0]
         for step in range(1, n):
             idx = (r - step) % n
+            start = first[idx]
             for p in pieces(sizes[idx], self.tiles):
                 x = self._recv(self.prev, (p, *tail), local.dtype)
                 if step < n - 1:
                     self._send(self.next, x)  # forward before computing: keeps the ring busy
-                out[idx].append(self._compute(fn, x))
-        result = torch.cat([t for chunk in out for t in chunk], 0) if any(out) else fn(local)
+                out[idx].append(tile(x, start))
+                start += p
+        if any(out):
+            result = torch.cat([t for chunk in out for t in chunk], 0)
+        else:  # no rows anywhere
+            result = fn(local, 0) if at_rows else fn(local)
         self._record(tag, t0, before)
         return result
-
-    def _all_gather_at(self, local: torch.Tensor, sizes: list[int], fn, tag: str):
-        """all_gather with fn(tile, start): the tiles arrive in all_gather's order (ours, then the ring's),
-        each tile's start told apart by its arrival."""
-        if not self.overlap:
-            return self._compute(fn, self.all_gather(local, sizes, None, tag), 0)
-        n, r = self.world, self.rank
-        order = [r] + [(r - step) % n for step in range(1, n)]
-        starts = [sum(sizes[:i]) + sum(pieces(sizes[i], self.tiles)[:j])
-                  for i in order for j in range(len(pieces(sizes[i], self.tiles)))]
-        seen = iter(starts)
-        return self.all_gather(local, sizes, lambda x: fn(x, next(seen, 0)), tag)
 
     def reduce_scatter(self, sizes: list[int], fn: RowFn, width: int, dtype=torch.float32, tag: str = "rs"):
         """Sum over ranks of fn(start, end) -- each rank's partial rows -- keeping our own rows.
