@@ -107,7 +107,7 @@ class Scratch:
     @classmethod
     def size_for(cls, linears: list[tuple[int, int]]) -> Scratch:
         """A buffer for the largest of `linears` (N, K)."""
-        return cls(max((n * k for n, k in linears), default=0))
+        return cls(_largest(linears))
 
     @property
     def nbytes(self) -> int:
@@ -129,9 +129,14 @@ class Scratch:
 SCRATCH_BYTES_PER_WEIGHT = 2  # Scratch: the codes in bf16
 
 
+def _largest(linears: list[tuple[int, int]]) -> int:
+    """Weights of the largest of `linears` (N, K): what a Scratch holds."""
+    return max((n * k for n, k in linears), default=0)
+
+
 def scratch_bytes(linears: list[tuple[int, int]]) -> int:
-    """Bytes a shard's `Scratch` holds for linears of (N, K): its buffer sized to the largest."""
-    return SCRATCH_BYTES_PER_WEIGHT * max((n * k for n, k in linears), default=0)
+    """Bytes a shard's `Scratch` holds for linears of (N, K), before it is allocated (memory planning)."""
+    return SCRATCH_BYTES_PER_WEIGHT * _largest(linears)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
