@@ -4,6 +4,7 @@
     shards/     weight shards streamed to a worker, one directory per device name
                 (transport/shardstore.py; bounded by `galaxy worker --shard-cache-bytes`, 4 GiB)
     onnx/       exported ONNX graphs (backends/onnx.py), shared by the workers of this machine
+    native/     small native functions compiled on first use (model/int4_expand.py), shared likewise
 
 `galaxy cache ls` and `galaxy cache clear` (galaxy/cli/cache.py) read and empty it through
 `entries` and `remove`, which never touch anything outside the root.
@@ -17,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-KINDS = ("profiles", "shards", "onnx")
+KINDS = ("profiles", "shards", "onnx", "native")
 _PROFILE_FILE = re.compile(r"^(?P<name>.+)-[0-9a-f]{16}\.json$")
 
 
@@ -30,7 +31,7 @@ def cache_root() -> Path:
 
 
 def cache_dir(kind: str) -> Path:
-    """The directory of one kind of cache ("profiles", "shards" or "onnx") under the root."""
+    """The directory of one kind of cache ("profiles", "shards", "onnx" or "native") under the root."""
     return cache_root() / kind
 
 

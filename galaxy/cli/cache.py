@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
                                      "at the next `galaxy plan`\n  galaxy cache clear --name local0\n"))
     for q in (ls, clear):
         q.add_argument("--kind", choices=paths.KINDS, help="only this kind: profiles (device timings), shards "
-                       "(streamed weights, per worker), onnx (exported graphs)")
+                       "(streamed weights, per worker), onnx (exported graphs), native (compiled int4 expansion)")
         q.add_argument("--name", metavar="DEVICE", help="only this device's profiles and shards")
     ls.add_argument("--json", action="store_true", help="print the entries as JSON")
     ls.set_defaults(func=cmd_ls)

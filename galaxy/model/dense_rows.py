@@ -1,14 +1,16 @@
-"""Prompt rows of int8 linears through a dense bf16 GEMM; decode rows through int8pack's kernel.
+"""Prompt rows of int8 and int4 linears through a dense bf16 GEMM; decode rows through the format's kernel.
 
-torch's int8 weight-only kernel (`_weight_int8pack_mm`, bf16 activations) is built for a few rows: a
-256-token prompt ran slower in int8 than in fp32. oneDNN's bf16 GEMM is 2.1x faster than fp32's on a
-CPU with avx512_bf16, and int8 codes are exact in bf16 (|q| <= 127 < 2^8): so a pass's *prompt rows*
-run (x @ Q^T) * scale with the codes Q copied to bf16 once per linear per pass, into a buffer the shard
-holds, sized to its largest linear (`Scratch`; counted in its held bytes, `scratch_bytes`).
+torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, bf16 activations) are
+built for a few rows: a 256-token prompt ran slower in int8 and int4 than in fp32. oneDNN's bf16 GEMM is
+2.1x faster than fp32's on a CPU with avx512_bf16, so a pass's *prompt rows* run a GEMM on the weight in
+bf16, made once per linear per pass into a buffer the shard holds, sized to its largest linear
+(`Scratch`; counted in its held bytes, `scratch_bytes`):
 
-int4 is not routed: the same scheme over int4pack's codes (unpacked, w = (q - 8) * scale + zero per group,
-rounded to bf16) was faster from ~60 prompt rows a pass but 3.6x slower for an 8-token prompt, and which
-rows go dense must not depend on how many share the pass (below); measured in docs/decode-formats.md.
+  int8  (x @ Q^T) * scale, the codes Q copied to bf16 (exact: |q| <= 127 < 2^8), the scale on the output;
+  int4  x @ W^T, W^T expanded from int4pack's packed codes, scales and zeros by one native pass
+        (model/int4_expand.py: the kernel's float32 weight rounded once to bf16). Where that native
+        function is unavailable int4 keeps its kernel for every row (QuantLinear.routes_rows): the
+        expansion in torch ops cost ~95 ms a pass for SmolLM2, 3.6x an 8-token prompt.
 
 Which rows go where is decided by what a row *is*, never by how many rows a step carries: the serving
 engine mixes decode rows and prompt chunks in one step, and chunk sizes follow the token budget, so a
@@ -30,17 +32,20 @@ and each linear call says where its rows start (`rows_from`: the per-rank forwar
 the pass's rows, on a device's chunk of them, or on a tile of one). Without a pass (a module called
 directly, the compact decoder) every row runs the kernel, as before.
 
-Shapes: x (M, K), Q (N, K) int8 codes, scale (N,), S rows in a pass.
+Shapes: x (M, K), Q (N, K) int8 codes, scale (N,), W^T (K, Npad) int4's weight expanded, S rows in a pass.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from .int4_expand import expander
 
 _local = threading.local()
 _passes = itertools.count(1)
@@ -63,12 +68,13 @@ def kernel_rows(seq_lens: list[int], logit_rows: tuple[int, ...] | None) -> torc
 @contextmanager
 def pass_rows(kernel: torch.Tensor):
     """Within: this thread's linears route their rows by `kernel` ((S,) bool over the pass's rows)."""
-    prev = getattr(_local, "kernel", None), getattr(_local, "start", 0), getattr(_local, "pass_id", 0)
-    _local.kernel, _local.start, _local.pass_id = kernel, 0, next(_passes)
+    prev = (getattr(_local, "kernel", None), getattr(_local, "start", 0), getattr(_local, "pass_id", 0),
+            getattr(_local, "memo", None))
+    _local.kernel, _local.start, _local.pass_id, _local.memo = kernel, 0, next(_passes), {}
     try:
         yield
     finally:
-        _local.kernel, _local.start, _local.pass_id = prev
+        _local.kernel, _local.start, _local.pass_id, _local.memo = prev
 
 
 @contextmanager
@@ -82,22 +88,33 @@ def rows_from(start: int):
         _local.start = prev
 
 
-def dense_mask(m: int) -> torch.Tensor | None:
-    """(m,) bool: which of a linear call's m rows run dense; None outside a pass (all run the kernel)."""
+ALL = object()  # kernel_index: every row of the call keeps the kernel
+
+
+def kernel_index(m: int):
+    """Which of a linear call's m rows keep the kernel: `ALL` (outside a pass, or no row of the call runs
+    dense), None (every row runs dense), or their indices in the call ((r,) int64). Worked out once
+    per pass for each (first row, rows) the pass's calls take, not on each of its ~200 linears."""
     kernel = getattr(_local, "kernel", None)
     if kernel is None:
-        return None
+        return ALL
     start = _local.start
     if start + m > kernel.shape[0]:  # rows beyond the pass's: not a call of this pass's rows
-        return None
-    return ~kernel[start: start + m]
+        return ALL
+    memo = _local.memo
+    if (start, m) not in memo:
+        rows = kernel[start: start + m]
+        n = int(rows.sum())
+        memo[start, m] = ALL if n == m else None if n == 0 else rows.nonzero()[:, 0]
+    return memo[start, m]
+
 
 
 class Scratch:
-    """A shard's buffer for one linear's codes in bf16 at a time, sized once at load to its largest linear
-    (`size_for`) and reused by every call (a fresh tensor per call cost more than the copy). Allocated
-    with the shard, so it is in its held bytes (`nbytes`, `scratch_bytes`): a device's memory admission
-    and KV pool see it before the first prompt runs."""
+    """A shard's buffer for one linear's weight in bf16 at a time, sized once at load to its largest linear
+    (`size_for`; int4's rows padded as int4pack pads them) and reused by every call (a fresh tensor per
+    call cost more than the copy). Allocated with the shard, so it is in its held bytes (`nbytes`,
+    `scratch_bytes`): a device's memory admission and KV pool see it before the first prompt runs."""
 
     def __init__(self, weights: int = 0):
         self.size = weights
@@ -105,43 +122,50 @@ class Scratch:
         self.key = None  # (pass, linear) whose codes `weight` holds: a device's chunks and tiles of one pass reuse it
 
     @classmethod
-    def size_for(cls, linears: list[tuple[int, int]]) -> Scratch:
-        """A buffer for the largest of `linears` (N, K)."""
-        return cls(_largest(linears))
+    def size_for(cls, linears: list[tuple[int, int]], row_multiple: int = 1) -> Scratch:
+        """A buffer for the largest of `linears` (N, K), N rounded up to `row_multiple`."""
+        return cls(_largest(linears, row_multiple))
 
     @property
     def nbytes(self) -> int:
         return SCRATCH_BYTES_PER_WEIGHT * self.size
 
-    def codes(self, codes: torch.Tensor, key) -> torch.Tensor:
-        """(N, K) bf16: `codes` (N, K) int8 copied into the buffer, unless this pass already did (`key`)."""
-        n, k = codes.shape
-        if self.size < n * k:
-            raise ValueError(f"dense rows: a {n} x {k} weight is larger than the scratch sized at load ({self.size})")
-        w = self.weight[: n * k].view(n, k)
+    def filled(self, shape: tuple[int, int], fill: Callable[[torch.Tensor], object], key) -> torch.Tensor:
+        """`shape` bf16, a view of the buffer that `fill` wrote, unless this pass already filled it for `key`
+        (a device's chunks and tiles of one pass then reuse it)."""
+        a, b = shape
+        if self.size < a * b:
+            raise ValueError(f"dense rows: a {a} x {b} weight is larger than the scratch sized at load ({self.size})")
+        w = self.weight[: a * b].view(a, b)
         key = (getattr(_local, "pass_id", 0), key)
         if self.key != key:
-            w.copy_(codes)
+            self.key = None  # a fill that raises leaves nothing claimed
+            fill(w)
             self.key = key
         return w
 
-
-SCRATCH_BYTES_PER_WEIGHT = 2  # Scratch: the codes in bf16
-
-
-def _largest(linears: list[tuple[int, int]]) -> int:
-    """Weights of the largest of `linears` (N, K): what a Scratch holds."""
-    return max((n * k for n, k in linears), default=0)
+    def codes(self, codes: torch.Tensor, key) -> torch.Tensor:
+        """(N, K) bf16: `codes` (N, K) int8 copied into the buffer, unless this pass already did (`key`)."""
+        return self.filled(tuple(codes.shape), lambda w: w.copy_(codes), key)
 
 
-def scratch_bytes(linears: list[tuple[int, int]]) -> int:
+SCRATCH_BYTES_PER_WEIGHT = 2  # Scratch: the weight in bf16
+
+
+def _largest(linears: list[tuple[int, int]], row_multiple: int = 1) -> int:
+    """Weights of the largest of `linears` (N, K), N rounded up to `row_multiple`: what a Scratch holds."""
+    return max((-(-n // row_multiple) * row_multiple * k for n, k in linears), default=0)
+
+
+def scratch_bytes(linears: list[tuple[int, int]], row_multiple: int = 1) -> int:
     """Bytes a shard's `Scratch` holds for linears of (N, K), before it is allocated (memory planning)."""
-    return SCRATCH_BYTES_PER_WEIGHT * _largest(linears)
+    return SCRATCH_BYTES_PER_WEIGHT * _largest(linears, row_multiple)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) bf16 @ W^T, W (N, K) bf16 -> (M, N) bf16 through oneDNN's GEMM. A single row is padded to
-    two: M = 1 takes a GEMV path whose summation order differs from the GEMM's (measured)."""
+    """x (M, K) bf16 @ W^T, W (N, K) bf16 (or the transposed view of a contiguous W^T) -> (M, N) bf16 through
+    oneDNN's GEMM. A single row is padded to two: M = 1 takes a GEMV path whose summation order differs
+    from the GEMM's (measured)."""
     if x.shape[0] == 1:
         return F.linear(torch.cat([x, x.new_zeros(1, x.shape[1])]), weight)[:1]
     return F.linear(x, weight)
@@ -151,3 +175,13 @@ def int8_dense(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, buf: S
     """x (M, K) bf16 through int8 codes (N, K) and per-row scales (N,) bf16 -> (M, N) bf16: the GEMM runs on
     the codes (exact in bf16) and the scale multiplies its output, as int8pack does."""
     return dense_linear(x, buf.codes(codes, key)) * scale
+
+
+def int4_dense(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, k: int, group: int, buf: Scratch,
+               key) -> torch.Tensor:
+    """x (M, K) bf16 through an int4pack weight (`packed` (Npad, K/2), `scale_zero` (K/group, Npad, 2) bf16)
+    -> (M, Npad) bf16: the GEMM runs on W^T (K, Npad) expanded into the buffer by the native pass
+    (model/int4_expand.py; the caller checked `expander()` is not None)."""
+    exp = expander()
+    wt = buf.filled((k, packed.shape[0]), lambda w: exp(packed, scale_zero, k, group, w), key)  # (K, Npad)
+    return dense_linear(x, wt.T)

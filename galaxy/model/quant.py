@@ -47,7 +47,8 @@ from torch import nn
 
 from ..errors import GalaxyError
 from .config import ModelConfig
-from .dense_rows import dense_mask, int8_dense
+from .dense_rows import ALL, int4_dense, int8_dense, kernel_index
+from .int4_expand import expander
 
 FORMAT_NAMES = ("fp32", "bf16", "fp16", "int8", "int4")
 # Activations each format's kernels take: the first is the default. bf16: oneDNN's prepacked bf16 GEMM;
@@ -409,33 +410,46 @@ class QuantLinear(nn.Module):
         return (y if y.shape[1] == self.n else y[:, : self.n]).to(torch.float32)
 
     def routes_rows(self) -> bool:
-        """Whether a pass's prompt rows run dense (model/dense_rows.py): int8 with bf16 activations (int8pack
-        is built for a few rows), once a shard gave it a `Scratch` (parallel/compact.py: a block's linears;
-        not the LM head, whose rows are the logit rows)."""
-        return self.scratch is not None
+        """Whether a pass's prompt rows run dense (model/dense_rows.py): int8 and int4 with bf16 activations
+        (int8pack and int4pack are built for a few rows), once a shard gave it a `Scratch`
+        (parallel/compact.py: a block's linears; not the LM head, whose rows are the logit rows); int4 only
+        where its native expansion loaded (model/int4_expand.py), else every row keeps the kernel."""
+        return self.scratch is not None and (self.fmt.name == "int8" or expander() is not None)
 
     @staticmethod
     def dense_capable(fmt: WeightFormat) -> bool:
-        """Formats whose prompt rows run dense: int8 with bf16 activations (int4 measured slower for short
-        prompts, docs/decode-formats.md)."""
-        return fmt.name == "int8" and fmt.act == "bf16"
+        """Formats whose shards hold a `Scratch` for their prompt rows: int8 and int4 with bf16 activations.
+        A property of the format, not of the machine, so the memory model counts the same bytes on the
+        planner's host and on the device (an int4 device without the native expansion holds it unused)."""
+        return fmt.name in ("int8", "int4") and fmt.act == "bf16"
+
+    @staticmethod
+    def scratch_rows(fmt: WeightFormat) -> int:
+        """The multiple a linear's rows are padded to in its `Scratch`: int4pack's 16, else 1."""
+        return INT4_ROWS if fmt.name == "int4" else 1
 
     def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` for a block's linear within a pass: its prompt rows (model/dense_rows.py's rule) run a
-        dense bf16 GEMM on its codes, its other rows the kernel."""
-        mask = dense_mask(x.shape[0]) if self.routes_rows() else None
-        if mask is None or not bool(mask.any()):
+        dense bf16 GEMM on its weight in bf16, its other rows the kernel. The GEMM takes the call's every
+        row and the kernel's rows are then written over: a row's dense result does not depend on the rows
+        beside it (model/dense_rows.py), and one GEMM on a few extra rows cost less than gathering the
+        dense rows out and scattering them back (~50 us a linear)."""
+        kernel = kernel_index(x.shape[0]) if self.routes_rows() else ALL
+        if kernel is ALL:
             return self.forward(x)
-        if bool(mask.all()):
-            return self._dense(x)
-        y = x.new_empty(x.shape[0], self.n)
-        y[mask] = self._dense(x[mask])
-        y[~mask] = self.forward(x[~mask])
+        y = self._dense(x)
+        if kernel is not None:
+            y.index_copy_(0, kernel, self.forward(x.index_select(0, kernel)))
         return y
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) float32 -> (M, N) float32 through a dense bf16 GEMM on this weight's int8 codes."""
-        return int8_dense(x.to(torch.bfloat16), self.codes, self.scale, self.scratch, id(self)).to(torch.float32)
+        """x (M, K) float32 -> (M, N) float32 through a dense bf16 GEMM on this weight: int8's codes, or
+        int4's weight expanded (the kernel's float32 weight rounded once to bf16)."""
+        x = x.to(torch.bfloat16)
+        if self.fmt.name == "int8":
+            return int8_dense(x, self.codes, self.scale, self.scratch, id(self)).to(torch.float32)
+        y = int4_dense(x, self.packed, self.scale_zero, self.k, self.fmt.group, self.scratch, id(self))  # (M, Npad)
+        return (y if y.shape[1] == self.n else y[:, : self.n]).to(torch.float32)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of W as float32 (an embedding lookup from a tied LM head): (t,) -> (t, K)."""

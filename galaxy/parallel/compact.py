@@ -48,6 +48,7 @@ from ..model.checkpoints import WeightSource
 from ..model.checkpoints.gguf import GGUFCheckpoint
 from ..model.checkpoints.gguf_blocks import read_blocked, tensor_type
 from ..model.dense_rows import Scratch
+from ..model.int4_expand import expander
 from ..model.quant import Blocked, FormatError, QuantLinear, WeightFormat, split_granules
 from ..model.transformer import Transformer
 from .sharding import Partition, ShardSpec, Strategy
@@ -157,13 +158,16 @@ def compact_shard(model: Transformer, source: WeightSource | None, fmt: WeightFo
 
 
 def attach_scratch(model: Transformer, fmt: WeightFormat) -> None:
-    """Give the blocks' int8 linears one `Scratch` sized to the largest (model/dense_rows.py), so a pass's
-    prompt rows run dense; held as `model.dense_scratch` and counted in `held_bytes`. The LM head
-    gets none: its rows are the logit rows, which run the kernel anyway."""
+    """Give the blocks' int8 / int4 linears one `Scratch` sized to the largest (model/dense_rows.py), so a
+    pass's prompt rows run dense; held as `model.dense_scratch` and counted in `held_bytes`. The LM head
+    gets none: its rows are the logit rows, which run the kernel anyway. int4 builds (or finds in the
+    cache) its native expansion now, not at the first prompt (model/int4_expand.py)."""
     qs = [mod.q for mod in model.modules() if isinstance(mod, CompactLinear)]
     if not QuantLinear.dense_capable(fmt) or not qs:
         return
-    model.dense_scratch = Scratch.size_for([(q.n, q.k) for q in qs])
+    model.dense_scratch = Scratch.size_for([(q.n, q.k) for q in qs], QuantLinear.scratch_rows(fmt))
+    if fmt.name == "int4":
+        expander()
     for q in qs:
         q.scratch = model.dense_scratch
 

@@ -79,7 +79,7 @@ class Pass:
     attend: Attend
     logit_rows: tuple[int, ...] | None  # causal LMs: rows whose logits come back (None: every row)
     contiguous_from: int | None = None  # one sequence at positions start.. (seqpar needs it), else None
-    # (S,) bool: rows that run an int8 linear's own kernel (decode rows, a prompt's last row); the others
+    # (S,) bool: rows that run an int8 / int4 linear's own kernel (decode rows, a prompt's last row); the others
     # run dense (model/dense_rows.py). None: every row runs the kernel
     kernel_rows: torch.Tensor | None = None
     # engine steps: attention from rotated heads, and the pass's rotation (the compiled decode halves)
@@ -175,7 +175,7 @@ def galaxy_layer(blk: Block, comm: Collectives, x: torch.Tensor, sizes: list[int
 
 
 def _at(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """fn on rows that start at pass row `start` (so an int8 linear routes each row by what it is,
+    """fn on rows that start at pass row `start` (so an int8 / int4 linear routes each row by what it is,
     model/dense_rows.py)."""
     def at(x: torch.Tensor, start: int) -> torch.Tensor:
         with rows_from(start):

@@ -236,8 +236,9 @@ def weight_bytes(cfg: ModelConfig, spec: ShardSpec, params: MemoryParams) -> int
     held = layers * sum(linear_held_bytes(n, k, fmt) for n, k in shard_linears(cfg, spec))
     vocab, vocab_bytes = vocab_held(cfg, spec, fmt)
     rest = shard_params(cfg, spec) - _linear_params(cfg, spec) - vocab
-    # int8: the buffer a prompt's rows copy the largest linear's codes into (compact.attach_scratch)
-    scratch = scratch_bytes(shard_linears(cfg, spec)) if layers and QuantLinear.dense_capable(fmt) else 0
+    # int8 / int4: the buffer a prompt's rows put the largest linear's weight into in bf16 (compact.attach_scratch)
+    scratch = (scratch_bytes(shard_linears(cfg, spec), QuantLinear.scratch_rows(fmt))
+               if layers and QuantLinear.dense_capable(fmt) else 0)
     return math.ceil(rest * params.weight_bytes) + held + vocab_bytes + scratch
 
 

@@ -1,4 +1,4 @@
-"""Prompt rows of int8 linears through a dense bf16 GEMM (model/dense_rows.py): within bf16 of the
+"""Prompt rows of int8 and int4 linears through a dense bf16 GEMM (model/dense_rows.py): within bf16 of the
 kernel, a row's result does not depend on the rows beside it, and a prompt gets the same logits whichever
 chunks it is cut into and whatever decode rows share its steps; the shard holds and counts the scratch."""
 
@@ -12,6 +12,7 @@ import torch
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import make_config
 from galaxy.model.dense_rows import Scratch, dense_linear, kernel_rows, scratch_bytes
+from galaxy.model.int4_expand import expander
 from galaxy.model.paged_kv import PagedBatch, PagedKVCache
 from galaxy.model.quant import QuantLinear, WeightFormat, parse_format
 from galaxy.parallel.collectives import Collectives, pieces
@@ -28,9 +29,15 @@ CFG = make_config("llama", vocab_size=97, hidden=64, n_layers=2, n_heads=4, n_kv
 SRC = RandomWeights(CFG, seed=11)
 
 
-def test_dense_rows_are_within_bf16_of_the_kernel():
-    q = QuantLinear.from_float(torch.randn(200, 96, generator=torch.Generator().manual_seed(0)), WeightFormat("int8"))
-    q.scratch = Scratch.size_for([(200, 96)])
+# int4's prompt rows run dense only where its native expansion built (model/int4_expand.py)
+FORMATS = ["int8", pytest.param("int4", marks=pytest.mark.skipif(expander() is None, reason="no C compiler"))]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_dense_rows_are_within_bf16_of_the_kernel(name):
+    fmt = WeightFormat(name)
+    q = QuantLinear.from_float(torch.randn(200, 96, generator=torch.Generator().manual_seed(0)), fmt)
+    q.scratch = Scratch.size_for([(200, 96)], QuantLinear.scratch_rows(fmt))  # int4: 200 rows padded to 208
     x = torch.randn(40, 96)
     kernel, dense = q.forward(x), q._dense(x)
     assert (dense - kernel).abs().max() <= 0.02 * kernel.abs().max()  # each a bf16 rounding of the same sum
@@ -45,9 +52,10 @@ def test_a_rows_dense_result_does_not_depend_on_the_rows_beside_it(k, n, threads
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        whole = dense_linear(x, w)
-        for a, b in [(0, 1), (5, 6), (36, 37), (0, 2), (3, 20), (17, 37), (1, 36)]:
-            assert torch.equal(dense_linear(x[a:b], w), whole[a:b]), (a, b)
+        for weight in (w, w.T.contiguous().T):  # int8's codes (N, K); int4's expanded W^T (K, N), transposed
+            whole = dense_linear(x, weight)
+            for a, b in [(0, 1), (5, 6), (36, 37), (0, 2), (3, 20), (17, 37), (1, 36)]:
+                assert torch.equal(dense_linear(x[a:b], weight), whole[a:b]), (a, b)
     finally:
         torch.set_num_threads(before)
 
@@ -61,12 +69,14 @@ def test_the_kernel_rows_are_each_sequences_last_row_whose_logits_come_back():
 
 def test_the_scratch_is_held_by_the_shard_and_counted_in_its_memory():
     assert scratch_bytes([(192, 64), (64, 96)]) == 2 * 192 * 64
+    assert scratch_bytes([(200, 64), (64, 96)], 16) == 2 * 208 * 64  # int4: rows padded as int4pack pads them
     from galaxy.parallel import memory
     from galaxy.parallel.compact import held_bytes
-    for fmt in ("int8", "int4", "bf16"):  # int4 and bf16 route nothing: no scratch
+    for fmt in ("int8", "int4", "int4-fp32", "bf16"):  # int4-fp32 and bf16 route nothing: no scratch
         shard = compact_shard(load_shard(SRC, full_spec(CFG)), SRC, parse_format(fmt))
         scratch = getattr(shard, "dense_scratch", None)
-        assert (scratch.nbytes if scratch else 0) == (2 * 192 * 64 if fmt == "int8" else 0)  # [gate; up] is largest
+        want = 2 * 192 * 64 if fmt in ("int8", "int4") else 0  # [gate; up] is the largest
+        assert (scratch.nbytes if scratch else 0) == want
         assert memory.weight_bytes(CFG, full_spec(CFG), memory.MemoryParams.for_dtype(4, fmt)) == held_bytes(shard)
 
 
@@ -81,8 +91,9 @@ def _run(model, cache, seqs, block=4):
     return rank_forward(model, comm, even_partition(CFG, 1, "megatron"), step_pass(step, cache))
 
 
-def test_a_prompt_gets_the_same_logits_in_any_chunks_and_beside_decode_rows(monkeypatch):
-    model = compact_shard(load_shard(SRC, full_spec(CFG)), SRC, parse_format("int8"))
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_prompt_gets_the_same_logits_in_any_chunks_and_beside_decode_rows(name, monkeypatch):
+    model = compact_shard(load_shard(SRC, full_spec(CFG)), SRC, parse_format(name))
     prompt = torch.randint(0, CFG.vocab_size, (21,), generator=torch.Generator().manual_seed(1)).tolist()
     other = torch.randint(0, CFG.vocab_size, (9,), generator=torch.Generator().manual_seed(2)).tolist()
 
