@@ -256,6 +256,8 @@ _state: dict[str, Expander | None] = {}
 def expander() -> Expander | None:
     """This process's native expansion (built, loaded and probed once), or None: no compiler, no build,
     no layout the probe recognises, or `GALAXY_NATIVE=0`."""
+    if "x" in _state:  # asked by every linear call of a prompt pass: no lock once loaded
+        return _state["x"]
     with _lock:
         if "x" not in _state:
             _state["x"] = _load()

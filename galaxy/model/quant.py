@@ -434,8 +434,8 @@ class QuantLinear(nn.Module):
         row and the kernel's rows are then written over: a row's dense result does not depend on the rows
         beside it (model/dense_rows.py), and one GEMM on a few extra rows cost less than gathering the
         dense rows out and scattering them back (~50 us a linear)."""
-        kernel = kernel_index(x.shape[0]) if self.routes_rows() else ALL
-        if kernel is ALL:
+        kernel = kernel_index(x.shape[0])  # first: a step of decodes (no pass to route) returns at once
+        if kernel is ALL or not self.routes_rows():
             return self.forward(x)
         y = self._dense(x)
         if kernel is not None:
