@@ -4,6 +4,8 @@ machine without a compiler keeps int4's kernel for every row instead of failing.
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -50,10 +52,17 @@ def test_a_buffer_that_does_not_describe_the_weight_is_refused():
 
 
 @needs_native
-def test_a_build_is_compiled_once_and_then_found_in_the_cache(tmp_path, monkeypatch):
+def test_a_build_is_compiled_once_and_its_portable_path_expands_alike(tmp_path, monkeypatch):
+    # -O3 alone: no AVX-512, so the portable C path (any block, tails) does every row
+    monkeypatch.setattr(int4_expand, "FLAGS", ("-O3",))
     monkeypatch.setattr(int4_expand, "_compiler_id", lambda cc: "the same compiler")
     first = int4_expand.build(tmp_path)
     assert first is not None and first.parent == tmp_path
+    portable = int4_expand.Expander(ctypes.CDLL(str(first)), EXPANDER.block)
+    q = QuantLinear.from_float(torch.randn(112, 64, generator=torch.Generator().manual_seed(4)), WeightFormat("int4"))
+    out, native = (torch.empty(64, 112, dtype=torch.bfloat16) for _ in range(2))
+    assert torch.equal(portable(q.packed, q.scale_zero, 64, 32, out).view(torch.int16),
+                       EXPANDER(q.packed, q.scale_zero, 64, 32, native).view(torch.int16))
     monkeypatch.setattr(int4_expand.subprocess, "run", lambda *a, **kw: pytest.fail("compiled again"))
     assert int4_expand.build(tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no build directory left behind
