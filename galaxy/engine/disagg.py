@@ -152,8 +152,7 @@ class KVMover:
     def __init__(self, prefill: Executor, decode: Executor, model: ModelConfig, config: DisaggConfig):
         self.prefill, self.decode, self.model, self.config = prefill, decode, model, config
         self._planned: tuple[Partition, Partition, tuple[KVPiece, ...]] | None = None
-        self.direct = (DirectSender(prefill, decode, config.direct,  # a send's deadline: the prefill group's
-                                    max(getattr(prefill, "kv_timeout", 60.0), getattr(decode, "kv_timeout", 60.0)))
+        self.direct = (DirectSender(prefill, decode, config.direct)
                        if config.direct is not None and supported(prefill, decode) else None)
 
     def plan(self) -> tuple[KVPiece, ...]:

@@ -55,7 +55,7 @@ from . import resources
 from .channels import add_port, check_bindable, open_channel, server_options
 from .datalink import DataServer
 from .discovery import start_announcer
-from .kv_ticket import MAX_REVOKE, NONCE_BYTES, NonceLog, verify
+from .kv_ticket import MAX_REVOKE, NONCE_BYTES, NonceLog, receipt, verify
 from .linktest import measure_link
 from .peers import PeerTransport
 from .protocol import (
@@ -467,8 +467,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             if request.HasField("ticket"):  # from another group's worker: only what the coordinator authorized
                 verify(self.s.token, sess.ticket_key, sess.session_id, rt.rank, request, request.kv.dtype,
                        len(request.kv.data), sess.nonces, self.s.name)
-                left = context.time_remaining()
-                if left is not None and left <= 0:  # the coordinator gave up on it and may have reused the blocks
+                left = context.time_remaining()  # (a courtesy: the sender sets it; the coordinator reuses the
+                if left is not None and left <= 0:  # blocks only once the nonce is spent, by receipt or revocation)
                     raise TransportError("a direct K/V move that arrived after its deadline")
             elif not self._from_coordinator(context):
                 raise KVTransferError("K/V from a device, not the coordinator, without the coordinator's ticket")
@@ -490,6 +490,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory: {e}")
         except (TransportError, ValueError, GalaxyError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V import refused: {e}")
+        if request.HasField("ticket"):  # proof for the coordinator that it is in (the sender forwards it)
+            return pb.KVReply(receipt=receipt(self.s.token, sess.ticket_key, request.ticket.nonce))
         return pb.KVReply()
 
     def _from_coordinator(self, context) -> bool:
@@ -506,7 +508,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         or reuse the blocks it came from: the prefill engine goes on), one once it is imported. The read
         holds this worker's lock; the send does not, so the next step here runs while the box travels.
         The receiver gets this call's deadline, less a margin. A receiver that refuses or cannot be
-        reached ends this call ABORTED, naming it."""
+        reached ends this call ABORTED, naming it; the second reply forwards the receiver's receipt."""
         t0 = time.perf_counter()
         sess = self._session_or_abort(request.box.session_id, context)
         with self._kv_lock(request.box, context):
@@ -529,13 +531,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         timeout = max(0.1, (left if left is not None else 2 * KV_WAIT_S) - 0.5)
         t1 = time.perf_counter()
         try:
-            self._kv_peer(request.dst_address).ImportKV(msg, timeout=timeout,
-                                                         metadata=metadata(self.s.token, t.dst_session))
+            rep = self._kv_peer(request.dst_address).ImportKV(msg, timeout=timeout,
+                                                               metadata=metadata(self.s.token, t.dst_session))
         except grpc.RpcError as e:
             context.abort(grpc.StatusCode.ABORTED, f"{self.s.name}: the direct K/V move to {request.dst_address} "
                           f"failed ({e.code().name}): {e.details()}")
         now = time.perf_counter()
-        yield pb.KVReply(seconds=now - t0, bytes=len(msg.kv.data), send_s=now - t1)
+        yield pb.KVReply(seconds=now - t0, bytes=len(msg.kv.data), send_s=now - t1, receipt=rep.receipt)
 
     def _kv_peer(self, address: str) -> pb_grpc.WorkerStub:
         """A stub to another group's worker (a channel kept per address, as PeerTransport's)."""
