@@ -828,6 +828,13 @@ class DisaggEngine:
                                     inflight_bytes=self.streamer.inflight if self.streamer else 0)}
 
     @property
+    def step_log(self) -> dict:
+        """Each group's steps, named: {"prefill": ..., "decode": ...}, each an Engine.step_log of (decodes,
+        prompt tokens, seconds) -- a prefill step may carry decodes too (a sequence waiting for room on the
+        decode group decodes there)."""
+        return {"prefill": self.prefill.step_log, "decode": self.decode.step_log}
+
+    @property
     def last_step(self):
         """The decode group's last step (the prefill group's before any decode ran)."""
         return self.decode.last_step or self.prefill.last_step
