@@ -42,6 +42,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..errors import RowsOutsidePass
+
 _local = threading.local()
 _passes = itertools.count(1)
 
@@ -83,13 +85,16 @@ def rows_from(start: int):
 
 
 def dense_mask(m: int) -> torch.Tensor | None:
-    """(m,) bool: which of a linear call's m rows run dense; None outside a pass (all run the kernel)."""
+    """(m,) bool: which of a linear call's m rows run dense; None outside a pass (all run the kernel).
+    Rows past the pass's (a `rows_from` start or a call's size out of step with the pass) raise
+    RowsOutsidePass naming them: running them all through the kernel would be a silent guess."""
     kernel = getattr(_local, "kernel", None)
     if kernel is None:
         return None
     start = _local.start
-    if start + m > kernel.shape[0]:  # rows beyond the pass's: not a call of this pass's rows
-        return None
+    if start + m > kernel.shape[0]:
+        raise RowsOutsidePass(f"dense rows: a linear called on pass rows {start}..{start + m - 1}, but the pass holds "
+                              f"rows 0..{kernel.shape[0] - 1}")
     return ~kernel[start: start + m]
 
 
