@@ -42,12 +42,18 @@ class _Receiver:
         self.revoked += nonces
 
 
-def test_a_move_given_up_on_keeps_its_blocks_until_the_receiver_revokes_its_ticket_not_until_a_deadline():
-    receiver = _Receiver()
+def _given_up(receiver: _Receiver) -> tuple[DirectSender, DirectMove]:
+    """A one-box move into `receiver` whose send was given up on after its read."""
     sender = DirectSender(_Sender(), receiver, DirectConfig(revoke_every_s=0.05))
     move = DirectMove()
+    sender.send(move, [(KVPiece(0, 0, (0, 2), (0, 2)), 64)], (0,), 4, KVPool(4, 4), (1,), KVPool(4, 4))
+    return sender, move
+
+
+def test_a_move_given_up_on_keeps_its_blocks_until_the_receiver_revokes_its_ticket_not_until_a_deadline():
+    receiver = _Receiver()
+    sender, move = _given_up(receiver)
     try:
-        sender.send(move, [(KVPiece(0, 0, (0, 2), (0, 2)), 64)], (0,), 4, KVPool(4, 4), (1,), KVPool(4, 4))
         deadline = time.monotonic() + 5
         while move.error is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -66,10 +72,8 @@ def test_a_move_given_up_on_keeps_its_blocks_until_the_receiver_revokes_its_tick
 def test_a_move_into_a_decode_group_loaded_again_gives_its_blocks_back_without_a_revocation():
     """A re-plan re-made the pool the blocks were in: nothing of the old one is handed out again."""
     receiver = _Receiver()
-    sender = DirectSender(_Sender(), receiver, DirectConfig(revoke_every_s=0.05))
-    move = DirectMove()
+    sender, move = _given_up(receiver)
     try:
-        sender.send(move, [(KVPiece(0, 0, (0, 2), (0, 2)), 64)], (0,), 4, KVPool(4, 4), (1,), KVPool(4, 4))
         time.sleep(0.2)
         assert move.outstanding == 1
         receiver.session_id = "decode, re-planned"
