@@ -146,6 +146,14 @@ def policy(model: Transformer, world: int) -> bool:
     return want in ("1", "traced") or (world == 1 and block_bytes(model) >= AUTO_MIN_BYTES)
 
 
+def compile_workers() -> int:
+    """Inductor's compile workers in this process (one per core up to 32, or TORCHINDUCTOR_COMPILE_THREADS):
+    what a build's memory grows with (parallel/memory.decode_compile_bytes)."""
+    import torch._inductor.config as inductor
+
+    return int(inductor.compile_threads)
+
+
 class _Graph:
     """One block half compiled once, called with any layer's weights."""
 

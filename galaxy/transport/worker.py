@@ -38,7 +38,7 @@ from ..model.checkpoints.random import RandomWeights
 from ..model.config import ConfigError, ModelConfig
 from ..model.quant import parse_format
 from ..model.transformer import DTYPES
-from ..parallel import memory
+from ..parallel import decode_graph, memory
 from ..parallel.codec import codec_seconds_per_byte
 from ..parallel.compact import check_cuts, compact_shard, held_bytes
 from ..parallel.compact_wire import build_compact, is_compact_state
@@ -326,10 +326,27 @@ class WorkerService(pb_grpc.WorkerServicer):
             log.info("%s: decode steps on %d thread(s), prefill on %d%s", self.s.name, threads.decode,
                      threads.prefill, "".join(f"; {n} thread(s) {s * 1e3:.2f} ms" for n, s in timings.items()))
         runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap, threads=threads)
-        if backend == "torch":
+        if backend == "torch" and self._compile_fits(model, partition.world, need):
             runtime.prepare_decode()  # a one-token step's compiled halves, where they pay (parallel/decode_graph.py)
         return _Session(req.session_id, runtime, transport, weight_bytes, load_s, backend, params.act_bytes, seq,
                         ticket_key=bytes(req.kv_ticket_key))
+
+    def _compile_fits(self, model, world: int, need: memory.ShardNeed) -> bool:
+        """Whether this device's budget holds building the shard's decode graphs now: their peak
+        (memory.decode_compile_bytes: inductor's growth of this process, which stays, and its compile
+        workers') beside what the process holds with the shard just loaded, and the KV and pass the load
+        reserved. If not, the build is refused -- the shard decodes eagerly, slower -- rather than the device
+        pushed past its budget (where the OOM killer would end it)."""
+        if not self.s.memory_budget or not decode_graph.policy(model, world):
+            return True
+        peak = memory.decode_compile_bytes(decode_graph.compile_workers())
+        build = memory.ShardNeed(0, 0, need.kv, need.activations, compile=peak)
+        try:
+            memory.check_fits(self.s.name, build, self.s.memory_budget, self._resident(), "compiling its decode step")
+        except DeviceOutOfMemory as e:
+            log.warning("%s; it decodes eagerly instead", e)
+            return False
+        return True
 
     def _kv_budget(self, sess: _Session, resident: int) -> int:
         """Memory the serving engine's paged KV pool may take here. With a memory budget: the one
