@@ -9,6 +9,7 @@ sender or receiver gone ends the request naming it and its group."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -47,11 +48,18 @@ def _import(dec: Cluster, dest: KVDestination, box: torch.Tensor, table=(1, 2), 
     return dec._kv_call(0, "ImportKV", msg, "K/V import")
 
 
-def test_a_forged_altered_replayed_or_mismatched_ticket_and_a_wrong_size_box_are_refused(servers):
+@contextmanager
+def _two_groups(servers):
+    """A prefill and a decode session of one worker each, under the cluster token: (pre, dec, their addresses)."""
     addrs = servers.start(2, token="s3cret")
     with Cluster(addrs[:1], token="s3cret") as pre, Cluster(addrs[1:], token="s3cret") as dec:
         pre.load_ref(REF, split([6]))
         dec.load_ref(REF, split([6]))
+        yield pre, dec, addrs
+
+
+def test_a_forged_altered_replayed_or_mismatched_ticket_and_a_wrong_size_box_are_refused(servers):
+    with _two_groups(servers) as (pre, dec, _):
         pool = KVPool(4, 8)
         zero = torch.zeros(CFG.n_layers, 2, CFG.n_kv_heads, 10, CFG.head_dim)
         dec.import_kv(0, (1, 2), zero, LAYERS, (0, 2), pool)  # the coordinator's own import: no ticket needed
@@ -249,10 +257,7 @@ def test_a_sender_that_claims_an_import_it_did_not_do_is_caught_and_its_late_box
         yield pb.KVReply(seconds=0.0, bytes=request.ticket.nbytes, send_s=0.0)
 
     monkeypatch.setattr(WorkerService, "SendKV", liar)  # (before the servers start: they bind their handlers)
-    addrs = servers.start(2, token="s3cret")
-    with Cluster(addrs[:1], token="s3cret") as pre, Cluster(addrs[1:], token="s3cret") as dec:
-        pre.load_ref(REF, split([6]))
-        dec.load_ref(REF, split([6]))
+    with _two_groups(servers) as (pre, dec, addrs):
         pool = KVPool(4, 8)
         box = torch.randn(CFG.n_layers, 2, CFG.n_kv_heads, 10, CFG.head_dim)
         pre.import_kv(0, (0, 3), box, LAYERS, (0, 2), pool)
