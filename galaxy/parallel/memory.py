@@ -435,7 +435,7 @@ def quantize_transient_bytes(cfg: ModelConfig, fmt: WeightFormat) -> int:
 # the loaded shard: the process's own growth, which stays (inductor's modules, the compiled code), and its
 # compile workers' and their C++ compilers' (subprocesses, gone after), which inductor runs one per core (up to
 # 32). Measured on SmolLM2 on one device, int4 and fp32, a cold and a warm inductor cache, with 2 compile workers
-# (docs/decode-formats.md "The one-token step's compiled halves"): the process grew by at most 145 MiB, its
+# (docs/decode-formats.md "The one-token step's compiled halves"): the process grew by at most 146 MiB, its
 # descendants held at most 560 MiB at once (PSS): the largest of each, rounded up, the latter per worker.
 DECODE_COMPILE_PROCESS_BYTES = 160 * MiB
 DECODE_COMPILE_WORKER_BYTES = 288 * MiB
