@@ -55,6 +55,11 @@ class PlanMismatch(GalaxyError):
     """A plan or partition does not fit the model or the cluster."""
 
 
+class RowsOutsidePass(GalaxyError):
+    """A linear was called, inside a pass, on rows the pass does not hold (model/dense_rows.py): which of them
+    run dense cannot be told, and a guess would give those tokens other numerics."""
+
+
 class DeviceOutOfMemory(GalaxyError):
     """A device cannot hold its shard or activations within its memory (budget)."""
 

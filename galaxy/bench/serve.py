@@ -310,7 +310,10 @@ def _value(text: str):
 
 def step_shapes(log) -> dict:
     """What the engine's steps carried and took (Engine.step_log): steps beside running streams with
-    prompt tokens (mixed), with none (decode-only), and with no stream (prompt-only)."""
+    prompt tokens (mixed), with none (decode-only), and with no stream (prompt-only). A phase-separated
+    engine's log names its groups (DisaggEngine.step_log): then the same per group, under its name."""
+    if isinstance(log, dict):
+        return {name: shapes for name, group in log.items() if (shapes := step_shapes(group))}
     out = {}
     for kind, keep in (("mixed", lambda d, p: d and p), ("decode_only", lambda d, p: d and not p),
                        ("prompt_only", lambda d, p: not d)):
@@ -470,15 +473,20 @@ def table(report: dict) -> str:
                          + ("" if not m else f"; their TTFT measured / predicted at admission: median "
                             f"{m['median']:.2f}, p90 {m['p90']:.2f}"))
     for r in report["runs"]:
-        shapes = r.get("steps") or {}
-        if shapes:
-            lines.append(f"{r['scheduler']} steps: " + "; ".join(
-                f"{k.replace('_', '-')} {v['steps']} (decodes {v['decodes_p50']:g}, prompt tokens "
-                f"{v['prompt_tokens_p50']:g}, {_ms(v['seconds']['median'])}/{_ms(v['seconds']['p99'])} ms p50/p99)"
-                for k, v in shapes.items()))
+        lines += _shape_lines(r["scheduler"], r.get("steps") or {})
     mismatch = [r["scheduler"] for r in report["runs"] if r.get("outputs_match") is False]
     lines.append("outputs identical across schedulers: " + ("yes" if not mismatch else f"NO ({mismatch})"))
     return "\n".join(lines)
+
+
+def _shape_lines(name: str, shapes: dict) -> list[str]:
+    """step_shapes' report as lines: one, or one per group of a phase-separated engine ("batch decode group")."""
+    if any("steps" not in v for v in shapes.values()):  # named groups, each of kinds
+        return [line for group, kinds in shapes.items() for line in _shape_lines(f"{name} {group} group", kinds)]
+    return [f"{name} steps: " + "; ".join(
+        f"{k.replace('_', '-')} {v['steps']} (decodes {v['decodes_p50']:g}, prompt tokens "
+        f"{v['prompt_tokens_p50']:g}, {_ms(v['seconds']['median'])}/{_ms(v['seconds']['p99'])} ms p50/p99)"
+        for k, v in shapes.items())] if shapes else []
 
 
 def plot(report: dict, path: str, key: str = "scheduler", suptitle: str = "") -> None:

@@ -152,8 +152,7 @@ class KVMover:
     def __init__(self, prefill: Executor, decode: Executor, model: ModelConfig, config: DisaggConfig):
         self.prefill, self.decode, self.model, self.config = prefill, decode, model, config
         self._planned: tuple[Partition, Partition, tuple[KVPiece, ...]] | None = None
-        self.direct = (DirectSender(prefill, decode, config.direct,  # a send's deadline: the prefill group's
-                                    max(getattr(prefill, "kv_timeout", 60.0), getattr(decode, "kv_timeout", 60.0)))
+        self.direct = (DirectSender(prefill, decode, config.direct)
                        if config.direct is not None and supported(prefill, decode) else None)
 
     def plan(self) -> tuple[KVPiece, ...]:
@@ -827,6 +826,13 @@ class DisaggEngine:
                 "kv_transfer": dict(self.decode.transfer, path=self.kv_path, adopted=self.decode.adopted,
                                     direct_fell_back=self.mover.direct.fell_back if self.mover.direct else 0,
                                     inflight_bytes=self.streamer.inflight if self.streamer else 0)}
+
+    @property
+    def step_log(self) -> dict:
+        """Each group's steps, named: {"prefill": ..., "decode": ...}, each an Engine.step_log of (decodes,
+        prompt tokens, seconds) -- a prefill step may carry decodes too (a sequence waiting for room on the
+        decode group decodes there)."""
+        return {"prefill": self.prefill.step_log, "decode": self.decode.step_log}
 
     @property
     def last_step(self):

@@ -389,8 +389,7 @@ class Engine:
         self.steps += 1
         decodes = sum(1 for it in plan.items if len(it.token_ids) == 1)
         self.step_log.append((decodes, plan.num_tokens - decodes, res.seconds))
-        if decodes:  # the cost of steps beside running streams
-            self.cost.observe(plan.num_tokens, res.seconds)
+        if decodes:  # the cost of steps beside running streams (recorded once: the line and the split)
             self.cost.observe_shape(decodes, plan.num_tokens - decodes, res.seconds)
         if decodes == 1 == plan.num_tokens:  # one stream alone: its unloaded TPOT
             self.cost.observe_lone(res.seconds)

@@ -34,10 +34,13 @@ What a failure does:
   mid-send) runs the sequence's tokens again on the decode group, as a sequence whose split was
   re-planned does; a decode device really gone fails that step and is told as the decode group's
   failure. (KVDirectFailed before the reads, not expected, moves it through the coordinator.)
-- The reserved blocks go back only once no call of the move may still write into them (`outstanding`:
-  a running call, or one given up on until its deadline, which the receiver enforces -- or until the
-  receiver has revoked its ticket (`revoke_kv`): asked at once when the sender was lost mid-send, not
-  when the receiver itself went silent).
+- The reserved blocks go back only once no call of the move may still write into them (`outstanding`):
+  a call counts until the receiver's own word says its ticket is spent -- its receipt of the import
+  (forwarded by the sender, which cannot make one), or a revocation it answered (`revoke_kv`). Not a
+  deadline: the receiver sees only the one its caller, the sender, set, and a sender is trusted to
+  deliver a box, not to say when it stops trying. A revocation that fails (the receiver silent or
+  unreachable) is asked again every `revoke_every_s` until it is answered, or the decode group re-loaded
+  (its pool re-made: the old blocks are not handed out again), or went down for good.
 
 Streamed K/V (engine/kv_stream.py) keep going through the coordinator: a stream's chunks are read
 while later chunks run, into blocks reserved before the first token; doing that directly needs the
@@ -67,20 +70,22 @@ class DirectConfig:
     """How K/V move in one hop from the prefill devices to the decode devices."""
 
     max_inflight_bytes: int = 32 << 20  # bytes of boxes in calls at once (each box at most chunk_bytes)
-    slack_s: float = 1.0  # after a call's deadline: when a call given up on can no longer write anywhere
+    revoke_every_s: float = 1.0  # a given-up call's ticket the receiver did not revoke yet: asked again this often
 
     def __post_init__(self):
         v = self.max_inflight_bytes
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise PlanMismatch(f"direct K/V config: max_inflight_bytes={v!r} must be an integer >= 1")
-        if not isinstance(self.slack_s, (int, float)) or not 0 <= self.slack_s < float("inf"):
-            raise PlanMismatch(f"direct K/V config: slack_s={self.slack_s!r} must be a number of seconds >= 0")
+        v = self.revoke_every_s
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < float("inf"):
+            raise PlanMismatch(f"direct K/V config: revoke_every_s={v!r} must be a number of seconds > 0")
 
 
 def supported(prefill: Executor, decode: Executor) -> bool:
     """Both executors reach workers that can send to each other (transport.client.Cluster, or a
     re-planning one): an in-process executor has no second hop to save."""
-    return callable(getattr(prefill, "send_kv", None)) and callable(getattr(decode, "kv_destination", None))
+    return callable(getattr(prefill, "send_kv", None)) and all(callable(getattr(decode, m, None))
+                                                              for m in ("kv_destination", "revoke_kv"))
 
 
 @dataclass(eq=False)
@@ -97,9 +102,9 @@ class DirectMove:
     busy_s: float = 0.0  # every call's time, summed (calls overlap: more than the wall time)
     import_s: float = 0.0  # of it, the receivers' imports as the senders timed them
     error: GalaxyError | None = None
-    # calls that may still write -> monotonic time after which they cannot: a call that returned is over; one the
-    # coordinator gave up on (no heartbeat, or its receiver's deadline hit) stays until its deadline has passed
-    _open: dict = field(default_factory=dict)
+    # calls that may still write into the reserved blocks: each stays until its receiver's receipt, or a
+    # revocation the receiver answered, or no ticket was issued for it
+    _open: set = field(default_factory=set)
     _running: int = 0
     _sealed: bool = False  # every call of it started
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -110,10 +115,9 @@ class DirectMove:
 
     @property
     def outstanding(self) -> int:
-        """Calls that may still write into the reserved blocks (running, or given up on before their deadline)."""
-        now = time.monotonic()
+        """Calls that may still write into the reserved blocks (running, or given up on and not yet revoked)."""
         with self._lock:
-            return sum(1 for t in self._open.values() if t > now)
+            return len(self._open)
 
     def timing(self) -> StreamTiming:
         """Busy time, nothing hidden behind the prefill, exposed: from the reads (the prefill engine handing it
@@ -146,15 +150,17 @@ class DirectSender:
     """Starts every box of a move at once, at most `max_inflight_bytes` read and not yet imported over all
     moves, and returns once they are read: the sends finish in the background."""
 
-    def __init__(self, prefill: Executor, decode: Executor, config: DirectConfig, timeout_s: float):
+    def __init__(self, prefill: Executor, decode: Executor, config: DirectConfig):
         self.prefill, self.decode, self.config = prefill, decode, config
-        self.timeout_s = timeout_s  # the longest one call may take (the executor's K/V timeout)
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="galaxy-kv-direct")
         self._cv = threading.Condition()
         self.inflight = 0  # bytes of boxes in calls now, every move
         self.peak_inflight = 0
         self.sent = 0  # moves whose boxes were all read
         self.fell_back = 0  # moves that failed on the receivers' side (the sequence then ran again, or went two-hop)
+        self._revoking: list = []  # (move, call, receiver rank, KVDestination): tickets still to revoke
+        self._revoker: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def send(self, move: DirectMove, boxes: list[tuple[KVPiece, int]], src_table, tokens: int, src_pool: KVPool,
              dst_table, dst_pool: KVPool) -> None:
@@ -175,7 +181,7 @@ class DirectSender:
             t0 = time.perf_counter()
             key = object()
             with move._lock:
-                move._open[key] = time.monotonic() + self.timeout_s + self.config.slack_s
+                move._open.add(key)
             state = {"read": False}
 
             def on_read():
@@ -192,19 +198,18 @@ class DirectSender:
                 sent, import_s = self.prefill.send_kv(c.src, src_table, tokens, c.layers, c.heads, src_pool, dest,
                                                       on_read=on_read)
                 with move._lock:
-                    move._open.pop(key)  # returned: it wrote all it ever will
+                    move._open.discard(key)  # the receiver's receipt: in, its ticket spent
                     move.nbytes += sent
                     move.import_s += import_s
                     move.busy_s += time.perf_counter() - t0
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, or to the move
-                if not getattr(e, "gave_up", False) or (not getattr(e, "receiver_silent", False)
-                                                         and self._revoked(c.dst, dest)):  # nothing more of it lands
+                # whatever the sender said, its box may still land until the receiver spends the ticket: ask now
+                # (not a receiver that just missed its pings: that call would wait them out again), else later
+                if dest is None or (not getattr(e, "receiver_silent", False) and self._revoked(c.dst, dest)):
                     with move._lock:
-                        move._open.pop(key)
-                else:  # it may land until its deadline: look at the reservation again once that has passed
-                    timer = threading.Timer(self.timeout_s + self.config.slack_s + 0.1, move.wake)
-                    timer.daemon = True
-                    timer.start()
+                        move._open.discard(key)
+                else:
+                    self._revoke_later(move, key, c.dst, dest)
                 if state["read"]:
                     move._fail(e)
                 else:
@@ -247,18 +252,43 @@ class DirectSender:
         self.sent += 1
 
     def _revoked(self, rank: int, dest) -> bool:
-        """A call given up on (its sender lost mid-send, or silent): ask the receiver to spend its ticket, so the
-        box can no longer land and its blocks may go back now. False when the receiver cannot say so (gone,
-        silent, re-planned): then the call's deadline, which the receiver enforces, bounds it."""
-        if dest is None or not callable(getattr(self.decode, "revoke_kv", None)):
-            return dest is None  # no ticket was issued: nothing can land
+        """A call without the receiver's receipt (failed, given up on, or a sender that claimed an import it cannot
+        prove): ask the receiver to spend its ticket, so the box can no longer land and its blocks may go back.
+        False when the receiver did not answer (gone, silent): the blocks stay reserved, asked again later."""
         try:
             self.decode.revoke_kv(rank, [dest.ticket.nonce])
         except GalaxyError as e:
-            log.info("could not revoke a given-up direct K/V move's ticket at %s (%s): its deadline bounds it",
-                     dest.name, e)
+            if "no loaded session" in str(e):  # the receiver lost the session (restarted, released): and its pool
+                return True
+
+            log.info("could not revoke a direct K/V move's ticket at %s (%s): its blocks stay reserved, asked again "
+                     "in %g s", dest.name, e, self.config.revoke_every_s)
             return False
         return True
 
+    def _revoke_later(self, move: DirectMove, key, rank: int, dest) -> None:
+        with self._cv:
+            self._revoking.append((move, key, rank, dest))
+            if self._revoker is None:
+                self._revoker = threading.Thread(target=self._revoke_loop, name="galaxy-kv-revoke", daemon=True)
+                self._revoker.start()
+
+    def _revoke_loop(self) -> None:
+        """Ask again, every `revoke_every_s`, for the tickets no receiver has revoked yet. One ends when it is
+        revoked or the decode group was loaded again (a re-plan: a new session, the pool its blocks were in is
+        gone from the coordinator's books); the decode engine gives back at once what a group down for good held."""
+        while not self._closed.wait(self.config.revoke_every_s):
+            with self._cv:
+                pending, self._revoking = self._revoking, []
+            for move, key, rank, dest in pending:
+                if self.decode.session_id == dest.ticket.dst_session and not self._revoked(rank, dest):
+                    with self._cv:
+                        self._revoking.append((move, key, rank, dest))
+                    continue
+                with move._lock:
+                    move._open.discard(key)
+                move.wake()
+
     def close(self) -> None:
+        self._closed.set()
         self.pool.shutdown(wait=False, cancel_futures=True)

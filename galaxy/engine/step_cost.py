@@ -34,6 +34,11 @@ The fit is Theil-Sen (the median of the slopes between samples of different size
 median residual) over the last `window` steps: the devices share their cores with other work, and
 one slow step (a first step, a burst of foreign load) must not move the budget as it would move a
 least-squares line.
+
+A step is recorded once, by what it carried (`observe_shape`): the one line reads its size off the same
+record, in the same pass over the pairs as the split, and stops being fitted once the split is (nothing
+reads it then: every bound uses the split). `observe` records a step known by its size only (the TTFT
+prediction's line, admission.py), which the split never reads.
 """
 
 from __future__ import annotations
@@ -51,39 +56,51 @@ class StepCost:
     """The line `seconds = a + b * tokens` through the engine's recent steps."""
 
     def __init__(self, window: int = 48):
-        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+        # (decodes, prompt tokens, seconds) of the last `window` steps; decodes None: known by its size only
+        self.shapes: deque[tuple[int | None, int, float]] = deque(maxlen=window)
         self.fit: tuple[float, float] | None = None  # (a, b) once steps of two sizes were seen
         self.lone: deque[float] = deque(maxlen=window)  # steps of one decode and nothing else: the unloaded TPOT
-        self.shapes: deque[tuple[int, int, float]] = deque(maxlen=window)  # (decodes, prompt tokens, seconds)
         self.split: tuple[float, float, float] | None = None  # (a, bd, bp) once MIN_PAIRS of prompt pairs were seen
         self._beside = 0  # steps beside streams observed: every PROBE_EVERY-th is a probe until the split is fitted
 
     def observe(self, tokens: int, seconds: float) -> None:
-        self.samples.append((tokens, seconds))
-        slopes = [(s2 - s1) / (n2 - n1) for (n1, s1), (n2, s2) in itertools.combinations(self.samples, 2) if n2 != n1]
-        if not slopes:  # every step the same size: nothing to separate a from b (keep the last fit)
-            return
-        b = max(statistics.median(slopes), 1e-9)  # a step never gets cheaper with more tokens
-        a = max(statistics.median(s - b * n for n, s in self.samples), 0.0)
-        self.fit = (a, b)
+        """A step known by its size only: feeds the one line."""
+        self.shapes.append((None, tokens, seconds))
+        self._refit(split=False)
 
     def observe_shape(self, decodes: int, prompt_tokens: int, seconds: float) -> None:
         """A step beside running streams, by what it carried: feeds the split fit (decodes apart from prompt
-        tokens)."""
+        tokens) and, until that is fitted, the one line."""
         self.shapes.append((decodes, prompt_tokens, seconds))
-        per_prompt, per_decode = [], []
+        self._beside += 1
+        self._refit(split=True)
+
+    def _refit(self, split: bool) -> None:
+        """One pass over the pairs of the window: the line's slopes (pairs of different sizes) while no split is
+        fitted, the split's (pairs differing in one kind) when asked."""
+        line = self.split is None
+        slopes, per_prompt, per_decode = [], [], []
         for (d1, c1, s1), (d2, c2, s2) in itertools.combinations(self.shapes, 2):
+            if line:
+                n1, n2 = c1 + (d1 or 0), c2 + (d2 or 0)
+                if n1 != n2:
+                    slopes.append((s2 - s1) / (n2 - n1))
+            if not split or d1 is None or d2 is None:
+                continue
             if d1 == d2 and c1 != c2:
                 per_prompt.append((s2 - s1) / (c2 - c1))
             elif c1 == c2 and d1 != d2:
                 per_decode.append((s2 - s1) / (d2 - d1))
-        self._beside += 1
+        if slopes:  # (every step the same size: nothing to separate a from b; keep the last fit)
+            b = max(statistics.median(slopes), 1e-9)  # a step never gets cheaper with more tokens
+            a = max(statistics.median(s - b * (c + (d or 0)) for d, c, s in self.shapes), 0.0)
+            self.fit = (a, b)
         if len(per_prompt) < MIN_PAIRS:
             return  # too few to price a prompt token apart: the one line (keep any split fitted before)
         bp = max(statistics.median(per_prompt), 1e-9)
         # decodes that hardly varied: their price does not matter (a is then the prevailing decode step)
         bd = max(statistics.median(per_decode), 0.0) if len(per_decode) >= MIN_PAIRS else 0.0
-        a = max(statistics.median(s - bd * d - bp * c for d, c, s in self.shapes), 0.0)
+        a = max(statistics.median(s - bd * d - bp * c for d, c, s in self.shapes if d is not None), 0.0)
         self.split = (a, bd, bp)
 
     def probe(self) -> bool:

@@ -45,6 +45,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..errors import RowsOutsidePass
 from .int4_expand import expander
 
 _local = threading.local()
@@ -99,8 +100,9 @@ def kernel_index(m: int):
     if kernel is None:
         return ALL
     start = _local.start
-    if start + m > kernel.shape[0]:  # rows beyond the pass's: not a call of this pass's rows
-        return ALL
+    if start + m > kernel.shape[0]:  # a silent guess at those rows' numerics: refuse by name
+        raise RowsOutsidePass(f"dense rows: a linear called on pass rows {start}..{start + m - 1}, but the pass holds "
+                              f"rows 0..{kernel.shape[0] - 1}")
     memo = _local.memo
     if (start, m) not in memo:
         rows = kernel[start: start + m]

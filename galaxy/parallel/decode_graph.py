@@ -32,7 +32,9 @@ in its step (compiled) and the same decode in a batch (eager) agree within the e
 <= 1e-4, greedy tokens in the tests), not bit for bit. The traced graphs are bit-identical to eager
 (tests/parallel/test_decode_graph.py pins torch.equal); the suite never runs inductor (seconds).
 Any failure to build or to run falls back to the eager step for the rest of the load (alone), with the
-reason logged.
+reason logged. With peers (a split) a step that fails mid-way ends on every rank, and only a graph's own
+error (`GraphFailed`: raised inside a compiled half, which would raise again every step) turns the graphs
+off on its rank; a collective's error around them (a peer gone, the step aborted) leaves them on.
 
 When: `policy()` -- `GALAXY_DECODE_COMPILE=0` never (the test suite sets it: compile time must not land
 in tests), `=1` whenever eligible, unset: when eligible, the device decodes alone (a partition of one: the
@@ -64,6 +66,11 @@ log = logging.getLogger(__name__)
 
 COMPILE_ENV = "GALAXY_DECODE_COMPILE"
 AUTO_MIN_BYTES = 16 << 20  # block weights below this: the eager step is already fast; compiling costs seconds
+
+
+class GraphFailed(Exception):
+    """A compiled half itself raised (its cause is the error): not a collective or the attention between the
+    halves, so the next step would fail the same way."""
 
 
 class _Half(nn.Module):
@@ -139,6 +146,14 @@ def policy(model: Transformer, world: int) -> bool:
     return want in ("1", "traced") or (world == 1 and block_bytes(model) >= AUTO_MIN_BYTES)
 
 
+def compile_workers() -> int:
+    """Inductor's compile workers in this process (one per core up to 32, or TORCHINDUCTOR_COMPILE_THREADS):
+    what a build's memory grows with (parallel/memory.decode_compile_bytes)."""
+    import torch._inductor.config as inductor
+
+    return int(inductor.compile_threads)
+
+
 class _Graph:
     """One block half compiled once, called with any layer's weights."""
 
@@ -160,7 +175,10 @@ class _Graph:
         self.example = example
 
     def __call__(self, blk: Block, *args: torch.Tensor):
-        out = self.fn(*self.weights[id(blk)], *args)
+        try:
+            out = self.fn(*self.weights[id(blk)], *args)
+        except Exception as e:
+            raise GraphFailed(str(e)) from e
         return tuple(out)
 
 

@@ -32,7 +32,7 @@ from ..model.dense_rows import kernel_rows, pass_rows, rows_from
 from ..model.paged_kv import PagedBatch, PagedKVCache
 from ..model.transformer import Attention, Block, Transformer
 from .collectives import Collectives
-from .decode_graph import DecodeGraphs
+from .decode_graph import DecodeGraphs, GraphFailed
 from .sharding import Partition, Strategy
 
 
@@ -214,8 +214,12 @@ def megatron_forward(model: Transformer, comm: Collectives, p: Pass, graphs: Dec
     if graphs is not None and p.attend_heads is not None and graphs.fits(x):
         try:
             return _head(model, p, _compiled_layers(model, comm, p, graphs, x))
-        except Exception as e:
+        except GraphFailed as e:  # the graph itself: it would fail every step, so the next ones run eagerly
+            graphs.fail(e.__cause__)
             if comm.world > 1:  # peers are mid-step: the error ends the step on every rank
+                raise e.__cause__ from None
+        except Exception as e:
+            if comm.world > 1:  # a collective's error (a peer gone, the step aborted): the graphs are not at fault
                 raise
             graphs.fail(e)  # alone: the K/V written so far are rewritten alike by the eager layers
     for idx, blk in model.layers.items():

@@ -432,6 +432,21 @@ def quantize_transient_bytes(cfg: ModelConfig, fmt: WeightFormat) -> int:
     return QUANTIZE_TEMP_BYTES * largest
 
 
+# What building a shard's compiled decode halves (parallel/decode_graph.py, inductor) adds at its peak, beside
+# the loaded shard: the process's own growth, which stays (inductor's modules, the compiled code), and its
+# compile workers' and their C++ compilers' (subprocesses, gone after), which inductor runs one per core (up to
+# 32). Measured on SmolLM2 on one device, int4 and fp32, a cold and a warm inductor cache, with 2 compile workers
+# (docs/decode-formats.md "The one-token step's compiled halves"): the process grew by at most 146 MiB, its
+# descendants held at most 560 MiB at once (PSS): the largest of each, rounded up, the latter per worker.
+DECODE_COMPILE_PROCESS_BYTES = 160 * MiB
+DECODE_COMPILE_WORKER_BYTES = 288 * MiB
+
+
+def decode_compile_bytes(workers: int) -> int:
+    """Peak bytes a decode-graph build adds beside the loaded shard, with inductor's `workers` compile workers."""
+    return DECODE_COMPILE_PROCESS_BYTES + max(1, workers) * DECODE_COMPILE_WORKER_BYTES
+
+
 @dataclass(frozen=True)
 class ShardNeed:
     """Bytes a device needs beside its resident process to load a shard and run a pass over it."""
@@ -441,15 +456,21 @@ class ShardNeed:
     kv: int  # KV cache of the reserved positions
     activations: int  # one pass at the reserved length
     reply: int = 0  # that pass's reply with every token's row (`galaxy run --seq-len N --check`)
+    compile: int = 0  # building the decode graphs after the load (decode_compile_bytes; part of it stays)
 
     @property
     def total(self) -> int:
         """The load (transient, then the KV it reserves) and a one-shot pass returning every row (no
-        KV pool is allocated for it, the load's transient is gone) never overlap: the larger counts."""
-        return self.weights + self.activations + max(self.transient + self.kv, self.reply)
+        KV pool is allocated for it, the load's transient is gone) never overlap: the larger counts. A
+        decode-graph build follows the load (its transient gone) and part of it stays beside the KV."""
+        return self.weights + self.activations + max(self.transient + self.kv, self.reply, self.compile + self.kv)
 
     def describe(self) -> str:
-        parts = [f"{self.weights / MiB:.0f} MiB of weights", f"{self.transient / MiB:.0f} MiB while loading"]
+        parts = [f"{self.weights / MiB:.0f} MiB of weights"] if self.weights else []
+        if self.transient:
+            parts.append(f"{self.transient / MiB:.0f} MiB while loading")
+        if self.compile:
+            parts.append(f"{self.compile / MiB:.0f} MiB compiling the decode step")
         if self.kv:
             parts.append(f"{self.kv / MiB:.0f} MiB of KV cache")
         if self.activations:

@@ -157,7 +157,7 @@ class ResilientCluster:
 
     def revoke_kv(self, rank: int, nonces) -> None:
         """Spend a given-up direct move's tickets on `rank` of the cluster loaded now (Cluster.revoke_kv); no
-        re-plan here: a device gone leaves the move bounded by its deadline, and the next step finds it."""
+        re-plan here: a device gone keeps the move's blocks reserved until it answers, and the next step finds it."""
         self.cluster.revoke_kv(rank, nonces)
 
     def send_kv(self, rank: int, block_table, tokens: int, layers, heads, pool, dest, start: int = 0, on_read=None):

@@ -83,13 +83,16 @@ class ModelRef:
 @dataclass(frozen=True)
 class KVDestination:
     """Where a direct K/V move goes (Cluster.kv_destination, for another Cluster's send_kv): the receiving
-    worker's address, the coordinator's ticket for that one box, its name for errors, and `gone()`, a
-    heartbeat of it (True once it missed enough pings to be declared gone)."""
+    worker's address, the coordinator's ticket for that one box, its name for errors, `gone()`, a
+    heartbeat of it (True once it missed enough pings to be declared gone), and `receipt_ok(bytes)`: whether
+    the sender forwarded the receiver's own proof of the import (kv_ticket.receipt), which the sender cannot
+    make -- the receiving session's key stays with that session's cluster."""
 
     address: str
     ticket: pb.KVTicket
     name: str
     gone: Callable[[], bool]
+    receipt_ok: Callable[[bytes], bool]
 
 
 def model_ref(source) -> ModelRef:
@@ -402,14 +405,15 @@ class Cluster:
                                  num_blocks=pool.num_blocks, block_size=pool.block_size, start=start,
                                  num_tokens=tokens, layer_lo=layers[0], layer_hi=layers[1], head_lo=heads[0],
                                  head_hi=heads[1], dtype=code, nbytes=nbytes)
-        missed = [0] * self.world
+        missed, token, key = [0] * self.world, self.token, self._ticket_key
         return KVDestination(self.addresses[rank], ticket, self.names[rank],
-                             lambda: self._heartbeat([rank], missed) is not None)
+                             lambda: self._heartbeat([rank], missed) is not None,
+                             lambda got: kv_ticket.receipt_ok(token, key, ticket, got))
 
     def revoke_kv(self, rank: int, nonces: list[bytes]) -> None:
         """Worker `rank` counts these tickets (kv_destination's) as spent: a direct move into it that was given up
         on cannot land after this returns (the worker answers once no import of them is running), so its blocks
-        may be reused at once. Raises as an import would (PeerUnreachable: then only its deadline bounds it)."""
+        may be reused at once. Raises as an import would (PeerUnreachable: then the blocks stay reserved)."""
         self._kv_call(rank, "ImportKV", pb.KVBox(session_id=self.session_id, revoke_nonces=list(nonces)),
                       "K/V ticket revocation")
 
@@ -420,7 +424,9 @@ class Cluster:
         may then be freed). Returns (bytes, seconds of the receiver's import as the sender timed it).
         Watched by heartbeat: the sender gone before the read raises PeerUnreachable naming it (as a
         failed pull); after the read, or the receiver gone, refusing, or past the timeout, KVDirectFailed
-        (`gave_up`: the call may still land until its deadline)."""
+        (`receiver_silent`: the receiver missed its pings, so it cannot be asked to revoke the ticket now). A
+        send the sender says is done without the receiver's receipt is a KVDirectFailed too: the box may not
+        be in, and may land later, until the ticket is revoked."""
         self._check_rank(rank)
         msg = pb.KVSend(box=kv_box_to_proto(self.session_id, block_table, tokens, layers, heads, pool, start=start,
                                             while_stepping=while_stepping), dst_address=dest.address,
@@ -453,20 +459,20 @@ class Cluster:
                     who = self.names[rank] if gone else dest.name
                     err = KVDirectFailed(f"{who}: no heartbeat for {secs:.0f} s during a direct K/V move from "
                                          f"{self.names[rank]} to {dest.name}")
-                    err.gave_up = True  # the call may still be on its way: its box may land until its deadline
-                    err.receiver_silent = not gone  # then it cannot be asked to refuse it (revoke_kv)
+                    err.receiver_silent = not gone  # then it cannot be asked to refuse it (revoke_kv) now
                     raise err from None
                 continue
             if item is None:
                 last = got[-1] if got else pb.KVReply()
+                if len(got) < 2 or not dest.receipt_ok(last.receipt):
+                    raise KVDirectFailed(f"{self.names[rank]} -> {dest.name}: the sender ended the direct K/V move "
+                                         "without the receiver's receipt of the import")
                 return last.bytes, last.send_s
             if isinstance(item, grpc.RpcError):
                 code = item.code()
                 if code in (grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED) or (got and code not in (
                         grpc.StatusCode.INVALID_ARGUMENT,)):
-                    err = KVDirectFailed(f"{self.names[rank]} -> {dest.name}: {item.details()}")
-                    err.gave_up = code != grpc.StatusCode.ABORTED or "DEADLINE_EXCEEDED" in (item.details() or "")
-                    raise err from None
+                    raise KVDirectFailed(f"{self.names[rank]} -> {dest.name}: {item.details()}") from None
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise KVTransferError(f"{self.names[rank]}: {item.details()}") from None
                 raise _error(item, self.names[rank], "direct K/V move") from None

@@ -20,9 +20,14 @@ Why a ticket and not a standing credential:
   and byte size. The receiver checks the box it gets against the ticket (shape, dtype, bytes), the
   ticket's MAC, then the box against its shard and pool as any import (parallel/kv_transfer.py).
 - A fresh 16-byte nonce makes it single-use: the receiver remembers the nonces of its session
-  (`NonceLog`, bounded) and refuses one seen before. No clock is compared between devices; a late
-  delivery is refused by the gRPC deadline the sender forwards (the receiver checks the time left
-  before it writes), so a move the coordinator gave up on cannot land in blocks it reused since.
+  (`NonceLog`, bounded) and refuses one seen before.
+- The blocks a ticket names go back to the coordinator's pool only once the nonce is known spent at the
+  receiver: by a `receipt` (an HMAC of the nonce only the receiving session and the coordinator can make,
+  returned by the receiver's import and forwarded by the sender), or by a revocation the receiver
+  answered (ImportKV.revoke_nonces, under its K/V lock). Not by a deadline: the only deadline the
+  receiver sees is the one its caller -- the sender -- set (grpcio gives a call without one a time left
+  of years), so a misbehaving sender could deliver late into blocks reused since; nor by a sender's word
+  that the import happened. No clock is compared between devices.
 
 HMAC-SHA256 over a canonical JSON of the fields; compared in constant time. Against an attacker who
 can read the LAN, use TLS as for every other call (a ticket authorizes; it does not encrypt).
@@ -53,13 +58,28 @@ def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
+def _signing_key(token: str | None, key: bytes) -> bytes:
+    # the cluster token and the session's secret, both: neither a token holder nor a key holder alone signs
+    return hmac.new((token or "").encode(), b"galaxy-kv-ticket|" + key, hashlib.sha256).digest()
+
+
 def _mac(token: str | None, key: bytes, t: pb.KVTicket) -> bytes:
     fields = [list(getattr(t, f)) if f == "block_table" else getattr(t, f) for f in _FIELDS]
     fields[_FIELDS.index("nonce")] = t.nonce.hex()
     msg = json.dumps(fields, separators=(",", ":")).encode()
-    # the cluster token and the session's secret, both: neither a token holder nor a key holder alone signs
-    k = hmac.new((token or "").encode(), b"galaxy-kv-ticket|" + key, hashlib.sha256).digest()
-    return hmac.new(k, msg, hashlib.sha256).digest()
+    return hmac.new(_signing_key(token, key), msg, hashlib.sha256).digest()
+
+
+def receipt(token: str | None, key: bytes, nonce: bytes) -> bytes:
+    """The receiver's proof that it imported the box of the ticket with `nonce` (spent it): what lets the
+    coordinator give the ticket's blocks back without a revocation. The sender forwards it but cannot make one
+    (it lacks the key), so it cannot claim an import it did not do and deliver the box later."""
+    return hmac.new(_signing_key(token, key), b"galaxy-kv-receipt|" + nonce, hashlib.sha256).digest()
+
+
+def receipt_ok(token: str | None, key: bytes, ticket: pb.KVTicket, got: bytes) -> bool:
+    """Whether `got` is the receiver's receipt for `ticket` (compared in constant time)."""
+    return len(got) == 32 and hmac.compare_digest(got, receipt(token, key, ticket.nonce))
 
 
 def issue(token: str | None, key: bytes, **fields) -> pb.KVTicket:

@@ -38,7 +38,7 @@ from ..model.checkpoints.random import RandomWeights
 from ..model.config import ConfigError, ModelConfig
 from ..model.quant import parse_format
 from ..model.transformer import DTYPES
-from ..parallel import memory
+from ..parallel import decode_graph, memory
 from ..parallel.codec import codec_seconds_per_byte
 from ..parallel.compact import check_cuts, compact_shard, held_bytes
 from ..parallel.compact_wire import build_compact, is_compact_state
@@ -55,7 +55,7 @@ from . import resources
 from .channels import add_port, check_bindable, open_channel, server_options
 from .datalink import DataServer
 from .discovery import start_announcer
-from .kv_ticket import MAX_REVOKE, NONCE_BYTES, NonceLog, verify
+from .kv_ticket import MAX_REVOKE, NONCE_BYTES, NonceLog, receipt, verify
 from .linktest import measure_link
 from .peers import PeerTransport
 from .protocol import (
@@ -326,10 +326,27 @@ class WorkerService(pb_grpc.WorkerServicer):
             log.info("%s: decode steps on %d thread(s), prefill on %d%s", self.s.name, threads.decode,
                      threads.prefill, "".join(f"; {n} thread(s) {s * 1e3:.2f} ms" for n, s in timings.items()))
         runtime = RankRuntime(model, partition, req.rank, req.tiles, overlap=not req.no_overlap, threads=threads)
-        if backend == "torch":
+        if backend == "torch" and self._compile_fits(model, partition.world, need):
             runtime.prepare_decode()  # a one-token step's compiled halves, where they pay (parallel/decode_graph.py)
         return _Session(req.session_id, runtime, transport, weight_bytes, load_s, backend, params.act_bytes, seq,
                         ticket_key=bytes(req.kv_ticket_key))
+
+    def _compile_fits(self, model, world: int, need: memory.ShardNeed) -> bool:
+        """Whether this device's budget holds building the shard's decode graphs now: their peak
+        (memory.decode_compile_bytes: inductor's growth of this process, which stays, and its compile
+        workers') beside what the process holds with the shard just loaded, and the KV and pass the load
+        reserved. If not, the build is refused -- the shard decodes eagerly, slower -- rather than the device
+        pushed past its budget (where the OOM killer would end it)."""
+        if not self.s.memory_budget or not decode_graph.policy(model, world):
+            return True
+        peak = memory.decode_compile_bytes(decode_graph.compile_workers())
+        build = memory.ShardNeed(0, 0, need.kv, need.activations, compile=peak)
+        try:
+            memory.check_fits(self.s.name, build, self.s.memory_budget, self._resident(), "compiling its decode step")
+        except DeviceOutOfMemory as e:
+            log.warning("%s; it decodes eagerly instead", e)
+            return False
+        return True
 
     def _kv_budget(self, sess: _Session, resident: int) -> int:
         """Memory the serving engine's paged KV pool may take here. With a memory budget: the one
@@ -467,8 +484,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             if request.HasField("ticket"):  # from another group's worker: only what the coordinator authorized
                 verify(self.s.token, sess.ticket_key, sess.session_id, rt.rank, request, request.kv.dtype,
                        len(request.kv.data), sess.nonces, self.s.name)
-                left = context.time_remaining()
-                if left is not None and left <= 0:  # the coordinator gave up on it and may have reused the blocks
+                left = context.time_remaining()  # (a courtesy: the sender sets it; the coordinator reuses the
+                if left is not None and left <= 0:  # blocks only once the nonce is spent, by receipt or revocation)
                     raise TransportError("a direct K/V move that arrived after its deadline")
             elif not self._from_coordinator(context):
                 raise KVTransferError("K/V from a device, not the coordinator, without the coordinator's ticket")
@@ -490,6 +507,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.s.name}: out of memory: {e}")
         except (TransportError, ValueError, GalaxyError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V import refused: {e}")
+        if request.HasField("ticket"):  # proof for the coordinator that it is in (the sender forwards it)
+            return pb.KVReply(receipt=receipt(self.s.token, sess.ticket_key, request.ticket.nonce))
         return pb.KVReply()
 
     def _from_coordinator(self, context) -> bool:
@@ -506,7 +525,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         or reuse the blocks it came from: the prefill engine goes on), one once it is imported. The read
         holds this worker's lock; the send does not, so the next step here runs while the box travels.
         The receiver gets this call's deadline, less a margin. A receiver that refuses or cannot be
-        reached ends this call ABORTED, naming it."""
+        reached ends this call ABORTED, naming it; the second reply forwards the receiver's receipt."""
         t0 = time.perf_counter()
         sess = self._session_or_abort(request.box.session_id, context)
         with self._kv_lock(request.box, context):
@@ -529,13 +548,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         timeout = max(0.1, (left if left is not None else 2 * KV_WAIT_S) - 0.5)
         t1 = time.perf_counter()
         try:
-            self._kv_peer(request.dst_address).ImportKV(msg, timeout=timeout,
-                                                         metadata=metadata(self.s.token, t.dst_session))
+            rep = self._kv_peer(request.dst_address).ImportKV(msg, timeout=timeout,
+                                                               metadata=metadata(self.s.token, t.dst_session))
         except grpc.RpcError as e:
             context.abort(grpc.StatusCode.ABORTED, f"{self.s.name}: the direct K/V move to {request.dst_address} "
                           f"failed ({e.code().name}): {e.details()}")
         now = time.perf_counter()
-        yield pb.KVReply(seconds=now - t0, bytes=len(msg.kv.data), send_s=now - t1)
+        yield pb.KVReply(seconds=now - t0, bytes=len(msg.kv.data), send_s=now - t1, receipt=rep.receipt)
 
     def _kv_peer(self, address: str) -> pb_grpc.WorkerStub:
         """A stub to another group's worker (a channel kept per address, as PeerTransport's)."""

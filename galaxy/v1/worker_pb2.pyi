@@ -285,16 +285,18 @@ class KVBox(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., block_table: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layer_lo: _Optional[int] = ..., layer_hi: _Optional[int] = ..., head_lo: _Optional[int] = ..., head_hi: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., kv: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[int] = ..., while_stepping: _Optional[bool] = ..., ticket: _Optional[_Union[KVTicket, _Mapping]] = ..., revoke_nonces: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class KVReply(_message.Message):
-    __slots__ = ("kv", "seconds", "bytes", "send_s")
+    __slots__ = ("kv", "seconds", "bytes", "send_s", "receipt")
     KV_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SEND_S_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     kv: Tensor
     seconds: float
     bytes: int
     send_s: float
-    def __init__(self, kv: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., send_s: _Optional[float] = ...) -> None: ...
+    receipt: bytes
+    def __init__(self, kv: _Optional[_Union[Tensor, _Mapping]] = ..., seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., send_s: _Optional[float] = ..., receipt: _Optional[bytes] = ...) -> None: ...
 
 class KVTicket(_message.Message):
     __slots__ = ("src_session", "src_rank", "dst_session", "dst_rank", "block_table", "num_blocks", "block_size", "start", "num_tokens", "layer_lo", "layer_hi", "head_lo", "head_hi", "dtype", "nbytes", "nonce", "mac")

@@ -59,3 +59,26 @@ def test_bench_serve_refuses_bad_settings_before_it_starts_a_device(args, msg, m
     monkeypatch.setattr(cli_bench, "bench_devices", started)
     assert main(["bench", "serve", "--local", "1", "--random-init", "tiny-llama", *args]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_a_phase_separated_row_prints_each_groups_step_shapes_like_a_colocated_row():
+    """`galaxy bench serve` on a disaggregated placement: the row's step shapes are the prefill group's
+    (prompt-only steps) and the decode group's (decode-only steps), each named and printed as the colocated
+    row's are."""
+    from galaxy.engine.disagg import DisaggEngine
+    from tests.engine.test_disagg import CFG, loaded, split
+
+    pre, dec = loaded(split([3, 3])), loaded(split([6]))
+    try:
+        ec = EngineConfig(block_size=4, kv_blocks=40)
+        sb = ServeBench(Workload(num_requests=2, concurrency=2, input_len=6, output_len=4), schedulers=("batch",),
+                        engine=ec)
+        report = run_serve_bench(pre, CFG, None, sb, make_engine=lambda ec: DisaggEngine(pre, dec, CFG, None, ec, ec))
+    finally:
+        pre.close()
+        dec.close()
+    steps = report["runs"][0]["steps"]
+    assert set(steps) == {"prefill", "decode"}
+    assert steps["prefill"]["prompt_only"]["steps"] >= 1 and steps["decode"]["decode_only"]["steps"] >= 3
+    text = table(report)
+    assert "batch prefill group steps: prompt-only" in text and "batch decode group steps: decode-only" in text

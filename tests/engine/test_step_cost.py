@@ -3,6 +3,9 @@ running decodes (stall-free prefill, galaxy/engine/step_cost.py)."""
 
 from __future__ import annotations
 
+import itertools
+import random
+import statistics
 import time
 from types import SimpleNamespace
 
@@ -10,7 +13,7 @@ import pytest
 
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.scheduler import SchedulerConfigError
-from galaxy.engine.step_cost import StepCost
+from galaxy.engine.step_cost import MIN_PAIRS, StepCost
 
 
 def test_no_budget_before_steps_of_two_sizes_are_seen():
@@ -58,7 +61,6 @@ def test_decodes_and_prompt_tokens_are_priced_apart_once_steps_allow_and_the_chu
     a, bd, bp = 0.15, 0.007, 0.002
     shapes = [(d, c) for d in (2, 3, 4, 5, 6) for c in (0, 16)] + [(4, 8), (4, 12)]
     for d, c in shapes:
-        cost.observe(d + c, a + bd * d + bp * c)
         cost.observe_shape(d, c, a + bd * d + bp * c)
     cost.observe_shape(4, 16, 2.0)  # foreign load
     fa, fbd, fbp = cost.split
@@ -70,7 +72,6 @@ def test_decodes_and_prompt_tokens_are_priced_apart_once_steps_allow_and_the_chu
 def test_the_split_fit_waits_for_enough_pairs_of_each_kind():
     cost = StepCost()
     for d, c in ((4, 16), (4, 0), (4, 16), (4, 0)):  # prompt pairs only: the decodes' price is unknown
-        cost.observe(d + c, 0.15 + 0.007 * d + 0.002 * c)
         cost.observe_shape(d, c, 0.15 + 0.007 * d + 0.002 * c)
     assert cost.split is None and cost.prompt_tokens(4, 1.5) == int(0.5 * cost.decode_step(4) / cost.fit[1])
 
@@ -83,12 +84,52 @@ def test_while_every_step_carries_the_same_chunk_every_fourth_is_a_decode_only_p
     for _ in range(40):  # four decodes beside a prompt that always waits
         n = Engine._step_budget(engine, 4)
         budgets.append(n)
-        cost.observe(4 + n, 0.15 + 0.007 * 4 + 0.002 * n)
         cost.observe_shape(4, n, 0.15 + 0.007 * 4 + 0.002 * n)
     assert budgets[:4] == [16, 16, 16, 0] and cost.split == pytest.approx((0.178, 0.0, 0.002))
     assert 0 not in budgets[-8:] and budgets[-1] == int(0.5 * 0.178 / 0.002)  # the chunk the bound means: 44
     assert Engine._step_budget(SimpleNamespace(config=EngineConfig(max_stall=None), cost=cost,
                                                _prompt_budget=lambda d: 256), 4) == 256  # no bound: no probe
+
+
+def _theil_sen(steps: list[tuple[int, int, float]]) -> tuple[tuple[float, float] | None, tuple | None]:
+    """The line and the split over `steps` (decodes, prompt tokens, seconds), written out from the definitions
+    (docstring of step_cost.py) without the class: the fit the engine must keep."""
+    slopes = [(s2 - s1) / (n2 - n1) for (d1, c1, s1), (d2, c2, s2) in itertools.combinations(steps, 2)
+              if (n1 := d1 + c1) != (n2 := d2 + c2)]
+    line = None
+    if slopes:
+        b = max(statistics.median(slopes), 1e-9)
+        line = (max(statistics.median(s - b * (d + c) for d, c, s in steps), 0.0), b)
+    pairs = list(itertools.combinations(steps, 2))
+    bps = [(s2 - s1) / (c2 - c1) for (d1, c1, s1), (d2, c2, s2) in pairs if d1 == d2 and c1 != c2]
+    bds = [(s2 - s1) / (d2 - d1) for (d1, c1, s1), (d2, c2, s2) in pairs if c1 == c2 and d1 != d2]
+    if len(bps) < MIN_PAIRS:
+        return line, None
+    bp = max(statistics.median(bps), 1e-9)
+    bd = max(statistics.median(bds), 0.0) if len(bds) >= MIN_PAIRS else 0.0
+    return line, (max(statistics.median(s - bd * d - bp * c for d, c, s in steps), 0.0), bd, bp)
+
+
+def test_a_step_recorded_once_keeps_the_line_and_the_split_and_the_line_stops_once_the_split_fits():
+    """The engine records a step once (observe_shape) and both fits read it: on a fixed, noisy sequence of steps,
+    longer than the window, the line equals Theil-Sen's over the window until the split is fitted, the split
+    equals Theil-Sen's from then on, and the line is no longer computed (every bound reads the split)."""
+    rng, window = random.Random(7), 12
+    cost, steps, line_when_split, kept = StepCost(window=window), [], None, None
+    for i in range(40):
+        d = rng.choice((1, 2, 4)) if i < 6 else rng.choice((2, 3, 4, 5))
+        c = rng.choice((0, 0, 16, 32)) if i >= 6 else 8 * d  # the first steps tell the kinds apart by size only
+        step = (d, c, 0.12 + 0.006 * d + 0.002 * c + rng.uniform(0.0, 0.01))
+        steps.append(step)
+        cost.observe_shape(*step)
+        line, split = _theil_sen(steps[-window:])
+        split = kept = split or kept  # a window with too few pairs keeps the split fitted before
+        if split is None:
+            assert cost.split is None and cost.fit == pytest.approx(line, rel=1e-12)
+        else:
+            line_when_split = line_when_split or cost.fit
+            assert cost.split == pytest.approx(split, rel=1e-12) and cost.fit == line_when_split
+    assert line_when_split is not None and 0 < len(cost.shapes) == window
 
 
 def test_the_unloaded_step_is_the_lone_decodes_median_else_the_line_at_one_token():

@@ -9,7 +9,9 @@ sender or receiver gone ends the request naming it and its group."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
+import grpc
 import pytest
 import torch
 
@@ -18,14 +20,17 @@ from galaxy.engine.disagg import DisaggConfig, DisaggEngine
 from galaxy.engine.engine import EngineConfig
 from galaxy.engine.generation import GenerationConfig
 from galaxy.engine.kv_direct import DirectConfig
-from galaxy.errors import GalaxyError, InvalidRequest, KVTransferError
+from galaxy.errors import GalaxyError, InvalidRequest, KVDirectFailed, KVTransferError
 from galaxy.parallel.rank import KVPool
 from galaxy.runtime.sources import reference_generate
 from galaxy.transport import kv_ticket
+from galaxy.transport.channels import open_channel
 from galaxy.transport.client import Cluster, KVDestination, ModelRef
-from galaxy.transport.protocol import kv_box_to_proto
+from galaxy.transport.protocol import kv_box_to_proto, metadata
 from galaxy.transport.security import COORDINATOR, TlsFiles, init_keys
+from galaxy.transport.worker import WorkerService
 from galaxy.v1 import worker_pb2 as pb
+from galaxy.v1 import worker_pb2_grpc as pb_grpc
 from tests.engine.test_disagg import CFG, SRC, prompts, split
 
 REF = ModelRef(CFG, random_init=True, seed=SRC.seed, std=SRC.std)
@@ -43,11 +48,18 @@ def _import(dec: Cluster, dest: KVDestination, box: torch.Tensor, table=(1, 2), 
     return dec._kv_call(0, "ImportKV", msg, "K/V import")
 
 
-def test_a_forged_altered_replayed_or_mismatched_ticket_and_a_wrong_size_box_are_refused(servers):
+@contextmanager
+def _two_groups(servers):
+    """A prefill and a decode session of one worker each, under the cluster token: (pre, dec, their addresses)."""
     addrs = servers.start(2, token="s3cret")
     with Cluster(addrs[:1], token="s3cret") as pre, Cluster(addrs[1:], token="s3cret") as dec:
         pre.load_ref(REF, split([6]))
         dec.load_ref(REF, split([6]))
+        yield pre, dec, addrs
+
+
+def test_a_forged_altered_replayed_or_mismatched_ticket_and_a_wrong_size_box_are_refused(servers):
+    with _two_groups(servers) as (pre, dec, _):
         pool = KVPool(4, 8)
         zero = torch.zeros(CFG.n_layers, 2, CFG.n_kv_heads, 10, CFG.head_dim)
         dec.import_kv(0, (1, 2), zero, LAYERS, (0, 2), pool)  # the coordinator's own import: no ticket needed
@@ -115,7 +127,7 @@ def test_a_receiver_the_sender_cannot_reach_runs_the_sequence_again_on_the_decod
 
         def unreachable(*args, **kwargs):  # the address the coordinator knows is one the prefill workers cannot reach
             d = real(*args, **kwargs)
-            return KVDestination("127.0.0.1:9", d.ticket, d.name, d.gone)
+            return KVDestination("127.0.0.1:9", d.ticket, d.name, d.gone, d.receipt_ok)
 
         monkeypatch.setattr(dec, "kv_destination", unreachable)
         engine = DisaggEngine(pre, dec, CFG, None, EngineConfig(block_size=4, kv_blocks=32),
@@ -141,7 +153,8 @@ def test_a_sender_or_receiver_gone_during_a_direct_move_ends_the_request_naming_
     """The sender (a prefill worker) gone before it read its box: the move fails as a pull would, naming it
     in the prefill group. The receiver gone: the sender cannot reach it, the sequence runs again on the
     decode group, whose step fails naming it in the decode group. Both at once, not after a timeout; no
-    block held on either group."""
+    block held on either group but the receiver's reservation, which goes back only once the receiver
+    revokes the move's ticket (the sender's word that it could not deliver is not proof)."""
     addrs = servers.start(3)
     with Cluster(addrs[:2]) as pre, Cluster(addrs[2:]) as dec:
         pre.load_ref(REF, split([2, 4]))
@@ -163,11 +176,13 @@ def test_a_sender_or_receiver_gone_during_a_direct_move_ends_the_request_naming_
                 stream.result(30)
             took = time.perf_counter() - t0
             assert stream.generation.tokens == reference_generate(SRC, p, 1, stop_at_eos=False)
+            kept = {held for held, _ in engine.decode._releasing} if stopped == 2 else set()
             deadline = time.monotonic() + 10
-            while (engine.prefill.sched.live or engine.decode.sched.live or engine.decode._held) \
+            while (engine.prefill.sched.live or engine.decode.sched.live or set(engine.decode._held) != kept) \
                     and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert not engine.decode._held and not engine.prefill.sched.live and not engine.decode.sched.live
+            assert set(engine.decode._held) == kept and len(kept) == (stopped == 2)
+            assert not engine.prefill.sched.live and not engine.decode.sched.live
         finally:
             engine.close()
     assert took < 20
@@ -222,3 +237,40 @@ def test_the_kv_path_is_direct_between_workers_by_default_and_one_switch_picks_e
     with galaxy.connect(local=2, transport="inproc") as s:
         lm = s.load(SRC, placement=placement, kv_path="direct")
         assert lm.engine.kv_path == "coordinator" and lm.generate(p, 4, details=True).tokens == want
+
+
+def test_a_sender_that_claims_an_import_it_did_not_do_is_caught_and_its_late_box_refused_once_revoked(
+        servers, monkeypatch):
+    """A prefill worker (holding the cluster token, so authenticated) that answers SendKV as if the box were in
+    without importing it, meaning to deliver it later -- with no gRPC deadline, which grpcio reports as years
+    left, into blocks the coordinator reused meanwhile. The coordinator takes an import as done only with the
+    receiver's receipt, which the sender cannot make: without it the move fails, and the revocation that must
+    come before its blocks go back spends the ticket, so the late box is refused and the pool keeps its bytes."""
+    held, honest_send = [], WorkerService.SendKV
+
+    def liar(self, request, context):  # once told to: keeps the box instead of sending it, says it is in
+        if not held:
+            yield from honest_send(self, request, context)
+            return
+        held.append(request.ticket)
+        yield pb.KVReply(seconds=0.0, bytes=request.ticket.nbytes)
+        yield pb.KVReply(seconds=0.0, bytes=request.ticket.nbytes, send_s=0.0)
+
+    monkeypatch.setattr(WorkerService, "SendKV", liar)  # (before the servers start: they bind their handlers)
+    with _two_groups(servers) as (pre, dec, addrs):
+        pool = KVPool(4, 8)
+        box = torch.randn(CFG.n_layers, 2, CFG.n_kv_heads, 10, CFG.head_dim)
+        pre.import_kv(0, (0, 3), box, LAYERS, (0, 2), pool)
+        honest, _ = _ticketed(dec, pre, table=(3, 1))
+        assert pre.send_kv(0, (0, 3), 10, LAYERS, (0, 2), pool, honest)[0] == box.numel() * 4  # receipt checked
+        held.append("lie from now on")
+        late, _ = _ticketed(dec, pre, table=(3, 1))
+        with pytest.raises(KVDirectFailed, match="'w0'.* -> .*'w1'.*without the receiver's receipt"):
+            pre.send_kv(0, (0, 3), 10, LAYERS, (0, 2), pool, late)
+        dec.revoke_kv(0, [late.ticket.nonce])  # what kv_direct does before the blocks go back
+        msg = kv_box_to_proto(dec.session_id, (3, 1), 10, LAYERS, (0, 2), pool, box + 1)
+        msg.ticket.CopyFrom(held[1])
+        with pytest.raises(grpc.RpcError, match="used before"):  # no deadline: only the spent nonce stops it
+            pb_grpc.WorkerStub(open_channel(addrs[1], None)).ImportKV(msg, metadata=metadata("s3cret",
+                                                                                               dec.session_id))
+        assert torch.equal(dec.export_kv(0, (3, 1), 10, LAYERS, (0, 2), pool), box)
