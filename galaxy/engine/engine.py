@@ -41,6 +41,7 @@ from ..parallel.rank import KVPool
 from .admission import Admission, AdmissionConfig
 from .arguments import token_ids
 from .generation import Generation, GenerationConfig, StepTiming, TokenEvent, collective_of, pending_stop
+from .kv_spill import KVSpill
 from .sampling import Sampler
 from .scheduler import BatchPlan, Scheduler, SchedulerConfig, SchedulerConfigError
 from .sequence import FinishReason, SamplingParams, Sequence
@@ -84,6 +85,10 @@ class EngineConfig:
     # greedy sequences' next token picked on the devices (Step.top1_rows, parallel/top1.py): a few numbers per
     # row come back instead of the vocabulary's logits; the same tokens. False: every row's logits come back
     top1_on_device: bool = True
+    # bytes of host memory on the coordinator for the K/V of named blocks evicted from the devices' pool
+    # (kv_spill.py): a later request with that prefix gets them written back instead of computed; 0: off.
+    # A phase-separated placement's decode group keeps none (its blocks are also taken outside its loop)
+    spill_bytes: int = 0
 
     def __post_init__(self):
         for name, why in (("max_stall", "a step with prompt chunks takes longer than one without"),
@@ -95,6 +100,9 @@ class EngineConfig:
         if not (isinstance(self.min_chunk, int) and self.min_chunk >= 1):
             raise SchedulerConfigError(f"engine config: min_chunk={self.min_chunk!r} must be an integer >= 1 "
                                        "(a step's token budget still bounds it)")
+        if not isinstance(self.spill_bytes, int) or isinstance(self.spill_bytes, bool) or self.spill_bytes < 0:
+            raise SchedulerConfigError(f"engine config: spill_bytes={self.spill_bytes!r} must be an integer >= 0 "
+                                       "(bytes of host memory for evicted KV blocks; 0: off)")
         if self.slo_ttft is not None:
             AdmissionConfig(self.slo_ttft, self.slo_headroom)  # validates both, naming the field
 
@@ -199,6 +207,8 @@ class GenerationStream:
 class Engine:
     """Continuous batching of a causal LM's requests on a loaded executor."""
 
+    spills = True  # keeps a spill tier when EngineConfig.spill_bytes asks (its pool changes only in its loop)
+
     def __init__(self, executor: Executor, model: ModelConfig, tokenizer=None,
                  config: EngineConfig = EngineConfig()):
         if not model.causal:
@@ -207,6 +217,8 @@ class Engine:
         self.ex, self.model, self.tok, self.config = executor, model, tokenizer, config
         self.pool = self._pool()
         self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))
+        self.spill = KVSpill(config.spill_bytes, model) if config.spill_bytes and self.spills else None
+        self._attach_spill()
         self.cost = StepCost()  # seconds against tokens of the steps run: the stall bound's prompt budget
         # (decodes, prompt tokens, seconds) of the recent steps: what the bench reports of the steps' shapes
         self.step_log: deque[tuple[int, int, float]] = deque(maxlen=4096)
@@ -279,8 +291,16 @@ class Engine:
                     "prefix_hit_rate": blocks.stats.hit_rate, "preemptions": self.sched.num_preemptions,
                     "steps": self.steps, "generated_tokens": self.generated,
                     "rejected": 0 if self.admission is None else self.admission.rejected,
+                    "spill": None if self.spill is None else dict(vars(self.spill.store.stats),
+                                                                  bytes=self.spill.store.bytes,
+                                                                  max_bytes=self.spill.store.max_bytes),
                     "kv_bytes": {} if self._last is None else
                     dict(zip(self.ex.names, (d.kv_cache_bytes for d in self._last.devices)))}
+
+    def _attach_spill(self) -> None:
+        """The block manager (a new one after a re-plan) lists evictions and restores for the spill tier."""
+        if self.spill is not None and self.config.prefix_caching:
+            self.sched.blocks.store = self.spill.store
 
     def cached_prefix(self, token_ids) -> int:
         """Leading tokens of `token_ids` whose K/V this engine's pool holds (prefix cache), for the
@@ -312,6 +332,7 @@ class Engine:
             with self._lock:
                 busy = self.sched.has_unfinished()
                 plan = self.sched.schedule(self._step_budget) if busy else None
+                spill = self.sched.blocks.take_spill() if plan is not None else ([], [])
                 if plan is not None:
                     for sid in plan.finished:  # deadlines that passed
                         self._finish(sid, "deadline")
@@ -321,7 +342,7 @@ class Engine:
                 self._wake.wait(None if plan is None else IDLE_POLL_S)
                 self._wake.clear()
                 continue
-            self._run(plan)
+            self._run(plan, spill)
 
     def _step_budget(self, decodes: int) -> int:
         """The scheduler's prompt budget for the next step: now and then, until the step cost prices a prompt
@@ -366,7 +387,9 @@ class Engine:
         """Called by the loop before each schedule, while no step runs on the devices and the lock is
         not held: phase-separated serving (engine/disagg.py) moves K/V in and out here."""
 
-    def _run(self, plan: BatchPlan) -> None:
+    def _run(self, plan: BatchPlan, spill=([], [])) -> None:
+        """One step: the spill tier's reads and writes first (`spill`: BlockManager.take_spill's), then the plan
+        on every device."""
         rows, logit_rows = [it for it in plan.items if it.logits], tuple(plan.logit_rows())
         on_device = [self.config.top1_on_device and self._greedy(it.seq_id) for it in rows]
         step = Step(torch.tensor(plan.token_ids(), dtype=torch.long),
@@ -374,6 +397,9 @@ class Engine:
                                tuple(it.start for it in plan.items), tuple(it.block_table for it in plan.items)),
                     logit_rows, plan.copies, tuple(r for r, d in zip(logit_rows, on_device) if d))
         try:
+            if self.spill is not None and (spill[0] or spill[1]):
+                self.spill.save(self.ex, self.pool, spill[0], keep={n for n, _ in spill[1]})
+                self.spill.restore(self.ex, self.pool, spill[1])
             res = self.ex.step(step, self.pool)
         except CacheLost as e:  # a fail-over: the K/V are gone, every sequence runs its tokens again
             self._lose_kv(e)
@@ -424,6 +450,9 @@ class Engine:
         with self._lock:
             self.pool = self._pool()
             self.sched.lose_kv(self.pool.num_blocks)
+            if self.spill is not None:  # cut for the old split
+                self.spill.store.clear()
+            self._attach_spill()
 
     def _greedy(self, seq_id: int) -> bool:
         """Whether a sequence's next token is its logit row's argmax (a request cancelled meanwhile needs

@@ -1,0 +1,186 @@
+"""A spill tier for the prefix cache: named KV blocks evicted from the devices' pool kept in host memory.
+
+The block manager (block_manager.py) names every full, computed block by the hash chain of its prefix
+and, when the pool runs short, evicts the least recently released named block: its name is dropped and
+the next request with that prefix computes it again -- for a 2,000-token document, seconds of prefill on
+small devices. Here an evicted block's K/V are first read from every device (`Executor.export_kv`, the
+same boxes as a K/V move) into a bounded store on the coordinator under the block's name; a later
+request whose hash chain goes on into names the store holds gets fresh blocks for them and their K/V
+written back (`Executor.import_kv`, which each device checks for shape, dtype and blocks before
+touching its pool) before the step that reads them, instead of being prefilled.
+
+When: every change to the pool happens in `Scheduler.schedule` on the engine's loop, and nothing writes a
+block until the step that follows. So the block manager only lists what it evicted and what it will
+restore (`BlockManager.take_spill`), and the engine, before that step, first reads the evicted blocks out
+(their K/V are still in place: no step has run since), then writes the restored ones in (a restored
+block may be one just evicted), then runs the step.
+
+Bounded: the store holds at most `max_bytes` of K/V, least recently used dropped first; the size of a
+block's boxes is known before they are read (layers x KV heads x block_size x head_dim per device), so
+room is made -- or the block refused -- before anything is allocated, and a block larger than the whole
+budget is never read. Names a pending restore needs are never dropped to make room.
+
+Only cache: a read that fails (a device gone) loses that block's copy, logged, and the step that follows
+reports the device; a write that fails is the step's failure (its sequences end with that error, or run
+again after a re-plan); a re-planned executor (CacheLost) cuts K/V another way, so the store is emptied
+(`clear`) with the pool. Greedy tokens are unchanged: the K/V written back are the bytes read out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CacheLost, GalaxyError
+from ..model.config import ModelConfig
+from ..parallel.executor import Executor
+from ..parallel.kv_transfer import box_bytes, holdings
+from ..parallel.rank import KVPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpillStats:
+    spilled_blocks: int = 0  # evicted blocks whose K/V were read into the store
+    restored_blocks: int = 0  # blocks written back from the store instead of computed
+    kept_blocks: int = 0  # evicted blocks the store already held (nothing read)
+    refused_blocks: int = 0  # evicted blocks not kept: larger than the whole budget, or a read that failed
+    dropped_blocks: int = 0  # entries dropped to make room (least recently used first)
+
+
+class SpillStore:
+    """Named K/V blocks in host memory, at most `max_bytes`, least recently used dropped first."""
+
+    def __init__(self, max_bytes: int):
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
+            raise GalaxyError(f"spill store: max_bytes={max_bytes!r} must be an integer >= 1")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[bytes, tuple[torch.Tensor, ...]] = OrderedDict()  # name -> per-device boxes
+        self.stats = SpillStats()
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def make_room(self, nbytes: int, keep=frozenset()) -> bool:
+        """Drop least recently used entries (never those named in `keep`) until `nbytes` more fit; False,
+        nothing dropped, if they cannot."""
+        free = self.max_bytes - self.bytes
+        if free >= nbytes:
+            return True
+        droppable = sum(_nbytes(v) for k, v in self._entries.items() if k not in keep)
+        if free + droppable < nbytes:
+            return False
+        for name in [k for k in self._entries if k not in keep]:
+            if self.max_bytes - self.bytes >= nbytes:
+                break
+            self.bytes -= _nbytes(self._entries.pop(name))
+            self.stats.dropped_blocks += 1
+        return True
+
+    def put(self, name: bytes, boxes: tuple[torch.Tensor, ...]) -> None:
+        """Keep a block's boxes; the caller made room (make_room) for them first."""
+        n = _nbytes(boxes)
+        if name in self._entries:
+            self.bytes -= _nbytes(self._entries.pop(name))
+        if self.bytes + n > self.max_bytes:
+            raise GalaxyError(f"spill store: {n} bytes more would exceed max_bytes={self.max_bytes} "
+                              f"({self.bytes} held): make_room first")
+        self._entries[name] = boxes
+        self.bytes += n
+
+    def get(self, name: bytes) -> tuple[torch.Tensor, ...]:
+        """A block's boxes, now the most recently used."""
+        self._entries.move_to_end(name)
+        return self._entries[name]
+
+    def touch(self, name: bytes) -> None:
+        self._entries.move_to_end(name)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+def _nbytes(boxes) -> int:
+    return sum(b.numel() * b.element_size() for b in boxes)
+
+
+class KVSpill:
+    """An engine's spill tier: reads evicted blocks out of every device into a SpillStore, writes restored
+    ones back. Called by the engine's loop between schedule and step only."""
+
+    def __init__(self, max_bytes: int, model: ModelConfig):
+        self.store, self.model = SpillStore(max_bytes), model
+        self._cut_for: tuple | None = None  # (partition, block_size, dtype) the stored boxes belong to
+
+    def _layout(self, ex: Executor, pool: KVPool) -> tuple[list[tuple[int, object]], torch.dtype]:
+        """The devices holding K/V (rank, KVHolding) and the K/V dtype; the store is emptied when the split,
+        the block size or the dtype changed since its boxes were cut."""
+        dtype = getattr(ex, "kv_dtype", None) or torch.float32
+        key = (ex.partition, pool.block_size, dtype)
+        if self._cut_for is None or self._cut_for[0] is not key[0] or self._cut_for[1:] != key[1:]:
+            self.store.clear()
+            self._cut_for = key
+        return [(r, h) for r, h in enumerate(holdings(ex.partition, self.model)) if not h.empty], dtype
+
+    def block_bytes(self, ex: Executor, pool: KVPool) -> int:
+        held, dtype = self._layout(ex, pool)
+        return sum(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+
+    def save(self, ex: Executor, pool: KVPool, evicted: list[tuple[bytes, int]], keep=frozenset()) -> None:
+        """Read the K/V of `evicted` (name, block) from every device into the store, as many as fit (the most
+        recently evicted first: a prefix's head, released last, is evicted last). Failures lose only cache."""
+        if not evicted:
+            return
+        held, dtype = self._layout(ex, pool)
+        per = sum(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        todo = []
+        for name, b in reversed(evicted):  # most recently evicted first
+            if name in self.store:
+                self.store.touch(name)
+                self.store.stats.kept_blocks += 1
+            elif any(name == n for n, _ in todo):
+                continue
+            elif self.store.make_room(per * (len(todo) + 1), keep):
+                todo.append((name, b))
+            else:
+                self.store.stats.refused_blocks += 1
+        if not todo:
+            return
+        bs, table = pool.block_size, tuple(b for _, b in todo)
+        try:
+            boxes = [ex.export_kv(r, table, len(table) * bs, h.layers, h.heads, pool) for r, h in held]
+        except CacheLost:  # the executor re-planned: every K/V is gone, the engine runs its sequences again
+            raise
+        except GalaxyError as e:
+            log.warning("reading %d evicted KV blocks into the spill store failed (%s): they are recomputed "
+                        "when asked for again", len(todo), e)
+            self.store.stats.refused_blocks += len(todo)
+            return
+        for i, (name, _) in enumerate(reversed(todo)):  # least recent first: the most recent end up freshest
+            j = len(todo) - 1 - i
+            self.store.put(name, tuple(box[:, :, :, j * bs:(j + 1) * bs].clone() for box in boxes))  # (L, 2, H, bs, D)
+        self.store.stats.spilled_blocks += len(todo)
+
+    def restore(self, ex: Executor, pool: KVPool, restores: list[tuple[bytes, int]]) -> None:
+        """Write the stored K/V of `restores` (name, block) into those blocks on every device; raises what the
+        devices raise (the caller treats it as the step's failure)."""
+        if not restores:
+            return
+        held, _ = self._layout(ex, pool)
+        missing = [n.hex() for n, _ in restores if n not in self.store]
+        if missing:  # make_room never drops a name a restore needs, and nothing else removes one
+            raise GalaxyError(f"spill store: {len(missing)} blocks to restore are not held (first {missing[0]})")
+        entries = [self.store.get(n) for n, _ in restores]
+        table = tuple(b for _, b in restores)
+        for i, (r, h) in enumerate(held):
+            ex.import_kv(r, table, torch.cat([e[i] for e in entries], dim=3), h.layers, h.heads, pool)
+        self.store.stats.restored_blocks += len(restores)
