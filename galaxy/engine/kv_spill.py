@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,16 @@ class SpillStore:
         self.bytes = 0
 
 
+def _each(calls: list) -> list:
+    """Every device's call at once (each has its own link and pool), all of them ended before this returns (no
+    write lands after a failure is raised); their results in order, or the first failure in that order."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    with ThreadPoolExecutor(len(calls), thread_name_prefix="galaxy-kv-spill") as pool:
+        futures = [pool.submit(c) for c in calls]
+    return [f.result() for f in futures]
+
+
 def _nbytes(boxes) -> int:
     return sum(b.numel() * b.element_size() for b in boxes)
 
@@ -157,7 +168,8 @@ class KVSpill:
             return
         bs, table = pool.block_size, tuple(b for _, b in todo)
         try:
-            boxes = [ex.export_kv(r, table, len(table) * bs, h.layers, h.heads, pool) for r, h in held]
+            boxes = _each([lambda r=r, h=h: ex.export_kv(r, table, len(table) * bs, h.layers, h.heads, pool)
+                           for r, h in held])
         except CacheLost:  # the executor re-planned: every K/V is gone, the engine runs its sequences again
             raise
         except GalaxyError as e:
@@ -181,6 +193,6 @@ class KVSpill:
             raise GalaxyError(f"spill store: {len(missing)} blocks to restore are not held (first {missing[0]})")
         entries = [self.store.get(n) for n, _ in restores]
         table = tuple(b for _, b in restores)
-        for i, (r, h) in enumerate(held):
-            ex.import_kv(r, table, torch.cat([e[i] for e in entries], dim=3), h.layers, h.heads, pool)
+        _each([lambda i=i, r=r, h=h: ex.import_kv(r, table, torch.cat([e[i] for e in entries], dim=3), h.layers,
+                                                  h.heads, pool) for i, (r, h) in enumerate(held)])
         self.store.stats.restored_blocks += len(restores)

@@ -15,7 +15,7 @@ from galaxy.engine.generation import GenerationConfig
 from galaxy.engine.kv_spill import SpillStore
 from galaxy.engine.scheduler import SchedulerConfigError
 from galaxy.engine.sequence import SamplingParams, Sequence
-from galaxy.errors import GalaxyError, PeerUnreachable
+from galaxy.errors import CacheLost, GalaxyError, PeerUnreachable
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import preset
 from galaxy.parallel.sharding import Partition, Strategy, weighted_partition
@@ -45,14 +45,22 @@ def computed(gen) -> int:
 
 
 class Flaky(InprocCluster):
-    """In-process ranks whose K/V reads can be made to fail, as a device that stopped answering them."""
+    """In-process ranks whose K/V reads can be made to fail, as a device that stopped answering them, and
+    whose next K/V write can raise CacheLost, as a re-planning executor does when a device drops out then."""
 
     fail_exports = False
+    replan_at_import = False
 
     def export_kv(self, *a, **kw):
         if self.fail_exports:
             raise PeerUnreachable("device 1 'thread1' is unreachable (dropped by the test)")
         return super().export_kv(*a, **kw)
+
+    def import_kv(self, *a, **kw):
+        if self.replan_at_import:
+            self.replan_at_import = False
+            raise CacheLost("device 1 'thread1' dropped out; re-planned (the test)")
+        return super().import_kv(*a, **kw)
 
 
 @pytest.fixture
@@ -182,6 +190,19 @@ def test_a_failed_read_into_the_store_loses_only_cache(engine):
     got = [eng.generate(p, OUT) for p in ps]
     assert [g.tokens for g in got] == [reference_generate(SRC, p, 4, stop_at_eos=False) for p in ps]
     assert computed(got[-1]) == 23 and eng.load["spill"]["refused_blocks"] > 0 and eng.load["spill"]["bytes"] == 0
+
+
+def test_a_re_plan_while_blocks_are_written_back_runs_the_sequence_again_and_empties_the_store(engine):
+    ps = docs(3) + [docs(1, seed=0)[0][:24] + [5, 6, 7]]
+    eng = engine(EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=16, spill_bytes=1 << 20))
+    got = [eng.generate(p, OUT) for p in ps[:3]]
+    assert eng.load["spill"]["bytes"] > 0
+    eng.ex.replan_at_import = True
+    got.append(eng.generate(ps[3], OUT))
+    assert [g.tokens for g in got] == [reference_generate(SRC, p, 4, stop_at_eos=False) for p in ps]
+    assert eng.load["spill"]["restored_blocks"] == 0 and computed(got[-1]) == 27  # all of it again, after the re-plan
+    with eng._lock:
+        eng.sched.blocks.audit(eng.sched.live.values())
 
 
 def test_the_prefill_group_of_a_disaggregated_placement_restores_and_the_decode_group_keeps_no_store():
