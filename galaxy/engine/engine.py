@@ -89,6 +89,7 @@ class EngineConfig:
     # (kv_spill.py): a later request with that prefix gets them written back instead of computed; 0: off.
     # A phase-separated placement's decode group keeps none (its blocks are also taken outside its loop)
     spill_bytes: int = 0
+    spill_dir: str | None = None  # the spill store in files of a private directory made in this one, not in memory
 
     def __post_init__(self):
         for name, why in (("max_stall", "a step with prompt chunks takes longer than one without"),
@@ -103,6 +104,9 @@ class EngineConfig:
         if not isinstance(self.spill_bytes, int) or isinstance(self.spill_bytes, bool) or self.spill_bytes < 0:
             raise SchedulerConfigError(f"engine config: spill_bytes={self.spill_bytes!r} must be an integer >= 0 "
                                        "(bytes of host memory for evicted KV blocks; 0: off)")
+        if self.spill_dir is not None and not (isinstance(self.spill_dir, str) and self.spill_bytes):
+            raise SchedulerConfigError(f"engine config: spill_dir={self.spill_dir!r} needs to be a directory's path, "
+                                       f"with spill_bytes > 0 (its budget; got {self.spill_bytes})")
         if self.slo_ttft is not None:
             AdmissionConfig(self.slo_ttft, self.slo_headroom)  # validates both, naming the field
 
@@ -217,7 +221,8 @@ class Engine:
         self.ex, self.model, self.tok, self.config = executor, model, tokenizer, config
         self.pool = self._pool()
         self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))
-        self.spill = KVSpill(config.spill_bytes, model) if config.spill_bytes and self.spills else None
+        self.spill = (KVSpill(config.spill_bytes, model, config.spill_dir) if config.spill_bytes and self.spills
+                      else None)
         self._attach_spill()
         self.cost = StepCost()  # seconds against tokens of the steps run: the stall bound's prompt budget
         # (decodes, prompt tokens, seconds) of the recent steps: what the bench reports of the steps' shapes
@@ -324,6 +329,8 @@ class Engine:
                 stream._end("abort", error or GalaxyError("the engine was closed (another model was loaded, or "
                                                           "the session ended) before this request finished"))
             self.streams.clear()
+            if self.spill is not None:
+                self.spill.store.close()
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -28,14 +28,18 @@ again after a re-plan); a re-planned executor (CacheLost) cuts K/V another way, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import tempfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import CacheLost, GalaxyError
+from ..errors import CacheLost, GalaxyError, InvalidRequest
 from ..model.config import ModelConfig
 from ..parallel.executor import Executor
 from ..parallel.kv_transfer import box_bytes, holdings
@@ -54,21 +58,29 @@ class SpillStats:
 
 
 class SpillStore:
-    """Named K/V blocks in host memory, at most `max_bytes`, least recently used dropped first."""
+    """Named K/V blocks, at most `max_bytes`, least recently used dropped first: in host memory, or with
+    `directory` in files of a private directory made inside it (one file a block, removed when dropped and
+    by `close`; read back with torch.load(weights_only=True), and the devices check every box they are given,
+    as for any K/V import). On disk the budget counts the files' tensor bytes; in memory, the tensors'."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, directory: str | None = None):
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 1:
             raise GalaxyError(f"spill store: max_bytes={max_bytes!r} must be an integer >= 1")
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[bytes, tuple[torch.Tensor, ...]] = OrderedDict()  # name -> per-device boxes
+        self._sizes: OrderedDict[bytes, int] = OrderedDict()  # name -> bytes, least recently used first
+        self._boxes: dict[bytes, tuple[torch.Tensor, ...]] = {}  # in memory: name -> per-device boxes
+        try:  # private (0700): the K/V of users' prompts
+            self.directory = None if directory is None else tempfile.mkdtemp(prefix="galaxy-kv-spill-", dir=directory)
+        except OSError as e:
+            raise InvalidRequest(f"spill store: directory={directory!r} cannot hold a store: {e}") from e
         self.stats = SpillStats()
 
     def __contains__(self, name: bytes) -> bool:
-        return name in self._entries
+        return name in self._sizes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._sizes)
 
     def make_room(self, nbytes: int, keep=frozenset()) -> bool:
         """Drop least recently used entries (never those named in `keep`) until `nbytes` more fit; False,
@@ -76,38 +88,61 @@ class SpillStore:
         free = self.max_bytes - self.bytes
         if free >= nbytes:
             return True
-        droppable = sum(_nbytes(v) for k, v in self._entries.items() if k not in keep)
+        droppable = sum(n for k, n in self._sizes.items() if k not in keep)
         if free + droppable < nbytes:
             return False
-        for name in [k for k in self._entries if k not in keep]:
+        for name in [k for k in self._sizes if k not in keep]:
             if self.max_bytes - self.bytes >= nbytes:
                 break
-            self.bytes -= _nbytes(self._entries.pop(name))
+            self._drop(name)
             self.stats.dropped_blocks += 1
         return True
 
     def put(self, name: bytes, boxes: tuple[torch.Tensor, ...]) -> None:
         """Keep a block's boxes; the caller made room (make_room) for them first."""
         n = _nbytes(boxes)
-        if name in self._entries:
-            self.bytes -= _nbytes(self._entries.pop(name))
+        if name in self._sizes:
+            self._drop(name)
         if self.bytes + n > self.max_bytes:
             raise GalaxyError(f"spill store: {n} bytes more would exceed max_bytes={self.max_bytes} "
                               f"({self.bytes} held): make_room first")
-        self._entries[name] = boxes
+        if self.directory is None:
+            self._boxes[name] = boxes
+        else:
+            torch.save(tuple(b.contiguous() for b in boxes), self._path(name))
+        self._sizes[name] = n
         self.bytes += n
 
     def get(self, name: bytes) -> tuple[torch.Tensor, ...]:
         """A block's boxes, now the most recently used."""
-        self._entries.move_to_end(name)
-        return self._entries[name]
+        self._sizes.move_to_end(name)
+        if self.directory is None:
+            return self._boxes[name]
+        return tuple(torch.load(self._path(name), weights_only=True))
 
     def touch(self, name: bytes) -> None:
-        self._entries.move_to_end(name)
+        self._sizes.move_to_end(name)
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
+        for name in list(self._sizes):
+            self._drop(name)
+
+    def close(self) -> None:
+        """Empty the store and remove its directory."""
+        self.clear()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _drop(self, name: bytes) -> None:
+        self.bytes -= self._sizes.pop(name)
+        if self.directory is None:
+            del self._boxes[name]
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._path(name))
+
+    def _path(self, name: bytes) -> str:
+        return os.path.join(self.directory, name.hex())
 
 
 def _each(calls: list) -> list:
@@ -128,8 +163,8 @@ class KVSpill:
     """An engine's spill tier: reads evicted blocks out of every device into a SpillStore, writes restored
     ones back. Called by the engine's loop between schedule and step only."""
 
-    def __init__(self, max_bytes: int, model: ModelConfig):
-        self.store, self.model = SpillStore(max_bytes), model
+    def __init__(self, max_bytes: int, model: ModelConfig, directory: str | None = None):
+        self.store, self.model = SpillStore(max_bytes, directory), model
         self._cut_for: tuple | None = None  # (partition, block_size, dtype) the stored boxes belong to
 
     def _layout(self, ex: Executor, pool: KVPool) -> tuple[list[tuple[int, object]], torch.dtype]:
@@ -179,19 +214,35 @@ class KVSpill:
             return
         for i, (name, _) in enumerate(reversed(todo)):  # least recent first: the most recent end up freshest
             j = len(todo) - 1 - i
-            self.store.put(name, tuple(box[:, :, :, j * bs:(j + 1) * bs].clone() for box in boxes))  # (L, 2, H, bs, D)
-        self.store.stats.spilled_blocks += len(todo)
+            try:
+                self.store.put(name, tuple(box[:, :, :, j * bs:(j + 1) * bs].clone() for box in boxes))  # (L,2,H,bs,D)
+            except OSError as e:  # the store's disk: full, or gone
+                log.warning("writing an evicted KV block to the spill store failed (%s): it is recomputed when "
+                            "asked for again", e)
+                self.store.stats.refused_blocks += 1
+                continue
+            self.store.stats.spilled_blocks += 1
 
     def restore(self, ex: Executor, pool: KVPool, restores: list[tuple[bytes, int]]) -> None:
         """Write the stored K/V of `restores` (name, block) into those blocks on every device; raises what the
         devices raise (the caller treats it as the step's failure)."""
         if not restores:
             return
-        held, _ = self._layout(ex, pool)
+        held, dtype = self._layout(ex, pool)
         missing = [n.hex() for n, _ in restores if n not in self.store]
         if missing:  # make_room never drops a name a restore needs, and nothing else removes one
             raise GalaxyError(f"spill store: {len(missing)} blocks to restore are not held (first {missing[0]})")
-        entries = [self.store.get(n) for n, _ in restores]
+        want = [(h.layers[1] - h.layers[0], 2, h.heads[1] - h.heads[0], pool.block_size, self.model.head_dim)
+                for _, h in held]
+        try:
+            entries = [self.store.get(n) for n, _ in restores]
+        except Exception as e:  # noqa: BLE001 - a file gone or unreadable: the store lost it, as a device its pool
+            raise CacheLost(f"the spill store could not read back {len(restores)} KV blocks ({e}); every sequence "
+                            "runs its tokens again") from e
+        if any(len(e) != len(want) or any(tuple(b.shape) != w or b.dtype != dtype for b, w in zip(e, want))
+               for e in entries):
+            raise CacheLost("the spill store read back KV blocks of another shape or dtype than stored; every "
+                            "sequence runs its tokens again")
         table = tuple(b for _, b in restores)
         _each([lambda i=i, r=r, h=h: ex.import_kv(r, table, torch.cat([e[i] for e in entries], dim=3), h.layers,
                                                   h.heads, pool) for i, (r, h) in enumerate(held)])

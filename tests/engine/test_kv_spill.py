@@ -5,6 +5,8 @@ loses only cache."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -203,6 +205,27 @@ def test_a_re_plan_while_blocks_are_written_back_runs_the_sequence_again_and_emp
     assert eng.load["spill"]["restored_blocks"] == 0 and computed(got[-1]) == 27  # all of it again, after the re-plan
     with eng._lock:
         eng.sched.blocks.audit(eng.sched.live.values())
+
+
+def test_on_disk_the_store_restores_the_same_tokens_and_a_lost_file_costs_only_a_recompute(engine, tmp_path):
+    ps = docs(3) + [docs(1, seed=0)[0][:24] + [5, 6, 7]]
+    for lose in (False, True):
+        eng = engine(EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=16, spill_bytes=1 << 20,
+                                  spill_dir=str(tmp_path)))
+        got = [eng.generate(p, OUT) for p in ps[:3]]
+        files = list(Path(eng.spill.store.directory).iterdir())
+        assert len(files) == len(eng.spill.store) > 0 and Path(eng.spill.store.directory).stat().st_mode & 0o077 == 0
+        assert eng.spill.store.bytes == sum(eng.spill.block_bytes(eng.ex, eng.pool) for _ in files)
+        if lose:
+            for f in files:
+                f.unlink()
+        got.append(eng.generate(ps[3], OUT))
+        assert [g.tokens for g in got] == [reference_generate(SRC, p, 4, stop_at_eos=False) for p in ps]
+        assert computed(got[-1]) == (27 if lose else 3)  # a lost file: every sequence runs again, as after a re-plan
+        eng.close()
+        assert not Path(eng.spill.store.directory).exists()
+    with pytest.raises(SchedulerConfigError, match="spill_bytes > 0"):
+        EngineConfig(spill_dir=str(tmp_path))
 
 
 def test_the_prefill_group_of_a_disaggregated_placement_restores_and_the_decode_group_keeps_no_store():
