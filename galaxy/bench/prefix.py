@@ -154,7 +154,7 @@ def table(report: dict) -> str:
             lines.append(f"\n{name}: {sp['spilled_blocks']} evicted blocks read into the spill store, "
                          f"{sp['restored_blocks']} written back, {sp['refused_blocks']} refused, "
                          f"{sp['dropped_blocks']} dropped; {sp['bytes'] / 2**20:.1f} of {sp['max_bytes'] / 2**20:.0f} "
-                         "MiB held at the end")
+                         f"MiB held at the end; reads {sp['read_s']:.2f} s, writes back {sp['write_s']:.2f} s in all")
     same = report["outputs_identical"]
     lines.append("\ngreedy outputs identical to the cache-off run: "
                  + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()))

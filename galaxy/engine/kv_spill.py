@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class SpillStats:
     kept_blocks: int = 0  # evicted blocks the store already held (nothing read)
     refused_blocks: int = 0  # evicted blocks not kept: larger than the whole budget, or a read that failed
     dropped_blocks: int = 0  # entries dropped to make room (least recently used first)
+    read_s: float = 0.0  # wall time of the reads from the devices, summed (before the steps that followed)
+    write_s: float = 0.0  # wall time of the writes back, summed (before the steps that read them)
 
 
 class SpillStore:
@@ -202,6 +205,7 @@ class KVSpill:
         if not todo:
             return
         bs, table = pool.block_size, tuple(b for _, b in todo)
+        t0 = time.perf_counter()
         try:
             boxes = _each([lambda r=r, h=h: ex.export_kv(r, table, len(table) * bs, h.layers, h.heads, pool)
                            for r, h in held])
@@ -212,6 +216,8 @@ class KVSpill:
                         "when asked for again", len(todo), e)
             self.store.stats.refused_blocks += len(todo)
             return
+        finally:
+            self.store.stats.read_s += time.perf_counter() - t0
         for i, (name, _) in enumerate(reversed(todo)):  # least recent first: the most recent end up freshest
             j = len(todo) - 1 - i
             try:
@@ -244,6 +250,8 @@ class KVSpill:
             raise CacheLost("the spill store read back KV blocks of another shape or dtype than stored; every "
                             "sequence runs its tokens again")
         table = tuple(b for _, b in restores)
+        t0 = time.perf_counter()
         _each([lambda i=i, r=r, h=h: ex.import_kv(r, table, torch.cat([e[i] for e in entries], dim=3), h.layers,
                                                   h.heads, pool) for i, (r, h) in enumerate(held)])
         self.store.stats.restored_blocks += len(restores)
+        self.store.stats.write_s += time.perf_counter() - t0
