@@ -18,22 +18,13 @@ from galaxy.engine.kv_spill import SpillStore
 from galaxy.engine.scheduler import SchedulerConfigError
 from galaxy.engine.sequence import SamplingParams, Sequence
 from galaxy.errors import CacheLost, GalaxyError, PeerUnreachable
-from galaxy.model.checkpoints.random import RandomWeights
-from galaxy.model.config import preset
-from galaxy.parallel.sharding import Partition, Strategy, weighted_partition
 from galaxy.runtime.inproc import InprocCluster
 from galaxy.runtime.sources import reference_generate
+from tests.engine.test_prefix_index import CFG, SRC, split  # the same tiny model and splits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SRC = RandomWeights(preset("tiny-llama").replace(n_layers=3), seed=3, std=0.3)  # peaked logits: no near-ties
-CFG = SRC.config
 OUT = GenerationConfig(4, stop_at_eos=False)
-
-
-def split(heads) -> Partition:
-    p = weighted_partition(CFG, [1.0] * len(heads), Strategy.GALAXY)
-    return Partition(p.strategy, tuple(heads), p.cols, p.vocab, p.layers, p.seq_weights).validate(CFG)
 
 
 def docs(n: int, n_doc: int = 24, n_q: int = 3, seed: int = 0) -> list[list[int]]:
