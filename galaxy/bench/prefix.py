@@ -65,7 +65,10 @@ def _row(first: Generation, repeats: list[Generation], back: Generation | None =
     computed = _computed
     rep_ttft = [g.first_token_s for g in repeats]
     extra = {} if back is None else {"back_ttft_s": back.first_token_s, "back_computed": computed(back),
-                                     "back_ratio": back.first_token_s / first.first_token_s}
+                                     "back_ratio": back.first_token_s / first.first_token_s,
+                                     # before its first step ran (the spill tier's reads and writes are here)
+                                     "back_queued_s": back.queued_s,
+                                     "back_steps_s": sum(s.seconds for s in back.steps if s.phase == "prefill")}
     return {**extra, "first_ttft_s": first.first_token_s, "repeat_ttft_s": statistics.median(rep_ttft),
             "first_second_s": first.token_times[1],
             "repeat_second_s": statistics.median(g.token_times[1] for g in repeats),
@@ -141,7 +144,8 @@ def table(report: dict) -> str:
                                     "| back after eviction: TTFT ms (x first), computed | repeats TTFT")
         lines[3] += "---|"
     for name, r in report["placements"].items():
-        back = (f" {1000 * r['back_ttft_s']:.0f} ({r['back_ratio']:.2f}x), {r['back_computed']} |" if evicted else "")
+        back = (f" {1000 * r['back_ttft_s']:.0f} ({r['back_ratio']:.2f}x; {1000 * r['back_queued_s']:.0f} before its "
+                f"step, {1000 * r['back_steps_s']:.0f} in it), {r['back_computed']} |" if evicted else "")
         lines.append(f"| {name} | {1000 * r['first_ttft_s']:.0f} |{back} {1000 * r['repeat_ttft_s']:.0f} "
                      f"({1000 * r['repeat_ttft_max_s']:.0f}) | {r['ratio']:.2f}x | {1000 * r['first_second_s']:.0f} / "
                      f"{1000 * r['repeat_second_s']:.0f} | {1000 * r['first_e2e_s']:.0f} / "
