@@ -37,6 +37,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -47,6 +48,8 @@ from ..parallel.kv_transfer import box_bytes, holdings
 from ..parallel.rank import KVPool
 
 log = logging.getLogger(__name__)
+
+MAX_CALL_BYTES = 16 << 20  # most bytes of one device's box in one read or write (whole blocks, at least one)
 
 
 @dataclass
@@ -204,30 +207,39 @@ class KVSpill:
                 self.store.stats.refused_blocks += 1
         if not todo:
             return
-        bs, table = pool.block_size, tuple(b for _, b in todo)
-        t0 = time.perf_counter()
-        try:
-            boxes = _each([lambda r=r, h=h: ex.export_kv(r, table, len(table) * bs, h.layers, h.heads, pool)
-                           for r, h in held])
-        except CacheLost:  # the executor re-planned: every K/V is gone, the engine runs its sequences again
-            raise
-        except GalaxyError as e:
-            log.warning("reading %d evicted KV blocks into the spill store failed (%s): they are recomputed "
-                        "when asked for again", len(todo), e)
-            self.store.stats.refused_blocks += len(todo)
-            return
-        finally:
-            self.store.stats.read_s += time.perf_counter() - t0
-        for i, (name, _) in enumerate(reversed(todo)):  # least recent first: the most recent end up freshest
-            j = len(todo) - 1 - i
+        bs, per_call = pool.block_size, self._per_call(held, dtype, pool)
+        order = todo[::-1]  # least recent first: the most recent end up freshest in the store
+        for at in range(0, len(order), per_call):
+            part = order[at:at + per_call]
+            table = tuple(b for _, b in part)
+            t0 = time.perf_counter()
             try:
-                self.store.put(name, tuple(box[:, :, :, j * bs:(j + 1) * bs].clone() for box in boxes))  # (L,2,H,bs,D)
-            except OSError as e:  # the store's disk: full, or gone
-                log.warning("writing an evicted KV block to the spill store failed (%s): it is recomputed when "
-                            "asked for again", e)
-                self.store.stats.refused_blocks += 1
-                continue
-            self.store.stats.spilled_blocks += 1
+                boxes = _each([partial(ex.export_kv, r, table, len(table) * bs, h.layers, h.heads, pool)
+                               for r, h in held])
+            except CacheLost:  # the executor re-planned: every K/V is gone, the engine runs its sequences again
+                raise
+            except GalaxyError as e:
+                log.warning("reading %d evicted KV blocks into the spill store failed (%s): they are recomputed "
+                            "when asked for again", len(order) - at, e)
+                self.store.stats.refused_blocks += len(order) - at
+                return
+            finally:
+                self.store.stats.read_s += time.perf_counter() - t0
+            for j, (name, _) in enumerate(part):
+                try:  # each block its own tensors (L, 2, H, bs, D): a view would keep the whole box alive
+                    self.store.put(name, tuple(box[:, :, :, j * bs:(j + 1) * bs].clone() for box in boxes))
+                except OSError as e:  # the store's disk: full, or gone
+                    log.warning("writing an evicted KV block to the spill store failed (%s): it is recomputed when "
+                                "asked for again", e)
+                    self.store.stats.refused_blocks += 1
+                    continue
+                self.store.stats.spilled_blocks += 1
+
+    def _per_call(self, held, dtype: torch.dtype, pool: KVPool) -> int:
+        """Blocks in one read or write per device: its box at most MAX_CALL_BYTES (at least one block), which
+        bounds what a device and the coordinator hold at once beyond the pool and the store."""
+        most = max(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        return max(1, MAX_CALL_BYTES // most)
 
     def restore(self, ex: Executor, pool: KVPool, restores: list[tuple[bytes, int]]) -> None:
         """Write the stored K/V of `restores` (name, block) into those blocks on every device; raises what the
@@ -240,18 +252,21 @@ class KVSpill:
             raise GalaxyError(f"spill store: {len(missing)} blocks to restore are not held (first {missing[0]})")
         want = [(h.layers[1] - h.layers[0], 2, h.heads[1] - h.heads[0], pool.block_size, self.model.head_dim)
                 for _, h in held]
-        try:
-            entries = [self.store.get(n) for n, _ in restores]
-        except Exception as e:  # noqa: BLE001 - a file gone or unreadable: the store lost it, as a device its pool
-            raise CacheLost(f"the spill store could not read back {len(restores)} KV blocks ({e}); every sequence "
-                            "runs its tokens again") from e
-        if any(len(e) != len(want) or any(tuple(b.shape) != w or b.dtype != dtype for b, w in zip(e, want))
-               for e in entries):
-            raise CacheLost("the spill store read back KV blocks of another shape or dtype than stored; every "
-                            "sequence runs its tokens again")
-        table = tuple(b for _, b in restores)
-        t0 = time.perf_counter()
-        _each([lambda i=i, r=r, h=h: ex.import_kv(r, table, torch.cat([e[i] for e in entries], dim=3), h.layers,
-                                                  h.heads, pool) for i, (r, h) in enumerate(held)])
-        self.store.stats.restored_blocks += len(restores)
-        self.store.stats.write_s += time.perf_counter() - t0
+        per_call = self._per_call(held, dtype, pool)
+        for at in range(0, len(restores), per_call):
+            part = restores[at:at + per_call]
+            try:
+                entries = [self.store.get(n) for n, _ in part]
+            except Exception as e:  # noqa: BLE001 - a file gone or unreadable: the store lost it, as a device its pool
+                raise CacheLost(f"the spill store could not read back {len(part)} KV blocks ({e}); every sequence "
+                                "runs its tokens again") from e
+            if any(len(e) != len(want) or any(tuple(b.shape) != w or b.dtype != dtype for b, w in zip(e, want))
+                   for e in entries):
+                raise CacheLost("the spill store read back KV blocks of another shape or dtype than stored; every "
+                                "sequence runs its tokens again")
+            table = tuple(b for _, b in part)
+            t0 = time.perf_counter()
+            _each([partial(ex.import_kv, r, table, torch.cat([e[i] for e in entries], dim=3), h.layers, h.heads, pool)
+                   for i, (r, h) in enumerate(held)])
+            self.store.stats.restored_blocks += len(part)
+            self.store.stats.write_s += time.perf_counter() - t0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from galaxy.engine import kv_spill
 from galaxy.engine.block_manager import BlockManager
 from galaxy.engine.disagg import DisaggEngine
 from galaxy.engine.engine import Engine, EngineConfig
@@ -162,6 +163,18 @@ def test_an_evicted_document_comes_back_from_the_store_instead_of_being_prefille
     stats = eng.load["spill"]
     assert stats["restored_blocks"] == 5 and stats["spilled_blocks"] >= 6
     assert 0 < stats["bytes"] <= stats["max_bytes"]
+
+
+def test_reads_and_writes_cut_into_calls_of_a_few_blocks_restore_the_same_tokens(engine, monkeypatch):
+    monkeypatch.setattr(kv_spill, "MAX_CALL_BYTES", 1)  # one block a call
+    ps = docs(3) + [docs(1, seed=0)[0][:24] + [5, 6, 7]]
+    eng = engine(EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=16, spill_bytes=1 << 20))
+    calls = []
+    real = eng.ex.import_kv
+    eng.ex.import_kv = lambda rank, table, *a, **kw: calls.append(len(table)) or real(rank, table, *a, **kw)
+    got = [eng.generate(p, OUT) for p in ps]
+    assert [g.tokens for g in got] == [reference_generate(SRC, p, 4, stop_at_eos=False) for p in ps]
+    assert computed(got[-1]) == 3 and calls == [1] * 5 * 2  # 5 blocks, each its own call on each of 2 devices
 
 
 def test_a_small_budget_keeps_the_most_recently_evicted_blocks_and_never_more_than_it(engine):
