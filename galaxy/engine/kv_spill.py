@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
+import psutil
 import torch
 
 from ..errors import CacheLost, GalaxyError, InvalidRequest
@@ -80,6 +81,12 @@ class SpillStore:
             self.directory = None if directory is None else tempfile.mkdtemp(prefix="galaxy-kv-spill-", dir=directory)
         except OSError as e:
             raise InvalidRequest(f"spill store: directory={directory!r} cannot hold a store: {e}") from e
+        # a budget the coordinator cannot hold now is refused, not discovered when the store fills
+        free = psutil.virtual_memory().available if directory is None else shutil.disk_usage(self.directory).free
+        if max_bytes > free:
+            self.close()
+            raise InvalidRequest(f"spill store: max_bytes={max_bytes} is more than the {free} bytes "
+                                 f"{'of memory' if directory is None else 'on ' + repr(directory)} free now")
         self.stats = SpillStats()
 
     def __contains__(self, name: bytes) -> bool:

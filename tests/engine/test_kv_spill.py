@@ -18,7 +18,7 @@ from galaxy.engine.generation import GenerationConfig
 from galaxy.engine.kv_spill import SpillStore
 from galaxy.engine.scheduler import SchedulerConfigError
 from galaxy.engine.sequence import SamplingParams, Sequence
-from galaxy.errors import CacheLost, GalaxyError, PeerUnreachable
+from galaxy.errors import CacheLost, GalaxyError, InvalidRequest, PeerUnreachable
 from galaxy.runtime.inproc import InprocCluster
 from galaxy.runtime.sources import reference_generate
 from tests.engine.test_prefix_index import CFG, SRC, split  # the same tiny model and splits
@@ -142,6 +142,8 @@ def test_the_store_never_holds_more_than_its_budget_and_keeps_what_a_restore_nee
         store.put(b"d", box)
     with pytest.raises(GalaxyError, match="max_bytes=0"):
         SpillStore(0)
+    with pytest.raises(InvalidRequest, match=f"max_bytes={1 << 60} is more than the .* bytes of memory free"):
+        SpillStore(1 << 60)
     with pytest.raises(SchedulerConfigError, match="spill_bytes=-1"):
         EngineConfig(spill_bytes=-1)
 
@@ -230,6 +232,9 @@ def test_on_disk_the_store_restores_the_same_tokens_and_a_lost_file_costs_only_a
         assert not Path(eng.spill.store.directory).exists()
     with pytest.raises(SchedulerConfigError, match="spill_bytes > 0"):
         EngineConfig(spill_dir=str(tmp_path))
+    with pytest.raises(InvalidRequest, match="bytes on .* free now"):
+        SpillStore(1 << 60, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # the refused store left no directory behind
 
 
 def test_the_prefill_group_of_a_disaggregated_placement_restores_and_the_decode_group_keeps_no_store():
