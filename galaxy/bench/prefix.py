@@ -97,7 +97,7 @@ def run_prefix_bench(prefill: Executor, decode: Executor, cfg, tokenizer, doc_le
               "clients": clients, "prefill_devices": list(prefill.names), "decode_devices": list(decode.names),
               "evict_docs": evict_docs, "spill_bytes": engine.spill_bytes, "placements": {}}
     outputs = {}
-    plain = replace(engine, spill_bytes=0)
+    plain = replace(engine, spill_bytes=0, spill_dir=None)
     runs = []
     for name, make in makers.items():
         runs.append((name, make, plain))
