@@ -178,6 +178,19 @@ class BlockManager:
         self.stats.leased_tokens += len(hits) * self.block_size
         return hits
 
+    def unstored(self, limit: int) -> list[tuple[bytes, int]]:
+        """Up to `limit` (name, block) of the free named blocks whose names the store lacks, the next to be
+        evicted first: what the spill tier may read out while the devices idle (KVSpill.pre_read)."""
+        if self.store is None:
+            return []
+        out = []
+        for b in self._evictable:
+            if len(out) >= limit:
+                break
+            if self.name[b] not in self.store:
+                out.append((self.name[b], b))
+        return out
+
     def take_spill(self) -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
         """What the spill tier must do before the next step, and forget it here: the (name, block) pairs
         evicted since the last call (read their K/V out first) and those to restore (then write them in)."""

@@ -224,6 +224,7 @@ class Engine:
         self.spill = (KVSpill(config.spill_bytes, model, config.spill_dir) if config.spill_bytes and self.spills
                       else None)
         self._attach_spill()
+        self._pre_reading = True  # the idle loop reads free named blocks out (KVSpill.pre_read) until none are left
         self.cost = StepCost()  # seconds against tokens of the steps run: the stall bound's prompt budget
         # (decodes, prompt tokens, seconds) of the recent steps: what the bench reports of the steps' shapes
         self.step_log: deque[tuple[int, int, float]] = deque(maxlen=4096)
@@ -345,11 +346,32 @@ class Engine:
                         self._finish(sid, "deadline")
                     if not plan.items:
                         self.sched.update(plan, {})
+            if plan is None and self._pre_read():  # idle: the spill tier read blocks out; look for work again
+                continue
             if plan is None or not plan.items:  # idle, or nothing admissible until blocks free up
                 self._wake.wait(None if plan is None else IDLE_POLL_S)
                 self._wake.clear()
                 continue
             self._run(plan, spill)
+
+    def _pre_read(self) -> bool:
+        """Idle, with a spill tier: read one call's worth of the free named blocks next to be evicted into the
+        store (KVSpill.pre_read), so the request whose admission evicts them waits for no read. Only this loop
+        changes the pool, so they stay as they are until its next schedule. True if any were read."""
+        if self.spill is None or not self._pre_reading or self.ex.partition is None:
+            return False
+        try:
+            with self._lock:
+                blocks = self.sched.blocks.unstored(self.spill.calls_of(self.ex, self.pool))
+            got = self.spill.pre_read(self.ex, self.pool, blocks)
+        except CacheLost as e:
+            self._lose_kv(e)
+            return True
+        except Exception as e:  # noqa: BLE001 - only cache is at stake: never let it end the loop
+            log.warning("reading free KV blocks into the spill store while idle failed: %s", e)
+            got = 0
+        self._pre_reading = got > 0  # until the next step: no room, nothing left, or a device not answering
+        return got > 0
 
     def _step_budget(self, decodes: int) -> int:
         """The scheduler's prompt budget for the next step: now and then, until the step cost prices a prompt
@@ -420,6 +442,7 @@ class Engine:
                 self.sched.update(plan, {})
             return
         self.steps += 1
+        self._pre_reading = True  # the step may have freed named blocks: the idle loop may read them out
         decodes = sum(1 for it in plan.items if len(it.token_ids) == 1)
         self.step_log.append((decodes, plan.num_tokens - decodes, res.seconds))
         if decodes:  # the cost of steps beside running streams

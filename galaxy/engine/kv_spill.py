@@ -61,6 +61,8 @@ class SpillStats:
     refused_blocks: int = 0  # evicted blocks not kept: larger than the whole budget, or a read that failed
     dropped_blocks: int = 0  # entries dropped to make room (least recently used first)
     read_s: float = 0.0  # wall time of the reads from the devices, summed (before the steps that followed)
+    pre_read_blocks: int = 0  # free named blocks read into the store while the engine idled (not yet evicted)
+    pre_read_s: float = 0.0  # their reads' wall time, summed (no request waited for it)
     write_s: float = 0.0  # wall time of the writes back, summed (before the steps that read them)
 
 
@@ -241,6 +243,45 @@ class KVSpill:
                     self.store.stats.refused_blocks += 1
                     continue
                 self.store.stats.spilled_blocks += 1
+
+    def pre_read(self, ex: Executor, pool: KVPool, blocks: list[tuple[bytes, int]]) -> int:
+        """While the engine idles: read free named blocks (the next to be evicted first) into the store's free
+        room, at most one call's worth, never dropping an entry for them; an eviction of one later finds it
+        stored and reads nothing. Returns the blocks read (0: nothing to do, or no room). Raises CacheLost;
+        other failures lose nothing but the attempt (logged, 0)."""
+        if not blocks:
+            return 0
+        held, dtype = self._layout(ex, pool)
+        per = sum(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        part = blocks[:min(self._per_call(held, dtype, pool), (self.store.max_bytes - self.store.bytes) // per)]
+        if not part:
+            return 0
+        bs, table = pool.block_size, tuple(b for _, b in part)
+        t0 = time.perf_counter()
+        try:
+            boxes = _each([partial(ex.export_kv, r, table, len(table) * bs, h.layers, h.heads, pool)
+                           for r, h in held])
+        except CacheLost:
+            raise
+        except GalaxyError as e:
+            log.info("reading %d free KV blocks into the spill store while idle failed (%s)", len(part), e)
+            return 0
+        finally:
+            self.store.stats.pre_read_s += time.perf_counter() - t0
+        for j, (name, _) in enumerate(reversed(part)):  # the next to be evicted ends up freshest
+            j = len(part) - 1 - j
+            try:
+                self.store.put(name, tuple(box[:, :, :, j * bs:(j + 1) * bs].clone() for box in boxes))
+            except OSError as e:
+                log.warning("writing a KV block to the spill store failed (%s)", e)
+                return 0
+            self.store.stats.pre_read_blocks += 1
+        return len(part)
+
+    def calls_of(self, ex: Executor, pool: KVPool) -> int:
+        """Blocks in one call per device (the most a pre-read takes at once)."""
+        held, dtype = self._layout(ex, pool)
+        return self._per_call(held, dtype, pool)
 
     def _per_call(self, held, dtype: torch.dtype, pool: KVPool) -> int:
         """Blocks in one read or write per device: its box at most MAX_CALL_BYTES (at least one block), which

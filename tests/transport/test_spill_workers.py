@@ -24,4 +24,5 @@ def test_an_evicted_document_is_written_back_into_the_workers_pools_instead_of_p
         finally:
             engine.close()
     assert [g.tokens for g in got] == [reference_generate(SRC, p, OUT.max_new_tokens, stop_at_eos=False) for p in ps]
-    assert computed(got[-1]) == 3 and stats["restored_blocks"] == 5 and stats["spilled_blocks"] >= 6
+    assert computed(got[-1]) == 3 and stats["restored_blocks"] == 5
+    assert stats["spilled_blocks"] + stats["kept_blocks"] >= 6  # read when evicted, or found read already (idle)
