@@ -1,4 +1,4 @@
-"""A spill tier for the prefix cache: named KV blocks evicted from the devices' pool kept in host memory.
+"""A spill tier for the prefix cache: named KV blocks evicted from the devices' pool kept on the coordinator.
 
 The block manager (block_manager.py) names every full, computed block by the hash chain of its prefix
 and, when the pool runs short, evicts the least recently released named block: its name is dropped and
@@ -13,17 +13,22 @@ When: every change to the pool happens in `Scheduler.schedule` on the engine's l
 block until the step that follows. So the block manager only lists what it evicted and what it will
 restore (`BlockManager.take_spill`), and the engine, before that step, first reads the evicted blocks out
 (their K/V are still in place: no step has run since), then writes the restored ones in (a restored
-block may be one just evicted), then runs the step.
+block may be one just evicted), then runs the step. While the engine idles it reads the free named
+blocks next to be evicted into the store's free room (`pre_read`), so that an eviction later finds them
+stored and reads nothing on a request's path. Every read and write goes per device at once, in calls of
+whole blocks of at most MAX_CALL_BYTES per device.
 
-Bounded: the store holds at most `max_bytes` of K/V, least recently used dropped first; the size of a
-block's boxes is known before they are read (layers x KV heads x block_size x head_dim per device), so
-room is made -- or the block refused -- before anything is allocated, and a block larger than the whole
-budget is never read. Names a pending restore needs are never dropped to make room.
+Bounded: the store holds at most `max_bytes` of K/V (in memory, or with `directory` in files of a private
+directory), least recently used dropped first; the size of a block's boxes is known before they are read
+(layers x KV heads x block_size x head_dim per device), so room is made -- or the block refused -- before
+anything is allocated, and a block larger than the whole budget is never read. Names a pending restore
+needs are never dropped to make room; a budget larger than the free memory (or disk) is refused at once.
 
 Only cache: a read that fails (a device gone) loses that block's copy, logged, and the step that follows
-reports the device; a write that fails is the step's failure (its sequences end with that error, or run
-again after a re-plan); a re-planned executor (CacheLost) cuts K/V another way, so the store is emptied
-(`clear`) with the pool. Greedy tokens are unchanged: the K/V written back are the bytes read out.
+reports the device; a write that fails is the step's failure (a device gone: its sequences end with that
+error, as the step's would, or run again after a re-plan); a store file lost or unreadable, or a
+re-planned executor (CacheLost: K/V cut another way, the store emptied with the pool), runs every sequence
+again. Greedy tokens are unchanged: the K/V written back are the bytes read out.
 """
 
 from __future__ import annotations
