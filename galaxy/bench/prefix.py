@@ -155,7 +155,9 @@ def table(report: dict) -> str:
     for name, r in report["placements"].items():
         sp = r.get("spill")
         if sp:
-            lines.append(f"\n{name}: {sp['spilled_blocks']} evicted blocks read into the spill store, "
+            lines.append(f"\n{name}: {sp['spilled_blocks']} evicted blocks read into the spill store when evicted, "
+                         f"{sp['kept_blocks']} found there already; {sp['pre_read_blocks']} read while idle "
+                         f"({sp['pre_read_s']:.2f} s); "
                          f"{sp['restored_blocks']} written back, {sp['refused_blocks']} refused, "
                          f"{sp['dropped_blocks']} dropped; {sp['bytes'] / 2**20:.1f} of {sp['max_bytes'] / 2**20:.0f} "
                          f"MiB held at the end; reads {sp['read_s']:.2f} s, writes back {sp['write_s']:.2f} s in all")
