@@ -204,7 +204,7 @@ def test_a_small_budget_keeps_the_most_recently_evicted_blocks_and_never_more_th
     got = [eng.generate(p, OUT) for p in ps]
     assert [g.tokens for g in got] == [reference_generate(SRC, p, 4, stop_at_eos=False) for p in ps]
     stats = eng.load["spill"]
-    assert stats["bytes"] <= 3 * per and stats["dropped_blocks"] > 0
+    assert stats["bytes"] <= 3 * per and stats["dropped_blocks"] + stats["refused_blocks"] > 0  # not all kept
     assert computed(got[-1]) in range(3, 28)  # whatever survived of the document's chain is not computed again
 
 
