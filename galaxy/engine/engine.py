@@ -289,7 +289,8 @@ class Engine:
     @property
     def load(self) -> dict:
         """What the engine holds now: requests running and waiting, KV blocks in use, the prefix
-        cache's hit rate, preemptions and steps so far, each device's KV memory at the last step."""
+        cache's hit rate, preemptions and steps so far, each device's KV memory at the last step, and the
+        spill tier's counts and bytes (kv_spill.SpillStats; None without one)."""
         with self._lock:
             blocks = self.sched.blocks
             return {"running": len(self.sched.running), "waiting": len(self.sched.waiting),
