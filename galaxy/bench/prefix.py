@@ -10,6 +10,12 @@ Besides the times it counts what the cache saved, not as time: the prompt tokens
 computed (its prefill steps' tokens) and the K/V bytes moved to the decode group. The same requests
 run once more on the colocated engine with the prefix cache off: every placement's greedy outputs
 must equal that run's.
+
+Under memory pressure (`evict_docs`): after the first request, that many other documents are asked
+about, one at a time, so that a pool too small for them all (`--kv-blocks`) evicts the first one; then
+the first document comes back with a new question, alone ("back": its TTFT against the first's), then
+the repeats. With a spill tier (`EngineConfig.spill_bytes`, engine/kv_spill.py) each placement runs
+twice, without it and with it, side by side: the evicted blocks written back against computed again.
 """
 
 from __future__ import annotations
@@ -51,12 +57,19 @@ def _run_clients(engine, specs: list[list[int]], output_len: int, clients: int) 
     return out  # type: ignore[return-value]
 
 
-def _row(first: Generation, repeats: list[Generation]) -> dict:
-    def computed(g: Generation) -> int:
-        return sum(s.tokens for s in g.steps if s.phase == "prefill")
+def _computed(g: Generation) -> int:
+    return sum(s.tokens for s in g.steps if s.phase == "prefill")
 
+
+def _row(first: Generation, repeats: list[Generation], back: Generation | None = None) -> dict:
+    computed = _computed
     rep_ttft = [g.first_token_s for g in repeats]
-    return {"first_ttft_s": first.first_token_s, "repeat_ttft_s": statistics.median(rep_ttft),
+    extra = {} if back is None else {"back_ttft_s": back.first_token_s, "back_computed": computed(back),
+                                     "back_ratio": back.first_token_s / first.first_token_s,
+                                     # before its first step ran (the spill tier's reads and writes are here)
+                                     "back_queued_s": back.queued_s,
+                                     "back_steps_s": sum(s.seconds for s in back.steps if s.phase == "prefill")}
+    return {**extra, "first_ttft_s": first.first_token_s, "repeat_ttft_s": statistics.median(rep_ttft),
             "first_second_s": first.token_times[1],
             "repeat_second_s": statistics.median(g.token_times[1] for g in repeats),
             "first_e2e_s": first.token_times[-1], "repeat_e2e_s": statistics.median(g.token_times[-1] for g in repeats),
@@ -68,34 +81,50 @@ def _row(first: Generation, repeats: list[Generation]) -> dict:
 
 def run_prefix_bench(prefill: Executor, decode: Executor, cfg, tokenizer, doc_len: int, question_len: int = 16,
                      output_len: int = 8, repeats: int = 6, clients: int = 3, engine: EngineConfig = EngineConfig(),
-                     seed: int = 0, progress=lambda msg: None) -> dict:
-    """First against repeats of one document in each placement, and the cache-off outputs to check."""
+                     seed: int = 0, progress=lambda msg: None, evict_docs: int = 0) -> dict:
+    """First against repeats of one document in each placement, and the cache-off outputs to check; with
+    `evict_docs`, other documents in between and the first one back alone (module docstring)."""
     if output_len < 2:
         raise GalaxyError(f"output_len={output_len}: the second token's time needs at least 2 tokens out")
+    if evict_docs < 0:
+        raise GalaxyError(f"evict_docs={evict_docs}: other documents between the first and the repeats, >= 0")
     makers = {"colocated": lambda ec: Engine(prefill, cfg, tokenizer, ec),
               "disaggregated": lambda ec: DisaggEngine(prefill, decode, cfg, tokenizer, ec, ec, DisaggConfig())}
-    specs = prompts(doc_len, question_len, repeats + 1, cfg.vocab_size, seed)
+    specs = prompts(doc_len, question_len, repeats + 1 + bool(evict_docs), cfg.vocab_size, seed)
+    others = [prompts(doc_len, question_len, 1, cfg.vocab_size, seed + 2 + k)[0] for k in range(evict_docs)]
     warm = prompts(question_len, 1, 1, cfg.vocab_size, seed + 1)[0]
     report = {"doc_len": doc_len, "question_len": question_len, "output_len": output_len, "repeats": repeats,
               "clients": clients, "prefill_devices": list(prefill.names), "decode_devices": list(decode.names),
-              "placements": {}}
+              "evict_docs": evict_docs, "spill_bytes": engine.spill_bytes, "placements": {}}
     outputs = {}
-    runs = [(name, make, engine) for name, make in makers.items()]
-    runs.append(("colocated, prefix cache off", makers["colocated"], replace(engine, prefix_caching=False)))
+    plain = replace(engine, spill_bytes=0, spill_dir=None)
+    runs = []
+    for name, make in makers.items():
+        runs.append((name, make, plain))
+        if engine.spill_bytes:
+            runs.append((f"{name}, spill", make, engine))
+    runs.append(("colocated, prefix cache off", makers["colocated"], replace(plain, prefix_caching=False)))
     for name, make, ec in runs:
         eng = make(ec)
+        back = None
         try:
             eng.generate(warm, GenerationConfig(2, stop_at_eos=False))
-            progress(f"{name}: a {doc_len}-token document, then {repeats} repeats from {clients} clients")
+            progress(f"{name}: a {doc_len}-token document, "
+                     + (f"{evict_docs} others, the first back, " if evict_docs else "")
+                     + f"then {repeats} repeats from {clients} clients")
             first = _run_clients(eng, specs[:1], output_len, 1)[0]
-            rest = _run_clients(eng, specs[1:], output_len, clients)
+            between = [_run_clients(eng, [p], output_len, 1)[0] for p in others]
+            if evict_docs:
+                back = _run_clients(eng, specs[-1:], output_len, 1)[0]
+            rest = _run_clients(eng, specs[1:repeats + 1], output_len, clients)
             load = eng.load
         finally:
             eng.close()
-        report["placements"][name] = _row(first, rest)
-        report["placements"][name]["kv_blocks"] = {g: load[g]["kv_blocks"] for g in ("prefill", "decode")} \
+        report["placements"][name] = row = _row(first, rest, back)
+        row["kv_blocks"] = {g: load[g]["kv_blocks"] for g in ("prefill", "decode")} \
             if "prefill" in load else {"prefill": load["kv_blocks"]}  # each pool's blocks of block_size positions
-        outputs[name] = [g.tokens for g in [first, *rest]]
+        row["spill"] = load["prefill"]["spill"] if "prefill" in load else load["spill"]
+        outputs[name] = [g.tokens for g in [first, *between, *([back] if back else []), *rest]]
     ref = outputs["colocated, prefix cache off"]
     report["outputs_identical"] = {name: out == ref for name, out in outputs.items() if out is not ref}
     return report
@@ -109,13 +138,29 @@ def table(report: dict) -> str:
              "| placement | first TTFT ms | repeats TTFT p50 (max) ms | repeats / first | 2nd token first / repeats "
              "p50 ms | last token first / repeats p50 ms | prompt tokens computed first / repeat | K/V moved first / "
              "repeat KiB |", "|---|---|---|---|---|---|---|---|"]
+    evicted = bool(report.get("evict_docs"))
+    if evicted:
+        lines[2] = lines[2].replace("| repeats TTFT",
+                                    "| back after eviction: TTFT ms (x first), computed | repeats TTFT")
+        lines[3] += "---|"
     for name, r in report["placements"].items():
-        lines.append(f"| {name} | {1000 * r['first_ttft_s']:.0f} | {1000 * r['repeat_ttft_s']:.0f} "
+        back = (f" {1000 * r['back_ttft_s']:.0f} ({r['back_ratio']:.2f}x; {1000 * r['back_queued_s']:.0f} before its "
+                f"step, {1000 * r['back_steps_s']:.0f} in it), {r['back_computed']} |" if evicted else "")
+        lines.append(f"| {name} | {1000 * r['first_ttft_s']:.0f} |{back} {1000 * r['repeat_ttft_s']:.0f} "
                      f"({1000 * r['repeat_ttft_max_s']:.0f}) | {r['ratio']:.2f}x | {1000 * r['first_second_s']:.0f} / "
                      f"{1000 * r['repeat_second_s']:.0f} | {1000 * r['first_e2e_s']:.0f} / "
                      f"{1000 * r['repeat_e2e_s']:.0f} | {r['first_computed']} / "
                      f"{r['repeat_computed']:.0f} | {r['first_kv_bytes'] / 1024:.0f} / "
                      f"{r['repeat_kv_bytes'] / 1024:.0f} |")
+    for name, r in report["placements"].items():
+        sp = r.get("spill")
+        if sp:
+            lines.append(f"\n{name}: {sp['spilled_blocks']} evicted blocks read into the spill store when evicted, "
+                         f"{sp['kept_blocks']} found there already; {sp['pre_read_blocks']} read while idle "
+                         f"({sp['pre_read_s']:.2f} s); "
+                         f"{sp['restored_blocks']} written back, {sp['refused_blocks']} refused, "
+                         f"{sp['dropped_blocks']} dropped; {sp['bytes'] / 2**20:.1f} of {sp['max_bytes'] / 2**20:.0f} "
+                         f"MiB held at the end; reads {sp['read_s']:.2f} s, writes back {sp['write_s']:.2f} s in all")
     same = report["outputs_identical"]
     lines.append("\ngreedy outputs identical to the cache-off run: "
                  + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()))

@@ -93,6 +93,10 @@ def add_parser(sub) -> None:
                     help="tokens every prompt starts with (default 0); with --prefill-devices: a document of this "
                     "many tokens, asked about once alone and then --num-requests times more from --concurrency "
                     "clients (--input-len-token questions), first against repeats in each placement")
+    sv.add_argument("--evict-docs", type=int, default=0, metavar="N",
+                    help="with --shared-prefix and --prefill-devices: N other documents between the first request and "
+                    "the repeats, then the first document back alone (evicted from a pool that --kv-blocks keeps too "
+                    "small for them all; with --kv-spill-mib each placement also runs with the spill tier)")
     sv.add_argument("--long-prompt-len", type=int, default=0,
                     help="one more client keeps sending prompts of this many tokens while the others stream: P99 ITL "
                     "against the unloaded TPOT (Sarathi-Serve's stall test; e.g. 1000)")
@@ -334,7 +338,7 @@ def cmd_bench_phases(args) -> int:
             report = prefix_bench.run_prefix_bench(
                 *lm.groups, lm.config, lm.tokenizer, args.shared_prefix, args.input_len, args.output_len,
                 repeats=args.num_requests, clients=args.concurrency or 1, engine=engine, seed=args.seed,
-                progress=progress)
+                progress=progress, evict_docs=args.evict_docs)
             report["link_bps"] = link_bps
             if args.plot:
                 progress("--plot: the repeated-document bench has no plot; its table is below")

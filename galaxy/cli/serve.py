@@ -107,13 +107,19 @@ def add_engine_args(p) -> None:
     e.add_argument("--kv-blocks", type=int_at_least(1), help="KV blocks in each device's pool (default: as many as "
                    "the smallest device's memory budget holds, sized when the model is loaded; give a count when "
                    "another session's shards or pool share the workers)")
+    e.add_argument("--kv-spill-mib", type=int_at_least(0), default=0,
+                   help="MiB of the coordinator's memory for the K/V of prefix blocks evicted from the devices' pool: "
+                   "a later request with that prefix gets them written back instead of prefilled (default 0: off)")
+    e.add_argument("--kv-spill-dir", metavar="DIR", help="keep that spill store in files of a private directory made "
+                   "in DIR instead of in memory (--kv-spill-mib is then its disk budget)")
 
 
 def engine_config(args) -> EngineConfig:
     return EngineConfig(max_batched_tokens=args.max_batched_tokens, chunk_size=args.chunk_size,
                         max_stall=args.max_stall or None, itl_target=args.itl_target, min_chunk=args.min_chunk,
                         slo_ttft=getattr(args, "admission_slo_ttft", None),
-                        kv_blocks=args.kv_blocks)
+                        kv_blocks=args.kv_blocks, spill_bytes=getattr(args, "kv_spill_mib", 0) << 20,
+                        spill_dir=getattr(args, "kv_spill_dir", None))
 
 
 def cmd_serve(args) -> int:

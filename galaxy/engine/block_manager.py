@@ -26,6 +26,13 @@ Hit accounting counts only tokens whose K/V were reused: the recomputed last tok
 hit is not a hit, and the blocks a preempted sequence gets back on resuming are counted apart
 (`resumed_tokens`), not as prefix hits (vLLM #25780: preemption inflated the hit rate).
 
+Spill tier (kv_spill.py): with a `store` attached (anything that answers `name in store`), an
+evicted named block is listed (`take_spill`) so the engine can read its K/V out before the next step
+writes into it, and a sequence's hash chain goes on past the blocks cached here into names the store
+holds: each gets a fresh block, listed to be restored (written back) before the step, and counts as
+computed. A restored block is named by `commit` after the step, as a computed one: if its write fails
+the step fails and the block never carries the name.
+
 Contract for the integrating code: the manager is single-threaded (the scheduler's thread);
 block ids in a block table are valid until the sequence is freed; a copy (src, dst) returned
 by `allocate` must be done on every device before any K/V of the step is written.
@@ -73,6 +80,7 @@ class CacheStats:
     copied_blocks: int = 0  # copy-on-write copies asked of the devices
     evicted_blocks: int = 0  # named blocks whose name was dropped to reuse them
     leased_tokens: int = 0  # tokens of K/V computed elsewhere that a lease found here (not imported again)
+    restored_tokens: int = 0  # of the hit and resumed tokens, those written back from the spill store
 
     @property
     def hit_rate(self) -> float:
@@ -90,6 +98,9 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free but named: least recently released first
         self._cached: dict[bytes, int] = {}  # name -> block
         self.stats = CacheStats()
+        self.store = None  # a spill store (kv_spill.SpillStore: `name in store`), or None: evicted names are gone
+        self._evicted: list[tuple[bytes, int]] = []  # (name, block) evicted since take_spill: K/V still in place
+        self._restores: list[tuple[bytes, int]] = []  # (name, block) to write back from the store before the step
 
     @property
     def num_free(self) -> int:
@@ -103,8 +114,9 @@ class BlockManager:
     def can_allocate(self, seq: Sequence) -> bool:
         """Whether `seq` (holding no blocks) can get blocks for all its tokens now."""
         hits = self._prefix_hits(seq)
-        fresh = self.blocks_for(seq.num_tokens) - len(hits) + self._full_hit(seq, hits)
-        taken_from_pool = sum(self.ref[b] == 0 for b in hits)  # reused free blocks leave the pool
+        cached = [b for b in hits if b is not None]  # the rest (None) are restored into fresh blocks
+        fresh = self.blocks_for(seq.num_tokens) - len(cached) + (self._full_hit(seq, hits) and hits[-1] is not None)
+        taken_from_pool = sum(self.ref[b] == 0 for b in cached)  # reused free blocks leave the pool
         return self.num_free - taken_from_pool >= fresh
 
     def allocate(self, seq: Sequence) -> list[tuple[int, int]]:
@@ -120,17 +132,27 @@ class BlockManager:
         hits = self._prefix_hits(seq)
         copies = []
         for b in hits:
-            self._take(b)
-        seq.block_table, seq.num_named = list(hits), len(hits)
+            if b is not None:
+                self._take(b)  # every cached hit first: no fresh block below may evict one of them
+        names = self._names(seq)
+        table = list(hits)
+        for i, b in enumerate(hits):
+            if b is None:  # in the spill store: a fresh block, its K/V written back before the step
+                table[i] = self._pop_free()
+                self._restores.append((names[i], table[i]))
+                self.stats.restored_tokens += self.block_size
+        seq.block_table = table
+        seq.num_named = next((i for i, b in enumerate(hits) if b is None), len(hits))  # commit names the rest
         seq.num_computed = len(hits) * self.block_size
-        if self._full_hit(seq, hits):  # the last token runs again for its logits: copy its block
-            src, dst = hits[-1], self._pop_free()
-            seq.block_table[-1] = dst
-            self._release(src)
-            seq.num_named -= 1
+        if self._full_hit(seq, hits):  # the last token runs again for its logits
+            if hits[-1] is not None:  # in a shared block: copy its block (a restored one is the sequence's own)
+                src, dst = hits[-1], self._pop_free()
+                seq.block_table[-1] = dst
+                self._release(src)
+                seq.num_named = min(seq.num_named, len(hits) - 1)
+                copies.append((src, dst))
+                self.stats.copied_blocks += 1
             seq.num_computed -= 1
-            copies.append((src, dst))
-            self.stats.copied_blocks += 1
         if seq.num_preemptions:
             self.stats.resumed_tokens += seq.num_computed
         else:
@@ -155,6 +177,26 @@ class BlockManager:
             self._take(b)
         self.stats.leased_tokens += len(hits) * self.block_size
         return hits
+
+    def unstored(self, limit: int) -> list[tuple[bytes, int]]:
+        """Up to `limit` (name, block) of the free named blocks whose names the store lacks, the next to be
+        evicted first: what the spill tier may read out while the devices idle (KVSpill.pre_read)."""
+        if self.store is None:
+            return []
+        out = []
+        for b in self._evictable:
+            if len(out) >= limit:
+                break
+            if self.name[b] not in self.store:
+                out.append((self.name[b], b))
+        return out
+
+    def take_spill(self) -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
+        """What the spill tier must do before the next step, and forget it here: the (name, block) pairs
+        evicted since the last call (read their K/V out first) and those to restore (then write them in)."""
+        out = (self._evicted, self._restores)
+        self._evicted, self._restores = [], []
+        return out
 
     def release(self, blocks) -> None:
         """Give back blocks taken by `lease` (last first, as `free`)."""
@@ -225,13 +267,15 @@ class BlockManager:
             names.append(block_hash(names[-1] if names else ROOT, seq.token_ids[i * bs : (i + 1) * bs]))
         return names
 
-    def _prefix_hits(self, seq: Sequence) -> list[int]:
+    def _prefix_hits(self, seq: Sequence) -> list[int | None]:
+        """The blocks of the leading full token blocks of `seq` whose K/V exist: cached here (a block id), or
+        in the spill store (None: to restore)."""
         if not self.prefix_caching:
             return []
-        hits = []
+        hits: list[int | None] = []
         for h in self._names(seq):
             b = self._cached.get(h)
-            if b is None:
+            if b is None and (self.store is None or h not in self.store):
                 break
             hits.append(b)
         return hits
@@ -275,6 +319,8 @@ class BlockManager:
         elif self._evictable:
             b, _ = self._evictable.popitem(last=False)
             del self._cached[self.name[b]]
+            if self.store is not None:
+                self._evicted.append((self.name[b], b))
             self.name[b] = None
             self.stats.evicted_blocks += 1
         else:

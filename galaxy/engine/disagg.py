@@ -215,6 +215,7 @@ class DecodeEngine(FailOver, Engine):
     between its steps."""
 
     phase = "decode"
+    spills = False  # no spill tier: its blocks are also taken between its steps (leases, reservations, adoptions)
 
     def __init__(self, executor: Executor, model: ModelConfig, tokenizer, config: EngineConfig,
                  mover: KVMover, max_pending_bytes: int):

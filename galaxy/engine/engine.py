@@ -41,6 +41,7 @@ from ..parallel.rank import KVPool
 from .admission import Admission, AdmissionConfig
 from .arguments import token_ids
 from .generation import Generation, GenerationConfig, StepTiming, TokenEvent, collective_of, pending_stop
+from .kv_spill import KVSpill
 from .sampling import Sampler
 from .scheduler import BatchPlan, Scheduler, SchedulerConfig, SchedulerConfigError
 from .sequence import FinishReason, SamplingParams, Sequence
@@ -84,6 +85,11 @@ class EngineConfig:
     # greedy sequences' next token picked on the devices (Step.top1_rows, parallel/top1.py): a few numbers per
     # row come back instead of the vocabulary's logits; the same tokens. False: every row's logits come back
     top1_on_device: bool = True
+    # bytes of host memory on the coordinator for the K/V of named blocks evicted from the devices' pool
+    # (kv_spill.py): a later request with that prefix gets them written back instead of computed; 0: off.
+    # A phase-separated placement's decode group keeps none (its blocks are also taken outside its loop)
+    spill_bytes: int = 0
+    spill_dir: str | None = None  # the spill store in files of a private directory made in this one, not in memory
 
     def __post_init__(self):
         for name, why in (("max_stall", "a step with prompt chunks takes longer than one without"),
@@ -95,6 +101,12 @@ class EngineConfig:
         if not (isinstance(self.min_chunk, int) and self.min_chunk >= 1):
             raise SchedulerConfigError(f"engine config: min_chunk={self.min_chunk!r} must be an integer >= 1 "
                                        "(a step's token budget still bounds it)")
+        if not isinstance(self.spill_bytes, int) or isinstance(self.spill_bytes, bool) or self.spill_bytes < 0:
+            raise SchedulerConfigError(f"engine config: spill_bytes={self.spill_bytes!r} must be an integer >= 0 "
+                                       "(bytes of host memory for evicted KV blocks; 0: off)")
+        if self.spill_dir is not None and not (isinstance(self.spill_dir, str) and self.spill_bytes):
+            raise SchedulerConfigError(f"engine config: spill_dir={self.spill_dir!r} needs to be a directory's path, "
+                                       f"with spill_bytes > 0 (its budget; got {self.spill_bytes})")
         if self.slo_ttft is not None:
             AdmissionConfig(self.slo_ttft, self.slo_headroom)  # validates both, naming the field
 
@@ -199,6 +211,8 @@ class GenerationStream:
 class Engine:
     """Continuous batching of a causal LM's requests on a loaded executor."""
 
+    spills = True  # keeps a spill tier when EngineConfig.spill_bytes asks (its pool changes only in its loop)
+
     def __init__(self, executor: Executor, model: ModelConfig, tokenizer=None,
                  config: EngineConfig = EngineConfig()):
         if not model.causal:
@@ -207,6 +221,10 @@ class Engine:
         self.ex, self.model, self.tok, self.config = executor, model, tokenizer, config
         self.pool = self._pool()
         self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))
+        self.spill = (KVSpill(config.spill_bytes, model, config.spill_dir) if config.spill_bytes and self.spills
+                      else None)
+        self._attach_spill()
+        self._pre_reading = True  # the idle loop reads free named blocks out (KVSpill.pre_read) until none are left
         self.cost = StepCost()  # seconds against tokens of the steps run: the stall bound's prompt budget
         # (decodes, prompt tokens, seconds) of the recent steps: what the bench reports of the steps' shapes
         self.step_log: deque[tuple[int, int, float]] = deque(maxlen=4096)
@@ -271,7 +289,8 @@ class Engine:
     @property
     def load(self) -> dict:
         """What the engine holds now: requests running and waiting, KV blocks in use, the prefix
-        cache's hit rate, preemptions and steps so far, each device's KV memory at the last step."""
+        cache's hit rate, preemptions and steps so far, each device's KV memory at the last step, and the
+        spill tier's counts and bytes (kv_spill.SpillStats; None without one)."""
         with self._lock:
             blocks = self.sched.blocks
             return {"running": len(self.sched.running), "waiting": len(self.sched.waiting),
@@ -279,8 +298,16 @@ class Engine:
                     "prefix_hit_rate": blocks.stats.hit_rate, "preemptions": self.sched.num_preemptions,
                     "steps": self.steps, "generated_tokens": self.generated,
                     "rejected": 0 if self.admission is None else self.admission.rejected,
+                    "spill": None if self.spill is None else dict(vars(self.spill.store.stats),
+                                                                  bytes=self.spill.store.bytes,
+                                                                  max_bytes=self.spill.store.max_bytes),
                     "kv_bytes": {} if self._last is None else
                     dict(zip(self.ex.names, (d.kv_cache_bytes for d in self._last.devices)))}
+
+    def _attach_spill(self) -> None:
+        """The block manager (a new one after a re-plan) lists evictions and restores for the spill tier."""
+        if self.spill is not None and self.config.prefix_caching:
+            self.sched.blocks.store = self.spill.store
 
     def cached_prefix(self, token_ids) -> int:
         """Leading tokens of `token_ids` whose K/V this engine's pool holds (prefix cache), for the
@@ -304,6 +331,8 @@ class Engine:
                 stream._end("abort", error or GalaxyError("the engine was closed (another model was loaded, or "
                                                           "the session ended) before this request finished"))
             self.streams.clear()
+            if self.spill is not None:
+                self.spill.store.close()
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -312,16 +341,38 @@ class Engine:
             with self._lock:
                 busy = self.sched.has_unfinished()
                 plan = self.sched.schedule(self._step_budget) if busy else None
+                spill = self.sched.blocks.take_spill() if plan is not None else ([], [])
                 if plan is not None:
                     for sid in plan.finished:  # deadlines that passed
                         self._finish(sid, "deadline")
                     if not plan.items:
                         self.sched.update(plan, {})
+            if plan is None and self._pre_read():  # idle: the spill tier read blocks out; look for work again
+                continue
             if plan is None or not plan.items:  # idle, or nothing admissible until blocks free up
                 self._wake.wait(None if plan is None else IDLE_POLL_S)
                 self._wake.clear()
                 continue
-            self._run(plan)
+            self._run(plan, spill)
+
+    def _pre_read(self) -> bool:
+        """Idle, with a spill tier: read one call's worth of the free named blocks next to be evicted into the
+        store (KVSpill.pre_read), so the request whose admission evicts them waits for no read. Only this loop
+        changes the pool, so they stay as they are until its next schedule. True if any were read."""
+        if self.spill is None or not self._pre_reading or self.ex.partition is None:
+            return False
+        try:
+            with self._lock:
+                blocks = self.sched.blocks.unstored(self.spill.calls_of(self.ex, self.pool))
+            got = self.spill.pre_read(self.ex, self.pool, blocks)
+        except CacheLost as e:
+            self._lose_kv(e)
+            return True
+        except Exception as e:  # noqa: BLE001 - only cache is at stake: never let it end the loop
+            log.warning("reading free KV blocks into the spill store while idle failed: %s", e)
+            got = 0
+        self._pre_reading = got > 0  # until the next step: no room, nothing left, or a device not answering
+        return got > 0
 
     def _step_budget(self, decodes: int) -> int:
         """The scheduler's prompt budget for the next step: now and then, until the step cost prices a prompt
@@ -366,7 +417,9 @@ class Engine:
         """Called by the loop before each schedule, while no step runs on the devices and the lock is
         not held: phase-separated serving (engine/disagg.py) moves K/V in and out here."""
 
-    def _run(self, plan: BatchPlan) -> None:
+    def _run(self, plan: BatchPlan, spill=([], [])) -> None:
+        """One step: the spill tier's reads and writes first (`spill`: BlockManager.take_spill's), then the plan
+        on every device."""
         rows, logit_rows = [it for it in plan.items if it.logits], tuple(plan.logit_rows())
         on_device = [self.config.top1_on_device and self._greedy(it.seq_id) for it in rows]
         step = Step(torch.tensor(plan.token_ids(), dtype=torch.long),
@@ -374,6 +427,9 @@ class Engine:
                                tuple(it.start for it in plan.items), tuple(it.block_table for it in plan.items)),
                     logit_rows, plan.copies, tuple(r for r, d in zip(logit_rows, on_device) if d))
         try:
+            if self.spill is not None and (spill[0] or spill[1]):
+                self.spill.save(self.ex, self.pool, spill[0], keep={n for n, _ in spill[1]})
+                self.spill.restore(self.ex, self.pool, spill[1])
             res = self.ex.step(step, self.pool)
         except CacheLost as e:  # a fail-over: the K/V are gone, every sequence runs its tokens again
             self._lose_kv(e)
@@ -387,6 +443,7 @@ class Engine:
                 self.sched.update(plan, {})
             return
         self.steps += 1
+        self._pre_reading = True  # the step may have freed named blocks: the idle loop may read them out
         decodes = sum(1 for it in plan.items if len(it.token_ids) == 1)
         self.step_log.append((decodes, plan.num_tokens - decodes, res.seconds))
         if decodes:  # the cost of steps beside running streams (recorded once: the line and the split)
@@ -423,6 +480,9 @@ class Engine:
         with self._lock:
             self.pool = self._pool()
             self.sched.lose_kv(self.pool.num_blocks)
+            if self.spill is not None:  # cut for the old split
+                self.spill.store.clear()
+            self._attach_spill()
 
     def _greedy(self, seq_id: int) -> bool:
         """Whether a sequence's next token is its logit row's argmax (a request cancelled meanwhile needs

@@ -116,6 +116,7 @@ class InprocCluster:
                 rt.prepare_decode()
         self._prefill_threads = prefill
         self.partition, self.config = partition, cfg
+        self.kv_dtype = options.torch_dtype  # the K/V's dtype in every pool (the spill tier sizes blocks by it)
         if fmt.name != "fp32":
             return [held_bytes(m) for m in models]
         return [shard_bytes(cfg, partition.spec(r, cfg), options.torch_dtype) for r in range(self.world)]

@@ -74,6 +74,10 @@ class ResilientCluster:
         return self.cluster.names
 
     @property
+    def kv_dtype(self):
+        return self.cluster.kv_dtype
+
+    @property
     def backends(self) -> list[str]:
         return self.cluster.backends
 
