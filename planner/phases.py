@@ -12,7 +12,8 @@ placements worth simulating (planner/simulate.py simulates them under load):
   of the rest), its LM head rows' measured one-token time (grown with B as the layers grow), and its
   share of the sequences' KV read at the device's bytes/s; plus the engine's fixed cost of a step
   (STEP_OVERHEAD_S: the coordinator's scheduling and sampling and the Step RPC, measured) and the
-  logits' way back to the coordinator (B x vocabulary rows x 4 bytes over the device's own link). A
+  logits' way back to the coordinator (B x vocabulary rows x 4 bytes over the device's own link; a greedy
+  workload's steps return each row's top-1 instead, TOP1_BYTES, as the engine asks them of the devices). A
   device alone on its machine's cores runs faster than profiled (profile.co_tenant_speedup).
   Before this, a step was priced as weight bytes / a streaming rate derived from the LM head's
   profile (`streaming_rate`, still the fallback for a profile without decode timings): that one large
@@ -64,6 +65,11 @@ RUN_WITH_ENGINE = ("galaxy", "local", "pipeline", "megatron")  # seqpar has no r
 # 2.4-3.4) in two runs on this 2-core host; their mean (docs/planner.md "The decode step, measured").
 STEP_OVERHEAD_S = 8.8e-3
 LOGIT_BYTES = 4  # a logit row comes back in float32 whatever the weights
+# A greedy row comes back as its top-1 from each rank holding vocabulary rows (parallel/top1.py Top1: a float32
+# value and an int64 id), not as the row: the engine asks every greedy sequence's argmax on the devices
+# (EngineConfig.top1_on_device). Priced as the whole row, SmolLM2's 192 KiB a token cost 16.5 ms of a 100 Mbit/s
+# link per sequence per step that the runtime never sends (predicted TPOT 107 ms, measured 82; docs/planner.md).
+TOP1_BYTES = 4 + 8
 KV_MESSAGE_BYTES = 4 << 20  # DisaggConfig.chunk_bytes: a K/V box on the wire is cut into pieces below this
 
 
@@ -144,12 +150,15 @@ class PhaseModel:
     solve); fmt: the weight format decode streams (default: the dtype's own); rates: bytes/s by
     device name, measured elsewhere, instead of the head profile's (streaming_rate); kv_path: the
     route of the K/V between the groups (KVPath: direct by default, as the runtime between workers);
-    step_overhead_s: the engine's own cost of a step (STEP_OVERHEAD_S)."""
+    step_overhead_s: the engine's own cost of a step (STEP_OVERHEAD_S); greedy: the requests decode greedily,
+    so a step returns each sequence's top-1 (TOP1_BYTES per vocabulary-holding device), not its logit row
+    (the Python API's and `galaxy bench serve`'s default; the OpenAI endpoint samples at temperature 1 unless
+    a request says otherwise: greedy=False)."""
 
     def __init__(self, cfg: ModelConfig, cluster: ClusterProfile, dtype_bytes: int = 4,
                  fmt: WeightFormat | None = None, solver: Callable[..., Plan] | None = None,
                  rates: dict[str, float] | None = None, kv_path: KVPath = KVPath(),
-                 step_overhead_s: float = STEP_OVERHEAD_S):
+                 step_overhead_s: float = STEP_OVERHEAD_S, greedy: bool = True):
         if not cfg.causal:
             raise PlanError(f"serving placements need a causal LM; {cfg.name or cfg.family} is an encoder")
         self.cfg, self.cluster, self.b = cfg, cluster, dtype_bytes
@@ -161,7 +170,7 @@ class PhaseModel:
             raise PlanError(f"kv_path={kv_path!r} must be a KVPath")
         if not step_overhead_s >= 0:
             raise PlanError(f"step_overhead_s={step_overhead_s} must be >= 0 seconds")
-        self.kv_path, self.step_overhead_s = kv_path, float(step_overhead_s)
+        self.kv_path, self.step_overhead_s, self.greedy = kv_path, float(step_overhead_s), bool(greedy)
         self.params = decode_bytes(cfg, WeightFormat("fp32")) / 4
         self.kv_token = kv_bytes_per_token(cfg, dtype_bytes)
         self.n = len(cluster.devices)
@@ -275,14 +284,15 @@ class PhaseModel:
         chain = layout.kind == "chain"
         last = max((k for k, s in enumerate(layout.shares) if s > 0), default=0)
         parts = []  # per device: a function of (batch, context) -> seconds
-        reply = 0.0  # seconds per sequence for the logits to come back (the slowest vocabulary holder)
+        reply = 0.0  # seconds per sequence for its logits (or greedy: its top-1) to come back, the slowest holder
         for k, (i, share, rate, f) in enumerate(zip(layout.devices, layout.shares, bw, fast)):
             d = self.cluster.devices[i]
             if chain and share <= 0:
                 continue
             rows = cfg.vocab_size * (float(k == last) if chain else share)
             if rows > 0:
-                reply = max(reply, rows * LOGIT_BYTES * self.coordinator_link(i)[0])
+                back = TOP1_BYTES if self.greedy else rows * LOGIT_BYTES
+                reply = max(reply, back * self.coordinator_link(i)[0])
             kv = share * self.kv_token / rate  # seconds per KV position of the batch's context
             if d.decode is None:
                 parts.append(self._streamed_part(d, share, chain, rate, rows, kv, attn_per_ctx))

@@ -86,6 +86,10 @@ def add_parser(sub) -> None:
                             "coordinator`); the plan's serve section records it and `galaxy serve --plan` takes it")
     serve.add_argument("--kv-stream", action="store_true",
                        help="K/V streamed while the prompt is prefilled (the runtime's opt-in streaming)")
+    serve.add_argument("--sampling", choices=("greedy", "sampled"), default="greedy",
+                       help="greedy (default, as `galaxy bench serve` and the Python API): a decode step returns each "
+                            "sequence's top-1, not its logits; sampled: the logit rows come back (the OpenAI "
+                            "endpoint's temperature 1 when a request sets none)")
     serve.add_argument("--sim-requests", type=int_at_least(10), default=200,
                        help="requests per simulated run (default 200)")
     plan.add_argument("-o", "--output", metavar="PLAN.json", type=output_file, help="write the plan file")
@@ -119,7 +123,8 @@ def _serve_plan(args, cfg, cluster, dtype_bytes: int, weights_format: str):
         return fit_plan(c, tokens, sub, strategy, dtype_bytes, method=args.method, weights_format=weights_format)
 
     fmt = parse_format(weights_format) if weights_format != "fp32" else None  # None: the dtype's own bytes
-    pm = PhaseModel(cfg, cluster, dtype_bytes, fmt=fmt, solver=solver, kv_path=KVPath(args.kv_path, args.kv_stream))
+    pm = PhaseModel(cfg, cluster, dtype_bytes, fmt=fmt, solver=solver, kv_path=KVPath(args.kv_path, args.kv_stream),
+                    greedy=args.sampling == "greedy")
     choice = serving.choose(pm, goals)
     return choice.plan(goals), serving.table(choice)
 

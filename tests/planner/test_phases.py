@@ -15,6 +15,7 @@ from galaxy.model.quant import WeightFormat, decode_bytes
 from planner.phases import (
     KV_MESSAGE_BYTES,
     LOGIT_BYTES,
+    TOP1_BYTES,
     DecodeLayout,
     KVPath,
     PhaseModel,
@@ -69,7 +70,7 @@ def test_without_decode_timings_one_device_decodes_in_the_time_it_reads_the_weig
 def test_a_split_decode_reads_shares_in_parallel_and_pays_two_all_reduces_per_layer():
     devs = [dev(n, 1000, 10 * GB, 4 * GB, overhead=0.0) for n in "abc"]
     latency = 1e-3
-    pm = PhaseModel(CFG, cluster(devs, 1e12, latency), step_overhead_s=0.0)
+    pm = PhaseModel(CFG, cluster(devs, 1e12, latency), step_overhead_s=0.0, greedy=False)
     alone = pm.decode_s(pm.tp_layout((0,)), 1, 0)
     split = pm.decode_s(pm.tp_layout((0, 1, 2)), 1, 0)
     wire = (2 * CFG.n_layers + 1) * (latency + CFG.hidden * 4 * 8 / 1e12)
@@ -232,12 +233,28 @@ def test_the_decode_step_grows_with_the_batch_as_measured():
     assert one < eight < 8 * one  # the weights are read once for the whole batch
 
 
-def test_a_measured_decode_step_returns_each_sequences_logits_over_the_devices_link():
+def test_a_measured_decode_step_returns_each_sampled_sequences_logits_over_the_devices_link():
     devs = [timed("a", 3e-3, 0.0, 20e-3), timed("b", 3e-3, 0.0, 20e-3)]
-    pm = PhaseModel(CFG, cluster(devs, 100e6, 0.0), step_overhead_s=0.0)
+    pm = PhaseModel(CFG, cluster(devs, 100e6, 0.0), step_overhead_s=0.0, greedy=False)
     lay = pm.tp_layout((0,))
     per_seq = CFG.vocab_size * LOGIT_BYTES * 8 / 100e6
     assert pm.decode_s(lay, 4, 0) - pm.decode_s(lay, 1, 0) == pytest.approx(3 * per_seq)
+
+
+def test_a_greedy_decode_step_returns_each_sequences_top1_not_its_logit_row():
+    # the engine asks greedy rows' argmax of the devices (parallel/top1.py): a value and an id per row come back
+    devs = [timed("a", 3e-3, 0.0, 20e-3), timed("b", 3e-3, 0.0, 20e-3)]
+    link = cluster(devs, 100e6, 0.0)
+    greedy = PhaseModel(CFG, link, step_overhead_s=0.0)
+    sampled = PhaseModel(CFG, link, step_overhead_s=0.0, greedy=False)
+    alone, split = greedy.tp_layout((0,)), greedy.tp_layout((0, 1))
+    assert greedy.decode_s(alone, 4, 0) - greedy.decode_s(alone, 1, 0) == pytest.approx(3 * TOP1_BYTES * 8 / 100e6)
+    row = CFG.vocab_size * LOGIT_BYTES * 8 / 100e6  # SmolLM2 at 100 Mbit/s: 16.5 ms a sequence a step
+    assert sampled.decode_s(alone, 1, 0) - greedy.decode_s(alone, 1, 0) == pytest.approx(row - TOP1_BYTES * 8 / 100e6)
+    # split: every vocabulary holder sends its top-1, in parallel; sampled, each its share of the row
+    share = max(split.shares) * row
+    assert sampled.decode_s(split, 1, 0) - greedy.decode_s(split, 1, 0) == pytest.approx(
+        share - TOP1_BYTES * 8 / 100e6)
 
 
 def test_a_decode_device_alone_on_shared_cores_runs_faster_than_beside_the_prefill():
