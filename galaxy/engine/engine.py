@@ -84,6 +84,9 @@ class EngineConfig:
     # greedy sequences' next token picked on the devices (Step.top1_rows, parallel/top1.py): a few numbers per
     # row come back instead of the vocabulary's logits; the same tokens. False: every row's logits come back
     top1_on_device: bool = True
+    # the loaded weights run a token by its role (int8 / int4 route prompt rows dense: model/dense_rows.py),
+    # so the prefix cache shares only blocks of dense-role K/V (block_manager.py); the API sets it from the format
+    roles: bool = False
 
     def __post_init__(self):
         for name, why in (("max_stall", "a step with prompt chunks takes longer than one without"),
@@ -105,7 +108,7 @@ class EngineConfig:
                                max_waiting=self.max_waiting,
                                max_model_len=min(model.max_positions, num_blocks * self.block_size),
                                vocab_size=model.vocab_size, prefix_caching=self.prefix_caching,
-                               kv_limited=num_blocks * self.block_size < model.max_positions)
+                               kv_limited=num_blocks * self.block_size < model.max_positions, roles=self.roles)
 
 
 @dataclass(frozen=True)
@@ -372,7 +375,8 @@ class Engine:
         step = Step(torch.tensor(plan.token_ids(), dtype=torch.long),
                     PagedBatch(plan.block_size, tuple(len(it.token_ids) for it in plan.items),
                                tuple(it.start for it in plan.items), tuple(it.block_table for it in plan.items)),
-                    logit_rows, plan.copies, tuple(r for r, d in zip(logit_rows, on_device) if d))
+                    logit_rows, plan.copies, tuple(r for r, d in zip(logit_rows, on_device) if d),
+                    tuple(it.kernel_from for it in plan.items))
         try:
             res = self.ex.step(step, self.pool)
         except CacheLost as e:  # a fail-over: the K/V are gone, every sequence runs its tokens again
