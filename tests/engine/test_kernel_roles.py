@@ -11,6 +11,7 @@ import torch
 from galaxy.engine.block_manager import BlockManager
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.generation import GenerationConfig
+from galaxy.engine.scheduler import Scheduler, SchedulerConfig
 from galaxy.engine.sequence import SamplingParams, Sequence
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import make_config
@@ -124,3 +125,12 @@ def test_blocks_with_kernel_role_positions_are_never_named_nor_taken():
     assert blocks.lease(list(range(13)), 12, kernel_from=9) == seq.block_table[:2]  # a K/V handoff: the same cap
     blocks.release(seq.block_table[:2])
     blocks.audit([seq, other])
+
+
+@pytest.mark.parametrize("roles,named", [(True, 2), (False, 3)])
+def test_the_decode_group_names_an_adopted_sequences_blocks_by_the_same_rule(roles, named):
+    # phase-separated serving: K/V of a 12-token prompt computed elsewhere, adopted and named here
+    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, roles=roles))
+    seq = sched.adopt(list(range(13)), 12, SamplingParams())
+    sched.blocks.commit(seq)
+    assert sum(sched.blocks.name[b] is not None for b in seq.block_table) == named  # block [8, 12) holds 11
