@@ -130,7 +130,7 @@ def test_blocks_with_kernel_role_positions_are_never_named_nor_taken():
 @pytest.mark.parametrize("roles,named", [(True, 2), (False, 3)])
 def test_the_decode_group_names_an_adopted_sequences_blocks_by_the_same_rule(roles, named):
     # phase-separated serving: K/V of a 12-token prompt computed elsewhere, adopted and named here
-    sched = Scheduler(SchedulerConfig(num_blocks=16, block_size=4, roles=roles))
+    sched = Scheduler(SchedulerConfig(16, 4, max_batched_tokens=64, max_model_len=64, roles=roles))
     seq = sched.adopt(list(range(13)), 12, SamplingParams())
     sched.blocks.commit(seq)
     assert sum(sched.blocks.name[b] is not None for b in seq.block_table) == named  # block [8, 12) holds 11
