@@ -23,13 +23,13 @@ token), the same whether its prompt is cut into chunks of 1 or of 512, with or w
 beside it, and whether a cached prefix left only its last token to compute. And it stays the same when
 a token is computed again: a sequence preempted (recompute), or resumed after a device dropped out,
 runs its prompt and generated tokens once more as one prompt, and its generated tokens keep the kernel
-(a mixed call: quant.QuantLinear.routed). The engine carries each sequence's `kernel_from` in the step
+(a mixed call: quant.QuantLinear.forward_rows). The engine carries each sequence's `kernel_from` in the step
 (parallel/forward.Step.kernel_from, over gRPC StepRequest.kernel_from); a step without it (built by a
 caller that knows no prompt lengths) gets the uninterrupted run's roles (`roles_of_logits`).
 
 K/V computed in one role are not those of the other, so in these formats the prefix cache shares only
 blocks whose every position ran dense for the request that computed them (engine/block_manager.py:
-a block ending past `kernel_from` is never named, and a sequence takes a named block only where it
+a block holding a position >= `kernel_from` is never named, and a sequence takes a named block only where it
 would run it dense too): any request computes those positions identically, so whoever filled the cache
 first changes no bit. The cost: a prompt's last block, and a multi-turn follow-up's copy of the previous
 answer, are computed again instead of shared (fp32 and bf16 route no rows and share every full block).
@@ -37,7 +37,9 @@ answer, are computed again instead of shared (fp32 and bf16 route no rows and sh
 It relies on the dense GEMM giving a row the same bits whatever the other rows of the call: measured
 for oneDNN's bf16 GEMM at the shapes of the tests and SmolLM2, 1 and 2 threads, from 2 rows up (a
 single row takes a GEMV path with another summation order, so a lone dense row is padded to two), and
-pinned in tests/model/test_dense_rows.py.
+pinned in tests/model/test_dense_rows.py. A recompute relies as well on the kernel giving a row the same
+bits whatever rows share its call (a resumed sequence's generated rows go through it together, where
+each ran alone as a decode), pinned by the recompute tests there and in tests/engine/test_kernel_roles.py.
 
 The rows a pass holds are given once per pass (`pass_rows`, set by parallel/forward.py's rank_forward),
 and each linear call says where its rows start (`rows_from`: the per-rank forwards call the linears on
