@@ -22,6 +22,14 @@ step, and only the last token is recomputed -- one block copy instead of a block
 forward (vLLM recomputes the whole block). Partial blocks are never named: sharing them would
 need a copy on every divergence and the name of a partial block changes with every token.
 
+Roles (`roles`: int8 / int4 weights, which run a token's rows dense or on the format's kernel by its
+position, model/dense_rows.py): a block is shared only where every position in it ran dense, i.e. below
+the request's `kernel_from` (its original prompt length - 1), for the request that computed it and for
+the one that takes it -- a block holding kernel-role positions (a prompt's last token, generated tokens)
+is never named, and a resumed sequence takes no named block over its own kernel-role positions. So the
+cache hands out only K/V every request computes alike, and no request's bits depend on who filled it.
+`shared_until` is that predicate; fp32 / bf16 (no roles) share every full block.
+
 Hit accounting counts only tokens whose K/V were reused: the recomputed last token of a full
 hit is not a hit, and the blocks a preempted sequence gets back on resuming are counted apart
 (`resumed_tokens`), not as prefix hits (vLLM #25780: preemption inflated the hit rate).
@@ -88,10 +96,11 @@ class CacheStats:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True, roles: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must both be >= 1")
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.roles = roles  # tokens run by their role (model/dense_rows.py): share dense-role blocks only
         self.ref = [0] * num_blocks  # sequences holding each block
         self.name: list[bytes | None] = [None] * num_blocks  # its prefix-cache name, if any
         self._empty: deque[int] = deque(range(num_blocks))  # free, nothing reusable: handed out first
@@ -166,11 +175,14 @@ class BlockManager:
         what a request would reuse here (the coordinator's prefix index asks it of every pool)."""
         return len(self._leading(token_ids, len(token_ids) if limit is None else limit)) * self.block_size
 
-    def lease(self, token_ids, n_tokens: int, multiple: int = 1) -> list[int]:
+    def lease(self, token_ids, n_tokens: int, multiple: int = 1, kernel_from: int | None = None) -> list[int]:
         """The named blocks holding the K/V of the leading positions of `token_ids` within
         [0, n_tokens), as many as are cached but a multiple of `multiple` blocks, each taken (a
         reference, so no eviction reuses it) for a sequence whose K/V arrive from elsewhere
-        (Scheduler.adopt); give them back with `release` if it never comes."""
+        (Scheduler.adopt); give them back with `release` if it never comes. `kernel_from`: the
+        sequence's (Sequence.kernel_from), which caps the lease under `roles`."""
+        if kernel_from is not None:
+            n_tokens = min(n_tokens, self.shared_until(kernel_from))
         hits = self._leading(token_ids, n_tokens)
         hits = hits[: len(hits) // multiple * multiple]
         for b in hits:
@@ -217,16 +229,17 @@ class BlockManager:
         """Name the blocks that a step has just filled, so later requests can share them.
 
         Called after the K/V of `seq.num_computed` tokens are written: a block is named only
-        once its K/V exist. If another block already has the name (two requests computed the
-        same prefix at once), this one stays unnamed and is freed as a plain block."""
+        once its K/V exist, and under `roles` only below the sequence's kernel_from. If another block
+        already has the name (two requests computed the same prefix at once), this one stays unnamed
+        and is freed as a plain block."""
         if not self.prefix_caching:
             return
-        names = self._names(seq)
-        for i in range(seq.num_named, seq.num_computed // self.block_size):
+        names, upto = self._names(seq), min(seq.num_computed, self.shared_until(seq.kernel_from)) // self.block_size
+        for i in range(seq.num_named, upto):
             b, h = seq.block_table[i], names[i]
             if h not in self._cached:
                 self._cached[h], self.name[b] = b, h
-        seq.num_named = max(seq.num_named, seq.num_computed // self.block_size)
+        seq.num_named = max(seq.num_named, upto)
 
     def free(self, seq: Sequence) -> None:
         """Release the blocks of `seq`, last first: a prefix's tail is worth less than its head,
@@ -259,6 +272,14 @@ class BlockManager:
         if problems:
             raise GalaxyError("block manager inconsistent: " + "; ".join(problems))
 
+    def shared_until(self, kernel_from: int, last_recomputed: bool = False) -> int:
+        """Positions [0, n) whose blocks may be shared for a request whose rows run the kernel from
+        `kernel_from` on: under `roles` only its dense-role positions, and its position kernel_from too where
+        that one is computed again anyway (`last_recomputed`: a prompt's last token, copied on a full hit)."""
+        if not self.roles:
+            return 1 << 62
+        return kernel_from + 1 if last_recomputed else kernel_from
+
     # -- internals -------------------------------------------------------------------------
     def _names(self, seq: Sequence) -> list[bytes]:
         """The hash chain over the full token blocks of `seq`, extended as tokens arrive."""
@@ -273,7 +294,8 @@ class BlockManager:
         if not self.prefix_caching:
             return []
         hits: list[int | None] = []
-        for h in self._names(seq):
+        n = self.shared_until(seq.kernel_from, seq.kernel_from == seq.num_tokens - 1)
+        for h in self._names(seq)[: n // self.block_size]:
             b = self._cached.get(h)
             if b is None and (self.store is None or h not in self.store):
                 break

@@ -237,7 +237,7 @@ class DecodeEngine(FailOver, Engine):
         """K/V bytes held at the coordinator for moves not pushed yet (the queue is bounded by them)."""
         return sum(h.nbytes for h in tuple(self._pending))  # a snapshot: the load report reads it unlocked
 
-    def lease_for(self, token_ids, tokens: int, src_block_size: int) -> Lease | None:
+    def lease_for(self, token_ids, tokens: int, src_block_size: int, kernel_from: int | None = None) -> Lease | None:
         """The lease of a sequence whose K/V of `tokens` positions would move here, if it may move now:
         blocks and a running place beside those already on their way, and the bytes bound, once the
         blocks this pool already holds for its leading tokens are leased (prefix_index.lease: only the
@@ -245,14 +245,14 @@ class DecodeEngine(FailOver, Engine):
         if self.down is not None:
             return None
         with self._lock:
-            got = lease(self.sched.blocks, token_ids, tokens, src_block_size)
+            got = lease(self.sched.blocks, token_ids, tokens, src_block_size, kernel_from)
             if self._fits(len(token_ids), got, self.mover.seq_bytes(tokens - got.skip)):
                 return got
             give_back(self.sched.blocks, got)
             return None
 
-    def reserve_move(self, token_ids, tokens: int, src_block_size: int, params: SamplingParams
-                     ) -> tuple[Sequence, int] | None:
+    def reserve_move(self, token_ids, tokens: int, src_block_size: int, params: SamplingParams,
+                     kernel_from: int | None = None) -> tuple[Sequence, int] | None:
         """For a direct move (engine/kv_direct.py) of a sequence whose K/V of `tokens` positions would come
         here: the blocks this pool holds for its leading tokens leased (prefix_index.lease), fresh blocks behind
         them for the rest and its next token, all in one reservation (`adopt(reserved=)` takes it; giving it back
@@ -260,7 +260,7 @@ class DecodeEngine(FailOver, Engine):
         if self.down is not None:
             return None
         with self._lock:
-            got = lease(self.sched.blocks, token_ids, tokens, src_block_size)
+            got = lease(self.sched.blocks, token_ids, tokens, src_block_size, kernel_from)
             if not self._fits(len(token_ids), got, 0):  # nothing is held at the coordinator: no bytes to bound
                 give_back(self.sched.blocks, got)
                 return None
@@ -636,7 +636,7 @@ class PrefillEngine(FailOver, Engine):
                     return  # this group lost its K/V (CacheLost): every sequence runs again
                 if done:
                     continue
-            got = self.decode.lease_for(token_ids, tokens, self.pool.block_size)
+            got = self.decode.lease_for(token_ids, tokens, self.pool.block_size, seq.kernel_from)
             if got is None:
                 continue  # decodes here this step; tries again at its next token
             decode_split = self.mover.decode.partition  # before the pull: a re-plan during it shows at the push
@@ -675,7 +675,7 @@ class PrefillEngine(FailOver, Engine):
         next token);
         False: the direct move failed on the receivers' side, so the caller moves it through the coordinator;
         None: this group re-planned (CacheLost) and the caller must stop."""
-        got = self.decode.reserve_move(token_ids, tokens, self.pool.block_size, seq.params)
+        got = self.decode.reserve_move(token_ids, tokens, self.pool.block_size, seq.params, seq.kernel_from)
         if got is None:
             return True  # decodes here this step; tries again at its next token
         held, skip = got

@@ -90,6 +90,9 @@ class EngineConfig:
     # A phase-separated placement's decode group keeps none (its blocks are also taken outside its loop)
     spill_bytes: int = 0
     spill_dir: str | None = None  # the spill store in files of a private directory made in this one, not in memory
+    # the loaded weights run a token by its role (int8 / int4 route prompt rows dense: model/dense_rows.py),
+    # so the prefix cache shares only blocks of dense-role K/V (block_manager.py); the API sets it from the format
+    roles: bool = False
 
     def __post_init__(self):
         for name, why in (("max_stall", "a step with prompt chunks takes longer than one without"),
@@ -117,7 +120,7 @@ class EngineConfig:
                                max_waiting=self.max_waiting,
                                max_model_len=min(model.max_positions, num_blocks * self.block_size),
                                vocab_size=model.vocab_size, prefix_caching=self.prefix_caching,
-                               kv_limited=num_blocks * self.block_size < model.max_positions)
+                               kv_limited=num_blocks * self.block_size < model.max_positions, roles=self.roles)
 
 
 @dataclass(frozen=True)
@@ -425,7 +428,8 @@ class Engine:
         step = Step(torch.tensor(plan.token_ids(), dtype=torch.long),
                     PagedBatch(plan.block_size, tuple(len(it.token_ids) for it in plan.items),
                                tuple(it.start for it in plan.items), tuple(it.block_table for it in plan.items)),
-                    logit_rows, plan.copies, tuple(r for r, d in zip(logit_rows, on_device) if d))
+                    logit_rows, plan.copies, tuple(r for r, d in zip(logit_rows, on_device) if d),
+                    tuple(it.kernel_from for it in plan.items))
         try:
             if self.spill is not None and (spill[0] or spill[1]):
                 self.spill.save(self.ex, self.pool, spill[0], keep={n for n, _ in spill[1]})

@@ -55,11 +55,13 @@ def give_back(blocks: BlockManager, held: Lease) -> None:
         blocks.release(held.blocks)
 
 
-def lease(blocks: BlockManager, token_ids, tokens: int, src_block_size: int) -> Lease:
+def lease(blocks: BlockManager, token_ids, tokens: int, src_block_size: int, kernel_from: int | None = None) -> Lease:
     """Lease what `blocks` holds of the first `tokens` positions of `token_ids`, in whole units
-    of both block sizes (the sender's is `src_block_size`). Caller holds the pool's engine lock."""
+    of both block sizes (the sender's is `src_block_size`); under roles (int8 / int4) only below the
+    sequence's `kernel_from` (block_manager.py: dense-role K/V alone are shared). Caller holds the pool's
+    engine lock."""
     unit = math.lcm(blocks.block_size, src_block_size) // blocks.block_size  # receiver blocks per unit
-    got = tuple(blocks.lease(token_ids, tokens, unit))
+    got = tuple(blocks.lease(token_ids, tokens, unit, kernel_from))
     return Lease(got, len(got) * blocks.block_size, blocks)
 
 

@@ -67,6 +67,9 @@ class SchedulerConfig:
     # max_model_len is what the KV pool holds (the devices' memory budgets), below the model's positions:
     # a prompt past it is refused with KVBudgetExceeded, a sequence reaching it ends with KV_BUDGET
     kv_limited: bool = False
+    # the weights run a token by its role (int8 / int4: model/dense_rows.py): the prefix cache shares only
+    # blocks every request computes alike (BlockManager's `roles`)
+    roles: bool = False
 
     def __post_init__(self):
         def need(ok: bool, msg: str) -> None:
@@ -104,6 +107,7 @@ class ScheduledSeq:
     start: int  # positions [0, start) already have K/V in the blocks
     block_table: tuple[int, ...]  # block ids; position p lives in block_table[p // block_size]
     logits: bool  # the chunk ends the sequence's tokens: sample from its last position
+    kernel_from: int | None = None  # Sequence.kernel_from: where its rows start to run the compact kernel
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ class BatchPlan:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic):
         self.cfg, self.clock = config, clock
-        self.blocks = BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.prefix_caching, config.roles)
         self.waiting: list[Sequence] = []  # arrival order (preempted ones go back to their place)
         self.running: list[Sequence] = []  # arrival order: the last is the first to be preempted
         self.live: dict[int, Sequence] = {}
@@ -241,7 +245,7 @@ class Scheduler:
         max_len = min(self.cfg.max_model_len, num_blocks * self.cfg.block_size)
         limited = self.cfg.kv_limited or max_len < self.cfg.max_model_len
         self.cfg = dataclasses.replace(self.cfg, num_blocks=num_blocks, max_model_len=max_len, kv_limited=limited)
-        self.blocks = BlockManager(num_blocks, self.cfg.block_size, self.cfg.prefix_caching)
+        self.blocks = BlockManager(num_blocks, self.cfg.block_size, self.cfg.prefix_caching, self.cfg.roles)
         for seq in [s for s in self.waiting if s.num_tokens >= max_len]:  # no longer fits the smaller pool
             self._finish(seq, FinishReason.KV_BUDGET if limited else FinishReason.LENGTH)
 
@@ -362,7 +366,7 @@ class Scheduler:
     def _item(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed
         return ScheduledSeq(seq.seq_id, tuple(seq.token_ids[start : start + n]), start,
-                            tuple(seq.block_table), start + n == seq.num_tokens)
+                            tuple(seq.block_table), start + n == seq.num_tokens, seq.kernel_from)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)

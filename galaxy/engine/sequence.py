@@ -81,6 +81,12 @@ class Sequence:
         return len(self.token_ids) - self.num_computed
 
     @property
+    def kernel_from(self) -> int:
+        """Its first position whose rows run an int8 / int4 linear's own kernel (model/dense_rows.py): the
+        prompt's last token; fixed for the request, so a recompute gives every token its first role."""
+        return self.num_prompt - 1
+
+    @property
     def generated(self) -> list[int]:
         return self.token_ids[self.num_prompt :]
 

@@ -15,17 +15,31 @@ bf16, made once per linear per pass into a buffer the shard holds, sized to its 
 Which rows go where is decided by what a row *is*, never by how many rows a step carries: the serving
 engine mixes decode rows and prompt chunks in one step, and chunk sizes follow the token budget, so a
 rule on the step's row count would give a token other numerics when other sequences share its step.
-The rule (`kernel_rows`): a row runs the format's kernel iff it is the last row of its sequence in the
-pass *and* its logits come back -- a decode token, or a prompt's last token; every other row (a prompt
-token whose logits are not taken) runs dense. That is a property of the token alone: the same whether
-its prompt is cut into chunks of 1 or of 512, with or without other sequences beside it, and whether a
-cached prefix left only its last token to compute. (A token recomputed after preemption, or read from a
-prefix another request cached, was computed in the role it had there.)
+The rule (`kernel_rows`) is a function of a token's *position in its request*: a row runs the format's
+kernel iff its position >= the request's `kernel_from` = its original prompt length - 1 (the prompt's
+last token, and every generated token after it); every earlier row runs dense. In an uninterrupted run
+that is "the last row of its sequence whose logits come back" (a decode token, or a prompt's last
+token), the same whether its prompt is cut into chunks of 1 or of 512, with or without other sequences
+beside it, and whether a cached prefix left only its last token to compute. And it stays the same when
+a token is computed again: a sequence preempted (recompute), or resumed after a device dropped out,
+runs its prompt and generated tokens once more as one prompt, and its generated tokens keep the kernel
+(a mixed call: quant.QuantLinear.forward_rows). The engine carries each sequence's `kernel_from` in the step
+(parallel/forward.Step.kernel_from, over gRPC StepRequest.kernel_from); a step without it (built by a
+caller that knows no prompt lengths) gets the uninterrupted run's roles (`roles_of_logits`).
+
+K/V computed in one role are not those of the other, so in these formats the prefix cache shares only
+blocks whose every position ran dense for the request that computed them (engine/block_manager.py:
+a block holding a position >= `kernel_from` is never named, and a sequence takes a named block only where it
+would run it dense too): any request computes those positions identically, so whoever filled the cache
+first changes no bit. The cost: a prompt's last block, and a multi-turn follow-up's copy of the previous
+answer, are computed again instead of shared (fp32 and bf16 route no rows and share every full block).
 
 It relies on the dense GEMM giving a row the same bits whatever the other rows of the call: measured
 for oneDNN's bf16 GEMM at the shapes of the tests and SmolLM2, 1 and 2 threads, from 2 rows up (a
 single row takes a GEMV path with another summation order, so a lone dense row is padded to two), and
-pinned in tests/model/test_dense_rows.py.
+pinned in tests/model/test_dense_rows.py. A recompute relies as well on the kernel giving a row the same
+bits whatever rows share its call (a resumed sequence's generated rows go through it together, where
+each ran alone as a decode), pinned by the recompute tests there and in tests/engine/test_kernel_roles.py.
 
 The rows a pass holds are given once per pass (`pass_rows`, set by parallel/forward.py's rank_forward),
 and each linear call says where its rows start (`rows_from`: the per-rank forwards call the linears on
@@ -52,18 +66,29 @@ _local = threading.local()
 _passes = itertools.count(1)
 
 
-def kernel_rows(seq_lens: list[int], logit_rows: tuple[int, ...] | None) -> torch.Tensor | None:
-    """(S,) bool: the rows that run the format's kernel -- the last row of each sequence whose logits
-    come back (`logit_rows` None: every row's do); the other rows run dense. None when every row runs
-    the kernel (a step of decodes), so such a pass pays nothing for the routing."""
-    s, ends = sum(seq_lens), list(itertools.accumulate(seq_lens))
-    wanted = None if logit_rows is None else set(logit_rows)
-    kernel = [e - 1 for e in ends if wanted is None or e - 1 in wanted]
-    if len(kernel) == s:
+def kernel_rows(starts: list[int], seq_lens: list[int], kernel_from: list[int]) -> torch.Tensor | None:
+    """(S,) bool over a pass's rows, sequence i's `seq_lens[i]` rows at positions starts[i], ..: the rows that
+    run the format's kernel -- those at a position >= the sequence's `kernel_from[i]` (its original prompt
+    length - 1); the other rows run dense. None when every row runs the kernel (a step of decodes), so such
+    a pass pays nothing for the routing."""
+    if not len(starts) == len(seq_lens) == len(kernel_from):
+        raise ValueError(f"dense rows: {len(starts)} starts, {len(seq_lens)} sequence lengths, "
+                         f"{len(kernel_from)} kernel_from")
+    if all(s >= k for s, k in zip(starts, kernel_from)):
         return None
-    mask = torch.zeros(s, dtype=torch.bool)
-    mask[kernel] = True
-    return mask
+    mask = torch.cat([torch.arange(s, s + n) >= k for s, n, k in zip(starts, seq_lens, kernel_from)])
+    return None if bool(mask.all()) else mask
+
+
+def roles_of_logits(starts: list[int], seq_lens: list[int], logit_rows: tuple[int, ...] | None) -> list[int]:
+    """Each sequence's `kernel_from` as an uninterrupted run has it, from what a pass shows: the position
+    of its last row if that row's logits come back (`logit_rows` None: every row's do), else past its
+    rows (all dense). For a pass whose caller knows no prompt lengths (a Request; a Step without
+    kernel_from). Wrong for a recomputed sequence, whose generated tokens would run dense: the engine
+    always says."""
+    ends = list(itertools.accumulate(seq_lens))
+    wanted = None if logit_rows is None else set(logit_rows)
+    return [s + n - 1 if wanted is None or e - 1 in wanted else s + n for s, n, e in zip(starts, seq_lens, ends)]
 
 
 @contextmanager

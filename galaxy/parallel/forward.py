@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.dense_rows import kernel_rows, pass_rows, rows_from
+from ..model.dense_rows import kernel_rows, pass_rows, roles_of_logits, rows_from
 from ..model.paged_kv import PagedBatch, PagedKVCache
 from ..model.transformer import Attention, Block, Transformer
 from .collectives import Collectives
@@ -61,6 +61,9 @@ class Step:
     # of logit_rows, those (ascending) whose argmax alone comes back, computed on the devices (greedy
     # sampling: parallel/top1.py); the others' logits come back whole
     top1_rows: tuple[int, ...] = ()
+    # per sequence, in plan order: its first position whose rows run an int8 / int4 linear's own kernel, its
+    # original prompt length - 1 (model/dense_rows.py); () for the roles an uninterrupted run has
+    kernel_from: tuple[int, ...] = ()
 
 
 # (layer index, attention block, Q|K|V of every token (S, cols)) -> context (S, nq hd)
@@ -110,7 +113,8 @@ def request_pass(req: Request) -> Pass:
         return attn.attend(qkv, req.start_pos, rot.of(attn, qkv.dtype))
 
     logit_rows = (s - 1,) if req.last_only else None
-    return Pass(req.ids, positions, req.types, attend, logit_rows, req.start_pos, kernel_rows([s], logit_rows))
+    roles = kernel_rows([req.start_pos], [s], roles_of_logits([req.start_pos], [s], logit_rows))
+    return Pass(req.ids, positions, req.types, attend, logit_rows, req.start_pos, roles)
 
 
 def step_pass(step: Step, kv: PagedKVCache) -> Pass:
@@ -124,8 +128,11 @@ def step_pass(step: Step, kv: PagedKVCache) -> Pass:
     def attend_heads(idx: str, attn: Attention, q, k, v) -> torch.Tensor:
         return attn.attend_paged_heads(q, k, v, kv, idx, step.batch)
 
+    b = step.batch
+    starts, lens = list(b.starts), list(b.query_lens)
+    kernel_from = list(step.kernel_from) if step.kernel_from else roles_of_logits(starts, lens, step.logit_rows)
     return Pass(step.ids, step.batch.positions, None, attend, step.logit_rows,
-                kernel_rows=kernel_rows(list(step.batch.query_lens), step.logit_rows),
+                kernel_rows=kernel_rows(starts, lens, kernel_from),
                 attend_heads=attend_heads, rotation=rot)
 
 

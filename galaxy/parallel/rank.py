@@ -107,6 +107,10 @@ class RankRuntime:
         if list(rows) != sorted(set(rows)) or (rows and not 0 <= rows[0] <= rows[-1] < ids.numel()):
             raise ValueError(f"logit rows {list(rows)[:8]} are not ascending rows of the {ids.numel()} tokens")
         check_top1_rows(rows, step.top1_rows)
+        k = step.kernel_from
+        if k and (len(k) != len(b.query_lens) or min(k) < 0):
+            raise ValueError(f"kernel_from {list(k)[:8]} is not one position >= 0 for each of the step's "
+                             f"{len(b.query_lens)} sequences")
 
     def holds_pool(self, pool: KVPool) -> bool:
         """Whether the pool the engine sized is the one allocated here (no step named it yet, or the

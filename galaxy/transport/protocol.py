@@ -158,7 +158,7 @@ def step_to_proto(step: Step, pool: KVPool, session_id: str, request_id: int) ->
         query_lens=list(b.query_lens), starts=list(b.starts), block_table_lens=[len(t) for t in b.block_tables],
         block_tables=[x for t in b.block_tables for x in t], logit_rows=list(step.logit_rows),
         copies=[x for pair in step.copies for x in pair], num_blocks=pool.num_blocks, block_size=pool.block_size,
-        top1_rows=list(step.top1_rows))
+        top1_rows=list(step.top1_rows), kernel_from=list(step.kernel_from))
 
 
 def step_from_proto(m: pb.StepRequest, device: str = "cpu") -> tuple[Step, KVPool]:
@@ -185,7 +185,9 @@ def step_from_proto(m: pb.StepRequest, device: str = "cpu") -> tuple[Step, KVPoo
     except (GalaxyError, ValueError) as e:
         raise TransportError(f"step: {e}") from None
     copies = tuple((m.copies[i], m.copies[i + 1]) for i in range(0, len(m.copies), 2))
-    return Step(ids.to(device), batch, tuple(m.logit_rows), copies, tuple(m.top1_rows)), pool
+    if len(m.kernel_from) not in (0, n):
+        raise TransportError(f"step: {len(m.kernel_from)} kernel_from for {n} sequences")
+    return Step(ids.to(device), batch, tuple(m.logit_rows), copies, tuple(m.top1_rows), tuple(m.kernel_from)), pool
 
 
 def metadata(token: str | None, session: str | None = None) -> list[tuple[str, str]]:

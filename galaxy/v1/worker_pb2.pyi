@@ -225,7 +225,7 @@ class ForwardRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., token_types: _Optional[_Union[Tensor, _Mapping]] = ..., start_pos: _Optional[int] = ..., last_only: _Optional[bool] = ..., no_overlap: _Optional[bool] = ..., measure_memory: _Optional[bool] = ..., wire_formats: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "input_ids", "query_lens", "starts", "block_table_lens", "block_tables", "logit_rows", "copies", "num_blocks", "block_size", "top1_rows")
+    __slots__ = ("session_id", "request_id", "input_ids", "query_lens", "starts", "block_table_lens", "block_tables", "logit_rows", "copies", "num_blocks", "block_size", "top1_rows", "kernel_from")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class StepRequest(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOP1_ROWS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FROM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: int
     input_ids: Tensor
@@ -250,7 +251,8 @@ class StepRequest(_message.Message):
     num_blocks: int
     block_size: int
     top1_rows: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., query_lens: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., block_table_lens: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., logit_rows: _Optional[_Iterable[int]] = ..., copies: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., top1_rows: _Optional[_Iterable[int]] = ...) -> None: ...
+    kernel_from: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., input_ids: _Optional[_Union[Tensor, _Mapping]] = ..., query_lens: _Optional[_Iterable[int]] = ..., starts: _Optional[_Iterable[int]] = ..., block_table_lens: _Optional[_Iterable[int]] = ..., block_tables: _Optional[_Iterable[int]] = ..., logit_rows: _Optional[_Iterable[int]] = ..., copies: _Optional[_Iterable[int]] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., top1_rows: _Optional[_Iterable[int]] = ..., kernel_from: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVBox(_message.Message):
     __slots__ = ("session_id", "block_table", "num_tokens", "layer_lo", "layer_hi", "head_lo", "head_hi", "num_blocks", "block_size", "kv", "start", "while_stepping", "ticket", "revoke_nonces")

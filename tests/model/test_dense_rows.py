@@ -11,7 +11,7 @@ import torch
 
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import make_config
-from galaxy.model.dense_rows import Scratch, dense_linear, kernel_rows, scratch_bytes
+from galaxy.model.dense_rows import Scratch, dense_linear, kernel_rows, roles_of_logits, scratch_bytes
 from galaxy.model.int4_expand import expander
 from galaxy.model.paged_kv import PagedBatch, PagedKVCache
 from galaxy.model.quant import QuantLinear, WeightFormat, parse_format
@@ -60,11 +60,17 @@ def test_a_rows_dense_result_does_not_depend_on_the_rows_beside_it(k, n, threads
         torch.set_num_threads(before)
 
 
-def test_the_kernel_rows_are_each_sequences_last_row_whose_logits_come_back():
-    # sequences of 1 (a decode), 4 (a prompt's last chunk), 3 (a chunk mid-prompt: no logits)
-    assert kernel_rows([1, 4, 3], (0, 4)).tolist() == [True, False, False, False, True, False, False, False]
-    assert kernel_rows([5], None).tolist() == [False] * 4 + [True]  # a Request: every row's logits
-    assert kernel_rows([1, 1], (0, 1)) is None  # a step of decodes: nothing to route
+def test_a_rows_role_is_its_position_against_its_requests_kernel_from():
+    # an uninterrupted step: a decode at 9, a prompt's last chunk (4 rows from 4, logits), a chunk mid-prompt
+    starts, lens = [9, 4, 0], [1, 4, 3]
+    assert roles_of_logits(starts, lens, (0, 4)) == [9, 7, 3]
+    want = [True, False, False, False, True, False, False, False]
+    assert kernel_rows(starts, lens, roles_of_logits(starts, lens, (0, 4))).tolist() == want
+    assert kernel_rows(starts, lens, [5, 7, 20]).tolist() == want  # the engine's kernel_from: the same roles
+    # a preempted sequence (prompt of 4, 3 generated) run again as one chunk: its generated tokens keep the kernel
+    assert kernel_rows([0], [7], [3]).tolist() == [False] * 3 + [True] * 4
+    assert kernel_rows([0], [5], roles_of_logits([0], [5], None)).tolist() == [False] * 4 + [True]  # a Request
+    assert kernel_rows([7, 12], [1, 1], [3, 12]) is None  # a step of decodes: nothing to route
 
 
 def test_the_scratch_is_held_by_the_shard_and_counted_in_its_memory():
@@ -80,13 +86,14 @@ def test_the_scratch_is_held_by_the_shard_and_counted_in_its_memory():
         assert memory.weight_bytes(CFG, full_spec(CFG), memory.MemoryParams.for_dtype(4, fmt)) == held_bytes(shard)
 
 
-def _run(model, cache, seqs, block=4):
-    """One engine step: seqs = [(token ids, start, logits?)], each with its own blocks; -> logit rows' logits."""
+def _run(model, cache, seqs, block=4, kernel_from=()):
+    """One engine step: seqs = [(token ids, start, logits?)], each with its own blocks; -> logit rows' logits.
+    kernel_from: each sequence's (the engine's), () for an uninterrupted run's roles."""
     tables = tuple(tuple(range(i * 16, i * 16 + 16)) for i in range(len(seqs)))
     batch = PagedBatch(block, tuple(len(t) for t, _, _ in seqs), tuple(s for _, s, _ in seqs), tables)
     ends = torch.tensor([len(t) for t, _, _ in seqs]).cumsum(0) - 1
     rows = tuple(int(e) for e, (_, _, lg) in zip(ends, seqs) if lg)
-    step = Step(torch.tensor([x for t, _, _ in seqs for x in t]), batch, rows)
+    step = Step(torch.tensor([x for t, _, _ in seqs for x in t]), batch, rows, kernel_from=tuple(kernel_from))
     comm = Collectives(LocalGroup(1).transport(0))
     return rank_forward(model, comm, even_partition(CFG, 1, "megatron"), step_pass(step, cache))
 
@@ -112,6 +119,30 @@ def test_a_prompt_gets_the_same_logits_in_any_chunks_and_beside_decode_rows(name
     kernel_only = _run(model, PagedKVCache.for_model(model, 64, 4), [(prompt, 0, True)])[0]
     assert not torch.equal(kernel_only, alone)
     assert (kernel_only - alone).abs().max() <= 0.05 * alone.abs().max()
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_sequence_computed_again_gets_the_logits_of_its_uninterrupted_run(name):
+    """Preemption (recompute) or a resume after a device dropped out runs a sequence's prompt and generated
+    tokens again as one prompt: with the request's kernel_from its generated tokens keep the kernel, so its
+    next logits are bit for bit those of the run that was never interrupted."""
+    model = compact_shard(load_shard(SRC, full_spec(CFG)), SRC, parse_format(name))
+    prompt = torch.randint(0, CFG.vocab_size, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    kf = [len(prompt) - 1]
+    cache = PagedKVCache.for_model(model, 64, 4)
+    tokens, logits = list(prompt), _run(model, cache, [(prompt, 0, True)], kernel_from=kf)[0]
+    for _ in range(6):  # greedy decodes, one a step
+        tokens.append(int(logits.argmax()))
+        logits = _run(model, cache, [(tokens[-1:], len(tokens) - 1, True)], kernel_from=kf)[0]
+
+    again = PagedKVCache.for_model(model, 64, 4)  # its blocks were taken: every token runs again, in chunks
+    _run(model, again, [(tokens[:6], 0, False)], kernel_from=kf)
+    resumed = _run(model, again, [(tokens[6:], 6, True)], kernel_from=kf)[0]
+    assert torch.equal(resumed, logits)
+
+    # without it the recomputed generated tokens would run dense, as prompt rows: other K/V, other logits
+    legacy = PagedKVCache.for_model(model, 64, 4)
+    assert not torch.equal(_run(model, legacy, [(tokens, 0, True)])[0], logits)
 
 
 @pytest.mark.parametrize("overlap", [True, False])

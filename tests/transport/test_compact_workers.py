@@ -14,15 +14,18 @@ from galaxy.engine.generation import GenerationConfig
 from galaxy.errors import DeviceOutOfMemory, PlanMismatch
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import make_config
+from galaxy.model.paged_kv import PagedBatch
 from galaxy.model.quant import parse_format
 from galaxy.parallel import memory
 from galaxy.parallel.compact import compact_shard
 from galaxy.parallel.executor import DeviceInfo, LoadOptions
-from galaxy.parallel.forward import Request
+from galaxy.parallel.forward import Request, Step
+from galaxy.parallel.rank import KVPool
 from galaxy.parallel.sharding import Partition, full_spec, load_shard
 from galaxy.runtime.api import connect
 from galaxy.runtime.inproc import InprocCluster
 from galaxy.transport.client import Cluster, check_memory
+from galaxy.transport.protocol import step_from_proto, step_to_proto
 from galaxy.transport.shardstore import ShardStore
 
 CFG = make_config("llama", vocab_size=97, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=96,
@@ -79,6 +82,27 @@ def test_workers_in_a_bf16_activation_format_equal_the_in_process_ranks_in_it(na
         c.load(SRC, PART, LoadOptions(weights_format=name, stream=True))
         assert (c.forward(Request(IDS)).output - want).abs().max().item() <= 1e-5
         assert engine_greedy(c, PROMPT, 5) == want_tokens
+
+
+def test_each_sequences_kernel_from_reaches_the_workers_and_routes_their_rows(servers):
+    """A recomputed sequence's step (prompt of 4, 3 generated, run again as one chunk) carries its kernel_from
+    (StepRequest.kernel_from): the workers run its generated rows on the kernel as the in-process ranks do,
+    not dense as an uninterrupted prompt's rows."""
+    pool, ids = KVPool(8, 4), IDS[:7]
+
+    def step(kernel_from):
+        return Step(ids, PagedBatch(4, (7,), (0,), ((0, 1),)), (6,), kernel_from=kernel_from)
+
+    back, _ = step_from_proto(step_to_proto(step((3,)), pool, "s", 1))
+    assert back.kernel_from == (3,) and step_from_proto(step_to_proto(step(()), pool, "s", 1))[0].kernel_from == ()
+    with InprocCluster(3) as ic:
+        ic.load(SRC, PART, LoadOptions(weights_format="int8"))
+        want = ic.step(step((3,)), pool).output
+    with Cluster(servers.start(3)) as c:
+        c.load(SRC, PART, LoadOptions(weights_format="int8", stream=True))
+        got, prompt_roles = c.step(step((3,)), pool).output, c.step(step(()), pool).output
+    assert (got - want).abs().max().item() <= 1e-5
+    assert not torch.equal(got, prompt_roles)
 
 
 def test_a_streamed_compact_shard_pushes_fewer_bytes_than_float32_and_loads_at_its_compact_size(servers,
