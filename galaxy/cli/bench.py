@@ -14,7 +14,7 @@ from planner.plan import DEFAULT_KV_PATH, KV_PATHS
 
 from ..bench import collectives as collective_bench
 from ..bench import decode as decode_bench
-from ..bench import kernel_survey, paged_kv, phases, serve_predicted
+from ..bench import kernel_survey, paged_kv, phases, serve_predicted, step_shapes
 from ..bench import prefix as prefix_bench
 from ..bench import serve as serve_bench
 from ..bench import strategies as bench
@@ -45,19 +45,21 @@ EXAMPLES = """examples:
   galaxy bench decode --weights-format fp32,int4,int4-fp32 --threads 2 --local 3
   galaxy bench collectives --world 2,3 --reps 2000   one decode row's all-reduce through the TCP data plane
   galaxy bench collectives --cluster devices/clusters/homo-trio.yaml   the same across an emulated LAN (root)
+  galaxy bench steps --local 3            one engine step's time by its decodes and prompt chunk, per device
 """
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="Galaxy against its baselines and the roofline, side by side", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=["strategies", "serve", "decode", "planner", "collectives"],
+    p.add_argument("what", nargs="?", choices=["strategies", "serve", "decode", "planner", "collectives", "steps"],
                    default="strategies",
                    help="strategies (default): prefill across strategies; serve: the serving engine under load; "
                    "decode: one device's decode and prefill per weight format beside llama.cpp, and each "
                    "format's accuracy (docs/decode-formats.md); planner: the solver's time and optimality gap on "
                    "synthetic clusters (no devices needed); collectives: the latency of one decode-sized all-reduce "
-                   "through the TCP data plane on loopback (docs/collectives.md)")
+                   "through the TCP data plane on loopback (docs/collectives.md); steps: one engine step's time by its "
+                   "decodes and prompt chunk, per device (docs/engine.md)")
     add_model_args(p)
     add_cluster_args(p, local_help="N plain loopback workers instead of an emulated LAN (no root needed)",
                      discover=False, transport=False)
@@ -178,6 +180,8 @@ def cmd_bench(args) -> int:
         return cmd_bench_planner(args)
     if args.what == "decode":
         return cmd_bench_decode(args)
+    if args.what == "steps":
+        return cmd_bench_steps(args)
     if args.what == "collectives":
         with ExitStack() as stack:
             lan = stack.enter_context(collective_bench.lan_of(args.cluster, progress)) if args.cluster else ()
@@ -217,6 +221,20 @@ def _decode_threads_list(text: str) -> tuple[int, ...]:
     if not out:
         raise argparse.ArgumentTypeError("expected auto or thread counts, e.g. auto,2")
     return tuple(out)
+
+
+def cmd_bench_steps(args) -> int:
+    """One engine step's cost by shape on the devices (bench/step_shapes.py), the model as `bench serve` loads it."""
+    sb = step_shapes.StepShapes(reps=args.reps or 15, seed=args.seed)
+    with ExitStack() as stack:
+        _, addresses, token = bench_devices(stack, args.local, args.workers, args.cluster, args.token, args.threads)
+        session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
+        progress(f"loading the model on {len(addresses)} devices")
+        lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
+                          decode_layout="split")
+        report = step_shapes.run_step_shapes(session.executor, lm.config.vocab_size, sb, progress=progress)
+        report["devices"] = [d.name for d in session.devices()]
+    return _emit(args, report, step_shapes.table, lambda report, path: progress("--plot: steps has no plot"))
 
 
 def cmd_bench_decode(args) -> int:
