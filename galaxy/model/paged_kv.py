@@ -21,12 +21,13 @@ Two ways to attend are kept, measured by galaxy/bench/paged_kv.py (docs/paged_at
 
 - gather (the default): per sequence, gather its context K/V and run one SDPA with its causal
   offset. Never far from the best: where padded wins, padded takes 0.57-0.95 of its time; on
-  every batch holding a prefill chunk, padded takes 1.7-8.3x its time. A step's decodes (one
-  query token each) go in groups instead (`decode_groups`): one gather of the group's contexts,
-  padded to its longest (each at least half that), and one masked SDPA batched over (KV head,
-  sequence) per layer, where per sequence 8 decodes cost 8 gathers and 8 SDPA calls per layer.
-  Measured neutral on this host (a third of SmolLM2, batch 1-8: 0.96-1.04x the per-sequence
-  compute, docs/engine.md): it saves per-call overhead, which is small next to the linears here;
+  every batch holding a prefill chunk, padded takes 1.7-8.3x its time. A decode (one query token)
+  attends on its own too, over exactly its context, unmasked: the very call it makes in a step
+  alone, so a sequence gets the same bits whatever decodes share its step. Grouping a step's
+  decodes into one masked SDPA over contexts padded to the longest (tried, session 5: measured
+  neutral, 0.96-1.04x at batch 1-8) gave a row other bits than alone -- SDPA's sums depend on the
+  padded length and the mask -- which bf16-activation formats (int4, int8, bf16) amplify from
+  1e-7 into 1e-2 logit differences and, some dozens of tokens later, other greedy tokens;
 - padded: gather every context padded to the longest and run one masked SDPA for the batch.
   It saves the per-sequence calls, so it wins only on decode-only batches of several short
   contexts (64-256 positions), and pays for the padding everywhere else.
@@ -139,21 +140,6 @@ class PagedBatch:
         return runs
 
     @cached_property
-    def decode_groups(self) -> list[DecodeGroup]:
-        """The batch's decodes (one query token each) in groups attended by one SDPA call each, padded
-        to the group's longest context; a sequence's context is at least half that longest, so padding
-        never doubles what is gathered. A decode alone in its group keeps the per-sequence path."""
-        dec = sorted((i for i, q in enumerate(self.query_lens) if q == 1), key=lambda i: -self.context_lens[i])
-        groups, a = [], [0, *itertools.accumulate(self.query_lens)]  # a[i]: sequence i's first packed row
-        while dec:
-            lmax = self.context_lens[dec[0]]
-            n = next((k for k, i in enumerate(dec) if 2 * self.context_lens[i] < lmax), len(dec))
-            members, dec = dec[:n], dec[n:]
-            if n >= 2:
-                groups.append(DecodeGroup.build(self, members, [a[i] for i in members], lmax))
-        return groups
-
-    @cached_property
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For one masked SDPA over the batch: slots (B, Lmax) (padding repeats each sequence's first
         slot, written like all its context: the pool is not zero-filled, and a masked key whose V is
@@ -172,27 +158,6 @@ class PagedBatch:
             mask[i, 0, q:, 0] = True  # padded query rows attend to something (no NaN); dropped after
             rows.append(torch.arange(i * nmax, i * nmax + q))
         return slots, mask, torch.cat(rows)
-
-
-@dataclass(frozen=True)
-class DecodeGroup:
-    """Decodes attended together: each sequence's one query row over its context, padded to `lmax`."""
-
-    seqs: tuple[int, ...]  # the sequences (indices into the batch)
-    rows: torch.Tensor  # (n,) each one's packed token row
-    slots: torch.Tensor  # (n * lmax,) each one's context slots, padded with its own first slot
-    mask: torch.Tensor | None  # (n, 1, lmax) True = attend; None when every context is lmax long
-    lmax: int
-
-    @classmethod
-    def build(cls, batch: PagedBatch, seqs: list[int], rows: list[int], lmax: int) -> DecodeGroup:
-        lens = torch.tensor([batch.context_lens[i] for i in seqs], dtype=torch.long)  # (n,)
-        keys = torch.arange(lmax)
-        valid = keys[None, :] < lens[:, None]  # (n, lmax)
-        slots = torch.stack([torch.cat((s, s[:1].expand(lmax - s.numel())))
-                             for s in (batch.context_slots[i] for i in seqs)])  # (n, lmax)
-        mask = None if bool(valid.all()) else valid[:, None, :]
-        return cls(tuple(seqs), torch.tensor(rows, dtype=torch.long), slots.flatten(), mask, lmax)
 
 
 def group_size(kv_map, nq: int, nkv: int) -> int | None:
@@ -300,21 +265,11 @@ class PagedKVCache:
 
     @staticmethod
     def _gather(q, kc, vc, batch: PagedBatch, g, heads) -> torch.Tensor:
-        nq, t, hd = q.shape
+        nq, _, hd = q.shape
         one = len(batch.query_lens) == 1  # one sequence: its attention is the output, no copy into place
         out = None if one else torch.empty_like(q)
-        grouped = set()
-        for grp in batch.decode_groups:  # decodes: one gather and one SDPA per group, not per sequence
-            ctx = PagedKVCache._decode_group(q, kc, vc, grp, g, heads)  # (nq, n, hd)
-            if len(grp.seqs) == t and bool((grp.rows == torch.arange(t)).all()):
-                return ctx  # every token a decode, in order: the group's output is the step's
-            out.index_copy_(1, grp.rows, ctx)
-            grouped.update(grp.seqs)
         a = 0
         for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens)):
-            if i in grouped:
-                a += n
-                continue
             first, length = batch.context_runs[i], start + n
             if first is not None:  # consecutive blocks: the context is a view of the pool
                 k, v = kc[:, first : first + length], vc[:, first : first + length]  # (nkv, L, hd)
@@ -332,24 +287,6 @@ class PagedKVCache:
             out[:, a : a + n] = ctx
             a += n
         return out
-
-    @staticmethod
-    def _decode_group(q, kc, vc, grp: DecodeGroup, g, heads) -> torch.Tensor:
-        """One query row per sequence of the group over its padded context -> (nq, n, hd).
-
-        SDPA's leading dimensions are (KV head, sequence): the gathered K/V are used in the layout
-        index_select leaves them, no permute copy, and a group's g query heads are g query rows."""
-        nq, _, hd = q.shape
-        nkv, n = kc.shape[0], len(grp.seqs)
-        k = kc.index_select(1, grp.slots).view(nkv, n, grp.lmax, hd)  # (nkv, n, Lmax, hd)
-        v = vc.index_select(1, grp.slots).view(nkv, n, grp.lmax, hd)
-        if g is None:  # part of a group: K/V per query head
-            k, v, h, g = k.index_select(0, heads), v.index_select(0, heads), nq, 1  # (nq, n, Lmax, hd)
-        else:
-            h = nkv
-        qd = q.index_select(1, grp.rows).view(h, g, n, hd).transpose(1, 2)  # (h, n, g, hd)
-        ctx = F.scaled_dot_product_attention(qd, k, v, attn_mask=grp.mask)  # (h, n, g, hd)
-        return ctx.transpose(1, 2).reshape(nq, n, hd)
 
     @staticmethod
     def _padded(q, kc, vc, batch: PagedBatch, g, heads) -> torch.Tensor:

@@ -111,23 +111,12 @@ DECODE_PLANS = {
 @pytest.mark.parametrize("plan", DECODE_PLANS.values(), ids=DECODE_PLANS.keys())
 @pytest.mark.parametrize("kv_map,nkv", [(None, 3), ([0, 0, 0, 1, 1, 1, 2, 2, 2], 3), ([0, 1, 1, 1], 2)])
 @pytest.mark.parametrize("garbage", [None, float("nan")])
-def test_decodes_attended_as_padded_groups_match_contiguous_attention(plan, kv_map, nkv, garbage):
-    """Several decodes go through one gather and one SDPA per group (decode_groups): each still sees
-    exactly its own context, whatever the padding slots hold."""
+def test_several_decodes_in_one_step_each_match_contiguous_attention(plan, kv_map, nkv, garbage):
+    """Several decodes in one step, each attending on its own (the call it makes alone), see exactly
+    their own contexts, whatever the pool's other slots hold."""
     out, ref = run_step(kv_map, nkv, "gather", plan=plan, garbage=garbage)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-
-
-def test_decode_groups_pad_at_most_to_twice_a_context_and_leave_lone_decodes_and_chunks_alone():
-    lens = [40, 30, 19, 12, 10, 25, 3]  # contexts; the 25-token sequence runs a chunk of 5, the rest decode
-    q = [5 if c == 25 else 1 for c in lens]
-    batch = PagedBatch(BS, tuple(q), tuple(c - n for c, n in zip(lens, q)),
-                       tuple(tuple(range(-(-c // BS))) for c in lens))
-    groups = [(g.seqs, g.lmax) for g in batch.decode_groups]
-    assert groups == [((0, 1), 40), ((2, 3, 4), 19)]  # 2 x 10 >= 19 > 2 x 9; 3 is alone; the chunk is never grouped
-    rows = [r.tolist() for r in (g.rows for g in batch.decode_groups)]
-    assert rows == [[0, 1], [2, 3, 4]]
 
 
 def test_context_runs_name_the_first_slot_of_consecutive_tables_only():
