@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from galaxy.errors import GalaxyError
-from galaxy.model.paged_kv import METHODS, PagedBatch, PagedKVCache, group_size
+from galaxy.model.paged_kv import METHODS, PagedBatch, PagedKVCache, block_attention, group_size, padded_rows
 from galaxy.model.transformer import attention_core
 
 BS, HD = 4, 16
@@ -229,3 +229,21 @@ def test_a_compact_shards_pool_is_made_without_rebuilding_its_float_weights(monk
         monkeypatch.setattr(QuantLinear, "dequantized", rebuilt)
         pool = PagedKVCache.for_model(model, 4, 16)
     assert pool.k["0"].device.type == "cpu" and pool.k["0"].shape[1] == 4 * 16  # (heads, slots, head_dim)
+
+
+def test_sdpa_gives_a_query_row_its_bits_whatever_rows_share_its_call_once_padded_to_whole_blocks():
+    """block_attention's premise (torch 2.13's CPU kernel): a query row's bits depend on its SDPA block of
+    rows only when that block holds 1-3 rows, so `padded_rows` calls give every row the bits of one call
+    over all rows -- measured here for every row count up to 200 against one call of 256."""
+    gen = torch.Generator().manual_seed(0)
+    h, hd, e = 3, 64, 48
+    q = torch.randn(h, 256, hd, generator=gen)
+    k, v = torch.randn(h, e, hd, generator=gen), torch.randn(h, e, hd, generator=gen)
+    pos = torch.arange(256) % e
+    mask = torch.zeros(256, e).masked_fill_(torch.arange(e)[None, :] > pos[:, None], float("-inf"))
+    whole = block_attention(q, k, v, mask)
+    for rows in range(1, 201):
+        n = padded_rows(rows)
+        assert n >= 4 and not 0 < n % (256 if n >= 768 else 64 if n >= 192 else 32) < 4
+        padded = torch.cat((mask[:rows], mask[rows - 1: rows].expand(n - rows, e)))
+        assert torch.equal(block_attention(q[:, :rows], k, v, padded), whole[:, :rows]), rows
