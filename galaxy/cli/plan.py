@@ -24,7 +24,7 @@ from ..errors import GalaxyError
 from ..model.quant import parse_format
 from ..model.transformer import DTYPES
 from ..parallel.sharding import full_spec
-from ..runtime.api import resolve_weights_format
+from ..runtime.api import default_weights_format, resolve_weights_format
 from ..runtime.sources import open_source
 from ..transport.resources import host_id
 from ..units import fmt_bytes
@@ -180,7 +180,7 @@ def cmd_plan(args) -> int:
     n_prof = len(prof.devices)
     wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
     serve_table = None
-    weights_format = resolve_weights_format(args.weights_format or "fp32", source)
+    weights_format = resolve_weights_format(args.weights_format or default_weights_format(args.dtype), source)
     if args.serve:
         plan, serve_table = _serve_plan(args, cfg, wire_choice.effective(prof, wire), DTYPES[args.dtype].itemsize,
                                         weights_format)

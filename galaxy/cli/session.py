@@ -14,7 +14,7 @@ from ..errors import GalaxyError
 from ..model.quant import parse_format
 from ..parallel.compact import align_partition
 from ..parallel.sharding import Partition, Strategy, weighted_partition
-from ..runtime.api import Session, connect, plan_partition, resolve_weights_format
+from ..runtime.api import Session, connect, default_weights_format, plan_partition, resolve_weights_format
 from ..transport.discovery import discovered_addresses
 from .args import progress
 
@@ -116,11 +116,15 @@ def device_count(args) -> int:
 def weights_format_from_args(args, source) -> str:
     """The weights format a run loads in: --weights-format ("auto" resolved for the source), else its
     plan's, else the file's own (auto: int4 for the embedded Q4 GGUF, fp32 for float checkpoints) -- but
-    fp32 for `--check`, whose 1e-4 comparison is the exact path's (int4's bf16 activations get a 5% bound)."""
+    fp32 for `--check`, whose 1e-4 comparison is the exact path's (int4's bf16 activations get a 5% bound),
+    and for a bfloat16 dtype or another backend (runtime.api.default_weights_format)."""
     fmt = getattr(args, "weights_format", None)
     if fmt is None and getattr(args, "plan", None):
         fmt = Plan.from_json(Path(args.plan).read_text()).weights_format
-    return resolve_weights_format(fmt or ("fp32" if getattr(args, "check", False) else "auto"), source)
+    if fmt is None:
+        fmt = "fp32" if getattr(args, "check", False) else default_weights_format(
+            getattr(args, "dtype", "float32"), getattr(args, "backend", "torch"))
+    return resolve_weights_format(fmt, source)
 
 
 def partition_from_args(args, cfg, n: int, weights_format: str = "fp32") -> Partition | None:

@@ -19,14 +19,23 @@ A step's batch packs the tokens of several sequences, decodes (1 token) and pref
 `PagedBatch` says where each sequence sits; it is built once per step and shared by all layers.
 Two ways to attend are kept, measured by galaxy/bench/paged_kv.py (docs/paged_attention_cpu.md):
 
-- gather (the default): per sequence, gather its context K/V and run one SDPA with its causal
-  offset. Never far from the best: where padded wins, padded takes 0.57-0.95 of its time; on
-  every batch holding a prefill chunk, padded takes 1.7-8.3x its time. A step's decodes (one
-  query token each) go in groups instead (`decode_groups`): one gather of the group's contexts,
-  padded to its longest (each at least half that), and one masked SDPA batched over (KV head,
-  sequence) per layer, where per sequence 8 decodes cost 8 gathers and 8 SDPA calls per layer.
-  Measured neutral on this host (a third of SmolLM2, batch 1-8: 0.96-1.04x the per-sequence
-  compute, docs/engine.md): it saves per-call overhead, which is small next to the linears here;
+- gather (the default): per sequence, gather its context K/V (or view it: consecutive blocks) and
+  attend its new rows block by block (`block_attention`, `PagedBatch.row_blocks`): the rows that
+  fall in one KV block attend together over the keys up to that block's end, the rest of the block
+  masked. Never far from the best: where padded wins, padded takes 0.57-0.95 of its time; on every
+  batch holding a prefill chunk, padded takes 1.7-8.3x its time (measured before the block form).
+  **Why by blocks** (session 7): the serving engine promises a sequence the tokens it gets alone,
+  and formats with bf16 activations (int4, int8, bf16) make that a promise of bits -- a 1e-7
+  difference in attention becomes 1e-2 in the logits a few layers on, and another greedy token
+  some dozens of tokens later. SDPA's CPU kernel gives a query row bits that depend on the call's
+  key extent, its mask and the size of the row's block of queries, so one SDPA per chunk gave a
+  prompt's rows other bits when the engine cut it into other chunks (it does, beside running
+  decodes), and a decode other bits than the same position in a prompt. In the block form a row's
+  call depends only on its position and its own block: a decode, a prompt in one chunk or in
+  five, alone or beside others, give each row the same bits (tests/engine/test_int4_batched.py).
+  Each decode attends on its own: grouping a step's decodes into one masked SDPA over contexts
+  padded to the longest (session 5, measured neutral, 0.96-1.04x at batch 1-8) gave a row other
+  bits than alone, and is gone;
 - padded: gather every context padded to the longest and run one masked SDPA for the batch.
   It saves the per-sequence calls, so it wins only on decode-only batches of several short
   contexts (64-256 positions), and pays for the padding everywhere else.
@@ -38,7 +47,9 @@ of their one KV head (`group_size`), so K/V are gathered once per KV head, never
 Contract for the integrating code, per step: `copy_blocks(plan.copies)` first; then, per layer,
 `write(layer, k, v, batch.slot_mapping)` with the new tokens' K/V (RoPE applied at
 `batch.positions`), then `paged_attention(q, layer, batch, kv_map)`. Writing before attending
-is what lets a chunk attend to itself.
+is what lets a chunk attend to itself. `paged_attention` zeroes each sequence's last block past its
+new tokens (`PagedBatch.tail_slots`, its future positions) before the block form reads them masked:
+the pool is not zero-filled, and a masked key whose K or V is NaN garbage would still give NaN.
 """
 
 from __future__ import annotations
@@ -128,6 +139,63 @@ class PagedBatch:
         return list(self.all_context_slots.split(self.context_lens))
 
     @cached_property
+    def block_ends(self) -> list[int]:
+        """Per sequence, the end of the block holding its last position: the key extent its rows attend over."""
+        bs = self.block_size
+        return [-(-c // bs) * bs for c in self.context_lens]
+
+    @cached_property
+    def tail_slots(self) -> torch.Tensor:
+        """(N,) slots of every sequence's positions [start + query_len, block end): its last block's future
+        positions, read (masked) by block attention, so zeroed before it (`PagedKVCache.paged_attention`)."""
+        return self._runs(self.context_lens, [e - c for e, c in zip(self.block_ends, self.context_lens)])[1]
+
+    @cached_property
+    def block_slots(self) -> list[torch.Tensor]:
+        """Per sequence, (E_i,) slots of positions [0, block end)."""
+        return list(self._runs([0] * len(self.starts), self.block_ends)[1].split(self.block_ends))
+
+    @cached_property
+    def row_blocks(self) -> list[list[tuple[int, int, int]]]:
+        """Per sequence, its new rows cut at block boundaries: (first packed row, rows m, key extent e). A
+        row's attention is computed with the rows of its own block only, over the keys up to that block's
+        end (`block_attention`): the same call whatever other rows of its sequence, or other sequences,
+        the step carries."""
+        bs, out, a = self.block_size, [], 0
+        for start, n in zip(self.starts, self.query_lens):
+            cuts, p = [], start
+            while p < start + n:
+                e = (p // bs + 1) * bs  # p's block ends here; its rows in this step end at min(e, start + n)
+                cuts.append((a + p - start, min(start + n, e) - p, e))
+                p = min(start + n, e)
+            out.append(cuts)
+            a += n
+        return out
+
+    def block_masks(self, g: int) -> list[list[torch.Tensor]]:
+        """Per sequence and row block, the additive mask (n, e) of `block_attention` for g query heads per
+        KV head: 0 where a row attends, -inf elsewhere, rows as g copies of the block's m, padded to
+        `padded_rows` with copies of the last. Built at a step's first layer, read by every other."""
+        masks = self._masks.get(g)
+        if masks is None:
+            masks = []
+            for (start, _), cuts in zip(zip(self.starts, self.query_lens), self.row_blocks):
+                seq = []
+                for a, m, e in cuts:
+                    p = start + a - cuts[0][0]  # the block's first row's position
+                    attend = (torch.arange(e)[None, :] <= torch.arange(p, p + m)[:, None]).repeat(g, 1)  # (g m, e)
+                    n = padded_rows(g * m)
+                    attend = torch.cat((attend, attend[-1:].expand(n - g * m, e)))
+                    seq.append(torch.zeros(n, e).masked_fill_(~attend, float("-inf")))
+                masks.append(seq)
+            self._masks[g] = masks
+        return masks
+
+    @cached_property
+    def _masks(self) -> dict:
+        return {}
+
+    @cached_property
     def context_runs(self) -> list[int | None]:
         """Per sequence, the first slot of its context when its blocks are consecutive ids (the context
         is then one run of slots, read as a view instead of gathered), else None."""
@@ -137,21 +205,6 @@ class PagedBatch:
             whole = all(b + 1 == nxt for b, nxt in zip(used, used[1:]))
             runs.append(used[0] * self.block_size if whole else None)
         return runs
-
-    @cached_property
-    def decode_groups(self) -> list[DecodeGroup]:
-        """The batch's decodes (one query token each) in groups attended by one SDPA call each, padded
-        to the group's longest context; a sequence's context is at least half that longest, so padding
-        never doubles what is gathered. A decode alone in its group keeps the per-sequence path."""
-        dec = sorted((i for i, q in enumerate(self.query_lens) if q == 1), key=lambda i: -self.context_lens[i])
-        groups, a = [], [0, *itertools.accumulate(self.query_lens)]  # a[i]: sequence i's first packed row
-        while dec:
-            lmax = self.context_lens[dec[0]]
-            n = next((k for k, i in enumerate(dec) if 2 * self.context_lens[i] < lmax), len(dec))
-            members, dec = dec[:n], dec[n:]
-            if n >= 2:
-                groups.append(DecodeGroup.build(self, members, [a[i] for i in members], lmax))
-        return groups
 
     @cached_property
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,27 +225,6 @@ class PagedBatch:
             mask[i, 0, q:, 0] = True  # padded query rows attend to something (no NaN); dropped after
             rows.append(torch.arange(i * nmax, i * nmax + q))
         return slots, mask, torch.cat(rows)
-
-
-@dataclass(frozen=True)
-class DecodeGroup:
-    """Decodes attended together: each sequence's one query row over its context, padded to `lmax`."""
-
-    seqs: tuple[int, ...]  # the sequences (indices into the batch)
-    rows: torch.Tensor  # (n,) each one's packed token row
-    slots: torch.Tensor  # (n * lmax,) each one's context slots, padded with its own first slot
-    mask: torch.Tensor | None  # (n, 1, lmax) True = attend; None when every context is lmax long
-    lmax: int
-
-    @classmethod
-    def build(cls, batch: PagedBatch, seqs: list[int], rows: list[int], lmax: int) -> DecodeGroup:
-        lens = torch.tensor([batch.context_lens[i] for i in seqs], dtype=torch.long)  # (n,)
-        keys = torch.arange(lmax)
-        valid = keys[None, :] < lens[:, None]  # (n, lmax)
-        slots = torch.stack([torch.cat((s, s[:1].expand(lmax - s.numel())))
-                             for s in (batch.context_slots[i] for i in seqs)])  # (n, lmax)
-        mask = None if bool(valid.all()) else valid[:, None, :]
-        return cls(tuple(seqs), torch.tensor(rows, dtype=torch.long), slots.flatten(), mask, lmax)
 
 
 def group_size(kv_map, nq: int, nkv: int) -> int | None:
@@ -223,6 +255,39 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, g
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)[0]
     mask = torch.arange(start + n)[None, :] <= torch.arange(start, start + n)[:, None]  # (n, start + n)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(g, 1))[0]
+
+
+# SDPA's CPU kernel (torch 2.13) works in blocks of 32 query rows (64 from 192 rows, 256 from 768); a
+# block of 1 to 3 rows gives its rows other bits than a block of 4 or more (MKL's small-matrix kernels),
+# and every block of 4 or more the same bits (measured over 1-800 rows; pinned in tests/model/test_paged_kv.py)
+_Q_BLOCK_MIN = 4
+
+
+def _q_block(rows: int) -> int:
+    return 256 if rows >= 768 else 64 if rows >= 192 else 32
+
+
+def padded_rows(rows: int) -> int:
+    """The fewest query rows >= `rows` whose every SDPA block holds at least 4 rows."""
+    r = max(rows, _Q_BLOCK_MIN)
+    while 0 < r % _q_block(r) < _Q_BLOCK_MIN:
+        r += 1
+    return r
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q (h, r, hd): the rows of one KV block (g query heads per KV head as g x its m rows), over k, v
+    (h, e, hd), e that block's end, with `mask` (n, e) from `PagedBatch.block_masks` -> (h, r, hd).
+
+    The form every row's attention takes, so that a token gets the same bits whatever shares its step:
+    a decode, a prompt's row in a chunk of any size, beside any other sequences. The key extent is the
+    row's block end (never the chunk's or the batch's), the mask explicit, and the query rows padded to
+    the mask's n (copies of the last, dropped after) so that no SDPA block holds fewer than 4 rows."""
+    h, rows, hd = q.shape
+    n = mask.shape[0]
+    if n > rows:
+        q = torch.cat((q, q[:, -1:].expand(h, n - rows, hd)), 1)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0, :, :rows]
 
 
 class PagedKVCache:
@@ -290,6 +355,9 @@ class PagedKVCache:
         """Causal attention of packed queries q (nq, T, hd) over their sequences' cached K/V
         (written already for this step's tokens) -> (nq, T, hd)."""
         kc, vc = self.k[layer], self.v[layer]
+        if method == "gather" and batch.tail_slots.numel():  # masked keys must be finite: 0 x NaN is NaN
+            kc.index_fill_(1, batch.tail_slots, 0.0)
+            vc.index_fill_(1, batch.tail_slots, 0.0)
         g = group_size(kv_map, q.shape[0], kc.shape[0])
         heads = None if g is not None else torch.as_tensor(kv_map, dtype=torch.long)
         if method == "gather":
@@ -300,56 +368,29 @@ class PagedKVCache:
 
     @staticmethod
     def _gather(q, kc, vc, batch: PagedBatch, g, heads) -> torch.Tensor:
-        nq, t, hd = q.shape
-        one = len(batch.query_lens) == 1  # one sequence: its attention is the output, no copy into place
+        nq, _, hd = q.shape
+        blocks, masks = batch.row_blocks, batch.block_masks(1 if g is None else g)
+        one = len(blocks) == 1 and len(blocks[0]) == 1  # one block of rows: its attention is the output
         out = None if one else torch.empty_like(q)
-        grouped = set()
-        for grp in batch.decode_groups:  # decodes: one gather and one SDPA per group, not per sequence
-            ctx = PagedKVCache._decode_group(q, kc, vc, grp, g, heads)  # (nq, n, hd)
-            if len(grp.seqs) == t and bool((grp.rows == torch.arange(t)).all()):
-                return ctx  # every token a decode, in order: the group's output is the step's
-            out.index_copy_(1, grp.rows, ctx)
-            grouped.update(grp.seqs)
-        a = 0
-        for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens)):
-            if i in grouped:
-                a += n
-                continue
-            first, length = batch.context_runs[i], start + n
+        for i, cuts in enumerate(blocks):
+            first, length = batch.context_runs[i], batch.block_ends[i]
             if first is not None:  # consecutive blocks: the context is a view of the pool
-                k, v = kc[:, first : first + length], vc[:, first : first + length]  # (nkv, L, hd)
+                k, v = kc[:, first : first + length], vc[:, first : first + length]  # (nkv, E, hd)
             else:
-                slots = batch.context_slots[i]
+                slots = batch.block_slots[i]
                 k, v = kc.index_select(1, slots), vc.index_select(1, slots)
             if g is None:  # part of a group: K/V per query head
-                k, v = k.index_select(0, heads), v.index_select(0, heads)  # (nq, L, hd)
-                ctx = causal_sdpa(q[:, a : a + n], k, v, start)
-            else:
-                qg = q[:, a : a + n].reshape(nq // g, g * n, hd)  # a group's heads as extra rows
-                ctx = causal_sdpa(qg, k, v, start, g).view(nq, n, hd)
-            if one:
-                return ctx
-            out[:, a : a + n] = ctx
-            a += n
+                k, v = k.index_select(0, heads), v.index_select(0, heads)  # (nq, E, hd)
+            for (a, m, e), mask in zip(cuts, masks[i]):
+                if g is None:
+                    ctx = block_attention(q[:, a : a + m], k[:, :e], v[:, :e], mask)
+                else:
+                    qg = q[:, a : a + m].reshape(nq // g, g * m, hd)  # a group's heads as extra rows
+                    ctx = block_attention(qg, k[:, :e], v[:, :e], mask).reshape(nq, m, hd)
+                if one:
+                    return ctx
+                out[:, a : a + m] = ctx
         return out
-
-    @staticmethod
-    def _decode_group(q, kc, vc, grp: DecodeGroup, g, heads) -> torch.Tensor:
-        """One query row per sequence of the group over its padded context -> (nq, n, hd).
-
-        SDPA's leading dimensions are (KV head, sequence): the gathered K/V are used in the layout
-        index_select leaves them, no permute copy, and a group's g query heads are g query rows."""
-        nq, _, hd = q.shape
-        nkv, n = kc.shape[0], len(grp.seqs)
-        k = kc.index_select(1, grp.slots).view(nkv, n, grp.lmax, hd)  # (nkv, n, Lmax, hd)
-        v = vc.index_select(1, grp.slots).view(nkv, n, grp.lmax, hd)
-        if g is None:  # part of a group: K/V per query head
-            k, v, h, g = k.index_select(0, heads), v.index_select(0, heads), nq, 1  # (nq, n, Lmax, hd)
-        else:
-            h = nkv
-        qd = q.index_select(1, grp.rows).view(h, g, n, hd).transpose(1, 2)  # (h, n, g, hd)
-        ctx = F.scaled_dot_product_attention(qd, k, v, attn_mask=grp.mask)  # (h, n, g, hd)
-        return ctx.transpose(1, 2).reshape(nq, n, hd)
 
     @staticmethod
     def _padded(q, kc, vc, batch: PagedBatch, g, heads) -> torch.Tensor:

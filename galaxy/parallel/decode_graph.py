@@ -23,14 +23,16 @@ evaluate per call (a `torch.compile`d add took 23 us a call here against 3 us ea
 graph called directly, as cheap as the eager add); the inputs' shapes are fixed by construction and
 checked once per step by `fits`.
 
-Exactness: the graphs run the same ops in float32 as the eager blocks, but inductor fuses some of them
-(likely the MLP's silu(gate) * up), so a compiled half is not always bit-identical to eager: a review
-called one layer's `post` 300 times on SmolLM2's widths and 79 calls differed in fp32, 2 in int4, 0 in
-int8; the whole model's fp32 logits differed by at most 4.8e-7 -- the same class as MKL's one-row gemv
-against its multi-row gemm, which already separates a lone decode from a batched one. So a decode alone
-in its step (compiled) and the same decode in a batch (eager) agree within the exactness bound (fp32
-<= 1e-4, greedy tokens in the tests), not bit for bit. The traced graphs are bit-identical to eager
-(tests/parallel/test_decode_graph.py pins torch.equal); the suite never runs inductor (seconds).
+Exactness: the graphs run the same ops in float32 as the eager blocks, and inductor fuses some of them. A
+review (session 6) called one layer's `post` 300 times on SmolLM2's widths: 79 calls differed from eager in
+fp32, 2 in int4. The cause is RMSNorm's mean of squares, which inductor sums in its own order (73-80 of 300
+norms differed alone; silu(gate) * up, the bf16 conversions and the rest gave eager's bits): so the graphs
+are compiled with `aten.mean.dim` as aten's own kernel (`_aten_means`). With it, in int4 a decode alone
+(compiled) and the same decode in a batch (eager) give bit-identical logits (128 rows of 4 sequences,
+32 tokens, SmolLM2's widths: the engine's promise, which int4's bf16 activations make a promise of bits);
+in fp32 a lone row's linears are MKL's gemv and a batch's its gemm, within 1e-5, as without graphs.
+The traced graphs are bit-identical to eager (tests/parallel/test_decode_graph.py pins torch.equal); the
+suite never runs inductor (seconds).
 Any failure to build or to run falls back to the eager step for the rest of the load (alone), with the
 reason logged. With peers (a split) a step that fails mid-way ends on every rank, and only a graph's own
 error (`GraphFailed`: raised inside a compiled half, which would raise again every step) turns the graphs
@@ -55,6 +57,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -71,6 +74,49 @@ AUTO_MIN_BYTES = 16 << 20  # block weights below this: the eager step is already
 class GraphFailed(Exception):
     """A compiled half itself raised (its cause is the error): not a collective or the attention between the
     halves, so the next step would fail the same way."""
+
+
+@contextmanager
+def _aten_means():
+    """Within: inductor runs `aten.mean.dim` as aten's own kernel (a fallback), not its own reduction.
+
+    Why: RMSNorm's mean of squares, as inductor generates it, sums a row in another order than aten's
+    kernel: compiled on SmolLM2's widths, 73-80 of 300 norms differed from eager in the last bit, and with
+    int4's bf16 activations that gave a lone decode (compiled) other logits than the same decode in a batch
+    (eager) some dozens of tokens on. With the fallback every other op of the halves gave eager's bits
+    (measured: int4 lone vs batched, 128 logit rows bit-equal); fp32 keeps MKL's gemv / gemm difference.
+    The lowering is put back after, so nothing else compiled in the process changes; the compile's cache
+    key carries `_means_key`'s uuid, so a graph cached without the fallback is never reused for one with it."""
+    from torch._inductor import config
+    from torch._inductor import lowering as lw
+
+    op = torch.ops.aten.mean.dim
+    saved, realized = lw.lowerings.get(op), op in lw.needs_realized_inputs
+    lw.make_fallback(op, warn=False, override_decomp=True)
+    try:
+        with config.patch(post_grad_custom_pre_pass=_means_key()):
+            yield
+    finally:
+        if saved is None:
+            lw.lowerings.pop(op, None)
+        else:
+            lw.lowerings[op] = saved
+        if not realized:
+            lw.needs_realized_inputs.discard(op)
+
+
+def _means_key():
+    """A pass that changes nothing: its uuid is in inductor's cache key (see `_aten_means`)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class AtenMeansKey(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return "galaxy.decode_graph: aten.mean.dim as aten's kernel, v1"
+
+    return AtenMeansKey()
 
 
 class _Half(nn.Module):
@@ -168,7 +214,11 @@ class _Graph:
 
         inputs = [*_state(wrap).values(), *example]
         gm = make_fx(fn)(*inputs)
-        self.fn = gm if os.environ.get(COMPILE_ENV) == "traced" else torch._inductor.compile(gm, inputs)
+        if os.environ.get(COMPILE_ENV) == "traced":
+            self.fn = gm
+        else:
+            with _aten_means():
+                self.fn = torch._inductor.compile(gm, inputs)
         # each layer's weights in the graph's input order, gathered once
         self.weights = {id(b): tuple(_state(half(b)).values()) for b in blocks}
         self.shapes = tuple((t.shape, t.dtype) for t in example)

@@ -105,10 +105,13 @@ class Session:
         faster). stream_weights: send each device its shard from here, so devices need no model file
         (default: yes unless the devices are local workers this session started, which read the
         file directly). engine: how generation requests are batched (galaxy.engine.EngineConfig).
-        weights_format: how each device holds its linear weights, e.g. "fp16", "int8", "int4"
-        (galaxy.model.quant.parse_format; default: the plan's, else the exact fp32), on workers and in-process devices
-        alike (a streamed shard travels in it); "auto": the file's own compact counterpart (int4 for a
-        Q4 GGUF, model.decode.native_format), fp32 for float checkpoints. A split from a plan or made
+        weights_format: how each device holds its linear weights, e.g. "fp32" (the exact reference), "fp16",
+        "int8", "int4" (galaxy.model.quant.parse_format), on workers and in-process devices alike (a streamed
+        shard travels in it); "auto": the file's own compact counterpart (int4 for a Q4 GGUF such as the
+        embedded SmolLM2, model.decode.native_format; fp32 for float checkpoints and random init). Default: the
+        plan's, else "auto" (fp32 with dtype="bfloat16" or another backend, which compact formats do not take):
+        a quantized file runs in its compact format, as llama.cpp would, and each request still gets the
+        tokens it gets alone however many share its steps (docs/decode-formats.md). A split from a plan or made
         here (even, weighted, fitted to memory) is cut on the format's granules (compact.align_partition:
         less than one granule moves per device); a given partition must already be. docs/decode-formats.md.
         placement: phase-separated serving (galaxy.runtime.placement: a Placement, or a plan's serve
@@ -160,7 +163,7 @@ class Session:
         if plan is not None and not seq_len and plan.seq_len:
             seq_len = plan.seq_len  # what the plan reserved memory for
         if weights_format is None:
-            weights_format = plan.weights_format if plan is not None else "fp32"  # what the plan sized memory by
+            weights_format = plan.weights_format if plan is not None else default_weights_format(dtype, backend)
         weights_format = resolve_weights_format(weights_format, source)
         options = LoadOptions(dtype=dtype, tiles=tiles, stream=stream_weights, wire=wire, backend=backend,
                               weights_format=weights_format, seq_len=min(seq_len, cfg.max_positions),
@@ -319,6 +322,12 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def default_weights_format(dtype: str = "float32", backend: str = "torch") -> str:
+    """The weights format a load takes when none is given: "auto" (the file's own), except with a bfloat16
+    dtype or another backend than torch, which compact formats do not run on (LoadOptions refuses them)."""
+    return "auto" if dtype == "float32" and backend == "torch" else "fp32"
 
 
 def resolve_weights_format(weights_format: str, source: WeightSource) -> str:

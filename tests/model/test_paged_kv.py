@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from galaxy.errors import GalaxyError
-from galaxy.model.paged_kv import METHODS, PagedBatch, PagedKVCache, group_size
+from galaxy.model.paged_kv import METHODS, PagedBatch, PagedKVCache, block_attention, group_size, padded_rows
 from galaxy.model.transformer import attention_core
 
 BS, HD = 4, 16
@@ -111,23 +111,12 @@ DECODE_PLANS = {
 @pytest.mark.parametrize("plan", DECODE_PLANS.values(), ids=DECODE_PLANS.keys())
 @pytest.mark.parametrize("kv_map,nkv", [(None, 3), ([0, 0, 0, 1, 1, 1, 2, 2, 2], 3), ([0, 1, 1, 1], 2)])
 @pytest.mark.parametrize("garbage", [None, float("nan")])
-def test_decodes_attended_as_padded_groups_match_contiguous_attention(plan, kv_map, nkv, garbage):
-    """Several decodes go through one gather and one SDPA per group (decode_groups): each still sees
-    exactly its own context, whatever the padding slots hold."""
+def test_several_decodes_in_one_step_each_match_contiguous_attention(plan, kv_map, nkv, garbage):
+    """Several decodes in one step, each attending on its own (the call it makes alone), see exactly
+    their own contexts, whatever the pool's other slots hold."""
     out, ref = run_step(kv_map, nkv, "gather", plan=plan, garbage=garbage)
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-
-
-def test_decode_groups_pad_at_most_to_twice_a_context_and_leave_lone_decodes_and_chunks_alone():
-    lens = [40, 30, 19, 12, 10, 25, 3]  # contexts; the 25-token sequence runs a chunk of 5, the rest decode
-    q = [5 if c == 25 else 1 for c in lens]
-    batch = PagedBatch(BS, tuple(q), tuple(c - n for c, n in zip(lens, q)),
-                       tuple(tuple(range(-(-c // BS))) for c in lens))
-    groups = [(g.seqs, g.lmax) for g in batch.decode_groups]
-    assert groups == [((0, 1), 40), ((2, 3, 4), 19)]  # 2 x 10 >= 19 > 2 x 9; 3 is alone; the chunk is never grouped
-    rows = [r.tolist() for r in (g.rows for g in batch.decode_groups)]
-    assert rows == [[0, 1], [2, 3, 4]]
 
 
 def test_context_runs_name_the_first_slot_of_consecutive_tables_only():
@@ -240,3 +229,21 @@ def test_a_compact_shards_pool_is_made_without_rebuilding_its_float_weights(monk
         monkeypatch.setattr(QuantLinear, "dequantized", rebuilt)
         pool = PagedKVCache.for_model(model, 4, 16)
     assert pool.k["0"].device.type == "cpu" and pool.k["0"].shape[1] == 4 * 16  # (heads, slots, head_dim)
+
+
+def test_sdpa_gives_a_query_row_its_bits_whatever_rows_share_its_call_once_padded_to_whole_blocks():
+    """block_attention's premise (torch 2.13's CPU kernel): a query row's bits depend on its SDPA block of
+    rows only when that block holds 1-3 rows, so `padded_rows` calls give every row the bits of one call
+    over all rows -- measured here for every row count up to 200 against one call of 256."""
+    gen = torch.Generator().manual_seed(0)
+    h, hd, e = 3, 64, 48
+    q = torch.randn(h, 256, hd, generator=gen)
+    k, v = torch.randn(h, e, hd, generator=gen), torch.randn(h, e, hd, generator=gen)
+    pos = torch.arange(256) % e
+    mask = torch.zeros(256, e).masked_fill_(torch.arange(e)[None, :] > pos[:, None], float("-inf"))
+    whole = block_attention(q, k, v, mask)
+    for rows in range(1, 201):
+        n = padded_rows(rows)
+        assert n >= 4 and not 0 < n % (256 if n >= 768 else 64 if n >= 192 else 32) < 4
+        padded = torch.cat((mask[:rows], mask[rows - 1: rows].expand(n - rows, e)))
+        assert torch.equal(block_attention(q[:, :rows], k, v, padded), whole[:, :rows]), rows

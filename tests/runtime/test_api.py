@@ -7,6 +7,7 @@ import pytest
 
 import galaxy
 from galaxy.errors import GalaxyError, InvalidRequest, ModelUnloaded, PeerUnreachable, PlanMismatch
+from galaxy.runtime.api import default_weights_format
 
 
 def test_generate_stream_and_chat_over_local_worker_processes(smollm2_path):
@@ -31,6 +32,15 @@ def test_encode_returns_normalised_sentence_embeddings(minilm_path):
         assert e[0] @ e[1] > e[0] @ e[2]
         with pytest.raises(GalaxyError, match="encoder"):
             enc.generate("hello")
+
+
+def test_load_defaults_to_the_files_own_format_and_to_fp32_where_compact_formats_do_not_run():
+    with galaxy.connect(local=1, transport="inproc") as cluster:
+        assert cluster.load(random_init="tiny-llama").weights_format == "fp32"  # a float source's own format
+        assert cluster.load(random_init="tiny-llama", weights_format="fp16").weights_format == "fp16"
+    # compact formats quantize float32 weights on torch: a bfloat16 or ONNX load is not refused for the default
+    assert [default_weights_format(*a) for a in [("float32", "torch"), ("bfloat16", "torch"), ("float32", "onnx")]] \
+        == ["auto", "fp32", "fp32"]
 
 
 def test_encode_on_a_causal_lm_is_a_clear_error():

@@ -233,6 +233,7 @@ def test_client_that_disconnects_mid_stream_frees_the_cluster(lm):
 
 
 def test_concurrent_clients_are_batched_and_each_gets_its_own_answer(lm):
+    assert lm.weights_format == "int4"  # the default (auto) for the Q4_1 file: batched int4 gives the lone bits
     questions = [[{"role": "user", "content": q}] for q in
                  ("What is the capital of France?", "Name a colour.", "Count to five.", "What is 2 + 2?")]
     with serving(lm) as (server, client):
