@@ -22,11 +22,12 @@ torch and keeps the block size whose expansion equals the probe's own weights, o
 
 Building: the C source below is compiled on first use by the machine's C compiler (`$CC`, else `cc`)
 into galaxy.paths' native/ cache (`-O3 -march=native -fopenmp`, each dropped in turn if the compiler
-refuses it; 60 s at most; named by a hash of the source, the flags and the compiler, so an edit or
-another compiler builds anew), about 1 s, then loaded with ctypes (no torch headers). OpenMP threads
-come from the libgomp torch itself loaded (one runtime, one pool). Where no compiler exists, the compile
-fails, the probe finds no layout, or `GALAXY_NATIVE=0`, `expander()` is None and int4's prompt rows
-keep the kernel (QuantLinear.routes_rows): slower prompts, never a failed load.
+refuses it; 60 s at most; named by a hash of the source, the flags, the compiler and the instruction
+sets it targets with them (`_target_id`), so an edit, another compiler or another CPU builds anew),
+about 1 s, then loaded with ctypes (no torch headers). OpenMP threads come from the libgomp torch itself
+loaded (one runtime, one pool). Where no compiler exists, the compile fails, the probe finds no
+layout, or `GALAXY_NATIVE=0`, `expander()` is None and int4's prompt rows keep the kernel
+(QuantLinear.routes_rows): slower prompts, never a failed load.
 
 Shapes: packed (Npad, K/2) uint8, scale_zero (K/group, Npad, 2) bf16, out W^T (K, Npad) bf16.
 """
@@ -218,6 +219,17 @@ def _compiler_id(cc: str) -> str:
         return ""
 
 
+def _target_id(cc: str, flags: tuple[str, ...]) -> str:
+    """The macros `cc` predefines with `flags`: with -march=native they name this CPU's instruction sets
+    (__AVX512F__, ...), so a cache another CPU filled (a shared home, a copied image) is never loaded
+    here, where its code could hold instructions this CPU lacks (SIGILL, not a fallback)."""
+    try:
+        return subprocess.run([cc, *flags, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
+                              timeout=COMPILE_TIMEOUT_S).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def build(directory: Path | None = None) -> Path | None:
     """The shared library's path, compiled into `directory` (default: the cache's native/) unless an
     identical build is there; None when there is no compiler or no flag set compiles."""
@@ -229,7 +241,8 @@ def build(directory: Path | None = None) -> Path | None:
     ident = _compiler_id(cc)
     for n in range(len(FLAGS), 0, -1):
         flags = FLAGS[:n]
-        digest = hashlib.sha256("\0".join([SOURCE, cc, ident, *flags]).encode()).hexdigest()[:16]
+        target_id = _target_id(cc, flags)
+        digest = hashlib.sha256("\0".join([SOURCE, cc, ident, target_id, *flags]).encode()).hexdigest()[:16]
         target = directory / f"int4_expand-{digest}.so"
         if target.exists():
             return target

@@ -5,6 +5,8 @@ machine without a compiler keeps int4's kernel for every row instead of failing.
 from __future__ import annotations
 
 import ctypes
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +58,7 @@ def test_a_build_is_compiled_once_and_its_portable_path_expands_alike(tmp_path, 
     # -O3 alone: no AVX-512, so the portable C path (any block, tails) does every row
     monkeypatch.setattr(int4_expand, "FLAGS", ("-O3",))
     monkeypatch.setattr(int4_expand, "_compiler_id", lambda cc: "the same compiler")
+    monkeypatch.setattr(int4_expand, "_target_id", lambda cc, flags: "the same CPU")
     first = int4_expand.build(tmp_path)
     assert first is not None and first.parent == tmp_path
     portable = int4_expand.Expander(ctypes.CDLL(str(first)), EXPANDER.block)
@@ -66,6 +69,30 @@ def test_a_build_is_compiled_once_and_its_portable_path_expands_alike(tmp_path, 
     monkeypatch.setattr(int4_expand.subprocess, "run", lambda *a, **kw: pytest.fail("compiled again"))
     assert int4_expand.build(tmp_path) == first
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no build directory left behind
+
+
+def test_a_cache_another_cpu_filled_is_not_loaded_here(tmp_path, monkeypatch):
+    """-march=native code from another CPU (a shared home, a copied image) could hold instructions this
+    one lacks: the build's name carries the instruction sets the compiler targets, so it is built anew."""
+    def cc(cmd, **kw):  # a compiler that only writes its output file
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(int4_expand, "_compiler_id", lambda cc: "the same compiler")
+    monkeypatch.setattr(int4_expand.subprocess, "run", cc)
+    monkeypatch.setattr(int4_expand, "_target_id", lambda cc, flags: "#define __AVX512F__ 1")
+    avx512 = int4_expand.build(tmp_path)
+    assert int4_expand.build(tmp_path) == avx512
+    monkeypatch.setattr(int4_expand, "_target_id", lambda cc, flags: "#define __AVX2__ 1")
+    assert int4_expand.build(tmp_path) not in (None, avx512)
+
+
+def test_the_target_is_what_the_compiler_predefines_with_the_flags():
+    cc = int4_expand._compiler()
+    if cc is None:
+        pytest.skip("no C compiler here")
+    assert "__OPTIMIZE__" in int4_expand._target_id(cc, ("-O3",))
+    assert "__OPTIMIZE__" not in int4_expand._target_id(cc, ())
 
 
 def test_without_a_compiler_int4_keeps_its_kernel_for_every_row(tmp_path, monkeypatch):
