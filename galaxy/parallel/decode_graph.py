@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 
@@ -76,6 +77,9 @@ class GraphFailed(Exception):
     halves, so the next step would fail the same way."""
 
 
+_MEANS_LOCK = threading.Lock()
+
+
 @contextmanager
 def _aten_means():
     """Within: inductor runs `aten.mean.dim` as aten's own kernel (a fallback), not its own reduction.
@@ -85,24 +89,32 @@ def _aten_means():
     int4's bf16 activations that gave a lone decode (compiled) other logits than the same decode in a batch
     (eager) some dozens of tokens on. With the fallback every other op of the halves gave eager's bits
     (measured: int4 lone vs batched, 128 logit rows bit-equal); fp32 keeps MKL's gemv / gemm difference.
-    The lowering is put back after, so nothing else compiled in the process changes; the compile's cache
-    key carries `_means_key`'s uuid, so a graph cached without the fallback is never reused for one with it."""
+    The lowering is put back after (its entry, and the op's place in inductor's `fallbacks` and
+    `needs_realized_inputs` sets, which other compiles read), so nothing compiled later in the process
+    changes; the compile's cache key carries `_means_key`'s uuid, so a graph cached without the fallback
+    is never reused for one with it. Builds take `_MEANS_LOCK`: two sessions loading at once in one process
+    would otherwise interleave their save and restore and leave the fallback in for good. (A compile of
+    someone else's running in another thread meanwhile still sees it: inductor's tables are global.)"""
     from torch._inductor import config
     from torch._inductor import lowering as lw
 
     op = torch.ops.aten.mean.dim
-    saved, realized = lw.lowerings.get(op), op in lw.needs_realized_inputs
-    lw.make_fallback(op, warn=False, override_decomp=True)
-    try:
-        with config.patch(post_grad_custom_pre_pass=_means_key()):
-            yield
-    finally:
-        if saved is None:
-            lw.lowerings.pop(op, None)
-        else:
-            lw.lowerings[op] = saved
-        if not realized:
-            lw.needs_realized_inputs.discard(op)
+    with _MEANS_LOCK:
+        saved = lw.lowerings.get(op)
+        realized, fallback = op in lw.needs_realized_inputs, op in lw.fallbacks
+        try:
+            lw.make_fallback(op, warn=False, override_decomp=True)
+            with config.patch(post_grad_custom_pre_pass=_means_key()):
+                yield
+        finally:
+            if saved is None:
+                lw.lowerings.pop(op, None)
+            else:
+                lw.lowerings[op] = saved
+            if not realized:
+                lw.needs_realized_inputs.discard(op)
+            if not fallback:
+                lw.fallbacks.discard(op)
 
 
 def _means_key():

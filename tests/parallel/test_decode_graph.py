@@ -119,3 +119,19 @@ def test_a_lone_prompt_row_runs_dense_as_it_would_in_a_longer_chunk(compile_on):
         ex.runtimes[0].graphs = None
         eager = one_row_chunks(ex)
     assert torch.equal(compiled, eager)
+
+
+def test_the_mean_fallback_leaves_inductors_tables_as_it_found_them():
+    """`_aten_means` patches inductor's global tables for the decode graphs' compile only: after it, the
+    lowering, and the op's place in `fallbacks` and `needs_realized_inputs` (read by every later compile),
+    are what they were."""
+    lw = pytest.importorskip("torch._inductor.lowering")
+    op = torch.ops.aten.mean.dim
+
+    def tables():
+        return lw.lowerings.get(op), op in lw.fallbacks, op in lw.needs_realized_inputs
+
+    before = tables()
+    with decode_graph._aten_means():
+        assert tables()[1:] == (True, True) and tables()[0] is not before[0]
+    assert tables() == before
