@@ -13,14 +13,21 @@ their heads land on other threads). `MKL_CBWR=AUTO,STRICT` makes MKL's results i
 alignment (the fastest code path the CPU has, kept; pinned in tests/engine/test_int4_batched.py).
 
 MKL reads the variable at its first call, so this runs when `galaxy.model` is imported, before any
-Galaxy code multiplies anything; a value the user set is kept. A process that ran an MKL call before
-importing Galaxy keeps MKL's default (`strict_mkl` says whether the mode is on).
+Galaxy code multiplies anything; a value the user set is kept. It is process-wide: the user's own MKL
+calls in a process that imports Galaxy run in the strict mode too (and the processes it starts inherit
+the variable). A process that ran an MKL call before importing Galaxy keeps MKL's default, which can no
+longer be changed (mkl_cbwr_set then fails): `strict_mkl` says whether the mode is on, and a shard loaded
+in a format with bf16 activations logs a warning once when it is not (`warn_unless_strict`,
+parallel/compact.compact_shard).
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 MKL_CBWR = "AUTO,STRICT"
 _STRICT = 0x10000  # mkl_service.h: MKL_CBWR_STRICT, or-ed into the branch
@@ -42,3 +49,17 @@ def strict_mkl() -> bool | None:
         return None
     get.argtypes, get.restype = [ctypes.c_int], ctypes.c_int
     return bool(get(-1) & _STRICT)  # MKL_CBWR_ALL
+
+
+_warned: list[bool] = []
+
+
+def warn_unless_strict(what: str) -> None:
+    """Log once per process when MKL is known not to run in strict mode: `what` then does not get the
+    same bits in a batch as alone (a greedy token may part some dozens of tokens on)."""
+    if _warned or strict_mkl() is not False:
+        return
+    _warned.append(True)
+    log.warning("MKL is not in strict reproducibility mode (this process called MKL before importing galaxy, "
+                "or MKL_CBWR=%s): %s may give a sequence other tokens beside others than alone; import galaxy "
+                "first, or start the process with MKL_CBWR=%s", os.environ.get("MKL_CBWR"), what, MKL_CBWR)

@@ -49,6 +49,7 @@ from ..model.checkpoints.gguf import GGUFCheckpoint
 from ..model.checkpoints.gguf_blocks import read_blocked, tensor_type
 from ..model.dense_rows import Scratch
 from ..model.int4_expand import expander
+from ..model.numerics import warn_unless_strict
 from ..model.quant import Blocked, FormatError, QuantLinear, WeightFormat, split_granules
 from ..model.transformer import Transformer
 from .sharding import Partition, ShardSpec, Strategy
@@ -138,6 +139,8 @@ def compact_shard(model: Transformer, source: WeightSource | None, fmt: WeightFo
     if model.dtype != torch.float32:
         raise FormatError(f"weights format {fmt} quantizes from float32 shards, not {model.dtype}")
     check_cuts(cfg, spec, fmt)
+    if fmt.act == "bf16":  # bf16 activations: a sequence's tokens in a batch are its bits alone (model/numerics.py)
+        warn_unless_strict(f"weights format {fmt}")
     for i, blk in model.layers.items():
         a, m, p = blk.attn, blk.mlp, f"layers.{i}."
         cuts = linear_cuts(cfg, spec, p)
