@@ -148,8 +148,8 @@ def add_weights_format_arg(p: argparse.ArgumentParser) -> None:
                    help="how each device holds its linear weights: fp32 (the exact reference), bf16, fp16, int8, "
                    "int4, int4-fp32, ... (NAME[-ACT][-gGROUP][:HEAD]), or auto: the file's own, int4 for a Q4 GGUF "
                    "such as the embedded SmolLM2, fp32 for float checkpoints (default: the --plan's, else auto; fp32 "
-                   "for run --check and with --dtype bfloat16 or --backend onnx); a streamed shard travels in it "
-                   "(docs/decode-formats.md)")
+                   "for run --check and with --dtype bfloat16 or --backend onnx / auto); a streamed shard travels in "
+                   "it (docs/decode-formats.md)")
 
 
 def add_decode_threads_arg(p) -> None:

@@ -16,8 +16,10 @@ pass holds.
 
 The layout is torch's (aten's `weight_to_int4pack_kernel`, CPU): each full block of B rows is (K, B/2)
 bytes whose byte j holds row j in its low nibble and row B/2 + j in its high one, and a tail of fewer
-rows is (K, tail/2) bytes of row pairs (low nibble the even row); B is 64 with AVX-512, 32 with AVX2 or
-none. Which B this process's torch packs with is not assumed: `expander()` packs a probe matrix with
+rows is (K, tail/2) bytes of row pairs (low nibble the even row); B is 64 with AVX-512, 32 with AVX2.
+torch built without either (aarch64's NEON: B = 4 x its float vector) packs *every* block as row pairs,
+a layout this function does not read: there the probe below finds none and int4's prompt rows keep the
+kernel. Which B this process's torch packs with is not assumed: `expander()` packs a probe matrix with
 torch and keeps the block size whose expansion equals the probe's own weights, or none.
 
 Building: the C source below is compiled on first use by the machine's C compiler (`$CC`, else `cc`)
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 
 COMPILE_TIMEOUT_S = 60
 FLAGS = ("-O3", "-march=native", "-fopenmp")  # dropped from the right while the compiler refuses them
-BLOCK_CANDIDATES = (64, 32, 16)  # int4pack's CPU row blocks: AVX-512, AVX2 / scalar, narrower vectors
+BLOCK_CANDIDATES = (64, 32, 16)  # int4pack's CPU row blocks: AVX-512, AVX2 (others pack pairwise: not read)
 
 SOURCE = r"""
 #include <stdint.h>
