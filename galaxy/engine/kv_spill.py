@@ -119,7 +119,8 @@ class SpillStore:
         return True
 
     def put(self, name: bytes, boxes: tuple[torch.Tensor, ...]) -> None:
-        """Keep a block's boxes; the caller made room (make_room) for them first."""
+        """Keep a block's boxes; the caller made room (make_room) for them first. A file that cannot be
+        written raises OSError (whatever torch.save raised), the block not kept and no file left."""
         n = _nbytes(boxes)
         if name in self._sizes:
             self._drop(name)
@@ -129,7 +130,12 @@ class SpillStore:
         if self.directory is None:
             self._boxes[name] = boxes
         else:
-            torch.save(tuple(b.contiguous() for b in boxes), self._path(name))
+            try:
+                torch.save(tuple(b.contiguous() for b in boxes), self._path(name))
+            except (OSError, RuntimeError) as e:  # a full or gone disk: torch.save's writer raises RuntimeError
+                with contextlib.suppress(OSError):  # no partial file left behind, outside the budget's count
+                    os.remove(self._path(name))
+                raise OSError(f"spill store: writing a block to {self.directory!r} failed: {e}") from e
         self._sizes[name] = n
         self.bytes += n
 

@@ -273,3 +273,22 @@ def test_the_prefill_group_of_a_disaggregated_placement_restores_and_the_decode_
         eng.close()
         pe.close()
         de.close()
+
+def test_a_store_file_that_cannot_be_written_loses_only_its_block_and_leaves_no_file(engine, tmp_path, monkeypatch):
+    """A full disk: torch.save's writer raises RuntimeError (not OSError) after writing part of the file. The
+    engine goes on serving (the blocks are computed again when asked for), counts them refused, and the store's
+    directory holds no partial file outside its budget."""
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"PK\x03\x04")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    ps = docs(3) + [docs(1, seed=0)[0][:24] + [5, 6, 7]]
+    eng = engine(EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=16, spill_bytes=1 << 20,
+                              spill_dir=str(tmp_path)))
+    got = [eng.generate(p, OUT) for p in ps]
+    assert [g.tokens for g in got] == [reference_generate(SRC, p, 4, stop_at_eos=False) for p in ps]
+    stats = eng.load["spill"]
+    assert computed(got[-1]) == 23 and stats["refused_blocks"] > 0 and stats["bytes"] == 0
+    assert list(Path(eng.spill.store.directory).iterdir()) == []
+
