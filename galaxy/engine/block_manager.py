@@ -161,6 +161,8 @@ class BlockManager:
                 seq.num_named = min(seq.num_named, len(hits) - 1)
                 copies.append((src, dst))
                 self.stats.copied_blocks += 1
+            else:  # restored: its last position is written back but runs again, as a hit does not count it
+                self.stats.restored_tokens -= 1
             seq.num_computed -= 1
         if seq.num_preemptions:
             self.stats.resumed_tokens += seq.num_computed

@@ -126,6 +126,7 @@ def test_a_full_hit_from_the_store_runs_only_its_last_token_in_its_own_block():
     b = seq([1, 2, 3, 4])
     assert bm.allocate(b) == []  # no copy: the restored block is b's own
     assert b.num_computed == 3 and len(bm.take_spill()[1]) == 2
+    assert bm.stats.restored_tokens == bm.stats.hit_tokens == 3  # of the hit tokens: not the one run again
 
 
 def test_the_store_never_holds_more_than_its_budget_and_keeps_what_a_restore_needs():
