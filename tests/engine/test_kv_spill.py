@@ -275,6 +275,7 @@ def test_the_prefill_group_of_a_disaggregated_placement_restores_and_the_decode_
         pe.close()
         de.close()
 
+
 def test_a_store_file_that_cannot_be_written_loses_only_its_block_and_leaves_no_file(engine, tmp_path, monkeypatch):
     """A full disk: torch.save's writer raises RuntimeError (not OSError) after writing part of the file. The
     engine goes on serving (the blocks are computed again when asked for), counts them refused, and the store's
@@ -293,3 +294,25 @@ def test_a_store_file_that_cannot_be_written_loses_only_its_block_and_leaves_no_
     assert computed(got[-1]) == 23 and stats["refused_blocks"] > 0 and stats["bytes"] == 0
     assert list(Path(eng.spill.store.directory).iterdir()) == []
 
+
+def test_under_roles_the_store_offers_a_block_only_below_the_takers_kernel_from():
+    """int8 / int4 (roles): a block named by a request whose prompt ran past it dense holds, for a request whose
+    own rows ran there on the kernel (its generated tokens), K/V of another role -- the store must not hand it
+    over, as the cache does not (block_manager.shared_until). fp32 (no roles) takes the whole chain."""
+    for roles, restored in ((True, 1), (False, 3)):
+        bm = BlockManager(8, 2, roles=roles)
+        bm.store = set()
+        a = seq([1, 2, 3, 4, 5, 6, 7, 8])  # kernel_from 7: positions 0-5 dense, so blocks 0-2 are named
+        bm.allocate(a)
+        a.num_computed = 8
+        bm.commit(a)
+        bm.store.update(a.block_hashes[:3])
+        bm.free(a)
+        other = seq([9] * 16)
+        bm.allocate(other)  # evicts every named block: the chain is in the store only
+        bm.take_spill()
+        bm.free(other)
+        # a resumed request: prompt [1 2 3 4] (kernel_from 3), then its generated 5 6 at positions 4-5 (kernel role)
+        b = Sequence(1, [1, 2, 3, 4, 5, 6, 0], 4, SamplingParams(1), arrival=0.0)
+        assert bm.allocate(b) == []
+        assert [n for n, _ in bm.take_spill()[1]] == a.block_hashes[:restored] and b.num_computed == 2 * restored
