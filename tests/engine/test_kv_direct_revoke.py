@@ -83,3 +83,42 @@ def test_a_move_into_a_decode_group_loaded_again_gives_its_blocks_back_without_a
         assert move.outstanding == 0 and receiver.revoked == []
     finally:
         sender.close()
+
+
+class _Refused(_Sender):
+    """A send the receiver refused after the read (not silent): the sender asks for a revocation at once."""
+
+    def send_kv(self, rank, table, tokens, layers, heads, pool, dest, on_read=None):
+        on_read()
+        raise KVDirectFailed("w0 -> w1: the receiver refused the box")
+
+
+class _Raising(_Receiver):
+    """A revocation that raises something other than a GalaxyError (a bug, an untranslated RPC error) until it
+    answers."""
+
+    def revoke_kv(self, rank, nonces):
+        if not self.answers:
+            raise RuntimeError("an untranslated error from the revocation's call")
+        self.revoked += nonces
+
+
+def test_a_revocation_that_raises_an_unexpected_error_is_asked_again_and_the_move_still_fails_over():
+    receiver = _Raising()
+    sender = DirectSender(_Refused(), receiver, DirectConfig(revoke_every_s=0.05))
+    move = DirectMove()
+    try:
+        sender.send(move, [(KVPiece(0, 0, (0, 2), (0, 2)), 64)], (0,), 4, KVPool(4, 4), (1,), KVPool(4, 4))
+        deadline = time.monotonic() + 5
+        while move.error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(move.error, KVDirectFailed)  # handed to the move, whatever the revocation raised
+        time.sleep(0.2)  # the revoke thread asked, and raised, a few times: still alive, the blocks still held
+        assert move.outstanding == 1 and sender._revoker.is_alive()
+        receiver.answers = True
+        deadline = time.monotonic() + 5
+        while move.outstanding and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert move.outstanding == 0 and receiver.revoked == [b"n" * 16]
+    finally:
+        sender.close()
