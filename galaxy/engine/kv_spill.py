@@ -205,7 +205,11 @@ class KVSpill:
 
     def block_bytes(self, ex: Executor, pool: KVPool) -> int:
         held, dtype = self._layout(ex, pool)
-        return sum(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        return sum(self._device_bytes(held, dtype, pool))
+
+    def _device_bytes(self, held, dtype: torch.dtype, pool: KVPool) -> list[int]:
+        """One block's K/V bytes on each device holding K/V (`held`: _layout's), known before anything is read."""
+        return [box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held]
 
     def save(self, ex: Executor, pool: KVPool, evicted: list[tuple[bytes, int]], keep=frozenset()) -> None:
         """Read the K/V of `evicted` (name, block) from every device into the store, as many as fit (the most
@@ -213,7 +217,7 @@ class KVSpill:
         if not evicted:
             return
         held, dtype = self._layout(ex, pool)
-        per = sum(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        per = sum(self._device_bytes(held, dtype, pool))
         todo = []
         for name, b in reversed(evicted):  # most recently evicted first
             if name in self.store:
@@ -263,7 +267,7 @@ class KVSpill:
         if not blocks:
             return 0
         held, dtype = self._layout(ex, pool)
-        per = sum(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        per = sum(self._device_bytes(held, dtype, pool))
         part = blocks[:min(self._per_call(held, dtype, pool), (self.store.max_bytes - self.store.bytes) // per)]
         if not part:
             return 0
@@ -297,7 +301,7 @@ class KVSpill:
     def _per_call(self, held, dtype: torch.dtype, pool: KVPool) -> int:
         """Blocks in one read or write per device: its box at most MAX_CALL_BYTES (at least one block), which
         bounds what a device and the coordinator hold at once beyond the pool and the store."""
-        most = max(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        most = max(self._device_bytes(held, dtype, pool))
         return max(1, MAX_CALL_BYTES // most)
 
     def restore(self, ex: Executor, pool: KVPool, restores: list[tuple[bytes, int]]) -> None:
