@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from galaxy.engine import kv_spill
-from galaxy.engine.block_manager import BlockManager
+from galaxy.engine.block_manager import ROOT, BlockManager, block_hash
 from galaxy.engine.disagg import DisaggEngine
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.generation import GenerationConfig
@@ -316,3 +316,29 @@ def test_under_roles_the_store_offers_a_block_only_below_the_takers_kernel_from(
         b = Sequence(1, [1, 2, 3, 4, 5, 6, 0], 4, SamplingParams(1), arrival=0.0)
         assert bm.allocate(b) == []
         assert [n for n, _ in bm.take_spill()[1]] == a.block_hashes[:restored] and b.num_computed == 2 * restored
+
+
+def test_a_block_a_full_hit_copies_from_is_not_written_back_into_before_the_step_copies_it():
+    """A full hit copies its last shared block (src -> its own) in the step, but the spill tier writes restored
+    blocks before the step: a restore given that src (released by the copy, the last free block) would overwrite
+    it first, and the copy would hand the first request the second's K/V. The src stays held until the step's
+    work is taken (take_spill); the second request waits for a block."""
+    bm = BlockManager(5, 2)
+    bm.store = {block_hash(ROOT, [5, 6])}  # another document's block, evicted to the store
+    a = seq([1, 2, 3, 4])
+    bm.allocate(a)
+    a.num_computed = 4
+    bm.commit(a)
+    bm.free(a)
+    filler = seq([9, 9, 9, 9])
+    bm.allocate(filler)  # the empty blocks: a's two named ones and one empty are left
+    b = seq([1, 2, 3, 4])
+    copies = bm.allocate(b)  # a full hit: its last block copied into the empty one
+    assert len(copies) == 1
+    c = seq([5, 6])
+    if bm.can_allocate(c):
+        bm.allocate(c)
+    restores = bm.take_spill()[1]
+    assert not {blk for _, blk in restores} & {src for src, _ in copies}
+    assert bm.can_allocate(c)  # once the step's work is taken, the copied block is free again
+    bm.audit([filler, b])
