@@ -39,7 +39,9 @@ evicted named block is listed (`take_spill`) so the engine can read its K/V out 
 writes into it, and a sequence's hash chain goes on past the blocks cached here into names the store
 holds: each gets a fresh block, listed to be restored (written back) before the step, and counts as
 computed. A restored block is named by `commit` after the step, as a computed one: if its write fails
-the step fails and the block never carries the name.
+the step fails and the block never carries the name. Restores are written before the step, whose copies
+come first on the devices: so a full hit's copy source stays held until `take_spill`, never handed to a
+restore that would overwrite it before it is copied.
 
 Contract for the integrating code: the manager is single-threaded (the scheduler's thread);
 block ids in a block table are valid until the sequence is freed; a copy (src, dst) returned
@@ -110,6 +112,9 @@ class BlockManager:
         self.store = None  # a spill store (kv_spill.SpillStore: `name in store`), or None: evicted names are gone
         self._evicted: list[tuple[bytes, int]] = []  # (name, block) evicted since take_spill: K/V still in place
         self._restores: list[tuple[bytes, int]] = []  # (name, block) to write back from the store before the step
+        # with a store: the sources of this schedule's full-hit copies, held until take_spill -- the step copies
+        # them, but restores are written before the step, and one given such a block would overwrite it first
+        self._copied: list[int] = []
 
     @property
     def num_free(self) -> int:
@@ -157,10 +162,15 @@ class BlockManager:
             if hits[-1] is not None:  # in a shared block: copy its block (a restored one is the sequence's own)
                 src, dst = hits[-1], self._pop_free()
                 seq.block_table[-1] = dst
-                self._release(src)
+                if self.store is None:
+                    self._release(src)
+                else:  # no restore may be written into it before the step has copied it
+                    self._copied.append(src)
                 seq.num_named = min(seq.num_named, len(hits) - 1)
                 copies.append((src, dst))
                 self.stats.copied_blocks += 1
+            else:  # restored: its last position is written back but runs again, as a hit does not count it
+                self.stats.restored_tokens -= 1
             seq.num_computed -= 1
         if seq.num_preemptions:
             self.stats.resumed_tokens += seq.num_computed
@@ -205,9 +215,13 @@ class BlockManager:
 
     def take_spill(self) -> tuple[list[tuple[bytes, int]], list[tuple[bytes, int]]]:
         """What the spill tier must do before the next step, and forget it here: the (name, block) pairs
-        evicted since the last call (read their K/V out first) and those to restore (then write them in)."""
+        evicted since the last call (read their K/V out first) and those to restore (then write them in). The
+        blocks full hits copy from go back to the pool now: nothing more is allocated before the step copies them."""
         out = (self._evicted, self._restores)
         self._evicted, self._restores = [], []
+        for b in self._copied:
+            self._release(b)
+        self._copied = []
         return out
 
     def release(self, blocks) -> None:
@@ -257,6 +271,8 @@ class BlockManager:
         for s in seqs:
             for b in s.block_table:
                 holders[b] += 1
+        for b in self._copied:  # a full hit's copy source, held until take_spill
+            holders[b] += 1
         free = list(self._empty) + list(self._evictable)
         problems = []
         if holders != self.ref:

@@ -119,7 +119,8 @@ class SpillStore:
         return True
 
     def put(self, name: bytes, boxes: tuple[torch.Tensor, ...]) -> None:
-        """Keep a block's boxes; the caller made room (make_room) for them first."""
+        """Keep a block's boxes; the caller made room (make_room) for them first. A file that cannot be
+        written raises OSError (whatever torch.save raised), the block not kept and no file left."""
         n = _nbytes(boxes)
         if name in self._sizes:
             self._drop(name)
@@ -129,7 +130,12 @@ class SpillStore:
         if self.directory is None:
             self._boxes[name] = boxes
         else:
-            torch.save(tuple(b.contiguous() for b in boxes), self._path(name))
+            try:
+                torch.save(tuple(b.contiguous() for b in boxes), self._path(name))
+            except (OSError, RuntimeError) as e:  # a full or gone disk: torch.save's writer raises RuntimeError
+                with contextlib.suppress(OSError):  # no partial file left behind, outside the budget's count
+                    os.remove(self._path(name))
+                raise OSError(f"spill store: writing a block to {self.directory!r} failed: {e}") from e
         self._sizes[name] = n
         self.bytes += n
 
@@ -199,7 +205,11 @@ class KVSpill:
 
     def block_bytes(self, ex: Executor, pool: KVPool) -> int:
         held, dtype = self._layout(ex, pool)
-        return sum(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        return sum(self._device_bytes(held, dtype, pool))
+
+    def _device_bytes(self, held, dtype: torch.dtype, pool: KVPool) -> list[int]:
+        """One block's K/V bytes on each device holding K/V (`held`: _layout's), known before anything is read."""
+        return [box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held]
 
     def save(self, ex: Executor, pool: KVPool, evicted: list[tuple[bytes, int]], keep=frozenset()) -> None:
         """Read the K/V of `evicted` (name, block) from every device into the store, as many as fit (the most
@@ -207,7 +217,7 @@ class KVSpill:
         if not evicted:
             return
         held, dtype = self._layout(ex, pool)
-        per = sum(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        per = sum(self._device_bytes(held, dtype, pool))
         todo = []
         for name, b in reversed(evicted):  # most recently evicted first
             if name in self.store:
@@ -257,7 +267,7 @@ class KVSpill:
         if not blocks:
             return 0
         held, dtype = self._layout(ex, pool)
-        per = sum(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        per = sum(self._device_bytes(held, dtype, pool))
         part = blocks[:min(self._per_call(held, dtype, pool), (self.store.max_bytes - self.store.bytes) // per)]
         if not part:
             return 0
@@ -291,7 +301,7 @@ class KVSpill:
     def _per_call(self, held, dtype: torch.dtype, pool: KVPool) -> int:
         """Blocks in one read or write per device: its box at most MAX_CALL_BYTES (at least one block), which
         bounds what a device and the coordinator hold at once beyond the pool and the store."""
-        most = max(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held)
+        most = max(self._device_bytes(held, dtype, pool))
         return max(1, MAX_CALL_BYTES // most)
 
     def restore(self, ex: Executor, pool: KVPool, restores: list[tuple[bytes, int]]) -> None:

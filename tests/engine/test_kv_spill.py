@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from galaxy.engine import kv_spill
-from galaxy.engine.block_manager import BlockManager
+from galaxy.engine.block_manager import ROOT, BlockManager, block_hash
 from galaxy.engine.disagg import DisaggEngine
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.generation import GenerationConfig
@@ -126,6 +126,7 @@ def test_a_full_hit_from_the_store_runs_only_its_last_token_in_its_own_block():
     b = seq([1, 2, 3, 4])
     assert bm.allocate(b) == []  # no copy: the restored block is b's own
     assert b.num_computed == 3 and len(bm.take_spill()[1]) == 2
+    assert bm.stats.restored_tokens == bm.stats.hit_tokens == 3  # of the hit tokens: not the one run again
 
 
 def test_the_store_never_holds_more_than_its_budget_and_keeps_what_a_restore_needs():
@@ -273,3 +274,71 @@ def test_the_prefill_group_of_a_disaggregated_placement_restores_and_the_decode_
         eng.close()
         pe.close()
         de.close()
+
+
+def test_a_store_file_that_cannot_be_written_loses_only_its_block_and_leaves_no_file(engine, tmp_path, monkeypatch):
+    """A full disk: torch.save's writer raises RuntimeError (not OSError) after writing part of the file. The
+    engine goes on serving (the blocks are computed again when asked for), counts them refused, and the store's
+    directory holds no partial file outside its budget."""
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"PK\x03\x04")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    ps = docs(3) + [docs(1, seed=0)[0][:24] + [5, 6, 7]]
+    eng = engine(EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=16, spill_bytes=1 << 20,
+                              spill_dir=str(tmp_path)))
+    got = [eng.generate(p, OUT) for p in ps]
+    assert [g.tokens for g in got] == [reference_generate(SRC, p, 4, stop_at_eos=False) for p in ps]
+    stats = eng.load["spill"]
+    assert computed(got[-1]) == 23 and stats["refused_blocks"] > 0 and stats["bytes"] == 0
+    assert list(Path(eng.spill.store.directory).iterdir()) == []
+
+
+def test_under_roles_the_store_offers_a_block_only_below_the_takers_kernel_from():
+    """int8 / int4 (roles): a block named by a request whose prompt ran past it dense holds, for a request whose
+    own rows ran there on the kernel (its generated tokens), K/V of another role -- the store must not hand it
+    over, as the cache does not (block_manager.shared_until). fp32 (no roles) takes the whole chain."""
+    for roles, restored in ((True, 1), (False, 3)):
+        bm = BlockManager(8, 2, roles=roles)
+        bm.store = set()
+        a = seq([1, 2, 3, 4, 5, 6, 7, 8])  # kernel_from 7: positions 0-5 dense, so blocks 0-2 are named
+        bm.allocate(a)
+        a.num_computed = 8
+        bm.commit(a)
+        bm.store.update(a.block_hashes[:3])
+        bm.free(a)
+        other = seq([9] * 16)
+        bm.allocate(other)  # evicts every named block: the chain is in the store only
+        bm.take_spill()
+        bm.free(other)
+        # a resumed request: prompt [1 2 3 4] (kernel_from 3), then its generated 5 6 at positions 4-5 (kernel role)
+        b = Sequence(1, [1, 2, 3, 4, 5, 6, 0], 4, SamplingParams(1), arrival=0.0)
+        assert bm.allocate(b) == []
+        assert [n for n, _ in bm.take_spill()[1]] == a.block_hashes[:restored] and b.num_computed == 2 * restored
+
+
+def test_a_block_a_full_hit_copies_from_is_not_written_back_into_before_the_step_copies_it():
+    """A full hit copies its last shared block (src -> its own) in the step, but the spill tier writes restored
+    blocks before the step: a restore given that src (released by the copy, the last free block) would overwrite
+    it first, and the copy would hand the first request the second's K/V. The src stays held until the step's
+    work is taken (take_spill); the second request waits for a block."""
+    bm = BlockManager(5, 2)
+    bm.store = {block_hash(ROOT, [5, 6])}  # another document's block, evicted to the store
+    a = seq([1, 2, 3, 4])
+    bm.allocate(a)
+    a.num_computed = 4
+    bm.commit(a)
+    bm.free(a)
+    filler = seq([9, 9, 9, 9])
+    bm.allocate(filler)  # the empty blocks: a's two named ones and one empty are left
+    b = seq([1, 2, 3, 4])
+    copies = bm.allocate(b)  # a full hit: its last block copied into the empty one
+    assert len(copies) == 1
+    c = seq([5, 6])
+    if bm.can_allocate(c):
+        bm.allocate(c)
+    restores = bm.take_spill()[1]
+    assert not {blk for _, blk in restores} & {src for src, _ in copies}
+    assert bm.can_allocate(c)  # once the step's work is taken, the copied block is free again
+    bm.audit([filler, b])
