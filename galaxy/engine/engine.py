@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from queue import Empty, SimpleQueue
 
 import torch
@@ -35,6 +35,7 @@ import torch
 from ..errors import CacheLost, DeviceOutOfMemory, GalaxyError
 from ..model.config import ModelConfig
 from ..model.paged_kv import PagedBatch
+from ..model.quant import QuantLinear
 from ..parallel.executor import DeviceStats, Executor, ForwardResult
 from ..parallel.forward import Step
 from ..parallel.rank import KVPool
@@ -91,8 +92,9 @@ class EngineConfig:
     spill_bytes: int = 0
     spill_dir: str | None = None  # the spill store in files of a private directory made in this one, not in memory
     # the loaded weights run a token by its role (int8 / int4 route prompt rows dense: model/dense_rows.py),
-    # so the prefix cache shares only blocks of dense-role K/V (block_manager.py); the API sets it from the format
-    roles: bool = False
+    # so the prefix cache shares only blocks of dense-role K/V (block_manager.py). None: the executor's
+    # loaded format says (`token_roles`), so every engine, the API's or a bench's, shares only what is exact
+    roles: bool | None = None
 
     def __post_init__(self):
         for name, why in (("max_stall", "a step with prompt chunks takes longer than one without"),
@@ -211,6 +213,14 @@ class GenerationStream:
         self.events.put(None)
 
 
+def token_roles(executor: Executor) -> bool:
+    """Whether the executor's loaded weights run a token by its role (int8 / int4: model/dense_rows.py), read
+    from the options it loaded with; an executor that does not say is taken to (the rule that is exact
+    for every format: fp32 then only shares a little less)."""
+    options = getattr(executor, "options", None)
+    return True if options is None else QuantLinear.dense_capable(options.weight_format)
+
+
 class Engine:
     """Continuous batching of a causal LM's requests on a loaded executor."""
 
@@ -221,6 +231,8 @@ class Engine:
         if not model.causal:
             raise GalaxyError(f"{model.name or model.family} is an encoder: it embeds text (encode()), "
                               "it does not generate")
+        if config.roles is None:
+            config = replace(config, roles=token_roles(executor))
         self.ex, self.model, self.tok, self.config = executor, model, tokenizer, config
         self.pool = self._pool()
         self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))

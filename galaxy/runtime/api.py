@@ -42,7 +42,6 @@ from ..errors import GalaxyError, InvalidRequest, ModelUnloaded, PlanMismatch
 from ..model.checkpoints import WeightSource
 from ..model.checkpoints.random import RandomWeights
 from ..model.decode import native_format
-from ..model.quant import QuantLinear, parse_format
 from ..model.transformer import mean_pool
 from ..parallel import memory
 from ..parallel.compact import align_partition
@@ -407,10 +406,7 @@ class Model:
     def _step_config(self, executor: Executor | None = None) -> EngineConfig:
         """The engine's config, its steps no longer than the pass the budgeted devices reserved memory
         for at load (seq_len): a longer step would be refused by their workers."""
-        # int8 / int4 run a token's rows by its role (model/dense_rows.py): the prefix cache then shares
-        # only dense-role blocks (engine/block_manager.py)
-        c = dataclasses.replace(self._engine_config,
-                                roles=QuantLinear.dense_capable(parse_format(self.weights_format)))
+        c = self._engine_config  # (its `roles`, None: the engine reads them from the executor's format)
         ex = executor or self.session.executor
         if not any(m.budget for m in getattr(ex, "loaded_memory", []) or []):
             return c

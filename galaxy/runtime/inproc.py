@@ -79,6 +79,7 @@ class InprocCluster:
         self.names = [f"thread{r}" for r in range(world)]
         self.backends: list[str] = []
         self.loaded_memory: list = []  # threads of this process: no per-device budget
+        self.options: LoadOptions | None = None  # what the model is loaded with (the engine reads its format)
         self._prefill_threads = 1  # this thread's count at load: what a rank without StepThreads runs with
 
     @property
@@ -104,6 +105,7 @@ class InprocCluster:
         fmt = options.weight_format
         models = [compact_shard(load_shard(source, partition.spec(r, cfg), dtype=options.torch_dtype), source, fmt)
                   for r in range(self.world)]
+        self.options = options
         self.runtimes = [RankRuntime(m, partition, r, options.tiles, kv_max_bytes=self.kv_bytes,
                                      overlap=options.overlap) for r, m in enumerate(models)]
         self.backends = [use_backend(rt.model, options.backend, torch.get_num_threads()) for rt in self.runtimes]

@@ -148,6 +148,7 @@ class Cluster:
         self.connect_timeout, self.forward_timeout = connect_timeout, forward_timeout
         self.heartbeat_s, self.heartbeat_misses = 1.0, 3  # a silent device is declared gone after ~3-6 s
         self.kv_timeout = 60.0  # longest one K/V box export or import may take (phase-separated serving)
+        self.options: LoadOptions | None = None  # what the model is loaded with, once it is
         self.tls = tls
         self.channels = [open_channel(a, tls) for a in self.addresses]
         self.stubs = [pb_grpc.WorkerStub(c) for c in self.channels]
@@ -317,6 +318,7 @@ class Cluster:
         self.kv_dtype = options.torch_dtype  # the K/V's dtype in every pool here (direct moves' tickets name it)
         self.loaded_memory = [LoadedMemory(r.memory_budget_bytes, r.rss_bytes, act, r.kv_budget_bytes) for r in replies]
         self.decode_threads = [r.decode_threads for r in replies]  # each device's count on a decode step
+        self.options = options  # what the model is loaded with (the engine reads its format)
         return replies
 
     def push_shards(self, source, partition: Partition, weights_format: str = "fp32") -> list[str]:

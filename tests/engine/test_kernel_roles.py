@@ -134,3 +134,17 @@ def test_the_decode_group_names_an_adopted_sequences_blocks_by_the_same_rule(rol
     seq = sched.adopt(list(range(13)), 12, SamplingParams())
     sched.blocks.commit(seq)
     assert sum(sched.blocks.name[b] is not None for b in seq.block_table) == named  # block [8, 12) holds 11
+
+
+@pytest.mark.parametrize("fmt, roles", [("int8", True), ("fp32", False)])
+def test_an_engine_built_directly_takes_its_roles_from_the_executors_loaded_format(engine, fmt, roles):
+    """Benches build engines themselves: the rule that keeps the prefix cache exact must not depend on
+    every caller remembering to set it."""
+    assert engine(fmt, EngineConfig(block_size=4)).config.roles is roles
+    assert engine(fmt, EngineConfig(block_size=4, roles=not roles)).config.roles is (not roles)  # asked: kept
+
+
+def test_an_executor_that_does_not_say_its_format_gets_the_rule_exact_for_every_format():
+    from galaxy.engine.engine import token_roles
+
+    assert token_roles(object()) is True
