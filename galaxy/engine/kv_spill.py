@@ -252,7 +252,7 @@ class KVSpill:
             for j, (name, _) in enumerate(part):
                 try:  # each block its own tensors (L, 2, H, bs, D): a view would keep the whole box alive
                     self.store.put(name, tuple(box[:, :, :, j * bs:(j + 1) * bs].clone() for box in boxes))
-                except OSError as e:  # the store's disk: full, or gone
+                except (OSError, MemoryError) as e:  # the store's disk full or gone, or no memory for the copy
                     log.warning("writing an evicted KV block to the spill store failed (%s): it is recomputed when "
                                 "asked for again", e)
                     self.store.stats.refused_blocks += 1
@@ -287,7 +287,7 @@ class KVSpill:
             j = len(part) - 1 - j
             try:
                 self.store.put(name, tuple(box[:, :, :, j * bs:(j + 1) * bs].clone() for box in boxes))
-            except OSError as e:
+            except (OSError, MemoryError) as e:
                 log.warning("writing a KV block to the spill store failed (%s)", e)
                 return 0
             self.store.stats.pre_read_blocks += 1

@@ -295,6 +295,19 @@ def test_a_store_file_that_cannot_be_written_loses_only_its_block_and_leaves_no_
     assert list(Path(eng.spill.store.directory).iterdir()) == []
 
 
+def test_a_block_the_coordinator_has_no_memory_to_copy_is_refused_and_the_engine_goes_on(engine, monkeypatch):
+    """The in-memory store: a MemoryError copying a block out loses that block, not the engine's loop."""
+    def no_memory(self, name, boxes):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr(SpillStore, "put", no_memory)
+    ps = docs(3) + [docs(1, seed=0)[0][:24] + [5, 6, 7]]
+    eng = engine(EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=16, spill_bytes=1 << 20))
+    got = [eng.generate(p, OUT) for p in ps]
+    assert [g.tokens for g in got] == [reference_generate(SRC, p, 4, stop_at_eos=False) for p in ps]
+    assert eng.load["spill"]["refused_blocks"] > 0 and eng.load["spill"]["bytes"] == 0
+
+
 def test_under_roles_the_store_offers_a_block_only_below_the_takers_kernel_from():
     """int8 / int4 (roles): a block named by a request whose prompt ran past it dense holds, for a request whose
     own rows ran there on the kernel (its generated tokens), K/V of another role -- the store must not hand it
