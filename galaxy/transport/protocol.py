@@ -19,7 +19,8 @@ from ..parallel.forward import Step
 from ..parallel.rank import KVPool
 from ..v1 import worker_pb2 as pb
 
-PROTOCOL_VERSION = 2  # 2: engine Steps over a paged KV cache replace named caches
+PROTOCOL_VERSION = 3  # 2: engine Steps over a paged KV cache replace named caches; 3: a Step's kernel_from
+# (int8/int4 rows by role) and direct K/V receipts, which an older worker would silently ignore
 META_PROTOCOL = "galaxy-protocol"
 META_TOKEN = "galaxy-token"
 META_SESSION = "galaxy-session"
