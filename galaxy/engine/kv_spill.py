@@ -311,8 +311,9 @@ class KVSpill:
             return
         held, dtype = self._layout(ex, pool)
         missing = [n.hex() for n, _ in restores if n not in self.store]
-        if missing:  # make_room never drops a name a restore needs, and nothing else removes one
-            raise GalaxyError(f"spill store: {len(missing)} blocks to restore are not held (first {missing[0]})")
+        if missing:  # make_room never drops a name a restore needs; a re-plan that emptied the store does
+            raise CacheLost(f"spill store: {len(missing)} blocks to restore are no longer held (first {missing[0]}); "
+                            "every sequence runs its tokens again")
         want = [(h.layers[1] - h.layers[0], 2, h.heads[1] - h.heads[0], pool.block_size, self.model.head_dim)
                 for _, h in held]
         per_call = self._per_call(held, dtype, pool)

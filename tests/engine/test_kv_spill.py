@@ -16,7 +16,7 @@ from galaxy.engine.block_manager import ROOT, BlockManager, block_hash
 from galaxy.engine.disagg import DisaggEngine
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.generation import GenerationConfig
-from galaxy.engine.kv_spill import SpillStore
+from galaxy.engine.kv_spill import KVSpill, SpillStore
 from galaxy.engine.scheduler import SchedulerConfigError
 from galaxy.engine.sequence import SamplingParams, Sequence
 from galaxy.errors import CacheLost, GalaxyError, InvalidRequest, PeerUnreachable
@@ -293,6 +293,25 @@ def test_a_store_file_that_cannot_be_written_loses_only_its_block_and_leaves_no_
     stats = eng.load["spill"]
     assert computed(got[-1]) == 23 and stats["refused_blocks"] > 0 and stats["bytes"] == 0
     assert list(Path(eng.spill.store.directory).iterdir()) == []
+
+
+def test_blocks_the_store_no_longer_holds_at_their_write_back_run_the_sequence_again(engine, monkeypatch):
+    """The store emptied between a hit and its write-back (a re-plan clears it): the K/V are lost like a
+    device's pool (CacheLost: every sequence runs its tokens again), not a plain error aborting every stream."""
+    restore = KVSpill.restore
+
+    def emptied_first(self, ex, pool, restores):
+        if restores:
+            self.store.clear()
+        return restore(self, ex, pool, restores)
+
+    ps = docs(3) + [docs(1, seed=0)[0][:24] + [5, 6, 7]]
+    eng = engine(EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=16, spill_bytes=1 << 20))
+    got = [eng.generate(p, OUT) for p in ps[:3]]
+    monkeypatch.setattr(KVSpill, "restore", emptied_first)
+    got.append(eng.generate(ps[3], OUT))
+    assert [g.tokens for g in got] == [reference_generate(SRC, p, 4, stop_at_eos=False) for p in ps]
+    assert computed(got[-1]) == 27  # all of it again
 
 
 def test_a_block_the_coordinator_has_no_memory_to_copy_is_refused_and_the_engine_goes_on(engine, monkeypatch):
