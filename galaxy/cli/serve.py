@@ -132,7 +132,8 @@ def cmd_serve(args) -> int:
                              plan=None if placement else args.plan, placement=placement,
                              weights_format=args.weights_format, engine=engine_config(args),
                              decode_threads=args.decode_threads,
-                             decode_layout=args.decode_layout, kv_path=args.kv_path)
+                             decode_layout=args.decode_layout, kv_path=args.kv_path,
+                             greedy=args.default_temperature == 0)  # the endpoint samples unless told
         server = Server(model, args.host, args.port, served_model_name=name, api_key=args.api_key,
                         max_queue=args.max_queue, queue_timeout=args.queue_timeout, max_body_bytes=args.max_body,
                         request_timeout=args.request_timeout,

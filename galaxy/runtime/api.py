@@ -90,7 +90,7 @@ class Session:
              stream_weights: bool | None = None, wire: list[list[str]] | str | None = None,
              backend: str = "torch", weights_format: str | None = None, seq_len: int = 0,
              placement: Placement | dict | None = None, decode_threads: int | None = None,
-             decode_layout: str | int = AUTO, kv_path: str | None = None) -> Model:
+             decode_layout: str | int = AUTO, kv_path: str | None = None, greedy: bool = True) -> Model:
         """Load `model` (default: the embedded SmolLM2) split across the devices.
 
         The split comes from `plan` (a planner Plan or a plan file path), an explicit `partition`,
@@ -132,6 +132,9 @@ class Session:
         the coordinator's ticket, where both groups are workers (in-process groups have no hop to save and go
         "coordinator"); "coordinator" -- pulled here, then pushed. Default: the plan's serve section's path if it
         names one, else "direct".
+        greedy: whether requests will mostly decode greedily, for the auto decode layout's pricing: a greedy
+        step returns each sequence's top-1 from the devices, a sampled one its whole logit row (16.5 ms a token
+        over 100 Mbit/s for SmolLM2). `galaxy serve` passes False unless its default temperature is 0.
         """
         if self.closed:
             raise GalaxyError("this session is closed; open a new one with galaxy.connect(...)")
@@ -195,7 +198,7 @@ class Session:
         if plan is not None and plan.serve is not None and check_decode_layout(decode_layout) == AUTO:
             decision = DecodeDecision(None, "decode layout: split (the plan's serve section places it there)")
         else:
-            decision = self._decode_layout(source, partition, options, decode_layout, what)
+            decision = self._decode_layout(source, partition, options, decode_layout, what, greedy)
         if decision.placement is not None:
             loaded = self._load_disaggregated(source, decision.placement, options, what, engine)
             loaded.decode = decision
@@ -214,14 +217,14 @@ class Session:
         return self.model
 
     def _decode_layout(self, source: WeightSource, partition: Partition, options: LoadOptions, want,
-                       what: str) -> DecodeDecision:
+                       what: str, greedy: bool = True) -> DecodeDecision:
         """Where the model decodes (runtime.decode_layout), said once (logged, and Model.decode.line)."""
         if check_decode_layout(want) != SPLIT and self.model is not None:  # profiling wants the devices free
             self.model._unload(what)
             self.model = None
             self._ex.release()
         decision = decide(self._ex, source.config, partition, options, want,
-                          None if options.stream else source_file_bytes(source))
+                          None if options.stream else source_file_bytes(source), greedy=greedy)
         log.info("%s", decision.line)  # galaxy run / serve print INFO: the line is said there
         return decision
 

@@ -113,9 +113,10 @@ def split_layout(cfg: ModelConfig, partition: Partition, options: LoadOptions) -
 
 
 def decide(executor, cfg: ModelConfig, partition: Partition, options: LoadOptions, want: str,
-           file_bytes: int | None = None, profile=profile_cluster) -> DecodeDecision:
+           file_bytes: int | None = None, profile=profile_cluster, greedy: bool = True) -> DecodeDecision:
     """The decode layout of a load on `partition` (see the module docstring). `want`: "auto", "split"
-    or a device; `profile(executor, cfg, seq_lens, dtype, show_progress=False)` -> ClusterProfile."""
+    or a device; `profile(executor, cfg, seq_lens, dtype, show_progress=False)` -> ClusterProfile; greedy:
+    the requests' tokens come back as top-1s (else as logit rows: planner/phases.py PhaseModel)."""
     want = check_decode_layout(want)
     if want == SPLIT:
         return _split("as asked")
@@ -142,7 +143,8 @@ def decide(executor, cfg: ModelConfig, partition: Partition, options: LoadOption
     names = [i.name for i in infos]
     prof = profile(executor, cfg, [min(PROFILE_TOKENS, cfg.max_positions)], options.dtype, show_progress=False)
     fmt = options.weight_format
-    pm = PhaseModel(cfg, prof, DTYPES[options.dtype].itemsize, fmt=None if fmt.name == "fp32" else fmt)
+    pm = PhaseModel(cfg, prof, DTYPES[options.dtype].itemsize, fmt=None if fmt.name == "fp32" else fmt,
+                    greedy=greedy)
     context = min(memory.DEFAULT_SEQ_LEN, options.seq_len or PROFILE_TOKENS, cfg.max_positions)
     split = split_layout(cfg, partition, options)
 

@@ -138,3 +138,22 @@ def test_a_quantized_file_runs_in_its_own_format_by_default_and_check_runs_fp32(
     assert weights_format_from_args(ap.parse_args(["run", "--check", "--weights-format", "int8"]), smollm2) == "int8"
     assert weights_format_from_args(ap.parse_args(["run", "--random-init", "gpt2"]), open_source(None, "gpt2", 0)) \
         == "fp32"
+
+
+def test_a_sampling_server_prices_each_decode_with_its_logit_row_back_and_a_greedy_one_with_its_top1():
+    """`galaxy serve` samples unless its default temperature is 0: the layout it picks is priced with the
+    vocabulary row each step returns over the device's link, not the top-1 a greedy step returns."""
+    cfg = SRC.config
+    part, roomy = even_partition(cfg, 3), DeviceInfo("d:1", "d0", 2, 1, "cpu", 8 << 30, 8 << 30, 0, "ok")
+    infos = [dataclasses.replace(roomy, name=f"d{i}") for i in range(3)]
+    slow = _profile(3)
+    slow = dataclasses.replace(slow, links=[[None if i == j else Link(1e7, 1e-4) for j in range(3)] for i in range(3)])
+    seconds = {g: {o.name: o.seconds for o in decide(_Devices(infos), cfg, part, LoadOptions(seq_len=64), "auto",
+                                                     profile=lambda *a, **k: slow, greedy=g).choice.options}
+               for g in (True, False)}
+    row = cfg.vocab_size * 4 / 1e7  # one sequence's float32 logits over a 10 MB/s link
+    for name, greedy_s in seconds[True].items():
+        assert seconds[False][name] >= greedy_s + 0.5 * row, name
+    from galaxy.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).default_temperature != 0  # so serve loads with greedy=False
