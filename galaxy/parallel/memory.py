@@ -466,17 +466,21 @@ class ShardNeed:
         return self.weights + self.activations + max(self.transient + self.kv, self.reply, self.compile + self.kv)
 
     def describe(self) -> str:
+        """`total` in words: the sum it counts, with the one of the load's transient, the decode-graph build
+        and the reply that `total` takes (the larger; they never overlap) named and the others not added."""
         parts = [f"{self.weights / MiB:.0f} MiB of weights"] if self.weights else []
-        if self.transient:
-            parts.append(f"{self.transient / MiB:.0f} MiB while loading")
-        if self.compile:
-            parts.append(f"{self.compile / MiB:.0f} MiB compiling the decode step")
+        if self.compile > self.transient:
+            build = f"{self.compile / MiB:.0f} MiB compiling the decode step"
+            parts.append(build + (f" (after the load's {self.transient / MiB:.0f} MiB)" if self.transient else ""))
+        elif self.transient:
+            build = f" (the decode step's build after it, {self.compile / MiB:.0f} MiB)" if self.compile else ""
+            parts.append(f"{self.transient / MiB:.0f} MiB while loading{build}")
         if self.kv:
             parts.append(f"{self.kv / MiB:.0f} MiB of KV cache")
         if self.activations:
             parts.append(f"{self.activations / MiB:.0f} MiB of activations")
         out = " + ".join(parts)
-        if self.reply > self.transient + self.kv:
+        if self.reply > max(self.transient, self.compile) + self.kv:
             out += f", or {self.reply / MiB:.0f} MiB for a reply of every token's row in place of the load's part"
         return out
 
