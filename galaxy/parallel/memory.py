@@ -434,17 +434,19 @@ def quantize_transient_bytes(cfg: ModelConfig, fmt: WeightFormat) -> int:
 
 # What building a shard's compiled decode halves (parallel/decode_graph.py, inductor) adds at its peak, beside
 # the loaded shard: the process's own growth, which stays (inductor's modules, the compiled code), and its
-# compile workers' and their C++ compilers' (subprocesses, gone after), which inductor runs one per core (up to
-# 32). Measured on SmolLM2 on one device, int4 and fp32, a cold and a warm inductor cache, with 2 compile workers
-# (docs/decode-formats.md "The one-token step's compiled halves"): the process grew by at most 146 MiB, its
-# descendants held at most 560 MiB at once (PSS): the largest of each, rounded up, the latter per worker.
-DECODE_COMPILE_PROCESS_BYTES = 160 * MiB
-DECODE_COMPILE_WORKER_BYTES = 288 * MiB
+# descendants' (gone after). The build compiles with one thread (decode_graph._one_compile_thread), so the
+# figure is one on every host; counted per compile worker of inductor's pool (one per core, up to 32) it came to
+# ~1.9 GiB on a 6-core Jetson and ~9 GiB on a 32-core host, and budgeted workers refused the build. Measured on
+# SmolLM2 on one device with one compile thread, int4 and fp32, a cold and a warm inductor cache
+# (docs/decode-formats.md "The one-token step's compiled halves"): the process grew by at most 146 MiB (fp32),
+# its descendants (g++ and its cc1plus on a cold cache, a Python helper on a warm one) held at most 263 MiB at
+# once (PSS): the largest of each, rounded up.
+DECODE_COMPILE_BYTES = (160 + 272) * MiB
 
 
-def decode_compile_bytes(workers: int) -> int:
-    """Peak bytes a decode-graph build adds beside the loaded shard, with inductor's `workers` compile workers."""
-    return DECODE_COMPILE_PROCESS_BYTES + max(1, workers) * DECODE_COMPILE_WORKER_BYTES
+def decode_compile_bytes() -> int:
+    """Peak bytes a decode-graph build adds beside the loaded shard (one compile thread, on any host)."""
+    return DECODE_COMPILE_BYTES
 
 
 @dataclass(frozen=True)
