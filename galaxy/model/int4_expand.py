@@ -17,10 +17,12 @@ pass holds.
 The layout is torch's (aten's `weight_to_int4pack_kernel`, CPU): each full block of B rows is (K, B/2)
 bytes whose byte j holds row j in its low nibble and row B/2 + j in its high one, and a tail of fewer
 rows is (K, tail/2) bytes of row pairs (low nibble the even row); B is 64 with AVX-512, 32 with AVX2.
-torch built without either (aarch64's NEON: B = 4 x its float vector) packs *every* block as row pairs,
-a layout this function does not read: there the probe below finds none and int4's prompt rows keep the
-kernel. Which B this process's torch packs with is not assumed: `expander()` packs a probe matrix with
-torch and keeps the block size whose expansion equals the probe's own weights, or none.
+torch built without either (aarch64, the Jetsons: B = 4 x its float vector, 16 with NEON's 4 floats, 32
+with 8) packs *every* block as row pairs: the `pairwise` layouts, read with the tail's rule for every
+block. Which layout this process's torch packs with is not assumed: `expander()` packs a probe matrix
+with torch and keeps the first of LAYOUTS whose expansion equals the probe's own weights, or none.
+(The pairwise layouts are tested on x86 against a Python packer of aarch64's rule,
+tests/model/test_int4_expand.py; no aarch64 host ran them.)
 
 Building: the C source below is compiled on first use by the machine's C compiler (`$CC`, else `cc`)
 into galaxy.paths' native/ cache (`-O3 -march=native -fopenmp`, each dropped in turn if the compiler
@@ -54,7 +56,9 @@ log = logging.getLogger(__name__)
 
 COMPILE_TIMEOUT_S = 60
 FLAGS = ("-O3", "-march=native", "-fopenmp")  # dropped from the right while the compiler refuses them
-BLOCK_CANDIDATES = (64, 32, 16)  # int4pack's CPU row blocks: AVX-512, AVX2 (others pack pairwise: not read)
+# int4pack's CPU layouts, (row block, pairwise): AVX-512, AVX2, then torch without either (aarch64's NEON
+# packs blocks of 16 rows, a wider vector 32, each block as row pairs: aten's weight_to_int4pack_kernel)
+LAYOUTS = ((64, False), (32, False), (16, False), (16, True), (32, True))
 
 SOURCE = r"""
 #include <stdint.h>
@@ -142,30 +146,30 @@ int galaxy_int4_threaded(void) {
 #endif
 }
 
+/* pairwise: every block is read as row pairs, a full one too (torch built without AVX2 / AVX-512) */
 void galaxy_int4_expand(const uint8_t* packed, const uint16_t* sz, uint16_t* out, int64_t npad, int64_t k,
-                        int64_t group, int64_t blk, int threads) {
+                        int64_t group, int64_t blk, int pairwise, int threads) {
     int64_t nfull = npad / blk, nb = (npad + blk - 1) / blk;
     #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
     for (int64_t b = 0; b < nb; ++b) {
         int64_t n0 = b * blk, width = b < nfull ? blk : npad - n0;
         const uint8_t* p = packed + n0 * (k / 2);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-        if (blk == 64 && width == 64) { block64(p, sz, out, npad, k, group, n0); continue; }
+        if (!pairwise && blk == 64 && width == 64) { block64(p, sz, out, npad, k, group, n0); continue; }
 #endif
-        block_any(p, sz, out, npad, k, group, n0, width, b < nfull, blk);
+        block_any(p, sz, out, npad, k, group, n0, width, !pairwise && b < nfull, blk);
     }
 }
 """
 
 
 class Expander:
-    """The loaded native function and the block size this process's int4pack packs with."""
+    """The loaded native function and the layout this process's int4pack packs with: its row block, and
+    whether every block is row pairs (`pairwise`)."""
 
-    def __init__(self, lib: ctypes.CDLL, block: int):
-        self.lib, self.block = lib, block
-        self.fn = lib.galaxy_int4_expand
-        self.fn.restype = None
-        self.fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    def __init__(self, lib: ctypes.CDLL, block: int, pairwise: bool = False):
+        self.lib, self.block, self.pairwise = lib, block, pairwise
+        self.fn = _signature(lib.galaxy_int4_expand)
         # threads only through torch's own OpenMP runtime (a build on another backend would start a second pool)
         self.threaded = bool(lib.galaxy_int4_threaded()) and "OpenMP" in torch.__config__.parallel_info()
 
@@ -182,7 +186,8 @@ class Expander:
                              f"{tuple(scale_zero.shape)} {scale_zero.dtype}, out {tuple(out.shape)} {out.dtype} "
                              f"do not describe one int4pack weight of K = {k}, group {group}")
         threads = torch.get_num_threads() if self.threaded else 1
-        self.fn(packed.data_ptr(), scale_zero.data_ptr(), out.data_ptr(), npad, k, group, self.block, threads)
+        self.fn(packed.data_ptr(), scale_zero.data_ptr(), out.data_ptr(), npad, k, group, self.block,
+                int(self.pairwise), threads)
         return out
 
 
@@ -193,20 +198,32 @@ def reference(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grou
     return w.to(torch.bfloat16)
 
 
-def _probe(exp_fn, block: int) -> bool:
-    """Whether expanding with `block` gives back a probe weight torch packed: 112 rows (a block of 64 and
-    a tail of 48; 3 of 32 and a tail of 16), K = 64 in two groups, every code at every position."""
+def _signature(fn):
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+    return fn
+
+
+def torch_pack(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8: codes (N, K) int32 in [0, 15] in this process's int4pack layout (torch's packer)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+
+
+def _probe(exp_fn, block: int, pairwise: bool = False, pack=torch_pack) -> bool:
+    """Whether expanding with the layout (`block`, `pairwise`) gives back a probe weight `pack` packed:
+    112 rows (a block of 64 and a tail of 48; 3 of 32 and a tail of 16; 7 of 16), K = 64 in two groups,
+    every code at every position."""
     g = torch.Generator().manual_seed(0)
     n, k, group = 112, 64, 32
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
     scale = torch.rand(n, k // group, generator=g).add(0.01).to(torch.bfloat16).to(torch.float32)
     zero = torch.randn(n, k // group, generator=g).to(torch.bfloat16).to(torch.float32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    packed = pack(codes)
     if tuple(packed.shape) != (n, k // 2):
         return False
     sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N, 2)
     out = torch.empty(k, n, dtype=torch.bfloat16)
-    exp_fn(packed.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group, block, 1)
+    exp_fn(packed.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group, block, int(pairwise), 1)
     return torch.equal(out.T.view(torch.int16), reference(codes, scale, zero, group).view(torch.int16))
 
 
@@ -287,14 +304,16 @@ def _load() -> Expander | None:
         return None
     try:
         lib = ctypes.CDLL(str(path))
-        fn = lib.galaxy_int4_expand
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-        for block in BLOCK_CANDIDATES:
-            if _probe(fn, block):
-                return Expander(lib, block)
+        layout = layout_of(_signature(lib.galaxy_int4_expand))
     except (OSError, AttributeError, RuntimeError) as e:
         log.info("int4 expansion: %s did not load: %s", path, e)
         return None
-    log.info("int4 expansion: no block size reproduces this torch's int4pack layout; prompt rows keep the kernel")
-    return None
+    if layout is None:
+        log.info("int4 expansion: no layout reproduces this torch's int4pack packing; prompt rows keep the kernel")
+        return None
+    return Expander(lib, *layout)
+
+
+def layout_of(exp_fn, pack=torch_pack) -> tuple[int, bool] | None:
+    """The first of LAYOUTS whose expansion gives back the probe weight `pack` packed, or None."""
+    return next((layout for layout in LAYOUTS if _probe(exp_fn, *layout, pack=pack)), None)

@@ -204,12 +204,20 @@ def policy(model: Transformer, world: int) -> bool:
     return want in ("1", "traced") or (world == 1 and block_bytes(model) >= AUTO_MIN_BYTES)
 
 
-def compile_workers() -> int:
-    """Inductor's compile workers in this process (one per core up to 32, or TORCHINDUCTOR_COMPILE_THREADS):
-    what a build's memory grows with (parallel/memory.decode_compile_bytes)."""
-    import torch._inductor.config as inductor
+@contextmanager
+def _one_compile_thread():
+    """Within: inductor compiles with one thread, not its pool of compile workers.
 
-    return int(inductor.compile_threads)
+    Why: the pool runs one worker per core (up to 32), each able to run a C++ compile (~250 MiB of cc1plus
+    on SmolLM2), so the build's peak was counted per worker (288 MiB each): ~1.9 GiB on a 6-core Jetson,
+    ~9 GiB on a 32-core host, past what a budgeted device holds, and the build was refused there. The
+    three small graphs gain nothing measurable from parallel compiling (on this 2-core host one thread
+    built as fast as two workers); with one thread the peak is one figure on every host
+    (memory.decode_compile_bytes, measured with it)."""
+    from torch._inductor import config
+
+    with config.patch(compile_threads=1):
+        yield
 
 
 class _Graph:
@@ -229,7 +237,7 @@ class _Graph:
         if os.environ.get(COMPILE_ENV) == "traced":
             self.fn = gm
         else:
-            with _aten_means():
+            with _aten_means(), _one_compile_thread():
                 self.fn = torch._inductor.compile(gm, inputs)
         # each layer's weights in the graph's input order, gathered once
         self.weights = {id(b): tuple(_state(half(b)).values()) for b in blocks}

@@ -434,17 +434,19 @@ def quantize_transient_bytes(cfg: ModelConfig, fmt: WeightFormat) -> int:
 
 # What building a shard's compiled decode halves (parallel/decode_graph.py, inductor) adds at its peak, beside
 # the loaded shard: the process's own growth, which stays (inductor's modules, the compiled code), and its
-# compile workers' and their C++ compilers' (subprocesses, gone after), which inductor runs one per core (up to
-# 32). Measured on SmolLM2 on one device, int4 and fp32, a cold and a warm inductor cache, with 2 compile workers
-# (docs/decode-formats.md "The one-token step's compiled halves"): the process grew by at most 146 MiB, its
-# descendants held at most 560 MiB at once (PSS): the largest of each, rounded up, the latter per worker.
-DECODE_COMPILE_PROCESS_BYTES = 160 * MiB
-DECODE_COMPILE_WORKER_BYTES = 288 * MiB
+# descendants' (gone after). The build compiles with one thread (decode_graph._one_compile_thread), so the
+# figure is one on every host; counted per compile worker of inductor's pool (one per core, up to 32) it came to
+# ~1.9 GiB on a 6-core Jetson and ~9 GiB on a 32-core host, and budgeted workers refused the build. Measured on
+# SmolLM2 on one device with one compile thread, int4 and fp32, a cold and a warm inductor cache
+# (docs/decode-formats.md "The one-token step's compiled halves"): the process grew by at most 146 MiB (fp32),
+# its descendants (g++ and its cc1plus on a cold cache, a Python helper on a warm one) held at most 263 MiB at
+# once (PSS): the largest of each, rounded up.
+DECODE_COMPILE_BYTES = (160 + 272) * MiB
 
 
-def decode_compile_bytes(workers: int) -> int:
-    """Peak bytes a decode-graph build adds beside the loaded shard, with inductor's `workers` compile workers."""
-    return DECODE_COMPILE_PROCESS_BYTES + max(1, workers) * DECODE_COMPILE_WORKER_BYTES
+def decode_compile_bytes() -> int:
+    """Peak bytes a decode-graph build adds beside the loaded shard (one compile thread, on any host)."""
+    return DECODE_COMPILE_BYTES
 
 
 @dataclass(frozen=True)
@@ -466,17 +468,21 @@ class ShardNeed:
         return self.weights + self.activations + max(self.transient + self.kv, self.reply, self.compile + self.kv)
 
     def describe(self) -> str:
+        """`total` in words: the sum it counts, with the one of the load's transient, the decode-graph build
+        and the reply that `total` takes (the larger; they never overlap) named and the others not added."""
         parts = [f"{self.weights / MiB:.0f} MiB of weights"] if self.weights else []
-        if self.transient:
-            parts.append(f"{self.transient / MiB:.0f} MiB while loading")
-        if self.compile:
-            parts.append(f"{self.compile / MiB:.0f} MiB compiling the decode step")
+        if self.compile > self.transient:
+            build = f"{self.compile / MiB:.0f} MiB compiling the decode step"
+            parts.append(build + (f" (after the load's {self.transient / MiB:.0f} MiB)" if self.transient else ""))
+        elif self.transient:
+            build = f" (the decode step's build after it, {self.compile / MiB:.0f} MiB)" if self.compile else ""
+            parts.append(f"{self.transient / MiB:.0f} MiB while loading{build}")
         if self.kv:
             parts.append(f"{self.kv / MiB:.0f} MiB of KV cache")
         if self.activations:
             parts.append(f"{self.activations / MiB:.0f} MiB of activations")
         out = " + ".join(parts)
-        if self.reply > self.transient + self.kv:
+        if self.reply > max(self.transient, self.compile) + self.kv:
             out += f", or {self.reply / MiB:.0f} MiB for a reply of every token's row in place of the load's part"
         return out
 

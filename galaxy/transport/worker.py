@@ -333,13 +333,13 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def _compile_fits(self, model, world: int, need: memory.ShardNeed) -> bool:
         """Whether this device's budget holds building the shard's decode graphs now: their peak
-        (memory.decode_compile_bytes: inductor's growth of this process, which stays, and its compile
-        workers') beside what the process holds with the shard just loaded, and the KV and pass the load
-        reserved. If not, the build is refused -- the shard decodes eagerly, slower -- rather than the device
-        pushed past its budget (where the OOM killer would end it)."""
+        (memory.decode_compile_bytes: inductor's growth of this process, which stays, and its C++
+        compiler's; one compile thread on any host) beside what the process holds with the shard just
+        loaded, and the KV and pass the load reserved. If not, the build is refused -- the shard decodes
+        eagerly, slower -- rather than the device pushed past its budget (where the OOM killer would end it)."""
         if not self.s.memory_budget or not decode_graph.policy(model, world):
             return True
-        peak = memory.decode_compile_bytes(decode_graph.compile_workers())
+        peak = memory.decode_compile_bytes()
         build = memory.ShardNeed(0, 0, need.kv, need.activations, compile=peak)
         try:
             memory.check_fits(self.s.name, build, self.s.memory_budget, self._resident(), "compiling its decode step")

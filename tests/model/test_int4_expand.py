@@ -46,6 +46,48 @@ def test_the_expansion_is_bit_equal_to_the_kernels_own_weight_in_bf16(n, k, grou
     assert torch.equal(want.to(torch.float32), q.dequantized().to(torch.bfloat16).to(torch.float32))
 
 
+def pack_pairwise(block: int):
+    """aarch64's int4pack (aten's weight_to_int4pack_kernel built without AVX2 / AVX-512), in Python: blocks of
+    `block` rows, each (K, width/2) bytes whose byte j holds row 2j in its low nibble and 2j + 1 in its high."""
+    def pack(codes: torch.Tensor) -> torch.Tensor:
+        n, k = codes.shape
+        out = torch.empty(n * k // 2, dtype=torch.uint8)
+        for n0 in range(0, n, block):
+            c = codes[n0:n0 + block].to(torch.uint8)  # (width, K)
+            pairs = (c[1::2] << 4) | c[0::2]  # (width/2, K)
+            out[n0 * k // 2:(n0 + c.shape[0]) * k // 2] = pairs.T.reshape(-1)  # (K, width/2)
+        return out.view(n, k // 2)
+    return pack
+
+
+@needs_native
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("n,k,group", [(112, 64, 32), (320, 96, 32), (48, 256, 64)])
+def test_the_pairwise_layout_of_torch_without_avx_expands_bit_equal_to_the_reference(block, n, k, group):
+    # every block of 16 or 32 rows read as row pairs (tails of 16 with 32); 2 threads split the blocks
+    g = torch.Generator().manual_seed(n + k + block)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+    scale = torch.rand(n, k // group, generator=g).add(0.01).to(torch.bfloat16).to(torch.float32)
+    zero = torch.randn(n, k // group, generator=g).to(torch.bfloat16).to(torch.float32)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, N, 2)
+    expand = int4_expand.Expander(EXPANDER.lib, block, pairwise=True)
+    out = torch.empty(k, n, dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expand(pack_pairwise(block)(codes), sz, k, group, out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out.T.view(torch.int16), int4_expand.reference(codes, scale, zero, group).view(torch.int16))
+
+
+@needs_native
+def test_the_probe_finds_the_pairwise_layouts_and_this_torchs_own():
+    assert int4_expand.layout_of(EXPANDER.fn, pack=pack_pairwise(16)) == (16, True)
+    assert int4_expand.layout_of(EXPANDER.fn, pack=pack_pairwise(32)) == (32, True)
+    assert int4_expand.layout_of(EXPANDER.fn) == (EXPANDER.block, EXPANDER.pairwise) == (EXPANDER.block, False)
+
+
 @needs_native
 def test_a_buffer_that_does_not_describe_the_weight_is_refused():
     q = QuantLinear.from_float(torch.randn(64, 64), WeightFormat("int4"))

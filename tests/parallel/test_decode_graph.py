@@ -135,3 +135,21 @@ def test_the_mean_fallback_leaves_inductors_tables_as_it_found_them():
     with decode_graph._aten_means():
         assert tables()[1:] == (True, True) and tables()[0] is not before[0]
     assert tables() == before
+
+
+def test_the_halves_compile_with_one_thread_whatever_the_hosts_cores(monkeypatch):
+    """inductor's pool runs a compile worker per core (up to 32), each hundreds of MiB: the build compiles
+    with one thread, so its peak is one figure on every host (memory.decode_compile_bytes). inductor itself
+    is not run: its compile is replaced by one that records the setting and returns the traced graph."""
+    config = pytest.importorskip("torch._inductor.config")
+    seen = []
+
+    def compile_(gm, inputs):
+        seen.append(config.compile_threads)
+        return gm
+
+    monkeypatch.setenv(decode_graph.COMPILE_ENV, "1")
+    monkeypatch.setattr(config, "compile_threads", 32)
+    monkeypatch.setattr(torch._inductor, "compile", compile_)
+    assert _load(1, "fp32").runtimes[0].graphs is not None  # built at the load
+    assert seen == [1, 1, 1] and config.compile_threads == 32

@@ -107,3 +107,12 @@ def test_a_shard_that_does_not_fit_names_the_device_the_need_and_the_budget():
         M.check_fits("pi4", need, 608 * M.MiB, 240 * M.MiB)
     M.check_fits("big", need, 4096 * M.MiB, 240 * M.MiB)  # fits: no error
     M.check_fits("uncapped", need, 0, 240 * M.MiB)  # no budget: never refused here
+
+
+@pytest.mark.parametrize("transient,compile_", [(50, 200), (300, 200), (50, 0), (0, 200)])
+def test_a_needs_description_adds_up_to_its_total(transient, compile_):
+    # the load's transient and the decode-graph build never overlap: the message names the larger, as total
+    need = M.ShardNeed(100 * M.MiB, transient * M.MiB, 10 * M.MiB, 5 * M.MiB, compile=compile_ * M.MiB)
+    text = need.describe()
+    assert sum(int(part.split(" MiB")[0]) for part in text.split(" + ")) * M.MiB == need.total
+    assert (f"{compile_} MiB" in text and "decode step" in text) == (compile_ > 0)  # named, if not added

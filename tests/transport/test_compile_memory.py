@@ -30,7 +30,7 @@ def test_decode_graphs_are_built_only_where_the_budget_holds_their_build(servers
     monkeypatch.setenv(decode_graph.COMPILE_ENV, "traced")
     gc.collect()
     resident = psutil.Process().memory_info().rss  # the worker runs in this process: this is what it holds
-    peak = memory.decode_compile_bytes(decode_graph.compile_workers())
+    peak = memory.decode_compile_bytes()
     short = resident + memory.RUN_SLACK + peak // 2  # the tiny shard fits; the build does not
     with caplog.at_level(logging.WARNING, logger="galaxy.transport.worker"):
         assert _loaded_graphs(servers, short) is None
