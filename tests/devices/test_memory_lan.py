@@ -7,6 +7,8 @@ cgroup memory limits and CPU quotas -- driven through the CLI as a new user woul
     loads and runs (or is refused before any push by a DeviceOutOfMemory naming the device);
 (b) `galaxy plan --cluster FILE --wire auto --seq-len 1024 -o plan.json` then `galaxy run --plan
     plan.json --seq-len 1024 --check` once disagreed (the plan fit, the run was refused); now it runs.
+    In fp32, as it was found (`--weights-format fp32`: the plan's default became the file's int4 since,
+    whose shards are a third of the size -- not the memory this test is about).
 
 Throughout, no OOM kill of the cluster's cgroups appears in the kernel log (dmesg, read from the
 test's start) or in their cgroup counters (v1 memory.oom_control `oom_kill`/`under_oom`, v2
@@ -223,7 +225,8 @@ def test_issue_19_cluster_runs_with_and_without_a_plan_and_no_device_is_oom_kill
                        "run", "--cluster", str(path), "--prompt", "What is the capital of France?",
                        "--max-new-tokens", "16", "--check")
             p = galaxy(watch, {"galaxy: profiling": "(b) galaxy plan: profiling"},
-                       "plan", "--cluster", str(path), "--wire", "auto", "--seq-len", "1024", "-o", str(plan))
+                       "plan", "--cluster", str(path), "--wire", "auto", "--seq-len", "1024",
+                       "--weights-format", "fp32", "-o", str(plan))
             b = galaxy(watch, {"galaxy: loading shards": "(b) the plan: push and load",
                                "galaxy: running the forward pass": "(b) 1,024-token pass, --check"},
                        "run", "--cluster", str(path), "--plan", str(plan), "--seq-len", "1024", "--check")
