@@ -185,6 +185,12 @@ def _nbytes(boxes) -> int:
     return sum(b.numel() * b.element_size() for b in boxes)
 
 
+def _block(boxes: list[torch.Tensor], j: int, block_size: int) -> tuple[torch.Tensor, ...]:
+    """Block j of each device's box (L, 2, H, n * bs, D), as its own tensors: a view would keep the whole
+    box alive in the store."""
+    return tuple(box[:, :, :, j * block_size:(j + 1) * block_size].clone() for box in boxes)
+
+
 class KVSpill:
     """An engine's spill tier: reads evicted blocks out of every device into a SpillStore, writes restored
     ones back. Called by the engine's loop between schedule and step only."""
@@ -235,11 +241,9 @@ class KVSpill:
         order = todo[::-1]  # least recent first: the most recent end up freshest in the store
         for at in range(0, len(order), per_call):
             part = order[at:at + per_call]
-            table = tuple(b for _, b in part)
             t0 = time.perf_counter()
             try:
-                boxes = _each([partial(ex.export_kv, r, table, len(table) * bs, h.layers, h.heads, pool)
-                               for r, h in held])
+                boxes = self._export(ex, pool, held, part)
             except CacheLost:  # the executor re-planned: every K/V is gone, the engine runs its sequences again
                 raise
             except GalaxyError as e:
@@ -250,8 +254,8 @@ class KVSpill:
             finally:
                 self.store.stats.read_s += time.perf_counter() - t0
             for j, (name, _) in enumerate(part):
-                try:  # each block its own tensors (L, 2, H, bs, D): a view would keep the whole box alive
-                    self.store.put(name, tuple(box[:, :, :, j * bs:(j + 1) * bs].clone() for box in boxes))
+                try:
+                    self.store.put(name, _block(boxes, j, bs))
                 except (OSError, MemoryError) as e:  # the store's disk full or gone, or no memory for the copy
                     log.warning("writing an evicted KV block to the spill store failed (%s): it is recomputed when "
                                 "asked for again", e)
@@ -271,11 +275,9 @@ class KVSpill:
         part = blocks[:min(self._per_call(held, dtype, pool), (self.store.max_bytes - self.store.bytes) // per)]
         if not part:
             return 0
-        bs, table = pool.block_size, tuple(b for _, b in part)
         t0 = time.perf_counter()
         try:
-            boxes = _each([partial(ex.export_kv, r, table, len(table) * bs, h.layers, h.heads, pool)
-                           for r, h in held])
+            boxes = self._export(ex, pool, held, part)
         except CacheLost:
             raise
         except GalaxyError as e:
@@ -283,15 +285,21 @@ class KVSpill:
             return 0
         finally:
             self.store.stats.pre_read_s += time.perf_counter() - t0
-        for j, (name, _) in enumerate(reversed(part)):  # the next to be evicted ends up freshest
-            j = len(part) - 1 - j
+        for j in reversed(range(len(part))):  # the next to be evicted ends up freshest
             try:
-                self.store.put(name, tuple(box[:, :, :, j * bs:(j + 1) * bs].clone() for box in boxes))
+                self.store.put(part[j][0], _block(boxes, j, pool.block_size))
             except (OSError, MemoryError) as e:
                 log.warning("writing a KV block to the spill store failed (%s)", e)
                 return 0
             self.store.stats.pre_read_blocks += 1
         return len(part)
+
+    @staticmethod
+    def _export(ex: Executor, pool: KVPool, held, part: list[tuple[bytes, int]]) -> list[torch.Tensor]:
+        """One box per device holding K/V (`held`: _layout's): the K/V of `part`'s (name, block) blocks, in order."""
+        table = tuple(b for _, b in part)
+        return _each([partial(ex.export_kv, r, table, len(table) * pool.block_size, h.layers, h.heads, pool)
+                      for r, h in held])
 
     def calls_of(self, ex: Executor, pool: KVPool) -> int:
         """Blocks in one call per device (the most a pre-read takes at once)."""
