@@ -136,7 +136,6 @@ def kernel_index(m: int):
     return memo[start, m]
 
 
-
 class Scratch:
     """A shard's buffer for one linear's weight in bf16 at a time, sized once at load to its largest linear
     (`size_for`; int4's rows padded as int4pack pads them) and reused by every call (a fresh tensor per
