@@ -68,6 +68,16 @@ class WorkerError(GalaxyError):
     """A worker failed while running a request; the message names the device and the cause."""
 
 
+# What a worker says of a session it does not hold (dropped for room, restarted, released): its words are the
+# signal, as the gRPC status (FAILED_PRECONDITION) is shared with other refusals
+NO_SESSION = "no loaded session"
+
+
+def lost_session(e: BaseException) -> bool:
+    """Whether `e` is a worker saying it no longer holds the session asked of it."""
+    return isinstance(e, GalaxyError) and NO_SESSION in str(e)
+
+
 class CacheLost(GalaxyError):
     """The devices were re-planned mid-sequence (a fail-over): KV caches must be rebuilt by the caller."""
 

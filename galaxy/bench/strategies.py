@@ -32,7 +32,7 @@ from planner.solver import solve
 
 from ..engine.engine import Engine
 from ..engine.generation import GenerationConfig
-from ..errors import WorkerError
+from ..errors import WorkerError, lost_session
 from ..parallel.codec import LOSSY_REL_BOUND
 from ..parallel.executor import DeviceStats, LoadOptions
 from ..parallel.forward import Request
@@ -180,7 +180,7 @@ class _Loaded:
         try:
             return self.cluster.forward(req, overlap=overlap, measure_memory=True, wire=matrix)
         except WorkerError as e:
-            if "no loaded session" not in str(e):
+            if not lost_session(e):
                 raise
             self.load()  # the workers dropped this session to make room for another: load it again
             return self.cluster.forward(req, overlap=overlap, measure_memory=True, wire=matrix)

@@ -56,7 +56,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import GalaxyError, KVDirectFailed, PlanMismatch
+from ..errors import GalaxyError, KVDirectFailed, PlanMismatch, lost_session
 from ..parallel.executor import Executor
 from ..parallel.kv_transfer import KVPiece
 from ..parallel.rank import KVPool
@@ -259,9 +259,8 @@ class DirectSender:
             self.decode.revoke_kv(rank, [dest.ticket.nonce])
         except Exception as e:  # noqa: BLE001 - anything else unanswered too: raised here it would end the revoke
             # thread (every ticket it holds never revoked) or skip the failed call's hand-off to the move
-            if isinstance(e, GalaxyError) and "no loaded session" in str(e):  # the receiver lost the session
-                return True  # (restarted, released): and its pool
-
+            if lost_session(e):  # the receiver lost the session (restarted, released): and its pool
+                return True
             log.info("could not revoke a direct K/V move's ticket at %s (%s): its blocks stay reserved, asked again "
                      "in %g s", dest.name, e, self.config.revoke_every_s)
             return False

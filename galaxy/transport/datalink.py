@@ -35,7 +35,7 @@ from hashlib import sha256
 import torch
 
 from ..addresses import split_address
-from ..errors import FrameRejected, TransportError
+from ..errors import NO_SESSION, FrameRejected, TransportError
 from ..parallel import codec
 from .protocol import MAX_DIMS, checked_layout, from_proto_dtype, to_proto_dtype
 from .security import CLUSTER_NAME, TlsFiles
@@ -407,7 +407,7 @@ class DataServer:
             raise TransportError("a caller without the cluster token")
         transport = self.lookup(session_id)
         if transport is None:
-            _send_str(conn, f"no loaded session {session_id!r}")
+            _send_str(conn, f"{NO_SESSION} {session_id!r}")
             raise TransportError(f"a caller for unknown session {session_id!r}")
         if not 0 <= src < transport.world or src == transport.rank:
             _send_str(conn, f"rank {src} is not a peer of rank {transport.rank}")

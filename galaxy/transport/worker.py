@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 from ..addresses import AddressError, join_address, split_address
 from ..backends.profiling import profile_need, time_blocks
 from ..backends.select import use_backend
-from ..errors import DeviceOutOfMemory, GalaxyError, KVTransferError, TransportError
+from ..errors import NO_SESSION, DeviceOutOfMemory, GalaxyError, KVTransferError, TransportError
 from ..model.checkpoints import CheckpointError, WeightSource, open_checkpoint
 from ..model.checkpoints.random import RandomWeights
 from ..model.config import ConfigError, ModelConfig
@@ -667,7 +667,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         sess = self.sessions.get(session_id)
         if sess is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{self.s.name}: no loaded session {session_id!r} ({len(self.sessions)} loaded; "
+                          f"{self.s.name}: {NO_SESSION} {session_id!r} ({len(self.sessions)} loaded; "
                           "dropped for room, or never loaded); send Load first")
         self.sessions.move_to_end(session_id)
         return sess
