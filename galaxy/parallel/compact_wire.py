@@ -37,6 +37,10 @@ from .compact import CompactLinear, attach_scratch, check_cuts, compact_vocab, f
 from .sharding import ShardSpec, build_shard, meta_model
 
 SEP = "#"  # never in a parameter name: marks a wire part of a linear
+# The layout's version, in the key a worker caches a pushed compact shard under (transport/client.push_shards):
+# a shard an older Galaxy pushed in another layout (gate and up apart, before gate_up) is then not found and
+# pushed again, where it was taken from the cache and refused at load ("wire parts for ...mlp.gate...")
+LAYOUT_VERSION = 2
 # a layer's linears (module path in a Block) -> the canonical tensor a row-parallel one is cut from: those of
 # a float32 shard (gate and up apart) and the stacked gate_up a compact shard holds and a push carries
 LINEARS = {"attn.qkv": "", "attn.out": "attn.wo", "mlp.up": "", "mlp.gate": "", "mlp.gate_up": "",

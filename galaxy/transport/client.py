@@ -40,7 +40,7 @@ from ..model.config import ModelConfig
 from ..model.quant import parse_format
 from ..parallel.collectives import OpStat
 from ..parallel.compact import check_cuts
-from ..parallel.compact_wire import compact_items, wire_tensor_count
+from ..parallel.compact_wire import LAYOUT_VERSION, compact_items, wire_tensor_count
 from ..parallel.executor import DeviceInfo, DeviceStats, ForwardResult, LoadedMemory, LoadOptions, pool_blocks
 from ..parallel.forward import Request, Step, assemble
 from ..parallel.kv_transfer import box_bytes
@@ -328,7 +328,7 @@ class Cluster:
         fmt = parse_format(weights_format)
         mh, cfg = model_hash(source), source.config
         if fmt.name != "fp32":
-            mh = f"{mh}:{fmt}"  # another shard than the float32 one of the same split
+            mh = f"{mh}:{fmt}:wire{LAYOUT_VERSION}"  # another shard than the float32 one, in this wire layout
 
         def push(r, stub):
             sj = spec_json(partition.spec(r, cfg))
