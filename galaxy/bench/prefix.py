@@ -15,7 +15,9 @@ Under memory pressure (`evict_docs`): after the first request, that many other d
 about, one at a time, so that a pool too small for them all (`--kv-blocks`) evicts the first one; then
 the first document comes back with a new question, alone ("back": its TTFT against the first's), then
 the repeats. With a spill tier (`EngineConfig.spill_bytes`, engine/kv_spill.py) each placement runs
-twice, without it and with it, side by side: the evicted blocks written back against computed again.
+twice, without it and with it, side by side: the evicted blocks written back against computed again. With a
+device-local pool (`EngineConfig.device_pool_bytes`, engine/kv_devicepool.py) once more with it alone: the
+evicted blocks copied back on every device, nothing on the wire.
 """
 
 from __future__ import annotations
@@ -95,14 +97,17 @@ def run_prefix_bench(prefill: Executor, decode: Executor, cfg, tokenizer, doc_le
     warm = prompts(question_len, 1, 1, cfg.vocab_size, seed + 1)[0]
     report = {"doc_len": doc_len, "question_len": question_len, "output_len": output_len, "repeats": repeats,
               "clients": clients, "prefill_devices": list(prefill.names), "decode_devices": list(decode.names),
-              "evict_docs": evict_docs, "spill_bytes": engine.spill_bytes, "placements": {}}
+              "evict_docs": evict_docs, "spill_bytes": engine.spill_bytes,
+              "device_pool_bytes": engine.device_pool_bytes, "placements": {}}
     outputs = {}
-    plain = replace(engine, spill_bytes=0, spill_dir=None)
+    plain = replace(engine, spill_bytes=0, spill_dir=None, device_pool_bytes=0)
     runs = []
     for name, make in makers.items():
         runs.append((name, make, plain))
         if engine.spill_bytes:
-            runs.append((f"{name}, spill", make, engine))
+            runs.append((f"{name}, spill", make, replace(engine, device_pool_bytes=0)))
+        if engine.device_pool_bytes:
+            runs.append((f"{name}, device pool", make, replace(engine, spill_bytes=0, spill_dir=None)))
     runs.append(("colocated, prefix cache off", makers["colocated"], replace(plain, prefix_caching=False)))
     for name, make, ec in runs:
         eng = make(ec)
@@ -123,7 +128,8 @@ def run_prefix_bench(prefill: Executor, decode: Executor, cfg, tokenizer, doc_le
         report["placements"][name] = row = _row(first, rest, back)
         row["kv_blocks"] = {g: load[g]["kv_blocks"] for g in ("prefill", "decode")} \
             if "prefill" in load else {"prefill": load["kv_blocks"]}  # each pool's blocks of block_size positions
-        row["spill"] = load["prefill"]["spill"] if "prefill" in load else load["spill"]
+        for tier in ("spill", "device_pool"):
+            row[tier] = load["prefill"][tier] if "prefill" in load else load[tier]
         outputs[name] = [g.tokens for g in [first, *between, *([back] if back else []), *rest]]
     ref = outputs["colocated, prefix cache off"]
     report["outputs_identical"] = {name: out == ref for name, out in outputs.items() if out is not ref}
@@ -161,6 +167,14 @@ def table(report: dict) -> str:
                          f"{sp['restored_blocks']} written back, {sp['refused_blocks']} refused, "
                          f"{sp['dropped_blocks']} dropped; {sp['bytes'] / 2**20:.1f} of {sp['max_bytes'] / 2**20:.0f} "
                          f"MiB held at the end; reads {sp['read_s']:.2f} s, writes back {sp['write_s']:.2f} s in all")
+    for name, r in report["placements"].items():
+        dp = r.get("device_pool")
+        if dp:
+            lines.append(f"\n{name}: {dp['stashed_blocks']} evicted blocks kept on every device when evicted, "
+                         f"{dp['kept_blocks']} kept there already; {dp['pre_read_blocks']} kept while idle "
+                         f"({dp['pre_read_s']:.2f} s); {dp['restored_blocks']} copied back, {dp['refused_blocks']} "
+                         f"refused, {dp['dropped_blocks']} dropped, {dp['missed_restores']} missed; {dp['blocks']} of "
+                         f"{dp['capacity']} blocks held at the end; calls before steps {dp['call_s']:.3f} s in all")
     same = report["outputs_identical"]
     lines.append("\ngreedy outputs identical to the cache-off run: "
                  + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()))

@@ -98,7 +98,8 @@ def add_parser(sub) -> None:
     sv.add_argument("--evict-docs", type=int, default=0, metavar="N",
                     help="with --shared-prefix and --prefill-devices: N other documents between the first request and "
                     "the repeats, then the first document back alone (evicted from a pool that --kv-blocks keeps too "
-                    "small for them all; with --kv-spill-mib each placement also runs with the spill tier)")
+                    "small for them all; with --kv-spill-mib each placement also runs with the spill tier, with "
+                    "--kv-pool-mib with the device-local pool)")
     sv.add_argument("--long-prompt-len", type=int, default=0,
                     help="one more client keeps sending prompts of this many tokens while the others stream: P99 ITL "
                     "against the unloaded TPOT (Sarathi-Serve's stall test; e.g. 1000)")

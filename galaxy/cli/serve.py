@@ -110,6 +110,11 @@ def add_engine_args(p) -> None:
     e.add_argument("--kv-spill-mib", type=int_at_least(0), default=0,
                    help="MiB of the coordinator's memory for the K/V of prefix blocks evicted from the devices' pool: "
                    "a later request with that prefix gets them written back instead of prefilled (default 0: off)")
+    e.add_argument("--kv-pool-mib", type=int_at_least(0), default=0,
+                   help="MiB of each device's memory, beyond its plan and the KV pool, for its own heads' K/V of "
+                   "prefix blocks evicted from the pool: a later request with that prefix gets them copied back on "
+                   "every device, nothing on the wire; in front of --kv-spill-mib when both are set. Refused at start "
+                   "if a device lacks it (default 0: off)")
     e.add_argument("--kv-spill-dir", metavar="DIR", help="keep that spill store in files of a private directory made "
                    "in DIR instead of in memory (--kv-spill-mib is then its disk budget)")
 
@@ -119,7 +124,8 @@ def engine_config(args) -> EngineConfig:
                         max_stall=args.max_stall or None, itl_target=args.itl_target, min_chunk=args.min_chunk,
                         slo_ttft=getattr(args, "admission_slo_ttft", None),
                         kv_blocks=args.kv_blocks, spill_bytes=getattr(args, "kv_spill_mib", 0) << 20,
-                        spill_dir=getattr(args, "kv_spill_dir", None))
+                        spill_dir=getattr(args, "kv_spill_dir", None),
+                        device_pool_bytes=getattr(args, "kv_pool_mib", 0) << 20)
 
 
 def cmd_serve(args) -> int:

@@ -42,6 +42,7 @@ from ..parallel.rank import KVPool
 from .admission import Admission, AdmissionConfig
 from .arguments import token_ids
 from .generation import Generation, GenerationConfig, StepTiming, TokenEvent, collective_of, pending_stop
+from .kv_devicepool import DevicePool
 from .kv_spill import KVSpill
 from .sampling import Sampler
 from .scheduler import BatchPlan, Scheduler, SchedulerConfig, SchedulerConfigError
@@ -91,6 +92,10 @@ class EngineConfig:
     # A phase-separated placement's decode group keeps none (its blocks are also taken outside its loop)
     spill_bytes: int = 0
     spill_dir: str | None = None  # the spill store in files of a private directory made in this one, not in memory
+    # bytes of each device's spare memory for its own heads' K/V of named blocks evicted from the pool
+    # (kv_devicepool.py): copied back on a later hit with nothing on the wire; in front of the spill tier when both
+    # are set. Refused when the engine starts if a device lacks them beside its plan. 0: off
+    device_pool_bytes: int = 0
     # the loaded weights run a token by its role (int8 / int4 route prompt rows dense: model/dense_rows.py),
     # so the prefix cache shares only blocks of dense-role K/V (block_manager.py). None: the executor's
     # loaded format says (`token_roles`), so every engine, the API's or a bench's, shares only what is exact
@@ -109,6 +114,10 @@ class EngineConfig:
         if not isinstance(self.spill_bytes, int) or isinstance(self.spill_bytes, bool) or self.spill_bytes < 0:
             raise SchedulerConfigError(f"engine config: spill_bytes={self.spill_bytes!r} must be an integer >= 0 "
                                        "(bytes of host memory for evicted KV blocks; 0: off)")
+        if (not isinstance(self.device_pool_bytes, int) or isinstance(self.device_pool_bytes, bool)
+                or self.device_pool_bytes < 0):
+            raise SchedulerConfigError(f"engine config: device_pool_bytes={self.device_pool_bytes!r} must be an "
+                                       "integer >= 0 (bytes of each device's memory for evicted KV blocks; 0: off)")
         if self.spill_dir is not None and not (isinstance(self.spill_dir, str) and self.spill_bytes):
             raise SchedulerConfigError(f"engine config: spill_dir={self.spill_dir!r} needs to be a directory's path, "
                                        f"with spill_bytes > 0 (its budget; got {self.spill_bytes})")
@@ -238,6 +247,16 @@ class Engine:
         self.sched = Scheduler(config.scheduler_config(self.pool.num_blocks, model))
         self.spill = (KVSpill(config.spill_bytes, model, config.spill_dir) if config.spill_bytes and self.spills
                       else None)
+        self.device_pool = None
+        if config.device_pool_bytes and self.spills and config.prefix_caching:
+            self.device_pool = DevicePool(config.device_pool_bytes, model, self.spill)
+            try:  # refused now, not when the first block is evicted, if a device lacks the memory
+                self.device_pool.open(executor, self.pool)
+            except BaseException:
+                if self.spill is not None:
+                    self.spill.close()
+                raise
+        self.kv_tier = self.device_pool if self.device_pool is not None else self.spill  # the loop drives it
         self._attach_spill()
         self._pre_reading = True  # the idle loop reads free named blocks out (KVSpill.pre_read) until none are left
         self.cost = StepCost()  # seconds against tokens of the steps run: the stall bound's prompt budget
@@ -304,8 +323,9 @@ class Engine:
     @property
     def load(self) -> dict:
         """What the engine holds now: requests running and waiting, KV blocks in use, the prefix
-        cache's hit rate, preemptions and steps so far, each device's KV memory at the last step, and the
-        spill tier's counts and bytes (kv_spill.SpillStats; None without one)."""
+        cache's hit rate, preemptions and steps so far, each device's KV memory at the last step, the spill
+        tier's counts and bytes (kv_spill.SpillStats) and the device-local pool's (kv_devicepool.DevicePoolStats);
+        None without them."""
         with self._lock:
             blocks = self.sched.blocks
             return {"running": len(self.sched.running), "waiting": len(self.sched.waiting),
@@ -313,16 +333,15 @@ class Engine:
                     "prefix_hit_rate": blocks.stats.hit_rate, "preemptions": self.sched.num_preemptions,
                     "steps": self.steps, "generated_tokens": self.generated,
                     "rejected": 0 if self.admission is None else self.admission.rejected,
-                    "spill": None if self.spill is None else dict(vars(self.spill.store.stats),
-                                                                  bytes=self.spill.store.bytes,
-                                                                  max_bytes=self.spill.store.max_bytes),
+                    "spill": None if self.spill is None else self.spill.report(),
+                    "device_pool": None if self.device_pool is None else self.device_pool.report(),
                     "kv_bytes": {} if self._last is None else
                     dict(zip(self.ex.names, (d.kv_cache_bytes for d in self._last.devices)))}
 
     def _attach_spill(self) -> None:
-        """The block manager (a new one after a re-plan) lists evictions and restores for the spill tier."""
-        if self.spill is not None and self.config.prefix_caching:
-            self.sched.blocks.store = self.spill.store
+        """The block manager (a new one after a re-plan) lists evictions and restores for the spill tiers."""
+        if self.kv_tier is not None and self.config.prefix_caching:
+            self.sched.blocks.store = self.kv_tier.store
 
     def cached_prefix(self, token_ids) -> int:
         """Leading tokens of `token_ids` whose K/V this engine's pool holds (prefix cache), for the
@@ -346,8 +365,8 @@ class Engine:
                 stream._end("abort", error or GalaxyError("the engine was closed (another model was loaded, or "
                                                           "the session ended) before this request finished"))
             self.streams.clear()
-            if self.spill is not None:
-                self.spill.store.close()
+            if self.kv_tier is not None:
+                self.kv_tier.close(self.ex)
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -374,12 +393,12 @@ class Engine:
         """Idle, with a spill tier: read one call's worth of the free named blocks next to be evicted into the
         store (KVSpill.pre_read), so the request whose admission evicts them waits for no read. Only this loop
         changes the pool, so they stay as they are until its next schedule. True if any were read."""
-        if self.spill is None or not self._pre_reading or self.ex.partition is None:
+        if self.kv_tier is None or not self._pre_reading or self.ex.partition is None:
             return False
         try:
             with self._lock:
-                blocks = self.sched.blocks.unstored(self.spill.calls_of(self.ex, self.pool))
-            got = self.spill.pre_read(self.ex, self.pool, blocks)
+                blocks = self.sched.blocks.unstored(self.kv_tier.calls_of(self.ex, self.pool))
+            got = self.kv_tier.pre_read(self.ex, self.pool, blocks)
         except CacheLost as e:
             self._lose_kv(e)
             return True
@@ -443,9 +462,8 @@ class Engine:
                     logit_rows, plan.copies, tuple(r for r, d in zip(logit_rows, on_device) if d),
                     tuple(it.kernel_from for it in plan.items))
         try:
-            if self.spill is not None and (spill[0] or spill[1]):
-                self.spill.save(self.ex, self.pool, spill[0], keep={n for n, _ in spill[1]})
-                self.spill.restore(self.ex, self.pool, spill[1])
+            if self.kv_tier is not None and (spill[0] or spill[1]):
+                self.kv_tier.before_step(self.ex, self.pool, spill[0], spill[1])
             res = self.ex.step(step, self.pool)
         except CacheLost as e:  # a fail-over: the K/V are gone, every sequence runs its tokens again
             self._lose_kv(e)
@@ -496,8 +514,8 @@ class Engine:
         with self._lock:
             self.pool = self._pool()
             self.sched.lose_kv(self.pool.num_blocks)
-            if self.spill is not None:  # cut for the old split
-                self.spill.store.clear()
+            if self.kv_tier is not None:  # cut for the old split (the device stores went with its sessions)
+                self.kv_tier.clear()
             self._attach_spill()
 
     def _greedy(self, seq_id: int) -> bool:

@@ -171,7 +171,7 @@ class SpillStore:
         return os.path.join(self.directory, name.hex())
 
 
-def _each(calls: list) -> list:
+def each_device(calls: list) -> list:
     """Every device's call at once (each has its own link and pool), all of them ended before this returns (no
     write lands after a failure is raised); their results in order, or the first failure in that order."""
     if len(calls) == 1:
@@ -298,7 +298,7 @@ class KVSpill:
     def _export(ex: Executor, pool: KVPool, held, part: list[tuple[bytes, int]]) -> list[torch.Tensor]:
         """One box per device holding K/V (`held`: _layout's): the K/V of `part`'s (name, block) blocks, in order."""
         table = tuple(b for _, b in part)
-        return _each([partial(ex.export_kv, r, table, len(table) * pool.block_size, h.layers, h.heads, pool)
+        return each_device([partial(ex.export_kv, r, table, len(table) * pool.block_size, h.layers, h.heads, pool)
                       for r, h in held])
 
     def calls_of(self, ex: Executor, pool: KVPool) -> int:
@@ -311,6 +311,25 @@ class KVSpill:
         bounds what a device and the coordinator hold at once beyond the pool and the store."""
         most = max(self._device_bytes(held, dtype, pool))
         return max(1, MAX_CALL_BYTES // most)
+
+    def before_step(self, ex: Executor, pool: KVPool, evicted: list[tuple[bytes, int]],
+                    restores: list[tuple[bytes, int]]) -> None:
+        """What the engine does before a step (BlockManager.take_spill's lists): read the evicted blocks out, never
+        dropping a name a restore needs to make room, then write the restored ones in."""
+        self.save(ex, pool, evicted, keep={n for n, _ in restores})
+        self.restore(ex, pool, restores)
+
+    def clear(self) -> None:
+        """Forget every stored block (a re-plan: they were cut for the old split)."""
+        self.store.clear()
+
+    def close(self, ex: Executor | None = None) -> None:
+        """Empty the store and remove its directory (the engine closed)."""
+        self.store.close()
+
+    def report(self) -> dict:
+        """Its counts (SpillStats), bytes held and budget: the engine's `load["spill"]`."""
+        return dict(vars(self.store.stats), bytes=self.store.bytes, max_bytes=self.store.max_bytes)
 
     def restore(self, ex: Executor, pool: KVPool, restores: list[tuple[bytes, int]]) -> None:
         """Write the stored K/V of `restores` (name, block) into those blocks on every device; raises what the
@@ -338,7 +357,7 @@ class KVSpill:
                                 "sequence runs its tokens again")
             table = tuple(b for _, b in part)
             t0 = time.perf_counter()
-            _each([partial(ex.import_kv, r, table, torch.cat([e[i] for e in entries], dim=3), h.layers, h.heads, pool)
-                   for i, (r, h) in enumerate(held)])
+            each_device([partial(ex.import_kv, r, table, torch.cat([e[i] for e in entries], dim=3), h.layers, h.heads,
+                                 pool) for i, (r, h) in enumerate(held)])
             self.store.stats.restored_blocks += len(part)
             self.store.stats.write_s += time.perf_counter() - t0

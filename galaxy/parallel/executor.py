@@ -26,6 +26,7 @@ from ..model.transformer import DTYPES
 from .codec import FORMATS as WIRE_FORMATS
 from .collectives import OpStat
 from .forward import Request, Step
+from .kv_stash import StashCall, StashResult
 from .memory import MemoryParams
 from .rank import KVPool
 from .sharding import Partition
@@ -216,6 +217,12 @@ class Executor(Protocol):
         """Write such a box at positions [start, start + box.shape[3]) into `rank`'s pool (allocated
         first if no step has), after checking its shape, dtype and blocks (KVTransferError: refused,
         pool untouched). Between steps only."""
+
+    def kv_stash(self, rank: int, call: StashCall, pool: KVPool) -> StashResult:
+        """The device-local K/V pool on `rank` (parallel/kv_stash.py): open (refused with DeviceOutOfMemory, before
+        allocating, when the budget does not fit beside the device's plan and `pool`) or close its store, drop,
+        keep and restore named blocks of the pool. A malformed call is refused (KVTransferError), nothing
+        touched. Between steps only."""
 
     def release(self) -> None:
         """Drop the loaded model on every device (the executor stays usable)."""

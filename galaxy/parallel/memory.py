@@ -28,6 +28,9 @@ After the load, what the budget leaves beside the loaded process, a pass at the 
 (`pass_reserve`) and RESIDENT_DRIFT is the serving engine's paged KV pool on that device
 (`kv_pool_budget`): the pool is allocated whole at the engine's first step, so a device never
 grows past its budget while it generates; the engine's pool is the smallest device's share.
+What a device has beyond the engine's pool (a larger device, or a pool cut with --kv-blocks) may hold a
+device-local store of evicted prefix blocks (`stash_room`, parallel/kv_stash.py): opened with a fixed budget
+that must fit beside the plan when the engine starts, and counted in what the worker holds from then on.
 
 `shard_need` adds them; `room` is what a budget leaves beside the resident process. The planner's
 per-device budget is `room(budget, resident) - transient`, within which the solver fits
@@ -614,6 +617,14 @@ def kv_pool_budget(budget: int, resident: int, reserve: int) -> int:
     process (`resident`), a pass (`reserve`, `pass_reserve`), RUN_SLACK and RESIDENT_DRIFT; 0 when
     nothing is left. Only for a device with a budget (0: the caller picks its own cap)."""
     return max(0, room(budget, resident) - reserve - RESIDENT_DRIFT)
+
+
+def stash_room(free: int, reserve: int, pool: int) -> int:
+    """Bytes a device may give the device-local K/V pool (parallel/kv_stash.py) beside its plan: `free` -- what
+    its memory budget leaves beside the loaded process (`room`), or, with no budget, the memory available now --
+    less a pass of the reserved length (`reserve`, pass_reserve), the engine's KV pool on this device (`pool`,
+    counted whole whether or not its pages are written yet) and RESIDENT_DRIFT. Negative: nothing to give."""
+    return free - reserve - pool - RESIDENT_DRIFT
 
 
 def check_request(device: str, need: int, budget: int, resident: int) -> None:

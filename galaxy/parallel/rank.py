@@ -49,6 +49,7 @@ class RankRuntime:
         self.threads = threads
         self.kv_max_bytes = kv_max_bytes
         self.paged: PagedKVCache | None = None  # allocated by the engine's first step
+        self.stash = None  # the device-local K/V pool's store (parallel/kv_stash.KVStash), opened by the engine
         self.graphs: DecodeGraphs | None = None  # the compiled one-token decode halves (prepare_decode)
 
     @property

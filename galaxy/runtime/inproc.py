@@ -9,15 +9,18 @@ from __future__ import annotations
 import threading
 import time
 
+import psutil
 import torch
 
 from ..backends.select import use_backend
-from ..errors import GalaxyError, PlanMismatch
+from ..errors import GalaxyError, KVTransferError, PlanMismatch
 from ..parallel.compact import compact_shard, held_bytes
 from ..parallel.executor import DeviceStats, ForwardResult, LoadOptions, pool_blocks
 from ..parallel.forward import Request, Step, assemble
+from ..parallel.kv_stash import StashCall, StashResult, open_stash
 from ..parallel.kv_transfer import export_box, import_box
 from ..parallel.local_transport import LocalGroup
+from ..parallel.memory import stash_room
 from ..parallel.rank import KVPool, RankRuntime
 from ..parallel.sharding import Partition, load_shard, shard_bytes
 from ..parallel.threads import measure_step_threads
@@ -153,6 +156,22 @@ class InprocCluster:
 
     def import_kv(self, rank: int, block_table, box: torch.Tensor, layers, heads, pool: KVPool, start: int = 0) -> None:
         import_box(self._runtime(rank), pool, block_table, box, layers, heads, self.names[rank], start)
+
+    def kv_stash(self, rank: int, call: StashCall, pool: KVPool) -> StashResult:
+        """The device-local K/V pool of rank `rank`: a store per rank, as on a worker; an open must fit in the
+        memory this process has available beside the engine's pool on that rank."""
+        rt, who = self._runtime(rank), self.names[rank]
+        call.check(who)
+        if call.close or call.open_bytes:
+            rt.stash = None
+        if call.close:
+            return StashResult()
+        if call.open_bytes:
+            room = stash_room(psutil.virtual_memory().available, 0, rt.pool_bytes(pool))
+            rt.stash = open_stash(rt, pool, call.open_bytes, room, who)
+        if rt.stash is None:
+            raise KVTransferError(f"{who}: no device-local K/V pool open here")
+        return rt.stash.apply(rt, pool, call, who)
 
     def _runtime(self, rank: int) -> RankRuntime:
         if self.partition is None:

@@ -151,6 +151,11 @@ class ResilientCluster:
         `rank` is of the split the caller planned the box for: after a re-plan it must plan again."""
         self._on_the_pool("K/V import", lambda: self.cluster.import_kv(rank, block_table, box, layers, heads, pool))
 
+    def kv_stash(self, rank: int, call, pool):
+        """The device-local K/V pool on `rank` (Cluster.kv_stash); a device gone re-plans the group (CacheLost):
+        every store was the old sessions', so the coordinator's index of them goes with the pool."""
+        return self._on_the_pool("K/V store call", lambda: self.cluster.kv_stash(rank, call, pool))
+
     @property
     def session_id(self) -> str:
         return self.cluster.session_id

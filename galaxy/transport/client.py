@@ -43,6 +43,7 @@ from ..parallel.compact import check_cuts
 from ..parallel.compact_wire import LAYOUT_VERSION, compact_items, wire_tensor_count
 from ..parallel.executor import DeviceInfo, DeviceStats, ForwardResult, LoadedMemory, LoadOptions, pool_blocks
 from ..parallel.forward import Request, Step, assemble
+from ..parallel.kv_stash import StashCall, StashResult
 from ..parallel.kv_transfer import box_bytes
 from ..parallel.memory import (
     DEFAULT_SEQ_LEN,
@@ -393,6 +394,17 @@ class Cluster:
         """Write a box into worker `rank`'s pool (the Executor interface); the worker checks it first."""
         self._kv_call(rank, "ImportKV", kv_box_to_proto(self.session_id, block_table, start + box.shape[3], layers,
                                                         heads, pool, box, start=start), "K/V import")
+
+    def kv_stash(self, rank: int, call: StashCall, pool: KVPool) -> StashResult:
+        """The device-local K/V pool on worker `rank` (the Executor interface): one StashKV call; only names and
+        block ids travel. The worker checks the call and refuses an open that does not fit (DeviceOutOfMemory)."""
+        msg = pb.KVStashRequest(session_id=self.session_id, num_blocks=pool.num_blocks, block_size=pool.block_size,
+                                open_bytes=call.open_bytes, close=call.close, drop=list(call.drop),
+                                put_names=[n for n, _ in call.put], put_blocks=[b for _, b in call.put],
+                                restore_names=[n for n, _ in call.restore],
+                                restore_blocks=[b for _, b in call.restore])
+        rep = self._kv_call(rank, "StashKV", msg, "K/V store call")
+        return StashResult(tuple(rep.stored), tuple(rep.missing), rep.held_bytes, rep.max_bytes, rep.seconds)
 
     def kv_destination(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, start: int,
                        src_session: str, src_rank: int) -> KVDestination:

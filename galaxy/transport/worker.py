@@ -43,8 +43,9 @@ from ..parallel.codec import codec_seconds_per_byte
 from ..parallel.compact import check_cuts, compact_shard, held_bytes
 from ..parallel.compact_wire import build_compact, is_compact_state
 from ..parallel.forward import Request
+from ..parallel.kv_stash import StashCall, open_stash
 from ..parallel.kv_transfer import export_box, import_box
-from ..parallel.rank import DEFAULT_KV_BYTES, RankRuntime
+from ..parallel.rank import DEFAULT_KV_BYTES, KVPool, RankRuntime
 from ..parallel.sharding import Partition, PartitionError, Strategy, build_shard, meta_model, shard_state
 from ..parallel.threads import measure_step_threads
 from ..parallel.top1 import StepPiece
@@ -121,8 +122,13 @@ class _Session:
 
     @property
     def held_bytes(self) -> int:
-        """What dropping this session frees: its weights and KV pool."""
-        return self.weight_bytes + self.runtime.kv_bytes
+        """What dropping this session frees: its weights, KV pool and device-local K/V store."""
+        return self.weight_bytes + self.runtime.kv_bytes + self.stash_bytes
+
+    @property
+    def stash_bytes(self) -> int:
+        """What its device-local K/V store holds (parallel/kv_stash.py; 0: none open)."""
+        return 0 if self.runtime.stash is None else self.runtime.stash.bytes
 
 
 def _peak_rss() -> int:
@@ -511,6 +517,65 @@ class WorkerService(pb_grpc.WorkerServicer):
             return pb.KVReply(receipt=receipt(self.s.token, sess.ticket_key, request.ticket.nonce))
         return pb.KVReply()
 
+    def StashKV(self, request, context):
+        """The device-local K/V pool (parallel/kv_stash.py): open / close this session's store, drop, keep and
+        restore named blocks of its paged pool, between steps (the worker's lock, as a K/V import). An open is
+        admitted against what this device has beside its plan (memory.stash_room); a malformed call, or one from a
+        device rather than the coordinator, is refused before anything is touched."""
+        sess = self._session_or_abort(request.session_id, context)
+        rt, t0 = sess.runtime, time.perf_counter()
+        try:
+            if not self._from_coordinator(context):
+                raise KVTransferError("a K/V store call from a device, not the coordinator")
+            if (len(request.put_names) != len(request.put_blocks)
+                    or len(request.restore_names) != len(request.restore_blocks)):
+                raise KVTransferError(f"{len(request.put_names)} names for {len(request.put_blocks)} blocks to keep, "
+                                      f"{len(request.restore_names)} for {len(request.restore_blocks)} to restore")
+            pool = KVPool(int(request.num_blocks), int(request.block_size))
+            call = StashCall(int(request.open_bytes), bool(request.close), tuple(request.drop),
+                             tuple(zip(request.put_names, request.put_blocks)),
+                             tuple(zip(request.restore_names, request.restore_blocks)))
+            call.check(self.s.name)
+        except (ValueError, GalaxyError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V store call refused: {e}")
+        if not self.lock.acquire(timeout=KV_WAIT_S):
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.s.name}: busy with a step for {KV_WAIT_S:g} s")
+        try:
+            if call.close or call.open_bytes:
+                rt.stash = None  # the old store's memory goes before a new budget is weighed
+            if call.open_bytes:
+                try:
+                    rt.stash = open_stash(rt, pool, call.open_bytes, self._stash_room(sess, pool), self.s.name)
+                except DeviceOutOfMemory as e:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            if call.close:
+                gc.collect()
+                _trim_heap()
+                return pb.KVStashReply(seconds=time.perf_counter() - t0)
+            if rt.stash is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: no device-local K/V pool open "
+                              "in this session (a re-plan or a restart dropped it)")
+            try:
+                res = rt.stash.apply(rt, pool, call, self.s.name)
+            except (ValueError, GalaxyError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.s.name}: K/V store call refused: {e}")
+        finally:
+            self.lock.release()
+        return pb.KVStashReply(stored=list(res.stored), missing=list(res.missing), held_bytes=res.held_bytes,
+                               max_bytes=res.max_bytes, seconds=time.perf_counter() - t0)
+
+    def _stash_room(self, sess: _Session, pool: KVPool) -> int:
+        """Bytes this device may give a device-local K/V store beside its plan (memory.stash_room): with a memory
+        budget, what it leaves beside the loaded process; without one, the memory available now. Less a pass of
+        the reserved length and the engine's pool here, allocated or not."""
+        rt = sess.runtime
+        reserve = memory.pass_reserve(rt.model.cfg, rt.partition, rt.rank, sess.act_bytes, sess.seq_len)
+        if self.s.memory_budget:
+            free = memory.room(self.s.memory_budget, max(sess.resident, self._resident() - rt.kv_bytes))
+        else:
+            free = psutil.virtual_memory().available
+        return memory.stash_room(free, reserve, rt.pool_bytes(pool))
+
     def _from_coordinator(self, context) -> bool:
         """Whether the caller is the coordinator: with mutual TLS its certificate names it (security.COORDINATOR);
         with the cluster token alone every device holds the same credential, so any holder counts."""
@@ -652,7 +717,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         allocates first, must fit beside what this process holds: at least the loaded process and
         the pool it keeps (pages of a fresh pool become resident only as the engine writes them)."""
         rt = sess.runtime
-        held = sess.resident + (rt.kv_bytes if not pool else 0)
+        held = sess.resident + (rt.kv_bytes if not pool else 0) + sess.stash_bytes  # the K/V store: resident too
         if need + pool <= memory.room(self.s.memory_budget, max(held, _rss() - (rt.kv_bytes if pool else 0))):
             return
         resident = max(held, self._resident() - (rt.kv_bytes if pool else 0))

@@ -348,6 +348,44 @@ class KVSend(_message.Message):
     ticket: KVTicket
     def __init__(self, box: _Optional[_Union[KVBox, _Mapping]] = ..., dst_address: _Optional[str] = ..., ticket: _Optional[_Union[KVTicket, _Mapping]] = ...) -> None: ...
 
+class KVStashRequest(_message.Message):
+    __slots__ = ("session_id", "num_blocks", "block_size", "open_bytes", "close", "drop", "put_names", "put_blocks", "restore_names", "restore_blocks")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OPEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
+    PUT_NAMES_FIELD_NUMBER: _ClassVar[int]
+    PUT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    num_blocks: int
+    block_size: int
+    open_bytes: int
+    close: bool
+    drop: _containers.RepeatedScalarFieldContainer[bytes]
+    put_names: _containers.RepeatedScalarFieldContainer[bytes]
+    put_blocks: _containers.RepeatedScalarFieldContainer[int]
+    restore_names: _containers.RepeatedScalarFieldContainer[bytes]
+    restore_blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., open_bytes: _Optional[int] = ..., close: _Optional[bool] = ..., drop: _Optional[_Iterable[bytes]] = ..., put_names: _Optional[_Iterable[bytes]] = ..., put_blocks: _Optional[_Iterable[int]] = ..., restore_names: _Optional[_Iterable[bytes]] = ..., restore_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KVStashReply(_message.Message):
+    __slots__ = ("stored", "missing", "held_bytes", "max_bytes", "seconds")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    stored: _containers.RepeatedScalarFieldContainer[bytes]
+    missing: _containers.RepeatedScalarFieldContainer[bytes]
+    held_bytes: int
+    max_bytes: int
+    seconds: float
+    def __init__(self, stored: _Optional[_Iterable[bytes]] = ..., missing: _Optional[_Iterable[bytes]] = ..., held_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class OpStat(_message.Message):
     __slots__ = ("tag", "wall_s", "wait_s", "compute_s", "bytes", "send_s")
     TAG_FIELD_NUMBER: _ClassVar[int]

@@ -114,6 +114,11 @@ class WorkerStub:
                 request_serializer=galaxy_dot_v1_dot_worker__pb2.KVSend.SerializeToString,
                 response_deserializer=galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
                 _registered_method=True)
+        self.StashKV = channel.unary_unary(
+                '/galaxy.v1.Worker/StashKV',
+                request_serializer=galaxy_dot_v1_dot_worker__pb2.KVStashRequest.SerializeToString,
+                response_deserializer=galaxy_dot_v1_dot_worker__pb2.KVStashReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -225,6 +230,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StashKV(self, request, context):
+        """a reply once it is read, another once it is imported
+        the device-local KV pool: keep / drop / restore named blocks
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -307,6 +320,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.SendKV,
                     request_deserializer=galaxy_dot_v1_dot_worker__pb2.KVSend.FromString,
                     response_serializer=galaxy_dot_v1_dot_worker__pb2.KVReply.SerializeToString,
+            ),
+            'StashKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.StashKV,
+                    request_deserializer=galaxy_dot_v1_dot_worker__pb2.KVStashRequest.FromString,
+                    response_serializer=galaxy_dot_v1_dot_worker__pb2.KVStashReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -741,6 +759,33 @@ class Worker:
             '/galaxy.v1.Worker/SendKV',
             galaxy_dot_v1_dot_worker__pb2.KVSend.SerializeToString,
             galaxy_dot_v1_dot_worker__pb2.KVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StashKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/galaxy.v1.Worker/StashKV',
+            galaxy_dot_v1_dot_worker__pb2.KVStashRequest.SerializeToString,
+            galaxy_dot_v1_dot_worker__pb2.KVStashReply.FromString,
             options,
             channel_credentials,
             insecure,

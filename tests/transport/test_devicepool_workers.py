@@ -1,0 +1,233 @@
+"""The device-local KV pool over real gRPC workers (in-process servers): prefix blocks evicted from the paged pool
+are kept in each worker's own memory (its own KV heads) and copied back there for a later prompt, nothing but
+names on the wire -- bit for bit the K/V the devices computed, the tokens (int4 with roles: the logits, bit for
+bit) of a cold cache; a budget that does not fit is refused before anything is allocated; a worker that forgot a
+name, or dropped out, costs a recompute, never a wrong token; aborts, preemptions and the engine's close leave
+nothing held."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from galaxy.engine.block_manager import chain
+from galaxy.engine.engine import Engine, EngineConfig
+from galaxy.engine.generation import GenerationConfig
+from galaxy.errors import DeviceOutOfMemory, KVTransferError
+from galaxy.model.checkpoints.random import RandomWeights
+from galaxy.model.config import make_config
+from galaxy.model.int4_expand import expander
+from galaxy.parallel import kv_stash
+from galaxy.parallel.executor import LoadOptions
+from galaxy.parallel.kv_stash import StashCall
+from galaxy.parallel.kv_transfer import holdings
+from galaxy.parallel.sharding import even_partition
+from galaxy.runtime.recovery import ResilientCluster
+from galaxy.runtime.sources import reference_generate
+from galaxy.transport.client import Cluster, ModelRef
+from tests.engine.test_kv_spill import computed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# head_dim 16, ffn 128: int4's groups of 32 fall on every cut of an even split over two devices (one KV head each)
+CFG = make_config("llama", vocab_size=97, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128,
+                  max_positions=128, rope_theta=10000.0, tie_embeddings=True, name="pool-llama")
+SRC = RandomWeights(CFG, seed=5, std=0.3)
+OUT = GenerationConfig(4, stop_at_eos=False)
+INT4 = pytest.param("int4", marks=pytest.mark.skipif(expander() is None, reason="no C compiler"))
+# a pool of 12 blocks of 4: a 27-token document takes 7, so the second document evicts most of the first
+SMALL = EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=12, top1_on_device=False,
+                     device_pool_bytes=1 << 20)
+
+
+def docs(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, CFG.vocab_size, (27,), generator=g).tolist() for _ in range(n)]
+
+
+def back(doc: list[int]) -> list[int]:
+    return doc[:24] + [5, 6, 7]  # the first document's 6 full blocks, another question
+
+
+def reference(prompts) -> list[list[int]]:
+    return [reference_generate(SRC, p, OUT.max_new_tokens, stop_at_eos=False) for p in prompts]
+
+
+def load(c, fmt: str = "fp32", world: int = 2):
+    c.load_ref(ModelRef(CFG, random_init=True, seed=SRC.seed, std=SRC.std), even_partition(CFG, world, "galaxy"),
+               LoadOptions(weights_format=fmt))
+
+
+def logits_of(e: Engine) -> dict:
+    """Every logit row the engine samples from, by (prompt, tokens before it); a row run again replaces the first."""
+    seen, sample = {}, e._sample
+
+    def spy(rows, res, on_device):
+        for i, it in enumerate(rows):
+            gen = e.streams[it.seq_id].generation
+            seen[tuple(gen.prompt_tokens), len(gen.tokens)] = res.output[i].clone()
+        return sample(rows, res, on_device)
+
+    e._sample = spy
+    return seen
+
+
+def boxes(c, engine: Engine, names) -> list[torch.Tensor]:
+    """Each worker's K/V of the blocks that carry `names` in the engine's pool now."""
+    table = tuple(engine.sched.blocks._cached[n] for n in names)
+    return [c.export_kv(r, table, len(table) * engine.pool.block_size, h.layers, h.heads, engine.pool)
+            for r, h in enumerate(holdings(c.partition, CFG))]
+
+
+def stashes(servers) -> list:
+    return [next(iter(service.sessions.values())).runtime.stash for _, service in servers.running]
+
+
+@pytest.mark.parametrize("fmt", ["fp32", INT4])
+def test_an_evicted_document_is_copied_back_on_every_worker_bit_for_bit_instead_of_prefilled(servers, fmt):
+    a, b = docs(2)
+    with Cluster(servers.start(2)) as c:
+        load(c, fmt)
+        cold = Engine(c, CFG, None, EngineConfig(block_size=4, prefix_caching=False, top1_on_device=False))
+        try:  # first, on its own pool: two engines never share the workers' pool at once
+            want_logits = logits_of(cold)
+            want = cold.generate(back(a), OUT)
+        finally:
+            cold.close()
+        engine = Engine(c, CFG, None, SMALL)
+        try:
+            got_logits = logits_of(engine)
+            first = engine.generate(a, OUT)
+            names = [n for n in chain(a, 6, 4) if n in engine.sched.blocks._cached]
+            computed_kv = boxes(c, engine, names)
+            engine.generate(b, OUT)  # evicts the first document's blocks: the workers keep them
+            assert not all(n in engine.sched.blocks._cached for n in names)
+            again = engine.generate(back(a), OUT)
+            restored_kv = boxes(c, engine, names)
+            stats = engine.load["device_pool"]
+        finally:
+            engine.close()
+    assert len(names) == 6  # int4 with roles names them too: every position of the 6 blocks is below kernel_from
+    assert again.tokens == want.tokens
+    if fmt == "fp32":
+        assert [first.tokens, again.tokens] == reference([a, back(a)])
+    else:  # int4 with roles: the logits are a cold cache's, bit for bit
+        key = (tuple(back(a)), 0)
+        assert torch.equal(got_logits[key], want_logits[key])
+    assert all(torch.equal(x, y) for x, y in zip(computed_kv, restored_kv))  # the bits the workers computed
+    assert computed(again) == 3 and stats["restored_blocks"] >= 1  # only the question; the rest copied back
+    assert stats["missed_restores"] == 0 and stats["refused_blocks"] == 0
+
+
+def test_a_budget_that_does_not_fit_and_blocks_over_the_budget_are_refused_before_anything_is_allocated(
+        servers, monkeypatch):
+    with Cluster(servers.start(2)) as c:
+        load(c)
+        with pytest.raises(DeviceOutOfMemory, match="device-local K/V pool of .* does not fit"):
+            Engine(c, CFG, None, EngineConfig(block_size=4, kv_blocks=12, device_pool_bytes=1 << 50))
+        assert stashes(servers) == [None, None]  # refused on the workers: nothing opened, nothing left open
+        engine = Engine(c, CFG, None, EngineConfig(block_size=4, kv_blocks=12))  # fills the workers' pool
+        try:
+            engine.generate(docs(1)[0], OUT)
+            pool, named = engine.pool, list(engine.sched.blocks._cached.items())[:4]
+        finally:
+            engine.close()
+        per = [kv_stash.KVStash(0).block_bytes(s.runtime, pool)
+               for s in (next(iter(svc.sessions.values())) for _, svc in servers.running)]
+        reads = []
+        real = kv_stash.read_box
+        monkeypatch.setattr(kv_stash, "read_box", lambda *a, **kw: reads.append(1) or real(*a, **kw))
+        got = [c.kv_stash(r, StashCall(open_bytes=2 * per[r] + per[r] // 2), pool) for r in range(2)]
+        got = [c.kv_stash(r, StashCall(put=tuple(named)), pool) for r in range(2)]
+        assert [len(g.stored) for g in got] == [2, 2] and [g.held_bytes for g in got] == [2 * p for p in per]
+        assert len(reads) == 4  # two blocks read on each worker: the other two refused before their copy
+        with pytest.raises(KVTransferError, match="outside the pool"):
+            c.kv_stash(0, StashCall(put=((b"x" * 16, pool.num_blocks),)), pool)
+        with pytest.raises(KVTransferError, match="16-byte digests"):
+            c.kv_stash(0, StashCall(drop=(b"short",)), pool)
+        assert c.kv_stash(0, StashCall(), pool).held_bytes == 2 * per[0]  # untouched by the refused calls
+
+
+def test_a_worker_that_forgot_a_name_costs_a_recompute_and_the_same_tokens(servers):
+    a, b = docs(2)
+    with Cluster(servers.start(2)) as c:
+        load(c)
+        engine = Engine(c, CFG, None, SMALL)
+        try:
+            engine.generate(a, OUT)
+            engine.generate(b, OUT)
+            service = servers.running[1][1]
+            with service.lock:  # between the engine's calls: as a worker that lost its store
+                stashes(servers)[1].clear()
+            again = engine.generate(back(a), OUT)
+            later = engine.generate(back(a), OUT)
+            stats = engine.load["device_pool"]
+        finally:
+            engine.close()
+    assert [again.tokens, later.tokens] == reference([back(a)] * 2)
+    assert stats["missed_restores"] >= 1 and computed(again) == 27  # a miss: every token computed again
+    assert stats["enabled"]  # the stores were opened again, emptied, and serve on
+
+
+def test_aborts_preemptions_and_the_engines_close_leave_nothing_held(servers):
+    prompts = [d[:10] for d in docs(4, seed=1)]  # 3 blocks each: all four admitted, their decodes then preempt
+    with Cluster(servers.start(2)) as c:
+        load(c)
+        engine = Engine(c, CFG, None, EngineConfig(block_size=4, max_batched_tokens=16, max_running=4, kv_blocks=12,
+                                                   device_pool_bytes=1 << 20))
+        try:
+            streams = [engine.submit(p, GenerationConfig(12, stop_at_eos=False)) for p in prompts]
+            streams[1].cancel()
+            done = [streams[i].result().tokens for i in (0, 2, 3)]
+            follow = prompts[0] + [5, 6, 7]
+            assert engine.generate(follow, OUT).tokens == reference([follow])[0]
+            deadline = time.monotonic() + 10
+            while engine._pre_reading and time.monotonic() < deadline:  # the idle loop keeps free blocks: let it end
+                time.sleep(0.01)
+            with engine._lock:
+                blocks = engine.sched.blocks
+                blocks.audit([])
+                assert blocks.num_free == blocks.num_blocks  # every block back in the pool
+                pool, held = engine.pool, len(engine.device_pool)
+                preempted = engine.sched.num_preemptions
+                for (_, svc), st in zip(servers.running, stashes(servers)):
+                    rt = next(iter(svc.sessions.values())).runtime
+                    assert len(st) == held and st.bytes == held * st.block_bytes(rt, pool)  # no orphan on a device
+        finally:
+            engine.close()
+        assert stashes(servers) == [None, None]  # the close gave the workers' memory back
+    assert done == [reference_generate(SRC, prompts[i], 12, stop_at_eos=False) for i in (0, 2, 3)]
+    assert preempted > 0 and held > 0
+
+
+def test_with_recovery_a_pool_worker_that_drops_out_loses_only_cache(servers):
+    a, b = docs(2)
+    rc = ResilientCluster(servers.start(3))
+    try:
+        rc.load(SRC, even_partition(CFG, 3, "galaxy"))
+        engine = Engine(rc, CFG, None, SMALL)
+        try:
+            first = engine.generate(a, OUT)
+            engine.generate(b, OUT)
+            real, calls = rc.kv_stash, []
+
+            def dies(*args, **kwargs):  # the next call to the device pool meets worker 2 gone
+                if not calls:
+                    calls.append(1)
+                    servers.stop(2)
+                return real(*args, **kwargs)
+
+            rc.kv_stash = dies
+            again = engine.generate(back(a), OUT)
+            engine.generate(b, OUT)
+            later = engine.generate(back(a), OUT)
+            stats = engine.load["device_pool"]
+        finally:
+            engine.close()
+    finally:
+        rc.close()
+    assert [first.tokens, again.tokens, later.tokens] == reference([a, back(a), back(a)])
+    assert rc.events and rc.events[-1].kind == "recover" and rc.partition.world == 2
+    assert stats["enabled"] and computed(later) == 3  # opened again on the survivors, and restoring there
