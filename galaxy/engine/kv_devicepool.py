@@ -12,8 +12,9 @@ kept; a name some device refused -- its budget, no memory to copy -- counts for 
 drop it with the next call). The index is the one LRU: devices never drop on their own, so it is exact while the
 sessions live, and it is bounded by the blocks the tightest device's budget holds (`capacity`): room is made by
 dropping its least recently used names (never one a pending restore needs) in the same call that keeps the new
-ones. With a coordinator spill tier too (`behind`), the device pool is in front: what it cannot take goes there,
-and a name either holds is restored from where it is.
+ones. With a coordinator spill tier too (`behind`), the device pool is in front: once full it drops nothing (a
+name dropped here is lost, one sent behind is kept), what it cannot take goes behind, and a name either holds is
+restored from where it is.
 
 When: as the spill tier, before the step that follows the schedule that evicted or restored (nothing writes a
 block until then): one call per device does drop, keep (the evicted blocks' K/V are still in place), restore --
@@ -163,8 +164,10 @@ class DevicePool:
             self.behind.restore(ex, pool, theirs)
 
     def _choose(self, evicted, keep) -> tuple[list, list]:
-        """Of the evicted (name, block), least recent first: those to keep on the devices (room made by dropping
-        the least recently used names, never one in `keep`), and those that found no room."""
+        """Of the evicted (name, block), least recent first: those to keep on the devices, and those that found no
+        room there. Alone, room is made by dropping the least recently used names (never one in `keep`); with a tier
+        behind, nothing is dropped -- a name dropped here is lost, while one sent behind is kept there -- so the
+        devices keep what they took first and the coordinator what came after."""
         todo, overflow, seen = [], [], set()
         for name, b in reversed(evicted):  # the most recently evicted first: a prefix's head, evicted last
             if name in self._names:
@@ -172,7 +175,8 @@ class DevicePool:
                 self.stats.kept_blocks += 1
             elif name in seen:
                 continue
-            elif self._make_room(len(todo) + 1, keep):
+            elif len(self._names) + len(todo) < self.capacity or (self.behind is None and
+                                                                  self._make_room(len(todo) + 1, keep)):
                 todo.append((name, b))
             else:
                 overflow.append((name, b))

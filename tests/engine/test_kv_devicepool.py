@@ -1,0 +1,80 @@
+"""The device-local KV pool's index on the coordinator (engine/kv_devicepool.py), on in-process ranks: a name
+counts only once every device kept it, the tightest device bounds it, and in front of the coordinator spill tier
+the evicted blocks it cannot take go behind, and come back from either with the reference's tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from galaxy.engine.engine import Engine, EngineConfig
+from galaxy.engine.kv_devicepool import DevicePool
+from galaxy.engine.scheduler import SchedulerConfigError
+from galaxy.parallel.kv_stash import StashResult
+from galaxy.parallel.kv_transfer import box_bytes, holdings
+from galaxy.runtime.inproc import InprocCluster
+from galaxy.runtime.sources import reference_generate
+from tests.engine.test_kv_spill import OUT, computed, docs
+from tests.engine.test_prefix_index import CFG, SRC, split
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def ranks():
+    ex = InprocCluster(2)
+    ex.load(SRC, split([2, 4]))  # uneven: one KV head on rank 0, two on rank 1
+    yield ex
+    ex.close()
+
+
+def test_the_device_pool_in_front_of_the_spill_tier_sends_what_it_cannot_keep_behind_and_restores_from_both(ranks):
+    a, b = docs(2)
+    per = max(box_bytes(CFG, h.layers, h.heads, 4, 4) for h in holdings(ranks.partition, CFG))
+    # a pool of 9 blocks of 4: the second document evicts 5 of the first's 6 named blocks, the devices keep 3
+    engine = Engine(ranks, CFG, None, EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=9,
+                                                   device_pool_bytes=3 * per, spill_bytes=1 << 20))
+    try:
+        engine.kv_tier.pre_read = lambda *args: 0  # no idle keeping: every block goes where its eviction sends it
+        engine.generate(a, OUT)
+        engine.generate(b, OUT)
+        again = engine.generate(a[:24] + [5, 6, 7], OUT)
+        device, spill = engine.load["device_pool"], engine.load["spill"]
+    finally:
+        engine.close()
+    assert again.tokens == reference_generate(SRC, a[:24] + [5, 6, 7], OUT.max_new_tokens, stop_at_eos=False)
+    assert computed(again) == 3  # every evicted block of the document came back from one tier or the other
+    assert device["capacity"] == 3 and (device["restored_blocks"], spill["restored_blocks"]) == (3, 2)
+    assert device["blocks"] == 3 and device["dropped_blocks"] == 0  # full, it dropped nothing: the rest went behind
+
+
+def test_a_name_counts_only_once_every_device_kept_it_and_the_others_drop_it_next_call(ranks):
+    engine = Engine(ranks, CFG, None, EngineConfig(block_size=4, kv_blocks=12))
+    try:
+        engine.generate(docs(1)[0], OUT)  # the pool is allocated and filled
+        named = list(engine.sched.blocks._cached.items())[:2]
+        pool = engine.pool
+    finally:
+        engine.close()
+    dp = DevicePool(1 << 20, CFG)
+    dp.open(ranks, pool)
+    real, calls = ranks.kv_stash, []
+
+    def rank1_refuses(rank, call, pool):  # rank 1 keeps nothing (its budget, say), rank 0 keeps all
+        calls.append((rank, call))
+        res = real(rank, call, pool)
+        return StashResult((), res.missing, res.held_bytes, res.max_bytes) if rank == 1 else res
+
+    ranks.kv_stash = rank1_refuses
+    dp.before_step(ranks, pool, named, [])
+    assert len(dp) == 0 and all(n not in dp for n, _ in named) and dp.stats.refused_blocks == 2
+    assert len(ranks.runtimes[0].stash) == 2  # kept there, counted nowhere: told to drop them with the next call
+    ranks.kv_stash = real
+    dp.before_step(ranks, pool, named, [])
+    assert len(dp) == 2 and dp.stats.stashed_blocks == 2 and len(ranks.runtimes[1].stash) == 2
+    dp.close(ranks)
+    assert [rt.stash for rt in ranks.runtimes] == [None, None]
+
+
+def test_a_negative_device_pool_budget_is_refused_naming_the_field():
+    with pytest.raises(SchedulerConfigError, match="device_pool_bytes=-1"):
+        EngineConfig(device_pool_bytes=-1)
