@@ -136,6 +136,25 @@ def run_prefix_bench(prefill: Executor, decode: Executor, cfg, tokenizer, doc_le
     return report
 
 
+def _spill_line(sp: dict) -> str:
+    return (f"{sp['spilled_blocks']} evicted blocks read into the spill store when evicted, {sp['kept_blocks']} found "
+            f"there already; {sp['pre_read_blocks']} read while idle ({sp['pre_read_s']:.2f} s); "
+            f"{sp['restored_blocks']} written back, {sp['refused_blocks']} refused, {sp['dropped_blocks']} dropped; "
+            f"{sp['bytes'] / 2**20:.1f} of {sp['max_bytes'] / 2**20:.0f} MiB held at the end; reads {sp['read_s']:.2f} "
+            f"s, writes back {sp['write_s']:.2f} s in all")
+
+
+def _device_pool_line(dp: dict) -> str:
+    return (f"{dp['stashed_blocks']} evicted blocks kept on every device when evicted, {dp['kept_blocks']} kept there "
+            f"already; {dp['pre_read_blocks']} kept while idle ({dp['pre_read_s']:.2f} s); {dp['restored_blocks']} "
+            f"copied back, {dp['refused_blocks']} refused, {dp['dropped_blocks']} dropped, {dp['missed_restores']} "
+            f"missed; {dp['blocks']} of {dp['capacity']} blocks held at the end; calls before steps "
+            f"{dp['call_s']:.3f} s in all")
+
+
+_TIERS = {"spill": _spill_line, "device_pool": _device_pool_line}  # each tier's counts in words, under the table
+
+
 def table(report: dict) -> str:
     lines = [f"a {report['doc_len']}-token document + {report['question_len']}-token questions, "
              f"{report['output_len']} tokens out; {report['repeats']} repeats from {report['clients']} clients; "
@@ -159,22 +178,9 @@ def table(report: dict) -> str:
                      f"{r['repeat_computed']:.0f} | {r['first_kv_bytes'] / 1024:.0f} / "
                      f"{r['repeat_kv_bytes'] / 1024:.0f} |")
     for name, r in report["placements"].items():
-        sp = r.get("spill")
-        if sp:
-            lines.append(f"\n{name}: {sp['spilled_blocks']} evicted blocks read into the spill store when evicted, "
-                         f"{sp['kept_blocks']} found there already; {sp['pre_read_blocks']} read while idle "
-                         f"({sp['pre_read_s']:.2f} s); "
-                         f"{sp['restored_blocks']} written back, {sp['refused_blocks']} refused, "
-                         f"{sp['dropped_blocks']} dropped; {sp['bytes'] / 2**20:.1f} of {sp['max_bytes'] / 2**20:.0f} "
-                         f"MiB held at the end; reads {sp['read_s']:.2f} s, writes back {sp['write_s']:.2f} s in all")
-    for name, r in report["placements"].items():
-        dp = r.get("device_pool")
-        if dp:
-            lines.append(f"\n{name}: {dp['stashed_blocks']} evicted blocks kept on every device when evicted, "
-                         f"{dp['kept_blocks']} kept there already; {dp['pre_read_blocks']} kept while idle "
-                         f"({dp['pre_read_s']:.2f} s); {dp['restored_blocks']} copied back, {dp['refused_blocks']} "
-                         f"refused, {dp['dropped_blocks']} dropped, {dp['missed_restores']} missed; {dp['blocks']} of "
-                         f"{dp['capacity']} blocks held at the end; calls before steps {dp['call_s']:.3f} s in all")
+        for tier in ("spill", "device_pool"):
+            if r.get(tier):
+                lines.append(f"\n{name}: " + _TIERS[tier](r[tier]))
     same = report["outputs_identical"]
     lines.append("\ngreedy outputs identical to the cache-off run: "
                  + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in same.items()))

@@ -27,6 +27,7 @@ from galaxy.parallel.sharding import even_partition
 from galaxy.runtime.recovery import ResilientCluster
 from galaxy.runtime.sources import reference_generate
 from galaxy.transport.client import Cluster, ModelRef
+from tests.engine.test_kernel_roles import _logits as logits_of
 from tests.engine.test_kv_spill import computed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,20 +59,6 @@ def reference(prompts) -> list[list[int]]:
 def load(c, fmt: str = "fp32", world: int = 2):
     c.load_ref(ModelRef(CFG, random_init=True, seed=SRC.seed, std=SRC.std), even_partition(CFG, world, "galaxy"),
                LoadOptions(weights_format=fmt))
-
-
-def logits_of(e: Engine) -> dict:
-    """Every logit row the engine samples from, by (prompt, tokens before it); a row run again replaces the first."""
-    seen, sample = {}, e._sample
-
-    def spy(rows, res, on_device):
-        for i, it in enumerate(rows):
-            gen = e.streams[it.seq_id].generation
-            seen[tuple(gen.prompt_tokens), len(gen.tokens)] = res.output[i].clone()
-        return sample(rows, res, on_device)
-
-    e._sample = spy
-    return seen
 
 
 def boxes(c, engine: Engine, names) -> list[torch.Tensor]:
