@@ -125,11 +125,11 @@ def test_a_budget_that_does_not_fit_and_blocks_over_the_budget_are_refused_befor
                for s in (next(iter(svc.sessions.values())) for _, svc in servers.running)]
         reads = []
         real = kv_stash.read_box
-        monkeypatch.setattr(kv_stash, "read_box", lambda *a, **kw: reads.append(1) or real(*a, **kw))
+        monkeypatch.setattr(kv_stash, "read_box", lambda *a, **kw: reads.append(len(a[2])) or real(*a, **kw))
         got = [c.kv_stash(r, StashCall(open_bytes=2 * per[r] + per[r] // 2), pool) for r in range(2)]
         got = [c.kv_stash(r, StashCall(put=tuple(named)), pool) for r in range(2)]
         assert [len(g.stored) for g in got] == [2, 2] and [g.held_bytes for g in got] == [2 * p for p in per]
-        assert len(reads) == 4  # two blocks read on each worker: the other two refused before their copy
+        assert sum(reads) == 4  # two blocks read on each worker: the other two refused before their copy
         with pytest.raises(KVTransferError, match="outside the pool"):
             c.kv_stash(0, StashCall(put=((b"x" * 16, pool.num_blocks),)), pool)
         with pytest.raises(KVTransferError, match="16-byte digests"):
