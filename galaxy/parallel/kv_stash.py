@@ -14,11 +14,12 @@ an evicted block out before the same block is given to a restore in the same ste
 
 Bounded and checked before touching anything: the store holds at most `max_bytes`; a put whose block would
 exceed it is refused before anything is allocated for it (a block's size is known: layers x 2 x KV heads x
-block_size x head_dim); a MemoryError copying refuses those blocks only (copied GATHER_BLOCKS at a time). A restore writes all its names or none:
-every name is looked up, and every block id checked against the pool, before the first write; a name not held
-comes back as `missing`, the pool untouched. Names are block-hash digests (NAME_BYTES), block ids must lie in
-the pool the engine sized, and the pool must be the one allocated here (its blocks hold what the coordinator
-thinks they hold). The stored K/V are bit copies of the pool's, so a restored block is the block computed.
+block_size x head_dim); a MemoryError copying refuses those blocks only (copied GATHER_BLOCKS at a time). A
+restore writes all its names or none: every name is looked up, and every block id checked against the pool,
+before the first write; a name not held comes back as `missing`, the pool untouched. Names are block-hash
+digests (NAME_BYTES), block ids must lie in the pool the engine sized, and the pool must be the one allocated here
+(its blocks hold what the coordinator thinks they hold). The stored K/V are bit copies of the pool's, so a
+restored block is the block computed.
 
 Pure torch: the executors (runtime.inproc, transport.worker) own a store per loaded session.
 """
