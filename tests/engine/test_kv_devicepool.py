@@ -78,3 +78,12 @@ def test_a_name_counts_only_once_every_device_kept_it_and_the_others_drop_it_nex
 def test_a_negative_device_pool_budget_is_refused_naming_the_field():
     with pytest.raises(SchedulerConfigError, match="device_pool_bytes=-1"):
         EngineConfig(device_pool_bytes=-1)
+
+
+def test_kv_pool_mib_gives_each_device_its_budget_in_serve_and_bench_serve():
+    from galaxy.cli import build_parser
+    from galaxy.cli.serve import engine_config
+
+    for argv in (["serve", "--kv-pool-mib", "64"], ["bench", "serve", "--kv-pool-mib", "64"]):
+        assert engine_config(build_parser().parse_args(argv)).device_pool_bytes == 64 << 20
+    assert engine_config(build_parser().parse_args(["serve"])).device_pool_bytes == 0  # off unless asked
