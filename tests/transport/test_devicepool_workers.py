@@ -8,6 +8,7 @@ nothing held."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -218,3 +219,25 @@ def test_with_recovery_a_pool_worker_that_drops_out_loses_only_cache(servers):
     assert [first.tokens, again.tokens, later.tokens] == reference([a, back(a), back(a)])
     assert rc.events and rc.events[-1].kind == "recover" and rc.partition.world == 2
     assert stats["enabled"] and computed(later) == 3  # opened again on the survivors, and restoring there
+
+
+def test_under_a_memory_budget_a_store_fits_beside_the_plan_or_is_refused_naming_the_room(servers):
+    import gc
+
+    import psutil
+
+    from galaxy.transport.worker import _trim_heap
+
+    gc.collect()
+    _trim_heap()  # as the worker measures it: so the room (budget - 32 MiB of margins - a pass) is at most ~224 MiB
+    rss = psutil.Process().memory_info().rss  # in-process workers: the test process is each worker's process
+    with Cluster(servers.start(1, memory_budget=rss + (256 << 20))) as c:  # one: each admission collects garbage
+        load(c, world=1)
+        with pytest.raises(DeviceOutOfMemory, match=r"K/V pool of 240\.0 MiB does not fit: the device has"):
+            Engine(c, CFG, None, EngineConfig(block_size=4, kv_blocks=12, device_pool_bytes=240 << 20))
+        engine = Engine(c, CFG, None, replace(SMALL, device_pool_bytes=64 << 20))  # ~220 MiB beside the plan here
+        try:
+            got = engine.generate(docs(1)[0], OUT)
+        finally:
+            engine.close()
+    assert got.tokens == reference(docs(1))[0]
