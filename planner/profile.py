@@ -74,6 +74,17 @@ class DeviceProfile:
     budget_bytes: int = 0  # the worker's memory budget, which it admits loads by (0: none)
     resident_bytes: int = 0  # the worker's resident memory when profiled, less what a load may free
     decode: DecodeTiming | None = None  # a decode step's layers, measured (None: profiled before cache v7)
+    # CPU seconds one ring step of a collective costs this device whole, whatever its share of the GEMMs
+    # (transport/collective_probe.py: the data plane's hand-offs, system calls, the collective's Python),
+    # measured in the worker's process; 0: not measured (a profile before cache v8, a synthetic one)
+    collective_cpu_s: float = 0.0
+
+    def collective_wall_s(self) -> float:
+        """Wall seconds of collective_cpu_s on this device: a worker capped below a core (a CPU quota, the
+        emulated Jetsons' 0.45-0.9) gets that share of a core's time, so each CPU second costs 1 / share.
+        Its block timings already ran under the cap; this CPU was measured as CPU, so it is converted here."""
+        share = min(1.0, self.tenancy.cores) if self.tenancy is not None and self.tenancy.cores > 0 else 1.0
+        return self.collective_cpu_s / share
 
     def faster(self, factor: float) -> DeviceProfile:
         """This device computing `factor` times as fast (memory and codecs unchanged)."""
@@ -82,7 +93,8 @@ class DeviceProfile:
         head = self.head.faster(factor) if self.head is not None else None
         decode = self.decode.faster(factor) if self.decode is not None else None
         return replace(self, attention=self.attention.faster(factor), mlp=self.mlp.faster(factor),
-                       connective=self.connective.faster(factor), head=head, decode=decode)
+                       connective=self.connective.faster(factor), head=head, decode=decode,
+                       collective_cpu_s=self.collective_cpu_s / factor)
 
 
 def co_tenant_speedup(devices: list[DeviceProfile], order) -> list[float]:
@@ -135,7 +147,8 @@ class ClusterProfile:
                                  int(x["memory_bytes"]), cm(x.get("head")), dict(x.get("codec_s_per_byte", {})),
                                  Tenancy(**x["tenancy"]) if x.get("tenancy") else None,
                                  int(x.get("budget_bytes", 0)), int(x.get("resident_bytes", 0)),
-                                 DecodeTiming(**x["decode"]) if x.get("decode") else None)
+                                 DecodeTiming(**x["decode"]) if x.get("decode") else None,
+                                 float(x.get("collective_cpu_s", 0.0)))
                    for x in d["devices"]]
         links = [[None if lk is None else Link(**lk) for lk in row] for row in d.get("links", [])]
         return cls(devices, links)

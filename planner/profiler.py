@@ -42,10 +42,12 @@ from .profile import (
     mlp_flops,
 )
 
-CACHE_VERSION = 7  # 7: decode steps timed (DecodeTiming) and the host's load recorded; 6: flash attention
+CACHE_VERSION = 8  # 8: a collective's CPU (transport/collective_probe.py)
+# 7: decode steps timed (DecodeTiming) and the host's load recorded; 6: flash attention
 # A cached profile is timed again when the CPU share a runnable thread had then and has now differ by more than
 # this factor (cpu_share): on 2 CPUs, load average 1.3 against 0.1 passes (0.87 vs 1), 3 against 1 does not.
 LOAD_TOLERANCE = 1.5
+COLLECTIVE = "collective"  # transport/collective_probe.py's sample kind (PROBE_KIND: the planner imports no transport)
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,8 @@ def fit_samples(cfg: ModelConfig, samples) -> dict[str, ComputeModel]:
     for s in samples:
         if s.kind == "attention":
             f = attention_flops(cfg, s.units, s.seq, kv_heads_touched(cfg, 0, s.units))
-        elif s.kind == "decode":
-            continue  # fit_decode
+        elif s.kind in ("decode", COLLECTIVE):
+            continue  # fit_decode, collective_cpu
         elif s.kind == "mlp":
             f = mlp_flops(cfg, s.units, s.seq)
         elif s.kind == "head":
@@ -155,6 +157,13 @@ def fit_decode(samples) -> DecodeTiming | None:
             return DecodeTiming(float(icpt), float(slope))
     one = [t for b, t in pts if b == min(b for b, _ in pts)]
     return DecodeTiming(float(np.median(one)), 0.0)
+
+
+def collective_cpu(samples) -> float:
+    """CPU seconds per ring step of a collective (DeviceProfile.collective_cpu_s): the median of the
+    profile's "collective" samples; 0 when it has none (a worker before the probe, or the probe failed)."""
+    xs = sorted(s.seconds for s in samples if s.kind == COLLECTIVE)
+    return float(xs[len(xs) // 2]) if xs else 0.0
 
 
 def _progress(done: int, total: int, what: str) -> None:
@@ -253,6 +262,6 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
                                      models["connective"], max(0, int(min(mem))), head=models.get("head"),
                                      codec_s_per_byte=cached[r].get("codecs", {}), tenancy=tenancy(info),
                                      budget_bytes=info.memory_budget, resident_bytes=resident,
-                                     decode=fit_decode(samples)))
+                                     decode=fit_decode(samples), collective_cpu_s=collective_cpu(samples)))
     return ClusterProfile(devices, links)
 
