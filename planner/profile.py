@@ -38,12 +38,22 @@ class DecodeTiming:
 
     layer_s: float
     per_seq_s: float = 0.0
+    # A step of two or more sequences is another kind of step: its linears take sgemm's multi-row path, which
+    # costs 1.4-1.7x MKL's one-row path for 2-8 rows and then grows slowly (docs/engine.md, "What a batched step
+    # costs, by owner"). multi_s is that line's value at one sequence (the profile's 4 and 16 sequences: a
+    # step of B >= 2 costs multi_s + per_seq_s (B - 1) a layer), layer_s the one-row step as measured;
+    # 0: one line through every batch (a profile fitted before this: the second sequence priced at per_seq_s).
+    multi_s: float = 0.0
 
     def seconds(self, layers: float, batch: int) -> float:
-        return 0.0 if batch <= 0 else layers * (self.layer_s + self.per_seq_s * (batch - 1))
+        if batch <= 0:
+            return 0.0
+        if batch == 1:
+            return layers * self.layer_s
+        return layers * ((self.multi_s or self.layer_s) + self.per_seq_s * (batch - 1))
 
     def faster(self, factor: float) -> DecodeTiming:
-        return DecodeTiming(self.layer_s / factor, self.per_seq_s / factor)
+        return DecodeTiming(self.layer_s / factor, self.per_seq_s / factor, self.multi_s / factor)
 
 
 @dataclass(frozen=True)
@@ -97,12 +107,17 @@ class DeviceProfile:
                        collective_cpu_s=self.collective_cpu_s / factor)
 
 
-def co_tenant_speedup(devices: list[DeviceProfile], order) -> list[float]:
+def co_tenant_speedup(devices: list[DeviceProfile], order, others: dict[str, float] | None = None) -> list[float]:
     """Per device of `order`, how much faster than profiled it computes when only the devices of
     `order` are busy (Tenancy): 1 for a device with a machine of its own, or whose co-tenants
-    never asked for more cores than the machine has (the emulated trio: 0.9 + 0.6 + 0.45 of 2)."""
-    def share(ts: list[Tenancy]) -> float:
-        demand = sum(t.cores for t in ts)
+    never asked for more cores than the machine has (the emulated trio: 0.9 + 0.6 + 0.45 of 2).
+    others: cores that processes other than workers (the coordinator serving: phases.Coordinator) ask of
+    a host meanwhile; they were idle when the workers were profiled, so beside them a device may run
+    slower than profiled (a speedup below 1) -- the trio's 1.95 cores and a coordinator's 0.3 on 2."""
+    others = others or {}
+
+    def share(ts: list[Tenancy], more: float = 0.0) -> float:
+        demand = sum(t.cores for t in ts) + more
         return min(1.0, ts[0].host_cpus / demand) if demand > 0 else 1.0
 
     out = []
@@ -113,7 +128,7 @@ def co_tenant_speedup(devices: list[DeviceProfile], order) -> list[float]:
             continue
         on_host = [j for j, d in enumerate(devices) if d.tenancy is not None and d.tenancy.host == t.host]
         busy = [devices[j].tenancy for j in on_host if j in order]
-        out.append(share(busy) / share([devices[j].tenancy for j in on_host]))
+        out.append(share(busy, others.get(t.host, 0.0)) / share([devices[j].tenancy for j in on_host]))
     return out
 
 

@@ -144,11 +144,22 @@ def fit_samples(cfg: ModelConfig, samples) -> dict[str, ComputeModel]:
 
 def fit_decode(samples) -> DecodeTiming | None:
     """A layer's decode step against the batch, from the "decode" samples (seconds over `seq` stacked
-    layers at `units` sequences): least squares of seconds per layer = layer_s + per_seq_s (batch - 1),
-    per_seq_s clamped at zero. None when the profile has no decode samples (an encoder)."""
+    layers at `units` sequences). One sequence's step is its own measurement (layer_s: the linears' one-row
+    path); steps of several sequences are a line through the samples of two or more (multi_s at one
+    sequence, per_seq_s per further one, clamped at zero): the one-row step is not on that line (the
+    trio's xavier-nx: 1.37 ms a layer alone, 1.92 at 4, 2.76 at 16, i.e. 1.78 at 2 on the line where one
+    line through all three put 1.58). With no multi-row pair, one line through every sample (multi_s 0).
+    None when the profile has no decode samples (an encoder)."""
     pts = [(s.units, s.seconds / max(1, s.seq)) for s in samples if s.kind == "decode"]
     if not pts:
         return None
+    one = [t for b, t in pts if b == 1]
+    multi = [(b, t) for b, t in pts if b >= 2]
+    if one and len({b for b, _ in multi}) >= 2:
+        slope, icpt = np.polyfit(np.array([b - 1 for b, _ in multi], dtype=float), np.array([t for _, t in multi]), 1)
+        slope = max(0.0, float(slope))
+        at_two = float(np.mean([t - slope * (b - 2) for b, t in multi]))  # the line's value at two sequences
+        return DecodeTiming(float(np.median(one)), slope, max(at_two - slope, 1e-12))
     xs = np.array([b - 1 for b, _ in pts], dtype=float)
     ys = np.array([t for _, t in pts], dtype=float)
     if len(pts) >= 2 and np.ptp(xs) > 0:

@@ -12,7 +12,7 @@ from planner import render, serving
 from planner import wire as wire_choice
 from planner.cost import weight_bytes
 from planner.fit import fit_plan
-from planner.phases import KVPath, PhaseModel
+from planner.phases import COORDINATOR_CORES, Coordinator, KVPath, PhaseModel
 from planner.plan import DEFAULT_KV_PATH, KV_PATHS
 from planner.profile import ClusterProfile
 from planner.profiler import HostLoad, profile_cluster
@@ -140,8 +140,9 @@ def _serve_plan(args, cfg, cluster, dtype_bytes: int, weights_format: str):
         return fit_plan(c, tokens, sub, strategy, dtype_bytes, method=args.method, weights_format=weights_format)
 
     fmt = parse_format(weights_format) if weights_format != "fp32" else None  # None: the dtype's own bytes
+    # the coordinator serves from this machine: beside devices on it, one more co-tenant (phases.Coordinator)
     pm = PhaseModel(cfg, cluster, dtype_bytes, fmt=fmt, solver=solver, kv_path=KVPath(args.kv_path, args.kv_stream),
-                    greedy=args.sampling == "greedy")
+                    greedy=args.sampling == "greedy", coordinator=Coordinator(host_id(), COORDINATOR_CORES))
     choice = serving.choose(pm, goals)
     return choice.plan(goals), serving.table(choice)
 

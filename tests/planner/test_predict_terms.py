@@ -1,5 +1,7 @@
-"""The transport CPU of a ring collective, which every device of a split pays whole (profile.collective_cpu_s):
-measured by the worker's probe, carried by the profile, charged by the cost model at the device's share of a core."""
+"""Two terms of the serving prediction that the profile alone missed: the transport CPU of a ring collective, which
+every device of a split pays whole (profile.collective_cpu_s, measured by the worker's probe, charged by the cost model
+at the device's share of a core), the coordinator's CPU beside co-tenant devices while it serves (phases.Coordinator),
+and a decode step of several sequences priced apart from one sequence's (profile.DecodeTiming.multi_s)."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from galaxy.backends.profiling import Sample
 from galaxy.model.config import preset
 from galaxy.transport.collective_probe import PROBE_KIND, collective_cpu_s, probe_rows
 from planner.cost import CostModel, Layout
-from planner.profile import ClusterProfile, Tenancy
-from planner.profiler import COLLECTIVE, collective_cpu, fit_samples
+from planner.phases import Coordinator, PhaseModel
+from planner.plan import PlanError
+from planner.profile import ClusterProfile, DecodeTiming, Tenancy, co_tenant_speedup
+from planner.profiler import COLLECTIVE, collective_cpu, fit_decode, fit_samples
 
 CFG, S = preset("gpt2"), 32
 
@@ -87,3 +91,44 @@ def test_the_probe_runs_a_two_rank_ring_over_the_data_plane_and_reports_cpu_per_
     assert probe_rows([128]) == 64 and probe_rows([1]) == 1 and probe_rows([100000]) == 512
     with pytest.raises(ValueError, match="rows=0"):
         collective_cpu_s(0, 8)
+
+
+def _trio(host: str = "boot-a"):
+    quotas = (("x", 0.9), ("t", 0.6), ("n", 0.45))
+    return [replace(device(n, 1e9, 1e12), tenancy=Tenancy(host, c, 2)) for n, c in quotas]
+
+
+def test_a_serving_coordinator_slows_co_tenants_that_together_ask_for_more_than_the_machine():
+    trio = _trio()
+    assert co_tenant_speedup(trio, [0, 1, 2]) == [1.0, 1.0, 1.0]  # 1.95 of 2 cores: as profiled
+    beside = co_tenant_speedup(trio, [0, 1, 2], {"boot-a": 0.45})  # 2.4 cores asked of 2
+    assert beside == pytest.approx([2 / 2.4] * 3)
+    assert co_tenant_speedup(trio, [0], {"boot-a": 0.45}) == [1.0]  # 1.35 of 2: room for both
+    assert co_tenant_speedup(trio, [0, 1, 2], {"elsewhere": 5.0}) == [1.0, 1.0, 1.0]
+
+
+def test_the_phase_model_prices_decode_and_prefill_beside_the_serving_coordinator():
+    prof = ClusterProfile(_trio(), cluster(_trio()).links)
+    cfg = preset("smollm2-135m")
+    bare, served = PhaseModel(cfg, prof), PhaseModel(cfg, prof, coordinator=Coordinator("boot-a", 0.45))
+    everyone = (0, 1, 2)
+    assert served.speedups((0,), everyone) == pytest.approx([2 / 2.4])
+    assert served.prefill_slowdown((1, 2), everyone) == pytest.approx(2.4 / 2)
+    assert served.prefill_slowdown((1, 2), (1, 2)) == 1.0 and bare.prefill_slowdown((1, 2), everyone) == 1.0
+    assert served.bandwidths((0,), everyone)[0] == pytest.approx(bare.bandwidths((0,), everyone)[0] * 2 / 2.4)
+    with pytest.raises(PlanError, match="cores=-1"):
+        Coordinator("boot-a", -1)
+
+
+def test_a_step_of_two_sequences_is_priced_on_the_multi_row_line_not_the_one_row_step():
+    # the trio's xavier-nx as profiled (ms a layer): 1.367 alone, 1.915 at 4 sequences, 2.756 at 16
+    samples = [Sample("decode", b, 8, 8 * t) for b, t in ((1, 1.367e-3), (4, 1.915e-3), (16, 2.756e-3))]
+    t = fit_decode(samples)
+    slope = (2.756e-3 - 1.915e-3) / 12
+    assert t.layer_s == pytest.approx(1.367e-3) and t.per_seq_s == pytest.approx(slope)
+    assert t.seconds(1, 2) == pytest.approx(1.915e-3 - 2 * slope)  # on the line through 4 and 16, 1.30x one alone
+    assert t.seconds(30, 16) == pytest.approx(30 * 2.756e-3)
+    assert t.faster(2.0).seconds(1, 4) == pytest.approx(1.915e-3 / 2)
+    old = DecodeTiming(1.5e-3, 0.1e-3)  # a profile fitted before: one line through every batch
+    assert old.seconds(1, 2) == pytest.approx(1.6e-3)
+    assert DecodeTiming(**json.loads(json.dumps({"layer_s": 1.5e-3, "per_seq_s": 0.1e-3}))) == old
