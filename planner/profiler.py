@@ -42,7 +42,7 @@ from .profile import (
     mlp_flops,
 )
 
-CACHE_VERSION = 8  # 8: a collective's CPU (transport/collective_probe.py)
+CACHE_VERSION = 9  # 9: a decode step of 2 sequences timed; 8: a collective's CPU (transport/collective_probe.py)
 # 7: decode steps timed (DecodeTiming) and the host's load recorded; 6: flash attention
 # A cached profile is timed again when the CPU share a runnable thread had then and has now differ by more than
 # this factor (cpu_share): on 2 CPUs, load average 1.3 against 0.1 passes (0.87 vs 1), 3 against 1 does not.
@@ -146,9 +146,9 @@ def fit_decode(samples) -> DecodeTiming | None:
     """A layer's decode step against the batch, from the "decode" samples (seconds over `seq` stacked
     layers at `units` sequences). One sequence's step is its own measurement (layer_s: the linears' one-row
     path); steps of several sequences are a line through the samples of two or more (multi_s at one
-    sequence, per_seq_s per further one, clamped at zero): the one-row step is not on that line (the
-    trio's xavier-nx: 1.37 ms a layer alone, 1.92 at 4, 2.76 at 16, i.e. 1.78 at 2 on the line where one
-    line through all three put 1.58). With no multi-row pair, one line through every sample (multi_s 0).
+    sequence, per_seq_s per further one, clamped at zero; cache v9 times 2, 4 and 16): the one-row step is not on
+    that line (the trio's xavier-nx, cache v8: 1.37 ms a layer alone, 1.92 at 4, 2.76 at 16, i.e. 1.78 at 2 on the
+    line, where one line through all three put 1.58). With no multi-row pair, one line through every sample.
     None when the profile has no decode samples (an encoder)."""
     pts = [(s.units, s.seconds / max(1, s.seq)) for s in samples if s.kind == "decode"]
     if not pts:

@@ -124,8 +124,9 @@ def add_parser(sub) -> None:
                     "0.8, 1, 1.25 x its predicted goodput)")
     add_engine_args(p)
     sv.add_argument("--serve-weights-format", type=weights_format, metavar="FORMAT",
-                    help="how each device holds its linear weights, as `galaxy serve --weights-format` (default: the "
-                    "--plan's, else auto: int4 for the embedded Q4 SmolLM2); e.g. fp32 to match a plan priced in fp32")
+                    help="how each device holds its linear weights in `bench serve` and `bench steps`, as `galaxy "
+                    "serve --weights-format` (default: the --plan's, else auto: int4 for the embedded Q4 SmolLM2); "
+                    "e.g. fp32 to match a plan priced in fp32")
     sv.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT objective, x the unloaded TTFT (default 3)")
     sv.add_argument("--slo-tpot", type=float, default=1.5, help="TPOT objective, x the unloaded TPOT (default 1.5)")
     sv.add_argument("--prefill-devices", metavar="I,J,..", help="with --decode-devices: phase-separated serving "
@@ -244,7 +245,7 @@ def cmd_bench_steps(args) -> int:
         session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
         progress(f"loading the model on {len(addresses)} devices")
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                          decode_layout="split")
+                          decode_layout="split", weights_format=args.serve_weights_format)
         report = step_shapes.run_step_shapes(session.executor, lm.config.vocab_size, sb, progress=progress)
         report["devices"] = [d.name for d in session.devices()]
     return _emit(args, report, step_shapes.table, lambda report, path: progress("--plot: steps has no plot"))
