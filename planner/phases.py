@@ -100,8 +100,8 @@ class KVPath:
 
 
 # The coordinator's CPU while it serves the emulated trio's disaggregated and colocated placements (`galaxy bench
-# serve`, SmolLM2 fp32, 0.15-0.5 req/s, /proc sampled every second): 0.01-0.03 cores (docs/planner.md, "Co-tenancy
-# under load"); the highest of those samples.
+# serve`, SmolLM2 fp32, 0.15-0.5 req/s, /proc sampled every second): 0.01-0.03 cores, the highest taken
+# (docs/planner.md, "Predicted against measured goodput: the transport CPU, ...").
 COORDINATOR_CORES = 0.03
 
 
@@ -110,7 +110,7 @@ class Coordinator:
     """The coordinator's own CPU while it serves (its engine loops, the Step RPCs, sampling, the K/V moves'
     bookkeeping), when it runs on the machine of some devices (`host`: the machine's boot id, as their
     Tenancy): one more co-tenant, idle while they were profiled. `cores` is its measured CPU per second of
-    wall while the engine serves (docs/planner.md, "Co-tenancy under load")."""
+    wall while the engine serves (COORDINATOR_CORES, measured)."""
 
     host: str
     cores: float
