@@ -282,6 +282,16 @@ def last_token_owner(rows) -> tuple[int, ...]:
     return tuple(1 if r == owner else 0 for r in range(len(rows)))
 
 
+def with_transport(phase: Phase, transport: tuple[float, ...]) -> Phase:
+    """A collective's phase with each device's transport CPU (CostModel.transport_s) added to its work and
+    the phase lengthened by the largest: that CPU runs on the compute thread's core between the tiles (the
+    hand-offs, the frame reads), so on a device the collective waits for, it adds to the collective."""
+    if not any(transport):
+        return phase
+    return Phase(phase.name, tuple(c + x for c, x in zip(phase.compute_s, transport)), phase.comm_s,
+                 phase.time_s + max(transport))
+
+
 def _split_time(cm: ComputeModel, parts: list[float]) -> list[float]:
     """A block's time (one ComputeModel call) shared among its parts in proportion to flops."""
     total = sum(parts)
@@ -345,6 +355,13 @@ class CostModel:
             ids = sorted(key)
             self._speedup[key] = dict(zip(ids, co_tenant_speedup(self.cluster.devices, ids)))
         return self._speedup[key]
+
+    def transport_s(self, order, steps: int) -> tuple[float, ...]:
+        """Per device of `order`, the wall seconds of `steps` ring steps' transport CPU, which every device
+        pays whole (profile.DeviceProfile.collective_cpu_s, at its share of a core); none alone."""
+        if steps <= 0:
+            return (0.0,) * len(order)
+        return tuple(steps * self.devices[i].collective_wall_s() for i in order)
 
     def head_model(self, i: int) -> ComputeModel:
         d = self.devices[i]
@@ -450,6 +467,8 @@ class CostModel:
         row = hid * b
         con = tuple(self.con_s(i, s[r]) for r, i in enumerate(order))
 
+        transport = self.transport_s(order, n - 1)
+
         def coll(name, fn, per_row, chunks=s):
             key = (fn.__name__, chunks, row, order, tuple(per_row), overlap)
             got = self._coll.get(key)
@@ -459,7 +478,7 @@ class CostModel:
                 self._wire[wkey] = w
                 got = self._coll[key] = (t, w, tuple(comp))
                 self._memo_values += 3 * n
-            return Phase(name, got[2], got[1], got[0])
+            return with_transport(Phase(name, got[2], got[1], got[0]), transport)
 
         def local(name, comp):
             return Phase(name, tuple(comp), 0.0, max(comp))
@@ -504,10 +523,10 @@ class CostModel:
         def allreduce(name):
             if S * row <= DIRECT_ALLREDUCE_BYTES:  # collectives.all_reduce: everyone sends x to everyone
                 t = max(_msg(self.link(i, j), S * row) for i in order for j in order if i != j) if n > 1 else 0.0
-                return Phase(name, tuple(zero), t, t)
+                return with_transport(Phase(name, tuple(zero), t, t), self.transport_s(order, n - 1))
             t1, w1, _ = reduce_scatter_time(chunks, row, zero, links)
             t2, w2, _ = all_gather_time(chunks, row, zero, links)
-            return Phase(name, tuple(zero), w1 + w2, t1 + t2)
+            return with_transport(Phase(name, tuple(zero), w1 + w2, t1 + t2), self.transport_s(order, 2 * (n - 1)))
 
         def local(name, comp):
             return Phase(name, tuple(comp), 0.0, max(comp))

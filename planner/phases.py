@@ -99,6 +99,27 @@ class KVPath:
             raise PlanError(f"K/V path: stream={self.stream!r} must be True or False")
 
 
+# The coordinator's CPU while it serves the emulated trio's disaggregated and colocated placements (`galaxy bench
+# serve`, SmolLM2 fp32, 0.15-0.5 req/s, /proc sampled every second): 0.01-0.03 cores, the highest taken
+# (docs/planner.md, "Predicted against measured goodput: the transport CPU, ...").
+COORDINATOR_CORES = 0.03
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    """The coordinator's own CPU while it serves (its engine loops, the Step RPCs, sampling, the K/V moves'
+    bookkeeping), when it runs on the machine of some devices (`host`: the machine's boot id, as their
+    Tenancy): one more co-tenant, idle while they were profiled. `cores` is its measured CPU per second of
+    wall while the engine serves (COORDINATOR_CORES, measured)."""
+
+    host: str
+    cores: float
+
+    def __post_init__(self) -> None:
+        if not (self.cores >= 0 and self.cores < 1e3):
+            raise PlanError(f"coordinator: cores={self.cores} must be a non-negative number of cores")
+
+
 @dataclass(frozen=True)
 class KVMove:
     """A prompt's K/V move, in seconds: `pull` spent between the prefill group's steps, `push` between
@@ -158,7 +179,8 @@ class PhaseModel:
     def __init__(self, cfg: ModelConfig, cluster: ClusterProfile, dtype_bytes: int = 4,
                  fmt: WeightFormat | None = None, solver: Callable[..., Plan] | None = None,
                  rates: dict[str, float] | None = None, kv_path: KVPath = KVPath(),
-                 step_overhead_s: float = STEP_OVERHEAD_S, greedy: bool = True):
+                 step_overhead_s: float = STEP_OVERHEAD_S, greedy: bool = True,
+                 coordinator: Coordinator | None = None):
         if not cfg.causal:
             raise PlanError(f"serving placements need a causal LM; {cfg.name or cfg.family} is an encoder")
         self.cfg, self.cluster, self.b = cfg, cluster, dtype_bytes
@@ -171,6 +193,10 @@ class PhaseModel:
         if not step_overhead_s >= 0:
             raise PlanError(f"step_overhead_s={step_overhead_s} must be >= 0 seconds")
         self.kv_path, self.step_overhead_s, self.greedy = kv_path, float(step_overhead_s), bool(greedy)
+        if coordinator is not None and not isinstance(coordinator, Coordinator):
+            raise PlanError(f"coordinator={coordinator!r} must be a Coordinator")
+        self.coordinator = coordinator
+        self.others = {coordinator.host: coordinator.cores} if coordinator is not None and coordinator.host else {}
         self.params = decode_bytes(cfg, WeightFormat("fp32")) / 4
         self.kv_token = kv_bytes_per_token(cfg, dtype_bytes)
         self.n = len(cluster.devices)
@@ -200,7 +226,7 @@ class PhaseModel:
         machine's cores runs faster than profiled (profile.co_tenant_speedup), but co-tenants together
         never stream more than their profiled rates summed (they were profiled all busy: the bus)."""
         busy = sorted(set(busy) | set(group))
-        fast = dict(zip(busy, co_tenant_speedup(self.cluster.devices, busy)))
+        fast = dict(zip(busy, co_tenant_speedup(self.cluster.devices, busy, self.others)))
         out = {i: self.rate[i] * fast[i] for i in busy}
         hosts: dict[str, list[int]] = {}
         for i in busy:
@@ -266,10 +292,22 @@ class PhaseModel:
         return self.decode_fn(layout, busy)(batch, context)
 
     def speedups(self, group, busy=()) -> list[float]:
-        """How much faster than profiled each device of `group` computes while those of `busy` work."""
+        """How much faster than profiled each device of `group` computes while those of `busy` work (and the
+        coordinator serves beside them: self.coordinator)."""
         busy = sorted(set(busy) | set(group))
-        fast = dict(zip(busy, co_tenant_speedup(self.cluster.devices, busy)))
+        fast = dict(zip(busy, co_tenant_speedup(self.cluster.devices, busy, self.others)))
         return [fast[i] for i in group]
+
+    def prefill_slowdown(self, group, busy) -> float:
+        """How much longer than the solver's prediction a prefill on `group` takes while `busy` work and the
+        coordinator serves: the solver prices a group at its profiled speed (its members all busy, as profiled),
+        which a coordinator asking for cores on their machine lowers; the group waits for its slowest member."""
+        if not self.others:
+            return 1.0
+        busy = sorted(set(busy) | set(group))
+        served = dict(zip(busy, co_tenant_speedup(self.cluster.devices, busy, self.others)))
+        bare = dict(zip(busy, co_tenant_speedup(self.cluster.devices, busy)))
+        return max(1.0, max(bare[i] / served[i] for i in group))
 
     def decode_fn(self, layout: DecodeLayout, busy=()) -> Callable[[int, int], float]:
         """decode_s for one layout as a function of (batch, context), its constants computed once
@@ -570,8 +608,9 @@ def placements(pm: PhaseModel, input_len: int, context: int) -> tuple[list[Place
 def phase_costs(pm: PhaseModel, p: Placement, lengths, max_batched_tokens: int = 256,
                 max_running: int = 64) -> PhaseCosts:
     """The simulator's step costs of a placement (planner/simulate.py)."""
-    curve = pm.prefill_curve(p.prefill_devices, lengths)
     busy = p.busy
+    solved, slow = pm.prefill_curve(p.prefill_devices, lengths), pm.prefill_slowdown(p.prefill_devices, busy)
+    curve = solved if slow == 1.0 else (lambda tokens: slow * solved(tokens))
     lay = p.decode
     decode = pm.decode_fn(lay, busy)
 

@@ -38,12 +38,22 @@ class DecodeTiming:
 
     layer_s: float
     per_seq_s: float = 0.0
+    # A step of two or more sequences is another kind of step: its linears take sgemm's multi-row path, which
+    # costs 1.4-1.7x MKL's one-row path for 2-8 rows and then grows slowly (docs/engine.md, "What a batched step
+    # costs, by owner"). multi_s is that line's value at one sequence (the profile's 4 and 16 sequences: a
+    # step of B >= 2 costs multi_s + per_seq_s (B - 1) a layer), layer_s the one-row step as measured;
+    # 0: one line through every batch (a profile fitted before this: the second sequence priced at per_seq_s).
+    multi_s: float = 0.0
 
     def seconds(self, layers: float, batch: int) -> float:
-        return 0.0 if batch <= 0 else layers * (self.layer_s + self.per_seq_s * (batch - 1))
+        if batch <= 0:
+            return 0.0
+        if batch == 1:
+            return layers * self.layer_s
+        return layers * ((self.multi_s or self.layer_s) + self.per_seq_s * (batch - 1))
 
     def faster(self, factor: float) -> DecodeTiming:
-        return DecodeTiming(self.layer_s / factor, self.per_seq_s / factor)
+        return DecodeTiming(self.layer_s / factor, self.per_seq_s / factor, self.multi_s / factor)
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,17 @@ class DeviceProfile:
     budget_bytes: int = 0  # the worker's memory budget, which it admits loads by (0: none)
     resident_bytes: int = 0  # the worker's resident memory when profiled, less what a load may free
     decode: DecodeTiming | None = None  # a decode step's layers, measured (None: profiled before cache v7)
+    # CPU seconds one ring step of a collective costs this device whole, whatever its share of the GEMMs
+    # (transport/collective_probe.py: the data plane's hand-offs, system calls, the collective's Python),
+    # measured in the worker's process; 0: not measured (a profile before cache v8, a synthetic one)
+    collective_cpu_s: float = 0.0
+
+    def collective_wall_s(self) -> float:
+        """Wall seconds of collective_cpu_s on this device: a worker capped below a core (a CPU quota, the
+        emulated Jetsons' 0.45-0.9) gets that share of a core's time, so each CPU second costs 1 / share.
+        Its block timings already ran under the cap; this CPU was measured as CPU, so it is converted here."""
+        share = min(1.0, self.tenancy.cores) if self.tenancy is not None and self.tenancy.cores > 0 else 1.0
+        return self.collective_cpu_s / share
 
     def faster(self, factor: float) -> DeviceProfile:
         """This device computing `factor` times as fast (memory and codecs unchanged)."""
@@ -82,15 +103,21 @@ class DeviceProfile:
         head = self.head.faster(factor) if self.head is not None else None
         decode = self.decode.faster(factor) if self.decode is not None else None
         return replace(self, attention=self.attention.faster(factor), mlp=self.mlp.faster(factor),
-                       connective=self.connective.faster(factor), head=head, decode=decode)
+                       connective=self.connective.faster(factor), head=head, decode=decode,
+                       collective_cpu_s=self.collective_cpu_s / factor)
 
 
-def co_tenant_speedup(devices: list[DeviceProfile], order) -> list[float]:
+def co_tenant_speedup(devices: list[DeviceProfile], order, others: dict[str, float] | None = None) -> list[float]:
     """Per device of `order`, how much faster than profiled it computes when only the devices of
     `order` are busy (Tenancy): 1 for a device with a machine of its own, or whose co-tenants
-    never asked for more cores than the machine has (the emulated trio: 0.9 + 0.6 + 0.45 of 2)."""
-    def share(ts: list[Tenancy]) -> float:
-        demand = sum(t.cores for t in ts)
+    never asked for more cores than the machine has (the emulated trio: 0.9 + 0.6 + 0.45 of 2).
+    others: cores that processes other than workers (the coordinator serving: phases.Coordinator) ask of
+    a host meanwhile; they were idle when the workers were profiled, so beside them a device may run
+    slower than profiled (a speedup below 1) -- the trio's 1.95 cores and a coordinator's 0.3 on 2."""
+    others = others or {}
+
+    def share(ts: list[Tenancy], more: float = 0.0) -> float:
+        demand = sum(t.cores for t in ts) + more
         return min(1.0, ts[0].host_cpus / demand) if demand > 0 else 1.0
 
     out = []
@@ -101,7 +128,7 @@ def co_tenant_speedup(devices: list[DeviceProfile], order) -> list[float]:
             continue
         on_host = [j for j, d in enumerate(devices) if d.tenancy is not None and d.tenancy.host == t.host]
         busy = [devices[j].tenancy for j in on_host if j in order]
-        out.append(share(busy) / share([devices[j].tenancy for j in on_host]))
+        out.append(share(busy, others.get(t.host, 0.0)) / share([devices[j].tenancy for j in on_host]))
     return out
 
 
@@ -135,7 +162,8 @@ class ClusterProfile:
                                  int(x["memory_bytes"]), cm(x.get("head")), dict(x.get("codec_s_per_byte", {})),
                                  Tenancy(**x["tenancy"]) if x.get("tenancy") else None,
                                  int(x.get("budget_bytes", 0)), int(x.get("resident_bytes", 0)),
-                                 DecodeTiming(**x["decode"]) if x.get("decode") else None)
+                                 DecodeTiming(**x["decode"]) if x.get("decode") else None,
+                                 float(x.get("collective_cpu_s", 0.0)))
                    for x in d["devices"]]
         links = [[None if lk is None else Link(**lk) for lk in row] for row in d.get("links", [])]
         return cls(devices, links)

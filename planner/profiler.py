@@ -42,10 +42,12 @@ from .profile import (
     mlp_flops,
 )
 
-CACHE_VERSION = 7  # 7: decode steps timed (DecodeTiming) and the host's load recorded; 6: flash attention
+CACHE_VERSION = 9  # 9: a decode step of 2 sequences timed; 8: a collective's CPU (transport/collective_probe.py)
+# 7: decode steps timed (DecodeTiming) and the host's load recorded; 6: flash attention
 # A cached profile is timed again when the CPU share a runnable thread had then and has now differ by more than
 # this factor (cpu_share): on 2 CPUs, load average 1.3 against 0.1 passes (0.87 vs 1), 3 against 1 does not.
 LOAD_TOLERANCE = 1.5
+COLLECTIVE = "collective"  # transport/collective_probe.py's sample kind (PROBE_KIND: the planner imports no transport)
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,8 @@ def fit_samples(cfg: ModelConfig, samples) -> dict[str, ComputeModel]:
     for s in samples:
         if s.kind == "attention":
             f = attention_flops(cfg, s.units, s.seq, kv_heads_touched(cfg, 0, s.units))
-        elif s.kind == "decode":
-            continue  # fit_decode
+        elif s.kind in ("decode", COLLECTIVE):
+            continue  # fit_decode, collective_cpu
         elif s.kind == "mlp":
             f = mlp_flops(cfg, s.units, s.seq)
         elif s.kind == "head":
@@ -142,11 +144,22 @@ def fit_samples(cfg: ModelConfig, samples) -> dict[str, ComputeModel]:
 
 def fit_decode(samples) -> DecodeTiming | None:
     """A layer's decode step against the batch, from the "decode" samples (seconds over `seq` stacked
-    layers at `units` sequences): least squares of seconds per layer = layer_s + per_seq_s (batch - 1),
-    per_seq_s clamped at zero. None when the profile has no decode samples (an encoder)."""
+    layers at `units` sequences). One sequence's step is its own measurement (layer_s: the linears' one-row
+    path); steps of several sequences are a line through the samples of two or more (multi_s at one
+    sequence, per_seq_s per further one, clamped at zero; cache v9 times 2, 4 and 16): the one-row step is not on
+    that line (the trio's xavier-nx, cache v8: 1.37 ms a layer alone, 1.92 at 4, 2.76 at 16, i.e. 1.78 at 2 on the
+    line, where one line through all three put 1.58). With no multi-row pair, one line through every sample.
+    None when the profile has no decode samples (an encoder)."""
     pts = [(s.units, s.seconds / max(1, s.seq)) for s in samples if s.kind == "decode"]
     if not pts:
         return None
+    one = [t for b, t in pts if b == 1]
+    multi = [(b, t) for b, t in pts if b >= 2]
+    if one and len({b for b, _ in multi}) >= 2:
+        slope, icpt = np.polyfit(np.array([b - 1 for b, _ in multi], dtype=float), np.array([t for _, t in multi]), 1)
+        slope = max(0.0, float(slope))
+        at_two = float(np.mean([t - slope * (b - 2) for b, t in multi]))  # the line's value at two sequences
+        return DecodeTiming(float(np.median(one)), slope, max(at_two - slope, 1e-12))
     xs = np.array([b - 1 for b, _ in pts], dtype=float)
     ys = np.array([t for _, t in pts], dtype=float)
     if len(pts) >= 2 and np.ptp(xs) > 0:
@@ -155,6 +168,13 @@ def fit_decode(samples) -> DecodeTiming | None:
             return DecodeTiming(float(icpt), float(slope))
     one = [t for b, t in pts if b == min(b for b, _ in pts)]
     return DecodeTiming(float(np.median(one)), 0.0)
+
+
+def collective_cpu(samples) -> float:
+    """CPU seconds per ring step of a collective (DeviceProfile.collective_cpu_s): the median of the
+    profile's "collective" samples; 0 when it has none (a worker before the probe, or the probe failed)."""
+    xs = sorted(s.seconds for s in samples if s.kind == COLLECTIVE)
+    return float(xs[len(xs) // 2]) if xs else 0.0
 
 
 def _progress(done: int, total: int, what: str) -> None:
@@ -253,6 +273,6 @@ def profile_cluster(cluster, cfg: ModelConfig, seq_lens: list[int], dtype: str =
                                      models["connective"], max(0, int(min(mem))), head=models.get("head"),
                                      codec_s_per_byte=cached[r].get("codecs", {}), tenancy=tenancy(info),
                                      budget_bytes=info.memory_budget, resident_bytes=resident,
-                                     decode=fit_decode(samples)))
+                                     decode=fit_decode(samples), collective_cpu_s=collective_cpu(samples)))
     return ClusterProfile(devices, links)
 

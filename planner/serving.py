@@ -73,6 +73,11 @@ class ServeGoals:
     seed: int = 0
     max_batched_tokens: int = 256
     max_running: int = 64
+    sweep: tuple[float, ...] = ()  # rates at which every candidate is also simulated (a bench's --rates)
+
+    def __post_init__(self) -> None:
+        if any(not (r > 0 and math.isfinite(r)) for r in self.sweep):
+            raise PlanError(f"sweep rates {list(self.sweep)} must be positive numbers")
 
     def workload(self, rate: float | None = None) -> Workload:
         return Workload(self.rate if rate is None else rate, self.input_len, self.output_len, self.range_ratio,
@@ -90,6 +95,7 @@ class Candidate:
     at_rate: SimResult
     goodput: float
     excluded: str = ""  # why it may not be picked ("" if it may)
+    sweep: tuple[SimResult, ...] = ()  # at each of ServeGoals.sweep's rates
 
     @property
     def kind(self) -> str:
@@ -158,7 +164,8 @@ def choose(pm: PhaseModel, goals: ServeGoals) -> ServeChoice:
         start = 1.0 / max(1e-9, lone.last_s - lone.arrival_s)
         out.append(Candidate(p, tuple(pm.names(p.prefill_devices)), tuple(pm.names(p.decode.devices)), d_s,
                              lone.ttft, lone.tpot, simulate(c, goals.workload(), objectives),
-                             goodput(c, goals.workload(), objectives, start), excluded))
+                             goodput(c, goals.workload(), objectives, start), excluded,
+                             tuple(simulate(c, goals.workload(r), objectives) for r in goals.sweep)))
     allowed = [c for c in out if not c.excluded] or out
     best_g = max(c.goodput for c in allowed)
     close = [c for c in allowed if c.goodput >= best_g * (1 - GOODPUT_TIE)]
@@ -246,6 +253,16 @@ def table(choice: ServeChoice) -> str:
                      f"{_ms(r.tpot(50)) + '/' + _ms(r.tpot(90)):>13} {100 * r.attainment:>7.0f}% "
                      f"{c.goodput:>8.3g}" + (f"   not picked: {c.excluded}" if c.excluded else ""))
     lines.append("")
+    for c in choice.candidates:
+        if c.sweep:
+            lines.append(f"{c.label}: SLO met at " + ", ".join(f"{r.rate:g}" for r in c.sweep) + " req/s: "
+                         + " / ".join(f"{100 * r.attainment:.0f}%" for r in c.sweep)
+                         + "; TTFT p50/p90, TPOT p50/p90 ms: "
+                         + " | ".join(f"{_ms(r.ttft(50))}/{_ms(r.ttft(90))}, {_ms(r.tpot(50))}/{_ms(r.tpot(90))}"
+                                      for r in c.sweep)
+                         + f"; unloaded TTFT {_ms(c.unloaded_ttft)} TPOT {_ms(c.unloaded_tpot)} ms")
+    if any(c.sweep for c in choice.candidates):
+        lines.append("")
     if choice.fastest_alone is not None:
         name, s = choice.fastest_alone
         lines.append(f"decode: the fastest device alone is {name} at {1e3 * s:.1f} ms/token; a decode split over "

@@ -69,7 +69,10 @@ HEAD_SAMPLE_BYTES = (24 * 2**20, 48 * 2**20, 96 * 2**20)  # past the caches, wit
 # L3 32 MiB) would time the cache, not the bus. At each of DECODE_BATCHES sequences: the engine's decode step
 # reads the weights once for the whole batch, so its cost grows with the batch far less than in proportion.
 DECODE_SAMPLE_BYTES = 96 * 2**20
-DECODE_BATCHES = (1, 4, 16)
+# Two is timed itself: from one sequence to two the linears leave MKL's one-row path for sgemm's multi-row one
+# (1.4-1.7x, docs/engine.md "What a batched step costs, by owner"), a step the planner prices apart
+# (planner.profile.DecodeTiming.multi_s), where a line from 4 and 16 only extrapolated it.
+DECODE_BATCHES = (1, 2, 4, 16)
 
 
 def decode_layers(cfg: ModelConfig, dtype_bytes: int = 4) -> int:

@@ -26,7 +26,17 @@ from ..model.config import preset
 from ..runtime.api import connect
 from ..runtime.placement import device_indices
 from ..runtime.sources import open_source
-from .args import add_cluster_args, add_model_args, floats, int_at_least, ints, output_file, progress, rates
+from .args import (
+    add_cluster_args,
+    add_model_args,
+    floats,
+    int_at_least,
+    ints,
+    output_file,
+    progress,
+    rates,
+    weights_format,
+)
 from .serve import add_engine_args, engine_config, serve_placement
 from .session import read_plan
 
@@ -114,6 +124,10 @@ def add_parser(sub) -> None:
                     "objectives and print its predictions beside the measurements (default rates: the plan's and "
                     "0.8, 1, 1.25 x its predicted goodput)")
     add_engine_args(p)
+    sv.add_argument("--serve-weights-format", type=weights_format, metavar="FORMAT",
+                    help="how each device holds its linear weights in `bench serve` and `bench steps`, as `galaxy "
+                    "serve --weights-format` (default: the --plan's, else auto: int4 for the embedded Q4 SmolLM2); "
+                    "e.g. fp32 to match a plan priced in fp32")
     sv.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT objective, x the unloaded TTFT (default 3)")
     sv.add_argument("--slo-tpot", type=float, default=1.5, help="TPOT objective, x the unloaded TPOT (default 1.5)")
     sv.add_argument("--prefill-devices", metavar="I,J,..", help="with --decode-devices: phase-separated serving "
@@ -232,7 +246,7 @@ def cmd_bench_steps(args) -> int:
         session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
         progress(f"loading the model on {len(addresses)} devices")
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                          decode_layout="split")
+                          decode_layout="split", weights_format=args.serve_weights_format)
         report = step_shapes.run_step_shapes(session.executor, lm.config.vocab_size, sb, progress=progress)
         report["devices"] = [d.name for d in session.devices()]
     return _emit(args, report, step_shapes.table, lambda report, path: progress("--plot: steps has no plot"))
@@ -283,7 +297,7 @@ def cmd_bench_serve(args) -> int:
         # the bench drives the session's executor itself: the colocated split unless the plan separates the
         # phases (decode_layout: runtime.decode_layout)
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                          plan=plan, decode_layout="split", kv_path=kv_path)
+                          plan=plan, decode_layout="split", kv_path=kv_path, weights_format=args.serve_weights_format)
         make = None
         if lm.groups:  # the plan separates the phases: the bench runs them as `galaxy serve --plan` would
             make = lambda ec: DisaggEngine(*lm.groups, lm.config, lm.tokenizer, ec, ec,  # noqa: E731
@@ -352,7 +366,7 @@ def cmd_bench_phases(args) -> int:
         session = stack.enter_context(connect(addresses=addresses, token=token, tls=args.tls))
         progress(f"loading the model on {len(addresses)} devices")
         lm = session.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                          placement=placement)
+                          placement=placement, weights_format=args.serve_weights_format)
         if args.shared_prefix:  # a long document asked about again and again: first against repeats
             report = prefix_bench.run_prefix_bench(
                 *lm.groups, lm.config, lm.tokenizer, args.shared_prefix, args.input_len, args.output_len,
@@ -370,7 +384,8 @@ def cmd_bench_phases(args) -> int:
             alone = stack.enter_context(connect(addresses=[addresses[i] for i in chosen], token=token, tls=args.tls))
             progress(f"loading the model on the colocated baseline's {len(chosen)} devices")
             alone.load(args.model, random_init=args.random_init, seed=args.seed, dtype=args.dtype,
-                       decode_layout="split")  # the baseline is colocated: not a mixed placement of its own
+                       decode_layout="split",  # the baseline is colocated: not a mixed placement of its own
+                       weights_format=args.serve_weights_format)
             colocated = alone.executor
         report = phases.run_phase_bench(*lm.groups, lm.config, lm.tokenizer, workload, engine, reps=args.reps or 3,
                                         progress=progress, rates=tuple(args.rates or ()), slo_ttft_x=args.slo_ttft,

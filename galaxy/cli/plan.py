@@ -12,8 +12,9 @@ from planner import render, serving
 from planner import wire as wire_choice
 from planner.cost import weight_bytes
 from planner.fit import fit_plan
-from planner.phases import KVPath, PhaseModel
+from planner.phases import COORDINATOR_CORES, Coordinator, KVPath, PhaseModel
 from planner.plan import DEFAULT_KV_PATH, KV_PATHS
+from planner.profile import ClusterProfile
 from planner.profiler import HostLoad, profile_cluster
 from planner.solver import METHODS
 from planner.strategy import RUNNABLE
@@ -92,11 +93,27 @@ def add_parser(sub) -> None:
                             "endpoint's temperature 1 when a request sets none)")
     serve.add_argument("--sim-requests", type=int_at_least(10), default=200,
                        help="requests per simulated run (default 200)")
+    serve.add_argument("--sweep-rates", type=rate_list, default=(), metavar="R1,R2,...",
+                       help="also simulate every candidate at these rates (a bench's --rates), on the same objectives")
+    plan.add_argument("--profile-out", metavar="PROFILE.json", type=output_file,
+                      help="write the cluster profile the plan was made from (to plan again on it: --profile-in)")
+    plan.add_argument("--profile-in", metavar="PROFILE.json",
+                      help="plan on a profile written by --profile-out instead of profiling the workers")
     plan.add_argument("-o", "--output", metavar="PLAN.json", type=output_file, help="write the plan file")
     plan.add_argument("--svg", metavar="FILE.svg", type=output_file, help="draw the plan")
     plan.add_argument("--png", metavar="FILE.png", type=output_file, help="draw the plan")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan, transport="grpc")
+
+
+def rate_list(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected rates in requests/s, e.g. 0.1,0.2,0.3") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"{text!r}: rates must be positive requests/s")
+    return rates
 
 
 def objective(text: str) -> serving.Objective:
@@ -117,14 +134,15 @@ def _serve_plan(args, cfg, cluster, dtype_bytes: int, weights_format: str):
     goals = serving.ServeGoals(args.rate, input_len, args.output_len, args.ttft_slo, args.tpot_slo,
                                num_requests=args.sim_requests, seed=args.seed,
                                max_batched_tokens=args.max_batched_tokens,
-                               max_running=min(64, args.max_batched_tokens))
+                               max_running=min(64, args.max_batched_tokens), sweep=args.sweep_rates)
 
     def solver(c, tokens, sub, strategy=None):
         return fit_plan(c, tokens, sub, strategy, dtype_bytes, method=args.method, weights_format=weights_format)
 
     fmt = parse_format(weights_format) if weights_format != "fp32" else None  # None: the dtype's own bytes
+    # the coordinator serves from this machine: beside devices on it, one more co-tenant (phases.Coordinator)
     pm = PhaseModel(cfg, cluster, dtype_bytes, fmt=fmt, solver=solver, kv_path=KVPath(args.kv_path, args.kv_stream),
-                    greedy=args.sampling == "greedy")
+                    greedy=args.sampling == "greedy", coordinator=Coordinator(host_id(), COORDINATOR_CORES))
     choice = serving.choose(pm, goals)
     return choice.plan(goals), serving.table(choice)
 
@@ -164,11 +182,14 @@ def cmd_plan(args) -> int:
     cfg = source.config
     if not 1 <= args.seq_len <= cfg.max_positions:
         raise GalaxyError(f"--seq-len {args.seq_len} outside 1..{cfg.max_positions}")
-    n = args.synthetic if args.synthetic is not None else device_count(args)
+    saved = ClusterProfile.from_json(Path(args.profile_in).read_text()) if args.profile_in else None
+    n = args.synthetic if args.synthetic is not None else len(saved.devices) if saved else device_count(args)
     if args.memory_budget is not None:
         _check_budget(cfg, n, args.memory_budget, DTYPES[args.dtype].itemsize)
     if args.synthetic is not None:
         prof = _synthetic(args)
+    elif saved is not None:
+        prof = saved
     else:
         budgets = {}
         if args.cluster:
@@ -177,6 +198,8 @@ def cmd_plan(args) -> int:
             prof = profile_cluster(session.executor, cfg, [args.seq_len], args.dtype,
                                    memory_budget=args.memory_budget, budgets=budgets, reprofile=args.reprofile,
                                    host_load=HostLoad.now(host_id()))
+    if args.profile_out:
+        Path(args.profile_out).write_text(prof.to_json())
     n_prof = len(prof.devices)
     wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
     serve_table = None

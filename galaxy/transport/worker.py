@@ -54,6 +54,7 @@ from ..v1 import worker_pb2_grpc as pb_grpc
 from ..version import __version__
 from . import resources
 from .channels import add_port, check_bindable, open_channel, server_options
+from .collective_probe import PROBE_KIND, probe_rows, probe_samples
 from .datalink import DataServer
 from .discovery import start_announcer
 from .kv_ticket import MAX_REVOKE, NONCE_BYTES, NonceLog, receipt, verify
@@ -761,6 +762,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             samples = time_blocks(cfg, seqs, repeats=max(1, min(request.repeats or 3, 20)), dtype=dtype,
                                   device=self.s.device, **({"progress": between} if between else {}))
             codecs = codec_seconds_per_byte(cols=cfg.hidden)
+            # the CPU a ring collective costs this device whole, beyond its share of the GEMMs (collective_probe)
+            rows = probe_rows(seqs)
+            try:
+                samples += probe_samples(rows, cfg.hidden, dtype)
+            except (TransportError, OSError) as e:  # a profile without it prices no transport CPU (as before)
+                log.warning("%s: the %s probe failed: %s", self.s.name, PROBE_KIND, e)
             gc.collect()
             _trim_heap()  # the timing blocks are gone: give their memory back before anyone plans with it
         return pb.ProfileReply(

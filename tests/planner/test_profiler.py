@@ -37,7 +37,7 @@ def test_time_blocks_covers_every_kind_and_size():
     # one token of each of several sequences through a stack of whole layers (all of a tiny model's)
     assert kinds == ({(k, q) for k in ("attention", "mlp", "connective") for q in (16, 32)} | {("head", 1)}
                      | {("decode", cfg.n_layers)})
-    assert sorted(s.units for s in samples if s.kind == "decode") == [1, 4, 16]
+    assert sorted(s.units for s in samples if s.kind == "decode") == [1, 2, 4, 16]
     assert all(s.seconds > 0 for s in samples)
     assert {s.units for s in samples if s.kind == "attention"} == {2, 3, 6}
     assert {s.units for s in samples if s.kind == "head"} == {cfg.vocab_size}  # a small vocabulary: all of it
