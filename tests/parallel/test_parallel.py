@@ -22,6 +22,9 @@ from galaxy.parallel.sharding import (
 )
 from galaxy.runtime.inproc import run_inprocess
 
+# tiny models on in-process ranks: a second intra-op thread only spins (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = 1e-4  # fp32 max abs error on final logits / hidden states
 
 
