@@ -21,6 +21,9 @@ from galaxy.parallel.sharding import even_partition, weighted_partition
 from galaxy.runtime.inproc import InprocCluster
 from galaxy.runtime.sources import reference_generate
 
+# in-process ranks, three threads on two cores: a second intra-op thread only spins (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def engines():

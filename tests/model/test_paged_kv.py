@@ -9,6 +9,9 @@ from galaxy.errors import GalaxyError
 from galaxy.model.paged_kv import METHODS, PagedBatch, PagedKVCache, block_attention, group_size, padded_rows
 from galaxy.model.transformer import attention_core
 
+# paged-attention kernels on small blocks: a second intra-op thread only spins (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BS, HD = 4, 16
 
 

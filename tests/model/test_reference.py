@@ -10,6 +10,9 @@ from galaxy.model.checkpoints import open_checkpoint
 from galaxy.model.transformer import mean_pool
 from galaxy.parallel.sharding import full_spec, load_shard
 
+# small forwards: a second intra-op thread only spins (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 T = pytest.importorskip("transformers", reason="transformers (test extra) cross-checks our forward")
 
 XCHECK_TOL = 1e-5  # fp32 max abs error against transformers

@@ -16,6 +16,9 @@ from galaxy.parallel.rank import KVPool
 from galaxy.parallel.sharding import Partition, even_partition, full_spec, load_shard, weighted_partition
 from galaxy.runtime.inproc import InprocCluster
 
+# tiny models on in-process ranks: a second intra-op thread only spins (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = 1e-4  # fp32 max abs error against the single-device forward of the sequence alone
 BLOCK = 4
 
