@@ -76,6 +76,24 @@ def test_all_reduce_matches_sum_even_when_rows_fewer_than_ranks(n):
         torch.testing.assert_close(o, sum(xs), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("n", [3, 4])
+@pytest.mark.parametrize("shape", [(4, 576), (40, 576), (2, 20000)])  # direct; two shots; rows fewer than ranks
+def test_all_reduce_sums_every_element_in_rank_order_at_any_size(n, shape):
+    """A row's sum must not depend on how many rows travel with it (int4 / int8 promise a sequence the bits
+    it gets alone): with three ranks, 1 + 2^-24 + 2^-24 is 1 summed left to right and 1 + 2^-23 grouped
+    otherwise, as a ring's running sums grouped the rows that fell in rank 0's chunk."""
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.where(torch.rand(shape, generator=g) < 0.5, 1.0, 2.0 ** -24) * (1 + 0.5 * (r % 2)) for r in range(n)]
+    want = xs[0].clone()
+    for x in xs[1:]:
+        want = want + x
+    out, err, comms = run_ranks(n, lambda c: c.all_reduce(xs[c.rank]))
+    assert err == [None] * n
+    assert all(torch.equal(o, want) for o in out)
+    two_shot = xs[0].numel() * 4 > comms[0].direct_max_bytes
+    assert [op.tag.endswith(".2shot" if two_shot else ".direct") for op in comms[0].stats.ops] == [True]
+
+
 def test_zero_row_ranks_take_part_without_messages_for_empty_chunks():
     sizes = [0, 5, 0, 2]
     full = torch.randn(7, 3)
