@@ -28,6 +28,7 @@ from .sharding import split_even
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 RowFn = Callable[[int, int], torch.Tensor]
+DIRECT_MAX_BYTES = 64 * 1024  # all-reduces up to this size skip the two shots (docs/collectives.md)
 
 
 class Transport(Protocol):
@@ -75,13 +76,13 @@ def pieces(n: int, tiles: int) -> list[int]:
 class Collectives:
     """Ring collectives for one rank. `tiles` sub-divides each device's chunk for finer overlap."""
 
-    def __init__(self, transport: Transport, tiles: int = 1, direct_max_bytes: int = 64 * 1024,
+    def __init__(self, transport: Transport, tiles: int = 1, direct_max_bytes: int = DIRECT_MAX_BYTES,
                  overlap: bool = True):
         self.t = transport
         self.rank, self.world = transport.rank, transport.world
         self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         self.tiles = max(1, tiles)
-        self.direct_max_bytes = direct_max_bytes  # all-reduces up to this size skip the ring
+        self.direct_max_bytes = direct_max_bytes  # all-reduces up to this size go direct
         # overlap=False runs each fused collective as "all communication, then one GEMM" (or the
         # reverse): the no-overlap baseline that shows what tile overlap buys.
         self.overlap = overlap

@@ -138,3 +138,38 @@ def test_failure_on_one_rank_aborts_the_others_promptly():
     out, err, _ = run_ranks(3, body, timeout=60)
     assert isinstance(err[0], RuntimeError)
     assert all(isinstance(e, TransportError) and "aborted" in str(e) for e in err[1:])
+
+
+def test_int4_decodes_on_three_ranks_get_their_bits_alone_beside_chunks_sent_direct_or_in_two_shots():
+    """Three ranks (where a sum's grouping shows), int4: a step of 2 decodes alone, beside a 38-token chunk
+    (direct: int4's partials go as bf16, so its direct size is twice fp32's) and beside a 58-token one (two
+    shots) -- each decode's logits bit for bit the same."""
+    from dataclasses import replace
+
+    from galaxy.bench import step_shapes as ss
+    from galaxy.model.checkpoints.random import RandomWeights
+    from galaxy.model.config import preset
+    from galaxy.parallel.executor import LoadOptions
+    from galaxy.parallel.sharding import even_partition
+    from galaxy.runtime.inproc import InprocCluster
+
+    cfg = preset("smollm2-135m").replace(n_layers=2, vocab_size=512)
+    ex = InprocCluster(3)
+    try:
+        ex.load(RandomWeights(cfg, seed=4, std=0.05), even_partition(cfg, 3), LoadOptions(weights_format="int4"))
+        sb = ss.StepShapes(decodes=(2,), chunk=58, context=40, reps=1)
+        pool = ss.KVPool(ex.kv_blocks(16), 16)
+        seqs = ss._Sequences(sb, cfg.vocab_size, pool)
+        for step in seqs.prefills():
+            ex.step(step, pool)
+
+        def decodes_beside(chunk):
+            res = ex.step(replace(seqs.step(2, chunk), top1_rows=()), pool)
+            return res.output[:2], {op.tag.rsplit(".", 1)[-1] for op in res.devices[0].ops if ".ar." in op.tag}
+
+        alone, _ = decodes_beside(0)
+        for chunk, path in ((38, "direct"), (58, "2shot")):
+            logits, tags = decodes_beside(chunk)
+            assert tags == {path} and torch.equal(logits, alone)
+    finally:
+        ex.close()
