@@ -80,3 +80,9 @@ def test_fp32_wire_keeps_float32_when_any_value_is_not_bf16(where):
     x.view(-1)[where] += 2.0 ** -20 * x.view(-1)[where]
     data, _ = codec.encode(x, "fp32")
     assert data.dtype == torch.float32 and torch.equal(data, x)
+
+
+def test_fp32_wire_sends_small_frames_as_they_are():
+    """A decode row's frame costs more to check and widen than its bytes cost on the link."""
+    x = torch.randn(4, 576).to(torch.bfloat16).to(torch.float32)
+    assert codec.encode(x, "fp32")[0] is x
