@@ -10,8 +10,10 @@ so a tensor-parallel step's all-reduce partials -- tokens x hidden x 4 bytes to 
 bulk of a prompt token's cost on a 1 Gbit/s link (docs/engine.md, session 8) -- carry 16 zero bits in every
 value. Nothing is rounded: a tensor with any other value goes as float32, so an fp32 model's sums (and every
 result) are unchanged; the check reads a few values first, so such a tensor pays a few microseconds. Frames
-under EXACT16_MIN_BYTES go as they are: checking and widening a decode row's 2.3 KB cost a quota-capped
-device more than its 1 Gbit/s link saves (measured on the trio: +5 ms of send time in a decode step).
+under EXACT16_MIN_BYTES go as they are: on the trio (1 Gbit/s links, far from full in a small step) checking
+and widening frames of 2-55 KB cost a quota-capped device 4-5 ms of send time a step and saved nothing
+measurable (docs/engine.md, session 8); past 64 KiB (a SmolLM2 step of more than 28 tokens) the halved
+frames let int4 / int8 go direct where fp32 takes two shots (parallel/rank.py).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _groups(t: torch.Tensor) -> torch.Tensor:
 
 
 EXACT16_PROBE = 256  # values checked before the whole tensor: a float32 activation fails within them
-EXACT16_MIN_BYTES = 16 * 1024  # smaller frames go as they are: a decode row's 2.3 KB cost more to check than to send
+EXACT16_MIN_BYTES = 64 * 1024  # smaller frames go as they are: on the trio checking cost more than the bytes saved
 
 
 def exact16(t: torch.Tensor) -> torch.Tensor | None:
