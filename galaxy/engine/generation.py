@@ -111,6 +111,8 @@ def collective_of(devices: list[DeviceStats]) -> str:
     tags = {op.tag for op in devices[0].ops} if devices else set()
     if any(t.endswith(".direct") for t in tags):
         return "direct all-reduce (1 hop)"
+    if any(t.endswith(".2shot") for t in tags):
+        return "two-shot all-reduce (2 hops)"
     if any(".ar." in t for t in tags):
         return "ring all-reduce"
     if any(t.endswith(".rs") for t in tags):

@@ -28,6 +28,7 @@ from .sharding import split_even
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 RowFn = Callable[[int, int], torch.Tensor]
+DIRECT_MAX_BYTES = 64 * 1024  # all-reduces up to this size skip the two shots (docs/collectives.md)
 
 
 class Transport(Protocol):
@@ -75,13 +76,13 @@ def pieces(n: int, tiles: int) -> list[int]:
 class Collectives:
     """Ring collectives for one rank. `tiles` sub-divides each device's chunk for finer overlap."""
 
-    def __init__(self, transport: Transport, tiles: int = 1, direct_max_bytes: int = 64 * 1024,
+    def __init__(self, transport: Transport, tiles: int = 1, direct_max_bytes: int = DIRECT_MAX_BYTES,
                  overlap: bool = True):
         self.t = transport
         self.rank, self.world = transport.rank, transport.world
         self.next, self.prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         self.tiles = max(1, tiles)
-        self.direct_max_bytes = direct_max_bytes  # all-reduces up to this size skip the ring
+        self.direct_max_bytes = direct_max_bytes  # all-reduces up to this size go direct
         # overlap=False runs each fused collective as "all communication, then one GEMM" (or the
         # reverse): the no-overlap baseline that shows what tile overlap buys.
         self.overlap = overlap
@@ -207,21 +208,22 @@ class Collectives:
         return res
 
     def all_reduce(self, x: torch.Tensor, tag: str = "ar") -> torch.Tensor:
-        """Sum of x over ranks, bit-identical on every rank.
+        """Sum of x over ranks, bit-identical on every rank, and each element summed in rank order
+        ((x_0 + x_1) + x_2 ...) whatever x's size: a row gets the same bits in a step of one token as
+        in a step of sixty (int4 and int8 promise each sequence the bits it gets alone, and with three
+        ranks or more a sum's grouping changes its bits).
 
         Small payloads (decode steps) go direct: every rank sends x to every other and sums in
-        rank order -- one link latency instead of the ring's 2(N-1). Large ones use the ring
-        (ReduceScatter then AllGather over rows), which moves the fewest bytes.
+        rank order -- one link latency. Larger ones go in two shots: each rank sends every other
+        rank that rank's rows of x, each sums its rows in rank order, then sends the sums to every
+        other (a ring's bytes, 2(N-1)/N of x per rank, in two link latencies instead of its 2(N-1);
+        the ring's running sums grouped a row's terms by where its rows fell).
         """
         if self.world == 1:
             return x
         if x.numel() * x.element_size() <= self.direct_max_bytes:
             return self._all_reduce_direct(x, tag + ".direct")
-        rows = x.shape[0]
-        flat = x.reshape(rows, -1)
-        sizes = split_even(rows, self.world)
-        part = self.reduce_scatter(sizes, lambda a, b: flat[a:b], flat.shape[1], flat.dtype, tag + ".rs")
-        return self.all_gather(part, sizes, tag=tag + ".ag").reshape(x.shape)
+        return self._all_reduce_two_shot(x, tag + ".2shot")
 
     def _all_reduce_direct(self, x: torch.Tensor, tag: str) -> torch.Tensor:
         t0, before = self._mark(tag)
@@ -234,6 +236,30 @@ class Collectives:
             acc = part.clone() if acc is None else acc.add_(part)
         self._record(tag, t0, before)
         return acc
+
+    def _all_reduce_two_shot(self, x: torch.Tensor, tag: str) -> torch.Tensor:
+        n, r = self.world, self.rank
+        t0, before = self._mark(tag)
+        rows = x.shape[0]
+        flat = x.reshape(rows, -1)  # (rows, width)
+        sizes = split_even(rows, n)
+        first = [sum(sizes[:i]) for i in range(n)]
+        mine = slice(first[r], first[r] + sizes[r])
+        for dst in range(n):  # shot 1: every rank its rows of our partial
+            if dst != r and sizes[dst]:
+                self._send(dst, flat[first[dst]: first[dst] + sizes[dst]])
+        acc = None
+        if sizes[r]:
+            for src in range(n):  # rank order, as the direct exchange sums
+                part = flat[mine] if src == r else self._recv(src, (sizes[r], flat.shape[1]), flat.dtype)
+                acc = part.clone() if acc is None else acc.add_(part)
+            for dst in range(n):  # shot 2: our summed rows to every rank
+                if dst != r:
+                    self._send(dst, acc)
+        out = [acc if src == r else self._recv(src, (sizes[src], flat.shape[1]), flat.dtype)
+               for src in range(n) if sizes[src]]
+        self._record(tag, t0, before)
+        return torch.cat(out, 0).reshape(x.shape)
 
     def send_next(self, x: torch.Tensor, tag: str = "pipe") -> None:
         """Pipeline hand-off to the next stage."""

@@ -15,8 +15,9 @@ import torch
 
 from ..errors import DeviceOutOfMemory
 from ..model.paged_kv import PagedKVCache
+from ..model.quant import QuantLinear
 from ..model.transformer import Transformer
-from .collectives import Collectives
+from .collectives import DIRECT_MAX_BYTES, Collectives
 from .decode_graph import DecodeGraphs
 from .forward import Request, Step, rank_forward, request_pass, step_pass
 from .sharding import Partition
@@ -51,6 +52,9 @@ class RankRuntime:
         self.paged: PagedKVCache | None = None  # allocated by the engine's first step
         self.stash = None  # the device-local K/V pool's store (parallel/kv_stash.KVStash), opened by the engine
         self.graphs: DecodeGraphs | None = None  # the compiled one-token decode halves (prepare_decode)
+        # an all-reduce's partials travel as bf16 (parallel/codec.py exact16): the direct exchange moves the
+        # two-shot's bytes up to twice the float32 size, in one hop; from the format, alike on every rank
+        self.direct_max_bytes = DIRECT_MAX_BYTES * (2 if bf16_partials(model) else 1)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -162,4 +166,13 @@ class RankRuntime:
         return nullcontext() if self.threads is None else intra_op_threads(self.threads.for_tokens(tokens))
 
     def new_comm(self, transport, overlap: bool | None = None) -> Collectives:
-        return Collectives(transport, self.tiles, overlap=self.overlap if overlap is None else overlap)
+        return Collectives(transport, self.tiles, direct_max_bytes=self.direct_max_bytes,
+                           overlap=self.overlap if overlap is None else overlap)
+
+
+def bf16_partials(model: Transformer) -> bool:
+    """Whether every block linear of `model` gives bf16 values (int4 and int8 with bf16 activations: the
+    kernel's and the dense rows' outputs are bf16, widened), so a tensor-parallel all-reduce's partials go
+    on the wire in half the bytes (parallel/codec.py exact16)."""
+    lins = [m for m in model.layers.modules() if isinstance(m, QuantLinear)]
+    return bool(lins) and all(m.fmt.name in ("int4", "int8") and m.fmt.act == "bf16" for m in lins)

@@ -8,6 +8,7 @@ import torch
 
 from galaxy.errors import TransportError
 from galaxy.parallel import codec
+from galaxy.transport.datalink import encode_frame
 from galaxy.transport.protocol import compress, decompress, to_proto, to_proto_dtype
 from planner import wire
 from planner.profile import ClusterProfile, ComputeModel, DeviceProfile, Link
@@ -56,3 +57,32 @@ def test_planner_compresses_slow_links_and_keeps_fast_ones_exact():
     assert wire.choose(_cluster(50e6), allowed=("fp32", "fp16"))[0][1] == "fp16"
     eff = wire.effective(_cluster(50e6), wire.choose(_cluster(50e6)))
     assert eff.links[0][1].bandwidth_bps > 3 * 50e6  # int8 carries fp32 activations ~3.8x faster
+
+
+def test_fp32_wire_sends_bf16_valued_tensors_in_half_the_bytes_bit_for_bit():
+    """int4 / int8 linears' outputs are bf16 values in float32: their all-reduce partials travel as bf16,
+    losslessly (NaN, infinities and -0.0 included), through both the data plane's and gRPC's frames."""
+    x = (torch.randn(40, 576) * 100).to(torch.bfloat16).to(torch.float32)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])
+    data, scales = codec.encode(x, "fp32")
+    assert data.dtype == torch.bfloat16 and scales is None
+    assert torch.equal(codec.decode(data, None, torch.float32).view(torch.int32), x.view(torch.int32))
+    frame = encode_frame(1, 0, x)
+    assert len(frame[1]) == x.numel() * 2
+    sent, _ = compress(x, "fp32")
+    assert torch.equal(decompress(sent, to_proto_dtype(torch.float32), None, "test frame").view(torch.int32),
+                       x.view(torch.int32))
+
+
+@pytest.mark.parametrize("where", [0, 300, 23039])  # within the probe, past it, the last value
+def test_fp32_wire_keeps_float32_when_any_value_is_not_bf16(where):
+    x = torch.randn(40, 576).to(torch.bfloat16).to(torch.float32)
+    x.view(-1)[where] += 2.0 ** -20 * x.view(-1)[where]
+    data, _ = codec.encode(x, "fp32")
+    assert data.dtype == torch.float32 and torch.equal(data, x)
+
+
+def test_fp32_wire_sends_small_frames_as_they_are():
+    """A small step's frames cost more to check and widen than their bytes cost on the link."""
+    x = torch.randn(28, 576).to(torch.bfloat16).to(torch.float32)
+    assert codec.encode(x, "fp32")[0] is x

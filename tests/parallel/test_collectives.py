@@ -76,6 +76,24 @@ def test_all_reduce_matches_sum_even_when_rows_fewer_than_ranks(n):
         torch.testing.assert_close(o, sum(xs), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("n", [3, 4])
+@pytest.mark.parametrize("shape", [(4, 576), (40, 576), (2, 20000)])  # direct; two shots; rows fewer than ranks
+def test_all_reduce_sums_every_element_in_rank_order_at_any_size(n, shape):
+    """A row's sum must not depend on how many rows travel with it (int4 / int8 promise a sequence the bits
+    it gets alone): with three ranks, 1 + 2^-24 + 2^-24 is 1 summed left to right and 1 + 2^-23 grouped
+    otherwise, as a ring's running sums grouped the rows that fell in rank 0's chunk."""
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.where(torch.rand(shape, generator=g) < 0.5, 1.0, 2.0 ** -24) * (1 + 0.5 * (r % 2)) for r in range(n)]
+    want = xs[0].clone()
+    for x in xs[1:]:
+        want = want + x
+    out, err, comms = run_ranks(n, lambda c: c.all_reduce(xs[c.rank]))
+    assert err == [None] * n
+    assert all(torch.equal(o, want) for o in out)
+    two_shot = xs[0].numel() * 4 > comms[0].direct_max_bytes
+    assert [op.tag.endswith(".2shot" if two_shot else ".direct") for op in comms[0].stats.ops] == [True]
+
+
 def test_zero_row_ranks_take_part_without_messages_for_empty_chunks():
     sizes = [0, 5, 0, 2]
     full = torch.randn(7, 3)
@@ -120,3 +138,38 @@ def test_failure_on_one_rank_aborts_the_others_promptly():
     out, err, _ = run_ranks(3, body, timeout=60)
     assert isinstance(err[0], RuntimeError)
     assert all(isinstance(e, TransportError) and "aborted" in str(e) for e in err[1:])
+
+
+def test_int4_decodes_on_three_ranks_get_their_bits_alone_beside_chunks_sent_direct_or_in_two_shots():
+    """Three ranks (where a sum's grouping shows), int4: a step of 2 decodes alone, beside a 38-token chunk
+    (direct: int4's partials go as bf16, so its direct size is twice fp32's) and beside a 58-token one (two
+    shots) -- each decode's logits bit for bit the same."""
+    from dataclasses import replace
+
+    from galaxy.bench import step_shapes as ss
+    from galaxy.model.checkpoints.random import RandomWeights
+    from galaxy.model.config import preset
+    from galaxy.parallel.executor import LoadOptions
+    from galaxy.parallel.sharding import even_partition
+    from galaxy.runtime.inproc import InprocCluster
+
+    cfg = preset("smollm2-135m").replace(n_layers=2, vocab_size=512)
+    ex = InprocCluster(3)
+    try:
+        ex.load(RandomWeights(cfg, seed=4, std=0.05), even_partition(cfg, 3), LoadOptions(weights_format="int4"))
+        sb = ss.StepShapes(decodes=(2,), chunk=58, context=40, reps=1)
+        pool = ss.KVPool(ex.kv_blocks(16), 16)
+        seqs = ss._Sequences(sb, cfg.vocab_size, pool)
+        for step in seqs.prefills():
+            ex.step(step, pool)
+
+        def decodes_beside(chunk):
+            res = ex.step(replace(seqs.step(2, chunk), top1_rows=()), pool)
+            return res.output[:2], {op.tag.rsplit(".", 1)[-1] for op in res.devices[0].ops if ".ar." in op.tag}
+
+        alone, _ = decodes_beside(0)
+        for chunk, path in ((38, "direct"), (58, "2shot")):
+            logits, tags = decodes_beside(chunk)
+            assert tags == {path} and torch.equal(logits, alone)
+    finally:
+        ex.close()
