@@ -9,6 +9,8 @@ import pytest
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.kv_devicepool import DevicePool
 from galaxy.engine.scheduler import SchedulerConfigError
+from galaxy.errors import GalaxyError
+from galaxy.parallel import kv_stash
 from galaxy.parallel.kv_stash import StashResult
 from galaxy.parallel.kv_transfer import box_bytes, holdings
 from galaxy.runtime.inproc import InprocCluster
@@ -87,3 +89,48 @@ def test_kv_pool_mib_gives_each_device_its_budget_in_serve_and_bench_serve():
     for argv in (["serve", "--kv-pool-mib", "64"], ["bench", "serve", "--kv-pool-mib", "64"]):
         assert engine_config(build_parser().parse_args(argv)).device_pool_bytes == 64 << 20
     assert engine_config(build_parser().parse_args(["serve"])).device_pool_bytes == 0  # off unless asked
+
+
+def _evicting_engine(ranks):
+    """An engine whose second document evicts the first's blocks through before_step into the device pool."""
+    engine = Engine(ranks, CFG, None, EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=9,
+                                                   device_pool_bytes=1 << 20))
+    engine.kv_tier.pre_read = lambda *args: 0
+    return engine
+
+
+def test_torchs_allocator_runtime_error_copying_refuses_those_blocks_and_the_request_finishes(ranks, monkeypatch):
+    a, b = docs(2)
+    engine = _evicting_engine(ranks)
+    try:
+        engine.generate(a, OUT)
+
+        def no_memory(*args, **kw):  # what torch 2.13's CPU allocator raises: a RuntimeError, not MemoryError
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+        monkeypatch.setattr(kv_stash, "read_box", no_memory)
+        got = engine.submit(b, OUT).result(30)  # a dead loop thread would leave it unfinished
+        assert engine._thread.is_alive() and engine.kv_tier.stats.stashed_blocks == 0
+    finally:
+        engine.close()
+    assert got.tokens == reference_generate(SRC, b, OUT.max_new_tokens, stop_at_eos=False)
+
+
+def test_another_error_in_the_tier_fails_the_requests_with_a_typed_error_and_the_loop_keeps_serving(ranks,
+                                                                                                      monkeypatch):
+    a, b = docs(2)
+    engine = _evicting_engine(ranks)
+    try:
+        engine.generate(a, OUT)
+
+        def bug(*args, **kw):
+            raise RuntimeError("a bug in the copy")
+
+        monkeypatch.setattr(kv_stash, "read_box", bug)
+        with pytest.raises(GalaxyError, match="K/V tier failed .*a bug in the copy"):
+            engine.submit(b, OUT).result(30)
+        monkeypatch.undo()
+        assert engine.generate(a[:8], OUT).tokens == reference_generate(SRC, a[:8], OUT.max_new_tokens,
+                                                                          stop_at_eos=False)
+    finally:
+        engine.close()
