@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import grpc
 import pytest
 import torch
 
 from galaxy.engine.block_manager import chain
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.generation import GenerationConfig
-from galaxy.errors import DeviceOutOfMemory, KVTransferError
+from galaxy.errors import DeviceOutOfMemory, KVTransferError, ProtocolMismatch
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import make_config
 from galaxy.model.int4_expand import expander
@@ -28,6 +29,7 @@ from galaxy.parallel.sharding import even_partition
 from galaxy.runtime.recovery import ResilientCluster
 from galaxy.runtime.sources import reference_generate
 from galaxy.transport.client import Cluster, ModelRef
+from galaxy.transport.worker import WorkerService
 from tests.engine.test_kernel_roles import _logits as logits_of
 from tests.engine.test_kv_spill import computed
 
@@ -241,3 +243,19 @@ def test_under_a_memory_budget_a_store_fits_beside_the_plan_or_is_refused_naming
         finally:
             engine.close()
     assert got.tokens == reference(docs(1))[0]
+
+
+def test_a_worker_without_the_pool_call_is_named_as_too_old_and_never_re_planned_around(servers, monkeypatch):
+    def older_galaxy(self, request, context):  # what a worker built before StashKV answers
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+    monkeypatch.setattr(WorkerService, "StashKV", older_galaxy)
+    rc = ResilientCluster(servers.start(2))
+    try:
+        rc.load(SRC, even_partition(CFG, 2, "galaxy"))
+        with pytest.raises(ProtocolMismatch, match="no device-local K/V pool .*older galaxy.*--kv-pool-mib"):
+            Engine(rc, CFG, None, SMALL)
+        events = [ev.kind for ev in rc.events]
+    finally:
+        rc.close()
+    assert "recover" not in events  # the device works: nothing to re-plan around
