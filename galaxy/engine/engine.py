@@ -365,8 +365,8 @@ class Engine:
                 stream._end("abort", error or GalaxyError("the engine was closed (another model was loaded, or "
                                                           "the session ended) before this request finished"))
             self.streams.clear()
-            if self.kv_tier is not None:
-                self.kv_tier.close(self.ex)
+        if self.kv_tier is not None:  # outside the lock, best effort, and never a re-plan: a ResilientCluster's
+            self.kv_tier.close(getattr(self.ex, "cluster", self.ex))  # inner cluster (a device gone has no store)
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:

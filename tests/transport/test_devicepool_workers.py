@@ -259,3 +259,27 @@ def test_a_worker_without_the_pool_call_is_named_as_too_old_and_never_re_planned
     finally:
         rc.close()
     assert "recover" not in events  # the device works: nothing to re-plan around
+
+
+def test_the_engines_close_with_a_pool_worker_gone_neither_re_plans_nor_holds_the_lock(servers):
+    rc = ResilientCluster(servers.start(2))
+    try:
+        rc.load(SRC, even_partition(CFG, 2, "galaxy"))
+        engine = Engine(rc, CFG, None, SMALL)
+        engine.kv_tier.pre_read = lambda *args: 0  # an idle loop touches no device: only the close meets it gone
+        engine.generate(docs(1)[0], OUT)
+        servers.stop(1)
+        real, locked = engine.kv_tier.close, []
+
+        def close(ex):
+            locked.append(engine._lock.acquire(blocking=False))
+            if locked[-1]:
+                engine._lock.release()
+            real(ex)
+
+        engine.kv_tier.close = close
+        engine.close()
+        events = [ev.kind for ev in rc.events]
+    finally:
+        rc.close()
+    assert locked == [True] and "recover" not in events  # the lock was free; the closes went to the inner cluster
