@@ -4,15 +4,17 @@ the evicted blocks it cannot take go behind, and come back from either with the 
 
 from __future__ import annotations
 
+import psutil
 import pytest
 
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.kv_devicepool import DevicePool
 from galaxy.engine.scheduler import SchedulerConfigError
-from galaxy.errors import GalaxyError
+from galaxy.errors import DeviceOutOfMemory, GalaxyError
 from galaxy.parallel import kv_stash
-from galaxy.parallel.kv_stash import StashResult
+from galaxy.parallel.kv_stash import StashCall, StashResult
 from galaxy.parallel.kv_transfer import box_bytes, holdings
+from galaxy.parallel.rank import KVPool
 from galaxy.runtime.inproc import InprocCluster
 from galaxy.runtime.sources import reference_generate
 from tests.engine.test_kv_spill import OUT, computed, docs
@@ -134,3 +136,12 @@ def test_another_error_in_the_tier_fails_the_requests_with_a_typed_error_and_the
                                                                           stop_at_eos=False)
     finally:
         engine.close()
+
+
+def test_in_process_ranks_share_one_memory_so_a_second_store_cannot_be_promised_what_the_first_was(ranks):
+    pool = KVPool(16, 4)
+    ask = int(psutil.virtual_memory().available * 0.6)  # fits once (nothing is allocated until blocks come in)
+    ranks.kv_stash(0, StashCall(open_bytes=ask), pool)
+    with pytest.raises(DeviceOutOfMemory, match="does not fit"):
+        ranks.kv_stash(1, StashCall(open_bytes=ask), pool)
+    assert ranks.runtimes[0].stash.max_bytes == ask and ranks.runtimes[1].stash is None
