@@ -25,6 +25,7 @@ from galaxy.parallel import kv_stash
 from galaxy.parallel.executor import LoadOptions
 from galaxy.parallel.kv_stash import StashCall
 from galaxy.parallel.kv_transfer import holdings
+from galaxy.parallel.rank import KVPool
 from galaxy.parallel.sharding import even_partition
 from galaxy.runtime.recovery import ResilientCluster
 from galaxy.runtime.sources import reference_generate
@@ -283,3 +284,24 @@ def test_the_engines_close_with_a_pool_worker_gone_neither_re_plans_nor_holds_th
     finally:
         rc.close()
     assert locked == [True] and "recover" not in events  # the lock was free; the closes went to the inner cluster
+
+
+def test_under_a_memory_budget_an_open_store_holds_its_whole_budget_against_later_admissions(servers):
+    import gc
+
+    import psutil
+
+    from galaxy.transport.worker import _trim_heap
+
+    gc.collect()
+    _trim_heap()  # as the worker measures it: the room beside one tiny session is at most ~224 MiB
+    rss = psutil.Process().memory_info().rss
+    (addr,) = servers.start(1, memory_budget=rss + (256 << 20))
+    pool = KVPool(12, 4)
+    with Cluster([addr]) as first, Cluster([addr]) as second:
+        load(first, world=1)
+        first.kv_stash(0, StashCall(open_bytes=150 << 20), pool)  # admitted, empty: it fills without asking again
+        load(second, world=1)  # a tiny session: fits beside the first's 150 MiB without dropping it
+        with pytest.raises(DeviceOutOfMemory, match=r"K/V pool of 150\.0 MiB does not fit"):
+            second.kv_stash(0, StashCall(open_bytes=150 << 20), pool)
+        assert len(servers.running[0][1].sessions) == 2
