@@ -232,6 +232,9 @@ class DevicePool:
             self._open_for = None  # the stores are opened again, emptied, before the next use
             raise CacheLost(f"device K/V pool: {len(missing)} blocks to restore are no longer held on some device "
                             f"(first {next(iter(missing)).hex()}); every sequence runs its tokens again")
+        for name, _ in restore:  # just used: the least recently used names are the others
+            if name in self._names:
+                self._names.move_to_end(name)
         self.stats.restored_blocks += len(restore)
 
     # -- while idle --------------------------------------------------------------------------------

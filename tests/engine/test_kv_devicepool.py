@@ -145,3 +145,25 @@ def test_in_process_ranks_share_one_memory_so_a_second_store_cannot_be_promised_
     with pytest.raises(DeviceOutOfMemory, match="does not fit"):
         ranks.kv_stash(1, StashCall(open_bytes=ask), pool)
     assert ranks.runtimes[0].stash.max_bytes == ask and ranks.runtimes[1].stash is None
+
+
+def _named_blocks(ranks, n: int):
+    engine = Engine(ranks, CFG, None, EngineConfig(block_size=4, kv_blocks=12))
+    try:
+        engine.generate(docs(1)[0], OUT)  # the pool is allocated and filled
+        return list(engine.sched.blocks._cached.items())[:n], engine.pool
+    finally:
+        engine.close()
+
+
+def test_a_restored_name_becomes_the_most_recent_so_room_is_made_by_dropping_another(ranks):
+    (a, b, c), pool = _named_blocks(ranks, 3)
+    per = max(box_bytes(CFG, h.layers, h.heads, 4, 4) for h in holdings(ranks.partition, CFG))
+    dp = DevicePool(2 * per, CFG)  # two blocks on the device with the most K/V heads
+    dp.open(ranks, pool)
+    dp.before_step(ranks, pool, [a, b], [])  # a kept first: the least recently used
+    dp.before_step(ranks, pool, [], [a])  # a used again
+    dp.before_step(ranks, pool, [c], [])  # room for c: the least recently used goes
+    assert dp.capacity == 2 and a[0] in dp and c[0] in dp and b[0] not in dp
+    dp.close(ranks)
+
