@@ -167,3 +167,13 @@ def test_a_restored_name_becomes_the_most_recent_so_room_is_made_by_dropping_ano
     assert dp.capacity == 2 and a[0] in dp and c[0] in dp and b[0] not in dp
     dp.close(ranks)
 
+
+def test_pending_drops_beyond_one_calls_limit_wait_for_the_next_call(ranks):
+    (a, b), pool = _named_blocks(ranks, 2)
+    dp = DevicePool(1 << 20, CFG)
+    dp.open(ranks, pool)
+    dp._drop.update(i.to_bytes(kv_stash.NAME_BYTES, "big") for i in range(kv_stash.MAX_NAMES + 5))
+    dp.before_step(ranks, pool, [a], [])
+    dp.before_step(ranks, pool, [b], [])
+    assert a[0] in dp and b[0] in dp and not dp._drop  # both calls went through; the drops all sent
+    dp.close(ranks)
