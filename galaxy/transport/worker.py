@@ -783,7 +783,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             rows = probe_rows(seqs)
             try:
                 samples += probe_samples(rows, cfg.hidden, dtype)
-            except (TransportError, OSError) as e:  # a profile without it prices no transport CPU (as before)
+            except (TransportError, OSError, threading.BrokenBarrierError) as e:  # a profile without it prices no
+                # transport CPU (as before); a broken barrier: a probe rank timed out or failed first
                 log.warning("%s: the %s probe failed: %s", self.s.name, PROBE_KIND, e)
             gc.collect()
             _trim_heap()  # the timing blocks are gone: give their memory back before anyone plans with it
