@@ -64,6 +64,17 @@ class DeviceOutOfMemory(GalaxyError):
     """A device cannot hold its shard or activations within its memory (budget)."""
 
 
+# What torch's CPU allocator says when it cannot allocate (a RuntimeError, not MemoryError: torch 2.13)
+ALLOC_FAILED = "can't allocate memory"
+
+
+def allocation_failed(e: BaseException) -> bool:
+    """Whether `e` is a failed memory allocation: Python's MemoryError, torch's OutOfMemoryError, or the RuntimeError
+    torch's CPU allocator raises (its message is the signal: other RuntimeErrors are bugs, not a full device)."""
+    return isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and not isinstance(e, GalaxyError) and ALLOC_FAILED in str(e))
+
+
 class WorkerError(GalaxyError):
     """A worker failed while running a request; the message names the device and the cause."""
 

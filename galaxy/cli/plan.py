@@ -15,7 +15,7 @@ from planner.fit import fit_plan
 from planner.phases import COORDINATOR_CORES, Coordinator, KVPath, PhaseModel
 from planner.plan import DEFAULT_KV_PATH, KV_PATHS
 from planner.profile import ClusterProfile
-from planner.profiler import HostLoad, profile_cluster
+from planner.profiler import HostLoad, profile_cluster, shape_key
 from planner.solver import METHODS
 from planner.strategy import RUNNABLE
 from planner.synthetic import synthetic_cluster
@@ -163,18 +163,59 @@ def _check_budget(cfg, n: int, budget: int, dtype_bytes: int) -> None:
                       "a copy of), or add devices")
 
 
+def _capped(prof: ClusterProfile, budget: int | None) -> ClusterProfile:
+    """Every device's memory capped by --memory-budget (a profile made without workers, or read from a file)."""
+    if budget is None:
+        return prof
+    return dataclasses.replace(prof, devices=[dataclasses.replace(d, memory_bytes=min(d.memory_bytes, budget))
+                                              for d in prof.devices])
+
+
+def _shape(cfg, args) -> dict:
+    """What a profile's timings depend on (planner/profiler.shape_key, as the profile cache keys them), recorded in
+    --profile-out; seq_lens left out: the compute models are fitted over the token count, so another --seq-len
+    may plan on the same profile."""
+    return {k: v for k, v in shape_key(cfg, [args.seq_len], args.dtype).items() if k != "seq_lens"}
+
+
+def _profile_in(args, cfg) -> ClusterProfile:
+    """The profile --profile-in names, refused (GalaxyError naming the file and what is wrong) when it is not one
+    --profile-out wrote, was profiled for another model shape, or comes with options it would silently ignore."""
+    given = [f"--{o}" for o in ("synthetic", "local", "workers", "cluster", "discover", "reprofile")
+             if getattr(args, o, None)]
+    if given:
+        raise GalaxyError(f"--profile-in plans on a saved profile, not on devices; leave out {', '.join(given)}")
+    path = args.profile_in
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise GalaxyError(f"--profile-in {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        d = json.loads(text)
+        if not isinstance(d, dict) or not isinstance(d.get("devices"), list):
+            raise ValueError("expected a JSON object with a list of devices")
+        prof = ClusterProfile.from_json(text)
+        if not prof.devices:
+            raise ValueError("it lists no device")
+    except KeyError as e:
+        raise GalaxyError(f"--profile-in {path}: not a profile written by --profile-out (missing field {e})") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise GalaxyError(f"--profile-in {path}: not a profile written by --profile-out ({e})") from None
+    want, got = _shape(cfg, args), d.get("shape")
+    if got is not None and got != want:
+        diff = ", ".join(f"{k} {got.get(k)!r} there, {want[k]!r} here" for k in want if got.get(k) != want[k])
+        raise GalaxyError(f"--profile-in {path}: profiled for another model shape ({diff}); profile this model "
+                          "(leave out --profile-in) or use a profile written for it")
+    return _capped(prof, args.memory_budget)
+
+
 def _synthetic(args):
     """The seeded synthetic cluster --synthetic asks for (profiles, not devices: nothing is started),
     each budget capped by --memory-budget."""
     given = [f"--{o}" for o in ("local", "workers", "cluster", "discover") if getattr(args, o, None)]
     if given:
         raise GalaxyError(f"--synthetic plans for made-up devices; leave out {', '.join(given)}")
-    prof = synthetic_cluster(args.synthetic, args.seed)
-    if args.memory_budget is not None:
-        prof = dataclasses.replace(prof, devices=[dataclasses.replace(d, memory_bytes=min(d.memory_bytes,
-                                                                                          args.memory_budget))
-                                                  for d in prof.devices])
-    return prof
+    return _capped(synthetic_cluster(args.synthetic, args.seed), args.memory_budget)
 
 
 def cmd_plan(args) -> int:
@@ -182,7 +223,7 @@ def cmd_plan(args) -> int:
     cfg = source.config
     if not 1 <= args.seq_len <= cfg.max_positions:
         raise GalaxyError(f"--seq-len {args.seq_len} outside 1..{cfg.max_positions}")
-    saved = ClusterProfile.from_json(Path(args.profile_in).read_text()) if args.profile_in else None
+    saved = _profile_in(args, cfg) if args.profile_in else None
     n = args.synthetic if args.synthetic is not None else len(saved.devices) if saved else device_count(args)
     if args.memory_budget is not None:
         _check_budget(cfg, n, args.memory_budget, DTYPES[args.dtype].itemsize)
@@ -199,7 +240,8 @@ def cmd_plan(args) -> int:
                                    memory_budget=args.memory_budget, budgets=budgets, reprofile=args.reprofile,
                                    host_load=HostLoad.now(host_id()))
     if args.profile_out:
-        Path(args.profile_out).write_text(prof.to_json())
+        Path(args.profile_out).write_text(json.dumps({**json.loads(prof.to_json()), "shape": _shape(cfg, args)},
+                                                     indent=1))
     n_prof = len(prof.devices)
     wire = wire_choice.choose(prof) if args.wire == "auto" else [[args.wire] * n_prof for _ in range(n_prof)]
     serve_table = None

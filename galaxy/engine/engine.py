@@ -365,8 +365,8 @@ class Engine:
                 stream._end("abort", error or GalaxyError("the engine was closed (another model was loaded, or "
                                                           "the session ended) before this request finished"))
             self.streams.clear()
-            if self.kv_tier is not None:
-                self.kv_tier.close(self.ex)
+        if self.kv_tier is not None:  # outside the lock, best effort, and never a re-plan: a ResilientCluster's
+            self.kv_tier.close(getattr(self.ex, "cluster", self.ex))  # inner cluster (a device gone has no store)
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -463,7 +463,13 @@ class Engine:
                     tuple(it.kernel_from for it in plan.items))
         try:
             if self.kv_tier is not None and (spill[0] or spill[1]):
-                self.kv_tier.before_step(self.ex, self.pool, spill[0], spill[1])
+                try:
+                    self.kv_tier.before_step(self.ex, self.pool, spill[0], spill[1])
+                except GalaxyError:
+                    raise
+                except Exception as e:  # a bug or a device fault in the tier: these requests fail, the loop lives
+                    raise GalaxyError(f"the K/V tier failed moving blocks before step {plan.step}: "
+                                      f"{type(e).__name__}: {e}") from e
             res = self.ex.step(step, self.pool)
         except CacheLost as e:  # a fail-over: the K/V are gone, every sequence runs its tokens again
             self._lose_kv(e)

@@ -41,11 +41,12 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 
 from ..errors import CacheLost, GalaxyError, InvalidRequest
 from ..model.config import ModelConfig
 from ..parallel.executor import Executor
-from ..parallel.kv_stash import StashCall, StashResult
+from ..parallel.kv_stash import MAX_NAMES, StashCall, StashResult
 from ..parallel.kv_transfer import box_bytes, holdings
 from ..parallel.rank import KVPool
 from .kv_spill import MAX_CALL_BYTES, KVSpill, each_device
@@ -204,7 +205,8 @@ class DevicePool:
         restores to write (then it is the step's failure, raised)."""
         if not (put or restore or self._drop):
             return
-        call = StashCall(drop=tuple(self._drop), put=tuple(put), restore=tuple(restore))
+        # at most MAX_NAMES drops a call (a device refuses more): the rest stay pending for the next one
+        call = StashCall(drop=tuple(islice(self._drop, MAX_NAMES)), put=tuple(put), restore=tuple(restore))
         try:
             results: list[StashResult] = each_device([partial(ex.kv_stash, r, call, pool) for r, _ in self._held])
         except CacheLost:
@@ -232,6 +234,9 @@ class DevicePool:
             self._open_for = None  # the stores are opened again, emptied, before the next use
             raise CacheLost(f"device K/V pool: {len(missing)} blocks to restore are no longer held on some device "
                             f"(first {next(iter(missing)).hex()}); every sequence runs its tokens again")
+        for name, _ in restore:  # just used: the least recently used names are the others
+            if name in self._names:
+                self._names.move_to_end(name)
         self.stats.restored_blocks += len(restore)
 
     # -- while idle --------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ an evicted block out before the same block is given to a restore in the same ste
 
 Bounded and checked before touching anything: the store holds at most `max_bytes`; a put whose block would
 exceed it is refused before anything is allocated for it (a block's size is known: layers x 2 x KV heads x
-block_size x head_dim); a MemoryError copying refuses those blocks only (copied GATHER_BLOCKS at a time). A
+block_size x head_dim); an allocation failure copying (MemoryError, or the RuntimeError torch's CPU allocator
+raises: errors.allocation_failed) refuses those blocks only (copied GATHER_BLOCKS at a time). A
 restore writes all its names or none: every name is looked up, and every block id checked against the pool,
 before the first write; a name not held comes back as `missing`, the pool untouched. Names are block-hash
 digests (NAME_BYTES), block ids must lie in the pool the engine sized, and the pool must be the one allocated here
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DeviceOutOfMemory, KVTransferError
+from ..errors import DeviceOutOfMemory, KVTransferError, allocation_failed
 from .kv_transfer import box_bytes, rank_holding, read_box, write_box
 from .rank import KVPool, RankRuntime
 
@@ -141,7 +142,9 @@ class KVStash:
             try:  # one gather of the part (L, 2, H, n * bs, D), cut into each block's own tensor
                 box = read_box(rt.paged, h, tuple(b for _, b in part), len(part) * bs, h.layers, h.heads, who)
                 got = [box[:, :, :, j * bs:(j + 1) * bs].clone() for j in range(len(part))]
-            except MemoryError:  # no memory for the copies: these blocks are refused, the store unchanged
+            except (MemoryError, RuntimeError) as e:  # no memory for the copies: these blocks are refused, the store
+                if not allocation_failed(e):  # unchanged (torch's CPU allocator raises a RuntimeError)
+                    raise
                 continue
             del box
             for (name, _), block in zip(part, got):
@@ -154,7 +157,9 @@ class KVStash:
                 part = call.restore[at:at + GATHER_BLOCKS]
                 try:
                     box = torch.cat([self._blocks[n] for n, _ in part], dim=3)
-                except MemoryError:  # the blocks written so far are fresh ones the engine now computes again
+                except (MemoryError, RuntimeError) as e:  # the blocks written so far are fresh ones the engine now
+                    if not allocation_failed(e):  # computes again
+                        raise
                     missing = tuple(n for n, _ in call.restore)
                     break
                 write_box(rt.paged, h, tuple(b for _, b in part), box, h.layers, h.heads, who)

@@ -20,7 +20,7 @@ from ..parallel.forward import Request, Step, assemble
 from ..parallel.kv_stash import StashCall, StashResult, open_stash
 from ..parallel.kv_transfer import export_box, import_box
 from ..parallel.local_transport import LocalGroup
-from ..parallel.memory import stash_room
+from ..parallel.memory import DEFAULT_SEQ_LEN, pass_reserve, stash_room
 from ..parallel.rank import KVPool, RankRuntime
 from ..parallel.sharding import Partition, load_shard, shard_bytes
 from ..parallel.threads import measure_step_threads
@@ -159,15 +159,23 @@ class InprocCluster:
 
     def kv_stash(self, rank: int, call: StashCall, pool: KVPool) -> StashResult:
         """The device-local K/V pool of rank `rank`: a store per rank, as on a worker; an open must fit in the
-        memory this process has available beside the engine's pool on that rank."""
+        memory this process has available beside every rank's pass and pool and the other ranks' store budgets
+        (they share one process: admitting each against the same free memory would promise it N times)."""
         rt, who = self._runtime(rank), self.names[rank]
         call.check(who)
         if call.close or call.open_bytes:
             rt.stash = None
         if call.close:
             return StashResult()
-        if call.open_bytes:
-            room = stash_room(psutil.virtual_memory().available, 0, rt.pool_bytes(pool))
+        if call.open_bytes:  # every rank shares this process's memory: the others' stores may still grow to their
+            # budgets, and every rank's pass and pool come out of the same memory
+            others = sum(max(0, o.stash.max_bytes - o.stash.bytes) for o in self.runtimes
+                         if o is not rt and o.stash is not None)
+            seq = self.options.seq_len or min(DEFAULT_SEQ_LEN, self.config.max_positions)
+            reserve = sum(pass_reserve(self.config, self.partition, r, self.kv_dtype.itemsize, seq)
+                          for r in range(self.world))
+            room = stash_room(psutil.virtual_memory().available - others, reserve,
+                              sum(o.pool_bytes(pool) for o in self.runtimes))
             rt.stash = open_stash(rt, pool, call.open_bytes, room, who)
         if rt.stash is None:
             raise KVTransferError(f"{who}: no device-local K/V pool open here")

@@ -403,7 +403,8 @@ class Cluster:
                                 put_names=[n for n, _ in call.put], put_blocks=[b for _, b in call.put],
                                 restore_names=[n for n, _ in call.restore],
                                 restore_blocks=[b for _, b in call.restore])
-        rep = self._kv_call(rank, "StashKV", msg, "K/V store call")
+        rep = self._kv_call(rank, "StashKV", msg, "K/V store call", missing="has no device-local K/V pool (an older "
+                            "galaxy): upgrade it or run without --kv-pool-mib")
         return StashResult(tuple(rep.stored), tuple(rep.missing), rep.held_bytes, rep.max_bytes, rep.seconds)
 
     def kv_destination(self, rank: int, block_table, tokens: int, layers, heads, pool: KVPool, start: int,
@@ -500,7 +501,9 @@ class Cluster:
         if not 0 <= rank < self.world:
             raise GalaxyError(f"rank {rank} outside 0..{self.world - 1}")
 
-    def _kv_call(self, rank: int, rpc: str, msg, action: str):
+    def _kv_call(self, rank: int, rpc: str, msg, action: str, missing: str | None = None):
+        """`missing`: what to tell the user when the worker has no such call (an older galaxy; UNIMPLEMENTED):
+        a ProtocolMismatch, not a WorkerError, so a ResilientCluster does not re-plan around a device that works."""
         if self.partition is None:
             raise GalaxyError("nothing loaded: call load() first")
         if not 0 <= rank < self.world:
@@ -520,6 +523,9 @@ class Cluster:
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise KVTransferError(f"{self.names[rank]}: {e.details()}") from None
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    why = missing or f"has no {rpc} call (an older galaxy): upgrade it"
+                    raise ProtocolMismatch(f"{self.names[rank]} {why}") from None
                 raise _error(e, self.names[rank], action) from None
 
     def _next_request(self) -> int:

@@ -131,6 +131,13 @@ class _Session:
         """What its device-local K/V store holds (parallel/kv_stash.py; 0: none open)."""
         return 0 if self.runtime.stash is None else self.runtime.stash.bytes
 
+    @property
+    def stash_unfilled(self) -> int:
+        """What its store was admitted for but does not hold yet: memory promised to it, not yet resident, which
+        every later admission must leave it (the store fills up to max_bytes without asking again)."""
+        st = self.runtime.stash
+        return 0 if st is None else max(0, st.max_bytes - st.bytes)
+
 
 def _peak_rss() -> int:
     """Peak resident memory since the session was loaded (VmHWM, reset at load), in bytes."""
@@ -228,6 +235,12 @@ class WorkerService(pb_grpc.WorkerServicer):
         _trim_heap()
         return _rss()
 
+    def _stash_unfilled(self) -> int:
+        """Memory the open device-local K/V stores were promised beyond what they hold now (_Session.stash_unfilled):
+        counted as held by every admission under a memory budget, so the stores filling up cannot take the
+        process past it."""
+        return sum(x.stash_unfilled for x in self.sessions.values())
+
     def _droppable(self) -> int:
         """Of the resident memory: what loaded sessions and a pushed shard hold, which a load may free."""
         return sum(x.held_bytes for x in self.sessions.values()) + self.shards.pending_bytes
@@ -246,7 +259,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             self.sessions[sess.session_id] = sess
             rss = self._resident() if self.s.memory_budget else _rss()  # the load's transients given back
             rt = sess.runtime
-            rt.kv_max_bytes = self._kv_budget(sess, rss)
+            rt.kv_max_bytes = self._kv_budget(sess, rss + self._stash_unfilled())
             sess.resident = rss
             return pb.LoadReply(weight_bytes=sess.weight_bytes, load_s=sess.load_s, rss_bytes=rss,
                                 backend=sess.backend, memory_budget_bytes=self.s.memory_budget,
@@ -384,7 +397,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         holds (less `held`: bytes of the new shard already in memory), or too many are loaded;
         returns that resident memory, measured again after each drop."""
         while True:
-            resident = self._resident() - held
+            resident = self._resident() - held + self._stash_unfilled()  # the open stores' budgets are held
             over = (len(self.sessions) >= MAX_SESSIONS
                     or need.total > memory.room(self.s.memory_budget, resident))
             if not (self.sessions and over):
@@ -572,7 +585,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         rt = sess.runtime
         reserve = memory.pass_reserve(rt.model.cfg, rt.partition, rt.rank, sess.act_bytes, sess.seq_len)
         if self.s.memory_budget:
-            free = memory.room(self.s.memory_budget, max(sess.resident, self._resident() - rt.kv_bytes))
+            free = memory.room(self.s.memory_budget, max(sess.resident, self._resident() - rt.kv_bytes)
+                               + self._stash_unfilled())  # the other sessions' stores may still fill to their budgets
         else:
             free = psutil.virtual_memory().available
         return memory.stash_room(free, reserve, rt.pool_bytes(pool))
@@ -718,10 +732,13 @@ class WorkerService(pb_grpc.WorkerServicer):
         allocates first, must fit beside what this process holds: at least the loaded process and
         the pool it keeps (pages of a fresh pool become resident only as the engine writes them)."""
         rt = sess.runtime
-        held = sess.resident + (rt.kv_bytes if not pool else 0) + sess.stash_bytes  # the K/V store: resident too
-        if need + pool <= memory.room(self.s.memory_budget, max(held, _rss() - (rt.kv_bytes if pool else 0))):
+        # the K/V stores (every session's) count at their admitted budgets: they fill without asking again
+        unfilled = self._stash_unfilled()
+        held = sess.resident + (rt.kv_bytes if not pool else 0) + sess.stash_bytes + unfilled
+        own = rt.kv_bytes if pool else 0  # a fresh pool replaces this session's old one
+        if need + pool <= memory.room(self.s.memory_budget, max(held, _rss() - own + unfilled)):
             return
-        resident = max(held, self._resident() - (rt.kv_bytes if pool else 0))
+        resident = max(held, self._resident() - own + unfilled)
         if pool and need + pool > memory.room(self.s.memory_budget, resident):
             raise DeviceOutOfMemory(
                 f"{self.s.name}: a KV pool of {pool / 2**20:.1f} MiB and a step's {need / 2**20:.1f} MiB do not fit "
@@ -766,7 +783,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             rows = probe_rows(seqs)
             try:
                 samples += probe_samples(rows, cfg.hidden, dtype)
-            except (TransportError, OSError) as e:  # a profile without it prices no transport CPU (as before)
+            except (TransportError, OSError, threading.BrokenBarrierError) as e:  # a profile without it prices no
+                # transport CPU (as before); a broken barrier: a probe rank timed out or failed first
                 log.warning("%s: the %s probe failed: %s", self.s.name, PROBE_KIND, e)
             gc.collect()
             _trim_heap()  # the timing blocks are gone: give their memory back before anyone plans with it

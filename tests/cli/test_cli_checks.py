@@ -190,3 +190,58 @@ def test_kv_blocks_sizes_the_engines_pool_in_serve_and_bench_serve():
     for argv in (["serve", "--kv-blocks", "96"], ["bench", "serve", "--kv-blocks", "96"]):
         assert engine_config(build_parser().parse_args(argv)).kv_blocks == 96
     assert engine_config(build_parser().parse_args(["serve"])).kv_blocks is None
+
+
+@pytest.fixture
+def saved_profile(tmp_path, no_workers):
+    from planner.synthetic import synthetic_cluster
+
+    path = tmp_path / "profile.json"
+    path.write_text(synthetic_cluster(3, 1).to_json())  # as --profile-out writes it, less the model's shape
+    return path
+
+
+def test_profile_in_caps_every_device_by_the_memory_budget(saved_profile, monkeypatch):
+    import galaxy.cli.plan as plan_cli
+
+    real, memories = plan_cli.fit_plan, []
+
+    def fit_plan(cfg, seq, cluster, *args, **kwargs):
+        memories.extend(d.memory_bytes for d in cluster.devices)
+        return real(cfg, seq, cluster, *args, **kwargs)
+
+    monkeypatch.setattr(plan_cli, "fit_plan", fit_plan)
+    saved = [d.memory_bytes for d in ClusterProfile.from_json(saved_profile.read_text()).devices]
+    budget = min(saved) - 1
+    assert main(["plan", "--random-init", "gpt2", "--seq-len", "64", "--profile-in", str(saved_profile),
+                 "--memory-budget", str(budget)]) == 0
+    assert memories == [budget] * 3
+
+
+@pytest.mark.parametrize("extra, given", [(["--synthetic", "3"], "--synthetic"), (["--local", "2"], "--local"),
+                                          (["--reprofile"], "--reprofile")])
+def test_profile_in_refuses_device_options_it_would_ignore(saved_profile, extra, given, capsys):
+    assert main(["plan", "--random-init", "gpt2", "--profile-in", str(saved_profile), *extra]) == 2
+    assert f"--profile-in plans on a saved profile, not on devices; leave out {given}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, what", [('{"devices": [{"name": "a"}]}', "missing field 'address'"),
+                                        ("[1, 2]", "expected a JSON object with a list of devices"),
+                                        ("{", "Expecting property name")])
+def test_a_malformed_profile_in_is_refused_naming_the_file_and_what_is_wrong(tmp_path, no_workers, text, what,
+                                                                           capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    assert main(["plan", "--random-init", "gpt2", "--profile-in", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--profile-in {path}: not a profile written by --profile-out" in err and what in err
+
+
+def test_profile_out_records_the_model_shape_and_a_profile_in_of_another_is_refused(tmp_path, no_workers, capsys):
+    path = tmp_path / "profile.json"
+    assert main(["plan", "--synthetic", "3", "--seed", "1", "--random-init", "gpt2", "--seq-len", "64",
+                 "--profile-out", str(path)]) == 0
+    assert json.loads(path.read_text())["shape"]["hidden"] == preset("gpt2").hidden
+    capsys.readouterr()
+    assert main(["plan", "--random-init", "tiny-gpt2", "--seq-len", "64", "--profile-in", str(path)]) == 2
+    assert "profiled for another model shape (hidden 768 there" in capsys.readouterr().err

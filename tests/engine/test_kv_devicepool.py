@@ -4,13 +4,17 @@ the evicted blocks it cannot take go behind, and come back from either with the 
 
 from __future__ import annotations
 
+import psutil
 import pytest
 
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.kv_devicepool import DevicePool
 from galaxy.engine.scheduler import SchedulerConfigError
-from galaxy.parallel.kv_stash import StashResult
+from galaxy.errors import DeviceOutOfMemory, GalaxyError
+from galaxy.parallel import kv_stash
+from galaxy.parallel.kv_stash import StashCall, StashResult
 from galaxy.parallel.kv_transfer import box_bytes, holdings
+from galaxy.parallel.rank import KVPool
 from galaxy.runtime.inproc import InprocCluster
 from galaxy.runtime.sources import reference_generate
 from tests.engine.test_kv_spill import OUT, computed, docs
@@ -87,3 +91,89 @@ def test_kv_pool_mib_gives_each_device_its_budget_in_serve_and_bench_serve():
     for argv in (["serve", "--kv-pool-mib", "64"], ["bench", "serve", "--kv-pool-mib", "64"]):
         assert engine_config(build_parser().parse_args(argv)).device_pool_bytes == 64 << 20
     assert engine_config(build_parser().parse_args(["serve"])).device_pool_bytes == 0  # off unless asked
+
+
+def _evicting_engine(ranks):
+    """An engine whose second document evicts the first's blocks through before_step into the device pool."""
+    engine = Engine(ranks, CFG, None, EngineConfig(block_size=4, max_batched_tokens=32, kv_blocks=9,
+                                                   device_pool_bytes=1 << 20))
+    engine.kv_tier.pre_read = lambda *args: 0
+    return engine
+
+
+def test_torchs_allocator_runtime_error_copying_refuses_those_blocks_and_the_request_finishes(ranks, monkeypatch):
+    a, b = docs(2)
+    engine = _evicting_engine(ranks)
+    try:
+        engine.generate(a, OUT)
+
+        def no_memory(*args, **kw):  # what torch 2.13's CPU allocator raises: a RuntimeError, not MemoryError
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+        monkeypatch.setattr(kv_stash, "read_box", no_memory)
+        got = engine.submit(b, OUT).result(30)  # a dead loop thread would leave it unfinished
+        assert engine._thread.is_alive() and engine.kv_tier.stats.stashed_blocks == 0
+    finally:
+        engine.close()
+    assert got.tokens == reference_generate(SRC, b, OUT.max_new_tokens, stop_at_eos=False)
+
+
+def test_another_error_in_the_tier_fails_the_requests_with_a_typed_error_and_the_loop_keeps_serving(ranks,
+                                                                                                      monkeypatch):
+    a, b = docs(2)
+    engine = _evicting_engine(ranks)
+    try:
+        engine.generate(a, OUT)
+
+        def bug(*args, **kw):
+            raise RuntimeError("a bug in the copy")
+
+        monkeypatch.setattr(kv_stash, "read_box", bug)
+        with pytest.raises(GalaxyError, match="K/V tier failed .*a bug in the copy"):
+            engine.submit(b, OUT).result(30)
+        monkeypatch.undo()
+        assert engine.generate(a[:8], OUT).tokens == reference_generate(SRC, a[:8], OUT.max_new_tokens,
+                                                                          stop_at_eos=False)
+    finally:
+        engine.close()
+
+
+def test_in_process_ranks_share_one_memory_so_a_second_store_cannot_be_promised_what_the_first_was(ranks):
+    pool = KVPool(16, 4)
+    ask = int(psutil.virtual_memory().available * 0.6)  # fits once (nothing is allocated until blocks come in)
+    ranks.kv_stash(0, StashCall(open_bytes=ask), pool)
+    with pytest.raises(DeviceOutOfMemory, match="does not fit"):
+        ranks.kv_stash(1, StashCall(open_bytes=ask), pool)
+    assert ranks.runtimes[0].stash.max_bytes == ask and ranks.runtimes[1].stash is None
+
+
+def _named_blocks(ranks, n: int):
+    engine = Engine(ranks, CFG, None, EngineConfig(block_size=4, kv_blocks=12))
+    try:
+        engine.generate(docs(1)[0], OUT)  # the pool is allocated and filled
+        return list(engine.sched.blocks._cached.items())[:n], engine.pool
+    finally:
+        engine.close()
+
+
+def test_a_restored_name_becomes_the_most_recent_so_room_is_made_by_dropping_another(ranks):
+    (a, b, c), pool = _named_blocks(ranks, 3)
+    per = max(box_bytes(CFG, h.layers, h.heads, 4, 4) for h in holdings(ranks.partition, CFG))
+    dp = DevicePool(2 * per, CFG)  # two blocks on the device with the most K/V heads
+    dp.open(ranks, pool)
+    dp.before_step(ranks, pool, [a, b], [])  # a kept first: the least recently used
+    dp.before_step(ranks, pool, [], [a])  # a used again
+    dp.before_step(ranks, pool, [c], [])  # room for c: the least recently used goes
+    assert dp.capacity == 2 and a[0] in dp and c[0] in dp and b[0] not in dp
+    dp.close(ranks)
+
+
+def test_pending_drops_beyond_one_calls_limit_wait_for_the_next_call(ranks):
+    (a, b), pool = _named_blocks(ranks, 2)
+    dp = DevicePool(1 << 20, CFG)
+    dp.open(ranks, pool)
+    dp._drop.update(i.to_bytes(kv_stash.NAME_BYTES, "big") for i in range(kv_stash.MAX_NAMES + 5))
+    dp.before_step(ranks, pool, [a], [])
+    dp.before_step(ranks, pool, [b], [])
+    assert a[0] in dp and b[0] in dp and not dp._drop  # both calls went through; the drops all sent
+    dp.close(ranks)

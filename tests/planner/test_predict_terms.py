@@ -132,3 +132,22 @@ def test_a_step_of_two_sequences_is_priced_on_the_multi_row_line_not_the_one_row
     old = DecodeTiming(1.5e-3, 0.1e-3)  # a profile fitted before: one line through every batch
     assert old.seconds(1, 2) == pytest.approx(1.6e-3)
     assert DecodeTiming(**json.loads(json.dumps({"layer_s": 1.5e-3, "per_seq_s": 0.1e-3}))) == old
+
+
+def test_a_worker_whose_probe_breaks_its_barrier_still_answers_the_profile_without_the_probe(servers, monkeypatch):
+    import threading
+
+    from galaxy.model.config import make_config
+    from galaxy.transport import worker
+    from galaxy.transport.client import Cluster
+
+    def broken(*args, **kwargs):  # a probe rank timed out at the barrier, or failed before it
+        raise threading.BrokenBarrierError
+
+    monkeypatch.setattr(worker, "probe_samples", broken)
+    cfg = make_config("llama", vocab_size=97, hidden=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn=64,
+                      max_positions=32, name="probe-tiny")
+    with Cluster(servers.start(1)) as c:
+        reply = c.profile(cfg, [4], repeats=1)[0]
+    kinds = {s.kind for s in reply.samples}
+    assert kinds and PROBE_KIND not in kinds

@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import grpc
 import pytest
 import torch
 
 from galaxy.engine.block_manager import chain
 from galaxy.engine.engine import Engine, EngineConfig
 from galaxy.engine.generation import GenerationConfig
-from galaxy.errors import DeviceOutOfMemory, KVTransferError
+from galaxy.errors import DeviceOutOfMemory, KVTransferError, ProtocolMismatch
 from galaxy.model.checkpoints.random import RandomWeights
 from galaxy.model.config import make_config
 from galaxy.model.int4_expand import expander
@@ -24,10 +25,12 @@ from galaxy.parallel import kv_stash
 from galaxy.parallel.executor import LoadOptions
 from galaxy.parallel.kv_stash import StashCall
 from galaxy.parallel.kv_transfer import holdings
+from galaxy.parallel.rank import KVPool
 from galaxy.parallel.sharding import even_partition
 from galaxy.runtime.recovery import ResilientCluster
 from galaxy.runtime.sources import reference_generate
 from galaxy.transport.client import Cluster, ModelRef
+from galaxy.transport.worker import WorkerService
 from tests.engine.test_kernel_roles import _logits as logits_of
 from tests.engine.test_kv_spill import computed
 
@@ -241,3 +244,64 @@ def test_under_a_memory_budget_a_store_fits_beside_the_plan_or_is_refused_naming
         finally:
             engine.close()
     assert got.tokens == reference(docs(1))[0]
+
+
+def test_a_worker_without_the_pool_call_is_named_as_too_old_and_never_re_planned_around(servers, monkeypatch):
+    def older_galaxy(self, request, context):  # what a worker built before StashKV answers
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+    monkeypatch.setattr(WorkerService, "StashKV", older_galaxy)
+    rc = ResilientCluster(servers.start(2))
+    try:
+        rc.load(SRC, even_partition(CFG, 2, "galaxy"))
+        with pytest.raises(ProtocolMismatch, match="no device-local K/V pool .*older galaxy.*--kv-pool-mib"):
+            Engine(rc, CFG, None, SMALL)
+        events = [ev.kind for ev in rc.events]
+    finally:
+        rc.close()
+    assert "recover" not in events  # the device works: nothing to re-plan around
+
+
+def test_the_engines_close_with_a_pool_worker_gone_neither_re_plans_nor_holds_the_lock(servers):
+    rc = ResilientCluster(servers.start(2))
+    try:
+        rc.load(SRC, even_partition(CFG, 2, "galaxy"))
+        engine = Engine(rc, CFG, None, SMALL)
+        engine.kv_tier.pre_read = lambda *args: 0  # an idle loop touches no device: only the close meets it gone
+        engine.generate(docs(1)[0], OUT)
+        servers.stop(1)
+        real, locked = engine.kv_tier.close, []
+
+        def close(ex):
+            locked.append(engine._lock.acquire(blocking=False))
+            if locked[-1]:
+                engine._lock.release()
+            real(ex)
+
+        engine.kv_tier.close = close
+        engine.close()
+        events = [ev.kind for ev in rc.events]
+    finally:
+        rc.close()
+    assert locked == [True] and "recover" not in events  # the lock was free; the closes went to the inner cluster
+
+
+def test_under_a_memory_budget_an_open_store_holds_its_whole_budget_against_later_admissions(servers):
+    import gc
+
+    import psutil
+
+    from galaxy.transport.worker import _trim_heap
+
+    gc.collect()
+    _trim_heap()  # as the worker measures it: the room beside one tiny session is at most ~224 MiB
+    rss = psutil.Process().memory_info().rss
+    (addr,) = servers.start(1, memory_budget=rss + (256 << 20))
+    pool = KVPool(12, 4)
+    with Cluster([addr]) as first, Cluster([addr]) as second:
+        load(first, world=1)
+        first.kv_stash(0, StashCall(open_bytes=150 << 20), pool)  # admitted, empty: it fills without asking again
+        load(second, world=1)  # a tiny session: fits beside the first's 150 MiB without dropping it
+        with pytest.raises(DeviceOutOfMemory, match=r"K/V pool of 150\.0 MiB does not fit"):
+            second.kv_stash(0, StashCall(open_bytes=150 << 20), pool)
+        assert len(servers.running[0][1].sessions) == 2
