@@ -19,8 +19,10 @@ from ..parallel.forward import Step
 from ..parallel.rank import KVPool
 from ..v1 import worker_pb2 as pb
 
-PROTOCOL_VERSION = 3  # 2: engine Steps over a paged KV cache replace named caches; 3: a Step's kernel_from
-# (int8/int4 rows by role) and direct K/V receipts, which an older worker would silently ignore
+PROTOCOL_VERSION = 4  # 2: engine Steps over a paged KV cache replace named caches; 3: a Step's kernel_from
+# (int8/int4 rows by role) and direct K/V receipts, which an older worker would silently ignore; 4: the
+# all-reduce above the direct size in two shots (an older worker's ring would wait for messages never sent),
+# int4 / int8 direct up to 128 KiB and fp32 frames sent as exact bf16 (parallel/codec.exact16)
 META_PROTOCOL = "galaxy-protocol"
 META_TOKEN = "galaxy-token"
 META_SESSION = "galaxy-session"
