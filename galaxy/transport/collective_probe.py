@@ -56,13 +56,15 @@ def collective_cpu_s(rows: int, width: int, rounds: int = PROBE_ROUNDS, dtype=to
     if rows < 1 or width < 1 or rounds < 1:
         raise ValueError(f"collective probe: rows={rows}, width={width}, rounds={rounds} must be >= 1")
     transports: dict[int, PeerTransport] = {}
-    servers = [DataServer("127.0.0.1", 0, lambda _sid, r=r: transports.get(r), None, None,
-                          max_bytes=64 * rows * width * 8 + (1 << 20)) for r in range(2)]
-    session = f"probe-{secrets.token_hex(6)}"
+    # a one-off token and session: the probe's loopback servers take frames only from its own two ranks, as a
+    # worker's data plane takes them only from its session's peers
+    session, token = f"probe-{secrets.token_hex(6)}", secrets.token_hex(16)
+    servers = [DataServer("127.0.0.1", 0, lambda sid, r=r: transports.get(r) if sid == session else None, token,
+                          None, max_bytes=64 * rows * width * 8 + (1 << 20)) for r in range(2)]
     addresses = [f"127.0.0.1:{s.port}" for s in servers]
     try:
         for r in range(2):
-            transports[r] = PeerTransport(r, addresses, session, None, PROBE_TIMEOUT_S, data_peers=addresses)
+            transports[r] = PeerTransport(r, addresses, session, token, PROBE_TIMEOUT_S, data_peers=addresses)
         sizes = [rows, rows]
         errors: list[BaseException] = []
         go = [threading.Barrier(3) for _ in range(2)]  # start, end of the warm-up round
