@@ -47,9 +47,8 @@ from ..errors import CacheLost, GalaxyError, InvalidRequest
 from ..model.config import ModelConfig
 from ..parallel.executor import Executor
 from ..parallel.kv_stash import MAX_NAMES, StashCall, StashResult
-from ..parallel.kv_transfer import box_bytes, holdings
 from ..parallel.rank import KVPool
-from .kv_spill import MAX_CALL_BYTES, KVSpill, each_device
+from .kv_spill import KVSpill, blocks_per_call, each_device, kv_dtype, kv_layout
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +101,7 @@ class DevicePool:
         self._names.clear()
         self._drop.clear()
         self._open_for = None
-        held = [(r, h) for r, h in enumerate(holdings(ex.partition, self.model)) if not h.empty]
-        dtype = getattr(ex, "kv_dtype", None)
-        per = [box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize if dtype else 4)
-               for _, h in held]
+        held, per = kv_layout(ex, self.model, pool)
         capacity = min(self.max_bytes // p for p in per)
         if capacity < 1:
             raise InvalidRequest(f"device K/V pool: max_bytes={self.max_bytes} holds no block of {max(per)} bytes "
@@ -115,7 +111,7 @@ class DevicePool:
         except GalaxyError:
             self._close_on(ex, pool, held)
             raise
-        self._held, self.capacity, self._open_for = held, capacity, (ex.partition, pool, dtype)
+        self._held, self.capacity, self._open_for = held, capacity, (ex.partition, pool, kv_dtype(ex))
 
     def _ready(self, ex: Executor, pool: KVPool) -> bool:
         """Whether the devices' stores are open for this split and pool; if not (a re-plan, a re-sized pool, a
@@ -123,7 +119,7 @@ class DevicePool:
         if not self.enabled:
             return False
         if self._open_for is not None and (self._open_for[0] is ex.partition and self._open_for[1] == pool
-                                           and self._open_for[2] == getattr(ex, "kv_dtype", None)):
+                                           and self._open_for[2] == kv_dtype(ex)):
             return True
         try:
             self.open(ex, pool)
@@ -243,11 +239,7 @@ class DevicePool:
     def calls_of(self, ex: Executor, pool: KVPool) -> int:
         """Blocks in one call while idle: a device copies at most MAX_CALL_BYTES at once (the time the next
         request may wait for it)."""
-        held = holdings(ex.partition, self.model)
-        dtype = getattr(ex, "kv_dtype", None)
-        most = max(box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize if dtype else 4)
-                   for h in held if not h.empty)
-        return max(1, MAX_CALL_BYTES // most)
+        return blocks_per_call(kv_layout(ex, self.model, pool)[1])
 
     def pre_read(self, ex: Executor, pool: KVPool, blocks: list[tuple[bytes, int]]) -> int:
         """While the engine idles: keep free named blocks (the next to be evicted first) on every device, within

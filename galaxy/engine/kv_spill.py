@@ -185,6 +185,25 @@ def _nbytes(boxes) -> int:
     return sum(b.numel() * b.element_size() for b in boxes)
 
 
+def kv_dtype(ex: Executor) -> torch.dtype:
+    """The K/V's dtype in the executor's pools (float32 when it does not say)."""
+    return getattr(ex, "kv_dtype", None) or torch.float32
+
+
+def kv_layout(ex: Executor, model: ModelConfig, pool: KVPool) -> tuple[list[tuple[int, object]], list[int]]:
+    """The devices holding K/V (rank, KVHolding) and one block's K/V bytes on each, known before anything is
+    read: what the spill tier reads and the device-local pool keeps (kv_devicepool.py)."""
+    held = [(r, h) for r, h in enumerate(holdings(ex.partition, model)) if not h.empty]
+    itemsize = kv_dtype(ex).itemsize
+    return held, [box_bytes(model, h.layers, h.heads, pool.block_size, itemsize) for _, h in held]
+
+
+def blocks_per_call(block_bytes: list[int]) -> int:
+    """Blocks in one read or write per device (`block_bytes`: kv_layout's): its box at most MAX_CALL_BYTES (at
+    least one block), which bounds what a device and the coordinator hold at once beyond the pool and the store."""
+    return max(1, MAX_CALL_BYTES // max(block_bytes))
+
+
 def _block(boxes: list[torch.Tensor], j: int, block_size: int) -> tuple[torch.Tensor, ...]:
     """Block j of each device's box (L, 2, H, n * bs, D), as its own tensors: a view would keep the whole
     box alive in the store."""
@@ -199,31 +218,25 @@ class KVSpill:
         self.store, self.model = SpillStore(max_bytes, directory), model
         self._cut_for: tuple | None = None  # (partition, block_size, dtype) the stored boxes belong to
 
-    def _layout(self, ex: Executor, pool: KVPool) -> tuple[list[tuple[int, object]], torch.dtype]:
-        """The devices holding K/V (rank, KVHolding) and the K/V dtype; the store is emptied when the split,
-        the block size or the dtype changed since its boxes were cut."""
-        dtype = getattr(ex, "kv_dtype", None) or torch.float32
-        key = (ex.partition, pool.block_size, dtype)
+    def _layout(self, ex: Executor, pool: KVPool) -> tuple[list[tuple[int, object]], list[int]]:
+        """kv_layout (the devices holding K/V and one block's bytes on each); the store is emptied when the
+        split, the block size or the dtype changed since its boxes were cut."""
+        key = (ex.partition, pool.block_size, kv_dtype(ex))
         if self._cut_for is None or self._cut_for[0] is not key[0] or self._cut_for[1:] != key[1:]:
             self.store.clear()
             self._cut_for = key
-        return [(r, h) for r, h in enumerate(holdings(ex.partition, self.model)) if not h.empty], dtype
+        return kv_layout(ex, self.model, pool)
 
     def block_bytes(self, ex: Executor, pool: KVPool) -> int:
-        held, dtype = self._layout(ex, pool)
-        return sum(self._device_bytes(held, dtype, pool))
-
-    def _device_bytes(self, held, dtype: torch.dtype, pool: KVPool) -> list[int]:
-        """One block's K/V bytes on each device holding K/V (`held`: _layout's), known before anything is read."""
-        return [box_bytes(self.model, h.layers, h.heads, pool.block_size, dtype.itemsize) for _, h in held]
+        return sum(self._layout(ex, pool)[1])
 
     def save(self, ex: Executor, pool: KVPool, evicted: list[tuple[bytes, int]], keep=frozenset()) -> None:
         """Read the K/V of `evicted` (name, block) from every device into the store, as many as fit (the most
         recently evicted first: a prefix's head, released last, is evicted last). Failures lose only cache."""
         if not evicted:
             return
-        held, dtype = self._layout(ex, pool)
-        per = sum(self._device_bytes(held, dtype, pool))
+        held, sizes = self._layout(ex, pool)
+        per = sum(sizes)
         todo = []
         for name, b in reversed(evicted):  # most recently evicted first
             if name in self.store:
@@ -237,7 +250,7 @@ class KVSpill:
                 self.store.stats.refused_blocks += 1
         if not todo:
             return
-        bs, per_call = pool.block_size, self._per_call(held, dtype, pool)
+        bs, per_call = pool.block_size, blocks_per_call(sizes)
         order = todo[::-1]  # least recent first: the most recent end up freshest in the store
         for at in range(0, len(order), per_call):
             part = order[at:at + per_call]
@@ -270,9 +283,9 @@ class KVSpill:
         other failures lose nothing but the attempt (logged, 0)."""
         if not blocks:
             return 0
-        held, dtype = self._layout(ex, pool)
-        per = sum(self._device_bytes(held, dtype, pool))
-        part = blocks[:min(self._per_call(held, dtype, pool), (self.store.max_bytes - self.store.bytes) // per)]
+        held, sizes = self._layout(ex, pool)
+        per = sum(sizes)
+        part = blocks[:min(blocks_per_call(sizes), (self.store.max_bytes - self.store.bytes) // per)]
         if not part:
             return 0
         t0 = time.perf_counter()
@@ -303,14 +316,7 @@ class KVSpill:
 
     def calls_of(self, ex: Executor, pool: KVPool) -> int:
         """Blocks in one call per device (the most a pre-read takes at once)."""
-        held, dtype = self._layout(ex, pool)
-        return self._per_call(held, dtype, pool)
-
-    def _per_call(self, held, dtype: torch.dtype, pool: KVPool) -> int:
-        """Blocks in one read or write per device: its box at most MAX_CALL_BYTES (at least one block), which
-        bounds what a device and the coordinator hold at once beyond the pool and the store."""
-        most = max(self._device_bytes(held, dtype, pool))
-        return max(1, MAX_CALL_BYTES // most)
+        return blocks_per_call(self._layout(ex, pool)[1])
 
     def before_step(self, ex: Executor, pool: KVPool, evicted: list[tuple[bytes, int]],
                     restores: list[tuple[bytes, int]]) -> None:
@@ -336,14 +342,14 @@ class KVSpill:
         devices raise (the caller treats it as the step's failure)."""
         if not restores:
             return
-        held, dtype = self._layout(ex, pool)
+        (held, sizes), dtype = self._layout(ex, pool), kv_dtype(ex)
         missing = [n.hex() for n, _ in restores if n not in self.store]
         if missing:  # make_room never drops a name a restore needs; a re-plan that emptied the store does
             raise CacheLost(f"spill store: {len(missing)} blocks to restore are no longer held (first {missing[0]}); "
                             "every sequence runs its tokens again")
         want = [(h.layers[1] - h.layers[0], 2, h.heads[1] - h.heads[0], pool.block_size, self.model.head_dim)
                 for _, h in held]
-        per_call = self._per_call(held, dtype, pool)
+        per_call = blocks_per_call(sizes)
         for at in range(0, len(restores), per_call):
             part = restores[at:at + per_call]
             try:
