@@ -156,10 +156,11 @@ def fit_decode(samples) -> DecodeTiming | None:
     one = [t for b, t in pts if b == 1]
     multi = [(b, t) for b, t in pts if b >= 2]
     if one and len({b for b, _ in multi}) >= 2:
-        slope, icpt = np.polyfit(np.array([b - 1 for b, _ in multi], dtype=float), np.array([t for _, t in multi]), 1)
+        slope = np.polyfit(np.array([b - 1 for b, _ in multi], dtype=float), np.array([t for _, t in multi]), 1)[0]
         slope = max(0.0, float(slope))
-        at_two = float(np.mean([t - slope * (b - 2) for b, t in multi]))  # the line's value at two sequences
-        return DecodeTiming(float(np.median(one)), slope, max(at_two - slope, 1e-12))
+        # the line's value at one sequence, through the samples' mean (so a slope clamped at zero keeps their level)
+        at_one = float(np.mean([t - slope * (b - 1) for b, t in multi]))
+        return DecodeTiming(float(np.median(one)), slope, max(at_one, 1e-12))
     xs = np.array([b - 1 for b, _ in pts], dtype=float)
     ys = np.array([t for _, t in pts], dtype=float)
     if len(pts) >= 2 and np.ptp(xs) > 0:
